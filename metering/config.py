@@ -1,0 +1,89 @@
+"""Settings, read from the environment (prefix ``METERING_``, nested with ``__``).
+
+Nothing here builds an engine or a client: settings are plain data. Validators refuse unsafe
+defaults outside ``env=dev``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(".metering")
+PLATFORM_DEFAULT_PROVIDER = "anthropic"
+PLATFORM_DEFAULT_MODEL = "claude-sonnet-4-6"
+
+
+class PlatformLLMSettings(BaseModel):
+    """The platform default LLM: the last step of the resolution cascade."""
+
+    provider: str = PLATFORM_DEFAULT_PROVIDER
+    model: str = PLATFORM_DEFAULT_MODEL
+    base_url: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+
+
+class SimulatedSettings(BaseModel):
+    latency_ms: float = Field(0.0, ge=0)
+    ttft_ms: float = Field(0.0, ge=0)
+
+
+class SpoolSettings(BaseModel):
+    dir: Path | None = None  # default: <data_dir>/spool
+    segment_bytes: int = Field(16 * 1024 * 1024, ge=4096)
+    batch_size: int = Field(500, ge=1, le=5000)
+    flush_interval_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+    # fsync after every append: survives power loss, not only a killed process, at ~100x the cost.
+    fsync: bool = False
+    # "thread": this process delivers its spool in a background thread. "external": a separate
+    # `metering spool drain --follow` process delivers it, so the host process spends no CPU on it.
+    flusher: Literal["thread", "external"] = "thread"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERING_", env_nested_delimiter="__", extra="ignore", env_file=None)
+
+    env: Literal["dev", "test", "prod"] = "dev"
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str | None = None  # default: sqlite:///<data_dir>/metering.db
+    # Fernet keys, comma separated, newest first. Outside dev they must be given.
+    secret_keys: SecretStr | None = None
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("METERING_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("METERING_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    platform: PlatformLLMSettings = PlatformLLMSettings()
+    simulated: SimulatedSettings = SimulatedSettings()
+    spool: SpoolSettings = SpoolSettings()
+    settings_cache_ttl_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _safe_outside_dev(self) -> Settings:
+        if self.env == "prod" and self.secret_keys is None:
+            raise ValueError("METERING_SECRET_KEYS is required when METERING_ENV=prod")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'metering.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spool.dir or self.data_dir / "spool"
+
+    def platform_api_key(self, provider: str) -> str | None:
+        secret = {"anthropic": self.anthropic_api_key, "openai": self.openai_api_key}.get(provider)
+        return secret.get_secret_value() if secret else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,73 @@
+"""Secrets at rest: Fernet/MultiFernet with rotatable keys.
+
+Keys come from ``METERING_SECRET_KEYS`` (comma separated, newest first). In ``env=dev`` without keys, a
+key is generated once into ``<data_dir>/secret.key`` (mode 0600) so the embedded default just works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from metering.config import Settings
+from metering.errors import ConfigError, SecretError
+
+
+class SecretBox:
+    """Encrypts and decrypts short secrets (provider api keys). Never logs or reprs a secret."""
+
+    def __init__(self, keys: list[str]) -> None:
+        if not keys:
+            raise ConfigError("at least one Fernet key is required")
+        try:
+            self._fernet = MultiFernet([Fernet(k.strip().encode()) for k in keys])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid Fernet key in METERING_SECRET_KEYS: {type(exc).__name__}") from None
+        self.key_count = len(keys)
+
+    def __repr__(self) -> str:
+        return f"SecretBox(keys={self.key_count})"
+
+    def encrypt(self, plaintext: str) -> bytes:
+        return self._fernet.encrypt(plaintext.encode())
+
+    def decrypt(self, token: bytes) -> str:
+        try:
+            return self._fernet.decrypt(token).decode()
+        except InvalidToken:
+            raise SecretError(
+                "a stored secret cannot be decrypted with the configured keys "
+                "(was the key that encrypted it removed from METERING_SECRET_KEYS?)"
+            ) from None
+
+    def rotate(self, token: bytes) -> bytes:
+        """Re-encrypt ``token`` under the newest key."""
+        try:
+            return self._fernet.rotate(token)
+        except InvalidToken:
+            raise SecretError("a stored secret cannot be decrypted for rotation") from None
+
+
+def generate_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+def _dev_key_file(data_dir: Path) -> str:
+    path = data_dir / "secret.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(generate_key())
+    return path.read_text().strip()
+
+
+def secret_box_from_settings(settings: Settings) -> SecretBox:
+    if settings.secret_keys is not None:
+        keys = [k for k in settings.secret_keys.get_secret_value().split(",") if k.strip()]
+        return SecretBox(keys)
+    if settings.env == "prod":
+        raise ConfigError("METERING_SECRET_KEYS is required when METERING_ENV=prod")
+    return SecretBox([_dev_key_file(settings.data_dir)])

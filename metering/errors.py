@@ -1,0 +1,80 @@
+"""One error hierarchy. Every domain error carries a stable code and an HTTP status.
+
+Domain code raises these; the edges (CLI, API) render them. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class MeteringError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    code: str = "metering_error"
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(MeteringError):
+    code = "config_error"
+    status = 500
+
+
+class NotFoundError(MeteringError):
+    code = "not_found"
+    status = 404
+
+
+class InvalidInputError(MeteringError):
+    code = "invalid_input"
+    status = 422
+
+
+class SecretError(MeteringError):
+    """A stored secret could not be decrypted (wrong or rotated-away key)."""
+
+    code = "secret_error"
+    status = 500
+
+
+class BudgetExceededError(MeteringError):
+    """An extension call budget in mode `enforce` refused a call before it was made."""
+
+    code = "budget_exceeded"
+    status = 429
+
+    def __init__(self, message: str, *, extension_id: str, limit: str) -> None:
+        super().__init__(message)
+        self.extension_id = extension_id
+        self.limit = limit
+
+
+class ProviderError(MeteringError):
+    """A provider call failed. `error_type` is a stable, bounded category (safe as a metric label)."""
+
+    code = "provider_error"
+    status = 502
+
+    def __init__(self, message: str, *, error_type: str, provider: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.provider = provider
+        self.retryable = retryable
+
+
+class InvalidJSONResponseError(MeteringError):
+    """`response_format="json"` was asked for and the model's text is not valid JSON."""
+
+    code = "invalid_json_response"
+    status = 502
+
+    def __init__(self, message: str, *, text: str) -> None:
+        super().__init__(message)
+        self.text = text
+
+
+class SpoolError(MeteringError):
+    code = "spool_error"
+    status = 503

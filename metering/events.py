@@ -1,0 +1,160 @@
+"""UsageEvent: the one contract between the metering (write) half and the billing (read) half.
+
+Quantities only, never prices. Token counts follow the OpenTelemetry GenAI conventions:
+``input_tokens`` includes ``cache_read_tokens`` and ``cache_write_tokens``; ``reasoning_tokens`` is
+part of ``output_tokens``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class Status(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class UsageCompleteness(StrEnum):
+    REPORTED = "reported"  # the provider reported the counts
+    ESTIMATED = "estimated"  # the provider reported nothing; counts estimated from text
+    MISSING = "missing"  # nothing known (e.g. the call failed before any output)
+
+
+class BudgetLimit(StrEnum):
+    CALLS = "calls"
+    TOKENS = "tokens"
+
+
+_uuid7_lock = threading.Lock()
+_random = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
+_uuid7_last_ms = 0
+_uuid7_seq = 0
+
+
+def _uuid7_int() -> int:
+    """A time-ordered UUIDv7 (RFC 9562) as an int: 48-bit unix ms, 12-bit sequence, 62 random bits.
+
+    The 12-bit field is a per-process counter within one millisecond (method 1 of RFC 9562 §6.2),
+    so ids made by one process are strictly increasing. The random bits come from ``random`` seeded by
+    the OS (and re-seeded after ``fork``): ids need to be unique, not unguessable, and this keeps the
+    metered hot path free of a syscall.
+    """
+    global _uuid7_last_ms, _uuid7_seq
+    with _uuid7_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _uuid7_last_ms:
+            _uuid7_last_ms = ms
+            _uuid7_seq = _random.getrandbits(10)  # leave headroom in the counter
+        else:
+            _uuid7_seq += 1
+            if _uuid7_seq > 0xFFF:  # counter overflow: borrow the next millisecond
+                _uuid7_last_ms += 1
+                _uuid7_seq = 0
+            ms = _uuid7_last_ms
+        seq = _uuid7_seq
+    return (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | _random.getrandbits(62)
+
+
+def uuid7() -> uuid.UUID:
+    return uuid.UUID(int=_uuid7_int())
+
+
+def uuid7_str() -> str:
+    """``str(uuid7())`` without building the UUID object (the metered hot path only needs the text)."""
+    h = f"{_uuid7_int():032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+NonNegInt = Annotated[int, Field(ge=0)]
+Label = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class UsageEvent(BaseModel):
+    """One provider call: who, what, where, how much, how long, how it ended."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    schema_version: int = SCHEMA_VERSION
+    event_id: uuid.UUID
+    occurred_at: datetime  # when the provider call started (UTC); prices are looked up at this time
+    tenant_id: Label
+    user_id: Label
+    extension_id: Label
+    function: Label
+    action_type: Annotated[str, Field(max_length=50)] = "read"
+    invocation_id: uuid.UUID
+    call_index: NonNegInt
+    purpose: Label
+    provider: Label
+    model: Label
+    is_byollm: bool
+    is_failover: bool = False
+    is_stream: bool = False
+    input_tokens: NonNegInt = 0
+    output_tokens: NonNegInt = 0
+    cache_read_tokens: NonNegInt = 0
+    cache_write_tokens: NonNegInt = 0
+    reasoning_tokens: NonNegInt = 0
+    usage_completeness: UsageCompleteness
+    max_tokens: NonNegInt | None = None
+    stop_reason: Annotated[str, Field(max_length=100)] | None = None
+    latency_ms: Annotated[float, Field(ge=0)]
+    time_to_first_token_ms: Annotated[float, Field(ge=0)] | None = None
+    status: Status
+    error_type: Annotated[str, Field(max_length=100)] | None = None
+    prompt_fingerprint: Annotated[str, Field(min_length=1, max_length=64)]
+    budget_exceeded: list[BudgetLimit] = Field(default_factory=list)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("occurred_at must carry a timezone (UTC expected)")
+        return value.astimezone(UTC)
+
+    @field_validator("event_id")
+    @classmethod
+    def _is_uuid7(cls, value: uuid.UUID) -> uuid.UUID:
+        if value.version != 7:
+            raise ValueError("event_id must be a UUIDv7 (time-ordered, client-generated)")
+        return value
+
+    @model_validator(mode="after")
+    def _token_semantics(self) -> UsageEvent:
+        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
+            raise ValueError(
+                "cache_read_tokens + cache_write_tokens must not exceed input_tokens "
+                "(input_tokens includes cached tokens)"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError("reasoning_tokens must not exceed output_tokens (reasoning is part of output)")
+        if self.status is Status.ERROR and not self.error_type:
+            raise ValueError("an event with status 'error' needs an error_type")
+        return self
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def event_from_record(record: dict[str, Any]) -> UsageEvent:
+    """Validate a raw record (a spool line, an HTTP payload item) into a UsageEvent."""
+    return UsageEvent.model_validate(record)

@@ -1,0 +1,98 @@
+"""UsageEvent contract and UUIDv7 ids."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from metering.events import Status, UsageEvent, uuid7
+from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
+from metering.llm.types import TokenUsage
+
+
+def _record(**overrides):
+    scope = CallScope("t1", "u1", "rewrite", "rewrite", uuid7())
+    base = dict(
+        scope=scope,
+        call_index=0,
+        occurred_at=datetime.now(UTC),
+        purpose="content_rewrite",
+        provider="anthropic",
+        model="claude-sonnet-4-6",
+        is_byollm=False,
+        is_failover=False,
+        is_stream=False,
+        usage=TokenUsage(100, 20, 30, 10, 0),
+        max_tokens=1500,
+        stop_reason="end_turn",
+        latency_ms=12.5,
+        time_to_first_token_ms=None,
+        status=Status.OK,
+        error_type=None,
+        fingerprint=prompt_fingerprint("sys", [{"role": "user", "content": "hi"}]),
+        budget_exceeded=[],
+    )
+    base.update(overrides)
+    return event_record(**base)
+
+
+def test_uuid7_is_version_7_and_strictly_increasing() -> None:
+    ids = [uuid7() for _ in range(10_000)]
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_uuid7_carries_the_time() -> None:
+    before = datetime.now(UTC)
+    value = uuid7()
+    ms = value.int >> 80
+    stamp = datetime.fromtimestamp(ms / 1000, UTC)
+    assert abs(stamp - before) < timedelta(seconds=1)
+
+
+def test_record_round_trips_through_json_into_a_usage_event() -> None:
+    record = _record()
+    event = UsageEvent.model_validate(orjson.loads(orjson.dumps(record)))
+    assert str(event.event_id) == record["event_id"]
+    assert event.input_tokens == 100 and event.cache_read_tokens == 30
+    assert event.occurred_at.tzinfo is not None
+
+
+def test_cache_tokens_must_be_part_of_input() -> None:
+    with pytest.raises(ValidationError, match="cache_read_tokens"):
+        UsageEvent.model_validate(orjson.loads(orjson.dumps(_record(usage=TokenUsage(10, 5, 8, 8, 0)))))
+
+
+def test_reasoning_must_be_part_of_output() -> None:
+    with pytest.raises(ValidationError, match="reasoning_tokens"):
+        UsageEvent.model_validate(orjson.loads(orjson.dumps(_record(usage=TokenUsage(10, 5, 0, 0, 6)))))
+
+
+def test_naive_time_and_non_v7_ids_are_rejected() -> None:
+    data = orjson.loads(orjson.dumps(_record()))
+    with pytest.raises(ValidationError, match="timezone"):
+        UsageEvent.model_validate({**data, "occurred_at": "2026-11-25T10:00:00"})
+    with pytest.raises(ValidationError, match="UUIDv7"):
+        UsageEvent.model_validate({**data, "event_id": str(uuid.uuid4())})
+    converted = UsageEvent.model_validate({**data, "occurred_at": "2026-11-25T12:00:00+02:00"})
+    assert converted.occurred_at == datetime(2026, 11, 25, 10, tzinfo=UTC)
+    assert converted.occurred_at.tzinfo == UTC
+
+
+def test_error_needs_an_error_type() -> None:
+    data = orjson.loads(orjson.dumps(_record(status=Status.ERROR)))
+    with pytest.raises(ValidationError, match="error_type"):
+        UsageEvent.model_validate(data)
+
+
+def test_fingerprint_hashes_roles_and_lengths_not_content() -> None:
+    a = prompt_fingerprint("sys", [{"role": "user", "content": "secret one"}])
+    b = prompt_fingerprint("sys", [{"role": "user", "content": "secret two"}])  # same length
+    c = prompt_fingerprint("sys", [{"role": "user", "content": "longer secret"}])
+    assert a == b != c
+    assert "secret" not in a
