@@ -1,0 +1,1 @@
+"""The ctx.llm surface: metered client, resolution cascade, provider adapters, usage normalisation."""

@@ -1,0 +1,301 @@
+"""MeteredLLM: the ``ctx.llm`` surface. Every provider call records exactly one usage event.
+
+The event is appended to the durable spool (one ``write``) before ``create_message`` returns or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from metering.errors import BudgetExceededError, InvalidInputError, ProviderError
+from metering.events import BudgetLimit, Status
+from metering.llm.attempt import Attempt
+from metering.llm.budgets import BudgetMode, limits_exceeded_after, limits_exceeded_before
+from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
+from metering.llm.providers.base import Provider, ProviderConfig
+from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
+from metering.llm.responses import LLMResponse, parse_json_text
+from metering.llm.settings_source import SettingsSource
+from metering.llm.streaming import MessageStream
+from metering.llm.types import MISSING_USAGE, ProviderRequest, ResponseFormat, TokenUsage
+from metering.llm.usage import estimate_input_tokens, fill_missing
+
+log = logging.getLogger("metering.llm")
+
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_PURPOSE = "default"
+
+
+class EventRecorder(Protocol):
+    """Durably appends one serialised event (the spool)."""
+
+    def append_line(self, data: bytes) -> None:
+        """Append one JSON line that ends in a newline."""
+        ...
+
+
+class ProviderPool:
+    """Reuses one adapter (and its HTTP connection pool) per provider, endpoint and key."""
+
+    def __init__(self, factory: Callable[[ProviderConfig], Provider]) -> None:
+        self._factory = factory
+        self._cache: dict[tuple[object, ...], Provider] = {}
+
+    def get(self, config: ProviderConfig) -> Provider:
+        key = (config.provider, config.base_url, config.api_key, config.timeout_s, config.max_retries)
+        provider = self._cache.get(key)
+        if provider is None:
+            provider = self._cache[key] = self._factory(config)
+        return provider
+
+    async def aclose(self) -> None:
+        providers, self._cache = list(self._cache.values()), {}
+        for provider in providers:
+            await provider.aclose()
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _check_args(messages: Any, max_tokens: Any, response_format: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for message in messages:
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise InvalidInputError("each message must be a dict with 'role' and 'content'")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise InvalidInputError("max_tokens must be a positive integer")
+    if response_format not in (None, "json"):
+        raise InvalidInputError("response_format must be None or 'json'")
+
+
+class MeteredLLM:
+    """``ctx.llm`` for one handler invocation.
+
+    ``provider``, ``model`` and ``is_byollm`` describe the config that served the last call.
+    """
+
+    def __init__(
+        self,
+        *,
+        scope: CallScope,
+        settings: SettingsSource,
+        platform: PlatformLLM,
+        providers: ProviderPool,
+        recorder: EventRecorder,
+    ) -> None:
+        self._scope = scope
+        self._settings = settings
+        self._platform = platform
+        self._providers = providers
+        self._recorder = recorder
+        self._budget = settings.budget(scope.extension_id)
+        self._calls = 0
+        self._tokens = 0
+        self.provider: str | None = None
+        self.model: str | None = None
+        self.is_byollm: bool | None = None
+        self.event_ids: list[str] = []
+
+    @property
+    def scope(self) -> CallScope:
+        return self._scope
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    # -- shared steps -------------------------------------------------------------------------
+
+    def _begin(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, purpose: str) -> Plan:
+        plan = resolve_cached(
+            self._settings.byollm(self._scope.user_id), self._settings.purpose(purpose), self._platform
+        )
+        budget = self._budget
+        if budget is not None and budget.mode is BudgetMode.ENFORCE:
+            estimate = estimate_input_tokens(system, messages) if budget.max_tokens is not None else 0
+            exceeded = limits_exceeded_before(budget, self._calls, self._tokens, estimate, max_tokens)
+            if exceeded:
+                names = " and ".join(limit.value for limit in exceeded)
+                raise BudgetExceededError(
+                    f"extension {self._scope.extension_id!r} would exceed its per-invocation {names} budget "
+                    f"(max_calls={budget.max_calls}, max_tokens={budget.max_tokens}; "
+                    f"{self._calls} calls and {self._tokens} tokens used so far); the call was not made",
+                    extension_id=self._scope.extension_id,
+                    limit=exceeded[0].value,
+                )
+        return plan
+
+    def _request(
+        self,
+        target: Target,
+        system: str | None,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        temperature: float | None,
+        response_format: ResponseFormat,
+        params: dict[str, Any],
+    ) -> ProviderRequest:
+        merged = {**target.params, **params} if target.params and params else (params or dict(target.params))
+        return ProviderRequest(
+            model=target.config.model,
+            system=system,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            response_format=response_format,
+            params=merged,
+        )
+
+    def _record(
+        self,
+        call: Attempt,
+        *,
+        usage: TokenUsage,
+        stop_reason: str | None,
+        status: Status,
+        error_type: str | None,
+        ttft_ms: float | None = None,
+    ) -> str:
+        target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, is_stream = call
+        latency_ms = _ms_since(started)
+        call_index = self._calls
+        self._calls += 1
+        self._tokens += usage.input_tokens + usage.output_tokens
+        budget = self._budget
+        flags: list[BudgetLimit] = (
+            limits_exceeded_after(budget, self._calls, self._tokens) if budget is not None else []
+        )
+        record = event_record(
+            scope=self._scope,
+            call_index=call_index,
+            occurred_at=occurred_at,
+            purpose=purpose,
+            provider=target.config.provider,
+            model=target.config.model,
+            is_byollm=target.is_byollm,
+            is_failover=attempt > 0,
+            is_stream=is_stream,
+            usage=usage,
+            max_tokens=max_tokens,
+            stop_reason=stop_reason,
+            latency_ms=latency_ms,
+            time_to_first_token_ms=ttft_ms,
+            status=status,
+            error_type=error_type,
+            fingerprint=fingerprint,
+            budget_exceeded=flags,
+        )
+        self._recorder.append_line(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        event_id: str = record["event_id"]
+        self.event_ids.append(event_id)
+        return event_id
+
+    def _served_by(self, target: Target) -> None:
+        self.provider = target.config.provider
+        self.model = target.config.model
+        self.is_byollm = target.is_byollm
+
+    # -- the public surface -------------------------------------------------------------------
+
+    async def create_message(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        system: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        purpose: str = DEFAULT_PURPOSE,
+        response_format: ResponseFormat = None,
+        temperature: float | None = None,
+        **params: Any,
+    ) -> LLMResponse:
+        _check_args(messages, max_tokens, response_format)
+        fingerprint = prompt_fingerprint(system, messages)
+        plan = self._begin(system, messages, max_tokens, purpose)
+        targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
+        last = len(targets) - 1
+        for attempt, target in enumerate(targets):
+            request = self._request(target, system, messages, max_tokens, temperature, response_format, params)
+            provider = self._providers.get(target.config)
+            occurred_at = datetime.now(UTC)
+            started = time.perf_counter()
+            common = Attempt(target, attempt, purpose, occurred_at, started, max_tokens, fingerprint)
+            try:
+                result = await provider.complete(request)
+            except ProviderError as exc:
+                self._record(
+                    common,
+                    usage=MISSING_USAGE,
+                    stop_reason=None,
+                    status=Status.ERROR,
+                    error_type=exc.error_type,
+                )
+                if attempt < last:
+                    log.warning("BYOLLM call failed (%s); failing over to the platform LLM", exc.error_type)
+                    continue
+                self._served_by(target)
+                raise
+            except asyncio.CancelledError:
+                self._record(common, usage=MISSING_USAGE, stop_reason=None, status=Status.CANCELLED, error_type=None)
+                raise
+            except Exception as exc:
+                self._record(
+                    common,
+                    usage=MISSING_USAGE,
+                    stop_reason=None,
+                    status=Status.ERROR,
+                    error_type=f"internal:{type(exc).__name__}"[:100],
+                )
+                raise
+            usage = fill_missing(result.usage, system, messages, result.text)
+            event_id = self._record(
+                common, usage=usage, stop_reason=result.stop_reason, status=Status.OK, error_type=None
+            )
+            self._served_by(target)
+            parsed = parse_json_text(result.text) if response_format == "json" else None
+            return LLMResponse(
+                text=result.text,
+                provider=target.config.provider,
+                model=target.config.model,
+                is_byollm=target.is_byollm,
+                stop_reason=result.stop_reason,
+                usage=usage,
+                event_id=event_id,
+                response_format=response_format,
+                parsed=parsed,
+            )
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    def stream_message(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        system: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        purpose: str = DEFAULT_PURPOSE,
+        temperature: float | None = None,
+        **params: Any,
+    ) -> MessageStream:
+        """A stream of text chunks; ``.usage``, ``.text`` and ``.response`` are set once it ends.
+
+        Iterate it once (``async for chunk in ctx.llm.stream_message(...)``), preferably inside
+        ``async with``, so an abandoned stream is recorded at once as ``cancelled``.
+        """
+        _check_args(messages, max_tokens, None)
+        return MessageStream(
+            self,
+            system=system,
+            messages=messages,
+            max_tokens=max_tokens,
+            purpose=purpose,
+            temperature=temperature,
+            params=params,
+        )

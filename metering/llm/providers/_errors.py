@@ -1,0 +1,112 @@
+"""SDK exceptions → ``ProviderError`` (shared by the anthropic and openai adapters).
+
+Both official SDKs are generated from the same template, so their exception classes share names and
+attributes (``status_code``, ``body``). The mapped error never chains the SDK exception (it holds the
+request, headers included) and its message never contains the api key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import httpx
+
+from metering.errors import ProviderError
+from metering.llm.providers.base import ErrorType
+
+try:  # the SDKs' own HTTP client (newer SDK versions); plain httpx for older ones
+    import httpx2
+except ImportError:  # pragma: no cover - depends on the installed SDK version
+    httpx2 = None
+
+_HTTP_MODULES: tuple[Any, ...] = (httpx,) if httpx2 is None else (httpx, httpx2)
+# Raised by the HTTP client while a streamed body is read (the SDKs do not always wrap them).
+STREAM_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for module in _HTTP_MODULES for cls in (module.TransportError, module.StreamError)
+)
+MAX_MESSAGE_CHARS = 300
+# Defence in depth: anything shaped like a provider key is masked too, even if it is not *our* key.
+_KEY_SHAPED = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+)")
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """``text`` without the secret (and without anything shaped like a key), bounded in length."""
+    if secret:
+        text = text.replace(secret, "***")
+    text = _KEY_SHAPED.sub("***", text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _error(message: str, error_type: ErrorType, provider: str, *, retryable: bool) -> ProviderError:
+    return ProviderError(message, error_type=error_type.value, provider=provider, retryable=retryable)
+
+
+def status_error_type(status: int) -> tuple[ErrorType, bool]:
+    """(error_type, retryable) for an HTTP error status."""
+    if status == 429:
+        return ErrorType.RATE_LIMITED, True
+    if status in (401, 402, 403):
+        return ErrorType.AUTH, False
+    if status == 408:
+        return ErrorType.TIMEOUT, True
+    if status == 409 or status >= 500:
+        return ErrorType.SERVER_ERROR, True
+    if 400 <= status < 500:
+        return ErrorType.BAD_REQUEST, False
+    return ErrorType.UNKNOWN, False
+
+
+def _api_message(body: Any) -> str | None:
+    """``error.message`` of a provider error body (both APIs nest it the same way)."""
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return None
+
+
+def from_sdk_error(exc: BaseException, sdk: ModuleType, *, provider: str, api_key: str | None) -> ProviderError:
+    """Map an exception raised while *starting* a call (before any output) to a ``ProviderError``."""
+    if isinstance(exc, sdk.APITimeoutError):
+        return _error(f"{provider}: request timed out", ErrorType.TIMEOUT, provider, retryable=True)
+    if isinstance(exc, sdk.APIConnectionError):
+        return _error(f"{provider}: could not connect", ErrorType.CONNECTION, provider, retryable=True)
+    if isinstance(exc, sdk.APIStatusError):
+        status = int(exc.status_code)
+        error_type, retryable = status_error_type(status)
+        detail = _api_message(exc.body)
+        message = f"{provider}: HTTP {status} ({error_type.value})" + (f": {detail}" if detail else "")
+        return _error(scrub(message, api_key), error_type, provider, retryable=retryable)
+    if isinstance(exc, sdk.APIResponseValidationError):
+        message = f"{provider}: the response did not match the provider's schema"
+        return _error(message, ErrorType.INVALID_RESPONSE, provider, retryable=False)
+    if isinstance(exc, STREAM_TRANSPORT_ERRORS):
+        message = f"{provider}: transport error ({type(exc).__name__})"
+        return _error(message, ErrorType.CONNECTION, provider, retryable=True)
+    return _error(f"{provider}: call failed ({type(exc).__name__})", ErrorType.UNKNOWN, provider, retryable=False)
+
+
+def stream_broken(exc: BaseException, *, provider: str, api_key: str | None) -> ProviderError:
+    """A stream that failed after it started: whatever the cause, the output is incomplete."""
+    kind = "timed out" if "Timeout" in type(exc).__name__ else f"broke ({type(exc).__name__})"
+    detail = _api_message(getattr(exc, "body", None))
+    message = f"{provider}: the response stream {kind}" + (f": {detail}" if detail else "")
+    return _error(scrub(message, api_key), ErrorType.STREAM_BROKEN, provider, retryable=True)
+
+
+def incomplete_stream(provider: str) -> ProviderError:
+    message = f"{provider}: the response stream ended before the provider said it was finished"
+    return _error(message, ErrorType.STREAM_BROKEN, provider, retryable=True)
+
+
+def missing_key(provider: str) -> ProviderError:
+    return _error(f"{provider}: no api key configured", ErrorType.AUTH, provider, retryable=False)
+
+
+def bad_config(provider: str, message: str) -> ProviderError:
+    return _error(f"{provider}: {message}", ErrorType.BAD_REQUEST, provider, retryable=False)

@@ -1,0 +1,149 @@
+"""Adapter for Anthropic's Messages API, through the official ``anthropic`` SDK."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anthropic
+
+from metering.errors import ProviderError
+from metering.llm.providers._errors import (
+    STREAM_TRANSPORT_ERRORS,
+    from_sdk_error,
+    incomplete_stream,
+    missing_key,
+    stream_broken,
+)
+from metering.llm.providers.base import ProviderConfig
+from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
+from metering.llm.usage import from_anthropic
+
+log = logging.getLogger("metering.llm.providers")
+
+JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
+PLACEHOLDER_KEY = "not-needed"  # a keyless endpoint (a proxy via base_url); never let the SDK read env keys
+BODY_PARAMS = ("top_p", "top_k")  # sampling parameters go in the body (not every SDK version names them)
+_USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+_ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TRANSPORT_ERRORS)
+
+
+def _system_and_messages(request: ProviderRequest) -> tuple[str | None, list[dict[str, Any]]]:
+    """Anthropic takes the system prompt apart: fold any ``system``-role messages into it."""
+    system, messages = request.system, request.messages
+    if any(message.get("role") == "system" for message in messages):
+        extra = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+        system = "\n\n".join([system, *extra] if system else extra)
+        messages = [m for m in messages if m.get("role") != "system"]
+    if request.response_format == "json":
+        system = f"{system}\n\n{JSON_INSTRUCTION}" if system else JSON_INSTRUCTION
+    return system, messages
+
+
+def _merge_usage(into: dict[str, int], usage: Any) -> None:
+    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output."""
+    if usage is None:
+        return
+    for key in _USAGE_KEYS:
+        value = usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
+        if value is not None:
+            into[key] = value
+
+
+class AnthropicProvider:
+    """One ``AsyncAnthropic`` client (one connection pool) per endpoint and key; the model is per request."""
+
+    name = "anthropic"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self._api_key = config.api_key
+        self._keyless = not config.api_key and not config.base_url
+        self._client = anthropic.AsyncAnthropic(
+            api_key=config.api_key or PLACEHOLDER_KEY,
+            base_url=config.base_url,
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
+
+    def _kwargs(self, request: ProviderRequest) -> dict[str, Any]:
+        system, messages = _system_and_messages(request)
+        kwargs: dict[str, Any] = {"model": request.model, "max_tokens": request.max_tokens, "messages": messages}
+        if system:
+            kwargs["system"] = system
+        params = request.params
+        if params.get("stop_sequences") is not None:
+            kwargs["stop_sequences"] = list(params["stop_sequences"])
+        body = {key: params[key] for key in BODY_PARAMS if params.get(key) is not None}
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if body:
+            kwargs["extra_body"] = body
+        dropped = set(params) - {"stop_sequences", *BODY_PARAMS}
+        if dropped:
+            log.debug("anthropic: ignoring unsupported params %s", sorted(dropped))
+        return kwargs
+
+    def _error(self, exc: BaseException) -> ProviderError:
+        return from_sdk_error(exc, anthropic, provider=self.name, api_key=self._api_key)
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        if self._keyless:
+            raise missing_key(self.name)
+        try:
+            message = await self._client.messages.create(**self._kwargs(request))
+        except _ERRORS as exc:
+            error = self._error(exc)
+        else:
+            blocks = getattr(message, "content", None) or []
+            text = "".join(getattr(b, "text", None) or "" for b in blocks if getattr(b, "type", None) == "text")
+            return ProviderResult(
+                text=text,
+                usage=from_anthropic(getattr(message, "usage", None)),
+                stop_reason=getattr(message, "stop_reason", None),
+                model=getattr(message, "model", None) or request.model,
+            )
+        raise error  # outside the except block: no chained SDK exception (it holds the request)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+        if self._keyless:
+            raise missing_key(self.name)
+        try:
+            events = await self._client.messages.create(**self._kwargs(request), stream=True)
+        except _ERRORS as exc:
+            error: ProviderError | None = self._error(exc)
+        else:
+            error = None
+        if error is not None:
+            raise error
+        usage: dict[str, int] = {}
+        stop_reason: str | None = None
+        model = request.model
+        finished = False
+        try:
+            async with events:
+                async for event in events:
+                    kind = event.type
+                    if kind == "content_block_delta":
+                        delta = event.delta
+                        text = getattr(delta, "text", None) if getattr(delta, "type", None) == "text_delta" else None
+                        if text:
+                            yield TextDelta(text)
+                    elif kind == "message_start":
+                        model = getattr(event.message, "model", None) or model
+                        _merge_usage(usage, getattr(event.message, "usage", None))
+                    elif kind == "message_delta":
+                        stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
+                        _merge_usage(usage, getattr(event, "usage", None))
+                    elif kind == "message_stop":
+                        finished = True
+        except _ERRORS as exc:
+            error = stream_broken(exc, provider=self.name, api_key=self._api_key)
+        if error is not None:
+            raise error
+        if not finished:
+            raise incomplete_stream(self.name)
+        yield StreamEnd(usage=from_anthropic(usage) if usage else MISSING_USAGE, stop_reason=stop_reason, model=model)
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,61 @@
+"""The one interface every provider adapter implements.
+
+Only modules under ``metering.llm.providers`` import provider SDKs. Adapters:
+- normalise raw usage once (via ``metering.llm.usage``), returning ``TokenUsage``;
+- raise ``metering.errors.ProviderError`` with a bounded ``error_type`` (see ``ErrorType``) and a
+  message that never contains the api key;
+- never record events: the metering wrapper (``metering.llm.client``) does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from metering.llm.types import ProviderRequest, ProviderResult, StreamItem
+
+
+class ErrorType(StrEnum):
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    AUTH = "auth"
+    BAD_REQUEST = "bad_request"
+    STREAM_BROKEN = "stream_broken"
+    INVALID_RESPONSE = "invalid_response"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """Everything an adapter needs to reach a provider. ``repr`` never shows the key."""
+
+    provider: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 2
+
+
+class Provider(Protocol):
+    name: str
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        """One non-streamed call."""
+        ...
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+        """Yield ``TextDelta`` items, then exactly one ``StreamEnd`` when the provider finished.
+
+        A stream broken by the provider raises ``ProviderError(error_type="stream_broken")`` after the
+        deltas already received; the caller then estimates usage from what it saw.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

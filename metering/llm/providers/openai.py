@@ -1,0 +1,158 @@
+"""Adapter for OpenAI Chat Completions and OpenAI-compatible servers (Ollama, vLLM, LM Studio via
+``base_url``), through the official ``openai`` SDK."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+
+from metering.errors import ProviderError
+from metering.llm.providers._errors import (
+    STREAM_TRANSPORT_ERRORS,
+    bad_config,
+    from_sdk_error,
+    incomplete_stream,
+    missing_key,
+    stream_broken,
+)
+from metering.llm.providers.base import ErrorType, ProviderConfig
+from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
+from metering.llm.usage import from_openai
+
+log = logging.getLogger("metering.llm.providers")
+
+COMPATIBLE = "openai_compatible"
+JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
+PLACEHOLDER_KEY = "not-needed"  # keyless local servers; and the SDK must never fall back to OPENAI_API_KEY
+PASS_THROUGH = ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+# finish_reason → the stop reasons the rest of the system uses (Anthropic's names, as the simulated provider)
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use"}
+_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS)
+
+
+def stop_reason(finish_reason: str | None) -> str | None:
+    return STOP_REASONS.get(finish_reason, finish_reason) if finish_reason else None
+
+
+class OpenAIProvider:
+    """``openai`` and ``openai_compatible``: one ``AsyncOpenAI`` client per endpoint and key."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.provider
+        compatible = config.provider == COMPATIBLE
+        self._api_key = config.api_key
+        self._config_problem: str | None = None
+        if compatible and not config.base_url:
+            self._config_problem = "a base_url is required (e.g. http://localhost:11434/v1)"
+        self._keyless = not compatible and not config.api_key and not config.base_url
+        # OpenAI's own API wants max_completion_tokens; compatible servers still read max_tokens.
+        self._max_tokens_param = "max_tokens" if compatible else "max_completion_tokens"
+        self._client = openai.AsyncOpenAI(
+            api_key=config.api_key or PLACEHOLDER_KEY,
+            base_url=config.base_url,
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
+
+    def _check(self) -> None:
+        if self._config_problem is not None:
+            raise bad_config(self.name, self._config_problem)
+        if self._keyless:
+            raise missing_key(self.name)
+
+    def _kwargs(self, request: ProviderRequest) -> dict[str, Any]:
+        system = request.system
+        if request.response_format == "json":
+            system = f"{system}\n\n{JSON_INSTRUCTION}" if system else JSON_INSTRUCTION
+        messages = [{"role": "system", "content": system}, *request.messages] if system else list(request.messages)
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            self._max_tokens_param: request.max_tokens,
+        }
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.response_format == "json":
+            kwargs["response_format"] = {"type": "json_object"}
+        params = request.params
+        for key in PASS_THROUGH:
+            if params.get(key) is not None:
+                kwargs[key] = params[key]
+        dropped = set(params) - set(PASS_THROUGH)
+        if dropped:
+            log.debug("%s: ignoring unsupported params %s", self.name, sorted(dropped))
+        return kwargs
+
+    def _error(self, exc: BaseException) -> ProviderError:
+        return from_sdk_error(exc, openai, provider=self.name, api_key=self._api_key)
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        self._check()
+        try:
+            completion = await self._client.chat.completions.create(**self._kwargs(request))
+        except _ERRORS as exc:
+            error = self._error(exc)
+        else:
+            choices = getattr(completion, "choices", None) or []
+            if not choices:
+                raise ProviderError(
+                    f"{self.name}: the response has no choices",
+                    error_type=ErrorType.INVALID_RESPONSE.value,
+                    provider=self.name,
+                )
+            choice = choices[0]
+            message = getattr(choice, "message", None)
+            return ProviderResult(
+                text=getattr(message, "content", None) or "",
+                usage=from_openai(getattr(completion, "usage", None)),
+                stop_reason=stop_reason(getattr(choice, "finish_reason", None)),
+                model=getattr(completion, "model", None) or request.model,
+            )
+        raise error  # outside the except block: no chained SDK exception (it holds the request)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+        self._check()
+        try:
+            chunks = await self._client.chat.completions.create(
+                **self._kwargs(request), stream=True, stream_options={"include_usage": True}
+            )
+        except _ERRORS as exc:
+            error: ProviderError | None = self._error(exc)
+        else:
+            error = None
+        if error is not None:
+            raise error
+        usage: Any = None
+        finish: str | None = None
+        model = request.model
+        try:
+            async with chunks:
+                async for chunk in chunks:
+                    model = getattr(chunk, "model", None) or model
+                    if getattr(chunk, "usage", None) is not None:
+                        usage = chunk.usage  # the last chunk, when include_usage is honoured
+                    for choice in getattr(chunk, "choices", None) or ():
+                        if getattr(choice, "index", 0) != 0:
+                            continue
+                        text = getattr(getattr(choice, "delta", None), "content", None)
+                        if text:
+                            yield TextDelta(text)
+                        if getattr(choice, "finish_reason", None):
+                            finish = choice.finish_reason
+        except _ERRORS as exc:
+            error = stream_broken(exc, provider=self.name, api_key=self._api_key)
+        if error is not None:
+            raise error
+        if finish is None:
+            raise incomplete_stream(self.name)
+        yield StreamEnd(
+            usage=from_openai(usage) if usage is not None else MISSING_USAGE,
+            stop_reason=stop_reason(finish),
+            model=model,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,73 @@
+"""Where the cascade's inputs come from: a protocol, an in-memory source, and a TTL cache over any source."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from metering.llm.budgets import CallBudget
+from metering.llm.resolution import ByollmSettings, PurposeSettings
+
+T = TypeVar("T")
+
+
+class SettingsSource(Protocol):
+    def byollm(self, user_id: str) -> ByollmSettings | None: ...
+
+    def purpose(self, purpose: str) -> PurposeSettings | None: ...
+
+    def budget(self, extension_id: str) -> CallBudget | None: ...
+
+
+@dataclass
+class InMemorySettings:
+    """A settings source held in dicts (tests, benchmarks, embedding without a database)."""
+
+    byollm_by_user: dict[str, ByollmSettings] = field(default_factory=dict)
+    purpose_by_name: dict[str, PurposeSettings] = field(default_factory=dict)
+    budget_by_extension: dict[str, CallBudget] = field(default_factory=dict)
+
+    def byollm(self, user_id: str) -> ByollmSettings | None:
+        return self.byollm_by_user.get(user_id)
+
+    def purpose(self, purpose: str) -> PurposeSettings | None:
+        return self.purpose_by_name.get(purpose)
+
+    def budget(self, extension_id: str) -> CallBudget | None:
+        return self.budget_by_extension.get(extension_id)
+
+
+class CachedSettings:
+    """A TTL cache in front of a slower source (the database). ``invalidate()`` after local writes.
+
+    Settings changed by another process are seen within ``ttl_s`` seconds.
+    """
+
+    def __init__(self, source: SettingsSource, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._ttl = ttl_s
+        self._clock = clock
+        self._entries: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def _get(self, kind: str, key: str, load: Callable[[str], T]) -> T:
+        now = self._clock()
+        hit = self._entries.get((kind, key))
+        if hit is not None and hit[0] > now:
+            return hit[1]  # type: ignore[return-value]
+        value = load(key)
+        self._entries[(kind, key)] = (now + self._ttl, value)
+        return value
+
+    def byollm(self, user_id: str) -> ByollmSettings | None:
+        return self._get("byollm", user_id, self._source.byollm)
+
+    def purpose(self, purpose: str) -> PurposeSettings | None:
+        return self._get("purpose", purpose, self._source.purpose)
+
+    def budget(self, extension_id: str) -> CallBudget | None:
+        return self._get("budget", extension_id, self._source.budget)
+
+    def invalidate(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,224 @@
+"""Repository for the cascade's stored inputs: BYOLLM settings, per-purpose settings, call budgets.
+
+Functions only flush; the caller (CLI command, API dependency) owns the transaction. BYOLLM api keys
+are encrypted with the SecretBox before they reach a row and decrypted only when a call is resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from metering.crypto import SecretBox
+from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
+from metering.errors import InvalidInputError
+from metering.events import utcnow
+from metering.llm.budgets import BudgetMode, CallBudget
+from metering.llm.providers import KNOWN_PROVIDERS
+from metering.llm.resolution import ByollmSettings, FallbackPolicy, PurposeSettings
+
+
+def _check_provider(provider: str, base_url: str | None) -> None:
+    if provider not in KNOWN_PROVIDERS:
+        raise InvalidInputError(f"unknown provider {provider!r}; known: {', '.join(KNOWN_PROVIDERS)}")
+    if provider == "openai_compatible" and not base_url:
+        raise InvalidInputError("provider 'openai_compatible' needs a base_url (e.g. http://localhost:11434/v1)")
+    if base_url is not None:
+        parsed = urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise InvalidInputError(f"base_url must be an http(s) URL, got {base_url!r}")
+
+
+def _nonempty(name: str, value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidInputError(f"{name} must not be empty")
+    return value
+
+
+# -- BYOLLM -----------------------------------------------------------------------------------
+
+
+def put_byollm(
+    session: Session,
+    box: SecretBox,
+    *,
+    user_id: str,
+    tenant_id: str,
+    provider: str,
+    model: str,
+    api_key: str | None,
+    base_url: str | None = None,
+    fallback_policy: str = FallbackPolicy.PLATFORM.value,
+) -> ByollmSettingsRow:
+    _check_provider(provider, base_url)
+    if fallback_policy not in {p.value for p in FallbackPolicy}:
+        raise InvalidInputError("fallback_policy must be 'platform' or 'error'")
+    if provider in ("anthropic", "openai") and not api_key:
+        raise InvalidInputError(f"provider {provider!r} needs an api_key for BYOLLM")
+    now = utcnow()
+    row = session.get(ByollmSettingsRow, user_id)
+    if row is None:
+        row = ByollmSettingsRow(user_id=_nonempty("user_id", user_id), created_at=now)
+        session.add(row)
+    row.tenant_id = _nonempty("tenant_id", tenant_id)
+    row.provider = provider
+    row.model = _nonempty("model", model)
+    row.base_url = base_url
+    row.api_key_ciphertext = box.encrypt(api_key) if api_key else None
+    row.fallback_policy = fallback_policy
+    row.updated_at = now
+    session.flush()
+    return row
+
+
+def get_byollm_row(session: Session, user_id: str) -> ByollmSettingsRow | None:
+    return session.get(ByollmSettingsRow, user_id)
+
+
+def delete_byollm(session: Session, user_id: str) -> bool:
+    result = session.execute(delete(ByollmSettingsRow).where(ByollmSettingsRow.user_id == user_id))
+    session.flush()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mask_key(plaintext: str | None) -> str | None:
+    """``sk-ant-…abcd``: enough to recognise a key, never enough to use it."""
+    if not plaintext:
+        return None
+    return f"{plaintext[:3]}…{plaintext[-4:]}" if len(plaintext) > 10 else "…"
+
+
+def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
+    return ByollmSettings(
+        user_id=row.user_id,
+        tenant_id=row.tenant_id,
+        provider=row.provider,
+        model=row.model,
+        api_key=box.decrypt(row.api_key_ciphertext) if row.api_key_ciphertext else None,
+        base_url=row.base_url,
+        fallback_policy=FallbackPolicy(row.fallback_policy),
+    )
+
+
+def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
+    """Re-encrypt every stored api key under the newest key; returns how many were rotated."""
+    count = 0
+    for row in session.scalars(select(ByollmSettingsRow).where(ByollmSettingsRow.api_key_ciphertext.is_not(None))):
+        assert row.api_key_ciphertext is not None
+        row.api_key_ciphertext = box.rotate(row.api_key_ciphertext)
+        count += 1
+    session.flush()
+    return count
+
+
+# -- per-purpose settings -------------------------------------------------------------------------
+
+
+def put_purpose(
+    session: Session,
+    *,
+    purpose: str,
+    provider: str,
+    model: str,
+    base_url: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> PurposeSettingsRow:
+    _check_provider(provider, base_url)
+    row = session.get(PurposeSettingsRow, purpose)
+    if row is None:
+        row = PurposeSettingsRow(purpose=_nonempty("purpose", purpose))
+        session.add(row)
+    row.provider = provider
+    row.model = _nonempty("model", model)
+    row.base_url = base_url
+    row.params = dict(params or {})
+    row.updated_at = utcnow()
+    session.flush()
+    return row
+
+
+def list_purposes(session: Session) -> list[PurposeSettingsRow]:
+    return list(session.scalars(select(PurposeSettingsRow).order_by(PurposeSettingsRow.purpose)))
+
+
+def delete_purpose(session: Session, purpose: str) -> bool:
+    result = session.execute(delete(PurposeSettingsRow).where(PurposeSettingsRow.purpose == purpose))
+    session.flush()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def purpose_from_row(row: PurposeSettingsRow) -> PurposeSettings:
+    return PurposeSettings(
+        purpose=row.purpose,
+        provider=row.provider,
+        model=row.model,
+        base_url=row.base_url,
+        params=dict(row.params),
+    )
+
+
+# -- call budgets ---------------------------------------------------------------------------------
+
+
+def put_budget(
+    session: Session,
+    *,
+    extension_id: str,
+    max_calls: int | None,
+    max_tokens: int | None,
+    mode: str = BudgetMode.REPORT.value,
+) -> ExtensionBudgetRow:
+    if mode not in {m.value for m in BudgetMode}:
+        raise InvalidInputError("budget mode must be 'report' or 'enforce'")
+    if max_calls is None and max_tokens is None:
+        raise InvalidInputError("a budget needs max_calls, max_tokens or both")
+    for name, value in (("max_calls", max_calls), ("max_tokens", max_tokens)):
+        if value is not None and value <= 0:
+            raise InvalidInputError(f"{name} must be a positive integer")
+    row = session.get(ExtensionBudgetRow, extension_id)
+    if row is None:
+        row = ExtensionBudgetRow(extension_id=_nonempty("extension_id", extension_id))
+        session.add(row)
+    row.max_calls_per_invocation = max_calls
+    row.max_tokens_per_invocation = max_tokens
+    row.mode = mode
+    row.updated_at = utcnow()
+    session.flush()
+    return row
+
+
+def budget_from_row(row: ExtensionBudgetRow) -> CallBudget:
+    return CallBudget(
+        extension_id=row.extension_id,
+        max_calls=row.max_calls_per_invocation,
+        max_tokens=row.max_tokens_per_invocation,
+        mode=BudgetMode(row.mode),
+    )
+
+
+class DatabaseSettings:
+    """A SettingsSource reading the database (wrap it in CachedSettings on hot paths)."""
+
+    def __init__(self, session_factory: sessionmaker[Session], box: SecretBox) -> None:
+        self._sessions = session_factory
+        self._box = box
+
+    def byollm(self, user_id: str) -> ByollmSettings | None:
+        with self._sessions() as session:
+            row = session.get(ByollmSettingsRow, user_id)
+            return byollm_from_row(row, self._box) if row is not None else None
+
+    def purpose(self, purpose: str) -> PurposeSettings | None:
+        with self._sessions() as session:
+            row = session.get(PurposeSettingsRow, purpose)
+            return purpose_from_row(row) if row is not None else None
+
+    def budget(self, extension_id: str) -> CallBudget | None:
+        with self._sessions() as session:
+            row = session.get(ExtensionBudgetRow, extension_id)
+            return budget_from_row(row) if row is not None else None

@@ -1,0 +1,182 @@
+"""``ctx.llm.stream_message``: a stream of text chunks that records one event per provider call.
+
+A stream consumed to the end records ``ok``; one abandoned by its consumer (``break``, ``aclose()``,
+leaving ``async with``, garbage collection, task cancellation) records ``cancelled``; one broken by the
+provider records ``error`` with ``error_type="stream_broken"``. Usage the provider did not report is
+estimated from what was sent and received, and marked ``estimated``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from metering.errors import ProviderError
+from metering.events import Status
+from metering.llm.attempt import Attempt
+from metering.llm.event_record import prompt_fingerprint
+from metering.llm.responses import LLMResponse
+from metering.llm.types import MISSING_USAGE, StreamEnd, TextDelta, TokenUsage
+from metering.llm.usage import fill_missing
+
+if TYPE_CHECKING:
+    from metering.llm.client import MeteredLLM
+
+
+class MessageStream:
+    def __init__(
+        self,
+        llm: MeteredLLM,
+        *,
+        system: str | None,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        purpose: str,
+        temperature: float | None,
+        params: dict[str, Any],
+    ) -> None:
+        self._llm = llm
+        self._system = system
+        self._messages = messages
+        self._max_tokens = max_tokens
+        self._purpose = purpose
+        self._temperature = temperature
+        self._params = params
+        # Outside `async with`, only a weak reference: a consumer that breaks out of the loop drops the
+        # generator, whose finaliser records `cancelled` at once. Inside, `__aexit__` closes it.
+        self._gen_ref: weakref.ref[AsyncIterator[str]] | None = None
+        self._gen_held: AsyncIterator[str] | None = None
+        self._entered = False
+        self.response: LLMResponse | None = None
+
+    @property
+    def text(self) -> str | None:
+        return self.response.text if self.response else None
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        return self.response.usage if self.response else None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._gen_ref is not None:
+            raise RuntimeError("a MessageStream can be iterated only once")
+        gen = self._run()
+        self._gen_ref = weakref.ref(gen)
+        if self._entered:
+            self._gen_held = gen
+        return gen
+
+    async def aclose(self) -> None:
+        gen = self._gen_ref() if self._gen_ref is not None else None
+        self._gen_held = None
+        if gen is not None:
+            await gen.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> MessageStream:
+        self._entered = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncIterator[str]:
+        llm = self._llm
+        system, messages, purpose = self._system, self._messages, self._purpose
+        plan = llm._begin(system, messages, self._max_tokens, purpose)
+        fingerprint = prompt_fingerprint(system, messages)
+        targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
+        for attempt, target in enumerate(targets):
+            request = llm._request(target, system, messages, self._max_tokens, self._temperature, None, self._params)
+            provider = llm._providers.get(target.config)
+            common = Attempt(
+                target, attempt, purpose, datetime.now(UTC), time.perf_counter(), self._max_tokens, fingerprint, True
+            )
+            parts: list[str] = []
+            ttft: float | None = None
+            end: StreamEnd | None = None
+            upstream = provider.stream(request)
+            try:
+                async for item in upstream:
+                    if isinstance(item, TextDelta):
+                        if ttft is None:
+                            ttft = round((time.perf_counter() - common.started) * 1000.0, 3)
+                        parts.append(item.text)
+                        yield item.text
+                    else:
+                        end = item
+            except ProviderError as exc:
+                usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
+                llm._record(
+                    common,
+                    usage=usage,
+                    stop_reason=None,
+                    status=Status.ERROR,
+                    error_type=exc.error_type,
+                    ttft_ms=ttft,
+                )
+                if not parts and attempt < len(targets) - 1:
+                    continue
+                llm._served_by(target)
+                raise
+            except (GeneratorExit, asyncio.CancelledError):
+                usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
+                llm._record(
+                    common,
+                    usage=usage,
+                    stop_reason=None,
+                    status=Status.CANCELLED,
+                    error_type=None,
+                    ttft_ms=ttft,
+                )
+                await _close_quietly(upstream)
+                raise
+            except Exception as exc:
+                usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
+                llm._record(
+                    common,
+                    usage=usage,
+                    stop_reason=None,
+                    status=Status.ERROR,
+                    error_type=f"internal:{type(exc).__name__}"[:100],
+                    ttft_ms=ttft,
+                )
+                raise
+            text = "".join(parts)
+            reported = end.usage if end is not None else MISSING_USAGE
+            usage = fill_missing(reported, system, messages, text)
+            stop_reason = end.stop_reason if end is not None else None
+            event_id = llm._record(
+                common,
+                usage=usage,
+                stop_reason=stop_reason,
+                status=Status.OK,
+                error_type=None,
+                ttft_ms=ttft,
+            )
+            llm._served_by(target)
+            self.response = LLMResponse(
+                text=text,
+                provider=target.config.provider,
+                model=target.config.model,
+                is_byollm=target.is_byollm,
+                stop_reason=stop_reason,
+                usage=usage,
+                event_id=event_id,
+            )
+            return
+
+
+async def _close_quietly(upstream: AsyncIterator[Any]) -> None:
+    aclose = getattr(upstream, "aclose", None)
+    if aclose is None:
+        return
+    with contextlib.suppress(Exception):  # the consumer is leaving; closing upstream is best effort
+        await aclose()

@@ -1,0 +1,69 @@
+"""Plain data passed between the ctx.llm surface and the provider adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from metering.events import UsageCompleteness
+
+ResponseFormat = Literal["json"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Normalised token counts (OpenTelemetry GenAI semantics, see metering.events)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    completeness: UsageCompleteness = UsageCompleteness.REPORTED
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+MISSING_USAGE = TokenUsage(completeness=UsageCompleteness.MISSING)
+
+
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 µs on the metered hot path
+class ProviderRequest:
+    model: str
+    system: str | None
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    temperature: float | None = None
+    response_format: ResponseFormat = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResult:
+    """What a finished (non-streamed) provider call returned."""
+
+    text: str
+    usage: TokenUsage
+    stop_reason: str | None
+    model: str  # the model the provider says served the call
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """One chunk of a streamed response."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Last item of a provider stream: what the provider reported (usage may be MISSING_USAGE)."""
+
+    usage: TokenUsage
+    stop_reason: str | None
+    model: str
+
+
+StreamItem = TextDelta | StreamEnd

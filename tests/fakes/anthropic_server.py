@@ -1,0 +1,94 @@
+"""Fake Anthropic Messages API: ``POST /v1/messages``, JSON and the SSE event stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from tests.fakes.server import Fail, FakeProviderServer, Reply
+
+# Anthropic reports input_tokens WITHOUT the cache tokens, which are given beside it.
+ANTHROPIC_DEFAULT_USAGE: Mapping[str, Any] = {
+    "input_tokens": 12,
+    "output_tokens": 6,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+}
+_START_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _frame(event: str, data: Mapping[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class FakeAnthropicServer(FakeProviderServer):
+    endpoint = "/v1/messages"
+    default_usage = ANTHROPIC_DEFAULT_USAGE
+
+    def api_key_of(self, headers: Mapping[str, str]) -> str | None:
+        # older SDKs send ``x-api-key``; newer ones ``Authorization: Bearer <key>``
+        auth = headers.get("authorization", "")
+        return headers.get("x-api-key") or (auth.removeprefix("Bearer ") if auth else None)
+
+    def _model(self, request: Any, reply: Reply) -> str:
+        return reply.model or (request.get("model") if isinstance(request, dict) else None) or "claude-fake"
+
+    def json_body(self, request: Any, reply: Reply) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": self._model(request, reply),
+            "content": [{"type": "text", "text": reply.text}],
+            "stop_reason": reply.stop_reason or "end_turn",
+            "stop_sequence": None,
+        }
+        usage = self.usage_of(reply)
+        if usage is not None:
+            body["usage"] = dict(usage)
+        return body
+
+    def stream_frames(self, request: Any, reply: Reply) -> Iterator[bytes | None]:
+        usage = self.usage_of(reply)
+        message: dict[str, Any] = {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": self._model(request, reply),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+        }
+        if usage is not None:  # like the real API: input (and cache) counts first, output so far = 1
+            message["usage"] = {key: usage[key] for key in _START_KEYS if key in usage} | {"output_tokens": 1}
+        yield _frame("message_start", {"type": "message_start", "message": message})
+        yield _frame(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        )
+        yield _frame("ping", {"type": "ping"})
+        for n, delta in enumerate(reply.deltas()):
+            if reply.break_after is not None and n >= reply.break_after:
+                yield None
+                return
+            yield _frame(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
+            )
+        if reply.break_after is not None:
+            yield None
+            return
+        yield _frame("content_block_stop", {"type": "content_block_stop", "index": 0})
+        message_delta: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {"stop_reason": reply.stop_reason or "end_turn", "stop_sequence": None},
+        }
+        if usage is not None:  # cumulative output tokens, at the end
+            message_delta["usage"] = {"output_tokens": usage.get("output_tokens", 0)}
+        yield _frame("message_delta", message_delta)
+        yield _frame("message_stop", {"type": "message_stop"})
+
+    def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
+        message = f"invalid x-api-key: {api_key}" if fail.echo_api_key else fail.message
+        return {"type": "error", "error": {"type": fail.error_type, "message": message}}

@@ -1,0 +1,104 @@
+"""Fake OpenAI Chat Completions API: ``POST /v1/chat/completions``, JSON and ``data:`` SSE chunks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from tests.fakes.server import Fail, FakeProviderServer, Reply
+
+# OpenAI reports prompt_tokens INCLUDING the cached tokens, completion_tokens including reasoning.
+OPENAI_DEFAULT_USAGE: Mapping[str, Any] = {
+    "prompt_tokens": 12,
+    "completion_tokens": 6,
+    "total_tokens": 18,
+    "prompt_tokens_details": {"cached_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0},
+}
+CREATED = 1_700_000_000
+
+
+def _data(payload: Mapping[str, Any] | str) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {text}\n\n".encode()
+
+
+class FakeOpenAIServer(FakeProviderServer):
+    endpoint = "/v1/chat/completions"
+    default_usage = OPENAI_DEFAULT_USAGE
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def api_key_of(self, headers: Mapping[str, str]) -> str | None:
+        auth = headers.get("authorization", "")
+        return auth.removeprefix("Bearer ") if auth else None
+
+    def _model(self, request: Any, reply: Reply) -> str:
+        return reply.model or (request.get("model") if isinstance(request, dict) else None) or "gpt-fake"
+
+    def json_body(self, request: Any, reply: Reply) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": self._model(request, reply),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": reply.stop_reason or "stop",
+                }
+            ],
+        }
+        usage = self.usage_of(reply)
+        if usage is not None:
+            body["usage"] = dict(usage)
+        return body
+
+    def stream_frames(self, request: Any, reply: Reply) -> Iterator[bytes | None]:
+        model = self._model(request, reply)
+        options = request.get("stream_options") or {}
+        usage = self.usage_of(reply)
+
+        def chunk(delta: Mapping[str, Any], finish_reason: str | None = None) -> bytes:
+            return _data(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": CREATED,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": dict(delta), "finish_reason": finish_reason}],
+                    **({"usage": None} if options.get("include_usage") else {}),
+                }
+            )
+
+        yield chunk({"role": "assistant", "content": ""})
+        for n, delta in enumerate(reply.deltas()):
+            if reply.break_after is not None and n >= reply.break_after:
+                yield None
+                return
+            yield chunk({"content": delta})
+        if reply.break_after is not None:
+            yield None
+            return
+        yield chunk({}, reply.stop_reason or "stop")
+        if options.get("include_usage") and usage is not None:
+            yield _data(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": CREATED,
+                    "model": model,
+                    "choices": [],
+                    "usage": dict(usage),
+                }
+            )
+        yield _data("[DONE]")
+
+    def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
+        message = f"Incorrect API key provided: {api_key}." if fail.echo_api_key else fail.message
+        code = "invalid_api_key" if fail.status == 401 else None
+        return {"error": {"message": message, "type": fail.error_type, "param": None, "code": code}}

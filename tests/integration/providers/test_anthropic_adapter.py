@@ -1,0 +1,298 @@
+"""The anthropic adapter end to end: the official SDK against a fake Messages API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from metering.errors import ProviderError
+from metering.events import UsageCompleteness
+from metering.llm.providers import make_provider
+from metering.llm.providers.anthropic import JSON_INSTRUCTION, AnthropicProvider
+from metering.llm.providers.base import Provider, ProviderConfig
+from metering.llm.types import MISSING_USAGE, ProviderRequest, StreamEnd, TextDelta, TokenUsage
+from tests.fakes import Fail, FakeAnthropicServer, Reply, hang, rate_limited, server_error, unauthorized
+
+KEY = "sk-ant-api03-TEST-SECRET-0123456789abcdef"
+MESSAGES = [{"role": "user", "content": "Please rewrite: send me the doc."}]
+CACHED_USAGE = {
+    "input_tokens": 20,
+    "output_tokens": 7,
+    "cache_read_input_tokens": 1000,
+    "cache_creation_input_tokens": 300,
+}
+OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+NORMALISED = TokenUsage(input_tokens=1320, output_tokens=7, cache_read_tokens=1000, cache_write_tokens=300)
+
+MakeProvider = Callable[..., AnthropicProvider]
+
+
+def request(**overrides: Any) -> ProviderRequest:
+    fields: dict[str, Any] = {"model": "claude-test", "system": "Be formal.", "messages": MESSAGES, "max_tokens": 100}
+    return ProviderRequest(**(fields | overrides))
+
+
+@pytest.fixture
+async def make(anthropic_server: FakeAnthropicServer) -> AsyncIterator[MakeProvider]:
+    made: list[Provider] = []
+
+    def factory(**overrides: Any) -> AnthropicProvider:
+        fields: dict[str, Any] = {
+            "provider": "anthropic",
+            "model": "unused",
+            "api_key": KEY,
+            "base_url": anthropic_server.base_url,
+            "timeout_s": 5.0,
+            "max_retries": 0,
+        }
+        provider = make_provider(ProviderConfig(**(fields | overrides)))
+        assert isinstance(provider, AnthropicProvider)
+        made.append(provider)
+        return provider
+
+    yield factory
+    for provider in made:
+        await provider.aclose()
+
+
+async def collect(stream: AsyncIterator[Any]) -> tuple[list[str], StreamEnd | None, ProviderError | None]:
+    deltas: list[str] = []
+    end: StreamEnd | None = None
+    try:
+        async for item in stream:
+            if isinstance(item, TextDelta):
+                deltas.append(item.text)
+            else:
+                assert end is None, "exactly one StreamEnd"
+                end = item
+    except ProviderError as exc:
+        return deltas, end, exc
+    return deltas, end, None
+
+
+# -- successful calls ------------------------------------------------------------------------------
+
+
+async def test_complete_returns_text_and_normalised_cache_usage(anthropic_server, make) -> None:
+    anthropic_server.script(
+        Reply(text="Kindly send me the document.", usage=CACHED_USAGE, model="claude-test-20250101")
+    )
+    result = await make().complete(request())
+    assert result.text == "Kindly send me the document."
+    assert result.usage == NORMALISED and result.usage.completeness is UsageCompleteness.REPORTED
+    assert result.stop_reason == "end_turn"
+    assert result.model == "claude-test-20250101"
+
+
+async def test_what_the_sdk_sends(anthropic_server, make) -> None:
+    params = {"top_p": 0.9, "top_k": 40, "stop_sequences": ["END"], "metadata": {"x": 1}, "tools": []}
+    await make().complete(request(temperature=0.2, params=params))
+    sent = anthropic_server.last
+    assert sent.path == "/v1/messages"
+    assert anthropic_server.api_key_of(sent.headers) == KEY
+    assert sent.body == {
+        "model": "claude-test",
+        "max_tokens": 100,
+        "system": "Be formal.",
+        "messages": MESSAGES,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop_sequences": ["END"],
+    }
+
+
+async def test_temperature_and_system_are_left_out_when_not_given(anthropic_server, make) -> None:
+    await make().complete(request(system=None))
+    assert set(anthropic_server.last.body) == {"model", "max_tokens", "messages"}
+
+
+async def test_json_format_appends_an_instruction_to_the_system_prompt(anthropic_server, make) -> None:
+    provider = make()
+    await provider.complete(request(response_format="json"))
+    assert anthropic_server.last.body["system"] == f"Be formal.\n\n{JSON_INSTRUCTION}"
+    await provider.complete(request(system=None, response_format="json"))
+    assert anthropic_server.last.body["system"] == JSON_INSTRUCTION
+    assert "response_format" not in anthropic_server.last.body
+
+
+async def test_system_role_messages_move_into_the_system_prompt(anthropic_server, make) -> None:
+    messages = [{"role": "system", "content": "Extra rule."}, *MESSAGES]
+    await make().complete(request(messages=messages))
+    assert anthropic_server.last.body["system"] == "Be formal.\n\nExtra rule."
+    assert anthropic_server.last.body["messages"] == MESSAGES
+
+
+async def test_one_adapter_serves_many_models(anthropic_server, make) -> None:
+    provider = make()
+    await provider.complete(request(model="claude-a"))
+    await provider.complete(request(model="claude-b"))
+    assert [r.body["model"] for r in anthropic_server.requests] == ["claude-a", "claude-b"]
+
+
+async def test_missing_usage_is_missing_so_the_caller_estimates(anthropic_server, make) -> None:
+    anthropic_server.script(Reply(usage=None), Reply(usage=None))
+    provider = make()
+    assert (await provider.complete(request())).usage is MISSING_USAGE
+    deltas, end, error = await collect(provider.stream(request()))
+    assert error is None and deltas and end is not None
+    assert end.usage is MISSING_USAGE
+
+
+async def test_stream_yields_deltas_then_usage_from_start_and_delta_events(anthropic_server, make) -> None:
+    anthropic_server.script(Reply(text="one two three four", usage=CACHED_USAGE, stop_reason="max_tokens"))
+    deltas, end, error = await collect(make().stream(request()))
+    assert error is None
+    assert deltas == ["one ", "two ", "three ", "four"]
+    assert end is not None
+    # message_start said output_tokens=1; message_delta's cumulative 7 wins; input+cache from message_start
+    assert end.usage == NORMALISED
+    assert (end.stop_reason, end.model) == ("max_tokens", "claude-test")
+    assert anthropic_server.last.body["stream"] is True
+
+
+async def test_abandoned_stream_does_not_break_the_adapter(anthropic_server, make) -> None:
+    provider = make()
+    stream = provider.stream(request())
+    first = await anext(stream)
+    assert isinstance(first, TextDelta)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert (await provider.complete(request())).text == "Hello from the fake server."
+
+
+async def test_keyless_endpoint_gets_a_placeholder_never_the_environment_key(anthropic_server, make, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-ENV-PLATFORM-KEY")
+    await make(api_key=None).complete(request())
+    assert anthropic_server.api_key_of(anthropic_server.last.headers) == "not-needed"
+
+
+async def test_no_key_and_no_base_url_fails_without_calling_out(monkeypatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-ENV-PLATFORM-KEY")
+    provider = make_provider(ProviderConfig("anthropic", "m", api_key=None))
+    try:
+        with pytest.raises(ProviderError) as info:
+            await provider.complete(request())
+        assert info.value.error_type == "auth"
+        with pytest.raises(ProviderError, match="no api key"):
+            await anext(provider.stream(request()))  # type: ignore[call-overload]
+    finally:
+        await provider.aclose()
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error_type", "retryable"),
+    [
+        (rate_limited(), "rate_limited", True),
+        (server_error(), "server_error", True),
+        (Fail(529, "overloaded_error", "Overloaded"), "server_error", True),
+        (Fail(400, "invalid_request_error", "max_tokens: too large"), "bad_request", False),
+        (Fail(404, "not_found_error", "model: claude-nope"), "bad_request", False),
+        (Fail(403, "permission_error", "no access"), "auth", False),
+    ],
+)
+async def test_http_errors_map_to_bounded_error_types(anthropic_server, make, behaviour, error_type, retryable):
+    anthropic_server.script(behaviour)
+    with pytest.raises(ProviderError) as info:
+        await make().complete(request())
+    error = info.value
+    assert (error.error_type, error.retryable, error.provider) == (error_type, retryable, "anthropic")
+    assert f"HTTP {behaviour.status}" in str(error)
+    assert error.__cause__ is None and error.__context__ is None  # the SDK error (with headers) is dropped
+    assert len(anthropic_server.requests) == 1  # max_retries=0
+
+
+async def test_sdk_retries_are_bounded_by_max_retries(anthropic_server, make) -> None:
+    anthropic_server.script(rate_limited(0.01), Fail(500, headers={"retry-after-ms": "10"}), Reply(text="third time"))
+    assert (await make(max_retries=2).complete(request())).text == "third time"
+    assert [r.headers.get("x-stainless-retry-count") for r in anthropic_server.requests] == ["0", "1", "2"]
+
+    anthropic_server.requests.clear()
+    anthropic_server.script(rate_limited(0.01), rate_limited(0.01), Reply())
+    with pytest.raises(ProviderError, match="rate_limited"):
+        await make(max_retries=1).complete(request())
+    assert len(anthropic_server.requests) == 2
+
+
+async def test_timeout(anthropic_server, make) -> None:
+    anthropic_server.script(hang(3.0))
+    with pytest.raises(ProviderError) as info:
+        await make(timeout_s=0.3).complete(request())
+    assert (info.value.error_type, info.value.retryable) == ("timeout", True)
+
+
+async def test_connection_refused(make, refused_url) -> None:
+    with pytest.raises(ProviderError) as info:
+        await make(base_url=refused_url).complete(request())
+    assert (info.value.error_type, info.value.retryable) == ("connection", True)
+    with pytest.raises(ProviderError) as info:
+        await anext(make(base_url=refused_url).stream(request()))  # type: ignore[call-overload]
+    assert info.value.error_type == "connection"
+
+
+async def test_auth_error_never_shows_the_key(anthropic_server, make) -> None:
+    anthropic_server.script(unauthorized())
+    provider = make()
+    with pytest.raises(ProviderError) as info:
+        await provider.complete(request())
+    error = info.value
+    assert anthropic_server.api_key_of(anthropic_server.last.headers) == KEY  # the server did get (and echo) it
+    assert (error.error_type, error.retryable) == ("auth", False)
+    assert "invalid x-api-key: ***" in str(error)
+    for text in (str(error), repr(error), repr(error.args), error.message, repr(vars(error))):
+        assert KEY not in text
+    assert error.__cause__ is None and error.__context__ is None
+    config = ProviderConfig("anthropic", "m", api_key=KEY, base_url=anthropic_server.base_url)
+    assert KEY not in repr(config) and KEY not in str(config)
+
+
+async def test_auth_error_on_a_stream_never_shows_the_key(anthropic_server, make) -> None:
+    anthropic_server.script(unauthorized())
+    deltas, end, error = await collect(make().stream(request()))
+    assert deltas == [] and end is None and error is not None
+    assert error.error_type == "auth" and KEY not in str(error) and KEY not in repr(error.args)
+
+
+async def test_stream_refused_before_any_output(anthropic_server, make) -> None:
+    anthropic_server.script(rate_limited())
+    deltas, end, error = await collect(make().stream(request()))
+    assert deltas == [] and end is None
+    assert error is not None and error.error_type == "rate_limited"
+
+
+async def test_stream_broken_in_the_middle(anthropic_server, make) -> None:
+    anthropic_server.script(Reply(text="one two three four five", break_after=2))
+    deltas, end, error = await collect(make().stream(request()))
+    assert deltas == ["one ", "two "]
+    assert end is None
+    assert error is not None and (error.error_type, error.retryable) == ("stream_broken", True)
+    assert error.__context__ is None
+
+
+async def test_stream_that_ends_before_message_stop_is_broken(anthropic_server, make) -> None:
+    anthropic_server.script(Reply(text="one two three", break_after=1, end_cleanly=True))
+    deltas, end, error = await collect(make().stream(request()))
+    assert deltas == ["one "] and end is None
+    assert error is not None and error.error_type == "stream_broken"
+
+
+async def test_sse_error_event_mid_stream_is_a_broken_stream(anthropic_server, make) -> None:
+    # the real API can send `event: error` (e.g. overloaded_error) after the stream started
+    original = anthropic_server.stream_frames
+
+    def frames(body, reply):
+        for n, frame in enumerate(original(body, reply)):
+            if n == 4:  # after message_start, content_block_start, ping and one delta
+                yield b"event: error\ndata: " + json.dumps(OVERLOADED).encode() + b"\n\n"
+                return
+            yield frame
+
+    anthropic_server.stream_frames = frames  # type: ignore[method-assign]
+    deltas, end, error = await collect(make().stream(request()))
+    assert deltas == ["Hello "] and end is None
+    assert error is not None and error.error_type == "stream_broken" and "Overloaded" in str(error)

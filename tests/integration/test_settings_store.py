@@ -1,0 +1,102 @@
+"""Stored cascade inputs on SQLite and PostgreSQL: BYOLLM keys encrypted at rest, masked, rotatable."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from metering.crypto import SecretBox, generate_key
+from metering.errors import InvalidInputError, SecretError
+from metering.llm import settings_store as store
+from metering.llm.budgets import BudgetMode
+from metering.llm.resolution import FallbackPolicy
+from metering.llm.settings_source import CachedSettings
+
+KEY = "sk-ant-api03-VERYSECRET-abcd"
+
+
+@pytest.fixture
+def box() -> SecretBox:
+    return SecretBox([generate_key()])
+
+
+def test_byollm_key_is_encrypted_at_rest_and_round_trips(session_factory, box) -> None:
+    with session_factory() as session:
+        store.put_byollm(
+            session,
+            box,
+            user_id="u1",
+            tenant_id="t1",
+            provider="anthropic",
+            model="claude-haiku-4-5",
+            api_key=KEY,
+            fallback_policy="error",
+        )
+        session.commit()
+    with session_factory() as session:
+        raw = session.execute(text("SELECT api_key_ciphertext FROM byollm_settings")).scalar_one()
+        assert KEY.encode() not in bytes(raw)
+    source = store.DatabaseSettings(session_factory, box)
+    settings = source.byollm("u1")
+    assert settings is not None
+    assert settings.api_key == KEY and settings.fallback_policy is FallbackPolicy.ERROR
+    assert KEY not in repr(settings)
+    assert store.mask_key(KEY) == "sk-…abcd"
+
+
+def test_rotation_re_encrypts_under_the_new_key(session_factory) -> None:
+    old_key, new_key = generate_key(), generate_key()
+    with session_factory() as session:
+        store.put_byollm(
+            session, SecretBox([old_key]), user_id="u1", tenant_id="t1", provider="openai", model="gpt-4o", api_key=KEY
+        )
+        session.commit()
+    with session_factory() as session:
+        assert store.rotate_byollm_keys(session, SecretBox([new_key, old_key])) == 1
+        session.commit()
+    settings = store.DatabaseSettings(session_factory, SecretBox([new_key])).byollm("u1")
+    assert settings is not None and settings.api_key == KEY
+    with pytest.raises(SecretError, match="cannot be decrypted"):
+        store.DatabaseSettings(session_factory, SecretBox([old_key])).byollm("u1")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"provider": "gemini", "model": "x", "api_key": "k"}, "unknown provider"),
+        ({"provider": "openai", "model": "x", "api_key": None}, "needs an api_key"),
+        ({"provider": "openai_compatible", "model": "llama3", "api_key": None}, "needs a base_url"),
+        ({"provider": "openai_compatible", "model": "llama3", "api_key": None, "base_url": "ftp://x"}, "http"),
+        ({"provider": "openai", "model": "x", "api_key": "k", "fallback_policy": "maybe"}, "fallback_policy"),
+        ({"provider": "openai", "model": " ", "api_key": "k"}, "model must not be empty"),
+    ],
+)
+def test_bad_byollm_settings_are_refused_with_a_reason(session_factory, box, kwargs, message) -> None:
+    with session_factory() as session, pytest.raises(InvalidInputError, match=message):
+        store.put_byollm(session, box, user_id="u1", tenant_id="t1", **kwargs)
+
+
+def test_purpose_and_budget_round_trip_through_the_cache(session_factory, box) -> None:
+    with session_factory() as session:
+        store.put_purpose(
+            session, purpose="content_rewrite", provider="anthropic", model="claude-haiku-4-5", params={"top_p": 0.9}
+        )
+        store.put_budget(session, extension_id="rewrite", max_calls=5, max_tokens=None, mode="enforce")
+        session.commit()
+    now = [0.0]
+    cached = CachedSettings(store.DatabaseSettings(session_factory, box), ttl_s=5.0, clock=lambda: now[0])
+    purpose = cached.purpose("content_rewrite")
+    assert purpose is not None and purpose.model == "claude-haiku-4-5" and dict(purpose.params) == {"top_p": 0.9}
+    budget = cached.budget("rewrite")
+    assert budget is not None and budget.max_calls == 5 and budget.mode is BudgetMode.ENFORCE
+    with session_factory() as session:
+        store.delete_purpose(session, "content_rewrite")
+        session.commit()
+    assert cached.purpose("content_rewrite") is not None  # still cached
+    now[0] = 6.0
+    assert cached.purpose("content_rewrite") is None  # seen after the TTL
+
+
+def test_budget_needs_a_limit(session_factory) -> None:
+    with session_factory() as session, pytest.raises(InvalidInputError, match="max_calls, max_tokens"):
+        store.put_budget(session, extension_id="rewrite", max_calls=None, max_tokens=None)

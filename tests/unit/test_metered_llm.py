@@ -1,0 +1,318 @@
+"""MeteredLLM: exactly one event per provider call, failover, budgets, JSON, streams (pure logic).
+
+The provider here is a scripted in-process fake; the real adapters are tested against wire-level fake
+servers in tests/integration/providers/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from metering.errors import BudgetExceededError, InvalidJSONResponseError, ProviderError
+from metering.events import UsageEvent, uuid7
+from metering.llm.budgets import BudgetMode, CallBudget
+from metering.llm.client import MeteredLLM, ProviderPool
+from metering.llm.event_record import CallScope
+from metering.llm.providers.base import ProviderConfig
+from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM
+from metering.llm.settings_source import InMemorySettings
+from metering.llm.types import (
+    MISSING_USAGE,
+    ProviderRequest,
+    ProviderResult,
+    StreamEnd,
+    TextDelta,
+    TokenUsage,
+)
+
+SECRET = "sk-user-SECRET-1234567890"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def append_line(self, data: bytes) -> None:
+        assert data.endswith(b"\n") and data.count(b"\n") == 1, "one event, one line"
+        self.lines.append(data[:-1])
+
+    @property
+    def events(self) -> list[UsageEvent]:
+        return [UsageEvent.model_validate(orjson.loads(line)) for line in self.lines]
+
+
+class FakeProvider:
+    """Behaves per model name: 'fail' raises, 'nousage' reports none, 'json'/'badjson' answer so."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.provider
+        self.calls: list[ProviderRequest] = []
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        self.calls.append(request)
+        model = request.model
+        if "fail" in model:
+            raise ProviderError("upstream 500", error_type="server_error", provider=self.name)
+        if "slow" in model:
+            await asyncio.sleep(10)
+        text = {"json": '```json\n{"items": []}\n```', "badjson": "not json"}.get(model, "hello there")
+        usage = MISSING_USAGE if "nousage" in model else TokenUsage(120, 7, 100, 0, 0)
+        return ProviderResult(text=text, usage=usage, stop_reason="end_turn", model=model)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
+        self.calls.append(request)
+        if "failfirst" in request.model:
+            raise ProviderError("refused", error_type="rate_limited", provider=self.name)
+        for word in ("one ", "two ", "three ", "four"):
+            yield TextDelta(word)
+            if "broken" in request.model and word == "two ":
+                raise ProviderError("connection reset", error_type="stream_broken", provider=self.name)
+        usage = MISSING_USAGE if "nousage" in request.model else TokenUsage(50, 4, 0, 0, 0)
+        yield StreamEnd(usage=usage, stop_reason="end_turn", model=request.model)
+
+    async def aclose(self) -> None:
+        return None
+
+
+PLATFORM = PlatformLLM(provider="openai", model="platform-model", api_keys={"openai": "sk-platform"})
+MESSAGES = [{"role": "user", "content": "Please rewrite this sentence."}]
+
+
+def make_llm(settings: InMemorySettings | None = None, platform: PlatformLLM = PLATFORM) -> tuple[MeteredLLM, Recorder]:
+    recorder = Recorder()
+    llm = MeteredLLM(
+        scope=CallScope("tenant-1", "user-1", "rewrite", "rewrite", uuid7()),
+        settings=settings or InMemorySettings(),
+        platform=platform,
+        providers=ProviderPool(FakeProvider),
+        recorder=recorder,
+    )
+    return llm, recorder
+
+
+def byollm(model: str, policy: FallbackPolicy = FallbackPolicy.PLATFORM) -> InMemorySettings:
+    return InMemorySettings(
+        byollm_by_user={
+            "user-1": ByollmSettings(
+                "user-1",
+                "tenant-1",
+                "openai_compatible",
+                model,
+                api_key=SECRET,
+                base_url="http://127.0.0.1:9/v1",
+                fallback_policy=policy,
+            )
+        }
+    )
+
+
+async def test_one_call_records_one_complete_event() -> None:
+    llm, rec = make_llm()
+    response = await llm.create_message(
+        system="Be brief.", messages=MESSAGES, max_tokens=300, purpose="content_rewrite"
+    )
+    assert response.text == "hello there"
+    [event] = rec.events
+    assert str(event.event_id) == response.event_id
+    assert (event.provider, event.model, event.is_byollm, event.is_failover) == (
+        "openai",
+        "platform-model",
+        False,
+        False,
+    )
+    assert (event.tenant_id, event.user_id, event.extension_id, event.function) == (
+        "tenant-1",
+        "user-1",
+        "rewrite",
+        "rewrite",
+    )
+    assert (event.input_tokens, event.output_tokens, event.cache_read_tokens) == (120, 7, 100)
+    assert event.usage_completeness == "reported"
+    assert event.max_tokens == 300 and event.purpose == "content_rewrite" and event.status == "ok"
+    assert event.call_index == 0 and event.latency_ms >= 0 and event.time_to_first_token_ms is None
+    assert (llm.provider, llm.model, llm.is_byollm) == ("openai", "platform-model", False)
+
+
+async def test_call_index_counts_every_call_of_an_invocation() -> None:
+    llm, rec = make_llm()
+    for _ in range(3):
+        await llm.create_message(messages=MESSAGES)
+    assert [e.call_index for e in rec.events] == [0, 1, 2]
+    assert len({e.invocation_id for e in rec.events}) == 1
+
+
+async def test_byollm_failure_fails_over_to_a_billable_platform_call() -> None:
+    llm, rec = make_llm(byollm("model-fail"))
+    response = await llm.create_message(messages=MESSAGES)
+    first, second = rec.events
+    assert (first.is_byollm, first.status, first.error_type, first.is_failover) == (
+        True,
+        "error",
+        "server_error",
+        False,
+    )
+    assert (second.is_byollm, second.status, second.is_failover) == (False, "ok", True)
+    assert second.call_index == 1
+    assert response.is_byollm is False and llm.is_byollm is False and llm.model == "platform-model"
+
+
+async def test_byollm_failure_with_error_policy_raises_after_recording() -> None:
+    llm, rec = make_llm(byollm("model-fail", FallbackPolicy.ERROR))
+    with pytest.raises(ProviderError) as info:
+        await llm.create_message(messages=MESSAGES)
+    assert info.value.error_type == "server_error"
+    [event] = rec.events
+    assert event.is_byollm and event.status == "error" and event.usage_completeness == "missing"
+
+
+async def test_byollm_success_is_marked_byollm(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    llm, rec = make_llm(byollm("llama3"))
+    response = await llm.create_message(messages=MESSAGES)
+    assert response.is_byollm and rec.events[0].is_byollm and rec.events[0].provider == "openai_compatible"
+    assert all(SECRET.encode() not in line for line in rec.lines)
+    assert SECRET not in caplog.text and SECRET not in repr(llm.__dict__)
+
+
+async def test_json_response_is_parsed_and_invalid_json_raises_a_typed_error() -> None:
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="json", api_keys={"openai": "k"}))
+    response = await llm.create_message(messages=MESSAGES, response_format="json")
+    assert response.json == {"items": []}
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="badjson", api_keys={"openai": "k"}))
+    with pytest.raises(InvalidJSONResponseError) as info:
+        await llm.create_message(messages=MESSAGES, response_format="json")
+    assert info.value.text == "not json"
+    assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call happened and used tokens
+
+
+async def test_missing_usage_is_estimated() -> None:
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="nousage", api_keys={"openai": "k"}))
+    await llm.create_message(messages=MESSAGES)
+    [event] = rec.events
+    assert event.usage_completeness == "estimated"
+    assert event.input_tokens > 0 and event.output_tokens > 0
+
+
+async def test_enforced_call_budget_refuses_before_the_call() -> None:
+    settings = InMemorySettings(
+        budget_by_extension={"rewrite": CallBudget("rewrite", max_calls=2, mode=BudgetMode.ENFORCE)}
+    )
+    llm, rec = make_llm(settings)
+    await llm.create_message(messages=MESSAGES)
+    await llm.create_message(messages=MESSAGES)
+    with pytest.raises(BudgetExceededError, match="calls"):
+        await llm.create_message(messages=MESSAGES)
+    assert len(rec.events) == 2  # the refused call was never made, so never metered
+
+
+async def test_reported_call_budget_flags_the_event() -> None:
+    settings = InMemorySettings(budget_by_extension={"rewrite": CallBudget("rewrite", max_calls=1, max_tokens=200)})
+    llm, rec = make_llm(settings)
+    await llm.create_message(messages=MESSAGES)
+    await llm.create_message(messages=MESSAGES)
+    assert [e.budget_exceeded for e in rec.events] == [[], ["calls", "tokens"]]
+
+
+async def test_cancelled_call_records_a_cancelled_event() -> None:
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="slow", api_keys={"openai": "k"}))
+    task = asyncio.create_task(llm.create_message(messages=MESSAGES))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [event] = rec.events
+    assert event.status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"messages": []},
+        {"messages": [{"content": "x"}]},
+        {"messages": MESSAGES, "max_tokens": 0},
+        {"messages": MESSAGES, "response_format": "xml"},
+    ],
+)
+async def test_bad_arguments_are_refused_without_a_call(bad: dict[str, Any]) -> None:
+    from metering.errors import InvalidInputError
+
+    llm, rec = make_llm()
+    with pytest.raises(InvalidInputError):
+        await llm.create_message(**bad)
+    assert rec.lines == []
+
+
+# -- streams -------------------------------------------------------------------------------------
+
+
+async def test_stream_consumed_to_the_end() -> None:
+    llm, rec = make_llm()
+    stream = llm.stream_message(messages=MESSAGES, purpose="chat")
+    chunks = [chunk async for chunk in stream]
+    assert "".join(chunks) == "one two three four" == stream.text
+    [event] = rec.events
+    assert event.status == "ok" and event.is_stream and event.time_to_first_token_ms is not None
+    assert (event.input_tokens, event.output_tokens) == (50, 4) and stream.usage == TokenUsage(50, 4)
+
+
+async def test_stream_abandoned_by_the_consumer_is_recorded_as_cancelled() -> None:
+    llm, rec = make_llm()
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        async for _chunk in stream:
+            break
+    [event] = rec.events
+    assert event.status == "cancelled" and event.usage_completeness == "estimated" and event.output_tokens == 1
+
+
+async def test_stream_abandoned_without_context_manager_is_recorded_once_collected() -> None:
+    llm, rec = make_llm()
+    async for _chunk in llm.stream_message(messages=MESSAGES):
+        break
+    gc.collect()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [e.status for e in rec.events] == ["cancelled"]
+
+
+async def test_stream_broken_by_the_provider_records_an_estimated_error() -> None:
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="broken", api_keys={"openai": "k"}))
+    received = []
+    with pytest.raises(ProviderError, match="connection reset"):
+        async for chunk in llm.stream_message(messages=MESSAGES):
+            received.append(chunk)
+    assert received == ["one ", "two "]
+    [event] = rec.events
+    assert (event.status, event.error_type, event.usage_completeness) == (
+        "error",
+        "stream_broken",
+        "estimated",
+    )
+    assert event.output_tokens == 2
+
+
+async def test_stream_without_reported_usage_is_estimated() -> None:
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="nousage", api_keys={"openai": "k"}))
+    text = "".join([c async for c in llm.stream_message(messages=MESSAGES)])
+    assert text
+    assert rec.events[0].usage_completeness == "estimated"
+
+
+async def test_stream_fails_over_before_the_first_chunk() -> None:
+    llm, rec = make_llm(byollm("failfirst"))
+    text = "".join([c async for c in llm.stream_message(messages=MESSAGES)])
+    assert text == "one two three four"
+    first, second = rec.events
+    assert (first.is_byollm, first.status, second.is_byollm, second.is_failover) == (
+        True,
+        "error",
+        False,
+        True,
+    )
+    assert llm.is_byollm is False

@@ -1,0 +1,170 @@
+"""metering.llm.usage: provider raw usage → OpenTelemetry GenAI semantics, and the text estimates."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from metering.events import UsageCompleteness
+from metering.llm.types import MISSING_USAGE, TokenUsage
+from metering.llm.usage import (
+    estimate_input_tokens,
+    estimate_tokens,
+    estimated,
+    fill_missing,
+    from_anthropic,
+    from_openai,
+)
+
+# -- Anthropic: cache tokens are reported OUTSIDE input_tokens ---------------------------------------
+
+
+def test_anthropic_cache_tokens_are_added_into_input() -> None:
+    raw = {"input_tokens": 20, "output_tokens": 7, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 300}
+    assert from_anthropic(raw) == TokenUsage(
+        input_tokens=1320,
+        output_tokens=7,
+        cache_read_tokens=1000,
+        cache_write_tokens=300,
+        reasoning_tokens=0,
+        completeness=UsageCompleteness.REPORTED,
+    )
+
+
+def test_anthropic_usage_object_with_none_cache_fields() -> None:
+    # what the SDK's Usage model looks like when the API leaves the cache fields out
+    raw = SimpleNamespace(
+        input_tokens=15, output_tokens=4, cache_read_input_tokens=None, cache_creation_input_tokens=None
+    )
+    usage = from_anthropic(raw)
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens) == (15, 4, 0, 0)
+    assert usage.total_tokens == 19
+
+
+def test_anthropic_only_cached_input() -> None:
+    usage = from_anthropic({"input_tokens": 0, "output_tokens": 1, "cache_read_input_tokens": 512})
+    assert (usage.input_tokens, usage.cache_read_tokens) == (512, 512)
+
+
+def test_anthropic_missing_usage_is_missing() -> None:
+    assert from_anthropic(None) is MISSING_USAGE
+    assert from_anthropic(None).completeness is UsageCompleteness.MISSING
+
+
+@pytest.mark.parametrize("bad", [-5, "x", True, None, 3.9])
+def test_anthropic_garbage_counts_become_non_negative_ints(bad: object) -> None:
+    usage = from_anthropic({"input_tokens": bad, "output_tokens": 2})
+    assert usage.input_tokens == (3 if bad == 3.9 else 0)
+    assert usage.output_tokens == 2
+
+
+# -- OpenAI: cached tokens are reported INSIDE prompt_tokens ----------------------------------------
+
+
+def test_openai_cached_tokens_stay_inside_input() -> None:
+    raw = {
+        "prompt_tokens": 1500,
+        "completion_tokens": 90,
+        "prompt_tokens_details": {"cached_tokens": 1024},
+        "completion_tokens_details": {"reasoning_tokens": 64},
+    }
+    assert from_openai(raw) == TokenUsage(
+        input_tokens=1500,
+        output_tokens=90,
+        cache_read_tokens=1024,
+        cache_write_tokens=0,
+        reasoning_tokens=64,
+        completeness=UsageCompleteness.REPORTED,
+    )
+
+
+def test_openai_cache_write_tokens_are_part_of_input() -> None:
+    raw = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 200, "cache_write_tokens": 700},
+    }
+    usage = from_openai(raw)
+    assert (usage.input_tokens, usage.cache_read_tokens, usage.cache_write_tokens) == (1000, 200, 700)
+
+
+def test_openai_details_are_clamped_to_their_totals() -> None:
+    raw = {
+        "prompt_tokens": 100,
+        "completion_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 150, "cache_write_tokens": 50},
+        "completion_tokens_details": {"reasoning_tokens": 99},
+    }
+    usage = from_openai(raw)
+    assert usage.cache_read_tokens == 100 and usage.cache_write_tokens == 0
+    assert usage.reasoning_tokens == 10
+    assert usage.cache_read_tokens + usage.cache_write_tokens <= usage.input_tokens
+
+
+def test_openai_without_details_as_sdk_objects() -> None:
+    # compatible servers (Ollama, vLLM) send no *_details; the SDK then has None there
+    raw = SimpleNamespace(
+        prompt_tokens=33, completion_tokens=12, prompt_tokens_details=None, completion_tokens_details=None
+    )
+    usage = from_openai(raw)
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.reasoning_tokens) == (33, 12, 0, 0)
+    assert usage.completeness is UsageCompleteness.REPORTED
+
+
+def test_openai_missing_usage_is_missing() -> None:
+    assert from_openai(None) is MISSING_USAGE
+
+
+def test_reasoning_is_part_of_output_not_added() -> None:
+    usage = from_openai(
+        {"prompt_tokens": 10, "completion_tokens": 500, "completion_tokens_details": {"reasoning_tokens": 480}}
+    )
+    assert usage.output_tokens == 500 and usage.total_tokens == 510
+
+
+def test_the_same_call_normalises_alike_from_both_providers() -> None:
+    anthropic = from_anthropic({"input_tokens": 100, "output_tokens": 20, "cache_read_input_tokens": 900})
+    openai = from_openai(
+        {"prompt_tokens": 1000, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": 900}}
+    )
+    assert anthropic == openai
+
+
+# -- estimates ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "tokens"), [("", 0), ("a", 1), ("abcd", 1), ("abcde", 2), ("x" * 400, 100)])
+def test_estimate_tokens_is_a_ceiling_of_chars_over_four(text: str, tokens: int) -> None:
+    assert estimate_tokens(text) == tokens
+
+
+def test_estimate_input_tokens_counts_system_and_every_message_shape() -> None:
+    messages = [
+        {"role": "user", "content": "a" * 40},
+        {"role": "assistant", "content": [{"type": "text", "text": "b" * 40}, "not-a-block"]},
+        {"role": "user", "content": None},
+    ]
+    # 20 (system) + 40 + "\n" + 40 + "\n" + "" = 102 chars → 26 tokens
+    assert estimate_input_tokens("s" * 20, messages) == 26
+    assert estimate_input_tokens(None, []) == 0
+
+
+def test_estimated_usage_is_marked_estimated() -> None:
+    usage = estimated("sys", [{"role": "user", "content": "hello there"}], "x" * 9)
+    assert usage.completeness is UsageCompleteness.ESTIMATED
+    assert (usage.input_tokens, usage.output_tokens) == (4, 3)
+    assert (usage.cache_read_tokens, usage.cache_write_tokens, usage.reasoning_tokens) == (0, 0, 0)
+
+
+def test_fill_missing_keeps_reported_usage() -> None:
+    reported = from_openai({"prompt_tokens": 5, "completion_tokens": 1})
+    assert fill_missing(reported, None, [{"role": "user", "content": "x" * 100}], "y" * 100) is reported
+
+
+def test_fill_missing_estimates_only_when_something_was_produced() -> None:
+    messages = [{"role": "user", "content": "x" * 100}]
+    assert fill_missing(MISSING_USAGE, None, messages, "") is MISSING_USAGE
+    filled = fill_missing(MISSING_USAGE, None, messages, "y" * 10)
+    assert filled.completeness is UsageCompleteness.ESTIMATED
+    assert (filled.input_tokens, filled.output_tokens) == (25, 3)
