@@ -1,0 +1,96 @@
+"""Handlers of the rewrite extension (from the platform's BYOLLM recipe)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from metering.errors import InvalidJSONResponseError
+from metering.extensions.rewrite.schemas import (
+    ActionItem,
+    ExtractActionItemsParams,
+    RewriteMultipleParams,
+    RewriteParams,
+)
+from metering.runtime import ChatExtension, Context
+
+chat = ChatExtension("rewrite", description="Rewrite a message in another tone, with the user's own LLM if set.")
+
+TONE_PROMPTS = {
+    "formal": "Rewrite the following text in a formal, professional tone.",
+    "casual": "Rewrite the following text in a casual, conversational tone.",
+    "concise": "Rewrite the following text to be as concise as possible while keeping every important detail.",
+    "friendly": "Rewrite the following text to feel warm and friendly.",
+    "apologetic": "Rewrite the following text to be apologetic and humble.",
+}
+KEEP_MEANING = " Preserve all factual content. Don't add or remove information."
+REWRITE_MAX_TOKENS = 1500
+ACTION_ITEMS_SYSTEM = "Extract action items as JSON: {items: [{owner, deadline, task}]}"
+
+
+def _served_by(ctx: Context) -> dict[str, Any]:
+    return {"provider": ctx.llm.provider, "model": ctx.llm.model, "is_byollm": ctx.llm.is_byollm}
+
+
+@chat.function(
+    description="Rewrite a piece of text in a specified tone using the user's configured LLM.",
+    action_type="read",
+    effects=["llm.text-generation"],
+)
+async def rewrite(ctx: Context, params: RewriteParams) -> dict[str, Any]:
+    system = TONE_PROMPTS[params.tone]
+    if params.keep_meaning:
+        system += KEEP_MEANING
+    response = await ctx.llm.create_message(
+        system=system,
+        messages=[{"role": "user", "content": params.text}],
+        max_tokens=REWRITE_MAX_TOKENS,
+        purpose="content_rewrite",
+    )
+    return {"text": response.text, **_served_by(ctx)}
+
+
+@chat.function(
+    description="Rewrite a piece of text several times (1 to 5 variations) in a formal or casual tone.",
+    action_type="read",
+    effects=["llm.text-generation"],
+)
+async def rewrite_multiple(ctx: Context, params: RewriteMultipleParams) -> dict[str, Any]:
+    variations: list[str] = []
+    for i in range(params.n_variations):  # bounded by the schema: 1..5 calls
+        response = await ctx.llm.create_message(
+            system=f"Rewrite in {params.tone} tone, variation {i + 1}.",
+            messages=[{"role": "user", "content": params.text}],
+            max_tokens=REWRITE_MAX_TOKENS,
+            purpose="content_rewrite",
+        )
+        variations.append(response.text)
+    return {"variations": variations, **_served_by(ctx)}
+
+
+@chat.function(
+    description="Extract action items (owner, deadline, task) from a piece of text, as JSON.",
+    action_type="read",
+    effects=["llm.text-generation"],
+)
+async def extract_action_items(ctx: Context, params: ExtractActionItemsParams) -> dict[str, Any]:
+    response = await ctx.llm.create_message(
+        system=ACTION_ITEMS_SYSTEM,
+        messages=[{"role": "user", "content": params.text}],
+        max_tokens=REWRITE_MAX_TOKENS,
+        purpose="action_items",
+        response_format="json",
+    )
+    payload = response.json
+    raw_items = payload.get("items") if isinstance(payload, dict) else payload
+    if not isinstance(raw_items, list):
+        raise InvalidJSONResponseError("expected a JSON object with an 'items' list", text=response.text)
+    try:
+        items = [ActionItem.model_validate(item).model_dump() for item in raw_items]
+    except ValidationError as exc:
+        raise InvalidJSONResponseError(
+            f"action items do not match {{owner, deadline, task}}: {exc.error_count()} errors",
+            text=response.text,
+        ) from None
+    return {"action_items": items, **_served_by(ctx)}

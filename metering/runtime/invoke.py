@@ -1,0 +1,94 @@
+"""Running one handler invocation with a metered ``ctx.llm``."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from metering.errors import InvalidInputError, NotFoundError
+from metering.events import uuid7
+from metering.llm.client import EventRecorder, MeteredLLM, ProviderPool
+from metering.llm.event_record import CallScope
+from metering.llm.resolution import PlatformLLM
+from metering.llm.settings_source import SettingsSource
+from metering.runtime.context import Context, User
+from metering.runtime.extension import ChatExtension
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationResult:
+    result: Any
+    invocation_id: uuid.UUID
+    event_ids: list[str]
+    provider: str | None
+    model: str | None
+    is_byollm: bool | None
+
+
+def _validation_message(exc: ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors())
+    return f"invalid params: {problems}"
+
+
+class Runtime:
+    """Builds a fresh ``ctx.llm`` per invocation over shared settings, providers and spool."""
+
+    def __init__(
+        self,
+        *,
+        settings: SettingsSource,
+        platform: PlatformLLM,
+        providers: ProviderPool,
+        recorder: EventRecorder,
+    ) -> None:
+        self.settings = settings
+        self.platform = platform
+        self.providers = providers
+        self.recorder = recorder
+
+    def context(self, extension: ChatExtension, function: str, user: User) -> Context:
+        spec = extension.functions.get(function)
+        if spec is None:
+            raise NotFoundError(
+                f"extension {extension.id!r} has no function {function!r}; "
+                f"it has: {', '.join(sorted(extension.functions)) or 'none'}"
+            )
+        invocation_id = uuid7()
+        scope = CallScope(
+            tenant_id=user.tenant_id,
+            user_id=user.id,
+            extension_id=extension.id,
+            function=function,
+            invocation_id=invocation_id,
+            action_type=spec.action_type,
+        )
+        llm = MeteredLLM(
+            scope=scope,
+            settings=self.settings,
+            platform=self.platform,
+            providers=self.providers,
+            recorder=self.recorder,
+        )
+        return Context(user=user, extension_id=extension.id, function=function, invocation_id=invocation_id, llm=llm)
+
+    async def invoke(
+        self, extension: ChatExtension, function: str, params: BaseModel | dict[str, Any], user: User
+    ) -> InvocationResult:
+        ctx = self.context(extension, function, user)
+        spec = extension.functions[function]
+        try:
+            model = params if isinstance(params, spec.params_model) else spec.params_model.model_validate(params)
+        except ValidationError as exc:
+            raise InvalidInputError(_validation_message(exc)) from None
+        result = await spec.handler(ctx, model)
+        return InvocationResult(
+            result=result,
+            invocation_id=ctx.invocation_id,
+            event_ids=list(ctx.llm.event_ids),
+            provider=ctx.llm.provider,
+            model=ctx.llm.model,
+            is_byollm=ctx.llm.is_byollm,
+        )
