@@ -1,0 +1,272 @@
+"""The flusher: a daemon thread that moves spooled events to a sink and records what it acknowledged.
+
+Per batch: decode the lines, deliver the valid events, dead-letter the invalid ones with a reason,
+then advance the slot's cursor. A failing sink is retried with exponential backoff, forever: nothing
+is dropped. A crash between delivery and the cursor write re-delivers the batch, and the idempotent
+sink counts those events as duplicates.
+
+A flusher drains every slot whose reader lock (``writer-N/reader.lock``) it can take: its own process's
+slot, slots left by dead processes, and, when it runs as its own process (``metering spool drain``),
+the slots of live writers in other processes. So the writer's process can leave the delivery work,
+and its CPU, to another process entirely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from metering.spool.decode import DeadLetters, Rejected, decode_lines
+from metering.spool.inspect import writer_alive
+from metering.spool.reader import Batch, pending_lines, read_batch, remove_segment
+from metering.spool.segments import (
+    DEAD_LETTER_NAME,
+    READER_LOCK_NAME,
+    Cursor,
+    list_segments,
+    list_slots,
+    read_cursor,
+    write_cursor,
+)
+from metering.spool.sink import Sink
+from metering.spool.writer import Spool, try_lock
+
+log = logging.getLogger("metering.spool")
+
+# Batches taken from a slot whose writer is alive before moving on to the next slot (fairness).
+LIVE_BATCHES_PER_PASS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class FlusherStats:
+    delivered: int  # events the sink stored for the first time
+    duplicates: int  # events the sink already had (a replay after a crash, or a repeated line)
+    rejected: int  # lines dead-lettered to rejected.jsonl
+    failures: int  # failed delivery attempts (each retried later)
+    batches: int
+    pending: int  # complete lines not yet acknowledged in this process's slot and the slots it drains
+    slots: int  # slots this flusher drains
+    last_error: str | None
+
+
+class Flusher:
+    """Moves spooled events to ``sink``. Give it the process's ``Spool``, or a spool directory to drain."""
+
+    def __init__(
+        self,
+        spool: Spool | Path | str,
+        sink: Sink,
+        *,
+        batch_size: int = 500,
+        interval_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.spool = spool if isinstance(spool, Spool) else None
+        self.root = spool.root if isinstance(spool, Spool) else Path(spool)
+        self.sink = sink
+        self.batch_size = batch_size
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
+        self.dead_letters = DeadLetters(self.root / DEAD_LETTER_NAME)
+        self._held: dict[Path, int] = {}  # slot dir -> fd holding its reader lock
+        self._pass_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._done = threading.Condition()
+        self._requested = 0  # flush() generations asked for
+        self._completed = 0  # newest generation for which a full pass finished after it was asked for
+        self._thread: threading.Thread | None = None
+        self._delivered = self._duplicates = self._rejected = self._failures = self._batches = 0
+        self._last_error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> Flusher:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="metering-spool-flusher", daemon=True)
+            self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Deliver everything appended before this call. True when done, False on timeout (nothing is lost).
+
+        Done means: this process's own appends are acknowledged (by this flusher, or by whichever
+        flusher process drains the slot) and every other slot this flusher holds is drained.
+        """
+        deadline = time.monotonic() + timeout
+        own = self._own_slot()
+        target = self.spool.position() if own is not None and self.spool is not None else None
+        with self._done:
+            self._requested += 1
+            generation = self._requested
+        if self._thread is None or not self._thread.is_alive():
+            if not self._flush_inline(generation, deadline):
+                return False
+        else:
+            self._wake.set()
+            with self._done:
+                if not self._done.wait_for(lambda: self._completed >= generation, _left(deadline)):
+                    return False
+        while own is not None and target is not None and not _reached(read_cursor(own), target):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)  # another process's flusher holds this slot: wait for its cursor
+        return True
+
+    def stop(self, *, drain: bool = True, timeout: float = 30.0) -> bool:
+        """Stop the thread; with ``drain``, first deliver what is spooled (up to ``timeout``)."""
+        drained = self.flush(timeout) if drain else False
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, timeout))
+            self._thread = None
+        with self._pass_lock:
+            for fd in self._held.values():
+                os.close(fd)
+            self._held.clear()
+        return drained
+
+    @property
+    def stats(self) -> FlusherStats:
+        slots = set(self._held)
+        own = self._own_slot()
+        if own is not None:
+            slots.add(own)
+        pending = sum(pending_lines(slot, read_cursor(slot)) for slot in slots)
+        return FlusherStats(
+            delivered=self._delivered,
+            duplicates=self._duplicates,
+            rejected=self._rejected,
+            failures=self._failures,
+            batches=self._batches,
+            pending=pending,
+            slots=len(self._held),
+            last_error=self._last_error,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            try:
+                busy = self._pass()
+                backoff = 0.0
+            except Exception as exc:  # the sink is down or slow: keep everything, retry later
+                backoff = min(self.max_backoff_s, max(self.interval_s, backoff * 2))
+                self._record_failure(exc, backoff)
+                self._wake.wait(backoff)
+                self._wake.clear()
+                continue
+            if not busy:
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+
+    def _flush_inline(self, generation: int, deadline: float) -> bool:
+        backoff = 0.0
+        while True:
+            try:
+                while self._pass():
+                    pass
+                return self._completed >= generation
+            except Exception as exc:
+                backoff = min(self.max_backoff_s, max(self.interval_s, backoff * 2))
+                self._record_failure(exc, backoff)
+                if time.monotonic() + backoff > deadline:
+                    return False
+                time.sleep(backoff)
+
+    def _record_failure(self, exc: Exception, backoff: float) -> None:
+        self._failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if self._failures == 1 or self._failures % 20 == 0:
+            log.warning("spool delivery failed (%d so far), retrying in %.1fs: %s", self._failures, backoff, exc)
+
+    def _own_slot(self) -> Path | None:
+        return self.spool.slot_dir if self.spool is not None else None
+
+    def _pass(self) -> bool:
+        """One round over every slot this flusher holds. True if a slot still has a backlog."""
+        with self._pass_lock:
+            with self._done:
+                generation = self._requested
+            self._claim_slots()
+            busy = False
+            for slot in list(self._held):
+                busy |= self._drain(slot)
+            with self._done:
+                self._completed = max(self._completed, generation)
+                self._done.notify_all()
+            return busy
+
+    def _claim_slots(self) -> None:
+        own = self._own_slot()
+        slots = list_slots(self.root)
+        if own is not None and own in slots:  # our own slot first
+            slots.remove(own)
+            slots.insert(0, own)
+        for slot in slots:
+            if slot not in self._held:
+                with contextlib.suppress(OSError):
+                    fd = try_lock(slot / READER_LOCK_NAME)
+                    if fd is not None:
+                        self._held[slot] = fd
+
+    def _live_segment(self, slot: Path, segments: list[int]) -> int | None:
+        """The segment a live writer may still append to; None when nobody writes to the slot."""
+        if self.spool is not None and slot == self.spool.slot_dir and not self.spool.closed:
+            return self.spool.current_segment
+        if writer_alive(slot):  # its newest segment may be in progress
+            return segments[-1] if segments else None
+        return None
+
+    def _drain(self, slot: Path) -> bool:
+        """Handle batches until the slot has nothing ready. True if it still has a backlog."""
+        segments = list_segments(slot)  # listed before the liveness check, see read_batch
+        live = self._live_segment(slot, segments)
+        cursor = read_cursor(slot)
+        for _ in range(LIVE_BATCHES_PER_PASS) if live is not None else iter(int, 1):
+            if self._stopping.is_set():
+                return False
+            batch = read_batch(slot, cursor, current_segment=live, max_lines=self.batch_size, segments=segments)
+            if batch is None:
+                return False
+            self._handle(slot, batch)
+            cursor = batch.next_cursor
+        return True
+
+    def _handle(self, slot: Path, batch: Batch) -> None:
+        events, rejected = decode_lines(batch.lines)
+        if batch.torn is not None:
+            offset, fragment = batch.torn
+            rejected.append(Rejected(offset, fragment, "torn write: incomplete line at the end of a finished segment"))
+        if events:
+            result = self.sink.deliver(events)  # raises → nothing below runs; the batch is retried
+            self._delivered += result.inserted
+            self._duplicates += result.duplicates
+        self.dead_letters.write(slot.name, batch.segment, rejected)
+        self._rejected += len(rejected)
+        self._batches += 1
+        write_cursor(slot, batch.next_cursor)
+        if batch.finished_segment:
+            remove_segment(slot, batch.segment)
+
+
+def _reached(cursor: Cursor, position: Cursor) -> bool:
+    return (cursor.segment, cursor.offset) >= (position.segment, position.offset)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())

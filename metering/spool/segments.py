@@ -1,0 +1,99 @@
+"""Spool layout and line framing (pure helpers, plus the tiny file operations they name).
+
+Layout of a spool directory::
+
+    <root>/writer-<N>/lock                 flock'ed by the process that writes to the slot
+    <root>/writer-<N>/reader.lock          flock'ed by the flusher that drains the slot (any process)
+    <root>/writer-<N>/<seq:012d>.jsonl     segments: one JSON event per line, append-only
+    <root>/writer-<N>/cursor               what the sink acknowledged: {"segment": seq, "offset": bytes}
+    <root>/rejected.jsonl                  dead letters: lines that are not valid events, with a reason
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+SLOT_PREFIX = "writer-"
+SEGMENT_SUFFIX = ".jsonl"
+LOCK_NAME = "lock"  # held by the writer (Spool) that owns the slot
+READER_LOCK_NAME = "reader.lock"  # held by the flusher that drains the slot
+CURSOR_NAME = "cursor"
+DEAD_LETTER_NAME = "rejected.jsonl"
+_SEGMENT_RE = re.compile(r"^(\d{12})\.jsonl$")
+
+
+def segment_name(seq: int) -> str:
+    return f"{seq:012d}{SEGMENT_SUFFIX}"
+
+
+def segment_seq(name: str) -> int | None:
+    match = _SEGMENT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_segments(slot_dir: Path) -> list[int]:
+    """Sequence numbers of the segments in a slot, ascending."""
+    try:
+        names = os.listdir(slot_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(seq for seq in map(segment_seq, names) if seq is not None)
+
+
+def list_slots(root: Path) -> list[Path]:
+    try:
+        entries = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [root / name for name in entries if name.startswith(SLOT_PREFIX) and (root / name).is_dir()]
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Everything before (segment, offset) has been acknowledged by the sink."""
+
+    segment: int = 0
+    offset: int = 0
+
+
+def read_cursor(slot_dir: Path) -> Cursor:
+    try:
+        data = orjson.loads((slot_dir / CURSOR_NAME).read_bytes())
+        return Cursor(segment=int(data["segment"]), offset=int(data["offset"]))
+    except FileNotFoundError:
+        return Cursor()
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        # A cursor is written by atomic rename, so this only happens if someone edited it. Starting
+        # over re-delivers, which the idempotent sink turns into duplicates: nothing lost, nothing doubled.
+        return Cursor()
+
+
+def write_cursor(slot_dir: Path, cursor: Cursor) -> None:
+    """Persist the cursor atomically (write a temporary file, then rename over the old one)."""
+    tmp = slot_dir / f"{CURSOR_NAME}.tmp"
+    tmp.write_bytes(orjson.dumps({"segment": cursor.segment, "offset": cursor.offset}))
+    os.replace(tmp, slot_dir / CURSOR_NAME)
+
+
+def split_lines(buffer: bytes, base_offset: int) -> tuple[list[tuple[int, bytes]], int]:
+    """Split ``buffer`` (read from ``base_offset``) into complete lines.
+
+    Returns ``[(offset_of_line, line_without_newline), ...]`` and the offset just past the last complete
+    line. A trailing fragment with no newline is not consumed: it is either still being written or torn.
+    Empty lines are skipped but consumed.
+    """
+    lines: list[tuple[int, bytes]] = []
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end < 0:
+            break
+        if end > start:
+            lines.append((base_offset + start, buffer[start:end]))
+        start = end + 1
+    return lines, base_offset + start

@@ -1,0 +1,152 @@
+"""Spool writer: one ``os.write`` per event to an ``O_APPEND`` segment in a slot this process owns.
+
+Once ``append`` returns, the event is in the kernel's page cache and survives the process being killed
+(SIGKILL); with ``fsync=True`` it also survives power loss, at a far higher cost per call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+
+from metering.errors import SpoolError
+from metering.spool.segments import LOCK_NAME, SLOT_PREFIX, Cursor, list_segments, read_cursor, segment_name
+
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+MAX_SLOTS = 4096
+
+
+def try_lock(path: Path) -> int | None:
+    """Open ``path`` and take an exclusive, non-blocking flock; the fd, or None if someone holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class Spool:
+    """The appending side of the spool. Thread-safe; one slot (``writer-N/``) per open Spool."""
+
+    def __init__(
+        self, directory: Path | str, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync: bool = False
+    ) -> None:
+        if segment_bytes < 4096:
+            raise ValueError("segment_bytes must be at least 4096")
+        self.root = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.slot_dir: Path | None = None
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._seq = 0
+        self._size = 0
+        self._closed = True
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> Spool:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for index in range(MAX_SLOTS):
+                slot = self.root / f"{SLOT_PREFIX}{index}"
+                slot.mkdir(exist_ok=True)
+                fd = try_lock(slot / LOCK_NAME)
+                if fd is not None:
+                    break
+            else:
+                raise SpoolError(f"no free spool slot under {self.root} ({MAX_SLOTS} writers hold one)")
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool at {self.root}: {exc}") from exc
+        self.slot_dir, self._lock_fd = slot, fd
+        # Never append to a segment left by a previous owner: it may end with a torn line.
+        self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
+        self._open_segment()
+        self._closed = False
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock: the slot can be claimed or drained
+                self._lock_fd = None
+
+    def __enter__(self) -> Spool:
+        return self if not self._closed else self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def current_segment(self) -> int:
+        """The segment being appended to; every lower-numbered segment in the slot is complete."""
+        return self._seq
+
+    def position(self) -> Cursor:
+        """Where the next append will land: everything before it has been written."""
+        with self._lock:
+            return Cursor(self._seq, self._size)
+
+    # -- appending -----------------------------------------------------------------------------
+
+    def append(self, line: bytes) -> None:
+        """Durably append one serialised event (a single line of JSON without a newline)."""
+        if b"\n" in line:
+            raise ValueError("a spool line must not contain a newline")
+        self.append_line(line + b"\n")
+
+    def append_line(self, data: bytes) -> None:
+        """``append`` for data that already is exactly one line ending in ``\\n`` (e.g. orjson's
+        ``OPT_APPEND_NEWLINE`` output, which never contains another newline): one ``write``, no copy."""
+        with self._lock:
+            if self._closed:
+                raise SpoolError("the spool is closed")
+            try:
+                if self._fd is None:  # a previous rotation could not open a segment: retry now
+                    self._open_segment()
+                assert self._fd is not None
+                written = os.write(self._fd, data)
+                if written != len(data):  # a short write on a regular file: the disk is full
+                    raise OSError(f"short write ({written} of {len(data)} bytes)")
+                if self.fsync:
+                    os.fdatasync(self._fd)
+            except OSError as exc:
+                # Whatever reached the file is a torn line: leave it in a finished segment, where the
+                # reader dead-letters it, and carry on in a fresh one.
+                self._rotate()
+                raise SpoolError(f"could not append the usage event to the spool: {exc}") from exc
+            self._size += written
+            if self._size >= self.segment_bytes:
+                self._rotate()
+
+    def _open_segment(self) -> None:
+        assert self.slot_dir is not None
+        path = self.slot_dir / segment_name(self._seq)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._seq += 1
+        try:
+            self._open_segment()
+        except OSError:
+            self._fd = None  # the next append retries, and raises SpoolError if it still cannot

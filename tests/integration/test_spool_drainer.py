@@ -1,0 +1,80 @@
+"""A separate drainer process (`metering spool drain --follow`) delivers a live writer's spool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlalchemy import select
+
+from metering.db.models import UsageEventRow
+from metering.spool import DatabaseSink, Flusher, Spool
+from metering.spool.inspect import slot_states
+from tests.fakes.events import record
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stored_ids(sessions) -> set[str]:
+    with sessions() as session:
+        return {str(i) for i in session.scalars(select(UsageEventRow.event_id))}
+
+
+def test_a_path_flusher_drains_a_live_writers_slot_and_the_writer_sees_its_cursor(tmp_path: Path, session_factory):
+    with Spool(tmp_path) as spool:
+        external = Flusher(tmp_path, DatabaseSink(session_factory), interval_s=0.01).start()  # "another process"
+        own = Flusher(spool, DatabaseSink(session_factory))  # never started: the external one delivers
+        ids = []
+        for i in range(300):
+            rec = record(i)
+            ids.append(str(rec["event_id"]))
+            spool.append(orjson.dumps(rec))
+        time.sleep(0.05)
+        assert own.flush(timeout=30)  # waits until the slot's cursor passed its appends
+        assert own.stats.delivered == 0 and external.stats.delivered == 300
+        # The live segment is kept (the writer still appends to it); nothing was dead-lettered.
+        assert external.stats.rejected == 0
+        [state] = slot_states(tmp_path)
+        assert state.writer_alive and state.pending == 0
+        external.stop()
+    assert stored_ids(session_factory) == set(ids)
+
+
+@pytest.mark.slow
+def test_metering_spool_drain_follow_delivers_while_running_and_on_sigterm(tmp_path: Path, db_url, session_factory):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env.update(METERING_DATA_DIR=str(tmp_path), METERING_DATABASE_URL=db_url, METERING_SPOOL__FLUSH_INTERVAL_S="0.02")
+    drainer = subprocess.Popen(
+        [sys.executable, "-m", "metering.cli.main", "spool", "drain", "--follow"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ids = []
+        with Spool(tmp_path / "spool") as spool:
+            for i in range(500):
+                rec = record(i)
+                ids.append(str(rec["event_id"]))
+                spool.append(orjson.dumps(rec))
+            deadline = time.monotonic() + 60
+            while stored_ids(session_factory) != set(ids) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stored_ids(session_factory) == set(ids)  # delivered while the writer is still alive
+            late = record(999)
+            spool.append(orjson.dumps(late))
+        drainer.send_signal(signal.SIGTERM)
+        out, err = drainer.communicate(timeout=60)
+    finally:
+        drainer.kill()
+    assert drainer.returncode == 0, err
+    assert "drained=True" in out
+    assert stored_ids(session_factory) == {*ids, str(late["event_id"])}
