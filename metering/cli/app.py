@@ -1,0 +1,43 @@
+"""The ``metering`` command: the edge that opens services and commits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from metering.cli import demo as demo_cmd
+from metering.cli import llm_settings, run, spool_cmd
+from metering.cli.common import admin_session, console, usage_table
+from metering.config import Settings
+from metering.db import migrate as db_migrate
+from metering.db.event_store import count_events, recent_events
+
+app = typer.Typer(help="Billing and usage metering for LLM calls made by chat extensions.", no_args_is_help=True)
+app.command()(run.rewrite)
+app.command()(run.invoke)
+app.command()(demo_cmd.demo)
+app.add_typer(llm_settings.byollm_app, name="byollm")
+app.add_typer(llm_settings.purpose_app, name="purpose")
+app.add_typer(llm_settings.budget_app, name="budget")
+app.add_typer(llm_settings.keys_app, name="keys")
+app.add_typer(spool_cmd.spool_app, name="spool")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    url = Settings().resolved_database_url
+    db_migrate.upgrade(url)
+    console.print(f"database at head ({db_migrate.head_revision(url)})")
+
+
+@app.command()
+def usage(
+    last: Annotated[int, typer.Option(help="How many events.")] = 20,
+    user: Annotated[str | None, typer.Option("--user", "-u")] = None,
+) -> None:
+    """Show the most recent recorded usage events."""
+    with admin_session() as (session, _box):
+        rows = recent_events(session, limit=last, user_id=user)
+        console.print(usage_table(list(reversed(rows)), title=f"Last {len(rows)} of {count_events(session)} events"))

@@ -1,0 +1,127 @@
+"""Shared CLI plumbing: services per command, error rendering, tables."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from metering.config import Settings
+from metering.db.models import UsageEventRow
+from metering.errors import MeteringError
+from metering.wiring import Services, open_services
+
+T = TypeVar("T")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@contextmanager
+def services() -> Iterator[Services]:
+    """Open everything a command needs; drain the spool into the database on the way out."""
+    try:
+        svc = open_services(Settings())
+    except MeteringError as exc:
+        raise fail(exc.message) from None
+    try:
+        yield svc
+    except MeteringError as exc:
+        raise fail(f"{exc.message} [{exc.code}]") from None
+    finally:
+        svc.close(drain=True)
+
+
+def run_async(factory: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(_run(factory))
+
+
+async def _run(factory: Callable[[], Awaitable[T]]) -> T:
+    return await factory()
+
+
+def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "#",
+        "function",
+        "purpose",
+        "provider",
+        "model",
+        "byollm",
+        "failover",
+        "status",
+        "in",
+        "cache r/w",
+        "out",
+        "usage",
+        "latency ms",
+    ):
+        table.add_column(column, justify="right" if column in ("#", "in", "out", "latency ms") else "left")
+    for row in rows:
+        table.add_row(
+            str(row.call_index),
+            row.function,
+            row.purpose,
+            row.provider,
+            row.model,
+            "yes" if row.is_byollm else "no",
+            "yes" if row.is_failover else "",
+            row.status + (f" ({row.error_type})" if row.error_type else ""),
+            str(row.input_tokens),
+            f"{row.cache_read_tokens}/{row.cache_write_tokens}",
+            str(row.output_tokens),
+            row.usage_completeness,
+            f"{row.latency_ms:.1f}",
+        )
+    return table
+
+
+def print_json(value: Any) -> None:
+    console.print_json(data=value, default=str)
+
+
+def read_secret(value: str | None, prompt: str) -> str | None:
+    """A secret from the option, else from stdin when piped, else from a hidden prompt."""
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        data = sys.stdin.readline().strip()
+        return data or None
+    return typer.prompt(prompt, hide_input=True, default="", show_default=False) or None
+
+
+@contextmanager
+def admin_session() -> Iterator[tuple[Any, Any]]:
+    """A migrated database session and the secret box; commits when the command succeeds."""
+    from metering.crypto import secret_box_from_settings
+    from metering.db import migrate
+    from metering.db.engine import make_engine, make_session_factory
+
+    settings = Settings()
+    try:
+        migrate.upgrade(settings.resolved_database_url)
+        box = secret_box_from_settings(settings)
+    except MeteringError as exc:
+        raise fail(exc.message) from None
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            try:
+                yield session, box
+                session.commit()
+            except MeteringError as exc:
+                session.rollback()
+                raise fail(f"{exc.message} [{exc.code}]") from None
+    finally:
+        engine.dispose()

@@ -1,0 +1,165 @@
+"""Commands for the cascade's inputs: BYOLLM settings, per-purpose settings, call budgets, keys."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from metering.cli.common import admin_session, console, fail, print_json, read_secret
+from metering.crypto import generate_key
+from metering.llm import settings_store as store
+
+byollm_app = typer.Typer(help="A user's own LLM (BYOLLM). The api key is write-only: shown masked, never printed.")
+purpose_app = typer.Typer(help="Admin per-purpose LLM settings.")
+budget_app = typer.Typer(help="Per-extension call budgets (per handler invocation).")
+keys_app = typer.Typer(help="Encryption keys for secrets at rest.")
+
+UserArg = Annotated[str, typer.Option("--user", "-u", help="User id.")]
+
+
+@byollm_app.command("set")
+def byollm_set(
+    user: UserArg,
+    tenant: Annotated[str, typer.Option("--tenant", "-t")],
+    provider: Annotated[str, typer.Option(help="anthropic | openai | openai_compatible | simulated")],
+    model: Annotated[str, typer.Option()],
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="METERING_BYOLLM_API_KEY", help="Omit to read it from stdin or a prompt."),
+    ] = None,
+    base_url: Annotated[str | None, typer.Option(help="For openai_compatible: e.g. http://localhost:11434/v1")] = None,
+    fallback: Annotated[str, typer.Option(help="platform (retry on the platform LLM) | error")] = "platform",
+) -> None:
+    """Set (or replace) a user's BYOLLM settings."""
+    key = api_key if provider in ("simulated", "openai_compatible") else read_secret(api_key, "API key")
+    with admin_session() as (session, box):
+        row = store.put_byollm(
+            session,
+            box,
+            user_id=user,
+            tenant_id=tenant,
+            provider=provider,
+            model=model,
+            api_key=key,
+            base_url=base_url,
+            fallback_policy=fallback,
+        )
+        print_json(_byollm_view(row, box))
+
+
+@byollm_app.command("show")
+def byollm_show(user: UserArg) -> None:
+    """Show a user's BYOLLM settings (the key masked)."""
+    with admin_session() as (session, box):
+        row = store.get_byollm_row(session, user)
+        if row is None:
+            raise fail(f"user {user!r} has no BYOLLM settings", code=2)
+        print_json(_byollm_view(row, box))
+
+
+@byollm_app.command("delete")
+def byollm_delete(user: UserArg) -> None:
+    """Delete a user's BYOLLM settings (their calls then use the platform LLM)."""
+    with admin_session() as (session, _box):
+        if not store.delete_byollm(session, user):
+            raise fail(f"user {user!r} has no BYOLLM settings", code=2)
+        console.print(f"deleted BYOLLM settings of {user}")
+
+
+def _byollm_view(row: Any, box: Any) -> dict[str, Any]:
+    settings = store.byollm_from_row(row, box)
+    return {
+        "user_id": row.user_id,
+        "tenant_id": row.tenant_id,
+        "provider": row.provider,
+        "model": row.model,
+        "base_url": row.base_url,
+        "api_key": store.mask_key(settings.api_key),
+        "fallback_policy": row.fallback_policy,
+        "updated_at": row.updated_at.isoformat(),
+    }
+
+
+@purpose_app.command("set")
+def purpose_set(
+    purpose: Annotated[str, typer.Argument(help="e.g. content_rewrite")],
+    provider: Annotated[str, typer.Option()],
+    model: Annotated[str, typer.Option()],
+    base_url: Annotated[str | None, typer.Option()] = None,
+    params: Annotated[str, typer.Option(help='Extra provider params as JSON, e.g. {"top_p": 0.9}')] = "{}",
+) -> None:
+    """Set the platform LLM used for one purpose (when the user has no BYOLLM)."""
+    try:
+        parsed = json.loads(params)
+    except ValueError as exc:
+        raise fail(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise fail("--params must be a JSON object")
+    with admin_session() as (session, _box):
+        row = store.put_purpose(
+            session, purpose=purpose, provider=provider, model=model, base_url=base_url, params=parsed
+        )
+        print_json(_purpose_view(row))
+
+
+@purpose_app.command("list")
+def purpose_list() -> None:
+    """List per-purpose settings."""
+    with admin_session() as (session, _box):
+        print_json([_purpose_view(row) for row in store.list_purposes(session)])
+
+
+@purpose_app.command("delete")
+def purpose_delete(purpose: Annotated[str, typer.Argument()]) -> None:
+    """Delete one purpose's settings (it then uses the platform default)."""
+    with admin_session() as (session, _box):
+        if not store.delete_purpose(session, purpose):
+            raise fail(f"no settings for purpose {purpose!r}", code=2)
+        console.print(f"deleted settings of purpose {purpose}")
+
+
+def _purpose_view(row: Any) -> dict[str, Any]:
+    return {
+        "purpose": row.purpose,
+        "provider": row.provider,
+        "model": row.model,
+        "base_url": row.base_url,
+        "params": row.params,
+        "updated_at": row.updated_at.isoformat(),
+    }
+
+
+@budget_app.command("set")
+def budget_set(
+    extension: Annotated[str, typer.Argument()],
+    max_calls: Annotated[int | None, typer.Option(help="Max LLM calls per invocation.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max input+output tokens per invocation.")] = None,
+    mode: Annotated[str, typer.Option(help="report (flag the event) | enforce (refuse the call)")] = "report",
+) -> None:
+    """Set an extension's per-invocation call budget."""
+    with admin_session() as (session, _box):
+        row = store.put_budget(session, extension_id=extension, max_calls=max_calls, max_tokens=max_tokens, mode=mode)
+        print_json(
+            {
+                "extension_id": row.extension_id,
+                "max_calls": row.max_calls_per_invocation,
+                "max_tokens": row.max_tokens_per_invocation,
+                "mode": row.mode,
+            }
+        )
+
+
+@keys_app.command("generate")
+def keys_generate() -> None:
+    """Print a new Fernet key. Prepend it to METERING_SECRET_KEYS, then run `metering keys rotate`."""
+    typer.echo(generate_key())
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Re-encrypt every stored secret under the newest key in METERING_SECRET_KEYS."""
+    with admin_session() as (session, box):
+        count = store.rotate_byollm_keys(session, box)
+        console.print(f"re-encrypted {count} stored api key(s) under the newest key")

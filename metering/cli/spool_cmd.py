@@ -1,0 +1,67 @@
+"""``metering spool``: inspect the local spool and deliver it to the database."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from metering.cli.common import console
+from metering.config import Settings
+from metering.spool.decode import DeadLetters
+from metering.spool.inspect import slot_states
+from metering.spool.segments import DEAD_LETTER_NAME
+from metering.wiring import open_drainer
+
+spool_app = typer.Typer(help="The durable local spool between ctx.llm and the database.", no_args_is_help=True)
+
+
+@spool_app.command()
+def status() -> None:
+    """Per slot: writer alive, segments, the acknowledged cursor and the events still pending."""
+    settings = Settings()
+    table = Table(title=f"Spool at {settings.spool_dir}", title_justify="left")
+    for column in ("slot", "writer", "segments", "cursor", "pending events"):
+        table.add_column(column)
+    states = slot_states(settings.spool_dir)
+    for state in states:
+        table.add_row(
+            state.slot,
+            "alive" if state.writer_alive else "none",
+            str(state.segments),
+            f"{state.cursor.segment}:{state.cursor.offset}",
+            str(state.pending),
+        )
+    console.print(table)
+    rejected = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME).read()
+    console.print(f"pending={sum(s.pending for s in states)} rejected={len(rejected)}")
+
+
+@spool_app.command()
+def drain(
+    follow: Annotated[bool, typer.Option(help="Keep delivering until interrupted (SIGINT/SIGTERM).")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for delivery (without --follow).")] = 60.0,
+) -> None:
+    """Deliver every slot of the spool this process can lock, including live writers' slots in other processes."""
+    flusher, engine = open_drainer(Settings())
+    try:
+        if follow:
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            flusher.start()
+            console.print(f"draining {flusher.root} (Ctrl-C to stop)")
+            stop.wait()
+        drained = flusher.stop(drain=True, timeout=timeout)
+        stats = flusher.stats
+        console.print(
+            f"delivered={stats.delivered} duplicates={stats.duplicates} rejected={stats.rejected} "
+            f"failures={stats.failures} pending={stats.pending} drained={drained}"
+        )
+        if not drained:
+            raise typer.Exit(1)
+    finally:
+        engine.dispose()
