@@ -1,0 +1,61 @@
+"""Policy A (pure): a call served by the user's own provider key is metered but never billed.
+
+``is_byollm`` is that of the config that actually served the call, so a BYOLLM call that failed over to the
+platform LLM arrives with ``is_byollm=False`` and is billed like any platform call.
+
+Order of the rules:
+
+1. ``is_byollm`` -> ``excluded_byollm``: charge 0, cost 0, shadow = the quote's price (0 when no quote).
+2. ``error`` / ``cancelled`` with usage ``missing`` or zero tokens -> ``not_billable`` (nothing to charge).
+3. no quote -> ``unpriced`` (held; never charged $0 silently).
+4. otherwise ``billed``: charge = quote.price_nanos, cost = quote.cost_nanos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from metering.billing.pricing import Quote
+from metering.events import Status, UsageCompleteness
+
+
+class BillingStatus(StrEnum):
+    BILLED = "billed"
+    EXCLUDED_BYOLLM = "excluded_byollm"
+    UNPRICED = "unpriced"
+    NOT_BILLABLE = "not_billable"
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: BillingStatus
+    charge_nanos: int  # posted to the user's account
+    cost_nanos: int  # platform's provider cost
+    shadow_nanos: int  # what a BYOLLM call would have been charged (kept, never posted as a charge)
+
+
+_FAILED = frozenset({Status.ERROR, Status.CANCELLED})
+
+
+def decide(
+    *,
+    is_byollm: bool,
+    status: Status | str,
+    usage_completeness: UsageCompleteness | str,
+    total_tokens: int,
+    quote: Quote | None,
+) -> Decision:
+    """Apply Policy A to one priced (or unpriceable) call."""
+    status = Status(status)
+    completeness = UsageCompleteness(usage_completeness)
+    if total_tokens < 0:
+        raise ValueError("total_tokens must be >= 0")
+    if is_byollm:
+        shadow = quote.price_nanos if quote is not None else 0
+        return Decision(BillingStatus.EXCLUDED_BYOLLM, charge_nanos=0, cost_nanos=0, shadow_nanos=shadow)
+    if status in _FAILED and (completeness is UsageCompleteness.MISSING or total_tokens == 0):
+        return Decision(BillingStatus.NOT_BILLABLE, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
+    if quote is None:
+        return Decision(BillingStatus.UNPRICED, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
+    return Decision(BillingStatus.BILLED, charge_nanos=quote.price_nanos, cost_nanos=quote.cost_nanos, shadow_nanos=0)

@@ -1,0 +1,223 @@
+"""Pricing: a pure function of (usage, provider, model, event time, price book) -> Quote | None.
+
+Admin overrides (effective-dated, per provider / model glob) win; otherwise genai-prices' bundled data at
+the event time. ``None`` means no price is known: the caller holds the event as ``unpriced`` (an unknown model
+is never priced at $0 silently). An explicit override at zero is a real price, and is returned as a Quote.
+
+Token counts follow OpenTelemetry GenAI: ``input_tokens`` includes ``cache_read_tokens`` and
+``cache_write_tokens``, which is also what genai-prices' ``Usage`` expects (cache units are descendants of
+``input_tokens`` and are subtracted from it before the input rate applies), so counts are passed through as-is.
+
+Provider mapping to genai-prices: ``anthropic`` and ``openai`` map to themselves; ``openai_compatible`` (and any
+other provider) has no genai-prices price, only overrides. ``simulated`` (the offline demo backend, serving the
+platform's real model names) prices like the real provider behind the model name (``claude*`` -> anthropic,
+``gpt-*`` / ``chatgpt*`` / ``o1``/``o3``/``o4`` -> openai): overrides for ``simulated`` are tried first, then
+overrides for that real provider, then genai-prices.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Context, Decimal, localcontext
+from typing import Literal
+
+import genai_prices
+from genai_prices.types import PriceCalculation
+
+from metering.billing.money import to_nanos
+
+Source = Literal["override", "genai-prices"]
+
+GENAI_PROVIDERS: dict[str, str] = {"anthropic": "anthropic", "openai": "openai"}
+SIMULATED = "simulated"
+SIMULATED_MODEL_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("claude", "anthropic"),
+    ("gpt-", "openai"),
+    ("chatgpt", "openai"),
+    ("o1", "openai"),
+    ("o3", "openai"),
+    ("o4", "openai"),
+)
+_MTOK = Decimal(1_000_000)
+_HUNDRED = Decimal(100)
+_CTX = Context(prec=60)
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _check_aware(name: str, value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware")
+
+
+def _check_markup(value: Decimal | None) -> None:
+    if value is not None and not (isinstance(value, Decimal) and value.is_finite() and value >= -100):
+        raise ValueError(f"markup_pct must be a finite Decimal >= -100 (got {value!r})")
+
+
+def _check_price(name: str, value: Decimal | None) -> None:
+    if value is not None and (not isinstance(value, Decimal) or not value.is_finite() or value < 0):
+        raise ValueError(f"{name} must be a finite, non-negative Decimal (got {value!r})")
+
+
+@dataclass(frozen=True)
+class PriceOverride:
+    """An admin price for (provider, model glob), valid in [effective_from, effective_to). USD per 1M tokens."""
+
+    id: str | None
+    provider: str
+    model_pattern: str
+    effective_from: datetime
+    effective_to: datetime | None
+    input_mtok: Decimal
+    output_mtok: Decimal
+    cache_read_mtok: Decimal | None = None  # None: cache reads cost the input price
+    cache_write_mtok: Decimal | None = None  # None: cache writes cost the input price
+    markup_pct: Decimal | None = None  # None: the price book's platform markup
+
+    def __post_init__(self) -> None:
+        if not self.provider or not self.model_pattern:
+            raise ValueError("provider and model_pattern must be non-empty")
+        _check_aware("effective_from", self.effective_from)
+        if self.effective_to is not None:
+            _check_aware("effective_to", self.effective_to)
+            if self.effective_to <= self.effective_from:
+                raise ValueError("effective_to must be after effective_from")
+        for name in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"):
+            _check_price(name, getattr(self, name))
+        _check_markup(self.markup_pct)
+
+    @property
+    def is_exact(self) -> bool:
+        return not _GLOB_CHARS & set(self.model_pattern)
+
+    def active_at(self, at: datetime) -> bool:
+        return self.effective_from <= at and (self.effective_to is None or at < self.effective_to)
+
+    def cost(self, input_tokens: int, output_tokens: int, cache_read_tokens: int, cache_write_tokens: int) -> Decimal:
+        """Exact USD cost (OTel counts: input includes both cache kinds), not yet rounded to nanos."""
+        read_rate = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
+        write_rate = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
+        uncached = input_tokens - cache_read_tokens - cache_write_tokens
+        with localcontext(_CTX):
+            return (
+                uncached * self.input_mtok
+                + cache_read_tokens * read_rate
+                + cache_write_tokens * write_rate
+                + output_tokens * self.output_mtok
+            ) / _MTOK
+
+    def matches(self, provider: str, model: str) -> bool:
+        return self.provider.lower() == provider.lower() and fnmatch.fnmatchcase(
+            model.lower(), self.model_pattern.lower()
+        )
+
+
+@dataclass(frozen=True)
+class PriceBook:
+    """Admin overrides plus the platform markup (percent: ``Decimal("20")`` charges cost x 1.2)."""
+
+    overrides: tuple[PriceOverride, ...] = ()
+    markup_pct: Decimal = Decimal(0)
+
+    def __post_init__(self) -> None:
+        _check_markup(self.markup_pct)
+
+
+@dataclass(frozen=True)
+class Quote:
+    cost_nanos: int  # provider cost, before markup
+    price_nanos: int  # what the user is charged: cost x (1 + markup_pct / 100)
+    markup_pct: Decimal
+    source: Source
+    source_version: str  # override id, or "genai-prices==<version> (<data snapshot>)"
+    matched_model: str | None  # the override's model_pattern, or genai-prices' model id
+
+
+def select_override(
+    overrides: Iterable[PriceOverride], *, provider: str, model: str, at: datetime
+) -> PriceOverride | None:
+    """The most specific override active at ``at``: exact pattern > longest glob > latest effective_from."""
+    candidates = [o for o in overrides if o.active_at(at) and o.matches(provider, model)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda o: (o.is_exact, len(o.model_pattern), o.effective_from, o.id or ""))
+
+
+def genai_provider_for(provider: str, model: str) -> str | None:
+    """The genai-prices provider id for our provider name, or None when genai-prices must not be used."""
+    if provider == SIMULATED:
+        name = model.lower()
+        return next((real for prefix, real in SIMULATED_MODEL_PREFIXES if name.startswith(prefix)), None)
+    return GENAI_PROVIDERS.get(provider)
+
+
+def genai_source_version(calc: PriceCalculation | None = None) -> str:
+    snapshot = "bundled data"
+    if calc is not None and calc.auto_update_timestamp is not None:
+        snapshot = f"data fetched {calc.auto_update_timestamp.isoformat()}"
+    return f"genai-prices=={genai_prices.__version__} ({snapshot})"
+
+
+def price_usage(
+    *,
+    provider: str,
+    model: str,
+    occurred_at: datetime,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int,
+    cache_write_tokens: int,
+    book: PriceBook,
+) -> Quote | None:
+    """Price one call; None when no price is known (hold the event as ``unpriced``)."""
+    _check_aware("occurred_at", occurred_at)
+    if min(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens) < 0:
+        raise ValueError("token counts must be >= 0")
+    if cache_read_tokens + cache_write_tokens > input_tokens:
+        raise ValueError("cache_read_tokens + cache_write_tokens must be within input_tokens (OTel semantics)")
+
+    real = genai_provider_for(provider, model)
+    providers = [provider] + ([real] if provider == SIMULATED and real else [])
+    for candidate in providers:
+        override = select_override(book.overrides, provider=candidate, model=model, at=occurred_at)
+        if override is not None:
+            cost = override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+            markup = book.markup_pct if override.markup_pct is None else override.markup_pct
+            version = (
+                override.id or f"{override.provider}/{override.model_pattern}@{override.effective_from.isoformat()}"
+            )
+            return _quote(cost, markup, "override", version, override.model_pattern)
+
+    if real is None:
+        return None
+    usage = genai_prices.Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=cache_read_tokens,
+        cache_write_tokens=cache_write_tokens,
+    )
+    with localcontext(_CTX):
+        try:
+            calc = genai_prices.calc_price(usage, model, provider_id=real, genai_request_timestamp=occurred_at)
+        except LookupError:
+            return None
+    prices = calc.model_price
+    if (input_tokens and prices.input_mtok is None) or (output_tokens and prices.output_mtok is None):
+        return None  # genai-prices knows the model but not a token price we used: never price it at $0
+    return _quote(calc.total_price, book.markup_pct, "genai-prices", genai_source_version(calc), calc.model.id)
+
+
+def _quote(cost: Decimal, markup_pct: Decimal, source: Source, version: str, matched: str | None) -> Quote:
+    with localcontext(_CTX):
+        price = cost * (1 + markup_pct / _HUNDRED)
+    return Quote(
+        cost_nanos=to_nanos(cost),
+        price_nanos=to_nanos(price),
+        markup_pct=markup_pct,
+        source=source,
+        source_version=version,
+        matched_model=matched,
+    )
