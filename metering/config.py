@@ -6,6 +6,7 @@ defaults outside ``env=dev``.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,14 @@ class SpoolSettings(BaseModel):
     flusher: Literal["thread", "external"] = "thread"
 
 
+class BillingSettings(BaseModel):
+    # Platform markup in percent on top of the provider price ("20" charges cost x 1.2); an override's own
+    # markup wins. Kept as a Decimal: money is never a float.
+    markup_pct: Decimal = Field(Decimal(0), ge=Decimal(-100))
+    # Invoices of a month stay drafts this long after it ends (late events still land in them).
+    invoice_grace_hours: float = Field(72.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERING_", env_nested_delimiter="__", extra="ignore", env_file=None)
 
@@ -63,6 +72,7 @@ class Settings(BaseSettings):
     platform: PlatformLLMSettings = PlatformLLMSettings()
     simulated: SimulatedSettings = SimulatedSettings()
     spool: SpoolSettings = SpoolSettings()
+    billing: BillingSettings = BillingSettings()
     settings_cache_ttl_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")

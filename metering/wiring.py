@@ -64,7 +64,7 @@ def open_drainer(settings: Settings) -> tuple[Flusher, Engine]:
     engine = make_engine(url)
     flusher = Flusher(
         settings.spool_dir,
-        DatabaseSink(make_session_factory(engine)),
+        DatabaseSink(make_session_factory(engine), markup_pct=settings.billing.markup_pct),
         batch_size=settings.spool.batch_size,
         interval_s=settings.spool.flush_interval_s,
         max_backoff_s=settings.spool.max_backoff_s,
@@ -88,7 +88,7 @@ def open_services(settings: Settings, *, run_migrations: bool = True) -> Service
     spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync).open()
     flusher = Flusher(
         spool,
-        DatabaseSink(sessions),
+        DatabaseSink(sessions, markup_pct=settings.billing.markup_pct),
         batch_size=settings.spool.batch_size,
         interval_s=settings.spool.flush_interval_s,
         max_backoff_s=settings.spool.max_backoff_s,

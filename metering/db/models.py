@@ -6,7 +6,21 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, MetaData, String, Uuid
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+    Uuid,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from metering.db.types import UTCDateTime
@@ -60,6 +74,17 @@ class UsageEventRow(Base):
     error_type: Mapped[str | None] = mapped_column(String(100), nullable=True)
     prompt_fingerprint: Mapped[str] = mapped_column(String(64))
     budget_exceeded: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Billing state, set by ingest (metering.billing): the raw quantities above never change.
+    ingest_batch: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    billing_status: Mapped[str] = mapped_column(String(20), server_default="unpriced")
+    charge_nanos: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    shadow_nanos: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    markup_pct: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    price_source: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    price_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    invoice_period: Mapped[str | None] = mapped_column(String(7), nullable=True)
+    is_late: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
     __table_args__ = (
         Index("ix_usage_events_occurred_at", "occurred_at"),
@@ -108,3 +133,131 @@ class ExtensionBudgetRow(Base):
     max_tokens_per_invocation: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     mode: Mapped[str] = mapped_column(String(20))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# -- billing ---------------------------------------------------------------------------------------
+
+
+class PriceOverrideRow(Base):
+    """An admin price for (provider, model glob) in [effective_from, effective_to). Nano-USD per 1M tokens."""
+
+    __tablename__ = "price_overrides"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(50))
+    model_pattern: Mapped[str] = mapped_column(String(200))
+    effective_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    effective_to: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    input_nanos_per_mtok: Mapped[int] = mapped_column(BigInteger)
+    output_nanos_per_mtok: Mapped[int] = mapped_column(BigInteger)
+    cache_read_nanos_per_mtok: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cache_write_nanos_per_mtok: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    markup_pct: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    note: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AccountRow(Base):
+    """A ledger account. ``balance_nanos`` (credits minus debits) is a cache of its transfers."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30))
+    tenant_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    balance_nanos: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TransferRow(Base):
+    """One double-entry transfer: append-only, never updated or deleted; corrections are reversals."""
+
+    __tablename__ = "transfers"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    debit_account_id: Mapped[str] = mapped_column(String(300))
+    credit_account_id: Mapped[str] = mapped_column(String(300))
+    amount_nanos: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    kind: Mapped[str] = mapped_column(String(30))
+    event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    reverses_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    period: Mapped[str | None] = mapped_column(String(7), nullable=True)
+    memo: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        CheckConstraint("amount_nanos > 0", name="amount_positive"),
+        CheckConstraint("debit_account_id <> credit_account_id", name="two_accounts"),
+        UniqueConstraint("idempotency_key", name="uq_transfers_idempotency_key"),
+        Index("ix_transfers_debit", "debit_account_id"),
+        Index("ix_transfers_credit", "credit_account_id"),
+        Index("ix_transfers_event", "event_id"),
+        Index("ix_transfers_created", "created_at", "id"),
+    )
+
+
+class UsageRollupRow(Base):
+    """Hourly usage and money per (hour, tenant, user, extension, function, purpose, provider, model, byollm,
+    status)."""
+
+    __tablename__ = "usage_rollups"
+
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    extension_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    function: Mapped[str] = mapped_column(String(200), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(200), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    is_byollm: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger)
+    billed_nanos: Mapped[int] = mapped_column(BigInteger)
+    shadow_nanos: Mapped[int] = mapped_column(BigInteger)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    latency_us_sum: Mapped[int] = mapped_column(BigInteger)
+    error_count: Mapped[int] = mapped_column(BigInteger)
+    unpriced_count: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_usage_rollups_tenant_hour", "tenant_id", "hour"),)
+
+
+class InvoiceRow(Base):
+    """A finalized (immutable) monthly invoice. Open periods are drafts computed from the events."""
+
+    __tablename__ = "invoices"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200))
+    user_id: Mapped[str] = mapped_column(String(200))
+    period: Mapped[str] = mapped_column(String(7))
+    status: Mapped[str] = mapped_column(String(20))
+    currency: Mapped[str] = mapped_column(String(3))
+    total_nanos: Mapped[int] = mapped_column(BigInteger)
+    rounded_nanos: Mapped[int] = mapped_column(BigInteger)
+    residue_nanos: Mapped[int] = mapped_column(BigInteger)
+    finalized_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("tenant_id", "user_id", "period", name="uq_invoices_user_period"),)
+
+
+class InvoiceLineRow(Base):
+    __tablename__ = "invoice_lines"
+
+    invoice_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    extension_id: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    is_late: Mapped[bool] = mapped_column(Boolean)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    billed_nanos: Mapped[int] = mapped_column(BigInteger)

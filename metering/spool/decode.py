@@ -43,8 +43,12 @@ def decode_line(line: bytes) -> UsageEvent | str:
         return describe_validation_error(exc)
 
 
-def decode_lines(lines: list[tuple[int, bytes]]) -> tuple[list[UsageEvent], list[Rejected]]:
+def decode_lines(
+    lines: list[tuple[int, bytes]],
+) -> tuple[list[UsageEvent], list[tuple[int, bytes]], list[Rejected]]:
+    """The events, the (offset, line) each came from, and the lines that are not events."""
     events: list[UsageEvent] = []
+    sources: list[tuple[int, bytes]] = []
     rejected: list[Rejected] = []
     for offset, line in lines:
         result = decode_line(line)
@@ -52,7 +56,8 @@ def decode_lines(lines: list[tuple[int, bytes]]) -> tuple[list[UsageEvent], list
             rejected.append(Rejected(offset, line, result, _event_id_of(line)))
         else:
             events.append(result)
-    return events, rejected
+            sources.append((offset, line))
+    return events, sources, rejected
 
 
 def _event_id_of(line: bytes) -> str | None:

@@ -248,7 +248,7 @@ class Flusher:
         return True
 
     def _handle(self, slot: Path, batch: Batch) -> None:
-        events, rejected = decode_lines(batch.lines)
+        events, sources, rejected = decode_lines(batch.lines)
         if batch.torn is not None:
             offset, fragment = batch.torn
             rejected.append(Rejected(offset, fragment, "torn write: incomplete line at the end of a finished segment"))
@@ -256,6 +256,9 @@ class Flusher:
             result = self.sink.deliver(events)  # raises → nothing below runs; the batch is retried
             self._delivered += result.inserted
             self._duplicates += result.duplicates
+            for index, reason in result.rejected:  # refused by the sink (e.g. an event from the future)
+                offset, line = sources[index]
+                rejected.append(Rejected(offset, line, f"rejected by the sink: {reason}", str(events[index].event_id)))
         self.dead_letters.write(slot.name, batch.segment, rejected)
         self._rejected += len(rejected)
         self._batches += 1

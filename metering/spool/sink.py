@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metering.db.event_store import insert_events
+from metering.billing.ingest import ingest
 from metering.events import UsageEvent
 
 
@@ -16,6 +17,7 @@ from metering.events import UsageEvent
 class DeliveryResult:
     inserted: int
     duplicates: int
+    rejected: tuple[tuple[int, str], ...] = ()  # (index in the batch, reason): dead-lettered, not retried
 
 
 class Sink(Protocol):
@@ -25,13 +27,17 @@ class Sink(Protocol):
 
 
 class DatabaseSink:
-    """Writes raw events to the database, one transaction per batch (the flusher is the edge that commits)."""
+    """Ingests batches into the database (events, prices, ledger, rollups), one transaction per batch.
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    The flusher is the edge here: this is where the batch's transaction commits."""
+
+    def __init__(self, session_factory: sessionmaker[Session], *, markup_pct: Decimal = Decimal(0)) -> None:
         self._sessions = session_factory
+        self._markup = markup_pct
 
     def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
         with self._sessions() as session:
-            result = insert_events(session, events)
+            result = ingest(session, events, markup_pct=self._markup)
             session.commit()
-        return DeliveryResult(inserted=len(result.inserted), duplicates=result.duplicates)
+        rejected = tuple((r.index, r.reason) for r in result.rejected)
+        return DeliveryResult(inserted=result.inserted, duplicates=result.duplicates, rejected=rejected)

@@ -1,0 +1,185 @@
+"""billing: price overrides, ledger (accounts, transfers), rollups, invoices; billing state on events
+
+Events stored before this revision get billing_status 'unpriced': `metering billing reprice` prices them.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-27 13:53:22.320595
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+import metering.db.types
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "accounts",
+        sa.Column("id", sa.String(length=300), nullable=False),
+        sa.Column("kind", sa.String(length=30), nullable=False),
+        sa.Column("tenant_id", sa.String(length=200), nullable=True),
+        sa.Column("user_id", sa.String(length=200), nullable=True),
+        sa.Column("currency", sa.String(length=3), nullable=False),
+        sa.Column("balance_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("created_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_accounts")),
+    )
+    op.create_table(
+        "invoice_lines",
+        sa.Column("invoice_id", sa.Uuid(), nullable=False),
+        sa.Column("line_no", sa.Integer(), nullable=False),
+        sa.Column("extension_id", sa.String(length=200), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("is_late", sa.Boolean(), nullable=False),
+        sa.Column("calls", sa.BigInteger(), nullable=False),
+        sa.Column("billed_nanos", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("invoice_id", "line_no", name=op.f("pk_invoice_lines")),
+    )
+    op.create_table(
+        "invoices",
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("tenant_id", sa.String(length=200), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("period", sa.String(length=7), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("currency", sa.String(length=3), nullable=False),
+        sa.Column("total_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("rounded_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("residue_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("finalized_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_invoices")),
+        sa.UniqueConstraint("tenant_id", "user_id", "period", name="uq_invoices_user_period"),
+    )
+    op.create_table(
+        "price_overrides",
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("provider", sa.String(length=50), nullable=False),
+        sa.Column("model_pattern", sa.String(length=200), nullable=False),
+        sa.Column("effective_from", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("effective_to", metering.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("input_nanos_per_mtok", sa.BigInteger(), nullable=False),
+        sa.Column("output_nanos_per_mtok", sa.BigInteger(), nullable=False),
+        sa.Column("cache_read_nanos_per_mtok", sa.BigInteger(), nullable=True),
+        sa.Column("cache_write_nanos_per_mtok", sa.BigInteger(), nullable=True),
+        sa.Column("markup_pct", sa.String(length=32), nullable=True),
+        sa.Column("note", sa.String(length=500), nullable=True),
+        sa.Column("created_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_price_overrides")),
+    )
+    op.create_table(
+        "transfers",
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("debit_account_id", sa.String(length=300), nullable=False),
+        sa.Column("credit_account_id", sa.String(length=300), nullable=False),
+        sa.Column("amount_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("currency", sa.String(length=3), nullable=False),
+        sa.Column("kind", sa.String(length=30), nullable=False),
+        sa.Column("event_id", sa.Uuid(), nullable=True),
+        sa.Column("reverses_id", sa.Uuid(), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=True),
+        sa.Column("period", sa.String(length=7), nullable=True),
+        sa.Column("memo", sa.String(length=500), nullable=True),
+        sa.Column("created_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.CheckConstraint("amount_nanos > 0", name=op.f("ck_transfers_amount_positive")),
+        sa.CheckConstraint("debit_account_id <> credit_account_id", name=op.f("ck_transfers_two_accounts")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_transfers")),
+        sa.UniqueConstraint("idempotency_key", name="uq_transfers_idempotency_key"),
+    )
+    with op.batch_alter_table("transfers", schema=None) as batch_op:
+        batch_op.create_index("ix_transfers_created", ["created_at", "id"], unique=False)
+        batch_op.create_index("ix_transfers_credit", ["credit_account_id"], unique=False)
+        batch_op.create_index("ix_transfers_debit", ["debit_account_id"], unique=False)
+        batch_op.create_index("ix_transfers_event", ["event_id"], unique=False)
+
+    op.create_table(
+        "usage_rollups",
+        sa.Column("hour", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("tenant_id", sa.String(length=200), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("extension_id", sa.String(length=200), nullable=False),
+        sa.Column("function", sa.String(length=200), nullable=False),
+        sa.Column("purpose", sa.String(length=200), nullable=False),
+        sa.Column("provider", sa.String(length=200), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("is_byollm", sa.Boolean(), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("calls", sa.BigInteger(), nullable=False),
+        sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cache_read_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cache_write_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("billed_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("shadow_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("cost_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("latency_us_sum", sa.BigInteger(), nullable=False),
+        sa.Column("error_count", sa.BigInteger(), nullable=False),
+        sa.Column("unpriced_count", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "hour",
+            "tenant_id",
+            "user_id",
+            "extension_id",
+            "function",
+            "purpose",
+            "provider",
+            "model",
+            "is_byollm",
+            "status",
+            name=op.f("pk_usage_rollups"),
+        ),
+    )
+    with op.batch_alter_table("usage_rollups", schema=None) as batch_op:
+        batch_op.create_index("ix_usage_rollups_tenant_hour", ["tenant_id", "hour"], unique=False)
+
+    with op.batch_alter_table("usage_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("ingest_batch", sa.Uuid(), nullable=True))
+        batch_op.add_column(
+            sa.Column("billing_status", sa.String(length=20), server_default="unpriced", nullable=False)
+        )
+        batch_op.add_column(sa.Column("charge_nanos", sa.BigInteger(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("cost_nanos", sa.BigInteger(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("shadow_nanos", sa.BigInteger(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("markup_pct", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("price_source", sa.String(length=20), nullable=True))
+        batch_op.add_column(sa.Column("price_version", sa.String(length=200), nullable=True))
+        batch_op.add_column(sa.Column("invoice_period", sa.String(length=7), nullable=True))
+        batch_op.add_column(sa.Column("is_late", sa.Boolean(), server_default=sa.false(), nullable=False))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("usage_events", schema=None) as batch_op:
+        batch_op.drop_column("is_late")
+        batch_op.drop_column("invoice_period")
+        batch_op.drop_column("price_version")
+        batch_op.drop_column("price_source")
+        batch_op.drop_column("markup_pct")
+        batch_op.drop_column("shadow_nanos")
+        batch_op.drop_column("cost_nanos")
+        batch_op.drop_column("charge_nanos")
+        batch_op.drop_column("billing_status")
+        batch_op.drop_column("ingest_batch")
+
+    with op.batch_alter_table("usage_rollups", schema=None) as batch_op:
+        batch_op.drop_index("ix_usage_rollups_tenant_hour")
+
+    op.drop_table("usage_rollups")
+    with op.batch_alter_table("transfers", schema=None) as batch_op:
+        batch_op.drop_index("ix_transfers_event")
+        batch_op.drop_index("ix_transfers_debit")
+        batch_op.drop_index("ix_transfers_credit")
+        batch_op.drop_index("ix_transfers_created")
+
+    op.drop_table("transfers")
+    op.drop_table("price_overrides")
+    op.drop_table("invoices")
+    op.drop_table("invoice_lines")
+    op.drop_table("accounts")

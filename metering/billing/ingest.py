@@ -1,0 +1,275 @@
+"""Ingest: a batch of usage events becomes stored events, prices, ledger transfers and rollups, exactly once.
+
+One call = one batch = one transaction (the caller commits). Per event: validate (a bad event is rejected
+with its index and reason, the rest go on), skip event ids already stored, price (rate cards, else
+genai-prices / overrides exactly), apply Policy A, assign the invoice period (late events of a finalized
+period go to the next open one), then for the events this call actually inserted: post the charge and
+the provider cost (transfer ids derived from the event id), update cached balances and hourly rollups.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from metering.billing import store
+from metering.billing.ledger import Posting, accounts_of, balance_deltas, usage_postings
+from metering.billing.periods import billing_period, period_of
+from metering.billing.policy import BillingStatus, Decision, decide
+from metering.billing.rates import RateCards
+from metering.billing.rollup import RollupInput, fold, hour_of, latency_us
+from metering.events import Status, UsageEvent, event_from_record
+
+MAX_FUTURE = timedelta(minutes=5)
+EARLIEST = datetime(2020, 1, 1, tzinfo=UTC)
+
+_ROW_COLUMNS = (
+    "event_id",
+    "schema_version",
+    "occurred_at",
+    "ingested_at",
+    "tenant_id",
+    "user_id",
+    "extension_id",
+    "function",
+    "action_type",
+    "invocation_id",
+    "call_index",
+    "purpose",
+    "provider",
+    "model",
+    "is_byollm",
+    "is_failover",
+    "is_stream",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "usage_completeness",
+    "max_tokens",
+    "stop_reason",
+    "latency_ms",
+    "time_to_first_token_ms",
+    "status",
+    "error_type",
+    "prompt_fingerprint",
+    "budget_exceeded",
+    "ingest_batch",
+    "billing_status",
+    "charge_nanos",
+    "cost_nanos",
+    "shadow_nanos",
+    "markup_pct",
+    "price_source",
+    "price_version",
+    "invoice_period",
+    "is_late",
+)
+if store.EVENT_COLUMNS != _ROW_COLUMNS:  # _row writes values in this order
+    raise RuntimeError("usage_events columns changed: update metering.billing.ingest._row")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    index: int
+    event_id: str | None
+    reason: str
+
+
+@dataclass(slots=True)
+class IngestResult:
+    inserted: int = 0
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "inserted": self.inserted,
+            "duplicates": self.duplicates,
+            "rejected": [{"index": r.index, "event_id": r.event_id, "reason": r.reason} for r in self.rejected],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    event: UsageEvent
+    decision: Decision
+    markup: str | None
+    source: str | None
+    version: str | None
+    period: str | None
+    late: bool
+
+
+def _reason(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors())
+
+
+def _event_id_of(item: Any) -> str | None:
+    value = item.get("event_id") if isinstance(item, Mapping) else getattr(item, "event_id", None)
+    return None if value is None else str(value)
+
+
+def validate(
+    items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime
+) -> tuple[list[UsageEvent], list[Rejection], int]:
+    """Valid, batch-unique events; rejections with their index; how many repeated an earlier item."""
+    events: list[UsageEvent] = []
+    rejected: list[Rejection] = []
+    seen: set[uuid.UUID] = set()
+    repeats = 0
+    latest = now + MAX_FUTURE
+    for index, item in enumerate(items):
+        if isinstance(item, UsageEvent):
+            event = item
+        elif isinstance(item, Mapping):
+            try:
+                event = event_from_record(dict(item))
+            except ValidationError as exc:
+                rejected.append(Rejection(index, _event_id_of(item), _reason(exc)))
+                continue
+        else:
+            rejected.append(Rejection(index, None, f"an event must be a JSON object, not {type(item).__name__}"))
+            continue
+        if event.occurred_at > latest:
+            reason = f"occurred_at {event.occurred_at.isoformat()} is in the future (now {now.isoformat()})"
+            rejected.append(Rejection(index, str(event.event_id), reason))
+            continue
+        if event.occurred_at < EARLIEST:
+            rejected.append(Rejection(index, str(event.event_id), "occurred_at is before 2020-01-01"))
+            continue
+        if event.event_id in seen:
+            repeats += 1
+            continue
+        seen.add(event.event_id)
+        events.append(event)
+    return events, rejected, repeats
+
+
+def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[str, str], set[str]]) -> list[Priced]:
+    priced = []
+    no_periods: set[str] = set()
+    for e in events:
+        quote = cards.quote(
+            e.provider, e.model, e.occurred_at, e.input_tokens, e.output_tokens, e.cache_read_tokens,
+            e.cache_write_tokens,
+        )  # fmt: skip
+        decision = decide(
+            is_byollm=e.is_byollm,
+            status=e.status,
+            usage_completeness=e.usage_completeness,
+            total_tokens=e.input_tokens + e.output_tokens,
+            quote=quote,
+        )
+        period, late = None, False
+        if decision.status is BillingStatus.BILLED:
+            closed = finalized.get((e.tenant_id, e.user_id), no_periods)
+            period, late = billing_period(period_of(e.occurred_at), closed)
+        if quote is None:
+            priced.append(Priced(e, decision, None, None, None, period, late))
+        else:
+            priced.append(Priced(e, decision, str(quote.markup_pct), quote.source, quote.source_version, period, late))
+    return priced
+
+
+def _row(p: Priced, batch: uuid.UUID, now: datetime, sqlite: bool) -> tuple[Any, ...]:
+    e, d = p.event, p.decision
+    if sqlite:
+        ids: tuple[Any, Any, Any] = (e.event_id.hex, e.invocation_id.hex, batch.hex)
+        occurred: Any = store.sqlite_time(e.occurred_at)
+        ingested: Any = store.sqlite_time(now)
+        flags: tuple[Any, Any, Any, Any] = (int(e.is_byollm), int(e.is_failover), int(e.is_stream), int(p.late))
+    else:
+        ids, occurred, ingested = (e.event_id, e.invocation_id, batch), e.occurred_at, now
+        flags = (e.is_byollm, e.is_failover, e.is_stream, p.late)
+    return (
+        ids[0], e.schema_version, occurred, ingested, e.tenant_id, e.user_id, e.extension_id, e.function,
+        e.action_type, ids[1], e.call_index, e.purpose, e.provider, e.model, flags[0], flags[1], flags[2],
+        e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
+        e.usage_completeness.value, e.max_tokens, e.stop_reason, e.latency_ms, e.time_to_first_token_ms,
+        e.status.value, e.error_type, e.prompt_fingerprint, orjson.dumps(e.budget_exceeded).decode(), ids[2],
+        d.status.value, d.charge_nanos, d.cost_nanos, d.shadow_nanos, p.markup, p.source, p.version, p.period,
+        flags[3],
+    )  # fmt: skip
+
+
+def rollup_input(p: Priced) -> RollupInput:
+    e, d = p.event, p.decision
+    return RollupInput(
+        key=(
+            hour_of(e.occurred_at),
+            e.tenant_id,
+            e.user_id,
+            e.extension_id,
+            e.function,
+            e.purpose,
+            e.provider,
+            e.model,
+            e.is_byollm,
+            e.status.value,
+        ),
+        input_tokens=e.input_tokens,
+        output_tokens=e.output_tokens,
+        cache_read_tokens=e.cache_read_tokens,
+        cache_write_tokens=e.cache_write_tokens,
+        reasoning_tokens=e.reasoning_tokens,
+        billed_nanos=d.charge_nanos,
+        shadow_nanos=d.shadow_nanos,
+        cost_nanos=d.cost_nanos,
+        latency_us=latency_us(e.latency_ms),
+        is_error=e.status is Status.ERROR,
+        is_unpriced=d.status is BillingStatus.UNPRICED,
+    )
+
+
+def postings_for(p: Priced) -> list[Posting]:
+    d = p.decision
+    if d.status is not BillingStatus.BILLED or p.period is None:
+        return []
+    e = p.event
+    return usage_postings(
+        event_id=e.event_id,
+        tenant_id=e.tenant_id,
+        user_id=e.user_id,
+        provider=e.provider,
+        period=p.period,
+        charge_nanos=d.charge_nanos,
+        cost_nanos=d.cost_nanos,
+    )
+
+
+def ingest(
+    session: Any,
+    items: Sequence[UsageEvent | Mapping[str, Any]],
+    *,
+    markup_pct: Decimal = Decimal(0),
+    now: datetime | None = None,
+) -> IngestResult:
+    """Ingest one batch in the caller's transaction (only flushes; the caller commits)."""
+    now = now or datetime.now(UTC)
+    events, rejected, repeats = validate(items, now)
+    result = IngestResult(duplicates=repeats, rejected=rejected)
+    if not events:
+        return result
+    cards = RateCards(store.load_price_book(session, markup_pct))
+    finalized = store.finalized_periods(session, {(e.tenant_id, e.user_id) for e in events})
+    priced = price(events, cards, finalized)
+    batch = uuid.uuid4()
+    sqlite = store.dialect(session) == "sqlite"
+    inserted_ids = store.insert_new_events(session, [_row(p, batch, now, sqlite) for p in priced], batch)
+    new = [p for p in priced if p.event.event_id.hex in inserted_ids]
+    result.inserted = len(new)
+    result.duplicates += len(priced) - len(new)
+    postings = [posting for p in new for posting in postings_for(p)]
+    store.post_transfers(session, postings, now)
+    store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
+    store.upsert_rollups(session, fold(rollup_input(p) for p in new))
+    return result

@@ -1,0 +1,48 @@
+"""Billing periods: calendar months in UTC, named ``YYYY-MM`` (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+
+def period_of(moment: datetime) -> str:
+    moment = moment.astimezone(UTC)
+    return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def parse_period(period: str) -> tuple[int, int]:
+    try:
+        year_text, month_text = period.split("-")
+        year, month = int(year_text), int(month_text)
+    except ValueError:
+        raise ValueError(f"a period is written YYYY-MM, not {period!r}") from None
+    if not (1 <= month <= 12 and 1970 <= year <= 9999) or len(period) != 7:
+        raise ValueError(f"a period is written YYYY-MM, not {period!r}")
+    return year, month
+
+
+def next_period(period: str) -> str:
+    year, month = parse_period(period)
+    return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def period_bounds(period: str) -> tuple[datetime, datetime]:
+    """[start, end) of the month in UTC."""
+    year, month = parse_period(period)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    next_year, next_month = parse_period(next_period(period))
+    return start, datetime(next_year, next_month, 1, tzinfo=UTC)
+
+
+def finalizable(period: str, now: datetime, grace: timedelta) -> bool:
+    """A period's invoices may be finalized once it has ended and its grace period has passed."""
+    return now >= period_bounds(period)[1] + grace
+
+
+def billing_period(occurred: str, finalized: set[str]) -> tuple[str, bool]:
+    """Where an event of period ``occurred`` is billed: its own period, or, when that invoice is already
+    finalized, the first later period without a finalized invoice (a labelled late line)."""
+    period, late = occurred, False
+    while period in finalized:
+        period, late = next_period(period), True
+    return period, late

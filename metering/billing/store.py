@@ -1,0 +1,250 @@
+"""SQL of the billing write side: fast event inserts, transfers, balances, rollups, price overrides.
+
+Only flushes / executes inside the caller's transaction; the edge commits. The fast paths talk to the
+driver (``executemany`` on SQLite, ``COPY`` on PostgreSQL) because ingest is the hottest write path.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from metering.billing.ledger import CURRENCY, Account, Posting
+from metering.billing.pricing import PriceBook, PriceOverride
+from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey
+from metering.db.models import InvoiceRow, PriceOverrideRow, UsageEventRow
+
+EVENT_COLUMNS: tuple[str, ...] = tuple(column.name for column in UsageEventRow.__table__.columns)
+TRANSFER_COLUMNS = (
+    "id",
+    "debit_account_id",
+    "credit_account_id",
+    "amount_nanos",
+    "currency",
+    "kind",
+    "event_id",
+    "reverses_id",
+    "idempotency_key",
+    "period",
+    "memo",
+    "created_at",
+)
+_IN_CHUNK = 500
+NANOS_PER_MTOK_USD = Decimal(10**9)
+
+
+def dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+# -- value conversion for the driver-level paths --------------------------------------------------
+
+
+def sqlite_uuid(value: uuid.UUID | None) -> str | None:
+    return None if value is None else value.hex
+
+
+def sqlite_time(value: datetime) -> str:
+    """How UTCDateTime stores a moment on SQLite: naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``."""
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def posting_row(posting: Posting, created_at: datetime, sqlite: bool) -> tuple[Any, ...]:
+    ids = (posting.id, posting.event_id, posting.reverses_id)
+    if sqlite:
+        ids = tuple(sqlite_uuid(i) for i in ids)  # type: ignore[assignment]
+    return (
+        ids[0],
+        posting.debit.id,
+        posting.credit.id,
+        posting.amount_nanos,
+        CURRENCY,
+        posting.kind.value,
+        ids[1],
+        ids[2],
+        posting.idempotency_key,
+        posting.period,
+        posting.memo,
+        sqlite_time(created_at) if sqlite else created_at,
+    )
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+def insert_new_events(session: Session, rows: Sequence[tuple[Any, ...]], batch: uuid.UUID) -> set[str]:
+    """Insert event rows (in ``EVENT_COLUMNS`` order, driver values, ``ingest_batch`` = ``batch``), skipping
+    event ids already stored. Returns the ids (32-hex) this call inserted: exactly those, even when another
+    process ingests the same events at the same moment."""
+    if not rows:
+        return set()
+    if dialect(session) == "postgresql":
+        return _insert_events_postgresql(session, rows)
+    return _insert_events_sqlite(session, rows, batch)
+
+
+def _insert_events_sqlite(session: Session, rows: Sequence[tuple[Any, ...]], batch: uuid.UUID) -> set[str]:
+    columns = ", ".join(EVENT_COLUMNS)
+    marks = ", ".join("?" * len(EVENT_COLUMNS))
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        # The first write takes SQLite's write lock until commit: no other writer can interleave, and the
+        # rows carrying this batch's id are exactly the ones inserted here.
+        cursor.executemany(
+            f"INSERT INTO usage_events ({columns}) VALUES ({marks}) ON CONFLICT (event_id) DO NOTHING", rows
+        )
+        ids = [row[0] for row in rows]
+        inserted: set[str] = set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            cursor.execute(
+                f"SELECT event_id FROM usage_events WHERE event_id IN ({', '.join('?' * len(chunk))}) "
+                "AND ingest_batch = ?",
+                [*chunk, batch.hex],
+            )
+            inserted.update(r[0] for r in cursor.fetchall())
+        return inserted
+    finally:
+        cursor.close()
+
+
+def _insert_events_postgresql(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:
+    connection = session.connection().connection.driver_connection
+    columns = ", ".join(EVENT_COLUMNS)
+    with connection.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS ingest_events (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        cursor.execute("TRUNCATE ingest_events")
+        with cursor.copy(f"COPY ingest_events ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        # Sorted by event_id so two batches sharing events always lock them in the same order.
+        cursor.execute(
+            f"INSERT INTO usage_events ({columns}) SELECT {columns} FROM ingest_events ORDER BY event_id "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        )
+        return {r[0].hex for r in cursor.fetchall()}
+
+
+# -- ledger ---------------------------------------------------------------------------------------
+
+
+def post_transfers(session: Session, postings: Sequence[Posting], created_at: datetime) -> None:
+    """Append transfers. Their ids are derived from their cause, so a duplicate is a bug: it fails loudly."""
+    if not postings:
+        return
+    sqlite = dialect(session) == "sqlite"
+    rows = [posting_row(p, created_at, sqlite) for p in postings]
+    connection = session.connection().connection.driver_connection
+    columns = ", ".join(TRANSFER_COLUMNS)
+    if sqlite:
+        marks = ", ".join("?" * len(TRANSFER_COLUMNS))
+        connection.executemany(f"INSERT INTO transfers ({columns}) VALUES ({marks})", rows)  # type: ignore[union-attr]
+        return
+    with connection.cursor() as cursor, cursor.copy(f"COPY transfers ({columns}) FROM STDIN") as copy:  # type: ignore[union-attr]
+        for row in rows:
+            copy.write_row(row)
+
+
+def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[str, int], now: datetime) -> None:
+    """Create missing accounts and add each delta to its cached balance, in account-id order (no deadlocks)."""
+    if not deltas:
+        return
+    stamp: Any = sqlite_time(now) if dialect(session) == "sqlite" else now
+    ordered = sorted(deltas)
+    session.execute(
+        text(
+            "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
+            "VALUES (:id, :kind, :tenant_id, :user_id, :currency, 0, :created_at) ON CONFLICT (id) DO NOTHING"
+        ),
+        [
+            {
+                "id": account_id,
+                "kind": accounts[account_id].kind.value,
+                "tenant_id": accounts[account_id].tenant_id,
+                "user_id": accounts[account_id].user_id,
+                "currency": CURRENCY,
+                "created_at": stamp,
+            }
+            for account_id in ordered
+        ],
+    )
+    session.execute(
+        text("UPDATE accounts SET balance_nanos = balance_nanos + :delta WHERE id = :id"),
+        [{"id": account_id, "delta": deltas[account_id]} for account_id in ordered if deltas[account_id]],
+    )
+
+
+# -- rollups --------------------------------------------------------------------------------------
+
+
+def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
+    """Add each bucket's counters to its hourly rollup row, in key order (no deadlocks)."""
+    if not buckets:
+        return
+    sqlite = dialect(session) == "sqlite"
+    columns = (*KEY_COLUMNS, *COUNTER_COLUMNS)
+    updates = ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
+    sql = (
+        f"INSERT INTO usage_rollups ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET {updates}"
+    )
+    rows = []
+    for key in sorted(buckets, key=lambda k: (k[0], *k[1:8], k[8], k[9])):
+        values = (sqlite_time(key[0]), *key[1:8], int(key[8]), key[9]) if sqlite else key
+        rows.append((*values, *buckets[key]))
+    connection = session.connection().connection.driver_connection
+    if sqlite:
+        connection.executemany(sql.replace("%s", "?"), rows)  # type: ignore[union-attr]
+    else:
+        with connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.executemany(sql, rows)
+
+
+# -- price book and invoices ----------------------------------------------------------------------
+
+
+def override_from_row(row: PriceOverrideRow) -> PriceOverride:
+    def usd(nanos: int | None) -> Decimal | None:
+        return None if nanos is None else Decimal(nanos) / NANOS_PER_MTOK_USD
+
+    return PriceOverride(
+        id=row.id,
+        provider=row.provider,
+        model_pattern=row.model_pattern,
+        effective_from=row.effective_from,
+        effective_to=row.effective_to,
+        input_mtok=usd(row.input_nanos_per_mtok),  # type: ignore[arg-type]
+        output_mtok=usd(row.output_nanos_per_mtok),  # type: ignore[arg-type]
+        cache_read_mtok=usd(row.cache_read_nanos_per_mtok),
+        cache_write_mtok=usd(row.cache_write_nanos_per_mtok),
+        markup_pct=None if row.markup_pct is None else Decimal(row.markup_pct),
+    )
+
+
+def load_price_book(session: Session, markup_pct: Decimal) -> PriceBook:
+    rows = session.scalars(select(PriceOverrideRow)).all()
+    return PriceBook(overrides=tuple(override_from_row(r) for r in rows), markup_pct=markup_pct)
+
+
+def finalized_periods(session: Session, users: Iterable[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
+    """For each (tenant, user): the periods whose invoice is finalized."""
+    wanted = set(users)
+    found: dict[tuple[str, str], set[str]] = {}
+    if not wanted:
+        return found
+    tenants = sorted({tenant for tenant, _ in wanted})
+    stmt = select(InvoiceRow.tenant_id, InvoiceRow.user_id, InvoiceRow.period).where(
+        InvoiceRow.tenant_id.in_(tenants), InvoiceRow.status == "finalized"
+    )
+    for tenant, user, period in session.execute(stmt):
+        if (tenant, user) in wanted:
+            found.setdefault((tenant, user), set()).add(period)
+    return found
