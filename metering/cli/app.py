@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
+from metering.cli import billing_cmd, llm_settings, run, spool_cmd
 from metering.cli import demo as demo_cmd
-from metering.cli import llm_settings, run, spool_cmd
 from metering.cli.common import admin_session, console, usage_table
 from metering.config import Settings
 from metering.db import migrate as db_migrate
@@ -22,6 +22,7 @@ app.add_typer(llm_settings.purpose_app, name="purpose")
 app.add_typer(llm_settings.budget_app, name="budget")
 app.add_typer(llm_settings.keys_app, name="keys")
 app.add_typer(spool_cmd.spool_app, name="spool")
+app.add_typer(billing_cmd.billing_app, name="billing")
 
 
 @app.command()

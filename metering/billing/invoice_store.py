@@ -1,0 +1,243 @@
+"""SQL of invoices: drafts computed from billed events, finalized invoices stored, the period's ledger.
+
+Only flushes inside the caller's transaction; the edge commits.
+
+Concurrency. Finalizing a period must not miss an event that a concurrent ingest is assigning to it.
+On PostgreSQL ``finalize_period`` takes ``pg_advisory_xact_lock(hashtext('invoice:' || period))`` as
+its first statement; ingest must take the shared variant (``lock_period_shared``) for every period it
+may bill into, sorted, *before* it reads ``store.finalized_periods``, and hold it to commit (it is a
+transaction lock). Then either the ingest commits first and finalization (read committed) sees its
+events, or finalization commits first and the ingest sees the invoice and bills late. On SQLite
+``finalize_period`` takes the database write lock (a no-op write) before reading, so it runs alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
+from metering.billing.ledger import CURRENCY
+from metering.billing.periods import finalizable, parse_period, period_bounds
+from metering.billing.store import dialect
+from metering.db.models import InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
+from metering.errors import InvalidInputError, PeriodOpenError
+
+UserKey = tuple[str, str, str]  # (tenant_id, user_id, period)
+
+
+def check_period(period: str) -> str:
+    try:
+        parse_period(period)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    return period
+
+
+# -- locks ----------------------------------------------------------------------------------------
+
+
+def lock_period_shared(session: Session, period: str) -> None:
+    """Ingest side: a shared transaction lock on ``period`` (PostgreSQL; nothing on SQLite). Ingests do
+    not block each other; they wait while the period is being finalized, and finalization waits for them."""
+    if dialect(session) == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock_shared(hashtext('invoice:' || :period))"), {"period": period}
+        )
+
+
+def lock_for_ingest(session: Session, periods: list[str]) -> None:
+    """Before ingest reads finalized invoices: shared period locks (PostgreSQL, in sorted order), or the
+    database write lock (SQLite), so no finalization commits between that read and the batch's writes."""
+    if dialect(session) == "postgresql":
+        for period in periods:
+            lock_period_shared(session, period)
+    else:
+        session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
+
+
+def _lock_period_exclusive(session: Session, period: str) -> None:
+    if dialect(session) == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('invoice:' || :period))"), {"period": period})
+    else:  # SQLite: take the database write lock now, so nothing commits between our reads and our writes
+        session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
+
+
+# -- drafts ---------------------------------------------------------------------------------------
+
+
+def _billed_lines(
+    session: Session, *, period: str | None = None, tenant_id: str | None = None, user_id: str | None = None
+) -> dict[UserKey, list[InvoiceLine]]:
+    """Billed events grouped per (tenant, user, period) into lines per (extension, model, late)."""
+    e = UsageEventRow
+    stmt = (
+        select(
+            e.tenant_id,
+            e.user_id,
+            e.invoice_period,
+            e.extension_id,
+            e.model,
+            e.is_late,
+            func.count(),
+            func.sum(e.charge_nanos),
+        )
+        .where(e.billing_status == "billed", e.invoice_period.is_not(None))
+        .group_by(e.tenant_id, e.user_id, e.invoice_period, e.extension_id, e.model, e.is_late)
+    )
+    if period is not None:
+        stmt = stmt.where(e.invoice_period == period)
+    if tenant_id is not None:
+        stmt = stmt.where(e.tenant_id == tenant_id)
+    if user_id is not None:
+        stmt = stmt.where(e.user_id == user_id)
+    found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
+    for tenant, user, per, extension, model, late, calls, billed in session.execute(stmt):
+        # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal here): exact, made an int again.
+        found[(tenant, user, per)].append(InvoiceLine(extension, model, bool(late), int(calls), int(billed or 0)))
+    return found
+
+
+def draft_lines(session: Session, tenant_id: str, user_id: str, period: str) -> list[InvoiceLine]:
+    """The lines a draft invoice of ``period`` has now (billed events only; BYOLLM calls are never billed)."""
+    check_period(period)
+    lines = _billed_lines(session, period=period, tenant_id=tenant_id, user_id=user_id)
+    return lines.get((tenant_id, user_id, period), [])
+
+
+# -- finalized invoices ---------------------------------------------------------------------------
+
+
+def _stored(session: Session, rows: list[InvoiceRow]) -> dict[UserKey, Invoice]:
+    if not rows:
+        return {}
+    lines: dict[uuid.UUID, list[InvoiceLine]] = defaultdict(list)
+    ids = [row.id for row in rows]
+    for start in range(0, len(ids), 500):
+        stmt = (
+            select(InvoiceLineRow)
+            .where(InvoiceLineRow.invoice_id.in_(ids[start : start + 500]))
+            .order_by(InvoiceLineRow.invoice_id, InvoiceLineRow.line_no)
+        )
+        for line in session.scalars(stmt):
+            lines[line.invoice_id].append(
+                InvoiceLine(line.extension_id, line.model, line.is_late, line.calls, line.billed_nanos)
+            )
+    found = {}
+    for row in rows:
+        # Stored totals are authoritative: a finalized invoice is read back exactly as it was issued.
+        found[(row.tenant_id, row.user_id, row.period)] = Invoice(
+            tenant_id=row.tenant_id,
+            user_id=row.user_id,
+            period=row.period,
+            status="finalized",
+            lines=tuple(lines[row.id]),
+            total_nanos=row.total_nanos,
+            rounded_nanos=row.rounded_nanos,
+            residue_nanos=row.residue_nanos,
+            finalized_at=row.finalized_at,
+        )
+    return found
+
+
+def _finalized(
+    session: Session, *, period: str | None = None, tenant_id: str | None = None, user_id: str | None = None
+) -> dict[UserKey, Invoice]:
+    stmt = select(InvoiceRow).where(InvoiceRow.status == "finalized")
+    if period is not None:
+        stmt = stmt.where(InvoiceRow.period == period)
+    if tenant_id is not None:
+        stmt = stmt.where(InvoiceRow.tenant_id == tenant_id)
+    if user_id is not None:
+        stmt = stmt.where(InvoiceRow.user_id == user_id)
+    return _stored(session, list(session.scalars(stmt)))
+
+
+def get_invoice(session: Session, tenant_id: str, user_id: str, period: str) -> Invoice:
+    """The finalized invoice if there is one, else the draft as of now (empty when nothing was billed)."""
+    check_period(period)
+    key = (tenant_id, user_id, period)
+    finalized = _finalized(session, period=period, tenant_id=tenant_id, user_id=user_id)
+    if key in finalized:
+        return finalized[key]
+    return build_invoice(tenant_id, user_id, period, draft_lines(session, tenant_id, user_id, period), "draft", None)
+
+
+def list_invoices(session: Session, period: str | None = None, tenant_id: str | None = None) -> list[Invoice]:
+    """Every invoice with billed events or a finalized invoice, by period, tenant, user."""
+    if period is not None:
+        check_period(period)
+    invoices = _finalized(session, period=period, tenant_id=tenant_id)
+    for key, lines in _billed_lines(session, period=period, tenant_id=tenant_id).items():
+        if key not in invoices:
+            invoices[key] = build_invoice(*key, lines, "draft", None)
+    return [invoices[key] for key in sorted(invoices, key=lambda k: (k[2], k[0], k[1]))]
+
+
+def finalize_period(
+    session: Session, period: str, now: datetime, grace: timedelta, *, force: bool = False
+) -> list[Invoice]:
+    """Finalize every not-yet-finalized invoice of ``period`` that has billed events; return those it
+    finalized (empty when run again: idempotent). Refuses before the period's end + ``grace`` unless ``force``."""
+    check_period(period)
+    if not force and not finalizable(period, now, grace):
+        raise PeriodOpenError(
+            f"period {period} cannot be finalized before its end plus the grace period of "
+            f"{grace.total_seconds() / 3600:g} h, at {(period_bounds(period)[1] + grace).isoformat()} "
+            "(use force to finalize it anyway)"
+        )
+    _lock_period_exclusive(session, period)
+    done = set(_finalized(session, period=period))
+    issued = []
+    for key, lines in sorted(_billed_lines(session, period=period).items()):
+        if key in done:
+            continue
+        invoice = build_invoice(*key, lines, "finalized", now)
+        _insert(session, invoice)
+        issued.append(invoice)
+    session.flush()
+    return issued
+
+
+def _insert(session: Session, invoice: Invoice) -> None:
+    ident = invoice_id(invoice.tenant_id, invoice.user_id, invoice.period)
+    session.add(
+        InvoiceRow(
+            id=ident,
+            tenant_id=invoice.tenant_id,
+            user_id=invoice.user_id,
+            period=invoice.period,
+            status="finalized",
+            currency=CURRENCY,
+            total_nanos=invoice.total_nanos,
+            rounded_nanos=invoice.rounded_nanos,
+            residue_nanos=invoice.residue_nanos,
+            finalized_at=invoice.finalized_at,
+        )
+    )
+    session.add_all(
+        InvoiceLineRow(
+            invoice_id=ident,
+            line_no=number,
+            extension_id=line.extension_id,
+            model=line.model,
+            is_late=line.is_late,
+            calls=line.calls,
+            billed_nanos=line.billed_nanos,
+        )
+        for number, line in enumerate(invoice.lines, start=1)
+    )
+
+
+# -- ledger ---------------------------------------------------------------------------------------
+
+
+def period_transfers(session: Session, period: str) -> list[TransferRow]:
+    """Every transfer of ``period``, in posting order (created_at, id)."""
+    check_period(period)
+    stmt = select(TransferRow).where(TransferRow.period == period).order_by(TransferRow.created_at, TransferRow.id)
+    return list(session.scalars(stmt))

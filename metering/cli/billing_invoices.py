@@ -1,0 +1,128 @@
+"""Commands for monthly invoices and the period's ledger export."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from metering.billing import invoice_store
+from metering.billing.export import invoice_csv, ledger_csv
+from metering.billing.invoices import Invoice
+from metering.billing.money import format_usd
+from metering.cli.common import admin_session, console
+from metering.config import Settings
+
+invoices_app = typer.Typer(
+    help="Monthly invoices: drafts while the period is open (plus a grace period), then finalized and immutable.",
+    no_args_is_help=True,
+)
+
+PeriodArg = Annotated[str, typer.Argument(help="Billing period, YYYY-MM (a calendar month in UTC).")]
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Write the CSV here (default: stdout).")]
+
+
+def _summary_table(invoices: list[Invoice]) -> Table:
+    table = Table(title=f"{len(invoices)} invoice(s)", title_justify="left")
+    for column in ("period", "tenant", "user", "status", "lines", "calls", "total", "rounded", "residue"):
+        table.add_column(
+            column, justify="right" if column in ("lines", "calls", "total", "rounded", "residue") else "left"
+        )
+    for inv in invoices:
+        table.add_row(
+            inv.period,
+            inv.tenant_id,
+            inv.user_id,
+            inv.status,
+            str(len(inv.lines)),
+            str(inv.calls),
+            format_usd(inv.total_nanos),
+            format_usd(inv.rounded_nanos),
+            format_usd(inv.residue_nanos),
+        )
+    return table
+
+
+def _invoice_table(inv: Invoice) -> Table:
+    when = f", finalized {inv.finalized_at.isoformat()}" if inv.finalized_at else ""
+    table = Table(
+        title=f"Invoice {inv.period} · {inv.tenant_id} / {inv.user_id} · {inv.status}{when}", title_justify="left"
+    )
+    for column in ("extension", "model", "late", "calls", "amount"):
+        table.add_column(column, justify="right" if column in ("calls", "amount") else "left")
+    for line in inv.lines:
+        late = "late" if line.is_late else ""
+        table.add_row(line.extension_id, line.model, late, str(line.calls), format_usd(line.billed_nanos))
+    table.add_section()
+    table.add_row("total", "", "", str(inv.calls), format_usd(inv.total_nanos))
+    table.add_row("total (rounded to cents, half-even)", "", "", "", format_usd(inv.rounded_nanos))
+    table.add_row("rounding residue", "", "", "", format_usd(inv.residue_nanos))
+    return table
+
+
+def _write(text: str, out: Path | None) -> None:
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8", newline="")
+        console.print(f"wrote {out}", highlight=False)
+
+
+@invoices_app.command("list")
+def list_command(
+    period: Annotated[str | None, typer.Option("--period", "-p", help="Only this period (YYYY-MM).")] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
+) -> None:
+    """List invoices: finalized ones, and drafts of every user with billed usage."""
+    with admin_session() as (session, _box):
+        console.print(_summary_table(invoice_store.list_invoices(session, period=period, tenant_id=tenant)))
+
+
+@invoices_app.command("show")
+def show_command(
+    tenant: Annotated[str, typer.Argument(help="Tenant id.")],
+    user: Annotated[str, typer.Argument(help="User id.")],
+    period: PeriodArg,
+) -> None:
+    """Show one invoice (the draft as of now, unless it is finalized)."""
+    with admin_session() as (session, _box):
+        invoice = invoice_store.get_invoice(session, tenant, user, period)
+    console.print(_invoice_table(invoice))
+    if not invoice.lines:
+        console.print("(no billed usage in this period)")
+
+
+@invoices_app.command("finalize")
+def finalize_command(
+    period: PeriodArg,
+    force: Annotated[bool, typer.Option("--force", help="Finalize even inside the grace period.")] = False,
+) -> None:
+    """Finalize a period's invoices (after its end plus the grace period). Running it again changes nothing."""
+    grace = timedelta(hours=Settings().billing.invoice_grace_hours)
+    with admin_session() as (session, _box):
+        issued = invoice_store.finalize_period(session, period, datetime.now(UTC), grace, force=force)
+    total = sum(inv.rounded_nanos for inv in issued)
+    console.print(f"finalized {len(issued)} invoice(s) of {period}, {format_usd(total)} in all", highlight=False)
+
+
+@invoices_app.command("export")
+def export_command(
+    tenant: Annotated[str, typer.Argument(help="Tenant id.")],
+    user: Annotated[str, typer.Argument(help="User id.")],
+    period: PeriodArg,
+    out: OutOption = None,
+) -> None:
+    """Export one invoice as CSV (exact amounts; total, rounded total and residue rows at the end)."""
+    with admin_session() as (session, _box):
+        text = invoice_csv(invoice_store.get_invoice(session, tenant, user, period))
+    _write(text, out)
+
+
+def ledger_export_command(period: PeriodArg, out: OutOption = None) -> None:
+    """Export every ledger transfer of a period as CSV, in posting order."""
+    with admin_session() as (session, _box):
+        text = ledger_csv(session, period)
+    _write(text, out)

@@ -1,0 +1,279 @@
+"""Invoices on SQLite and PostgreSQL, through ingest: exact drafts, finalization after the grace period,
+immutability (late events go to the next open invoice as late lines), CSV exports, the period lock."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
+from typer.testing import CliRunner
+
+from metering.billing import invoice_store
+from metering.billing.export import LEDGER_COLUMNS, invoice_csv, ledger_csv
+from metering.billing.ingest import ingest
+from metering.cli.billing_invoices import invoices_app, ledger_export_command
+from metering.db.models import InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
+from metering.errors import InvalidInputError, PeriodOpenError
+from metering.events import event_from_record
+from tests.fakes.events import record
+
+MARCH = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
+APRIL = datetime(2025, 4, 2, 9, 0, tzinfo=UTC)
+GRACE = timedelta(hours=72)
+END_OF_GRACE = datetime(2025, 4, 4, tzinfo=UTC)  # 2025-04-01 00:00 UTC + 72 h
+TENANT = "tenant-1"
+
+
+def ingest_records(session_factory, records: list[dict], now: datetime) -> None:
+    with session_factory() as session:
+        result = ingest(session, [event_from_record(r) for r in records], markup_pct=Decimal(20), now=now)
+        session.commit()
+    assert result.rejected == [] and result.inserted == len(records)
+
+
+def march_usage(session_factory, user: str = "user-1") -> None:
+    """5 billed calls over 2 models and 2 extensions, plus 2 BYOLLM calls (never billed), in March."""
+    records = [
+        record(0, user_id=user, occurred_at=MARCH, input_tokens=1_200, output_tokens=300),
+        record(1, user_id=user, occurred_at=MARCH + timedelta(days=1), input_tokens=5_000, output_tokens=1_000),
+        record(2, user_id=user, occurred_at=MARCH, model="claude-haiku-4-5", input_tokens=777, output_tokens=33),
+        record(0, user_id=user, occurred_at=MARCH, extension_id="summarize", input_tokens=10_001, output_tokens=7),
+        record(1, user_id=user, occurred_at=MARCH, extension_id="summarize", input_tokens=9_999, output_tokens=3),
+        record(3, user_id=user, occurred_at=MARCH, is_byollm=True, input_tokens=50_000, output_tokens=9_000),
+        record(4, user_id=user, occurred_at=MARCH, is_byollm=True, model="claude-haiku-4-5"),
+    ]
+    ingest_records(session_factory, records, now=MARCH + timedelta(days=2))
+
+
+def billed_sum(session, user: str, period: str) -> tuple[int, int]:
+    e = UsageEventRow
+    stmt = select(func.count(), func.coalesce(func.sum(e.charge_nanos), 0)).where(
+        e.user_id == user, e.invoice_period == period, e.billing_status == "billed"
+    )
+    calls, total = session.execute(stmt).one()
+    return int(calls), int(total)
+
+
+def test_draft_total_is_the_exact_sum_of_billed_charges(session_factory) -> None:
+    march_usage(session_factory)
+    with session_factory() as session:
+        invoice = invoice_store.get_invoice(session, TENANT, "user-1", "2025-03")
+        calls, total = billed_sum(session, "user-1", "2025-03")
+        byollm = session.scalars(select(UsageEventRow).where(UsageEventRow.is_byollm.is_(True))).all()
+    assert invoice.status == "draft" and invoice.finalized_at is None
+    assert calls == 5 and total > 0
+    assert invoice.total_nanos == total and invoice.calls == 5
+    assert invoice.rounded_nanos % 10_000_000 == 0
+    assert invoice.rounded_nanos + invoice.residue_nanos == total
+    assert [(x.extension_id, x.model, x.is_late, x.calls) for x in invoice.lines] == [
+        ("rewrite", "claude-haiku-4-5", False, 1),
+        ("rewrite", "claude-sonnet-4-6", False, 2),
+        ("summarize", "claude-sonnet-4-6", False, 2),
+    ]
+    # BYOLLM calls are metered (shadow cost kept) but never billed, so never on an invoice.
+    assert len(byollm) == 2 and all(r.billing_status != "billed" and r.shadow_nanos > 0 for r in byollm)
+    assert sum(line.billed_nanos for line in invoice.lines) == total
+
+
+def test_a_byollm_only_user_has_no_invoice(session_factory) -> None:
+    march_usage(session_factory, "user-1")
+    ingest_records(
+        session_factory, [record(0, user_id="byo", occurred_at=MARCH, is_byollm=True)], now=MARCH + timedelta(days=2)
+    )
+    with session_factory() as session:
+        listed = invoice_store.list_invoices(session)
+        assert [(i.user_id, i.period) for i in listed] == [("user-1", "2025-03")]
+        assert invoice_store.get_invoice(session, TENANT, "byo", "2025-03").lines == ()
+        invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+        assert session.scalar(select(func.count()).select_from(InvoiceRow).where(InvoiceRow.user_id == "byo")) == 0
+
+
+def test_finalize_refuses_inside_the_grace_period(session_factory) -> None:
+    march_usage(session_factory)
+    with session_factory() as session:
+        for now in (MARCH, datetime(2025, 4, 1, tzinfo=UTC), END_OF_GRACE - timedelta(microseconds=1)):
+            with pytest.raises(PeriodOpenError, match="2025-03"):
+                invoice_store.finalize_period(session, "2025-03", now, GRACE)
+        assert session.scalar(select(func.count()).select_from(InvoiceRow)) == 0
+        with pytest.raises(InvalidInputError):
+            invoice_store.finalize_period(session, "2025-13", END_OF_GRACE, GRACE)
+
+
+def test_finalize_after_the_grace_period_is_idempotent(session_factory) -> None:
+    march_usage(session_factory, "user-1")
+    march_usage(session_factory, "user-2")
+    with session_factory() as session:
+        draft = invoice_store.get_invoice(session, TENANT, "user-1", "2025-03")
+        issued = invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+    assert [(i.user_id, i.status, i.finalized_at) for i in issued] == [
+        ("user-1", "finalized", END_OF_GRACE),
+        ("user-2", "finalized", END_OF_GRACE),
+    ]
+    with session_factory() as session:
+        stored = invoice_store.get_invoice(session, TENANT, "user-1", "2025-03")
+        assert stored.status == "finalized" and stored.finalized_at == END_OF_GRACE
+        assert (stored.lines, stored.total_nanos, stored.rounded_nanos, stored.residue_nanos) == (
+            draft.lines,
+            draft.total_nanos,
+            draft.rounded_nanos,
+            draft.residue_nanos,
+        )
+        counts = (
+            session.scalar(select(func.count()).select_from(InvoiceRow)),
+            session.scalar(select(func.count()).select_from(InvoiceLineRow)),
+        )
+        assert counts == (2, 6)
+        assert invoice_store.finalize_period(session, "2025-03", END_OF_GRACE + timedelta(days=9), GRACE) == []
+        session.commit()
+    with session_factory() as session:
+        again = (
+            session.scalar(select(func.count()).select_from(InvoiceRow)),
+            session.scalar(select(func.count()).select_from(InvoiceLineRow)),
+        )
+        assert again == counts
+        assert invoice_store.get_invoice(session, TENANT, "user-1", "2025-03") == stored
+
+
+def test_force_finalizes_inside_the_grace_period(session_factory) -> None:
+    march_usage(session_factory)
+    with session_factory() as session:
+        issued = invoice_store.finalize_period(session, "2025-03", APRIL, GRACE, force=True)
+        session.commit()
+    assert [i.status for i in issued] == ["finalized"]
+
+
+def test_a_late_event_goes_to_the_next_open_invoice_and_the_finalized_one_never_changes(session_factory) -> None:
+    march_usage(session_factory)
+    with session_factory() as session:
+        (finalized,) = invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+    late = record(9, occurred_at=MARCH + timedelta(days=20), input_tokens=4_321, output_tokens=123)
+    on_time = record(0, occurred_at=APRIL, input_tokens=1_000, output_tokens=100)
+    ingest_records(session_factory, [late, on_time], now=END_OF_GRACE + timedelta(hours=1))
+    with session_factory() as session:
+        march = invoice_store.get_invoice(session, TENANT, "user-1", "2025-03")
+        april = invoice_store.get_invoice(session, TENANT, "user-1", "2025-04")
+        late_row = session.get(UsageEventRow, event_from_record(late).event_id)
+        late_transfers = session.scalars(select(TransferRow).where(TransferRow.event_id == late_row.event_id)).all()
+        _, april_total = billed_sum(session, "user-1", "2025-04")
+    assert march == finalized  # lines, totals and finalized_at unchanged
+    assert (late_row.invoice_period, late_row.is_late) == ("2025-04", True)
+    assert {t.period for t in late_transfers} == {"2025-04"}
+    assert april.status == "draft"
+    assert [(x.extension_id, x.model, x.is_late, x.calls) for x in april.lines] == [
+        ("rewrite", "claude-sonnet-4-6", False, 1),
+        ("rewrite", "claude-sonnet-4-6", True, 1),
+    ]
+    assert april.lines[1].billed_nanos == late_row.charge_nanos
+    assert april.total_nanos == april_total
+
+
+def test_list_invoices_mixes_finalized_and_drafts_and_filters(session_factory) -> None:
+    march_usage(session_factory, "user-1")
+    ingest_records(session_factory, [record(0, occurred_at=APRIL)], now=APRIL + timedelta(hours=1))
+    with session_factory() as session:
+        invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+        listed = invoice_store.list_invoices(session)
+        assert [(i.period, i.user_id, i.status) for i in listed] == [
+            ("2025-03", "user-1", "finalized"),
+            ("2025-04", "user-1", "draft"),
+        ]
+        assert [i.period for i in invoice_store.list_invoices(session, period="2025-04")] == ["2025-04"]
+        assert invoice_store.list_invoices(session, tenant_id="another") == []
+
+
+def test_invoice_csv_has_the_lines_and_exact_totals(session_factory) -> None:
+    march_usage(session_factory)
+    with session_factory() as session:
+        invoice = invoice_store.get_invoice(session, TENANT, "user-1", "2025-03")
+    rows = list(csv.DictReader(io.StringIO(invoice_csv(invoice))))
+    lines = [r for r in rows if r["row"] == "line"]
+    assert [(r["extension_id"], r["model"], int(r["calls"]), int(r["amount_nanos"])) for r in lines] == [
+        (x.extension_id, x.model, x.calls, x.billed_nanos) for x in invoice.lines
+    ]
+    assert all(Decimal(r["amount_usd"]) * 10**9 == int(r["amount_nanos"]) for r in rows)
+    summary = {r["row"]: int(r["amount_nanos"]) for r in rows if r["row"] != "line"}
+    assert summary == {
+        "total": invoice.total_nanos,
+        "rounded_total": invoice.rounded_nanos,
+        "residue": invoice.residue_nanos,
+    }
+
+
+def test_ledger_csv_lists_the_periods_transfers_in_order(session_factory) -> None:
+    march_usage(session_factory)
+    ingest_records(session_factory, [record(0, occurred_at=APRIL)], now=APRIL + timedelta(hours=1))
+    with session_factory() as session:
+        expected = session.scalars(
+            select(TransferRow).where(TransferRow.period == "2025-03").order_by(TransferRow.created_at, TransferRow.id)
+        ).all()
+        exported = ledger_csv(session, "2025-03")
+    rows = list(csv.DictReader(io.StringIO(exported)))
+    assert tuple(rows[0]) == LEDGER_COLUMNS
+    assert len(expected) == 10  # 5 billed calls: a usage charge and a provider cost each
+    assert [r["id"] for r in rows] == [str(t.id) for t in expected]
+    assert [(r["kind"], r["debit_account_id"], int(r["amount_nanos"])) for r in rows] == [
+        (t.kind, t.debit_account_id, t.amount_nanos) for t in expected
+    ]
+    assert all(Decimal(r["amount_usd"]) * 10**9 == int(r["amount_nanos"]) for r in rows)
+    assert rows[0]["created_at"] == expected[0].created_at.isoformat()
+    assert {r["event_id"] for r in rows} <= {str(t.event_id) for t in expected}
+
+
+def test_the_period_lock_blocks_finalization_while_an_ingest_holds_it(session_factory, backend) -> None:
+    march_usage(session_factory)
+    with session_factory() as ingesting:
+        invoice_store.lock_period_shared(ingesting, "2025-03")
+        invoice_store.lock_period_shared(ingesting, "2025-03")  # shared: re-entrant, and other ingests pass
+        if backend == "postgresql":
+            with session_factory() as finalizing:
+                finalizing.execute(text("SET LOCAL lock_timeout = '200ms'"))
+                with pytest.raises(OperationalError, match="lock timeout"):
+                    invoice_store.finalize_period(finalizing, "2025-03", END_OF_GRACE, GRACE)
+        ingesting.commit()
+    with session_factory() as finalizing:
+        assert len(invoice_store.finalize_period(finalizing, "2025-03", END_OF_GRACE, GRACE)) == 1
+        finalizing.commit()
+
+
+def test_the_cli_finalizes_shows_and_exports(session_factory, db_url, tmp_path) -> None:
+    march_usage(session_factory)
+    env = {"METERING_DATABASE_URL": db_url, "METERING_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    runner = CliRunner()
+    listed = runner.invoke(invoices_app, ["list", "--period", "2025-03"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert "user-1" in listed.output and "draft" in listed.output
+    done = runner.invoke(invoices_app, ["finalize", "2025-03"], env=env)
+    assert done.exit_code == 0, done.output
+    assert "finalized 1 invoice(s) of 2025-03" in done.output
+    open_period = runner.invoke(invoices_app, ["finalize", "2999-01"], env=env)
+    assert open_period.exit_code != 0
+    shown = runner.invoke(invoices_app, ["show", TENANT, "user-1", "2025-03"], env=env)
+    assert shown.exit_code == 0 and "finalized" in shown.output and "rounding residue" in shown.output
+    out = tmp_path / "invoice.csv"
+    exported = runner.invoke(invoices_app, ["export", TENANT, "user-1", "2025-03", "--out", str(out)], env=env)
+    assert exported.exit_code == 0, exported.output
+    with session_factory() as session:
+        invoice = invoice_store.get_invoice(session, TENANT, "user-1", "2025-03")
+    assert out.read_text(encoding="utf-8") == invoice_csv(invoice).replace("\r\n", "\n")
+    ledger = tmp_path / "ledger.csv"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        ledger_export_command("2025-03", ledger)
+    assert len(list(csv.DictReader(ledger.open(newline="")))) == 10
+
+
+def test_draft_lines_of_nobody_are_empty(session_factory) -> None:
+    with session_factory() as session:
+        assert invoice_store.draft_lines(session, TENANT, "nobody", "2025-03") == []
+        with pytest.raises(InvalidInputError, match="YYYY-MM"):
+            invoice_store.draft_lines(session, TENANT, "nobody", "March")
