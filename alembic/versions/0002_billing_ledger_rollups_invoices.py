@@ -91,12 +91,16 @@ def upgrade() -> None:
         sa.CheckConstraint("amount_nanos > 0", name=op.f("ck_transfers_amount_positive")),
         sa.CheckConstraint("debit_account_id <> credit_account_id", name=op.f("ck_transfers_two_accounts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_transfers")),
-        sa.UniqueConstraint("idempotency_key", name="uq_transfers_idempotency_key"),
     )
     with op.batch_alter_table("transfers", schema=None) as batch_op:
         batch_op.create_index("ix_transfers_created", ["created_at", "id"], unique=False)
-        batch_op.create_index("ix_transfers_credit", ["credit_account_id"], unique=False)
-        batch_op.create_index("ix_transfers_debit", ["debit_account_id"], unique=False)
+        batch_op.create_index(
+            "uq_transfers_idempotency_key",
+            ["idempotency_key"],
+            unique=True,
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+            sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+        )
         batch_op.create_index("ix_transfers_event", ["event_id"], unique=False)
 
     op.create_table(
@@ -174,8 +178,7 @@ def downgrade() -> None:
     op.drop_table("usage_rollups")
     with op.batch_alter_table("transfers", schema=None) as batch_op:
         batch_op.drop_index("ix_transfers_event")
-        batch_op.drop_index("ix_transfers_debit")
-        batch_op.drop_index("ix_transfers_credit")
+        batch_op.drop_index("uq_transfers_idempotency_key")
         batch_op.drop_index("ix_transfers_created")
 
     op.drop_table("transfers")

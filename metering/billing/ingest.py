@@ -10,6 +10,7 @@ the provider cost (transfer ids derived from the event id), update cached balanc
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,14 +21,28 @@ import orjson
 from pydantic import ValidationError
 
 from metering.billing import store
-from metering.billing.ledger import Posting, accounts_of, balance_deltas, usage_postings
+from metering.billing.invoice_store import lock_for_ingest
+from metering.billing.ledger import (
+    CURRENCY,
+    REVENUE,
+    Account,
+    Posting,
+    TransferKind,
+    fast_transfer_id,
+    provider_cost,
+    provider_payable,
+    str_uuid,
+    usage_postings,
+    user_wallet,
+)
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus, Decision, decide
 from metering.billing.rates import RateCards
-from metering.billing.rollup import RollupInput, fold, hour_of, latency_us
+from metering.billing.rollup import COUNTER_COLUMNS, RollupInput, RollupKey, hour_of, latency_us
 from metering.events import Status, UsageEvent, event_from_record
 
 MAX_FUTURE = timedelta(minutes=5)
+CHARGE, COST = TransferKind.USAGE_CHARGE.value, TransferKind.PROVIDER_COST.value
 EARLIEST = datetime(2020, 1, 1, tzinfo=UTC)
 
 _ROW_COLUMNS = (
@@ -73,6 +88,8 @@ _ROW_COLUMNS = (
     "invoice_period",
     "is_late",
 )
+if len(COUNTER_COLUMNS) != 12:  # fold_priced writes counters in this order
+    raise RuntimeError("rollup counters changed: update metering.billing.ingest.fold_priced")
 if store.EVENT_COLUMNS != _ROW_COLUMNS:  # _row writes values in this order
     raise RuntimeError("usage_events columns changed: update metering.billing.ingest._row")
 
@@ -172,11 +189,13 @@ def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[
         period, late = None, False
         if decision.status is BillingStatus.BILLED:
             closed = finalized.get((e.tenant_id, e.user_id), no_periods)
-            period, late = billing_period(period_of(e.occurred_at), closed)
+            period, late = (
+                billing_period(period_of(e.occurred_at), closed) if closed else (period_of(e.occurred_at), False)
+            )
         if quote is None:
             priced.append(Priced(e, decision, None, None, None, period, late))
         else:
-            priced.append(Priced(e, decision, str(quote.markup_pct), quote.source, quote.source_version, period, late))
+            priced.append(Priced(e, decision, quote.markup_text, quote.source, quote.source_version, period, late))
     return priced
 
 
@@ -259,17 +278,84 @@ def ingest(
     result = IngestResult(duplicates=repeats, rejected=rejected)
     if not events:
         return result
+    # Finalizing a period takes its lock exclusively: hold it shared while we read which invoices are
+    # final and bill into them (PostgreSQL). On SQLite, take the database write lock now instead.
+    lock_for_ingest(session, sorted({period_of(e.occurred_at) for e in events}))
     cards = RateCards(store.load_price_book(session, markup_pct))
     finalized = store.finalized_periods(session, {(e.tenant_id, e.user_id) for e in events})
     priced = price(events, cards, finalized)
+    late_periods = sorted({p.period for p in priced if p.late and p.period is not None})
+    if late_periods:
+        lock_for_ingest(session, late_periods)
     batch = uuid.uuid4()
     sqlite = store.dialect(session) == "sqlite"
     inserted_ids = store.insert_new_events(session, [_row(p, batch, now, sqlite) for p in priced], batch)
     new = [p for p in priced if p.event.event_id.hex in inserted_ids]
     result.inserted = len(new)
     result.duplicates += len(priced) - len(new)
-    postings = [posting for p in new for posting in postings_for(p)]
-    store.post_transfers(session, postings, now)
-    store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
-    store.upsert_rollups(session, fold(rollup_input(p) for p in new))
+    rows, deltas, accounts = usage_transfer_rows(new, now, sqlite)
+    store.insert_transfer_rows(session, rows)
+    store.apply_balances(session, accounts, deltas, now)
+    store.upsert_rollups(session, fold_priced(new))
     return result
+
+
+def usage_transfer_rows(
+    new: Sequence[Priced], now: datetime, sqlite: bool
+) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, Account]]:
+    """The transfer rows of ``postings_for`` for a whole batch, built without intermediate objects (the
+    ingest hot path), with the balance deltas and the accounts they touch."""
+    rows: list[tuple[Any, ...]] = []
+    deltas: dict[str, int] = defaultdict(int)
+    accounts: dict[str, Account] = {REVENUE.id: REVENUE}
+    created: Any = store.sqlite_time(now) if sqlite else now
+    for p in new:
+        d = p.decision
+        if d.status is not BillingStatus.BILLED or p.period is None:
+            continue
+        e = p.event
+        event_ref = e.event_id.hex
+        cause = str_uuid(event_ref)
+        if d.charge_nanos > 0:
+            wallet = f"user:{e.tenant_id}:{e.user_id}"
+            if wallet not in accounts:
+                accounts[wallet] = user_wallet(e.tenant_id, e.user_id)
+            rows.append((fast_transfer_id(cause, CHARGE), wallet, REVENUE.id, d.charge_nanos, CURRENCY, CHARGE,
+                         event_ref, None, None, p.period, None, created))  # fmt: skip
+            deltas[wallet] -= d.charge_nanos
+            deltas[REVENUE.id] += d.charge_nanos
+        if d.cost_nanos > 0:
+            cost, payable = f"provider:{e.provider}:cost", f"provider:{e.provider}:payable"
+            if cost not in accounts:
+                accounts[cost], accounts[payable] = provider_cost(e.provider), provider_payable(e.provider)
+            rows.append((fast_transfer_id(cause, COST), cost, payable, d.cost_nanos, CURRENCY, COST, event_ref,
+                         None, None, p.period, None, created))  # fmt: skip
+            deltas[cost] -= d.cost_nanos
+            deltas[payable] += d.cost_nanos
+    return rows, dict(deltas), accounts
+
+
+def fold_priced(new: Sequence[Priced]) -> dict[RollupKey, list[int]]:
+    """``fold(rollup_input(p) for p in new)`` without the intermediate objects (the ingest hot path)."""
+    buckets: dict[RollupKey, list[int]] = {}
+    error, unpriced = Status.ERROR, BillingStatus.UNPRICED
+    for p in new:
+        e, d = p.event, p.decision
+        key = (hour_of(e.occurred_at), e.tenant_id, e.user_id, e.extension_id, e.function, e.purpose, e.provider,
+               e.model, e.is_byollm, e.status.value)  # fmt: skip
+        c = buckets.get(key)
+        if c is None:
+            c = buckets[key] = [0] * 12
+        c[0] += 1
+        c[1] += e.input_tokens
+        c[2] += e.output_tokens
+        c[3] += e.cache_read_tokens
+        c[4] += e.cache_write_tokens
+        c[5] += e.reasoning_tokens
+        c[6] += d.charge_nanos
+        c[7] += d.shadow_nanos
+        c[8] += d.cost_nanos
+        c[9] += latency_us(e.latency_ms)
+        c[10] += e.status is error
+        c[11] += d.status is unpriced
+    return buckets

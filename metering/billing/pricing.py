@@ -135,6 +135,10 @@ class Quote:
     source_version: str  # override id, or "genai-prices==<version> (<data snapshot>)"
     matched_model: str | None  # the override's model_pattern, or genai-prices' model id
 
+    @property
+    def markup_text(self) -> str:
+        return str(self.markup_pct)
+
 
 def select_override(
     overrides: Iterable[PriceOverride], *, provider: str, model: str, at: datetime

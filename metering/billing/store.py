@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metering.billing.ledger import CURRENCY, Account, Posting
@@ -153,33 +153,63 @@ def post_transfers(session: Session, postings: Sequence[Posting], created_at: da
             copy.write_row(row)
 
 
+def insert_transfer_rows(session: Session, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append transfer rows already in ``TRANSFER_COLUMNS`` order with driver values (ids as 32-hex)."""
+    if not rows:
+        return
+    connection = session.connection().connection.driver_connection
+    columns = ", ".join(TRANSFER_COLUMNS)
+    if dialect(session) == "sqlite":
+        marks = ", ".join("?" * len(TRANSFER_COLUMNS))
+        connection.executemany(f"INSERT INTO transfers ({columns}) VALUES ({marks})", rows)  # type: ignore[union-attr]
+        return
+    with connection.cursor() as cursor, cursor.copy(f"COPY transfers ({columns}) FROM STDIN") as copy:  # type: ignore[union-attr]
+        for row in rows:
+            copy.write_row(row)
+
+
 def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[str, int], now: datetime) -> None:
     """Create missing accounts and add each delta to its cached balance, in account-id order (no deadlocks)."""
     if not deltas:
         return
-    stamp: Any = sqlite_time(now) if dialect(session) == "sqlite" else now
+    sqlite = dialect(session) == "sqlite"
+    stamp: Any = sqlite_time(now) if sqlite else now
     ordered = sorted(deltas)
-    session.execute(
-        text(
-            "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
-            "VALUES (:id, :kind, :tenant_id, :user_id, :currency, 0, :created_at) ON CONFLICT (id) DO NOTHING"
-        ),
-        [
-            {
-                "id": account_id,
-                "kind": accounts[account_id].kind.value,
-                "tenant_id": accounts[account_id].tenant_id,
-                "user_id": accounts[account_id].user_id,
-                "currency": CURRENCY,
-                "created_at": stamp,
-            }
-            for account_id in ordered
-        ],
+    new_accounts = [
+        (i, accounts[i].kind.value, accounts[i].tenant_id, accounts[i].user_id, CURRENCY, stamp) for i in ordered
+    ]
+    updates = [(deltas[i], i) for i in ordered if deltas[i]]
+    mark = "?" if sqlite else "%s"
+    insert = (
+        "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
+        f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark}, 0, {mark}) ON CONFLICT (id) DO NOTHING"
     )
-    session.execute(
-        text("UPDATE accounts SET balance_nanos = balance_nanos + :delta WHERE id = :id"),
-        [{"id": account_id, "delta": deltas[account_id]} for account_id in ordered if deltas[account_id]],
-    )
+    update = f"UPDATE accounts SET balance_nanos = balance_nanos + {mark} WHERE id = {mark}"
+    connection = session.connection().connection.driver_connection
+    if sqlite:
+        connection.executemany(insert, new_accounts)  # type: ignore[union-attr]
+        connection.executemany(update, updates)  # type: ignore[union-attr]
+    else:  # set-based: COPY the batch's accounts and deltas once, then two statements
+        with connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS ingest_accounts (id text, kind text, tenant_id text, user_id text,"
+                " currency text, created_at timestamptz, delta bigint) ON COMMIT DELETE ROWS"
+            )
+            cursor.execute("TRUNCATE ingest_accounts")
+            with cursor.copy("COPY ingest_accounts FROM STDIN") as copy:
+                for row in new_accounts:
+                    copy.write_row((*row, deltas[row[0]]))
+            cursor.execute(
+                "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
+                "SELECT id, kind, tenant_id, user_id, currency, 0, created_at FROM ingest_accounts ORDER BY id "
+                "ON CONFLICT (id) DO NOTHING"
+            )
+            # Lock in id order first, so two concurrent batches never wait on each other in a cycle.
+            cursor.execute("SELECT 1 FROM accounts WHERE id IN (SELECT id FROM ingest_accounts) ORDER BY id FOR UPDATE")
+            cursor.execute(
+                "UPDATE accounts a SET balance_nanos = a.balance_nanos + d.delta FROM ingest_accounts d "
+                "WHERE a.id = d.id AND d.delta <> 0"
+            )
 
 
 # -- rollups --------------------------------------------------------------------------------------
@@ -203,9 +233,21 @@ def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> Non
     connection = session.connection().connection.driver_connection
     if sqlite:
         connection.executemany(sql.replace("%s", "?"), rows)  # type: ignore[union-attr]
-    else:
+    else:  # set-based: COPY the batch's buckets, then one INSERT ... SELECT ... ON CONFLICT DO UPDATE
+        keys, names = ", ".join(KEY_COLUMNS), ", ".join(columns)
         with connection.cursor() as cursor:  # type: ignore[union-attr]
-            cursor.executemany(sql, rows)
+            cursor.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS ingest_rollups "
+                "(LIKE usage_rollups INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            cursor.execute("TRUNCATE ingest_rollups")
+            with cursor.copy(f"COPY ingest_rollups ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cursor.execute(
+                f"INSERT INTO usage_rollups ({names}) SELECT {names} FROM ingest_rollups ORDER BY {keys} "
+                f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+            )
 
 
 # -- price book and invoices ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from metering.billing.money import format_usd
 from metering.config import Settings
 from metering.db.models import UsageEventRow
 from metering.errors import MeteringError
@@ -66,8 +67,11 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") ->
         "out",
         "usage",
         "latency ms",
+        "billing",
+        "charge $",
     ):
-        table.add_column(column, justify="right" if column in ("#", "in", "out", "latency ms") else "left")
+        right = column in ("#", "in", "out", "latency ms", "charge $")
+        table.add_column(column, justify="right" if right else "left")
     for row in rows:
         table.add_row(
             str(row.call_index),
@@ -83,6 +87,9 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") ->
             str(row.output_tokens),
             row.usage_completeness,
             f"{row.latency_ms:.1f}",
+            row.billing_status,
+            format_usd(row.charge_nanos if row.billing_status == "billed" else row.shadow_nanos)
+            + (" (shadow)" if row.billing_status == "excluded_byollm" else ""),
         )
     return table
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -192,9 +193,14 @@ class TransferRow(Base):
     __table_args__ = (
         CheckConstraint("amount_nanos > 0", name="amount_positive"),
         CheckConstraint("debit_account_id <> credit_account_id", name="two_accounts"),
-        UniqueConstraint("idempotency_key", name="uq_transfers_idempotency_key"),
-        Index("ix_transfers_debit", "debit_account_id"),
-        Index("ix_transfers_credit", "credit_account_id"),
+        # Partial: only credits and adjustments carry a key; usage transfers (the bulk) skip the index.
+        Index(
+            "uq_transfers_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
         Index("ix_transfers_event", "event_id"),
         Index("ix_transfers_created", "created_at", "id"),
     )

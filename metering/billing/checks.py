@@ -1,0 +1,118 @@
+"""Ledger and rollup invariants, proven against the database (run by `metering billing check` and tests).
+
+1. The balances of all accounts sum to zero (every transfer debits and credits the same amount).
+2. Each account's cached balance equals credits minus debits over its transfers.
+3. Every transfer names existing accounts.
+4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos;
+   an event that is not billed has a net charge of zero (so no BYOLLM call is ever charged).
+5. Hourly rollups equal a recomputation from the raw events (an independent GROUP BY in SQL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    accounts: int = 0
+    transfers: int = 0
+    rollups: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _scalar(session: Session, sql: str) -> Any:
+    return session.execute(text(sql)).scalar()
+
+
+def check_ledger(session: Session, report: CheckReport) -> None:
+    report.accounts = _scalar(session, "SELECT count(*) FROM accounts") or 0
+    report.transfers = _scalar(session, "SELECT count(*) FROM transfers") or 0
+    total = _scalar(session, "SELECT coalesce(sum(balance_nanos), 0) FROM accounts")
+    if total != 0:
+        report.problems.append(f"account balances sum to {total} nanos, not 0")
+    drifted = session.execute(
+        text(
+            "SELECT a.id, a.balance_nanos, coalesce(c.s, 0) - coalesce(d.s, 0) FROM accounts a "
+            "LEFT JOIN (SELECT credit_account_id AS id, sum(amount_nanos) AS s FROM transfers "
+            "GROUP BY credit_account_id) c ON c.id = a.id "
+            "LEFT JOIN (SELECT debit_account_id AS id, sum(amount_nanos) AS s FROM transfers "
+            "GROUP BY debit_account_id) d ON d.id = a.id "
+            "WHERE a.balance_nanos <> coalesce(c.s, 0) - coalesce(d.s, 0)"
+        )
+    ).all()
+    for account, cached, derived in drifted[:20]:
+        report.problems.append(f"account {account}: cached balance {cached} != {derived} from transfers")
+    orphans = _scalar(
+        session,
+        "SELECT count(*) FROM transfers t WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = t.debit_account_id)"
+        " OR NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = t.credit_account_id)",
+    )
+    if orphans:
+        report.problems.append(f"{orphans} transfers name an account that does not exist")
+    mismatched = session.execute(
+        text(
+            "SELECT e.event_id, e.billing_status, e.charge_nanos, coalesce(n.net, 0) FROM usage_events e "
+            "LEFT JOIN (SELECT t.event_id, sum(CASE WHEN r.id IS NULL THEN t.amount_nanos ELSE -t.amount_nanos END)"
+            " AS net FROM transfers t LEFT JOIN transfers r ON t.kind = 'reversal' AND r.id = t.reverses_id "
+            "  AND r.kind = 'usage_charge' "
+            " WHERE t.event_id IS NOT NULL AND (t.kind = 'usage_charge' OR r.id IS NOT NULL) GROUP BY t.event_id) n"
+            " ON n.event_id = e.event_id "
+            "WHERE coalesce(n.net, 0) <> CASE WHEN e.billing_status = 'billed' THEN e.charge_nanos ELSE 0 END"
+        )
+    ).all()
+    for event_id, status, charge, net in mismatched[:20]:
+        report.problems.append(f"event {event_id} ({status}): charge {charge} but {net} posted")
+
+
+def check_rollups(session: Session, report: CheckReport) -> None:
+    keys = ", ".join(KEY_COLUMNS[1:])
+    recomputed = (
+        "SELECT {hour_expr} AS hour, {keys}, count(*) AS calls, sum(input_tokens) AS input_tokens, "
+        "sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, "
+        "sum(cache_write_tokens) AS cache_write_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
+        "sum(charge_nanos) AS billed_nanos, sum(shadow_nanos) AS shadow_nanos, sum(cost_nanos) AS cost_nanos, "
+        "sum({latency}) AS latency_us_sum, sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS error_count, "
+        "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count "
+        "FROM usage_events GROUP BY {hour_expr}, {keys}"
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        hour_expr = "date_trunc('hour', occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        latency = "CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)"
+    else:
+        hour_expr = "strftime('%Y-%m-%d %H:00:00.000000', occurred_at)"
+        latency = "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
+    sql = recomputed.format(hour_expr=hour_expr, keys=keys, latency=latency)
+    columns = (*KEY_COLUMNS, *COUNTER_COLUMNS)
+    stored = {
+        tuple(row[: len(KEY_COLUMNS)]): tuple(row[len(KEY_COLUMNS) :])
+        for row in session.execute(text(f"SELECT {', '.join(columns)} FROM usage_rollups")).all()
+    }
+    fresh = {tuple(row[: len(KEY_COLUMNS)]): tuple(row[len(KEY_COLUMNS) :]) for row in session.execute(text(sql)).all()}
+    report.rollups = len(stored)
+    if session.get_bind().dialect.name == "sqlite":
+        stored = {(str(k[0])[:19], *k[1:8], bool(k[8]), k[9]): v for k, v in stored.items()}
+        fresh = {(str(k[0])[:19], *k[1:8], bool(k[8]), k[9]): v for k, v in fresh.items()}
+    stored = {k: v for k, v in stored.items() if any(v)}  # buckets emptied by corrections count as absent
+    for key in sorted(set(stored) | set(fresh), key=str)[:1000]:
+        if stored.get(key) != fresh.get(key):
+            report.problems.append(f"rollup {key[:3]}...: stored {stored.get(key)} != recomputed {fresh.get(key)}")
+            if len(report.problems) > 20:
+                break
+
+
+def run_checks(session: Session) -> CheckReport:
+    report = CheckReport()
+    check_ledger(session, report)
+    check_rollups(session, report)
+    return report

@@ -1,0 +1,208 @@
+"""Ingest on SQLite and PostgreSQL: priced, Policy A, double-entry postings, rollups, exactly once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import func, select
+
+from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
+from metering.billing.rates import RateCards
+from metering.billing.store import load_price_book
+from metering.db.models import AccountRow, TransferRow, UsageEventRow, UsageRollupRow
+from metering.events import UsageEvent, event_from_record
+from tests.fakes.events import record
+
+NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
+MARKUP = Decimal(20)
+
+
+def event(i: int = 0, **overrides) -> UsageEvent:
+    overrides.setdefault("occurred_at", NOW - timedelta(minutes=5))
+    return event_from_record(record(i, **overrides))
+
+
+def run(session_factory, items, now=NOW):
+    with session_factory() as session:
+        result = ingest(session, items, markup_pct=MARKUP, now=now)
+        session.commit()
+    return result
+
+
+def row(session_factory, e: UsageEvent) -> UsageEventRow:
+    with session_factory() as session:
+        return session.get(UsageEventRow, e.event_id)
+
+
+def transfers(session_factory, e: UsageEvent) -> list[TransferRow]:
+    with session_factory() as session:
+        return list(session.scalars(select(TransferRow).where(TransferRow.event_id == e.event_id)))
+
+
+def expected_quote(session_factory, e: UsageEvent):
+    with session_factory() as session:
+        cards = RateCards(load_price_book(session, MARKUP))
+    return cards.quote(e.provider, e.model, e.occurred_at, e.input_tokens, e.output_tokens,
+                       e.cache_read_tokens, e.cache_write_tokens)  # fmt: skip
+
+
+def test_a_platform_call_is_priced_charged_and_costed(session_factory) -> None:
+    e = event(input_tokens=12_000, cache_read_tokens=2_000, cache_write_tokens=1_000, output_tokens=800)
+    result = run(session_factory, [e])
+    assert (result.inserted, result.duplicates, result.rejected) == (1, 0, [])
+    stored = row(session_factory, e)
+    quote = expected_quote(session_factory, e)
+    assert quote is not None and quote.price_nanos > quote.cost_nanos > 0
+    assert stored.billing_status == "billed"
+    assert (stored.charge_nanos, stored.cost_nanos) == (quote.price_nanos, quote.cost_nanos)
+    assert stored.price_source == "genai-prices" and stored.price_version.startswith("genai-prices==")
+    assert stored.invoice_period == "2026-11" and stored.is_late is False
+    kinds = {t.kind: t for t in transfers(session_factory, e)}
+    assert set(kinds) == {"usage_charge", "provider_cost"}
+    charge = kinds["usage_charge"]
+    assert (charge.debit_account_id, charge.credit_account_id) == ("user:tenant-1:user-1", "platform:revenue")
+    assert charge.amount_nanos == quote.price_nanos and kinds["provider_cost"].amount_nanos == quote.cost_nanos
+    assert run_checks_ok(session_factory)
+
+
+def run_checks_ok(session_factory) -> bool:
+    with session_factory() as session:
+        report = run_checks(session)
+    assert report.problems == []
+    return True
+
+
+def test_policy_a_byollm_has_a_shadow_cost_and_no_charge(session_factory) -> None:
+    byollm = event(1, is_byollm=True)
+    failover = event(2, is_byollm=False, is_failover=True)
+    run(session_factory, [byollm, failover])
+    stored = row(session_factory, byollm)
+    assert stored.billing_status == "excluded_byollm" and stored.charge_nanos == 0 and stored.shadow_nanos > 0
+    assert stored.shadow_nanos == expected_quote(session_factory, byollm).price_nanos
+    assert transfers(session_factory, byollm) == []
+    assert row(session_factory, failover).billing_status == "billed"  # the platform served it: billable
+    assert {t.kind for t in transfers(session_factory, failover)} == {"usage_charge", "provider_cost"}
+    assert run_checks_ok(session_factory)
+
+
+def test_failed_calls_without_usage_and_unknown_models_are_never_billed(session_factory) -> None:
+    failed = event(1, status="error", error_type="server_error", input_tokens=0, output_tokens=0,
+                   cache_read_tokens=0, usage_completeness="missing")  # fmt: skip
+    unknown = event(2, provider="ollama", model="llama3.1")
+    run(session_factory, [failed, unknown])
+    assert row(session_factory, failed).billing_status == "not_billable"
+    held = row(session_factory, unknown)
+    assert held.billing_status == "unpriced" and held.charge_nanos == 0 and held.price_source is None
+    assert transfers(session_factory, failed) == transfers(session_factory, unknown) == []
+    with session_factory() as session:
+        rollup = session.scalars(select(UsageRollupRow).where(UsageRollupRow.model == "llama3.1")).one()
+        errors = session.scalars(select(UsageRollupRow).where(UsageRollupRow.status == "error")).one()
+    assert (rollup.unpriced_count, rollup.billed_nanos) == (1, 0) and errors.error_count == 1
+    assert run_checks_ok(session_factory)
+
+
+def ledger_state(session_factory):
+    with session_factory() as session:
+        balances = {a: b for a, b in session.execute(select(AccountRow.id, AccountRow.balance_nanos))}
+        posted = {(t.id, t.kind, t.amount_nanos) for t in session.scalars(select(TransferRow))}
+        rollups = {
+            (r.hour, r.user_id, r.model, r.status): (r.calls, r.billed_nanos, r.cost_nanos)
+            for r in session.scalars(select(UsageRollupRow))
+        }
+    return balances, posted, rollups
+
+
+def test_replays_in_any_batching_change_nothing(session_factory) -> None:
+    events = [event(i, user_id=f"u{i % 7}") for i in range(60)]
+    run(session_factory, events)
+    once = ledger_state(session_factory)
+    again = run(session_factory, events[20:40] + events[:20])
+    assert (again.inserted, again.duplicates) == (0, 40)
+    overlap = run(session_factory, events[30:] + events[30:35])
+    assert (overlap.inserted, overlap.duplicates) == (0, 35)
+    assert ledger_state(session_factory) == once
+    charges = {t for t in once[1] if t[1] == "usage_charge"}
+    assert len(charges) == 60  # one charge per billed event, whatever the batching
+    assert run_checks_ok(session_factory)
+
+
+def test_the_checks_catch_a_corrupted_ledger_or_rollup(session_factory) -> None:
+    from sqlalchemy import text
+
+    e, byollm = event(1), event(2, is_byollm=True)
+    run(session_factory, [e, byollm])
+    with session_factory() as session:
+        session.execute(text("UPDATE usage_rollups SET calls = calls + 1 WHERE is_byollm = :t"), {"t": True})
+        session.execute(text("UPDATE accounts SET balance_nanos = balance_nanos + 5 WHERE id = 'platform:revenue'"))
+        report = run_checks(session)
+        session.rollback()
+    assert any("rollup" in p for p in report.problems)
+    assert any("sum to 5" in p for p in report.problems) and any("platform:revenue" in p for p in report.problems)
+    with session_factory() as session:
+        session.execute(
+            text("UPDATE transfers SET event_id = :b WHERE kind = 'usage_charge'"),
+            {"b": byollm.event_id.hex if session.get_bind().dialect.name == "sqlite" else byollm.event_id},
+        )
+        report = run_checks(session)
+        session.rollback()
+    assert any("excluded_byollm" in p for p in report.problems)
+
+
+def test_one_malformed_event_in_500_is_rejected_and_499_are_ingested(session_factory) -> None:
+    items: list = [record(i, occurred_at=NOW - timedelta(minutes=1)) for i in range(500)]
+    items[137] = {**items[137], "cache_read_tokens": 10**9}
+    items[400] = event(400, occurred_at=NOW + timedelta(hours=2))  # from the future
+    items[401] = "not an event"
+    result = run(session_factory, items)
+    assert result.inserted == 497
+    by_index = {r.index: r for r in result.rejected}
+    assert set(by_index) == {137, 400, 401}
+    assert "cache_read_tokens" in by_index[137].reason and by_index[137].event_id == str(items[137]["event_id"])
+    assert "future" in by_index[400].reason
+    assert "JSON object" in by_index[401].reason
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 497
+
+
+def test_late_event_for_a_finalized_period_lands_in_the_next_open_period(session_factory) -> None:
+    import uuid
+
+    from metering.db.models import InvoiceRow
+
+    with session_factory() as session:
+        session.add(InvoiceRow(id=uuid.uuid4(), tenant_id="tenant-1", user_id="user-1", period="2026-10",
+                               status="finalized", currency="USD", total_nanos=0, rounded_nanos=0,
+                               residue_nanos=0, finalized_at=NOW))  # fmt: skip
+        session.commit()
+    late = event(1, occurred_at=datetime(2026, 10, 31, 23, 0, tzinfo=UTC))
+    other_user = event(2, user_id="user-2", occurred_at=datetime(2026, 10, 31, 23, 0, tzinfo=UTC))
+    run(session_factory, [late, other_user])
+    assert (row(session_factory, late).invoice_period, row(session_factory, late).is_late) == ("2026-11", True)
+    assert (row(session_factory, other_user).invoice_period, row(session_factory, other_user).is_late) == (
+        "2026-10",
+        False,
+    )
+
+
+def test_rollups_equal_a_recomputation_from_raw_events(session_factory) -> None:
+    models = [("anthropic", "claude-sonnet-4-6"), ("openai", "gpt-4o"), ("anthropic", "claude-haiku-4-5")]
+    events = [
+        event(
+            i,
+            user_id=f"u{i % 3}",
+            provider=models[i % 3][0],
+            model=models[i % 3][1],
+            is_byollm=i % 5 == 0,
+            latency_ms=round(1.2345 * i, 3),
+            occurred_at=NOW - timedelta(minutes=7 * i),
+        )
+        for i in range(40)
+    ]
+    run(session_factory, events[:25])
+    run(session_factory, events[15:])
+    assert run_checks_ok(session_factory)
+    with session_factory() as session:
+        calls = session.scalar(select(func.sum(UsageRollupRow.calls)))
+    assert calls == 40

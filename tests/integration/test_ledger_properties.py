@@ -1,0 +1,134 @@
+"""Property-based tests of ingest over random event streams, batchings and replays (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+
+from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
+from metering.billing.periods import period_of
+from metering.billing.policy import BillingStatus, decide
+from metering.billing.pricing import PriceBook, price_usage
+from metering.db.models import AccountRow, TransferRow, UsageEventRow
+from metering.events import UsageEvent, event_from_record
+from tests.conftest import _clean
+from tests.fakes.events import record
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+MARKUP = Decimal(15)
+MODELS = [
+    ("anthropic", "claude-sonnet-4-6"),
+    ("anthropic", "claude-haiku-4-5"),
+    ("openai", "gpt-4o-mini"),
+    ("simulated", "claude-sonnet-4-6"),
+    ("ollama", "llama3.1"),  # no price: held
+]
+
+
+@st.composite
+def usage_events(draw: st.DrawFn, index: int) -> UsageEvent:
+    provider, model = draw(st.sampled_from(MODELS))
+    failed = draw(st.integers(0, 9)) == 0
+    inp = 0 if failed else draw(st.integers(0, 300_000))
+    read = draw(st.integers(0, inp))
+    write = draw(st.integers(0, inp - read))
+    out = 0 if failed else draw(st.integers(0, 20_000))
+    return event_from_record(
+        record(
+            index,
+            user_id=draw(st.sampled_from(["ann", "bob", "cy"])),
+            provider=provider,
+            model=model,
+            is_byollm=draw(st.booleans()),
+            input_tokens=inp,
+            cache_read_tokens=read,
+            cache_write_tokens=write,
+            output_tokens=out,
+            reasoning_tokens=draw(st.integers(0, out)),
+            status="error" if failed else "ok",
+            error_type="server_error" if failed else None,
+            usage_completeness="missing" if failed else "reported",
+            latency_ms=draw(st.integers(0, 10**7)) / 1000,
+            occurred_at=NOW - timedelta(minutes=draw(st.integers(0, 60 * 24 * 45))),
+        )
+    )
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[list[UsageEvent], list[list[int]]]:
+    n = draw(st.integers(1, 40))
+    events = [draw(usage_events(i)) for i in range(n)]
+    batches: list[list[int]] = []
+    for _ in range(draw(st.integers(1, 5))):  # random batches, each a random subset in random order: replays
+        batches.append(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n)))
+    batches.append(draw(st.permutations(range(n))))  # everything at least once
+    return events, batches
+
+
+def expected_charge(e: UsageEvent) -> tuple[BillingStatus, int]:
+    quote = price_usage(
+        provider=e.provider, model=e.model, occurred_at=e.occurred_at, input_tokens=e.input_tokens,
+        output_tokens=e.output_tokens, cache_read_tokens=e.cache_read_tokens,
+        cache_write_tokens=e.cache_write_tokens, book=PriceBook(markup_pct=MARKUP),
+    )  # fmt: skip
+    d = decide(is_byollm=e.is_byollm, status=e.status, usage_completeness=e.usage_completeness,
+               total_tokens=e.input_tokens + e.output_tokens, quote=quote)  # fmt: skip
+    return d.status, d.charge_nanos
+
+
+def state(session) -> tuple:
+    balances = {a: b for a, b in session.execute(select(AccountRow.id, AccountRow.balance_nanos))}
+    posted = {
+        (t.id, t.debit_account_id, t.credit_account_id, t.amount_nanos) for t in session.scalars(select(TransferRow))
+    }
+    return balances, posted
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=streams())
+def test_random_streams_bill_exactly_and_replays_change_nothing(engine, session_factory, stream) -> None:
+    _clean(engine)
+    events, batches = stream
+    for batch in batches:
+        with session_factory() as session:
+            ingest(session, [events[i] for i in batch], markup_pct=MARKUP, now=NOW)
+            session.commit()
+    with session_factory() as session:
+        report = run_checks(session)
+        assert report.problems == []  # zero-sum, cached == derived, charges == events, rollups == raw
+        before = state(session)
+        assert sum(before[0].values()) == 0
+        rows = {r.event_id: r for r in session.scalars(select(UsageEventRow))}
+        charged_events = {
+            t.event_id for t in session.scalars(select(TransferRow).where(TransferRow.kind == "usage_charge"))
+        }
+        ledger_by_period = dict(
+            session.execute(
+                text("SELECT period, sum(amount_nanos) FROM transfers WHERE kind = 'usage_charge' GROUP BY period")
+            ).all()
+        )
+    assert set(rows) == {e.event_id for e in events}
+    expected_by_period: dict[str, int] = defaultdict(int)
+    for e in events:
+        status, charge = expected_charge(e)
+        row = rows[e.event_id]
+        assert (row.billing_status, row.charge_nanos) == (status.value, charge)
+        if e.is_byollm:
+            assert e.event_id not in charged_events  # Policy A: never a charge
+        if status is BillingStatus.BILLED and charge:
+            expected_by_period[period_of(e.occurred_at)] += charge
+    assert {p: v for p, v in ledger_by_period.items() if v} == dict(expected_by_period)
+
+    for batch in batches[:2]:  # replaying any subset again changes nothing
+        with session_factory() as session:
+            result = ingest(session, [events[i] for i in batch], markup_pct=MARKUP, now=NOW)
+            session.commit()
+        assert result.inserted == 0
+    with session_factory() as session:
+        assert state(session) == before
