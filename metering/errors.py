@@ -78,3 +78,17 @@ class InvalidJSONResponseError(MeteringError):
 class SpoolError(MeteringError):
     code = "spool_error"
     status = 503
+
+
+class PeriodOpenError(MeteringError):
+    """A billing period's invoices cannot be finalized yet: the period and its grace period have not passed."""
+
+    code = "period_open"
+    status = 409
+
+
+class IdempotencyConflictError(MeteringError):
+    """An idempotency key was reused for a different request (other amount, user or kind)."""
+
+    code = "idempotency_conflict"
+    status = 409
