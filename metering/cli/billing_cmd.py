@@ -6,11 +6,13 @@ import typer
 
 from metering.billing.checks import run_checks
 from metering.cli.billing_invoices import invoices_app, ledger_export_command
+from metering.cli.billing_ledger import register as register_ledger_commands
 from metering.cli.common import admin_session, console
 
 billing_app = typer.Typer(help="Prices, the ledger, invoices and their invariants.", no_args_is_help=True)
 billing_app.add_typer(invoices_app, name="invoices")
 billing_app.command("ledger-export")(ledger_export_command)
+register_ledger_commands(billing_app)
 
 
 @billing_app.command()

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from metering.billing.money import format_usd
@@ -38,7 +39,7 @@ def services() -> Iterator[Services]:
     try:
         yield svc
     except MeteringError as exc:
-        raise fail(f"{exc.message} [{exc.code}]") from None
+        raise fail(f"{exc.message} {escape(f'[{exc.code}]')}") from None
     finally:
         svc.close(drain=True)
 
@@ -129,6 +130,6 @@ def admin_session() -> Iterator[tuple[Any, Any]]:
                 session.commit()
             except MeteringError as exc:
                 session.rollback()
-                raise fail(f"{exc.message} [{exc.code}]") from None
+                raise fail(f"{exc.message} {escape(f'[{exc.code}]')}") from None
     finally:
         engine.dispose()

@@ -132,3 +132,44 @@ def test_random_streams_bill_exactly_and_replays_change_nothing(engine, session_
         assert result.inserted == 0
     with session_factory() as session:
         assert state(session) == before
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    stream=streams(),
+    input_price=st.sampled_from([Decimal(0), Decimal("0.5"), Decimal("2.75"), Decimal(9)]),
+    output_price=st.sampled_from([Decimal(0), Decimal(4), Decimal("15.125")]),
+    window_days=st.integers(1, 45),
+)
+def test_random_rerates_keep_the_ledger_balanced_and_exact(
+    engine, session_factory, stream, input_price, output_price, window_days
+) -> None:
+    from metering.billing.overrides import add_override
+    from metering.billing.rerate import apply_rerate
+
+    _clean(engine)
+    events, batches = stream
+    for batch in batches:
+        with session_factory() as session:
+            ingest(session, [events[i] for i in batch], markup_pct=MARKUP, now=NOW)
+            session.commit()
+    start, end = NOW - timedelta(days=window_days), NOW + timedelta(minutes=1)
+    with session_factory() as session:
+        add_override(session, provider="anthropic", model_pattern="claude-*", effective_from=start,
+                     effective_to=end, input_mtok=input_price, output_mtok=output_price, now=NOW)  # fmt: skip
+        session.commit()
+    with session_factory() as session:
+        apply_rerate(session, start=start, end=end, markup_pct=MARKUP, run_id="r1", now=NOW)
+        session.commit()
+    with session_factory() as session:
+        report = run_checks(session)  # zero-sum, cached == derived, net charge per event == its charge
+        assert report.problems == []
+        after = state(session)
+        rows = list(session.scalars(select(UsageEventRow)))
+    for row in rows:  # every re-rated Anthropic event now carries the override's price
+        if row.billing_status == "billed" and row.provider == "anthropic" and start <= row.occurred_at < end:
+            assert row.price_source == "override"
+    with session_factory() as session:  # the same run again changes nothing
+        apply_rerate(session, start=start, end=end, markup_pct=MARKUP, run_id="r1", now=NOW)
+        session.commit()
+        assert state(session) == after

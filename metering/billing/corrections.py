@@ -1,0 +1,133 @@
+"""Shared by reprice and re-rate (SQL; only flushes): price a stored event again, page through events with
+row locks, set an event's billing columns, and move its hourly rollup by deltas.
+
+Rollup deltas go through ``store.upsert_rollups``, which adds every counter (``col = col + excluded.col``),
+so a bucket with ``calls = 0`` and negative counters moves an existing row without counting a call twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from metering.billing import store
+from metering.billing.policy import Decision, decide
+from metering.billing.pricing import Quote
+from metering.billing.rates import RateCards
+from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of
+from metering.db.models import TransferRow, UsageEventRow
+
+PAGE = 500
+_BILLED, _SHADOW, _COST, _UNPRICED = (
+    COUNTER_COLUMNS.index(name) for name in ("billed_nanos", "shadow_nanos", "cost_nanos", "unpriced_count")
+)
+
+
+def quote_event(cards: RateCards, row: UsageEventRow) -> Quote | None:
+    """The price of a stored event under ``cards``' price book: exactly what ingest would compute."""
+    return cards.quote(
+        row.provider, row.model, row.occurred_at, row.input_tokens, row.output_tokens, row.cache_read_tokens,
+        row.cache_write_tokens,
+    )  # fmt: skip
+
+
+def decide_event(row: UsageEventRow, quote: Quote | None) -> Decision:
+    return decide(
+        is_byollm=row.is_byollm,
+        status=row.status,
+        usage_completeness=row.usage_completeness,
+        total_tokens=row.input_tokens + row.output_tokens,
+        quote=quote,
+    )
+
+
+def set_billing(
+    row: UsageEventRow, decision: Decision, quote: Quote | None, period: str | None, late: bool | None = None
+) -> None:
+    """Write an event's billing columns (the raw quantities never change)."""
+    row.billing_status = decision.status.value
+    row.charge_nanos = decision.charge_nanos
+    row.cost_nanos = decision.cost_nanos
+    row.shadow_nanos = decision.shadow_nanos
+    if quote is not None:
+        row.markup_pct = str(quote.markup_pct)
+        row.price_source = quote.source
+        row.price_version = quote.source_version
+    row.invoice_period = period
+    if late is not None:
+        row.is_late = late
+
+
+def event_pages(session: Session, stmt: Select[Any], *, lock: bool) -> Iterator[list[UsageEventRow]]:
+    """Rows of ``stmt`` (a select of UsageEventRow) in event-id order, a page at a time (keyset paging).
+
+    With ``lock`` (PostgreSQL) each page is ``SELECT ... FOR UPDATE``: a concurrent run waits, then re-checks
+    its WHERE clause against the committed rows, so two runs never correct the same event twice. On SQLite a
+    second writer cannot interleave (it waits for, or fails on, the first one's write lock).
+    """
+    page = PAGE
+    after: uuid.UUID | None = None
+    while True:
+        query = stmt.order_by(UsageEventRow.event_id).limit(page)
+        if after is not None:
+            query = query.where(UsageEventRow.event_id > after)
+        if lock and store.dialect(session) == "postgresql":
+            query = query.with_for_update(of=UsageEventRow)
+        rows = list(session.scalars(query))
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page:
+            return
+        after = rows[-1].event_id
+
+
+def transfers_by_event(session: Session, event_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[TransferRow]]:
+    found: dict[uuid.UUID, list[TransferRow]] = {event_id: [] for event_id in event_ids}
+    if not event_ids:
+        return found
+    stmt = select(TransferRow).where(TransferRow.event_id.in_(list(event_ids))).order_by(TransferRow.created_at)
+    for transfer in session.scalars(stmt):
+        found[transfer.event_id].append(transfer)  # type: ignore[index]
+    return found
+
+
+def rollup_key(row: UsageEventRow) -> RollupKey:
+    return (
+        hour_of(row.occurred_at),
+        row.tenant_id,
+        row.user_id,
+        row.extension_id,
+        row.function,
+        row.purpose,
+        row.provider,
+        row.model,
+        row.is_byollm,
+        row.status,
+    )
+
+
+def add_delta(
+    buckets: dict[RollupKey, list[int]],
+    row: UsageEventRow,
+    *,
+    billed: int = 0,
+    shadow: int = 0,
+    cost: int = 0,
+    unpriced: int = 0,
+) -> None:
+    """Accumulate a money / unpriced-count correction of ``row``'s rollup bucket (calls and tokens unchanged)."""
+    counters = buckets.setdefault(rollup_key(row), [0] * len(COUNTER_COLUMNS))
+    counters[_BILLED] += billed
+    counters[_SHADOW] += shadow
+    counters[_COST] += cost
+    counters[_UNPRICED] += unpriced
+
+
+def upsert_rollup_deltas(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
+    """Add the deltas to the rollup rows (which ingest created); all-zero buckets are skipped."""
+    store.upsert_rollups(session, {key: counters for key, counters in buckets.items() if any(counters)})

@@ -1,0 +1,176 @@
+"""Credits, top-ups and manual adjustments (SQL; only flushes, the edge commits).
+
+Each takes an idempotency key. The transfer id is ``transfer_id(f"key:{key}", kind)`` and the key is stored
+on the transfer (unique), so a repeated key can never post twice: it returns the first transfer, unchanged.
+A repeated key with a different request (amount, tenant, user or kind) is an ``IdempotencyConflictError``.
+The memo is not part of the request's identity (a retry may reword it); the first memo stays.
+
+- ``credit``: ``platform:topups`` -> the user's wallet (prepaid credit, promotions). Amount > 0.
+- ``adjustment``: positive credits the user from ``platform:adjustments``; negative debits the user to it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from metering.billing import store
+from metering.billing.ledger import (
+    ADJUSTMENT_SOURCE,
+    CURRENCY,
+    TOPUP_SOURCE,
+    Posting,
+    TransferKind,
+    accounts_of,
+    balance_deltas,
+    transfer_id,
+    user_wallet,
+)
+from metering.billing.money import format_usd
+from metering.db.models import AccountRow, TransferRow
+from metering.errors import IdempotencyConflictError, InvalidInputError
+
+CreditKind = Literal["credit", "adjustment"]
+MAX_KEY = 200
+MAX_MEMO = 500
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    transfer_id: uuid.UUID
+    kind: str
+    tenant_id: str
+    user_id: str
+    amount_nanos: int  # signed, as seen by the user's wallet: > 0 credits it, < 0 debits it
+    idempotency_key: str
+    memo: str | None
+    created_at: datetime
+    replayed: bool  # True: the key was seen before, this is the first result and nothing was posted
+
+
+def amount_to_nanos(amount: Decimal) -> int:
+    """USD as integer nanos, exactly: floats and amounts finer than 1e-9 USD are refused, not rounded."""
+    if not isinstance(amount, Decimal) or not amount.is_finite():
+        raise InvalidInputError(f"an amount must be a finite Decimal in USD (got {amount!r})")
+    nanos = amount.scaleb(9)
+    if nanos != nanos.to_integral_value():
+        raise InvalidInputError(f"amount {amount} USD is finer than one nano-dollar (1e-9 USD)")
+    if abs(nanos) > 2**62:
+        raise InvalidInputError(f"amount {amount} USD is too large")
+    return int(nanos)
+
+
+def credit_posting(
+    *, tenant_id: str, user_id: str, nanos: int, idempotency_key: str, kind: CreditKind, memo: str | None
+) -> Posting:
+    """The one transfer a credit or adjustment posts (pure)."""
+    if kind not in ("credit", "adjustment"):
+        raise InvalidInputError(f"kind must be 'credit' or 'adjustment', not {kind!r}")
+    if not idempotency_key or len(idempotency_key) > MAX_KEY:
+        raise InvalidInputError(f"an idempotency key is required, at most {MAX_KEY} characters")
+    if memo is not None and len(memo) > MAX_MEMO:
+        raise InvalidInputError(f"a memo has at most {MAX_MEMO} characters")
+    if not tenant_id or not user_id:
+        raise InvalidInputError("tenant_id and user_id are required")
+    if nanos == 0 or (kind == "credit" and nanos < 0):
+        raise InvalidInputError("a credit must be positive; an adjustment must not be zero")
+    wallet = user_wallet(tenant_id, user_id)
+    source = TOPUP_SOURCE if kind == "credit" else ADJUSTMENT_SOURCE
+    debit, credit = (source, wallet) if nanos > 0 else (wallet, source)
+    transfer_kind = TransferKind(kind)
+    return Posting(
+        transfer_id(f"key:{idempotency_key}", transfer_kind),
+        debit,
+        credit,
+        abs(nanos),
+        transfer_kind,
+        idempotency_key=idempotency_key,
+        memo=memo,
+    )
+
+
+def _insert_if_new(session: Session, posting: Posting, now: datetime) -> bool:
+    """Insert the transfer unless its id or key exists (waits for a concurrent insert of the same key)."""
+    values = {
+        "id": posting.id,
+        "debit_account_id": posting.debit.id,
+        "credit_account_id": posting.credit.id,
+        "amount_nanos": posting.amount_nanos,
+        "currency": CURRENCY,
+        "kind": posting.kind.value,
+        "event_id": None,
+        "reverses_id": None,
+        "idempotency_key": posting.idempotency_key,
+        "period": None,
+        "memo": posting.memo,
+        "created_at": now,
+    }
+    insert = postgresql.insert if store.dialect(session) == "postgresql" else sqlite.insert
+    table = TransferRow.__table__
+    stmt = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
+    return session.execute(stmt).first() is not None
+
+
+def _result(row: TransferRow, tenant_id: str, user_id: str, replayed: bool) -> TransferResult:
+    wallet = user_wallet(tenant_id, user_id).id
+    signed = row.amount_nanos if row.credit_account_id == wallet else -row.amount_nanos
+    return TransferResult(
+        row.id, row.kind, tenant_id, user_id, signed, row.idempotency_key or "", row.memo, row.created_at, replayed
+    )
+
+
+def add_credit(
+    session: Session,
+    *,
+    tenant_id: str,
+    user_id: str,
+    amount: Decimal,
+    idempotency_key: str,
+    kind: CreditKind = "credit",
+    memo: str | None = None,
+    now: datetime | None = None,
+) -> TransferResult:
+    """Post a credit or adjustment once per idempotency key; a repeated key returns the first result."""
+    now = now or datetime.now(UTC)
+    posting = credit_posting(
+        tenant_id=tenant_id,
+        user_id=user_id,
+        nanos=amount_to_nanos(amount),
+        idempotency_key=idempotency_key,
+        kind=kind,
+        memo=memo,
+    )
+    inserted = _insert_if_new(session, posting, now)
+    if inserted:
+        store.apply_balances(session, accounts_of([posting]), balance_deltas([posting]), now)
+    row = session.scalars(select(TransferRow).where(TransferRow.idempotency_key == idempotency_key)).one_or_none()
+    if row is None:  # the id existed without this key: cannot happen unless the ledger was tampered with
+        raise IdempotencyConflictError(f"transfer {posting.id} exists without idempotency key {idempotency_key!r}")
+    same = (row.id, row.kind, row.debit_account_id, row.credit_account_id, row.amount_nanos) == (
+        posting.id,
+        posting.kind.value,
+        posting.debit.id,
+        posting.credit.id,
+        posting.amount_nanos,
+    )
+    if not same:
+        raise IdempotencyConflictError(
+            f"idempotency key {idempotency_key!r} was already used for a different request "
+            f"(a {row.kind} of {format_usd(row.amount_nanos)}, or another user)"
+        )
+    return _result(row, tenant_id, user_id, replayed=not inserted)
+
+
+def balances(session: Session, tenant_id: str | None = None) -> list[tuple[str, str, int]]:
+    """(account id, kind, cached balance in nanos) by account id; with ``tenant_id``, only that tenant's."""
+    stmt = select(AccountRow.id, AccountRow.kind, AccountRow.balance_nanos).order_by(AccountRow.id)
+    if tenant_id is not None:
+        stmt = stmt.where(AccountRow.tenant_id == tenant_id)
+    return [(account_id, kind, balance) for account_id, kind, balance in session.execute(stmt)]

@@ -1,0 +1,148 @@
+"""Admin price overrides (SQL; only flushes, the edge commits).
+
+An override prices (provider, model glob) in [effective_from, effective_to), in USD per 1M tokens for each
+token kind, optionally with its own markup. Prices are stored exactly, as integer nano-USD per 1M tokens:
+a price finer than 1e-9 $/Mtok is refused rather than rounded. Overrides are never deleted: ``end_override``
+closes the window, so past prices stay reproducible (a re-rate can still see what applied when).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from metering.billing.pricing import PriceOverride
+from metering.db.models import PriceOverrideRow
+from metering.errors import InvalidInputError, NotFoundError
+
+NANOS_PER_USD = 10**9
+MAX_NANOS = 2**63 - 1  # BIGINT
+MAX_ID = 64
+MAX_NOTE = 500
+
+
+def nanos_per_mtok(name: str, usd_per_mtok: Decimal | None) -> int | None:
+    """$/Mtok as integer nano-USD per Mtok, exactly; refuses finer precision, floats and absurd values."""
+    if usd_per_mtok is None:
+        return None
+    if not isinstance(usd_per_mtok, Decimal) or not usd_per_mtok.is_finite() or usd_per_mtok < 0:
+        raise InvalidInputError(f"{name} must be a finite, non-negative Decimal in $/Mtok (got {usd_per_mtok!r})")
+    nanos = usd_per_mtok.scaleb(9)
+    if nanos != nanos.to_integral_value():
+        raise InvalidInputError(
+            f"{name} = {usd_per_mtok} $/Mtok is finer than the stored precision of 0.000000001 $/Mtok"
+        )
+    if nanos > MAX_NANOS:
+        raise InvalidInputError(f"{name} = {usd_per_mtok} $/Mtok is too large")
+    return int(nanos)
+
+
+def _markup_text(markup_pct: Decimal | None) -> str | None:
+    if markup_pct is None:
+        return None
+    text = str(markup_pct)
+    if len(text) > 32:
+        raise InvalidInputError(f"markup_pct {markup_pct} has too many digits")
+    return text
+
+
+def add_override(
+    session: Session,
+    *,
+    provider: str,
+    model_pattern: str,
+    effective_from: datetime,
+    effective_to: datetime | None,
+    input_mtok: Decimal,
+    output_mtok: Decimal,
+    cache_read_mtok: Decimal | None = None,
+    cache_write_mtok: Decimal | None = None,
+    markup_pct: Decimal | None = None,
+    note: str | None = None,
+    id: str | None = None,
+    now: datetime | None = None,
+) -> PriceOverrideRow:
+    """Store a new override (validated like ``pricing.PriceOverride``); returns the flushed row."""
+    override_id = id or f"ovr_{uuid.uuid4().hex}"
+    if len(override_id) > MAX_ID:
+        raise InvalidInputError(f"an override id has at most {MAX_ID} characters")
+    if note is not None and len(note) > MAX_NOTE:
+        raise InvalidInputError(f"a note has at most {MAX_NOTE} characters")
+    if len(provider) > 50 or len(model_pattern) > 200:
+        raise InvalidInputError("provider has at most 50 characters and model_pattern at most 200")
+    prices = {
+        "input_mtok": nanos_per_mtok("input_mtok", input_mtok),
+        "output_mtok": nanos_per_mtok("output_mtok", output_mtok),
+        "cache_read_mtok": nanos_per_mtok("cache_read_mtok", cache_read_mtok),
+        "cache_write_mtok": nanos_per_mtok("cache_write_mtok", cache_write_mtok),
+    }
+    try:
+        PriceOverride(
+            id=override_id,
+            provider=provider,
+            model_pattern=model_pattern,
+            effective_from=effective_from,
+            effective_to=effective_to,
+            input_mtok=input_mtok,
+            output_mtok=output_mtok,
+            cache_read_mtok=cache_read_mtok,
+            cache_write_mtok=cache_write_mtok,
+            markup_pct=markup_pct,
+        )
+    except ValueError as exc:
+        raise InvalidInputError(f"invalid price override: {exc}") from None
+    if session.get(PriceOverrideRow, override_id) is not None:
+        raise InvalidInputError(f"a price override with id {override_id!r} already exists")
+    row = PriceOverrideRow(
+        id=override_id,
+        provider=provider,
+        model_pattern=model_pattern,
+        effective_from=effective_from,
+        effective_to=effective_to,
+        input_nanos_per_mtok=prices["input_mtok"],
+        output_nanos_per_mtok=prices["output_mtok"],
+        cache_read_nanos_per_mtok=prices["cache_read_mtok"],
+        cache_write_nanos_per_mtok=prices["cache_write_mtok"],
+        markup_pct=_markup_text(markup_pct),
+        note=note,
+        created_at=now or datetime.now(UTC),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_overrides(
+    session: Session, *, provider: str | None = None, active_at: datetime | None = None
+) -> list[PriceOverrideRow]:
+    """Overrides (optionally of one provider, or active at one moment), by provider, pattern and start."""
+    stmt = select(PriceOverrideRow)
+    if provider is not None:
+        stmt = stmt.where(PriceOverrideRow.provider == provider)
+    if active_at is not None:
+        stmt = stmt.where(
+            PriceOverrideRow.effective_from <= active_at,
+            (PriceOverrideRow.effective_to.is_(None)) | (PriceOverrideRow.effective_to > active_at),
+        )
+    stmt = stmt.order_by(PriceOverrideRow.provider, PriceOverrideRow.model_pattern, PriceOverrideRow.effective_from)
+    return list(session.scalars(stmt))
+
+
+def end_override(session: Session, id: str, at: datetime) -> PriceOverrideRow:
+    """Close an override's window at ``at`` (exclusive). It can only be shortened; it is never deleted."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise InvalidInputError("the end of an override must be timezone-aware")
+    row = session.get(PriceOverrideRow, id)
+    if row is None:
+        raise NotFoundError(f"no price override with id {id!r}")
+    if at <= row.effective_from:
+        raise InvalidInputError(f"override {id!r} starts at {row.effective_from.isoformat()}: end it after that")
+    if row.effective_to is not None and at > row.effective_to:
+        raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")
+    row.effective_to = at.astimezone(UTC)
+    session.flush()
+    return row

@@ -1,0 +1,91 @@
+"""Reprice held events (SQL; only flushes, the edge commits): ``metering billing reprice``.
+
+An event whose model had no price was stored ``unpriced``: held, visible, never billed at $0. Once a price
+exists (typically an admin override, possibly at zero for a local model), ``reprice_held`` prices every held
+event with the *current* price book exactly as ingest would (rate cards, then Policy A), assigns its invoice
+period like ingest (a finalized period sends it to the next open one, as a late line), writes its billing
+columns, posts its charge and provider cost (ids derived from the event id, as at ingest: a held event never
+had a charge, so nothing can collide), updates cached balances and moves its rollup bucket (billed / cost up,
+``unpriced_count`` down by one). Events still without a price stay held. A second run finds nothing to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from metering.billing import store
+from metering.billing.corrections import (
+    add_delta,
+    decide_event,
+    event_pages,
+    quote_event,
+    set_billing,
+    upsert_rollup_deltas,
+)
+from metering.billing.ledger import Posting, accounts_of, balance_deltas, usage_postings
+from metering.billing.periods import billing_period, period_of
+from metering.billing.policy import BillingStatus
+from metering.billing.rates import RateCards
+from metering.billing.rollup import RollupKey
+from metering.db.models import UsageEventRow
+
+
+@dataclass(frozen=True, slots=True)
+class RepriceResult:
+    priced: int  # held events that left ``unpriced`` (normally: now billed)
+    still_unpriced: int  # held events that still have no price
+    charge_nanos: int = 0  # charged to users by this run
+    cost_nanos: int = 0  # provider cost recorded by this run
+
+
+def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None = None) -> RepriceResult:
+    """Price every ``unpriced`` event with the current price book; returns what changed."""
+    now = now or datetime.now(UTC)
+    cards = RateCards(store.load_price_book(session, markup_pct))
+    held = select(UsageEventRow).where(UsageEventRow.billing_status == BillingStatus.UNPRICED.value)
+    priced = still = charged = cost = 0
+    for rows in event_pages(session, held, lock=True):
+        finalized = store.finalized_periods(session, {(r.tenant_id, r.user_id) for r in rows})
+        postings: list[Posting] = []
+        buckets: dict[RollupKey, list[int]] = {}
+        for row in rows:
+            quote = quote_event(cards, row)
+            decision = decide_event(row, quote)
+            if decision.status is BillingStatus.UNPRICED:
+                still += 1
+                continue
+            period, late = None, False
+            if decision.status is BillingStatus.BILLED:
+                closed = finalized.get((row.tenant_id, row.user_id), set())
+                period, late = billing_period(period_of(row.occurred_at), closed)
+                postings += usage_postings(
+                    event_id=row.event_id,
+                    tenant_id=row.tenant_id,
+                    user_id=row.user_id,
+                    provider=row.provider,
+                    period=period,
+                    charge_nanos=decision.charge_nanos,
+                    cost_nanos=decision.cost_nanos,
+                )
+            set_billing(row, decision, quote, period, late)
+            add_delta(
+                buckets,
+                row,
+                billed=decision.charge_nanos,
+                shadow=decision.shadow_nanos,
+                cost=decision.cost_nanos,
+                unpriced=-1,
+            )
+            priced += 1
+            charged += decision.charge_nanos
+            cost += decision.cost_nanos
+        session.flush()
+        store.post_transfers(session, postings, now)
+        store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
+        upsert_rollup_deltas(session, buckets)
+    return RepriceResult(priced, still, charged, cost)

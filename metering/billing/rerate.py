@@ -1,0 +1,226 @@
+"""Re-rate billed events of a past window under the current price book (SQL; only flushes, the edge commits).
+
+``plan_rerate`` is the dry run: the diff per event, per user and per extension; it writes nothing.
+``apply_rerate(..., run_id)`` corrects each changed event, in the caller's transaction:
+
+- The event's *current* ledger position is its un-reversed ``usage_charge`` / ``provider_cost`` transfers
+  (the ingest one, or an earlier re-rate's). Their sums must equal the event row's ``charge_nanos`` /
+  ``cost_nanos`` (else ``LedgerInconsistencyError``: nothing is guessed). Each component (charge, cost) that
+  changes gets a reversal of its current transfer(s) (``ledger.reversal(original, cause="rerate:<run>")``)
+  and, if the new amount is positive, a new transfer of the same kind with id
+  ``transfer_id(f"rerate:{run_id}:{event_id}", kind)``. So after any re-rate, per event, the net posted
+  charge (charges minus their reversals) equals ``event.charge_nanos`` (``checks.py`` invariant 4).
+- The same ``run_id`` applied twice posts nothing the second time: an event already carrying a transfer
+  whose id derives from this run is skipped (counted in ``skipped``), even if prices changed in between.
+- The event row gets the new charge, cost, markup, price source and version; its hourly rollup moves by the
+  deltas; cached balances are updated.
+- Periods: corrections are posted in the event's ``invoice_period``. If that invoice is already finalized,
+  the reversal and the new transfer are posted in the first open period after it (``billing_period``), and
+  the event row keeps the finalized ``invoice_period`` (the invoice that billed it, which never changes)
+  and its ``is_late``. Such corrections are counted in ``late_corrections``: an events-based draft of the open
+  period does not show them, the ledger (transfers of that period, memo ``rerate:<run>``) does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from metering.billing import store
+from metering.billing.corrections import add_delta, event_pages, quote_event, transfers_by_event, upsert_rollup_deltas
+from metering.billing.ledger import (
+    REVENUE,
+    Posting,
+    TransferKind,
+    accounts_of,
+    balance_deltas,
+    provider_cost,
+    provider_payable,
+    reversal,
+    transfer_id,
+    user_wallet,
+)
+from metering.billing.periods import billing_period, period_of
+from metering.billing.policy import BillingStatus
+from metering.billing.rates import RateCards
+from metering.billing.rerate_diff import BilledEvent, DiffLine, EventChange, RerateDiff, rerate_diff
+from metering.billing.rollup import RollupKey
+from metering.db.models import TransferRow, UsageEventRow
+from metering.errors import InvalidInputError, MeteringError
+
+__all__ = ["DiffLine", "LedgerInconsistencyError", "RerateResult", "apply_rerate", "plan_rerate", "rerate_diff"]
+MAX_RUN_ID = 100
+_KINDS = (TransferKind.USAGE_CHARGE, TransferKind.PROVIDER_COST)
+
+
+class LedgerInconsistencyError(MeteringError):
+    """An event's posted transfers disagree with its billing columns: re-rating it would guess."""
+
+    code = "ledger_inconsistent"
+    status = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RerateResult:
+    start: datetime
+    end: datetime
+    provider: str | None
+    model_pattern: str | None
+    diff: RerateDiff
+    run_id: str | None = None  # None: a dry run
+    skipped: int = 0  # changed events this run had already corrected (re-applying a run posts nothing)
+    late_corrections: int = 0  # corrections posted after the event's finalized invoice
+    transfers: int = 0  # transfers posted
+
+    @property
+    def applied(self) -> bool:
+        return self.run_id is not None
+
+
+def _check_window(start: datetime, end: datetime) -> None:
+    for name, value in (("start", start), ("end", end)):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidInputError(f"{name} must be timezone-aware")
+    if end <= start:
+        raise InvalidInputError("end must be after start")
+
+
+def _in_scope(
+    session: Session, start: datetime, end: datetime, provider: str | None, model_pattern: str | None, lock: bool
+) -> Iterator[list[UsageEventRow]]:
+    e = UsageEventRow
+    stmt = select(e).where(e.billing_status == BillingStatus.BILLED.value, e.occurred_at >= start, e.occurred_at < end)
+    if provider is not None:
+        stmt = stmt.where(func.lower(e.provider) == provider.lower())
+    pattern = None if model_pattern is None else model_pattern.lower()
+    for rows in event_pages(session, stmt, lock=lock):
+        picked = [r for r in rows if pattern is None or fnmatch.fnmatchcase(r.model.lower(), pattern)]
+        if picked:
+            yield picked
+
+
+def _billed(row: UsageEventRow) -> BilledEvent:
+    return BilledEvent(
+        row.event_id, row.tenant_id, row.user_id, row.extension_id, row.provider, row.model, row.charge_nanos,
+        row.cost_nanos,
+    )  # fmt: skip
+
+
+def plan_rerate(
+    session: Session,
+    *,
+    start: datetime,
+    end: datetime,
+    provider: str | None = None,
+    model_pattern: str | None = None,
+    markup_pct: Decimal,
+) -> RerateResult:
+    """Dry run: what re-rating billed events with ``occurred_at`` in [start, end) would change. Writes nothing."""
+    _check_window(start, end)
+    cards = RateCards(store.load_price_book(session, markup_pct))
+    diff = rerate_diff(
+        (_billed(row), quote_event(cards, row))
+        for rows in _in_scope(session, start, end, provider, model_pattern, lock=False)
+        for row in rows
+    )
+    return RerateResult(start, end, provider, model_pattern, diff)
+
+
+def _posting_of(t: TransferRow, row: UsageEventRow) -> Posting:
+    kind = TransferKind(t.kind)
+    if kind is TransferKind.USAGE_CHARGE:
+        debit, credit = user_wallet(row.tenant_id, row.user_id), REVENUE
+    else:
+        debit, credit = provider_cost(row.provider), provider_payable(row.provider)
+    if (debit.id, credit.id) != (t.debit_account_id, t.credit_account_id):
+        raise LedgerInconsistencyError(f"transfer {t.id} of event {row.event_id} moves between unexpected accounts")
+    return Posting(t.id, debit, credit, t.amount_nanos, kind, t.event_id, t.period, memo=t.memo)
+
+
+def _already_applied(cause: str, event_id: uuid.UUID, transfers: list[TransferRow]) -> bool:
+    ids = {t.id for t in transfers}
+    own = {transfer_id(f"{cause}:{event_id}", kind) for kind in _KINDS}
+    own |= {transfer_id(f"{cause}/{t.id}", TransferKind.REVERSAL) for t in transfers}  # ledger.reversal's ids
+    return bool(ids & own)
+
+
+def _corrections(
+    change: EventChange, row: UsageEventRow, transfers: list[TransferRow], cause: str, period: str
+) -> list[Posting]:
+    reversed_ids = {t.reverses_id for t in transfers if t.kind == TransferKind.REVERSAL}
+    postings: list[Posting] = []
+    for kind, old, new in (
+        (TransferKind.USAGE_CHARGE, row.charge_nanos, change.new_charge_nanos),
+        (TransferKind.PROVIDER_COST, row.cost_nanos, change.new_cost_nanos),
+    ):
+        current = [t for t in transfers if t.kind == kind and t.id not in reversed_ids]
+        if sum(t.amount_nanos for t in current) != old:
+            raise LedgerInconsistencyError(f"event {row.event_id}: posted {kind} does not equal its {old} nanos")
+        if old == new:
+            continue
+        postings += [replace(reversal(_posting_of(t, row), cause, memo=cause), period=period) for t in current]
+        if new > 0:
+            debit, credit = (
+                (user_wallet(row.tenant_id, row.user_id), REVENUE)
+                if kind is TransferKind.USAGE_CHARGE
+                else (provider_cost(row.provider), provider_payable(row.provider))
+            )
+            ident = transfer_id(f"{cause}:{row.event_id}", kind)
+            postings.append(Posting(ident, debit, credit, new, kind, row.event_id, period, memo=cause))
+    return postings
+
+
+def apply_rerate(
+    session: Session,
+    *,
+    start: datetime,
+    end: datetime,
+    provider: str | None = None,
+    model_pattern: str | None = None,
+    markup_pct: Decimal,
+    run_id: str,
+    now: datetime | None = None,
+) -> RerateResult:
+    """Re-rate changed events with reversals plus new transfers (idempotent per ``run_id``); see the module."""
+    _check_window(start, end)
+    if not run_id or len(run_id) > MAX_RUN_ID:
+        raise InvalidInputError(f"a run id is required, at most {MAX_RUN_ID} characters")
+    now = now or datetime.now(UTC)
+    cause = f"rerate:{run_id}"
+    cards = RateCards(store.load_price_book(session, markup_pct))
+    diff = RerateDiff()
+    skipped = late = posted = 0
+    for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
+        transfers = transfers_by_event(session, [row.event_id for row in rows])
+        finalized = store.finalized_periods(session, {(row.tenant_id, row.user_id) for row in rows})
+        postings: list[Posting] = []
+        buckets: dict[RollupKey, list[int]] = {}
+        for row in rows:
+            change = diff.examine(_billed(row), quote_event(cards, row))
+            if change is None:
+                continue
+            if _already_applied(cause, row.event_id, transfers[row.event_id]):
+                skipped += 1
+                continue
+            closed = finalized.get((row.tenant_id, row.user_id), set())
+            period, is_late = billing_period(row.invoice_period or period_of(row.occurred_at), closed)
+            late += is_late
+            postings += _corrections(change, row, transfers[row.event_id], cause, period)
+            add_delta(buckets, row, billed=change.charge_delta, cost=change.cost_delta)
+            diff.record(change)
+            row.charge_nanos, row.cost_nanos = change.new_charge_nanos, change.new_cost_nanos
+            row.markup_pct = str(change.quote.markup_pct)
+            row.price_source, row.price_version = change.quote.source, change.quote.source_version
+        session.flush()
+        store.post_transfers(session, postings, now)
+        store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
+        upsert_rollup_deltas(session, buckets)
+        posted += len(postings)
+    return RerateResult(start, end, provider, model_pattern, diff, run_id, skipped, late, posted)

@@ -1,0 +1,254 @@
+"""Commands for prices and money: overrides, credits, balances, reprice of held events, re-rate.
+
+Money on the command line is USD as a decimal string (never a float); prices are $ per 1M tokens;
+moments are ISO 8601 (a moment without a timezone is UTC; a bare date is its midnight UTC).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from metering.billing import credits, overrides
+from metering.billing.money import format_usd
+from metering.billing.reprice import reprice_held
+from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
+from metering.cli.common import admin_session, console, fail, print_json
+from metering.config import Settings
+from metering.db.models import PriceOverrideRow
+
+overrides_app = typer.Typer(help="Admin price overrides: provider + model glob, effective-dated, $/Mtok.")
+credit_app = typer.Typer(help="Credits, top-ups and manual adjustments (idempotent per key).")
+
+
+def _decimal(name: str, value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        parsed = Decimal(value.strip())
+    except InvalidOperation:
+        raise fail(f"{name} must be a decimal number, not {value!r}") from None
+    if not parsed.is_finite():
+        raise fail(f"{name} must be finite")
+    return parsed
+
+
+def _moment(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise fail(f"{name} must be an ISO 8601 date or moment, not {value!r}") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _usd_per_mtok(nanos: int | None) -> str | None:
+    return None if nanos is None else str(Decimal(nanos).scaleb(-9).normalize())
+
+
+def _override_view(row: PriceOverrideRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "provider": row.provider,
+        "model_pattern": row.model_pattern,
+        "effective_from": row.effective_from.isoformat(),
+        "effective_to": None if row.effective_to is None else row.effective_to.isoformat(),
+        "input_usd_per_mtok": _usd_per_mtok(row.input_nanos_per_mtok),
+        "output_usd_per_mtok": _usd_per_mtok(row.output_nanos_per_mtok),
+        "cache_read_usd_per_mtok": _usd_per_mtok(row.cache_read_nanos_per_mtok),
+        "cache_write_usd_per_mtok": _usd_per_mtok(row.cache_write_nanos_per_mtok),
+        "markup_pct": row.markup_pct,
+        "note": row.note,
+    }
+
+
+@overrides_app.command("add")
+def overrides_add(
+    provider: Annotated[str, typer.Option(help="e.g. openai_compatible, anthropic, ollama")],
+    model: Annotated[str, typer.Option(help="Model name or glob, e.g. 'llama3*'.")],
+    input_price: Annotated[str, typer.Option("--input", help="$ per 1M input tokens, e.g. 0.15")],
+    output_price: Annotated[str, typer.Option("--output", help="$ per 1M output tokens")],
+    start: Annotated[str | None, typer.Option("--from", help="Effective from (default: now).")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="Effective until (exclusive; default: open).")] = None,
+    cache_read: Annotated[str | None, typer.Option(help="$ per 1M cache-read tokens (default: input)")] = None,
+    cache_write: Annotated[str | None, typer.Option(help="$ per 1M cache-write tokens (default: input)")] = None,
+    markup: Annotated[str | None, typer.Option(help="Markup percent for this price (default: platform's)")] = None,
+    note: Annotated[str | None, typer.Option()] = None,
+    override_id: Annotated[str | None, typer.Option("--id", help="Default: generated.")] = None,
+) -> None:
+    """Add a price override. Past events priced before it are changed only by `rerate` / `reprice`."""
+    with admin_session() as (session, _box):
+        row = overrides.add_override(
+            session,
+            provider=provider,
+            model_pattern=model,
+            effective_from=_moment("--from", start) or datetime.now(UTC),
+            effective_to=_moment("--to", end),
+            input_mtok=_decimal("--input", input_price),  # type: ignore[arg-type]
+            output_mtok=_decimal("--output", output_price),  # type: ignore[arg-type]
+            cache_read_mtok=_decimal("--cache-read", cache_read),
+            cache_write_mtok=_decimal("--cache-write", cache_write),
+            markup_pct=_decimal("--markup", markup),
+            note=note,
+            id=override_id,
+        )
+        print_json(_override_view(row))
+
+
+@overrides_app.command("list")
+def overrides_list(
+    provider: Annotated[str | None, typer.Option()] = None,
+    active: Annotated[bool, typer.Option("--active", help="Only overrides in effect now.")] = False,
+) -> None:
+    """List price overrides."""
+    with admin_session() as (session, _box):
+        rows = overrides.list_overrides(session, provider=provider, active_at=datetime.now(UTC) if active else None)
+        print_json([_override_view(row) for row in rows])
+
+
+@overrides_app.command("end")
+def overrides_end(
+    override_id: Annotated[str, typer.Argument(help="The override's id.")],
+    at: Annotated[str | None, typer.Option(help="End moment, exclusive (default: now).")] = None,
+) -> None:
+    """End an override (it is kept, so past prices stay reproducible)."""
+    with admin_session() as (session, _box):
+        row = overrides.end_override(session, override_id, _moment("--at", at) or datetime.now(UTC))
+        print_json(_override_view(row))
+
+
+@credit_app.command("add")
+def credit_add(
+    tenant: Annotated[str, typer.Option("--tenant", "-t")],
+    user: Annotated[str, typer.Option("--user", "-u")],
+    amount: Annotated[str, typer.Option(help="USD, e.g. 25 or 12.50 (negative only with --adjustment).")],
+    key: Annotated[str, typer.Option(help="Idempotency key: repeating it returns the first result.")],
+    adjustment: Annotated[bool, typer.Option("--adjustment", help="A manual adjustment, not a credit.")] = False,
+    memo: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Credit a user's wallet (or adjust it either way), once per idempotency key."""
+    with admin_session() as (session, _box):
+        result = credits.add_credit(
+            session,
+            tenant_id=tenant,
+            user_id=user,
+            amount=_decimal("--amount", amount),  # type: ignore[arg-type]
+            idempotency_key=key,
+            kind="adjustment" if adjustment else "credit",
+            memo=memo,
+        )
+        print_json(
+            {
+                "transfer_id": str(result.transfer_id),
+                "kind": result.kind,
+                "tenant_id": result.tenant_id,
+                "user_id": result.user_id,
+                "amount": format_usd(result.amount_nanos),
+                "amount_nanos": result.amount_nanos,
+                "idempotency_key": result.idempotency_key,
+                "memo": result.memo,
+                "created_at": result.created_at.isoformat(),
+                "replayed": result.replayed,
+            }
+        )
+
+
+def balances_cmd(tenant: Annotated[str | None, typer.Option("--tenant", "-t")] = None) -> None:
+    """Cached account balances (credits minus debits), optionally of one tenant's users."""
+    with admin_session() as (session, _box):
+        rows = credits.balances(session, tenant)
+    table = Table(title="Balances" + (f" of tenant {escape(tenant)}" if tenant else ""), title_justify="left")
+    for column, justify in (("account", "left"), ("kind", "left"), ("balance", "right"), ("nanos", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for account, kind, nanos in rows:
+        table.add_row(escape(account), kind, format_usd(nanos), str(nanos))
+    table.add_section()
+    total = sum(nanos for _, _, nanos in rows)
+    table.add_row("total", "", format_usd(total), str(total))
+    console.print(table)
+
+
+def reprice_cmd() -> None:
+    """Price held (`unpriced`) events with the current price book (after adding an override)."""
+    markup = Settings().billing.markup_pct
+    with admin_session() as (session, _box):
+        result = reprice_held(session, markup_pct=markup)
+    console.print(
+        f"priced {result.priced} held event(s) ({format_usd(result.charge_nanos)} charged, "
+        f"{format_usd(result.cost_nanos)} provider cost); {result.still_unpriced} still unpriced"
+    )
+
+
+def _diff_table(title: str, lines: dict[Any, DiffLine], key_name: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column(key_name)
+    for column in ("events", "old charge", "new charge", "delta", "cost delta"):
+        table.add_column(column, justify="right")
+    for key in sorted(lines, key=str):
+        line = lines[key]
+        name = "/".join(key) if isinstance(key, tuple) else str(key)
+        table.add_row(
+            escape(name),
+            str(line.events),
+            format_usd(line.old_charge_nanos),
+            format_usd(line.new_charge_nanos),
+            format_usd(line.charge_delta),
+            format_usd(line.cost_delta),
+        )
+    return table
+
+
+def _print_rerate(result: RerateResult) -> None:
+    diff = result.diff
+    console.print(_diff_table("Per user", diff.by_user, "tenant/user"))
+    console.print(_diff_table("Per extension", diff.by_extension, "extension"))
+    total = diff.total
+    console.print(
+        f"{diff.examined} billed event(s) in [{result.start.isoformat()}, {result.end.isoformat()}): "
+        f"{total.events} changed ({format_usd(total.old_charge_nanos)} -> {format_usd(total.new_charge_nanos)}, "
+        f"delta {format_usd(total.charge_delta)}), {diff.unpriceable} without a current price (left as they are)"
+    )
+    if not result.applied:
+        console.print("dry run: nothing changed. Apply with --apply --run-id <ID>.")
+        return
+    console.print(
+        f"run {escape(result.run_id or '')}: {result.transfers} transfer(s) posted, {result.skipped} event(s) already "
+        f"corrected by this run, {result.late_corrections} correction(s) posted after a finalized invoice"
+    )
+
+
+def rerate_cmd(
+    start: Annotated[str, typer.Option("--from", help="Window start (occurred_at >= this).")],
+    end: Annotated[str, typer.Option("--to", help="Window end (occurred_at < this).")],
+    provider: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option(help="Model name or glob.")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Post the corrections (default: dry run).")] = False,
+    run_id: Annotated[str | None, typer.Option(help="Required with --apply; re-applying a run does nothing.")] = None,
+) -> None:
+    """Re-rate billed events of a window with the current prices: a dry-run diff, or reversals + new transfers."""
+    if apply and not run_id:
+        raise fail("--apply needs --run-id (it makes the re-rate idempotent)")
+    window = {"start": _moment("--from", start), "end": _moment("--to", end)}
+    scope: dict[str, Any] = {**window, "provider": provider, "model_pattern": model}
+    markup = Settings().billing.markup_pct
+    with admin_session() as (session, _box):
+        if apply:
+            result = apply_rerate(session, **scope, markup_pct=markup, run_id=run_id)  # type: ignore[arg-type]
+        else:
+            result = plan_rerate(session, **scope, markup_pct=markup)
+    _print_rerate(result)
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to ``app`` (e.g. the ``billing`` group): overrides, credit, balances, reprice, rerate."""
+    app.add_typer(overrides_app, name="overrides")
+    app.add_typer(credit_app, name="credit")
+    app.command("balances")(balances_cmd)
+    app.command("reprice")(reprice_cmd)
+    app.command("rerate")(rerate_cmd)

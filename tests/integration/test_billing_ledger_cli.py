@@ -1,0 +1,75 @@
+"""The billing ledger commands (overrides, credit, balances, reprice, rerate), in-process on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import typer
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from metering.billing.ingest import ingest
+from metering.cli.billing_ledger import register
+from metering.db.models import TransferRow, UsageEventRow
+from metering.events import event_from_record
+from tests.fakes.events import record
+
+app = typer.Typer()
+register(app)
+
+
+@pytest.fixture
+def run(db_url, tmp_path, monkeypatch):
+    for name in ("METERING_DATABASE_URL", "METERING_DATA_DIR", "METERING_BILLING__MARKUP_PCT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("METERING_DATABASE_URL", db_url)
+    monkeypatch.setenv("METERING_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("METERING_BILLING__MARKUP_PCT", "20")
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, (result.output, result.exception)
+        return result.output
+
+    return invoke
+
+
+def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> None:
+    now = datetime.now(UTC)
+    fields = {"provider": "ollama", "model": "llama3.1", "input_tokens": 1_000_000, "output_tokens": 500_000,
+              "cache_read_tokens": 0, "occurred_at": now - timedelta(hours=1)}  # fmt: skip
+    event = event_from_record(record(0, **fields))
+    with session_factory() as session:
+        ingest(session, [event], markup_pct=Decimal(20), now=now)
+        session.commit()
+    since = (now - timedelta(days=1)).date().isoformat()
+    out = run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.10", "--output", "0.40",
+              "--from", since, "--id", "llama-old")  # fmt: skip
+    assert '"input_usd_per_mtok": "0.1"' in out
+    run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.0000000001", "--output", "0",
+        code=1)  # fmt: skip
+    assert "priced 1 held event(s) ($0.36 charged, $0.30 provider cost); 0 still unpriced" in run("reprice")
+    run("overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat())
+    run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.20", "--output", "0.80",
+        "--from", since, "--id", "llama-new")  # fmt: skip
+    assert "llama-new" in run("overrides", "list", "--provider", "ollama", "--active")
+    window = ("--from", since, "--to", (now + timedelta(days=1)).isoformat())
+    dry = run("rerate", *window)
+    assert "tenant-1/user-1" in dry and "rewrite" in dry and "$0.36" in dry and "dry run: nothing changed" in dry
+    run("rerate", *window, "--apply", code=1)  # --apply needs --run-id
+    applied = run("rerate", *window, "--apply", "--run-id", "fix-1")
+    assert "run fix-1: 4 transfer(s) posted" in applied
+    assert "run fix-1: 0 transfer(s) posted" in run("rerate", *window, "--apply", "--run-id", "fix-1")
+    assert '"replayed": false' in run("credit", "add", "-t", "tenant-1", "-u", "user-1", "--amount", "5", "--key", "k1")
+    assert '"replayed": true' in run("credit", "add", "-t", "tenant-1", "-u", "user-1", "--amount", "5", "--key", "k1")
+    conflict = run("credit", "add", "-t", "tenant-1", "-u", "user-1", "--amount", "6", "--key", "k1", code=1)
+    assert "idempotency key 'k1' was already used for a different request" in conflict
+    balances = run("balances", "--tenant", "tenant-1")
+    assert "user:tenant-1:user-1" in balances and "$4.28" in balances  # 5 - 0.72
+    with session_factory() as session:
+        assert session.get(UsageEventRow, event.event_id).charge_nanos == 720_000_000
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == 2 + 4 + 1

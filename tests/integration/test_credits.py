@@ -1,0 +1,130 @@
+"""Credits, top-ups and adjustments on SQLite and PostgreSQL: once per idempotency key, balanced."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from metering.billing.checks import run_checks
+from metering.billing.credits import add_credit, balances
+from metering.billing.ledger import transfer_id
+from metering.db.models import TransferRow
+from metering.errors import IdempotencyConflictError, InvalidInputError
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def credit(session_factory, **kw):
+    kw.setdefault("tenant_id", "t1")
+    kw.setdefault("user_id", "u1")
+    kw.setdefault("now", NOW)
+    with session_factory() as session:
+        result = add_credit(session, **kw)
+        session.commit()
+    return result
+
+
+def transfer_count(session_factory) -> int:
+    with session_factory() as session:
+        return session.scalar(select(func.count()).select_from(TransferRow))
+
+
+def test_a_repeated_key_returns_the_first_result_and_posts_nothing(session_factory) -> None:
+    first = credit(session_factory, amount=Decimal("25.50"), idempotency_key="topup-1", memo="welcome")
+    assert first.replayed is False and first.amount_nanos == 25_500_000_000 and first.kind == "credit"
+    assert first.transfer_id == transfer_id("key:topup-1", "credit")
+    again = credit(
+        session_factory, amount=Decimal("25.5"), idempotency_key="topup-1", memo="retry", now=NOW.replace(hour=13)
+    )
+    assert again.replayed is True
+    assert (again.transfer_id, again.amount_nanos, again.memo, again.created_at) == (
+        first.transfer_id, first.amount_nanos, "welcome", first.created_at,
+    )  # fmt: skip
+    assert transfer_count(session_factory) == 1
+    with session_factory() as session:
+        assert dict((a, b) for a, _, b in balances(session)) == {
+            "platform:topups": -25_500_000_000,
+            "user:t1:u1": 25_500_000_000,
+        }
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"amount": Decimal("26")}, {"user_id": "u2"}, {"tenant_id": "t2"}, {"kind": "adjustment"}],
+)
+def test_a_repeated_key_with_a_different_request_is_a_conflict(session_factory, change) -> None:
+    credit(session_factory, amount=Decimal("25"), idempotency_key="k")
+    request = {"amount": Decimal("25"), "idempotency_key": "k", **change}
+    with pytest.raises(IdempotencyConflictError) as caught:
+        credit(session_factory, **request)
+    assert caught.value.code == "idempotency_conflict" and caught.value.status == 409
+    assert transfer_count(session_factory) == 1
+
+
+def test_adjustments_go_either_way_and_balances_stay_balanced(session_factory) -> None:
+    credit(session_factory, amount=Decimal("10"), idempotency_key="a")
+    credit(session_factory, amount=Decimal("2.000000001"), idempotency_key="b", kind="adjustment")
+    down = credit(
+        session_factory, amount=Decimal("-3.5"), idempotency_key="c", kind="adjustment", memo="refund reversal"
+    )
+    assert down.amount_nanos == -3_500_000_000
+    credit(session_factory, amount=Decimal("1"), idempotency_key="d", tenant_id="t2", user_id="u9")
+    with session_factory() as session:
+        everything = {a: (k, b) for a, k, b in balances(session)}
+        tenant = balances(session, "t1")
+        report = run_checks(session)
+        down_row = session.get(TransferRow, down.transfer_id)
+    assert everything == {
+        "platform:adjustments": ("adjustments", 3_500_000_000 - 2_000_000_001),
+        "platform:topups": ("topups", -11_000_000_000),
+        "user:t1:u1": ("user_wallet", 10_000_000_000 + 2_000_000_001 - 3_500_000_000),
+        "user:t2:u9": ("user_wallet", 1_000_000_000),
+    }
+    assert sum(b for _, b in everything.values()) == 0
+    assert tenant == [("user:t1:u1", "user_wallet", 8_500_000_001)]
+    assert report.problems == []
+    assert (down_row.debit_account_id, down_row.credit_account_id, down_row.amount_nanos) == (
+        "user:t1:u1", "platform:adjustments", 3_500_000_000,
+    )  # fmt: skip
+    assert down_row.idempotency_key == "c" and down_row.kind == "adjustment"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"amount": Decimal("0.0000000001")}, "finer than one nano-dollar"),
+        ({"amount": Decimal("-1")}, "must be positive"),
+        ({"amount": Decimal("0"), "kind": "adjustment"}, "must not be zero"),
+        ({"amount": 1.5}, "Decimal"),
+        ({"amount": Decimal("NaN")}, "finite"),
+        ({"amount": Decimal("1"), "idempotency_key": ""}, "idempotency key"),
+        ({"amount": Decimal("1"), "kind": "gift"}, "kind"),
+    ],
+)
+def test_invalid_requests_are_refused(session_factory, kw, message) -> None:
+    kw.setdefault("idempotency_key", "x")
+    with pytest.raises(InvalidInputError, match=message):
+        credit(session_factory, **kw)
+    assert transfer_count(session_factory) == 0
+
+
+def test_two_concurrent_requests_with_one_key_post_once(session_factory) -> None:
+    first = session_factory()
+    mine = add_credit(first, tenant_id="t1", user_id="u1", amount=Decimal(5), idempotency_key="race", now=NOW)
+    results = []
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(credit, session_factory, amount=Decimal(5), idempotency_key="race")
+        time.sleep(0.3)  # the other request now waits on our uncommitted insert of the key
+        first.commit()
+        first.close()
+        results.append(other.result(timeout=30))
+    assert mine.replayed is False and results[0].replayed is True
+    assert results[0].transfer_id == mine.transfer_id
+    assert transfer_count(session_factory) == 1
+    with session_factory() as session:
+        assert run_checks(session).problems == []

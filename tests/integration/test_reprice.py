@@ -1,0 +1,181 @@
+"""Held (unpriced) events priced once an override exists, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from metering.billing import corrections
+from metering.billing.checks import run_checks
+from metering.billing.credits import balances
+from metering.billing.ingest import ingest
+from metering.billing.overrides import add_override, end_override, list_overrides
+from metering.billing.reprice import RepriceResult, reprice_held
+from metering.db.models import InvoiceRow, PriceOverrideRow, TransferRow, UsageEventRow, UsageRollupRow
+from metering.errors import InvalidInputError, NotFoundError
+from metering.events import UsageEvent, event_from_record
+from tests.fakes.events import record
+
+NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
+MARKUP = Decimal(20)
+SINCE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def ollama(i: int = 0, **overrides) -> UsageEvent:
+    overrides.setdefault("occurred_at", NOW - timedelta(minutes=5))
+    overrides = {"provider": "ollama", "model": "llama3.1", "input_tokens": 1_000_000, "output_tokens": 500_000,
+                 "cache_read_tokens": 0, **overrides}  # fmt: skip
+    return event_from_record(record(i, **overrides))
+
+
+def run_ingest(session_factory, events) -> None:
+    with session_factory() as session:
+        ingest(session, events, markup_pct=MARKUP, now=NOW)
+        session.commit()
+
+
+def reprice(session_factory) -> RepriceResult:
+    with session_factory() as session:
+        result = reprice_held(session, markup_pct=MARKUP, now=NOW)
+        session.commit()
+    return result
+
+
+def override(session_factory, **kw) -> PriceOverrideRow:
+    kw = {"provider": "ollama", "model_pattern": "llama3*", "effective_from": SINCE, "effective_to": None,
+          "input_mtok": Decimal("0.10"), "output_mtok": Decimal("0.40"), **kw}  # fmt: skip
+    with session_factory() as session:
+        row = add_override(session, **kw)
+        session.commit()
+    return row
+
+
+def rows(session_factory, model=UsageEventRow):
+    with session_factory() as session:
+        return list(session.scalars(select(model)))
+
+
+def assert_checks(session_factory) -> None:
+    with session_factory() as session:
+        assert run_checks(session).problems == []
+
+
+def test_held_events_are_billed_once_an_override_exists(session_factory) -> None:
+    held = [ollama(0), ollama(1, user_id="user-2")]
+    byollm = ollama(2, is_byollm=True)
+    run_ingest(session_factory, [*held, byollm])
+    statuses = {r.event_id: r.billing_status for r in rows(session_factory)}
+    assert statuses == {held[0].event_id: "unpriced", held[1].event_id: "unpriced", byollm.event_id: "excluded_byollm"}
+    assert sum(r.unpriced_count for r in rows(session_factory, UsageRollupRow)) == 2
+
+    assert reprice(session_factory) == RepriceResult(0, 2)  # no price yet: still held, nothing posted
+    assert rows(session_factory, TransferRow) == []
+
+    stored = override(session_factory, id="ollama-negotiated", note="negotiated rate")
+    assert (stored.input_nanos_per_mtok, stored.output_nanos_per_mtok) == (100_000_000, 400_000_000)
+    result = reprice(session_factory)
+    # 1M input x $0.10 + 0.5M output x $0.40 = $0.30 cost; x 1.2 markup = $0.36 charged, per event.
+    assert result == RepriceResult(priced=2, still_unpriced=0, charge_nanos=720_000_000, cost_nanos=600_000_000)
+    for row in rows(session_factory):
+        if row.event_id == byollm.event_id:
+            assert (row.billing_status, row.charge_nanos) == ("excluded_byollm", 0)
+            continue
+        assert (row.billing_status, row.charge_nanos, row.cost_nanos) == ("billed", 360_000_000, 300_000_000)
+        assert (row.price_source, row.price_version, row.markup_pct) == ("override", "ollama-negotiated", "20")
+        assert (row.invoice_period, row.is_late) == ("2026-11", False)
+    kinds = sorted((t.kind, t.amount_nanos, t.period) for t in rows(session_factory, TransferRow))
+    assert kinds == [("provider_cost", 300_000_000, "2026-11")] * 2 + [("usage_charge", 360_000_000, "2026-11")] * 2
+    rollups = rows(session_factory, UsageRollupRow)
+    assert sum(r.unpriced_count for r in rollups) == 0
+    assert sum(r.billed_nanos for r in rollups) == 720_000_000 and sum(r.cost_nanos for r in rollups) == 600_000_000
+    assert sum(r.calls for r in rollups) == 3
+    with session_factory() as session:
+        wallets = {a: b for a, k, b in balances(session, "tenant-1")}
+    assert wallets == {"user:tenant-1:user-1": -360_000_000, "user:tenant-1:user-2": -360_000_000}
+    assert_checks(session_factory)
+
+    assert reprice(session_factory) == RepriceResult(0, 0)  # a second run finds nothing to do
+    assert len(rows(session_factory, TransferRow)) == 4
+    assert_checks(session_factory)
+
+
+def test_a_zero_price_override_bills_at_zero_without_a_transfer(session_factory) -> None:
+    held = ollama(0)
+    run_ingest(session_factory, [held])
+    override(session_factory, model_pattern="llama3.1", input_mtok=Decimal(0), output_mtok=Decimal(0), note="local")
+    assert reprice(session_factory) == RepriceResult(1, 0)
+    (row,) = rows(session_factory)
+    assert (row.billing_status, row.charge_nanos, row.cost_nanos, row.price_source) == ("billed", 0, 0, "override")
+    assert rows(session_factory, TransferRow) == []
+    assert sum(r.unpriced_count for r in rows(session_factory, UsageRollupRow)) == 0
+    assert_checks(session_factory)
+
+
+def test_many_held_events_are_repriced_page_by_page(session_factory, monkeypatch) -> None:
+    monkeypatch.setattr(corrections, "PAGE", 2)
+    events = [ollama(i, model="mistral" if i % 3 == 0 else "llama3.2") for i in range(7)]
+    run_ingest(session_factory, events)
+    override(session_factory)
+    assert reprice(session_factory) == RepriceResult(4, 3, 4 * 360_000_000, 4 * 300_000_000)
+    assert reprice(session_factory) == RepriceResult(0, 3)
+    assert sorted(r.billing_status for r in rows(session_factory)) == ["billed"] * 4 + ["unpriced"] * 3
+    assert_checks(session_factory)
+
+
+def test_an_override_outside_the_event_time_leaves_it_held(session_factory) -> None:
+    held = ollama(0)
+    run_ingest(session_factory, [held])
+    override(session_factory, effective_from=NOW)  # starts after the event happened
+    assert reprice(session_factory) == RepriceResult(0, 1)
+    assert rows(session_factory)[0].billing_status == "unpriced"
+
+
+def test_a_held_event_of_a_finalized_period_is_billed_late_in_the_next_open_one(session_factory) -> None:
+    october = ollama(0, occurred_at=datetime(2026, 10, 30, 9, tzinfo=UTC))
+    run_ingest(session_factory, [october])
+    with session_factory() as session:
+        session.add(InvoiceRow(id=uuid.uuid4(), tenant_id="tenant-1", user_id="user-1", period="2026-10",
+                               status="finalized", currency="USD", total_nanos=0, rounded_nanos=0, residue_nanos=0,
+                               finalized_at=NOW))  # fmt: skip
+        session.commit()
+    override(session_factory)
+    assert reprice(session_factory).priced == 1
+    (row,) = rows(session_factory)
+    assert (row.invoice_period, row.is_late, row.charge_nanos) == ("2026-11", True, 360_000_000)
+    assert {t.period for t in rows(session_factory, TransferRow)} == {"2026-11"}
+    assert_checks(session_factory)
+
+
+def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
+    row = override(session_factory, id="o1", input_mtok=Decimal("0.000000001"), cache_read_mtok=Decimal("0.05"),
+                   markup_pct=Decimal("12.5"))  # fmt: skip
+    assert (row.input_nanos_per_mtok, row.cache_read_nanos_per_mtok, row.cache_write_nanos_per_mtok) == (
+        1,
+        50_000_000,
+        None,
+    )
+    with pytest.raises(InvalidInputError, match="finer than"):
+        override(session_factory, input_mtok=Decimal("0.0000000001"))
+    with pytest.raises(InvalidInputError, match="effective_to must be after"):
+        override(session_factory, effective_to=SINCE)
+    with pytest.raises(InvalidInputError, match="already exists"):
+        override(session_factory, id="o1")
+    with pytest.raises(InvalidInputError, match="Decimal"):
+        override(session_factory, output_mtok=0.4)
+    end = datetime(2026, 6, 1, tzinfo=UTC)
+    with session_factory() as session:
+        ended = end_override(session, "o1", end)
+        session.commit()
+        assert ended.effective_to == end
+        with pytest.raises(InvalidInputError, match="already ends"):
+            end_override(session, "o1", end + timedelta(days=1))
+        with pytest.raises(NotFoundError):
+            end_override(session, "nope", end)
+        assert [o.id for o in list_overrides(session, provider="ollama")] == ["o1"]
+        assert list_overrides(session, active_at=end) == []
+        assert [o.id for o in list_overrides(session, active_at=end - timedelta(seconds=1))] == ["o1"]
+        assert session.scalar(select(func.count()).select_from(PriceOverrideRow)) == 1

@@ -1,0 +1,181 @@
+"""Re-rate of a past window on SQLite and PostgreSQL: dry-run diff, reversals + new transfers, idempotent runs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from metering.billing import corrections
+from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
+from metering.billing.overrides import add_override
+from metering.billing.rerate import RerateResult, apply_rerate, plan_rerate
+from metering.db.models import AccountRow, InvoiceRow, TransferRow, UsageEventRow, UsageRollupRow
+from metering.errors import InvalidInputError
+from metering.events import UsageEvent, event_from_record
+from tests.fakes.events import record
+
+NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
+MARKUP = Decimal(20)
+START, END = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+OLD_CHARGE, OLD_COST = 360_000_000, 300_000_000  # 1M in x $0.10 + 0.5M out x $0.40, x 1.2
+NEW_CHARGE, NEW_COST = 720_000_000, 600_000_000  # at $0.20 / $0.80
+
+
+def ollama(i: int = 0, **overrides) -> UsageEvent:
+    overrides = {"provider": "ollama", "model": "llama3.1", "input_tokens": 1_000_000, "output_tokens": 500_000,
+                 "cache_read_tokens": 0, "occurred_at": NOW - timedelta(minutes=5), **overrides}  # fmt: skip
+    return event_from_record(record(i, **overrides))
+
+
+def price(session_factory, input_mtok: str, output_mtok: str, since: datetime, id: str) -> None:
+    with session_factory() as session:
+        add_override(session, provider="ollama", model_pattern="llama3*", effective_from=since, effective_to=None,
+                     input_mtok=Decimal(input_mtok), output_mtok=Decimal(output_mtok), id=id)  # fmt: skip
+        session.commit()
+
+
+@pytest.fixture
+def billed(session_factory) -> list[UsageEvent]:
+    """Three ollama events in November (two users, two extensions), one in October, one anthropic event."""
+    price(session_factory, "0.10", "0.40", datetime(2026, 1, 1, tzinfo=UTC), "old")
+    events = [
+        ollama(0),
+        ollama(1, occurred_at=datetime(2026, 11, 2, 8, tzinfo=UTC)),
+        ollama(2, user_id="user-2", extension_id="summarize"),
+        ollama(3, occurred_at=datetime(2026, 10, 15, 8, tzinfo=UTC)),
+        event_from_record(record(4, occurred_at=NOW - timedelta(minutes=5))),
+    ]
+    with session_factory() as session:
+        ingest(session, events, markup_pct=MARKUP, now=NOW)
+        session.commit()
+    return events
+
+
+def plan(session_factory, **kw) -> RerateResult:
+    kw = {"start": START, "end": END, "markup_pct": MARKUP, **kw}
+    with session_factory() as session:
+        return plan_rerate(session, **kw)
+
+
+def apply(session_factory, run_id: str, **kw) -> RerateResult:
+    kw = {"start": START, "end": END, "markup_pct": MARKUP, **kw}
+    with session_factory() as session:
+        result = apply_rerate(session, run_id=run_id, now=NOW + timedelta(hours=1), **kw)
+        session.commit()
+    return result
+
+
+def snapshot(session_factory) -> tuple:
+    with session_factory() as session:
+        events = sorted((str(e.event_id), e.charge_nanos, e.cost_nanos, e.price_version, e.invoice_period)
+                        for e in session.scalars(select(UsageEventRow)))  # fmt: skip
+        transfers = session.scalar(select(func.count()).select_from(TransferRow))
+        balances = sorted((a.id, a.balance_nanos) for a in session.scalars(select(AccountRow)))
+        rollups = sorted((r.user_id, r.billed_nanos, r.cost_nanos) for r in session.scalars(select(UsageRollupRow)))
+    return events, transfers, balances, rollups
+
+
+def assert_ledger_consistent(session_factory) -> None:
+    with session_factory() as session:
+        assert run_checks(session).problems == []
+        accounts = {a.id: a.balance_nanos for a in session.scalars(select(AccountRow))}
+        derived = dict.fromkeys(accounts, 0)
+        for t in session.scalars(select(TransferRow)):
+            derived[t.debit_account_id] -= t.amount_nanos
+            derived[t.credit_account_id] += t.amount_nanos
+        for e in session.scalars(select(UsageEventRow).where(UsageEventRow.billing_status == "billed")):
+            transfers = list(session.scalars(select(TransferRow).where(TransferRow.event_id == e.event_id)))
+            charges = {t.id: t.amount_nanos for t in transfers if t.kind == "usage_charge"}
+            reversed_ = sum(charges.get(t.reverses_id, 0) for t in transfers if t.kind == "reversal")
+            assert sum(charges.values()) - reversed_ == e.charge_nanos
+    assert sum(accounts.values()) == 0
+    assert accounts == derived
+
+
+def test_dry_run_shows_the_diff_per_user_and_extension_and_changes_nothing(session_factory, billed) -> None:
+    price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
+    before = snapshot(session_factory)
+    result = plan(session_factory)
+    diff = result.diff
+    assert (result.applied, diff.examined, diff.unpriceable, len(diff.changes)) == (False, 4, 0, 3)
+    user1, user2 = diff.by_user[("tenant-1", "user-1")], diff.by_user[("tenant-1", "user-2")]
+    assert (user1.events, user1.old_charge_nanos, user1.new_charge_nanos) == (2, 2 * OLD_CHARGE, 2 * NEW_CHARGE)
+    assert (user2.events, user2.charge_delta, user2.cost_delta) == (1, NEW_CHARGE - OLD_CHARGE, NEW_COST - OLD_COST)
+    assert set(diff.by_extension) == {"rewrite", "summarize"}
+    assert (diff.by_extension["rewrite"].events, diff.by_extension["summarize"].events) == (2, 1)
+    assert diff.total.charge_delta == 3 * (NEW_CHARGE - OLD_CHARGE)
+    assert plan(session_factory, provider="anthropic").diff.changes == []  # genai-prices event: unchanged
+    assert plan(session_factory, provider="ollama", model_pattern="mistral*").diff.examined == 0
+    assert len(plan(session_factory, model_pattern="LLAMA3.*").diff.changes) == 3
+    assert snapshot(session_factory) == before
+
+
+def test_apply_posts_reversals_and_new_transfers_once_per_run(session_factory, billed, monkeypatch) -> None:
+    monkeypatch.setattr(corrections, "PAGE", 2)  # several pages of events
+    price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
+    result = apply(session_factory, "r1")
+    assert (result.applied, len(result.diff.changes), result.skipped, result.transfers) == (True, 3, 0, 12)
+    assert result.diff.total.charge_delta == 3 * (NEW_CHARGE - OLD_CHARGE)
+    with session_factory() as session:
+        for e in billed[:3]:
+            row = session.get(UsageEventRow, e.event_id)
+            assert (row.charge_nanos, row.cost_nanos, row.price_version, row.invoice_period) == (
+                NEW_CHARGE, NEW_COST, "new", "2026-11",
+            )  # fmt: skip
+            kinds = sorted(
+                t.kind for t in session.scalars(select(TransferRow).where(TransferRow.event_id == e.event_id))
+            )
+            assert kinds == ["provider_cost", "provider_cost", "reversal", "reversal", "usage_charge", "usage_charge"]
+        october = session.get(UsageEventRow, billed[3].event_id)
+        assert (october.charge_nanos, october.price_version) == (OLD_CHARGE, "old")  # outside the window
+        wallet = session.get(AccountRow, "user:tenant-1:user-2").balance_nanos
+    assert wallet == -NEW_CHARGE
+    assert_ledger_consistent(session_factory)
+
+    after = snapshot(session_factory)
+    again = apply(session_factory, "r1")
+    assert (again.diff.changes, again.transfers) == ([], 0)
+    assert snapshot(session_factory) == after
+
+    # Prices change again: the same run id still posts nothing (its corrections exist); a new run does.
+    price(session_factory, "0", "0", datetime(2026, 11, 1, tzinfo=UTC), "free")
+    replay = apply(session_factory, "r1")
+    assert (replay.skipped, replay.transfers, replay.diff.changes) == (3, 0, [])
+    assert snapshot(session_factory) == after
+    free = apply(session_factory, "r2")
+    assert (len(free.diff.changes), free.transfers) == (3, 6)  # reversals only: a zero price has no transfer
+    with session_factory() as session:
+        assert {session.get(UsageEventRow, e.event_id).charge_nanos for e in billed[:3]} == {0}
+    assert_ledger_consistent(session_factory)
+
+
+def test_a_correction_of_a_finalized_period_is_posted_in_the_next_open_one(session_factory, billed) -> None:
+    with session_factory() as session:
+        session.add(InvoiceRow(id=uuid.uuid4(), tenant_id="tenant-1", user_id="user-1", period="2026-10",
+                               status="finalized", currency="USD", total_nanos=OLD_CHARGE, rounded_nanos=OLD_CHARGE,
+                               residue_nanos=0, finalized_at=NOW))  # fmt: skip
+        session.commit()
+    price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
+    october = datetime(2026, 10, 1, tzinfo=UTC)
+    result = apply(session_factory, "oct", start=october, end=START)
+    assert (len(result.diff.changes), result.late_corrections) == (1, 1)
+    with session_factory() as session:
+        row = session.get(UsageEventRow, billed[3].event_id)
+        assert (row.charge_nanos, row.invoice_period, row.is_late) == (NEW_CHARGE, "2026-10", False)
+        corrections = session.scalars(select(TransferRow).where(TransferRow.memo == "rerate:oct")).all()
+    assert {t.period for t in corrections} == {"2026-11"} and len(corrections) == 4
+    assert_ledger_consistent(session_factory)
+
+
+def test_invalid_windows_and_run_ids_are_refused(session_factory) -> None:
+    with pytest.raises(InvalidInputError, match="after start"):
+        plan(session_factory, start=END, end=START)
+    with pytest.raises(InvalidInputError, match="timezone"):
+        plan(session_factory, start=START.replace(tzinfo=None))
+    with pytest.raises(InvalidInputError, match="run id"):
+        apply(session_factory, "")
