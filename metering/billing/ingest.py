@@ -26,19 +26,17 @@ from metering.billing.ledger import (
     CURRENCY,
     REVENUE,
     Account,
-    Posting,
     TransferKind,
     fast_transfer_id,
     provider_cost,
     provider_payable,
     str_uuid,
-    usage_postings,
     user_wallet,
 )
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus, Decision, decide
 from metering.billing.rates import RateCards
-from metering.billing.rollup import COUNTER_COLUMNS, RollupInput, RollupKey, hour_of, latency_us
+from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of, latency_us
 from metering.events import Status, UsageEvent, event_from_record
 
 MAX_FUTURE = timedelta(minutes=5)
@@ -220,51 +218,6 @@ def _row(p: Priced, batch: uuid.UUID, now: datetime, sqlite: bool) -> tuple[Any,
     )  # fmt: skip
 
 
-def rollup_input(p: Priced) -> RollupInput:
-    e, d = p.event, p.decision
-    return RollupInput(
-        key=(
-            hour_of(e.occurred_at),
-            e.tenant_id,
-            e.user_id,
-            e.extension_id,
-            e.function,
-            e.purpose,
-            e.provider,
-            e.model,
-            e.is_byollm,
-            e.status.value,
-        ),
-        input_tokens=e.input_tokens,
-        output_tokens=e.output_tokens,
-        cache_read_tokens=e.cache_read_tokens,
-        cache_write_tokens=e.cache_write_tokens,
-        reasoning_tokens=e.reasoning_tokens,
-        billed_nanos=d.charge_nanos,
-        shadow_nanos=d.shadow_nanos,
-        cost_nanos=d.cost_nanos,
-        latency_us=latency_us(e.latency_ms),
-        is_error=e.status is Status.ERROR,
-        is_unpriced=d.status is BillingStatus.UNPRICED,
-    )
-
-
-def postings_for(p: Priced) -> list[Posting]:
-    d = p.decision
-    if d.status is not BillingStatus.BILLED or p.period is None:
-        return []
-    e = p.event
-    return usage_postings(
-        event_id=e.event_id,
-        tenant_id=e.tenant_id,
-        user_id=e.user_id,
-        provider=e.provider,
-        period=p.period,
-        charge_nanos=d.charge_nanos,
-        cost_nanos=d.cost_nanos,
-    )
-
-
 def ingest(
     session: Any,
     items: Sequence[UsageEvent | Mapping[str, Any]],
@@ -303,8 +256,8 @@ def ingest(
 def usage_transfer_rows(
     new: Sequence[Priced], now: datetime, sqlite: bool
 ) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, Account]]:
-    """The transfer rows of ``postings_for`` for a whole batch, built without intermediate objects (the
-    ingest hot path), with the balance deltas and the accounts they touch."""
+    """The rows of ``ledger.usage_postings`` for every billed event of the batch, built without intermediate
+    objects (the ingest hot path; ids equal ``transfer_id``), with the balance deltas and accounts touched."""
     rows: list[tuple[Any, ...]] = []
     deltas: dict[str, int] = defaultdict(int)
     accounts: dict[str, Account] = {REVENUE.id: REVENUE}
@@ -336,7 +289,7 @@ def usage_transfer_rows(
 
 
 def fold_priced(new: Sequence[Priced]) -> dict[RollupKey, list[int]]:
-    """``fold(rollup_input(p) for p in new)`` without the intermediate objects (the ingest hot path)."""
+    """Sum the rollup counters (``rollup.COUNTER_COLUMNS`` order) of each bucket the new events fall in."""
     buckets: dict[RollupKey, list[int]] = {}
     error, unpriced = Status.ERROR, BillingStatus.UNPRICED
     for p in new:

@@ -114,17 +114,20 @@ def _insert_events_sqlite(session: Session, rows: Sequence[tuple[Any, ...]], bat
         cursor.close()
 
 
+def _stage(cursor: Any, name: str, definition: str, columns: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """PostgreSQL: COPY ``rows`` into an empty per-transaction temporary table ``name``."""
+    cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} {definition} ON COMMIT DELETE ROWS")
+    cursor.execute(f"TRUNCATE {name}")
+    with cursor.copy(f"COPY {name} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def _insert_events_postgresql(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:
     connection = session.connection().connection.driver_connection
     columns = ", ".join(EVENT_COLUMNS)
     with connection.cursor() as cursor:  # type: ignore[union-attr]
-        cursor.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS ingest_events (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
-        cursor.execute("TRUNCATE ingest_events")
-        with cursor.copy(f"COPY ingest_events ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        _stage(cursor, "ingest_events", "(LIKE usage_events INCLUDING DEFAULTS)", columns, rows)
         # Sorted by event_id so two batches sharing events always lock them in the same order.
         cursor.execute(
             f"INSERT INTO usage_events ({columns}) SELECT {columns} FROM ingest_events ORDER BY event_id "
@@ -138,23 +141,12 @@ def _insert_events_postgresql(session: Session, rows: Sequence[tuple[Any, ...]])
 
 def post_transfers(session: Session, postings: Sequence[Posting], created_at: datetime) -> None:
     """Append transfers. Their ids are derived from their cause, so a duplicate is a bug: it fails loudly."""
-    if not postings:
-        return
     sqlite = dialect(session) == "sqlite"
-    rows = [posting_row(p, created_at, sqlite) for p in postings]
-    connection = session.connection().connection.driver_connection
-    columns = ", ".join(TRANSFER_COLUMNS)
-    if sqlite:
-        marks = ", ".join("?" * len(TRANSFER_COLUMNS))
-        connection.executemany(f"INSERT INTO transfers ({columns}) VALUES ({marks})", rows)  # type: ignore[union-attr]
-        return
-    with connection.cursor() as cursor, cursor.copy(f"COPY transfers ({columns}) FROM STDIN") as copy:  # type: ignore[union-attr]
-        for row in rows:
-            copy.write_row(row)
+    insert_transfer_rows(session, [posting_row(p, created_at, sqlite) for p in postings])
 
 
 def insert_transfer_rows(session: Session, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Append transfer rows already in ``TRANSFER_COLUMNS`` order with driver values (ids as 32-hex)."""
+    """Append transfer rows already in ``TRANSFER_COLUMNS`` order with driver values."""
     if not rows:
         return
     connection = session.connection().connection.driver_connection
@@ -191,14 +183,14 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
         connection.executemany(update, updates)  # type: ignore[union-attr]
     else:  # set-based: COPY the batch's accounts and deltas once, then two statements
         with connection.cursor() as cursor:  # type: ignore[union-attr]
-            cursor.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS ingest_accounts (id text, kind text, tenant_id text, user_id text,"
-                " currency text, created_at timestamptz, delta bigint) ON COMMIT DELETE ROWS"
+            _stage(
+                cursor,
+                "ingest_accounts",
+                "(id text, kind text, tenant_id text, user_id text, currency text, created_at timestamptz, "
+                "delta bigint)",
+                "id, kind, tenant_id, user_id, currency, created_at, delta",
+                ((*row, deltas[row[0]]) for row in new_accounts),
             )
-            cursor.execute("TRUNCATE ingest_accounts")
-            with cursor.copy("COPY ingest_accounts FROM STDIN") as copy:
-                for row in new_accounts:
-                    copy.write_row((*row, deltas[row[0]]))
             cursor.execute(
                 "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
                 "SELECT id, kind, tenant_id, user_id, currency, 0, created_at FROM ingest_accounts ORDER BY id "
@@ -236,14 +228,7 @@ def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> Non
     else:  # set-based: COPY the batch's buckets, then one INSERT ... SELECT ... ON CONFLICT DO UPDATE
         keys, names = ", ".join(KEY_COLUMNS), ", ".join(columns)
         with connection.cursor() as cursor:  # type: ignore[union-attr]
-            cursor.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS ingest_rollups "
-                "(LIKE usage_rollups INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            cursor.execute("TRUNCATE ingest_rollups")
-            with cursor.copy(f"COPY ingest_rollups ({names}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            _stage(cursor, "ingest_rollups", "(LIKE usage_rollups INCLUDING DEFAULTS)", names, rows)
             cursor.execute(
                 f"INSERT INTO usage_rollups ({names}) SELECT {names} FROM ingest_rollups ORDER BY {keys} "
                 f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
