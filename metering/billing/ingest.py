@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from psycopg.types.json import Json
 from pydantic import ValidationError
 
 from metering.billing import store
@@ -197,6 +198,14 @@ def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[
     return priced
 
 
+_NO_BUDGET_FLAGS = "[]"
+
+
+def _budget_json(flags: list[Any], sqlite: bool) -> Any:
+    text = _NO_BUDGET_FLAGS if not flags else orjson.dumps(flags).decode()
+    return text if sqlite else Json(flags)
+
+
 def _row(p: Priced, batch: uuid.UUID, now: datetime, sqlite: bool) -> tuple[Any, ...]:
     e, d = p.event, p.decision
     if sqlite:
@@ -212,7 +221,7 @@ def _row(p: Priced, batch: uuid.UUID, now: datetime, sqlite: bool) -> tuple[Any,
         e.action_type, ids[1], e.call_index, e.purpose, e.provider, e.model, flags[0], flags[1], flags[2],
         e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
         e.usage_completeness.value, e.max_tokens, e.stop_reason, e.latency_ms, e.time_to_first_token_ms,
-        e.status.value, e.error_type, e.prompt_fingerprint, orjson.dumps(e.budget_exceeded).decode(), ids[2],
+        e.status.value, e.error_type, e.prompt_fingerprint, _budget_json(e.budget_exceeded, sqlite), ids[2],
         d.status.value, d.charge_nanos, d.cost_nanos, d.shadow_nanos, p.markup, p.source, p.version, p.period,
         flags[3],
     )  # fmt: skip

@@ -12,6 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from psycopg.errors import UniqueViolation
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -123,7 +124,47 @@ def _stage(cursor: Any, name: str, definition: str, columns: str, rows: Iterable
             copy.write_row(row)
 
 
+def _column_types(cursor: Any, table: str) -> list[str]:
+    cursor.execute(
+        "SELECT column_name, udt_name FROM information_schema.columns WHERE table_name = %s "
+        "AND table_schema = current_schema()",
+        [table],
+    )
+    types = dict(cursor.fetchall())
+    return [types[c] for c in EVENT_COLUMNS]
+
+
+_pg_event_types: list[str] | None = None
+
+
 def _insert_events_postgresql(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:
+    """Fast path: skip the ids already stored, binary-COPY the rest straight into usage_events. If another
+    transaction stores one of them meanwhile, the COPY fails on the primary key: roll back to the savepoint
+    and take the exact path (stage, then INSERT ... ON CONFLICT DO NOTHING RETURNING)."""
+    global _pg_event_types
+    connection: Any = session.connection().connection.driver_connection
+    with connection.cursor() as cursor:
+        if _pg_event_types is None:
+            _pg_event_types = _column_types(cursor, "usage_events")
+        cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s)", [[row[0] for row in rows]])
+        stored = {r[0] for r in cursor.fetchall()}
+        new_rows = [row for row in rows if row[0] not in stored] if stored else list(rows)
+        if not new_rows:
+            return set()
+        try:
+            copy_sql = f"COPY usage_events ({', '.join(EVENT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+            # A savepoint inside the batch's transaction, so a failed COPY leaves the batch usable.
+            with connection.transaction(), cursor.copy(copy_sql) as copy:
+                copy.set_types(_pg_event_types)
+                for row in new_rows:
+                    copy.write_row(row)
+            return {row[0].hex for row in new_rows}
+        except UniqueViolation:
+            pass  # raced by another ingest of the same events: take the exact path
+    return _insert_events_postgresql_staged(session, rows)
+
+
+def _insert_events_postgresql_staged(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:
     connection = session.connection().connection.driver_connection
     columns = ", ".join(EVENT_COLUMNS)
     with connection.cursor() as cursor:  # type: ignore[union-attr]
@@ -181,26 +222,23 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
     if sqlite:
         connection.executemany(insert, new_accounts)  # type: ignore[union-attr]
         connection.executemany(update, updates)  # type: ignore[union-attr]
-    else:  # set-based: COPY the batch's accounts and deltas once, then two statements
+    else:  # set-based: the batch's accounts and deltas as arrays, three statements
+        ids = [row[0] for row in new_accounts]
         with connection.cursor() as cursor:  # type: ignore[union-attr]
-            _stage(
-                cursor,
-                "ingest_accounts",
-                "(id text, kind text, tenant_id text, user_id text, currency text, created_at timestamptz, "
-                "delta bigint)",
-                "id, kind, tenant_id, user_id, currency, created_at, delta",
-                ((*row, deltas[row[0]]) for row in new_accounts),
-            )
             cursor.execute(
                 "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
-                "SELECT id, kind, tenant_id, user_id, currency, 0, created_at FROM ingest_accounts ORDER BY id "
-                "ON CONFLICT (id) DO NOTHING"
-            )
+                "SELECT a.id, a.kind, a.tenant_id, a.user_id, %s, 0, %s "
+                "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS a(id, kind, tenant_id, user_id) "
+                "ORDER BY a.id ON CONFLICT (id) DO NOTHING",
+                [CURRENCY, now, ids, [r[1] for r in new_accounts], [r[2] for r in new_accounts],
+                 [r[3] for r in new_accounts]],
+            )  # fmt: skip
             # Lock in id order first, so two concurrent batches never wait on each other in a cycle.
-            cursor.execute("SELECT 1 FROM accounts WHERE id IN (SELECT id FROM ingest_accounts) ORDER BY id FOR UPDATE")
+            cursor.execute("SELECT 1 FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [ids])
             cursor.execute(
-                "UPDATE accounts a SET balance_nanos = a.balance_nanos + d.delta FROM ingest_accounts d "
-                "WHERE a.id = d.id AND d.delta <> 0"
+                "UPDATE accounts a SET balance_nanos = a.balance_nanos + d.delta "
+                "FROM unnest(%s::text[], %s::int8[]) AS d(id, delta) WHERE a.id = d.id",
+                [[u[1] for u in updates], [u[0] for u in updates]],
             )
 
 
