@@ -28,10 +28,9 @@ from metering.billing.ledger import (
     REVENUE,
     Account,
     TransferKind,
-    fast_transfer_id,
     provider_cost,
     provider_payable,
-    str_uuid,
+    usage_transfer_hex,
     user_wallet,
 )
 from metering.billing.periods import billing_period, period_of
@@ -208,23 +207,26 @@ def _budget_json(flags: list[Any], sqlite: bool) -> Any:
 
 def _row(p: Priced, batch: uuid.UUID, now: datetime, sqlite: bool) -> tuple[Any, ...]:
     e, d = p.event, p.decision
-    if sqlite:
-        ids: tuple[Any, Any, Any] = (e.event_id.hex, e.invocation_id.hex, batch.hex)
+    if sqlite:  # the driver values SQLAlchemy's types would bind (bools bind as 0/1 by themselves)
+        if _batch_values[0] is not batch or _batch_values[1] is not now:
+            _batch_values[:] = [batch, now, batch.hex, store.sqlite_time(now)]
+        ids: tuple[Any, Any, Any] = (e.event_id.hex, e.invocation_id.hex, _batch_values[2])
         occurred: Any = store.sqlite_time(e.occurred_at)
-        ingested: Any = store.sqlite_time(now)
-        flags: tuple[Any, Any, Any, Any] = (int(e.is_byollm), int(e.is_failover), int(e.is_stream), int(p.late))
+        ingested: Any = _batch_values[3]
     else:
         ids, occurred, ingested = (e.event_id, e.invocation_id, batch), e.occurred_at, now
-        flags = (e.is_byollm, e.is_failover, e.is_stream, p.late)
     return (
         ids[0], e.schema_version, occurred, ingested, e.tenant_id, e.user_id, e.extension_id, e.function,
-        e.action_type, ids[1], e.call_index, e.purpose, e.provider, e.model, flags[0], flags[1], flags[2],
-        e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens, e.reasoning_tokens,
-        e.usage_completeness.value, e.max_tokens, e.stop_reason, e.latency_ms, e.time_to_first_token_ms,
-        e.status.value, e.error_type, e.prompt_fingerprint, _budget_json(e.budget_exceeded, sqlite), ids[2],
-        d.status.value, d.charge_nanos, d.cost_nanos, d.shadow_nanos, p.markup, p.source, p.version, p.period,
-        flags[3],
+        e.action_type, ids[1], e.call_index, e.purpose, e.provider, e.model, e.is_byollm, e.is_failover,
+        e.is_stream, e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens,
+        e.reasoning_tokens, e.usage_completeness.value, e.max_tokens, e.stop_reason, e.latency_ms,
+        e.time_to_first_token_ms, e.status.value, e.error_type, e.prompt_fingerprint,
+        _budget_json(e.budget_exceeded, sqlite), ids[2], d.status.value, d.charge_nanos, d.cost_nanos,
+        d.shadow_nanos, p.markup, p.source, p.version, p.period, p.late,
     )  # fmt: skip
+
+
+_batch_values: list[Any] = [None, None, None, None]  # (batch, now, batch.hex, sqlite_time(now)) of the last row
 
 
 def ingest(
@@ -277,12 +279,11 @@ def usage_transfer_rows(
             continue
         e = p.event
         event_ref = e.event_id.hex
-        cause = str_uuid(event_ref)
         if d.charge_nanos > 0:
             wallet = f"user:{e.tenant_id}:{e.user_id}"
             if wallet not in accounts:
                 accounts[wallet] = user_wallet(e.tenant_id, e.user_id)
-            rows.append((fast_transfer_id(cause, CHARGE), wallet, REVENUE.id, d.charge_nanos, CURRENCY, CHARGE,
+            rows.append((usage_transfer_hex(event_ref, CHARGE), wallet, REVENUE.id, d.charge_nanos, CURRENCY, CHARGE,
                          event_ref, None, None, p.period, None, created))  # fmt: skip
             deltas[wallet] -= d.charge_nanos
             deltas[REVENUE.id] += d.charge_nanos
@@ -290,7 +291,7 @@ def usage_transfer_rows(
             cost, payable = f"provider:{e.provider}:cost", f"provider:{e.provider}:payable"
             if cost not in accounts:
                 accounts[cost], accounts[payable] = provider_cost(e.provider), provider_payable(e.provider)
-            rows.append((fast_transfer_id(cause, COST), cost, payable, d.cost_nanos, CURRENCY, COST, event_ref,
+            rows.append((usage_transfer_hex(event_ref, COST), cost, payable, d.cost_nanos, CURRENCY, COST, event_ref,
                          None, None, p.period, None, created))  # fmt: skip
             deltas[cost] -= d.cost_nanos
             deltas[payable] += d.cost_nanos

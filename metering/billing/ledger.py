@@ -70,17 +70,17 @@ def transfer_id(cause: str, kind: str) -> uuid.UUID:
     return uuid.uuid5(NAMESPACE, f"{cause}/{kind}")
 
 
-def fast_transfer_id(cause: str, kind: str) -> str:
-    """``transfer_id(cause, kind).hex`` without building UUID objects (the ingest hot path)."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{cause}/{kind}".encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    return digest.hex()
+def usage_transfer_hex(event_hex: str, kind: str) -> str:
+    """The id (32 hex) of the ``kind`` transfer of usage event ``event_hex``: the event's time-ordered
+    UUIDv7 prefix (so a batch's transfers land on adjacent index pages) and 64 bits of
+    sha1(namespace, event id, kind) (so each (event, kind) has its own id). Derived: a replay cannot post twice."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{event_hex}/{kind}".encode()).digest()[:8])
+    digest[0] = (digest[0] & 0x3F) | 0x80  # RFC 9562 variant bits
+    return event_hex[:16] + digest.hex()
 
 
-def str_uuid(hex32: str) -> str:
-    """The canonical text of a UUID given as 32 hex digits (``str(uuid.UUID(hex=...))``, faster)."""
-    return f"{hex32[:8]}-{hex32[8:12]}-{hex32[12:16]}-{hex32[16:20]}-{hex32[20:]}"
+def usage_transfer_id(event_id: uuid.UUID, kind: str) -> uuid.UUID:
+    return uuid.UUID(hex=usage_transfer_hex(event_id.hex, kind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +118,7 @@ def usage_postings(
     if charge_nanos > 0:
         postings.append(
             Posting(
-                transfer_id(str(event_id), TransferKind.USAGE_CHARGE),
+                usage_transfer_id(event_id, TransferKind.USAGE_CHARGE),
                 user_wallet(tenant_id, user_id),
                 REVENUE,
                 charge_nanos,
@@ -130,7 +130,7 @@ def usage_postings(
     if cost_nanos > 0:
         postings.append(
             Posting(
-                transfer_id(str(event_id), TransferKind.PROVIDER_COST),
+                usage_transfer_id(event_id, TransferKind.PROVIDER_COST),
                 provider_cost(provider),
                 provider_payable(provider),
                 cost_nanos,

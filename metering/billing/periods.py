@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 
 def period_of(moment: datetime) -> str:
-    moment = moment.astimezone(UTC)
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
     return f"{moment.year:04d}-{moment.month:02d}"
 
 

@@ -118,7 +118,7 @@ def _insert_events_sqlite(session: Session, rows: Sequence[tuple[Any, ...]], bat
 def _stage(cursor: Any, name: str, definition: str, columns: str, rows: Iterable[tuple[Any, ...]]) -> None:
     """PostgreSQL: COPY ``rows`` into an empty per-transaction temporary table ``name``."""
     cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} {definition} ON COMMIT DELETE ROWS")
-    cursor.execute(f"TRUNCATE {name}")
+    cursor.execute(f"TRUNCATE {name}")  # a transaction may stage more than once (reprice pages)
     with cursor.copy(f"COPY {name} ({columns}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
