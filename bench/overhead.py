@@ -124,7 +124,7 @@ class MeteredSetup:
     ``external``: ``metering spool drain --follow`` runs as a separate process and delivers the spool.
     """
 
-    def __init__(self, workdir: Path, mode: str, provider: Any) -> None:
+    def __init__(self, workdir: Path, mode: str, provider: Any, interval_s: float) -> None:
         self.mode = mode
         self.db_url = f"sqlite:///{workdir / f'{mode}.db'}"
         migrate.upgrade(self.db_url)
@@ -135,14 +135,14 @@ class MeteredSetup:
         self.drainer: subprocess.Popen[bytes] | None = None
         if mode == "thread":
             sink = DatabaseSink(make_session_factory(self.engine))
-            self.flusher = Flusher(self.spool, sink, batch_size=1000, interval_s=0.2).start()
+            self.flusher = Flusher(self.spool, sink, batch_size=1000, interval_s=interval_s).start()
         else:
             env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
             env.update(
                 METERING_DATABASE_URL=self.db_url,
                 METERING_SPOOL__DIR=str(self.spool_dir),
                 METERING_SPOOL__BATCH_SIZE="1000",
-                METERING_SPOOL__FLUSH_INTERVAL_S="0.2",
+                METERING_SPOOL__FLUSH_INTERVAL_S=str(interval_s),
             )
             cmd = [sys.executable, "-m", "metering.cli.main", "spool", "drain", "--follow"]
             self.drainer = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -196,11 +196,11 @@ class MeteredSetup:
         return stored if drained else -1
 
 
-async def run(calls: int, rounds: int, workdir: Path) -> dict[str, Any]:
+async def run(calls: int, rounds: int, workdir: Path, interval_s: float) -> dict[str, Any]:
     provider = make_provider(ProviderConfig(provider="simulated", model=MODEL), SimulatedSettings())
     request = ProviderRequest(model=MODEL, system=SYSTEM, messages=MESSAGES, max_tokens=1500)
-    setups = {"metered_thread": MeteredSetup(workdir, "thread", provider)}
-    setups["metered_external"] = MeteredSetup(workdir, "external", provider)
+    setups = {"metered_thread": MeteredSetup(workdir, "thread", provider, interval_s)}
+    setups["metered_external"] = MeteredSetup(workdir, "external", provider, interval_s)
     await asyncio.to_thread(setups["metered_external"].wait_claimed)
 
     def raw() -> Awaitable[Any]:
@@ -264,9 +264,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.2,
+        help="flusher/drainer interval (s); 0.2 delivers during the timed rounds, e.g. 5 mostly between them",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(run(args.calls, args.rounds, Path(tmp)))
+        result = asyncio.run(run(args.calls, args.rounds, Path(tmp), args.flush_interval))
+        result["flush_interval_s"] = args.flush_interval
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
