@@ -55,6 +55,17 @@ class BillingSettings(BaseModel):
     invoice_grace_hours: float = Field(72.0, ge=0)
 
 
+class ApiSettings(BaseModel):
+    """The HTTP service (``metering serve``)."""
+
+    # Bodies above this are refused with 413 before any JSON is parsed (Content-Length, then counted).
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # Events per POST /v1/events: one batch is one ingest transaction.
+    max_batch_events: int = Field(5000, ge=1, le=5000)
+    # A token's last_used_at is written at most this often (not on every request).
+    token_touch_interval_s: float = Field(60.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERING_", env_nested_delimiter="__", extra="ignore", env_file=None)
 
@@ -73,6 +84,7 @@ class Settings(BaseSettings):
     simulated: SimulatedSettings = SimulatedSettings()
     spool: SpoolSettings = SpoolSettings()
     billing: BillingSettings = BillingSettings()
+    api: ApiSettings = ApiSettings()
     settings_cache_ttl_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")

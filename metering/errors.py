@@ -92,3 +92,44 @@ class IdempotencyConflictError(MeteringError):
 
     code = "idempotency_conflict"
     status = 409
+
+
+class AuthenticationError(MeteringError):
+    """No API token, or one that is unknown or revoked."""
+
+    code = "unauthenticated"
+    status = 401
+
+
+class PermissionDeniedError(MeteringError):
+    """A valid API token without the scope (or tenant) the operation needs."""
+
+    code = "forbidden"
+    status = 403
+
+
+class PayloadTooLargeError(MeteringError):
+    """A request body larger than the configured byte limit."""
+
+    code = "payload_too_large"
+    status = 413
+
+
+class TooManyEventsError(PayloadTooLargeError):
+    """A batch with more events than one ingest call takes."""
+
+    code = "too_many_events"
+
+
+class NotReadyError(MeteringError):
+    """The service cannot serve yet: its database is unreachable or not migrated to head."""
+
+    code = "not_ready"
+    status = 503
+
+
+class DatabaseUnavailableError(MeteringError):
+    """The database refused or dropped the connection (or stayed locked); retrying later may succeed."""
+
+    code = "database_unavailable"
+    status = 503

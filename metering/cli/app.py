@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from metering.cli import billing_cmd, llm_settings, run, spool_cmd
+from metering.cli import billing_cmd, llm_settings, run, serve_cmd, spool_cmd, tokens_cmd
 from metering.cli import demo as demo_cmd
 from metering.cli.common import admin_session, console, usage_table
 from metering.config import Settings
@@ -23,6 +23,8 @@ app.add_typer(llm_settings.budget_app, name="budget")
 app.add_typer(llm_settings.keys_app, name="keys")
 app.add_typer(spool_cmd.spool_app, name="spool")
 app.add_typer(billing_cmd.billing_app, name="billing")
+app.add_typer(tokens_cmd.tokens_app, name="tokens")
+app.command()(serve_cmd.serve)
 
 
 @app.command()

@@ -267,3 +267,29 @@ class InvoiceLineRow(Base):
     is_late: Mapped[bool] = mapped_column(Boolean)
     calls: Mapped[int] = mapped_column(BigInteger)
     billed_nanos: Mapped[int] = mapped_column(BigInteger)
+
+
+# -- API -------------------------------------------------------------------------------------------
+
+
+class ApiTokenRow(Base):
+    """An API token. Only the SHA-256 of the secret is stored; ``prefix`` (its first 8 characters) is for display
+    and lookup. ``scopes`` is a list of 'ingest' | 'read' | 'admin'; a token with a ``tenant_id`` acts for that
+    tenant only."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(8))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    tenant_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
+        Index("ix_api_tokens_prefix", "prefix"),
+    )

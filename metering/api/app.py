@@ -1,0 +1,65 @@
+"""The app factory. Nothing is built at import time: the engine lives in the lifespan, on ``app.state``.
+
+Run it with ``metering serve`` (uvicorn, ``factory=True``) or ``create_app(Settings(...))`` in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from metering import __version__
+from metering.api import problems
+from metering.api.body_limit import BodyLimitMiddleware
+from metering.api.routers import events, health
+from metering.config import Settings
+from metering.db import migrate
+from metering.db.engine import make_engine, make_session_factory
+
+DESCRIPTION = """Usage metering and billing for LLM calls made by chat extensions.
+
+Authenticate with an API token: `Authorization: Bearer mtr_…` (create one with `metering tokens create`).
+Every error is `application/problem+json` (RFC 9457) with a stable `code`.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    url = settings.resolved_database_url
+    engine = make_engine(url)
+    app.state.engine = engine
+    app.state.sessions = make_session_factory(engine)
+    app.state.head_revision = migrate.head_revision(url)
+    try:
+        yield
+    finally:
+        engine.dispose()
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name  # the endpoint's function name: post_events, readyz, ...
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="metering",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+        openapi_tags=[
+            {"name": "events", "description": "Usage events in (scope `ingest`)."},
+            {"name": "health", "description": "Probes for orchestrators (no authentication)."},
+        ],
+    )
+    app.state.settings = settings
+    problems.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(events.router, prefix="/v1")
+    return app

@@ -1,0 +1,84 @@
+"""Dependencies of the routers, as ``Annotated`` aliases. The request's session is the edge that commits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from metering.auth import Scope, TokenPrincipal, authenticate
+from metering.config import Settings
+from metering.errors import AuthenticationError, PermissionDeniedError
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiToken",
+    description="An API token (`mtr_…`) from `metering tokens create`, sent as `Authorization: Bearer <token>`.",
+)
+
+
+def app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def app_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def db_session(request: Request) -> Iterator[Session]:
+    """One session per request: committed when the endpoint succeeds, rolled back when it raises.
+
+    Used with ``scope="function"``: the commit happens before the response is sent, so a failed commit is
+    answered with an error, never with a 200.
+    """
+    with request.app.state.sessions() as session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
+
+
+def _principal(request: Request, secret: str) -> TokenPrincipal | None:
+    # Its own short transaction: touching last_used_at must not hold the token row for the whole request.
+    settings = app_settings(request)
+    touch_after = timedelta(seconds=settings.api.token_touch_interval_s)
+    with request.app.state.sessions() as session:
+        principal = authenticate(session, secret, touch_after=touch_after)
+        session.commit()
+    return principal
+
+
+def require(scope: Scope) -> Callable[..., TokenPrincipal]:
+    """A dependency returning the request's principal: 401 without a live token, 403 without ``scope``."""
+
+    def dependency(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    ) -> TokenPrincipal:
+        if credentials is None:
+            raise AuthenticationError("an API token is required: send 'Authorization: Bearer <token>'")
+        principal = _principal(request, credentials.credentials)
+        if principal is None:
+            raise AuthenticationError("the API token is invalid or revoked")
+        if not principal.allows(scope):
+            raise PermissionDeniedError(f"the API token lacks the '{scope.value}' scope")
+        return principal
+
+    dependency.__name__ = f"require_{scope.value}"
+    return dependency
+
+
+AppSettings = Annotated[Settings, Depends(app_settings)]
+AppEngine = Annotated[Engine, Depends(app_engine)]
+DbSession = Annotated[Session, Depends(db_session, scope="function")]
+Ingester = Annotated[TokenPrincipal, Depends(require(Scope.INGEST))]
+Reader = Annotated[TokenPrincipal, Depends(require(Scope.READ))]
+Admin = Annotated[TokenPrincipal, Depends(require(Scope.ADMIN))]

@@ -1,0 +1,182 @@
+"""Every error response is RFC 9457 ``application/problem+json``, rendered here and only here.
+
+Domain code raises ``MeteringError`` subclasses (a stable ``code`` and an HTTP ``status``); FastAPI's request
+validation errors, Starlette's 404/405, database outages and unexpected exceptions get the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://metering.dev/problems/"
+MAX_LISTED_ERRORS = 100
+
+log = logging.getLogger("metering.api")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail. ``code`` is stable (clients branch on it); ``detail`` is for people."""
+
+    type: str = Field(description="A URI naming the problem type: https://metering.dev/problems/<code>.")
+    title: str = Field(description="A short summary of the problem type.")
+    status: int = Field(description="The HTTP status code.")
+    detail: str = Field(description="What went wrong with this request, for a person.")
+    code: str = Field(description="The stable, machine-readable problem code.")
+    instance: str | None = Field(None, description="The request path.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. ['body', 'events'].")
+    msg: str
+    type: str
+
+
+class ValidationProblem(Problem):
+    """A request that does not match the documented schema (422)."""
+
+    errors: list[FieldError]
+
+
+def title_of(code: str) -> str:
+    return code.replace("_", " ").capitalize()
+
+
+def problem_body(status: int, code: str, detail: str, *, instance: str | None = None) -> dict[str, Any]:
+    return {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title_of(code),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "instance": instance,
+    }
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = problem_body(status, code, detail, instance=instance) | extra
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _http_code(status: int) -> str:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return f"http_{status}"
+    return phrase.lower().replace(" ", "_").replace("-", "_").replace("'", "")
+
+
+def _http_detail(request: Request, exc: StarletteHTTPException) -> str:
+    if exc.status_code == 404:
+        return f"nothing at {request.url.path}"
+    if exc.status_code == 405:
+        return f"{request.method} is not allowed on {request.url.path}"
+    return str(exc.detail)
+
+
+async def metering_error(request: Request, exc: MeteringError) -> JSONResponse:
+    if exc.status >= 500:  # warning, not error: a 503 from /readyz repeats on every probe until it clears
+        log.warning("%s %s failed: %s [%s]", request.method, request.url.path, exc.message, exc.code)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+    return problem_response(exc.status, exc.code, exc.message, instance=request.url.path, headers=headers)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return problem_response(
+        exc.status_code,
+        _http_code(exc.status_code),
+        _http_detail(request, exc),
+        instance=request.url.path,
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()[:MAX_LISTED_ERRORS]  # never echo the input: it may be megabytes of events
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid"}
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    detail = f"the request does not match the schema: {where}: {first['msg']}{more}"
+    return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
+
+
+async def database_error(request: Request, exc: OperationalError) -> JSONResponse:
+    log.warning("%s %s: database unavailable", request.method, request.url.path, exc_info=exc)
+    error = DatabaseUnavailableError("the database is unavailable; retry later")
+    return problem_response(error.status, error.code, error.message, instance=request.url.path)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's ServerErrorMiddleware calls this, then re-raises so the server logs the traceback.
+    return problem_response(500, "internal_error", "an unexpected error occurred", instance=request.url.path)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers and make the OpenAPI document announce problem+json for every error response."""
+    # Starlette types handlers as taking any Exception; each of these is registered for its own class.
+    app.add_exception_handler(MeteringError, metering_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(OperationalError, database_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, internal_error)
+    app.openapi = _problem_openapi(app, app.openapi)  # type: ignore[method-assign]
+
+
+_DESCRIPTIONS = {
+    401: "No API token, or an invalid or revoked one (`unauthenticated`).",
+    403: "The API token lacks the scope this operation needs (`forbidden`).",
+    404: "Not found (`not_found`).",
+    413: "The body exceeds the byte limit (`payload_too_large`) or the batch has too many events (`too_many_events`).",
+    422: "The request does not match the schema (`validation_error`); `errors` lists where and why.",
+    503: "The database is unreachable, locked or not migrated (`not_ready`, `database_unavailable`).",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the problems an operation can answer with."""
+    return {
+        status: {
+            "model": ValidationProblem if status == 422 else Problem,
+            "description": _DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
+        }
+        for status in statuses
+    }
+
+
+def _problem_openapi(app: FastAPI, build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    for status, response in operation.get("responses", {}).items():
+                        content = response.get("content", {})
+                        if status[:1] in "45" and "application/json" in content:
+                            content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi

@@ -1,0 +1,1 @@
+"""HTTP routers: health (unversioned, no auth) and the versioned API under /v1."""

@@ -1,0 +1,35 @@
+"""POST /v1/events: usage events in, idempotently (the spool's HTTP sink and other producers)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from metering.api.deps import AppSettings, DbSession, Ingester
+from metering.api.problems import problem_responses
+from metering.api.schemas import EventBatch, IngestResponse
+from metering.api.tenancy import ingest_as
+from metering.errors import TooManyEventsError
+
+router = APIRouter(tags=["events"])
+
+
+@router.post(
+    "/events",
+    summary="Ingest a batch of usage events",
+    description=(
+        "Requires the `ingest` scope. One request is one transaction: events are stored, priced, posted to the "
+        "ledger and rolled up exactly once (idempotent on `event_id`: a replay counts as `duplicates`). Each "
+        "event is validated on its own; an invalid one, or one of another tenant when the token is bound to a "
+        "tenant, is listed in `rejected` with its index and the others are ingested."
+    ),
+    responses=problem_responses(401, 403, 413, 422, 503),
+)
+def post_events(batch: EventBatch, principal: Ingester, session: DbSession, settings: AppSettings) -> IngestResponse:
+    items = batch.events
+    limit = settings.api.max_batch_events
+    if len(items) > limit:
+        raise TooManyEventsError(
+            f"a batch holds at most {limit} events and this one has {len(items)}: send it in smaller batches"
+        )
+    result = ingest_as(session, principal, items, markup_pct=settings.billing.markup_pct)
+    return IngestResponse.of(result)

@@ -1,0 +1,160 @@
+"""POST /v1/events: per-event rejection, idempotent replays, limits (413), tenant-bound tokens, problem+json."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from metering.api import deps
+from metering.api.app import create_app
+from metering.api.routers import events
+from metering.auth import Scope, TokenPrincipal
+from metering.db.event_store import count_events
+from metering.db.models import UsageEventRow
+from tests.fakes.events import record
+from tests.integration.api.conftest import app_settings, assert_problem, bearer, post_events
+
+
+def _stored(session_factory) -> int:
+    with session_factory() as session:
+        return count_events(session)
+
+
+def test_one_malformed_event_is_rejected_and_the_rest_ingested_then_replayed(client, make_token, session_factory):
+    secret = make_token(Scope.INGEST)
+    records = [record(i) for i in range(500)]
+    records[137]["input_tokens"] = -3
+    response = post_events(client, records, secret)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["inserted"] == 499 and body["duplicates"] == 0
+    assert len(body["rejected"]) == 1
+    rejected = body["rejected"][0]
+    assert rejected["index"] == 137 and rejected["event_id"] == str(records[137]["event_id"])
+    assert "input_tokens" in rejected["reason"] and "greater than or equal to 0" in rejected["reason"]
+    assert _stored(session_factory) == 499
+
+    replay = post_events(client, records, secret).json()
+    assert replay == {"inserted": 0, "duplicates": 499, "rejected": body["rejected"]}
+    assert _stored(session_factory) == 499
+
+
+def test_events_are_priced_and_billed(client, make_token, session_factory):
+    assert post_events(client, [record(0), record(1)], make_token()).json()["inserted"] == 2
+    with session_factory() as session:
+        statuses = session.scalars(select(UsageEventRow.billing_status)).all()
+    assert statuses == ["billed", "billed"]
+
+
+def test_more_than_5000_events_is_413(client, make_token, session_factory):
+    response = post_events(client, [record(i) for i in range(5001)], make_token())
+    body = assert_problem(response, 413, "too_many_events")
+    assert "at most 5000 events" in body["detail"] and "5001" in body["detail"]
+    assert _stored(session_factory) == 0
+
+
+def test_body_over_the_default_8_mib_is_413_before_parsing(client, make_token):
+    oversized = b'{"events": [' + b" " * (8 * 1024 * 1024) + b"]}"
+    headers = {"Content-Type": "application/json", **bearer(make_token())}
+    body = assert_problem(client.post("/v1/events", content=oversized, headers=headers), 413, "payload_too_large")
+    assert "8388608 bytes" in body["detail"]
+    # Refused on the declared Content-Length alone, even without a token.
+    assert_problem(client.post("/v1/events", content=oversized), 413, "payload_too_large")
+
+
+def test_body_without_content_length_is_counted_while_read(db_url, tmp_path, make_token):
+    secret = make_token()
+    payload = orjson.dumps({"events": [record(i) for i in range(20)]})
+    headers = {"Content-Type": "application/json", **bearer(secret)}
+
+    def chunks(data: bytes):  # a generator body is sent chunked: no Content-Length
+        for start in range(0, len(data), 1000):
+            yield data[start : start + 1000]
+
+    with TestClient(create_app(app_settings(db_url, tmp_path, max_body_bytes=len(payload) - 1))) as small:
+        assert_problem(small.post("/v1/events", content=chunks(payload), headers=headers), 413, "payload_too_large")
+    with TestClient(create_app(app_settings(db_url, tmp_path, max_body_bytes=len(payload)))) as exact:
+        response = exact.post("/v1/events", content=chunks(payload), headers=headers)
+        assert response.status_code == 200 and response.json()["inserted"] == 20
+
+
+def test_tenant_bound_token_has_other_tenants_events_rejected_one_by_one(client, make_token, session_factory):
+    secret = make_token(Scope.INGEST, tenant="tenant-1")
+    records = [
+        record(0),
+        record(1, tenant_id="tenant-2"),
+        record(2),
+        record(3, tenant_id="tenant-2", input_tokens=-1),
+        record(4, output_tokens="many"),
+        record(5),
+    ]
+    body = post_events(client, records, secret).json()
+    assert body["inserted"] == 3 and body["duplicates"] == 0
+    assert [(r["index"], r["reason"]) for r in body["rejected"][:2]] == [(1, "tenant mismatch"), (3, "tenant mismatch")]
+    assert [r["event_id"] for r in body["rejected"][:2]] == [str(records[1]["event_id"]), str(records[3]["event_id"])]
+    assert body["rejected"][2]["index"] == 4 and "output_tokens" in body["rejected"][2]["reason"]
+    with session_factory() as session:
+        tenants = session.execute(select(UsageEventRow.tenant_id, func.count()).group_by(UsageEventRow.tenant_id))
+        assert dict(tenants.all()) == {"tenant-1": 3}
+
+
+def test_unbound_token_ingests_every_tenant(client, make_token):
+    body = post_events(client, [record(0), record(1, tenant_id="tenant-2")], make_token()).json()
+    assert body == {"inserted": 2, "duplicates": 0, "rejected": []}
+
+
+def test_items_that_are_not_objects_are_rejected_individually(client, make_token):
+    body = post_events(client, [record(0), 42, "event", None], make_token()).json()
+    assert body["inserted"] == 1
+    assert [(r["index"], r["event_id"]) for r in body["rejected"]] == [(1, None), (2, None), (3, None)]
+    assert "JSON object" in body["rejected"][0]["reason"]
+
+
+def test_invalid_requests_are_422_problems_listing_the_errors(client, make_token):
+    headers = {"Content-Type": "application/json", **bearer(make_token())}
+    body = assert_problem(client.post("/v1/events", content=b'{"evts": []}', headers=headers), 422, "validation_error")
+    assert {"loc": ["body", "events"], "msg": "Field required", "type": "missing"} in body["errors"]
+    body = assert_problem(client.post("/v1/events", content=b'{"events": [', headers=headers), 422, "validation_error")
+    assert body["errors"][0]["type"] == "json_invalid"
+    body = assert_problem(client.post("/v1/events", content=b'{"events": 3}', headers=headers), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["body", "events"] and "input" not in body["errors"][0]
+
+
+def test_unknown_routes_and_methods_are_problems(client):
+    assert_problem(client.get("/v1/nothing-here"), 404, "not_found")
+    response = client.get("/v1/events")
+    assert_problem(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+
+
+class _CommitFails(Session):
+    def commit(self) -> None:
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+
+def test_a_failed_commit_is_answered_with_an_error_not_200(settings, session_factory, monkeypatch):
+    """The request's session commits before the response is sent (the edge commits)."""
+    principal = TokenPrincipal(token_id=uuid.uuid4(), name="t", scopes=frozenset({Scope.INGEST}))
+    monkeypatch.setattr(deps, "_principal", lambda request, secret: principal)
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        app.state.sessions = sessionmaker(app.state.engine, class_=_CommitFails, expire_on_commit=False)
+        response = post_events(client, [record(0), record(1)], "mtr_whatever")
+    assert_problem(response, 503, "database_unavailable")
+    assert _stored(session_factory) == 0
+
+
+def test_an_unexpected_error_is_a_500_problem_without_internals(settings, make_token, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(events, "ingest_as", boom)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = post_events(client, [record(0)], make_token())
+    body = assert_problem(response, 500, "internal_error")
+    assert "secret internals" not in response.text and body["detail"] == "an unexpected error occurred"

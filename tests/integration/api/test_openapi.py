@@ -1,0 +1,30 @@
+"""The OpenAPI document: versioned paths, response models, problem+json error responses, bearer auth."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from metering.api.app import create_app
+from metering.config import Settings
+
+
+def test_openapi_documents_models_errors_and_auth(tmp_path) -> None:
+    settings = Settings(env="test", data_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        doc = client.get("/openapi.json").json()
+    events = doc["paths"]["/v1/events"]["post"]
+    assert events["operationId"] == "post_events"
+    assert events["security"] == [{"ApiToken": []}]
+    assert doc["components"]["securitySchemes"]["ApiToken"]["scheme"] == "bearer"
+    ok = events["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/IngestResponse"}
+    for status in ("401", "403", "413", "422", "503"):
+        content = events["responses"][status]["content"]
+        assert list(content) == ["application/problem+json"], status
+    assert events["responses"]["422"]["content"]["application/problem+json"]["schema"]["$ref"].endswith(
+        "/ValidationProblem"
+    )
+    batch = doc["components"]["schemas"]["EventBatch"]["properties"]["events"]
+    assert batch["items"]["title"] == "UsageEvent" and "event_id" in batch["items"]["required"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert list(doc["paths"]) == ["/healthz", "/readyz", "/v1/events"]
