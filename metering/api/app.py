@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from metering import __version__
 from metering.api import problems
 from metering.api.body_limit import BodyLimitMiddleware
-from metering.api.routers import events, health
+from metering.api.routers import ROUTES
 from metering.config import Settings
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
@@ -60,6 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
-    app.include_router(health.router)
-    app.include_router(events.router, prefix="/v1")
+    for router, prefix in ROUTES:
+        app.include_router(router, prefix=prefix)
     return app

@@ -1,1 +1,12 @@
-"""HTTP routers: health (unversioned, no auth) and the versioned API under /v1."""
+"""The API's routers and where they are mounted. A new router module adds its line to ``ROUTES``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from metering.api.routers import events, health
+
+ROUTES: list[tuple[APIRouter, str]] = [
+    (health.router, ""),
+    (events.router, "/v1"),
+]
