@@ -45,6 +45,18 @@ class SpoolSettings(BaseModel):
     # "thread": this process delivers its spool in a background thread. "external": a separate
     # `metering spool drain --follow` process delivers it, so the host process spends no CPU on it.
     flusher: Literal["thread", "external"] = "thread"
+    # Where batches go: "database" ingests into METERING_DATABASE_URL; "http" POSTs them to a metering
+    # service's /v1/events with a token of scope `ingest`.
+    sink: Literal["database", "http"] = "database"
+    http_url: str | None = None  # e.g. http://127.0.0.1:8000
+    http_token: SecretStr | None = None
+    http_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _http_sink_needs_url_and_token(self) -> SpoolSettings:
+        if self.sink == "http" and (not self.http_url or self.http_token is None):
+            raise ValueError("METERING_SPOOL__SINK=http needs METERING_SPOOL__HTTP_URL and METERING_SPOOL__HTTP_TOKEN")
+        return self
 
 
 class BillingSettings(BaseModel):

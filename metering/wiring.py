@@ -21,7 +21,8 @@ from metering.llm.resolution import PlatformLLM
 from metering.llm.settings_source import CachedSettings
 from metering.llm.settings_store import DatabaseSettings
 from metering.runtime import Runtime
-from metering.spool import DatabaseSink, Flusher, Spool
+from metering.spool import DatabaseSink, Flusher, Sink, Spool
+from metering.spool.http_sink import HttpSink
 
 
 def platform_llm(settings: Settings) -> PlatformLLM:
@@ -57,6 +58,15 @@ class Services:
         self.engine.dispose()
 
 
+def make_sink(settings: Settings, sessions: sessionmaker[Session]) -> Sink:
+    """The spool's sink from settings: the database (ingest in-process) or a metering service over HTTP."""
+    spool = settings.spool
+    if spool.sink == "http":
+        assert spool.http_url is not None and spool.http_token is not None  # the settings validator checked
+        return HttpSink(spool.http_url, spool.http_token.get_secret_value(), timeout_s=spool.http_timeout_s)
+    return DatabaseSink(sessions, markup_pct=settings.billing.markup_pct)
+
+
 def open_drainer(settings: Settings) -> tuple[Flusher, Engine]:
     """A flusher for every slot of the spool directory, run as its own process (``metering spool drain``)."""
     url = settings.resolved_database_url
@@ -64,7 +74,7 @@ def open_drainer(settings: Settings) -> tuple[Flusher, Engine]:
     engine = make_engine(url)
     flusher = Flusher(
         settings.spool_dir,
-        DatabaseSink(make_session_factory(engine), markup_pct=settings.billing.markup_pct),
+        make_sink(settings, make_session_factory(engine)),
         batch_size=settings.spool.batch_size,
         interval_s=settings.spool.flush_interval_s,
         max_backoff_s=settings.spool.max_backoff_s,
@@ -88,7 +98,7 @@ def open_services(settings: Settings, *, run_migrations: bool = True) -> Service
     spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync).open()
     flusher = Flusher(
         spool,
-        DatabaseSink(sessions, markup_pct=settings.billing.markup_pct),
+        make_sink(settings, sessions),
         batch_size=settings.spool.batch_size,
         interval_s=settings.spool.flush_interval_s,
         max_backoff_s=settings.spool.max_backoff_s,
