@@ -15,6 +15,7 @@ from metering.billing.ingest import ingest
 from metering.billing.periods import period_of
 from metering.billing.policy import BillingStatus, decide
 from metering.billing.pricing import PriceBook, price_usage
+from metering.billing.store import load_price_book
 from metering.db.models import AccountRow, TransferRow, UsageEventRow
 from metering.events import UsageEvent, event_from_record
 from tests.conftest import _clean
@@ -166,9 +167,16 @@ def test_random_rerates_keep_the_ledger_balanced_and_exact(
         assert report.problems == []
         after = state(session)
         rows = list(session.scalars(select(UsageEventRow)))
-    for row in rows:  # every re-rated Anthropic event now carries the override's price
+    with session_factory() as session:
+        book = load_price_book(session, MARKUP)
+    for row in rows:  # every billed Anthropic event of the window now costs the override's price
         if row.billing_status == "billed" and row.provider == "anthropic" and start <= row.occurred_at < end:
-            assert row.price_source == "override"
+            quote = price_usage(provider=row.provider, model=row.model, occurred_at=row.occurred_at,
+                                input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+                                cache_read_tokens=row.cache_read_tokens, cache_write_tokens=row.cache_write_tokens,
+                                book=book)  # fmt: skip
+            assert quote is not None and quote.source == "override"
+            assert (row.charge_nanos, row.cost_nanos) == (quote.price_nanos, quote.cost_nanos)
     with session_factory() as session:  # the same run again changes nothing
         apply_rerate(session, start=start, end=end, markup_pct=MARKUP, run_id="r1", now=NOW)
         session.commit()
