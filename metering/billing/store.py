@@ -148,7 +148,9 @@ def _insert_events_postgresql(session: Session, rows: Sequence[tuple[Any, ...]])
             _pg_event_types = _column_types(cursor, "usage_events")
         cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s)", [[row[0] for row in rows]])
         stored = {r[0] for r in cursor.fetchall()}
-        new_rows = [row for row in rows if row[0] not in stored] if stored else list(rows)
+        # Sorted by event_id: two batches sharing events then wait on each other in one order, never in a
+        # cycle (the later one gets a unique violation once the first commits, and takes the exact path).
+        new_rows = sorted((row for row in rows if row[0] not in stored), key=lambda row: row[0])
         if not new_rows:
             return set()
         try:
