@@ -1,0 +1,230 @@
+"""The ledger read side (scope ``read``): transfers, balances, invoices and CSV exports, held events, quotes.
+
+Tenant-bound tokens see their tenant's user wallets and the transfers touching them, its invoices and its
+held events; platform and provider accounts only to unbound tokens. Another tenant's invoice is a 404.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy.orm import Session
+
+from metering.api.deps import AppSettings, DbSession, Reader
+from metering.api.problems import problem_responses
+from metering.api.read_access import tenant_scope
+from metering.api.read_schemas import (
+    Balance,
+    Balances,
+    InvoiceDetail,
+    Invoices,
+    InvoiceSummary,
+    QuoteOut,
+    TransferPage,
+    UnpricedPage,
+)
+from metering.auth import TokenPrincipal
+from metering.billing import export, invoice_store, ledger_queries, store
+from metering.billing.invoices import Invoice
+from metering.billing.ledger_queries import MAX_PAGE
+from metering.billing.rates import RateCards
+from metering.errors import InvalidInputError, NotFoundError, UnpricedModelError
+
+router = APIRouter(tags=["ledger"])
+
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size, 1 to {MAX_PAGE}.")]
+Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previous page (opaque).")]
+Tokens = Annotated[int, Query(ge=0, le=10**12)]
+TransferKinds = Literal["usage_charge", "provider_cost", "credit", "adjustment", "reversal"]
+CSV = "text/csv"
+_CSV_RESPONSE = {200: {"content": {CSV: {"schema": {"type": "string"}}}, "description": "CSV, with a header row."}}
+
+
+def _csv(text: str, filename: str) -> Response:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)  # ids are free text: never raw in a header
+    return Response(text, media_type=CSV, headers={"Content-Disposition": f'attachment; filename="{safe}"'})
+
+
+@router.get(
+    "/transfers",
+    summary="Ledger transfers, a page at a time",
+    description=(
+        "Requires the `read` scope. Transfers in posting order (created_at, id), filtered by account (debit or "
+        "credit), kind, event and billing period; keyset pages: pass `next_cursor` back as `cursor` until it is "
+        "null. A tenant-bound token sees only the transfers touching its users' wallets."
+    ),
+    responses=problem_responses(401, 403, 422, 503),
+)
+def list_transfers(
+    principal: Reader,
+    session: DbSession,
+    account_id: str | None = None,
+    kind: TransferKinds | None = None,
+    event_id: uuid.UUID | None = None,
+    period: Annotated[str | None, Query(description="Billing period, YYYY-MM.")] = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> TransferPage:
+    page = ledger_queries.transfers_page(
+        session,
+        tenant_id=principal.tenant_id,
+        account_id=account_id,
+        kind=kind,
+        event_id=event_id,
+        period=period,
+        limit=limit,
+        cursor=cursor,
+    )
+    return TransferPage.of(page)
+
+
+@router.get(
+    "/balances",
+    summary="Account balances",
+    description=(
+        "Requires the `read` scope. Every account's balance (credits minus debits), or with `tenant_id` that "
+        "tenant's user wallets. A tenant-bound token sees only its tenant's wallets (another tenant is `403`)."
+    ),
+    responses=problem_responses(401, 403, 422, 503),
+)
+def get_balances(principal: Reader, session: DbSession, tenant_id: str | None = None) -> Balances:
+    accounts = ledger_queries.account_balances(session, tenant_scope(principal, tenant_id))
+    return Balances(accounts=[Balance.of(a) for a in accounts])
+
+
+@router.get(
+    "/invoices",
+    summary="Invoices (drafts and finalized)",
+    description=(
+        "Requires the `read` scope. Every invoice with billed events or finalized, by period, tenant, user: "
+        "totals without lines. A tenant-bound token sees only its tenant (another tenant is `403`)."
+    ),
+    responses=problem_responses(401, 403, 422, 503),
+)
+def get_invoices(
+    principal: Reader,
+    session: DbSession,
+    period: Annotated[str | None, Query(description="Billing period, YYYY-MM.")] = None,
+    tenant_id: str | None = None,
+) -> Invoices:
+    found = invoice_store.list_invoices(session, period, tenant_scope(principal, tenant_id))
+    return Invoices(invoices=[InvoiceSummary.of(i) for i in found])
+
+
+def _invoice(session: Session, principal: TokenPrincipal, tenant_id: str, user_id: str, period: str) -> Invoice:
+    """The invoice, or 404 when it has no billed event and is not finalized, or is another tenant's."""
+    missing = NotFoundError(f"no invoice for tenant {tenant_id}, user {user_id}, period {period}")
+    if not principal.may_act_for(tenant_id):
+        invoice_store.check_period(period)  # the same 422 as for an own tenant's malformed period
+        raise missing
+    invoice = invoice_store.get_invoice(session, tenant_id, user_id, period)
+    if not invoice.lines and not invoice.is_finalized:
+        raise missing
+    return invoice
+
+
+# Registered before the JSON route: "{period}" alone would also match "2026-11.csv".
+@router.get(
+    "/invoices/{tenant_id}/{user_id}/{period}.csv",
+    summary="One invoice as CSV",
+    description=(
+        "Requires the `read` scope. The lines, then the exact total, the total rounded to cents and the residue "
+        "(`text/csv`). `404` when there is no such invoice or it is another tenant's."
+    ),
+    response_class=Response,
+    responses=_CSV_RESPONSE | problem_responses(401, 403, 404, 422, 503),
+)
+def get_invoice_csv(principal: Reader, session: DbSession, tenant_id: str, user_id: str, period: str) -> Response:
+    invoice = _invoice(session, principal, tenant_id, user_id, period)
+    return _csv(export.invoice_csv(invoice), f"invoice-{tenant_id}-{user_id}-{period}.csv")
+
+
+@router.get(
+    "/invoices/{tenant_id}/{user_id}/{period}",
+    summary="One invoice, with its lines",
+    description=(
+        "Requires the `read` scope. The finalized invoice, or the draft as of now: lines per extension and model "
+        "(late lines apart), the exact total, the total rounded once (half-even) to cents and the residue. `404` "
+        "when the user has no billed event in the period and no finalized invoice, or it is another tenant's."
+    ),
+    responses=problem_responses(401, 403, 404, 422, 503),
+)
+def get_invoice(principal: Reader, session: DbSession, tenant_id: str, user_id: str, period: str) -> InvoiceDetail:
+    return InvoiceDetail.of(_invoice(session, principal, tenant_id, user_id, period))
+
+
+@router.get(
+    "/ledger/{period}.csv",
+    summary="A billing period's ledger as CSV",
+    description=(
+        "Requires the `read` scope. Every transfer of the period in posting order (`text/csv`); for a "
+        "tenant-bound token, only the transfers touching its users' wallets."
+    ),
+    response_class=Response,
+    responses=_CSV_RESPONSE | problem_responses(401, 403, 422, 503),
+)
+def get_ledger_csv(principal: Reader, session: DbSession, period: str) -> Response:
+    text = ledger_queries.ledger_csv(session, period, principal.tenant_id)
+    suffix = f"-{principal.tenant_id}" if principal.tenant_id else ""
+    return _csv(text, f"ledger-{period}{suffix}.csv")
+
+
+@router.get(
+    "/events/unpriced",
+    summary="Events held without a price",
+    description=(
+        "Requires the `read` scope. Events stored as `unpriced` (no override and no genai-prices price when "
+        "ingested; never billed at $0), by (occurred_at, event_id), a keyset page at a time. `metering billing "
+        "reprice` prices them once an override exists. A tenant-bound token sees only its tenant's."
+    ),
+    responses=problem_responses(401, 403, 422, 503),
+)
+def list_unpriced_events(
+    principal: Reader, session: DbSession, limit: Limit = 100, cursor: Cursor = None
+) -> UnpricedPage:
+    return UnpricedPage.of(
+        ledger_queries.unpriced_page(session, tenant_id=principal.tenant_id, limit=limit, cursor=cursor)
+    )
+
+
+@router.get(
+    "/prices/quote",
+    summary="Price a call",
+    description=(
+        "Requires the `read` scope. What a call with these token counts costs and would be charged, with the "
+        "current price book (admin overrides, then genai-prices) at `at` (default: now; a time without offset "
+        "is UTC) and the platform markup, exactly as ingest prices it. Token counts follow OpenTelemetry: "
+        "`input_tokens` includes the cache reads and writes. An unknown model is `404` `unpriced_model`."
+    ),
+    responses=problem_responses(401, 403, 404, 422, 503),
+)
+def get_quote(
+    principal: Reader,
+    session: DbSession,
+    settings: AppSettings,
+    provider: str,
+    model: str,
+    input_tokens: Tokens = 0,
+    output_tokens: Tokens = 0,
+    cache_read_tokens: Tokens = 0,
+    cache_write_tokens: Tokens = 0,
+    at: datetime | None = None,
+) -> QuoteOut:
+    if cache_read_tokens + cache_write_tokens > input_tokens:
+        raise InvalidInputError(
+            "cache_read_tokens + cache_write_tokens must be within input_tokens (input_tokens includes them)"
+        )
+    at = datetime.now(UTC) if at is None else (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC))
+    cards = RateCards(store.load_price_book(session, settings.billing.markup_pct))
+    tokens = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+    quote = cards.quote(provider, model, at, *tokens)
+    if quote is None:
+        raise UnpricedModelError(
+            f"no price for provider {provider!r}, model {model!r} at {at.isoformat()}: calls to it are held as "
+            "unpriced (add a price override)"
+        )
+    return QuoteOut.of(quote, provider=provider, model=model, at=at, tokens=tokens)

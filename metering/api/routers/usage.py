@@ -1,0 +1,75 @@
+"""GET /v1/usage: usage and money aggregated from the hourly rollups (scope ``read``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from metering.api.deps import DbSession, Reader
+from metering.api.problems import problem_responses
+from metering.api.read_access import tenant_scope
+from metering.api.read_schemas import UsageCounters, UsageResponse, UsageRow
+from metering.billing import usage_queries
+from metering.billing.usage_queries import GROUPS, UsageFilters
+
+router = APIRouter(tags=["usage"])
+
+_GROUP_HELP = (
+    f"Dimensions to group by, comma-separated and/or repeated: {', '.join(GROUPS)}. `hour` is the UTC hour, "
+    "`day` the UTC date. None: one row with the totals."
+)
+
+
+@router.get(
+    "/usage",
+    summary="Usage and money over a window, grouped",
+    description=(
+        "Requires the `read` scope. Sums of the hourly rollups (`usage_rollups`, never the raw events) over "
+        "`[from, to)`, both whole UTC hours (a time without offset is UTC), per combination of the `group_by` "
+        "dimensions, filtered by equality on the other parameters. A token bound to a tenant sees only that "
+        "tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` names, misaligned "
+        "or empty windows are `422` (`invalid_input`)."
+    ),
+    responses=problem_responses(401, 403, 422, 503),
+)
+def get_usage(
+    principal: Reader,
+    session: DbSession,
+    start: Annotated[datetime, Query(alias="from", description="Window start (inclusive), a whole UTC hour.")],
+    end: Annotated[datetime, Query(alias="to", description="Window end (exclusive), a whole UTC hour.")],
+    group_by: Annotated[list[str], Query(description=_GROUP_HELP)] = [],  # noqa: B006 (FastAPI copies it)
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+    extension_id: str | None = None,
+    function: str | None = None,
+    purpose: str | None = None,
+    provider: str | None = None,
+    model: str | None = None,
+    byollm: bool | None = None,
+    status: Literal["ok", "error", "cancelled"] | None = None,
+) -> UsageResponse:
+    filters = UsageFilters(
+        tenant_id=tenant_scope(principal, tenant_id),
+        user_id=user_id,
+        extension_id=extension_id,
+        function=function,
+        purpose=purpose,
+        provider=provider,
+        model=model,
+        byollm=byollm,
+        status=status,
+    )
+    names = usage_queries.parse_group_by(group_by)
+    start, end = usage_queries.check_window(start, end)
+    groups = usage_queries.usage(session, start, end, names, filters)
+    return UsageResponse.model_validate(
+        {
+            "from": start,
+            "to": end,
+            "group_by": list(names),
+            "rows": [UsageRow.of_group(g) for g in groups],
+            "totals": UsageCounters.of(usage_queries.total(groups)),
+        }
+    )

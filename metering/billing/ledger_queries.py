@@ -1,0 +1,210 @@
+"""Read-side SQL of the ledger (reads only): transfer pages, balances, held events, a tenant's ledger CSV.
+
+Pages are keyset pages ordered by (time, id) with an opaque cursor: base64url of the last row's
+``<ISO time>|<id hex>``. A tenant's view of the ledger is the transfers that touch one of its users' wallets
+(accounts of kind ``user_wallet`` with that ``tenant_id``; matched on the account row, not on the id's text).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from metering.billing import export, invoice_store
+from metering.billing.ledger import AccountKind, TransferKind
+from metering.billing.policy import BillingStatus
+from metering.db.models import AccountRow, TransferRow, UsageEventRow
+from metering.errors import InvalidInputError
+
+MAX_PAGE = 1000
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None  # None: this is the last page
+
+
+def encode_cursor(moment: datetime, ident: uuid.UUID) -> str:
+    raw = f"{moment.astimezone(UTC).isoformat()}|{ident.hex}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The (time, id) a cursor points after; anything else is a 422."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment_text, ident_text = raw.split("|")
+        moment = datetime.fromisoformat(moment_text)
+        ident = uuid.UUID(hex=ident_text)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged") from None
+    if moment.tzinfo is None:
+        raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged")
+    return moment, ident
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInputError(f"limit is 1 to {MAX_PAGE}, not {limit}")
+    return limit
+
+
+def _after(
+    time_column: InstrumentedAttribute[datetime], id_column: InstrumentedAttribute[uuid.UUID], cursor: str
+) -> ColumnElement[bool]:
+    moment, ident = decode_cursor(cursor)
+    return or_(time_column > moment, and_(time_column == moment, id_column > ident))
+
+
+def _page(
+    session: Session,
+    stmt: Select[Any],
+    time_column: InstrumentedAttribute[datetime],
+    id_column: InstrumentedAttribute[uuid.UUID],
+    limit: int,
+    cursor: str | None,
+) -> Page[Any]:
+    limit = _check_limit(limit)
+    if cursor is not None:
+        stmt = stmt.where(_after(time_column, id_column, cursor))
+    rows = list(session.scalars(stmt.order_by(time_column, id_column).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if rows else None
+    next_cursor = encode_cursor(getattr(last, time_column.key), getattr(last, id_column.key)) if more else None
+    return Page(rows, next_cursor)
+
+
+# -- transfers ------------------------------------------------------------------------------------
+
+
+def tenant_wallets(tenant_id: str) -> Select[tuple[str]]:
+    return select(AccountRow.id).where(
+        AccountRow.tenant_id == tenant_id, AccountRow.kind == AccountKind.USER_WALLET.value
+    )
+
+
+def touches_tenant(tenant_id: str) -> ColumnElement[bool]:
+    """A transfer that debits or credits a wallet of one of ``tenant_id``'s users."""
+    wallets = tenant_wallets(tenant_id)
+    return or_(TransferRow.debit_account_id.in_(wallets), TransferRow.credit_account_id.in_(wallets))
+
+
+def check_kind(kind: str | None) -> str | None:
+    known = [k.value for k in TransferKind]
+    if kind is not None and kind not in known:
+        raise InvalidInputError(f"kind is one of {', '.join(known)}, not {kind!r}")
+    return kind
+
+
+def transfers_page(
+    session: Session,
+    *,
+    tenant_id: str | None = None,
+    account_id: str | None = None,
+    kind: str | None = None,
+    event_id: uuid.UUID | None = None,
+    period: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Page[TransferRow]:
+    """Transfers in posting order (created_at, id), a page at a time; ``tenant_id`` restricts them to those
+    touching that tenant's wallets."""
+    stmt = select(TransferRow)
+    if tenant_id is not None:
+        stmt = stmt.where(touches_tenant(tenant_id))
+    if account_id is not None:
+        stmt = stmt.where(or_(TransferRow.debit_account_id == account_id, TransferRow.credit_account_id == account_id))
+    if check_kind(kind) is not None:
+        stmt = stmt.where(TransferRow.kind == kind)
+    if event_id is not None:
+        stmt = stmt.where(TransferRow.event_id == event_id)
+    if period is not None:
+        stmt = stmt.where(TransferRow.period == invoice_store.check_period(period))
+    return _page(session, stmt, TransferRow.created_at, TransferRow.id, limit, cursor)
+
+
+def ledger_csv(session: Session, period: str, tenant_id: str | None = None) -> str:
+    """``export.ledger_csv`` of ``period``; with ``tenant_id``, only the transfers touching its wallets
+    (same columns, same order, same formatting)."""
+    if tenant_id is None:
+        return export.ledger_csv(session, period)
+    stmt = (
+        select(TransferRow)
+        .where(TransferRow.period == invoice_store.check_period(period), touches_tenant(tenant_id))
+        .order_by(TransferRow.created_at, TransferRow.id)
+    )
+    return transfers_csv(list(session.scalars(stmt)))
+
+
+def transfers_csv(transfers: Sequence[TransferRow]) -> str:
+    """Transfers in ``export.LEDGER_COLUMNS`` (the format of ``export.ledger_csv``)."""
+    rows = (
+        (
+            _text(t.id),
+            _text(t.created_at),
+            t.kind,
+            t.debit_account_id,
+            t.credit_account_id,
+            export.usd(t.amount_nanos),
+            t.amount_nanos,
+            _text(t.event_id),
+            _text(t.reverses_id),
+            _text(t.idempotency_key),
+            _text(t.memo),
+        )
+        for t in transfers
+    )
+    return _csv(export.LEDGER_COLUMNS, rows)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# -- balances -------------------------------------------------------------------------------------
+
+
+def account_balances(session: Session, tenant_id: str | None = None) -> list[AccountRow]:
+    """Accounts with their cached balances, by id; with ``tenant_id``, only that tenant's user wallets."""
+    stmt = select(AccountRow).order_by(AccountRow.id)
+    if tenant_id is not None:
+        stmt = stmt.where(AccountRow.tenant_id == tenant_id, AccountRow.kind == AccountKind.USER_WALLET.value)
+    return list(session.scalars(stmt))
+
+
+# -- held events ----------------------------------------------------------------------------------
+
+
+def unpriced_page(
+    session: Session, *, tenant_id: str | None = None, limit: int = 100, cursor: str | None = None
+) -> Page[UsageEventRow]:
+    """Events held as ``unpriced``, by (occurred_at, event_id), a page at a time."""
+    stmt = select(UsageEventRow).where(UsageEventRow.billing_status == BillingStatus.UNPRICED.value)
+    if tenant_id is not None:
+        stmt = stmt.where(UsageEventRow.tenant_id == tenant_id)
+    return _page(session, stmt, UsageEventRow.occurred_at, UsageEventRow.event_id, limit, cursor)

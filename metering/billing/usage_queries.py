@@ -1,0 +1,198 @@
+"""Usage aggregates for the read side (SQL; reads only), served from ``usage_rollups``, never raw events.
+
+Rollups are hourly, so a window ``[start, end)`` is made of whole UTC hours and the ``hour`` group is the
+rollup's own hour. ``day`` is the UTC date of the hour: ``substr(hour, 1, 10)`` of SQLite's stored text
+(naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``), ``CAST(timezone('UTC', hour) AS DATE)`` of PostgreSQL's
+timestamptz (independent of the session time zone). Grouping and summing happen in SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Date, cast, func, literal_column, select, type_coerce
+from sqlalchemy.orm import Session
+
+from metering.billing.store import dialect
+from metering.db.models import UsageRollupRow
+from metering.errors import InvalidInputError
+from metering.events import Status
+
+# group name -> the field it fills in a result row
+GROUPS: dict[str, str] = {
+    "tenant": "tenant_id",
+    "user": "user_id",
+    "extension": "extension_id",
+    "function": "function",
+    "purpose": "purpose",
+    "provider": "provider",
+    "model": "model",
+    "byollm": "byollm",
+    "status": "status",
+    "hour": "hour",
+    "day": "day",
+}
+_COLUMNS = {
+    "tenant": "tenant_id",
+    "user": "user_id",
+    "extension": "extension_id",
+    "function": "function",
+    "purpose": "purpose",
+    "provider": "provider",
+    "model": "model",
+    "byollm": "is_byollm",
+    "status": "status",
+    "hour": "hour",
+}
+_STATUSES = tuple(s.value for s in Status)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilters:
+    """Equality filters on rollup columns; None: any."""
+
+    tenant_id: str | None = None
+    user_id: str | None = None
+    extension_id: str | None = None
+    function: str | None = None
+    purpose: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    byollm: bool | None = None
+    status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    billed_nanos: int = 0
+    shadow_nanos: int = 0
+    cost_nanos: int = 0
+    latency_us_sum: int = 0
+    errors: int = 0
+    unpriced: int = 0
+
+    @property
+    def avg_latency_ms(self) -> float | None:
+        return round(self.latency_us_sum / self.calls / 1000, 3) if self.calls else None
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(*(getattr(self, n) + getattr(other, n) for n in _COUNTERS))
+
+
+_COUNTERS = tuple(UsageTotals.__dataclass_fields__)
+# the rollup column summed into each counter (the same name but for two)
+_SUMMED = {name: {"errors": "error_count", "unpriced": "unpriced_count"}.get(name, name) for name in _COUNTERS}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    key: dict[str, Any] = field(default_factory=dict)  # result field (GROUPS' values) -> group value
+    totals: UsageTotals = UsageTotals()
+
+
+def parse_group_by(values: Iterable[str]) -> tuple[str, ...]:
+    """Group names from repeated and/or comma-separated values, deduplicated in order; unknown -> 422."""
+    names: list[str] = []
+    for value in values:
+        for name in (part.strip() for part in value.split(",")):
+            if not name:
+                continue
+            if name not in GROUPS:
+                raise InvalidInputError(f"cannot group usage by {name!r}: group_by takes {', '.join(GROUPS)}")
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _utc(name: str, moment: datetime) -> datetime:
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if (moment.minute, moment.second, moment.microsecond) != (0, 0, 0):
+        raise InvalidInputError(
+            f"{name} must be a whole UTC hour (usage is served from hourly rollups), not {moment.isoformat()}"
+        )
+    return moment
+
+
+def check_window(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """``[start, end)`` in UTC (naive means UTC); both whole hours, start before end; else 422."""
+    start, end = _utc("from", start), _utc("to", end)
+    if start >= end:
+        raise InvalidInputError(f"from ({start.isoformat()}) must be before to ({end.isoformat()})")
+    return start, end
+
+
+def check_status(status: str | None) -> str | None:
+    if status is not None and status not in _STATUSES:
+        raise InvalidInputError(f"status is one of {', '.join(_STATUSES)}, not {status!r}")
+    return status
+
+
+def _day(session: Session) -> ColumnElement[Any]:
+    hour = UsageRollupRow.__table__.c.hour
+    if dialect(session) == "postgresql":
+        # Literals, not bind parameters: the SELECT and GROUP BY expressions must render identically.
+        return cast(func.timezone(literal_column("'UTC'"), hour), Date)
+    return type_coerce(func.substr(hour, literal_column("1"), literal_column("10")), Date)
+
+
+def _group_expression(session: Session, name: str) -> ColumnElement[Any]:
+    if name == "day":
+        return _day(session)
+    return getattr(UsageRollupRow, _COLUMNS[name])  # type: ignore[no-any-return]
+
+
+def usage(
+    session: Session,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str] = (),
+    filters: UsageFilters = UsageFilters(),
+) -> list[UsageGroup]:
+    """Summed rollups of ``[start, end)`` per combination of ``group_by`` (validated names), ordered by group
+    values; without ``group_by``, one group (none when nothing matched)."""
+    start, end = check_window(start, end)
+    group_by = parse_group_by(group_by)
+    check_status(filters.status)
+    r = UsageRollupRow
+    keys = [_group_expression(session, name).label(f"g_{name}") for name in group_by]
+    sums = [func.sum(getattr(r, _SUMMED[counter])).label(counter) for counter in _COUNTERS]
+    stmt = select(*keys, *sums).where(r.hour >= start, r.hour < end)
+    for name in ("tenant_id", "user_id", "extension_id", "function", "purpose", "provider", "model", "status"):
+        value = getattr(filters, name)
+        if value is not None:
+            stmt = stmt.where(getattr(r, name) == value)
+    if filters.byollm is not None:
+        stmt = stmt.where(r.is_byollm.is_(filters.byollm))
+    stmt = stmt.having(func.count() > 0)
+    if keys:
+        stmt = stmt.group_by(*keys).order_by(*keys)
+    groups = []
+    for row in session.execute(stmt):
+        values = tuple(row)
+        key = {GROUPS[name]: _value(name, value) for name, value in zip(group_by, values, strict=False)}
+        # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal): exact, made an int again.
+        totals = UsageTotals(*(int(v or 0) for v in values[len(keys) :]))
+        groups.append(UsageGroup(key, totals))
+    return groups
+
+
+def _value(name: str, value: Any) -> Any:
+    if name == "byollm":
+        return bool(value)
+    return value
+
+
+def total(groups: Iterable[UsageGroup]) -> UsageTotals:
+    result = UsageTotals()
+    for group in groups:
+        result = result + group.totals
+    return result

@@ -1,0 +1,483 @@
+"""The ledger read side: transfers (keyset pages), balances, invoices and CSV exports, held events, quotes;
+tenant isolation on every endpoint; scopes. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from metering.api.app import create_app
+from metering.auth import Scope
+from metering.billing import export, invoice_store
+from metering.billing.ingest import ingest
+from metering.billing.overrides import add_override
+from metering.billing.pricing import PriceBook, price_usage
+from metering.billing.rates import RateCards
+from metering.config import BillingSettings, Settings
+from metering.db.models import AccountRow, TransferRow
+from metering.events import event_from_record
+from tests.fakes.events import record
+from tests.integration.api.conftest import assert_problem, bearer
+from tests.integration.api.read_data import ALPHA, BETA, MARKUP, T0, seed, stored_events
+
+SEPTEMBER, OCTOBER = "2026-09", "2026-10"
+
+
+@pytest.fixture
+def seeded(session_factory):
+    return seed(session_factory, n=150)
+
+
+@pytest.fixture
+def reader(make_token):
+    return bearer(make_token(Scope.READ))
+
+
+@pytest.fixture
+def alpha(make_token):
+    return bearer(make_token(Scope.READ, tenant=ALPHA))
+
+
+def _get(client, path, headers, **params):
+    response = client.get(path, params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _transfers(session_factory):
+    with session_factory() as session:
+        rows = list(session.scalars(select(TransferRow)))
+    return sorted(rows, key=lambda t: (t.created_at, t.id))
+
+
+def _wallets(session_factory, tenant):
+    with session_factory() as session:
+        stmt = select(AccountRow.id).where(AccountRow.tenant_id == tenant, AccountRow.kind == "user_wallet")
+        return set(session.scalars(stmt))
+
+
+def _walk(client, headers, limit, **params):
+    """Every page of /v1/transfers; the ids in order and the number of pages."""
+    ids, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
+        body = _get(client, "/v1/transfers", headers, **query).json()
+        pages += 1
+        assert len(body["items"]) <= limit
+        ids += [item["id"] for item in body["items"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return ids, pages
+        assert len(body["items"]) == limit
+
+
+# -- transfers ------------------------------------------------------------------------------------
+
+
+def test_keyset_pagination_walks_every_transfer_exactly_once(client, reader, seeded, session_factory):
+    expected = [str(t.id) for t in _transfers(session_factory)]
+    assert len(expected) > 100
+    stamps = [t.created_at for t in _transfers(session_factory)]
+    assert len(set(stamps)) < len(stamps) / 5  # a batch's transfers share their created_at: ids break the ties
+    for limit in (1, 7, 100, 1000):
+        ids, pages = _walk(client, reader, limit)
+        assert ids == expected, limit
+        assert pages == max(1, -(-len(expected) // limit))
+
+
+def test_transfer_fields_and_the_default_page(client, reader, seeded, session_factory):
+    first = _transfers(session_factory)[0]
+    body = _get(client, "/v1/transfers", reader).json()
+    assert len(body["items"]) == 100 and body["next_cursor"]
+    item = body["items"][0]
+    assert item["id"] == str(first.id) and item["kind"] == first.kind
+    assert item["amount_nanos"] == first.amount_nanos and item["amount_usd"] == export.usd(first.amount_nanos)
+    assert datetime.fromisoformat(item["created_at"]) == first.created_at
+    assert set(item) == {
+        "id", "created_at", "kind", "debit_account_id", "credit_account_id", "amount_nanos", "amount_usd",
+        "currency", "event_id", "reverses_id", "idempotency_key", "period", "memo",
+    }  # fmt: skip
+
+
+def test_transfer_filters(client, reader, seeded, session_factory):
+    every = _transfers(session_factory)
+    wallet = f"user:{BETA}:user-1"
+    cases = [
+        ({"kind": "credit"}, lambda t: t.kind == "credit"),
+        ({"kind": "provider_cost"}, lambda t: t.kind == "provider_cost"),
+        ({"account_id": wallet}, lambda t: wallet in (t.debit_account_id, t.credit_account_id)),
+        ({"account_id": "provider:openai:payable"}, lambda t: t.credit_account_id == "provider:openai:payable"),
+        ({"period": SEPTEMBER}, lambda t: t.period == SEPTEMBER),
+        ({"event_id": str(every[0].event_id)}, lambda t: t.event_id == every[0].event_id),
+        ({"period": OCTOBER, "kind": "usage_charge"}, lambda t: t.period == OCTOBER and t.kind == "usage_charge"),
+    ]
+    for params, keep in cases:
+        expected = [str(t.id) for t in every if keep(t)]
+        assert 0 < len(expected) < len(every), params
+        assert _walk(client, reader, 9, **params)[0] == expected, params
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"limit": 0}, "validation_error"),
+        ({"limit": 1001}, "validation_error"),
+        ({"kind": "gift"}, "validation_error"),
+        ({"event_id": "not-a-uuid"}, "validation_error"),
+        ({"period": "2026-13"}, "invalid_input"),
+        ({"cursor": "garbage!"}, "invalid_input"),
+        ({"cursor": base64.urlsafe_b64encode(b"2026-10-01T00:00:00|zz").decode()}, "invalid_input"),
+        ({"cursor": base64.urlsafe_b64encode(b"2026-10-01T00:00:00|" + b"a" * 32).decode()}, "invalid_input"),
+    ],
+)
+def test_invalid_transfer_queries_are_422(client, reader, params, code):
+    body = assert_problem(client.get("/v1/transfers", params=params, headers=reader), 422, code)
+    if "cursor" in params:
+        assert "invalid cursor" in body["detail"]
+
+
+def test_a_tenant_bound_token_sees_only_transfers_of_its_wallets(client, alpha, seeded, session_factory):
+    wallets = _wallets(session_factory, ALPHA)
+    expected = [str(t.id) for t in _transfers(session_factory) if wallets & {t.debit_account_id, t.credit_account_id}]
+    ids, _ = _walk(client, alpha, 6)
+    assert ids == expected and expected
+    kinds = {item["kind"] for item in _get(client, "/v1/transfers", alpha, limit=1000).json()["items"]}
+    assert kinds == {"usage_charge", "credit"}  # never provider_cost: platform and provider accounts only
+    for params in (
+        {"account_id": f"user:{BETA}:user-1"},
+        {"account_id": "provider:anthropic:cost"},
+        {"kind": "provider_cost"},
+    ):
+        assert _get(client, "/v1/transfers", alpha, **params).json() == {"items": [], "next_cursor": None}
+    beta_event = next(e for e in stored_events(session_factory) if e.tenant_id == BETA and e.charge_nanos)
+    assert _get(client, "/v1/transfers", alpha, event_id=str(beta_event.event_id)).json()["items"] == []
+
+
+# -- balances -------------------------------------------------------------------------------------
+
+
+def test_balances(client, reader, alpha, seeded, session_factory):
+    accounts = _get(client, "/v1/balances", reader).json()["accounts"]
+    with session_factory() as session:
+        stored = {a.id: a.balance_nanos for a in session.scalars(select(AccountRow))}
+    assert {a["account_id"]: a["balance_nanos"] for a in accounts} == stored
+    assert sum(a["balance_nanos"] for a in accounts) == 0  # double entry
+    assert [a["account_id"] for a in accounts] == sorted(stored)
+    assert {"platform:revenue", "platform:topups", "provider:anthropic:cost"} <= set(stored)
+    wallet = next(a for a in accounts if a["account_id"] == f"user:{ALPHA}:user-1")
+    assert wallet["kind"] == "user_wallet" and wallet["tenant_id"] == ALPHA and wallet["user_id"] == "user-1"
+    assert wallet["balance_usd"] == export.usd(wallet["balance_nanos"])
+
+    mine = _get(client, "/v1/balances", alpha).json()["accounts"]
+    assert {a["account_id"] for a in mine} == _wallets(session_factory, ALPHA)
+    assert _get(client, "/v1/balances", alpha, tenant_id=ALPHA).json()["accounts"] == mine
+    assert BETA not in str(mine) and "platform" not in str(mine)
+    by_filter = _get(client, "/v1/balances", reader, tenant_id=BETA).json()["accounts"]
+    assert {a["account_id"] for a in by_filter} == _wallets(session_factory, BETA)
+    body = assert_problem(client.get("/v1/balances", params={"tenant_id": BETA}, headers=alpha), 403, "forbidden")
+    assert f"token bound to tenant {ALPHA}" in body["detail"]
+
+
+# -- invoices -------------------------------------------------------------------------------------
+
+
+def _finalize_september(session_factory):
+    with session_factory() as session:
+        invoice_store.finalize_period(session, SEPTEMBER, T0 + timedelta(days=60), timedelta(hours=72))
+        session.commit()
+
+
+def test_invoice_list_and_detail_equal_the_invoice_store(client, reader, seeded, session_factory):
+    _finalize_september(session_factory)
+    listed = _get(client, "/v1/invoices", reader).json()["invoices"]
+    with session_factory() as session:
+        invoices = invoice_store.list_invoices(session)
+    assert [(i["tenant_id"], i["user_id"], i["period"], i["status"]) for i in listed] == [
+        (i.tenant_id, i.user_id, i.period, i.status) for i in invoices
+    ]
+    assert {i["status"] for i in listed} == {"draft", "finalized"}
+    assert {i["tenant_id"] for i in listed} == {ALPHA, BETA}
+    october = _get(client, "/v1/invoices", reader, period=OCTOBER).json()["invoices"]
+    assert october and {i["period"] for i in october} == {OCTOBER}
+    beta = _get(client, "/v1/invoices", reader, tenant_id=BETA, period=SEPTEMBER).json()["invoices"]
+    assert beta and {(i["tenant_id"], i["status"]) for i in beta} == {(BETA, "finalized")}
+    for invoice in invoices:
+        path = f"/v1/invoices/{invoice.tenant_id}/{invoice.user_id}/{invoice.period}"
+        body = _get(client, path, reader).json()
+        assert body["status"] == invoice.status and body["calls"] == invoice.calls
+        assert (body["total_nanos"], body["rounded_nanos"], body["residue_nanos"]) == (
+            invoice.total_nanos,
+            invoice.rounded_nanos,
+            invoice.residue_nanos,
+        )
+        assert body["rounded_nanos"] + body["residue_nanos"] == body["total_nanos"]
+        assert body["rounded_nanos"] % 10**7 == 0 and body["rounded_usd"] == export.usd(invoice.rounded_nanos)
+        assert body["residue_usd"] == export.usd(invoice.residue_nanos)
+        assert [
+            (line["extension_id"], line["model"], line["calls"], line["billed_nanos"]) for line in body["lines"]
+        ] == [(line.extension_id, line.model, line.calls, line.billed_nanos) for line in invoice.lines]
+        assert (body["finalized_at"] is None) == (invoice.status == "draft")
+        csv = _get(client, path + ".csv", reader)
+        assert csv.headers["content-type"].startswith("text/csv")
+        assert "attachment" in csv.headers["content-disposition"]
+        assert csv.text == export.invoice_csv(invoice)
+
+
+def test_missing_invoices_and_bad_periods(client, reader, seeded):
+    for path in (
+        f"/v1/invoices/{ALPHA}/nobody/{OCTOBER}",
+        f"/v1/invoices/{ALPHA}/user-1/2025-01",
+        "/v1/invoices/x/y/2026-10",
+    ):
+        assert_problem(client.get(path, headers=reader), 404, "not_found")
+        assert_problem(client.get(path + ".csv", headers=reader), 404, "not_found")
+    assert_problem(client.get(f"/v1/invoices/{ALPHA}/user-1/October", headers=reader), 422, "invalid_input")
+    assert_problem(client.get(f"/v1/invoices/{ALPHA}/user-1/2026-1.csv", headers=reader), 422, "invalid_input")
+    assert_problem(client.get("/v1/invoices", params={"period": "2026/10"}, headers=reader), 422, "invalid_input")
+
+
+def test_another_tenants_invoice_is_a_404_like_a_missing_one(client, alpha, seeded):
+    own = _get(client, f"/v1/invoices/{ALPHA}/user-1/{OCTOBER}", alpha).json()
+    assert own["tenant_id"] == ALPHA and own["lines"]
+    theirs = client.get(f"/v1/invoices/{BETA}/user-1/{OCTOBER}", headers=alpha)
+    missing = client.get(f"/v1/invoices/{BETA}/nobody/{OCTOBER}", headers=alpha)
+    assert_problem(theirs, 404, "not_found")
+    assert theirs.json()["detail"] == f"no invoice for tenant {BETA}, user user-1, period {OCTOBER}"
+    assert_problem(missing, 404, "not_found")
+    assert_problem(client.get(f"/v1/invoices/{BETA}/user-1/{OCTOBER}.csv", headers=alpha), 404, "not_found")
+    listed = _get(client, "/v1/invoices", alpha).json()["invoices"]
+    assert listed and {i["tenant_id"] for i in listed} == {ALPHA}
+    assert_problem(client.get("/v1/invoices", params={"tenant_id": BETA}, headers=alpha), 403, "forbidden")
+
+
+# -- ledger CSV -----------------------------------------------------------------------------------
+
+
+def test_ledger_csv(client, reader, alpha, seeded, session_factory):
+    response = _get(client, f"/v1/ledger/{OCTOBER}.csv", reader)
+    assert response.headers["content-type"].startswith("text/csv")
+    with session_factory() as session:
+        assert response.text == export.ledger_csv(session, OCTOBER)
+    header, *rows = response.text.splitlines()
+    assert header.split(",") == list(export.LEDGER_COLUMNS)
+    october = [t for t in _transfers(session_factory) if t.period == OCTOBER]
+    assert [row.split(",")[0] for row in rows] == [str(t.id) for t in october]
+
+    mine = _get(client, f"/v1/ledger/{OCTOBER}.csv", alpha)
+    assert mine.headers["content-type"].startswith("text/csv")
+    wallets = _wallets(session_factory, ALPHA)
+    my_header, *my_rows = mine.text.splitlines()
+    assert my_header == header
+    assert my_rows == [r for r in rows if wallets & set(r.split(",")[3:5])] and my_rows
+    assert BETA not in mine.text and "provider:" not in mine.text
+    assert_problem(client.get("/v1/ledger/2026-1.csv", headers=reader), 422, "invalid_input")
+    assert _get(client, "/v1/ledger/2020-01.csv", reader).text.splitlines() == [header]
+
+
+# -- held events ----------------------------------------------------------------------------------
+
+
+def test_unpriced_events_are_listed_a_page_at_a_time(client, reader, alpha, seeded, session_factory):
+    held = sorted(
+        (e for e in stored_events(session_factory) if e.billing_status == "unpriced"),
+        key=lambda e: (e.occurred_at, e.event_id),
+    )
+    assert len(held) > 5
+    ids, cursor = [], None
+    while True:
+        body = _get(client, "/v1/events/unpriced", reader, limit=4, **({"cursor": cursor} if cursor else {})).json()
+        ids += [item["event_id"] for item in body["items"]]
+        if (cursor := body["next_cursor"]) is None:
+            break
+    assert ids == [str(e.event_id) for e in held]
+    item = _get(client, "/v1/events/unpriced", reader).json()["items"][0]
+    assert item["model"] == "mystery-model-1" and item["input_tokens"] == held[0].input_tokens
+    mine = _get(client, "/v1/events/unpriced", alpha, limit=1000).json()
+    assert [i["event_id"] for i in mine["items"]] == [str(e.event_id) for e in held if e.tenant_id == ALPHA]
+    assert mine["next_cursor"] is None and BETA not in str(mine)
+    assert_problem(client.get("/v1/events/unpriced", params={"limit": 1001}, headers=reader), 422, "validation_error")
+    assert_problem(client.get("/v1/events/unpriced", params={"cursor": "x"}, headers=reader), 422, "invalid_input")
+
+
+# -- quotes ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def marked_up(db_url, tmp_path):
+    settings = Settings(env="test", database_url=db_url, data_dir=tmp_path, billing=BillingSettings(markup_pct=MARKUP))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_quote_equals_the_rate_cards_and_price_usage(marked_up, reader):
+    at = datetime(2026, 10, 1, 12, tzinfo=UTC)
+    params = {
+        "provider": "anthropic",
+        "model": "claude-sonnet-4-6",
+        "input_tokens": 12000,
+        "output_tokens": 3400,
+        "cache_read_tokens": 5000,
+        "cache_write_tokens": 1000,
+        "at": at.isoformat(),
+    }
+    body = _get(marked_up, "/v1/prices/quote", reader, **params).json()
+    book = PriceBook(markup_pct=MARKUP)
+    card = RateCards(book).quote("anthropic", "claude-sonnet-4-6", at, 12000, 3400, 5000, 1000)
+    exact = price_usage(
+        provider="anthropic",
+        model="claude-sonnet-4-6",
+        occurred_at=at,
+        input_tokens=12000,
+        output_tokens=3400,
+        cache_read_tokens=5000,
+        cache_write_tokens=1000,
+        book=book,
+    )
+    assert card is not None and exact is not None
+    assert (body["cost_nanos"], body["price_nanos"]) == (card.cost_nanos, card.price_nanos)
+    assert (body["cost_nanos"], body["price_nanos"]) == (exact.cost_nanos, exact.price_nanos)
+    assert body["price_nanos"] > body["cost_nanos"] > 0
+    assert body["price_usd"] == export.usd(card.price_nanos) and body["cost_usd"] == export.usd(card.cost_nanos)
+    assert body["markup_pct"] == "20" and body["source"] == "genai-prices"
+    assert body["matched_model"] == "claude-sonnet-4-6" and body["source_version"] == card.source_version
+    assert datetime.fromisoformat(body["at"]) == at
+    now = _get(marked_up, "/v1/prices/quote", reader, provider="anthropic", model="claude-sonnet-4-6", input_tokens=10)
+    assert abs(datetime.fromisoformat(now.json()["at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+def test_quote_uses_overrides_and_refuses_unknown_models(marked_up, reader, session_factory):
+    params = {"provider": "openai_compatible", "model": "local-llama-3", "input_tokens": 1_000_000}
+    response = marked_up.get("/v1/prices/quote", params=params, headers=reader)
+    body = assert_problem(response, 404, "unpriced_model")
+    assert "local-llama-3" in body["detail"]
+    with session_factory() as session:
+        add_override(
+            session,
+            provider="openai_compatible",
+            model_pattern="local-*",
+            effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+            effective_to=None,
+            input_mtok=Decimal("0.5"),
+            output_mtok=Decimal("1.5"),
+            id="ovr-local",
+        )
+        session.commit()
+    quote = _get(marked_up, "/v1/prices/quote", reader, **params, output_tokens=2_000_000).json()
+    assert quote["source"] == "override" and quote["source_version"] == "ovr-local"
+    assert quote["cost_nanos"] == 3_500_000_000 and quote["price_nanos"] == 4_200_000_000
+    assert quote["cost_usd"] == "3.500000000" and quote["price_usd"] == "4.200000000"
+    before = {**params, "at": "2025-12-31T23:59:59Z"}
+    assert_problem(marked_up.get("/v1/prices/quote", params=before, headers=reader), 404, "unpriced_model")
+
+
+def test_quote_validation(marked_up, reader):
+    base = {"provider": "anthropic", "model": "claude-sonnet-4-6"}
+    too_much_cache = {**base, "input_tokens": 10, "cache_read_tokens": 8, "cache_write_tokens": 3}
+    body = assert_problem(
+        marked_up.get("/v1/prices/quote", params=too_much_cache, headers=reader), 422, "invalid_input"
+    )
+    assert "within input_tokens" in body["detail"]
+    for params in ({**base, "input_tokens": -1}, {"model": "claude-sonnet-4-6"}, {**base, "at": "soon"}):
+        assert_problem(marked_up.get("/v1/prices/quote", params=params, headers=reader), 422, "validation_error")
+
+
+# -- every endpoint: scopes and tenant isolation --------------------------------------------------
+
+READS = [
+    ("/v1/usage", {"from": "2026-09-29T00:00:00Z", "to": "2026-10-04T00:00:00Z"}),
+    ("/v1/transfers", {}),
+    ("/v1/balances", {}),
+    ("/v1/invoices", {}),
+    (f"/v1/invoices/{ALPHA}/user-1/{OCTOBER}", {}),
+    (f"/v1/invoices/{ALPHA}/user-1/{OCTOBER}.csv", {}),
+    (f"/v1/ledger/{OCTOBER}.csv", {}),
+    ("/v1/events/unpriced", {}),
+    ("/v1/prices/quote", {"provider": "anthropic", "model": "claude-sonnet-4-6", "input_tokens": 5}),
+]
+
+
+@pytest.mark.parametrize(("path", "params"), READS)
+def test_every_read_needs_a_token_with_the_read_scope(client, make_token, path, params):
+    assert_problem(client.get(path, params=params), 401, "unauthenticated")
+    assert_problem(client.get(path, params=params, headers=bearer("mtr_not-a-real-token")), 401, "unauthenticated")
+    for scopes in ((Scope.INGEST,), (Scope.ADMIN,)):
+        response = client.get(path, params=params, headers=bearer(make_token(*scopes, tenant=ALPHA)))
+        assert "'read' scope" in assert_problem(response, 403, "forbidden")["detail"]
+
+
+def test_a_tenant_bound_token_never_reads_another_tenant(client, alpha, seeded, session_factory):
+    """Every read endpoint, with every way of naming the other tenant: its data never appears."""
+    _finalize_september(session_factory)
+    window = {"from": "2026-09-29T00:00:00Z", "to": "2026-10-04T00:00:00Z"}
+    beta_event = next(e for e in stored_events(session_factory) if e.tenant_id == BETA and e.charge_nanos)
+    allowed = [
+        ("/v1/usage", window),
+        ("/v1/usage", window | {"group_by": "tenant,user,extension,function,purpose,provider,model,byollm,status,day"}),
+        ("/v1/usage", window | {"user_id": "user-1"}),
+        ("/v1/transfers", {"limit": 1000}),
+        ("/v1/transfers", {"account_id": f"user:{BETA}:user-1"}),
+        ("/v1/transfers", {"event_id": str(beta_event.event_id)}),
+        ("/v1/transfers", {"kind": "credit"}),
+        ("/v1/balances", {}),
+        ("/v1/invoices", {}),
+        ("/v1/invoices", {"period": SEPTEMBER}),
+        (f"/v1/ledger/{SEPTEMBER}.csv", {}),
+        (f"/v1/ledger/{OCTOBER}.csv", {}),
+        ("/v1/events/unpriced", {"limit": 1000}),
+    ]
+    for path, params in allowed:
+        response = _get(client, path, alpha, **params)
+        assert BETA not in response.text, (path, params)
+    forbidden = [
+        ("/v1/usage", window | {"tenant_id": BETA}),
+        ("/v1/balances", {"tenant_id": BETA}),
+        ("/v1/invoices", {"tenant_id": BETA}),
+    ]
+    for path, params in forbidden:
+        assert_problem(client.get(path, params=params, headers=alpha), 403, "forbidden")
+    for period in (SEPTEMBER, OCTOBER):
+        for suffix in ("", ".csv"):
+            response = client.get(f"/v1/invoices/{BETA}/user-1/{period}{suffix}", headers=alpha)
+            assert_problem(response, 404, "not_found")
+
+
+def test_the_openapi_document_describes_the_read_side(client):
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    models = {
+        "/v1/usage": "UsageResponse",
+        "/v1/transfers": "TransferPage",
+        "/v1/balances": "Balances",
+        "/v1/invoices": "Invoices",
+        "/v1/invoices/{tenant_id}/{user_id}/{period}": "InvoiceDetail",
+        "/v1/events/unpriced": "UnpricedPage",
+        "/v1/prices/quote": "QuoteOut",
+    }
+    for path, model in models.items():
+        operation = paths[path]["get"]
+        assert operation["security"] == [{"ApiToken": []}], path
+        schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{model}"}, path
+        for status in ("401", "403", "422"):
+            assert list(operation["responses"][status]["content"]) == ["application/problem+json"], (path, status)
+    for path in ("/v1/invoices/{tenant_id}/{user_id}/{period}.csv", "/v1/ledger/{period}.csv"):
+        assert "text/csv" in paths[path]["get"]["responses"]["200"]["content"], path
+    assert "404" in paths["/v1/prices/quote"]["get"]["responses"]
+    usage = {p["name"] for p in paths["/v1/usage"]["get"]["parameters"]}
+    assert {"from", "to", "group_by", "tenant_id", "byollm", "status"} <= usage
+    assert doc["components"]["schemas"]["UsageResponse"]["properties"]["from"]["format"] == "date-time"
+
+
+def test_csv_file_names_never_carry_raw_ids(client, reader, session_factory):
+    tenant = 'acme "ü" co'
+    with session_factory() as session:
+        ingest(session, [event_from_record(record(0, tenant_id=tenant, occurred_at=T0))], markup_pct=MARKUP, now=T0)
+        session.commit()
+    response = _get(client, f"/v1/invoices/{tenant}/user-1/{SEPTEMBER}.csv", reader)
+    assert response.headers["content-disposition"] == 'attachment; filename="invoice-acme_____co-user-1-2026-09.csv"'
+    assert '"acme ""ü"" co"' in response.text  # CSV quoting

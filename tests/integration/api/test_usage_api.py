@@ -1,0 +1,217 @@
+"""GET /v1/usage: sums of the hourly rollups equal sums of the raw events, grouped any way, on both databases;
+window and group validation; tenant-bound tokens; scopes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from itertools import combinations
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import text
+
+from metering.auth import Scope
+from metering.billing.usage_queries import GROUPS
+from tests.integration.api.conftest import assert_problem, bearer
+from tests.integration.api.read_data import ALPHA, BETA, T0, comparable, expected_rows, seed, stored_events, total
+
+START = T0.replace(hour=0)
+END = START + timedelta(days=5)
+WINDOW = {"from": START.isoformat(), "to": END.isoformat()}
+
+
+@pytest.fixture
+def events(session_factory):
+    seed(session_factory)
+    return stored_events(session_factory)
+
+
+@pytest.fixture
+def reader(make_token):
+    return bearer(make_token(Scope.READ))
+
+
+def _usage(client, headers, **params):
+    response = client.get("/v1/usage", params={**WINDOW, **params}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _sorted(rows, fields):
+    return sorted((comparable(r, fields) for r in rows), key=repr)
+
+
+def _check(body, events, fields):
+    assert _sorted(body["rows"], fields) == sorted(expected_rows(events, fields), key=repr)
+    assert comparable(body["totals"], []) == total(events)
+
+
+def test_totals_equal_the_sums_of_the_ingested_events(client, reader, events):
+    assert {e.billing_status for e in events} == {"billed", "excluded_byollm", "unpriced"}
+    body = _usage(client, reader)
+    assert body["group_by"] == [] and len(body["rows"]) == 1
+    expected = total(events)
+    assert comparable(body["rows"][0], []) == expected
+    assert comparable(body["totals"], []) == expected
+    assert body["from"] == "2026-09-29T00:00:00Z" and body["to"] == "2026-10-04T00:00:00Z"
+    # The usd strings are exact: 9 decimals, equal to the nanos.
+    row = body["rows"][0]
+    assert int(row["billed_usd"].replace(".", "")) == row["billed_nanos"] and len(row["billed_usd"].split(".")[1]) == 9
+    assert int(row["shadow_usd"].replace(".", "")) == row["shadow_nanos"] > 0
+    assert int(row["cost_usd"].replace(".", "")) == row["cost_nanos"] > 0
+
+
+@pytest.mark.parametrize(
+    "group_by",
+    [["model"], ["byollm"], ["hour"], ["day"], ["model", "byollm"], ["day", "model"], ["tenant", "user", "status"]],
+)
+def test_grouped_sums_equal_the_events(client, reader, events, group_by):
+    body = _usage(client, reader, group_by=",".join(group_by))
+    assert body["group_by"] == group_by
+    fields = [GROUPS[g] for g in group_by]
+    _check(body, events, fields)
+    for row in body["rows"]:  # dimensions not grouped by are null
+        assert all(row[f] is None for f in GROUPS.values() if f not in fields)
+
+
+def test_hours_and_days_are_utc_buckets_in_order(client, reader, events):
+    days = _usage(client, reader, group_by="day")["rows"]
+    assert [r["day"] for r in days] == ["2026-09-29", "2026-09-30", "2026-10-01", "2026-10-02"]
+    hours = _usage(client, reader, group_by="hour")["rows"]
+    stamps = [datetime.fromisoformat(r["hour"]) for r in hours]
+    assert stamps == sorted(stamps) and all(s.tzinfo is not None and s.utcoffset() == timedelta(0) for s in stamps)
+    assert stamps[0] == T0 and all(s.minute == 0 for s in stamps)
+    assert sum(r["calls"] for r in hours) == len(events)
+
+
+def test_every_dimension_at_once(client, reader, events):
+    body = _usage(client, reader, group_by=list(GROUPS))
+    _check(body, events, list(GROUPS.values()))
+
+
+@pytest.mark.parametrize("pair", list(combinations(["tenant", "extension", "purpose", "provider", "hour"], 2)))
+def test_pairs_of_dimensions(client, reader, events, pair):
+    _check(_usage(client, reader, group_by=list(pair)), events, [GROUPS[g] for g in pair])
+
+
+def test_repeated_and_comma_separated_group_by_are_the_same(client, reader, events):
+    a = _usage(client, reader, group_by=["model", "day"])
+    b = _usage(client, reader, group_by="model,day")
+    c = _usage(client, reader, group_by=["model,day", "model"])
+    assert a == b == c and a["group_by"] == ["model", "day"]
+
+
+def test_the_window_is_half_open_on_whole_hours(client, reader, events):
+    start, end = T0 + timedelta(hours=5), T0 + timedelta(hours=29)
+    body = _usage(client, reader, **{"from": start.isoformat(), "to": end.isoformat()}, group_by="hour")
+    inside = [e for e in events if start <= e.occurred_at.replace(minute=0, second=0, microsecond=0) < end]
+    assert 0 < len(inside) < len(events)
+    _check(body, inside, ["hour"])
+    assert datetime.fromisoformat(body["rows"][0]["hour"]) == start
+    assert datetime.fromisoformat(body["rows"][-1]["hour"]) < end
+    # A time without an offset is UTC; an offset is converted.
+    naive = _usage(client, reader, **{"from": "2026-09-30T02:00:00", "to": "2026-09-30T06:00:00+02:00"})
+    assert naive["from"] == "2026-09-30T02:00:00Z" and naive["to"] == "2026-09-30T04:00:00Z"
+
+
+def test_filters(client, reader, events):
+    cases = {
+        "tenant_id": (BETA, lambda e: e.tenant_id == BETA),
+        "user_id": ("user-2", lambda e: e.user_id == "user-2"),
+        "extension_id": ("summarize", lambda e: e.extension_id == "summarize"),
+        "function": ("rewrite", lambda e: e.function == "rewrite"),
+        "purpose": ("summary", lambda e: e.purpose == "summary"),
+        "provider": ("openai", lambda e: e.provider == "openai"),
+        "model": ("mystery-model-1", lambda e: e.model == "mystery-model-1"),
+        "byollm": ("false", lambda e: not e.is_byollm),
+        "status": ("error", lambda e: e.status == "error"),
+    }
+    for name, (value, keep) in cases.items():
+        chosen = [e for e in events if keep(e)]
+        assert 0 < len(chosen) < len(events), name
+        _check(_usage(client, reader, **{name: value}, group_by="model"), chosen, ["model"])
+    byollm = [e for e in events if e.is_byollm]
+    body = _usage(client, reader, byollm="true", provider="anthropic")
+    assert body["totals"]["billed_nanos"] == 0 and body["totals"]["shadow_nanos"] > 0
+    assert body["totals"]["calls"] == sum(e.provider == "anthropic" for e in byollm)
+    assert _usage(client, reader, model="no-such-model")["rows"] == []
+    empty = _usage(client, reader, model="no-such-model")["totals"]
+    assert empty["calls"] == 0 and empty["avg_latency_ms"] is None and empty["billed_usd"] == "0.000000000"
+
+
+def test_unbilled_and_unpriced_calls_are_counted(client, reader, events):
+    rows = {r["model"]: r for r in _usage(client, reader, group_by="model")["rows"]}
+    mystery = rows["mystery-model-1"]
+    held = [e for e in events if e.model == "mystery-model-1" and not e.is_byollm]
+    assert mystery["unpriced"] == len(held) > 0 and mystery["cost_nanos"] == 0
+    assert rows["claude-sonnet-4-6"]["errors"] == sum(
+        e.status == "error" for e in events if e.model == "claude-sonnet-4-6"
+    )
+
+
+def test_usage_is_served_from_the_rollups(client, reader, events, session_factory):
+    """Deleting the raw events does not change the answer: only usage_rollups is read."""
+    before = _usage(client, reader, group_by="model,day")
+    with session_factory() as session:
+        session.execute(text("DELETE FROM usage_events"))
+        session.commit()
+    assert _usage(client, reader, group_by="model,day") == before
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"group_by": "model,colour"}, "cannot group usage by 'colour'"),
+        ({"group_by": "tenant_id"}, "group_by takes tenant, user, extension"),
+        ({"from": "2026-09-29T10:30:00Z"}, "from must be a whole UTC hour"),
+        ({"to": "2026-10-01T00:00:01Z"}, "to must be a whole UTC hour"),
+        ({"from": "2026-10-01T00:00:00Z", "to": "2026-10-01T00:00:00Z"}, "must be before to"),
+    ],
+)
+def test_invalid_requests_are_422_problems(client, reader, params, fragment):
+    response = client.get("/v1/usage", params={**WINDOW, **params}, headers=reader)
+    body = assert_problem(response, 422, "invalid_input")
+    assert fragment in body["detail"]
+
+
+def test_malformed_parameters_are_validation_errors(client, reader):
+    for params in ({"from": "yesterday"}, {"status": "exploded"}, {"byollm": "perhaps"}):
+        response = client.get("/v1/usage", params={**WINDOW, **params}, headers=reader)
+        assert_problem(response, 422, "validation_error")
+    assert_problem(client.get("/v1/usage", params={"to": WINDOW["to"]}, headers=reader), 422, "validation_error")
+
+
+def test_a_tenant_bound_token_sees_only_its_tenant(client, make_token, events):
+    headers = bearer(make_token(Scope.READ, tenant=ALPHA))
+    alpha = [e for e in events if e.tenant_id == ALPHA]
+    body = _usage(client, headers, group_by="tenant,model")
+    _check(body, alpha, ["tenant_id", "model"])
+    assert BETA not in str(body)
+    assert _usage(client, headers, tenant_id=ALPHA) == _usage(client, headers)
+    for group_by in ("", "user", "day,byollm", ",".join(GROUPS)):
+        assert BETA not in str(_usage(client, headers, group_by=group_by))
+    denied = client.get("/v1/usage", params={**WINDOW, "tenant_id": BETA}, headers=headers)
+    body = assert_problem(denied, 403, "forbidden")
+    assert f"token bound to tenant {ALPHA}" in body["detail"]
+
+
+def test_unbound_token_sees_every_tenant(client, reader, events):
+    tenants = [r["tenant_id"] for r in _usage(client, reader, group_by="tenant")["rows"]]
+    assert sorted(tenants) == [ALPHA, BETA]
+
+
+def test_authentication_and_scope(client, make_token):
+    assert_problem(client.get("/v1/usage", params=WINDOW), 401, "unauthenticated")
+    assert_problem(client.get("/v1/usage", params=WINDOW, headers=bearer("mtr_" + "x" * 43)), 401, "unauthenticated")
+    for scopes in ((Scope.INGEST,), (Scope.ADMIN,), (Scope.INGEST, Scope.ADMIN)):
+        response = client.get("/v1/usage", params=WINDOW, headers=bearer(make_token(*scopes)))
+        assert "read" in assert_problem(response, 403, "forbidden")["detail"]
+
+
+def test_window_starts_are_compared_as_instants(client, reader, events):
+    """A window given in another offset selects the same hours as its UTC spelling."""
+    start = (T0 + timedelta(hours=3)).astimezone(ZoneInfo("Asia/Kolkata"))  # +05:30: 05:30 local, 00:00 UTC
+    local = _usage(client, reader, **{"from": start.isoformat(), "to": END.isoformat()})
+    utc = _usage(client, reader, **{"from": (T0 + timedelta(hours=3)).isoformat(), "to": END.isoformat()})
+    assert local == utc
+    assert local["from"] == (T0 + timedelta(hours=3)).astimezone(UTC).isoformat().replace("+00:00", "Z")
