@@ -15,6 +15,7 @@ from metering import __version__
 from metering.api import problems
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.routers import ROUTES
+from metering.api.runtime import LazyRuntime
 from metering.config import Settings
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
@@ -34,9 +35,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessions = make_session_factory(engine)
     app.state.head_revision = migrate.head_revision(url)
+    app.state.runtime = LazyRuntime(settings, app.state.sessions)  # built on first invoke; drained at shutdown
     try:
         yield
     finally:
+        await app.state.runtime.aclose(drain=True)
         engine.dispose()
 
 

@@ -293,3 +293,30 @@ class ApiTokenRow(Base):
         UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
         Index("ix_api_tokens_prefix", "prefix"),
     )
+
+
+# -- audit -----------------------------------------------------------------------------------------
+
+
+class AuditLogRow(Base):
+    """One admin change: who (the API token), what (``action`` on ``target``), before and after (secrets
+    redacted), written in the transaction of the change itself. Append-only."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor_token_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    actor_name: Mapped[str] = mapped_column(String(200))
+    tenant_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    action: Mapped[str] = mapped_column(String(100))
+    target: Mapped[str] = mapped_column(String(500))
+    before: Mapped[Any | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    after: Mapped[Any | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+    __table_args__ = (
+        Index("ix_audit_log_at_id", "at", "id"),
+        Index("ix_audit_log_action_at_id", "action", "at", "id"),
+        Index("ix_audit_log_tenant_at_id", "tenant_id", "at", "id"),
+    )

@@ -1,0 +1,287 @@
+"""Request and response bodies of the admin, audit and invoke endpoints (the OpenAPI document comes from these).
+
+Money and prices travel as decimal strings (``"12.50"``, ``"3.000000000"``): never floats. A BYOLLM api key is
+accepted on write (``writeOnly``) and never part of a response: responses carry ``has_api_key`` and a mask.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SecretStr
+
+from metering.billing.money import from_nanos
+from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
+from metering.llm.providers import KNOWN_PROVIDERS
+
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Provider = Annotated[str, Field(min_length=1, max_length=50, description=f"One of: {', '.join(KNOWN_PROVIDERS)}.")]
+
+
+def _no_credentials_in_url(url: str | None) -> str | None:
+    if url is not None and "@" in (urlsplit(url).netloc or ""):
+        raise ValueError("base_url must not carry credentials (user:password@): send the key as api_key")
+    return url
+
+
+BaseUrl = Annotated[
+    str | None,
+    Field(None, max_length=500, description="An http(s) URL; required for `openai_compatible`."),
+    AfterValidator(_no_credentials_in_url),
+]
+UsdPerMtok = Annotated[
+    Decimal,
+    Field(description='USD per 1M tokens, exact (send a string, e.g. `"3.00"`; at most 9 decimals).'),
+]
+
+
+def decimal_text(nanos: int | None) -> str | None:
+    """Integer nanos as an exact decimal string with 9 decimals, never an exponent."""
+    return None if nanos is None else format(from_nanos(nanos), "f")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- per-purpose settings ---------------------------------------------------------------------------
+
+
+class PurposeIn(_In):
+    provider: Provider
+    model: Name
+    base_url: BaseUrl = None
+    params: dict[str, Any] = Field(default_factory=dict, description='Extra provider parameters, e.g. {"top_p": 0.9}.')
+
+
+class PurposeOut(BaseModel):
+    purpose: str
+    provider: str
+    model: str
+    base_url: str | None
+    params: dict[str, Any]
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: PurposeSettingsRow) -> PurposeOut:
+        return cls(
+            purpose=row.purpose,
+            provider=row.provider,
+            model=row.model,
+            base_url=row.base_url,
+            params=dict(row.params or {}),
+            updated_at=row.updated_at,
+        )
+
+
+# -- BYOLLM ---------------------------------------------------------------------------------------------
+
+
+class ByollmIn(_In):
+    provider: Provider
+    model: Name
+    api_key: SecretStr | None = Field(
+        None,
+        max_length=1000,
+        description=(
+            "Write-only: stored encrypted, never returned, logged or audited. Omit it to keep the stored key "
+            "(when the provider is unchanged); send `null` to remove it. Required for `anthropic` and `openai`."
+        ),
+    )
+    base_url: BaseUrl = None
+    fallback_policy: Literal["platform", "error"] = Field(
+        "platform", description="`platform`: a failed BYOLLM call is retried on the platform LLM; `error`: it fails."
+    )
+
+
+class ByollmOut(BaseModel):
+    user_id: str
+    tenant_id: str
+    provider: str
+    model: str
+    base_url: str | None
+    fallback_policy: str
+    has_api_key: bool = Field(description="Whether an api key is stored (it is never returned).")
+    api_key_mask: str | None = Field(description="Enough to recognise the key, e.g. `sk-…wxyz`; never the key.")
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- call budgets ---------------------------------------------------------------------------------------
+
+
+class BudgetIn(_In):
+    max_calls: int | None = Field(None, gt=0, description="Max LLM calls per handler invocation.")
+    max_tokens: int | None = Field(None, gt=0, description="Max input+output tokens per handler invocation.")
+    mode: Literal["report", "enforce"] = Field(
+        "report", description="`report`: flag the event that went over; `enforce`: refuse the call before it is made."
+    )
+
+
+class BudgetOut(BaseModel):
+    extension_id: str
+    max_calls: int | None
+    max_tokens: int | None
+    mode: str
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: ExtensionBudgetRow) -> BudgetOut:
+        return cls(
+            extension_id=row.extension_id,
+            max_calls=row.max_calls_per_invocation,
+            max_tokens=row.max_tokens_per_invocation,
+            mode=row.mode,
+            updated_at=row.updated_at,
+        )
+
+
+# -- price overrides ------------------------------------------------------------------------------------
+
+
+class PriceOverrideIn(_In):
+    id: str | None = Field(None, min_length=1, max_length=64, description="Default: a generated `ovr_…` id.")
+    provider: Provider
+    model_pattern: str = Field(min_length=1, max_length=200, description="A glob, e.g. `claude-sonnet-*`.")
+    effective_from: AwareDatetime
+    effective_to: AwareDatetime | None = Field(None, description="Exclusive; `null`: open-ended.")
+    input_mtok: UsdPerMtok
+    output_mtok: UsdPerMtok
+    cache_read_mtok: UsdPerMtok | None = None
+    cache_write_mtok: UsdPerMtok | None = None
+    markup_pct: Decimal | None = Field(
+        None, description="This override's own markup in percent (wins over the platform's)."
+    )
+    note: str | None = Field(None, max_length=500)
+
+
+class PriceOverrideOut(BaseModel):
+    id: str
+    provider: str
+    model_pattern: str
+    effective_from: datetime
+    effective_to: datetime | None
+    input_mtok: str = Field(description="USD per 1M tokens.")
+    output_mtok: str
+    cache_read_mtok: str | None
+    cache_write_mtok: str | None
+    markup_pct: str | None
+    note: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: PriceOverrideRow) -> PriceOverrideOut:
+        return cls(
+            id=row.id,
+            provider=row.provider,
+            model_pattern=row.model_pattern,
+            effective_from=row.effective_from,
+            effective_to=row.effective_to,
+            input_mtok=decimal_text(row.input_nanos_per_mtok) or "0",
+            output_mtok=decimal_text(row.output_nanos_per_mtok) or "0",
+            cache_read_mtok=decimal_text(row.cache_read_nanos_per_mtok),
+            cache_write_mtok=decimal_text(row.cache_write_nanos_per_mtok),
+            markup_pct=row.markup_pct,
+            note=row.note,
+            created_at=row.created_at,
+        )
+
+
+class EndOverrideIn(_In):
+    at: AwareDatetime | None = Field(None, description="When the override stops applying (exclusive). Default: now.")
+
+
+# -- credits -------------------------------------------------------------------------------------------
+
+
+class CreditIn(_In):
+    tenant_id: Name
+    user_id: Name
+    amount: Decimal = Field(
+        description=(
+            'USD, exact (send a string, e.g. `"25.00"`). A `credit` is positive; an `adjustment` may be negative '
+            "(it then debits the user)."
+        )
+    )
+    kind: Literal["credit", "adjustment"] = "credit"
+    memo: str | None = Field(
+        None, max_length=500, description="Not part of the request's identity: a replay keeps the first."
+    )
+
+
+class CreditOut(BaseModel):
+    transfer_id: uuid.UUID
+    kind: str
+    tenant_id: str
+    user_id: str
+    amount: str = Field(description="Signed USD as seen by the user's wallet (> 0 credits it).")
+    amount_nanos: int
+    idempotency_key: str
+    memo: str | None
+    created_at: datetime
+    replayed: bool = Field(
+        description="True when the key was seen before: this is the first result, nothing was posted."
+    )
+
+
+# -- audit ------------------------------------------------------------------------------------------
+
+
+class AuditActor(BaseModel):
+    token_id: uuid.UUID | None = Field(description="The API token that made the change.")
+    name: str = Field(description="That token's name.")
+
+
+class AuditEntry(BaseModel):
+    id: uuid.UUID
+    at: datetime
+    actor: AuditActor
+    tenant_id: str | None = Field(description="The tenant the change concerns; `null` for platform-wide settings.")
+    action: str = Field(description="e.g. `byollm.set`, `purpose.delete`, `credit.add`.")
+    target: str = Field(description="What changed, e.g. `user:acme/alice` or `purpose:content_rewrite`.")
+    before: Any = Field(description="The state before (secrets as `***`); `null` when it did not exist.")
+    after: Any = Field(description="The state after (secrets as `***`); `null` when it was deleted.")
+    request_id: str | None = Field(description="The request's `X-Request-ID` header, when it had one.")
+
+    @classmethod
+    def of(cls, row: AuditLogRow) -> AuditEntry:
+        return cls(
+            id=row.id,
+            at=row.at,
+            actor=AuditActor(token_id=row.actor_token_id, name=row.actor_name),
+            tenant_id=row.tenant_id,
+            action=row.action,
+            target=row.target,
+            before=row.before,
+            after=row.after,
+            request_id=row.request_id,
+        )
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntry] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; `null` on the last page.")
+
+
+# -- invoke -------------------------------------------------------------------------------------------
+
+
+class InvokeRequest(_In):
+    user_id: Name = Field(description="The user the handler runs for (their BYOLLM settings apply).")
+    tenant_id: Name
+    params: dict[str, Any] = Field(default_factory=dict, description="The function's parameters (its own schema).")
+
+
+class InvokeResponse(BaseModel):
+    extension_id: str
+    function: str
+    invocation_id: uuid.UUID
+    result: Any = Field(description="What the handler returned.")
+    provider: str | None = Field(description="The provider that served the last LLM call.")
+    model: str | None
+    is_byollm: bool | None = Field(description="Whether the last call was served by the user's own LLM.")
+    event_ids: list[str] = Field(description="The usage events recorded (one per provider call).")

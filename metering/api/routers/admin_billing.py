@@ -1,0 +1,194 @@
+"""Admin billing: price overrides and credits/adjustments (scope `admin`). Every change is audited.
+
+Credits are idempotent on the ``Idempotency-Key`` header (required): a replay answers the first result with
+200 and ``Idempotent-Replayed: true``; the same key for a different request is 409 ``idempotency_conflict``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from metering.api.admin_deps import Audited, PlatformAdmin, ensure_tenant
+from metering.api.admin_schemas import (
+    CreditIn,
+    CreditOut,
+    EndOverrideIn,
+    PriceOverrideIn,
+    PriceOverrideOut,
+    decimal_text,
+)
+from metering.api.deps import Admin, DbSession
+from metering.api.problems import problem_responses
+from metering.billing import overrides
+from metering.billing.credits import TransferResult, add_credit
+from metering.db.models import PriceOverrideRow
+from metering.errors import IdempotencyKeyRequiredError
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
+OverrideId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+# -- price overrides ------------------------------------------------------------------------------------
+
+
+def _override_snapshot(row: PriceOverrideRow | None) -> dict[str, Any] | None:
+    return None if row is None else PriceOverrideOut.of(row).model_dump(mode="json")
+
+
+@router.post(
+    "/price-overrides",
+    status_code=201,
+    summary="Add a price override",
+    description=(
+        "Requires `admin`, unbound. Prices (provider, model glob) in [effective_from, effective_to), in USD per 1M "
+        "tokens, exactly (at most 9 decimals; send strings). Overrides are never deleted: end them. Audited as "
+        "`price_override.add`."
+    ),
+    responses=problem_responses(401, 403, 422, 503),
+)
+def post_price_override(
+    body: PriceOverrideIn, principal: PlatformAdmin, session: DbSession, audit: Audited
+) -> PriceOverrideOut:
+    row = overrides.add_override(
+        session,
+        provider=body.provider,
+        model_pattern=body.model_pattern,
+        effective_from=body.effective_from,
+        effective_to=body.effective_to,
+        input_mtok=body.input_mtok,
+        output_mtok=body.output_mtok,
+        cache_read_mtok=body.cache_read_mtok,
+        cache_write_mtok=body.cache_write_mtok,
+        markup_pct=body.markup_pct,
+        note=body.note,
+        id=body.id,
+    )
+    audit.record("price_override.add", f"price_override:{row.id}", before=None, after=_override_snapshot(row))
+    return PriceOverrideOut.of(row)
+
+
+@router.get(
+    "/price-overrides",
+    summary="List price overrides",
+    description="Requires `admin`, unbound. Optionally of one provider, or only those active at one moment.",
+    responses=problem_responses(401, 403, 422, 503),
+)
+def list_price_overrides(
+    principal: PlatformAdmin,
+    session: DbSession,
+    provider: Annotated[str | None, Query(max_length=50)] = None,
+    active_at: Annotated[datetime | None, Query(description="Timezone-aware; e.g. 2026-11-01T00:00:00Z.")] = None,
+) -> list[PriceOverrideOut]:
+    if active_at is not None and active_at.tzinfo is None:
+        active_at = active_at.replace(tzinfo=UTC)
+    return [PriceOverrideOut.of(r) for r in overrides.list_overrides(session, provider=provider, active_at=active_at)]
+
+
+@router.post(
+    "/price-overrides/{override_id}:end",
+    summary="End a price override",
+    description=(
+        "Requires `admin`, unbound. Closes the override's window at `at` (default: now); it can only be shortened. "
+        "Audited as `price_override.end`."
+    ),
+    responses=problem_responses(401, 403, 404, 422, 503),
+)
+def end_price_override(
+    override_id: OverrideId,
+    principal: PlatformAdmin,
+    session: DbSession,
+    audit: Audited,
+    body: EndOverrideIn | None = None,
+) -> PriceOverrideOut:
+    at = body.at if body is not None and body.at is not None else datetime.now(UTC)
+    before = _override_snapshot(session.get(PriceOverrideRow, override_id))
+    row = overrides.end_override(session, override_id, at)
+    audit.record("price_override.end", f"price_override:{row.id}", before=before, after=_override_snapshot(row))
+    return PriceOverrideOut.of(row)
+
+
+# -- credits --------------------------------------------------------------------------------------------
+
+
+def _credit_out(result: TransferResult) -> CreditOut:
+    return CreditOut(
+        transfer_id=result.transfer_id,
+        kind=result.kind,
+        tenant_id=result.tenant_id,
+        user_id=result.user_id,
+        amount=decimal_text(result.amount_nanos) or "0",
+        amount_nanos=result.amount_nanos,
+        idempotency_key=result.idempotency_key,
+        memo=result.memo,
+        created_at=result.created_at,
+        replayed=result.replayed,
+    )
+
+
+_IDEMPOTENCY_PARAMETER = {
+    "name": IDEMPOTENCY_KEY,
+    "in": "header",
+    "required": True,
+    "description": (
+        "Required (1 to 200 characters; a UUID is a good choice). The same key returns the first result; the same "
+        "key for a different request is 409 `idempotency_conflict`. Missing: 400 `idempotency_key_required`."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+}
+
+
+@router.post(
+    "/credits",
+    status_code=201,
+    summary="Credit (or adjust) a user's balance, idempotently",
+    description=(
+        "Requires `admin`; a tenant-bound token only for its tenant's users (404 for others). `credit` moves "
+        "money from `platform:topups` to the user's wallet; `adjustment` credits (> 0) or debits (< 0) it against "
+        "`platform:adjustments`. 201 with the transfer; a replay of the same `Idempotency-Key` answers the first "
+        "result with 200 and `Idempotent-Replayed: true` (the memo is not compared); the same key for another "
+        "amount, user or kind is 409 `idempotency_conflict`. Audited as `credit.add` or `adjustment.add`."
+    ),
+    responses={
+        200: {"model": CreditOut, "description": "A replay: the first result of this key; nothing was posted."},
+        **problem_responses(400, 401, 403, 404, 409, 422, 503),
+    },
+    openapi_extra={"parameters": [_IDEMPOTENCY_PARAMETER]},
+)
+def post_credit(
+    body: CreditIn, request: Request, response: Response, principal: Admin, session: DbSession, audit: Audited
+) -> CreditOut:
+    key = request.headers.get(IDEMPOTENCY_KEY, "").strip()
+    if not key:
+        raise IdempotencyKeyRequiredError(
+            f"POST /v1/admin/credits needs an {IDEMPOTENCY_KEY} header (e.g. a UUID) so a retry cannot post twice"
+        )
+    ensure_tenant(principal, body.tenant_id, f"user {body.user_id!r}")
+    result = add_credit(
+        session,
+        tenant_id=body.tenant_id,
+        user_id=body.user_id,
+        amount=body.amount,
+        idempotency_key=key,
+        kind=body.kind,
+        memo=body.memo,
+    )
+    out = _credit_out(result)
+    response.headers[REPLAYED] = "true" if result.replayed else "false"
+    if result.replayed:
+        response.status_code = 200
+    else:
+        after = out.model_dump(mode="json", exclude={"replayed"})
+        audit.record(
+            f"{result.kind}.add",
+            f"user:{result.tenant_id}/{result.user_id}",
+            before=None,
+            after=after,
+            tenant_id=result.tenant_id,
+        )
+    return out

@@ -1,0 +1,107 @@
+"""The extension runtime of the HTTP service, built on first use and closed (spool drained) at shutdown.
+
+The same pieces as ``metering.wiring.open_services``, over the app's engine: LLM settings read from the
+database (cached, invalidated after admin writes), a provider pool, this process's spool and its flusher
+delivering to the same database. Nothing is built until an endpoint needs it, so an app that never invokes
+an extension opens no spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from metering.config import Settings
+from metering.crypto import SecretBox, secret_box_from_settings
+from metering.llm.client import ProviderPool
+from metering.llm.providers import make_provider
+from metering.llm.providers.base import Provider, ProviderConfig
+from metering.llm.settings_source import CachedSettings
+from metering.llm.settings_store import DatabaseSettings
+from metering.runtime import Runtime
+from metering.spool import DatabaseSink, Flusher, Spool
+from metering.wiring import platform_llm
+
+log = logging.getLogger("metering.api")
+
+
+class LazyRuntime:
+    """The app's secret box and extension runtime, each built once, on first use (thread-safe)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self._lock = threading.Lock()
+        self._box: SecretBox | None = None
+        self._runtime: Runtime | None = None
+        self.llm_settings: CachedSettings | None = None
+        self.providers: ProviderPool | None = None
+        self.spool: Spool | None = None
+        self.flusher: Flusher | None = None
+
+    @property
+    def box(self) -> SecretBox:
+        with self._lock:
+            if self._box is None:
+                self._box = secret_box_from_settings(self.settings)
+            return self._box
+
+    @property
+    def built(self) -> bool:
+        return self._runtime is not None
+
+    def get(self) -> Runtime:
+        box = self.box
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = self._build(box)
+            return self._runtime
+
+    def _build(self, box: SecretBox) -> Runtime:
+        settings = self.settings
+        self.llm_settings = CachedSettings(DatabaseSettings(self.sessions, box), ttl_s=settings.settings_cache_ttl_s)
+
+        def factory(config: ProviderConfig) -> Provider:
+            return make_provider(config, settings.simulated)
+
+        self.providers = ProviderPool(factory)
+        spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync)
+        self.spool = spool.open()
+        self.flusher = Flusher(
+            self.spool,
+            DatabaseSink(self.sessions, markup_pct=settings.billing.markup_pct),
+            batch_size=settings.spool.batch_size,
+            interval_s=settings.spool.flush_interval_s,
+            max_backoff_s=settings.spool.max_backoff_s,
+        )
+        if settings.spool.flusher == "thread":
+            self.flusher.start()
+        return Runtime(
+            settings=self.llm_settings, platform=platform_llm(settings), providers=self.providers, recorder=self.spool
+        )
+
+    def invalidate_settings(self) -> None:
+        """Forget cached LLM settings (call after an admin change has committed)."""
+        if self.llm_settings is not None:
+            self.llm_settings.invalidate()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Deliver every event spooled so far to the database. True when done (or nothing was built)."""
+        return self.flusher.flush(timeout) if self.flusher is not None else True
+
+    async def aclose(self, *, drain: bool = True, drain_timeout_s: float = 30.0) -> None:
+        """Close providers, then stop the flusher (delivering what is spooled first) and close the spool."""
+        with self._lock:
+            providers, flusher, spool = self.providers, self.flusher, self.spool
+            self._runtime = self.providers = self.flusher = self.spool = self.llm_settings = None
+        if providers is not None:
+            await providers.aclose()
+        if flusher is not None:
+            drained = await asyncio.to_thread(flusher.stop, drain=drain, timeout=drain_timeout_s)
+            if drain and not drained:
+                log.warning("the spool was not fully delivered at shutdown; it stays on disk for the next start")
+        if spool is not None:
+            spool.close()

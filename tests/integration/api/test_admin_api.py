@@ -1,0 +1,428 @@
+"""Admin API: purposes, BYOLLM (write-only key), budgets, price overrides, idempotent credits; tenant binding;
+401/403; every change audited with before/after and no secret anywhere."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import OperationalError
+
+from metering.auth import Scope
+from metering.crypto import secret_box_from_settings
+from metering.db.models import AuditLogRow, ByollmSettingsRow, PurposeSettingsRow, TransferRow
+from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings, table_dump
+from tests.integration.api.conftest import assert_problem, bearer
+
+
+@pytest.fixture
+def settings(db_url, tmp_path):
+    return offline_settings(db_url, tmp_path)
+
+
+@pytest.fixture
+def admin(make_token):
+    return bearer(make_token(Scope.ADMIN, name="ops-admin"))
+
+
+@pytest.fixture
+def acme_admin(make_token):
+    return bearer(make_token(Scope.ADMIN, tenant="acme", name="acme-admin"))
+
+
+def fake_key() -> str:
+    return f"sk-ant-api03-{secrets.token_urlsafe(24)}-wxyz"
+
+
+# -- per-purpose settings ---------------------------------------------------------------------------
+
+
+def test_purpose_put_get_list_delete_each_change_audited(client, admin, session_factory):
+    body = {"provider": "simulated", "model": "fast-1", "params": {"top_p": 0.9}}
+    first = client.put("/v1/admin/purposes/content_rewrite", json=body, headers=admin)
+    assert first.status_code == 200, first.text
+    assert first.json()["model"] == "fast-1" and first.json()["params"] == {"top_p": 0.9}
+    changed = client.put("/v1/admin/purposes/content_rewrite", json={**body, "model": "fast-2"}, headers=admin)
+    assert changed.json()["model"] == "fast-2"
+    assert client.get("/v1/admin/purposes/content_rewrite", headers=admin).json()["model"] == "fast-2"
+    assert [p["purpose"] for p in client.get("/v1/admin/purposes", headers=admin).json()] == ["content_rewrite"]
+
+    deleted = client.delete("/v1/admin/purposes/content_rewrite", headers=admin)
+    assert deleted.status_code == 204 and deleted.content == b""
+    assert_problem(client.get("/v1/admin/purposes/content_rewrite", headers=admin), 404, "not_found")
+    assert_problem(client.delete("/v1/admin/purposes/content_rewrite", headers=admin), 404, "not_found")
+
+    set1, set2, removed = audit_rows(session_factory)
+    assert (set1.action, set1.target, set1.before) == ("purpose.set", "purpose:content_rewrite", None)
+    assert set1.after == {"provider": "simulated", "model": "fast-1", "base_url": None, "params": {"top_p": 0.9}}
+    assert set2.before["model"] == "fast-1" and set2.after["model"] == "fast-2"
+    assert (removed.action, removed.before["model"], removed.after) == ("purpose.delete", "fast-2", None)
+    assert set1.actor_name == "ops-admin" and set1.actor_token_id is not None and set1.tenant_id is None
+
+
+def test_purpose_params_with_secret_names_are_refused(client, admin, session_factory):
+    body = {"provider": "simulated", "model": "m", "params": {"extra": {"apiKey": "sk-live-123456789"}}}
+    problem = assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "invalid_input")
+    assert "params.extra.apiKey" in problem["detail"] and "sk-live" not in problem["detail"]
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(PurposeSettingsRow)) == 0
+    assert actions(session_factory) == []
+
+
+def test_invalid_purpose_is_422_and_leaves_no_audit_row(client, admin, session_factory):
+    bad = client.put("/v1/admin/purposes/p", json={"provider": "nope", "model": "m"}, headers=admin)
+    assert "unknown provider" in assert_problem(bad, 422, "invalid_input")["detail"]
+    creds = {"provider": "openai_compatible", "model": "m", "base_url": "http://user:pw@localhost:1/v1"}
+    assert_problem(client.put("/v1/admin/purposes/p", json=creds, headers=admin), 422, "validation_error")
+    assert actions(session_factory) == []
+
+
+def test_a_change_whose_commit_fails_leaves_neither_change_nor_audit_row(client, admin, session_factory):
+    def note_audit(session, _context, _instances):
+        if any(isinstance(obj, AuditLogRow) for obj in session.new):
+            session.info["audited"] = True
+
+    def fail_commit(session):  # fails the commit of the transaction that holds an audit entry
+        if session.info.pop("audited", False):
+            raise OperationalError("COMMIT", {}, Exception("disk full"))
+
+    sessions = client.app.state.sessions
+    event.listen(sessions, "before_flush", note_audit)
+    event.listen(sessions, "before_commit", fail_commit)
+    try:
+        response = client.put("/v1/admin/purposes/p", json={"provider": "simulated", "model": "m"}, headers=admin)
+    finally:
+        event.remove(sessions, "before_flush", note_audit)
+        event.remove(sessions, "before_commit", fail_commit)
+    assert_problem(response, 503, "database_unavailable")
+    with session_factory() as session:
+        assert session.get(PurposeSettingsRow, "p") is None
+    assert actions(session_factory) == []
+
+
+# -- BYOLLM ---------------------------------------------------------------------------------------------
+
+
+def test_byollm_api_key_is_write_only_and_never_leaks(client, admin, settings, session_factory, caplog):
+    caplog.set_level(logging.DEBUG)
+    key = fake_key()
+    url = "/v1/admin/users/acme/alice/byollm"
+    responses = []
+
+    put = client.put(url, json={"provider": "anthropic", "model": "claude-haiku-4-5", "api_key": key}, headers=admin)
+    responses.append(put)
+    assert put.status_code == 200, put.text
+    view = put.json()
+    assert view["has_api_key"] is True and view["api_key_mask"] == "sk-…wxyz" and "api_key" not in view
+    assert (view["tenant_id"], view["user_id"], view["provider"]) == ("acme", "alice", "anthropic")
+
+    responses.append(get := client.get(url, headers=admin))
+    assert get.json() == view
+
+    # Omitting the key keeps it (same provider); the model changes.
+    responses.append(
+        kept := client.put(url, json={"provider": "anthropic", "model": "claude-sonnet-4-6"}, headers=admin)
+    )
+    assert kept.json()["has_api_key"] is True and kept.json()["api_key_mask"] == "sk-…wxyz"
+    # Another provider without a key: it needs one.
+    responses.append(other := client.put(url, json={"provider": "openai", "model": "gpt-4o"}, headers=admin))
+    assert_problem(other, 422, "invalid_input")
+    # A validation error never echoes the key.
+    responses.append(bad := client.put(url, json={"provider": "anthropic", "model": "", "api_key": key}, headers=admin))
+    assert_problem(bad, 422, "validation_error")
+    responses.append(audit_page := client.get("/v1/audit", headers=admin))
+    responses.append(client.get("/openapi.json"))
+
+    with session_factory() as session:
+        row = session.get(ByollmSettingsRow, "alice")
+        assert row is not None and row.api_key_ciphertext is not None
+        assert key.encode() not in row.api_key_ciphertext
+        assert secret_box_from_settings(settings).decrypt(row.api_key_ciphertext) == key
+    for table in ("byollm_settings", "audit_log"):
+        dump = table_dump(session_factory, table)
+        assert key not in dump and key[13:-5] not in dump, table
+    for response in responses:
+        assert key not in response.text and key[13:-5] not in response.text
+    assert key not in caplog.text
+
+    set1, set2 = audit_rows(session_factory)
+    assert set1.action == "byollm.set" and set1.target == "user:acme/alice" and set1.tenant_id == "acme"
+    assert set1.before is None and set1.after["api_key"] == "***" and set1.after["model"] == "claude-haiku-4-5"
+    assert set2.before["model"] == "claude-haiku-4-5" and set2.after["model"] == "claude-sonnet-4-6"
+    assert [e["action"] for e in audit_page.json()["items"]] == ["byollm.set", "byollm.set"]
+
+    responses.append(
+        cleared := client.put(url, json={"provider": "simulated", "model": "m", "api_key": None}, headers=admin)
+    )
+    assert cleared.json()["has_api_key"] is False and cleared.json()["api_key_mask"] is None
+    assert client.delete(url, headers=admin).status_code == 204
+    assert_problem(client.get(url, headers=admin), 404, "not_found")
+    removed = audit_rows(session_factory, "byollm.delete")[0]
+    assert removed.before["provider"] == "simulated" and removed.before["api_key"] is None and removed.after is None
+
+
+def test_byollm_delete_audits_the_key_as_redacted(client, admin, session_factory):
+    key = fake_key()
+    url = "/v1/admin/users/acme/bob/byollm"
+    client.put(url, json={"provider": "anthropic", "model": "claude-haiku-4-5", "api_key": key}, headers=admin)
+    assert client.delete(url, headers=admin).status_code == 204
+    (removed,) = audit_rows(session_factory, "byollm.delete")
+    assert removed.before["api_key"] == "***"
+    assert key not in table_dump(session_factory, "audit_log")
+
+
+def test_a_user_id_of_another_tenant_is_a_conflict_not_a_takeover(client, admin, session_factory):
+    client.put("/v1/admin/users/acme/u1/byollm", json={"provider": "simulated", "model": "m"}, headers=admin)
+    moved = client.put("/v1/admin/users/globex/u1/byollm", json={"provider": "simulated", "model": "x"}, headers=admin)
+    assert_problem(moved, 409, "conflict")
+    assert_problem(client.get("/v1/admin/users/globex/u1/byollm", headers=admin), 404, "not_found")
+    assert_problem(client.delete("/v1/admin/users/globex/u1/byollm", headers=admin), 404, "not_found")
+    with session_factory() as session:
+        row = session.get(ByollmSettingsRow, "u1")
+        assert row is not None and (row.tenant_id, row.model) == ("acme", "m")
+
+
+# -- budgets --------------------------------------------------------------------------------------------
+
+
+def test_budgets_put_get_list_delete_audited(client, admin, session_factory):
+    put = client.put("/v1/admin/budgets/rewrite", json={"max_calls": 5, "mode": "enforce"}, headers=admin)
+    assert put.status_code == 200, put.text
+    assert put.json() | {"updated_at": None} == {
+        "extension_id": "rewrite",
+        "max_calls": 5,
+        "max_tokens": None,
+        "mode": "enforce",
+        "updated_at": None,
+    }
+    client.put("/v1/admin/budgets/rewrite", json={"max_tokens": 10_000}, headers=admin)
+    assert client.get("/v1/admin/budgets/rewrite", headers=admin).json()["max_tokens"] == 10_000
+    assert [b["extension_id"] for b in client.get("/v1/admin/budgets", headers=admin).json()] == ["rewrite"]
+    assert_problem(client.put("/v1/admin/budgets/rewrite", json={}, headers=admin), 422, "invalid_input")
+    assert_problem(client.put("/v1/admin/budgets/x", json={"max_calls": 0}, headers=admin), 422, "validation_error")
+    assert client.delete("/v1/admin/budgets/rewrite", headers=admin).status_code == 204
+    assert_problem(client.get("/v1/admin/budgets/rewrite", headers=admin), 404, "not_found")
+
+    first, second, removed = audit_rows(session_factory)
+    assert (first.action, first.before, first.after) == (
+        "budget.set",
+        None,
+        {"max_calls": 5, "max_tokens": None, "mode": "enforce"},
+    )
+    assert second.before == first.after and second.after == {"max_calls": None, "max_tokens": 10_000, "mode": "report"}
+    assert (removed.action, removed.before, removed.after) == ("budget.delete", second.after, None)
+
+
+# -- price overrides ------------------------------------------------------------------------------------
+
+
+def test_price_overrides_add_list_end_audited(client, admin, session_factory):
+    body = {
+        "id": "ovr_sonnet",
+        "provider": "anthropic",
+        "model_pattern": "claude-sonnet-*",
+        "effective_from": "2026-01-01T00:00:00Z",
+        "input_mtok": "2.5",
+        "output_mtok": "12.000000001",
+        "note": "negotiated",
+    }
+    added = client.post("/v1/admin/price-overrides", json=body, headers=admin)
+    assert added.status_code == 201, added.text
+    assert added.json()["input_mtok"] == "2.500000000" and added.json()["output_mtok"] == "12.000000001"
+    assert added.json()["effective_to"] is None
+    assert_problem(client.post("/v1/admin/price-overrides", json=body, headers=admin), 422, "invalid_input")
+    finer = {**body, "id": "ovr_fine", "input_mtok": "0.0000000001"}
+    assert (
+        "finer"
+        in assert_problem(client.post("/v1/admin/price-overrides", json=finer, headers=admin), 422, "invalid_input")[
+            "detail"
+        ]
+    )
+
+    listed = client.get("/v1/admin/price-overrides", params={"provider": "anthropic"}, headers=admin).json()
+    assert [o["id"] for o in listed] == ["ovr_sonnet"]
+    assert (
+        client.get("/v1/admin/price-overrides", params={"active_at": "2025-06-01T00:00:00Z"}, headers=admin).json()
+        == []
+    )
+
+    ended = client.post("/v1/admin/price-overrides/ovr_sonnet:end", json={"at": "2026-06-01T00:00:00Z"}, headers=admin)
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["effective_to"] == "2026-06-01T00:00:00Z"
+    later = client.post("/v1/admin/price-overrides/ovr_sonnet:end", json={"at": "2026-07-01T00:00:00Z"}, headers=admin)
+    assert_problem(later, 422, "invalid_input")
+    assert_problem(client.post("/v1/admin/price-overrides/nope:end", headers=admin), 404, "not_found")
+    open_ended = {**body, "id": "ovr_open", "effective_from": "2020-01-01T00:00:00Z"}
+    assert client.post("/v1/admin/price-overrides", json=open_ended, headers=admin).status_code == 201
+    now = client.post("/v1/admin/price-overrides/ovr_open:end", headers=admin)  # no body: ends now
+    assert now.status_code == 200, now.text
+    assert now.json()["effective_to"] is not None
+
+    add, end, add_open, end_open = audit_rows(session_factory)
+    assert [add_open.action, end_open.action] == ["price_override.add", "price_override.end"]
+    assert (add.action, add.target, add.before) == ("price_override.add", "price_override:ovr_sonnet", None)
+    assert add.after["output_mtok"] == "12.000000001" and add.after["note"] == "negotiated"
+    assert end.action == "price_override.end" and end.before["effective_to"] is None
+    assert end.after["effective_to"] == "2026-06-01T00:00:00Z"
+
+
+# -- credits --------------------------------------------------------------------------------------------
+
+
+def _credit(client, headers, key, **body):
+    payload = {"tenant_id": "acme", "user_id": "alice", "amount": "25.00"} | body
+    extra = {"Idempotency-Key": key} if key is not None else {}
+    return client.post("/v1/admin/credits", json=payload, headers={**headers, **extra})
+
+
+def test_credits_are_idempotent_on_the_header(client, admin, session_factory):
+    key = str(uuid.uuid4())
+    first = _credit(client, admin, key, memo="welcome")
+    assert first.status_code == 201, first.text
+    assert first.headers["Idempotent-Replayed"] == "false"
+    body = first.json()
+    assert body["amount"] == "25.000000000" and body["amount_nanos"] == 25 * 10**9 and body["replayed"] is False
+
+    replay = _credit(client, admin, key, memo="a reworded retry")
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["transfer_id"] == body["transfer_id"] and replay.json()["memo"] == "welcome"
+    assert replay.json()["replayed"] is True
+
+    conflict = _credit(client, admin, key, amount="30.00")
+    assert_problem(conflict, 409, "idempotency_conflict")
+    assert_problem(_credit(client, admin, key, user_id="bob"), 409, "idempotency_conflict")
+    missing = _credit(client, admin, None)
+    assert "Idempotency-Key" in assert_problem(missing, 400, "idempotency_key_required")["detail"]
+    assert_problem(_credit(client, admin, "   "), 400, "idempotency_key_required")
+    assert_problem(_credit(client, admin, "k" * 201), 422, "invalid_input")
+    assert_problem(_credit(client, admin, "neg", amount="-1"), 422, "invalid_input")
+
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == 1
+    (entry,) = audit_rows(session_factory)
+    assert (entry.action, entry.target, entry.tenant_id) == ("credit.add", "user:acme/alice", "acme")
+    assert entry.after["transfer_id"] == body["transfer_id"] and entry.after["idempotency_key"] == key
+    assert entry.before is None
+
+
+def test_negative_adjustment_debits_the_user(client, admin, session_factory):
+    response = _credit(client, admin, "adj-1", amount="-3.5", kind="adjustment", memo="refund reversal")
+    assert response.status_code == 201, response.text
+    assert response.json()["amount"] == "-3.500000000" and response.json()["kind"] == "adjustment"
+    assert actions(session_factory) == ["adjustment.add"]
+
+
+# -- tenant binding, authentication ---------------------------------------------------------------------
+
+
+def test_tenant_bound_admin_touches_only_its_tenant(client, admin, acme_admin, session_factory):
+    client.put("/v1/admin/users/globex/gus/byollm", json={"provider": "simulated", "model": "m"}, headers=admin)
+    own = client.put(
+        "/v1/admin/users/acme/alice/byollm", json={"provider": "simulated", "model": "m"}, headers=acme_admin
+    )
+    assert own.status_code == 200, own.text
+    assert client.get("/v1/admin/users/acme/alice/byollm", headers=acme_admin).status_code == 200
+
+    other = "/v1/admin/users/globex/gus/byollm"
+    assert_problem(client.get(other, headers=acme_admin), 404, "not_found")
+    assert_problem(
+        client.put(other, json={"provider": "simulated", "model": "x"}, headers=acme_admin), 404, "not_found"
+    )
+    assert_problem(client.delete(other, headers=acme_admin), 404, "not_found")
+    fresh = "/v1/admin/users/globex/new/byollm"
+    assert_problem(
+        client.put(fresh, json={"provider": "simulated", "model": "x"}, headers=acme_admin), 404, "not_found"
+    )
+    assert_problem(_credit(client, acme_admin, "k-globex", tenant_id="globex"), 404, "not_found")
+    assert _credit(client, acme_admin, "k-acme").status_code == 201
+
+    for method, path, body in (
+        ("GET", "/v1/admin/purposes", None),
+        ("PUT", "/v1/admin/purposes/p", {"provider": "simulated", "model": "m"}),
+        ("DELETE", "/v1/admin/purposes/p", None),
+        ("GET", "/v1/admin/budgets/rewrite", None),
+        ("PUT", "/v1/admin/budgets/rewrite", {"max_calls": 1}),
+        ("GET", "/v1/admin/price-overrides", None),
+        ("POST", "/v1/admin/price-overrides/x:end", None),
+    ):
+        response = client.request(method, path, json=body, headers=acme_admin)
+        assert "not bound to a tenant" in assert_problem(response, 403, "forbidden")["detail"], path
+
+    with session_factory() as session:
+        gus = session.get(ByollmSettingsRow, "gus")
+        assert gus is not None and gus.model == "m" and session.get(ByollmSettingsRow, "new") is None
+    # The bound token reads only its tenant's audit entries; the unbound one reads them all.
+    bound = [(e["action"], e["tenant_id"]) for e in client.get("/v1/audit", headers=acme_admin).json()["items"]]
+    assert bound == [("credit.add", "acme"), ("byollm.set", "acme")]
+    assert len(client.get("/v1/audit", headers=admin).json()["items"]) == 3
+
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/admin/purposes"),
+    ("GET", "/v1/admin/purposes/p"),
+    ("PUT", "/v1/admin/purposes/p"),
+    ("DELETE", "/v1/admin/purposes/p"),
+    ("GET", "/v1/admin/users/t/u/byollm"),
+    ("PUT", "/v1/admin/users/t/u/byollm"),
+    ("DELETE", "/v1/admin/users/t/u/byollm"),
+    ("GET", "/v1/admin/budgets"),
+    ("GET", "/v1/admin/budgets/e"),
+    ("PUT", "/v1/admin/budgets/e"),
+    ("DELETE", "/v1/admin/budgets/e"),
+    ("GET", "/v1/admin/price-overrides"),
+    ("POST", "/v1/admin/price-overrides"),
+    ("POST", "/v1/admin/price-overrides/x:end"),
+    ("POST", "/v1/admin/credits"),
+    ("GET", "/v1/audit"),
+    ("POST", "/v1/extensions/rewrite/functions/rewrite:invoke"),
+]
+
+
+def test_every_admin_route_is_401_without_a_token_and_403_without_the_scope(client, make_token, session_factory):
+    reader = bearer(make_token(Scope.READ, Scope.INGEST))
+    for method, path in ADMIN_ROUTES:
+        response = client.request(method, path, json={})
+        assert_problem(response, 401, "unauthenticated")
+        assert response.headers["www-authenticate"] == "Bearer"
+        forbidden = client.request(method, path, json={}, headers=reader)
+        assert "'admin'" in assert_problem(forbidden, 403, "forbidden")["detail"], (method, path)
+    wrong = make_token(Scope.ADMIN)[:-1] + "#"
+    assert_problem(client.get("/v1/admin/purposes", headers=bearer(wrong)), 401, "unauthenticated")
+    assert actions(session_factory) == []
+
+
+def test_admin_writes_do_not_build_the_runtime(client, admin, tmp_path):
+    client.put("/v1/admin/budgets/rewrite", json={"max_calls": 1}, headers=admin)
+    assert not client.app.state.runtime.built
+    assert not (tmp_path / "spool").exists()
+
+
+def test_openapi_documents_the_admin_audit_and_invoke_operations(client):
+    doc = client.get("/openapi.json").json()
+    operations = {
+        ("get", "/v1/admin/purposes"): "list_purposes",
+        ("put", "/v1/admin/purposes/{purpose}"): "put_purpose",
+        ("delete", "/v1/admin/users/{tenant_id}/{user_id}/byollm"): "delete_byollm",
+        ("put", "/v1/admin/budgets/{extension_id}"): "put_budget",
+        ("post", "/v1/admin/price-overrides"): "post_price_override",
+        ("post", "/v1/admin/price-overrides/{override_id}:end"): "end_price_override",
+        ("post", "/v1/admin/credits"): "post_credit",
+        ("get", "/v1/audit"): "get_audit",
+        ("post", "/v1/extensions/{extension_id}/functions/{function}:invoke"): "invoke_function",
+    }
+    for (method, path), operation_id in operations.items():
+        operation = doc["paths"][path][method]
+        assert operation["operationId"] == operation_id and operation["security"] == [{"ApiToken": []}]
+        for status in ("401", "403", "422"):
+            assert list(operation["responses"][status]["content"]) == ["application/problem+json"], (path, status)
+    credits = doc["paths"]["/v1/admin/credits"]["post"]
+    (header,) = [p for p in credits["parameters"] if p["in"] == "header"]
+    assert header["name"] == "Idempotency-Key" and header["required"] is True
+    assert {"200", "201", "400", "409"} <= set(credits["responses"])
+    api_key = doc["components"]["schemas"]["ByollmIn"]["properties"]["api_key"]["anyOf"][0]
+    assert api_key["writeOnly"] is True and api_key["format"] == "password"
+    assert "api_key" not in doc["components"]["schemas"]["ByollmOut"]["properties"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]

@@ -1,0 +1,137 @@
+"""POST /v1/extensions/{id}/functions/{fn}:invoke: the bundled rewrite extension through the app's runtime
+(metered ctx.llm, simulated provider, spool, flusher) into the database, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from metering.api.app import create_app
+from metering.auth import Scope
+from metering.db.event_store import count_events
+from metering.db.models import UsageEventRow
+from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings
+from tests.integration.api.conftest import assert_problem, bearer
+
+REWRITE = "/v1/extensions/rewrite/functions/rewrite:invoke"
+
+
+@pytest.fixture
+def settings(db_url, tmp_path):
+    return offline_settings(db_url, tmp_path)
+
+
+@pytest.fixture
+def admin(make_token):
+    return bearer(make_token(Scope.ADMIN, name="ops"))
+
+
+def _invoke(client, headers, path=REWRITE, *, user="alice", tenant="acme", **params):
+    params = params or {"text": "Send me the doc, thanks.", "tone": "formal"}
+    return client.post(path, json={"user_id": user, "tenant_id": tenant, "params": params}, headers=headers)
+
+
+def _events(session_factory, event_ids):
+    with session_factory() as session:
+        rows = session.scalars(select(UsageEventRow).where(UsageEventRow.event_id.in_(event_ids))).all()
+        return sorted(rows, key=lambda r: r.call_index)
+
+
+def test_invoke_rewrite_returns_text_and_the_event_is_ingested(client, admin, session_factory):
+    response = _invoke(client, admin)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["extension_id"] == "rewrite" and body["function"] == "rewrite"
+    assert body["result"]["text"].startswith("[simulated]")
+    assert (body["provider"], body["model"], body["is_byollm"]) == ("simulated", "claude-sonnet-4-6", False)
+    assert len(body["event_ids"]) == 1
+
+    assert client.app.state.runtime.flush(timeout=30.0)
+    (row,) = _events(session_factory, [uuid.UUID(body["event_ids"][0])])
+    assert (row.tenant_id, row.user_id, row.extension_id, row.function) == ("acme", "alice", "rewrite", "rewrite")
+    assert str(row.invocation_id) == body["invocation_id"]
+    assert (row.purpose, row.status, row.is_byollm, row.billing_status) == ("content_rewrite", "ok", False, "billed")
+    assert row.input_tokens > 0 and row.output_tokens > 0
+
+    (entry,) = audit_rows(session_factory)
+    assert (entry.action, entry.target, entry.tenant_id) == ("extension.invoke", "extension:rewrite.rewrite", "acme")
+    assert entry.after["event_ids"] == body["event_ids"] and entry.after["user_id"] == "alice"
+    assert "params" not in entry.after and "Send me the doc" not in str(entry.after)
+
+
+def test_one_event_per_call_and_byollm_settings_apply_at_once(client, admin, session_factory):
+    multiple = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
+    body = _invoke(client, admin, multiple, user="bob", text="hello", tone="casual", n_variations=3).json()
+    assert len(body["result"]["variations"]) == 3 and len(body["event_ids"]) == 3
+    assert body["is_byollm"] is False
+
+    # A BYOLLM change through the admin API applies to the next invocation (the settings cache is invalidated).
+    put = client.put(
+        "/v1/admin/users/acme/bob/byollm", json={"provider": "simulated", "model": "llama3.1-8b"}, headers=admin
+    )
+    assert put.status_code == 200, put.text
+    own = _invoke(client, admin, user="bob").json()
+    assert (own["is_byollm"], own["model"]) == (True, "llama3.1-8b")
+
+    assert client.app.state.runtime.flush(timeout=30.0)
+    rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"] + own["event_ids"]])
+    assert len(rows) == 4
+    assert sorted(r.is_byollm for r in rows) == [False, False, False, True]
+    byollm = next(r for r in rows if r.is_byollm)
+    assert byollm.billing_status == "excluded_byollm"
+
+
+def test_events_are_delivered_at_shutdown(settings, make_token, session_factory):
+    admin = bearer(make_token(Scope.ADMIN))
+    with TestClient(create_app(settings)) as client:
+        ids = [_invoke(client, admin, user=f"u{i}").json()["event_ids"][0] for i in range(3)]
+    rows = _events(session_factory, [uuid.UUID(e) for e in ids])  # the lifespan drained the spool
+    assert len(rows) == 3
+
+
+def test_unknown_extension_or_function_is_404(client, admin, session_factory):
+    missing = assert_problem(_invoke(client, admin, "/v1/extensions/nope/functions/rewrite:invoke"), 404, "not_found")
+    assert "'nope'" in missing["detail"] and "rewrite" in missing["detail"]
+    no_fn = assert_problem(
+        _invoke(client, admin, "/v1/extensions/rewrite/functions/translate:invoke"), 404, "not_found"
+    )
+    assert "'translate'" in no_fn["detail"] and "rewrite_multiple" in no_fn["detail"]
+    assert_problem(client.post("/v1/extensions/rewrite/functions/rewrite", json={}, headers=admin), 404, "not_found")
+    assert actions(session_factory) == []
+
+
+def test_invalid_params_are_422(client, admin, session_factory):
+    bad_tone = assert_problem(_invoke(client, admin, text="x", tone="sarcastic"), 422, "invalid_input")
+    assert "tone" in bad_tone["detail"]
+    too_many = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
+    assert_problem(_invoke(client, admin, too_many, text="x", tone="casual", n_variations=6), 422, "invalid_input")
+    no_user = client.post(REWRITE, json={"tenant_id": "acme", "params": {}}, headers=admin)
+    errors = assert_problem(no_user, 422, "validation_error")["errors"]
+    assert ["body", "user_id"] in [e["loc"] for e in errors]
+    with session_factory() as session:
+        assert count_events(session) == 0
+    assert actions(session_factory) == []
+
+
+def test_enforced_budget_is_429(client, admin, session_factory):
+    put = client.put("/v1/admin/budgets/rewrite", json={"max_calls": 2, "mode": "enforce"}, headers=admin)
+    assert put.status_code == 200
+    multiple = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
+    response = _invoke(client, admin, multiple, text="hello", tone="casual", n_variations=3)
+    assert_problem(response, 429, "budget_exceeded")
+    assert client.app.state.runtime.flush(timeout=30.0)
+    with session_factory() as session:
+        assert count_events(session) == 2  # the two calls made before the refusal are metered
+    assert actions(session_factory) == ["budget.set"]
+
+
+def test_auth_and_tenant_binding(client, make_token, session_factory):
+    assert_problem(_invoke(client, {}), 401, "unauthenticated")
+    assert_problem(_invoke(client, bearer(make_token(Scope.READ, Scope.INGEST))), 403, "forbidden")
+    acme = bearer(make_token(Scope.ADMIN, tenant="acme"))
+    assert_problem(_invoke(client, acme, tenant="globex"), 404, "not_found")
+    assert _invoke(client, acme, tenant="acme").status_code == 200
+    assert [(r.action, r.tenant_id) for r in audit_rows(session_factory)] == [("extension.invoke", "acme")]
