@@ -76,6 +76,12 @@ class ApiSettings(BaseModel):
     max_batch_events: int = Field(5000, ge=1, le=5000)
     # A token's last_used_at is written at most this often (not on every request).
     token_touch_interval_s: float = Field(60.0, ge=0)
+    # GET /metrics without a token; false requires a token of scope `read`.
+    metrics_public: bool = True
+    # Label cardinality on /metrics: models beyond the top N (by calls) are reported as model="other", and
+    # providers, purposes and extensions beyond the top N of their own as "other" too.
+    metrics_top_models: int = Field(20, ge=1, le=1000)
+    metrics_top_labels: int = Field(50, ge=1, le=1000)
 
 
 class Settings(BaseSettings):

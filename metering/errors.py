@@ -133,3 +133,29 @@ class DatabaseUnavailableError(MeteringError):
 
     code = "database_unavailable"
     status = 503
+
+
+class UnpricedModelError(NotFoundError):
+    """No price is known for a provider and model (no override, not in genai-prices): it would be held."""
+
+    code = "unpriced_model"
+
+
+class BadRequestError(MeteringError):
+    """A request the service cannot process as sent (e.g. a required header is missing)."""
+
+    code = "bad_request"
+    status = 400
+
+
+class IdempotencyKeyRequiredError(BadRequestError):
+    """A write that must be retry-safe was sent without its ``Idempotency-Key`` header."""
+
+    code = "idempotency_key_required"
+
+
+class ConflictError(MeteringError):
+    """The request conflicts with the current state (e.g. a user id already configured under another tenant)."""
+
+    code = "conflict"
+    status = 409

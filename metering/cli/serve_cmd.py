@@ -7,12 +7,50 @@ from typing import Annotated
 
 import typer
 
+from metering.cli import demo_data
 from metering.cli.common import fail
+from metering.cli.demo import generate_with_progress
 from metering.config import Settings
 from metering.db import migrate as db_migrate
 from metering.errors import MeteringError
+from metering.wiring import open_services
 
 APP_FACTORY = "metering.api.app:create_app"  # by name: the CLI never imports the API layer
+
+
+def _public_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _seed_demo(host: str, port: int) -> None:
+    """Generate the demo traffic into the database (spool drained), then print an admin token and the URLs."""
+    settings = Settings()
+    if settings.spool.sink != "database":  # the service is not up yet: the demo goes straight to the database
+        settings = settings.model_copy(update={"spool": settings.spool.model_copy(update={"sink": "database"})})
+    try:
+        svc = open_services(settings)
+    except MeteringError as exc:
+        raise fail(exc.message) from None
+    try:
+        report = generate_with_progress(svc)
+        secret = demo_data.create_admin_token(svc)
+    except MeteringError as exc:
+        raise fail(exc.message) from None
+    finally:
+        svc.close(drain=True)
+    base = f"http://{_public_host(host)}:{port}"
+    pending = "" if report.delivered else " (some events are still in the spool: they are delivered later)"
+    typer.echo(
+        f"Demo traffic: {report.summary()}{pending}.\n"
+        f"Database: {settings.resolved_database_url}\n\n"
+        "Admin token (scopes ingest, read, admin; shown once, stored hashed):\n"
+        f"  {secret}\n\n"
+        f"  API docs  {base}/docs\n"
+        f"  metrics   {base}/metrics\n"
+        f"  usage     curl -H 'Authorization: Bearer {secret}' '{base}/v1/usage?{demo_data.usage_query()}'\n"
+    )
 
 
 class LogLevel(StrEnum):
@@ -31,8 +69,16 @@ def serve(
         bool, typer.Option(help="Migrate the database to head first (use --no-migrate when a release step does).")
     ] = True,
     log_level: Annotated[LogLevel, typer.Option(help="uvicorn log level.")] = LogLevel.INFO,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="First generate demo traffic into the database (bundled extensions through metered ctx.llm), "
+            "create an admin token and print it with the URLs. Again adds more traffic.",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the HTTP API (POST /v1/events, /healthz, /readyz, /docs) with uvicorn."""
+    """Serve the HTTP API (POST /v1/events, /v1/usage, /healthz, /readyz, /metrics, /docs) with uvicorn."""
     import uvicorn  # only this command needs it
 
     if migrate:
@@ -40,4 +86,6 @@ def serve(
             db_migrate.upgrade(Settings().resolved_database_url)
         except MeteringError as exc:
             raise fail(exc.message) from None
+    if demo:
+        _seed_demo(host, port)
     uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from metering.api.deps import AppSettings, DbSession, Ingester
 from metering.api.problems import problem_responses
 from metering.api.schemas import EventBatch, IngestResponse
 from metering.api.tenancy import ingest_as
 from metering.errors import TooManyEventsError
+from metering.metrics import metrics_for
 
 router = APIRouter(tags=["events"])
 
@@ -24,7 +25,9 @@ router = APIRouter(tags=["events"])
     ),
     responses=problem_responses(401, 403, 413, 422, 503),
 )
-def post_events(batch: EventBatch, principal: Ingester, session: DbSession, settings: AppSettings) -> IngestResponse:
+def post_events(
+    request: Request, batch: EventBatch, principal: Ingester, session: DbSession, settings: AppSettings
+) -> IngestResponse:
     items = batch.events
     limit = settings.api.max_batch_events
     if len(items) > limit:
@@ -32,4 +35,5 @@ def post_events(batch: EventBatch, principal: Ingester, session: DbSession, sett
             f"a batch holds at most {limit} events and this one has {len(items)}: send it in smaller batches"
         )
     result = ingest_as(session, principal, items, markup_pct=settings.billing.markup_pct)
+    metrics_for(request.app.state).count_after_commit(session, result)  # metering_ingest_events_total
     return IngestResponse.of(result)

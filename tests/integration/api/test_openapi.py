@@ -27,4 +27,12 @@ def test_openapi_documents_models_errors_and_auth(tmp_path) -> None:
     batch = doc["components"]["schemas"]["EventBatch"]["properties"]["events"]
     assert batch["items"]["title"] == "UsageEvent" and "event_id" in batch["items"]["required"]
     assert "HTTPValidationError" not in doc["components"]["schemas"]
-    assert list(doc["paths"]) == ["/healthz", "/readyz", "/v1/events"]
+    paths = set(doc["paths"])
+    assert {"/healthz", "/readyz", "/v1/events", "/v1/usage", "/v1/transfers", "/v1/audit"} <= paths
+    assert all(p.startswith("/v1/") for p in paths - {"/healthz", "/readyz"})  # versioned (/metrics is not in it)
+    for path, operations in doc["paths"].items():  # every operation documents its errors as problem+json
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert list(response.get("content", {})) in (["application/problem+json"], []), (
+                        path, method, status)  # fmt: skip

@@ -1,0 +1,30 @@
+"""GET /metrics: the Prometheus exposition (``metering.metrics``). Public unless ``METERING_API__METRICS_PUBLIC=false``,
+which requires a token of scope ``read``. Not in the OpenAPI document: it is not a JSON API."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
+
+from metering.api.deps import app_settings, require
+from metering.auth import Scope
+from metering.metrics import metrics_for
+
+router = APIRouter(tags=["metrics"])
+_require_read = require(Scope.READ)
+
+
+def _credentials(request: Request) -> HTTPAuthorizationCredentials | None:
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
+@router.get("/metrics", include_in_schema=False)
+def get_metrics(request: Request) -> Response:
+    if not app_settings(request).api.metrics_public:
+        _require_read(request, _credentials(request))
+    body, content_type = metrics_for(request.app.state).render(request.headers.get("Accept"))
+    return Response(content=body, media_type=content_type)

@@ -1,0 +1,189 @@
+"""Prometheus metrics of one app (``GET /metrics``): usage read from the hourly rollups at scrape time, and
+ingest counters incremented only after the ingest transaction commits.
+
+Nothing happens at import: each app builds its own ``CollectorRegistry`` on first use (``metrics_for``), so
+tests and several apps in one process never share series. Labels carry only bounded sets: provider, model,
+purpose, extension, byollm, status (never a tenant or user id, a prompt or a key); models beyond the top N
+by calls, and providers, purposes and extensions beyond theirs, are folded into ``other``.
+
+Money is stored in integer nano-USD; it becomes a float only here, in the exposition.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+from metering.billing.ingest import IngestResult
+from metering.db.usage_totals import TOTAL_COLUMNS, LabelTotals, unpriced_events, usage_totals
+
+LABELS = ("provider", "model", "purpose", "extension", "byollm", "status")
+OTHER = "other"
+NANOS_PER_USD = 1_000_000_000
+# (label value of ``kind``, index in LabelTotals.counters)
+TOKEN_KINDS = (("input", 1), ("output", 2), ("cache_read", 3), ("cache_write", 4), ("reasoning", 5))
+CALLS, BILLED, SHADOW = (TOTAL_COLUMNS.index(c) for c in ("calls", "billed_nanos", "shadow_nanos"))
+INGEST_RESULTS = ("inserted", "duplicate", "rejected")
+
+LabelSet = tuple[str, str, str, str, str, str]
+SessionsGetter = Callable[[], "sessionmaker[Session] | None"]
+
+
+def _top(rows: Sequence[LabelTotals], value: Callable[[LabelTotals], str], n: int) -> set[str]:
+    """The ``n`` values with the most calls (ties by name, so the choice is stable between scrapes)."""
+    calls: dict[str, int] = {}
+    for row in rows:
+        key = value(row)
+        calls[key] = calls.get(key, 0) + row.counters[CALLS]
+    return set(sorted(calls, key=lambda k: (-calls[k], k))[:n])
+
+
+def fold(rows: Sequence[LabelTotals], *, top_models: int, top_labels: int) -> dict[LabelSet, list[int]]:
+    """Sum ``rows`` per label set, values beyond the top N of their label replaced by ``other`` (pure)."""
+    models = _top(rows, lambda r: r.model, top_models)
+    providers = _top(rows, lambda r: r.provider, top_labels)
+    purposes = _top(rows, lambda r: r.purpose, top_labels)
+    extensions = _top(rows, lambda r: r.extension, top_labels)
+    folded: dict[LabelSet, list[int]] = {}
+    for row in rows:
+        key: LabelSet = (
+            row.provider if row.provider in providers else OTHER,
+            row.model if row.model in models else OTHER,
+            row.purpose if row.purpose in purposes else OTHER,
+            row.extension if row.extension in extensions else OTHER,
+            "true" if row.is_byollm else "false",
+            row.status,
+        )
+        sums = folded.get(key)
+        if sums is None:
+            folded[key] = list(row.counters)
+        else:
+            for i, count in enumerate(row.counters):
+                sums[i] += count
+    return folded
+
+
+def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    return (
+        CounterMetricFamily("metering_llm_calls", "Metered LLM provider calls.", labels=LABELS),
+        CounterMetricFamily(
+            "metering_llm_tokens",
+            "Tokens of metered LLM calls by kind (input includes cache_read and cache_write; output includes "
+            "reasoning).",
+            labels=(*LABELS, "kind"),
+        ),
+        CounterMetricFamily(
+            "metering_billed_usd", "Amount billed to users (USD; BYOLLM calls are never billed).", labels=LABELS
+        ),
+        CounterMetricFamily(
+            "metering_shadow_usd",
+            "What BYOLLM calls would have cost at platform prices (USD; not billed).",
+            labels=LABELS,
+        ),
+    )
+
+
+def _unpriced_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily("metering_unpriced_events", "Usage events held unpriced (no known price for the model).")
+
+
+class UsageCollector(Collector):
+    """Reads the rollups at scrape time; ``sessions`` returns None before the app has a database (no samples)."""
+
+    def __init__(self, sessions: SessionsGetter, *, top_models: int, top_labels: int) -> None:
+        self._sessions = sessions
+        self._top_models = top_models
+        self._top_labels = top_labels
+
+    def describe(self) -> Iterable[Metric]:
+        # Registering calls describe(): no database query then.
+        return [*_families(), _unpriced_family()]
+
+    def collect(self) -> Iterator[Metric]:
+        factory = self._sessions()
+        if factory is None:
+            return
+        with factory() as session:
+            rows = usage_totals(session)
+            unpriced = unpriced_events(session)
+        calls, tokens, billed, shadow = _families()
+        for labels, sums in sorted(fold(rows, top_models=self._top_models, top_labels=self._top_labels).items()):
+            values = list(labels)
+            calls.add_metric(values, sums[CALLS])
+            for kind, index in TOKEN_KINDS:
+                tokens.add_metric([*values, kind], sums[index])
+            billed.add_metric(values, sums[BILLED] / NANOS_PER_USD)
+            shadow.add_metric(values, sums[SHADOW] / NANOS_PER_USD)
+        gauge = _unpriced_family()
+        gauge.add_metric([], unpriced)
+        yield from (calls, tokens, billed, shadow, gauge)
+
+
+class AppMetrics:
+    """One app's registry: the rollup collector and the process's ingest counters."""
+
+    def __init__(self, sessions: SessionsGetter, *, top_models: int = 20, top_labels: int = 50) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(UsageCollector(sessions, top_models=top_models, top_labels=top_labels))
+        self.ingest_events = Counter(
+            "metering_ingest_events",
+            "Events received by POST /v1/events in this process, counted after the batch committed.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in INGEST_RESULTS:
+            self.ingest_events.labels(result)  # every series exists from the start, at 0
+
+    def record_ingest(self, *, inserted: int, duplicates: int, rejected: int) -> None:
+        for result, count in zip(INGEST_RESULTS, (inserted, duplicates, rejected), strict=True):
+            if count:
+                self.ingest_events.labels(result).inc(count)
+
+    def count_after_commit(self, session: Session, result: IngestResult) -> None:
+        """Count ``result`` once ``session`` commits; never if it rolls back first (side effects after commit)."""
+        counts = {"inserted": result.inserted, "duplicates": result.duplicates, "rejected": len(result.rejected)}
+        state = {"rolled_back": False}
+
+        def committed(_session: Session) -> None:
+            if not state["rolled_back"]:
+                self.record_ingest(**counts)
+
+        def rolled_back(_session: Session) -> None:
+            state["rolled_back"] = True
+
+        event.listen(session, "after_commit", committed, once=True)
+        event.listen(session, "after_rollback", rolled_back, once=True)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition and its content type (OpenMetrics when the scraper asks for it)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+_build_lock = threading.Lock()
+
+
+def metrics_for(state: Any) -> AppMetrics:
+    """The app's metrics, built on first use and kept on its ``state`` (reads ``state.settings`` and, at scrape
+    time, ``state.sessions``)."""
+    metrics: AppMetrics | None = getattr(state, "metrics", None)
+    if metrics is None:
+        with _build_lock:
+            metrics = getattr(state, "metrics", None)
+            if metrics is None:
+                api = state.settings.api
+                metrics = AppMetrics(
+                    lambda: getattr(state, "sessions", None),
+                    top_models=api.metrics_top_models,
+                    top_labels=api.metrics_top_labels,
+                )
+                state.metrics = metrics
+    return metrics
