@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -79,8 +79,22 @@ def uuid7_str() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-NonNegInt = Annotated[int, Field(ge=0)]
-Label = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_TOKENS = 10**12  # per count and event: far above any call, and sums of them stay within BIGINT
+MAX_INT32 = 2**31 - 1  # call_index and max_tokens are INTEGER columns
+MAX_LATENCY_MS = 1e12  # finite: latencies are summed as integer microseconds
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL
+        raise ValueError("text must not contain NUL (0x00) characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT32)]
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+Millis = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)]
+Label = Annotated[Text, Field(min_length=1, max_length=200)]
 
 
 class UsageEvent(BaseModel):
@@ -95,7 +109,7 @@ class UsageEvent(BaseModel):
     user_id: Label
     extension_id: Label
     function: Label
-    action_type: Annotated[str, Field(max_length=50)] = "read"
+    action_type: Annotated[Text, Field(max_length=50)] = "read"
     invocation_id: uuid.UUID
     call_index: NonNegInt
     purpose: Label
@@ -104,19 +118,19 @@ class UsageEvent(BaseModel):
     is_byollm: bool
     is_failover: bool = False
     is_stream: bool = False
-    input_tokens: NonNegInt = 0
-    output_tokens: NonNegInt = 0
-    cache_read_tokens: NonNegInt = 0
-    cache_write_tokens: NonNegInt = 0
-    reasoning_tokens: NonNegInt = 0
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cache_read_tokens: TokenCount = 0
+    cache_write_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
     usage_completeness: UsageCompleteness
     max_tokens: NonNegInt | None = None
-    stop_reason: Annotated[str, Field(max_length=100)] | None = None
-    latency_ms: Annotated[float, Field(ge=0)]
-    time_to_first_token_ms: Annotated[float, Field(ge=0)] | None = None
+    stop_reason: Annotated[Text, Field(max_length=100)] | None = None
+    latency_ms: Millis
+    time_to_first_token_ms: Millis | None = None
     status: Status
-    error_type: Annotated[str, Field(max_length=100)] | None = None
-    prompt_fingerprint: Annotated[str, Field(min_length=1, max_length=64)]
+    error_type: Annotated[Text, Field(max_length=100)] | None = None
+    prompt_fingerprint: Annotated[Text, Field(min_length=1, max_length=64)]
     budget_exceeded: list[BudgetLimit] = Field(default_factory=list)
 
     @field_validator("occurred_at")
@@ -124,7 +138,10 @@ class UsageEvent(BaseModel):
     def _aware_utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError("occurred_at must carry a timezone (UTC expected)")
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("occurred_at is out of range in UTC") from None
 
     @field_validator("event_id")
     @classmethod

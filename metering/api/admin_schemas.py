@@ -12,8 +12,9 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
 from metering.billing.money import from_nanos
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -46,6 +47,8 @@ def decimal_text(nanos: int | None) -> str | None:
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _no_nul = field_validator("*", mode="before")(no_nul)  # a NUL anywhere in a body is a 422
 
 
 # -- per-purpose settings ---------------------------------------------------------------------------
@@ -115,8 +118,10 @@ class ByollmOut(BaseModel):
 
 
 class BudgetIn(_In):
-    max_calls: int | None = Field(None, gt=0, description="Max LLM calls per handler invocation.")
-    max_tokens: int | None = Field(None, gt=0, description="Max input+output tokens per handler invocation.")
+    max_calls: int | None = Field(None, gt=0, le=MAX_INT32, description="Max LLM calls per handler invocation.")
+    max_tokens: int | None = Field(
+        None, gt=0, le=MAX_INT64, description="Max input+output tokens per handler invocation."
+    )
     mode: Literal["report", "enforce"] = Field(
         "report", description="`report`: flag the event that went over; `enforce`: refuse the call before it is made."
     )
@@ -147,8 +152,8 @@ class PriceOverrideIn(_In):
     id: str | None = Field(None, min_length=1, max_length=64, description="Default: a generated `ovr_…` id.")
     provider: Provider
     model_pattern: str = Field(min_length=1, max_length=200, description="A glob, e.g. `claude-sonnet-*`.")
-    effective_from: AwareDatetime
-    effective_to: AwareDatetime | None = Field(None, description="Exclusive; `null`: open-ended.")
+    effective_from: AwareUtcDatetime
+    effective_to: AwareUtcDatetime | None = Field(None, description="Exclusive; `null`: open-ended.")
     input_mtok: UsdPerMtok
     output_mtok: UsdPerMtok
     cache_read_mtok: UsdPerMtok | None = None
@@ -192,7 +197,7 @@ class PriceOverrideOut(BaseModel):
 
 
 class EndOverrideIn(_In):
-    at: AwareDatetime | None = Field(None, description="When the override stops applying (exclusive). Default: now.")
+    at: AwareUtcDatetime | None = Field(None, description="When the override stops applying (exclusive). Default: now.")
 
 
 # -- credits -------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
 from metering import __version__
@@ -16,6 +16,7 @@ from metering.api import problems
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.routers import ROUTES
 from metering.api.runtime import LazyRuntime
+from metering.api.validators import reject_nul
 from metering.config import Settings
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        dependencies=[Depends(reject_nul)],  # no NUL in any path or query parameter (422)
         openapi_tags=[
             {"name": "events", "description": "Usage events in (scope `ingest`)."},
             {"name": "health", "description": "Probes for orchestrators (no authentication)."},

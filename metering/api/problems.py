@@ -45,9 +45,13 @@ class FieldError(BaseModel):
 
 
 class ValidationProblem(Problem):
-    """A request that does not match the documented schema (422)."""
+    """A 422: a request that does not match the documented schema (``validation_error``, with ``errors``), or
+    whose values the service refuses (``invalid_input``: a rule across fields, an unknown name, a bad cursor)."""
 
-    errors: list[FieldError]
+    errors: list[FieldError] = Field(
+        default_factory=list,
+        description="Where and why, for `validation_error` (absent for `invalid_input`: see `detail`).",
+    )
 
 
 def title_of(code: str) -> str:
@@ -101,7 +105,15 @@ async def metering_error(request: Request, exc: MeteringError) -> JSONResponse:
     return problem_response(exc.status, exc.code, exc.message, instance=request.url.path, headers=headers)
 
 
+# FastAPI's 400 for a body it cannot decode at all (e.g. JSON that is not UTF-8): "not JSON" is a 422 like the rest.
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        errors = [{"loc": ["body"], "msg": "the body is not valid JSON (UTF-8)", "type": "json_invalid"}]
+        detail = "the request does not match the schema: body: the body is not valid JSON (UTF-8)"
+        return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
     return problem_response(
         exc.status_code,
         _http_code(exc.status_code),
@@ -150,7 +162,10 @@ _DESCRIPTIONS = {
     403: "The API token lacks the scope this operation needs (`forbidden`).",
     404: "Not found (`not_found`).",
     413: "The body exceeds the byte limit (`payload_too_large`) or the batch has too many events (`too_many_events`).",
-    422: "The request does not match the schema (`validation_error`); `errors` lists where and why.",
+    422: (
+        "The request does not match the schema (`validation_error`; `errors` lists where and why), or the service "
+        "refuses its values (`invalid_input`)."
+    ),
     503: "The database is unreachable, locked or not migrated (`not_ready`, `database_unavailable`).",
 }
 

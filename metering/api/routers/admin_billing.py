@@ -22,6 +22,7 @@ from metering.api.admin_schemas import (
 )
 from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
+from metering.api.validators import UtcDatetime
 from metering.billing import overrides
 from metering.billing.credits import TransferResult, add_credit
 from metering.db.models import PriceOverrideRow
@@ -83,10 +84,8 @@ def list_price_overrides(
     principal: PlatformAdmin,
     session: DbSession,
     provider: Annotated[str | None, Query(max_length=50)] = None,
-    active_at: Annotated[datetime | None, Query(description="Timezone-aware; e.g. 2026-11-01T00:00:00Z.")] = None,
+    active_at: Annotated[UtcDatetime | None, Query(description="Timezone-aware; e.g. 2026-11-01T00:00:00Z.")] = None,
 ) -> list[PriceOverrideOut]:
-    if active_at is not None and active_at.tzinfo is None:
-        active_at = active_at.replace(tzinfo=UTC)
     return [PriceOverrideOut.of(r) for r in overrides.list_overrides(session, provider=provider, active_at=active_at)]
 
 

@@ -27,6 +27,7 @@ from metering.api.read_schemas import (
     TransferPage,
     UnpricedPage,
 )
+from metering.api.validators import UtcDatetime
 from metering.auth import TokenPrincipal
 from metering.billing import export, invoice_store, ledger_queries, store
 from metering.billing.invoices import Invoice
@@ -212,13 +213,13 @@ def get_quote(
     output_tokens: Tokens = 0,
     cache_read_tokens: Tokens = 0,
     cache_write_tokens: Tokens = 0,
-    at: datetime | None = None,
+    at: UtcDatetime | None = None,
 ) -> QuoteOut:
     if cache_read_tokens + cache_write_tokens > input_tokens:
         raise InvalidInputError(
             "cache_read_tokens + cache_write_tokens must be within input_tokens (input_tokens includes them)"
         )
-    at = datetime.now(UTC) if at is None else (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC))
+    at = datetime.now(UTC) if at is None else at
     cards = RateCards(store.load_price_book(session, settings.billing.markup_pct))
     tokens = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
     quote = cards.quote(provider, model, at, *tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -11,6 +10,7 @@ from metering.api.deps import DbSession, Reader
 from metering.api.problems import problem_responses
 from metering.api.read_access import tenant_scope
 from metering.api.read_schemas import UsageCounters, UsageResponse, UsageRow
+from metering.api.validators import UtcDatetime
 from metering.billing import usage_queries
 from metering.billing.usage_queries import GROUPS, UsageFilters
 
@@ -37,8 +37,8 @@ _GROUP_HELP = (
 def get_usage(
     principal: Reader,
     session: DbSession,
-    start: Annotated[datetime, Query(alias="from", description="Window start (inclusive), a whole UTC hour.")],
-    end: Annotated[datetime, Query(alias="to", description="Window end (exclusive), a whole UTC hour.")],
+    start: Annotated[UtcDatetime, Query(alias="from", description="Window start (inclusive), a whole UTC hour.")],
+    end: Annotated[UtcDatetime, Query(alias="to", description="Window end (exclusive), a whole UTC hour.")],
     group_by: Annotated[list[str], Query(description=_GROUP_HELP)] = [],  # noqa: B006 (FastAPI copies it)
     tenant_id: str | None = None,
     user_id: str | None = None,

@@ -1,0 +1,81 @@
+"""Inputs found by fuzzing (test_schemathesis.py) that used to be 500s or undocumented 400s: each is now a 422
+problem, on SQLite and PostgreSQL alike (PostgreSQL refused NUL in text and integers beyond their column)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from metering.auth import Scope
+from tests.fakes.events import record
+from tests.integration.api.conftest import assert_problem, bearer, post_events
+
+
+@pytest.fixture
+def headers(make_token):
+    return bearer(make_token(Scope.INGEST, Scope.READ, Scope.ADMIN))
+
+
+def test_a_nul_in_a_path_query_or_body_is_a_validation_error(client, headers):
+    body = assert_problem(client.get("/v1/admin/purposes/a%00b", headers=headers), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["path", "purpose"]
+    body = assert_problem(client.get("/v1/balances?tenant_id=t%00", headers=headers), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["query", "tenant_id"]
+    purpose = {"provider": "simulated", "model": "m", "params": {"stop": ["\x00"]}}
+    body = assert_problem(client.put("/v1/admin/purposes/p", json=purpose, headers=headers), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["body", "params"]
+
+
+def test_a_body_that_is_not_utf8_is_a_validation_error_not_a_400(client, headers):
+    response = client.post(
+        "/v1/events", content=b'{"events": ["\xff\xfe"]}', headers={**headers, "Content-Type": "application/json"}
+    )
+    assert assert_problem(response, 422, "validation_error")["errors"][0]["loc"] == ["body"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/v1/prices/quote", {"provider": "anthropic", "model": "m", "at": "9999-12-31T23:59:59-05:00"}),
+        ("/v1/usage", {"from": "0001-01-01T00:00:00+05:00", "to": "2026-01-01T00:00:00Z"}),
+        ("/v1/admin/price-overrides", {"active_at": "9999-12-31T23:59:59-05:00"}),
+    ],
+)
+def test_a_time_out_of_range_in_utc_is_a_validation_error(client, headers, path, params):
+    assert_problem(client.get(path, params=params, headers=headers), 422, "validation_error")
+
+
+def test_integers_beyond_their_column_are_validation_errors(client, headers):
+    for body in ({"max_calls": 2**31}, {"max_tokens": 2**63}):
+        response = client.put("/v1/admin/budgets/rewrite", json=body, headers=headers)
+        assert_problem(response, 422, "validation_error")
+
+
+def test_an_invalid_input_problem_documents_no_errors_list(client, headers):
+    body = assert_problem(client.get("/v1/audit", params={"cursor": "garbage"}, headers=headers), 422, "invalid_input")
+    assert "errors" not in body
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("user_id", "a\x00b", "NUL"),
+        ("call_index", 2**31, "call_index"),
+        ("input_tokens", 2**62, "input_tokens"),
+        ("latency_ms", 1e300, "latency_ms"),
+    ],
+)
+def test_an_event_the_database_cannot_store_is_rejected_alone(client, headers, field, value, reason):
+    bad = record(0) | {field: value}
+    response = post_events(client, [bad, record(1)], headers["Authorization"].removeprefix("Bearer "))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["inserted"] == 1
+    assert [r["index"] for r in body["rejected"]] == [0] and reason in body["rejected"][0]["reason"]
+
+
+def test_an_event_with_a_non_finite_latency_is_rejected_alone(client, headers):
+    raw = orjson.dumps({"events": [record(0)]}).replace(b'"latency_ms":12.5', b'"latency_ms":Infinity')
+    response = client.post("/v1/events", content=raw, headers={**headers, "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert "latency_ms" in response.json()["rejected"][0]["reason"]
