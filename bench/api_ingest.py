@@ -14,7 +14,8 @@ each round), on the same database, every batch ``--batch-size`` fresh realistic 
               and FastAPI)
 Every response must be 200 with every event inserted. Then, unless ``--no-profile``, where the server's time
 goes: the same app factory with stage timers (and cProfile for a second pass) patched in by this module
-(``profiled_app``), run by uvicorn exactly as ``metering serve`` runs it, one request at a time.
+(``profiled_app``), run by uvicorn exactly as ``metering serve`` runs it, one request at a time. The CPU used
+by other processes on the machine is sampled throughout (``other_processes``: a shared box skews every number).
 
 Run:  .venv/bin/python -m bench.api_ingest [--rounds 10] [--batches 24] [--concurrency 4]
                                            [--out bench/out/api_ingest.json]

@@ -12,22 +12,27 @@ A fresh PostgreSQL database (``bench_api_usage_<pid>``, dropped afterwards) migr
                  usage_events with the formulas of ``metering/billing/checks.py``'s recomputation.
 Then ``VACUUM (ANALYZE)`` + ``CHECKPOINT``. The measured part: ``metering serve --workers 1 --no-migrate``
 (uvicorn subprocess) answers ``GET /v1/usage`` over the last 30 whole days for five query shapes, one request
-at a time, in interleaved rounds (shape order rotated each round):
+at a time: ``--warmup`` requests per shape first (listed in the JSON, not in the statistics: psycopg prepares a
+statement on its 5th execution on a connection and PostgreSQL switches a prepared statement to a generic plan
+after 5 more, so the first ~10 requests of a shape do not show the steady state), then ``--rounds`` interleaved
+rounds (shape order rotated each round):
   day             group_by=day
   extension       group_by=extension
   model_byollm    group_by=model,byollm
   tenant_user     a tenant-bound token, group_by=user
   extension_hour  extension_id=<the busiest extension>, group_by=hour
-Baselines in the same run, interleaved with the API rounds: ``rollup_sql``, the very SQL the API runs (captured
-from ``metering.billing.usage_queries.usage``) executed on a psycopg connection (what the database costs,
-without HTTP/FastAPI/pydantic); ``raw_sql``, the same answer computed from raw ``usage_events`` (GROUP BY over
-the window), fewer repeats since it is slow. Every API answer must equal the raw answer (every counter of
-every row, and the totals). ``EXPLAIN (ANALYZE, BUFFERS)`` of each shape's rollup query is included. Then,
-unless ``--no-what-if``, candidate fixes built in this throwaway database only (covering indexes, a platform-level
-hourly and daily rollup without tenant and user), timed on psycopg and checked against the raw answers.
+Baselines in the same run, interleaved with the API rounds: the very SQL the API runs (captured from
+``metering.billing.usage_queries.usage``) on a psycopg connection (what the database costs, without
+HTTP/FastAPI/pydantic), with a custom plan (unprepared) and with a generic plan (prepared, ``plan_cache_mode =
+force_generic_plan``); ``raw_sql``, the same answer computed from raw ``usage_events`` (GROUP BY over the
+window), fewer repeats since it is slow. Every API answer must equal the raw answer (every counter of every
+row, and the totals). ``EXPLAIN (ANALYZE, BUFFERS)`` of each shape's rollup query, custom and generic plan, is
+included. With ``--what-if``, candidate fixes are then built in this throwaway database only (covering
+indexes, platform-level hourly and daily rollups without tenant and user), timed on psycopg (both plan kinds)
+and checked against the raw answers. The CPU used by other processes on the machine is sampled throughout.
 
-Run:  .venv/bin/python -m bench.usage_query [--events 10000000] [--rounds 50] [--sql-repeats 10] [--raw-repeats 5]
-                                           [--out bench/out/usage_query.json]
+Run:  .venv/bin/python -m bench.usage_query [--events 10000000] [--rounds 50] [--warmup 12] [--sql-repeats 5]
+                                           [--raw-repeats 3] [--what-if] [--out bench/out/usage_query.json]
 """
 
 from __future__ import annotations
