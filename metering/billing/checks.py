@@ -5,7 +5,8 @@
 3. Every transfer names existing accounts.
 4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos;
    an event that is not billed has a net charge of zero (so no BYOLLM call is ever charged).
-5. Hourly rollups equal a recomputation from the raw events (an independent GROUP BY in SQL).
+5. The hourly rollups and the platform rollups (per hour, per day) equal a recomputation from the raw
+   events (an independent GROUP BY in SQL).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS
+from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, PLATFORM_KEY_COLUMNS, PLATFORM_TABLES
 
 
 @dataclass
@@ -75,40 +76,65 @@ def check_ledger(session: Session, report: CheckReport) -> None:
         report.problems.append(f"event {event_id} ({status}): charge {charge} but {net} posted")
 
 
+_RECOMPUTED = (
+    "SELECT {time_expr} AS t, {keys}, count(*) AS calls, sum(input_tokens) AS input_tokens, "
+    "sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, "
+    "sum(cache_write_tokens) AS cache_write_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
+    "sum(charge_nanos) AS billed_nanos, sum(shadow_nanos) AS shadow_nanos, sum(cost_nanos) AS cost_nanos, "
+    "sum({latency}) AS latency_us_sum, sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS error_count, "
+    "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count "
+    "FROM usage_events GROUP BY {time_expr}, {keys}"
+)
+# (table, its time column, its other key columns), the time column holding the hour or the UTC day
+_ROLLUPS = (
+    ("usage_rollups", "hour", KEY_COLUMNS[1:]),
+    (PLATFORM_TABLES["hour"], "hour", PLATFORM_KEY_COLUMNS),
+    (PLATFORM_TABLES["day"], "day", PLATFORM_KEY_COLUMNS),
+)
+
+
+def _time_expressions(postgresql: bool) -> dict[str, str]:
+    if postgresql:
+        return {
+            "hour": "date_trunc('hour', occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+            "day": "CAST(occurred_at AT TIME ZONE 'UTC' AS DATE)",
+        }
+    return {"hour": "strftime('%Y-%m-%d %H:00:00.000000', occurred_at)", "day": "substr(occurred_at, 1, 10)"}
+
+
+def _normal(key: tuple[Any, ...], chars: int) -> tuple[Any, ...]:
+    """A rollup key in one form on both backends (SQLite hands back text moments and dates, 0/1 flags)."""
+    return (str(key[0])[:chars], *key[1:-2], bool(key[-2]), key[-1])
+
+
 def check_rollups(session: Session, report: CheckReport) -> None:
-    keys = ", ".join(KEY_COLUMNS[1:])
-    recomputed = (
-        "SELECT {hour_expr} AS hour, {keys}, count(*) AS calls, sum(input_tokens) AS input_tokens, "
-        "sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, "
-        "sum(cache_write_tokens) AS cache_write_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
-        "sum(charge_nanos) AS billed_nanos, sum(shadow_nanos) AS shadow_nanos, sum(cost_nanos) AS cost_nanos, "
-        "sum({latency}) AS latency_us_sum, sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS error_count, "
-        "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count "
-        "FROM usage_events GROUP BY {hour_expr}, {keys}"
+    """Every rollup table equals an independent GROUP BY of the raw events (rows emptied by corrections, all
+    counters zero, count as absent)."""
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    times = _time_expressions(postgresql)
+    latency = (
+        "CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)" if postgresql else "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
     )
-    if session.get_bind().dialect.name == "postgresql":
-        hour_expr = "date_trunc('hour', occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-        latency = "CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)"
-    else:
-        hour_expr = "strftime('%Y-%m-%d %H:00:00.000000', occurred_at)"
-        latency = "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
-    sql = recomputed.format(hour_expr=hour_expr, keys=keys, latency=latency)
-    columns = (*KEY_COLUMNS, *COUNTER_COLUMNS)
-    stored = {
-        tuple(row[: len(KEY_COLUMNS)]): tuple(row[len(KEY_COLUMNS) :])
-        for row in session.execute(text(f"SELECT {', '.join(columns)} FROM usage_rollups")).all()
-    }
-    fresh = {tuple(row[: len(KEY_COLUMNS)]): tuple(row[len(KEY_COLUMNS) :]) for row in session.execute(text(sql)).all()}
-    report.rollups = len(stored)
-    if session.get_bind().dialect.name == "sqlite":
-        stored = {(str(k[0])[:19], *k[1:8], bool(k[8]), k[9]): v for k, v in stored.items()}
-        fresh = {(str(k[0])[:19], *k[1:8], bool(k[8]), k[9]): v for k, v in fresh.items()}
-    stored = {k: v for k, v in stored.items() if any(v)}  # buckets emptied by corrections count as absent
-    for key in sorted(set(stored) | set(fresh), key=str)[:1000]:
-        if stored.get(key) != fresh.get(key):
-            report.problems.append(f"rollup {key[:3]}...: stored {stored.get(key)} != recomputed {fresh.get(key)}")
-            if len(report.problems) > 20:
-                break
+    for table, time_column, keys in _ROLLUPS:
+        sql = _RECOMPUTED.format(time_expr=times[time_column], keys=", ".join(keys), latency=latency)
+        columns = (time_column, *keys, *COUNTER_COLUMNS)
+        width = 1 + len(keys)
+        chars = 19 if time_column == "hour" else 10
+        stored = {
+            _normal(tuple(row[:width]), chars): tuple(row[width:])
+            for row in session.execute(text(f"SELECT {', '.join(columns)} FROM {table}")).all()
+        }
+        fresh = {_normal(tuple(row[:width]), chars): tuple(row[width:]) for row in session.execute(text(sql)).all()}
+        if table == "usage_rollups":
+            report.rollups = len(stored)
+        stored = {k: v for k, v in stored.items() if any(v)}
+        problems = 0
+        for key in sorted(set(stored) | set(fresh), key=str):
+            if stored.get(key) != fresh.get(key):
+                report.problems.append(f"{table} {key[:3]}...: stored {stored.get(key)} != recomputed {fresh.get(key)}")
+                problems += 1
+                if problems > 20:
+                    break
 
 
 def run_checks(session: Session) -> CheckReport:

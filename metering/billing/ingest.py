@@ -172,11 +172,12 @@ def validate(
 def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[str, str], set[str]]) -> list[Priced]:
     priced = []
     no_periods: set[str] = set()
+    quote_of, billed = cards.quote, BillingStatus.BILLED
     for e in events:
-        quote = cards.quote(
-            e.provider, e.model, e.occurred_at, e.input_tokens, e.output_tokens, e.cache_read_tokens,
-            e.cache_write_tokens,
-        )  # fmt: skip
+        at = e.occurred_at
+        quote = quote_of(
+            e.provider, e.model, at, e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens
+        )
         decision = decide(
             is_byollm=e.is_byollm,
             status=e.status,
@@ -185,11 +186,11 @@ def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[
             quote=quote,
         )
         period, late = None, False
-        if decision.status is BillingStatus.BILLED:
+        if decision.status is billed:
+            period = period_of(at)
             closed = finalized.get((e.tenant_id, e.user_id), no_periods)
-            period, late = (
-                billing_period(period_of(e.occurred_at), closed) if closed else (period_of(e.occurred_at), False)
-            )
+            if closed:
+                period, late = billing_period(period, closed)
         if quote is None:
             priced.append(Priced(e, decision, None, None, None, period, late))
         else:
@@ -254,9 +255,12 @@ def ingest(
     batch = uuid.uuid4()
     sqlite = store.dialect(session) == "sqlite"
     inserted_ids = store.insert_new_events(session, [_row(p, batch, now, sqlite) for p in priced], batch)
+    result.inserted = len(inserted_ids)
+    result.duplicates += len(priced) - len(inserted_ids)
+    if not sqlite:  # derived on the server from the stored rows, in one statement
+        store.post_batch_postgresql(session, inserted_ids, now)
+        return result
     new = [p for p in priced if p.event.event_id.hex in inserted_ids]
-    result.inserted = len(new)
-    result.duplicates += len(priced) - len(new)
     rows, deltas, accounts = usage_transfer_rows(new, now, sqlite)
     store.insert_transfer_rows(session, rows)
     store.apply_balances(session, accounts, deltas, now)

@@ -7,7 +7,6 @@ them (event id and kind, or an idempotency key), so posting the same thing twice
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -16,7 +15,6 @@ from enum import StrEnum
 
 CURRENCY = "USD"
 NAMESPACE = uuid.UUID("9b1f3a52-5d0e-4c54-9a3e-2f7f1c2d8e61")
-_NAMESPACE_BYTES = NAMESPACE.bytes
 
 PLATFORM_REVENUE = "platform:revenue"
 TOPUPS = "platform:topups"
@@ -65,18 +63,28 @@ TOPUP_SOURCE = Account(TOPUPS, AccountKind.TOPUPS)
 ADJUSTMENT_SOURCE = Account(ADJUSTMENTS, AccountKind.ADJUSTMENTS)
 
 
+_CHARGE_KIND, _USAGE_KINDS = TransferKind.USAGE_CHARGE.value, (TransferKind.USAGE_CHARGE, TransferKind.PROVIDER_COST)
+_COST_VARIANT = dict(zip("89ab", "cdef", strict=True))  # variant bits 10 -> 11
+
+
 def transfer_id(cause: str, kind: str) -> uuid.UUID:
     """The id of the transfer ``kind`` caused by ``cause`` (an event id, a key, a re-rate run...)."""
     return uuid.uuid5(NAMESPACE, f"{cause}/{kind}")
 
 
 def usage_transfer_hex(event_hex: str, kind: str) -> str:
-    """The id (32 hex) of the ``kind`` transfer of usage event ``event_hex``: the event's time-ordered
-    UUIDv7 prefix (so a batch's transfers land on adjacent index pages) and 64 bits of
-    sha1(namespace, event id, kind) (so each (event, kind) has its own id). Derived: a replay cannot post twice."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{event_hex}/{kind}".encode()).digest()[:8])
-    digest[0] = (digest[0] & 0x3F) | 0x80  # RFC 9562 variant bits
-    return event_hex[:16] + digest.hex()
+    """The id (32 hex) of the ``kind`` transfer of usage event ``event_hex`` (a UUIDv7): the event id
+    re-stamped as a UUIDv8 (version nibble 8), with the kind in the variant bits: ``10`` for the usage
+    charge, ``11`` for the provider cost. One id per (event, kind), no other transfer can have it (uuid5
+    ids carry version 5), it is time-ordered like the event (a batch's transfers append to the index), and a
+    replay cannot post twice. PostgreSQL ingest computes the same id in SQL (``metering.billing.batch_sql``);
+    a test holds the two equal."""
+    if event_hex[12] != "7" or event_hex[16] not in "89ab":
+        raise ValueError(f"usage transfers derive from UUIDv7 event ids, not {event_hex}")
+    if kind not in _USAGE_KINDS:
+        raise ValueError(f"{kind!r} is not a usage transfer kind")
+    variant = event_hex[16] if kind == _CHARGE_KIND else _COST_VARIANT[event_hex[16]]
+    return f"{event_hex[:12]}8{event_hex[13:16]}{variant}{event_hex[17:]}"
 
 
 def usage_transfer_id(event_id: uuid.UUID, kind: str) -> uuid.UUID:

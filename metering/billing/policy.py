@@ -27,7 +27,7 @@ class BillingStatus(StrEnum):
     NOT_BILLABLE = "not_billable"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     status: BillingStatus
     charge_nanos: int  # posted to the user's account
@@ -36,6 +36,8 @@ class Decision:
 
 
 _FAILED = frozenset({Status.ERROR, Status.CANCELLED})
+_NOT_BILLABLE = Decision(BillingStatus.NOT_BILLABLE, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
+_UNPRICED = Decision(BillingStatus.UNPRICED, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
 
 
 def decide(
@@ -47,15 +49,17 @@ def decide(
     quote: Quote | None,
 ) -> Decision:
     """Apply Policy A to one priced (or unpriceable) call."""
-    status = Status(status)
-    completeness = UsageCompleteness(usage_completeness)
+    status = status if type(status) is Status else Status(status)
+    completeness = (
+        usage_completeness if type(usage_completeness) is UsageCompleteness else UsageCompleteness(usage_completeness)
+    )
     if total_tokens < 0:
         raise ValueError("total_tokens must be >= 0")
     if is_byollm:
         shadow = quote.price_nanos if quote is not None else 0
         return Decision(BillingStatus.EXCLUDED_BYOLLM, charge_nanos=0, cost_nanos=0, shadow_nanos=shadow)
     if status in _FAILED and (completeness is UsageCompleteness.MISSING or total_tokens == 0):
-        return Decision(BillingStatus.NOT_BILLABLE, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
+        return _NOT_BILLABLE
     if quote is None:
-        return Decision(BillingStatus.UNPRICED, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
+        return _UNPRICED
     return Decision(BillingStatus.BILLED, charge_nanos=quote.price_nanos, cost_nanos=quote.cost_nanos, shadow_nanos=0)

@@ -187,6 +187,9 @@ def _time_of_day_priced(provider_id: str, model: str) -> bool:
     return any(isinstance(c, ConditionalPrice) and isinstance(c.constraint, TimeOfDateConstraint) for c in conditional)
 
 
+_UNKNOWN = object()
+
+
 class RateCards:
     """Cards for one price book, cached per (provider, model, price period). Not thread-safe; one per batch
     or per ingesting thread. ``None`` results are cached too (unknown models stay unpriced)."""
@@ -197,6 +200,8 @@ class RateCards:
         self._time_of_day: dict[tuple[str, str], bool] = {}
         self._has_overrides = bool(book.overrides)
         self._no_card: dict[tuple[str, str, date], bool] = {}  # True: nobody prices this model
+        # (provider, model, day) -> card, for models priced the same all day when there are no overrides
+        self._by_day: dict[tuple[str, str, date], RateCard | None] = {}
 
     def quote(
         self, provider: str, model: str, at: datetime, input_tokens: int, output_tokens: int, read: int, write: int
@@ -224,6 +229,11 @@ class RateCards:
         return quote
 
     def card(self, provider: str, model: str, at: datetime) -> RateCard | None:
+        if not self._has_overrides:  # the hot path: one dict lookup per call
+            day_key = (provider, model, at.date())
+            card = self._by_day.get(day_key, _UNKNOWN)
+            if card is not _UNKNOWN:
+                return card  # type: ignore[return-value]
         real = genai_provider_for(provider, model)
         if self._has_overrides:
             for candidate in (provider, real) if provider == "simulated" and real else (provider,):
@@ -232,13 +242,17 @@ class RateCards:
                     markup = self.book.markup_pct if override.markup_pct is None else override.markup_pct
                     return override_card(override, markup)
         if real is None:
+            if not self._has_overrides:
+                self._by_day[(provider, model, at.date())] = None
             return None
         tod = self._time_of_day.get((real, model))
         if tod is None:
             tod = self._time_of_day[(real, model)] = _time_of_day_priced(real, model)
         key = (provider, model, at.replace(second=0, microsecond=0) if tod else at.date())
         try:
-            return self._cards[key]
+            card = self._cards[key]
         except KeyError:
             card = self._cards[key] = genai_card(real, model, at, self.book.markup_pct)
-            return card
+        if not tod and not self._has_overrides:
+            self._by_day[key] = card  # type: ignore[index]
+        return card

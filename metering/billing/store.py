@@ -7,8 +7,8 @@ driver (``executemany`` on SQLite, ``COPY`` on PostgreSQL) because ingest is the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -16,9 +16,17 @@ from psycopg.errors import UniqueViolation
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from metering.billing import batch_sql
 from metering.billing.ledger import CURRENCY, Account, Posting
 from metering.billing.pricing import PriceBook, PriceOverride
-from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey
+from metering.billing.rollup import (
+    COUNTER_COLUMNS,
+    KEY_COLUMNS,
+    PLATFORM_KEY_COLUMNS,
+    PLATFORM_TABLES,
+    RollupKey,
+    platform_buckets,
+)
 from metering.db.models import InvoiceRow, PriceOverrideRow, UsageEventRow
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(column.name for column in UsageEventRow.__table__.columns)
@@ -179,6 +187,15 @@ def _insert_events_postgresql_staged(session: Session, rows: Sequence[tuple[Any,
         return {r[0].hex for r in cursor.fetchall()}
 
 
+def post_batch_postgresql(session: Session, event_ids: set[str], now: datetime) -> None:
+    """The transfers, balances and rollups of the events (32 hex) this transaction just stored."""
+    if not event_ids:
+        return
+    found = batch_sql.post_batch(session.connection().connection.driver_connection, event_ids, now)
+    if found != len(event_ids):  # cannot happen: they were inserted by this very transaction
+        raise RuntimeError(f"posting a batch found {found} of its {len(event_ids)} new events")
+
+
 # -- ledger ---------------------------------------------------------------------------------------
 
 
@@ -248,31 +265,52 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
 
 
 def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
-    """Add each bucket's counters to its hourly rollup row, in key order (no deadlocks)."""
+    """Add each bucket's counters to its hourly rollup row and to the platform rollups' rows it sums into,
+    in key order (no deadlocks). The PostgreSQL ingest path does the same in SQL (``batch_sql``)."""
     if not buckets:
         return
+    _upsert_counters(session, "usage_rollups", KEY_COLUMNS, buckets)
+    for table, coarse in platform_buckets(buckets).items():
+        time_column = "day" if table == PLATFORM_TABLES["day"] else "hour"
+        _upsert_counters(session, table, (time_column, *PLATFORM_KEY_COLUMNS), coarse)
+
+
+def _driver_key(value: Any) -> Any:
+    """A rollup key value as SQLite's driver stores it (moments as naive UTC text, dates ISO, bools 0/1)."""
+    if isinstance(value, datetime):
+        return sqlite_time(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _upsert_counters(
+    session: Session, table: str, keys: Sequence[str], buckets: Mapping[tuple[Any, ...], list[int]]
+) -> None:
     sqlite = dialect(session) == "sqlite"
-    columns = (*KEY_COLUMNS, *COUNTER_COLUMNS)
-    updates = ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
-    sql = (
-        f"INSERT INTO usage_rollups ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET {updates}"
-    )
+    columns = (*keys, *COUNTER_COLUMNS)
+    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
     rows = []
-    for key in sorted(buckets, key=lambda k: (k[0], *k[1:8], k[8], k[9])):
-        values = (sqlite_time(key[0]), *key[1:8], int(key[8]), key[9]) if sqlite else key
+    for key in sorted(buckets):
+        values = tuple(_driver_key(v) for v in key) if sqlite else key
         rows.append((*values, *buckets[key]))
     connection = session.connection().connection.driver_connection
+    names, conflict = ", ".join(columns), ", ".join(keys)
     if sqlite:
-        connection.executemany(sql.replace("%s", "?"), rows)  # type: ignore[union-attr]
-    else:  # set-based: COPY the batch's buckets, then one INSERT ... SELECT ... ON CONFLICT DO UPDATE
-        keys, names = ", ".join(KEY_COLUMNS), ", ".join(columns)
-        with connection.cursor() as cursor:  # type: ignore[union-attr]
-            _stage(cursor, "ingest_rollups", "(LIKE usage_rollups INCLUDING DEFAULTS)", names, rows)
-            cursor.execute(
-                f"INSERT INTO usage_rollups ({names}) SELECT {names} FROM ingest_rollups ORDER BY {keys} "
-                f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
-            )
+        marks = ", ".join("?" * len(columns))
+        connection.executemany(  # type: ignore[union-attr]
+            f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT ({conflict}) DO UPDATE SET {updates}", rows
+        )
+        return
+    # set-based: COPY the batch's buckets, then one INSERT ... SELECT ... ON CONFLICT DO UPDATE
+    with connection.cursor() as cursor:  # type: ignore[union-attr]
+        _stage(cursor, f"ingest_{table}", f"(LIKE {table} INCLUDING DEFAULTS)", names, rows)
+        cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM ingest_{table} ORDER BY {conflict} "
+            f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+        )
 
 
 # -- price book and invoices ----------------------------------------------------------------------

@@ -1,23 +1,39 @@
-"""Usage aggregates for the read side (SQL; reads only), served from ``usage_rollups``, never raw events.
+"""Usage aggregates for the read side (SQL; reads only), served from rollups, never raw events.
 
 Rollups are hourly, so a window ``[start, end)`` is made of whole UTC hours and the ``hour`` group is the
-rollup's own hour. ``day`` is the UTC date of the hour: ``substr(hour, 1, 10)`` of SQLite's stored text
-(naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``), ``CAST(timezone('UTC', hour) AS DATE)`` of PostgreSQL's
-timestamptz (independent of the session time zone). Grouping and summing happen in SQL.
+rollup's own hour. Each query reads the coarsest rollups that have what it groups and filters by
+(``_sources``): per-user hourly rollups for tenants and users, else the platform rollups (per hour, and per
+UTC day for the window's whole days). ``day`` is the UTC date of the hour: ``substr(hour, 1, 10)`` of
+SQLite's stored text (naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``), ``CAST(timezone('UTC', hour) AS DATE)`` of
+PostgreSQL's timestamptz (independent of the session time zone), or the daily rollup's own day.
+Grouping and summing happen in SQL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Date, cast, func, literal_column, select, type_coerce
+from sqlalchemy import (
+    ColumnElement,
+    Date,
+    Select,
+    Table,
+    and_,
+    cast,
+    func,
+    literal_column,
+    or_,
+    select,
+    type_coerce,
+    union_all,
+)
 from sqlalchemy.orm import Session
 
 from metering.billing.store import dialect
-from metering.db.models import UsageRollupRow
+from metering.db.models import PlatformUsageDailyRow, PlatformUsageHourlyRow, UsageRollupRow
 from metering.errors import InvalidInputError
 from metering.events import Status
 
@@ -136,18 +152,58 @@ def check_status(status: str | None) -> str | None:
     return status
 
 
-def _day(session: Session) -> ColumnElement[Any]:
-    hour = UsageRollupRow.__table__.c.hour
+def _day(session: Session, hour: ColumnElement[Any]) -> ColumnElement[Any]:
     if dialect(session) == "postgresql":
         # Literals, not bind parameters: the SELECT and GROUP BY expressions must render identically.
         return cast(func.timezone(literal_column("'UTC'"), hour), Date)
     return type_coerce(func.substr(hour, literal_column("1"), literal_column("10")), Date)
 
 
-def _group_expression(session: Session, name: str) -> ColumnElement[Any]:
+_FINE = UsageRollupRow.__table__
+_HOURLY = PlatformUsageHourlyRow.__table__
+_DAILY = PlatformUsageDailyRow.__table__
+
+
+def _sources(
+    group_by: Sequence[str], filters: UsageFilters, start: datetime, end: datetime
+) -> list[tuple[Table, ColumnElement[bool]]]:
+    """The coarsest rollup tables that answer the query, each with its part of the window: per-user hourly
+    rollups when a tenant or user is grouped or filtered; else the platform hourly rollups when grouping by
+    hour; else the platform daily rollups for the window's whole UTC days plus the hourly ones for its edges."""
+    if {"tenant", "user"} & set(group_by) or filters.tenant_id is not None or filters.user_id is not None:
+        return [(_FINE, and_(_FINE.c.hour >= start, _FINE.c.hour < end))]
+    hour = _HOURLY.c.hour
+    first_day = (start + timedelta(hours=23)).date()  # the first UTC midnight at or after start
+    last_day = end.date()  # the last UTC midnight at or before end
+    if "hour" in group_by or first_day >= last_day:
+        return [(_HOURLY, and_(hour >= start, hour < end))]
+    edges = or_(
+        and_(hour >= start, hour < datetime.combine(first_day, time(), UTC)),
+        and_(hour >= datetime.combine(last_day, time(), UTC), hour < end),
+    )
+    return [(_DAILY, and_(_DAILY.c.day >= first_day, _DAILY.c.day < last_day)), (_HOURLY, edges)]
+
+
+def _group_expression(session: Session, table: Table, name: str) -> ColumnElement[Any]:
     if name == "day":
-        return _day(session)
-    return getattr(UsageRollupRow, _COLUMNS[name])  # type: ignore[no-any-return]
+        return table.c.day if table is _DAILY else _day(session, table.c.hour)
+    return table.c[_COLUMNS[name]]  # type: ignore[no-any-return]
+
+
+def _part(
+    session: Session, table: Table, window: ColumnElement[bool], group_by: Sequence[str], filters: UsageFilters
+) -> Select[Any]:
+    keys = [_group_expression(session, table, name).label(f"g_{name}") for name in group_by]
+    sums = [func.sum(table.c[_SUMMED[counter]]).label(counter) for counter in _COUNTERS]
+    stmt = select(*keys, *sums).where(window)
+    for name in ("tenant_id", "user_id", "extension_id", "function", "purpose", "provider", "model", "status"):
+        value = getattr(filters, name)
+        if value is not None:
+            stmt = stmt.where(table.c[name] == value)
+    if filters.byollm is not None:
+        stmt = stmt.where(table.c.is_byollm.is_(filters.byollm))
+    stmt = stmt.having(func.count() > 0)
+    return stmt.group_by(*keys) if keys else stmt
 
 
 def usage(
@@ -162,25 +218,26 @@ def usage(
     start, end = check_window(start, end)
     group_by = parse_group_by(group_by)
     check_status(filters.status)
-    r = UsageRollupRow
-    keys = [_group_expression(session, name).label(f"g_{name}") for name in group_by]
-    sums = [func.sum(getattr(r, _SUMMED[counter])).label(counter) for counter in _COUNTERS]
-    stmt = select(*keys, *sums).where(r.hour >= start, r.hour < end)
-    for name in ("tenant_id", "user_id", "extension_id", "function", "purpose", "provider", "model", "status"):
-        value = getattr(filters, name)
-        if value is not None:
-            stmt = stmt.where(getattr(r, name) == value)
-    if filters.byollm is not None:
-        stmt = stmt.where(r.is_byollm.is_(filters.byollm))
-    stmt = stmt.having(func.count() > 0)
-    if keys:
-        stmt = stmt.group_by(*keys).order_by(*keys)
+    parts = [
+        _part(session, table, window, group_by, filters) for table, window in _sources(group_by, filters, start, end)
+    ]
+    if len(parts) == 1:
+        stmt = parts[0]
+        order = [literal_column(f"g_{name}") for name in group_by]
+    else:  # whole days + edge hours: the same groups summed again over both parts
+        both = union_all(*parts).subquery()
+        keys = [both.c[f"g_{name}"] for name in group_by]
+        stmt = select(*keys, *(func.sum(both.c[counter]).label(counter) for counter in _COUNTERS))
+        stmt = stmt.group_by(*keys) if keys else stmt.having(func.count() > 0)
+        order = keys
+    if order:
+        stmt = stmt.order_by(*order)
     groups = []
     for row in session.execute(stmt):
         values = tuple(row)
         key = {GROUPS[name]: _value(name, value) for name, value in zip(group_by, values, strict=False)}
         # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal): exact, made an int again.
-        totals = UsageTotals(*(int(v or 0) for v in values[len(keys) :]))
+        totals = UsageTotals(*(int(v or 0) for v in values[len(group_by) :]))
         groups.append(UsageGroup(key, totals))
     return groups
 

@@ -27,6 +27,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_PG_SESSION_OPTIONS = "-c jit=off -c plan_cache_mode=force_custom_plan"
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     url = normalise_url(url)
     parsed = make_url(url)
@@ -36,7 +39,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # Every session: no JIT (it costs 50-70 ms of compilation on each aggregate query that crosses its cost
+    # threshold, more than the query itself) and a plan for each execution's values (psycopg prepares a
+    # statement on its 5th run, and PostgreSQL's generic plan for a time window guesses 0.5 % of the rows:
+    # 2-2.4x slower usage queries, bench/RESULTS.md). Options already in the URL come after, so they win.
+    options = f"{_PG_SESSION_OPTIONS} {parsed.query.get('options', '')}".strip()
+    connect_args = {**kwargs.pop("connect_args", {}), "options": options}
+    return create_engine(
+        parsed.difference_update_query(["options"]), pool_pre_ping=True, connect_args=connect_args, **kwargs
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

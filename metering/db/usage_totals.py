@@ -1,4 +1,5 @@
-"""Repository for the read side's all-time usage totals, summed from the hourly rollups (``usage_rollups``).
+"""Repository for the read side's all-time usage totals, summed from the daily platform rollups
+(``platform_usage_daily``: one row per day and label set, so a scrape stays cheap however many events).
 
 Grouped by bounded labels only (provider, model, purpose, extension, byollm, status): tenant and user ids
 never leave this query. Only reads.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from metering.db.models import UsageRollupRow as R
+from metering.db.models import PlatformUsageDailyRow as R
 
 # The counters summed per label set, in ``LabelTotals.counters`` order.
 TOTAL_COLUMNS = (

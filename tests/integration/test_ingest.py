@@ -9,9 +9,17 @@ from sqlalchemy import func, select
 
 from metering.billing.checks import run_checks
 from metering.billing.ingest import ingest
+from metering.billing.ledger import usage_postings
 from metering.billing.rates import RateCards
 from metering.billing.store import load_price_book
-from metering.db.models import AccountRow, TransferRow, UsageEventRow, UsageRollupRow
+from metering.db.models import (
+    AccountRow,
+    PlatformUsageDailyRow,
+    PlatformUsageHourlyRow,
+    TransferRow,
+    UsageEventRow,
+    UsageRollupRow,
+)
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
 
@@ -64,6 +72,32 @@ def test_a_platform_call_is_priced_charged_and_costed(session_factory) -> None:
     charge = kinds["usage_charge"]
     assert (charge.debit_account_id, charge.credit_account_id) == ("user:tenant-1:user-1", "platform:revenue")
     assert charge.amount_nanos == quote.price_nanos and kinds["provider_cost"].amount_nanos == quote.cost_nanos
+    assert run_checks_ok(session_factory)
+
+
+def test_usage_transfers_and_accounts_are_those_the_ledger_rules_derive(session_factory) -> None:
+    """PostgreSQL derives transfers and accounts in SQL, SQLite in Python: both equal ``ledger``'s rules."""
+    events = [event(i, user_id=f"user-{i % 3}", provider=p, model=m) for i, (p, m) in
+              enumerate([("anthropic", "claude-sonnet-4-6"), ("openai", "gpt-4o")] * 4)]  # fmt: skip
+    run(session_factory, events)
+    with session_factory() as session:
+        stored = {t.id: t for t in session.scalars(select(TransferRow))}
+        accounts = {a.id: a for a in session.scalars(select(AccountRow))}
+    expected = []
+    for e in events:
+        quote = expected_quote(session_factory, e)
+        assert quote is not None
+        expected += usage_postings(event_id=e.event_id, tenant_id=e.tenant_id, user_id=e.user_id,
+                                   provider=e.provider, period="2026-11", charge_nanos=quote.price_nanos,
+                                   cost_nanos=quote.cost_nanos)  # fmt: skip
+    assert len(expected) == 16 and set(stored) == {p.id for p in expected}
+    for p in expected:
+        t = stored[p.id]
+        assert (t.debit_account_id, t.credit_account_id, t.amount_nanos, t.kind, t.event_id, t.period) == (
+            p.debit.id, p.credit.id, p.amount_nanos, p.kind.value, p.event_id, p.period)  # fmt: skip
+        for account in (p.debit, p.credit):
+            row_ = accounts[account.id]
+            assert (row_.kind, row_.tenant_id, row_.user_id) == (account.kind.value, account.tenant_id, account.user_id)
     assert run_checks_ok(session_factory)
 
 
@@ -148,6 +182,30 @@ def test_the_checks_catch_a_corrupted_ledger_or_rollup(session_factory) -> None:
         report = run_checks(session)
         session.rollback()
     assert any("excluded_byollm" in p for p in report.problems)
+    for table in ("platform_usage_hourly", "platform_usage_daily"):
+        with session_factory() as session:
+            session.execute(text(f"UPDATE {table} SET input_tokens = input_tokens - 1"))
+            report = run_checks(session)
+            session.rollback()
+        assert len(report.problems) == 2 and all(p.startswith(table) for p in report.problems), report.problems
+
+
+def test_platform_rollups_sum_the_hourly_ones_per_hour_and_per_day(session_factory) -> None:
+    days = [NOW - timedelta(days=d, hours=h) for d in (0, 1, 3) for h in (1, 2)]
+    events = [event(i, occurred_at=at, user_id=f"user-{i % 3}", tenant_id=f"tenant-{i % 2}",
+                    is_byollm=i % 4 == 0) for i, at in enumerate(days * 3)]  # fmt: skip
+    run(session_factory, events)
+    with session_factory() as session:
+        fine = session.execute(select(func.sum(UsageRollupRow.calls), func.sum(UsageRollupRow.billed_nanos))).one()
+        for row in (PlatformUsageHourlyRow, PlatformUsageDailyRow):
+            assert session.execute(select(func.sum(row.calls), func.sum(row.billed_nanos))).one() == fine
+        assert session.scalar(select(func.count()).select_from(PlatformUsageDailyRow)) < session.scalar(
+            select(func.count()).select_from(PlatformUsageHourlyRow)
+        )
+        assert {d.isoformat() for d in session.scalars(select(PlatformUsageDailyRow.day))} == {
+            at.date().isoformat() for at in days
+        }
+    assert run_checks_ok(session_factory)
 
 
 def test_one_malformed_event_in_500_is_rejected_and_499_are_ingested(session_factory) -> None:

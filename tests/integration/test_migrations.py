@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, text
 
+from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
+from metering.billing.rollup import PLATFORM_TABLES
 from metering.db import migrate
-from metering.db.engine import make_engine
+from metering.db.engine import make_engine, make_session_factory
 from metering.db.models import Base
+from metering.events import event_from_record
 from tests.conftest import temporary_pg_database
+from tests.fakes.events import record
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -55,3 +62,37 @@ def test_models_match_migrations(migrated_url: str) -> None:
     finally:
         engine.dispose()
     assert diff == [], f"models and migrations differ: {diff}"
+
+
+
+def test_0005_fills_the_platform_rollups_from_existing_rollups(fresh_url: str) -> None:
+    """Upgrading a database that already has usage: the platform rollups are filled from ``usage_rollups``
+    and agree with the raw events at once (ingested at head, downgraded to 0004, upgraded again)."""
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    try:
+        factory = make_session_factory(engine)
+        now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+        events = [event_from_record(record(i, occurred_at=now - timedelta(hours=i * 5), is_byollm=i % 3 == 0))
+                  for i in range(24)]  # fmt: skip
+        with factory() as session:
+            assert ingest(session, events, markup_pct=Decimal(20), now=now).inserted == 24
+            session.commit()
+        before = _platform_rows(engine)
+        assert len(before["platform_usage_daily"]) > 1 and len(before["platform_usage_hourly"]) > 1
+        migrate.downgrade(fresh_url, "0004")
+        engine.dispose()
+        assert "platform_usage_daily" not in inspect(engine).get_table_names()
+        migrate.upgrade(fresh_url)
+        engine.dispose()
+        assert _platform_rows(engine) == before
+        with factory() as session:
+            report = run_checks(session)
+        assert report.ok, report.problems
+    finally:
+        engine.dispose()
+
+
+def _platform_rows(engine: Engine) -> dict[str, set[tuple[object, ...]]]:
+    with engine.connect() as conn:
+        return {t: {tuple(r) for r in conn.execute(text(f"SELECT * FROM {t}"))} for t in PLATFORM_TABLES.values()}

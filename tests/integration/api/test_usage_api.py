@@ -158,6 +158,31 @@ def test_usage_is_served_from_the_rollups(client, reader, events, session_factor
     assert _usage(client, reader, group_by="model,day") == before
 
 
+@pytest.mark.parametrize("group_by", ["", "day", "model,byollm", "extension,status", "tenant"])
+@pytest.mark.parametrize(("from_hours", "to_hours"), [(5, 29), (0, 48), (22, 23), (2, 120), (23, 73)])
+def test_windows_cutting_days_equal_the_events(client, reader, events, group_by, from_hours, to_hours):
+    """Whole days from the daily rollups, edge hours from the hourly ones: the same sums as the raw events."""
+    start, end = START + timedelta(hours=from_hours), START + timedelta(hours=to_hours)
+    body = _usage(client, reader, **{"from": start.isoformat(), "to": end.isoformat()}, group_by=group_by)
+    inside = [e for e in events if start <= e.occurred_at.replace(minute=0, second=0, microsecond=0) < end]
+    assert inside
+    fields = [GROUPS[name] for name in group_by.split(",") if name]
+    _check(body, inside, fields)
+    keys = [tuple(r[f] for f in fields) for r in body["rows"]]
+    assert keys == sorted(keys)  # ordered by the group values
+
+
+def test_platform_queries_read_the_platform_rollups(client, reader, events, session_factory):
+    """Without a tenant or user, only the platform rollups are read (per day, per hour for hour groups)."""
+    day, hour = _usage(client, reader, group_by="day,model"), _usage(client, reader, group_by="hour")
+    tenant = _usage(client, reader, group_by="tenant")
+    with session_factory() as session:
+        session.execute(text("DELETE FROM usage_rollups"))
+        session.commit()
+    assert _usage(client, reader, group_by="day,model") == day and _usage(client, reader, group_by="hour") == hour
+    assert tenant["rows"] and _usage(client, reader, group_by="tenant")["rows"] == []
+
+
 @pytest.mark.parametrize(
     ("params", "fragment"),
     [

@@ -1,0 +1,75 @@
+"""platform usage rollups: usage_rollups summed over tenants and users, per hour and per UTC day
+
+Platform-wide usage queries (no tenant or user in the filters or groups) read these instead of the per-user
+hourly rollups: ~1/20 and ~1/500 of the rows. Ingest writes them in the same transaction; the upgrade fills
+them from the existing usage_rollups, so they agree from the start (``metering billing check`` proves it).
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-27 17:10:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+import metering.db.types
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_DIMENSIONS = ("extension_id", "function", "purpose", "provider", "model", "is_byollm", "status")
+_COUNTERS = (
+    "calls",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "billed_nanos",
+    "shadow_nanos",
+    "cost_nanos",
+    "latency_us_sum",
+    "error_count",
+    "unpriced_count",
+)
+
+
+def _columns(time_column: sa.Column) -> list[sa.Column]:
+    dimensions = [
+        sa.Column(name, sa.String(length=20 if name == "status" else 200), nullable=False)
+        for name in _DIMENSIONS
+        if name != "is_byollm"
+    ]
+    dimensions.insert(5, sa.Column("is_byollm", sa.Boolean(), nullable=False))
+    return [time_column, *dimensions, *(sa.Column(name, sa.BigInteger(), nullable=False) for name in _COUNTERS)]
+
+
+def upgrade() -> None:
+    for table, time_column in (
+        ("platform_usage_hourly", sa.Column("hour", metering.db.types.UTCDateTime(timezone=True), nullable=False)),
+        ("platform_usage_daily", sa.Column("day", sa.Date(), nullable=False)),
+    ):
+        op.create_table(
+            table,
+            *_columns(time_column),
+            sa.PrimaryKeyConstraint(time_column.name, *_DIMENSIONS, name=op.f(f"pk_{table}")),
+        )
+    postgresql = op.get_bind().dialect.name == "postgresql"
+    day = "CAST(timezone('UTC', hour) AS DATE)" if postgresql else "substr(hour, 1, 10)"
+    dimensions, counters = ", ".join(_DIMENSIONS), ", ".join(_COUNTERS)
+    sums = ", ".join(f"sum({c})" for c in _COUNTERS)
+    backfills = (("platform_usage_hourly", "hour", "hour"), ("platform_usage_daily", "day", day))
+    for table, time_column, expression in backfills:
+        op.execute(
+            f"INSERT INTO {table} ({time_column}, {dimensions}, {counters}) "
+            f"SELECT {expression}, {dimensions}, {sums} FROM usage_rollups GROUP BY {expression}, {dimensions}"
+        )
+
+
+def downgrade() -> None:
+    op.drop_table("platform_usage_daily")
+    op.drop_table("platform_usage_hourly")
