@@ -1,4 +1,4 @@
-"""GET /v1/usage: usage and money aggregated from the hourly rollups (scope ``read``)."""
+"""GET /v1/usage: usage and money aggregated from the rollups (scope ``read``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ _GROUP_HELP = (
     "/usage",
     summary="Usage and money over a window, grouped",
     description=(
-        "Requires the `read` scope. Sums of the hourly rollups (`usage_rollups`, never the raw events) over "
+        "Requires the `read` scope. Sums of the rollups (never the raw events: per user and hour, or platform-wide "
+        "per hour and per day when no tenant or user is involved) over "
         "`[from, to)`, both whole UTC hours (a time without offset is UTC), per combination of the `group_by` "
         "dimensions, filtered by equality on the other parameters. A token bound to a tenant sees only that "
         "tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` names, misaligned "
