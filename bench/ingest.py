@@ -12,8 +12,10 @@ Per backend (SQLite, PostgreSQL), in one run, on a database that already holds `
 Every batch holds fresh, realistic events (2,000 users over 50 tenants, 6 extensions / 10 functions, Claude,
 GPT and unpriced ollama models, ~20 % BYOLLM, ~2 % errors, cache and reasoning tokens, the last hour). The
 variants run in interleaved rounds (order rotated each round) against the same database, so drift hits all of
-them alike. Then sanity checks on the final state, a per-stage breakdown of ingest (wrapped, on extra
-batches) and, with ``--profile``, cProfile's top functions.
+them alike. Then a per-stage breakdown of ingest (wrapped, on extra batches), with ``--profile`` cProfile's top
+functions, on PostgreSQL ``--workers`` concurrent processes per variant (raw and ingest, each process with its
+own connection and fresh batches, rounds alternating the order: how far several ingesters, like uvicorn workers
+or spool drainers, go on one database), and sanity checks on the final state.
 
 Run:  .venv/bin/python -m bench.ingest [--backend both] [--preload 1000000] [--batches 30]
                                       [--out bench/out/ingest.json] [--profile]
@@ -27,6 +29,7 @@ import gc
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import pstats
@@ -653,6 +656,10 @@ def sanity(engine: Engine, backend: str, counts: Counts) -> dict[str, Any]:
         charged = one(f"SELECT coalesce(sum(charge_nanos), 0) FROM usage_events WHERE {billed}", batches)
         transferred = one("SELECT coalesce(sum(amount_nanos), 0) FROM transfers WHERE kind = 'usage_charge'")
         rollup_calls = one("SELECT coalesce(sum(calls), 0) FROM usage_rollups")
+        platform_calls = [
+            one(f"SELECT coalesce(sum(calls), 0) FROM {table}")
+            for table in ("platform_usage_hourly", "platform_usage_daily")
+        ]
         transfers = one("SELECT count(*) FROM transfers")
         rollup_rows = one("SELECT count(*) FROM usage_rollups")
         cur.close()
@@ -667,6 +674,7 @@ def sanity(engine: Engine, backend: str, counts: Counts) -> dict[str, Any]:
         "no_extra_usage_charges": charge_transfers == billed_events,
         "charged_equals_transferred": int(charged) == int(transferred),
         "rollup_calls_equal_ingested": int(rollup_calls) == counts.ingested,
+        "platform_rollup_calls_equal_ingested": all(int(c) == counts.ingested for c in platform_calls),
         "replays_inserted_nothing": counts.replay_inserted == 0,
         "nothing_rejected": counts.rejected == 0,
     }
@@ -687,6 +695,80 @@ def sanity(engine: Engine, backend: str, counts: Counts) -> dict[str, Any]:
         "rollup_rows": rollup_rows,
         "checks": checks,
         "all_ok": all(checks.values()),
+    }
+
+
+# -- concurrent ingesters (separate processes, like uvicorn workers or spool drainers) -------------------------
+
+
+def _concurrent_worker(
+    url: str, backend: str, kind: str, batches: int, batch_size: int, barrier: Any, results: Any
+) -> None:
+    """One process: build its batches untimed, wait for the others, then ingest (or raw-insert) them all."""
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    events = EventFactory(seed=int.from_bytes(os.urandom(4), "big"))
+    now = datetime.now(UTC)
+    raw = RawInserter(engine, backend) if kind == "raw" else None
+    work: list[Any] = []
+    for _ in range(batches):
+        if raw is not None:
+            with factory() as session:
+                work.append(price_rows(session, events.events(batch_size, now), RAW_BATCH, now))
+        else:
+            work.append(events.events(batch_size, now))
+    gc.collect()
+    gc.freeze()
+    barrier.wait()
+    started, inserted = time.monotonic(), 0
+    for items in work:
+        if raw is not None:
+            raw.insert(items)
+            inserted += len(items)
+        else:
+            with factory() as session:
+                inserted += ingest(session, items, markup_pct=MARKUP).inserted
+                session.commit()
+    results.put((kind, started, time.monotonic(), inserted))
+    if raw is not None:
+        raw.close()
+    engine.dispose()
+
+
+def concurrent_rounds(
+    url: str, backend: str, workers: int, rounds: int, batches: int, batch_size: int, counts: Counts
+) -> dict[str, Any]:
+    """``rounds`` x (raw, ingest) with ``workers`` processes each: events/s = all events / first start to last
+    end. Rounds alternate the order of the two kinds."""
+    ctx = multiprocessing.get_context("spawn")
+    rates: dict[str, list[int]] = {"raw": [], "ingest": []}
+    for r in range(rounds):
+        for kind in ("raw", "ingest") if r % 2 == 0 else ("ingest", "raw"):
+            barrier, results = ctx.Barrier(workers), ctx.Queue()
+            procs = [
+                ctx.Process(target=_concurrent_worker, args=(url, backend, kind, batches, batch_size, barrier, results))
+                for _ in range(workers)
+            ]
+            for proc in procs:
+                proc.start()
+            done = [results.get(timeout=600) for _ in procs]
+            for proc in procs:
+                proc.join(timeout=60)
+            if any(proc.exitcode != 0 for proc in procs):
+                raise RuntimeError(f"a {kind} worker failed")
+            events = sum(d[3] for d in done)
+            rates[kind].append(round(events / (max(d[2] for d in done) - min(d[1] for d in done))))
+            if kind == "raw":
+                counts.raw += events
+            else:
+                counts.ingested += events
+    raw, ing = statistics.median(rates["raw"]), statistics.median(rates["ingest"])
+    return {
+        "workers": workers,
+        "batches_per_worker": batches,
+        "events_per_s": rates,
+        "median_events_per_s": {"raw": raw, "ingest": ing},
+        "ingest_over_raw": round(ing / raw, 3),
     }
 
 
@@ -739,6 +821,13 @@ def measure(backend: str, engine: Engine, args: argparse.Namespace) -> dict[str,
             "ingest_from_dicts": stage_breakdown(ctx, "ingest_from_dicts", args.stage_batches, batch_size, counts),
         }
         profile = profile_batches(ctx, args.profile_batches, batch_size, counts, 30) if args.profile else None
+        concurrent = None
+        if backend == "postgresql" and args.workers > 1:
+            log(f"[{backend}] {args.workers} concurrent processes per variant")
+            url = engine.url.render_as_string(hide_password=False)
+            concurrent = concurrent_rounds(
+                url, backend, args.workers, args.concurrent_rounds, args.concurrent_batches, batch_size, counts
+            )
         checks = sanity(engine, backend, counts)
     finally:
         raw.close()
@@ -772,6 +861,15 @@ def measure(backend: str, engine: Engine, args: argparse.Namespace) -> dict[str,
                 "result": verdict(variants["ingest"]["slowest_batch_events_per_s"] >= TARGET_PG_RATE),
             },
         ]
+    if concurrent is not None:
+        rate_w = concurrent["median_events_per_s"]["ingest"]
+        targets.append(
+            {
+                "target": f"ingest rate >= {TARGET_PG_RATE:,} events/s with {args.workers} ingest processes",
+                "value": rate_w,
+                "result": verdict(rate_w >= TARGET_PG_RATE),
+            }
+        )
     info = [
         {
             "target": f"(info) ingest_from_dicts rate >= {TARGET_RATIO:.0%} of the {baseline} rate",
@@ -789,6 +887,7 @@ def measure(backend: str, engine: Engine, args: argparse.Namespace) -> dict[str,
         "info": info,
         "sanity": checks,
         "stages": stages,
+        **({"concurrent": concurrent} if concurrent else {}),
         **({"profile": profile} if profile else {}),
     }
 
@@ -833,6 +932,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage-batches", type=int, default=5, help="extra batches for the per-stage breakdown")
     parser.add_argument("--profile", action="store_true", help="add cProfile's top functions on extra batches")
     parser.add_argument("--profile-batches", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="PostgreSQL: concurrent processes (0/1: skip)")
+    parser.add_argument("--concurrent-rounds", type=int, default=3)
+    parser.add_argument("--concurrent-batches", type=int, default=15, help="batches per process per round")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
