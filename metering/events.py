@@ -90,11 +90,17 @@ def _no_nul(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
+# Text fields: the length constraints come before the NUL check so that pydantic-core applies them natively (a
+# constraint placed after a validator runs as a Python function: ≈ 3 µs more per event). A value both too long and
+# holding a NUL is reported as too long; text that is not valid Unicode (a lone surrogate, which json.loads lets
+# through and no database can store) is refused as "Input should be a valid string".
+Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+ActionType = Annotated[str, Field(max_length=50), AfterValidator(_no_nul)]
+ShortText = Annotated[str, Field(max_length=100), AfterValidator(_no_nul)]
+Fingerprint = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
 NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT32)]
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 Millis = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)]
-Label = Annotated[Text, Field(min_length=1, max_length=200)]
 
 
 class UsageEvent(BaseModel):
@@ -109,7 +115,7 @@ class UsageEvent(BaseModel):
     user_id: Label
     extension_id: Label
     function: Label
-    action_type: Annotated[Text, Field(max_length=50)] = "read"
+    action_type: ActionType = "read"
     invocation_id: uuid.UUID
     call_index: NonNegInt
     purpose: Label
@@ -125,12 +131,12 @@ class UsageEvent(BaseModel):
     reasoning_tokens: TokenCount = 0
     usage_completeness: UsageCompleteness
     max_tokens: NonNegInt | None = None
-    stop_reason: Annotated[Text, Field(max_length=100)] | None = None
+    stop_reason: ShortText | None = None
     latency_ms: Millis
     time_to_first_token_ms: Millis | None = None
     status: Status
-    error_type: Annotated[Text, Field(max_length=100)] | None = None
-    prompt_fingerprint: Annotated[Text, Field(min_length=1, max_length=64)]
+    error_type: ShortText | None = None
+    prompt_fingerprint: Fingerprint
     budget_exceeded: list[BudgetLimit] = Field(default_factory=list)
 
     @field_validator("occurred_at")

@@ -96,3 +96,29 @@ def test_fingerprint_hashes_roles_and_lengths_not_content() -> None:
     c = prompt_fingerprint("sys", [{"role": "user", "content": "longer secret"}])
     assert a == b != c
     assert "secret" not in a
+
+
+@pytest.mark.parametrize(
+    ("field", "min_length", "max_length"),
+    [("user_id", 1, 200), ("action_type", 0, 50), ("stop_reason", 0, 100), ("error_type", 0, 100),
+     ("prompt_fingerprint", 1, 64)],
+)  # fmt: skip
+def test_text_limits_and_nul(field: str, min_length: int, max_length: int) -> None:
+    data = orjson.loads(orjson.dumps(_record()))
+    assert getattr(UsageEvent.model_validate({**data, field: "é" * max_length}), field) == "é" * max_length
+    with pytest.raises(ValidationError, match=f"{field}\n  String should have at most {max_length} characters"):
+        UsageEvent.model_validate({**data, field: "é" * (max_length + 1)})
+    with pytest.raises(ValidationError, match=f"{field}\n  Value error, text must not contain NUL"):
+        UsageEvent.model_validate({**data, field: "a\x00b"})
+    with pytest.raises(ValidationError, match=f"{field}\n  Input should be a valid string"):
+        UsageEvent.model_validate({**data, field: "a\ud800b"})  # a lone surrogate: no database can store it
+    if min_length:
+        with pytest.raises(ValidationError, match=f"{field}\n  String should have at least 1 character"):
+            UsageEvent.model_validate({**data, field: ""})
+    else:
+        assert getattr(UsageEvent.model_validate({**data, field: ""}), field) == ""
+
+
+def test_text_limits_are_checked_by_pydantic_core() -> None:
+    """A length constraint placed after a Python validator runs in Python: ≈ 3 µs more per event."""
+    assert "length_validator" not in repr(UsageEvent.__pydantic_core_schema__)
