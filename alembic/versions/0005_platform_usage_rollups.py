@@ -1,8 +1,10 @@
-"""platform usage rollups: usage_rollups summed over tenants and users, per hour and per UTC day
+"""platform usage rollups: usage_rollups summed over tenants and users, per hour and per UTC day; usage indexes
 
 Platform-wide usage queries (no tenant or user in the filters or groups) read these instead of the per-user
 hourly rollups: ~1/20 and ~1/500 of the rows. Ingest writes them in the same transaction; the upgrade fills
 them from the existing usage_rollups, so they agree from the start (``metering billing check`` proves it).
+Also: platform hours by extension (an extension's usage per hour), and on PostgreSQL a covering
+``ix_usage_rollups_tenant_hour`` (a tenant's usage over a window as an index-only scan).
 
 Revision ID: 0005
 Revises: 0004
@@ -58,7 +60,17 @@ def upgrade() -> None:
             *_columns(time_column),
             sa.PrimaryKeyConstraint(time_column.name, *_DIMENSIONS, name=op.f(f"pk_{table}")),
         )
+    with op.batch_alter_table("platform_usage_hourly", schema=None) as batch_op:
+        batch_op.create_index("ix_platform_usage_hourly_extension_hour", ["extension_id", "hour"], unique=False)
     postgresql = op.get_bind().dialect.name == "postgresql"
+    if postgresql:  # a tenant's usage over a window as an index-only scan
+        op.drop_index("ix_usage_rollups_tenant_hour", table_name="usage_rollups")
+        op.create_index(
+            "ix_usage_rollups_tenant_hour",
+            "usage_rollups",
+            ["tenant_id", "hour"],
+            postgresql_include=["user_id", *_COUNTERS],
+        )
     day = "CAST(timezone('UTC', hour) AS DATE)" if postgresql else "substr(hour, 1, 10)"
     dimensions, counters = ", ".join(_DIMENSIONS), ", ".join(_COUNTERS)
     sums = ", ".join(f"sum({c})" for c in _COUNTERS)
@@ -71,5 +83,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.drop_index("ix_usage_rollups_tenant_hour", table_name="usage_rollups")
+        op.create_index("ix_usage_rollups_tenant_hour", "usage_rollups", ["tenant_id", "hour"])
     op.drop_table("platform_usage_daily")
     op.drop_table("platform_usage_hourly")

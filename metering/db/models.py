@@ -207,6 +207,22 @@ class TransferRow(Base):
     )
 
 
+_COUNTERS = (
+    "calls",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "billed_nanos",
+    "shadow_nanos",
+    "cost_nanos",
+    "latency_us_sum",
+    "error_count",
+    "unpriced_count",
+)
+
+
 class RollupCounters:
     """The counters every usage rollup sums (``metering.billing.rollup.COUNTER_COLUMNS``)."""
 
@@ -253,7 +269,16 @@ class UsageRollupRow(RollupCounters, Base):
     is_byollm: Mapped[bool] = mapped_column(Boolean, primary_key=True)
     status: Mapped[str] = mapped_column(String(20), primary_key=True)
 
-    __table_args__ = (Index("ix_usage_rollups_tenant_hour", "tenant_id", "hour"),)
+    __table_args__ = (
+        # Covering on PostgreSQL: a tenant's usage over a window is an index-only scan (GET /v1/usage with a
+        # tenant-bound token reads one row per user-hour; bench/RESULTS.md).
+        Index(
+            "ix_usage_rollups_tenant_hour",
+            "tenant_id",
+            "hour",
+            postgresql_include=["user_id", *_COUNTERS],
+        ),
+    )
 
 
 class PlatformUsageHourlyRow(PlatformDimensions, RollupCounters, Base):
@@ -262,6 +287,8 @@ class PlatformUsageHourlyRow(PlatformDimensions, RollupCounters, Base):
     __tablename__ = "platform_usage_hourly"
 
     hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+
+    __table_args__ = (Index("ix_platform_usage_hourly_extension_hour", "extension_id", "hour"),)
 
 
 class PlatformUsageDailyRow(PlatformDimensions, RollupCounters, Base):

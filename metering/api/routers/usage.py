@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from metering.api.deps import DbSession, Reader
 from metering.api.problems import problem_responses
@@ -33,6 +33,7 @@ _GROUP_HELP = (
         "tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` names, misaligned "
         "or empty windows are `422` (`invalid_input`)."
     ),
+    response_model=UsageResponse,
     responses=problem_responses(401, 403, 422, 503),
 )
 def get_usage(
@@ -50,7 +51,7 @@ def get_usage(
     model: str | None = None,
     byollm: bool | None = None,
     status: Literal["ok", "error", "cancelled"] | None = None,
-) -> UsageResponse:
+) -> Response:
     filters = UsageFilters(
         tenant_id=tenant_scope(principal, tenant_id),
         user_id=user_id,
@@ -65,7 +66,7 @@ def get_usage(
     names = usage_queries.parse_group_by(group_by)
     start, end = usage_queries.check_window(start, end)
     groups = usage_queries.usage(session, start, end, names, filters)
-    return UsageResponse.model_validate(
+    body = UsageResponse.model_validate(
         {
             "from": start,
             "to": end,
@@ -74,3 +75,5 @@ def get_usage(
             "totals": UsageCounters.of(usage_queries.total(groups)),
         }
     )
+    # Serialized here, once: FastAPI would validate the model again and encode it twice (~10 us per row).
+    return Response(body.model_dump_json(by_alias=True), media_type="application/json")
