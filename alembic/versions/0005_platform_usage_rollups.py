@@ -3,8 +3,8 @@
 Platform-wide usage queries (no tenant or user in the filters or groups) read these instead of the per-user
 hourly rollups: ~1/20 and ~1/500 of the rows. Ingest writes them in the same transaction; the upgrade fills
 them from the existing usage_rollups, so they agree from the start (``metering billing check`` proves it).
-Also: platform hours by extension (an extension's usage per hour), and on PostgreSQL a covering
-``ix_usage_rollups_tenant_hour`` (a tenant's usage over a window as an index-only scan).
+Also: platform hours by extension (an extension's usage per hour), and on PostgreSQL both that index and
+``ix_usage_rollups_tenant_hour`` covering (index-only scans of an extension's or a tenant's window).
 
 Revision ID: 0005
 Revises: 0004
@@ -60,8 +60,12 @@ def upgrade() -> None:
             *_columns(time_column),
             sa.PrimaryKeyConstraint(time_column.name, *_DIMENSIONS, name=op.f(f"pk_{table}")),
         )
-    with op.batch_alter_table("platform_usage_hourly", schema=None) as batch_op:
-        batch_op.create_index("ix_platform_usage_hourly_extension_hour", ["extension_id", "hour"], unique=False)
+    op.create_index(
+        "ix_platform_usage_hourly_extension_hour",
+        "platform_usage_hourly",
+        ["extension_id", "hour"],
+        postgresql_include=list(_COUNTERS),
+    )
     postgresql = op.get_bind().dialect.name == "postgresql"
     if postgresql:  # a tenant's usage over a window as an index-only scan
         op.drop_index("ix_usage_rollups_tenant_hour", table_name="usage_rollups")

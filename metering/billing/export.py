@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing import invoice_store
 from metering.billing.invoices import Invoice
-from metering.billing.money import from_nanos
+from metering.billing.money import NANOS_PER_USD
 
 INVOICE_COLUMNS = (
     "period",
@@ -43,8 +43,12 @@ LEDGER_COLUMNS = (
 
 
 def usd(nanos: int) -> str:
-    """Exact decimal USD, 9 decimals, never an exponent: ``5`` -> ``"0.000000005"``."""
-    return format(from_nanos(nanos), "f")
+    """Exact decimal USD, 9 decimals, never an exponent: ``5`` -> ``"0.000000005"`` (``format(from_nanos(nanos),
+    "f")``, done with integers: read paths format thousands of amounts per request)."""
+    if not isinstance(nanos, int) or isinstance(nanos, bool):
+        raise TypeError(f"usd expects an int, got {type(nanos).__name__}")
+    whole, fraction = divmod(abs(nanos), NANOS_PER_USD)
+    return f"{'-' if nanos < 0 else ''}{whole}.{fraction:09d}"
 
 
 def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

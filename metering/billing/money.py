@@ -9,6 +9,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 NANO = Decimal(10**9)
+NANOS_PER_USD = 10**9
 NANOS_PER_CENT = 10**7
 _CENTS_EXPONENT = 7  # a cent is 10**7 nanos
 _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)

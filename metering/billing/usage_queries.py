@@ -249,7 +249,5 @@ def _value(name: str, value: Any) -> Any:
 
 
 def total(groups: Iterable[UsageGroup]) -> UsageTotals:
-    result = UsageTotals()
-    for group in groups:
-        result = result + group.totals
-    return result
+    totals = [group.totals for group in groups]
+    return UsageTotals(*(sum(getattr(t, name) for t in totals) for name in _COUNTERS))
