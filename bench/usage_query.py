@@ -10,7 +10,8 @@ A fresh PostgreSQL database (``bench_api_usage_<pid>``, dropped afterwards) migr
                  unpriced, charge = cost x 1.2). Secondary indexes are dropped during the load and rebuilt.
   usage_rollups  built exactly as ingest would have: ``INSERT INTO usage_rollups SELECT … GROUP BY`` over
                  usage_events with the formulas of ``metering/billing/checks.py``'s recomputation; then
-                 ``platform_usage_hourly`` / ``platform_usage_daily`` summed from them (as migration 0005 does).
+                 the coarse rollups (platform hourly and daily, user daily) summed from them (as migration
+                 0005 does).
 Then ``VACUUM (ANALYZE)`` + ``CHECKPOINT``. The measured part: ``metering serve --workers 1 --no-migrate``
 (uvicorn subprocess) answers ``GET /v1/usage`` over the last 30 whole days for five query shapes, one request
 at a time: ``--warmup`` requests per shape first (listed in the JSON, not in the statistics: psycopg prepares a
@@ -73,7 +74,7 @@ from bench.api_ingest import (
 )
 from metering.billing.pricing import PriceBook
 from metering.billing.rates import RateCards
-from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, PLATFORM_KEY_COLUMNS
+from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 from metering.billing.store import EVENT_COLUMNS
 from metering.billing.usage_queries import UsageFilters, usage
 from metering.db.engine import make_engine, make_session_factory
@@ -376,17 +377,19 @@ def rollup_sql() -> str:
     )
 
 
-def platform_rollup_sql() -> list[str]:
-    """The platform rollups summed from usage_rollups (as migration 0005 fills them; ingest keeps them equal)."""
-    dims, counters = ", ".join(PLATFORM_KEY_COLUMNS), ", ".join(COUNTER_COLUMNS)
+def coarse_rollup_sql() -> list[str]:
+    """The coarse rollups summed from usage_rollups (as migration 0005 fills them; ingest keeps them equal)."""
+    counters = ", ".join(COUNTER_COLUMNS)
     sums = ", ".join(f"sum({c})" for c in COUNTER_COLUMNS)
-    return [
-        f"INSERT INTO platform_usage_hourly (hour, {dims}, {counters}) "
-        f"SELECT hour, {dims}, {sums} FROM usage_rollups GROUP BY hour, {dims} ORDER BY hour, {dims}",
-        f"INSERT INTO platform_usage_daily (day, {dims}, {counters}) "
-        f"SELECT CAST(timezone('UTC', hour) AS DATE), {dims}, {sums} FROM platform_usage_hourly "
-        f"GROUP BY 1, {dims} ORDER BY 1, {dims}",
-    ]
+    statements = []
+    for rollup in COARSE_ROLLUPS:
+        keys = ", ".join(rollup.dimensions)
+        grain = "hour" if rollup.grain == "hour" else "CAST(timezone('UTC', hour) AS DATE)"
+        statements.append(
+            f"INSERT INTO {rollup.table} ({rollup.grain}, {keys}, {counters}) "
+            f"SELECT {grain}, {keys}, {sums} FROM usage_rollups GROUP BY 1, {keys} ORDER BY 1, {keys}"
+        )
+    return statements
 
 
 def build_rollups(conninfo: str, start: datetime, days: int, loaders: int) -> dict[str, Any]:
@@ -427,7 +430,7 @@ def build_rollups(conninfo: str, start: datetime, days: int, loaders: int) -> di
         conn.execute("SET maintenance_work_mem = '1GB'")
         for _, ddl in indexes:
             conn.execute(ddl)
-        for sql in platform_rollup_sql():
+        for sql in coarse_rollup_sql():
             conn.execute(sql)
         rows = conn.execute("SELECT count(*) FROM usage_rollups").fetchone()[0]  # type: ignore[index]
         calls = conn.execute("SELECT sum(calls) FROM usage_rollups").fetchone()[0]  # type: ignore[index]
@@ -441,6 +444,7 @@ def settle(conninfo: str) -> float:
         conn.execute("VACUUM (ANALYZE) usage_rollups")
         conn.execute("VACUUM (ANALYZE) platform_usage_hourly")
         conn.execute("VACUUM (ANALYZE) platform_usage_daily")
+        conn.execute("VACUUM (ANALYZE) user_usage_daily")
         conn.execute("CHECKPOINT")
     return round(time.perf_counter() - started, 1)
 
@@ -463,6 +467,7 @@ def table_facts(conninfo: str, start: datetime, end: datetime) -> dict[str, Any]
             "usage_rollups_size": one("SELECT pg_size_pretty(pg_total_relation_size('usage_rollups'))"),
             "platform_usage_hourly": one("SELECT count(*) FROM platform_usage_hourly"),
             "platform_usage_daily": one("SELECT count(*) FROM platform_usage_daily"),
+            "user_usage_daily": one("SELECT count(*) FROM user_usage_daily"),
             "occurred_at_min": str(one("SELECT min(occurred_at) FROM usage_events")),
             "occurred_at_max": str(one("SELECT max(occurred_at) FROM usage_events")),
             "tenants": one("SELECT count(DISTINCT tenant_id) FROM usage_events"),

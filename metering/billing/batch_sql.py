@@ -8,7 +8,7 @@ invoice period); this statement then derives, on the server, what the Python pat
   payable) transfer per billed event with a positive amount, its id ``ledger.usage_transfer_hex`` computed
   in SQL (a test holds both equal), so a replay can never post twice;
 - the accounts they touch, created if missing, their cached balances moved by the summed deltas;
-- the hourly rollups and the platform rollups (``rollup.PLATFORM_TABLES``) the events fall in.
+- the hourly rollups and the coarse rollups (``rollup.COARSE_ROLLUPS``) the events fall in.
 
 Rows are locked in key order within each table (rollups by key, accounts by id), the tables always in the
 same order (the accounts last: every batch updates the platform revenue account, so it is held for the
@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from metering.billing.ledger import CURRENCY, REVENUE, AccountKind, TransferKind
-from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, PLATFORM_KEY_COLUMNS, PLATFORM_TABLES
+from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 
 _HOUR = "date_trunc('hour', occurred_at, 'UTC')"
 _DAY = "CAST(timezone('UTC', occurred_at) AS date)"
@@ -55,6 +55,12 @@ def _rollup_upsert(table: str, keys: Sequence[str], expressions: Sequence[str]) 
     )
 
 
+_COARSE = "".join(
+    f""", {r.table} AS (
+    {_rollup_upsert(r.table, r.key_columns, (_HOUR if r.grain == "hour" else _DAY, *r.dimensions))}
+)"""
+    for r in COARSE_ROLLUPS
+)
 _BILLED = "billing_status = 'billed' AND invoice_period IS NOT NULL"
 _CHARGE, _COST = TransferKind.USAGE_CHARGE.value, TransferKind.PROVIDER_COST.value
 # ledger.usage_transfer_hex: the event id as a UUIDv8, variant bits 10 (charge) / 11 (cost)
@@ -90,11 +96,7 @@ WITH b AS MATERIALIZED (
     SELECT id, debit, credit, amount, '{CURRENCY}', kind, event_id, invoice_period, %(now)s FROM t
 ), rolled AS (
     {_rollup_upsert("usage_rollups", KEY_COLUMNS, (_HOUR, *KEY_COLUMNS[1:]))}
-), platform_hourly AS (
-    {_rollup_upsert(PLATFORM_TABLES["hour"], ("hour", *PLATFORM_KEY_COLUMNS), (_HOUR, *PLATFORM_KEY_COLUMNS))}
-), platform_daily AS (
-    {_rollup_upsert(PLATFORM_TABLES["day"], ("day", *PLATFORM_KEY_COLUMNS), (_DAY, *PLATFORM_KEY_COLUMNS))}
-), balances AS (
+){_COARSE}, balances AS (
     INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at)
     SELECT id, min(kind), min(tenant_id), min(user_id), '{CURRENCY}', sum(delta), %(now)s FROM (
         SELECT debit AS id, min(debit_kind) AS kind, min(tenant_id) AS tenant_id, min(user_id) AS user_id,

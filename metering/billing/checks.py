@@ -5,8 +5,8 @@
 3. Every transfer names existing accounts.
 4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos;
    an event that is not billed has a net charge of zero (so no BYOLLM call is ever charged).
-5. The hourly rollups and the platform rollups (per hour, per day) equal a recomputation from the raw
-   events (an independent GROUP BY in SQL).
+5. The hourly rollups and the coarse rollups (platform per hour and day, users per day) equal a
+   recomputation from the raw events (an independent GROUP BY in SQL).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, PLATFORM_KEY_COLUMNS, PLATFORM_TABLES
+from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 
 
 @dataclass
@@ -86,11 +86,7 @@ _RECOMPUTED = (
     "FROM usage_events GROUP BY {time_expr}, {keys}"
 )
 # (table, its time column, its other key columns), the time column holding the hour or the UTC day
-_ROLLUPS = (
-    ("usage_rollups", "hour", KEY_COLUMNS[1:]),
-    (PLATFORM_TABLES["hour"], "hour", PLATFORM_KEY_COLUMNS),
-    (PLATFORM_TABLES["day"], "day", PLATFORM_KEY_COLUMNS),
-)
+_ROLLUPS = (("usage_rollups", "hour", KEY_COLUMNS[1:]), *((r.table, r.grain, r.dimensions) for r in COARSE_ROLLUPS))
 
 
 def _time_expressions(postgresql: bool) -> dict[str, str]:
@@ -102,9 +98,13 @@ def _time_expressions(postgresql: bool) -> dict[str, str]:
     return {"hour": "strftime('%Y-%m-%d %H:00:00.000000', occurred_at)", "day": "substr(occurred_at, 1, 10)"}
 
 
-def _normal(key: tuple[Any, ...], chars: int) -> tuple[Any, ...]:
-    """A rollup key in one form on both backends (SQLite hands back text moments and dates, 0/1 flags)."""
-    return (str(key[0])[:chars], *key[1:-2], bool(key[-2]), key[-1])
+def _normal(key: tuple[Any, ...], chars: int, flag: int | None) -> tuple[Any, ...]:
+    """A rollup key in one form on both backends (SQLite hands back text moments and dates, 0/1 flags):
+    the time as text cut to ``chars``, the value at ``flag`` (is_byollm) as a bool."""
+    values = [str(key[0])[:chars], *key[1:]]
+    if flag is not None:
+        values[flag] = bool(values[flag])
+    return tuple(values)
 
 
 def check_rollups(session: Session, report: CheckReport) -> None:
@@ -120,11 +120,14 @@ def check_rollups(session: Session, report: CheckReport) -> None:
         columns = (time_column, *keys, *COUNTER_COLUMNS)
         width = 1 + len(keys)
         chars = 19 if time_column == "hour" else 10
+        flag = 1 + keys.index("is_byollm") if "is_byollm" in keys else None
         stored = {
-            _normal(tuple(row[:width]), chars): tuple(row[width:])
+            _normal(tuple(row[:width]), chars, flag): tuple(row[width:])
             for row in session.execute(text(f"SELECT {', '.join(columns)} FROM {table}")).all()
         }
-        fresh = {_normal(tuple(row[:width]), chars): tuple(row[width:]) for row in session.execute(text(sql)).all()}
+        fresh = {
+            _normal(tuple(row[:width]), chars, flag): tuple(row[width:]) for row in session.execute(text(sql)).all()
+        }
         if table == "usage_rollups":
             report.rollups = len(stored)
         stored = {k: v for k, v in stored.items() if any(v)}

@@ -1,12 +1,14 @@
 """Usage rollups (pure): the key columns of a bucket, the counters it sums, and their units.
 
-``usage_rollups`` is keyed per hour and user; ``platform_usage_hourly`` and ``platform_usage_daily`` sum it
-over tenants and users (per hour, per UTC day), so platform-wide queries read far fewer rows. All three are
+``usage_rollups`` is keyed per hour and user by every dimension. The coarse rollups (``COARSE_ROLLUPS``) sum it
+over some dimensions, so that queries not asking for those read far fewer rows: ``platform_usage_hourly`` and
+``platform_usage_daily`` without tenant and user, ``user_usage_daily`` with only tenant and user. All are
 written in the ingest transaction, from the same events.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +26,6 @@ KEY_COLUMNS = (
     "status",
 )
 PLATFORM_KEY_COLUMNS = KEY_COLUMNS[3:]  # without hour (or day), tenant_id, user_id
-PLATFORM_TABLES = {"hour": "platform_usage_hourly", "day": "platform_usage_daily"}
 COUNTER_COLUMNS = (
     "calls",
     "input_tokens",
@@ -50,18 +51,40 @@ def latency_us(latency_ms: float) -> int:
     return int(latency_ms * 1000 + 0.5)
 
 
-def platform_buckets(buckets: dict[RollupKey, list[int]]) -> dict[str, dict[tuple[Any, ...], list[int]]]:
-    """The fine buckets summed into the platform tables' buckets: ``PLATFORM_TABLES`` value -> key ->
-    counters, keys being (hour or UTC date, *PLATFORM_KEY_COLUMNS)."""
-    hourly: dict[tuple[Any, ...], list[int]] = {}
-    daily: dict[tuple[Any, ...], list[int]] = {}
-    for key, counters in buckets.items():
-        rest = key[3:]
-        for target, coarse in ((hourly, (key[0], *rest)), (daily, (key[0].date(), *rest))):
+@dataclass(frozen=True, slots=True)
+class CoarseRollup:
+    """A rollup table summing ``usage_rollups`` per ``grain`` (its first key column, ``hour`` or ``day``: the
+    UTC date) and ``dimensions`` (a subset of ``KEY_COLUMNS``, in their order)."""
+
+    table: str
+    grain: str
+    dimensions: tuple[str, ...]
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return (self.grain, *self.dimensions)
+
+
+PLATFORM_HOURLY = CoarseRollup("platform_usage_hourly", "hour", PLATFORM_KEY_COLUMNS)
+PLATFORM_DAILY = CoarseRollup("platform_usage_daily", "day", PLATFORM_KEY_COLUMNS)
+USER_DAILY = CoarseRollup("user_usage_daily", "day", ("tenant_id", "user_id"))
+COARSE_ROLLUPS = (PLATFORM_HOURLY, PLATFORM_DAILY, USER_DAILY)
+
+
+def coarse_buckets(buckets: dict[RollupKey, list[int]]) -> dict[CoarseRollup, dict[tuple[Any, ...], list[int]]]:
+    """The fine buckets summed into each coarse rollup's buckets (keys in ``key_columns`` order)."""
+    result: dict[CoarseRollup, dict[tuple[Any, ...], list[int]]] = {}
+    for rollup in COARSE_ROLLUPS:
+        positions = [KEY_COLUMNS.index(d) for d in rollup.dimensions]
+        daily = rollup.grain == "day"
+        target: dict[tuple[Any, ...], list[int]] = {}
+        for key, counters in buckets.items():
+            coarse = (key[0].date() if daily else key[0], *(key[i] for i in positions))
             total = target.get(coarse)
             if total is None:
                 target[coarse] = list(counters)
             else:
                 for i, value in enumerate(counters):
                     total[i] += value
-    return {PLATFORM_TABLES["hour"]: hourly, PLATFORM_TABLES["day"]: daily}
+        result[rollup] = target
+    return result

@@ -19,14 +19,7 @@ from sqlalchemy.orm import Session
 from metering.billing import batch_sql
 from metering.billing.ledger import CURRENCY, Account, Posting
 from metering.billing.pricing import PriceBook, PriceOverride
-from metering.billing.rollup import (
-    COUNTER_COLUMNS,
-    KEY_COLUMNS,
-    PLATFORM_KEY_COLUMNS,
-    PLATFORM_TABLES,
-    RollupKey,
-    platform_buckets,
-)
+from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey, coarse_buckets
 from metering.db.models import InvoiceRow, PriceOverrideRow, UsageEventRow
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(column.name for column in UsageEventRow.__table__.columns)
@@ -265,14 +258,13 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
 
 
 def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
-    """Add each bucket's counters to its hourly rollup row and to the platform rollups' rows it sums into,
+    """Add each bucket's counters to its hourly rollup row and to the coarse rollups' rows it sums into,
     in key order (no deadlocks). The PostgreSQL ingest path does the same in SQL (``batch_sql``)."""
     if not buckets:
         return
     _upsert_counters(session, "usage_rollups", KEY_COLUMNS, buckets)
-    for table, coarse in platform_buckets(buckets).items():
-        time_column = "day" if table == PLATFORM_TABLES["day"] else "hour"
-        _upsert_counters(session, table, (time_column, *PLATFORM_KEY_COLUMNS), coarse)
+    for rollup, coarse in coarse_buckets(buckets).items():
+        _upsert_counters(session, rollup.table, rollup.key_columns, coarse)
 
 
 def _driver_key(value: Any) -> Any:

@@ -2,8 +2,8 @@
 
 Rollups are hourly, so a window ``[start, end)`` is made of whole UTC hours and the ``hour`` group is the
 rollup's own hour. Each query reads the coarsest rollups that have what it groups and filters by
-(``_sources``): per-user hourly rollups for tenants and users, else the platform rollups (per hour, and per
-UTC day for the window's whole days). ``day`` is the UTC date of the hour: ``substr(hour, 1, 10)`` of
+(``_sources``): per-user daily or hourly rollups for tenants and users, else the platform rollups (per hour, and
+per UTC day for the window's whole days). ``day`` is the UTC date of the hour: ``substr(hour, 1, 10)`` of
 SQLite's stored text (naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``), ``CAST(timezone('UTC', hour) AS DATE)`` of
 PostgreSQL's timestamptz (independent of the session time zone), or the daily rollup's own day.
 Grouping and summing happen in SQL.
@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from metering.billing.store import dialect
-from metering.db.models import PlatformUsageDailyRow, PlatformUsageHourlyRow, UsageRollupRow
+from metering.db.models import PlatformUsageDailyRow, PlatformUsageHourlyRow, UsageRollupRow, UserUsageDailyRow
 from metering.errors import InvalidInputError
 from metering.events import Status
 
@@ -162,31 +162,50 @@ def _day(session: Session, hour: ColumnElement[Any]) -> ColumnElement[Any]:
 _FINE = UsageRollupRow.__table__
 _HOURLY = PlatformUsageHourlyRow.__table__
 _DAILY = PlatformUsageDailyRow.__table__
+_USER_DAILY = UserUsageDailyRow.__table__
+_USER_DAILY_GROUPS = frozenset({"tenant", "user", "day"})
+_OTHER_FILTERS = ("extension_id", "function", "purpose", "provider", "model", "byollm", "status")
 
 
 def _sources(
     group_by: Sequence[str], filters: UsageFilters, start: datetime, end: datetime
 ) -> list[tuple[Table, ColumnElement[bool]]]:
-    """The coarsest rollup tables that answer the query, each with its part of the window: per-user hourly
-    rollups when a tenant or user is grouped or filtered; else the platform hourly rollups when grouping by
-    hour; else the platform daily rollups for the window's whole UTC days plus the hourly ones for its edges."""
-    if {"tenant", "user"} & set(group_by) or filters.tenant_id is not None or filters.user_id is not None:
+    """The coarsest rollup tables that answer the query, each with its part of the window.
+
+    - a tenant or user (grouped or filtered), nothing but tenant, user and day: ``user_usage_daily`` for the
+      window's whole UTC days, ``usage_rollups`` for the hours at its edges;
+    - any other query with a tenant or user: ``usage_rollups``;
+    - grouped by hour: ``platform_usage_hourly``;
+    - otherwise ``platform_usage_daily`` for the whole days, ``platform_usage_hourly`` for the edges."""
+    groups = set(group_by)
+    personal = bool({"tenant", "user"} & groups) or filters.tenant_id is not None or filters.user_id is not None
+    if personal:
+        if groups <= _USER_DAILY_GROUPS and all(getattr(filters, name) is None for name in _OTHER_FILTERS):
+            return _days_and_edges(_USER_DAILY, _FINE, start, end)
         return [(_FINE, and_(_FINE.c.hour >= start, _FINE.c.hour < end))]
-    hour = _HOURLY.c.hour
+    if "hour" in groups:
+        return [(_HOURLY, and_(_HOURLY.c.hour >= start, _HOURLY.c.hour < end))]
+    return _days_and_edges(_DAILY, _HOURLY, start, end)
+
+
+def _days_and_edges(
+    daily: Table, hourly: Table, start: datetime, end: datetime
+) -> list[tuple[Table, ColumnElement[bool]]]:
+    hour = hourly.c.hour
     first_day = (start + timedelta(hours=23)).date()  # the first UTC midnight at or after start
     last_day = end.date()  # the last UTC midnight at or before end
-    if "hour" in group_by or first_day >= last_day:
-        return [(_HOURLY, and_(hour >= start, hour < end))]
+    if first_day >= last_day:
+        return [(hourly, and_(hour >= start, hour < end))]
     edges = or_(
         and_(hour >= start, hour < datetime.combine(first_day, time(), UTC)),
         and_(hour >= datetime.combine(last_day, time(), UTC), hour < end),
     )
-    return [(_DAILY, and_(_DAILY.c.day >= first_day, _DAILY.c.day < last_day)), (_HOURLY, edges)]
+    return [(daily, and_(daily.c.day >= first_day, daily.c.day < last_day)), (hourly, edges)]
 
 
 def _group_expression(session: Session, table: Table, name: str) -> ColumnElement[Any]:
     if name == "day":
-        return table.c.day if table is _DAILY else _day(session, table.c.hour)
+        return table.c.day if "day" in table.c else _day(session, table.c.hour)
     return table.c[_COLUMNS[name]]  # type: ignore[no-any-return]
 
 

@@ -302,6 +302,19 @@ class PlatformUsageDailyRow(PlatformDimensions, RollupCounters, Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
 
 
+class UserUsageDailyRow(RollupCounters, Base):
+    """``usage_rollups`` summed per UTC day, tenant and user: a tenant's usage by user over 30 days reads one row
+    per user-day instead of one per user-hour and model, extension..."""
+
+    __tablename__ = "user_usage_daily"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+    __table_args__ = (Index("ix_user_usage_daily_tenant_day", "tenant_id", "day"),)
+
+
 class InvoiceRow(Base):
     """A finalized (immutable) monthly invoice. Open periods are drafts computed from the events."""
 

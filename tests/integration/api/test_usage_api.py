@@ -158,7 +158,9 @@ def test_usage_is_served_from_the_rollups(client, reader, events, session_factor
     assert _usage(client, reader, group_by="model,day") == before
 
 
-@pytest.mark.parametrize("group_by", ["", "day", "model,byollm", "extension,status", "tenant"])
+@pytest.mark.parametrize(
+    "group_by", ["", "day", "model,byollm", "extension,status", "tenant", "user,day", "tenant,model"]
+)
 @pytest.mark.parametrize(("from_hours", "to_hours"), [(5, 29), (0, 48), (22, 23), (2, 120), (23, 73)])
 def test_windows_cutting_days_equal_the_events(client, reader, events, group_by, from_hours, to_hours):
     """Whole days from the daily rollups, edge hours from the hourly ones: the same sums as the raw events."""
@@ -172,15 +174,24 @@ def test_windows_cutting_days_equal_the_events(client, reader, events, group_by,
     assert keys == sorted(keys)  # ordered by the group values
 
 
-def test_platform_queries_read_the_platform_rollups(client, reader, events, session_factory):
-    """Without a tenant or user, only the platform rollups are read (per day, per hour for hour groups)."""
-    day, hour = _usage(client, reader, group_by="day,model"), _usage(client, reader, group_by="hour")
-    tenant = _usage(client, reader, group_by="tenant")
+def test_queries_read_the_coarsest_rollups_that_answer_them(client, reader, events, session_factory):
+    """Without a tenant or user only the platform rollups are read (per day, per hour for hour groups); by
+    tenant, user and day only, whole days come from the per-user daily rollups; anything finer per tenant or
+    user needs the per-user hourly rollups."""
+    coarse = {
+        "platform by day": {"group_by": "day,model"},
+        "platform by hour": {"group_by": "hour"},
+        "tenants": {"group_by": "tenant"},
+        "a tenant's users by day": {"group_by": "user,day", "tenant_id": BETA},
+    }
+    before = {name: _usage(client, reader, **params) for name, params in coarse.items()}
+    fine = _usage(client, reader, group_by="tenant,model")
+    assert fine["rows"] and all(body["rows"] for body in before.values())
     with session_factory() as session:
         session.execute(text("DELETE FROM usage_rollups"))
         session.commit()
-    assert _usage(client, reader, group_by="day,model") == day and _usage(client, reader, group_by="hour") == hour
-    assert tenant["rows"] and _usage(client, reader, group_by="tenant")["rows"] == []
+    assert {name: _usage(client, reader, **params) for name, params in coarse.items()} == before
+    assert _usage(client, reader, group_by="tenant,model")["rows"] == []
 
 
 @pytest.mark.parametrize(

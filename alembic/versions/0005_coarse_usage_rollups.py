@@ -1,8 +1,10 @@
-"""platform usage rollups: usage_rollups summed over tenants and users, per hour and per UTC day; usage indexes
+"""coarse usage rollups: usage_rollups summed over tenants and users (per hour and per UTC day), and per UTC day,
+tenant and user; usage indexes
 
-Platform-wide usage queries (no tenant or user in the filters or groups) read these instead of the per-user
-hourly rollups: ~1/20 and ~1/500 of the rows. Ingest writes them in the same transaction; the upgrade fills
-them from the existing usage_rollups, so they agree from the start (``metering billing check`` proves it).
+Platform-wide usage queries (no tenant or user in the filters or groups) read the platform rollups instead of the
+per-user hourly rollups: ~1/20 and ~1/500 of the rows; queries by tenant, user and day only read
+user_usage_daily. Ingest writes them in the same transaction; the upgrade fills them from the existing
+usage_rollups, so they agree from the start (``metering billing check`` proves it).
 Also: platform hours by extension (an extension's usage per hour), and on PostgreSQL both that index and
 ``ix_usage_rollups_tenant_hour`` covering (index-only scans of an extension's or a tenant's window).
 
@@ -60,6 +62,15 @@ def upgrade() -> None:
             *_columns(time_column),
             sa.PrimaryKeyConstraint(time_column.name, *_DIMENSIONS, name=op.f(f"pk_{table}")),
         )
+    op.create_table(
+        "user_usage_daily",
+        sa.Column("day", sa.Date(), nullable=False),
+        sa.Column("tenant_id", sa.String(length=200), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        *(sa.Column(name, sa.BigInteger(), nullable=False) for name in _COUNTERS),
+        sa.PrimaryKeyConstraint("day", "tenant_id", "user_id", name=op.f("pk_user_usage_daily")),
+    )
+    op.create_index("ix_user_usage_daily_tenant_day", "user_usage_daily", ["tenant_id", "day"])
     op.create_index(
         "ix_platform_usage_hourly_extension_hour",
         "platform_usage_hourly",
@@ -78,11 +89,15 @@ def upgrade() -> None:
     day = "CAST(timezone('UTC', hour) AS DATE)" if postgresql else "substr(hour, 1, 10)"
     dimensions, counters = ", ".join(_DIMENSIONS), ", ".join(_COUNTERS)
     sums = ", ".join(f"sum({c})" for c in _COUNTERS)
-    backfills = (("platform_usage_hourly", "hour", "hour"), ("platform_usage_daily", "day", day))
-    for table, time_column, expression in backfills:
+    backfills = (
+        ("platform_usage_hourly", "hour", "hour", dimensions),
+        ("platform_usage_daily", "day", day, dimensions),
+        ("user_usage_daily", "day", day, "tenant_id, user_id"),
+    )
+    for table, time_column, expression, keys in backfills:
         op.execute(
-            f"INSERT INTO {table} ({time_column}, {dimensions}, {counters}) "
-            f"SELECT {expression}, {dimensions}, {sums} FROM usage_rollups GROUP BY {expression}, {dimensions}"
+            f"INSERT INTO {table} ({time_column}, {keys}, {counters}) "
+            f"SELECT {expression}, {keys}, {sums} FROM usage_rollups GROUP BY {expression}, {keys}"
         )
 
 
@@ -90,5 +105,6 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.drop_index("ix_usage_rollups_tenant_hour", table_name="usage_rollups")
         op.create_index("ix_usage_rollups_tenant_hour", "usage_rollups", ["tenant_id", "hour"])
+    op.drop_table("user_usage_daily")
     op.drop_table("platform_usage_daily")
     op.drop_table("platform_usage_hourly")
