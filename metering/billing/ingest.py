@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -170,7 +170,13 @@ def validate(
 
 
 def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[str, str], set[str]]) -> list[Priced]:
-    priced = []
+    return list(iter_priced(events, cards, finalized))
+
+
+def iter_priced(
+    events: Iterable[UsageEvent], cards: RateCards, finalized: dict[tuple[str, str], set[str]]
+) -> Iterator[Priced]:
+    """Each event priced (rate cards, else exactly), Policy A applied, its invoice period assigned."""
     no_periods: set[str] = set()
     quote_of, billed = cards.quote, BillingStatus.BILLED
     for e in events:
@@ -192,10 +198,9 @@ def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[
             if closed:
                 period, late = billing_period(period, closed)
         if quote is None:
-            priced.append(Priced(e, decision, None, None, None, period, late))
+            yield Priced(e, decision, None, None, None, period, late)
         else:
-            priced.append(Priced(e, decision, quote.markup_text, quote.source, quote.source_version, period, late))
-    return priced
+            yield Priced(e, decision, quote.markup_text, quote.source, quote.source_version, period, late)
 
 
 _NO_BUDGET_FLAGS = "[]"
@@ -257,24 +262,56 @@ def ingest(
     lock_for_ingest(session, sorted({period_of(e.occurred_at) for e in events}))
     cards = RateCards(store.load_price_book(session, markup_pct))
     finalized = store.finalized_periods(session, {(e.tenant_id, e.user_id) for e in events})
-    priced = price(events, cards, finalized)
-    late_periods = sorted({p.period for p in priced if p.late and p.period is not None})
-    if late_periods:
-        lock_for_ingest(session, late_periods)
     batch = uuid.uuid4()
-    sqlite = store.dialect(session) == "sqlite"
-    inserted_ids = store.insert_new_events(session, [_row(p, batch, now, sqlite) for p in priced], batch)
+    if store.dialect(session) == "postgresql":
+        result.inserted = _store_and_post_postgresql(session, events, cards, finalized, batch, now)
+        result.duplicates += len(events) - result.inserted
+        return result
+    # SQLite: this transaction holds the database write lock (lock_for_ingest): no period lock to add.
+    priced = price(events, cards, finalized)
+    inserted_ids = store.insert_new_events(session, [_row(p, batch, now, True) for p in priced], batch)
     result.inserted = len(inserted_ids)
     result.duplicates += len(priced) - len(inserted_ids)
-    if not sqlite:  # derived on the server from the stored rows, in one statement
-        store.post_batch_postgresql(session, inserted_ids, now)
-        return result
     new = [p for p in priced if p.event.event_id.hex in inserted_ids]
-    rows, deltas, accounts = usage_transfer_rows(new, now, sqlite)
+    rows, deltas, accounts = usage_transfer_rows(new, now, True)
     store.insert_transfer_rows(session, rows)
     store.apply_balances(session, accounts, deltas, now)
     store.upsert_rollups(session, fold_priced(new))
     return result
+
+
+def _store_and_post_postgresql(
+    session: Any,
+    events: list[UsageEvent],
+    cards: RateCards,
+    finalized: dict[tuple[str, str], set[str]],
+    batch: uuid.UUID,
+    now: datetime,
+) -> int:
+    """PostgreSQL: skip the stored ids, then price the new events *while* COPY streams them (the server stores
+    one chunk of rows while Python prices the next), then derive transfers, balances and rollups on the server.
+    Returns how many events this call inserted."""
+    new = store.unstored_events(session, events)
+    if not new:
+        return 0
+    late = sorted(_late_targets(new, finalized))
+    if late:  # every period a billed new event could move to (a superset: cheaper than pricing first)
+        lock_for_ingest(session, late)
+    rows = (_row(p, batch, now, False) for p in iter_priced(new, cards, finalized))
+    inserted_ids = store.insert_new_events_postgresql(session, rows)
+    store.post_batch_postgresql(session, inserted_ids, now)
+    return len(inserted_ids)
+
+
+def _late_targets(events: Sequence[UsageEvent], finalized: dict[tuple[str, str], set[str]]) -> set[str]:
+    targets = set()
+    for e in events:
+        closed = finalized.get((e.tenant_id, e.user_id))
+        if closed:
+            period, late = billing_period(period_of(e.occurred_at), closed)
+            if late:
+                targets.add(period)
+    return targets
 
 
 def usage_transfer_rows(

@@ -21,6 +21,7 @@ from metering.billing.ledger import CURRENCY, Account, Posting
 from metering.billing.pricing import PriceBook, PriceOverride
 from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey, coarse_buckets
 from metering.db.models import InvoiceRow, PriceOverrideRow, UsageEventRow
+from metering.events import UsageEvent
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(column.name for column in UsageEventRow.__table__.columns)
 TRANSFER_COLUMNS = (
@@ -81,13 +82,12 @@ def posting_row(posting: Posting, created_at: datetime, sqlite: bool) -> tuple[A
 
 
 def insert_new_events(session: Session, rows: Sequence[tuple[Any, ...]], batch: uuid.UUID) -> set[str]:
-    """Insert event rows (in ``EVENT_COLUMNS`` order, driver values, ``ingest_batch`` = ``batch``), skipping
-    event ids already stored. Returns the ids (32-hex) this call inserted: exactly those, even when another
-    process ingests the same events at the same moment."""
+    """SQLite: insert event rows (in ``EVENT_COLUMNS`` order, driver values, ``ingest_batch`` = ``batch``),
+    skipping event ids already stored. Returns the ids (32-hex) this call inserted: exactly those, even when
+    another process ingests the same events at the same moment. (PostgreSQL: ``unstored_events``, then
+    ``insert_new_events_postgresql``.)"""
     if not rows:
         return set()
-    if dialect(session) == "postgresql":
-        return _insert_events_postgresql(session, rows)
     return _insert_events_sqlite(session, rows, batch)
 
 
@@ -138,33 +138,41 @@ def _column_types(cursor: Any, table: str) -> list[str]:
 _pg_event_types: list[str] | None = None
 
 
-def _insert_events_postgresql(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:
-    """Fast path: skip the ids already stored, binary-COPY the rest straight into usage_events. If another
-    transaction stores one of them meanwhile, the COPY fails on the primary key: roll back to the savepoint
-    and take the exact path (stage, then INSERT ... ON CONFLICT DO NOTHING RETURNING)."""
+def unstored_events(session: Session, events: Sequence[UsageEvent]) -> list[UsageEvent]:
+    """PostgreSQL: the events whose id is not stored yet, sorted by event id. Sorted: two batches sharing
+    events then wait on each other in one order, never in a cycle (the later one gets a unique violation once
+    the first commits, and takes the exact path)."""
+    connection: Any = session.connection().connection.driver_connection
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s)", [[e.event_id for e in events]])
+        stored = {r[0] for r in cursor.fetchall()}
+    return sorted((e for e in events if e.event_id not in stored), key=lambda e: e.event_id)
+
+
+def insert_new_events_postgresql(session: Session, rows: Iterable[tuple[Any, ...]]) -> set[str]:
+    """Binary-COPY event rows (``EVENT_COLUMNS`` order, driver values) straight into usage_events; ``rows``
+    may be a generator: the server stores one chunk while the next is made. Returns the ids (32 hex) this call
+    inserted. If another transaction stored one of them meanwhile, the COPY fails on the primary key: roll back
+    to the savepoint and take the exact path (stage, then INSERT ... ON CONFLICT DO NOTHING RETURNING)."""
     global _pg_event_types
     connection: Any = session.connection().connection.driver_connection
+    produced: list[tuple[Any, ...]] = []
+    pending = iter(rows)
     with connection.cursor() as cursor:
         if _pg_event_types is None:
             _pg_event_types = _column_types(cursor, "usage_events")
-        cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s)", [[row[0] for row in rows]])
-        stored = {r[0] for r in cursor.fetchall()}
-        # Sorted by event_id: two batches sharing events then wait on each other in one order, never in a
-        # cycle (the later one gets a unique violation once the first commits, and takes the exact path).
-        new_rows = sorted((row for row in rows if row[0] not in stored), key=lambda row: row[0])
-        if not new_rows:
-            return set()
         try:
             copy_sql = f"COPY usage_events ({', '.join(EVENT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
             # A savepoint inside the batch's transaction, so a failed COPY leaves the batch usable.
             with connection.transaction(), cursor.copy(copy_sql) as copy:
                 copy.set_types(_pg_event_types)
-                for row in new_rows:
+                for row in pending:
+                    produced.append(row)
                     copy.write_row(row)
-            return {row[0].hex for row in new_rows}
+            return {row[0].hex for row in produced}
         except UniqueViolation:
-            pass  # raced by another ingest of the same events: take the exact path
-    return _insert_events_postgresql_staged(session, rows)
+            produced.extend(pending)  # raced by another ingest of the same events: take the exact path
+    return _insert_events_postgresql_staged(session, produced)
 
 
 def _insert_events_postgresql_staged(session: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:

@@ -264,3 +264,25 @@ def test_rollups_equal_a_recomputation_from_raw_events(session_factory) -> None:
     with session_factory() as session:
         calls = session.scalar(select(func.sum(UsageRollupRow.calls)))
     assert calls == 40
+
+
+def test_a_batch_raced_by_another_ingest_takes_the_exact_path(session_factory, backend, monkeypatch) -> None:
+    """PostgreSQL: between the probe for stored ids and the COPY, another ingest stores some of the events.
+    The COPY fails on the primary key, the savepoint is rolled back, and the staged INSERT ... ON CONFLICT
+    path stores exactly the others, each billed once."""
+    if backend != "postgresql":
+        return  # SQLite holds the database write lock for the whole batch: no window to race in
+    from metering.billing import store
+
+    events = [event(i, user_id=f"user-{i % 4}") for i in range(40)]
+    run(session_factory, events[10:20])  # "the other ingest" got there first
+    monkeypatch.setattr(store, "unstored_events", lambda _session, evs: sorted(evs, key=lambda e: e.event_id))
+    result = run(session_factory, events)
+    assert (result.inserted, result.duplicates) == (30, 10)
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 40
+        charges = session.scalar(
+            select(func.count()).select_from(TransferRow).where(TransferRow.kind == "usage_charge")
+        )
+    assert charges == 40
+    assert run_checks_ok(session_factory)
