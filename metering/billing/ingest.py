@@ -4,7 +4,9 @@ One call = one batch = one transaction (the caller commits). Per event: validate
 with its index and reason, the rest go on), skip event ids already stored, price (rate cards, else
 genai-prices / overrides exactly), apply Policy A, assign the invoice period (late events of a finalized
 period go to the next open one), then for the events this call actually inserted: post the charge and
-the provider cost (transfer ids derived from the event id), update cached balances and hourly rollups.
+the provider cost (transfer ids derived from the event id), update cached balances, the hourly rollups and the
+coarse rollups. SQLite builds those rows here (``usage_transfer_rows``, ``fold_priced``); PostgreSQL prices the
+new events as their COPY streams and derives the rest on the server in one statement (``batch_sql``).
 """
 
 from __future__ import annotations
