@@ -174,6 +174,10 @@ class InvoiceLineOut(BaseModel):
     extension_id: str
     model: str
     is_late: bool = Field(description="An event of an already finalized month, billed in this one.")
+    correction_of: str | None = Field(
+        description="A re-rate correction of calls billed on this earlier (finalized) month's invoice: calls 0, "
+        "the net change (may be negative). Null for usage lines."
+    )
     calls: int
     billed_nanos: int
     billed_usd: str = Field(description=USD)
@@ -184,6 +188,7 @@ class InvoiceLineOut(BaseModel):
             extension_id=line.extension_id,
             model=line.model,
             is_late=line.is_late,
+            correction_of=line.correction_of,
             calls=line.calls,
             billed_nanos=line.billed_nanos,
             billed_usd=usd(line.billed_nanos),

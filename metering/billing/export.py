@@ -23,6 +23,7 @@ INVOICE_COLUMNS = (
     "extension_id",
     "model",
     "is_late",
+    "correction_of",
     "calls",
     "amount_usd",
     "amount_nanos",
@@ -69,15 +70,16 @@ def invoice_csv(invoice: Invoice) -> str:
             line.extension_id,
             line.model,
             str(line.is_late).lower(),
+            line.correction_of or "",
             line.calls,
             usd(line.billed_nanos),
             line.billed_nanos,
         )
         for line in invoice.lines
     ]
-    rows.append((*who, "total", "", "", "", invoice.calls, usd(invoice.total_nanos), invoice.total_nanos))
-    rows.append((*who, "rounded_total", "", "", "", "", usd(invoice.rounded_nanos), invoice.rounded_nanos))
-    rows.append((*who, "residue", "", "", "", "", usd(invoice.residue_nanos), invoice.residue_nanos))
+    rows.append((*who, "total", "", "", "", "", invoice.calls, usd(invoice.total_nanos), invoice.total_nanos))
+    rows.append((*who, "rounded_total", "", "", "", "", "", usd(invoice.rounded_nanos), invoice.rounded_nanos))
+    rows.append((*who, "residue", "", "", "", "", "", usd(invoice.residue_nanos), invoice.residue_nanos))
     return _csv(INVOICE_COLUMNS, rows)
 
 

@@ -1,4 +1,5 @@
-"""SQL of invoices: drafts computed from billed events, finalized invoices stored, the period's ledger.
+"""SQL of invoices: drafts computed from billed events (and re-rate corrections of finalized months),
+finalized invoices stored, the period's ledger.
 
 Only flushes inside the caller's transaction; the edge commits.
 
@@ -17,8 +18,8 @@ import uuid
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, case, func, or_, select, text
+from sqlalchemy.orm import Session, aliased
 
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
@@ -99,6 +100,41 @@ def _billed_lines(
     for tenant, user, per, extension, model, late, calls, billed in session.execute(stmt):
         # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal here): exact, made an int again.
         found[(tenant, user, per)].append(InvoiceLine(extension, model, bool(late), int(calls), int(billed or 0)))
+    for key, lines in _correction_lines(session, period=period, tenant_id=tenant_id, user_id=user_id).items():
+        found[key].extend(lines)
+    return found
+
+
+def _correction_lines(
+    session: Session, *, period: str | None, tenant_id: str | None, user_id: str | None
+) -> dict[UserKey, list[InvoiceLine]]:
+    """Re-rate corrections posted in a period other than the one that billed their event (its invoice was
+    final): the net usage charge they moved (new charges minus reversed ones), per (tenant, user, period,
+    extension, model, corrected period). Corrections carry a memo (``rerate:<run>``); nothing else does."""
+    t, reversed_, e = aliased(TransferRow), aliased(TransferRow), UsageEventRow
+    signed = case((t.kind == "usage_charge", t.amount_nanos), else_=-t.amount_nanos)
+    stmt = (
+        select(e.tenant_id, e.user_id, t.period, e.extension_id, e.model, e.invoice_period, func.sum(signed))
+        .join(e, e.event_id == t.event_id)
+        .outerjoin(reversed_, and_(t.kind == "reversal", reversed_.id == t.reverses_id))
+        .where(
+            t.memo.is_not(None),
+            t.period.is_not(None),
+            or_(t.kind == "usage_charge", and_(t.kind == "reversal", reversed_.kind == "usage_charge")),
+            t.period != e.invoice_period,
+        )
+        .group_by(e.tenant_id, e.user_id, t.period, e.extension_id, e.model, e.invoice_period)
+    )
+    if period is not None:
+        stmt = stmt.where(t.period == period)
+    if tenant_id is not None:
+        stmt = stmt.where(e.tenant_id == tenant_id)
+    if user_id is not None:
+        stmt = stmt.where(e.user_id == user_id)
+    found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
+    for tenant, user, per, extension, model, corrected, net in session.execute(stmt):
+        if net:
+            found[(tenant, user, per)].append(InvoiceLine(extension, model, False, 0, int(net), corrected))
     return found
 
 
@@ -125,7 +161,9 @@ def _stored(session: Session, rows: list[InvoiceRow]) -> dict[UserKey, Invoice]:
         )
         for line in session.scalars(stmt):
             lines[line.invoice_id].append(
-                InvoiceLine(line.extension_id, line.model, line.is_late, line.calls, line.billed_nanos)
+                InvoiceLine(
+                    line.extension_id, line.model, line.is_late, line.calls, line.billed_nanos, line.correction_of
+                )
             )
     found = {}
     for row in rows:
@@ -228,6 +266,7 @@ def _insert(session: Session, invoice: Invoice) -> None:
             is_late=line.is_late,
             calls=line.calls,
             billed_nanos=line.billed_nanos,
+            correction_of=line.correction_of,
         )
         for number, line in enumerate(invoice.lines, start=1)
     )

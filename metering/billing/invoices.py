@@ -1,7 +1,8 @@
 """Monthly invoices (pure): one per (tenant, user, calendar month in UTC).
 
 An invoice is a draft while its period is open and during the grace period after it; then it is
-finalized and never changes again (late events go to the next open invoice as labelled late lines).
+finalized and never changes again (late events go to the next open invoice as labelled late lines, and so do
+re-rate corrections of calls it billed, as labelled correction lines).
 Lines are per (extension, model, late); the total is their exact sum in nanos, rounded once, half-even,
 to cents, and the rounding residue (total - rounded) is shown.
 """
@@ -28,6 +29,8 @@ class InvoiceLine:
     is_late: bool
     calls: int
     billed_nanos: int
+    # A re-rate correction of calls billed on the (finalized) invoice of this period: calls 0, the net change.
+    correction_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +54,9 @@ class Invoice:
         return self.status == "finalized"
 
 
-def line_order(line: InvoiceLine) -> tuple[bool, str, str]:
-    """Regular lines first, then late ones; each by extension, then model."""
-    return (line.is_late, line.extension_id, line.model)
+def line_order(line: InvoiceLine) -> tuple[bool, bool, str, str, str]:
+    """Regular lines first, then late ones, then corrections of earlier invoices; each by extension, then model."""
+    return (line.correction_of is not None, line.is_late, line.correction_of or "", line.extension_id, line.model)
 
 
 def sort_lines(lines: Iterable[InvoiceLine]) -> tuple[InvoiceLine, ...]:

@@ -17,8 +17,9 @@
 - Periods: corrections are posted in the event's ``invoice_period``. If that invoice is already finalized,
   the reversal and the new transfer are posted in the first open period after it (``billing_period``), and
   the event row keeps the finalized ``invoice_period`` (the invoice that billed it, which never changes)
-  and its ``is_late``. Such corrections are counted in ``late_corrections``: an events-based draft of the open
-  period does not show them, the ledger (transfers of that period, memo ``rerate:<run>``) does.
+  and its ``is_late``. Such corrections are counted in ``late_corrections``; the open period's invoice shows
+  their net change as a correction line (``InvoiceLine.correction_of``, from the transfers of that period
+  with memo ``rerate:<run>``), so a user's invoices always add up to what the ledger charged them.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _invoice_table(inv: Invoice) -> Table:
     for column in ("extension", "model", "late", "calls", "amount"):
         table.add_column(column, justify="right" if column in ("calls", "amount") else "left")
     for line in inv.lines:
-        late = "late" if line.is_late else ""
+        late = f"re-rate of {line.correction_of}" if line.correction_of else "late" if line.is_late else ""
         table.add_row(line.extension_id, line.model, late, str(line.calls), format_usd(line.billed_nanos))
     table.add_section()
     table.add_row("total", "", "", str(inv.calls), format_usd(inv.total_nanos))

@@ -203,6 +203,13 @@ class TransferRow(Base):
             sqlite_where=text("idempotency_key IS NOT NULL"),
         ),
         Index("ix_transfers_event", "event_id"),
+        # Re-rate corrections (the only usage transfers with a memo): a period's are found without a scan.
+        Index(
+            "ix_transfers_memo_period",
+            "period",
+            postgresql_where=text("memo IS NOT NULL"),
+            sqlite_where=text("memo IS NOT NULL"),
+        ),
         Index("ix_transfers_created", "created_at", "id"),
     )
 
@@ -344,6 +351,7 @@ class InvoiceLineRow(Base):
     is_late: Mapped[bool] = mapped_column(Boolean)
     calls: Mapped[int] = mapped_column(BigInteger)
     billed_nanos: Mapped[int] = mapped_column(BigInteger)
+    correction_of: Mapped[str | None] = mapped_column(String(7), nullable=True)
 
 
 # -- API -------------------------------------------------------------------------------------------

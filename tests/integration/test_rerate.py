@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,6 +13,8 @@ from sqlalchemy import func, select
 from metering.billing import corrections
 from metering.billing.checks import run_checks
 from metering.billing.ingest import ingest
+from metering.billing.invoice_store import finalize_period, get_invoice
+from metering.billing.invoices import Invoice
 from metering.billing.overrides import add_override
 from metering.billing.rerate import RerateResult, apply_rerate, plan_rerate
 from metering.db.models import AccountRow, InvoiceRow, TransferRow, UsageEventRow, UsageRollupRow
@@ -169,6 +172,40 @@ def test_a_correction_of_a_finalized_period_is_posted_in_the_next_open_one(sessi
         assert (row.charge_nanos, row.invoice_period, row.is_late) == (NEW_CHARGE, "2026-10", False)
         corrections = session.scalars(select(TransferRow).where(TransferRow.memo == "rerate:oct")).all()
     assert {t.period for t in corrections} == {"2026-11"} and len(corrections) == 4
+    assert_ledger_consistent(session_factory)
+
+
+def test_a_correction_of_a_finalized_invoice_is_a_labelled_line_of_the_next_one(session_factory, billed) -> None:
+    """October is finalized with the event at the old price; the re-rate's net change shows on November's
+    invoice as a correction line (kept once November is finalized too), and the user's invoices add up to
+    what the ledger charged them."""
+    october = datetime(2026, 10, 1, tzinfo=UTC)
+    with session_factory() as session:
+        assert [i.total_nanos for i in finalize_period(session, "2026-10", NOW, timedelta(hours=72))] == [OLD_CHARGE]
+        session.commit()
+    price(session_factory, "0.20", "0.80", october, "new")
+    assert apply(session_factory, "oct", start=october, end=START).late_corrections == 1
+
+    def invoices() -> tuple[Invoice, Invoice]:
+        with session_factory() as session:
+            return get_invoice(session, "tenant-1", "user-1", "2026-10"), get_invoice(
+                session, "tenant-1", "user-1", "2026-11"
+            )
+
+    oct_invoice, nov_invoice = invoices()
+    assert oct_invoice.total_nanos == OLD_CHARGE and oct_invoice.is_finalized  # never changes
+    corrections = [line for line in nov_invoice.lines if line.correction_of is not None]
+    assert [(c.correction_of, c.extension_id, c.model, c.calls, c.billed_nanos) for c in corrections] == [
+        ("2026-10", billed[3].extension_id, "llama3.1", 0, NEW_CHARGE - OLD_CHARGE)
+    ]
+    assert nov_invoice.lines[-1] == corrections[0]  # after the usage lines
+    with session_factory() as session:
+        charged = -session.get(AccountRow, "user:tenant-1:user-1").balance_nanos
+    assert oct_invoice.total_nanos + nov_invoice.total_nanos == charged
+    with session_factory() as session:
+        finalize_period(session, "2026-11", NOW + timedelta(days=40), timedelta(hours=72))
+        session.commit()
+    assert invoices()[1] == replace(nov_invoice, status="finalized", finalized_at=invoices()[1].finalized_at)
     assert_ledger_consistent(session_factory)
 
 
