@@ -24,7 +24,7 @@ from psycopg.types.json import Json
 from pydantic import ValidationError
 
 from metering.billing import store
-from metering.billing.invoice_store import lock_for_ingest
+from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import (
     CURRENCY,
     REVENUE,
@@ -259,17 +259,16 @@ def ingest(
     result = IngestResult(duplicates=repeats, rejected=rejected)
     if not events:
         return result
-    # Finalizing a period takes its lock exclusively: hold it shared while we read which invoices are
-    # final and bill into them (PostgreSQL). On SQLite, take the database write lock now instead.
-    lock_for_ingest(session, sorted({period_of(e.occurred_at) for e in events}))
+    # Finalizing a period takes its lock exclusively: hold it shared (every period an event may be billed in,
+    # late ones included) while we read which invoices are final and bill into them (PostgreSQL). On SQLite,
+    # take the database write lock now instead.
+    finalized = lock_billing_periods(session, ((e.tenant_id, e.user_id, period_of(e.occurred_at)) for e in events))
     cards = RateCards(store.load_price_book(session, markup_pct))
-    finalized = store.finalized_periods(session, {(e.tenant_id, e.user_id) for e in events})
     batch = uuid.uuid4()
     if store.dialect(session) == "postgresql":
         result.inserted = _store_and_post_postgresql(session, events, cards, finalized, batch, now)
         result.duplicates += len(events) - result.inserted
         return result
-    # SQLite: this transaction holds the database write lock (lock_for_ingest): no period lock to add.
     priced = price(events, cards, finalized)
     inserted_ids = store.insert_new_events(session, [_row(p, batch, now, True) for p in priced], batch)
     result.inserted = len(inserted_ids)
@@ -296,24 +295,10 @@ def _store_and_post_postgresql(
     new = store.unstored_events(session, events)
     if not new:
         return 0
-    late = sorted(_late_targets(new, finalized))
-    if late:  # every period a billed new event could move to (a superset: cheaper than pricing first)
-        lock_for_ingest(session, late)
     rows = (_row(p, batch, now, False) for p in iter_priced(new, cards, finalized))
     inserted_ids = store.insert_new_events_postgresql(session, rows)
     store.post_batch_postgresql(session, inserted_ids, now)
     return len(inserted_ids)
-
-
-def _late_targets(events: Sequence[UsageEvent], finalized: dict[tuple[str, str], set[str]]) -> set[str]:
-    targets = set()
-    for e in events:
-        closed = finalized.get((e.tenant_id, e.user_id))
-        if closed:
-            period, late = billing_period(period_of(e.occurred_at), closed)
-            if late:
-                targets.add(period)
-    return targets
 
 
 def usage_transfer_rows(

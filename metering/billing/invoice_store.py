@@ -5,9 +5,9 @@ Only flushes inside the caller's transaction; the edge commits.
 
 Concurrency. Finalizing a period must not miss an event that a concurrent ingest is assigning to it.
 On PostgreSQL ``finalize_period`` takes ``pg_advisory_xact_lock(hashtext('invoice:' || period))`` as
-its first statement; ingest must take the shared variant (``lock_period_shared``) for every period it
-may bill into, sorted, *before* it reads ``store.finalized_periods``, and hold it to commit (it is a
-transaction lock). Then either the ingest commits first and finalization (read committed) sees its
+its first statement; ingest, reprice and re-rate take the shared variant (``lock_billing_periods``) for
+every period they may bill into, sorted, *before* they read ``store.finalized_periods``, and hold it to
+commit (it is a transaction lock). Then either the ingest commits first and finalization (read committed) sees its
 events, or finalization commits first and the ingest sees the invoice and bills late. On SQLite
 ``finalize_period`` takes the database write lock (a no-op write) before reading, so it runs alone.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, or_, select, text
@@ -23,8 +24,8 @@ from sqlalchemy.orm import Session, aliased
 
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
-from metering.billing.periods import finalizable, parse_period, period_bounds
-from metering.billing.store import dialect
+from metering.billing.periods import billing_period, finalizable, parse_period, period_bounds
+from metering.billing.store import dialect, finalized_periods
 from metering.db.models import InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
 from metering.errors import InvalidInputError, PeriodOpenError
 
@@ -59,6 +60,24 @@ def lock_for_ingest(session: Session, periods: list[str]) -> None:
             lock_period_shared(session, period)
     else:
         session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
+
+
+def lock_billing_periods(session: Session, wanted: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str], set[str]]:
+    """For writers that bill events after ingest (reprice, re-rate): ``wanted`` holds (tenant, user, period)
+    of each event a billing may land on. Takes the shared locks of those periods (as ingest does), reads the
+    users' finalized periods, then locks the later periods that late billings move to; returns the finalized
+    periods per (tenant, user). So a finalization can never commit between that read and the writes."""
+    wanted = list(wanted)
+    lock_for_ingest(session, sorted({period for _, _, period in wanted}))
+    finalized = finalized_periods(session, {(tenant, user) for tenant, user, _ in wanted})
+    late = set()
+    for tenant, user, period in wanted:
+        closed = finalized.get((tenant, user))
+        if closed and period in closed:
+            late.add(billing_period(period, closed)[0])
+    if late:
+        lock_for_ingest(session, sorted(late))
+    return finalized
 
 
 def _lock_period_exclusive(session: Session, period: str) -> None:

@@ -27,6 +27,7 @@ from metering.billing.corrections import (
     set_billing,
     upsert_rollup_deltas,
 )
+from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import Posting, accounts_of, balance_deltas, usage_postings
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus
@@ -50,7 +51,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     held = select(UsageEventRow).where(UsageEventRow.billing_status == BillingStatus.UNPRICED.value)
     priced = still = charged = cost = 0
     for rows in event_pages(session, held, lock=True):
-        finalized = store.finalized_periods(session, {(r.tenant_id, r.user_id) for r in rows})
+        finalized = lock_billing_periods(session, ((r.tenant_id, r.user_id, period_of(r.occurred_at)) for r in rows))
         postings: list[Posting] = []
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:

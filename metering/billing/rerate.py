@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing import store
 from metering.billing.corrections import add_delta, event_pages, quote_event, transfers_by_event, upsert_rollup_deltas
+from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import (
     REVENUE,
     Posting,
@@ -200,7 +201,9 @@ def apply_rerate(
     skipped = late = posted = 0
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
         transfers = transfers_by_event(session, [row.event_id for row in rows])
-        finalized = store.finalized_periods(session, {(row.tenant_id, row.user_id) for row in rows})
+        finalized = lock_billing_periods(
+            session, ((row.tenant_id, row.user_id, row.invoice_period or period_of(row.occurred_at)) for row in rows)
+        )
         postings: list[Posting] = []
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,6 +14,7 @@ from metering.billing import corrections
 from metering.billing.checks import run_checks
 from metering.billing.credits import balances
 from metering.billing.ingest import ingest
+from metering.billing.invoice_store import finalize_period
 from metering.billing.overrides import add_override, end_override, list_overrides
 from metering.billing.reprice import RepriceResult, reprice_held
 from metering.db.models import InvoiceRow, PriceOverrideRow, TransferRow, UsageEventRow, UsageRollupRow
@@ -148,6 +150,35 @@ def test_a_held_event_of_a_finalized_period_is_billed_late_in_the_next_open_one(
     assert (row.invoice_period, row.is_late, row.charge_nanos) == ("2026-11", True, 360_000_000)
     assert {t.period for t in rows(session_factory, TransferRow)} == {"2026-11"}
     assert_checks(session_factory)
+
+
+def test_reprice_waits_for_a_finalization_in_progress_and_then_bills_late(session_factory, backend) -> None:
+    """PostgreSQL: while October is being finalized (its exclusive period lock held), a reprice that would bill
+    into October waits; once the invoice is committed, it bills the event late, in November, never into the
+    finalized month behind the invoice's back."""
+    if backend != "postgresql":
+        return  # SQLite: finalization and reprice both take the database write lock first (they never overlap)
+    october = datetime(2026, 10, 20, tzinfo=UTC)
+    run_ingest(session_factory, [event_from_record(record(0, occurred_at=october)), ollama(1, occurred_at=october)])
+    override(session_factory)
+    finalizer = session_factory()
+    assert len(finalize_period(finalizer, "2026-10", NOW, timedelta(hours=72))) == 1  # lock held until commit
+    done = threading.Event()
+    results: list[RepriceResult] = []
+    worker = threading.Thread(target=lambda: (results.append(reprice(session_factory)), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(1.0), "reprice did not wait for the finalization in progress"
+    finally:
+        finalizer.commit()
+        finalizer.close()
+    worker.join(timeout=30)
+    assert results and results[0].priced == 1
+    with session_factory() as session:
+        held = session.scalars(select(UsageEventRow).where(UsageEventRow.model == "llama3.1")).one()
+        assert (held.billing_status, held.invoice_period, held.is_late) == ("billed", "2026-11", True)
+        assert session.scalar(select(func.count()).select_from(InvoiceRow)) == 1
+        assert run_checks(session).ok
 
 
 def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
