@@ -18,8 +18,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, text
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
@@ -90,6 +91,14 @@ def _lock_period_exclusive(session: Session, period: str) -> None:
 # -- drafts ---------------------------------------------------------------------------------------
 
 
+def _for(stmt: Select[Any], *filters: tuple[ColumnElement[Any], str | None]) -> Select[Any]:
+    """``stmt`` restricted to ``column == value`` for each filter whose value is given (None: any)."""
+    for column, value in filters:
+        if value is not None:
+            stmt = stmt.where(column == value)
+    return stmt
+
+
 def _billed_lines(
     session: Session, *, period: str | None = None, tenant_id: str | None = None, user_id: str | None = None
 ) -> dict[UserKey, list[InvoiceLine]]:
@@ -109,12 +118,7 @@ def _billed_lines(
         .where(e.billing_status == "billed", e.invoice_period.is_not(None))
         .group_by(e.tenant_id, e.user_id, e.invoice_period, e.extension_id, e.model, e.is_late)
     )
-    if period is not None:
-        stmt = stmt.where(e.invoice_period == period)
-    if tenant_id is not None:
-        stmt = stmt.where(e.tenant_id == tenant_id)
-    if user_id is not None:
-        stmt = stmt.where(e.user_id == user_id)
+    stmt = _for(stmt, (e.invoice_period, period), (e.tenant_id, tenant_id), (e.user_id, user_id))
     found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
     for tenant, user, per, extension, model, late, calls, billed in session.execute(stmt):
         # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal here): exact, made an int again.
@@ -144,12 +148,7 @@ def _correction_lines(
         )
         .group_by(e.tenant_id, e.user_id, t.period, e.extension_id, e.model, e.invoice_period)
     )
-    if period is not None:
-        stmt = stmt.where(t.period == period)
-    if tenant_id is not None:
-        stmt = stmt.where(e.tenant_id == tenant_id)
-    if user_id is not None:
-        stmt = stmt.where(e.user_id == user_id)
+    stmt = _for(stmt, (t.period, period), (e.tenant_id, tenant_id), (e.user_id, user_id))
     found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
     for tenant, user, per, extension, model, corrected, net in session.execute(stmt):
         if net:
@@ -204,13 +203,12 @@ def _stored(session: Session, rows: list[InvoiceRow]) -> dict[UserKey, Invoice]:
 def _finalized(
     session: Session, *, period: str | None = None, tenant_id: str | None = None, user_id: str | None = None
 ) -> dict[UserKey, Invoice]:
-    stmt = select(InvoiceRow).where(InvoiceRow.status == "finalized")
-    if period is not None:
-        stmt = stmt.where(InvoiceRow.period == period)
-    if tenant_id is not None:
-        stmt = stmt.where(InvoiceRow.tenant_id == tenant_id)
-    if user_id is not None:
-        stmt = stmt.where(InvoiceRow.user_id == user_id)
+    stmt = _for(
+        select(InvoiceRow).where(InvoiceRow.status == "finalized"),
+        (InvoiceRow.period, period),
+        (InvoiceRow.tenant_id, tenant_id),
+        (InvoiceRow.user_id, user_id),
+    )
     return _stored(session, list(session.scalars(stmt)))
 
 

@@ -214,22 +214,6 @@ class TransferRow(Base):
     )
 
 
-_COUNTERS = (
-    "calls",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "billed_nanos",
-    "shadow_nanos",
-    "cost_nanos",
-    "latency_us_sum",
-    "error_count",
-    "unpriced_count",
-)
-
-
 class RollupCounters:
     """The counters every usage rollup sums (``metering.billing.rollup.COUNTER_COLUMNS``)."""
 
@@ -247,8 +231,11 @@ class RollupCounters:
     unpriced_count: Mapped[int] = mapped_column(BigInteger)
 
 
+_COUNTERS = tuple(RollupCounters.__annotations__)
+
+
 class PlatformDimensions:
-    """The dimensions of a platform-wide rollup: every key of ``usage_rollups`` but tenant and user."""
+    """The dimensions of a platform-wide rollup: every key of ``usage_rollups`` but the time, tenant and user."""
 
     extension_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     function: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -259,22 +246,15 @@ class PlatformDimensions:
     status: Mapped[str] = mapped_column(String(20), primary_key=True)
 
 
-class UsageRollupRow(RollupCounters, Base):
+class UsageRollupRow(PlatformDimensions, RollupCounters, Base):
     """Hourly usage and money per (hour, tenant, user, extension, function, purpose, provider, model, byollm,
-    status)."""
+    status). The class's own key columns come first, then the mixins' (the primary key's order)."""
 
     __tablename__ = "usage_rollups"
 
     hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
-    extension_id: Mapped[str] = mapped_column(String(200), primary_key=True)
-    function: Mapped[str] = mapped_column(String(200), primary_key=True)
-    purpose: Mapped[str] = mapped_column(String(200), primary_key=True)
-    provider: Mapped[str] = mapped_column(String(200), primary_key=True)
-    model: Mapped[str] = mapped_column(String(200), primary_key=True)
-    is_byollm: Mapped[bool] = mapped_column(Boolean, primary_key=True)
-    status: Mapped[str] = mapped_column(String(20), primary_key=True)
 
     __table_args__ = (
         # Covering on PostgreSQL: a tenant's usage over a window is an index-only scan (GET /v1/usage with a
