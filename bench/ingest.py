@@ -262,6 +262,12 @@ class RawInserter:
 
     def insert(self, rows: list[tuple[Any, ...]]) -> float:
         """Insert and commit; returns the perf_counter() at which the commit started."""
+        self.insert_without_commit(rows)
+        mid = time.perf_counter()
+        self.conn.commit()
+        return mid
+
+    def insert_without_commit(self, rows: list[tuple[Any, ...]]) -> None:
         if self.backend == "postgresql":
             with self.conn.cursor() as cursor:
                 if self.types is None:
@@ -274,9 +280,6 @@ class RawInserter:
             cursor = self.conn.cursor()
             cursor.executemany(self.insert_sql, rows)
             cursor.close()
-        mid = time.perf_counter()
-        self.conn.commit()
-        return mid
 
     def close(self) -> None:
         self.fairy.close()

@@ -289,9 +289,10 @@ def _store_and_post_postgresql(
     batch: uuid.UUID,
     now: datetime,
 ) -> int:
-    """PostgreSQL: skip the stored ids, then price the new events *while* COPY streams them (the server stores
-    one chunk of rows while Python prices the next), then derive transfers, balances and rollups on the server.
-    Returns how many events this call inserted."""
+    """PostgreSQL: skip the stored ids, then price the new events as COPY takes them, then derive transfers,
+    balances and rollups on the server. Returns how many events this call inserted. (Pricing does not overlap
+    the server's work: a binary COPY buffers up to 1,000 rows before it inserts them, so a batch is inserted
+    after its last row is sent; bench/RESULTS.md, "post_batch_parts".)"""
     new = store.unstored_events(session, events)
     if not new:
         return 0

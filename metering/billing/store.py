@@ -151,7 +151,7 @@ def unstored_events(session: Session, events: Sequence[UsageEvent]) -> list[Usag
 
 def insert_new_events_postgresql(session: Session, rows: Iterable[tuple[Any, ...]]) -> set[str]:
     """Binary-COPY event rows (``EVENT_COLUMNS`` order, driver values) straight into usage_events; ``rows``
-    may be a generator: the server stores one chunk while the next is made. Returns the ids (32 hex) this call
+    may be a generator (each row is made as COPY takes it). Returns the ids (32 hex) this call
     inserted. If another transaction stored one of them meanwhile, the COPY fails on the primary key: roll back
     to the savepoint and take the exact path (stage, then INSERT ... ON CONFLICT DO NOTHING RETURNING)."""
     global _pg_event_types
