@@ -37,6 +37,7 @@ from metering.billing.ledger import (
 )
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus, Decision, decide
+from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of, latency_us
 from metering.events import Status, UsageEvent, event_from_record
@@ -137,11 +138,12 @@ def _event_id_of(item: Any) -> str | None:
 
 def validate(
     items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime
-) -> tuple[list[UsageEvent], list[Rejection], int]:
-    """Valid, batch-unique events; rejections with their index; how many repeated an earlier item."""
+) -> tuple[list[UsageEvent], list[Rejection], int, dict[uuid.UUID, int]]:
+    """Valid, batch-unique events; rejections with their index; how many repeated an earlier item; the index
+    of each valid event's item."""
     events: list[UsageEvent] = []
     rejected: list[Rejection] = []
-    seen: set[uuid.UUID] = set()
+    seen: dict[uuid.UUID, int] = {}
     repeats = 0
     latest = now + MAX_FUTURE
     for index, item in enumerate(items):
@@ -166,19 +168,29 @@ def validate(
         if event.event_id in seen:
             repeats += 1
             continue
-        seen.add(event.event_id)
+        seen[event.event_id] = index
         events.append(event)
-    return events, rejected, repeats
+    return events, rejected, repeats, seen
 
 
-def price(events: Sequence[UsageEvent], cards: RateCards, finalized: dict[tuple[str, str], set[str]]) -> list[Priced]:
-    return list(iter_priced(events, cards, finalized))
+def price(
+    events: Sequence[UsageEvent],
+    cards: RateCards,
+    finalized: dict[tuple[str, str], set[str]],
+    over_limit: list[tuple[UsageEvent, str]] | None = None,
+) -> list[Priced]:
+    return list(iter_priced(events, cards, finalized, over_limit))
 
 
 def iter_priced(
-    events: Iterable[UsageEvent], cards: RateCards, finalized: dict[tuple[str, str], set[str]]
+    events: Iterable[UsageEvent],
+    cards: RateCards,
+    finalized: dict[tuple[str, str], set[str]],
+    over_limit: list[tuple[UsageEvent, str]] | None = None,
 ) -> Iterator[Priced]:
-    """Each event priced (rate cards, else exactly), Policy A applied, its invoice period assigned."""
+    """Each event priced (rate cards, else exactly), Policy A applied, its invoice period assigned. An event
+    priced above ``pricing.MAX_CALL_NANOS`` is not yielded: it goes to ``over_limit`` with the reason (without
+    that list, it raises ValueError)."""
     no_periods: set[str] = set()
     quote_of, billed = cards.quote, BillingStatus.BILLED
     for e in events:
@@ -186,6 +198,11 @@ def iter_priced(
         quote = quote_of(
             e.provider, e.model, at, e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens
         )
+        if quote is not None and (reason := over_call_limit(quote)) is not None:
+            if over_limit is None:
+                raise ValueError(f"event {e.event_id}: {reason}")
+            over_limit.append((e, reason))
+            continue
         decision = decide(
             is_byollm=e.is_byollm,
             status=e.status,
@@ -255,7 +272,7 @@ def ingest(
 ) -> IngestResult:
     """Ingest one batch in the caller's transaction (only flushes; the caller commits)."""
     now = now or datetime.now(UTC)
-    events, rejected, repeats = validate(items, now)
+    events, rejected, repeats, positions = validate(items, now)
     result = IngestResult(duplicates=repeats, rejected=rejected)
     if not events:
         return result
@@ -265,20 +282,37 @@ def ingest(
     finalized = lock_billing_periods(session, ((e.tenant_id, e.user_id, period_of(e.occurred_at)) for e in events))
     cards = RateCards(store.load_price_book(session, markup_pct))
     batch = uuid.uuid4()
+    over_limit: list[tuple[UsageEvent, str]] = []
     if store.dialect(session) == "postgresql":
-        result.inserted = _store_and_post_postgresql(session, events, cards, finalized, batch, now)
-        result.duplicates += len(events) - result.inserted
-        return result
-    priced = price(events, cards, finalized)
-    inserted_ids = store.insert_new_events(session, [_row(p, batch, now, True) for p in priced], batch)
-    result.inserted = len(inserted_ids)
-    result.duplicates += len(priced) - len(inserted_ids)
-    new = [p for p in priced if p.event.event_id.hex in inserted_ids]
-    rows, deltas, accounts = usage_transfer_rows(new, now, True)
-    store.insert_transfer_rows(session, rows)
-    store.apply_balances(session, accounts, deltas, now)
-    store.upsert_rollups(session, fold_priced(new))
+        result.inserted = _store_and_post_postgresql(session, events, cards, finalized, batch, now, over_limit)
+        result.duplicates += len(events) - result.inserted - len(over_limit)
+    else:
+        priced = price(events, cards, finalized, over_limit)
+        inserted_ids = store.insert_new_events(session, [_row(p, batch, now, True) for p in priced], batch)
+        result.inserted = len(inserted_ids)
+        result.duplicates += len(priced) - len(inserted_ids)
+        new = [p for p in priced if p.event.event_id.hex in inserted_ids]
+        rows, deltas, accounts = usage_transfer_rows(new, now, True)
+        store.insert_transfer_rows(session, rows)
+        store.apply_balances(session, accounts, deltas, now)
+        store.upsert_rollups(session, fold_priced(new))
+    if over_limit:
+        _reject_over_limit(session, positions, over_limit, result)
     return result
+
+
+def _reject_over_limit(
+    session: Any, positions: dict[uuid.UUID, int], over_limit: list[tuple[UsageEvent, str]], result: IngestResult
+) -> None:
+    """Events priced above the per-call limit are rejected with the reason, unless already stored (then they
+    are duplicates, as any stored event is: a replay never re-prices)."""
+    stored = store.stored_event_ids(session, [e.event_id for e, _ in over_limit])
+    for e, reason in over_limit:
+        if e.event_id in stored:
+            result.duplicates += 1
+        else:
+            result.rejected.append(Rejection(positions[e.event_id], str(e.event_id), reason))
+    result.rejected.sort(key=lambda r: r.index)
 
 
 def _store_and_post_postgresql(
@@ -288,6 +322,7 @@ def _store_and_post_postgresql(
     finalized: dict[tuple[str, str], set[str]],
     batch: uuid.UUID,
     now: datetime,
+    over_limit: list[tuple[UsageEvent, str]],
 ) -> int:
     """PostgreSQL: skip the stored ids, then price the new events as COPY takes them, then derive transfers,
     balances and rollups on the server. Returns how many events this call inserted. (Pricing does not overlap
@@ -296,7 +331,7 @@ def _store_and_post_postgresql(
     new = store.unstored_events(session, events)
     if not new:
         return 0
-    rows = (_row(p, batch, now, False) for p in iter_priced(new, cards, finalized))
+    rows = (_row(p, batch, now, False) for p in iter_priced(new, cards, finalized, over_limit))
     inserted_ids = store.insert_new_events_postgresql(session, rows)
     store.post_batch_postgresql(session, inserted_ids, now)
     return len(inserted_ids)

@@ -27,7 +27,7 @@ from typing import Literal
 import genai_prices
 from genai_prices.types import PriceCalculation
 
-from metering.billing.money import to_nanos
+from metering.billing.money import format_usd, to_nanos
 
 Source = Literal["override", "genai-prices"]
 
@@ -138,6 +138,23 @@ class Quote:
     @property
     def markup_text(self) -> str:
         return str(self.markup_pct)
+
+
+# No single LLM call costs this much; a quote above it comes from impossible token counts (or an absurd price).
+# Ingest rejects such an event, re-rate refuses such a price, reprice keeps such an event held. Bounding each
+# call keeps every sum of money (balances, rollups, invoices) far inside BIGINT: ~922,000 calls at the limit.
+MAX_CALL_NANOS = 10_000 * 10**9  # $10,000
+
+
+def over_call_limit(quote: Quote) -> str | None:
+    """Why ``quote`` is beyond what one call can cost, or None when it is within ``MAX_CALL_NANOS``."""
+    if quote.price_nanos <= MAX_CALL_NANOS and quote.cost_nanos <= MAX_CALL_NANOS:
+        return None
+    amount = max(quote.price_nanos, quote.cost_nanos)
+    return (
+        f"priced at {format_usd(amount)} for one call, above the limit of {format_usd(MAX_CALL_NANOS)} per call: "
+        "check the event's token counts (and the price)"
+    )
 
 
 def select_override(

@@ -6,7 +6,8 @@ event with the *current* price book exactly as ingest would (rate cards, then Po
 period like ingest (a finalized period sends it to the next open one, as a late line), writes its billing
 columns, posts its charge and provider cost (ids derived from the event id, as at ingest: a held event never
 had a charge, so nothing can collide), updates cached balances and moves its rollup bucket (billed / cost up,
-``unpriced_count`` down by one). Events still without a price stay held. A second run finds nothing to do.
+``unpriced_count`` down by one). Events still without a price stay held, and so do events the current prices
+put above the per-call limit (``pricing.MAX_CALL_NANOS``: counted apart). A second run finds nothing to do.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import Posting, accounts_of, balance_deltas, usage_postings
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus
+from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.billing.rollup import RollupKey
 from metering.db.models import UsageEventRow
@@ -42,6 +44,7 @@ class RepriceResult:
     still_unpriced: int  # held events that still have no price
     charge_nanos: int = 0  # charged to users by this run
     cost_nanos: int = 0  # provider cost recorded by this run
+    over_limit: int = 0  # held events the current prices put above pricing.MAX_CALL_NANOS: kept held
 
 
 def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None = None) -> RepriceResult:
@@ -49,13 +52,16 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     now = now or datetime.now(UTC)
     cards = RateCards(store.load_price_book(session, markup_pct))
     held = select(UsageEventRow).where(UsageEventRow.billing_status == BillingStatus.UNPRICED.value)
-    priced = still = charged = cost = 0
+    priced = still = charged = cost = over = 0
     for rows in event_pages(session, held, lock=True):
         finalized = lock_billing_periods(session, ((r.tenant_id, r.user_id, period_of(r.occurred_at)) for r in rows))
         postings: list[Posting] = []
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
             quote = quote_event(cards, row)
+            if quote is not None and over_call_limit(quote) is not None:
+                over += 1  # impossible token counts or an absurd price: never billed, stays visible as held
+                continue
             decision = decide_event(row, quote)
             if decision.status is BillingStatus.UNPRICED:
                 still += 1
@@ -89,4 +95,4 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         store.post_transfers(session, postings, now)
         store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
         upsert_rollup_deltas(session, buckets)
-    return RepriceResult(priced, still, charged, cost)
+    return RepriceResult(priced, still, charged, cost, over)

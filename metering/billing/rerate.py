@@ -51,6 +51,7 @@ from metering.billing.ledger import (
 )
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus
+from metering.billing.pricing import Quote, over_call_limit
 from metering.billing.rates import RateCards
 from metering.billing.rerate_diff import BilledEvent, DiffLine, EventChange, RerateDiff, rerate_diff
 from metering.billing.rollup import RollupKey
@@ -128,11 +129,20 @@ def plan_rerate(
     _check_window(start, end)
     cards = RateCards(store.load_price_book(session, markup_pct))
     diff = rerate_diff(
-        (_billed(row), quote_event(cards, row))
+        (_billed(row), _quote_within_limit(cards, row))
         for rows in _in_scope(session, start, end, provider, model_pattern, lock=False)
         for row in rows
     )
     return RerateResult(start, end, provider, model_pattern, diff)
+
+
+def _quote_within_limit(cards: RateCards, row: UsageEventRow) -> Quote | None:
+    """The event's new quote; a price beyond what one call can cost refuses the whole re-rate."""
+    quote = quote_event(cards, row)
+    reason = None if quote is None else over_call_limit(quote)
+    if reason is not None:
+        raise InvalidInputError(f"re-rating event {row.event_id} ({row.provider} {row.model}): {reason}")
+    return quote
 
 
 def _posting_of(t: TransferRow, row: UsageEventRow) -> Posting:
@@ -207,7 +217,7 @@ def apply_rerate(
         postings: list[Posting] = []
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
-            change = diff.examine(_billed(row), quote_event(cards, row))
+            change = diff.examine(_billed(row), _quote_within_limit(cards, row))
             if change is None:
                 continue
             if _already_applied(cause, row.event_id, transfers[row.event_id]):

@@ -138,6 +138,14 @@ def _column_types(cursor: Any, table: str) -> list[str]:
 _pg_event_types: list[str] | None = None
 
 
+def stored_event_ids(session: Session, event_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``event_ids`` are stored (either database)."""
+    if not event_ids:
+        return set()
+    stmt = select(UsageEventRow.event_id).where(UsageEventRow.event_id.in_(event_ids))
+    return set(session.scalars(stmt))
+
+
 def unstored_events(session: Session, events: Sequence[UsageEvent]) -> list[UsageEvent]:
     """PostgreSQL: the events whose id is not stored yet, sorted by event id. Sorted: two batches sharing
     events then wait on each other in one order, never in a cycle (the later one gets a unique violation once

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from metering.billing import credits, overrides
 from metering.billing.money import format_usd
+from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
 from metering.cli.common import admin_session, console, fail, print_json
@@ -183,6 +184,11 @@ def reprice_cmd() -> None:
         f"priced {result.priced} held event(s) ({format_usd(result.charge_nanos)} charged, "
         f"{format_usd(result.cost_nanos)} provider cost); {result.still_unpriced} still unpriced"
     )
+    if result.over_limit:
+        console.print(
+            f"{result.over_limit} held event(s) kept held: the current prices put them above "
+            f"{format_usd(MAX_CALL_NANOS)} for one call (check their token counts and the override)"
+        )
 
 
 def _diff_table(title: str, lines: dict[Any, DiffLine], key_name: str) -> Table:

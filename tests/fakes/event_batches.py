@@ -9,6 +9,8 @@ from typing import Any
 from metering.events import MAX_INT32, MAX_TOKENS, utcnow, uuid7
 from tests.fakes.events import record
 
+_UNPRICED = {"provider": "ollama", "model": "llama3.1"}
+
 
 def _drop(rec: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k not in keys}
@@ -45,8 +47,18 @@ def varied_records(now: datetime | None = None) -> list[dict[str, Any]]:
         record(14, occurred_at=ago.astimezone(timezone(timedelta(hours=2))).isoformat(), latency_ms=1e-7),
         record(15, occurred_at=ago.strftime("%Y-%m-%dT%H:%M:%SZ"), latency_ms=999_999_999_999.9, max_tokens=MAX_INT32),
         record(16, occurred_at=ago.astimezone(timezone(-timedelta(hours=5, minutes=30))).isoformat(), latency_ms=12),
-        record(17, input_tokens=MAX_TOKENS, cache_read_tokens=MAX_TOKENS // 2, cache_write_tokens=MAX_TOKENS // 2),
-        record(MAX_INT32, output_tokens=MAX_TOKENS, reasoning_tokens=MAX_TOKENS, time_to_first_token_ms=0.1),
+        # The most tokens a count may say, on a model without a price (held): priced, they would cost more than one
+        # call can (ingest rejects those, tests/integration/test_ingest.py).
+        record(
+            17,
+            input_tokens=MAX_TOKENS,
+            cache_read_tokens=MAX_TOKENS // 2,
+            cache_write_tokens=MAX_TOKENS // 2,
+            **_UNPRICED,
+        ),
+        record(
+            MAX_INT32, output_tokens=MAX_TOKENS, reasoning_tokens=MAX_TOKENS, time_to_first_token_ms=0.1, **_UNPRICED
+        ),
         record(19, event_id=str(uuid7()).upper(), invocation_id=uuid.uuid4().hex),
         record(20, event_id="urn:uuid:" + str(uuid7()), schema_version=2, latency_ms=0.30000000000000004),
         record(21, is_byollm=1, is_stream="true", is_failover=0, input_tokens=200.0) | {"call_index": 7.0},

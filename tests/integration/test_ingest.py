@@ -286,3 +286,40 @@ def test_a_batch_raced_by_another_ingest_takes_the_exact_path(session_factory, b
         )
     assert charges == 40
     assert run_checks_ok(session_factory)
+
+
+def test_an_event_priced_beyond_what_one_call_can_cost_is_rejected_and_the_batch_goes_on(session_factory) -> None:
+    # 10^12 input and output tokens of Claude Opus (the most a count may say): $90M before markup. 120 of them
+    # for one user used to overflow the wallet and rollup sums (BIGINT) and fail the whole batch.
+    absurd = {"provider": "anthropic", "model": "claude-opus-4-1", "input_tokens": 10**12, "output_tokens": 10**12,
+              "cache_read_tokens": 0, "cache_write_tokens": 0, "user_id": "user-garbage"}  # fmt: skip
+    items: list = [record(i, occurred_at=NOW - timedelta(minutes=1)) for i in range(5)]
+    items += [record(100 + i, occurred_at=NOW - timedelta(minutes=1), **absurd) for i in range(120)]
+    items.insert(2, items.pop())  # one absurd event among the normal ones, as a dict with a string id
+    result = run(session_factory, items)
+    assert result.inserted == 5 and result.duplicates == 0
+    assert [r.index for r in result.rejected] == [
+        i for i, item in enumerate(items) if item.get("user_id") == "user-garbage"
+    ]
+    first = result.rejected[0]
+    assert first.index == 2 and first.event_id == str(items[2]["event_id"])
+    assert "above the limit of $10,000.00 per call" in first.reason and "token counts" in first.reason
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 5
+        assert session.get(AccountRow, "user:tenant-1:user-garbage") is None
+    assert run(session_factory, items).rejected == result.rejected  # a replay rejects them again, stores nothing
+    assert run_checks_ok(session_factory)
+
+
+def test_a_stored_event_priced_beyond_the_limit_now_is_a_duplicate_not_a_rejection(session_factory) -> None:
+    from metering.billing.overrides import add_override
+
+    e = event(1, provider="ollama", model="llama3.1", input_tokens=10**10, output_tokens=0, cache_read_tokens=0)
+    assert run(session_factory, [e]).inserted == 1  # unpriced: held
+    with session_factory() as session:  # now $10/Mtok: 10^10 tokens cost $100,000
+        add_override(session, provider="ollama", model_pattern="llama3*", effective_from=NOW - timedelta(days=1),
+                     effective_to=None, input_mtok=Decimal(10), output_mtok=Decimal(10))  # fmt: skip
+        session.commit()
+    replay = run(session_factory, [e, event(2)])
+    assert (replay.inserted, replay.duplicates, replay.rejected) == (1, 1, [])
+    assert row(session_factory, e).billing_status == "unpriced"

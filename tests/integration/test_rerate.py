@@ -216,3 +216,18 @@ def test_invalid_windows_and_run_ids_are_refused(session_factory) -> None:
         plan(session_factory, start=START.replace(tzinfo=None))
     with pytest.raises(InvalidInputError, match="run id"):
         apply(session_factory, "")
+
+
+def test_a_price_beyond_what_one_call_can_cost_refuses_the_whole_rerate(session_factory, billed) -> None:
+    price(session_factory, "20000", "0.40", datetime(2026, 11, 1, tzinfo=UTC), "absurd")  # 1M tokens: $20,000
+    with session_factory() as session:
+        before = session.scalar(select(func.count()).select_from(TransferRow))
+        with pytest.raises(InvalidInputError, match=r"above the limit of \$10,000.00 per call"):
+            plan_rerate(session, start=START, end=END, markup_pct=MARKUP)
+        with pytest.raises(InvalidInputError, match=r"ollama llama3\.1"):
+            apply_rerate(session, start=START, end=END, markup_pct=MARKUP, run_id="absurd", now=NOW)
+        session.rollback()
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == before
+        assert {
+            r.charge_nanos for r in session.scalars(select(UsageEventRow).where(UsageEventRow.provider == "ollama"))
+        } == {OLD_CHARGE}

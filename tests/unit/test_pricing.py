@@ -15,7 +15,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metering.billing.pricing import PriceBook, PriceOverride, Quote, genai_provider_for, price_usage, select_override
+from metering.billing.pricing import (
+    MAX_CALL_NANOS,
+    PriceBook,
+    PriceOverride,
+    Quote,
+    genai_provider_for,
+    over_call_limit,
+    price_usage,
+    select_override,
+)
 
 AFTER = datetime(2026, 4, 1, 12, tzinfo=UTC)  # flat claude-sonnet-4-6 prices
 BEFORE = datetime(2026, 1, 15, 12, tzinfo=UTC)  # tiered claude-sonnet-4-6 prices
@@ -309,3 +318,13 @@ def test_charge_equals_cost_without_markup(target, uncached, cr, cw, o):
 def test_markup_never_lowers_the_price(target, markup, uncached, cr, cw, o):
     quote = _parts_price(target, markup, uncached, cr, cw, o)
     assert quote.price_nanos >= quote.cost_nanos >= 0
+
+
+def test_the_per_call_limit_is_inclusive_and_checks_price_and_cost() -> None:
+    def quote(cost: int, price: int) -> Quote:
+        return Quote(cost, price, Decimal(20), "genai-prices", "v", None)
+
+    assert MAX_CALL_NANOS == 10_000 * 10**9
+    assert over_call_limit(quote(MAX_CALL_NANOS, MAX_CALL_NANOS)) is None
+    assert "$10,000.000000001 for one call" in (over_call_limit(quote(1, MAX_CALL_NANOS + 1)) or "")
+    assert "$12,000.00 for one call" in (over_call_limit(quote(12 * 10**12, 0)) or "")  # the cost alone is over

@@ -44,6 +44,16 @@ def test_one_malformed_event_is_rejected_and_the_rest_ingested_then_replayed(cli
     assert _stored(session_factory) == 499
 
 
+def test_an_event_priced_beyond_one_calls_limit_is_rejected_in_a_valid_batch(client, make_token, session_factory):
+    records = [record(i) for i in range(50)]
+    records[7].update(model="claude-opus-4-1", input_tokens=10**12, output_tokens=10**12, cache_read_tokens=0)
+    body = post_events(client, records, make_token(Scope.INGEST)).json()  # every event valid: the one-pass path
+    assert body["inserted"] == 49 and body["duplicates"] == 0
+    assert [(r["index"], r["event_id"]) for r in body["rejected"]] == [(7, str(records[7]["event_id"]))]
+    assert "above the limit of $10,000.00 per call" in body["rejected"][0]["reason"]
+    assert _stored(session_factory) == 49
+
+
 def test_events_are_priced_and_billed(client, make_token, session_factory):
     assert post_events(client, [record(0), record(1)], make_token()).json()["inserted"] == 2
     with session_factory() as session:
