@@ -28,7 +28,6 @@ import cProfile
 import gc
 import hashlib
 import io
-import json
 import os
 import platform
 import pstats
@@ -55,6 +54,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.ingest import EventFactory
+from bench.report import emit
 from metering.billing.ingest import ingest
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
@@ -772,11 +772,7 @@ def main(argv: list[str] | None = None) -> None:
         result |= measure(args, Path(tmp))
     result["other_processes"] = monitor.summary()
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import cProfile
 import gc
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import platform
@@ -54,6 +53,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.report import emit
 from metering.billing import ingest as ingest_module
 from metering.billing import store
 from metering.billing.ingest import IngestResult, ingest
@@ -958,11 +958,7 @@ def main(argv: list[str] | None = None) -> None:
         for backend in backends:
             result[backend] = run_backend(backend, args, Path(tmp))
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import signal
 import statistics
@@ -35,6 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bench.report import emit
 from metering.config import SimulatedSettings
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
@@ -274,11 +274,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(run(args.calls, args.rounds, Path(tmp), args.flush_interval))
         result["flush_interval_s"] = args.flush_interval
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

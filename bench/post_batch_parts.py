@@ -24,7 +24,6 @@ Run:  .venv/bin/python -m bench.post_batch_parts [--preload 1000000] [--rounds 1
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench.ingest import MARKUP, RAW_BATCH, EventFactory, RawInserter, database, environment, preload, price_rows
 from bench.ingest import timed_ingest as _timed_ingest
+from bench.report import emit
 from metering.billing import batch_sql, store
 from metering.billing import ingest as ingest_module
 from metering.billing.rates import RateCards
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "post_batch_us_per_event": round(us["full"], 1),
         "left_for_post_batch_after_probe_and_copy": round(budget - us["ingest_probe_and_streamed_copy"], 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ Run:  .venv/bin/python -m bench.usage_query [--events 10000000] [--rounds 50] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import re
@@ -72,6 +71,7 @@ from bench.api_ingest import (
     server,
     server_env,
 )
+from bench.report import emit
 from metering.billing.pricing import PriceBook
 from metering.billing.rates import RateCards
 from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
@@ -976,11 +976,7 @@ def main(argv: list[str] | None = None) -> None:
         result |= run(args, Path(tmp))
         result["other_processes"] = monitor.summary()
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(result, args.out, default=str)
 
 
 if __name__ == "__main__":
