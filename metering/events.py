@@ -79,9 +79,12 @@ def uuid7_str() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-MAX_TOKENS = 10**12  # per count and event: far above any call, and sums of them stay within BIGINT
+# The rollups sum tokens and latencies (as integer microseconds) in BIGINT, the platform-wide daily ones over every
+# user's calls. A value past these bounds is a unit or counting bug; accepted, ~10^7 of them overflowed a bucket,
+# which failed every later batch holding an event of that bucket (PostgreSQL) or turned it into a float (SQLite).
+MAX_TOKENS = 10**9  # per count and event: 100x the largest context window; ~9.2e9 calls at the bound overflow a sum
 MAX_INT32 = 2**31 - 1  # call_index and max_tokens are INTEGER columns
-MAX_LATENCY_MS = 1e12  # finite: latencies are summed as integer microseconds
+MAX_LATENCY_MS = 86_400_000.0  # 24 h: no call lasts a day; ~1e8 calls at the bound overflow a sum
 
 
 def _no_nul(value: str) -> str:

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from metering.events import MAX_INT32, MAX_TOKENS, utcnow, uuid7
+from metering.events import MAX_INT32, MAX_LATENCY_MS, MAX_TOKENS, utcnow, uuid7
 from tests.fakes.events import record
 
 _UNPRICED = {"provider": "ollama", "model": "llama3.1"}
@@ -45,7 +45,7 @@ def varied_records(now: datetime | None = None) -> list[dict[str, Any]]:
         record(12, **error | {"usage_completeness": "estimated"}, input_tokens=15, output_tokens=3, is_stream=True),
         record(13, is_byollm=True, provider="openai", model="gpt-4o-mini", usage_completeness="estimated"),
         record(14, occurred_at=ago.astimezone(timezone(timedelta(hours=2))).isoformat(), latency_ms=1e-7),
-        record(15, occurred_at=ago.strftime("%Y-%m-%dT%H:%M:%SZ"), latency_ms=999_999_999_999.9, max_tokens=MAX_INT32),
+        record(15, occurred_at=ago.strftime("%Y-%m-%dT%H:%M:%SZ"), latency_ms=MAX_LATENCY_MS, max_tokens=MAX_INT32),
         record(16, occurred_at=ago.astimezone(timezone(-timedelta(hours=5, minutes=30))).isoformat(), latency_ms=12),
         # The most tokens a count may say, on a model without a price (held): priced, they would cost more than one
         # call can (ingest rejects those, tests/integration/test_ingest.py).

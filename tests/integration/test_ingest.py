@@ -20,7 +20,7 @@ from metering.db.models import (
     UsageEventRow,
     UsageRollupRow,
 )
-from metering.events import UsageEvent, event_from_record
+from metering.events import MAX_TOKENS, UsageEvent, event_from_record
 from tests.fakes.events import record
 
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
@@ -289,10 +289,11 @@ def test_a_batch_raced_by_another_ingest_takes_the_exact_path(session_factory, b
 
 
 def test_an_event_priced_beyond_what_one_call_can_cost_is_rejected_and_the_batch_goes_on(session_factory) -> None:
-    # 10^12 input and output tokens of Claude Opus (the most a count may say): $90M before markup. 120 of them
-    # for one user used to overflow the wallet and rollup sums (BIGINT) and fail the whole batch.
-    absurd = {"provider": "anthropic", "model": "claude-opus-4-1", "input_tokens": 10**12, "output_tokens": 10**12,
-              "cache_read_tokens": 0, "cache_write_tokens": 0, "user_id": "user-garbage"}  # fmt: skip
+    # 10^9 input and output tokens of Claude Opus (the most a count may say): $90,000 before markup, more than one
+    # call can cost. Without the limit, such events (or an absurd override) could overflow the BIGINT sums.
+    absurd = {"provider": "anthropic", "model": "claude-opus-4-1", "input_tokens": MAX_TOKENS,
+              "output_tokens": MAX_TOKENS, "cache_read_tokens": 0, "cache_write_tokens": 0,
+              "user_id": "user-garbage"}  # fmt: skip
     items: list = [record(i, occurred_at=NOW - timedelta(minutes=1)) for i in range(5)]
     items += [record(100 + i, occurred_at=NOW - timedelta(minutes=1), **absurd) for i in range(120)]
     items.insert(2, items.pop())  # one absurd event among the normal ones, as a dict with a string id
@@ -314,12 +315,30 @@ def test_an_event_priced_beyond_what_one_call_can_cost_is_rejected_and_the_batch
 def test_a_stored_event_priced_beyond_the_limit_now_is_a_duplicate_not_a_rejection(session_factory) -> None:
     from metering.billing.overrides import add_override
 
-    e = event(1, provider="ollama", model="llama3.1", input_tokens=10**10, output_tokens=0, cache_read_tokens=0)
+    e = event(1, provider="ollama", model="llama3.1", input_tokens=10**9, output_tokens=0, cache_read_tokens=0)
     assert run(session_factory, [e]).inserted == 1  # unpriced: held
-    with session_factory() as session:  # now $10/Mtok: 10^10 tokens cost $100,000
+    with session_factory() as session:  # now $20/Mtok: 10^9 tokens cost $20,000
         add_override(session, provider="ollama", model_pattern="llama3*", effective_from=NOW - timedelta(days=1),
-                     effective_to=None, input_mtok=Decimal(10), output_mtok=Decimal(10))  # fmt: skip
+                     effective_to=None, input_mtok=Decimal(20), output_mtok=Decimal(20))  # fmt: skip
         session.commit()
     replay = run(session_factory, [e, event(2)])
     assert (replay.inserted, replay.duplicates, replay.rejected) == (1, 1, [])
     assert row(session_factory, e).billing_status == "unpriced"
+
+
+def test_token_counts_and_latencies_past_their_bounds_are_rejected_one_by_one(session_factory) -> None:
+    # A unit bug (nanoseconds sent as milliseconds) used to pass up to 10^12 ms; ~10^7 such events overflowed a
+    # BIGINT rollup sum, failing every later batch with an event of that bucket.
+    from metering.events import MAX_LATENCY_MS
+
+    items: list = [record(i, occurred_at=NOW - timedelta(minutes=1)) for i in range(4)]
+    items[1] = {**items[1], "latency_ms": 5_000_000_000.0}  # a 5 s call in nanoseconds
+    items[2] = {**items[2], "output_tokens": MAX_TOKENS + 1}
+    items[3] = {**items[3], "latency_ms": MAX_LATENCY_MS, "input_tokens": MAX_TOKENS, "cache_read_tokens": 0}
+    result = run(session_factory, items)
+    assert result.inserted == 2  # item 3 sits at both bounds: stored ($3,000 of Sonnet input, within the limit)
+    by_index = {r.index: r.reason for r in result.rejected}
+    assert set(by_index) == {1, 2}
+    assert "latency_ms" in by_index[1] and "86400000" in by_index[1]
+    assert "output_tokens" in by_index[2] and "1000000000" in by_index[2]
+    assert row(session_factory, event_from_record(items[3])).latency_ms == MAX_LATENCY_MS

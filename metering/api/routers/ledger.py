@@ -34,12 +34,13 @@ from metering.billing.invoices import Invoice
 from metering.billing.ledger_queries import MAX_PAGE
 from metering.billing.rates import RateCards
 from metering.errors import InvalidInputError, NotFoundError, UnpricedModelError
+from metering.events import MAX_TOKENS
 
 router = APIRouter(tags=["ledger"])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size, 1 to {MAX_PAGE}.")]
 Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previous page (opaque).")]
-Tokens = Annotated[int, Query(ge=0, le=10**12)]
+Tokens = Annotated[int, Query(ge=0, le=MAX_TOKENS)]
 TransferKinds = Literal["usage_charge", "provider_cost", "credit", "adjustment", "reversal"]
 CSV = "text/csv"
 _CSV_RESPONSE = {200: {"content": {CSV: {"schema": {"type": "string"}}}, "description": "CSV, with a header row."}}

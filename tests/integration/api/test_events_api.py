@@ -16,6 +16,7 @@ from metering.api.routers import events
 from metering.auth import Scope, TokenPrincipal
 from metering.db.event_store import count_events
 from metering.db.models import UsageEventRow
+from metering.events import MAX_TOKENS
 from tests.fakes.events import record
 from tests.integration.api.conftest import app_settings, assert_problem, bearer, post_events
 
@@ -46,7 +47,7 @@ def test_one_malformed_event_is_rejected_and_the_rest_ingested_then_replayed(cli
 
 def test_an_event_priced_beyond_one_calls_limit_is_rejected_in_a_valid_batch(client, make_token, session_factory):
     records = [record(i) for i in range(50)]
-    records[7].update(model="claude-opus-4-1", input_tokens=10**12, output_tokens=10**12, cache_read_tokens=0)
+    records[7].update(model="claude-opus-4-1", input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS, cache_read_tokens=0)
     body = post_events(client, records, make_token(Scope.INGEST)).json()  # every event valid: the one-pass path
     assert body["inserted"] == 49 and body["duplicates"] == 0
     assert [(r["index"], r["event_id"]) for r in body["rejected"]] == [(7, str(records[7]["event_id"]))]
