@@ -80,8 +80,9 @@ def uuid7_str() -> str:
 
 
 # The rollups sum tokens and latencies (as integer microseconds) in BIGINT, the platform-wide daily ones over every
-# user's calls. A value past these bounds is a unit or counting bug; accepted, ~10^7 of them overflowed a bucket,
-# which failed every later batch holding an event of that bucket (PostgreSQL) or turned it into a float (SQLite).
+# user's calls. A value past these bounds is a unit or counting bug. At the old bounds (10^12 ms), ~9,000 events
+# overflowed a bucket (~2 million 5-second calls sent in nanoseconds): PostgreSQL then failed every later batch
+# holding an event of that bucket, SQLite turned the sum into a float.
 MAX_TOKENS = 10**9  # per count and event: 100x the largest context window; ~9.2e9 calls at the bound overflow a sum
 MAX_INT32 = 2**31 - 1  # call_index and max_tokens are INTEGER columns
 MAX_LATENCY_MS = 86_400_000.0  # 24 h: no call lasts a day; ~1e8 calls at the bound overflow a sum

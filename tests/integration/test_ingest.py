@@ -327,8 +327,8 @@ def test_a_stored_event_priced_beyond_the_limit_now_is_a_duplicate_not_a_rejecti
 
 
 def test_token_counts_and_latencies_past_their_bounds_are_rejected_one_by_one(session_factory) -> None:
-    # A unit bug (nanoseconds sent as milliseconds) used to pass up to 10^12 ms; ~10^7 such events overflowed a
-    # BIGINT rollup sum, failing every later batch with an event of that bucket.
+    # A unit bug (nanoseconds sent as milliseconds) used to pass up to 10^12 ms; ~2 million 5-second calls sent so
+    # overflowed a BIGINT rollup sum, failing every later batch with an event of that bucket.
     from metering.events import MAX_LATENCY_MS
 
     items: list = [record(i, occurred_at=NOW - timedelta(minutes=1)) for i in range(4)]
