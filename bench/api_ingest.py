@@ -53,14 +53,13 @@ import psycopg
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from bench.ingest import EventFactory
+from bench.ingest import PG_ADMIN_URL, EventFactory, pg_conninfo
 from bench.report import emit
 from metering.billing.ingest import ingest
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
 from metering.events import uuid7_str
 
-PG_ADMIN_URL = os.environ.get("METERING_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
 MARKUP = Decimal(20)
 TARGET_RATE = 20_000
@@ -72,14 +71,6 @@ def log(message: str) -> None:
 
 
 # -- database, token, server (shared with bench/usage_query.py) --------------------------------------------
-
-
-def pg_conninfo(url: str, database: str | None = None) -> str:
-    parsed = make_url(url)
-    return (
-        f"host={parsed.host or '127.0.0.1'} port={parsed.port or 5432} user={parsed.username or 'postgres'} "
-        f"dbname={database or parsed.database or 'test'}" + (f" password={parsed.password}" if parsed.password else "")
-    )
 
 
 @contextmanager

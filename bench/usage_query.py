@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -72,6 +73,7 @@ from bench.api_ingest import (
     server_env,
 )
 from bench.report import emit
+from metering.billing import batch_sql
 from metering.billing.pricing import PriceBook
 from metering.billing.rates import RateCards
 from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
@@ -299,6 +301,25 @@ def secondary_indexes(conn: psycopg.Connection[Any], table: str) -> list[tuple[s
     return [(name, ddl) for name, ddl in rows]
 
 
+def in_threads(work: Callable[[], None], threads: int) -> None:
+    """Run ``work`` in ``threads`` threads and wait for all; the first exception one raised is raised here."""
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as exc:  # reported by the calling thread
+            errors.append(exc)
+
+    running = [threading.Thread(target=guarded) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def load_events(conninfo: str, events: int, start: datetime, span_s: float, loaders: int) -> dict[str, Any]:
     """``events`` rows into usage_events (indexes dropped, then rebuilt with the same definitions)."""
     n_invocations = events * 5 // 8
@@ -318,31 +339,21 @@ def load_events(conninfo: str, events: int, start: datetime, span_s: float, load
     for k, lo in enumerate(range(0, n_invocations, CHUNK_INVOCATIONS)):
         chunks.put((k, lo, min(n_invocations, lo + CHUNK_INVOCATIONS)))
     total_chunks = chunks.qsize()
-    errors: list[BaseException] = []
 
     def loader() -> None:
-        try:
-            with psycopg.connect(conninfo) as conn:
-                while True:
-                    try:
-                        k, lo, hi = chunks.get_nowait()
-                    except queue.Empty:
-                        return
-                    conn.execute("SELECT setseed(%s)", ((k + 1) / (total_chunks + 1),))
-                    conn.execute(sql, {"lo": lo, "hi": hi})
-                    conn.commit()
-                    log(f"  events chunk {k + 1}/{total_chunks}")
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        with psycopg.connect(conninfo) as conn:
+            while True:
+                try:
+                    k, lo, hi = chunks.get_nowait()
+                except queue.Empty:
+                    return
+                conn.execute("SELECT setseed(%s)", ((k + 1) / (total_chunks + 1),))
+                conn.execute(sql, {"lo": lo, "hi": hi})
+                conn.commit()
+                log(f"  events chunk {k + 1}/{total_chunks}")
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=loader) for _ in range(loaders)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    in_threads(loader, loaders)
     inserted = time.perf_counter() - started
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '1GB'")
@@ -403,29 +414,19 @@ def build_rollups(conninfo: str, start: datetime, days: int, loaders: int) -> di
     for d in range(days):
         days_q.put(start + timedelta(days=d))
     sql = rollup_sql()
-    errors: list[BaseException] = []
 
     def worker() -> None:
-        try:
-            with psycopg.connect(conninfo) as conn:
-                conn.execute("SET work_mem = '256MB'")
-                while True:
-                    try:
-                        lo = days_q.get_nowait()
-                    except queue.Empty:
-                        return
-                    conn.execute(sql, {"lo": lo, "hi": lo + timedelta(days=1)})
-                    conn.commit()
-        except BaseException as exc:
-            errors.append(exc)
+        with psycopg.connect(conninfo) as conn:
+            conn.execute("SET work_mem = '256MB'")
+            while True:
+                try:
+                    lo = days_q.get_nowait()
+                except queue.Empty:
+                    return
+                conn.execute(sql, {"lo": lo, "hi": lo + timedelta(days=1)})
+                conn.commit()
 
-    threads = [threading.Thread(target=worker) for _ in range(loaders)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    in_threads(worker, loaders)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '1GB'")
         for _, ddl in indexes:
@@ -494,20 +495,7 @@ RAW_KEYS = {
     "byollm": ("is_byollm", "byollm"),
     "user": ("user_id", "user_id"),
 }
-RAW_COUNTERS = (
-    "count(*)",
-    "sum(input_tokens)",
-    "sum(output_tokens)",
-    "sum(cache_read_tokens)",
-    "sum(cache_write_tokens)",
-    "sum(reasoning_tokens)",
-    "sum(charge_nanos)",
-    "sum(shadow_nanos)",
-    "sum(cost_nanos)",
-    "sum(CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT))",
-    "count(*) FILTER (WHERE status = 'error')",
-    "count(*) FILTER (WHERE billing_status = 'unpriced')",
-)
+RAW_COUNTERS = batch_sql.COUNTER_SUMS  # the rollup counters, summed over raw events (as ingest posts them)
 COMPARED = (
     "calls",
     "input_tokens",

@@ -27,7 +27,7 @@ from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 _HOUR = "date_trunc('hour', occurred_at, 'UTC')"
 _DAY = "CAST(timezone('UTC', occurred_at) AS date)"
 # The rollup counters (COUNTER_COLUMNS order) summed over a group of events.
-_COUNTER_SUMS = (
+COUNTER_SUMS = (
     "count(*)",
     "sum(input_tokens)",
     "sum(output_tokens)",
@@ -41,7 +41,7 @@ _COUNTER_SUMS = (
     "count(*) FILTER (WHERE status = 'error')",
     "count(*) FILTER (WHERE billing_status = 'unpriced')",
 )
-if len(_COUNTER_SUMS) != len(COUNTER_COLUMNS):
+if len(COUNTER_SUMS) != len(COUNTER_COLUMNS):
     raise RuntimeError("rollup counters changed: update metering.billing.batch_sql")
 
 
@@ -50,7 +50,7 @@ def _rollup_upsert(table: str, keys: Sequence[str], expressions: Sequence[str]) 
     positions = ", ".join(str(i + 1) for i in range(len(keys)))
     updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
     return (
-        f"INSERT INTO {table} ({names}) SELECT {', '.join((*expressions, *_COUNTER_SUMS))} FROM b "
+        f"INSERT INTO {table} ({names}) SELECT {', '.join((*expressions, *COUNTER_SUMS))} FROM b "
         f"GROUP BY {positions} ORDER BY {positions} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
     )
 
