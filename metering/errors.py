@@ -94,6 +94,13 @@ class IdempotencyConflictError(MeteringError):
     status = 409
 
 
+class BalanceLimitError(MeteringError):
+    """A posting would take an account's cached balance past what the ledger can store (±2^63-1 nanos)."""
+
+    code = "balance_limit"
+    status = 422
+
+
 class AuthenticationError(MeteringError):
     """No API token, or one that is unknown or revoked."""
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 CURRENCY = "USD"
+# accounts.balance_nanos is a BIGINT: about ±9.22 billion USD. A posting that would take a cached balance past
+# it is refused whole (PostgreSQL would fail the statement, SQLite would silently turn the sum into a float).
+MAX_BALANCE_NANOS = 2**63 - 1
 NAMESPACE = uuid.UUID("9b1f3a52-5d0e-4c54-9a3e-2f7f1c2d8e61")
 
 PLATFORM_REVENUE = "platform:revenue"
@@ -172,6 +175,12 @@ def balance_deltas(postings: Iterable[Posting]) -> dict[str, int]:
         deltas[posting.debit.id] -= posting.amount_nanos
         deltas[posting.credit.id] += posting.amount_nanos
     return dict(deltas)
+
+
+def past_balance_limit(balances: Mapping[str, int], deltas: Mapping[str, int]) -> list[str]:
+    """The accounts (sorted) whose balance, ``balances`` (0 when absent) plus its delta, would leave the
+    range a stored balance can hold (``MAX_BALANCE_NANOS`` either way)."""
+    return sorted(a for a, delta in deltas.items() if abs(balances.get(a, 0) + delta) > MAX_BALANCE_NANOS)
 
 
 def accounts_of(postings: Iterable[Posting]) -> dict[str, Account]:

@@ -17,10 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metering.billing import batch_sql
-from metering.billing.ledger import CURRENCY, Account, Posting
+from metering.billing.ledger import CURRENCY, MAX_BALANCE_NANOS, Account, Posting, past_balance_limit
+from metering.billing.money import format_usd
 from metering.billing.pricing import PriceBook, PriceOverride
 from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey, coarse_buckets
 from metering.db.models import InvoiceRow, PriceOverrideRow, UsageEventRow
+from metering.errors import BalanceLimitError
 from metering.events import UsageEvent
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(column.name for column in UsageEventRow.__table__.columns)
@@ -230,7 +232,9 @@ def insert_transfer_rows(session: Session, rows: Sequence[tuple[Any, ...]]) -> N
 
 
 def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[str, int], now: datetime) -> None:
-    """Create missing accounts and add each delta to its cached balance, in account-id order (no deadlocks)."""
+    """Create missing accounts and add each delta to its cached balance, in account-id order (no deadlocks).
+
+    Raises ``BalanceLimitError`` (nothing applied) when a balance would pass ``ledger.MAX_BALANCE_NANOS``."""
     if not deltas:
         return
     sqlite = dialect(session) == "sqlite"
@@ -247,8 +251,13 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
     )
     update = f"UPDATE accounts SET balance_nanos = balance_nanos + {mark} WHERE id = {mark}"
     connection = session.connection().connection.driver_connection
-    if sqlite:
+    if sqlite:  # the INSERT took the database's write lock: the balances read next cannot change under us
         connection.executemany(insert, new_accounts)  # type: ignore[union-attr]
+        if changed := [u[1] for u in updates]:
+            current = connection.execute(  # type: ignore[union-attr]
+                f"SELECT id, balance_nanos FROM accounts WHERE id IN ({', '.join('?' * len(changed))})", changed
+            ).fetchall()
+            _check_balance_limit(dict(current), deltas)
         connection.executemany(update, updates)  # type: ignore[union-attr]
     else:  # set-based: the batch's accounts and deltas as arrays, three statements
         ids = [row[0] for row in new_accounts]
@@ -262,12 +271,21 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
                  [r[3] for r in new_accounts]],
             )  # fmt: skip
             # Lock in id order first, so two concurrent batches never wait on each other in a cycle.
-            cursor.execute("SELECT 1 FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [ids])
+            cursor.execute("SELECT id, balance_nanos FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [ids])
+            _check_balance_limit(dict(cursor.fetchall()), deltas)
             cursor.execute(
                 "UPDATE accounts a SET balance_nanos = a.balance_nanos + d.delta "
                 "FROM unnest(%s::text[], %s::int8[]) AS d(id, delta) WHERE a.id = d.id",
                 [[u[1] for u in updates], [u[0] for u in updates]],
             )
+
+
+def _check_balance_limit(balances: dict[str, int], deltas: Mapping[str, int]) -> None:
+    if past := past_balance_limit(balances, deltas):
+        raise BalanceLimitError(
+            f"posting this would take the balance of {', '.join(past)} past what the ledger can store "
+            f"(±{format_usd(MAX_BALANCE_NANOS)}); nothing was posted"
+        )
 
 
 # -- rollups --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from metering.billing.checks import run_checks
 from metering.billing.credits import add_credit, balances
 from metering.billing.ledger import transfer_id
 from metering.db.models import TransferRow
-from metering.errors import IdempotencyConflictError, InvalidInputError
+from metering.errors import BalanceLimitError, IdempotencyConflictError, InvalidInputError
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -111,6 +111,33 @@ def test_invalid_requests_are_refused(session_factory, kw, message) -> None:
     with pytest.raises(InvalidInputError, match=message):
         credit(session_factory, **kw)
     assert transfer_count(session_factory) == 0
+
+
+HALF_THE_LIMIT = Decimal(2**62).scaleb(-9)  # the largest single amount; two of them overflow a BIGINT balance
+
+
+def test_a_credit_past_what_a_balance_can_hold_is_refused_and_posts_nothing(session_factory) -> None:
+    credit(session_factory, amount=HALF_THE_LIMIT, idempotency_key="big-1")
+    with pytest.raises(BalanceLimitError, match="platform:topups, user:t1:u1") as caught:
+        credit(session_factory, amount=HALF_THE_LIMIT, idempotency_key="big-2")
+    assert caught.value.code == "balance_limit" and caught.value.status == 422
+    assert "nothing was posted" in caught.value.message
+    # Debiting the same wallet is fine, and so is a second user's credit against the adjustments account.
+    credit(session_factory, amount=-HALF_THE_LIMIT, idempotency_key="back", kind="adjustment")
+    credit(session_factory, amount=HALF_THE_LIMIT, idempotency_key="big-3", kind="adjustment", user_id="u2")
+    with session_factory() as session:
+        everything = dict((a, b) for a, _, b in balances(session))
+        keys = set(session.scalars(select(TransferRow.idempotency_key)))
+        report = run_checks(session)
+    assert keys == {"big-1", "back", "big-3"}  # the refused credit left no transfer behind
+    assert everything == {
+        "platform:adjustments": 2**62 - 2**62,
+        "platform:topups": -(2**62),
+        "user:t1:u1": 0,
+        "user:t1:u2": 2**62,
+    }
+    assert all(type(b) is int for b in everything.values())  # SQLite did not turn a sum into a float
+    assert report.problems == []
 
 
 def test_two_concurrent_requests_with_one_key_post_once(session_factory) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
 from metering.auth import Scope
+from metering.billing.checks import run_checks
 from metering.crypto import secret_box_from_settings
 from metering.db.models import AuditLogRow, ByollmSettingsRow, PurposeSettingsRow, TransferRow
 from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings, table_dump
@@ -298,6 +300,7 @@ def test_credits_are_idempotent_on_the_header(client, admin, session_factory):
     assert "Idempotency-Key" in assert_problem(missing, 400, "idempotency_key_required")["detail"]
     assert_problem(_credit(client, admin, "   "), 400, "idempotency_key_required")
     assert_problem(_credit(client, admin, "k" * 201), 422, "invalid_input")
+
     assert_problem(_credit(client, admin, "neg", amount="-1"), 422, "invalid_input")
 
     with session_factory() as session:
@@ -306,6 +309,20 @@ def test_credits_are_idempotent_on_the_header(client, admin, session_factory):
     assert (entry.action, entry.target, entry.tenant_id) == ("credit.add", "user:acme/alice", "acme")
     assert entry.after["transfer_id"] == body["transfer_id"] and entry.after["idempotency_key"] == key
     assert entry.before is None
+
+
+def test_a_credit_past_what_a_balance_can_hold_is_a_clear_422(client, admin, session_factory):
+    half = str(Decimal(2**62).scaleb(-9))  # the largest single amount: two of them overflow a BIGINT balance
+    assert _credit(client, admin, "big-1", amount=half).status_code == 201
+    refused = assert_problem(_credit(client, admin, "big-2", amount=half), 422, "balance_limit")
+    assert "platform:topups, user:acme:alice" in refused["detail"] and "nothing was posted" in refused["detail"]
+    again = _credit(client, admin, "big-2", amount=half)  # the refused key was not kept: refused again, not replayed
+    assert_problem(again, 422, "balance_limit")
+    with session_factory() as session:
+        assert set(session.scalars(select(TransferRow.idempotency_key).where(TransferRow.kind == "credit"))) == {
+            "big-1"
+        }
+        assert run_checks(session).problems == []
 
 
 def test_negative_adjustment_debits_the_user(client, admin, session_factory):
