@@ -64,7 +64,6 @@ def test_models_match_migrations(migrated_url: str) -> None:
     assert diff == [], f"models and migrations differ: {diff}"
 
 
-
 def test_0005_fills_the_coarse_rollups_from_existing_rollups(fresh_url: str) -> None:
     """Upgrading a database that already has usage: the coarse rollups are filled from ``usage_rollups``
     and agree with the raw events at once (ingested at head, downgraded to 0004, upgraded again)."""

@@ -173,8 +173,11 @@ def test_prometheus_scrapes_what_the_database_holds(
     prom = prometheus(server.base, token)
     target = _until(
         lambda: next(
-            (t for t in (_get(f"{prom}/api/v1/targets") or {}).get("data", {}).get("activeTargets", [])
-             if t["health"] == "up"),
+            (
+                t
+                for t in (_get(f"{prom}/api/v1/targets") or {}).get("data", {}).get("activeTargets", [])
+                if t["health"] == "up"
+            ),
             None,
         ),
         "scraped and up",
