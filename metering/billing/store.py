@@ -301,15 +301,11 @@ def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> Non
         _upsert_counters(session, rollup.table, rollup.key_columns, coarse)
 
 
-def _driver_key(value: Any) -> Any:
-    """A rollup key value as SQLite's driver stores it (moments as naive UTC text, dates ISO, bools 0/1)."""
+def _sqlite_grain(value: datetime | date) -> str:
+    """A rollup's grain as SQLite's driver stores it (moments as naive UTC text, dates ISO)."""
     if isinstance(value, datetime):
         return sqlite_time(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, bool):
-        return int(value)
-    return value
+    return value.isoformat()
 
 
 def _upsert_counters(
@@ -319,9 +315,15 @@ def _upsert_counters(
     columns = (*keys, *COUNTER_COLUMNS)
     updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
     rows = []
-    for key in sorted(buckets):
-        values = tuple(_driver_key(v) for v in key) if sqlite else key
-        rows.append((*values, *buckets[key]))
+    if sqlite:  # only the grain (hour or day) needs converting: the other key values are text, or a bool (0/1)
+        grains: dict[Any, Any] = {}
+        for key in sorted(buckets):
+            grain = grains.get(key[0])
+            if grain is None:
+                grain = grains[key[0]] = _sqlite_grain(key[0])
+            rows.append((grain, *key[1:], *buckets[key]))
+    else:
+        rows = [(*key, *buckets[key]) for key in sorted(buckets)]
     connection = session.connection().connection.driver_connection
     names, conflict = ", ".join(columns), ", ".join(keys)
     if sqlite:
