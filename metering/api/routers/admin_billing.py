@@ -151,7 +151,9 @@ _IDEMPOTENCY_PARAMETER = {
         "money from `platform:topups` to the user's wallet; `adjustment` credits (> 0) or debits (< 0) it against "
         "`platform:adjustments`. 201 with the transfer; a replay of the same `Idempotency-Key` answers the first "
         "result with 200 and `Idempotent-Replayed: true` (the memo is not compared); the same key for another "
-        "amount, user or kind is 409 `idempotency_conflict`. Audited as `credit.add` or `adjustment.add`."
+        "amount, user or kind is 409 `idempotency_conflict`; an amount that would take the wallet's or its source "
+        "account's balance past ±$9,223,372,036.854775807 is 422 `balance_limit` (nothing posted, key not kept). "
+        "Audited as `credit.add` or `adjustment.add`."
     ),
     responses={
         200: {"model": CreditOut, "description": "A replay: the first result of this key; nothing was posted."},
