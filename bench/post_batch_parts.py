@@ -126,8 +126,9 @@ def one_round(
             if name in ("full", "read_only"):
                 seconds.update(parts)
             connection: Any = session.connection().connection.driver_connection
+            params = {"ids": batch_sql.uuid_array(sorted(ids)), "now": now}
             with connection.cursor() as cursor:
-                seconds[name] = timed(lambda: cursor.execute(sql, {"ids": sorted(ids), "now": now}))  # noqa: B023
+                seconds[name] = timed(lambda: cursor.execute(sql, params))  # noqa: B023
             session.rollback()
     return seconds
 

@@ -17,7 +17,7 @@ shortest time), so two batches ingested at once may wait for each other but neve
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -111,10 +111,16 @@ SELECT count(*) FROM b
 """
 
 
+def uuid_array(hex_ids: Iterable[str]) -> str:
+    """UUIDs (32 hex each) as one PostgreSQL array literal, for a ``CAST(... AS uuid[])`` parameter: psycopg
+    dumps a list of 1,000 ids element by element in Python, ~1-2 ms more per batch than this one string."""
+    return "{" + ",".join(hex_ids) + "}"
+
+
 def post_batch(connection: Any, event_ids: Collection[str], now: datetime) -> int:
     """Derive and write the transfers, balances and rollups of the just-stored events ``event_ids`` (32 hex;
     psycopg connection, in the batch's transaction); returns how many of those events it found."""
     with connection.cursor() as cursor:
-        cursor.execute(POST_BATCH, {"ids": sorted(event_ids), "now": now})
+        cursor.execute(POST_BATCH, {"ids": uuid_array(sorted(event_ids)), "now": now})
         row = cursor.fetchone()
     return int(row[0])

@@ -154,8 +154,7 @@ def unstored_events(session: Session, events: Sequence[UsageEvent]) -> list[Usag
     the first commits, and takes the exact path)."""
     connection: Any = session.connection().connection.driver_connection
     with connection.cursor() as cursor:
-        # One text parameter cast on the server ('{hex,hex,...}'): dumping 1,000 UUIDs one by one costs ~1.7 ms more.
-        ids = "{" + ",".join([e.event_id.hex for e in events]) + "}"
+        ids = batch_sql.uuid_array([e.event_id.hex for e in events])
         cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s::uuid[])", [ids])
         stored = {r[0] for r in cursor.fetchall()}
     return sorted((e for e in events if e.event_id not in stored), key=lambda e: e.event_id)
