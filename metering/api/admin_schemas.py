@@ -10,7 +10,6 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -18,13 +17,14 @@ from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_n
 from metering.billing.money import from_nanos
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.llm.providers import KNOWN_PROVIDERS
+from metering.llm.settings_store import url_has_credentials
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Provider = Annotated[str, Field(min_length=1, max_length=50, description=f"One of: {', '.join(KNOWN_PROVIDERS)}.")]
 
 
 def _no_credentials_in_url(url: str | None) -> str | None:
-    if url is not None and "@" in (urlsplit(url).netloc or ""):
+    if url is not None and url_has_credentials(url):
         raise ValueError("base_url must not carry credentials (user:password@): send the key as api_key")
     return url
 

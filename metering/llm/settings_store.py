@@ -22,6 +22,12 @@ from metering.llm.providers import KNOWN_PROVIDERS
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PurposeSettings
 
 
+def url_has_credentials(url: str) -> bool:
+    """True when ``url`` carries ``user:password@`` (a key belongs in the encrypted api_key, never in a URL that
+    is stored and shown in clear)."""
+    return "@" in (urlparse(url).netloc or "")
+
+
 def _check_provider(provider: str, base_url: str | None) -> None:
     if provider not in KNOWN_PROVIDERS:
         raise InvalidInputError(f"unknown provider {provider!r}; known: {', '.join(KNOWN_PROVIDERS)}")
@@ -31,6 +37,8 @@ def _check_provider(provider: str, base_url: str | None) -> None:
         parsed = urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InvalidInputError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if url_has_credentials(base_url):
+            raise InvalidInputError("base_url must not carry credentials (user:password@): give the key as the api key")
 
 
 def _nonempty(name: str, value: str) -> str:

@@ -79,3 +79,10 @@ def test_bad_input_gets_a_clear_error_and_exit_code(cli_env) -> None:
     assert "tone" in done.stderr and "Traceback" not in done.stderr
     missing = metering(["byollm", "show", "--user", "nobody"], cli_env)
     assert missing.returncode == 2 and "no BYOLLM settings" in missing.stderr
+    for command in (
+        ["byollm", "set", "--user", "u3", "--tenant", "t1", "--provider", "openai_compatible", "--model", "llama3"],
+        ["purpose", "set", "content_rewrite", "--provider", "openai_compatible", "--model", "llama3"],
+    ):
+        leaky = metering([*command, "--base-url", "http://admin:hunter2@localhost:11434/v1"], cli_env)
+        assert leaky.returncode != 0 and "must not carry credentials" in leaky.stderr, leaky.stderr
+        assert "hunter2" not in leaky.stdout + leaky.stderr and "Traceback" not in leaky.stderr

@@ -67,6 +67,10 @@ def test_rotation_re_encrypts_under_the_new_key(session_factory) -> None:
         ({"provider": "openai", "model": "x", "api_key": None}, "needs an api_key"),
         ({"provider": "openai_compatible", "model": "llama3", "api_key": None}, "needs a base_url"),
         ({"provider": "openai_compatible", "model": "llama3", "api_key": None, "base_url": "ftp://x"}, "http"),
+        (
+            {"provider": "openai_compatible", "model": "llama3", "api_key": None, "base_url": "http://u:pw@h:11434/v1"},
+            "must not carry credentials",
+        ),
         ({"provider": "openai", "model": "x", "api_key": "k", "fallback_policy": "maybe"}, "fallback_policy"),
         ({"provider": "openai", "model": " ", "api_key": "k"}, "model must not be empty"),
     ],
