@@ -102,9 +102,14 @@ Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_n
 ActionType = Annotated[str, Field(max_length=50), AfterValidator(_no_nul)]
 ShortText = Annotated[str, Field(max_length=100), AfterValidator(_no_nul)]
 Fingerprint = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
-NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT32)]
-TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
-Millis = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)]
+# Numbers and flags are strict: a JSON number or a bool, never text ("100") or a bool for a count (true -> 1), so a
+# producer's type bug is rejected with its reason instead of being billed as something it did not say.
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT32, strict=True)]
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+Millis = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+# Only the versions this code understands (today: 1): an unknown one is rejected, never stored as if it were 1.
+SchemaVersion = Annotated[int, Field(ge=1, le=SCHEMA_VERSION, strict=True)]
 
 
 class UsageEvent(BaseModel):
@@ -112,7 +117,7 @@ class UsageEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: uuid.UUID
     occurred_at: datetime  # when the provider call started (UTC); prices are looked up at this time
     tenant_id: Label
@@ -125,9 +130,9 @@ class UsageEvent(BaseModel):
     purpose: Label
     provider: Label
     model: Label
-    is_byollm: bool
-    is_failover: bool = False
-    is_stream: bool = False
+    is_byollm: Flag
+    is_failover: Flag = False
+    is_stream: Flag = False
     input_tokens: TokenCount = 0
     output_tokens: TokenCount = 0
     cache_read_tokens: TokenCount = 0
@@ -142,6 +147,13 @@ class UsageEvent(BaseModel):
     error_type: ShortText | None = None
     prompt_fingerprint: Fingerprint
     budget_exceeded: list[BudgetLimit] = Field(default_factory=list)
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _not_a_number(cls, value: object) -> object:
+        if isinstance(value, int | float):  # pydantic would read it as Unix seconds, or as ms past 2e10
+            raise ValueError("occurred_at must be an ISO 8601 date-time with a timezone, not a number")
+        return value
 
     @field_validator("occurred_at")
     @classmethod

@@ -60,8 +60,10 @@ def varied_records(now: datetime | None = None) -> list[dict[str, Any]]:
             MAX_INT32, output_tokens=MAX_TOKENS, reasoning_tokens=MAX_TOKENS, time_to_first_token_ms=0.1, **_UNPRICED
         ),
         record(19, event_id=str(uuid7()).upper(), invocation_id=uuid.uuid4().hex),
-        record(20, event_id="urn:uuid:" + str(uuid7()), schema_version=2, latency_ms=0.30000000000000004),
-        record(21, is_byollm=1, is_stream="true", is_failover=0, input_tokens=200.0) | {"call_index": 7.0},
-        record(22, occurred_at=int(ago.timestamp()), latency_ms="12.75", max_tokens="2048"),
+        record(20, event_id="urn:uuid:" + str(uuid7()), schema_version=1, latency_ms=0.30000000000000004),
+        # Numbers and flags are strict (a count is a JSON integer, a flag a JSON bool, a time ISO 8601 text):
+        # tests/unit/test_events.py has the lax spellings that are refused.
+        record(21, is_byollm=True, is_stream=True, is_failover=False, input_tokens=200) | {"call_index": 7},
+        record(22, occurred_at=ago.isoformat(), latency_ms=12.75, max_tokens=2048),
         record(23, provider="ollama", model="llama3.1", is_byollm=False),  # unpriced: held
     ]

@@ -77,23 +77,23 @@ async def test_repeated_keys_keep_the_last_value_on_both_paths() -> None:
 # valid on its own, and then gives the same events.
 _CHANGES: dict[str, list[Any]] = {
     "event_id": [str(uuid.uuid4()), "not-a-uuid", 7, None, str(uuid7()).replace("-", "")],
-    "occurred_at": ["2026-11-27T14:00:00", "2026-11-27", "yesterday", 1.5e9, None, "9999-12-31T23:00:00-05:00"],
+    "occurred_at": ["2026-11-27T14:00:00", "2026-11-27", "yesterday", 1.5e9, 1764270000, None, "9999-12-31T23:00:00-05:00"],
     "tenant_id": ["", "a\x00b", "x" * 200, "x" * 201, "\x00" * 300, 5, None, ["t"], "\ud800", "a\udc00b"],
     "action_type": ["", "x" * 51, None],
     "prompt_fingerprint": ["", "f" * 65, "é" * 65, "\x00"],
     "stop_reason": ["", "s" * 101, "a\x00"],
     "error_type": ["e\x00", "e" * 101],
     "call_index": [-1, MAX_INT32 + 1, 1.5, "3", True, None],
-    "input_tokens": [-3, MAX_TOKENS + 1, 10**30, "many", 2.0, None],
+    "input_tokens": [-3, MAX_TOKENS + 1, 10**30, "many", 2.0, None, True, "100"],
     "cache_read_tokens": [121, 120],
     "reasoning_tokens": [41, 40],
-    "latency_ms": [-0.1, 1e13, 1e400, "fast", None],
+    "latency_ms": [-0.1, 1e13, 1e400, "fast", None, True, "12.5", 12],
     "time_to_first_token_ms": [-1, 1e300],
-    "is_byollm": ["yes", "maybe", 2, None],
+    "is_byollm": ["yes", "maybe", 2, None, "false", 0],
     "status": ["OK", "error", "failed"],
     "usage_completeness": ["exact", None],
     "budget_exceeded": [["calls", "calls"], ["time"], "calls", None],
-    "schema_version": ["v1", 1.5],
+    "schema_version": ["v1", 1.5, 2, 0, 2**63, True, 1],
     "extra_field": ["surprise"],
 }
 

@@ -84,6 +84,35 @@ def test_naive_time_and_non_v7_ids_are_rejected() -> None:
     assert converted.occurred_at.tzinfo == UTC
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("schema_version", 2, "less than or equal to 1"),  # a version this code does not understand
+        ("schema_version", 0, "greater than or equal to 1"),
+        ("schema_version", 2**63, "less than or equal to 1"),  # used to reach the database and fail the batch
+        ("schema_version", "1", "valid integer"),
+        ("input_tokens", True, "valid integer"),  # a bool is not a count
+        ("input_tokens", "100", "valid integer"),
+        ("input_tokens", 100.0, "valid integer"),
+        ("call_index", "3", "valid integer"),
+        ("is_byollm", "false", "valid boolean"),
+        ("is_byollm", 0, "valid boolean"),
+        ("is_stream", "true", "valid boolean"),
+        ("latency_ms", True, "valid number"),
+        ("latency_ms", "12.5", "valid number"),
+        ("occurred_at", 1764270000, "not a number"),  # Unix seconds, or ms past 2e10: ambiguous
+        ("occurred_at", 1764270000000.0, "not a number"),
+    ],
+)
+def test_numbers_and_flags_are_strict(field: str, value: object, reason: str) -> None:
+    data = orjson.loads(orjson.dumps(_record()))
+    with pytest.raises(ValidationError, match=reason):
+        UsageEvent.model_validate({**data, field: value})
+    with pytest.raises(ValidationError, match=reason):  # the same from JSON text (the one-pass API path)
+        UsageEvent.model_validate_json(orjson.dumps({**data, field: value}))
+    assert UsageEvent.model_validate({**data, "latency_ms": 12}).latency_ms == 12.0  # an integer is a number
+
+
 def test_error_needs_an_error_type() -> None:
     data = orjson.loads(orjson.dumps(_record(status=Status.ERROR)))
     with pytest.raises(ValidationError, match="error_type"):

@@ -63,6 +63,11 @@ def test_an_invalid_input_problem_documents_no_errors_list(client, headers):
         ("call_index", 2**31, "call_index"),
         ("input_tokens", 2**62, "input_tokens"),
         ("latency_ms", 1e300, "latency_ms"),
+        ("schema_version", 2**63, "schema_version"),  # was a 500 that lost the whole batch on SQLite
+        ("schema_version", 2, "schema_version"),
+        ("input_tokens", True, "input_tokens"),
+        ("is_byollm", "false", "is_byollm"),
+        ("occurred_at", 1764270000, "occurred_at"),
     ],
 )
 def test_an_event_the_database_cannot_store_is_rejected_alone(client, headers, field, value, reason):
