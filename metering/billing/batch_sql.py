@@ -62,6 +62,8 @@ _COARSE = "".join(
     for r in COARSE_ROLLUPS
 )
 _BILLED = "billing_status = 'billed' AND invoice_period IS NOT NULL"
+# ledger.wallet_id in SQL (both databases): the tenant's '~' and ':' escaped, so no two (tenant, user) share a wallet
+WALLET_ID_SQL = "'user:' || replace(replace({tenant}, '~', '~7E'), ':', '~3A') || ':' || {user}"
 _CHARGE, _COST = TransferKind.USAGE_CHARGE.value, TransferKind.PROVIDER_COST.value
 # ledger.usage_transfer_hex: the event id as a UUIDv8, variant bits 10 (charge) / 11 (cost)
 _CHARGE_ID = "CAST(overlay(h placing '8' from 13 for 1) AS uuid)"
@@ -81,7 +83,7 @@ WITH b AS MATERIALIZED (
     FROM usage_events WHERE event_id = ANY(CAST(%(ids)s AS uuid[]))
 ), t AS MATERIALIZED (
     SELECT {_CHARGE_ID} AS id, event_id, invoice_period, '{_CHARGE}' AS kind,
-           charge_nanos AS amount, 'user:' || tenant_id || ':' || user_id AS debit,
+           charge_nanos AS amount, {WALLET_ID_SQL.format(tenant="tenant_id", user="user_id")} AS debit,
            '{AccountKind.USER_WALLET.value}' AS debit_kind, tenant_id, user_id,
            '{REVENUE.id}' AS credit, '{REVENUE.kind.value}' AS credit_kind
     FROM b WHERE {_BILLED} AND charge_nanos > 0

@@ -2,7 +2,8 @@
 
 1. The balances of all accounts sum to zero (every transfer debits and credits the same amount).
 2. Each account's cached balance equals credits minus debits over its transfers.
-3. Every transfer names existing accounts.
+3. Every transfer names existing accounts; every wallet is its (tenant, user)'s, and every usage charge debits
+   the wallet of its event's tenant and user.
 4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos;
    an event that is not billed has a net charge of zero (so no BYOLLM call is ever charged).
 5. The hourly rollups and the coarse rollups (platform per hour and day, users per day) equal a
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from metering.billing.batch_sql import WALLET_ID_SQL
 from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 
 
@@ -74,6 +76,28 @@ def check_ledger(session: Session, report: CheckReport) -> None:
     ).all()
     for event_id, status, charge, net in mismatched[:20]:
         report.problems.append(f"event {event_id} ({status}): charge {charge} but {net} posted")
+    check_wallets(session, report)
+
+
+def check_wallets(session: Session, report: CheckReport) -> None:
+    """Each wallet is its (tenant, user)'s, and each usage charge debits the wallet of its event's (tenant, user)."""
+    misnamed = session.execute(
+        text(
+            "SELECT id, tenant_id, user_id FROM accounts WHERE kind = 'user_wallet' AND id <> "
+            + WALLET_ID_SQL.format(tenant="tenant_id", user="user_id")
+        )
+    ).all()
+    for account, tenant, user in misnamed[:20]:
+        report.problems.append(f"wallet {account} is not the wallet id of tenant {tenant!r}, user {user!r}")
+    misrouted = session.execute(
+        text(
+            "SELECT t.id, t.debit_account_id, e.tenant_id, e.user_id FROM transfers t "
+            "JOIN usage_events e ON e.event_id = t.event_id WHERE t.kind = 'usage_charge' AND t.debit_account_id <> "
+            + WALLET_ID_SQL.format(tenant="e.tenant_id", user="e.user_id")
+        )
+    ).all()
+    for transfer, debit, tenant, user in misrouted[:20]:
+        report.problems.append(f"usage charge {transfer} debits {debit}, not the wallet of {tenant!r}/{user!r}")
 
 
 _RECOMPUTED = (

@@ -34,6 +34,7 @@ from metering.billing.ledger import (
     provider_payable,
     usage_transfer_hex,
     user_wallet,
+    wallet_id,
 )
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus, Decision, decide
@@ -353,7 +354,7 @@ def usage_transfer_rows(
         e = p.event
         event_ref = e.event_id.hex
         if d.charge_nanos > 0:
-            wallet = f"user:{e.tenant_id}:{e.user_id}"
+            wallet = wallet_id(e.tenant_id, e.user_id)
             if wallet not in accounts:
                 accounts[wallet] = user_wallet(e.tenant_id, e.user_id)
             rows.append((usage_transfer_hex(event_ref, CHARGE), wallet, REVENUE.id, d.charge_nanos, CURRENCY, CHARGE,

@@ -49,8 +49,15 @@ class Account:
     user_id: str | None = None
 
 
+def wallet_id(tenant_id: str, user_id: str) -> str:
+    """``user:<tenant>:<user>``, the tenant with ``~`` and ``:`` escaped (``~7E``, ``~3A``) so that no two
+    (tenant, user) pairs share a wallet ('acme:x'/'y' and 'acme'/'x:y' once did). Ids of tenants without those
+    characters are unchanged. PostgreSQL ingest builds the same id in SQL (``batch_sql.WALLET_ID_SQL``)."""
+    return f"user:{tenant_id.replace('~', '~7E').replace(':', '~3A')}:{user_id}"
+
+
 def user_wallet(tenant_id: str, user_id: str) -> Account:
-    return Account(f"user:{tenant_id}:{user_id}", AccountKind.USER_WALLET, tenant_id, user_id)
+    return Account(wallet_id(tenant_id, user_id), AccountKind.USER_WALLET, tenant_id, user_id)
 
 
 def provider_cost(provider: str) -> Account:

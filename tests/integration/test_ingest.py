@@ -342,3 +342,46 @@ def test_token_counts_and_latencies_past_their_bounds_are_rejected_one_by_one(se
     assert "latency_ms" in by_index[1] and "86400000" in by_index[1]
     assert "output_tokens" in by_index[2] and "1000000000" in by_index[2]
     assert row(session_factory, event_from_record(items[3])).latency_ms == MAX_LATENCY_MS
+
+
+def test_tenants_and_users_with_colons_never_share_a_wallet(session_factory) -> None:
+    """'acme:x'/'y' and 'acme'/'x:y' once mapped to one wallet, 'user:acme:x:y': a cross-tenant money mix-up."""
+    from metering.billing.credits import add_credit, balances
+    from metering.billing.ledger import wallet_id
+
+    a, b = event(1, tenant_id="acme:x", user_id="y"), event(2, tenant_id="acme", user_id="x:y")
+    assert run(session_factory, [a, b]).inserted == 2
+    with session_factory() as session:
+        add_credit(session, tenant_id="acme:x", user_id="y", amount=Decimal(1), idempotency_key="k1", now=NOW)
+        add_credit(session, tenant_id="acme", user_id="x:y", amount=Decimal(7), idempotency_key="k2", now=NOW)
+        session.commit()
+        wallets = {
+            (r.tenant_id, r.user_id): (r.id, r.balance_nanos)
+            for r in session.scalars(select(AccountRow).where(AccountRow.kind == "user_wallet"))
+        }
+        acme = balances(session, "acme")
+        report = run_checks(session)
+    charge_a, charge_b = (row(session_factory, e).charge_nanos for e in (a, b))
+    assert wallets == {
+        ("acme:x", "y"): ("user:acme~3Ax:y", 1_000_000_000 - charge_a),
+        ("acme", "x:y"): ("user:acme:x:y", 7_000_000_000 - charge_b),
+    }
+    assert [account for account, _, _ in acme] == ["user:acme:x:y"]
+    assert wallet_id("a~3Ab", "c") != wallet_id("a:b", "c")  # the escape character is escaped too
+    assert report.problems == []
+    (debit_a,) = [t.debit_account_id for t in transfers(session_factory, a) if t.kind == "usage_charge"]
+    assert debit_a == "user:acme~3Ax:y"
+
+
+def test_the_checks_catch_a_wallet_that_is_not_its_owners(session_factory) -> None:
+    from sqlalchemy import text
+
+    e = event(1, tenant_id="acme:x", user_id="y")
+    run(session_factory, [e])
+    with session_factory() as session:  # the id an older version gave this wallet, shared with 'acme'/'x:y'
+        session.execute(text("UPDATE transfers SET debit_account_id = 'user:acme:x:y' WHERE kind = 'usage_charge'"))
+        session.execute(text("UPDATE accounts SET id = 'user:acme:x:y' WHERE kind = 'user_wallet'"))
+        report = run_checks(session)
+        session.rollback()
+    assert any("is not the wallet id of tenant 'acme:x'" in p for p in report.problems), report.problems
+    assert any("not the wallet of 'acme:x'/'y'" in p for p in report.problems), report.problems
