@@ -116,9 +116,10 @@ class MeteredLLM:
     # -- shared steps -------------------------------------------------------------------------
 
     def _begin(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, purpose: str) -> Plan:
-        plan = resolve_cached(
-            self._settings.byollm(self._scope.user_id), self._settings.purpose(purpose), self._platform
-        )
+        byollm = self._settings.byollm(self._scope.user_id)
+        if byollm is not None and byollm.tenant_id != self._scope.tenant_id:
+            byollm = None  # user ids are global, but a user's own LLM (and key) serves only their tenant's calls
+        plan = resolve_cached(byollm, self._settings.purpose(purpose), self._platform)
         budget = self._budget
         if budget is not None and budget.mode is BudgetMode.ENFORCE:
             estimate = estimate_input_tokens(system, messages) if budget.max_tokens is not None else 0

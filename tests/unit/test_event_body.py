@@ -77,7 +77,15 @@ async def test_repeated_keys_keep_the_last_value_on_both_paths() -> None:
 # valid on its own, and then gives the same events.
 _CHANGES: dict[str, list[Any]] = {
     "event_id": [str(uuid.uuid4()), "not-a-uuid", 7, None, str(uuid7()).replace("-", "")],
-    "occurred_at": ["2026-11-27T14:00:00", "2026-11-27", "yesterday", 1.5e9, 1764270000, None, "9999-12-31T23:00:00-05:00"],
+    "occurred_at": [
+        "2026-11-27T14:00:00",
+        "2026-11-27",
+        "yesterday",
+        1.5e9,
+        1764270000,
+        None,
+        "9999-12-31T23:00:00-05:00",
+    ],
     "tenant_id": ["", "a\x00b", "x" * 200, "x" * 201, "\x00" * 300, 5, None, ["t"], "\ud800", "a\udc00b"],
     "action_type": ["", "x" * 51, None],
     "prompt_fingerprint": ["", "f" * 65, "é" * 65, "\x00"],

@@ -181,6 +181,28 @@ async def test_byollm_success_is_marked_byollm(caplog: pytest.LogCaptureFixture)
     assert SECRET not in caplog.text and SECRET not in repr(llm.__dict__)
 
 
+async def test_a_users_own_llm_never_serves_another_tenants_call() -> None:
+    """User ids are global: a call made for 'user-1' under another tenant (e.g. by that tenant's admin over
+    HTTP) must not spend user-1's own key, nor be excluded from billing as BYOLLM."""
+    recorder = Recorder()
+    settings = byollm("llama3")
+    llm = MeteredLLM(
+        scope=CallScope("tenant-2", "user-1", "rewrite", "rewrite", uuid7()),
+        settings=settings,
+        platform=PLATFORM,
+        providers=ProviderPool(FakeProvider),
+        recorder=recorder,
+    )
+    response = await llm.create_message(messages=MESSAGES)
+    assert not response.is_byollm
+    (event,) = recorder.events
+    assert (event.tenant_id, event.is_byollm, event.provider, event.model) == (
+        "tenant-2", False, "openai", "platform-model",
+    )  # fmt: skip
+    own, _ = make_llm(settings)  # the same settings still serve the user's own tenant
+    assert (await own.create_message(messages=MESSAGES)).is_byollm
+
+
 async def test_json_response_is_parsed_and_invalid_json_raises_a_typed_error() -> None:
     llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="json", api_keys={"openai": "k"}))
     response = await llm.create_message(messages=MESSAGES, response_format="json")

@@ -84,6 +84,18 @@ def test_one_event_per_call_and_byollm_settings_apply_at_once(client, admin, ses
     assert byollm.billing_status == "excluded_byollm"
 
 
+def test_a_tenant_admin_cannot_spend_another_tenants_byollm(client, admin, make_token, session_factory):
+    put = client.put(
+        "/v1/admin/users/globex/victim/byollm", json={"provider": "simulated", "model": "llama3.1-8b"}, headers=admin
+    )
+    assert put.status_code == 200, put.text
+    acme = bearer(make_token(Scope.ADMIN, tenant="acme"))
+    body = _invoke(client, acme, user="victim", tenant="acme").json()
+    assert (body["is_byollm"], body["model"]) == (False, "claude-sonnet-4-6")  # the platform LLM, billed to acme
+    own = _invoke(client, admin, user="victim", tenant="globex").json()
+    assert (own["is_byollm"], own["model"]) == (True, "llama3.1-8b")
+
+
 def test_events_are_delivered_at_shutdown(settings, make_token, session_factory):
     admin = bearer(make_token(Scope.ADMIN))
     with TestClient(create_app(settings)) as client:
