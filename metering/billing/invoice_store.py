@@ -292,8 +292,16 @@ def _insert(session: Session, invoice: Invoice) -> None:
 # -- ledger ---------------------------------------------------------------------------------------
 
 
+def in_period(period: str) -> ColumnElement[bool]:
+    """The transfers of ``period``: those billed in it (usage and their reversals carry it), and those without a
+    billing period (credits, top-ups, adjustments) posted during it, so that the periods' exports add up to the
+    balances."""
+    start, end = period_bounds(check_period(period))
+    undated = and_(TransferRow.period.is_(None), TransferRow.created_at >= start, TransferRow.created_at < end)
+    return or_(TransferRow.period == period, undated)
+
+
 def period_transfers(session: Session, period: str) -> list[TransferRow]:
-    """Every transfer of ``period``, in posting order (created_at, id)."""
-    check_period(period)
-    stmt = select(TransferRow).where(TransferRow.period == period).order_by(TransferRow.created_at, TransferRow.id)
+    """Every transfer of ``period`` (``in_period``), in posting order (created_at, id)."""
+    stmt = select(TransferRow).where(in_period(period)).order_by(TransferRow.created_at, TransferRow.id)
     return list(session.scalars(stmt))

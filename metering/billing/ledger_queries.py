@@ -132,7 +132,7 @@ def transfers_page(
     if event_id is not None:
         stmt = stmt.where(TransferRow.event_id == event_id)
     if period is not None:
-        stmt = stmt.where(TransferRow.period == invoice_store.check_period(period))
+        stmt = stmt.where(invoice_store.in_period(period))
     return _page(session, stmt, TransferRow.created_at, TransferRow.id, limit, cursor)
 
 
@@ -143,7 +143,7 @@ def ledger_csv(session: Session, period: str, tenant_id: str | None = None) -> s
         return export.ledger_csv(session, period)
     stmt = (
         select(TransferRow)
-        .where(TransferRow.period == invoice_store.check_period(period), touches_tenant(tenant_id))
+        .where(invoice_store.in_period(period), touches_tenant(tenant_id))
         .order_by(TransferRow.created_at, TransferRow.id)
     )
     return transfers_csv(list(session.scalars(stmt)))

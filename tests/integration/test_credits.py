@@ -155,3 +155,35 @@ def test_two_concurrent_requests_with_one_key_post_once(session_factory) -> None
     assert transfer_count(session_factory) == 1
     with session_factory() as session:
         assert run_checks(session).problems == []
+
+
+def test_credits_belong_to_the_period_they_were_posted_in(session_factory) -> None:
+    """Credits carry no billing period; a period's export and transfer list include those posted during it, so
+    the exports of all periods add up to the balances."""
+    from metering.billing.export import ledger_csv
+    from metering.billing.ledger_queries import transfers_page
+
+    november = credit(session_factory, amount=Decimal(3), idempotency_key="nov")
+    last_second = credit(
+        session_factory, amount=Decimal(2), idempotency_key="oct", now=datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC)
+    )
+    december = credit(session_factory, amount=Decimal(1), idempotency_key="dec", now=datetime(2026, 12, 1, tzinfo=UTC))
+    with session_factory() as session:
+        listed = {p: [t.id for t in transfers_page(session, period=p).items] for p in ("2026-10", "2026-11", "2026-12")}
+        exported = {p: ledger_csv(session, p) for p in ("2026-10", "2026-11", "2026-12")}
+        tenant_export = ledger_queries_csv(session, "2026-11")
+    assert listed == {
+        "2026-10": [last_second.transfer_id],
+        "2026-11": [november.transfer_id],
+        "2026-12": [december.transfer_id],
+    }
+    for period, result in (("2026-10", last_second), ("2026-11", november), ("2026-12", december)):
+        lines = exported[period].splitlines()
+        assert len(lines) == 2 and str(result.transfer_id) in lines[1], exported[period]
+    assert str(november.transfer_id) in tenant_export and str(december.transfer_id) not in tenant_export
+
+
+def ledger_queries_csv(session, period: str) -> str:
+    from metering.billing.ledger_queries import ledger_csv
+
+    return ledger_csv(session, period, tenant_id="t1")

@@ -67,7 +67,13 @@ def list_transfers(
     account_id: str | None = None,
     kind: TransferKinds | None = None,
     event_id: uuid.UUID | None = None,
-    period: Annotated[str | None, Query(description="Billing period, YYYY-MM.")] = None,
+    period: Annotated[
+        str | None,
+        Query(
+            description="YYYY-MM: the billing period a transfer carries, else (credits, adjustments) the UTC month "
+            "it was posted in."
+        ),
+    ] = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> TransferPage:

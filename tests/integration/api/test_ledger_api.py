@@ -112,7 +112,8 @@ def test_transfer_filters(client, reader, seeded, session_factory):
         ({"kind": "provider_cost"}, lambda t: t.kind == "provider_cost"),
         ({"account_id": wallet}, lambda t: wallet in (t.debit_account_id, t.credit_account_id)),
         ({"account_id": "provider:openai:payable"}, lambda t: t.credit_account_id == "provider:openai:payable"),
-        ({"period": SEPTEMBER}, lambda t: t.period == SEPTEMBER),
+        ({"period": SEPTEMBER}, lambda t: (t.period or t.created_at.strftime("%Y-%m")) == SEPTEMBER),  # credits too
+        ({"period": SEPTEMBER, "kind": "credit"}, lambda t: t.kind == "credit" and t.created_at.month == 9),
         ({"event_id": str(every[0].event_id)}, lambda t: t.event_id == every[0].event_id),
         ({"period": OCTOBER, "kind": "usage_charge"}, lambda t: t.period == OCTOBER and t.kind == "usage_charge"),
     ]
