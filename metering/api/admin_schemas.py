@@ -11,10 +11,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
-from metering.billing.money import from_nanos
+from metering.billing.money import from_nanos, plain_decimal
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.llm.providers import KNOWN_PROVIDERS
 from metering.llm.settings_store import url_has_credentials
@@ -34,8 +34,16 @@ BaseUrl = Annotated[
     Field(None, max_length=500, description="An http(s) URL; required for `openai_compatible`."),
     AfterValidator(_no_credentials_in_url),
 ]
+
+
+def _plain(value: object) -> object:
+    """Text must be a plain decimal (no "1_000", " 5 ", "1e3", other scripts' digits); JSON numbers go on."""
+    return plain_decimal(value) if isinstance(value, str) else value
+
+
 UsdPerMtok = Annotated[
     Decimal,
+    BeforeValidator(_plain),
     Field(description='USD per 1M tokens, exact (send a string, e.g. `"3.00"`; at most 9 decimals).'),
 ]
 
@@ -158,7 +166,7 @@ class PriceOverrideIn(_In):
     output_mtok: UsdPerMtok
     cache_read_mtok: UsdPerMtok | None = None
     cache_write_mtok: UsdPerMtok | None = None
-    markup_pct: Decimal | None = Field(
+    markup_pct: Annotated[Decimal, BeforeValidator(_plain)] | None = Field(
         None, description="This override's own markup in percent (wins over the platform's)."
     )
     note: str | None = Field(None, max_length=500)
@@ -206,7 +214,7 @@ class EndOverrideIn(_In):
 class CreditIn(_In):
     tenant_id: Name
     user_id: Name
-    amount: Decimal = Field(
+    amount: Annotated[Decimal, BeforeValidator(_plain)] = Field(
         description=(
             'USD, exact (send a string, e.g. `"25.00"`). A `credit` is positive; an `adjustment` may be negative '
             "(it then debits the user)."

@@ -6,6 +6,7 @@ rounded once, half-even, to cents, and the rounding residue is kept visible.
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 NANO = Decimal(10**9)
@@ -13,6 +14,18 @@ NANOS_PER_USD = 10**9
 NANOS_PER_CENT = 10**7
 _CENTS_EXPONENT = 7  # a cent is 10**7 nanos
 _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
+
+
+# An amount as text: ASCII digits, an optional sign and decimal point. Decimal() also takes "1_000", " 5 ", "1e3",
+# "Infinity" and digits of other scripts (full-width, Arabic-Indic...): for money, each is more likely a mistake.
+_PLAIN_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def plain_decimal(text: str) -> Decimal:
+    """``text`` as a Decimal if it is a plain decimal number (e.g. ``25``, ``-3.50``); ``ValueError`` otherwise."""
+    if not _PLAIN_DECIMAL.fullmatch(text):
+        raise ValueError("not a plain decimal number (digits 0-9, an optional sign and point, e.g. 25.00)")
+    return Decimal(text)
 
 
 def to_nanos(amount: Decimal) -> int:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing.pricing import PriceOverride
 from metering.db.models import PriceOverrideRow
-from metering.errors import InvalidInputError, NotFoundError
+from metering.errors import ConflictError, InvalidInputError, NotFoundError
 
 NANOS_PER_USD = 10**9
 MAX_NANOS = 2**63 - 1  # BIGINT
@@ -96,7 +96,7 @@ def add_override(
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
     if session.get(PriceOverrideRow, override_id) is not None:
-        raise InvalidInputError(f"a price override with id {override_id!r} already exists")
+        raise ConflictError(f"a price override with id {override_id!r} already exists (end it, or use a new id)")
     row = PriceOverrideRow(
         id=override_id,
         provider=provider,

@@ -7,7 +7,7 @@ moments are ISO 8601 (a moment without a timezone is UTC; a bare date is its mid
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any
 
 import typer
@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from metering.billing import credits, overrides
-from metering.billing.money import format_usd
+from metering.billing.money import format_usd, plain_decimal
 from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
@@ -31,12 +31,9 @@ def _decimal(name: str, value: str | None) -> Decimal | None:
     if value is None:
         return None
     try:
-        parsed = Decimal(value.strip())
-    except InvalidOperation:
-        raise fail(f"{name} must be a decimal number, not {value!r}") from None
-    if not parsed.is_finite():
-        raise fail(f"{name} must be finite")
-    return parsed
+        return plain_decimal(value.strip())
+    except ValueError as exc:
+        raise fail(f"{name} {value!r}: {exc}") from None
 
 
 def _moment(name: str, value: str | None) -> datetime | None:

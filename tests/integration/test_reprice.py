@@ -18,7 +18,7 @@ from metering.billing.invoice_store import finalize_period
 from metering.billing.overrides import add_override, end_override, list_overrides
 from metering.billing.reprice import RepriceResult, reprice_held
 from metering.db.models import InvoiceRow, PriceOverrideRow, TransferRow, UsageEventRow, UsageRollupRow
-from metering.errors import InvalidInputError, NotFoundError
+from metering.errors import ConflictError, InvalidInputError, NotFoundError
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
 
@@ -193,7 +193,7 @@ def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_fac
         override(session_factory, input_mtok=Decimal("0.0000000001"))
     with pytest.raises(InvalidInputError, match="effective_to must be after"):
         override(session_factory, effective_to=SINCE)
-    with pytest.raises(InvalidInputError, match="already exists"):
+    with pytest.raises(ConflictError, match="already exists"):
         override(session_factory, id="o1")
     with pytest.raises(InvalidInputError, match="Decimal"):
         override(session_factory, output_mtok=0.4)

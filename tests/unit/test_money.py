@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metering.billing.money import NANO, NANOS_PER_CENT, format_usd, from_nanos, round_cents, to_nanos
+from metering.billing.money import NANO, NANOS_PER_CENT, format_usd, from_nanos, plain_decimal, round_cents, to_nanos
 
 
 def test_nano_is_one_billion():
@@ -111,3 +111,17 @@ def test_round_cents_keeps_total_and_is_nearest(nanos):
 def test_nanos_round_trip(nanos):
     assert to_nanos(from_nanos(nanos)) == nanos
     assert Decimal(format_usd(nanos).replace("$", "").replace(",", "")) == from_nanos(nanos)
+
+
+@pytest.mark.parametrize("text", ["25", "25.00", "-3.5", "+7", ".5", "5.", "0.000000001"])
+def test_plain_decimals_are_read_exactly(text: str) -> None:
+    assert plain_decimal(text) == Decimal(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["1_000", "\uff12\uff15", "\u0665", " 5 ", "5 ", "1e3", "Infinity", "NaN", "", "-", ".", "1,5", "0x10"]
+)
+def test_anything_else_is_refused_without_echoing_it(text: str) -> None:
+    with pytest.raises(ValueError, match="not a plain decimal number") as caught:
+        plain_decimal(text)
+    assert text.strip() == "" or text.strip() not in str(caught.value)

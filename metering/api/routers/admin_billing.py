@@ -49,9 +49,9 @@ def _override_snapshot(row: PriceOverrideRow | None) -> dict[str, Any] | None:
     description=(
         "Requires `admin`, unbound. Prices (provider, model glob) in [effective_from, effective_to), in USD per 1M "
         "tokens, exactly (at most 9 decimals; send strings). Overrides are never deleted: end them. Audited as "
-        "`price_override.add`."
+        "`price_override.add`. An id already used is 409 `conflict`."
     ),
-    responses=problem_responses(401, 403, 422, 503),
+    responses=problem_responses(401, 403, 409, 422, 503),
 )
 def post_price_override(
     body: PriceOverrideIn, principal: PlatformAdmin, session: DbSession, audit: Audited

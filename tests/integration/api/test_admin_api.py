@@ -235,7 +235,9 @@ def test_price_overrides_add_list_end_audited(client, admin, session_factory):
     assert added.status_code == 201, added.text
     assert added.json()["input_mtok"] == "2.500000000" and added.json()["output_mtok"] == "12.000000001"
     assert added.json()["effective_to"] is None
-    assert_problem(client.post("/v1/admin/price-overrides", json=body, headers=admin), 422, "invalid_input")
+    assert_problem(client.post("/v1/admin/price-overrides", json=body, headers=admin), 409, "conflict")
+    odd = {**body, "id": "ovr_odd", "input_mtok": "1_000"}  # text prices are plain decimals too
+    assert_problem(client.post("/v1/admin/price-overrides", json=odd, headers=admin), 422, "validation_error")
     finer = {**body, "id": "ovr_fine", "input_mtok": "0.0000000001"}
     assert (
         "finer"
@@ -323,6 +325,15 @@ def test_a_credit_past_what_a_balance_can_hold_is_a_clear_422(client, admin, ses
             "big-1"
         }
         assert run_checks(session).problems == []
+
+
+@pytest.mark.parametrize("amount", ["1_000", "\uff12\uff15", "\u0665", " 5 ", "1e3", "Infinity"])
+def test_a_credit_amount_must_be_a_plain_decimal(client, admin, session_factory, amount):
+    body = assert_problem(_credit(client, admin, f"odd-{amount.encode()!r}", amount=amount), 422, "validation_error")
+    assert "plain decimal" in str(body["errors"])
+    assert len(amount.strip()) < 3 or amount.strip() not in str(body)  # the input is not echoed
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == 0
 
 
 def test_negative_adjustment_debits_the_user(client, admin, session_factory):
