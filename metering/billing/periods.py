@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 
@@ -11,14 +12,16 @@ def period_of(moment: datetime) -> str:
     return f"{moment.year:04d}-{moment.month:02d}"
 
 
+_PERIOD = re.compile(r"[0-9]{4}-[0-9]{2}")  # ASCII digits only (int() would also read other scripts' digits)
+
+
 def parse_period(period: str) -> tuple[int, int]:
-    try:
-        year_text, month_text = period.split("-")
-        year, month = int(year_text), int(month_text)
-    except ValueError:
-        raise ValueError(f"a period is written YYYY-MM, not {period!r}") from None
-    if not (1 <= month <= 12 and 1970 <= year <= 9999) or len(period) != 7:
+    """(year, month) of ``YYYY-MM``, from 1970-01 to 9999-11 (the last month whose end a datetime can hold)."""
+    if not _PERIOD.fullmatch(period):
         raise ValueError(f"a period is written YYYY-MM, not {period!r}")
+    year, month = int(period[:4]), int(period[5:])
+    if not (1 <= month <= 12 and 1970 <= year <= 9999) or (year, month) > (9999, 11):
+        raise ValueError(f"a period is written YYYY-MM (1970-01 to 9999-11), not {period!r}")
     return year, month
 
 
@@ -31,8 +34,7 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     """[start, end) of the month in UTC."""
     year, month = parse_period(period)
     start = datetime(year, month, 1, tzinfo=UTC)
-    next_year, next_month = parse_period(next_period(period))
-    return start, datetime(next_year, next_month, 1, tzinfo=UTC)
+    return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
 
 
 def finalizable(period: str, now: datetime, grace: timedelta) -> bool:

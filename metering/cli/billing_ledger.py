@@ -47,7 +47,7 @@ def _moment(name: str, value: str | None) -> datetime | None:
 
 
 def _usd_per_mtok(nanos: int | None) -> str | None:
-    return None if nanos is None else str(Decimal(nanos).scaleb(-9).normalize())
+    return None if nanos is None else format(Decimal(nanos).scaleb(-9), "f")  # "20.000000000", never "2E+1"
 
 
 def _override_view(row: PriceOverrideRow) -> dict[str, Any]:

@@ -49,7 +49,9 @@ def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> No
     since = (now - timedelta(days=1)).date().isoformat()
     out = run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.10", "--output", "0.40",
               "--from", since, "--id", "llama-old")  # fmt: skip
-    assert '"input_usd_per_mtok": "0.1"' in out
+    assert '"input_usd_per_mtok": "0.100000000"' in out  # 9 decimals, as the API shows them
+    out = run("overrides", "add", "--provider", "elsewhere", "--model", "m", "--input", "20", "--output", "20")
+    assert '"output_usd_per_mtok": "20.000000000"' in out  # not "2E+1"
     run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.0000000001", "--output", "0",
         code=1)  # fmt: skip
     assert "priced 1 held event(s) ($0.36 charged, $0.30 provider cost); 0 still unpriced" in run("reprice")

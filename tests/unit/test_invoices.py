@@ -108,3 +108,16 @@ def test_invoice_csv_rows_and_exact_amounts() -> None:
         ("residue", "", "", "0.005000000", "5000000"),
     ]
     assert {(r["period"], r["tenant_id"], r["user_id"], r["status"]) for r in rows} == {("2025-03", "t", "u", "draft")}
+
+
+def test_periods_run_from_1970_01_to_9999_11_in_ascii_digits() -> None:
+    from datetime import UTC, datetime
+
+    from metering.billing.periods import parse_period, period_bounds
+
+    assert parse_period("2026-11") == (2026, 11)
+    assert period_bounds("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_bounds("9999-11")[1] == datetime(9999, 12, 1, tzinfo=UTC)
+    for bad in ("9999-12", "1969-12", "2026-13", "2026-00", "2026-1", "\uff12\uff10\uff12\uff16-\uff11\uff11", "x"):
+        with pytest.raises(ValueError, match="YYYY-MM"):
+            parse_period(bad)

@@ -131,6 +131,8 @@ def test_transfer_filters(client, reader, seeded, session_factory):
         ({"kind": "gift"}, "validation_error"),
         ({"event_id": "not-a-uuid"}, "validation_error"),
         ({"period": "2026-13"}, "invalid_input"),
+        ({"period": "9999-12"}, "invalid_input"),  # its end is past what a datetime holds: was a 500
+        ({"period": "\uff12\uff10\uff12\uff16-\uff11\uff11"}, "invalid_input"),  # full-width digits
         ({"cursor": "garbage!"}, "invalid_input"),
         ({"cursor": base64.urlsafe_b64encode(b"2026-10-01T00:00:00|zz").decode()}, "invalid_input"),
         ({"cursor": base64.urlsafe_b64encode(b"2026-10-01T00:00:00|" + b"a" * 32).decode()}, "invalid_input"),
@@ -277,6 +279,8 @@ def test_ledger_csv(client, reader, alpha, seeded, session_factory):
     assert my_rows == [r for r in rows if wallets & set(r.split(",")[3:5])] and my_rows
     assert BETA not in mine.text and "provider:" not in mine.text
     assert_problem(client.get("/v1/ledger/2026-1.csv", headers=reader), 422, "invalid_input")
+    assert_problem(client.get("/v1/ledger/9999-12.csv", headers=reader), 422, "invalid_input")
+    assert client.get("/v1/ledger/9999-11.csv", headers=reader).status_code == 200
     assert _get(client, "/v1/ledger/2020-01.csv", reader).text.splitlines() == [header]
 
 
