@@ -7,8 +7,9 @@ Concurrency. Finalizing a period must not miss an event that a concurrent ingest
 On PostgreSQL ``finalize_period`` takes ``pg_advisory_xact_lock(hashtext('invoice:' || period))`` as
 its first statement; ingest, reprice and re-rate take the shared variant (``lock_billing_periods``) for
 every period they may bill into, sorted, *before* they read ``store.finalized_periods``, and hold it to
-commit (it is a transaction lock). Then either the ingest commits first and finalization (read committed) sees its
-events, or finalization commits first and the ingest sees the invoice and bills late. On SQLite
+commit (it is a transaction lock), reading the finalized periods again after taking the locks of late periods.
+Then either the ingest commits first and finalization (read committed) sees its events, or finalization commits
+first and the ingest sees the month closed (``finalized_periods``) and bills late. On SQLite
 ``finalize_period`` takes the database write lock (a no-op write) before reading, so it runs alone.
 """
 
@@ -27,7 +28,7 @@ from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoi
 from metering.billing.ledger import CURRENCY
 from metering.billing.periods import billing_period, finalizable, parse_period, period_bounds
 from metering.billing.store import dialect, finalized_periods
-from metering.db.models import InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
+from metering.db.models import FinalizedPeriodRow, InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
 from metering.errors import InvalidInputError, PeriodOpenError
 
 UserKey = tuple[str, str, str]  # (tenant_id, user_id, period)
@@ -67,18 +68,25 @@ def lock_billing_periods(session: Session, wanted: Iterable[tuple[str, str, str]
     """For writers that bill events after ingest (reprice, re-rate): ``wanted`` holds (tenant, user, period)
     of each event a billing may land on. Takes the shared locks of those periods (as ingest does), reads the
     users' finalized periods, then locks the later periods that late billings move to; returns the finalized
-    periods per (tenant, user). So a finalization can never commit between that read and the writes."""
+    periods per (tenant, user). So a finalization can never commit between that read and the writes.
+
+    A late period may be being finalized while we wait for its lock: once we hold it, the finalized periods are
+    read again (read committed: a fresh snapshot), until every period a billing lands on is locked and open."""
     wanted = list(wanted)
-    lock_for_ingest(session, sorted({period for _, _, period in wanted}))
-    finalized = finalized_periods(session, {(tenant, user) for tenant, user, _ in wanted})
-    late = set()
-    for tenant, user, period in wanted:
-        closed = finalized.get((tenant, user))
-        if closed and period in closed:
-            late.add(billing_period(period, closed)[0])
-    if late:
-        lock_for_ingest(session, sorted(late))
-    return finalized
+    locked = {period for _, _, period in wanted}
+    lock_for_ingest(session, sorted(locked))
+    users = {(tenant, user) for tenant, user, _ in wanted}
+    while True:
+        finalized = finalized_periods(session, users)
+        late = set()
+        for tenant, user, period in wanted:
+            closed = finalized.get((tenant, user))
+            if closed and period in closed:
+                late.add(billing_period(period, closed)[0])
+        if late <= locked:
+            return finalized
+        lock_for_ingest(session, sorted(late - locked))
+        locked |= late
 
 
 def _lock_period_exclusive(session: Session, period: str) -> None:
@@ -246,6 +254,8 @@ def finalize_period(
             "(use force to finalize it anyway)"
         )
     _lock_period_exclusive(session, period)
+    if session.get(FinalizedPeriodRow, period) is None:  # from now on the month is closed for every user
+        session.add(FinalizedPeriodRow(period=period, finalized_at=now))
     done = set(_finalized(session, period=period))
     issued = []
     for key, lines in sorted(_billed_lines(session, period=period).items()):

@@ -21,7 +21,7 @@ from metering.billing.ledger import CURRENCY, MAX_BALANCE_NANOS, Account, Postin
 from metering.billing.money import format_usd
 from metering.billing.pricing import PriceBook, PriceOverride
 from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey, coarse_buckets
-from metering.db.models import InvoiceRow, PriceOverrideRow, UsageEventRow
+from metering.db.models import FinalizedPeriodRow, PriceOverrideRow, UsageEventRow
 from metering.errors import BalanceLimitError
 from metering.events import UsageEvent
 
@@ -369,16 +369,10 @@ def load_price_book(session: Session, markup_pct: Decimal) -> PriceBook:
 
 
 def finalized_periods(session: Session, users: Iterable[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
-    """For each (tenant, user): the periods whose invoice is finalized."""
+    """For each (tenant, user): the finalized periods. Finalizing a month closes it for every user (the
+    ``finalized_periods`` table, one row per month), so each gets the same set."""
     wanted = set(users)
-    found: dict[tuple[str, str], set[str]] = {}
     if not wanted:
-        return found
-    tenants = sorted({tenant for tenant, _ in wanted})
-    stmt = select(InvoiceRow.tenant_id, InvoiceRow.user_id, InvoiceRow.period).where(
-        InvoiceRow.tenant_id.in_(tenants), InvoiceRow.status == "finalized"
-    )
-    for tenant, user, period in session.execute(stmt):
-        if (tenant, user) in wanted:
-            found.setdefault((tenant, user), set()).add(period)
-    return found
+        return {}
+    closed = set(session.scalars(select(FinalizedPeriodRow.period)))
+    return {user: closed for user in wanted}

@@ -321,6 +321,16 @@ class InvoiceRow(Base):
     __table_args__ = (UniqueConstraint("tenant_id", "user_id", "period", name="uq_invoices_user_period"),)
 
 
+class FinalizedPeriodRow(Base):
+    """A month that ``finalize`` closed, for every user: an event of it that arrives later is billed late, in the
+    next open month, even for a user who had no invoice in it (finalization issued nothing for them)."""
+
+    __tablename__ = "finalized_periods"
+
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    finalized_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class InvoiceLineRow(Base):
     __tablename__ = "invoice_lines"
 

@@ -14,6 +14,7 @@ from metering.billing.rates import RateCards
 from metering.billing.store import load_price_book
 from metering.db.models import (
     AccountRow,
+    FinalizedPeriodRow,
     PlatformUsageDailyRow,
     PlatformUsageHourlyRow,
     TransferRow,
@@ -233,15 +234,40 @@ def test_late_event_for_a_finalized_period_lands_in_the_next_open_period(session
         session.add(InvoiceRow(id=uuid.uuid4(), tenant_id="tenant-1", user_id="user-1", period="2026-10",
                                status="finalized", currency="USD", total_nanos=0, rounded_nanos=0,
                                residue_nanos=0, finalized_at=NOW))  # fmt: skip
+        session.add(FinalizedPeriodRow(period="2026-10", finalized_at=NOW))  # what finalize records
         session.commit()
     late = event(1, occurred_at=datetime(2026, 10, 31, 23, 0, tzinfo=UTC))
     other_user = event(2, user_id="user-2", occurred_at=datetime(2026, 10, 31, 23, 0, tzinfo=UTC))
     run(session_factory, [late, other_user])
     assert (row(session_factory, late).invoice_period, row(session_factory, late).is_late) == ("2026-11", True)
+    # Finalizing closes the month for every user, not only those it issued an invoice to.
     assert (row(session_factory, other_user).invoice_period, row(session_factory, other_user).is_late) == (
-        "2026-10",
-        False,
+        "2026-11",
+        True,
     )
+
+
+def test_a_finalized_month_stays_closed_for_users_it_issued_nothing_to(session_factory) -> None:
+    from datetime import timedelta as td
+
+    from metering.billing.invoice_store import finalize_period, get_invoice
+
+    october = datetime(2026, 10, 15, 10, tzinfo=UTC)
+    run(session_factory, [event(1, occurred_at=october)])
+    with session_factory() as session:
+        assert len(finalize_period(session, "2026-10", NOW, td(hours=72))) == 1
+        assert finalize_period(session, "2026-12", NOW, td(0), force=True) == []  # nothing billed: still closed
+        session.commit()
+    newcomer = event(2, user_id="user-2", occurred_at=datetime(2026, 10, 20, 10, tzinfo=UTC))
+    december = event(3, user_id="user-3", occurred_at=datetime(2026, 12, 1, tzinfo=UTC))
+    run(session_factory, [newcomer, december], now=datetime(2026, 12, 1, 0, 1, tzinfo=UTC))
+    assert (row(session_factory, newcomer).invoice_period, row(session_factory, newcomer).is_late) == ("2026-11", True)
+    assert (row(session_factory, december).invoice_period, row(session_factory, december).is_late) == ("2027-01", True)
+    with session_factory() as session:
+        assert finalize_period(session, "2026-10", NOW, td(hours=72)) == []  # running it again changes nothing
+        assert get_invoice(session, "tenant-1", "user-2", "2026-10").lines == ()
+        assert [line.is_late for line in get_invoice(session, "tenant-1", "user-2", "2026-11").lines] == [True]
+        assert run_checks(session).problems == []
 
 
 def test_rollups_equal_a_recomputation_from_raw_events(session_factory) -> None:

@@ -277,3 +277,43 @@ def test_draft_lines_of_nobody_are_empty(session_factory) -> None:
         assert invoice_store.draft_lines(session, TENANT, "nobody", "2025-03") == []
         with pytest.raises(InvalidInputError, match="YYYY-MM"):
             invoice_store.draft_lines(session, TENANT, "nobody", "March")
+
+
+def test_a_late_event_waiting_on_a_month_being_finalized_moves_on_past_it(session_factory, backend) -> None:
+    """March is finalized, so a March event bills late into April. If April is being finalized while that ingest
+    waits for April's lock, the ingest must see April closed once it gets the lock and bill into May: before, it
+    billed into April with what it had read before waiting, a charge no invoice ever showed."""
+    import threading
+    import time
+
+    march_usage(session_factory)
+    with session_factory() as session:
+        invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+    late = event_from_record(record(7, occurred_at=MARCH + timedelta(days=3), input_tokens=4_000))
+    finalizing = session_factory()
+    invoice_store.finalize_period(finalizing, "2025-04", END_OF_GRACE, GRACE, force=True)  # holds April's lock
+    done = threading.Event()
+
+    def ingest_late() -> None:
+        with session_factory() as session:
+            ingest(session, [late], markup_pct=Decimal(20), now=END_OF_GRACE)
+            session.commit()
+        done.set()
+
+    worker = threading.Thread(target=ingest_late)
+    worker.start()
+    time.sleep(0.5)
+    if backend == "postgresql":
+        assert not done.is_set()  # waiting for April's lock (SQLite: waiting for the database's write lock)
+    finalizing.commit()
+    finalizing.close()
+    worker.join(timeout=30)
+    assert done.is_set()
+    with session_factory() as session:
+        stored = session.get(UsageEventRow, late.event_id)
+        april = invoice_store.get_invoice(session, TENANT, "user-1", "2025-04")
+        may = invoice_store.get_invoice(session, TENANT, "user-1", "2025-05")
+    assert (stored.invoice_period, stored.is_late) == ("2025-05", True)
+    assert april.lines == ()  # April was closed with nothing on it for this user, and stays so
+    assert [(line.is_late, line.calls, line.billed_nanos) for line in may.lines] == [(True, 1, stored.charge_nanos)]

@@ -95,3 +95,27 @@ def test_0005_fills_the_coarse_rollups_from_existing_rollups(fresh_url: str) -> 
 def _coarse_rows(engine: Engine) -> dict[str, set[tuple[object, ...]]]:
     with engine.connect() as conn:
         return {r.table: {tuple(row) for row in conn.execute(text(f"SELECT * FROM {r.table}"))} for r in COARSE_ROLLUPS}
+
+
+def test_0007_records_the_periods_already_finalized(fresh_url: str) -> None:
+    """Upgrading a database with finalized invoices: their months become finalized periods (for every user)."""
+    from metering.billing.invoice_store import finalize_period
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    try:
+        factory = make_session_factory(engine)
+        october = datetime(2026, 10, 10, tzinfo=UTC)
+        with factory() as session:
+            ingest(session, [event_from_record(record(0, occurred_at=october))], now=october)
+            assert len(finalize_period(session, "2026-10", datetime(2026, 11, 27, tzinfo=UTC), timedelta(0))) == 1
+            session.commit()
+        migrate.downgrade(fresh_url, "0006")
+        engine.dispose()
+        assert "finalized_periods" not in inspect(engine).get_table_names()
+        migrate.upgrade(fresh_url)
+        engine.dispose()
+        with engine.connect() as conn:
+            assert [tuple(r) for r in conn.execute(text("SELECT period FROM finalized_periods"))] == [("2026-10",)]
+    finally:
+        engine.dispose()

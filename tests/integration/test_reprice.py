@@ -17,7 +17,14 @@ from metering.billing.ingest import ingest
 from metering.billing.invoice_store import finalize_period
 from metering.billing.overrides import add_override, end_override, list_overrides
 from metering.billing.reprice import RepriceResult, reprice_held
-from metering.db.models import InvoiceRow, PriceOverrideRow, TransferRow, UsageEventRow, UsageRollupRow
+from metering.db.models import (
+    FinalizedPeriodRow,
+    InvoiceRow,
+    PriceOverrideRow,
+    TransferRow,
+    UsageEventRow,
+    UsageRollupRow,
+)
 from metering.errors import ConflictError, InvalidInputError, NotFoundError
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
@@ -143,6 +150,7 @@ def test_a_held_event_of_a_finalized_period_is_billed_late_in_the_next_open_one(
         session.add(InvoiceRow(id=uuid.uuid4(), tenant_id="tenant-1", user_id="user-1", period="2026-10",
                                status="finalized", currency="USD", total_nanos=0, rounded_nanos=0, residue_nanos=0,
                                finalized_at=NOW))  # fmt: skip
+        session.add(FinalizedPeriodRow(period="2026-10", finalized_at=NOW))  # what finalize records
         session.commit()
     override(session_factory)
     assert reprice(session_factory).priced == 1

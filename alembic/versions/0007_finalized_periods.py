@@ -1,0 +1,39 @@
+"""finalized periods: finalizing a month closes it for every user, not only those it issued an invoice to
+
+Before, a month counted as finalized only for users with a finalized invoice in it, so an event of a closed
+month for a user who had none was billed in that month (a new invoice for a month already finalized). The table
+is filled from the finalized invoices already stored.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-27 21:40:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+import metering.db.types
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "finalized_periods",
+        sa.Column("period", sa.String(length=7), nullable=False),
+        sa.Column("finalized_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("period"),
+    )
+    op.execute(
+        "INSERT INTO finalized_periods (period, finalized_at) "
+        "SELECT period, min(finalized_at) FROM invoices WHERE status = 'finalized' GROUP BY period"
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("finalized_periods")
