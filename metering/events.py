@@ -146,7 +146,7 @@ class UsageEvent(BaseModel):
     status: Status
     error_type: ShortText | None = None
     prompt_fingerprint: Fingerprint
-    budget_exceeded: list[BudgetLimit] = Field(default_factory=list)
+    budget_exceeded: list[BudgetLimit] = Field(default_factory=list, max_length=len(BudgetLimit))
 
     @field_validator("occurred_at", mode="before")
     @classmethod

@@ -57,9 +57,11 @@ def drain(
             stop.wait()
         drained = flusher.stop(drain=True, timeout=timeout)
         stats = flusher.stats
+        # The flusher let go of its slots when it stopped: what is left is counted on disk, as `spool status` does.
+        pending = sum(state.pending for state in slot_states(flusher.root))
         console.print(
             f"delivered={stats.delivered} duplicates={stats.duplicates} rejected={stats.rejected} "
-            f"failures={stats.failures} pending={stats.pending} drained={drained}"
+            f"failures={stats.failures} pending={pending} drained={drained}"
         )
         if not drained:
             raise typer.Exit(1)

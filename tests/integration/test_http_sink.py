@@ -54,3 +54,40 @@ def test_a_down_service_loses_nothing_and_a_replay_counts_duplicates(tmp_path: P
     with sqlite3.connect(db) as conn:
         stored = {row[0] for row in conn.execute("SELECT event_id FROM usage_events")}
     assert stored == {r["event_id"].replace("-", "") for r in records}
+
+
+def _drain_into_service(tmp_path: Path, name: str, records: list[dict], **limits: str) -> tuple[object, set[str]]:
+    db = tmp_path / f"{name}.db"
+    env = clean_env(METERING_DATA_DIR=str(tmp_path / name), METERING_DATABASE_URL=f"sqlite:///{db}", **limits)
+    token = create_token(env, "ingest", name="spool")
+    port = free_port()
+    with serving(env, tmp_path, name=name, port=port), Spool(tmp_path / f"{name}-spool") as spool:
+        for rec in records:
+            spool.append(orjson.dumps(rec))
+        flusher = Flusher(spool, HttpSink(f"http://127.0.0.1:{port}", token), batch_size=250, interval_s=0.01)
+        assert flusher.start().flush(timeout=90)
+        stats = flusher.stats
+        flusher.stop()
+        dead = (tmp_path / f"{name}-spool" / "rejected.jsonl").read_text() if stats.rejected else ""
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT event_id FROM usage_events")}
+    return (stats, dead), stored
+
+
+def test_a_batch_the_service_refuses_as_too_large_is_split_and_an_oversized_event_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """A 413 never passes on retry. The sink splits the batch until the parts pass, and an event too large on its
+    own is rejected with the service's reason instead of holding up every event behind it (it used to: the spool
+    slot stayed stuck for good)."""
+    records = [record(i) for i in range(300)]
+    (stats, _), stored = _drain_into_service(tmp_path, "few", records, METERING_API__MAX_BATCH_EVENTS="100")
+    assert (stats.delivered, stats.rejected, stats.pending, stats.failures) == (300, 0, 0, 0)  # 250 -> 125 -> 63/62
+    assert stored == {r["event_id"].replace("-", "") for r in records}
+
+    oversized = record(300, extension_id="\u00e9" * 200, function="\u00e9" * 200, purpose="\u00e9" * 200)
+    mixed = [*records[:20], oversized, *records[20:40]]  # one event alone is 783 bytes as a body, this one 2,300
+    (stats, dead), stored = _drain_into_service(tmp_path, "small", mixed, METERING_API__MAX_BODY_BYTES="1024")
+    assert (stats.delivered, stats.rejected, stats.pending) == (40, 1, 0)
+    assert stored == {r["event_id"].replace("-", "") for r in records[:40]}
+    assert oversized["event_id"] in dead and "too large" in dead

@@ -78,3 +78,26 @@ def test_metering_spool_drain_follow_delivers_while_running_and_on_sigterm(tmp_p
     assert drainer.returncode == 0, err
     assert "drained=True" in out
     assert stored_ids(session_factory) == {*ids, str(late["event_id"])}
+
+
+def test_a_drain_that_cannot_deliver_reports_what_is_still_pending(tmp_path: Path, db_url) -> None:
+    """Nobody listens at the HTTP sink's address: the drain fails, and its summary counts the lines left on disk
+    (it printed pending=0: the flusher had let go of its slots before they were counted)."""
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(30):
+            spool.append(orjson.dumps(record(i)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env.update(
+        METERING_DATA_DIR=str(tmp_path),
+        METERING_DATABASE_URL=db_url,
+        METERING_SPOOL__SINK="http",
+        METERING_SPOOL__HTTP_URL="http://127.0.0.1:9",  # discard port: connection refused
+        METERING_SPOOL__HTTP_TOKEN="mtr_unused",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "metering.cli.main", "spool", "drain", "--timeout", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "pending=30 drained=False" in done.stdout, done.stdout
+    assert sum(state.pending for state in slot_states(tmp_path / "spool")) == 30
