@@ -5,6 +5,7 @@ Run it with ``metering serve`` (uvicorn, ``factory=True``) or ``create_app(Setti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,8 @@ from metering.api.validators import reject_nul
 from metering.config import Settings
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
+
+log = logging.getLogger("metering.api")
 
 DESCRIPTION = """Usage metering and billing for LLM calls made by chat extensions.
 
@@ -37,6 +40,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = make_session_factory(engine)
     app.state.head_revision = migrate.head_revision(url)
     app.state.runtime = LazyRuntime(settings, app.state.sessions)  # built on first invoke; drained at shutdown
+    try:
+        app.state.runtime.resume_pending()  # an earlier run's undelivered events go out now, not at the first invoke
+    except Exception:  # never keep the API from starting: the events stay on disk for `metering spool drain`
+        log.exception("could not resume delivering the spool left by an earlier run")
     try:
         yield
     finally:

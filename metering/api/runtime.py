@@ -23,6 +23,7 @@ from metering.llm.settings_source import CachedSettings
 from metering.llm.settings_store import DatabaseSettings
 from metering.runtime import Runtime
 from metering.spool import DatabaseSink, Flusher, Spool
+from metering.spool.inspect import slot_states
 from metering.wiring import platform_llm
 
 log = logging.getLogger("metering.api")
@@ -82,6 +83,18 @@ class LazyRuntime:
         return Runtime(
             settings=self.llm_settings, platform=platform_llm(settings), providers=self.providers, recorder=self.spool
         )
+
+    def resume_pending(self) -> bool:
+        """At startup: when the spool holds events an earlier run left undelivered (a crash, a database that was
+        down at shutdown), build the runtime now so its flusher delivers them, instead of waiting for the first
+        invoke. True when it did."""
+        if self.settings.spool.flusher != "thread" or not self.settings.spool_dir.exists():
+            return False
+        if not any(state.pending for state in slot_states(self.settings.spool_dir)):
+            return False
+        log.info("the spool holds undelivered events from an earlier run: delivering them")
+        self.get()
+        return True
 
     def invalidate_settings(self) -> None:
         """Forget cached LLM settings (call after an admin change has committed)."""

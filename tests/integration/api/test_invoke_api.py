@@ -104,6 +104,31 @@ def test_events_are_delivered_at_shutdown(settings, make_token, session_factory)
     assert len(rows) == 3
 
 
+def test_a_restart_delivers_what_an_earlier_run_left_in_the_spool(settings, session_factory):
+    """An earlier run crashed with events spooled but not delivered: the next start delivers them by itself, without
+    waiting for an invoke (the runtime used to be built, and its flusher started, only by the first invoke)."""
+    import time
+
+    import orjson
+
+    from metering.spool import Spool
+    from tests.fakes.events import record
+
+    left = [record(i, user_id="crashed") for i in range(5)]
+    with Spool(settings.spool_dir) as spool:  # the earlier run, which never delivered them
+        for rec in left:
+            spool.append(orjson.dumps(rec))
+    with TestClient(create_app(settings)) as client:
+        assert client.app.state.runtime.built
+        ids = [uuid.UUID(r["event_id"]) for r in left]
+        deadline = time.monotonic() + 30
+        while len(_events(session_factory, ids)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_events(session_factory, ids)) == 5  # delivered while serving
+    with TestClient(create_app(settings)) as client:
+        assert not client.app.state.runtime.built  # nothing left: nothing built
+
+
 def test_unknown_extension_or_function_is_404(client, admin, session_factory):
     missing = assert_problem(_invoke(client, admin, "/v1/extensions/nope/functions/rewrite:invoke"), 404, "not_found")
     assert "'nope'" in missing["detail"] and "rewrite" in missing["detail"]
