@@ -47,6 +47,7 @@ class Services:
     spool: Spool
     flusher: Flusher
     runtime: Runtime
+    drain_on_close: bool = True  # False once a flush has failed: waiting again at exit would not help
 
     async def aclose(self, *, drain: bool = True) -> None:
         await self.providers.aclose()

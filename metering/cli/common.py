@@ -41,7 +41,7 @@ def services() -> Iterator[Services]:
     except MeteringError as exc:
         raise fail(f"{exc.message} {escape(f'[{exc.code}]')}") from None
     finally:
-        svc.close(drain=True)
+        svc.close(drain=svc.drain_on_close)
 
 
 def run_async(factory: Callable[[], Awaitable[T]]) -> T:

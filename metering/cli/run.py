@@ -24,7 +24,15 @@ def invoke_and_report(svc: Services, extension_id: str, function: str, params: d
     result: InvocationResult = run_async(lambda: svc.runtime.invoke(extension, function, params, user))
     print_json(result.result)
     if not svc.flusher.flush(timeout=30.0):
-        console.print("[yellow]usage is spooled but not yet in the database; it will be delivered later[/]")
+        svc.drain_on_close = False  # the sink is down: the events stay spooled, a second wait at exit would not help
+        console.print(
+            "[yellow]usage is spooled but not delivered yet (the sink is unreachable); it stays on disk for the next "
+            "run or `metering spool drain`[/]"
+        )
+        return
+    if svc.settings.spool.sink == "http":  # delivered to another service's database, not the local one
+        console.print(f"usage of invocation {result.invocation_id} delivered to {svc.settings.spool.http_url}")
+        return
     with svc.sessions() as session:
         rows = events_for_invocations(session, [result.invocation_id])
     console.print(usage_table(rows, title=f"Recorded usage of invocation {result.invocation_id}"))

@@ -86,3 +86,25 @@ def test_bad_input_gets_a_clear_error_and_exit_code(cli_env) -> None:
         leaky = metering([*command, "--base-url", "http://admin:hunter2@localhost:11434/v1"], cli_env)
         assert leaky.returncode != 0 and "must not carry credentials" in leaky.stderr, leaky.stderr
         assert "hunter2" not in leaky.stdout + leaky.stderr and "Traceback" not in leaky.stderr
+
+
+def test_rewrite_with_the_http_sink_down_keeps_the_event_and_waits_once(cli_env, tmp_path) -> None:
+    """The sink is unreachable: the call's result is printed, the event stays spooled, and the command waits for
+    delivery once (30 s), not a second time on its way out (it used to take 61 s)."""
+    import time
+
+    from metering.spool.inspect import slot_states
+
+    env = {
+        **cli_env,
+        "METERING_SPOOL__SINK": "http",
+        "METERING_SPOOL__HTTP_URL": "http://127.0.0.1:9",  # discard port: connection refused
+        "METERING_SPOOL__HTTP_TOKEN": "mtr_unused",
+    }
+    start = time.monotonic()
+    done = metering(["rewrite", "--tone", "formal", "hey, send me the file"], env)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    assert "stays on disk" in done.stdout and "Recorded usage" not in done.stdout
+    assert elapsed < 50, elapsed
+    assert sum(state.pending for state in slot_states(tmp_path / "spool")) == 1
