@@ -12,10 +12,12 @@ import asyncio
 import logging
 import threading
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.config import Settings
 from metering.crypto import SecretBox, secret_box_from_settings
+from metering.db.engine import make_engine, make_session_factory
 from metering.llm.client import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.providers.base import Provider, ProviderConfig
@@ -27,6 +29,7 @@ from metering.spool.inspect import slot_states
 from metering.wiring import platform_llm
 
 log = logging.getLogger("metering.api")
+_SETTINGS_POOL = {"pool_size": 2, "max_overflow": 2}
 
 
 class LazyRuntime:
@@ -42,6 +45,7 @@ class LazyRuntime:
         self.providers: ProviderPool | None = None
         self.spool: Spool | None = None
         self.flusher: Flusher | None = None
+        self.settings_engine: Engine | None = None
 
     @property
     def box(self) -> SecretBox:
@@ -63,7 +67,13 @@ class LazyRuntime:
 
     def _build(self, box: SecretBox) -> Runtime:
         settings = self.settings
-        self.llm_settings = CachedSettings(DatabaseSettings(self.sessions, box), ttl_s=settings.settings_cache_ttl_s)
+        # The metered ctx.llm reads LLM settings and budgets on the event loop (cache misses). From the requests' pool,
+        # that read could wait on the event loop itself: sessions of sync endpoints are closed by the loop, so with
+        # the pool exhausted the worker hung for good (found under concurrent invokes and event batches). Its own
+        # small pool is only ever used by those short reads, one at a time per event loop, so it never waits on it.
+        self.settings_engine = make_engine(settings.resolved_database_url, **_SETTINGS_POOL)
+        reads = make_session_factory(self.settings_engine)
+        self.llm_settings = CachedSettings(DatabaseSettings(reads, box), ttl_s=settings.settings_cache_ttl_s)
 
         def factory(config: ProviderConfig) -> Provider:
             return make_provider(config, settings.simulated)
@@ -109,7 +119,9 @@ class LazyRuntime:
         """Close providers, then stop the flusher (delivering what is spooled first) and close the spool."""
         with self._lock:
             providers, flusher, spool = self.providers, self.flusher, self.spool
+            settings_engine = self.settings_engine
             self._runtime = self.providers = self.flusher = self.spool = self.llm_settings = None
+            self.settings_engine = None
         if providers is not None:
             await providers.aclose()
         if flusher is not None:
@@ -118,3 +130,5 @@ class LazyRuntime:
                 log.warning("the spool was not fully delivered at shutdown; it stays on disk for the next start")
         if spool is not None:
             spool.close()
+        if settings_engine is not None:
+            settings_engine.dispose()

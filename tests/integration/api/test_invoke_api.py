@@ -129,6 +129,16 @@ def test_a_restart_delivers_what_an_earlier_run_left_in_the_spool(settings, sess
         assert not client.app.state.runtime.built  # nothing left: nothing built
 
 
+def test_llm_settings_are_read_from_their_own_pool_not_the_requests(client, admin, session_factory):
+    """ctx.llm reads settings and budgets on the event loop. From the requests' pool, with every connection held
+    by sessions that only the event loop can close, that read hung the worker for good (2 workers on SQLite, 40
+    event batches and 60 invokes at once: 500s, then no answers). Its own pool cannot be exhausted that way."""
+    assert _invoke(client, admin).status_code == 200
+    runtime = client.app.state.runtime
+    assert runtime.settings_engine is not None and runtime.settings_engine is not client.app.state.engine
+    assert runtime.settings_engine.pool.size() == 2
+
+
 def test_unknown_extension_or_function_is_404(client, admin, session_factory):
     missing = assert_problem(_invoke(client, admin, "/v1/extensions/nope/functions/rewrite:invoke"), 404, "not_found")
     assert "'nope'" in missing["detail"] and "rewrite" in missing["detail"]
