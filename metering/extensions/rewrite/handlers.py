@@ -26,6 +26,10 @@ TONE_PROMPTS = {
 }
 KEEP_MEANING = " Preserve all factual content. Don't add or remove information."
 REWRITE_MAX_TOKENS = 1500
+# The JSON list grows with the text: at 1,500 tokens a text of ~3,600 characters (100 short tasks) had its JSON cut
+# off mid-string (stop_reason max_tokens), a 502 for valid input. 16,384 fits the 20,000-character input limit (555
+# tasks: ~9,000 tokens of JSON) and is within every supported model's output limit; only the tokens used are billed.
+ACTION_ITEMS_MAX_TOKENS = 16384
 ACTION_ITEMS_SYSTEM = "Extract action items as JSON: {items: [{owner, deadline, task}]}"
 
 
@@ -78,7 +82,7 @@ async def extract_action_items(ctx: Context, params: ExtractActionItemsParams) -
     response = await ctx.llm.create_message(
         system=ACTION_ITEMS_SYSTEM,
         messages=[{"role": "user", "content": params.text}],
-        max_tokens=REWRITE_MAX_TOKENS,
+        max_tokens=ACTION_ITEMS_MAX_TOKENS,
         purpose="action_items",
         response_format="json",
     )
