@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,6 +35,11 @@ def readyz(request: Request, engine: AppEngine) -> Readiness:
     except SQLAlchemyError:
         log.warning("readiness: database unreachable", exc_info=True)
         raise NotReadyError("the database is unreachable") from None
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:" and not Path(database).exists():
+        # (Checked after connecting, which creates a file that never existed.) Open connections still write to the
+        # deleted file, which nothing will ever read again.
+        raise NotReadyError(f"the SQLite database file {database} is gone (deleted or moved while serving)")
     if current != head:
         raise NotReadyError(
             f"the database is at revision {current or 'none (not migrated)'}, not at head {head}: "

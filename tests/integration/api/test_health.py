@@ -50,3 +50,16 @@ def test_readyz_is_503_when_the_database_is_unreachable(tmp_path) -> None:
         body = assert_problem(client.get("/readyz"), 503, "not_ready")
         assert body["detail"] == "the database is unreachable"
         assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_is_503_when_the_sqlite_file_is_deleted_while_serving(tmp_path) -> None:
+    """Open connections keep writing to a deleted file that nothing will read again: not ready (it said 200)."""
+    path = tmp_path / "gone.db"
+    url = f"sqlite:///{path}"
+    migrate.upgrade(url)
+    with TestClient(create_app(Settings(env="test", database_url=url, data_dir=tmp_path))) as client:
+        assert client.get("/readyz").status_code == 200
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        body = assert_problem(client.get("/readyz"), 503, "not_ready")
+        assert "gone" in body["detail"]
