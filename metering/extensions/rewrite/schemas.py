@@ -11,7 +11,7 @@ MAX_TEXT_CHARS = 20_000
 
 
 class RewriteParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, "no" is not false
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="The text to rewrite.")
     tone: Tone = Field(description="Target tone.")
@@ -22,7 +22,7 @@ class RewriteParams(BaseModel):
 
 
 class RewriteMultipleParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, "no" is not false
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="Text to rewrite.")
     tone: Literal["formal", "casual"] = Field(description="Tone.")
@@ -30,7 +30,7 @@ class RewriteMultipleParams(BaseModel):
 
 
 class ExtractActionItemsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, "no" is not false
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="Text to extract action items from.")
 

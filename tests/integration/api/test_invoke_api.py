@@ -163,6 +163,9 @@ def test_invalid_params_are_422(client, admin, session_factory):
     assert "tone" in bad_tone["detail"]
     too_many = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
     assert_problem(_invoke(client, admin, too_many, text="x", tone="casual", n_variations=6), 422, "invalid_input")
+    for lax in ({"n_variations": "3"}, {"n_variations": True}, {"n_variations": 2.0}):  # params are strict
+        assert_problem(_invoke(client, admin, too_many, text="x", tone="casual", **lax), 422, "invalid_input")
+    assert_problem(_invoke(client, admin, text="x", tone="formal", keep_meaning="no"), 422, "invalid_input")
     no_user = client.post(REWRITE, json={"tenant_id": "acme", "params": {}}, headers=admin)
     errors = assert_problem(no_user, 422, "validation_error")["errors"]
     assert ["body", "user_id"] in [e["loc"] for e in errors]
