@@ -96,7 +96,7 @@ def copy_batch(
     start = time.perf_counter()
     new = store.unstored_events(session, events)
     probed = time.perf_counter()
-    priced = (ingest_module._row(p, batch, now, False) for p in ingest_module.iter_priced(new, cards, {}))
+    priced = (ingest_module._row(p, batch, now, False) for p in ingest_module.iter_priced(new, cards, set()))
     if streamed:
         ids = store.insert_new_events_postgresql(session, priced)
         end = time.perf_counter()

@@ -177,7 +177,7 @@ def validate(
 def price(
     events: Sequence[UsageEvent],
     cards: RateCards,
-    finalized: dict[tuple[str, str], set[str]],
+    finalized: set[str],
     over_limit: list[tuple[UsageEvent, str]] | None = None,
 ) -> list[Priced]:
     return list(iter_priced(events, cards, finalized, over_limit))
@@ -186,13 +186,12 @@ def price(
 def iter_priced(
     events: Iterable[UsageEvent],
     cards: RateCards,
-    finalized: dict[tuple[str, str], set[str]],
+    finalized: set[str],
     over_limit: list[tuple[UsageEvent, str]] | None = None,
 ) -> Iterator[Priced]:
     """Each event priced (rate cards, else exactly), Policy A applied, its invoice period assigned. An event
     priced above ``pricing.MAX_CALL_NANOS`` is not yielded: it goes to ``over_limit`` with the reason (without
     that list, it raises ValueError)."""
-    no_periods: set[str] = set()
     quote_of, billed = cards.quote, BillingStatus.BILLED
     for e in events:
         at = e.occurred_at
@@ -214,9 +213,8 @@ def iter_priced(
         period, late = None, False
         if decision.status is billed:
             period = period_of(at)
-            closed = finalized.get((e.tenant_id, e.user_id), no_periods)
-            if closed:
-                period, late = billing_period(period, closed)
+            if period in finalized:
+                period, late = billing_period(period, finalized)
         if quote is None:
             yield Priced(e, decision, None, None, None, period, late)
         else:
@@ -280,7 +278,7 @@ def ingest(
     # Finalizing a period takes its lock exclusively: hold it shared (every period an event may be billed in,
     # late ones included) while we read which invoices are final and bill into them (PostgreSQL). On SQLite,
     # take the database write lock now instead.
-    finalized = lock_billing_periods(session, ((e.tenant_id, e.user_id, period_of(e.occurred_at)) for e in events))
+    finalized = lock_billing_periods(session, {period_of(e.occurred_at) for e in events})
     cards = RateCards(store.load_price_book(session, markup_pct))
     batch = uuid.uuid4()
     over_limit: list[tuple[UsageEvent, str]] = []
@@ -320,7 +318,7 @@ def _store_and_post_postgresql(
     session: Any,
     events: list[UsageEvent],
     cards: RateCards,
-    finalized: dict[tuple[str, str], set[str]],
+    finalized: set[str],
     batch: uuid.UUID,
     now: datetime,
     over_limit: list[tuple[UsageEvent, str]],

@@ -64,25 +64,19 @@ def lock_for_ingest(session: Session, periods: list[str]) -> None:
         session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
 
 
-def lock_billing_periods(session: Session, wanted: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str], set[str]]:
-    """For writers that bill events after ingest (reprice, re-rate): ``wanted`` holds (tenant, user, period)
-    of each event a billing may land on. Takes the shared locks of those periods (as ingest does), reads the
-    users' finalized periods, then locks the later periods that late billings move to; returns the finalized
-    periods per (tenant, user). So a finalization can never commit between that read and the writes.
+def lock_billing_periods(session: Session, wanted: Iterable[str]) -> set[str]:
+    """For every writer that bills events (ingest, reprice, re-rate): ``wanted`` holds the period of each event
+    a billing may land on. Takes the shared locks of those periods, reads the finalized periods, then locks the
+    later periods that late billings move to; returns the finalized periods. So a finalization can never commit
+    between that read and the writes.
 
     A late period may be being finalized while we wait for its lock: once we hold it, the finalized periods are
     read again (read committed: a fresh snapshot), until every period a billing lands on is locked and open."""
-    wanted = list(wanted)
-    locked = {period for _, _, period in wanted}
+    locked = set(wanted)
     lock_for_ingest(session, sorted(locked))
-    users = {(tenant, user) for tenant, user, _ in wanted}
     while True:
-        finalized = finalized_periods(session, users)
-        late = set()
-        for tenant, user, period in wanted:
-            closed = finalized.get((tenant, user))
-            if closed and period in closed:
-                late.add(billing_period(period, closed)[0])
+        finalized = finalized_periods(session)
+        late = {billing_period(period, finalized)[0] for period in locked & finalized}
         if late <= locked:
             return finalized
         lock_for_ingest(session, sorted(late - locked))

@@ -54,7 +54,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     held = select(UsageEventRow).where(UsageEventRow.billing_status == BillingStatus.UNPRICED.value)
     priced = still = charged = cost = over = 0
     for rows in event_pages(session, held, lock=True):
-        finalized = lock_billing_periods(session, ((r.tenant_id, r.user_id, period_of(r.occurred_at)) for r in rows))
+        finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
         postings: list[Posting] = []
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
@@ -68,8 +68,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
                 continue
             period, late = None, False
             if decision.status is BillingStatus.BILLED:
-                closed = finalized.get((row.tenant_id, row.user_id), set())
-                period, late = billing_period(period_of(row.occurred_at), closed)
+                period, late = billing_period(period_of(row.occurred_at), finalized)
                 postings += usage_postings(
                     event_id=row.event_id,
                     tenant_id=row.tenant_id,

@@ -211,9 +211,7 @@ def apply_rerate(
     skipped = late = posted = 0
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
         transfers = transfers_by_event(session, [row.event_id for row in rows])
-        finalized = lock_billing_periods(
-            session, ((row.tenant_id, row.user_id, row.invoice_period or period_of(row.occurred_at)) for row in rows)
-        )
+        finalized = lock_billing_periods(session, {row.invoice_period or period_of(row.occurred_at) for row in rows})
         postings: list[Posting] = []
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
@@ -223,8 +221,7 @@ def apply_rerate(
             if _already_applied(cause, row.event_id, transfers[row.event_id]):
                 skipped += 1
                 continue
-            closed = finalized.get((row.tenant_id, row.user_id), set())
-            period, is_late = billing_period(row.invoice_period or period_of(row.occurred_at), closed)
+            period, is_late = billing_period(row.invoice_period or period_of(row.occurred_at), finalized)
             late += is_late
             postings += _corrections(change, row, transfers[row.event_id], cause, period)
             add_delta(buckets, row, billed=change.charge_delta, cost=change.cost_delta)

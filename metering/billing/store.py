@@ -368,11 +368,6 @@ def load_price_book(session: Session, markup_pct: Decimal) -> PriceBook:
     return PriceBook(overrides=tuple(override_from_row(r) for r in rows), markup_pct=markup_pct)
 
 
-def finalized_periods(session: Session, users: Iterable[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
-    """For each (tenant, user): the finalized periods. Finalizing a month closes it for every user (the
-    ``finalized_periods`` table, one row per month), so each gets the same set."""
-    wanted = set(users)
-    if not wanted:
-        return {}
-    closed = set(session.scalars(select(FinalizedPeriodRow.period)))
-    return {user: closed for user in wanted}
+def finalized_periods(session: Session) -> set[str]:
+    """The finalized months (``finalized_periods``, one row each): finalizing closes a month for every user."""
+    return set(session.scalars(select(FinalizedPeriodRow.period)))
