@@ -15,6 +15,9 @@ class MeteringError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # Extra, JSON-ready members of the error's problem body (e.g. the ids of an invocation that failed after
+        # it made metered calls). Never a secret.
+        self.members: dict[str, object] = {}
 
 
 class ConfigError(MeteringError):
@@ -91,6 +94,13 @@ class IdempotencyConflictError(MeteringError):
     """An idempotency key was reused for a different request (other amount, user or kind)."""
 
     code = "idempotency_conflict"
+    status = 409
+
+
+class IdempotencyInProgressError(MeteringError):
+    """A request with this idempotency key is still running: retry later for its result."""
+
+    code = "idempotency_in_progress"
     status = 409
 
 

@@ -21,6 +21,8 @@ from metering.crypto import SecretBox
 from metering.errors import NotFoundError, PermissionDeniedError
 
 REQUEST_ID_HEADER = "X-Request-ID"
+IDEMPOTENCY_KEY = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
 
 
 def platform_admin(principal: Admin) -> TokenPrincipal:

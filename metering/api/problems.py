@@ -102,7 +102,18 @@ async def metering_error(request: Request, exc: MeteringError) -> JSONResponse:
     if exc.status >= 500:  # warning, not error: a 503 from /readyz repeats on every probe until it clears
         log.warning("%s %s failed: %s [%s]", request.method, request.url.path, exc.message, exc.code)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
-    return problem_response(exc.status, exc.code, exc.message, instance=request.url.path, headers=headers)
+    return JSONResponse(
+        error_body(exc, instance=request.url.path),
+        status_code=exc.status,
+        headers=headers,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
+
+
+def error_body(exc: MeteringError, *, instance: str | None) -> dict[str, Any]:
+    """The problem body of a domain error, with its extra members (they never replace a standard one)."""
+    body = problem_body(exc.status, exc.code, exc.message, instance=instance)
+    return {k: v for k, v in exc.members.items() if k not in body} | body
 
 
 # FastAPI's 400 for a body it cannot decode at all (e.g. JSON that is not UTF-8): "not JSON" is a 422 like the rest.

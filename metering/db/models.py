@@ -370,6 +370,29 @@ class ApiTokenRow(Base):
     )
 
 
+class InvokeRequestRow(Base):
+    """An ``Idempotency-Key`` of ``POST …:invoke``, per tenant: claimed (``running``) before the handler runs, then
+    ``done`` with the status and body it answered, which a retry with the same key gets back instead of running
+    (and paying for) the invocation again. ``request_sha256`` identifies the request (extension, function, user,
+    params). Kept 24 h (``metering.db.invoke_requests``)."""
+
+    __tablename__ = "invoke_requests"
+
+    tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(10))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[Any | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('running', 'done')", name="state"),
+        Index("ix_invoke_requests_claimed_at", "claimed_at"),
+    )
+
+
 # -- audit -----------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from metering.errors import InvalidInputError, NotFoundError
+from metering.errors import InvalidInputError, MeteringError, NotFoundError
 from metering.events import uuid7
 from metering.llm.client import EventRecorder, MeteredLLM, ProviderPool
 from metering.llm.event_record import CallScope
@@ -83,7 +83,12 @@ class Runtime:
             model = params if isinstance(params, spec.params_model) else spec.params_model.model_validate(params)
         except ValidationError as exc:
             raise InvalidInputError(_validation_message(exc)) from None
-        result = await spec.handler(ctx, model)
+        try:
+            result = await spec.handler(ctx, model)
+        except MeteringError as exc:
+            if ctx.llm.event_ids:  # metered (and billed) calls were made: the caller must be able to tell
+                exc.members.update(invocation_id=str(ctx.invocation_id), event_ids=list(ctx.llm.event_ids))
+            raise
         return InvocationResult(
             result=result,
             invocation_id=ctx.invocation_id,

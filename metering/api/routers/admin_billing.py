@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from metering.api.admin_deps import Audited, PlatformAdmin, ensure_tenant
+from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, Audited, PlatformAdmin, ensure_tenant
 from metering.api.admin_schemas import (
     CreditIn,
     CreditOut,
@@ -30,8 +30,6 @@ from metering.errors import IdempotencyKeyRequiredError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
-IDEMPOTENCY_KEY = "Idempotency-Key"
-REPLAYED = "Idempotent-Replayed"
 OverrideId = Annotated[str, Path(min_length=1, max_length=64)]
 
 

@@ -2,24 +2,85 @@
 
 The handler runs through the metered ``ctx.llm`` of the app's runtime: one usage event per provider call goes
 to the spool and from there, by the flusher, into the database. The invocation is audited.
+
+With an ``Idempotency-Key`` header a retry does not run (and pay for) the invocation again: the key is claimed
+before the handler runs and its outcome stored with the audit entry (``metering.db.invoke_requests``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from metering.api.admin_deps import AppRuntime, Audited, ensure_tenant
+from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, AppRuntime, Audited, Auditor, ensure_tenant
 from metering.api.admin_schemas import InvokeRequest, InvokeResponse
 from metering.api.deps import Admin
-from metering.api.problems import problem_responses
-from metering.errors import NotFoundError
+from metering.api.problems import PROBLEM_MEDIA_TYPE, error_body, problem_responses
+from metering.db import invoke_requests
+from metering.db.invoke_requests import StoredResponse
+from metering.errors import InvalidInputError, MeteringError, NotFoundError
+from metering.events import utcnow
 from metering.extensions import BUNDLED, get_extension
 from metering.runtime import User
 
 router = APIRouter(tags=["extensions"])
+log = logging.getLogger("metering.api")
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_KEY,
+        min_length=1,
+        max_length=200,
+        description=(
+            "Optional (1 to 200 characters; a UUID is a good choice), per tenant, kept 24 h. A retry with the same "
+            "key answers the first outcome (`Idempotent-Replayed: true`) and runs nothing; the same key for another "
+            "invocation is 409 `idempotency_conflict`; while the first is still running, 409 "
+            "`idempotency_in_progress`."
+        ),
+    ),
+]
+
+
+def _claim(request: Request, tenant_id: str, key: str, sha256: str, now: datetime) -> StoredResponse | None:
+    # Its own transaction, committed before the handler runs: a concurrent retry must see the claim.
+    with request.app.state.sessions() as session:
+        stored = invoke_requests.claim(session, tenant_id=tenant_id, key=key, sha256=sha256, now=now)
+        session.commit()
+    return stored
+
+
+def _settle_failure(request: Request, tenant_id: str, key: str, claimed_at: datetime, exc: BaseException) -> None:
+    """Keep the outcome of an invocation that made metered calls (a retry would pay for them again); free the
+    key of one that made none. Best effort: the invocation's own error is what the client gets."""
+    try:
+        with request.app.state.sessions() as session:
+            if isinstance(exc, MeteringError) and exc.members.get("event_ids"):
+                body = error_body(exc, instance=request.url.path)
+                invoke_requests.complete(
+                    session,
+                    tenant_id=tenant_id,
+                    key=key,
+                    claimed_at=claimed_at,
+                    status=exc.status,
+                    body=body,
+                    now=utcnow(),
+                )
+            else:
+                invoke_requests.release(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at)
+            session.commit()
+    except Exception:  # the database may be what failed
+        log.warning("could not settle idempotency key %r of tenant %r", key, tenant_id, exc_info=True)
+
+
+def _replay(stored: StoredResponse) -> JSONResponse:
+    media_type = PROBLEM_MEDIA_TYPE if stored.status >= 400 else "application/json"
+    return JSONResponse(stored.body, status_code=stored.status, headers={REPLAYED: "true"}, media_type=media_type)
 
 
 @router.post(
@@ -33,18 +94,29 @@ router = APIRouter(tags=["extensions"])
         "provider key is configured). Returns the handler's result and the usage event ids (delivered to the "
         f"database asynchronously, by the spool's flusher). Extensions: {', '.join(sorted(BUNDLED))}. "
         "Errors of the call itself: 429 `budget_exceeded` (an enforced call budget), 502 `provider_error`, "
-        "`invalid_json_response`. Audited as `extension.invoke` (the params are not recorded)."
+        "`invalid_json_response`; when the invocation had already made metered calls, the problem also carries "
+        "their `invocation_id` and `event_ids` (they are billed). With an `Idempotency-Key`, a retry answers the "
+        "first outcome (a success, or an error after metered calls) without running anything; a key whose "
+        "invocation failed before any call is free again. Audited as `extension.invoke` (the params are not "
+        "recorded)."
     ),
-    responses=problem_responses(401, 403, 404, 422, 429, 502, 503),
+    response_model=InvokeResponse,
+    responses={
+        200: {"description": "The handler's result (or, with `Idempotent-Replayed: true`, the first one's)."},
+        **problem_responses(401, 403, 404, 409, 422, 429, 502, 503),
+    },
 )
 async def invoke_function(
     extension_id: Annotated[str, Path(max_length=100, description="e.g. `rewrite`.")],
     function: Annotated[str, Path(max_length=100, description="e.g. `rewrite`, `rewrite_multiple`.")],
     body: InvokeRequest,
+    request: Request,
+    response: Response,
     principal: Admin,
     runtime: AppRuntime,
     audit: Audited,
-) -> InvokeResponse:
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
     ensure_tenant(principal, body.tenant_id, f"user {body.user_id!r}")
     extension = get_extension(extension_id)
     if extension is None:
@@ -53,8 +125,22 @@ async def invoke_function(
         raise NotFoundError(
             f"extension {extension_id!r} has no function {function!r}; it has: {', '.join(sorted(extension.functions))}"
         )
-    engine = await run_in_threadpool(runtime.get)
-    result = await engine.invoke(extension, function, body.params, User(body.user_id, body.tenant_id))
+    key = None if idempotency_key is None else idempotency_key.strip()
+    if key == "":
+        raise InvalidInputError(f"the {IDEMPOTENCY_KEY} header is blank")
+    claimed_at = utcnow()
+    if key is not None:
+        sha256 = invoke_requests.request_sha256(extension.id, function, body.user_id, body.params)
+        stored = await run_in_threadpool(_claim, request, body.tenant_id, key, sha256, claimed_at)
+        if stored is not None:
+            return _replay(stored)
+    try:
+        engine = await run_in_threadpool(runtime.get)
+        result = await engine.invoke(extension, function, body.params, User(body.user_id, body.tenant_id))
+    except BaseException as exc:
+        if key is not None:
+            await run_in_threadpool(_settle_failure, request, body.tenant_id, key, claimed_at, exc)
+        raise
     out = InvokeResponse(
         extension_id=extension.id,
         function=function,
@@ -67,12 +153,34 @@ async def invoke_function(
     )
     after = out.model_dump(mode="json", include={"invocation_id", "provider", "model", "is_byollm", "event_ids"})
     after["user_id"] = body.user_id
-    await run_in_threadpool(
-        audit.record,
-        "extension.invoke",
-        f"extension:{extension.id}.{function}",
-        before=None,
-        after=after,
-        tenant_id=body.tenant_id,
-    )
+    if key is not None:
+        after["idempotency_key"] = key
+        response.headers[REPLAYED] = "false"
+    await run_in_threadpool(_record, audit, body.tenant_id, extension.id, function, after, key, claimed_at, out)
     return out
+
+
+def _record(
+    audit: Auditor,
+    tenant_id: str,
+    extension_id: str,
+    function: str,
+    after: dict[str, Any],
+    key: str | None,
+    claimed_at: datetime,
+    out: InvokeResponse,
+) -> None:
+    """The audit entry and the key's outcome, in the request's transaction: both commit, or neither."""
+    audit.record(
+        "extension.invoke", f"extension:{extension_id}.{function}", before=None, after=after, tenant_id=tenant_id
+    )
+    if key is not None:
+        invoke_requests.complete(
+            audit.session,
+            tenant_id=tenant_id,
+            key=key,
+            claimed_at=claimed_at,
+            status=200,
+            body=out.model_dump(mode="json"),
+            now=utcnow(),
+        )

@@ -193,3 +193,88 @@ def test_auth_and_tenant_binding(client, make_token, session_factory):
     assert_problem(_invoke(client, acme, tenant="globex"), 404, "not_found")
     assert _invoke(client, acme, tenant="acme").status_code == 200
     assert [(r.action, r.tenant_id) for r in audit_rows(session_factory)] == [("extension.invoke", "acme")]
+
+
+# -- Idempotency-Key --------------------------------------------------------------------------------
+
+
+def _keyed(admin, key):
+    return {**admin, "Idempotency-Key": key}
+
+
+def _spooled_and_stored(client, session_factory) -> int:
+    assert client.app.state.runtime.flush(timeout=30.0)
+    with session_factory() as session:
+        return count_events(session)
+
+
+def test_a_retry_with_the_same_key_answers_the_first_result_and_runs_nothing(client, admin, session_factory):
+    first = _invoke(client, _keyed(admin, "req-1"))
+    assert first.status_code == 200, first.text
+    assert first.headers["Idempotent-Replayed"] == "false"
+    again = _invoke(client, _keyed(admin, "req-1"))
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert _spooled_and_stored(client, session_factory) == 1  # one provider call, not two
+    (entry,) = audit_rows(session_factory)
+    assert entry.after["idempotency_key"] == "req-1" and entry.after["invocation_id"] == first.json()["invocation_id"]
+    # Without a key, each request runs.
+    assert "Idempotent-Replayed" not in _invoke(client, admin).headers
+    assert _spooled_and_stored(client, session_factory) == 2
+
+
+def test_the_key_of_another_invocation_is_a_conflict_per_tenant(client, admin, session_factory):
+    assert _invoke(client, _keyed(admin, "k")).status_code == 200
+    other = _invoke(client, _keyed(admin, "k"), text="Something else entirely.", tone="casual")
+    assert_problem(other, 409, "idempotency_conflict")
+    assert_problem(_invoke(client, _keyed(admin, "k"), user="bob"), 409, "idempotency_conflict")
+    assert _invoke(client, _keyed(admin, "k"), tenant="globex").status_code == 200  # keys are per tenant
+    assert _spooled_and_stored(client, session_factory) == 2
+
+
+def test_a_failure_after_metered_calls_names_them_and_is_replayed(client, admin, session_factory):
+    put = client.put("/v1/admin/budgets/rewrite", json={"max_calls": 2, "mode": "enforce"}, headers=admin)
+    assert put.status_code == 200
+    multiple = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
+    plain = assert_problem(
+        _invoke(client, admin, multiple, text="hello", tone="casual", n_variations=3), 429, "budget_exceeded"
+    )
+    assert len(plain["event_ids"]) == 2 and uuid.UUID(plain["invocation_id"])  # the billed calls, named
+    first = _invoke(client, _keyed(admin, "m1"), multiple, text="hello", tone="casual", n_variations=3)
+    body = assert_problem(first, 429, "budget_exceeded")
+    assert len(body["event_ids"]) == 2 and body["invocation_id"] != plain["invocation_id"]
+    again = _invoke(client, _keyed(admin, "m1"), multiple, text="hello", tone="casual", n_variations=3)
+    assert again.status_code == 429 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["content-type"] == "application/problem+json" and again.json() == body
+    assert _spooled_and_stored(client, session_factory) == 4  # 2 + 2: the replay made no call
+    rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
+    assert {str(r.invocation_id) for r in rows} == {body["invocation_id"]}
+
+
+def test_a_failure_before_any_call_frees_the_key(client, admin, session_factory):
+    bad = _invoke(client, _keyed(admin, "fix-me"), text="hello", tone="sarcastic")
+    assert_problem(bad, 422, "invalid_input")
+    assert "event_ids" not in bad.json()
+    fixed = _invoke(client, _keyed(admin, "fix-me"), text="hello", tone="formal")
+    assert fixed.status_code == 200 and fixed.headers["Idempotent-Replayed"] == "false"
+
+
+def test_a_key_still_running_is_409_in_progress(client, admin, session_factory):
+    from metering.db import invoke_requests
+    from metering.events import utcnow
+
+    params = {"text": "Send me the doc, thanks.", "tone": "formal"}
+    sha = invoke_requests.request_sha256("rewrite", "rewrite", "alice", params)
+    with session_factory() as session:  # another worker is running this very request
+        assert invoke_requests.claim(session, tenant_id="acme", key="busy", sha256=sha, now=utcnow()) is None
+        session.commit()
+    assert_problem(_invoke(client, _keyed(admin, "busy"), **params), 409, "idempotency_in_progress")
+    assert _spooled_and_stored(client, session_factory) == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "code"), [("   ", 422, "invalid_input"), ("k" * 201, 422, "validation_error")]
+)
+def test_a_blank_or_long_key_is_refused_before_anything_runs(client, admin, session_factory, key, status, code):
+    assert_problem(_invoke(client, _keyed(admin, key)), status, code)
+    assert _spooled_and_stored(client, session_factory) == 0

@@ -1,0 +1,46 @@
+"""invoke requests: the Idempotency-Key of POST …:invoke, so a retry does not run (and pay for) an invocation twice
+
+A key is claimed per tenant before the handler runs and completed with the status and body it answered; a
+retry with the same key gets that response back. Kept 24 h.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-27 23:30:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+import metering.db.types
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "invoke_requests",
+        sa.Column("tenant_id", sa.String(length=200), nullable=False),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=False),
+        sa.Column("request_sha256", sa.String(length=64), nullable=False),
+        sa.Column("state", sa.String(length=10), nullable=False),
+        sa.Column("claimed_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("completed_at", metering.db.types.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("status_code", sa.Integer(), nullable=True),
+        sa.Column("response", sa.JSON(none_as_null=True), nullable=True),
+        sa.CheckConstraint("state IN ('running', 'done')", name=op.f("ck_invoke_requests_state")),
+        sa.PrimaryKeyConstraint("tenant_id", "idempotency_key", name=op.f("pk_invoke_requests")),
+    )
+    with op.batch_alter_table("invoke_requests", schema=None) as batch_op:
+        batch_op.create_index("ix_invoke_requests_claimed_at", ["claimed_at"], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("invoke_requests", schema=None) as batch_op:
+        batch_op.drop_index("ix_invoke_requests_claimed_at")
+
+    op.drop_table("invoke_requests")

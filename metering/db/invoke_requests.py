@@ -1,0 +1,119 @@
+"""Idempotency keys of ``POST …:invoke`` (SQL; only flushes, the caller commits).
+
+A key is per tenant. ``claim`` runs, and is committed, before the handler: the first request with a key claims
+it (``running``); a concurrent one with the same key and request is ``IdempotencyInProgressError``, one with
+another request ``IdempotencyConflictError``. ``complete`` stores the status and body the invocation answered
+(``done``); a later request with the key gets them back (``StoredResponse``) and nothing runs. ``release``
+drops a claim whose invocation made no metered call, so running it again costs nothing.
+
+Keys are kept ``RETENTION`` (24 h) after their claim; older ones are purged at the next claim and the key is
+free again. A claim still ``running`` after ``TAKEOVER_AFTER`` (its process died, or could not store the
+outcome) can be claimed again: the retry runs the invocation anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from metering.db.models import InvokeRequestRow
+from metering.errors import IdempotencyConflictError, IdempotencyInProgressError
+
+RETENTION = timedelta(hours=24)
+TAKEOVER_AFTER = timedelta(minutes=15)
+RUNNING = "running"
+DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    body: dict[str, Any]
+
+
+def request_sha256(extension_id: str, function: str, user_id: str, params: dict[str, Any]) -> str:
+    """What identifies an invocation request (the tenant is part of the key itself)."""
+    canonical = json.dumps(
+        [extension_id, function, user_id, params], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _key(tenant_id: str, key: str) -> Any:
+    return (InvokeRequestRow.tenant_id == tenant_id) & (InvokeRequestRow.idempotency_key == key)
+
+
+def claim(session: Session, *, tenant_id: str, key: str, sha256: str, now: datetime) -> StoredResponse | None:
+    """None: the key is this request's now (claimed at ``now``), run it. A ``StoredResponse``: answer it, run
+    nothing."""
+    session.execute(delete(InvokeRequestRow).where(InvokeRequestRow.claimed_at < now - RETENTION))
+    values = {
+        "tenant_id": tenant_id,
+        "idempotency_key": key,
+        "request_sha256": sha256,
+        "state": RUNNING,
+        "claimed_at": now,
+    }
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    table = InvokeRequestRow.__table__
+    stmt = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.tenant_id)
+    if session.execute(stmt).first() is not None:
+        return None
+    row = session.execute(select(InvokeRequestRow).where(_key(tenant_id, key))).scalar_one()
+    if row.request_sha256 != sha256:
+        raise IdempotencyConflictError(
+            f"idempotency key {key!r} was already used for a different invocation (extension, function, user or "
+            "params); use a new key for a new request"
+        )
+    if row.state == DONE and row.status_code is not None and isinstance(row.response, dict):
+        return StoredResponse(row.status_code, row.response)
+    if row.claimed_at <= now - TAKEOVER_AFTER:
+        taken = session.execute(
+            update(InvokeRequestRow)
+            .where(
+                _key(tenant_id, key), InvokeRequestRow.state == RUNNING, InvokeRequestRow.claimed_at == row.claimed_at
+            )
+            .values(claimed_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            return None
+    raise IdempotencyInProgressError(
+        f"an invocation with idempotency key {key!r} is still running; retry later for its result"
+    )
+
+
+def _mine(tenant_id: str, key: str, claimed_at: datetime) -> Any:
+    # A claim taken over (TAKEOVER_AFTER) is no longer the first request's: it neither completes nor releases it.
+    return _key(tenant_id, key) & (InvokeRequestRow.state == RUNNING) & (InvokeRequestRow.claimed_at == claimed_at)
+
+
+def complete(
+    session: Session,
+    *,
+    tenant_id: str,
+    key: str,
+    claimed_at: datetime,
+    status: int,
+    body: dict[str, Any],
+    now: datetime,
+) -> None:
+    session.execute(
+        update(InvokeRequestRow)
+        .where(_mine(tenant_id, key, claimed_at))
+        .values(state=DONE, status_code=status, response=body, completed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def release(session: Session, *, tenant_id: str, key: str, claimed_at: datetime) -> None:
+    session.execute(
+        delete(InvokeRequestRow).where(_mine(tenant_id, key, claimed_at)).execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,89 @@
+"""Idempotency keys of invocations (metering.db.invoke_requests) on SQLite and PostgreSQL: claimed once,
+completed with their outcome, per tenant, expired after 24 h, taken over when a claim was abandoned."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from metering.db import invoke_requests as ir
+from metering.errors import IdempotencyConflictError, IdempotencyInProgressError
+
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+SHA = ir.request_sha256("rewrite", "rewrite", "alice", {"text": "hi", "tone": "formal"})
+
+
+def claim(session_factory, *, key="k1", tenant="acme", sha=SHA, now=T0):
+    with session_factory() as session:
+        stored = ir.claim(session, tenant_id=tenant, key=key, sha256=sha, now=now)
+        session.commit()
+    return stored
+
+
+def complete(session_factory, *, claimed_at=T0, key="k1", tenant="acme", status=200, body=None):
+    with session_factory() as session:
+        ir.complete(
+            session, tenant_id=tenant, key=key, claimed_at=claimed_at, status=status, body=body or {"ok": 1}, now=T0
+        )
+        session.commit()
+
+
+def test_the_fingerprint_is_of_the_request_not_of_key_order() -> None:
+    assert SHA == ir.request_sha256("rewrite", "rewrite", "alice", {"tone": "formal", "text": "hi"})
+    assert SHA != ir.request_sha256("rewrite", "rewrite", "bob", {"text": "hi", "tone": "formal"})
+    assert SHA != ir.request_sha256("rewrite", "rewrite", "alice", {"text": "hi", "tone": "casual"})
+    assert SHA != ir.request_sha256("rewrite", "rewrite_multiple", "alice", {"text": "hi", "tone": "formal"})
+
+
+def test_first_claim_runs_a_second_waits_then_gets_the_stored_outcome(session_factory) -> None:
+    assert claim(session_factory) is None
+    with pytest.raises(IdempotencyInProgressError) as caught:
+        claim(session_factory, now=T0 + timedelta(minutes=1))
+    assert (caught.value.status, caught.value.code) == (409, "idempotency_in_progress")
+    complete(session_factory, body={"invocation_id": "x", "result": {"text": "é"}})
+    stored = claim(session_factory, now=T0 + timedelta(minutes=2))
+    assert stored == ir.StoredResponse(200, {"invocation_id": "x", "result": {"text": "é"}})
+
+
+def test_another_request_with_the_key_is_a_conflict_and_tenants_do_not_share_keys(session_factory) -> None:
+    assert claim(session_factory) is None
+    other = ir.request_sha256("rewrite", "rewrite", "alice", {"text": "bye", "tone": "formal"})
+    with pytest.raises(IdempotencyConflictError):
+        claim(session_factory, sha=other)
+    complete(session_factory)
+    with pytest.raises(IdempotencyConflictError):
+        claim(session_factory, sha=other)
+    assert claim(session_factory, tenant="globex", sha=other) is None
+
+
+def test_a_released_key_is_free_again(session_factory) -> None:
+    assert claim(session_factory) is None
+    with session_factory() as session:
+        ir.release(session, tenant_id="acme", key="k1", claimed_at=T0)
+        session.commit()
+    other = ir.request_sha256("rewrite", "rewrite", "alice", {"text": "fixed", "tone": "formal"})
+    assert claim(session_factory, sha=other, now=T0 + timedelta(seconds=1)) is None
+
+
+def test_keys_expire_after_24_hours(session_factory) -> None:
+    assert claim(session_factory) is None
+    complete(session_factory)
+    assert claim(session_factory, now=T0 + ir.RETENTION - timedelta(seconds=1)) is not None
+    assert claim(session_factory, now=T0 + ir.RETENTION + timedelta(seconds=1)) is None  # purged: runs anew
+
+
+def test_an_abandoned_claim_is_taken_over_and_its_first_owner_can_no_longer_settle_it(session_factory) -> None:
+    assert claim(session_factory) is None
+    with pytest.raises(IdempotencyInProgressError):
+        claim(session_factory, now=T0 + ir.TAKEOVER_AFTER - timedelta(seconds=1))
+    later = T0 + ir.TAKEOVER_AFTER
+    assert claim(session_factory, now=later) is None  # taken over
+    complete(session_factory, claimed_at=T0, body={"stale": True})  # the first owner, too late: ignored
+    with session_factory() as session:
+        ir.release(session, tenant_id="acme", key="k1", claimed_at=T0)
+        session.commit()
+    with pytest.raises(IdempotencyInProgressError):
+        claim(session_factory, now=later + timedelta(seconds=1))
+    complete(session_factory, claimed_at=later, body={"fresh": True})
+    assert claim(session_factory, now=later + timedelta(seconds=2)) == ir.StoredResponse(200, {"fresh": True})
