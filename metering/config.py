@@ -62,7 +62,8 @@ class SpoolSettings(BaseModel):
 class BillingSettings(BaseModel):
     # Platform markup in percent on top of the provider price ("20" charges cost x 1.2); an override's own
     # markup wins. Kept as a Decimal: money is never a float.
-    markup_pct: Decimal = Field(Decimal(0), ge=Decimal(-100))
+    # At most 9 decimals and 18 digits: the markup is stored as text (32 characters) on every priced event.
+    markup_pct: Decimal = Field(Decimal(0), ge=Decimal(-100), max_digits=18, decimal_places=9, allow_inf_nan=False)
     # Invoices of a month stay drafts this long after it ends (late events still land in them).
     invoice_grace_hours: float = Field(72.0, ge=0)
 

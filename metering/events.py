@@ -99,6 +99,18 @@ def _no_nul(value: str) -> str:
 # holding a NUL is reported as too long; text that is not valid Unicode (a lone surrogate, which json.loads lets
 # through and no database can store) is refused as "Input should be a valid string".
 Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+
+
+def _provider_name(value: str) -> str:
+    value = _no_nul(value).lower()
+    if len(value) > 200:  # lowering can lengthen a few characters (e.g. "İ" -> "i̇")
+        raise ValueError("String should have at most 200 characters")
+    return value
+
+
+# A provider name is case-insensitive: stored lowercase, so "Anthropic" is priced (and its cost account is) the
+# same as "anthropic".
+ProviderName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_provider_name)]
 ActionType = Annotated[str, Field(max_length=50), AfterValidator(_no_nul)]
 ShortText = Annotated[str, Field(max_length=100), AfterValidator(_no_nul)]
 Fingerprint = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
@@ -128,7 +140,7 @@ class UsageEvent(BaseModel):
     invocation_id: uuid.UUID
     call_index: NonNegInt
     purpose: Label
-    provider: Label
+    provider: ProviderName
     model: Label
     is_byollm: Flag
     is_failover: Flag = False

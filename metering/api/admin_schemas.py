@@ -159,7 +159,14 @@ class BudgetOut(BaseModel):
 class PriceOverrideIn(_In):
     id: str | None = Field(None, min_length=1, max_length=64, description="Default: a generated `ovr_…` id.")
     provider: Provider
-    model_pattern: str = Field(min_length=1, max_length=200, description="A glob, e.g. `claude-sonnet-*`.")
+    model_pattern: str = Field(
+        min_length=1,
+        max_length=200,
+        description=(
+            "A case-insensitive glob (`*` any run of characters, `?` one; any other character, `[` too, is "
+            "itself), e.g. `claude-sonnet-*`."
+        ),
+    )
     effective_from: AwareUtcDatetime
     effective_to: AwareUtcDatetime | None = Field(None, description="Exclusive; `null`: open-ended.")
     input_mtok: UsdPerMtok

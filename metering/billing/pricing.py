@@ -17,7 +17,8 @@ overrides for that real provider, then genai-prices.
 
 from __future__ import annotations
 
-import fnmatch
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +45,18 @@ SIMULATED_MODEL_PREFIXES: tuple[tuple[str, str], ...] = (
 _MTOK = Decimal(1_000_000)
 _HUNDRED = Decimal(100)
 _CTX = Context(prec=60)
-_GLOB_CHARS = frozenset("*?[")
+_GLOB_CHARS = frozenset("*?")
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """Case-insensitive: ``*`` is any run of characters, ``?`` one; every other character (``[`` too) is itself."""
+    return _glob_regex(pattern).fullmatch(name.lower()) is not None
 
 
 def _check_aware(name: str, value: datetime) -> None:
@@ -110,9 +122,7 @@ class PriceOverride:
             ) / _MTOK
 
     def matches(self, provider: str, model: str) -> bool:
-        return self.provider.lower() == provider.lower() and fnmatch.fnmatchcase(
-            model.lower(), self.model_pattern.lower()
-        )
+        return self.provider.lower() == provider.lower() and glob_match(self.model_pattern, model)
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,7 @@ def select_override(
 
 def genai_provider_for(provider: str, model: str) -> str | None:
     """The genai-prices provider id for our provider name, or None when genai-prices must not be used."""
+    provider = provider.lower()
     if provider == SIMULATED:
         name = model.lower()
         return next((real for prefix, real in SIMULATED_MODEL_PREFIXES if name.startswith(prefix)), None)

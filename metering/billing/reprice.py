@@ -8,6 +8,10 @@ columns, posts its charge and provider cost (ids derived from the event id, as a
 had a charge, so nothing can collide), updates cached balances and moves its rollup bucket (billed / cost up,
 ``unpriced_count`` down by one). Events still without a price stay held, and so do events the current prices
 put above the per-call limit (``pricing.MAX_CALL_NANOS``: counted apart). A second run finds nothing to do.
+
+A BYOLLM event of a model with no price is never billed (Policy A), but its shadow cost is unknown: it is stored
+``excluded_byollm`` with ``price_source`` NULL and a shadow of 0. ``reprice_held`` fills that shadow cost too
+(the event stays ``excluded_byollm``; its rollup bucket's shadow cost goes up); nothing is posted for it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from metering.billing import store
@@ -45,14 +49,24 @@ class RepriceResult:
     charge_nanos: int = 0  # charged to users by this run
     cost_nanos: int = 0  # provider cost recorded by this run
     over_limit: int = 0  # held events the current prices put above pricing.MAX_CALL_NANOS: kept held
+    shadow_priced: int = 0  # BYOLLM events whose unknown shadow cost this run filled in
+    shadow_nanos: int = 0  # the shadow cost they now have
+    shadow_unpriced: int = 0  # BYOLLM events whose model still has no price (shadow cost unknown)
 
 
 def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None = None) -> RepriceResult:
     """Price every ``unpriced`` event with the current price book; returns what changed."""
     now = now or datetime.now(UTC)
     cards = RateCards(store.load_price_book(session, markup_pct))
-    held = select(UsageEventRow).where(UsageEventRow.billing_status == BillingStatus.UNPRICED.value)
+    e = UsageEventRow
+    held = select(e).where(
+        or_(
+            e.billing_status == BillingStatus.UNPRICED.value,
+            and_(e.billing_status == BillingStatus.EXCLUDED_BYOLLM.value, e.price_source.is_(None)),
+        )
+    )
     priced = still = charged = cost = over = 0
+    shadows = shadow_nanos = shadow_still = 0
     for rows in event_pages(session, held, lock=True):
         finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
         postings: list[Posting] = []
@@ -63,6 +77,15 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
                 over += 1  # impossible token counts or an absurd price: never billed, stays visible as held
                 continue
             decision = decide_event(row, quote)
+            if decision.status is BillingStatus.EXCLUDED_BYOLLM:
+                if quote is None:
+                    shadow_still += 1
+                    continue
+                set_billing(row, decision, quote, row.invoice_period)
+                add_delta(buckets, row, billed=0, shadow=decision.shadow_nanos, cost=0, unpriced=0)
+                shadows += 1
+                shadow_nanos += decision.shadow_nanos
+                continue
             if decision.status is BillingStatus.UNPRICED:
                 still += 1
                 continue
@@ -94,4 +117,4 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         store.post_transfers(session, postings, now)
         store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
         upsert_rollup_deltas(session, buckets)
-    return RepriceResult(priced, still, charged, cost, over)
+    return RepriceResult(priced, still, charged, cost, over, shadows, shadow_nanos, shadow_still)

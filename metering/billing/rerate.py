@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -51,7 +50,7 @@ from metering.billing.ledger import (
 )
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus
-from metering.billing.pricing import Quote, over_call_limit
+from metering.billing.pricing import Quote, glob_match, over_call_limit
 from metering.billing.rates import RateCards
 from metering.billing.rerate_diff import BilledEvent, DiffLine, EventChange, RerateDiff, rerate_diff
 from metering.billing.rollup import RollupKey
@@ -102,9 +101,8 @@ def _in_scope(
     stmt = select(e).where(e.billing_status == BillingStatus.BILLED.value, e.occurred_at >= start, e.occurred_at < end)
     if provider is not None:
         stmt = stmt.where(func.lower(e.provider) == provider.lower())
-    pattern = None if model_pattern is None else model_pattern.lower()
     for rows in event_pages(session, stmt, lock=lock):
-        picked = [r for r in rows if pattern is None or fnmatch.fnmatchcase(r.model.lower(), pattern)]
+        picked = [r for r in rows if model_pattern is None or glob_match(model_pattern, r.model)]
         if picked:
             yield picked
 

@@ -181,6 +181,11 @@ def reprice_cmd() -> None:
         f"priced {result.priced} held event(s) ({format_usd(result.charge_nanos)} charged, "
         f"{format_usd(result.cost_nanos)} provider cost); {result.still_unpriced} still unpriced"
     )
+    if result.shadow_priced or result.shadow_unpriced:
+        console.print(
+            f"BYOLLM (never billed): shadow cost of {result.shadow_priced} event(s) now known "
+            f"({format_usd(result.shadow_nanos)}); {result.shadow_unpriced} still without a price"
+        )
     if result.over_limit:
         console.print(
             f"{result.over_limit} held event(s) kept held: the current prices put them above "

@@ -76,6 +76,17 @@ def test_a_platform_call_is_priced_charged_and_costed(session_factory) -> None:
     assert run_checks_ok(session_factory)
 
 
+def test_a_provider_name_in_another_case_is_billed_like_its_lowercase(session_factory) -> None:
+    """'OpenAI' was held unpriced (genai-prices' provider ids are lowercase), with a cost account of its own."""
+    upper, lower = event(0, provider="OpenAI", model="gpt-4o"), event(1, provider="openai", model="gpt-4o")
+    assert run(session_factory, [upper, lower]).inserted == 2
+    a, b = row(session_factory, upper), row(session_factory, lower)
+    assert (a.provider, a.billing_status) == ("openai", "billed") and a.charge_nanos == b.charge_nanos > 0
+    (cost,) = [t for t in transfers(session_factory, upper) if t.kind == "provider_cost"]
+    assert {cost.debit_account_id, cost.credit_account_id} == {"provider:openai:cost", "provider:openai:payable"}
+    assert run_checks_ok(session_factory)
+
+
 def test_usage_transfers_and_accounts_are_those_the_ledger_rules_derive(session_factory) -> None:
     """PostgreSQL derives transfers and accounts in SQL, SQLite in Python: both equal ``ledger``'s rules."""
     events = [event(i, user_id=f"user-{i % 3}", provider=p, model=m) for i, (p, m) in

@@ -30,10 +30,10 @@ def complete(session_factory, *, claimed_at=T0, key="k1", tenant="acme", status=
 
 
 def test_the_fingerprint_is_of_the_request_not_of_key_order() -> None:
-    assert SHA == ir.request_sha256("rewrite", "rewrite", "alice", {"tone": "formal", "text": "hi"})
-    assert SHA != ir.request_sha256("rewrite", "rewrite", "bob", {"text": "hi", "tone": "formal"})
-    assert SHA != ir.request_sha256("rewrite", "rewrite", "alice", {"text": "hi", "tone": "casual"})
-    assert SHA != ir.request_sha256("rewrite", "rewrite_multiple", "alice", {"text": "hi", "tone": "formal"})
+    assert ir.request_sha256("rewrite", "rewrite", "alice", {"tone": "formal", "text": "hi"}) == SHA
+    assert ir.request_sha256("rewrite", "rewrite", "bob", {"text": "hi", "tone": "formal"}) != SHA
+    assert ir.request_sha256("rewrite", "rewrite", "alice", {"text": "hi", "tone": "casual"}) != SHA
+    assert ir.request_sha256("rewrite", "rewrite_multiple", "alice", {"text": "hi", "tone": "formal"}) != SHA
 
 
 def test_first_claim_runs_a_second_waits_then_gets_the_stored_outcome(session_factory) -> None:

@@ -81,17 +81,28 @@ def test_held_events_are_billed_once_an_override_exists(session_factory) -> None
     assert statuses == {held[0].event_id: "unpriced", held[1].event_id: "unpriced", byollm.event_id: "excluded_byollm"}
     assert sum(r.unpriced_count for r in rows(session_factory, UsageRollupRow)) == 2
 
-    assert reprice(session_factory) == RepriceResult(0, 2)  # no price yet: still held, nothing posted
+    assert reprice(session_factory) == RepriceResult(0, 2, shadow_unpriced=1)  # no price yet: held, nothing posted
+    (unknown,) = [r for r in rows(session_factory) if r.is_byollm]
+    assert (unknown.shadow_nanos, unknown.price_source) == (0, None)  # a shadow cost not known, not one of $0
     assert rows(session_factory, TransferRow) == []
 
     stored = override(session_factory, id="ollama-negotiated", note="negotiated rate")
     assert (stored.input_nanos_per_mtok, stored.output_nanos_per_mtok) == (100_000_000, 400_000_000)
     result = reprice(session_factory)
     # 1M input x $0.10 + 0.5M output x $0.40 = $0.30 cost; x 1.2 markup = $0.36 charged, per event.
-    assert result == RepriceResult(priced=2, still_unpriced=0, charge_nanos=720_000_000, cost_nanos=600_000_000)
+    assert result == RepriceResult(
+        priced=2, still_unpriced=0, charge_nanos=720_000_000, cost_nanos=600_000_000, shadow_priced=1,
+        shadow_nanos=360_000_000,
+    )  # fmt: skip
     for row in rows(session_factory):
-        if row.event_id == byollm.event_id:
-            assert (row.billing_status, row.charge_nanos) == ("excluded_byollm", 0)
+        if row.event_id == byollm.event_id:  # never billed (Policy A); its shadow cost is now known
+            assert (row.billing_status, row.charge_nanos, row.cost_nanos) == ("excluded_byollm", 0, 0)
+            assert (row.shadow_nanos, row.price_source, row.price_version) == (
+                360_000_000,
+                "override",
+                "ollama-negotiated",
+            )
+            assert row.invoice_period is None
             continue
         assert (row.billing_status, row.charge_nanos, row.cost_nanos) == ("billed", 360_000_000, 300_000_000)
         assert (row.price_source, row.price_version, row.markup_pct) == ("override", "ollama-negotiated", "20")
@@ -101,6 +112,7 @@ def test_held_events_are_billed_once_an_override_exists(session_factory) -> None
     rollups = rows(session_factory, UsageRollupRow)
     assert sum(r.unpriced_count for r in rollups) == 0
     assert sum(r.billed_nanos for r in rollups) == 720_000_000 and sum(r.cost_nanos for r in rollups) == 600_000_000
+    assert sum(r.shadow_nanos for r in rollups) == 360_000_000
     assert sum(r.calls for r in rollups) == 3
     with session_factory() as session:
         wallets = {a: b for a, k, b in balances(session, "tenant-1")}

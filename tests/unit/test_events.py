@@ -151,3 +151,14 @@ def test_text_limits_and_nul(field: str, min_length: int, max_length: int) -> No
 def test_text_limits_are_checked_by_pydantic_core() -> None:
     """A length constraint placed after a Python validator runs in Python: ≈ 3 µs more per event."""
     assert "length_validator" not in repr(UsageEvent.__pydantic_core_schema__)
+
+
+def test_provider_names_are_case_insensitive_and_stored_lowercase() -> None:
+    data = orjson.loads(orjson.dumps(_record()))
+    assert UsageEvent.model_validate({**data, "provider": "Anthropic"}).provider == "anthropic"
+    assert UsageEvent.model_validate({**data, "provider": "OpenAI"}).provider == "openai"
+    assert UsageEvent.model_validate({**data, "provider": "İ" * 100}).provider == "i̇" * 100  # 200 once lowered
+    with pytest.raises(ValidationError, match="provider\n  Value error, String should have at most 200"):
+        UsageEvent.model_validate({**data, "provider": "İ" * 101})  # 202 characters once lowered
+    with pytest.raises(ValidationError, match="provider\n  Value error, text must not contain NUL"):
+        UsageEvent.model_validate({**data, "provider": "a\x00b"})

@@ -21,6 +21,7 @@ from metering.billing.pricing import (
     PriceOverride,
     Quote,
     genai_provider_for,
+    glob_match,
     over_call_limit,
     price_usage,
     select_override,
@@ -328,3 +329,26 @@ def test_the_per_call_limit_is_inclusive_and_checks_price_and_cost() -> None:
     assert over_call_limit(quote(MAX_CALL_NANOS, MAX_CALL_NANOS)) is None
     assert "$10,000.000000001 for one call" in (over_call_limit(quote(1, MAX_CALL_NANOS + 1)) or "")
     assert "$12,000.00 for one call" in (over_call_limit(quote(12 * 10**12, 0)) or "")  # the cost alone is over
+
+
+def test_provider_names_are_looked_up_case_insensitively():
+    assert genai_provider_for("Anthropic", "claude-sonnet-4-6") == "anthropic"
+    assert genai_provider_for("SIMULATED", "gpt-4o") == "openai"
+    assert _price(provider="Anthropic", i=1000) == _price(provider="anthropic", i=1000) is not None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "expected"),
+    [("foo[1]", "foo[1]", True), ("foo[1]", "foo1", False), ("llama*", "LLAMA3.1", True), ("gpt-4?", "gpt-4o", True),
+     ("gpt-4?", "gpt-4o-mini", False), ("a.b", "axb", False), ("*", "", True), ("x*", "x\ny", True)],
+)  # fmt: skip
+def test_model_globs_have_only_star_and_question_mark(pattern, name, expected):
+    assert glob_match(pattern, name) is expected
+
+
+def test_a_model_name_with_brackets_can_be_overridden_exactly():
+    exact = _override("foo[1]", provider="local", id="exact")
+    assert exact.is_exact and exact.matches("local", "foo[1]") and not exact.matches("local", "foo1")
+    book = PriceBook(overrides=(exact,))
+    assert _price(provider="local", model="foo[1]", book=book, i=1_000_000) is not None
+    assert _price(provider="local", model="foo1", book=book, i=1_000_000) is None
