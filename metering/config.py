@@ -65,7 +65,7 @@ class BillingSettings(BaseModel):
     # At most 9 decimals and 18 digits: the markup is stored as text (32 characters) on every priced event.
     markup_pct: Decimal = Field(Decimal(0), ge=Decimal(-100), max_digits=18, decimal_places=9, allow_inf_nan=False)
     # Invoices of a month stay drafts this long after it ends (late events still land in them).
-    invoice_grace_hours: float = Field(72.0, ge=0)
+    invoice_grace_hours: float = Field(72.0, ge=0, le=8784, allow_inf_nan=False)  # at most a (leap) year
 
 
 class ApiSettings(BaseModel):

@@ -1,4 +1,9 @@
-"""CSV exports: one invoice, and one period's ledger. Amounts are exact: USD with 9 decimals, and nanos."""
+"""CSV exports: one invoice, and one period's ledger. Amounts are exact: USD with 9 decimals, and nanos.
+
+Text cells (ids, models, keys, memos: all of them can come from a client) that begin with ``=``, ``+``, ``-``,
+``@``, a tab or a carriage return are prefixed with ``'``, so a spreadsheet opening the file shows them as text
+and never runs them as a formula (CSV injection). Amounts are numbers and are never prefixed.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from sqlalchemy.orm import Session
 from metering.billing import invoice_store
 from metering.billing.invoices import Invoice
 from metering.billing.money import NANOS_PER_USD
+from metering.db.models import TransferRow
 
 INVOICE_COLUMNS = (
     "period",
@@ -52,6 +58,17 @@ def usd(nanos: int) -> str:
     return f"{'-' if nanos < 0 else ''}{whole}.{fraction:09d}"
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(value: Any) -> str:
+    """A text cell a spreadsheet shows as text: ``"=1+1"`` -> ``"'=1+1"``; ``None`` -> ``""``."""
+    if value is None:
+        return ""
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -62,13 +79,13 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def invoice_csv(invoice: Invoice) -> str:
     """One row per line, then the exact total, the total rounded (half-even) to cents and the residue."""
-    who = (invoice.period, invoice.tenant_id, invoice.user_id, invoice.status)
+    who = (invoice.period, text_cell(invoice.tenant_id), text_cell(invoice.user_id), invoice.status)
     rows: list[tuple[Any, ...]] = [
         (
             *who,
             "line",
-            line.extension_id,
-            line.model,
+            text_cell(line.extension_id),
+            text_cell(line.model),
             str(line.is_late).lower(),
             line.correction_of or "",
             line.calls,
@@ -83,30 +100,27 @@ def invoice_csv(invoice: Invoice) -> str:
     return _csv(INVOICE_COLUMNS, rows)
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
+def transfers_csv(transfers: Iterable[TransferRow]) -> str:
+    """Transfers in ``LEDGER_COLUMNS``, in the order given."""
+    rows = (
+        (
+            text_cell(t.id),
+            text_cell(t.created_at),
+            text_cell(t.kind),
+            text_cell(t.debit_account_id),
+            text_cell(t.credit_account_id),
+            usd(t.amount_nanos),
+            t.amount_nanos,
+            text_cell(t.event_id),
+            text_cell(t.reverses_id),
+            text_cell(t.idempotency_key),
+            text_cell(t.memo),
+        )
+        for t in transfers
+    )
+    return _csv(LEDGER_COLUMNS, rows)
 
 
 def ledger_csv(session: Session, period: str) -> str:
     """Every transfer of ``period``, ordered by (created_at, id)."""
-    rows = (
-        (
-            _text(t.id),
-            _text(t.created_at),
-            t.kind,
-            t.debit_account_id,
-            t.credit_account_id,
-            usd(t.amount_nanos),
-            t.amount_nanos,
-            _text(t.event_id),
-            _text(t.reverses_id),
-            _text(t.idempotency_key),
-            _text(t.memo),
-        )
-        for t in invoice_store.period_transfers(session, period)
-    )
-    return _csv(LEDGER_COLUMNS, rows)
+    return transfers_csv(invoice_store.period_transfers(session, period))

@@ -270,6 +270,7 @@ def ingest(
     now: datetime | None = None,
 ) -> IngestResult:
     """Ingest one batch in the caller's transaction (only flushes; the caller commits)."""
+    clock = now is None
     now = now or datetime.now(UTC)
     events, rejected, repeats, positions = validate(items, now)
     result = IngestResult(duplicates=repeats, rejected=rejected)
@@ -279,6 +280,8 @@ def ingest(
     # late ones included) while we read which invoices are final and bill into them (PostgreSQL). On SQLite,
     # take the database write lock now instead.
     finalized = lock_billing_periods(session, {period_of(e.occurred_at) for e in events})
+    if clock:  # the posting time is taken once the locks are held: a batch that waited posts after what it waited for
+        now = datetime.now(UTC)
     cards = RateCards(store.load_price_book(session, markup_pct))
     batch = uuid.uuid4()
     over_limit: list[tuple[UsageEvent, str]] = []

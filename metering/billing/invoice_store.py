@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session, aliased
 
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
-from metering.billing.periods import billing_period, finalizable, parse_period, period_bounds
+from metering.billing.periods import billing_period, finalizable, finalizable_at, parse_period, period_bounds
 from metering.billing.store import dialect, finalized_periods
 from metering.db.models import FinalizedPeriodRow, InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
-from metering.errors import InvalidInputError, PeriodOpenError
+from metering.errors import InvalidInputError, NotFoundError, PeriodOpenError
 
 UserKey = tuple[str, str, str]  # (tenant_id, user_id, period)
 
@@ -224,6 +224,15 @@ def get_invoice(session: Session, tenant_id: str, user_id: str, period: str) -> 
     return build_invoice(tenant_id, user_id, period, draft_lines(session, tenant_id, user_id, period), "draft", None)
 
 
+def existing_invoice(session: Session, tenant_id: str, user_id: str, period: str) -> Invoice:
+    """``get_invoice``, or ``NotFoundError`` when there is none: no billed event in the period and not finalized
+    (an empty draft is no invoice; a mistyped tenant or user must not export one)."""
+    invoice = get_invoice(session, tenant_id, user_id, period)
+    if not invoice.lines and not invoice.is_finalized:
+        raise NotFoundError(f"no invoice for tenant {tenant_id}, user {user_id}, period {period}")
+    return invoice
+
+
 def list_invoices(session: Session, period: str | None = None, tenant_id: str | None = None) -> list[Invoice]:
     """Every invoice with billed events or a finalized invoice, by period, tenant, user."""
     if period is not None:
@@ -242,9 +251,10 @@ def finalize_period(
     finalized (empty when run again: idempotent). Refuses before the period's end + ``grace`` unless ``force``."""
     check_period(period)
     if not force and not finalizable(period, now, grace):
+        at = finalizable_at(period, grace)
         raise PeriodOpenError(
             f"period {period} cannot be finalized before its end plus the grace period of "
-            f"{grace.total_seconds() / 3600:g} h, at {(period_bounds(period)[1] + grace).isoformat()} "
+            f"{grace.total_seconds() / 3600:g} h, at {at.isoformat() if at else 'a time past the year 9999'} "
             "(use force to finalize it anyway)"
         )
     _lock_period_exclusive(session, period)

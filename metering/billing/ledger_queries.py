@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
-import io
 import uuid
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -48,10 +45,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         moment_text, ident_text = raw.split("|")
         moment = datetime.fromisoformat(moment_text)
         ident = uuid.UUID(hex=ident_text)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        if moment.tzinfo is None:
+            raise ValueError("a naive time")
+        moment = moment.astimezone(UTC)  # 0001-01-01T00:00+05:00 is before year 1 in UTC: OverflowError
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged") from None
-    if moment.tzinfo is None:
-        raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged")
     return moment, ident
 
 
@@ -146,44 +144,7 @@ def ledger_csv(session: Session, period: str, tenant_id: str | None = None) -> s
         .where(invoice_store.in_period(period), touches_tenant(tenant_id))
         .order_by(TransferRow.created_at, TransferRow.id)
     )
-    return transfers_csv(list(session.scalars(stmt)))
-
-
-def transfers_csv(transfers: Sequence[TransferRow]) -> str:
-    """Transfers in ``export.LEDGER_COLUMNS`` (the format of ``export.ledger_csv``)."""
-    rows = (
-        (
-            _text(t.id),
-            _text(t.created_at),
-            t.kind,
-            t.debit_account_id,
-            t.credit_account_id,
-            export.usd(t.amount_nanos),
-            t.amount_nanos,
-            _text(t.event_id),
-            _text(t.reverses_id),
-            _text(t.idempotency_key),
-            _text(t.memo),
-        )
-        for t in transfers
-    )
-    return _csv(export.LEDGER_COLUMNS, rows)
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
-def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return export.transfers_csv(session.scalars(stmt))
 
 
 # -- balances -------------------------------------------------------------------------------------

@@ -37,9 +37,18 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
 
 
+def finalizable_at(period: str, grace: timedelta) -> datetime | None:
+    """When a period's invoices may be finalized: its end plus the grace period (None: past year 9999, never)."""
+    try:
+        return period_bounds(period)[1] + grace
+    except OverflowError:
+        return None
+
+
 def finalizable(period: str, now: datetime, grace: timedelta) -> bool:
     """A period's invoices may be finalized once it has ended and its grace period has passed."""
-    return now >= period_bounds(period)[1] + grace
+    at = finalizable_at(period, grace)
+    return at is not None and now >= at
 
 
 def billing_period(occurred: str, finalized: set[str]) -> tuple[str, bool]:

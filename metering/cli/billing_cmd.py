@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from metering.billing.checks import run_checks
 from metering.cli.billing_invoices import invoices_app, ledger_export_command
@@ -23,8 +24,8 @@ def check() -> None:
     console.print(f"accounts={report.accounts} transfers={report.transfers} rollups={report.rollups}")
     if report.ok:
         console.print("[green]ok[/]: balances sum to zero, cached balances match transfers, charges match events, "
-                      "rollups match raw events")  # fmt: skip
+                      "rollups match raw events", markup=True)  # fmt: skip
         return
     for problem in report.problems:
-        console.print(f"[red]problem[/]: {problem}", markup=True, highlight=False)
+        console.print(f"[red]problem[/]: {escape(problem)}", markup=True, highlight=False)
     raise typer.Exit(1)

@@ -87,12 +87,10 @@ def show_command(
     user: Annotated[str, typer.Argument(help="User id.")],
     period: PeriodArg,
 ) -> None:
-    """Show one invoice (the draft as of now, unless it is finalized)."""
+    """Show one invoice (the draft as of now, unless it is finalized); none without billed usage in the period."""
     with admin_session() as (session, _box):
-        invoice = invoice_store.get_invoice(session, tenant, user, period)
+        invoice = invoice_store.existing_invoice(session, tenant, user, period)
     console.print(_invoice_table(invoice))
-    if not invoice.lines:
-        console.print("(no billed usage in this period)")
 
 
 @invoices_app.command("finalize")
@@ -117,7 +115,7 @@ def export_command(
 ) -> None:
     """Export one invoice as CSV (exact amounts; total, rounded total and residue rows at the end)."""
     with admin_session() as (session, _box):
-        text = invoice_csv(invoice_store.get_invoice(session, tenant, user, period))
+        text = invoice_csv(invoice_store.existing_invoice(session, tenant, user, period))
     _write(text, out)
 
 

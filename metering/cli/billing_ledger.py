@@ -11,7 +11,6 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from metering.billing import credits, overrides
@@ -161,11 +160,11 @@ def balances_cmd(tenant: Annotated[str | None, typer.Option("--tenant", "-t")] =
     """Cached account balances (credits minus debits), optionally of one tenant's users."""
     with admin_session() as (session, _box):
         rows = credits.balances(session, tenant)
-    table = Table(title="Balances" + (f" of tenant {escape(tenant)}" if tenant else ""), title_justify="left")
+    table = Table(title="Balances" + (f" of tenant {tenant}" if tenant else ""), title_justify="left")
     for column, justify in (("account", "left"), ("kind", "left"), ("balance", "right"), ("nanos", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for account, kind, nanos in rows:
-        table.add_row(escape(account), kind, format_usd(nanos), str(nanos))
+        table.add_row(account, kind, format_usd(nanos), str(nanos))
     table.add_section()
     total = sum(nanos for _, _, nanos in rows)
     table.add_row("total", "", format_usd(total), str(total))
@@ -202,7 +201,7 @@ def _diff_table(title: str, lines: dict[Any, DiffLine], key_name: str) -> Table:
         line = lines[key]
         name = "/".join(key) if isinstance(key, tuple) else str(key)
         table.add_row(
-            escape(name),
+            name,
             str(line.events),
             format_usd(line.old_charge_nanos),
             format_usd(line.new_charge_nanos),
@@ -226,7 +225,7 @@ def _print_rerate(result: RerateResult) -> None:
         console.print("dry run: nothing changed. Apply with --apply --run-id <ID>.")
         return
     console.print(
-        f"run {escape(result.run_id or '')}: {result.transfers} transfer(s) posted, {result.skipped} event(s) already "
+        f"run {result.run_id or ''}: {result.transfers} transfer(s) posted, {result.skipped} event(s) already "
         f"corrected by this run, {result.late_corrections} correction(s) posted after a finalized invoice"
     )
 

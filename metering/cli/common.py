@@ -20,12 +20,14 @@ from metering.errors import MeteringError
 from metering.wiring import Services, open_services
 
 T = TypeVar("T")
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: ids, names, models and LLM output are printed as they are ("[/x]" as a tenant id used to crash a
+# table). A message with markup of its own says so (``markup=True``) and escapes what it interpolates.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     return typer.Exit(code)
 
 
@@ -39,7 +41,7 @@ def services() -> Iterator[Services]:
     try:
         yield svc
     except MeteringError as exc:
-        raise fail(f"{exc.message} {escape(f'[{exc.code}]')}") from None
+        raise fail(f"{exc.message} [{exc.code}]") from None
     finally:
         svc.close(drain=svc.drain_on_close)
 
@@ -130,6 +132,6 @@ def admin_session() -> Iterator[tuple[Any, Any]]:
                 session.commit()
             except MeteringError as exc:
                 session.rollback()
-                raise fail(f"{exc.message} {escape(f'[{exc.code}]')}") from None
+                raise fail(f"{exc.message} [{exc.code}]") from None
     finally:
         engine.dispose()

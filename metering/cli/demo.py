@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metering.cli import demo_data
@@ -23,7 +24,9 @@ def generate_with_progress(
 
         def advance(outcome: demo_data.Outcome) -> None:
             if outcome.error is not None:
-                progress.console.print(f"[bold]{outcome.step.label}[/]: [red]{outcome.error}[/]")
+                progress.console.print(
+                    f"[bold]{escape(outcome.step.label)}[/]: [red]{escape(str(outcome.error))}[/]", markup=True
+                )
             elif print_outcome is not None:
                 print_outcome(progress, outcome)
             progress.update(task, advance=1, description=outcome.step.label)
@@ -33,7 +36,10 @@ def generate_with_progress(
 
 def _print_showcase(progress: Progress, outcome: demo_data.Outcome) -> None:
     if outcome.step.showcase:
-        progress.console.print(f"[bold]{outcome.step.user.id}[/] {outcome.step.function}: {outcome.result}")
+        progress.console.print(
+            f"[bold]{escape(outcome.step.user.id)}[/] {escape(outcome.step.function)}: {escape(str(outcome.result))}",
+            markup=True,
+        )
 
 
 def demo() -> None:
@@ -46,7 +52,9 @@ def demo() -> None:
         console.print(usage_table(rows, title=f"Metered usage of the first invocations ({len(rows)} provider calls)"))
         console.print(f"Demo traffic: {report.summary()}.")
         if not report.delivered:
-            console.print("[yellow]Some events are still in the spool: `metering spool drain` delivers them.[/]")
+            console.print(
+                "[yellow]Some events are still in the spool: `metering spool drain` delivers them.[/]", markup=True
+            )
         console.print(
             f"Database: {svc.settings.resolved_database_url}\n"
             "Provider 'simulated' means no platform API key is set (ANTHROPIC_API_KEY); "

@@ -27,7 +27,8 @@ def invoke_and_report(svc: Services, extension_id: str, function: str, params: d
         svc.drain_on_close = False  # the sink is down: the events stay spooled, a second wait at exit would not help
         console.print(
             "[yellow]usage is spooled but not delivered yet (the sink is unreachable); it stays on disk for the next "
-            "run or `metering spool drain`[/]"
+            "run or `metering spool drain`[/]",
+            markup=True,
         )
         return
     if svc.settings.spool.sink == "http":  # delivered to another service's database, not the local one

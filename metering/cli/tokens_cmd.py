@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from metering.auth import Scope, create_token, list_tokens, revoke_token
@@ -32,11 +33,12 @@ def create_command(
     with admin_session() as (session, _box):
         row, secret = create_token(session, name, scope or [], tenant_id=tenant)
     err_console.print(
-        f"created token [bold]{row.name}[/] id={row.id} prefix={display_prefix(row.prefix)} "
-        f"scopes={','.join(row.scopes)} tenant={row.tenant_id or '(any)'}"
+        f"created token [bold]{escape(row.name)}[/] id={row.id} prefix={escape(display_prefix(row.prefix))} "
+        f"scopes={','.join(row.scopes)} tenant={escape(row.tenant_id or '(any)')}",
+        markup=True,
     )
     typer.echo(secret)
-    err_console.print("[yellow]This secret is shown only once: store it now.[/]")
+    err_console.print("[yellow]This secret is shown only once: store it now.[/]", markup=True)
 
 
 @tokens_app.command("list")

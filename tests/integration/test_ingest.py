@@ -422,3 +422,36 @@ def test_the_checks_catch_a_wallet_that_is_not_its_owners(session_factory) -> No
         session.rollback()
     assert any("is not the wallet id of tenant 'acme:x'" in p for p in report.problems), report.problems
     assert any("not the wallet of 'acme:x'/'y'" in p for p in report.problems), report.problems
+
+
+def test_a_batch_that_waited_for_a_lock_posts_after_it_was_released(session_factory) -> None:
+    """The posting time (transfers' created_at, which orders GET /v1/transfers) is taken once the locks are held. It
+    was taken before: a batch that waited for a finalization (PostgreSQL) or another writer (SQLite) committed
+    after rows with a later created_at, and a transfers walk between the two commits skipped it for good."""
+    import threading
+    import time
+
+    from metering.billing import invoice_store
+
+    e = event(0, occurred_at=datetime.now(UTC) - timedelta(minutes=1))
+    holder = session_factory()
+    invoice_store._lock_period_exclusive(holder, e.occurred_at.strftime("%Y-%m"))  # as finalize does
+    done = threading.Event()
+
+    def ingest_in_thread() -> None:
+        with session_factory() as session:
+            ingest(session, [e], markup_pct=MARKUP)  # the clock's now, not a fixed one
+            session.commit()
+        done.set()
+
+    worker = threading.Thread(target=ingest_in_thread)
+    worker.start()
+    time.sleep(0.5)
+    assert not done.is_set()  # it waits for the lock
+    released = datetime.now(UTC)
+    holder.commit()
+    holder.close()
+    worker.join(timeout=30)
+    assert done.is_set()
+    posted = transfers(session_factory, e)
+    assert posted and all(t.created_at >= released for t in posted)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metering.billing.export import INVOICE_COLUMNS, invoice_csv, usd
+from metering.billing.export import INVOICE_COLUMNS, invoice_csv, text_cell, usd
 from metering.billing.invoices import InvoiceLine, build_invoice, invoice_id
 
 WHEN = datetime(2025, 4, 4, tzinfo=UTC)
@@ -108,6 +108,24 @@ def test_invoice_csv_rows_and_exact_amounts() -> None:
         ("residue", "", "", "0.005000000", "5000000"),
     ]
     assert {(r["period"], r["tenant_id"], r["user_id"], r["status"]) for r in rows} == {("2025-03", "t", "u", "draft")}
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [("=1+1", "'=1+1"), ("+SUM(A1)", "'+SUM(A1)"), ("-2+3", "'-2+3"), ("@cmd", "'@cmd"), ("\tx", "'\tx"),
+     ("\rx", "'\rx"), ("acme", "acme"), ("a=b", "a=b"), ("", ""), (None, "")],
+)  # fmt: skip
+def test_text_cells_never_start_a_formula(value, cell) -> None:
+    assert text_cell(value) == cell
+
+
+def test_invoice_csv_neutralises_formulas_in_ids_but_not_negative_amounts() -> None:
+    lines = [line("=HYPERLINK(1)", "@m", nanos=-1_500_000_000)]
+    rows = list(csv.DictReader(io.StringIO(invoice_csv(build_invoice("-2+3", "+u", "2025-03", lines, "draft", None)))))
+    assert (rows[0]["tenant_id"], rows[0]["user_id"], rows[0]["extension_id"], rows[0]["model"]) == (
+        "'-2+3", "'+u", "'=HYPERLINK(1)", "'@m",
+    )  # fmt: skip
+    assert (rows[0]["amount_usd"], rows[0]["amount_nanos"]) == ("-1.500000000", "-1500000000")
 
 
 def test_periods_run_from_1970_01_to_9999_11_in_ascii_digits() -> None:

@@ -125,14 +125,10 @@ def get_invoices(
 
 def _invoice(session: Session, principal: TokenPrincipal, tenant_id: str, user_id: str, period: str) -> Invoice:
     """The invoice, or 404 when it has no billed event and is not finalized, or is another tenant's."""
-    missing = NotFoundError(f"no invoice for tenant {tenant_id}, user {user_id}, period {period}")
     if not principal.may_act_for(tenant_id):
         invoice_store.check_period(period)  # the same 422 as for an own tenant's malformed period
-        raise missing
-    invoice = invoice_store.get_invoice(session, tenant_id, user_id, period)
-    if not invoice.lines and not invoice.is_finalized:
-        raise missing
-    return invoice
+        raise NotFoundError(f"no invoice for tenant {tenant_id}, user {user_id}, period {period}")
+    return invoice_store.existing_invoice(session, tenant_id, user_id, period)
 
 
 # Registered before the JSON route: "{period}" alone would also match "2026-11.csv".

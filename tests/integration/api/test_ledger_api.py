@@ -136,6 +136,9 @@ def test_transfer_filters(client, reader, seeded, session_factory):
         ({"cursor": "garbage!"}, "invalid_input"),
         ({"cursor": base64.urlsafe_b64encode(b"2026-10-01T00:00:00|zz").decode()}, "invalid_input"),
         ({"cursor": base64.urlsafe_b64encode(b"2026-10-01T00:00:00|" + b"a" * 32).decode()}, "invalid_input"),
+        # A time that leaves years 1 to 9999 once in UTC: was a 500 (OverflowError binding it).
+        ({"cursor": base64.urlsafe_b64encode(b"0001-01-01T00:00:00+05:00|" + b"0" * 32).decode()}, "invalid_input"),
+        ({"cursor": base64.urlsafe_b64encode(b"9999-12-31T23:59:59-05:00|" + b"0" * 32).decode()}, "invalid_input"),
     ],
 )
 def test_invalid_transfer_queries_are_422(client, reader, params, code):
