@@ -159,12 +159,18 @@ class PriceOverrideRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# A wallet id is "user:" + the tenant id with ':' and '~' escaped (each up to 3 characters: 600) + ":" + the user
+# id (200): at most 806 characters (at most 1,606 bytes of UTF-8, inside a btree entry). 300 made the posting of
+# a valid event fail on PostgreSQL (varchar(300)) and block its spool slot.
+ACCOUNT_ID_LENGTH = 1000
+
+
 class AccountRow(Base):
     """A ledger account. ``balance_nanos`` (credits minus debits) is a cache of its transfers."""
 
     __tablename__ = "accounts"
 
-    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LENGTH), primary_key=True)
     kind: Mapped[str] = mapped_column(String(30))
     tenant_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -179,8 +185,8 @@ class TransferRow(Base):
     __tablename__ = "transfers"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    debit_account_id: Mapped[str] = mapped_column(String(300))
-    credit_account_id: Mapped[str] = mapped_column(String(300))
+    debit_account_id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LENGTH))
+    credit_account_id: Mapped[str] = mapped_column(String(ACCOUNT_ID_LENGTH))
     amount_nanos: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     kind: Mapped[str] = mapped_column(String(30))

@@ -455,3 +455,16 @@ def test_a_batch_that_waited_for_a_lock_posts_after_it_was_released(session_fact
     assert done.is_set()
     posted = transfers(session_factory, e)
     assert posted and all(t.created_at >= released for t in posted)
+
+
+def test_the_longest_valid_ids_are_billed(session_factory) -> None:
+    """A wallet id is 'user:' + the escaped tenant (':' is '~3A') + ':' + the user: up to 806 characters. Accounts
+    held 300: on PostgreSQL such a valid event failed its whole batch (and blocked the spool slot behind it)."""
+    long = event(0, tenant_id="T" * 200, user_id="U" * 200)
+    colons = event(1, tenant_id=":" * 200, user_id="ü" * 200)
+    assert run(session_factory, [long, colons]).inserted == 2
+    for e in (long, colons):
+        assert row(session_factory, e).billing_status == "billed"
+        (charge,) = [t for t in transfers(session_factory, e) if t.kind == "usage_charge"]
+        assert charge.debit_account_id.startswith("user:") and len(charge.debit_account_id) in (406, 806)
+    assert run_checks_ok(session_factory)
