@@ -139,13 +139,13 @@ def _event_id_of(item: Any) -> str | None:
 
 def validate(
     items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime
-) -> tuple[list[UsageEvent], list[Rejection], int, dict[uuid.UUID, int]]:
-    """Valid, batch-unique events; rejections with their index; how many repeated an earlier item; the index
-    of each valid event's item."""
+) -> tuple[list[UsageEvent], list[Rejection], dict[uuid.UUID, list[int]], dict[uuid.UUID, int]]:
+    """Valid, batch-unique events; rejections with their index; the indexes of the items that repeated an
+    earlier valid item's event_id (counted as duplicates), by event_id; the index of each valid event's item."""
     events: list[UsageEvent] = []
     rejected: list[Rejection] = []
     seen: dict[uuid.UUID, int] = {}
-    repeats = 0
+    repeats: dict[uuid.UUID, list[int]] = {}
     latest = now + MAX_FUTURE
     for index, item in enumerate(items):
         if isinstance(item, UsageEvent):
@@ -167,7 +167,7 @@ def validate(
             rejected.append(Rejection(index, str(event.event_id), "occurred_at is before 2020-01-01"))
             continue
         if event.event_id in seen:
-            repeats += 1
+            repeats.setdefault(event.event_id, []).append(index)
             continue
         seen[event.event_id] = index
         events.append(event)
@@ -273,7 +273,7 @@ def ingest(
     clock = now is None
     now = now or datetime.now(UTC)
     events, rejected, repeats, positions = validate(items, now)
-    result = IngestResult(duplicates=repeats, rejected=rejected)
+    result = IngestResult(duplicates=sum(map(len, repeats.values())), rejected=rejected)
     if not events:
         return result
     # Finalizing a period takes its lock exclusively: hold it shared (every period an event may be billed in,
@@ -299,21 +299,31 @@ def ingest(
         store.apply_balances(session, accounts, deltas, now)
         store.upsert_rollups(session, fold_priced(new))
     if over_limit:
-        _reject_over_limit(session, positions, over_limit, result)
+        _reject_over_limit(session, positions, repeats, over_limit, result)
     return result
 
 
 def _reject_over_limit(
-    session: Any, positions: dict[uuid.UUID, int], over_limit: list[tuple[UsageEvent, str]], result: IngestResult
+    session: Any,
+    positions: dict[uuid.UUID, int],
+    repeats: dict[uuid.UUID, list[int]],
+    over_limit: list[tuple[UsageEvent, str]],
+    result: IngestResult,
 ) -> None:
     """Events priced above the per-call limit are rejected with the reason, unless already stored (then they
-    are duplicates, as any stored event is: a replay never re-prices)."""
+    are duplicates, as any stored event is: a replay never re-prices). A later item of the batch with the same
+    event_id was counted as a duplicate of it: nothing of that id is stored, so it is rejected too."""
     stored = store.stored_event_ids(session, [e.event_id for e, _ in over_limit])
     for e, reason in over_limit:
         if e.event_id in stored:
             result.duplicates += 1
-        else:
-            result.rejected.append(Rejection(positions[e.event_id], str(e.event_id), reason))
+            continue
+        first = positions[e.event_id]
+        result.rejected.append(Rejection(first, str(e.event_id), reason))
+        for index in repeats.get(e.event_id, ()):
+            result.duplicates -= 1
+            why = f"repeats the event_id of item {first}, which is rejected (nothing of this id is stored): {reason}"
+            result.rejected.append(Rejection(index, str(e.event_id), why))
     result.rejected.sort(key=lambda r: r.index)
 
 

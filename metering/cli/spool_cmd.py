@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -14,6 +14,7 @@ from metering.config import Settings
 from metering.spool.decode import DeadLetters
 from metering.spool.inspect import slot_states
 from metering.spool.segments import DEAD_LETTER_NAME
+from metering.spool.writer import Spool
 from metering.wiring import open_drainer
 
 spool_app = typer.Typer(help="The durable local spool between ctx.llm and the database.", no_args_is_help=True)
@@ -67,3 +68,36 @@ def drain(
             raise typer.Exit(1)
     finally:
         engine.dispose()
+
+
+@spool_app.command()
+def redrive(
+    event_id: Annotated[list[str] | None, typer.Option("--event-id", help="Only this event (repeatable).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Only dead letters whose reason contains this text.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be redriven.")] = False,
+) -> None:
+    """Put dead-lettered events back into the spool, once what refused them is fixed: the flusher (or `metering
+    spool drain`) delivers them again, idempotently. Lines that are not events (torn writes) stay dead-lettered."""
+    settings = Settings()
+    letters = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME)
+    wanted = set(event_id or ())
+
+    def select(record: dict[str, Any]) -> bool:
+        ident = record.get("event_id")
+        return (
+            isinstance(ident, str)
+            and (not wanted or ident in wanted)
+            and (reason is None or reason in str(record.get("reason", "")))
+        )
+
+    if dry_run or not letters.path.exists():
+        chosen = [r for r in letters.read() if select(r)]
+        for record in chosen:
+            console.print(f"{record['event_id']}  {record.get('reason', '')}", highlight=False)
+        console.print(f"would redrive {len(chosen)} event(s)" if dry_run else "nothing is dead-lettered")
+        return
+    with Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=True) as spool:
+        taken = letters.redrive(select, spool.append)
+    for record in taken:
+        console.print(f"{record['event_id']}  {record.get('reason', '')}", highlight=False)
+    console.print(f"redrove {len(taken)} event(s) into the spool; `metering spool drain` delivers them now")

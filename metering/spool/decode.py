@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,15 +72,55 @@ def _event_id_of(line: bytes) -> str | None:
 
 
 class DeadLetters:
-    """``rejected.jsonl``: one JSON record per rejected line, appended with one write each."""
+    """``rejected.jsonl``: one JSON record per rejected line, appended with one write each.
+
+    Writers and ``redrive`` hold an ``flock`` on ``rejected.jsonl.lock``, so a redrive that rewrites the file
+    never drops a record appended meanwhile."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def redrive(
+        self, select: Callable[[dict[str, Any]], bool], append: Callable[[bytes], None]
+    ) -> list[dict[str, Any]]:
+        """Hand the line of every selected record to ``append`` (the spool: the flusher delivers it again), then
+        drop those records from the file; returns them. A crash in between leaves a record both spooled and
+        dead-lettered: redriving it again only counts a duplicate (ingest is idempotent on event_id)."""
+        with self._locked():
+            records = self.read()
+            taken = [r for r in records if select(r)]
+            if not taken:
+                return []
+            for record in taken:
+                append(str(record["line"]).encode("utf-8"))
+            kept = b"".join(orjson.dumps(r) + b"\n" for r in records if not select(r))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, kept)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        return taken
 
     def write(self, slot: str, segment: int, rejected: list[Rejected]) -> None:
         if not rejected:
             return
         now = utcnow().isoformat()
+        with self._locked():
+            self._append(slot, segment, rejected, now)
+
+    def _append(self, slot: str, segment: int, rejected: list[Rejected], now: str) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             for item in rejected:

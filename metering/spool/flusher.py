@@ -23,6 +23,7 @@ from pathlib import Path
 
 from metering.spool.decode import DeadLetters, Rejected, decode_lines
 from metering.spool.inspect import writer_alive
+from metering.spool.isolation import deliver_isolating
 from metering.spool.reader import Batch, pending_lines, read_batch, remove_segment
 from metering.spool.segments import (
     DEAD_LETTER_NAME,
@@ -253,7 +254,7 @@ class Flusher:
             offset, fragment = batch.torn
             rejected.append(Rejected(offset, fragment, "torn write: incomplete line at the end of a finished segment"))
         if events:
-            result = self.sink.deliver(events)  # raises → nothing below runs; the batch is retried
+            result = deliver_isolating(self.sink, events)  # raises → nothing below runs; the batch is retried
             self._delivered += result.inserted
             self._duplicates += result.duplicates
             for index, reason in result.rejected:  # refused by the sink (e.g. an event from the future)

@@ -1,26 +1,23 @@
 """HttpSink: delivers spooled batches to a metering service's ``POST /v1/events``.
 
-Anything but a 200 raises, so the flusher keeps the batch and retries it with backoff: a service that is
-down, slow, overloaded (429/5xx) or misconfigured (401/403) loses nothing. The endpoint is idempotent on
-event_id, so a retry after a lost response counts duplicates instead of double-counting.
-
-A 413 (more events or bytes than the service takes) is not retried as is, since it would never pass: the batch
-is split in halves until each part passes, and a single event still refused is rejected (dead-lettered with the
-service's reason) so that it cannot hold up the events behind it.
+A 200 is delivered. A 413 (more events or bytes than the service takes) or a 500 (the service fails on
+something in the batch) would be answered again to the same batch: they raise ``RefusedBatchError``, and the
+flusher isolates the event at fault (``spool.isolation``: halves until the parts pass; a single event too large
+is dead-lettered with the service's reason). Anything else raises ``DeliveryError``, and the flusher keeps the
+batch and retries it with backoff: a service that is down, slow, overloaded (429/502/503) or misconfigured
+(401/403/404) loses nothing. The endpoint is idempotent on event_id, so a retry after a lost response counts
+duplicates instead of double-counting.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import httpx
 import orjson
 
 from metering.events import UsageEvent
-from metering.spool.sink import DeliveryResult
-
-log = logging.getLogger("metering.spool")
+from metering.spool.sink import DeliveryResult, RefusedBatchError
 
 
 class DeliveryError(Exception):
@@ -42,27 +39,19 @@ class HttpSink:
             response = self._client.post(self._url, content=body, headers=self._headers)
         except httpx.HTTPError as exc:
             raise DeliveryError(f"POST {self._url} failed: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 413:
-            return self._split(events, response)
+        if response.status_code in (413, 500):
+            too_large = response.status_code == 413
+            raise RefusedBatchError(
+                f"the service refuses {'as too large ' if too_large else ''}({response.status_code}): "
+                f"{response.text[:300]}",
+                too_large=too_large,
+            )
         if response.status_code != 200:
             detail = response.text[:300]
             raise DeliveryError(f"POST {self._url} answered {response.status_code}: {detail}")
         data = response.json()
         rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
         return DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)
-
-    def _split(self, events: Sequence[UsageEvent], refused: httpx.Response) -> DeliveryResult:
-        if len(events) == 1:
-            reason = f"the service refuses this event as too large ({refused.status_code}): {refused.text[:200]}"
-            log.warning("spool: %s refused event %s as too large; dead-lettered", self._url, events[0].event_id)
-            return DeliveryResult(inserted=0, duplicates=0, rejected=((0, reason),))
-        half = len(events) // 2
-        first, second = self.deliver(events[:half]), self.deliver(events[half:])
-        return DeliveryResult(
-            inserted=first.inserted + second.inserted,
-            duplicates=first.duplicates + second.duplicates,
-            rejected=first.rejected + tuple((index + half, reason) for index, reason in second.rejected),
-        )
 
     def close(self) -> None:
         self._client.close()

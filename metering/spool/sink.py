@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
+import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing.ingest import ingest
@@ -18,6 +19,31 @@ class DeliveryResult:
     inserted: int
     duplicates: int
     rejected: tuple[tuple[int, str], ...] = ()  # (index in the batch, reason): dead-lettered, not retried
+
+
+class RefusedBatchError(Exception):
+    """The sink refuses this batch as it is and would refuse it again (not an outage): see ``spool.isolation``.
+    ``too_large``: refused for its size, so an event refused alone is refused for its own size."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+# Errors of ingest that the same batch would raise again: a value the database refuses (too long, out of range,
+# a constraint), or a bug on some value. An unreachable, locked or restarting database raises OperationalError
+# (or InterfaceError, a pool timeout): that is an outage, retried as it is.
+_REFUSALS = (
+    sqlalchemy.exc.DataError,
+    sqlalchemy.exc.IntegrityError,
+    sqlalchemy.exc.ProgrammingError,
+    sqlalchemy.exc.NotSupportedError,
+    ArithmeticError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+)
 
 
 class Sink(Protocol):
@@ -36,8 +62,11 @@ class DatabaseSink:
         self._markup = markup_pct
 
     def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
-        with self._sessions() as session:
-            result = ingest(session, events, markup_pct=self._markup)
-            session.commit()
+        try:
+            with self._sessions() as session:
+                result = ingest(session, events, markup_pct=self._markup)
+                session.commit()
+        except _REFUSALS as exc:
+            raise RefusedBatchError(f"the database refuses the batch: {type(exc).__name__}: {exc}") from exc
         rejected = tuple((r.index, r.reason) for r in result.rejected)
         return DeliveryResult(inserted=result.inserted, duplicates=result.duplicates, rejected=rejected)

@@ -349,6 +349,19 @@ def test_an_event_priced_beyond_what_one_call_can_cost_is_rejected_and_the_batch
     assert run_checks_ok(session_factory)
 
 
+def test_a_repeat_of_a_rejected_event_is_rejected_too_not_counted_as_stored(session_factory) -> None:
+    """The second item repeats the first's event_id; the first is rejected (over the per-call limit). The second was
+    counted as a duplicate, which says the id is stored: it is not."""
+    absurd = event(0, provider="anthropic", model="claude-opus-4-1", input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS,
+                   cache_read_tokens=0, cache_write_tokens=0)  # fmt: skip
+    normal = event(1)
+    result = run(session_factory, [absurd, normal, absurd.model_copy(update={"input_tokens": 10})])
+    assert (result.inserted, result.duplicates) == (1, 0)
+    assert [(r.index, r.event_id) for r in result.rejected] == [(0, str(absurd.event_id)), (2, str(absurd.event_id))]
+    assert "repeats the event_id of item 0" in result.rejected[1].reason
+    assert row(session_factory, absurd) is None
+
+
 def test_a_stored_event_priced_beyond_the_limit_now_is_a_duplicate_not_a_rejection(session_factory) -> None:
     from metering.billing.overrides import add_override
 
