@@ -128,13 +128,28 @@ class Priced:
     late: bool
 
 
+MAX_LISTED_ERRORS = 10
+MAX_ECHO = 64
+
+
+def _shown(value: object) -> str:
+    """Part of the input quoted in a reason: at most 64 characters, control characters escaped."""
+    text = str(value)
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= MAX_ECHO else shown[: MAX_ECHO - 1] + "…"
+
+
 def _reason(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors())
+    errors = exc.errors()
+    listed = "; ".join(
+        f"{'.'.join(_shown(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in errors[:MAX_LISTED_ERRORS]
+    )
+    return listed + (f" (and {len(errors) - MAX_LISTED_ERRORS} more)" if len(errors) > MAX_LISTED_ERRORS else "")
 
 
 def _event_id_of(item: Any) -> str | None:
     value = item.get("event_id") if isinstance(item, Mapping) else getattr(item, "event_id", None)
-    return None if value is None else str(value)
+    return None if value is None else _shown(value)
 
 
 def validate(

@@ -481,3 +481,13 @@ def test_the_longest_valid_ids_are_billed(session_factory) -> None:
         (charge,) = [t for t in transfers(session_factory, e) if t.kind == "usage_charge"]
         assert charge.debit_account_id.startswith("user:") and len(charge.debit_account_id) in (406, 806)
     assert run_checks_ok(session_factory)
+
+
+def test_a_rejection_quotes_little_of_the_input_and_no_control_characters(session_factory) -> None:
+    bad = {**record(0, occurred_at=NOW - timedelta(minutes=1)), "a\x00b": 1, **{f"extra{i}": i for i in range(30)}}
+    bad["event_id"] = "x\x00" + "y" * 10_000
+    result = run(session_factory, [bad, record(1, occurred_at=NOW - timedelta(minutes=1))])
+    assert result.inserted == 1
+    (rejection,) = result.rejected
+    assert "\x00" not in rejection.reason and "a\\x00b" in rejection.reason and "(and 22 more)" in rejection.reason
+    assert rejection.event_id is not None and len(rejection.event_id) <= 64 and "\x00" not in rejection.event_id
