@@ -7,10 +7,13 @@ validation errors, Starlette's 404/405, database outages and unexpected exceptio
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -146,7 +149,21 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
 
 
-async def database_error(request: Request, exc: OperationalError) -> JSONResponse:
+# An outage of the database, however it surfaces: SQLAlchemy's wrapped errors, or the driver's own from the raw
+# connection ingest writes through (a dropped connection, a deadlock, a serialization failure), or no pooled
+# connection free in time. Retrying later helps: 503, never a 500 (a spool's HTTP sink treats a 500 as a batch
+# the service refuses, and isolates the event at fault).
+DATABASE_OUTAGES: tuple[type[Exception], ...] = (
+    OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    sqlite3.OperationalError,
+)
+
+
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: database unavailable", request.method, request.url.path, exc_info=exc)
     error = DatabaseUnavailableError("the database is unavailable; retry later")
     return problem_response(error.status, error.code, error.message, instance=request.url.path)
@@ -163,7 +180,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(MeteringError, metering_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(OperationalError, database_error)  # type: ignore[arg-type]
+    for outage in DATABASE_OUTAGES:
+        app.add_exception_handler(outage, database_error)
     app.add_exception_handler(Exception, internal_error)
     app.openapi = _problem_openapi(app, app.openapi)  # type: ignore[method-assign]
 

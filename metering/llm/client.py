@@ -104,6 +104,9 @@ class MeteredLLM:
         self.model: str | None = None
         self.is_byollm: bool | None = None
         self.event_ids: list[str] = []
+        # Events of calls that used the provider: answered, or failed with tokens reported (billed, or paid on the
+        # user's own key). A failure with no usage costs nothing: running it again costs nothing twice.
+        self.used_event_ids: list[str] = []
 
     @property
     def scope(self) -> CallScope:
@@ -198,6 +201,8 @@ class MeteredLLM:
         self._recorder.append_line(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         event_id: str = record["event_id"]
         self.event_ids.append(event_id)
+        if status is Status.OK or usage.total_tokens > 0:
+            self.used_event_ids.append(event_id)
         return event_id
 
     def _served_by(self, target: Target) -> None:

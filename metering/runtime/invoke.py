@@ -28,6 +28,24 @@ class InvocationResult:
     is_byollm: bool | None
 
 
+@dataclass(frozen=True, slots=True)
+class InvocationCalls:
+    """The metered calls an invocation made before it failed."""
+
+    invocation_id: uuid.UUID
+    event_ids: list[str]  # every call's event
+    used_event_ids: list[str]  # those of calls that used the provider (see MeteredLLM.used_event_ids)
+
+
+_CALLS_ATTRIBUTE = "_metering_invocation_calls"
+
+
+def invocation_calls(exc: BaseException) -> InvocationCalls | None:
+    """The calls made by the invocation ``exc`` ended, if it had made any."""
+    calls: InvocationCalls | None = getattr(exc, _CALLS_ATTRIBUTE, None)
+    return calls
+
+
 def _validation_message(exc: ValidationError) -> str:
     problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors())
     return f"invalid params: {problems}"
@@ -85,9 +103,12 @@ class Runtime:
             raise InvalidInputError(_validation_message(exc)) from None
         try:
             result = await spec.handler(ctx, model)
-        except MeteringError as exc:
-            if ctx.llm.event_ids:  # metered (and billed) calls were made: the caller must be able to tell
-                exc.members.update(invocation_id=str(ctx.invocation_id), event_ids=list(ctx.llm.event_ids))
+        except BaseException as exc:
+            if ctx.llm.event_ids:  # metered calls were made (those that used the provider are billed): say which
+                calls = InvocationCalls(ctx.invocation_id, list(ctx.llm.event_ids), list(ctx.llm.used_event_ids))
+                setattr(exc, _CALLS_ATTRIBUTE, calls)
+                if isinstance(exc, MeteringError):
+                    exc.members.update(invocation_id=str(ctx.invocation_id), event_ids=calls.event_ids)
             raise
         return InvocationResult(
             result=result,

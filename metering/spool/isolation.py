@@ -6,7 +6,8 @@ error means the sink is unavailable, and the flusher retries the batch later, as
 
 ``deliver_isolating`` then splits the refused batch in halves until the parts pass. An event refused on its own
 is rejected (dead-lettered with the reason: ``metering spool redrive`` puts it back once the cause is fixed)
-only if its refusal is its own: it is too large (413), or some other part of the batch was delivered. When
+only if its refusal is its own: it is too large (413), or some other part of the batch was delivered; and it is
+refused ``ATTEMPTS`` times in a row. When
 every part is refused, the fault is not one event's (a broken service or schema): the error propagates and
 the whole batch is retried later, nothing dead-lettered. Parts delivered before an error are delivered again
 with the batch; the sink is idempotent on event_id, so they count as duplicates.
@@ -23,6 +24,7 @@ from metering.spool.sink import DeliveryResult, RefusedBatchError, Sink
 log = logging.getLogger("metering.spool")
 
 MAX_REASON = 500
+ATTEMPTS = 3  # an event refused on its own is tried this many times before it is dead-lettered
 
 
 class _Isolation:
@@ -38,6 +40,14 @@ class _Isolation:
                 return self._split(events)
             if not (exc.too_large or self.passed):
                 raise
+            for _ in range(ATTEMPTS - 1):  # a refusal that passes on a retry (a race) is not the event's fault
+                try:
+                    result = self.sink.deliver(events)
+                except RefusedBatchError as again:
+                    exc = again
+                else:
+                    self.passed = True
+                    return result
             log.warning("spool: the sink refuses event %s on its own; dead-lettered: %s", events[0].event_id, exc)
             return DeliveryResult(inserted=0, duplicates=0, rejected=((0, str(exc)[:MAX_REASON]),))
         self.passed = True

@@ -31,19 +31,26 @@ class RefusedBatchError(Exception):
 
 
 # Errors of ingest that the same batch would raise again: a value the database refuses (too long, out of range,
-# a constraint), or a bug on some value. An unreachable, locked or restarting database raises OperationalError
-# (or InterfaceError, a pool timeout): that is an outage, retried as it is.
-_REFUSALS = (
-    sqlalchemy.exc.DataError,
-    sqlalchemy.exc.IntegrityError,
-    sqlalchemy.exc.ProgrammingError,
-    sqlalchemy.exc.NotSupportedError,
-    ArithmeticError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-)
+# a constraint), or a bug on some value. By DB-API class name, since ingest writes through SQLAlchemy (wrapped
+# errors) and through the raw driver connection (psycopg's or sqlite3's own). An unreachable, locked or
+# restarting database, a deadlock or a serialization failure (OperationalError, InterfaceError, a pool timeout)
+# is an outage: retried as it is.
+_REFUSED_DBAPI = frozenset({"DataError", "IntegrityError", "ProgrammingError", "NotSupportedError"})
+_OUTAGE_DBAPI = frozenset({"OperationalError", "InterfaceError", "InternalError"})
+_REFUSED_PYTHON = (ArithmeticError, ValueError, TypeError, KeyError, IndexError)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ingest would raise ``exc`` again for the same batch (see above)."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return False
+    for error in (exc, getattr(exc, "orig", None)):
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if names & _OUTAGE_DBAPI:
+            return False
+        if names & _REFUSED_DBAPI:
+            return True
+    return isinstance(exc, _REFUSED_PYTHON)
 
 
 class Sink(Protocol):
@@ -66,7 +73,9 @@ class DatabaseSink:
             with self._sessions() as session:
                 result = ingest(session, events, markup_pct=self._markup)
                 session.commit()
-        except _REFUSALS as exc:
-            raise RefusedBatchError(f"the database refuses the batch: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if is_refusal(exc):
+                raise RefusedBatchError(f"the database refuses the batch: {type(exc).__name__}: {exc}") from exc
+            raise
         rejected = tuple((r.index, r.reason) for r in result.rejected)
         return DeliveryResult(inserted=result.inserted, duplicates=result.duplicates, rejected=rejected)

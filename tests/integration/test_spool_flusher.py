@@ -183,3 +183,72 @@ def test_stop_without_drain_keeps_events_for_the_next_run(tmp_path: Path, sessio
         rest = Flusher(again, DatabaseSink(session_factory))
         assert rest.flush(timeout=30)
     assert len(stored_ids(session_factory)) == 20
+
+
+def _refuse_tenant(engine, backend: str, tenant: str) -> list[str]:
+    """A real refusal by the database (as of a value too long for its column): a trigger on usage_events."""
+    from sqlalchemy import text
+
+    if backend == "postgresql":
+        ddl = [
+            "CREATE FUNCTION refuse_tenant() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.tenant_id = '{tenant}' THEN RAISE EXCEPTION 'value too long' USING ERRCODE = '22001'; END IF; "
+            "RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_tenant BEFORE INSERT ON usage_events FOR EACH ROW EXECUTE FUNCTION refuse_tenant()",
+        ]
+        drop = ["DROP TRIGGER refuse_tenant ON usage_events", "DROP FUNCTION refuse_tenant()"]
+    else:
+        ddl = [f"CREATE TRIGGER refuse_tenant BEFORE INSERT ON usage_events WHEN NEW.tenant_id = '{tenant}' "
+               "BEGIN SELECT RAISE(ABORT, 'refused'); END"]  # fmt: skip
+        drop = ["DROP TRIGGER refuse_tenant"]
+    with engine.begin() as conn:
+        for statement in ddl:
+            conn.execute(text(statement))
+    return drop
+
+
+def test_an_event_the_database_refuses_is_dead_lettered_the_rest_delivered_and_redriven_once_fixed(
+    tmp_path: Path, session_factory, engine, backend
+) -> None:
+    """Ingest writes through the raw driver: its refusals are psycopg's / sqlite3's own errors. They used to pass
+    as outages, so the batch was retried forever and every event behind the bad one waited."""
+    from sqlalchemy import text
+
+    drop = _refuse_tenant(engine, backend, "poison")
+    records = [record(i, tenant_id="poison" if i == 20 else "tenant-1") for i in range(50)]
+    try:
+        with Spool(tmp_path) as spool:
+            for rec in records:
+                spool.append(orjson.dumps(rec))
+            flusher = Flusher(spool, DatabaseSink(session_factory), batch_size=500)
+            assert flusher.stop(drain=True, timeout=30)
+            assert (flusher.stats.delivered, flusher.stats.rejected) == (49, 1)
+        (dead,) = DeadLetters(tmp_path / "rejected.jsonl").read()
+        assert dead["event_id"] == str(records[20]["event_id"])
+        assert "the database refuses the batch" in dead["reason"]
+        assert ("StringDataRightTruncation" if backend == "postgresql" else "IntegrityError") in dead["reason"]
+    finally:
+        with engine.begin() as conn:
+            for statement in drop:
+                conn.execute(text(statement))
+    with Spool(tmp_path) as spool:  # fixed: redrive it
+        assert len(DeadLetters(tmp_path / "rejected.jsonl").redrive(lambda r: True, spool.append)) == 1
+        flusher = Flusher(spool, DatabaseSink(session_factory))
+        assert flusher.stop(drain=True, timeout=30) and flusher.stats.delivered == 1
+    assert sorted(stored_ids(session_factory)) == sorted(str(r["event_id"]) for r in records)
+
+
+def test_a_database_outage_is_not_a_refusal(tmp_path: Path) -> None:
+    """An unreachable database keeps the batch (retried later); nothing is dead-lettered."""
+    from metering.db.engine import make_engine, make_session_factory
+
+    dead_engine = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    with Spool(tmp_path) as spool:
+        for i in range(5):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, DatabaseSink(make_session_factory(dead_engine)), max_backoff_s=0.05)
+        assert not flusher.flush(timeout=1.0)
+        assert flusher.stats.rejected == 0 and flusher.stats.failures >= 1
+        flusher.stop()
+    dead_engine.dispose()
+    assert DeadLetters(tmp_path / "rejected.jsonl").read() == []

@@ -72,3 +72,16 @@ def test_an_outage_during_isolation_propagates_and_what_passed_counts_as_duplica
     sink.down_after = None
     result = deliver_isolating(sink, EVENTS)
     assert (result.inserted, result.duplicates, [i for i, _ in result.rejected]) == (49, 50, [80])
+
+
+def test_an_event_refused_once_then_taken_is_not_dead_lettered() -> None:
+    class Flaky(Sink):
+        def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
+            if len(events) == 1 and events[0].event_id in self.poison:
+                self.poison.clear()  # refused once (e.g. a race), then taken
+                raise RefusedBatchError("IntegrityError: duplicate key")
+            return super().deliver(events)
+
+    sink = Flaky({5})
+    result = deliver_isolating(sink, EVENTS[:10])
+    assert (result.inserted, result.rejected) == (10, ())

@@ -20,13 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, AppRuntime, Audited, Auditor, ensure_tenant
 from metering.api.admin_schemas import InvokeRequest, InvokeResponse
 from metering.api.deps import Admin
-from metering.api.problems import PROBLEM_MEDIA_TYPE, error_body, problem_responses
+from metering.api.problems import PROBLEM_MEDIA_TYPE, error_body, problem_body, problem_responses
 from metering.db import invoke_requests
 from metering.db.invoke_requests import StoredResponse
 from metering.errors import InvalidInputError, MeteringError, NotFoundError
 from metering.events import utcnow
 from metering.extensions import BUNDLED, get_extension
 from metering.runtime import User
+from metering.runtime.invoke import invocation_calls
 
 router = APIRouter(tags=["extensions"])
 log = logging.getLogger("metering.api")
@@ -55,27 +56,46 @@ def _claim(request: Request, tenant_id: str, key: str, sha256: str, now: datetim
     return stored
 
 
-def _settle_failure(request: Request, tenant_id: str, key: str, claimed_at: datetime, exc: BaseException) -> None:
-    """Keep the outcome of an invocation that made metered calls (a retry would pay for them again); free the
-    key of one that made none. Best effort: the invocation's own error is what the client gets."""
+def _failure_outcome(request: Request, exc: Exception) -> tuple[int, dict[str, Any]] | None:
+    """The response to keep for an invocation that failed after calls that used the provider (a retry would pay
+    for them again), or None when it made none (running it again costs nothing twice)."""
+    calls = invocation_calls(exc)
+    if calls is None or not calls.used_event_ids:
+        return None
+    if isinstance(exc, MeteringError):
+        return exc.status, error_body(exc, instance=request.url.path)
+    log.error("invoke %s failed after metered calls", request.url.path, exc_info=exc)
+    body = problem_body(500, "internal_error", "an unexpected error occurred", instance=request.url.path)
+    return 500, body | {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids}
+
+
+def _settle_failure(
+    request: Request, tenant_id: str, key: str, claimed_at: datetime, exc: Exception
+) -> JSONResponse | None:
+    """Store the failure's response (and answer it) or free the key (None: the error is raised as usual). Best
+    effort: when the database fails here too, the invocation's own error is what the client gets."""
+    outcome = _failure_outcome(request, exc)
     try:
         with request.app.state.sessions() as session:
-            if isinstance(exc, MeteringError) and exc.members.get("event_ids"):
-                body = error_body(exc, instance=request.url.path)
+            if outcome is None:
+                invoke_requests.release(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at)
+            else:
                 invoke_requests.complete(
                     session,
                     tenant_id=tenant_id,
                     key=key,
                     claimed_at=claimed_at,
-                    status=exc.status,
-                    body=body,
+                    status=outcome[0],
+                    body=outcome[1],
                     now=utcnow(),
                 )
-            else:
-                invoke_requests.release(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at)
             session.commit()
     except Exception:  # the database may be what failed
         log.warning("could not settle idempotency key %r of tenant %r", key, tenant_id, exc_info=True)
+    if outcome is None:
+        return None
+    status, body = outcome
+    return JSONResponse(body, status_code=status, headers={REPLAYED: "false"}, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def _replay(stored: StoredResponse) -> JSONResponse:
@@ -95,10 +115,10 @@ def _replay(stored: StoredResponse) -> JSONResponse:
         f"database asynchronously, by the spool's flusher). Extensions: {', '.join(sorted(BUNDLED))}. "
         "Errors of the call itself: 429 `budget_exceeded` (an enforced call budget), 502 `provider_error`, "
         "`invalid_json_response`; when the invocation had already made metered calls, the problem also carries "
-        "their `invocation_id` and `event_ids` (they are billed). With an `Idempotency-Key`, a retry answers the "
-        "first outcome (a success, or an error after metered calls) without running anything; a key whose "
-        "invocation failed before any call is free again. Audited as `extension.invoke` (the params are not "
-        "recorded)."
+        "their `invocation_id` and `event_ids` (those that used the provider are billed). With an "
+        "`Idempotency-Key`, a retry answers the first outcome (a success, or an error after calls that used the "
+        "provider) without running anything; the key of an invocation that failed before any such call is free "
+        "again. Audited as `extension.invoke` (the params are not recorded)."
     ),
     response_model=InvokeResponse,
     responses={
@@ -137,9 +157,11 @@ async def invoke_function(
     try:
         engine = await run_in_threadpool(runtime.get)
         result = await engine.invoke(extension, function, body.params, User(body.user_id, body.tenant_id))
-    except BaseException as exc:
+    except Exception as exc:  # not a cancellation: its claim is taken over after TAKEOVER_AFTER
         if key is not None:
-            await run_in_threadpool(_settle_failure, request, body.tenant_id, key, claimed_at, exc)
+            stored = await run_in_threadpool(_settle_failure, request, body.tenant_id, key, claimed_at, exc)
+            if stored is not None:
+                return stored
         raise
     out = InvokeResponse(
         extension_id=extension.id,

@@ -242,6 +242,7 @@ def test_a_failure_after_metered_calls_names_them_and_is_replayed(client, admin,
     assert len(plain["event_ids"]) == 2 and uuid.UUID(plain["invocation_id"])  # the billed calls, named
     first = _invoke(client, _keyed(admin, "m1"), multiple, text="hello", tone="casual", n_variations=3)
     body = assert_problem(first, 429, "budget_exceeded")
+    assert first.headers["Idempotent-Replayed"] == "false"
     assert len(body["event_ids"]) == 2 and body["invocation_id"] != plain["invocation_id"]
     again = _invoke(client, _keyed(admin, "m1"), multiple, text="hello", tone="casual", n_variations=3)
     assert again.status_code == 429 and again.headers["Idempotent-Replayed"] == "true"
@@ -249,6 +250,19 @@ def test_a_failure_after_metered_calls_names_them_and_is_replayed(client, admin,
     assert _spooled_and_stored(client, session_factory) == 4  # 2 + 2: the replay made no call
     rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
     assert {str(r.invocation_id) for r in rows} == {body["invocation_id"]}
+
+
+def test_a_provider_failure_that_used_nothing_frees_the_key(client, admin, session_factory):
+    """The call failed without usage: metered (an error event), not billed, so a retry with the key runs again
+    (it used to replay the 502 for 24 h)."""
+    down = {"provider": "simulated", "model": "unavailable-model"}
+    assert client.put("/v1/admin/purposes/content_rewrite", json=down, headers=admin).status_code == 200
+    first = assert_problem(_invoke(client, _keyed(admin, "p1")), 502, "provider_error")
+    assert len(first["event_ids"]) == 1  # named: the failed call is metered
+    again = _invoke(client, _keyed(admin, "p1"))
+    assert again.status_code == 502 and again.headers.get("Idempotent-Replayed") != "true"
+    assert again.json()["event_ids"] != first["event_ids"]  # it ran again
+    assert _spooled_and_stored(client, session_factory) == 2
 
 
 def test_a_failure_before_any_call_frees_the_key(client, admin, session_factory):
@@ -278,3 +292,21 @@ def test_a_key_still_running_is_409_in_progress(client, admin, session_factory):
 def test_a_blank_or_long_key_is_refused_before_anything_runs(client, admin, session_factory, key, status, code):
     assert_problem(_invoke(client, _keyed(admin, key)), status, code)
     assert _spooled_and_stored(client, session_factory) == 0
+
+
+def test_a_handler_bug_after_a_billed_call_keeps_the_key_with_the_ids(client, admin, session_factory, monkeypatch):
+    """Not a MeteringError (a bug in the handler), after a call that used the provider: a retry with the key must
+    not run and bill it again; the 500 is kept and names the call."""
+    from metering import extensions
+    from tests.fakes.extensions import buggy
+
+    monkeypatch.setitem(extensions.BUNDLED, "buggy", buggy)
+    path = "/v1/extensions/buggy/functions/run:invoke"
+    first = _invoke(client, _keyed(admin, "b1"), path, text="hello")
+    body = assert_problem(first, 500, "internal_error")
+    assert first.headers["Idempotent-Replayed"] == "false" and len(body["event_ids"]) == 1
+    again = _invoke(client, _keyed(admin, "b1"), path, text="hello")
+    assert again.status_code == 500 and again.headers["Idempotent-Replayed"] == "true" and again.json() == body
+    assert _spooled_and_stored(client, session_factory) == 1
+    rows = _events(session_factory, [uuid.UUID(body["event_ids"][0])])
+    assert rows[0].billing_status == "billed"

@@ -1,0 +1,21 @@
+"""A test extension with a bug: it calls the LLM (a billed call), then raises something that is not a MeteringError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from metering.runtime import ChatExtension, Context
+
+buggy = ChatExtension("buggy", description="calls the LLM, then fails")
+
+
+class BuggyParams(BaseModel):
+    text: str
+
+
+@buggy.function(description="one call, then a bug", action_type="read", effects=["llm.text-generation"])
+async def run(ctx: Context, params: BuggyParams) -> dict[str, Any]:
+    await ctx.llm.create_message(messages=[{"role": "user", "content": params.text}], max_tokens=50)
+    raise RuntimeError("a bug after the call")
