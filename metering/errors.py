@@ -104,6 +104,14 @@ class IdempotencyInProgressError(MeteringError):
     status = 409
 
 
+class IdempotencyOutcomeUnknownError(MeteringError):
+    """The first request with this idempotency key never recorded its outcome (its process died, or the database
+    failed as it finished): it may have made billed calls, so it is never run again under this key."""
+
+    code = "idempotency_outcome_unknown"
+    status = 409
+
+
 class BalanceLimitError(MeteringError):
     """A posting would take an account's cached balance past what the ledger can store (±2^63-1 nanos)."""
 

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(length=200), nullable=False),
         sa.Column("idempotency_key", sa.String(length=200), nullable=False),
         sa.Column("request_sha256", sa.String(length=64), nullable=False),
+        sa.Column("invocation_id", sa.Uuid(), nullable=False),
         sa.Column("state", sa.String(length=10), nullable=False),
         sa.Column("claimed_at", metering.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("completed_at", metering.db.types.UTCDateTime(timezone=True), nullable=True),

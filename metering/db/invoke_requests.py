@@ -6,15 +6,17 @@ another request ``IdempotencyConflictError``. ``complete`` stores the status and
 (``done``); a later request with the key gets them back (``StoredResponse``) and nothing runs. ``release``
 drops a claim whose invocation made no metered call, so running it again costs nothing.
 
-Keys are kept ``RETENTION`` (24 h) after their claim; older ones are purged at the next claim and the key is
-free again. A claim still ``running`` after ``TAKEOVER_AFTER`` (its process died, or could not store the
-outcome) can be claimed again: the retry runs the invocation anew.
+Keys are kept ``RETENTION`` (24 h) after their claim; older ones are deleted by the next claim, and the key is
+free again. A claim still ``running`` after ``UNKNOWN_AFTER`` never recorded its outcome (its process died, or the
+database failed as it finished): it may have made billed calls, so it is never run again under this key
+(``IdempotencyOutcomeUnknownError``, with the invocation id the claim chose: its usage events carry it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,10 +26,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from metering.db.models import InvokeRequestRow
-from metering.errors import IdempotencyConflictError, IdempotencyInProgressError
+from metering.errors import IdempotencyConflictError, IdempotencyInProgressError, IdempotencyOutcomeUnknownError
 
 RETENTION = timedelta(hours=24)
-TAKEOVER_AFTER = timedelta(minutes=15)
+UNKNOWN_AFTER = timedelta(minutes=15)  # longer than any invocation runs
 RUNNING = "running"
 DONE = "done"
 
@@ -50,14 +52,17 @@ def _key(tenant_id: str, key: str) -> Any:
     return (InvokeRequestRow.tenant_id == tenant_id) & (InvokeRequestRow.idempotency_key == key)
 
 
-def claim(session: Session, *, tenant_id: str, key: str, sha256: str, now: datetime) -> StoredResponse | None:
-    """None: the key is this request's now (claimed at ``now``), run it. A ``StoredResponse``: answer it, run
-    nothing."""
+def claim(
+    session: Session, *, tenant_id: str, key: str, sha256: str, invocation_id: uuid.UUID, now: datetime
+) -> StoredResponse | None:
+    """None: the key is this request's now (claimed at ``now`` for ``invocation_id``), run it. A
+    ``StoredResponse``: answer it, run nothing."""
     session.execute(delete(InvokeRequestRow).where(InvokeRequestRow.claimed_at < now - RETENTION))
     values = {
         "tenant_id": tenant_id,
         "idempotency_key": key,
         "request_sha256": sha256,
+        "invocation_id": invocation_id,
         "state": RUNNING,
         "claimed_at": now,
     }
@@ -74,24 +79,22 @@ def claim(session: Session, *, tenant_id: str, key: str, sha256: str, now: datet
         )
     if row.state == DONE and row.status_code is not None and isinstance(row.response, dict):
         return StoredResponse(row.status_code, row.response)
-    if row.claimed_at <= now - TAKEOVER_AFTER:
-        taken = session.execute(
-            update(InvokeRequestRow)
-            .where(
-                _key(tenant_id, key), InvokeRequestRow.state == RUNNING, InvokeRequestRow.claimed_at == row.claimed_at
-            )
-            .values(claimed_at=now)
-            .execution_options(synchronize_session=False)
+    if row.claimed_at <= now - UNKNOWN_AFTER:
+        error: IdempotencyInProgressError | IdempotencyOutcomeUnknownError = IdempotencyOutcomeUnknownError(
+            f"the invocation with idempotency key {key!r} never recorded its outcome (its process stopped, or the "
+            f"database failed as it finished): it may have made billed calls, whose usage events carry invocation "
+            f"id {row.invocation_id}; it is not run again under this key (use a new key to run it again)"
         )
-        if taken.rowcount == 1:  # type: ignore[attr-defined]
-            return None
-    raise IdempotencyInProgressError(
-        f"an invocation with idempotency key {key!r} is still running; retry later for its result"
-    )
+    else:
+        error = IdempotencyInProgressError(
+            f"an invocation with idempotency key {key!r} is still running; retry later for its result"
+        )
+    error.members["invocation_id"] = str(row.invocation_id)
+    raise error
 
 
 def _mine(tenant_id: str, key: str, claimed_at: datetime) -> Any:
-    # A claim taken over (TAKEOVER_AFTER) is no longer the first request's: it neither completes nor releases it.
+    # Only the request that made the claim settles it.
     return _key(tenant_id, key) & (InvokeRequestRow.state == RUNNING) & (InvokeRequestRow.claimed_at == claimed_at)
 
 

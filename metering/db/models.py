@@ -387,6 +387,7 @@ class InvokeRequestRow(Base):
     tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(200), primary_key=True)
     request_sha256: Mapped[str] = mapped_column(String(64))
+    invocation_id: Mapped[uuid.UUID] = mapped_column(Uuid)  # chosen at the claim: its usage events carry it
     state: Mapped[str] = mapped_column(String(10))
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

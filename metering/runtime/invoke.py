@@ -67,14 +67,16 @@ class Runtime:
         self.providers = providers
         self.recorder = recorder
 
-    def context(self, extension: ChatExtension, function: str, user: User) -> Context:
+    def context(
+        self, extension: ChatExtension, function: str, user: User, invocation_id: uuid.UUID | None = None
+    ) -> Context:
         spec = extension.functions.get(function)
         if spec is None:
             raise NotFoundError(
                 f"extension {extension.id!r} has no function {function!r}; "
                 f"it has: {', '.join(sorted(extension.functions)) or 'none'}"
             )
-        invocation_id = uuid7()
+        invocation_id = invocation_id or uuid7()
         scope = CallScope(
             tenant_id=user.tenant_id,
             user_id=user.id,
@@ -93,9 +95,16 @@ class Runtime:
         return Context(user=user, extension_id=extension.id, function=function, invocation_id=invocation_id, llm=llm)
 
     async def invoke(
-        self, extension: ChatExtension, function: str, params: BaseModel | dict[str, Any], user: User
+        self,
+        extension: ChatExtension,
+        function: str,
+        params: BaseModel | dict[str, Any],
+        user: User,
+        *,
+        invocation_id: uuid.UUID | None = None,
     ) -> InvocationResult:
-        ctx = self.context(extension, function, user)
+        """Run the handler. ``invocation_id``: one chosen in advance (an idempotency claim records it)."""
+        ctx = self.context(extension, function, user, invocation_id)
         spec = extension.functions[function]
         try:
             model = params if isinstance(params, spec.params_model) else spec.params_model.model_validate(params)

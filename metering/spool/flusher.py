@@ -34,9 +34,10 @@ from metering.spool.segments import (
     read_cursor,
     write_cursor,
 )
-from metering.spool.sink import Sink
+from metering.spool.sink import RefusedBatchError, Sink
 from metering.spool.writer import Spool, try_lock
 
+PROBE_BATCHES = 16  # how far past a refused batch the flusher looks for events to try
 log = logging.getLogger("metering.spool")
 
 # Batches taken from a slot whose writer is alive before moving on to the next slot (fairness).
@@ -244,17 +245,24 @@ class Flusher:
             batch = read_batch(slot, cursor, current_segment=live, max_lines=self.batch_size, segments=segments)
             if batch is None:
                 return False
-            self._handle(slot, batch)
+            self._handle(slot, batch, live)
             cursor = batch.next_cursor
         return True
 
-    def _handle(self, slot: Path, batch: Batch) -> None:
+    def _handle(self, slot: Path, batch: Batch, live: int | None) -> None:
         events, sources, rejected = decode_lines(batch.lines)
         if batch.torn is not None:
             offset, fragment = batch.torn
             rejected.append(Rejected(offset, fragment, "torn write: incomplete line at the end of a finished segment"))
         if events:
-            result = deliver_isolating(self.sink, events)  # raises → nothing below runs; the batch is retried
+            try:
+                result = deliver_isolating(self.sink, events)  # raises → nothing below runs; the batch is retried
+            except RefusedBatchError:
+                # Every part refused: a broken sink, or only bad events here (a batch of one, the end of a
+                # segment). The events behind them tell which: if they go in, these are refused for their own sake.
+                if not self._sink_takes_what_follows(slot, batch, live):
+                    raise
+                result = deliver_isolating(self.sink, events, sink_healthy=True)
             self._delivered += result.inserted
             self._duplicates += result.duplicates
             for index, reason in result.rejected:  # refused by the sink (e.g. an event from the future)
@@ -266,6 +274,25 @@ class Flusher:
         write_cursor(slot, batch.next_cursor)
         if batch.finished_segment:
             remove_segment(slot, batch.segment)
+
+    def _sink_takes_what_follows(self, slot: Path, batch: Batch, live: int | None) -> bool:
+        """Deliver the next batch of the slot (again later, as duplicates): True if the sink takes it."""
+        cursor, segments, events = batch.next_cursor, list_segments(slot), []
+        for _ in range(PROBE_BATCHES):  # past empty segments and lines that are not events
+            following = read_batch(slot, cursor, current_segment=live, max_lines=self.batch_size, segments=segments)
+            if following is None:
+                return False  # nothing behind them is held up: wait
+            events = decode_lines(following.lines)[0]
+            if events:
+                break
+            cursor = following.next_cursor
+        if not events:
+            return False
+        try:
+            self.sink.deliver(events)
+        except RefusedBatchError:
+            return False
+        return True
 
 
 def _reached(cursor: Cursor, position: Cursor) -> bool:

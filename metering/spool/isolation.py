@@ -6,10 +6,13 @@ error means the sink is unavailable, and the flusher retries the batch later, as
 
 ``deliver_isolating`` then splits the refused batch in halves until the parts pass. An event refused on its own
 is rejected (dead-lettered with the reason: ``metering spool redrive`` puts it back once the cause is fixed)
-only if its refusal is its own: it is too large (413), or some other part of the batch was delivered; and it is
-refused ``ATTEMPTS`` times in a row. When
-every part is refused, the fault is not one event's (a broken service or schema): the error propagates and
-the whole batch is retried later, nothing dead-lettered. Parts delivered before an error are delivered again
+only if its refusal is its own: it is too large (413), or some other part of the batch was delivered (or, when
+every part is refused, the events that follow the batch in its slot: the flusher tries them), and it is refused
+``ATTEMPTS`` times in a row. When
+every part is refused, the error propagates; the flusher then tries the events that follow the batch in its
+slot: if the sink takes them, the batch's refusals are its events' own (a batch of one, or bad events at the end
+of a segment) and they are dead-lettered; if not (a broken service or schema), or nothing follows yet (then
+nothing is held up), the whole batch is retried later, nothing dead-lettered. Parts delivered before an error are delivered again
 with the batch; the sink is idempotent on event_id, so they count as duplicates.
 """
 
@@ -28,9 +31,11 @@ ATTEMPTS = 3  # an event refused on its own is tried this many times before it i
 
 
 class _Isolation:
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, *, sink_healthy: bool) -> None:
         self.sink = sink
-        self.passed = False  # some part of the batch was delivered: a refusal that remains is its event's own
+        # Some part of the batch (or, sink_healthy, what follows it) was delivered: a refusal that remains is its
+        # event's own.
+        self.passed = sink_healthy
 
     def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
         try:
@@ -73,6 +78,7 @@ class _Isolation:
         )
 
 
-def deliver_isolating(sink: Sink, events: Sequence[UsageEvent]) -> DeliveryResult:
-    """``sink.deliver(events)``, isolating the events it refuses (see the module docstring)."""
-    return _Isolation(sink).deliver(events)
+def deliver_isolating(sink: Sink, events: Sequence[UsageEvent], *, sink_healthy: bool = False) -> DeliveryResult:
+    """``sink.deliver(events)``, isolating the events it refuses (see the module docstring). ``sink_healthy``:
+    the sink took other events meanwhile (the flusher tried those that follow), so refusals are the events' own."""
+    return _Isolation(sink, sink_healthy=sink_healthy).deliver(events)

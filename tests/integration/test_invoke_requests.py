@@ -1,22 +1,24 @@
 """Idempotency keys of invocations (metering.db.invoke_requests) on SQLite and PostgreSQL: claimed once,
-completed with their outcome, per tenant, expired after 24 h, taken over when a claim was abandoned."""
+completed with their outcome, per tenant, expired after 24 h, never run again when the outcome was not recorded."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from metering.db import invoke_requests as ir
-from metering.errors import IdempotencyConflictError, IdempotencyInProgressError
+from metering.errors import IdempotencyConflictError, IdempotencyInProgressError, IdempotencyOutcomeUnknownError
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+INVOCATION = uuid.UUID("01a21f4d-6370-7000-8000-000000000001")
 SHA = ir.request_sha256("rewrite", "rewrite", "alice", {"text": "hi", "tone": "formal"})
 
 
 def claim(session_factory, *, key="k1", tenant="acme", sha=SHA, now=T0):
     with session_factory() as session:
-        stored = ir.claim(session, tenant_id=tenant, key=key, sha256=sha, now=now)
+        stored = ir.claim(session, tenant_id=tenant, key=key, sha256=sha, invocation_id=INVOCATION, now=now)
         session.commit()
     return stored
 
@@ -73,17 +75,16 @@ def test_keys_expire_after_24_hours(session_factory) -> None:
     assert claim(session_factory, now=T0 + ir.RETENTION + timedelta(seconds=1)) is None  # purged: runs anew
 
 
-def test_an_abandoned_claim_is_taken_over_and_its_first_owner_can_no_longer_settle_it(session_factory) -> None:
+def test_a_claim_that_never_recorded_its_outcome_is_never_run_again(session_factory) -> None:
+    """Its process died, or the database failed as it finished: it may have made billed calls."""
     assert claim(session_factory) is None
-    with pytest.raises(IdempotencyInProgressError):
-        claim(session_factory, now=T0 + ir.TAKEOVER_AFTER - timedelta(seconds=1))
-    later = T0 + ir.TAKEOVER_AFTER
-    assert claim(session_factory, now=later) is None  # taken over
-    complete(session_factory, claimed_at=T0, body={"stale": True})  # the first owner, too late: ignored
-    with session_factory() as session:
-        ir.release(session, tenant_id="acme", key="k1", claimed_at=T0)
-        session.commit()
-    with pytest.raises(IdempotencyInProgressError):
-        claim(session_factory, now=later + timedelta(seconds=1))
-    complete(session_factory, claimed_at=later, body={"fresh": True})
-    assert claim(session_factory, now=later + timedelta(seconds=2)) == ir.StoredResponse(200, {"fresh": True})
+    with pytest.raises(IdempotencyInProgressError) as running:
+        claim(session_factory, now=T0 + ir.UNKNOWN_AFTER - timedelta(seconds=1))
+    assert running.value.members == {"invocation_id": str(INVOCATION)}
+    with pytest.raises(IdempotencyOutcomeUnknownError) as unknown:
+        claim(session_factory, now=T0 + ir.UNKNOWN_AFTER)
+    assert (unknown.value.status, unknown.value.code) == (409, "idempotency_outcome_unknown")
+    assert str(INVOCATION) in unknown.value.message and unknown.value.members == {"invocation_id": str(INVOCATION)}
+    with pytest.raises(IdempotencyOutcomeUnknownError):
+        claim(session_factory, now=T0 + ir.UNKNOWN_AFTER + timedelta(hours=1))
+    assert claim(session_factory, now=T0 + ir.RETENTION + timedelta(seconds=1)) is None  # after 24 h: a new key

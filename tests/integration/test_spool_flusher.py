@@ -252,3 +252,34 @@ def test_a_database_outage_is_not_a_refusal(tmp_path: Path) -> None:
         flusher.stop()
     dead_engine.dispose()
     assert DeadLetters(tmp_path / "rejected.jsonl").read() == []
+
+
+def test_a_bad_event_alone_in_its_batch_is_told_apart_by_the_events_behind_it(
+    tmp_path: Path, session_factory, engine, backend
+) -> None:
+    """Batches of one (or a bad event last in its segment): no other part of the batch can pass, so the flusher
+    tries the events that follow. Nothing follows yet: it waits (it holds nothing up), and dead-letters nothing."""
+    from sqlalchemy import text
+
+    drop = _refuse_tenant(engine, backend, "poison")
+    records = [record(i, tenant_id="poison" if i in (3, 9) else "tenant-1") for i in range(10)]
+    try:
+        with Spool(tmp_path) as spool:
+            for rec in records:
+                spool.append(orjson.dumps(rec))
+            flusher = Flusher(spool, DatabaseSink(session_factory), batch_size=1, max_backoff_s=0.05)
+            assert not flusher.flush(timeout=3)  # the last event is bad and alone: kept, not dead-lettered
+            # (the event after a bad one goes in first as the probe, then counts as a duplicate)
+            assert (flusher.stats.delivered + flusher.stats.duplicates, flusher.stats.rejected) == (8, 1)
+            later = record(10)
+            spool.append(orjson.dumps(later))  # an event behind it: now it can be told apart
+            assert flusher.stop(drain=True, timeout=30)
+            assert (flusher.stats.delivered + flusher.stats.duplicates, flusher.stats.rejected) == (9, 2)
+    finally:
+        with engine.begin() as conn:
+            for statement in drop:
+                conn.execute(text(statement))
+    dead = {r["event_id"] for r in DeadLetters(tmp_path / "rejected.jsonl").read()}
+    assert dead == {str(records[3]["event_id"]), str(records[9]["event_id"])}
+    expected = {str(r["event_id"]) for r in [*records, later]} - dead
+    assert set(stored_ids(session_factory)) == expected

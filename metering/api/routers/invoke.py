@@ -1,15 +1,18 @@
 """POST /v1/extensions/{extension_id}/functions/{function}:invoke: run a bundled extension for a user (scope `admin`).
 
 The handler runs through the metered ``ctx.llm`` of the app's runtime: one usage event per provider call goes
-to the spool and from there, by the flusher, into the database. The invocation is audited.
+to the spool and from there, by the flusher, into the database. The invocation is audited, and so is one that
+failed after metered calls (its problem names them: ``invocation_id``, ``event_ids``).
 
 With an ``Idempotency-Key`` header a retry does not run (and pay for) the invocation again: the key is claimed
-before the handler runs and its outcome stored with the audit entry (``metering.db.invoke_requests``).
+before the handler runs, for an invocation id chosen then, and its outcome stored with the audit entry
+(``metering.db.invoke_requests``).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,20 +20,22 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from metering import audit as audit_log
 from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, AppRuntime, Audited, Auditor, ensure_tenant
 from metering.api.admin_schemas import InvokeRequest, InvokeResponse
 from metering.api.deps import Admin
-from metering.api.problems import PROBLEM_MEDIA_TYPE, error_body, problem_body, problem_responses
+from metering.api.problems import DATABASE_OUTAGES, PROBLEM_MEDIA_TYPE, error_body, problem_body, problem_responses
 from metering.db import invoke_requests
 from metering.db.invoke_requests import StoredResponse
-from metering.errors import InvalidInputError, MeteringError, NotFoundError
-from metering.events import utcnow
+from metering.errors import DatabaseUnavailableError, InvalidInputError, MeteringError, NotFoundError
+from metering.events import utcnow, uuid7
 from metering.extensions import BUNDLED, get_extension
 from metering.runtime import User
-from metering.runtime.invoke import invocation_calls
+from metering.runtime.invoke import InvocationCalls, invocation_calls
 
 router = APIRouter(tags=["extensions"])
 log = logging.getLogger("metering.api")
+ACTION = "extension.invoke"
 
 IdempotencyKey = Annotated[
     str | None,
@@ -38,69 +43,78 @@ IdempotencyKey = Annotated[
         alias=IDEMPOTENCY_KEY,
         min_length=1,
         max_length=200,
+        pattern=r"^[\x20-\x7e]+$",
         description=(
-            "Optional (1 to 200 characters; a UUID is a good choice), per tenant, kept 24 h. A retry with the same "
-            "key answers the first outcome (`Idempotent-Replayed: true`) and runs nothing; the same key for another "
-            "invocation is 409 `idempotency_conflict`; while the first is still running, 409 "
-            "`idempotency_in_progress`."
+            "Optional: 1 to 200 printable ASCII characters (a UUID is a good choice), per tenant, kept 24 h. A retry "
+            "with the same key answers the first outcome (`Idempotent-Replayed: true`) and runs nothing. 409 "
+            "`idempotency_conflict`: the key of another invocation; `idempotency_in_progress`: the first is still "
+            "running; `idempotency_outcome_unknown`: the first never recorded its outcome (it is not run again)."
         ),
     ),
 ]
+_REPLAYED_HEADER = {
+    REPLAYED: {
+        "description": "With an `Idempotency-Key`: `true` when this is the stored outcome of an earlier request.",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    }
+}
 
 
-def _claim(request: Request, tenant_id: str, key: str, sha256: str, now: datetime) -> StoredResponse | None:
+def _claim(request: Request, tenant_id: str, key: str, sha256: str, invocation_id: uuid.UUID, now: datetime) -> Any:
     # Its own transaction, committed before the handler runs: a concurrent retry must see the claim.
     with request.app.state.sessions() as session:
-        stored = invoke_requests.claim(session, tenant_id=tenant_id, key=key, sha256=sha256, now=now)
+        stored = invoke_requests.claim(
+            session, tenant_id=tenant_id, key=key, sha256=sha256, invocation_id=invocation_id, now=now
+        )
         session.commit()
     return stored
-
-
-def _failure_outcome(request: Request, exc: Exception) -> tuple[int, dict[str, Any]] | None:
-    """The response to keep for an invocation that failed after calls that used the provider (a retry would pay
-    for them again), or None when it made none (running it again costs nothing twice)."""
-    calls = invocation_calls(exc)
-    if calls is None or not calls.used_event_ids:
-        return None
-    if isinstance(exc, MeteringError):
-        return exc.status, error_body(exc, instance=request.url.path)
-    log.error("invoke %s failed after metered calls", request.url.path, exc_info=exc)
-    body = problem_body(500, "internal_error", "an unexpected error occurred", instance=request.url.path)
-    return 500, body | {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids}
-
-
-def _settle_failure(
-    request: Request, tenant_id: str, key: str, claimed_at: datetime, exc: Exception
-) -> JSONResponse | None:
-    """Store the failure's response (and answer it) or free the key (None: the error is raised as usual). Best
-    effort: when the database fails here too, the invocation's own error is what the client gets."""
-    outcome = _failure_outcome(request, exc)
-    try:
-        with request.app.state.sessions() as session:
-            if outcome is None:
-                invoke_requests.release(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at)
-            else:
-                invoke_requests.complete(
-                    session,
-                    tenant_id=tenant_id,
-                    key=key,
-                    claimed_at=claimed_at,
-                    status=outcome[0],
-                    body=outcome[1],
-                    now=utcnow(),
-                )
-            session.commit()
-    except Exception:  # the database may be what failed
-        log.warning("could not settle idempotency key %r of tenant %r", key, tenant_id, exc_info=True)
-    if outcome is None:
-        return None
-    status, body = outcome
-    return JSONResponse(body, status_code=status, headers={REPLAYED: "false"}, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def _replay(stored: StoredResponse) -> JSONResponse:
     media_type = PROBLEM_MEDIA_TYPE if stored.status >= 400 else "application/json"
     return JSONResponse(stored.body, status_code=stored.status, headers={REPLAYED: "true"}, media_type=media_type)
+
+
+def _failure_problem(request: Request, exc: Exception, calls: InvocationCalls) -> tuple[int, dict[str, Any]]:
+    """The problem of an invocation that failed after metered calls, naming them."""
+    ids = {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids}
+    if isinstance(exc, MeteringError):
+        return exc.status, error_body(exc, instance=request.url.path) | ids
+    if isinstance(exc, DATABASE_OUTAGES):
+        error = DatabaseUnavailableError("the database is unavailable; retry later")
+        return error.status, error_body(error, instance=request.url.path) | ids
+    log.error("%s failed after metered calls", request.url.path, exc_info=exc)
+    return 500, problem_body(500, "internal_error", "an unexpected error occurred", instance=request.url.path) | ids
+
+
+def _settle_failure(
+    request: Request,
+    audit: Auditor,
+    body: InvokeRequest,
+    target: str,
+    key: str | None,
+    claimed_at: datetime,
+    calls: InvocationCalls | None,
+    problem: tuple[int, dict[str, Any]] | None,
+) -> None:
+    """Best effort, in its own transaction (the database may be what failed): audit a failure after metered calls;
+    keep its outcome under the key when they used the provider (a retry would pay again), else free the key."""
+    try:
+        with request.app.state.sessions() as session:
+            if calls is not None and problem is not None:
+                after = {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids,
+                         "user_id": body.user_id, "error": problem[1]["code"], "idempotency_key": key}  # fmt: skip
+                audit_log.record(session, actor=audit.principal, action=ACTION, target=target, before=None,
+                                 after=after, tenant_id=body.tenant_id, request_id=audit.request_id)  # fmt: skip
+            if key is not None:
+                if calls is not None and calls.used_event_ids and problem is not None:
+                    invoke_requests.complete(session, tenant_id=body.tenant_id, key=key, claimed_at=claimed_at,
+                                             status=problem[0], body=problem[1], now=utcnow())  # fmt: skip
+                else:
+                    invoke_requests.release(session, tenant_id=body.tenant_id, key=key, claimed_at=claimed_at)
+            session.commit()
+    except Exception:
+        log.warning("could not record the failed invocation (key %r of tenant %r)", key, body.tenant_id, exc_info=True)
 
 
 @router.post(
@@ -114,16 +128,27 @@ def _replay(stored: StoredResponse) -> JSONResponse:
         "provider key is configured). Returns the handler's result and the usage event ids (delivered to the "
         f"database asynchronously, by the spool's flusher). Extensions: {', '.join(sorted(BUNDLED))}. "
         "Errors of the call itself: 429 `budget_exceeded` (an enforced call budget), 502 `provider_error`, "
-        "`invalid_json_response`; when the invocation had already made metered calls, the problem also carries "
-        "their `invocation_id` and `event_ids` (those that used the provider are billed). With an "
-        "`Idempotency-Key`, a retry answers the first outcome (a success, or an error after calls that used the "
-        "provider) without running anything; the key of an invocation that failed before any such call is free "
-        "again. Audited as `extension.invoke` (the params are not recorded)."
+        "`invalid_json_response`; when the invocation had already made metered calls, the problem (whatever its "
+        "status) also carries their `invocation_id` and `event_ids` (those that used the provider are billed). "
+        "With an `Idempotency-Key`, a retry answers the first outcome (a success, or an error after calls that used "
+        "the provider) without running anything; the key of an invocation that failed before any such call is "
+        "free again. Audited as `extension.invoke`, also when it failed after metered calls (never the params)."
     ),
     response_model=InvokeResponse,
     responses={
-        200: {"description": "The handler's result (or, with `Idempotent-Replayed: true`, the first one's)."},
-        **problem_responses(401, 403, 404, 409, 422, 429, 502, 503),
+        200: {
+            "description": "The handler's result (with `Idempotent-Replayed: true`, the stored first one).",
+            "headers": _REPLAYED_HEADER,
+        },
+        **problem_responses(401, 403, 404, 422, 429, 502, 503),
+        409: {
+            "description": (
+                "The `Idempotency-Key` is another invocation's (`idempotency_conflict`), its first request is still "
+                "running (`idempotency_in_progress`), or that one never recorded its outcome "
+                "(`idempotency_outcome_unknown`)."
+            ),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        },
     },
 )
 async def invoke_function(
@@ -148,21 +173,26 @@ async def invoke_function(
     key = None if idempotency_key is None else idempotency_key.strip()
     if key == "":
         raise InvalidInputError(f"the {IDEMPOTENCY_KEY} header is blank")
-    claimed_at = utcnow()
+    target = f"extension:{extension.id}.{function}"
+    claimed_at, invocation_id = utcnow(), uuid7()
     if key is not None:
         sha256 = invoke_requests.request_sha256(extension.id, function, body.user_id, body.params)
-        stored = await run_in_threadpool(_claim, request, body.tenant_id, key, sha256, claimed_at)
+        stored = await run_in_threadpool(_claim, request, body.tenant_id, key, sha256, invocation_id, claimed_at)
         if stored is not None:
             return _replay(stored)
     try:
         engine = await run_in_threadpool(runtime.get)
-        result = await engine.invoke(extension, function, body.params, User(body.user_id, body.tenant_id))
-    except Exception as exc:  # not a cancellation: its claim is taken over after TAKEOVER_AFTER
-        if key is not None:
-            stored = await run_in_threadpool(_settle_failure, request, body.tenant_id, key, claimed_at, exc)
-            if stored is not None:
-                return stored
-        raise
+        user = User(body.user_id, body.tenant_id)
+        result = await engine.invoke(extension, function, body.params, user, invocation_id=invocation_id)
+    except Exception as exc:  # not a cancellation: its claim stays, and answers `idempotency_outcome_unknown` later
+        calls = invocation_calls(exc)
+        problem = None if calls is None else _failure_problem(request, exc, calls)
+        if key is not None or problem is not None:
+            await run_in_threadpool(_settle_failure, request, audit, body, target, key, claimed_at, calls, problem)
+        if problem is None:
+            raise
+        headers = None if key is None else {REPLAYED: "false"}
+        return JSONResponse(problem[1], status_code=problem[0], headers=headers, media_type=PROBLEM_MEDIA_TYPE)
     out = InvokeResponse(
         extension_id=extension.id,
         function=function,
@@ -178,31 +208,31 @@ async def invoke_function(
     if key is not None:
         after["idempotency_key"] = key
         response.headers[REPLAYED] = "false"
-    await run_in_threadpool(_record, audit, body.tenant_id, extension.id, function, after, key, claimed_at, out)
+    try:
+        await run_in_threadpool(_record, request, audit, body.tenant_id, target, after, key, claimed_at, out)
+    except DATABASE_OUTAGES:  # the calls were made: say which (a keyed retry then answers outcome unknown)
+        calls = InvocationCalls(result.invocation_id, result.event_ids, result.event_ids)
+        status, problem = _failure_problem(request, DatabaseUnavailableError("the database is unavailable"), calls)
+        log.warning("%s: the audit entry of invocation %s was not written", request.url.path, result.invocation_id)
+        return JSONResponse(problem, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
     return out
 
 
 def _record(
+    request: Request,
     audit: Auditor,
     tenant_id: str,
-    extension_id: str,
-    function: str,
+    target: str,
     after: dict[str, Any],
     key: str | None,
     claimed_at: datetime,
     out: InvokeResponse,
 ) -> None:
-    """The audit entry and the key's outcome, in the request's transaction: both commit, or neither."""
-    audit.record(
-        "extension.invoke", f"extension:{extension_id}.{function}", before=None, after=after, tenant_id=tenant_id
-    )
-    if key is not None:
-        invoke_requests.complete(
-            audit.session,
-            tenant_id=tenant_id,
-            key=key,
-            claimed_at=claimed_at,
-            status=200,
-            body=out.model_dump(mode="json"),
-            now=utcnow(),
-        )
+    """The audit entry and the key's outcome, in one transaction committed here: both, or neither."""
+    with request.app.state.sessions() as session:
+        audit_log.record(session, actor=audit.principal, action=ACTION, target=target, before=None, after=after,
+                         tenant_id=tenant_id, request_id=audit.request_id)  # fmt: skip
+        if key is not None:
+            invoke_requests.complete(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at, status=200,
+                                     body=out.model_dump(mode="json"), now=utcnow())  # fmt: skip
+        session.commit()

@@ -183,7 +183,11 @@ def test_enforced_budget_is_429(client, admin, session_factory):
     assert client.app.state.runtime.flush(timeout=30.0)
     with session_factory() as session:
         assert count_events(session) == 2  # the two calls made before the refusal are metered
-    assert actions(session_factory) == ["budget.set"]
+    # Audited too: it spent (the two calls are billed).
+    assert actions(session_factory) == ["budget.set", "extension.invoke"]
+    entry = audit_rows(session_factory, "extension.invoke")[0]
+    assert (entry.after["error"], len(entry.after["event_ids"])) == ("budget_exceeded", 2)
+    assert entry.after["invocation_id"] == response.json()["invocation_id"]
 
 
 def test_auth_and_tenant_binding(client, make_token, session_factory):
@@ -280,7 +284,10 @@ def test_a_key_still_running_is_409_in_progress(client, admin, session_factory):
     params = {"text": "Send me the doc, thanks.", "tone": "formal"}
     sha = invoke_requests.request_sha256("rewrite", "rewrite", "alice", params)
     with session_factory() as session:  # another worker is running this very request
-        assert invoke_requests.claim(session, tenant_id="acme", key="busy", sha256=sha, now=utcnow()) is None
+        claimed = invoke_requests.claim(
+            session, tenant_id="acme", key="busy", sha256=sha, invocation_id=uuid.uuid4(), now=utcnow()
+        )
+        assert claimed is None
         session.commit()
     assert_problem(_invoke(client, _keyed(admin, "busy"), **params), 409, "idempotency_in_progress")
     assert _spooled_and_stored(client, session_factory) == 0
@@ -310,3 +317,27 @@ def test_a_handler_bug_after_a_billed_call_keeps_the_key_with_the_ids(client, ad
     assert _spooled_and_stored(client, session_factory) == 1
     rows = _events(session_factory, [uuid.UUID(body["event_ids"][0])])
     assert rows[0].billing_status == "billed"
+
+
+def test_a_claim_that_never_recorded_its_outcome_is_never_run_again(client, admin, session_factory):
+    from datetime import timedelta
+
+    from metering.db import invoke_requests
+    from metering.events import utcnow
+
+    params = {"text": "Send me the doc, thanks.", "tone": "formal"}
+    sha = invoke_requests.request_sha256("rewrite", "rewrite", "alice", params)
+    lost = uuid.uuid4()
+    with session_factory() as session:  # a worker claimed it 20 minutes ago and died
+        invoke_requests.claim(session, tenant_id="acme", key="lost", sha256=sha, invocation_id=lost,
+                              now=utcnow() - timedelta(minutes=20))  # fmt: skip
+        session.commit()
+    body = assert_problem(_invoke(client, _keyed(admin, "lost"), **params), 409, "idempotency_outcome_unknown")
+    assert body["invocation_id"] == str(lost)
+    assert _spooled_and_stored(client, session_factory) == 0
+
+
+def test_a_key_must_be_printable_ascii(client, admin, session_factory):
+    headers = {**admin, "Idempotency-Key": b"cl\xe9"}  # latin-1 on the wire: it was stored as mojibake
+    assert_problem(_invoke(client, headers), 422, "validation_error")
+    assert _spooled_and_stored(client, session_factory) == 0
