@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from metering.auth import TokenPrincipal
-from metering.billing.ingest import IngestResult, Rejection, ingest
+from metering.billing.ingest import IngestResult, Rejection, ingest, shown
 
 TENANT_MISMATCH = "tenant mismatch"
 
@@ -28,7 +28,7 @@ def split_foreign(items: Sequence[Any], tenant_id: str | None) -> tuple[list[Any
         # An item without a tenant_id (or not an object) is left to ingest, which says precisely what is wrong.
         if isinstance(item, Mapping) and "tenant_id" in item and item["tenant_id"] != tenant_id:
             event_id = item.get("event_id")
-            foreign.append(Rejection(index, None if event_id is None else str(event_id), TENANT_MISMATCH))
+            foreign.append(Rejection(index, None if event_id is None else shown(event_id), TENANT_MISMATCH))
         else:
             kept.append(item)
             positions.append(index)

@@ -132,7 +132,7 @@ MAX_LISTED_ERRORS = 10
 MAX_ECHO = 64
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """Part of the input quoted in a reason: at most 64 characters, control characters escaped."""
     text = str(value)
     shown = text if text.isprintable() else repr(text)[1:-1]
@@ -142,14 +142,14 @@ def _shown(value: object) -> str:
 def _reason(exc: ValidationError) -> str:
     errors = exc.errors()
     listed = "; ".join(
-        f"{'.'.join(_shown(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in errors[:MAX_LISTED_ERRORS]
+        f"{'.'.join(shown(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in errors[:MAX_LISTED_ERRORS]
     )
     return listed + (f" (and {len(errors) - MAX_LISTED_ERRORS} more)" if len(errors) > MAX_LISTED_ERRORS else "")
 
 
 def _event_id_of(item: Any) -> str | None:
     value = item.get("event_id") if isinstance(item, Mapping) else getattr(item, "event_id", None)
-    return None if value is None else _shown(value)
+    return None if value is None else shown(value)
 
 
 def validate(
@@ -337,7 +337,7 @@ def _reject_over_limit(
         result.rejected.append(Rejection(first, str(e.event_id), reason))
         for index in repeats.get(e.event_id, ()):
             result.duplicates -= 1
-            why = f"repeats the event_id of item {first}, which is rejected (nothing of this id is stored): {reason}"
+            why = f"repeats the event_id of an earlier item, which is rejected (nothing of this id is stored): {reason}"
             result.rejected.append(Rejection(index, str(e.event_id), why))
     result.rejected.sort(key=lambda r: r.index)
 

@@ -73,14 +73,17 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
             quote = quote_event(cards, row)
-            if quote is not None and over_call_limit(quote) is not None:
+            absurd = quote is not None and over_call_limit(quote) is not None
+            if row.is_byollm:  # never billed: only its shadow cost may become known (an absurd one does not)
+                if quote is None or absurd:
+                    shadow_still += 1
+                    continue
+            elif absurd:
                 over += 1  # impossible token counts or an absurd price: never billed, stays visible as held
                 continue
             decision = decide_event(row, quote)
             if decision.status is BillingStatus.EXCLUDED_BYOLLM:
-                if quote is None:
-                    shadow_still += 1
-                    continue
+                assert quote is not None
                 set_billing(row, decision, quote, row.invoice_period)
                 add_delta(buckets, row, billed=0, shadow=decision.shadow_nanos, cost=0, unpriced=0)
                 shadows += 1
@@ -96,7 +99,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
                     event_id=row.event_id,
                     tenant_id=row.tenant_id,
                     user_id=row.user_id,
-                    provider=row.provider,
+                    provider=row.provider.lower(),  # stored before provider names were lowercased at validation
                     period=period,
                     charge_nanos=decision.charge_nanos,
                     cost_nanos=decision.cost_nanos,

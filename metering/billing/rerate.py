@@ -147,8 +147,9 @@ def _posting_of(t: TransferRow, row: UsageEventRow) -> Posting:
     kind = TransferKind(t.kind)
     if kind is TransferKind.USAGE_CHARGE:
         debit, credit = user_wallet(row.tenant_id, row.user_id), REVENUE
-    else:
-        debit, credit = provider_cost(row.provider), provider_payable(row.provider)
+    else:  # an event stored before provider names were lowercased may have its cost under its own spelling
+        spelling = row.provider if t.debit_account_id == provider_cost(row.provider).id else row.provider.lower()
+        debit, credit = provider_cost(spelling), provider_payable(spelling)
     if (debit.id, credit.id) != (t.debit_account_id, t.credit_account_id):
         raise LedgerInconsistencyError(f"transfer {t.id} of event {row.event_id} moves between unexpected accounts")
     return Posting(t.id, debit, credit, t.amount_nanos, kind, t.event_id, t.period, memo=t.memo)
@@ -180,7 +181,7 @@ def _corrections(
             debit, credit = (
                 (user_wallet(row.tenant_id, row.user_id), REVENUE)
                 if kind is TransferKind.USAGE_CHARGE
-                else (provider_cost(row.provider), provider_payable(row.provider))
+                else (provider_cost(row.provider.lower()), provider_payable(row.provider.lower()))
             )
             ident = transfer_id(f"{cause}:{row.event_id}", kind)
             postings.append(Posting(ident, debit, credit, new, kind, row.event_id, period, memo=cause))

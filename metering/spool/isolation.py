@@ -12,8 +12,8 @@ every part is refused, the events that follow the batch in its slot: the flusher
 every part is refused, the error propagates; the flusher then tries the events that follow the batch in its
 slot: if the sink takes them, the batch's refusals are its events' own (a batch of one, or bad events at the end
 of a segment) and they are dead-lettered; if not (a broken service or schema), or nothing follows yet (then
-nothing is held up), the whole batch is retried later, nothing dead-lettered. Parts delivered before an error are delivered again
-with the batch; the sink is idempotent on event_id, so they count as duplicates.
+nothing is held up), the whole batch is retried later, nothing dead-lettered. Parts delivered before an error are
+delivered again with the batch; the sink is idempotent on event_id, so they count as duplicates.
 """
 
 from __future__ import annotations

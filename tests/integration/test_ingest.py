@@ -358,7 +358,7 @@ def test_a_repeat_of_a_rejected_event_is_rejected_too_not_counted_as_stored(sess
     result = run(session_factory, [absurd, normal, absurd.model_copy(update={"input_tokens": 10})])
     assert (result.inserted, result.duplicates) == (1, 0)
     assert [(r.index, r.event_id) for r in result.rejected] == [(0, str(absurd.event_id)), (2, str(absurd.event_id))]
-    assert "repeats the event_id of item 0" in result.rejected[1].reason
+    assert "repeats the event_id of an earlier item" in result.rejected[1].reason
     assert row(session_factory, absurd) is None
 
 

@@ -232,3 +232,26 @@ def test_a_price_beyond_what_one_call_can_cost_refuses_the_whole_rerate(session_
         assert {
             r.charge_nanos for r in session.scalars(select(UsageEventRow).where(UsageEventRow.provider == "ollama"))
         } == {OLD_CHARGE}
+
+
+def test_an_event_stored_with_a_capitalised_provider_is_re_rated_into_the_lowercase_cost_account(
+    session_factory,
+) -> None:
+    """Before provider names were lowercased at validation, an override (matched case-insensitively) billed
+    'Ollama' events with their cost under provider:Ollama:*. Re-rating them reverses those transfers (it raised a
+    ledger inconsistency when it looked for provider:ollama:*) and posts the new cost under the lowercase name."""
+    price(session_factory, "0.10", "0.40", datetime(2026, 1, 1, tzinfo=UTC), "old")
+    legacy = ollama(0).model_copy(update={"provider": "Ollama"})  # as stored by an earlier version
+    with session_factory() as session:
+        ingest(session, [legacy], markup_pct=MARKUP, now=NOW)
+        session.commit()
+        old = {t.debit_account_id for t in session.scalars(select(TransferRow)) if t.kind == "provider_cost"}
+    assert old == {"provider:Ollama:cost"}
+    price(session_factory, "0.20", "0.80", datetime(2026, 11, 1, tzinfo=UTC), "new")
+    result = apply(session_factory, "legacy-1")
+    assert result.transfers > 0
+    with session_factory() as session:
+        costs = [(t.debit_account_id, t.credit_account_id) for t in session.scalars(select(TransferRow))
+                 if t.kind == "provider_cost"]  # fmt: skip
+        assert ("provider:ollama:cost", "provider:ollama:payable") in costs
+        assert run_checks(session).problems == []
