@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -209,3 +209,24 @@ def utcnow() -> datetime:
 def event_from_record(record: dict[str, Any]) -> UsageEvent:
     """Validate a raw record (a spool line, an HTTP payload item) into a UsageEvent."""
     return UsageEvent.model_validate(record)
+
+
+MAX_REASON_ERRORS = 10  # errors listed in one event's rejection reason
+MAX_ECHO = 64  # characters of the input quoted per part of a reason
+
+
+def shown(value: object) -> str:
+    """Part of the input quoted in a reason: at most 64 characters, control characters escaped."""
+    text = str(value)
+    quoted = text if text.isprintable() else repr(text)[1:-1]
+    return quoted if len(quoted) <= MAX_ECHO else quoted[: MAX_ECHO - 1] + "…"
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """Why a record is not a ``UsageEvent``, for people: ``where: what`` per error, at most 10, input quoted short."""
+    errors = exc.errors(include_url=False)
+    listed = "; ".join(
+        f"{'.'.join(shown(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in errors[:MAX_REASON_ERRORS]
+    )
+    more = len(errors) - MAX_REASON_ERRORS
+    return listed + (f" (and {more} more)" if more > 0 else "")

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from metering.auth import TokenPrincipal
-from metering.billing.ingest import IngestResult, Rejection, ingest, shown
+from metering.billing.ingest import IngestResult, Rejection, ingest
+from metering.events import shown
 
 TENANT_MISMATCH = "tenant mismatch"
 

@@ -41,7 +41,7 @@ from metering.billing.policy import BillingStatus, Decision, decide
 from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of, latency_us
-from metering.events import Status, UsageEvent, event_from_record
+from metering.events import Status, UsageEvent, event_from_record, shown, validation_reason
 
 MAX_FUTURE = timedelta(minutes=5)
 CHARGE, COST = TransferKind.USAGE_CHARGE.value, TransferKind.PROVIDER_COST.value
@@ -128,25 +128,6 @@ class Priced:
     late: bool
 
 
-MAX_LISTED_ERRORS = 10
-MAX_ECHO = 64
-
-
-def shown(value: object) -> str:
-    """Part of the input quoted in a reason: at most 64 characters, control characters escaped."""
-    text = str(value)
-    shown = text if text.isprintable() else repr(text)[1:-1]
-    return shown if len(shown) <= MAX_ECHO else shown[: MAX_ECHO - 1] + "…"
-
-
-def _reason(exc: ValidationError) -> str:
-    errors = exc.errors()
-    listed = "; ".join(
-        f"{'.'.join(shown(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in errors[:MAX_LISTED_ERRORS]
-    )
-    return listed + (f" (and {len(errors) - MAX_LISTED_ERRORS} more)" if len(errors) > MAX_LISTED_ERRORS else "")
-
-
 def _event_id_of(item: Any) -> str | None:
     value = item.get("event_id") if isinstance(item, Mapping) else getattr(item, "event_id", None)
     return None if value is None else shown(value)
@@ -169,7 +150,7 @@ def validate(
             try:
                 event = event_from_record(dict(item))
             except ValidationError as exc:
-                rejected.append(Rejection(index, _event_id_of(item), _reason(exc)))
+                rejected.append(Rejection(index, _event_id_of(item), validation_reason(exc)))
                 continue
         else:
             rejected.append(Rejection(index, None, f"an event must be a JSON object, not {type(item).__name__}"))

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from metering.cli.common import console
 from metering.config import Settings
-from metering.spool.decode import DeadLetters
+from metering.events import UsageEvent
+from metering.spool.decode import DeadLetters, decode_line
 from metering.spool.inspect import slot_states
 from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
@@ -77,27 +78,29 @@ def redrive(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be redriven.")] = False,
 ) -> None:
     """Put dead-lettered events back into the spool, once what refused them is fixed: the flusher (or `metering
-    spool drain`) delivers them again, idempotently. Lines that are not events (torn writes) stay dead-lettered."""
+    spool drain`) delivers them again, idempotently. Lines that are not valid events (torn writes, events this
+    version still refuses) stay dead-lettered."""
     settings = Settings()
     letters = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME)
     wanted = set(event_id or ())
 
-    def select(record: dict[str, Any]) -> bool:
+    def select(record: dict[str, Any]) -> bool:  # an event today: a line that is none would only come back
         ident = record.get("event_id")
         return (
             isinstance(ident, str)
             and (not wanted or ident in wanted)
             and (reason is None or reason in str(record.get("reason", "")))
+            and isinstance(decode_line(str(record.get("line", "")).encode("utf-8")), UsageEvent)
         )
 
     if dry_run or not letters.path.exists():
-        chosen = [r for r in letters.read() if select(r)]
-        for record in chosen:
-            console.print(f"{record['event_id']}  {record.get('reason', '')}", highlight=False)
-        console.print(f"would redrive {len(chosen)} event(s)" if dry_run else "nothing is dead-lettered")
-        return
-    with Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=True) as spool:
-        taken = letters.redrive(select, spool.append)
+        taken = [r for r in letters.read() if select(r)]
+    else:
+        with Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=True) as spool:
+            taken = letters.redrive(select, spool.append)
     for record in taken:
         console.print(f"{record['event_id']}  {record.get('reason', '')}", highlight=False)
-    console.print(f"redrove {len(taken)} event(s) into the spool; `metering spool drain` delivers them now")
+    if dry_run:
+        console.print(f"would redrive {len(taken)} event(s)")
+    else:
+        console.print(f"redrove {len(taken)} event(s) into the spool; `metering spool drain` delivers them now")

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from metering.events import UsageEvent, event_from_record, utcnow
+from metering.events import UsageEvent, event_from_record, utcnow, validation_reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,14 +22,6 @@ class Rejected:
     line: bytes
     reason: str
     event_id: str | None = None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"]) or "event"
-        parts.append(f"{location}: {error['msg']}")
-    return "; ".join(parts)
 
 
 def decode_line(line: bytes) -> UsageEvent | str:
@@ -43,7 +35,7 @@ def decode_line(line: bytes) -> UsageEvent | str:
     try:
         return event_from_record(record)
     except ValidationError as exc:
-        return describe_validation_error(exc)
+        return validation_reason(exc)
 
 
 def decode_lines(

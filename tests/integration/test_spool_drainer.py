@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -117,7 +118,16 @@ def test_dead_lettered_events_are_redriven_once_fixed_and_torn_lines_stay(tmp_pa
     records = [record(i) for i in range(3)]
     refused = [Rejected(i, orjson.dumps(r), "rejected by the sink: DataError: value too long", str(r["event_id"]))
                for i, r in enumerate(records)]  # fmt: skip
-    letters.write("writer-0", 1, [*refused, Rejected(99, b'{"event_id": "x', "torn write: incomplete line")])
+    invalid = {**records[0], "event_id": str(uuid.uuid4()), "input_tokens": -1}  # refused by validation: stays
+    letters.write(
+        "writer-0",
+        1,
+        [
+            *refused,
+            Rejected(99, b'{"event_id": "x', "torn write: incomplete line"),
+            Rejected(100, orjson.dumps(invalid), "input_tokens: negative", invalid["event_id"]),
+        ],
+    )
 
     def cli(*args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "metering.cli.main", "spool", *args], cwd=ROOT, env=env,
@@ -126,12 +136,35 @@ def test_dead_lettered_events_are_redriven_once_fixed_and_torn_lines_stay(tmp_pa
         return done.stdout
 
     assert "would redrive 1 event(s)" in cli("redrive", "--dry-run", "--event-id", str(records[0]["event_id"]))
-    assert len(letters.read()) == 4
+    assert len(letters.read()) == 5
     assert "redrove 3 event(s)" in cli("redrive", "--reason", "DataError")
-    assert [r["reason"] for r in letters.read()] == ["torn write: incomplete line"]  # not an event: stays
+    assert "redrove 0 event(s)" in cli("redrive")  # neither the torn line nor the invalid event would pass now
+    assert [r["reason"] for r in letters.read()] == ["torn write: incomplete line", "input_tokens: negative"]
     assert "delivered=3" in cli("drain")
     assert stored_ids(session_factory) == {str(r["event_id"]) for r in records}
     letters.write("writer-0", 1, refused[:1])  # as if a redrive crashed before dropping it
     cli("redrive")
     assert "delivered=0 duplicates=1" in cli("drain")
-    assert letters.read()[0]["reason"] == "torn write: incomplete line" and len(letters.read()) == 1
+    assert len(letters.read()) == 2
+
+
+def test_a_dead_letter_written_during_a_redrive_is_kept(tmp_path: Path) -> None:
+    """The redrive rewrites rejected.jsonl; a flusher dead-lettering meanwhile waits for it (a shared flock)
+    instead of appending to the file being replaced."""
+    import threading
+
+    from metering.spool.decode import DeadLetters, Rejected
+
+    letters = DeadLetters(tmp_path / "rejected.jsonl")
+    letters.write("writer-0", 1, [Rejected(0, orjson.dumps(record(0)), "refused", str(record(0)["event_id"]))])
+    late = Rejected(1, orjson.dumps(record(1)), "refused later", str(record(1)["event_id"]))
+    writer = threading.Thread(target=letters.write, args=("writer-1", 1, [late]))
+
+    def append(line: bytes) -> None:  # while the redrive holds the lock, another writer dead-letters
+        writer.start()
+        time.sleep(0.2)
+        assert writer.is_alive()  # it waits for the lock
+
+    assert len(letters.redrive(lambda r: r["reason"] == "refused", append)) == 1
+    writer.join(timeout=5)
+    assert [r["reason"] for r in letters.read()] == ["refused later"]

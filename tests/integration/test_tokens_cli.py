@@ -56,3 +56,11 @@ def test_bad_input_gets_a_clear_error(run) -> None:
     assert run("tokens", "revoke", "not-an-id").exit_code == 2
     missing = run("tokens", "revoke", str(uuid.uuid4()))
     assert missing.exit_code == 1 and "no API token" in missing.stderr
+
+
+def test_names_and_tenants_that_look_like_markup_are_printed_as_they_are(run) -> None:
+    created = run("tokens", "create", "--name", "[/x] ops", "--scope", "read", "-t", "[bold red]t")
+    assert created.exit_code == 0, created.output  # "[/x]" crashed the console (MarkupError)
+    assert "created token [/x] ops" in created.stderr and "tenant=[bold red]t" in created.stderr
+    listed = run("tokens", "list")
+    assert listed.exit_code == 0 and "[/x] ops" in listed.output and "[bold red]t" in listed.output

@@ -25,3 +25,16 @@ def test_markups_the_ledger_stores_are_accepted(text: str) -> None:
 def test_markups_it_could_not_store_are_refused_with_the_reason(text: str, reason: str) -> None:
     with pytest.raises(ValidationError, match=reason):
         BillingSettings(markup_pct=text)  # type: ignore[arg-type]
+
+
+def test_the_grace_period_is_at_most_a_year_and_a_finalize_time_past_9999_is_never() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from metering.billing.periods import finalizable, finalizable_at
+
+    assert BillingSettings(invoice_grace_hours=8784).invoice_grace_hours == 8784
+    with pytest.raises(ValidationError, match="less than or equal to 8784"):
+        BillingSettings(invoice_grace_hours=1e9)
+    assert finalizable_at("9999-11", timedelta(days=40)) is None  # past what a datetime holds: was an OverflowError
+    assert not finalizable("9999-11", datetime(9999, 12, 31, tzinfo=UTC), timedelta(days=40))
+    assert finalizable_at("2026-10", timedelta(hours=72)) == datetime(2026, 11, 4, tzinfo=UTC)
