@@ -277,7 +277,10 @@ class Flusher:
 
     def _sink_takes_what_follows(self, slot: Path, batch: Batch, live: int | None) -> bool:
         """Deliver the next batch of the slot (again later, as duplicates): True if the sink takes it."""
-        cursor, segments, events = batch.next_cursor, list_segments(slot), []
+        cursor, events = batch.next_cursor, []
+        # Only segments at or past the cursor: read_batch deletes those below it as acknowledged, and the refused
+        # batch's own segment is not (it stays until that batch is delivered or dead-lettered).
+        segments = [seq for seq in list_segments(slot) if seq >= cursor.segment]
         for _ in range(PROBE_BATCHES):  # past empty segments and lines that are not events
             following = read_batch(slot, cursor, current_segment=live, max_lines=self.batch_size, segments=segments)
             if following is None:
@@ -286,6 +289,7 @@ class Flusher:
             if events:
                 break
             cursor = following.next_cursor
+            segments = [seq for seq in segments if seq >= cursor.segment]
         if not events:
             return False
         try:

@@ -249,7 +249,7 @@ def test_a_database_outage_is_not_a_refusal(tmp_path: Path) -> None:
         flusher = Flusher(spool, DatabaseSink(make_session_factory(dead_engine)), max_backoff_s=0.05)
         assert not flusher.flush(timeout=1.0)
         assert flusher.stats.rejected == 0 and flusher.stats.failures >= 1
-        flusher.stop()
+        flusher.stop(drain=False)
     dead_engine.dispose()
     assert DeadLetters(tmp_path / "rejected.jsonl").read() == []
 
@@ -283,3 +283,41 @@ def test_a_bad_event_alone_in_its_batch_is_told_apart_by_the_events_behind_it(
     assert dead == {str(records[3]["event_id"]), str(records[9]["event_id"])}
     expected = {str(r["event_id"]) for r in [*records, later]} - dead
     assert set(stored_ids(session_factory)) == expected
+
+
+class PoisonSink:
+    """Refuses every batch holding a poisoned event (a service answering 500 to them); delivers the others."""
+
+    def __init__(self, inner: DatabaseSink, poison: set[str]) -> None:
+        self.inner, self.poison = inner, poison
+
+    def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
+        from metering.spool.sink import RefusedBatchError
+
+        if any(str(e.event_id) in self.poison for e in events):
+            raise RefusedBatchError("the service refuses (500): internal_error")
+        return self.inner.deliver(events)
+
+
+def test_reading_past_a_refused_batch_never_deletes_its_segment(tmp_path: Path, session_factory) -> None:
+    """A bad event last in its segment, and the event after it (first of the next segment) bad too: the flusher
+    reads past the refused batch to try what follows. That read must not delete the refused batch's segment as
+    acknowledged (read_batch deletes the segments below the cursor it is given): its event was lost."""
+    from metering.spool.inspect import slot_states
+
+    records = [record(i) for i in range(12)]
+    with Spool(tmp_path, segment_bytes=4096) as spool:
+        for rec in records:
+            spool.append(orjson.dumps(rec))
+        slot = spool.slot_dir
+    first = sorted(slot.glob("*.jsonl"))[0].read_bytes().count(b"\n")  # events in the first segment
+    assert 1 < first < len(records)
+    poison = {str(records[first - 1]["event_id"]), str(records[first]["event_id"])}  # the segment's end, the next
+    stuck = Flusher(tmp_path, PoisonSink(DatabaseSink(session_factory), poison), batch_size=1, max_backoff_s=0.02)
+    assert not stuck.flush(timeout=1.0)
+    stuck.stop(drain=False)
+    assert stuck.stats.rejected == 0 and stuck.stats.delivered == first - 1
+    assert sum(state.pending for state in slot_states(tmp_path)) == len(records) - (first - 1)
+    good = Flusher(tmp_path, DatabaseSink(session_factory))  # the cause fixed: everything goes in
+    assert good.stop(drain=True, timeout=30)
+    assert sorted(stored_ids(session_factory)) == sorted(str(r["event_id"]) for r in records)
