@@ -56,9 +56,19 @@ class Auditor:
     runtime: LazyRuntime
     background: BackgroundTasks
 
-    def record(self, action: str, target: str, *, before: Any, after: Any, tenant_id: str | None = None) -> None:
+    def record(
+        self,
+        action: str,
+        target: str,
+        *,
+        before: Any,
+        after: Any,
+        tenant_id: str | None = None,
+        session: Session | None = None,
+    ) -> None:
+        """``session``: another transaction than the request's (one the caller commits itself)."""
         audit.record(
-            self.session,
+            session or self.session,
             actor=self.principal,
             action=action,
             target=target,

@@ -163,9 +163,13 @@ DATABASE_OUTAGES: tuple[type[Exception], ...] = (
 )
 
 
+def database_unavailable() -> DatabaseUnavailableError:
+    return DatabaseUnavailableError("the database is unavailable; retry later")
+
+
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: database unavailable", request.method, request.url.path, exc_info=exc)
-    error = DatabaseUnavailableError("the database is unavailable; retry later")
+    error = database_unavailable()
     return problem_response(error.status, error.code, error.message, instance=request.url.path)
 
 

@@ -20,14 +20,20 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from metering import audit as audit_log
 from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, AppRuntime, Audited, Auditor, ensure_tenant
 from metering.api.admin_schemas import InvokeRequest, InvokeResponse
 from metering.api.deps import Admin
-from metering.api.problems import DATABASE_OUTAGES, PROBLEM_MEDIA_TYPE, error_body, problem_body, problem_responses
+from metering.api.problems import (
+    DATABASE_OUTAGES,
+    PROBLEM_MEDIA_TYPE,
+    database_unavailable,
+    error_body,
+    problem_body,
+    problem_responses,
+)
 from metering.db import invoke_requests
 from metering.db.invoke_requests import StoredResponse
-from metering.errors import DatabaseUnavailableError, InvalidInputError, MeteringError, NotFoundError
+from metering.errors import InvalidInputError, MeteringError, NotFoundError
 from metering.events import utcnow, uuid7
 from metering.extensions import BUNDLED, get_extension
 from metering.runtime import User
@@ -81,7 +87,7 @@ def _failure_problem(request: Request, exc: Exception, calls: InvocationCalls) -
     if isinstance(exc, MeteringError):
         return exc.status, error_body(exc, instance=request.url.path) | ids
     if isinstance(exc, DATABASE_OUTAGES):
-        error = DatabaseUnavailableError("the database is unavailable; retry later")
+        error = database_unavailable()
         return error.status, error_body(error, instance=request.url.path) | ids
     log.error("%s failed after metered calls", request.url.path, exc_info=exc)
     return 500, problem_body(500, "internal_error", "an unexpected error occurred", instance=request.url.path) | ids
@@ -104,8 +110,7 @@ def _settle_failure(
             if calls is not None and problem is not None:
                 after = {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids,
                          "user_id": body.user_id, "error": problem[1]["code"], "idempotency_key": key}  # fmt: skip
-                audit_log.record(session, actor=audit.principal, action=ACTION, target=target, before=None,
-                                 after=after, tenant_id=body.tenant_id, request_id=audit.request_id)  # fmt: skip
+                audit.record(ACTION, target, before=None, after=after, tenant_id=body.tenant_id, session=session)
             if key is not None:
                 if calls is not None and calls.used_event_ids and problem is not None:
                     invoke_requests.complete(session, tenant_id=body.tenant_id, key=key, claimed_at=claimed_at,
@@ -210,9 +215,9 @@ async def invoke_function(
         response.headers[REPLAYED] = "false"
     try:
         await run_in_threadpool(_record, request, audit, body.tenant_id, target, after, key, claimed_at, out)
-    except DATABASE_OUTAGES:  # the calls were made: say which (a keyed retry then answers outcome unknown)
+    except DATABASE_OUTAGES as exc:  # the calls were made: say which (a keyed retry then answers outcome unknown)
         calls = InvocationCalls(result.invocation_id, result.event_ids, result.event_ids)
-        status, problem = _failure_problem(request, DatabaseUnavailableError("the database is unavailable"), calls)
+        status, problem = _failure_problem(request, exc, calls)
         log.warning("%s: the audit entry of invocation %s was not written", request.url.path, result.invocation_id)
         return JSONResponse(problem, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
     return out
@@ -230,8 +235,7 @@ def _record(
 ) -> None:
     """The audit entry and the key's outcome, in one transaction committed here: both, or neither."""
     with request.app.state.sessions() as session:
-        audit_log.record(session, actor=audit.principal, action=ACTION, target=target, before=None, after=after,
-                         tenant_id=tenant_id, request_id=audit.request_id)  # fmt: skip
+        audit.record(ACTION, target, before=None, after=after, tenant_id=tenant_id, session=session)
         if key is not None:
             invoke_requests.complete(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at, status=200,
                                      body=out.model_dump(mode="json"), now=utcnow())  # fmt: skip
