@@ -24,6 +24,7 @@ from psycopg.types.json import Json
 from pydantic import ValidationError
 
 from metering.billing import store
+from metering.billing.conflicts import CONTENT_FIELDS, conflict_reason, repeat_conflict_reason
 from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import (
     CURRENCY,
@@ -137,10 +138,12 @@ def validate(
     items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime
 ) -> tuple[list[UsageEvent], list[Rejection], dict[uuid.UUID, list[int]], dict[uuid.UUID, int]]:
     """Valid, batch-unique events; rejections with their index; the indexes of the items that repeated an
-    earlier valid item's event_id (counted as duplicates), by event_id; the index of each valid event's item."""
+    earlier valid item (same event_id and content: counted as duplicates), by event_id; the index of each valid
+    event's item. An item with an earlier item's event_id but other content is rejected."""
     events: list[UsageEvent] = []
     rejected: list[Rejection] = []
     seen: dict[uuid.UUID, int] = {}
+    firsts: dict[uuid.UUID, int] = {}  # event_id -> position in events
     repeats: dict[uuid.UUID, list[int]] = {}
     latest = now + MAX_FUTURE
     for index, item in enumerate(items):
@@ -163,9 +166,14 @@ def validate(
             rejected.append(Rejection(index, str(event.event_id), "occurred_at is before 2020-01-01"))
             continue
         if event.event_id in seen:
-            repeats.setdefault(event.event_id, []).append(index)
+            first = seen[event.event_id]
+            if (reason := repeat_conflict_reason(event, events[firsts[event.event_id]], first)) is not None:
+                rejected.append(Rejection(index, str(event.event_id), reason))
+            else:
+                repeats.setdefault(event.event_id, []).append(index)
             continue
         seen[event.event_id] = index
+        firsts[event.event_id] = len(events)
         events.append(event)
     return events, rejected, repeats, seen
 
@@ -282,43 +290,52 @@ def ingest(
     batch = uuid.uuid4()
     over_limit: list[tuple[UsageEvent, str]] = []
     if store.dialect(session) == "postgresql":
-        result.inserted = _store_and_post_postgresql(session, events, cards, finalized, batch, now, over_limit)
-        result.duplicates += len(events) - result.inserted - len(over_limit)
+        inserted_ids = _store_and_post_postgresql(session, events, cards, finalized, batch, now, over_limit)
     else:
         priced = price(events, cards, finalized, over_limit)
         inserted_ids = store.insert_new_events(session, [_row(p, batch, now, True) for p in priced], batch)
-        result.inserted = len(inserted_ids)
-        result.duplicates += len(priced) - len(inserted_ids)
         new = [p for p in priced if p.event.event_id.hex in inserted_ids]
         rows, deltas, accounts = usage_transfer_rows(new, now, True)
         store.insert_transfer_rows(session, rows)
         store.apply_balances(session, accounts, deltas, now)
         store.upsert_rollups(session, fold_priced(new))
-    if over_limit:
-        _reject_over_limit(session, positions, repeats, over_limit, result)
+    result.inserted = len(inserted_ids)
+    if result.inserted < len(events):
+        over = {e.event_id: why for e, why in over_limit}
+        _settle_not_inserted(session, events, inserted_ids, positions, repeats, over, result)
     return result
 
 
-def _reject_over_limit(
+def _settle_not_inserted(
     session: Any,
+    events: list[UsageEvent],
+    inserted_ids: set[str],
     positions: dict[uuid.UUID, int],
     repeats: dict[uuid.UUID, list[int]],
-    over_limit: list[tuple[UsageEvent, str]],
+    over_limit: dict[uuid.UUID, str],
     result: IngestResult,
 ) -> None:
-    """Events priced above the per-call limit are rejected with the reason, unless already stored (then they
-    are duplicates, as any stored event is: a replay never re-prices). A later item of the batch with the same
-    event_id was counted as a duplicate of it: nothing of that id is stored, so it is rejected too."""
-    stored = store.stored_event_ids(session, [e.event_id for e, _ in over_limit])
-    for e, reason in over_limit:
-        if e.event_id in stored:
+    """Each event this call did not insert is a duplicate if a stored event has its id and its content (a
+    replay never re-prices, even one priced above the per-call limit today); else it is rejected: with the
+    fields that differ from the stored event, or, when none is stored, with why it was not priced. The later
+    items of the batch that repeated a rejected event were counted as duplicates of it: they are rejected too."""
+    missing = [e for e in events if e.event_id.hex not in inserted_ids]
+    stored = store.stored_event_contents(session, [e.event_id for e in missing], CONTENT_FIELDS)
+    for e in missing:
+        row = stored.get(e.event_id)
+        if row is not None:
+            reason = conflict_reason(e, row)
+        elif e.event_id in over_limit:
+            reason = over_limit[e.event_id]
+        else:  # neither inserted nor stored nor refused: never silently count it as anything
+            raise RuntimeError(f"event {e.event_id} was neither inserted nor found stored")
+        if reason is None:
             result.duplicates += 1
             continue
-        first = positions[e.event_id]
-        result.rejected.append(Rejection(first, str(e.event_id), reason))
+        result.rejected.append(Rejection(positions[e.event_id], str(e.event_id), reason))
         for index in repeats.get(e.event_id, ()):
             result.duplicates -= 1
-            why = f"repeats the event_id of an earlier item, which is rejected (nothing of this id is stored): {reason}"
+            why = f"repeats the event_id of item {positions[e.event_id]}, which is rejected: {reason}"
             result.rejected.append(Rejection(index, str(e.event_id), why))
     result.rejected.sort(key=lambda r: r.index)
 
@@ -331,18 +348,18 @@ def _store_and_post_postgresql(
     batch: uuid.UUID,
     now: datetime,
     over_limit: list[tuple[UsageEvent, str]],
-) -> int:
+) -> set[str]:
     """PostgreSQL: skip the stored ids, then price the new events as COPY takes them, then derive transfers,
-    balances and rollups on the server. Returns how many events this call inserted. (Pricing does not overlap
-    the server's work: a binary COPY buffers up to 1,000 rows before it inserts them, so a batch is inserted
-    after its last row is sent; bench/RESULTS.md, "post_batch_parts".)"""
+    balances and rollups on the server. Returns the ids (32 hex) of the events this call inserted. (Pricing does
+    not overlap the server's work: a binary COPY buffers up to 1,000 rows before it inserts them, so a batch is
+    inserted after its last row is sent; bench/RESULTS.md, "post_batch_parts".)"""
     new = store.unstored_events(session, events)
     if not new:
-        return 0
+        return set()
     rows = (_row(p, batch, now, False) for p in iter_priced(new, cards, finalized, over_limit))
     inserted_ids = store.insert_new_events_postgresql(session, rows)
     store.post_batch_postgresql(session, inserted_ids, now)
-    return len(inserted_ids)
+    return inserted_ids
 
 
 def usage_transfer_rows(

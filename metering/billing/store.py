@@ -140,12 +140,18 @@ def _column_types(cursor: Any, table: str) -> list[str]:
 _pg_event_types: list[str] | None = None
 
 
-def stored_event_ids(session: Session, event_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-    """Which of ``event_ids`` are stored (either database)."""
-    if not event_ids:
-        return set()
-    stmt = select(UsageEventRow.event_id).where(UsageEventRow.event_id.in_(event_ids))
-    return set(session.scalars(stmt))
+def stored_event_contents(
+    session: Session, event_ids: Sequence[uuid.UUID], columns: Sequence[str]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The stored values (column name -> value, as the model types read them) of those ``event_ids`` that are
+    stored (either database)."""
+    selected = [UsageEventRow.__table__.c[name] for name in ("event_id", *columns)]
+    found: dict[uuid.UUID, dict[str, Any]] = {}
+    for start in range(0, len(event_ids), _IN_CHUNK):
+        chunk = list(event_ids[start : start + _IN_CHUNK])
+        for row in session.execute(select(*selected).where(UsageEventRow.event_id.in_(chunk))).mappings():
+            found[row["event_id"]] = dict(row)
+    return found
 
 
 def unstored_events(session: Session, events: Sequence[UsageEvent]) -> list[UsageEvent]:

@@ -355,10 +355,11 @@ def test_a_repeat_of_a_rejected_event_is_rejected_too_not_counted_as_stored(sess
     absurd = event(0, provider="anthropic", model="claude-opus-4-1", input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS,
                    cache_read_tokens=0, cache_write_tokens=0)  # fmt: skip
     normal = event(1)
-    result = run(session_factory, [absurd, normal, absurd.model_copy(update={"input_tokens": 10})])
+    result = run(session_factory, [absurd, normal, absurd])
     assert (result.inserted, result.duplicates) == (1, 0)
     assert [(r.index, r.event_id) for r in result.rejected] == [(0, str(absurd.event_id)), (2, str(absurd.event_id))]
-    assert "repeats the event_id of an earlier item" in result.rejected[1].reason
+    assert result.rejected[1].reason.startswith("repeats the event_id of item 0, which is rejected: ")
+    assert "above the limit" in result.rejected[1].reason
     assert row(session_factory, absurd) is None
 
 

@@ -114,6 +114,23 @@ def test_tenant_bound_token_has_other_tenants_events_rejected_one_by_one(client,
         assert dict(tenants.all()) == {"tenant-1": 3}
 
 
+def test_an_event_id_stored_for_another_tenant_is_rejected_without_describing_it(client, make_token, session_factory):
+    theirs = record(0, tenant_id="tenant-2", user_id="their-user")
+    assert post_events(client, [theirs], make_token(Scope.INGEST, tenant="tenant-2")).json()["inserted"] == 1
+    mine = record(0, event_id=theirs["event_id"])  # tenant-1's event, under the id tenant-2 already used
+    body = post_events(client, [mine, record(1)], make_token(Scope.INGEST, tenant="tenant-1")).json()
+    assert (body["inserted"], body["duplicates"]) == (1, 0)
+    assert body["rejected"] == [
+        {
+            "index": 0,
+            "event_id": str(theirs["event_id"]),
+            "reason": "event_id is already used by another stored event: not ingested (the stored event stands)",
+        }
+    ]
+    with session_factory() as session:
+        assert session.get(UsageEventRow, uuid.UUID(str(theirs["event_id"]))).user_id == "their-user"
+
+
 def test_unbound_token_ingests_every_tenant(client, make_token):
     body = post_events(client, [record(0), record(1, tenant_id="tenant-2")], make_token()).json()
     assert body == {"inserted": 2, "duplicates": 0, "rejected": []}
