@@ -137,7 +137,28 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     )
 
 
+def is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or any ``application/*+json``, parameters (``; charset=utf-8``) ignored."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def _not_declared_json(request: Request, exc: RequestValidationError) -> bool:
+    """Whether a route that takes a JSON body got one not declared as JSON: FastAPI then validates the raw bytes
+    and fails on the body as a whole (e.g. ``curl -d @events.json`` sends ``application/x-www-form-urlencoded``)."""
+    if getattr(request.scope.get("route"), "body_field", None) is None:
+        return False
+    if is_json_media_type(request.headers.get("content-type")):
+        return False
+    return any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in exc.errors())
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if _not_declared_json(request, exc):
+        content_type = request.headers.get("content-type")
+        got = f"got {content_type!r}" if content_type else "none was sent"
+        detail = f"the request body must be JSON: send Content-Type: application/json ({got})"
+        return problem_response(415, "unsupported_media_type", detail, instance=request.url.path)
     errors = [
         {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
         for e in exc.errors()[:MAX_LISTED_ERRORS]  # never echo the input: it may be megabytes of events
@@ -214,12 +235,22 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def _unsupported_media_type() -> dict[str, Any]:
+    return {
+        "description": "The body is not declared as JSON (`unsupported_media_type`): send "
+        "`Content-Type: application/json`.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+
+
 def _problem_openapi(app: FastAPI, build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
+                    if "requestBody" in operation:  # validators.require_json_body
+                        operation["responses"].setdefault("415", _unsupported_media_type())
                     for status, response in operation.get("responses", {}).items():
                         content = response.get("content", {})
                         if status[:1] in "45" and "application/json" in content:

@@ -131,6 +131,33 @@ def test_an_event_id_stored_for_another_tenant_is_rejected_without_describing_it
         assert session.get(UsageEventRow, uuid.UUID(str(theirs["event_id"]))).user_id == "their-user"
 
 
+def test_a_body_not_declared_as_json_is_415_after_the_token_check(client, make_token, session_factory):
+    secret = make_token(Scope.INGEST)
+    payload = orjson.dumps({"events": [record(0)]})
+    for content_type, got in [
+        ("application/x-www-form-urlencoded", "got 'application/x-www-form-urlencoded'"),  # curl -d
+        ("text/plain", "got 'text/plain'"),
+        (None, "none was sent"),
+    ]:
+        headers = bearer(secret) | ({"Content-Type": content_type} if content_type else {})
+        body = assert_problem(
+            client.post("/v1/events", content=payload, headers=headers), 415, "unsupported_media_type"
+        )
+        assert body["detail"] == f"the request body must be JSON: send Content-Type: application/json ({got})"
+    assert _stored(session_factory) == 0
+    assert_problem(
+        client.post("/v1/events", content=payload, headers={"Content-Type": "text/plain"}), 401, "unauthenticated"
+    )
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.batch+json"):
+        response = client.post("/v1/events", content=payload, headers=bearer(secret) | {"Content-Type": content_type})
+        assert response.status_code == 200, response.text
+    assert _stored(session_factory) == 1
+    # An empty body is still a 422 (the body is missing), not a 415; operations without a body never answer 415.
+    assert_problem(client.post("/v1/events", headers=bearer(secret)), 422, "validation_error")
+    spec = client.get("/openapi.json").json()["paths"]
+    assert "415" in spec["/v1/events"]["post"]["responses"] and "415" not in spec["/v1/usage"]["get"]["responses"]
+
+
 def test_unbound_token_ingests_every_tenant(client, make_token):
     body = post_events(client, [record(0), record(1, tenant_id="tenant-2")], make_token()).json()
     assert body == {"inserted": 2, "duplicates": 0, "rejected": []}
