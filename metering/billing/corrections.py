@@ -65,10 +65,13 @@ def set_billing(
 def event_pages(session: Session, stmt: Select[Any], *, lock: bool) -> Iterator[list[UsageEventRow]]:
     """Rows of ``stmt`` (a select of UsageEventRow) in event-id order, a page at a time (keyset paging).
 
-    With ``lock`` (PostgreSQL) each page is ``SELECT ... FOR UPDATE``: a concurrent run waits, then re-checks
-    its WHERE clause against the committed rows, so two runs never correct the same event twice. On SQLite a
-    second writer cannot interleave (it waits for, or fails on, the first one's write lock).
+    With ``lock``, on PostgreSQL each page is ``SELECT ... FOR UPDATE``: a concurrent run waits, then re-checks
+    its WHERE clause against the committed rows, so two runs never correct the same event twice. On SQLite the
+    database write lock is taken before the first page is read: a second run waits for the first to commit and
+    then reads what it wrote (reading first, it would correct from a stale view and post everything twice).
     """
+    if lock:
+        store.lock_sqlite_for_write(session)
     page = PAGE
     after: uuid.UUID | None = None
     while True:

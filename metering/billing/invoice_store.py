@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, aliased
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
 from metering.billing.periods import billing_period, finalizable, finalizable_at, parse_period, period_bounds
-from metering.billing.store import dialect, finalized_periods
+from metering.billing.store import dialect, finalized_periods, lock_sqlite_for_write
 from metering.db.models import FinalizedPeriodRow, InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
 from metering.errors import InvalidInputError, NotFoundError, PeriodOpenError
 
@@ -61,7 +61,7 @@ def lock_for_ingest(session: Session, periods: list[str]) -> None:
         for period in periods:
             lock_period_shared(session, period)
     else:
-        session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
+        lock_sqlite_for_write(session)
 
 
 def lock_billing_periods(session: Session, wanted: Iterable[str]) -> set[str]:
@@ -87,7 +87,7 @@ def _lock_period_exclusive(session: Session, period: str) -> None:
     if dialect(session) == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext('invoice:' || :period))"), {"period": period})
     else:  # SQLite: take the database write lock now, so nothing commits between our reads and our writes
-        session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
+        lock_sqlite_for_write(session)
 
 
 # -- drafts ---------------------------------------------------------------------------------------

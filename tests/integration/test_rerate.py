@@ -255,3 +255,42 @@ def test_an_event_stored_with_a_capitalised_provider_is_re_rated_into_the_lowerc
                  if t.kind == "provider_cost"]  # fmt: skip
         assert ("provider:ollama:cost", "provider:ollama:payable") in costs
         assert run_checks(session).problems == []
+
+
+def test_two_overlapping_runs_correct_each_event_once(session_factory, billed) -> None:
+    """Run A has applied, not committed, when run B (another run id) starts. B must wait and then read what A
+    wrote: on SQLite it read the events and transfers first (the state before A) and, once A committed, reversed
+    the original charge a second time and charged the new price twice (caught on SQLite, by a reviewer)."""
+    import threading
+    import time
+
+    price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
+    kw = {"start": START, "end": END, "markup_pct": MARKUP, "now": NOW + timedelta(hours=1)}
+    errors: list[BaseException] = []
+
+    def run_b() -> None:
+        try:
+            with session_factory() as session:
+                apply_rerate(session, run_id="run-b", **kw)
+                session.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with session_factory() as session_a:
+        first = apply_rerate(session_a, run_id="run-a", **kw)  # holds its locks until it commits
+        assert first.transfers > 0
+        b = threading.Thread(target=run_b)
+        b.start()
+        time.sleep(1.0)  # B has started and waits for A
+        session_a.commit()
+    b.join(30)
+    assert not b.is_alive() and errors == []
+    with session_factory() as session:
+        row = session.scalars(select(UsageEventRow).where(UsageEventRow.user_id == "user-2")).one()
+        wallet = session.get(AccountRow, "user:tenant-1:user-2").balance_nanos
+        charges = session.scalars(
+            select(TransferRow.kind).where(TransferRow.event_id == row.event_id, TransferRow.kind == "usage_charge")
+        ).all()
+    assert row.charge_nanos == NEW_CHARGE and wallet == -NEW_CHARGE
+    assert len(charges) == 2  # the original and run A's; run B found nothing left to change
+    assert_ledger_consistent(session_factory)
