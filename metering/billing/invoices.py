@@ -9,6 +9,7 @@ to cents, and the rounding residue (total - rounded) is shown.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,5 +94,11 @@ def build_invoice(
 
 
 def invoice_id(tenant_id: str, user_id: str, period: str) -> uuid.UUID:
-    """The id of the invoice of (tenant, user, period): derived, so two finalizers can never mint two."""
+    """The id of the invoice of (tenant, user, period): derived, so two finalizers can never mint two.
+
+    The parts are joined with ``\x1f``, which ids may hold: then ('a\x1fb', 'c') and ('a', 'b\x1fc') would share
+    an invoice (and fail that month's finalization). Such ids are named by their JSON array instead, which holds
+    no raw ``\x1f`` and so never equals a join; the ids of all other invoices are unchanged."""
+    if "\x1f" in tenant_id or "\x1f" in user_id:
+        return uuid.uuid5(_NAMESPACE, json.dumps([tenant_id, user_id, period]))
     return uuid.uuid5(_NAMESPACE, "\x1f".join((tenant_id, user_id, period)))

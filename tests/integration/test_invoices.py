@@ -317,3 +317,17 @@ def test_a_late_event_waiting_on_a_month_being_finalized_moves_on_past_it(sessio
     assert (stored.invoice_period, stored.is_late) == ("2025-05", True)
     assert april.lines == ()  # April was closed with nothing on it for this user, and stays so
     assert [(line.is_late, line.calls, line.billed_nanos) for line in may.lines] == [(True, 1, stored.charge_nanos)]
+
+
+def test_ids_holding_the_separator_never_share_an_invoice(session_factory) -> None:
+    """('a\x1fb', 'c') and ('a', 'b\x1fc') once got one invoice id: finalizing their month failed on the primary
+    key, for every user of the month (found by a reviewer)."""
+    first = record(0, occurred_at=MARCH, user_id="c") | {"tenant_id": "a\x1fb"}
+    second = record(0, occurred_at=MARCH, user_id="b\x1fc") | {"tenant_id": "a"}
+    ingest_records(session_factory, [first, second], now=MARCH + timedelta(days=1))
+    with session_factory() as session:
+        issued = invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+    assert sorted((i.tenant_id, i.user_id) for i in issued) == [("a", "b\x1fc"), ("a\x1fb", "c")]
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(InvoiceRow).where(InvoiceRow.period == "2025-03")) == 2

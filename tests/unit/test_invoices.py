@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from datetime import UTC, datetime
 
 import pytest
 
 from metering.billing.export import INVOICE_COLUMNS, invoice_csv, text_cell, usd
+from metering.billing.invoices import _NAMESPACE as INVOICE_NAMESPACE
 from metering.billing.invoices import InvoiceLine, build_invoice, invoice_id
 
 WHEN = datetime(2025, 4, 4, tzinfo=UTC)
@@ -87,6 +89,11 @@ def test_invoice_id_is_derived_and_distinct() -> None:
     assert invoice_id("t", "u", "2025-03") == invoice_id("t", "u", "2025-03")
     assert invoice_id("t", "u", "2025-03") != invoice_id("t", "u", "2025-04")
     assert invoice_id("t/u", "x", "2025-03") != invoice_id("t", "u/x", "2025-03")
+    # Ids holding the separator once shared an invoice: ('a\x1fb', 'c') and ('a', 'b\x1fc'), or ('a', 'b') in
+    # period 'c\x1f2025-03' of a join. Every other id is as it always was (stored invoices keep theirs).
+    assert invoice_id("a\x1fb", "c", "2025-03") != invoice_id("a", "b\x1fc", "2025-03")
+    assert invoice_id("a\x1fb", "c", "2025-03") != uuid.uuid5(INVOICE_NAMESPACE, "a\x1fb\x1fc\x1f2025-03")
+    assert invoice_id("acme", "alice", "2025-03") == uuid.uuid5(INVOICE_NAMESPACE, "acme\x1falice\x1f2025-03")
 
 
 def test_usd_is_exact_and_never_an_exponent() -> None:
