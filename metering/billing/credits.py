@@ -32,6 +32,7 @@ from metering.billing.ledger import (
     balance_deltas,
     transfer_id,
     user_wallet,
+    wallet_id,
 )
 from metering.billing.money import format_usd
 from metering.db.models import AccountRow, TransferRow
@@ -161,9 +162,11 @@ def add_credit(
         posting.amount_nanos,
     )
     if not same:
+        # Keys are global: the first request may be another tenant's. Describe it only for the same user.
+        mine = wallet_id(tenant_id, user_id) in (row.debit_account_id, row.credit_account_id)
+        first = f"a {row.kind} of {format_usd(row.amount_nanos)}" if mine else "one for another user"
         raise IdempotencyConflictError(
-            f"idempotency key {idempotency_key!r} was already used for a different request "
-            f"(a {row.kind} of {format_usd(row.amount_nanos)}, or another user)"
+            f"idempotency key {idempotency_key!r} was already used for a different request ({first})"
         )
     return _result(row, tenant_id, user_id, replayed=not inserted)
 

@@ -64,6 +64,10 @@ def test_a_repeated_key_with_a_different_request_is_a_conflict(session_factory, 
         credit(session_factory, **request)
     assert caught.value.code == "idempotency_conflict" and caught.value.status == 409
     assert transfer_count(session_factory) == 1
+    # The first request is described to its own user's requests only: keys are global, and another tenant's
+    # credit (its amount) is none of this caller's business.
+    first = "a credit of $25.00" if "user_id" not in change and "tenant_id" not in change else "one for another user"
+    assert str(caught.value) == f"idempotency key 'k' was already used for a different request ({first})"
 
 
 def test_adjustments_go_either_way_and_balances_stay_balanced(session_factory) -> None:
