@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -192,7 +192,9 @@ def _days_and_edges(
     daily: Table, hourly: Table, start: datetime, end: datetime
 ) -> list[tuple[Table, ColumnElement[bool]]]:
     hour = hourly.c.hour
-    first_day = (start + timedelta(hours=23)).date()  # the first UTC midnight at or after start
+    first_day = start.date()  # the first UTC midnight at or after start (none after one in 9999-12-31)
+    if start > datetime.combine(first_day, time(), UTC):
+        first_day = first_day + timedelta(days=1) if first_day < date.max else date.max
     last_day = end.date()  # the last UTC midnight at or before end
     if first_day >= last_day:
         return [(hourly, and_(hour >= start, hour < end))]

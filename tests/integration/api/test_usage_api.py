@@ -251,3 +251,13 @@ def test_window_starts_are_compared_as_instants(client, reader, events):
     utc = _usage(client, reader, **{"from": (T0 + timedelta(hours=3)).isoformat(), "to": END.isoformat()})
     assert local == utc
     assert local["from"] == (T0 + timedelta(hours=3)).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize("params", [{}, {"user_id": "alice"}, {"tenant_id": ALPHA}, {"group_by": "day"}])
+def test_a_window_inside_the_last_day_datetimes_hold_is_answered(client, reader, params):
+    """Whole days start at the first midnight after `from`: there is none after 9999-12-31, and computing it
+    overflowed (a 500)."""
+    window = {"from": "9999-12-31T01:00:00Z", "to": "9999-12-31T23:00:00Z"}
+    response = client.get("/v1/usage", params=window | params, headers=reader)
+    assert response.status_code == 200, response.text
+    assert response.json()["totals"]["calls"] == 0
