@@ -23,19 +23,30 @@ MAX_INT64 = 2**63 - 1  # BIGINT
 NUL_MESSAGE = "text must not contain NUL (0x00) characters"
 
 
+MAX_JSON_DEPTH = 64  # how deep a JSON value in a body may nest: settings never need more
+DEPTH_MESSAGE = f"a value nested deeper than {MAX_JSON_DEPTH} levels is refused"
+
+
 def has_nul(value: Any) -> bool:
-    """Whether a JSON-like value (str, list, dict keys and values) holds a NUL character anywhere."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, Mapping):
-        return any(has_nul(k) or has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(has_nul(v) for v in value)
+    """Whether a JSON-like value (str, list, dict keys and values) holds a NUL character anywhere. Iterative, so
+    any depth is walked; a value nested deeper than ``MAX_JSON_DEPTH`` raises ValueError (it would fail later,
+    in code that recurses: a 500)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, Mapping | list | tuple):
+            if depth >= MAX_JSON_DEPTH:
+                raise ValueError(DEPTH_MESSAGE)
+            children = [*item.keys(), *item.values()] if isinstance(item, Mapping) else item
+            pending.extend((child, depth + 1) for child in children)
     return False
 
 
 def no_nul(value: Any) -> Any:
-    """A before-validator for body fields: refuses a NUL anywhere in the value."""
+    """A before-validator for body fields: refuses a NUL anywhere in the value, and values nested too deep."""
     if has_nul(value):
         raise ValueError(NUL_MESSAGE)
     return value

@@ -26,6 +26,21 @@ def test_a_nul_in_a_path_query_or_body_is_a_validation_error(client, headers):
     assert body["errors"][0]["loc"] == ["body", "params"]
 
 
+def test_a_body_value_nested_too_deep_is_a_validation_error_not_a_500(client, headers):
+    def nested(depth: int) -> object:
+        value: object = "x"
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    deep = {"provider": "simulated", "model": "m", "params": {"a": nested(300)}}  # was a RecursionError: a 500
+    body = assert_problem(client.put("/v1/admin/purposes/p", json=deep, headers=headers), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["body", "params"]
+    assert "nested deeper than 64 levels" in body["errors"][0]["msg"]
+    fine = {"provider": "simulated", "model": "m", "params": {"a": nested(62)}}  # the dict and 62 lists: 63 levels
+    assert client.put("/v1/admin/purposes/p", json=fine, headers=headers).status_code == 200
+
+
 def test_a_body_that_is_not_utf8_is_a_validation_error_not_a_400(client, headers):
     response = client.post(
         "/v1/events", content=b'{"events": ["\xff\xfe"]}', headers={**headers, "Content-Type": "application/json"}
