@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
 
 from metering.errors import BudgetExceededError, InvalidInputError, ProviderError
-from metering.events import BudgetLimit, Status
+from metering.events import MAX_INT32, BudgetLimit, Label, Status
 from metering.llm.attempt import Attempt
 from metering.llm.budgets import BudgetMode, limits_exceeded_after, limits_exceeded_before
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
@@ -65,14 +66,29 @@ def _ms_since(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
 
-def _check_args(messages: Any, max_tokens: Any, response_format: Any) -> None:
+# The event's own bounds (metering.events): an argument the event cannot hold is refused before the call is made,
+# not found out when the flusher dead-letters the event of a call that was made and paid for.
+_PURPOSE = TypeAdapter(Label)
+
+
+def _check_purpose(purpose: Any) -> None:
+    if not isinstance(purpose, str):
+        raise InvalidInputError(f"purpose must be a str, not {type(purpose).__name__}")
+    try:
+        _PURPOSE.validate_python(purpose)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid purpose: {exc.errors(include_url=False)[0]['msg']}") from None
+
+
+def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")
     for message in messages:
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
-        raise InvalidInputError("max_tokens must be a positive integer")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= MAX_INT32:
+        raise InvalidInputError(f"max_tokens must be a positive integer, at most {MAX_INT32}")
+    _check_purpose(purpose)
     if response_format not in (None, "json"):
         raise InvalidInputError("response_format must be None or 'json'")
 
@@ -223,7 +239,7 @@ class MeteredLLM:
         temperature: float | None = None,
         **params: Any,
     ) -> LLMResponse:
-        _check_args(messages, max_tokens, response_format)
+        _check_args(messages, max_tokens, purpose, response_format)
         fingerprint = prompt_fingerprint(system, messages)
         plan = self._begin(system, messages, max_tokens, purpose)
         targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
@@ -295,7 +311,7 @@ class MeteredLLM:
         Iterate it once (``async for chunk in ctx.llm.stream_message(...)``), preferably inside
         ``async with``, so an abandoned stream is recorded at once as ``cancelled``.
         """
-        _check_args(messages, max_tokens, None)
+        _check_args(messages, max_tokens, purpose, None)
         return MessageStream(
             self,
             system=system,

@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from metering.errors import BudgetExceededError, InvalidJSONResponseError, ProviderError
-from metering.events import UsageEvent, uuid7
+from metering.errors import BudgetExceededError, InvalidInputError, InvalidJSONResponseError, ProviderError
+from metering.events import MAX_INT32, UsageEvent, uuid7
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.client import MeteredLLM, ProviderPool
 from metering.llm.event_record import CallScope
@@ -263,12 +263,32 @@ async def test_cancelled_call_records_a_cancelled_event() -> None:
     ],
 )
 async def test_bad_arguments_are_refused_without_a_call(bad: dict[str, Any]) -> None:
-    from metering.errors import InvalidInputError
-
     llm, rec = make_llm()
     with pytest.raises(InvalidInputError):
         await llm.create_message(**bad)
     assert rec.lines == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_tokens": MAX_INT32 + 1},  # the event's max_tokens is an INTEGER column: it would be dead-lettered
+        {"max_tokens": 2**64},  # past what orjson can write
+        {"purpose": ""},
+        {"purpose": None},
+        {"purpose": "p" * 201},
+        {"purpose": "a\x00b"},
+        {"purpose": "\ud800"},  # not valid Unicode: the event line could not be written
+    ],
+)
+async def test_arguments_the_event_cannot_hold_are_refused_before_the_call(bad: dict[str, Any]) -> None:
+    llm, rec = make_llm()
+    with pytest.raises(InvalidInputError):
+        await llm.create_message(messages=MESSAGES, **bad)
+    with pytest.raises(InvalidInputError):
+        llm.stream_message(messages=MESSAGES, **bad)
+    assert rec.lines == [] and llm.calls == 0
+    await llm.create_message(messages=MESSAGES, max_tokens=MAX_INT32, purpose="p" * 200)  # the bounds themselves
 
 
 # -- streams -------------------------------------------------------------------------------------
