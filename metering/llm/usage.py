@@ -10,6 +10,15 @@ OpenTelemetry GenAI semantics: ``input_tokens`` includes cache-read and cache-wr
   (``prompt_tokens_details.cached_tokens``; newer APIs also give ``cache_write_tokens`` there) and
   ``completion_tokens`` including
   ``completion_tokens_details.reasoning_tokens``.
+
+Counts are trusted only when they are counts. Every count the provider gives must be a non-negative integer
+(an ``int``, or a float with an integral value) below 2^63; the main counts (Anthropic ``input_tokens`` and
+``output_tokens``, OpenAI ``prompt_tokens`` and ``completion_tokens``) must be given. Otherwise — a count absent,
+``null``, negative, text, a bool, a fraction, infinite, past 2^63, or a normalised sum past it — the provider's
+usage is treated as not reported (``MISSING``, which ``fill_missing`` estimates from text): it is never recorded as
+``reported`` with 0 tokens (a paid call billed $0), and never breaks the event line (orjson writes no integer past
+64 bits). The optional details (cache and reasoning counts) may be absent or ``null``: 0. A count within 2^63 but
+past ``metering.events.MAX_TOKENS`` stays as reported: ingest rejects that event with its reason, by design.
 """
 
 from __future__ import annotations
@@ -21,15 +30,24 @@ from metering.events import UsageCompleteness
 from metering.llm.types import MISSING_USAGE, TokenUsage
 
 CHARS_PER_TOKEN = 4
+MAX_COUNT = 2**63 - 1  # BIGINT, and what orjson can write as an integer
 
 
-def _int(value: Any) -> int:
-    if value is None or isinstance(value, bool):
-        return 0
-    try:
-        return max(int(value), 0)
-    except (TypeError, ValueError):
-        return 0
+class _NotACount(Exception):
+    """A count the provider gave is not a usable count: its usage is treated as not reported."""
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():  # inf and nan are not integers
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+        raise _NotACount
+    return value
+
+
+def _detail(value: Any) -> int:
+    """An optional count (cache, reasoning): absent or ``null`` is 0."""
+    return 0 if value is None else _count(value)
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -44,12 +62,19 @@ def from_anthropic(usage: Any) -> TokenUsage:
     """Normalise an Anthropic ``usage`` object or dict (``None`` → MISSING)."""
     if usage is None:
         return MISSING_USAGE
-    uncached = _int(_get(usage, "input_tokens"))
-    cache_read = _int(_get(usage, "cache_read_input_tokens"))
-    cache_write = _int(_get(usage, "cache_creation_input_tokens"))
+    try:
+        uncached = _count(_get(usage, "input_tokens"))
+        output = _count(_get(usage, "output_tokens"))
+        cache_read = _detail(_get(usage, "cache_read_input_tokens"))
+        cache_write = _detail(_get(usage, "cache_creation_input_tokens"))
+    except _NotACount:
+        return MISSING_USAGE
+    input_tokens = uncached + cache_read + cache_write
+    if input_tokens > MAX_COUNT:  # each part a count, their sum not
+        return MISSING_USAGE
     return TokenUsage(
-        input_tokens=uncached + cache_read + cache_write,
-        output_tokens=_int(_get(usage, "output_tokens")),
+        input_tokens=input_tokens,
+        output_tokens=output,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
         reasoning_tokens=0,
@@ -61,12 +86,15 @@ def from_openai(usage: Any) -> TokenUsage:
     """Normalise an OpenAI chat-completions ``usage`` object or dict (``None`` → MISSING)."""
     if usage is None:
         return MISSING_USAGE
-    prompt = _int(_get(usage, "prompt_tokens"))
-    completion = _int(_get(usage, "completion_tokens"))
     prompt_details = _get(usage, "prompt_tokens_details")
-    cached = min(_int(_get(prompt_details, "cached_tokens")), prompt)
-    cache_write = min(_int(_get(prompt_details, "cache_write_tokens")), prompt - cached)
-    reasoning = min(_int(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens")), completion)
+    try:
+        prompt = _count(_get(usage, "prompt_tokens"))
+        completion = _count(_get(usage, "completion_tokens"))
+        cached = min(_detail(_get(prompt_details, "cached_tokens")), prompt)
+        cache_write = min(_detail(_get(prompt_details, "cache_write_tokens")), prompt - cached)
+        reasoning = min(_detail(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens")), completion)
+    except _NotACount:
+        return MISSING_USAGE
     return TokenUsage(
         input_tokens=prompt,
         output_tokens=completion,

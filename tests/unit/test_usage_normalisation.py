@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -52,11 +53,45 @@ def test_anthropic_missing_usage_is_missing() -> None:
     assert from_anthropic(None).completeness is UsageCompleteness.MISSING
 
 
-@pytest.mark.parametrize("bad", [-5, "x", True, None, 3.9])
-def test_anthropic_garbage_counts_become_non_negative_ints(bad: object) -> None:
-    usage = from_anthropic({"input_tokens": bad, "output_tokens": 2})
-    assert usage.input_tokens == (3 if bad == 3.9 else 0)
-    assert usage.output_tokens == 2
+# -- counts that are not counts: the usage is not reported (so it is estimated), never "reported" as 0 or a crash --
+
+NOT_COUNTS = [None, -1, -5, "12", "x", True, 3.9, math.inf, -math.inf, math.nan, 2**63, 2**64, [1], {}]
+
+
+@pytest.mark.parametrize("bad", NOT_COUNTS)
+def test_anthropic_count_that_is_not_a_count_makes_the_usage_missing(bad: object) -> None:
+    assert from_anthropic({"input_tokens": bad, "output_tokens": 2}) is MISSING_USAGE
+    assert from_anthropic({"input_tokens": 2, "output_tokens": bad}) is MISSING_USAGE
+    if bad is not None:  # an optional count may be null (0), not garbage
+        assert from_anthropic({"input_tokens": 2, "output_tokens": 2, "cache_read_input_tokens": bad}) is MISSING_USAGE
+
+
+@pytest.mark.parametrize("bad", NOT_COUNTS)
+def test_openai_count_that_is_not_a_count_makes_the_usage_missing(bad: object) -> None:
+    assert from_openai({"prompt_tokens": bad, "completion_tokens": 2, "total_tokens": 4}) is MISSING_USAGE
+    assert from_openai({"prompt_tokens": 2, "completion_tokens": bad}) is MISSING_USAGE
+    if bad is not None:
+        details = {"prompt_tokens": 2, "completion_tokens": 2, "completion_tokens_details": {"reasoning_tokens": bad}}
+        assert from_openai(details) is MISSING_USAGE
+
+
+def test_absent_main_counts_make_the_usage_missing() -> None:
+    assert from_anthropic({"output_tokens": 5}) is MISSING_USAGE  # e.g. a stream whose message_start had no usage
+    assert from_openai({"completion_tokens": 5}) is MISSING_USAGE
+    assert from_openai({}) is MISSING_USAGE
+
+
+def test_counts_at_the_bound_and_integral_floats_are_reported() -> None:
+    big = from_anthropic({"input_tokens": 2**63 - 1, "output_tokens": 7.0})
+    assert (big.input_tokens, big.output_tokens, big.completeness) == (2**63 - 1, 7, UsageCompleteness.REPORTED)
+    # each part within the bound, their sum past it: not something an event can hold
+    summed = {"input_tokens": 2**62, "output_tokens": 1, "cache_read_input_tokens": 2**62}
+    assert from_anthropic(summed) is MISSING_USAGE
+
+
+def test_missing_usage_of_an_answered_call_is_estimated() -> None:
+    usage = fill_missing(from_openai({"prompt_tokens": None, "completion_tokens": None}), "Be brief.", [], "a" * 40)
+    assert usage.completeness is UsageCompleteness.ESTIMATED and usage.output_tokens == 10
 
 
 # -- OpenAI: cached tokens are reported INSIDE prompt_tokens ----------------------------------------

@@ -1,0 +1,106 @@
+"""``ctx.llm`` over the real adapters and SDKs, against the fake provider servers: whatever a provider answers, a
+call records exactly one event the flusher accepts, and the caller gets the answer (or a typed error)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from metering.events import UsageEvent, uuid7
+from metering.llm.client import MeteredLLM, ProviderPool
+from metering.llm.event_record import CallScope
+from metering.llm.providers import make_provider
+from metering.llm.resolution import PlatformLLM
+from metering.llm.settings_source import InMemorySettings
+from metering.spool.decode import decode_line
+from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, FakeProviderServer, Reply
+from tests.unit.test_metered_llm import MESSAGES, Recorder
+
+TEXT = "A fairly long answer, certainly more than zero tokens long. " * 5
+MakeLLM = Callable[[str, FakeProviderServer], tuple[MeteredLLM, Recorder]]
+
+
+@pytest.fixture
+async def metered() -> AsyncIterator[MakeLLM]:
+    pools: list[ProviderPool] = []
+
+    def make(provider: str, server: FakeProviderServer) -> tuple[MeteredLLM, Recorder]:
+        platform = PlatformLLM(
+            provider=provider,
+            model="m-test",
+            base_url=server.base_url,
+            timeout_s=5,
+            max_retries=0,
+            api_keys={provider: "sk-platform-key-123456"},
+        )
+        pools.append(ProviderPool(make_provider))
+        recorder = Recorder()
+        scope = CallScope("t1", "u1", "rewrite", "rewrite", uuid7())
+        llm = MeteredLLM(
+            scope=scope, settings=InMemorySettings(), platform=platform, providers=pools[-1], recorder=recorder
+        )
+        return llm, recorder
+
+    yield make
+    for pool in pools:
+        await pool.aclose()
+
+
+def the_event(recorder: Recorder) -> UsageEvent:
+    """The one event spooled, as the flusher decodes it (a str there is the reason it would be dead-lettered)."""
+    [line] = recorder.lines
+    event = decode_line(line)
+    assert isinstance(event, UsageEvent), event
+    return event
+
+
+BAD_OPENAI_USAGE = [
+    {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+    {"prompt_tokens": -1, "completion_tokens": -1, "total_tokens": -2},
+    {"prompt_tokens": 2**64, "completion_tokens": 5},
+    {"prompt_tokens": math.inf, "completion_tokens": 5},  # JSON Infinity; 1e400 reads the same
+    {"completion_tokens": 5},
+]
+BAD_ANTHROPIC_USAGE = [
+    {"input_tokens": None, "output_tokens": None},
+    {"input_tokens": -3, "output_tokens": 5},
+    {"input_tokens": 2**64, "output_tokens": 5},
+    {"input_tokens": 12, "output_tokens": math.nan},
+]
+
+
+@pytest.mark.parametrize("usage", BAD_OPENAI_USAGE)
+async def test_openai_usage_without_usable_counts_is_estimated(
+    openai_server: FakeOpenAIServer, metered: MakeLLM, usage: dict[str, Any]
+) -> None:
+    openai_server.script(Reply(text=TEXT, usage=usage), Reply(text=TEXT, usage=usage))
+    llm, rec = metered("openai", openai_server)
+    response = await llm.create_message(messages=MESSAGES)
+    assert response.text == TEXT and response.usage.completeness == "estimated"
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness) == ("ok", "estimated")
+    assert event.input_tokens > 0 and event.output_tokens == len(TEXT) // 4
+    rec.lines.clear()
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    assert the_event(rec).usage_completeness == "estimated"
+
+
+@pytest.mark.parametrize("usage", BAD_ANTHROPIC_USAGE)
+async def test_anthropic_usage_without_usable_counts_is_estimated(
+    anthropic_server: FakeAnthropicServer, metered: MakeLLM, usage: dict[str, Any]
+) -> None:
+    anthropic_server.script(Reply(text=TEXT, usage=usage), Reply(text=TEXT, usage=usage))
+    llm, rec = metered("anthropic", anthropic_server)
+    response = await llm.create_message(messages=MESSAGES)
+    assert response.text == TEXT and response.usage.completeness == "estimated"
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness) == ("ok", "estimated")
+    assert event.input_tokens > 0 and event.output_tokens == len(TEXT) // 4
+    rec.lines.clear()
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    assert the_event(rec).usage_completeness == "estimated"
