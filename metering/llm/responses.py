@@ -40,8 +40,10 @@ def parse_json_text(text: str) -> Any:
         return json.loads(candidate)
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise InvalidJSONResponseError(
-            f"response_format='json' was requested but the model's reply is not valid JSON ({reason}); "
-            f"the raw text is on the error's .text attribute",
-            text=text,
-        ) from None
+    except RecursionError:  # a reply such as "[[[[…" nested deeper than the interpreter's stack
+        reason = "nested too deeply"
+    raise InvalidJSONResponseError(
+        f"response_format='json' was requested but the model's reply is not valid JSON ({reason}); "
+        f"the raw text is on the error's .text attribute",
+        text=text,
+    )

@@ -33,6 +33,8 @@ from metering.llm.types import (
 )
 
 SECRET = "sk-user-SECRET-1234567890"
+DEEP = "[" * 100_000  # nested deeper than the interpreter's recursion limit
+REPLIES = {"json": '```json\n{"items": []}\n```', "badjson": "not json", "deepjson": DEEP}
 
 
 class Recorder:
@@ -62,7 +64,7 @@ class FakeProvider:
             raise ProviderError("upstream 500", error_type="server_error", provider=self.name)
         if "slow" in model:
             await asyncio.sleep(10)
-        text = {"json": '```json\n{"items": []}\n```', "badjson": "not json"}.get(model, "hello there")
+        text = REPLIES.get(model, "hello there")
         usage = MISSING_USAGE if "nousage" in model else TokenUsage(120, 7, 100, 0, 0)
         return ProviderResult(text=text, usage=usage, stop_reason="end_turn", model=model)
 
@@ -212,6 +214,13 @@ async def test_json_response_is_parsed_and_invalid_json_raises_a_typed_error() -
         await llm.create_message(messages=MESSAGES, response_format="json")
     assert info.value.text == "not json"
     assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call happened and used tokens
+
+
+async def test_json_reply_nested_too_deeply_is_an_invalid_json_error() -> None:
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="deepjson", api_keys={"openai": "k"}))
+    with pytest.raises(InvalidJSONResponseError, match="nested too deeply") as info:
+        await llm.create_message(messages=MESSAGES, response_format="json")
+    assert info.value.text == DEEP and [e.status for e in rec.events] == ["ok"]
 
 
 async def test_missing_usage_is_estimated() -> None:
