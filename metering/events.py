@@ -112,7 +112,8 @@ def _provider_name(value: str) -> str:
 # same as "anthropic".
 ProviderName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_provider_name)]
 ActionType = Annotated[str, Field(max_length=50), AfterValidator(_no_nul)]
-ShortText = Annotated[str, Field(max_length=100), AfterValidator(_no_nul)]
+MAX_SHORT_TEXT = 100  # characters of a ShortText (stop_reason, error_type)
+ShortText = Annotated[str, Field(max_length=MAX_SHORT_TEXT), AfterValidator(_no_nul)]
 Fingerprint = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
 # Numbers and flags are strict: a JSON number or a bool, never text ("100") or a bool for a count (true -> 1), so a
 # producer's type bug is rejected with its reason instead of being billed as something it did not say.

@@ -16,7 +16,7 @@ from metering.llm.providers._errors import (
     missing_key,
     stream_broken,
 )
-from metering.llm.providers.base import ProviderConfig
+from metering.llm.providers.base import ProviderConfig, bounded_stop_reason
 from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
 from metering.llm.usage import from_anthropic
 
@@ -100,7 +100,7 @@ class AnthropicProvider:
             return ProviderResult(
                 text=text,
                 usage=from_anthropic(getattr(message, "usage", None)),
-                stop_reason=getattr(message, "stop_reason", None),
+                stop_reason=bounded_stop_reason(getattr(message, "stop_reason", None)),
                 model=getattr(message, "model", None) or request.model,
             )
         raise error  # outside the except block: no chained SDK exception (it holds the request)
@@ -143,7 +143,11 @@ class AnthropicProvider:
             raise error
         if not finished:
             raise incomplete_stream(self.name)
-        yield StreamEnd(usage=from_anthropic(usage) if usage else MISSING_USAGE, stop_reason=stop_reason, model=model)
+        yield StreamEnd(
+            usage=from_anthropic(usage) if usage else MISSING_USAGE,
+            stop_reason=bounded_stop_reason(stop_reason),
+            model=model,
+        )
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from metering.events import MAX_SHORT_TEXT
 from metering.llm.types import ProviderRequest, ProviderResult, StreamItem
 
 
@@ -27,6 +28,21 @@ class ErrorType(StrEnum):
     STREAM_BROKEN = "stream_broken"
     INVALID_RESPONSE = "invalid_response"
     UNKNOWN = "unknown"
+
+
+def bounded_stop_reason(value: object) -> str | None:
+    """A provider's stop reason as the usage event can hold it (``ShortText``), or ``None`` if it is not text.
+
+    An OpenAI-compatible server may send any ``finish_reason``: one too long, holding NUL or a lone surrogate
+    would get the event of a call that was made dead-lettered (or its line not written), so it is cut to
+    ``MAX_SHORT_TEXT`` characters, without NUL, with what is not valid Unicode replaced.
+    """
+    if not isinstance(value, str) or not value:
+        return None
+    if len(value) <= MAX_SHORT_TEXT and value.isascii() and "\x00" not in value:
+        return value
+    cleaned = value.replace("\x00", "").encode("utf-8", "replace").decode()[:MAX_SHORT_TEXT]
+    return cleaned or None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from metering.llm.providers._errors import (
     missing_key,
     stream_broken,
 )
-from metering.llm.providers.base import ErrorType, ProviderConfig
+from metering.llm.providers.base import ErrorType, ProviderConfig, bounded_stop_reason
 from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
 from metering.llm.usage import from_openai
 
@@ -33,8 +33,10 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 _ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS)
 
 
-def stop_reason(finish_reason: str | None) -> str | None:
-    return STOP_REASONS.get(finish_reason, finish_reason) if finish_reason else None
+def stop_reason(finish_reason: object) -> str | None:
+    if not isinstance(finish_reason, str):
+        return None
+    return bounded_stop_reason(STOP_REASONS.get(finish_reason, finish_reason))
 
 
 class OpenAIProvider:

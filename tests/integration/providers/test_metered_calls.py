@@ -104,3 +104,34 @@ async def test_anthropic_usage_without_usable_counts_is_estimated(
     async with llm.stream_message(messages=MESSAGES) as stream:
         assert "".join([chunk async for chunk in stream]) == TEXT
     assert the_event(rec).usage_completeness == "estimated"
+
+
+@pytest.mark.parametrize(
+    ("sent", "recorded"),
+    [
+        pytest.param("x" * 101, "x" * 100, id="too-long"),  # an OpenAI-compatible server may say anything
+        pytest.param("content_filter\x00", "content_filter", id="nul"),
+        pytest.param("stop\ud800", "stop?", id="lone-surrogate"),  # a valid JSON escape, not valid Unicode
+        pytest.param("length", "max_tokens", id="known"),
+    ],
+)
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_stop_reason_is_one_the_event_can_hold(
+    openai_server: FakeOpenAIServer,
+    anthropic_server: FakeAnthropicServer,
+    metered: MakeLLM,
+    provider: str,
+    sent: str,
+    recorded: str,
+) -> None:
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    if provider == "anthropic" and sent == "length":
+        recorded = sent  # the OpenAI names are mapped to Anthropic's; Anthropic's own pass as they are
+    server.script(Reply(stop_reason=sent), Reply(stop_reason=sent))
+    llm, rec = metered(provider, server)
+    response = await llm.create_message(messages=MESSAGES)
+    assert response.stop_reason == recorded == the_event(rec).stop_reason
+    rec.lines.clear()
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert [chunk async for chunk in stream]
+    assert the_event(rec).stop_reason == recorded
