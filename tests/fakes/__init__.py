@@ -5,6 +5,7 @@ from tests.fakes.openai_server import OPENAI_DEFAULT_USAGE, FakeOpenAIServer
 from tests.fakes.server import (
     Fail,
     FakeProviderServer,
+    Raw,
     RecordedRequest,
     Reply,
     hang,
@@ -21,6 +22,7 @@ __all__ = [
     "FakeAnthropicServer",
     "FakeOpenAIServer",
     "FakeProviderServer",
+    "Raw",
     "RecordedRequest",
     "Reply",
     "hang",

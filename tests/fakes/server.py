@@ -51,7 +51,15 @@ class Fail:
     echo_api_key: bool = False  # put the api key the server received in the error message
 
 
-Behaviour = Reply | Fail
+@dataclass(frozen=True)
+class Raw:
+    """A 200 answer with this body as it is: what a proxy or a misconfigured endpoint may send."""
+
+    body: bytes
+    content_type: str = "text/html"
+
+
+Behaviour = Reply | Fail | Raw
 
 
 def rate_limited(retry_after_s: float = 0.01) -> Fail:
@@ -194,6 +202,9 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(behaviour, Fail):
             self._send_json(behaviour.status, fake.error_body(behaviour, fake.api_key_of(headers)), behaviour.headers)
             return
+        if isinstance(behaviour, Raw):
+            self._send(200, behaviour.body, behaviour.content_type)
+            return
         if behaviour.delay_s:
             fake.wait(behaviour.delay_s)
         try:
@@ -205,9 +216,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(data)))
         self.send_header("request-id", "req_fake")
         for name, value in (headers or {}).items():

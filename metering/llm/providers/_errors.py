@@ -104,6 +104,11 @@ def incomplete_stream(provider: str) -> ProviderError:
     return _error(message, ErrorType.STREAM_BROKEN, provider, retryable=True)
 
 
+def invalid_response(provider: str, what: str) -> ProviderError:
+    """A success status whose body is not the API's answer (a proxy's HTML page, some other JSON)."""
+    return _error(f"{provider}: {what}", ErrorType.INVALID_RESPONSE, provider, retryable=False)
+
+
 def missing_key(provider: str) -> ProviderError:
     return _error(f"{provider}: no api key configured", ErrorType.AUTH, provider, retryable=False)
 

@@ -13,6 +13,7 @@ from metering.llm.providers._errors import (
     STREAM_TRANSPORT_ERRORS,
     from_sdk_error,
     incomplete_stream,
+    invalid_response,
     missing_key,
     stream_broken,
 )
@@ -95,7 +96,9 @@ class AnthropicProvider:
         except _ERRORS as exc:
             error = self._error(exc)
         else:
-            blocks = getattr(message, "content", None) or []
+            blocks = getattr(message, "content", None)
+            if not isinstance(blocks, list):  # an HTML page (the SDK returns it as a str), JSON of another shape
+                raise invalid_response(self.name, "the response is not a message")
             text = "".join(getattr(b, "text", None) or "" for b in blocks if getattr(b, "type", None) == "text")
             return ProviderResult(
                 text=text,

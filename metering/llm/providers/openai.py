@@ -15,10 +15,11 @@ from metering.llm.providers._errors import (
     bad_config,
     from_sdk_error,
     incomplete_stream,
+    invalid_response,
     missing_key,
     stream_broken,
 )
-from metering.llm.providers.base import ErrorType, ProviderConfig, bounded_stop_reason
+from metering.llm.providers.base import ProviderConfig, bounded_stop_reason
 from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
 from metering.llm.usage import from_openai
 
@@ -100,11 +101,7 @@ class OpenAIProvider:
         else:
             choices = getattr(completion, "choices", None) or []
             if not choices:
-                raise ProviderError(
-                    f"{self.name}: the response has no choices",
-                    error_type=ErrorType.INVALID_RESPONSE.value,
-                    provider=self.name,
-                )
+                raise invalid_response(self.name, "the response has no choices")
             choice = choices[0]
             message = getattr(choice, "message", None)
             return ProviderResult(

@@ -14,7 +14,7 @@ from metering.llm.providers import make_provider
 from metering.llm.providers.anthropic import JSON_INSTRUCTION, AnthropicProvider
 from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.types import MISSING_USAGE, ProviderRequest, StreamEnd, TextDelta, TokenUsage
-from tests.fakes import Fail, FakeAnthropicServer, Reply, hang, rate_limited, server_error, unauthorized
+from tests.fakes import Fail, FakeAnthropicServer, Raw, Reply, hang, rate_limited, server_error, unauthorized
 
 KEY = "sk-ant-api03-TEST-SECRET-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "Please rewrite: send me the doc."}]
@@ -296,3 +296,19 @@ async def test_sse_error_event_mid_stream_is_a_broken_stream(anthropic_server, m
     deltas, end, error = await collect(make().stream(request()))
     assert deltas == ["Hello "] and end is None
     assert error is not None and error.error_type == "stream_broken" and "Overloaded" in str(error)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        Raw(b"<html>Proxy login required</html>"),
+        Raw(b'{"unexpected": true}', "application/json"),
+        Raw(b'{"type": "error", "error": {"type": "api_error", "message": "sent with 200"}}', "application/json"),
+    ],
+    ids=["html", "other-json", "error-json"],
+)
+async def test_a_success_status_without_a_message_is_an_invalid_response(anthropic_server, make, body) -> None:
+    anthropic_server.script(body)
+    with pytest.raises(ProviderError) as info:
+        await make().complete(request())
+    assert info.value.error_type == "invalid_response" and not info.value.retryable

@@ -13,21 +13,23 @@ from metering.events import UsageEvent, uuid7
 from metering.llm.client import MeteredLLM, ProviderPool
 from metering.llm.event_record import CallScope
 from metering.llm.providers import make_provider
-from metering.llm.resolution import PlatformLLM
+from metering.llm.resolution import ByollmSettings, PlatformLLM
 from metering.llm.settings_source import InMemorySettings
 from metering.spool.decode import decode_line
-from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, FakeProviderServer, Reply
+from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, FakeProviderServer, Raw, Reply
 from tests.unit.test_metered_llm import MESSAGES, Recorder
 
 TEXT = "A fairly long answer, certainly more than zero tokens long. " * 5
-MakeLLM = Callable[[str, FakeProviderServer], tuple[MeteredLLM, Recorder]]
+MakeLLM = Callable[..., tuple[MeteredLLM, Recorder]]
 
 
 @pytest.fixture
 async def metered() -> AsyncIterator[MakeLLM]:
     pools: list[ProviderPool] = []
 
-    def make(provider: str, server: FakeProviderServer) -> tuple[MeteredLLM, Recorder]:
+    def make(
+        provider: str, server: FakeProviderServer, settings: InMemorySettings | None = None
+    ) -> tuple[MeteredLLM, Recorder]:
         platform = PlatformLLM(
             provider=provider,
             model="m-test",
@@ -40,7 +42,11 @@ async def metered() -> AsyncIterator[MakeLLM]:
         recorder = Recorder()
         scope = CallScope("t1", "u1", "rewrite", "rewrite", uuid7())
         llm = MeteredLLM(
-            scope=scope, settings=InMemorySettings(), platform=platform, providers=pools[-1], recorder=recorder
+            scope=scope,
+            settings=settings or InMemorySettings(),
+            platform=platform,
+            providers=pools[-1],
+            recorder=recorder,
         )
         return llm, recorder
 
@@ -135,3 +141,31 @@ async def test_stop_reason_is_one_the_event_can_hold(
     async with llm.stream_message(messages=MESSAGES) as stream:
         assert [chunk async for chunk in stream]
     assert the_event(rec).stop_reason == recorded
+
+
+@pytest.mark.parametrize(
+    "body", [Raw(b"<html>Proxy login required</html>"), Raw(b'{"unexpected": true}', "application/json")]
+)
+@pytest.mark.parametrize("byo_provider", ["anthropic", "openai_compatible"])
+async def test_byollm_endpoint_answering_200_without_a_message_fails_over(
+    openai_server: FakeOpenAIServer,
+    anthropic_server: FakeAnthropicServer,
+    metered: MakeLLM,
+    byo_provider: str,
+    body: Raw,
+) -> None:
+    """A BYOLLM base_url behind a login proxy answers 200 with a page: an error, not an empty billable-free answer."""
+    byo_server: FakeProviderServer = anthropic_server if byo_provider == "anthropic" else openai_server
+    byo_server.script(body)
+    own = ByollmSettings("u1", "t1", byo_provider, "byo-model", api_key="sk-user-123456", base_url=byo_server.base_url)
+    settings = InMemorySettings(byollm_by_user={"u1": own})  # fallback policy: platform
+    if byo_provider == "anthropic":
+        llm, rec = metered("openai", openai_server, settings)
+    else:
+        llm, rec = metered("anthropic", anthropic_server, settings)
+    response = await llm.create_message(messages=MESSAGES)
+    assert not response.is_byollm and response.text == "Hello from the fake server."
+    failed, served = (decode_line(line) for line in rec.lines)
+    assert isinstance(failed, UsageEvent) and isinstance(served, UsageEvent)
+    assert (failed.is_byollm, failed.status, failed.error_type) == (True, "error", "invalid_response")
+    assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
