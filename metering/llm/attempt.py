@@ -19,3 +19,4 @@ class Attempt(NamedTuple):
     max_tokens: int
     fingerprint: str
     is_stream: bool = False
+    reserved_tokens: int = 0  # reserved against an enforced token budget (see BudgetTracker)

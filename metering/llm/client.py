@@ -15,10 +15,10 @@ from typing import Any, Protocol
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from metering.errors import BudgetExceededError, InvalidInputError, ProviderError
-from metering.events import MAX_INT32, BudgetLimit, Label, Status
+from metering.errors import InvalidInputError, ProviderError
+from metering.events import MAX_INT32, Label, Status
 from metering.llm.attempt import Attempt
-from metering.llm.budgets import BudgetMode, limits_exceeded_after, limits_exceeded_before
+from metering.llm.budgets import BudgetTracker
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
 from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
@@ -113,9 +113,7 @@ class MeteredLLM:
         self._platform = platform
         self._providers = providers
         self._recorder = recorder
-        self._budget = settings.budget(scope.extension_id)
-        self._calls = 0
-        self._tokens = 0
+        self._budget = BudgetTracker(settings.budget(scope.extension_id))
         self.provider: str | None = None
         self.model: str | None = None
         self.is_byollm: bool | None = None
@@ -130,29 +128,19 @@ class MeteredLLM:
 
     @property
     def calls(self) -> int:
-        return self._calls
+        return self._budget.calls
 
     # -- shared steps -------------------------------------------------------------------------
 
-    def _begin(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, purpose: str) -> Plan:
+    def _plan(self, purpose: str) -> Plan:
         byollm = self._settings.byollm(self._scope.user_id)
         if byollm is not None and byollm.tenant_id != self._scope.tenant_id:
             byollm = None  # user ids are global, but a user's own LLM (and key) serves only their tenant's calls
-        plan = resolve_cached(byollm, self._settings.purpose(purpose), self._platform)
-        budget = self._budget
-        if budget is not None and budget.mode is BudgetMode.ENFORCE:
-            estimate = estimate_input_tokens(system, messages) if budget.max_tokens is not None else 0
-            exceeded = limits_exceeded_before(budget, self._calls, self._tokens, estimate, max_tokens)
-            if exceeded:
-                names = " and ".join(limit.value for limit in exceeded)
-                raise BudgetExceededError(
-                    f"extension {self._scope.extension_id!r} would exceed its per-invocation {names} budget "
-                    f"(max_calls={budget.max_calls}, max_tokens={budget.max_tokens}; "
-                    f"{self._calls} calls and {self._tokens} tokens used so far); the call was not made",
-                    extension_id=self._scope.extension_id,
-                    limit=exceeded[0].value,
-                )
-        return plan
+        return resolve_cached(byollm, self._settings.purpose(purpose), self._platform)
+
+    def _reserve(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, attempt: int) -> int:
+        """Reserve a call about to be made (refused by an enforced budget); ``_record`` settles it."""
+        return self._budget.reserve(lambda: estimate_input_tokens(system, messages), max_tokens, failover=attempt > 0)
 
     def _request(
         self,
@@ -185,18 +173,12 @@ class MeteredLLM:
         error_type: str | None,
         ttft_ms: float | None = None,
     ) -> str:
-        target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, is_stream = call
+        target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, is_stream, reserved = call
         latency_ms = _ms_since(started)
-        call_index = self._calls
-        self._calls += 1
-        self._tokens += usage.input_tokens + usage.output_tokens
-        budget = self._budget
-        flags: list[BudgetLimit] = (
-            limits_exceeded_after(budget, self._calls, self._tokens) if budget is not None else []
-        )
+        flags = self._budget.settle(reserved, usage.input_tokens + usage.output_tokens)  # first: the call was made
         record = event_record(
             scope=self._scope,
-            call_index=call_index,
+            call_index=self._budget.calls - 1,
             occurred_at=occurred_at,
             purpose=purpose,
             provider=target.config.provider,
@@ -241,15 +223,17 @@ class MeteredLLM:
     ) -> LLMResponse:
         _check_args(messages, max_tokens, purpose, response_format)
         fingerprint = prompt_fingerprint(system, messages)
-        plan = self._begin(system, messages, max_tokens, purpose)
+        plan = self._plan(purpose)
         targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
         last = len(targets) - 1
         for attempt, target in enumerate(targets):
             request = self._request(target, system, messages, max_tokens, temperature, response_format, params)
             provider = self._providers.get(target.config)
+            # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
+            reserved = self._reserve(system, messages, max_tokens, attempt)
             occurred_at = datetime.now(UTC)
             started = time.perf_counter()
-            common = Attempt(target, attempt, purpose, occurred_at, started, max_tokens, fingerprint)
+            common = Attempt(target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, False, reserved)
             try:
                 result = await provider.complete(request)
             except ProviderError as exc:
@@ -260,10 +244,10 @@ class MeteredLLM:
                     status=Status.ERROR,
                     error_type=exc.error_type,
                 )
+                self._served_by(target)
                 if attempt < last:
                     log.warning("BYOLLM call failed (%s); failing over to the platform LLM", exc.error_type)
                     continue
-                self._served_by(target)
                 raise
             except asyncio.CancelledError:
                 self._record(common, usage=MISSING_USAGE, stop_reason=None, status=Status.CANCELLED, error_type=None)

@@ -90,19 +90,21 @@ class MessageStream:
     async def _run(self) -> AsyncIterator[str]:
         llm = self._llm
         system, messages, purpose = self._system, self._messages, self._purpose
-        plan = llm._begin(system, messages, self._max_tokens, purpose)
+        plan = llm._plan(purpose)
         fingerprint = prompt_fingerprint(system, messages)
         targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
         for attempt, target in enumerate(targets):
             request = llm._request(target, system, messages, self._max_tokens, self._temperature, None, self._params)
-            provider = llm._providers.get(target.config)
+            upstream = llm._providers.get(target.config).stream(request)
+            # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
+            reserved = llm._reserve(system, messages, self._max_tokens, attempt)
+            started = time.perf_counter()
             common = Attempt(
-                target, attempt, purpose, datetime.now(UTC), time.perf_counter(), self._max_tokens, fingerprint, True
+                target, attempt, purpose, datetime.now(UTC), started, self._max_tokens, fingerprint, True, reserved
             )
             parts: list[str] = []
             ttft: float | None = None
             end: StreamEnd | None = None
-            upstream = provider.stream(request)
             try:
                 async for item in upstream:
                     if isinstance(item, TextDelta):
@@ -122,9 +124,9 @@ class MessageStream:
                     error_type=exc.error_type,
                     ttft_ms=ttft,
                 )
+                llm._served_by(target)
                 if not parts and attempt < len(targets) - 1:
                     continue
-                llm._served_by(target)
                 raise
             except (GeneratorExit, asyncio.CancelledError):
                 usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))

@@ -64,6 +64,8 @@ class FakeProvider:
             raise ProviderError("upstream 500", error_type="server_error", provider=self.name)
         if "slow" in model:
             await asyncio.sleep(10)
+        if "pause" in model:  # yields to the event loop once, as a real call does: concurrent calls interleave
+            await asyncio.sleep(0)
         text = REPLIES.get(model, "hello there")
         usage = MISSING_USAGE if "nousage" in model else TokenUsage(120, 7, 100, 0, 0)
         return ProviderResult(text=text, usage=usage, stop_reason="end_turn", model=model)
@@ -241,6 +243,65 @@ async def test_enforced_call_budget_refuses_before_the_call() -> None:
     with pytest.raises(BudgetExceededError, match="calls"):
         await llm.create_message(messages=MESSAGES)
     assert len(rec.events) == 2  # the refused call was never made, so never metered
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        CallBudget("rewrite", max_calls=2, mode=BudgetMode.ENFORCE),
+        CallBudget("rewrite", max_tokens=2 * (8 + 100), mode=BudgetMode.ENFORCE),  # input estimate 8, max_tokens 100
+    ],
+    ids=["calls", "tokens"],
+)
+async def test_enforced_budget_counts_the_calls_in_flight(budget: CallBudget) -> None:
+    """Concurrent calls of one invocation: each is reserved before it is made, not counted only once recorded."""
+    llm, rec = make_llm(
+        InMemorySettings(budget_by_extension={"rewrite": budget}),
+        PlatformLLM(provider="openai", model="pause", api_keys={"openai": "k"}),
+    )
+    calls = [llm.create_message(messages=MESSAGES, max_tokens=100) for _ in range(5)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [type(r).__name__ for r in results].count("BudgetExceededError") == 3
+    assert len(rec.events) == 2 and llm.calls == 2
+    assert (llm._budget.calls_in_flight, llm._budget.tokens_in_flight) == (0, 0)  # refused calls reserved nothing
+
+
+async def test_enforced_budget_counts_calls_that_failed() -> None:
+    settings = byollm("model-fail", FallbackPolicy.ERROR)
+    settings.budget_by_extension["rewrite"] = CallBudget("rewrite", max_calls=1, mode=BudgetMode.ENFORCE)
+    llm, rec = make_llm(settings)
+    with pytest.raises(ProviderError):
+        await llm.create_message(messages=MESSAGES)
+    with pytest.raises(BudgetExceededError):
+        await llm.create_message(messages=MESSAGES)
+    assert len(rec.events) == 1
+
+
+async def test_enforced_budget_covers_the_failover_call() -> None:
+    settings = byollm("model-fail")
+    settings.budget_by_extension["rewrite"] = CallBudget("rewrite", max_calls=1, mode=BudgetMode.ENFORCE)
+    llm, rec = make_llm(settings)
+    with pytest.raises(BudgetExceededError, match="failover call to the platform LLM was not made"):
+        await llm.create_message(messages=MESSAGES)
+    [failed] = rec.events  # the user's own LLM failed and was recorded; the platform call was refused, not made
+    assert (failed.is_byollm, failed.status, failed.budget_exceeded) == (True, "error", [])
+    settings.budget_by_extension["rewrite"] = CallBudget("rewrite", max_calls=3, mode=BudgetMode.ENFORCE)
+    llm, rec = make_llm(settings)
+    await llm.create_message(messages=MESSAGES)  # two calls: within the budget, both counted
+    with pytest.raises(BudgetExceededError):
+        await llm.create_message(messages=MESSAGES)  # its first call fits, its failover would not
+    assert [(e.is_byollm, e.is_failover) for e in rec.events] == [(True, False), (False, True), (True, False)]
+
+
+async def test_enforced_budget_covers_the_failover_of_a_stream() -> None:
+    settings = byollm("failfirst")
+    settings.budget_by_extension["rewrite"] = CallBudget("rewrite", max_calls=1, mode=BudgetMode.ENFORCE)
+    llm, rec = make_llm(settings)
+    with pytest.raises(BudgetExceededError, match="failover"):
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            async for _chunk in stream:
+                pass
+    assert [(e.is_byollm, e.status) for e in rec.events] == [(True, "error")]
 
 
 async def test_reported_call_budget_flags_the_event() -> None:
