@@ -118,6 +118,7 @@ class MeteredLLM:
         self.model: str | None = None
         self.is_byollm: bool | None = None
         self.event_ids: list[str] = []
+        self._streams: set[MessageStream] = set()  # streams started and not ended yet
         # Events of calls that used the provider: answered, or failed with tokens reported (billed, or paid on the
         # user's own key). A failure with no usage costs nothing: running it again costs nothing twice.
         self.used_event_ids: list[str] = []
@@ -129,6 +130,21 @@ class MeteredLLM:
     @property
     def calls(self) -> int:
         return self._budget.calls
+
+    async def close_streams(self) -> None:
+        """End every stream of this invocation that is still open, recording each one's event (``cancelled``).
+
+        The runtime calls it before an invocation returns or raises, so that a stream the handler left without
+        ``async with`` is in the invocation's events. Every stream is closed; then the first error is raised.
+        """
+        errors: list[Exception] = []
+        for stream in list(self._streams):
+            try:
+                await stream.close_unfinished()
+            except Exception as exc:  # e.g. the spool refused its event: still close the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     # -- shared steps -------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """``ctx.llm.stream_message``: a stream of text chunks that records one event per provider call.
 
 A stream consumed to the end records ``ok``; one abandoned by its consumer (``break``, ``aclose()``,
-leaving ``async with``, garbage collection, task cancellation) records ``cancelled``; one broken by the
+leaving ``async with``, garbage collection, task cancellation, the runtime ending the invocation)
+records ``cancelled``; one broken by the
 provider records ``error`` with ``error_type="stream_broken"``. Usage the provider did not report is
 estimated from what was sent and received, and marked ``estimated``.
 """
@@ -53,6 +54,7 @@ class MessageStream:
         self._gen_ref: weakref.ref[AsyncIterator[str]] | None = None
         self._gen_held: AsyncIterator[str] | None = None
         self._entered = False
+        self._ended: asyncio.Event | None = None  # set once the stream ended, recorded or not (see _run)
         self.response: LLMResponse | None = None
 
     @property
@@ -78,6 +80,22 @@ class MessageStream:
         if gen is not None:
             await gen.aclose()  # type: ignore[attr-defined]
 
+    async def close_unfinished(self) -> None:
+        """End a stream that is still open, recording its event (``cancelled``) if it has not been recorded.
+
+        Outside ``async with``, a stream the consumer left is recorded once its generator is collected, by a task
+        asyncio's finaliser starts: this waits for it. A stream being iterated by another task is left to it.
+        """
+        if self._ended is None or self._ended.is_set():
+            return
+        if self._gen_ref is not None and self._gen_ref() is None:  # collected: its aclose() task is on its way
+            await self._ended.wait()
+            return
+        try:
+            await self.aclose()
+        except RuntimeError:  # "already running": another task is iterating it and will see it end
+            self._llm._streams.discard(self)
+
     async def __aenter__(self) -> MessageStream:
         self._entered = True
         return self
@@ -90,90 +108,98 @@ class MessageStream:
     async def _run(self) -> AsyncIterator[str]:
         llm = self._llm
         system, messages, purpose = self._system, self._messages, self._purpose
-        plan = llm._plan(purpose)
-        fingerprint = prompt_fingerprint(system, messages)
-        targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
-        for attempt, target in enumerate(targets):
-            request = llm._request(target, system, messages, self._max_tokens, self._temperature, None, self._params)
-            upstream = llm._providers.get(target.config).stream(request)
-            # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
-            reserved = llm._reserve(system, messages, self._max_tokens, attempt)
-            started = time.perf_counter()
-            common = Attempt(
-                target, attempt, purpose, datetime.now(UTC), started, self._max_tokens, fingerprint, True, reserved
-            )
-            parts: list[str] = []
-            ttft: float | None = None
-            end: StreamEnd | None = None
-            try:
-                async for item in upstream:
-                    if isinstance(item, TextDelta):
-                        if ttft is None:
-                            ttft = round((time.perf_counter() - common.started) * 1000.0, 3)
-                        parts.append(item.text)
-                        yield item.text
-                    else:
-                        end = item
-            except ProviderError as exc:
-                usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
-                llm._record(
-                    common,
-                    usage=usage,
-                    stop_reason=None,
-                    status=Status.ERROR,
-                    error_type=exc.error_type,
-                    ttft_ms=ttft,
+        ended = self._ended = asyncio.Event()
+        llm._streams.add(self)  # until it ended: the runtime closes it if the handler left it open
+        try:
+            plan = llm._plan(purpose)
+            fingerprint = prompt_fingerprint(system, messages)
+            targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
+            for attempt, target in enumerate(targets):
+                request = llm._request(
+                    target, system, messages, self._max_tokens, self._temperature, None, self._params
                 )
-                llm._served_by(target)
-                if not parts and attempt < len(targets) - 1:
-                    continue
-                raise
-            except (GeneratorExit, asyncio.CancelledError):
-                usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
-                llm._record(
+                upstream = llm._providers.get(target.config).stream(request)
+                # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
+                reserved = llm._reserve(system, messages, self._max_tokens, attempt)
+                started = time.perf_counter()
+                common = Attempt(
+                    target, attempt, purpose, datetime.now(UTC), started, self._max_tokens, fingerprint, True, reserved
+                )
+                parts: list[str] = []
+                ttft: float | None = None
+                end: StreamEnd | None = None
+                try:
+                    async for item in upstream:
+                        if isinstance(item, TextDelta):
+                            if ttft is None:
+                                ttft = round((time.perf_counter() - common.started) * 1000.0, 3)
+                            parts.append(item.text)
+                            yield item.text
+                        else:
+                            end = item
+                except ProviderError as exc:
+                    usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
+                    llm._record(
+                        common,
+                        usage=usage,
+                        stop_reason=None,
+                        status=Status.ERROR,
+                        error_type=exc.error_type,
+                        ttft_ms=ttft,
+                    )
+                    llm._served_by(target)
+                    if not parts and attempt < len(targets) - 1:
+                        continue
+                    raise
+                except (GeneratorExit, asyncio.CancelledError):
+                    usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
+                    llm._record(
+                        common,
+                        usage=usage,
+                        stop_reason=None,
+                        status=Status.CANCELLED,
+                        error_type=None,
+                        ttft_ms=ttft,
+                    )
+                    await _close_quietly(upstream)
+                    raise
+                except Exception as exc:
+                    usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
+                    llm._record(
+                        common,
+                        usage=usage,
+                        stop_reason=None,
+                        status=Status.ERROR,
+                        error_type=f"internal:{type(exc).__name__}"[:100],
+                        ttft_ms=ttft,
+                    )
+                    raise
+                text = "".join(parts)
+                reported = end.usage if end is not None else MISSING_USAGE
+                usage = fill_missing(reported, system, messages, text)
+                stop_reason = end.stop_reason if end is not None else None
+                event_id = llm._record(
                     common,
                     usage=usage,
-                    stop_reason=None,
-                    status=Status.CANCELLED,
+                    stop_reason=stop_reason,
+                    status=Status.OK,
                     error_type=None,
                     ttft_ms=ttft,
                 )
-                await _close_quietly(upstream)
-                raise
-            except Exception as exc:
-                usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
-                llm._record(
-                    common,
+                llm._served_by(target)
+                self.response = LLMResponse(
+                    text=text,
+                    provider=target.config.provider,
+                    model=target.config.model,
+                    is_byollm=target.is_byollm,
+                    stop_reason=stop_reason,
                     usage=usage,
-                    stop_reason=None,
-                    status=Status.ERROR,
-                    error_type=f"internal:{type(exc).__name__}"[:100],
-                    ttft_ms=ttft,
+                    event_id=event_id,
                 )
-                raise
-            text = "".join(parts)
-            reported = end.usage if end is not None else MISSING_USAGE
-            usage = fill_missing(reported, system, messages, text)
-            stop_reason = end.stop_reason if end is not None else None
-            event_id = llm._record(
-                common,
-                usage=usage,
-                stop_reason=stop_reason,
-                status=Status.OK,
-                error_type=None,
-                ttft_ms=ttft,
-            )
-            llm._served_by(target)
-            self.response = LLMResponse(
-                text=text,
-                provider=target.config.provider,
-                model=target.config.model,
-                is_byollm=target.is_byollm,
-                stop_reason=stop_reason,
-                usage=usage,
-                event_id=event_id,
-            )
-            return
+                return
+        finally:
+            llm._streams.discard(self)
+            ended.set()
 
 
 async def _close_quietly(upstream: AsyncIterator[Any]) -> None:

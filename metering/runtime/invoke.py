@@ -111,7 +111,10 @@ class Runtime:
         except ValidationError as exc:
             raise InvalidInputError(_validation_message(exc)) from None
         try:
-            result = await spec.handler(ctx, model)
+            try:
+                result = await spec.handler(ctx, model)
+            finally:  # streams the handler left open are ended and recorded now, not when asyncio collects them
+                await ctx.llm.close_streams()
         except BaseException as exc:
             if ctx.llm.event_ids:  # metered calls were made (those that used the provider are billed): say which
                 calls = InvocationCalls(ctx.invocation_id, list(ctx.llm.event_ids), list(ctx.llm.used_event_ids))

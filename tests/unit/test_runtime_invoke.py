@@ -1,0 +1,87 @@
+"""Runtime.invoke: every call the handler made, streams it left open included, is recorded before it returns or raises.
+
+The invocation's event ids are what the HTTP invoke keeps with its Idempotency-Key: a call missing from them is one a
+retry would pay for twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from metering.llm.client import ProviderPool
+from metering.llm.settings_source import InMemorySettings
+from metering.runtime import ChatExtension, Context, Runtime, User
+from metering.runtime.invoke import invocation_calls
+from tests.unit.test_metered_llm import MESSAGES, PLATFORM, FakeProvider, Recorder
+
+streams = ChatExtension("streams", description="handlers that leave streams open")
+kept: list[AsyncIterator[str]] = []  # a handler that keeps the stream's iterator alive past its return
+
+
+class NoParams(BaseModel):
+    pass
+
+
+@streams.function(description="returns the first chunk, without async with")
+async def first_chunk(ctx: Context, params: NoParams) -> str:
+    async for chunk in ctx.llm.stream_message(messages=MESSAGES):
+        return chunk
+    return ""
+
+
+@streams.function(description="peeks at a stream, then fails")
+async def peek_then_fail(ctx: Context, params: NoParams) -> str:
+    async for _chunk in ctx.llm.stream_message(messages=MESSAGES):
+        break
+    raise ValueError("a bug after the stream")
+
+
+@streams.function(description="reads one chunk and keeps the iterator")
+async def keep_iterator(ctx: Context, params: NoParams) -> str:
+    iterator = aiter(ctx.llm.stream_message(messages=MESSAGES))
+    kept.append(iterator)
+    return await anext(iterator)
+
+
+@streams.function(description="reads a whole stream, then opens one it never iterates")
+async def whole_stream(ctx: Context, params: NoParams) -> str:
+    ctx.llm.stream_message(messages=MESSAGES)  # never iterated: no call made, nothing to record
+    return "".join([chunk async for chunk in ctx.llm.stream_message(messages=MESSAGES)])
+
+
+def runtime() -> tuple[Runtime, Recorder]:
+    recorder = Recorder()
+    pool = ProviderPool(FakeProvider)
+    return Runtime(settings=InMemorySettings(), platform=PLATFORM, providers=pool, recorder=recorder), recorder
+
+
+@pytest.mark.parametrize("function", ["first_chunk", "keep_iterator"])
+async def test_a_stream_left_open_is_recorded_before_invoke_returns(function: str) -> None:
+    rt, rec = runtime()
+    result = await rt.invoke(streams, function, {}, User("user-1", "tenant-1"))
+    kept.clear()
+    assert result.result == "one "
+    [event] = rec.events
+    assert result.event_ids == [str(event.event_id)]
+    assert (event.status, event.output_tokens, event.usage_completeness) == ("cancelled", 1, "estimated")
+
+
+async def test_a_stream_left_open_is_in_the_calls_of_a_failed_invocation() -> None:
+    rt, rec = runtime()
+    with pytest.raises(ValueError, match="a bug after the stream") as info:
+        await rt.invoke(streams, "peek_then_fail", {}, User("user-1", "tenant-1"))
+    calls = invocation_calls(info.value)
+    [event] = rec.events
+    assert calls is not None and calls.event_ids == calls.used_event_ids == [str(event.event_id)]
+    assert event.status == "cancelled"
+
+
+async def test_a_stream_read_to_the_end_is_recorded_once() -> None:
+    rt, rec = runtime()
+    result: Any = await rt.invoke(streams, "whole_stream", {}, User("user-1", "tenant-1"))
+    assert result.result == "one two three four"
+    assert [e.status for e in rec.events] == ["ok"] and len(result.event_ids) == 1
