@@ -68,16 +68,22 @@ def _ms_since(start: float) -> float:
 
 # The event's own bounds (metering.events): an argument the event cannot hold is refused before the call is made,
 # not found out when the flusher dead-letters the event of a call that was made and paid for.
-_PURPOSE = TypeAdapter(Label)
+_LABEL = TypeAdapter(Label)
 
 
-def _check_purpose(purpose: Any) -> None:
-    if not isinstance(purpose, str):
-        raise InvalidInputError(f"purpose must be a str, not {type(purpose).__name__}")
+def _check_label(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a str, not {type(value).__name__}")
     try:
-        _PURPOSE.validate_python(purpose)
+        _LABEL.validate_python(value)
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid purpose: {exc.errors(include_url=False)[0]['msg']}") from None
+        raise InvalidInputError(f"invalid {name}: {exc.errors(include_url=False)[0]['msg']}") from None
+
+
+def _check_scope(scope: CallScope) -> None:
+    """Who calls: ids the event cannot hold are refused when the invocation's ctx.llm is made, before any call."""
+    for name in ("tenant_id", "user_id", "extension_id", "function"):
+        _check_label(name, getattr(scope, name))
 
 
 def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: Any) -> None:
@@ -88,7 +94,7 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= MAX_INT32:
         raise InvalidInputError(f"max_tokens must be a positive integer, at most {MAX_INT32}")
-    _check_purpose(purpose)
+    _check_label("purpose", purpose)
     if response_format not in (None, "json"):
         raise InvalidInputError("response_format must be None or 'json'")
 
@@ -113,6 +119,7 @@ class MeteredLLM:
         self._platform = platform
         self._providers = providers
         self._recorder = recorder
+        _check_scope(scope)
         self._budget = BudgetTracker(settings.budget(scope.extension_id))
         self.provider: str | None = None
         self.model: str | None = None

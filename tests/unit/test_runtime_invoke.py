@@ -85,3 +85,17 @@ async def test_a_stream_read_to_the_end_is_recorded_once() -> None:
     result: Any = await rt.invoke(streams, "whole_stream", {}, User("user-1", "tenant-1"))
     assert result.result == "one two three four"
     assert [e.status for e in rec.events] == ["ok"] and len(result.event_ids) == 1
+
+
+@pytest.mark.parametrize(
+    ("user", "field"),
+    [(User("u" * 201, "tenant-1"), "user_id"), (User("user-1", ""), "tenant_id"), (User("a\x00b", "t"), "user_id")],
+)
+async def test_ids_an_event_cannot_hold_are_refused_before_any_call(user: User, field: str) -> None:
+    """The CLI's `rewrite --user <300 characters>` made the call, then its event was dead-lettered: never billed."""
+    from metering.errors import InvalidInputError
+
+    rt, rec = runtime()
+    with pytest.raises(InvalidInputError, match=f"invalid {field}"):
+        await rt.invoke(streams, "whole_stream", {}, user)
+    assert rec.events == [] and rec.lines == []
