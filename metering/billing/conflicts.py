@@ -8,13 +8,15 @@ differ, and the stored event stands. Pure: the caller fetches the stored values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 from metering.events import UsageEvent
 
 # Everything the producer says about the call (the id itself aside). Billing columns are ingest's, not the event's.
 CONTENT_FIELDS: tuple[str, ...] = tuple(name for name in UsageEvent.model_fields if name != "event_id")
+content_of = attrgetter(*CONTENT_FIELDS)  # an event's content: a tuple in CONTENT_FIELDS order
 
 
 def _comparable(name: str, value: Any) -> Any:
@@ -25,14 +27,19 @@ def _comparable(name: str, value: Any) -> Any:
     return value
 
 
-def differing_fields(event: UsageEvent, stored: Mapping[str, Any]) -> list[str]:
-    """The content fields in which ``event`` and the stored event (column name -> value) differ, in field order."""
+def differing_fields(event: UsageEvent, stored: Sequence[Any]) -> list[str]:
+    """The content fields in which ``event`` and a stored event (its values in ``CONTENT_FIELDS`` order) differ."""
+    mine = content_of(event)
+    if mine == tuple(stored):  # a replay, nearly always: one comparison
+        return []
     return [
-        name for name in CONTENT_FIELDS if _comparable(name, getattr(event, name)) != _comparable(name, stored[name])
+        name
+        for name, a, b in zip(CONTENT_FIELDS, mine, stored, strict=True)
+        if _comparable(name, a) != _comparable(name, b)
     ]
 
 
-def conflict_reason(event: UsageEvent, stored: Mapping[str, Any]) -> str | None:
+def conflict_reason(event: UsageEvent, stored: Sequence[Any]) -> str | None:
     """Why ``event`` is not a replay of the stored event with its id, or None when it is one. Another tenant's
     event is not described: only that the id is taken."""
     fields = differing_fields(event, stored)
@@ -48,7 +55,7 @@ def conflict_reason(event: UsageEvent, stored: Mapping[str, Any]) -> str | None:
 
 def repeat_conflict_reason(event: UsageEvent, first: UsageEvent, first_index: int) -> str | None:
     """Why a later item of one batch is not a repeat of the earlier item with its id, or None when it is one."""
-    fields = differing_fields(event, {name: getattr(first, name) for name in CONTENT_FIELDS})
+    fields = differing_fields(event, content_of(first))
     if not fields:
         return None
     return f"repeats the event_id of item {first_index} with different content ({', '.join(fields)}): not ingested"

@@ -24,7 +24,7 @@ from psycopg.types.json import Json
 from pydantic import ValidationError
 
 from metering.billing import store
-from metering.billing.conflicts import CONTENT_FIELDS, conflict_reason, repeat_conflict_reason
+from metering.billing.conflicts import conflict_reason, repeat_conflict_reason
 from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import (
     CURRENCY,
@@ -289,8 +289,9 @@ def ingest(
     cards = RateCards(store.load_price_book(session, markup_pct))
     batch = uuid.uuid4()
     over_limit: list[tuple[UsageEvent, str]] = []
+    stored: dict[uuid.UUID, tuple[Any, ...]] = {}  # the content of stored events with the batch's ids, once read
     if store.dialect(session) == "postgresql":
-        inserted_ids = _store_and_post_postgresql(session, events, cards, finalized, batch, now, over_limit)
+        inserted_ids = _store_and_post_postgresql(session, events, cards, finalized, batch, now, over_limit, stored)
     else:
         priced = price(events, cards, finalized, over_limit)
         inserted_ids = store.insert_new_events(session, [_row(p, batch, now, True) for p in priced], batch)
@@ -302,7 +303,7 @@ def ingest(
     result.inserted = len(inserted_ids)
     if result.inserted < len(events):
         over = {e.event_id: why for e, why in over_limit}
-        _settle_not_inserted(session, events, inserted_ids, positions, repeats, over, result)
+        _settle_not_inserted(session, events, inserted_ids, stored, positions, repeats, over, result)
     return result
 
 
@@ -310,6 +311,7 @@ def _settle_not_inserted(
     session: Any,
     events: list[UsageEvent],
     inserted_ids: set[str],
+    stored: dict[uuid.UUID, tuple[Any, ...]],
     positions: dict[uuid.UUID, int],
     repeats: dict[uuid.UUID, list[int]],
     over_limit: dict[uuid.UUID, str],
@@ -320,7 +322,7 @@ def _settle_not_inserted(
     fields that differ from the stored event, or, when none is stored, with why it was not priced. The later
     items of the batch that repeated a rejected event were counted as duplicates of it: they are rejected too."""
     missing = [e for e in events if e.event_id.hex not in inserted_ids]
-    stored = store.stored_event_contents(session, [e.event_id for e in missing], CONTENT_FIELDS)
+    stored.update(store.stored_event_contents(session, [e.event_id for e in missing if e.event_id not in stored]))
     for e in missing:
         row = stored.get(e.event_id)
         if row is not None:
@@ -348,12 +350,13 @@ def _store_and_post_postgresql(
     batch: uuid.UUID,
     now: datetime,
     over_limit: list[tuple[UsageEvent, str]],
+    stored: dict[uuid.UUID, tuple[Any, ...]],
 ) -> set[str]:
     """PostgreSQL: skip the stored ids, then price the new events as COPY takes them, then derive transfers,
     balances and rollups on the server. Returns the ids (32 hex) of the events this call inserted. (Pricing does
     not overlap the server's work: a binary COPY buffers up to 1,000 rows before it inserts them, so a batch is
     inserted after its last row is sent; bench/RESULTS.md, "post_batch_parts".)"""
-    new = store.unstored_events(session, events)
+    new = store.unstored_events(session, events, stored)
     if not new:
         return set()
     rows = (_row(p, batch, now, False) for p in iter_priced(new, cards, finalized, over_limit))

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from psycopg.errors import UniqueViolation
+from psycopg.types.json import set_json_loads
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from metering.billing import batch_sql
+from metering.billing.conflicts import CONTENT_FIELDS
 from metering.billing.ledger import CURRENCY, MAX_BALANCE_NANOS, Account, Posting, past_balance_limit
 from metering.billing.money import format_usd
 from metering.billing.pricing import PriceBook, PriceOverride
@@ -149,30 +152,73 @@ def _column_types(cursor: Any, table: str) -> list[str]:
 _pg_event_types: list[str] | None = None
 
 
-def stored_event_contents(
-    session: Session, event_ids: Sequence[uuid.UUID], columns: Sequence[str]
-) -> dict[uuid.UUID, dict[str, Any]]:
-    """The stored values (column name -> value, as the model types read them) of those ``event_ids`` that are
-    stored (either database)."""
-    selected = [UsageEventRow.__table__.c[name] for name in ("event_id", *columns)]
-    found: dict[uuid.UUID, dict[str, Any]] = {}
-    for start in range(0, len(event_ids), _IN_CHUNK):
-        chunk = list(event_ids[start : start + _IN_CHUNK])
-        for row in session.execute(select(*selected).where(UsageEventRow.event_id.in_(chunk))).mappings():
-            found[row["event_id"]] = dict(row)
+def stored_event_contents(session: Session, event_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Any, ...]]:
+    """The content (``conflicts.CONTENT_FIELDS``, in order) of those ``event_ids`` that are stored, as the events'
+    own types: UUIDs, aware datetimes, bools, lists. Through the driver: SQLAlchemy's result processing cost
+    ≈ 35 µs per row."""
+    if not event_ids:
+        return {}
+    listed = ", ".join(("event_id", *CONTENT_FIELDS))
+    cursor: Any = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    found: dict[uuid.UUID, tuple[Any, ...]] = {}
+    try:
+        if dialect(session) == "postgresql":
+            set_json_loads(orjson.loads, cursor)  # the stdlib's json.loads took ≈ 9 µs per row
+            ids = batch_sql.uuid_array([e.hex for e in event_ids])
+            cursor.execute(f"SELECT {listed} FROM usage_events WHERE event_id = ANY(%s::uuid[])", [ids], binary=True)
+            return {row[0]: row[1:] for row in cursor.fetchall()}
+        convert = _SQLITE_READERS
+        for start in range(0, len(event_ids), _IN_CHUNK):
+            chunk = [e.hex for e in event_ids[start : start + _IN_CHUNK]]
+            cursor.execute(
+                f"SELECT {listed} FROM usage_events WHERE event_id IN ({', '.join('?' * len(chunk))})", chunk
+            )
+            for row in cursor.fetchall():
+                found[uuid.UUID(row[0])] = tuple(f(v) if f else v for f, v in zip(convert, row[1:], strict=True))
+    finally:
+        cursor.close()
     return found
 
 
-def unstored_events(session: Session, events: Sequence[UsageEvent]) -> list[UsageEvent]:
+def _sqlite_readers() -> list[Any]:
+    """Per content column, how a SQLite driver value becomes the model's type (None: as it is)."""
+    table = UsageEventRow.__table__
+    readers: list[Any] = []
+    for name in CONTENT_FIELDS:
+        kind = type(table.c[name].type).__name__
+        if kind == "Uuid":
+            readers.append(lambda v: None if v is None else uuid.UUID(v))
+        elif kind == "UTCDateTime":
+            readers.append(lambda v: None if v is None else datetime.fromisoformat(v).replace(tzinfo=UTC))
+        elif kind == "Boolean":
+            readers.append(lambda v: None if v is None else bool(v))
+        elif kind == "JSON":
+            readers.append(lambda v: None if v is None else orjson.loads(v))
+        else:
+            readers.append(None)
+    return readers
+
+
+_SQLITE_READERS = _sqlite_readers()
+
+
+def unstored_events(
+    session: Session, events: Sequence[UsageEvent], stored: dict[uuid.UUID, tuple[Any, ...]] | None = None
+) -> list[UsageEvent]:
     """PostgreSQL: the events whose id is not stored yet, sorted by event id. Sorted: two batches sharing
     events then wait on each other in one order, never in a cycle (the later one gets a unique violation once
-    the first commits, and takes the exact path)."""
-    connection: Any = session.connection().connection.driver_connection
-    with connection.cursor() as cursor:
-        ids = batch_sql.uuid_array([e.event_id.hex for e in events])
-        cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s::uuid[])", [ids])
-        stored = {r[0] for r in cursor.fetchall()}
-    return sorted((e for e in events if e.event_id not in stored), key=lambda e: e.event_id)
+    the first commits, and takes the exact path). With ``stored``, the probe also reads the stored events'
+    content (``conflicts.CONTENT_FIELDS``) into it: a replay is then compared without another query."""
+    if stored is None:
+        connection: Any = session.connection().connection.driver_connection
+        with connection.cursor() as cursor:
+            ids = batch_sql.uuid_array([e.event_id.hex for e in events])
+            cursor.execute("SELECT event_id FROM usage_events WHERE event_id = ANY(%s::uuid[])", [ids])
+            found: Any = {r[0] for r in cursor.fetchall()}
+    else:
+        found = stored
+        stored.update(stored_event_contents(session, [e.event_id for e in events]))
+    return sorted((e for e in events if e.event_id not in found), key=lambda e: e.event_id)
 
 
 def insert_new_events_postgresql(session: Session, rows: Iterable[tuple[Any, ...]]) -> set[str]:

@@ -313,7 +313,7 @@ def test_a_batch_raced_by_another_ingest_takes_the_exact_path(session_factory, b
 
     events = [event(i, user_id=f"user-{i % 4}") for i in range(40)]
     run(session_factory, events[10:20])  # "the other ingest" got there first
-    monkeypatch.setattr(store, "unstored_events", lambda _session, evs: sorted(evs, key=lambda e: e.event_id))
+    monkeypatch.setattr(store, "unstored_events", lambda _session, evs, *_: sorted(evs, key=lambda e: e.event_id))
     result = run(session_factory, events)
     assert (result.inserted, result.duplicates) == (30, 10)
     with session_factory() as session:
