@@ -284,7 +284,7 @@ class MeteredLLM:
                     error_type=f"internal:{type(exc).__name__}"[:100],
                 )
                 raise
-            usage = fill_missing(result.usage, system, messages, result.text)
+            usage = fill_missing(result.usage, system, messages, result.text, answered=True)
             event_id = self._record(
                 common, usage=usage, stop_reason=result.stop_reason, status=Status.OK, error_type=None
             )

@@ -176,7 +176,7 @@ class MessageStream:
                     raise
                 text = "".join(parts)
                 reported = end.usage if end is not None else MISSING_USAGE
-                usage = fill_missing(reported, system, messages, text)
+                usage = fill_missing(reported, system, messages, text, answered=True)
                 stop_reason = end.stop_reason if end is not None else None
                 event_id = llm._record(
                     common,

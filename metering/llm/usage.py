@@ -137,11 +137,18 @@ def estimated(system: str | None, messages: Iterable[Mapping[str, Any]], output_
 
 
 def fill_missing(
-    usage: TokenUsage, system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str
+    usage: TokenUsage,
+    system: str | None,
+    messages: Iterable[Mapping[str, Any]],
+    output_text: str,
+    *,
+    answered: bool = False,
 ) -> TokenUsage:
-    """Keep reported usage; replace MISSING usage by an estimate when anything was produced."""
+    """Keep reported usage; replace MISSING usage by an estimate when anything was produced, or when the provider
+    answered (``answered``: it read the prompt, even if its reply has no text, e.g. a tool call or all output
+    spent thinking: never recorded as 0 tokens, which would bill a paid call $0)."""
     if usage.completeness is not UsageCompleteness.MISSING:
         return usage
-    if not output_text:
+    if not output_text and not answered:
         return usage
     return estimated(system, messages, output_text)

@@ -34,7 +34,7 @@ from metering.llm.types import (
 
 SECRET = "sk-user-SECRET-1234567890"
 DEEP = "[" * 100_000  # nested deeper than the interpreter's recursion limit
-REPLIES = {"json": '```json\n{"items": []}\n```', "badjson": "not json", "deepjson": DEEP}
+REPLIES = {"json": '```json\n{"items": []}\n```', "badjson": "not json", "deepjson": DEEP, "empty-nousage": ""}
 
 
 class Recorder:
@@ -428,3 +428,13 @@ async def test_stream_fails_over_before_the_first_chunk() -> None:
         True,
     )
     assert llm.is_byollm is False
+
+
+async def test_an_answered_call_without_usage_or_text_is_estimated_from_its_prompt_never_zero() -> None:
+    """A tool-call reply (no text) whose usage the provider did not report usably was recorded as 0 tokens, so a
+    paid call was billed $0 (found by a reviewer)."""
+    llm, rec = make_llm(platform=PlatformLLM(provider="anthropic", model="empty-nousage"))
+    await llm.create_message(messages=[{"role": "user", "content": "x" * 400}])
+    [event] = rec.events
+    assert (event.status, event.usage_completeness, event.output_tokens) == ("ok", "estimated", 0)
+    assert event.input_tokens >= 100

@@ -92,6 +92,13 @@ def test_counts_at_the_bound_and_integral_floats_are_reported() -> None:
 def test_missing_usage_of_an_answered_call_is_estimated() -> None:
     usage = fill_missing(from_openai({"prompt_tokens": None, "completion_tokens": None}), "Be brief.", [], "a" * 40)
     assert usage.completeness is UsageCompleteness.ESTIMATED and usage.output_tokens == 10
+    # No text (a tool call): estimated from the prompt when the provider answered; left missing when it did not.
+    partial = from_openai({"prompt_tokens": 5000, "completion_tokens": None})
+    prompt = [{"role": "user", "content": "x" * 20_000}]
+    answered = fill_missing(partial, None, prompt, "", answered=True)
+    assert answered.completeness is UsageCompleteness.ESTIMATED and answered.input_tokens == 5000
+    assert answered.output_tokens == 0
+    assert fill_missing(partial, None, prompt, "").completeness is UsageCompleteness.MISSING
 
 
 # -- OpenAI: cached tokens are reported INSIDE prompt_tokens ----------------------------------------
