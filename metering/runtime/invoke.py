@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from metering.llm.resolution import PlatformLLM
 from metering.llm.settings_source import SettingsSource
 from metering.runtime.context import Context, User
 from metering.runtime.extension import ChatExtension
+
+log = logging.getLogger("metering.runtime")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,16 @@ class InvocationCalls:
 
 
 _CALLS_ATTRIBUTE = "_metering_invocation_calls"
+
+
+async def _close_streams_after(ctx: Context, failure: BaseException) -> None:
+    """End the streams a failed handler left open; an error doing so is logged and noted on the handler's own
+    exception, which stays the one raised (a cancellation stays a cancellation)."""
+    try:
+        await ctx.llm.close_streams()
+    except Exception as exc:
+        log.error("could not record a stream the failed handler left open: %s", exc)
+        failure.add_note(f"while ending the streams the handler left open: {type(exc).__name__}: {exc}")
 
 
 def invocation_calls(exc: BaseException) -> InvocationCalls | None:
@@ -113,8 +126,11 @@ class Runtime:
         try:
             try:
                 result = await spec.handler(ctx, model)
-            finally:  # streams the handler left open are ended and recorded now, not when asyncio collects them
-                await ctx.llm.close_streams()
+            except BaseException as failure:
+                await _close_streams_after(ctx, failure)
+                raise
+            # Streams the handler left open are ended and recorded now, not when asyncio collects them.
+            await ctx.llm.close_streams()
         except BaseException as exc:
             if ctx.llm.event_ids:  # metered calls were made (those that used the provider are billed): say which
                 calls = InvocationCalls(ctx.invocation_id, list(ctx.llm.event_ids), list(ctx.llm.used_event_ids))

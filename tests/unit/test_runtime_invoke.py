@@ -99,3 +99,40 @@ async def test_ids_an_event_cannot_hold_are_refused_before_any_call(user: User, 
     with pytest.raises(InvalidInputError, match=f"invalid {field}"):
         await rt.invoke(streams, "whole_stream", {}, user)
     assert rec.events == [] and rec.lines == []
+
+
+class RefusingRecorder(Recorder):
+    """A spool that starts refusing lines (disk full) once ``refusing`` is set."""
+
+    refusing = False
+
+    def append_line(self, data: bytes) -> None:
+        if self.refusing:
+            from metering.errors import SpoolError
+
+            raise SpoolError("could not append the usage event to the spool: disk full")
+        super().append_line(data)
+
+
+refusing = RefusingRecorder()
+
+
+@streams.function(description="keeps a stream open, then the spool fails, then the handler fails")
+async def keep_then_fail(ctx: Context, params: NoParams) -> str:
+    kept.append(iterator := aiter(ctx.llm.stream_message(messages=MESSAGES)))
+    await anext(iterator)
+    refusing.refusing = True
+    raise ValueError("the handler's own bug")
+
+
+async def test_a_failure_ending_a_left_stream_never_replaces_the_handlers_exception() -> None:
+    """The stream's event cannot be written: the handler's ValueError is still what invoke raises (it was replaced
+    by the SpoolError, which the HTTP invoke then answered and stored under its Idempotency-Key; found by a
+    review), with the failure noted on it."""
+    rt = Runtime(
+        settings=InMemorySettings(), platform=PLATFORM, providers=ProviderPool(FakeProvider), recorder=refusing
+    )
+    with pytest.raises(ValueError, match="the handler's own bug") as info:
+        await rt.invoke(streams, "keep_then_fail", {}, User("user-1", "tenant-1"))
+    kept.clear()
+    assert any("SpoolError" in note and "disk full" in note for note in info.value.__notes__)
