@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from metering.audit import secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
 from metering.errors import InvalidInputError
@@ -127,6 +128,16 @@ def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
 # -- per-purpose settings -------------------------------------------------------------------------
 
 
+def _check_params(params: Mapping[str, Any]) -> None:
+    """Params are stored and shown in clear: a secret-named key (at any depth) is refused, not stored."""
+    secrets = secret_keys(params, "params")
+    if secrets:
+        raise InvalidInputError(
+            f"{', '.join(secrets)}: purpose params are stored and shown in clear; provider keys are set on the "
+            "platform (METERING_ANTHROPIC_API_KEY, METERING_OPENAI_API_KEY) or per user (BYOLLM), never here"
+        )
+
+
 def put_purpose(
     session: Session,
     *,
@@ -136,6 +147,7 @@ def put_purpose(
     base_url: str | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> PurposeSettingsRow:
+    _check_params(params or {})
     _check_provider(provider, base_url)
     row = session.get(PurposeSettingsRow, purpose)
     if row is None:

@@ -15,10 +15,9 @@ from metering.api.admin_deps import Audited, Box, PlatformAdmin, ensure_tenant
 from metering.api.admin_schemas import BudgetIn, BudgetOut, ByollmIn, ByollmOut, PurposeIn, PurposeOut
 from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
-from metering.audit import secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
-from metering.errors import ConflictError, InvalidInputError, NotFoundError, SecretError
+from metering.errors import ConflictError, NotFoundError, SecretError
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
 
@@ -78,12 +77,6 @@ def get_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSessi
 def put_purpose(
     purpose: PurposeName, body: PurposeIn, principal: PlatformAdmin, session: DbSession, audit: Audited
 ) -> PurposeOut:
-    secrets = secret_keys(body.params, "params")
-    if secrets:
-        raise InvalidInputError(
-            f"{', '.join(secrets)}: purpose params are stored and shown in clear; provider keys are set on the "
-            "platform (METERING_ANTHROPIC_API_KEY, METERING_OPENAI_API_KEY) or per user (BYOLLM), never here"
-        )
     before = _purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
     row = store.put_purpose(
         session, purpose=purpose, provider=body.provider, model=body.model, base_url=body.base_url, params=body.params
