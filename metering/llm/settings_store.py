@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.audit import secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
-from metering.errors import InvalidInputError
+from metering.errors import ConflictError, InvalidInputError
 from metering.events import utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -70,7 +70,7 @@ def put_byollm(
     if provider in ("anthropic", "openai") and not api_key:
         raise InvalidInputError(f"provider {provider!r} needs an api_key for BYOLLM")
     now = utcnow()
-    row = session.get(ByollmSettingsRow, user_id)
+    row = byollm_row_to_replace(session, user_id, tenant_id)
     if row is None:
         row = ByollmSettingsRow(user_id=_nonempty("user_id", user_id), created_at=now)
         session.add(row)
@@ -87,6 +87,15 @@ def put_byollm(
 
 def get_byollm_row(session: Session, user_id: str) -> ByollmSettingsRow | None:
     return session.get(ByollmSettingsRow, user_id)
+
+
+def byollm_row_to_replace(session: Session, user_id: str, tenant_id: str) -> ByollmSettingsRow | None:
+    """The user's stored settings (None: none yet). User ids are global: settings stored under another tenant are
+    a ``ConflictError``, never silently moved to this one."""
+    row = session.get(ByollmSettingsRow, user_id)
+    if row is not None and row.tenant_id != tenant_id:
+        raise ConflictError(f"user id {user_id!r} has BYOLLM settings under another tenant; delete them there first")
+    return row
 
 
 def delete_byollm(session: Session, user_id: str) -> bool:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from metering.cli import app
-from metering.db.models import PurposeSettingsRow
+from metering.db.models import ByollmSettingsRow, PurposeSettingsRow
 
 
 @pytest.fixture
@@ -40,3 +40,17 @@ def test_purpose_params_named_like_secrets_are_refused_as_by_the_api(run, sessio
         assert session.scalars(select(PurposeSettingsRow)).all() == []
     ok = run("purpose", "set", "fine", "--provider", "openai", "--model", "m", "--params", '{"api_key": null}')
     assert ok.exit_code == 0, ok.output  # a null (no secret) is fine, as in the API
+
+
+def test_byollm_set_never_moves_a_user_to_another_tenant(run, session_factory) -> None:
+    assert run("byollm", "set", "-u", "carol", "-t", "acme", "--provider", "simulated", "--model", "m1").exit_code == 0
+    moved = run("byollm", "set", "-u", "carol", "-t", "globex", "--provider", "simulated", "--model", "m2")
+    refused(moved, "'carol' has BYOLLM settings under another tenant", "[conflict]")
+    with session_factory() as session:
+        row = session.get(ByollmSettingsRow, "carol")
+        assert row is not None and (row.tenant_id, row.model) == ("acme", "m1")
+    again = run("byollm", "set", "-u", "carol", "-t", "acme", "--provider", "simulated", "--model", "m3")
+    assert again.exit_code == 0, again.output  # its own tenant: replaced
+    assert run("byollm", "delete", "-u", "carol").exit_code == 0
+    moved = run("byollm", "set", "-u", "carol", "-t", "globex", "--provider", "simulated", "--model", "m2")
+    assert moved.exit_code == 0, moved.output  # deleted first: set under the other tenant

@@ -17,7 +17,7 @@ from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
-from metering.errors import ConflictError, NotFoundError, SecretError
+from metering.errors import NotFoundError, SecretError
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
 
@@ -193,9 +193,7 @@ def put_byollm(
     audit: Audited,
 ) -> ByollmOut:
     ensure_tenant(principal, tenant_id, f"user {user_id!r}")
-    existing = store.get_byollm_row(session, user_id)
-    if existing is not None and existing.tenant_id != tenant_id:
-        raise ConflictError(f"user id {user_id!r} has BYOLLM settings under another tenant; delete them there first")
+    existing = store.byollm_row_to_replace(session, user_id, tenant_id)
     before = _byollm_snapshot(existing)
     if "api_key" in body.model_fields_set:
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
