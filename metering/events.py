@@ -85,6 +85,8 @@ def uuid7_str() -> str:
 # holding an event of that bucket, SQLite turned the sum into a float.
 MAX_TOKENS = 10**9  # per count and event: 100x the largest context window; ~9.2e9 calls at the bound overflow a sum
 MAX_INT32 = 2**31 - 1  # call_index and max_tokens are INTEGER columns
+MAX_INT64 = 2**63 - 1  # BIGINT
+MAX_NAME = 200  # ids and names (tenant, user, extension, purpose, model): VARCHAR(200) columns
 MAX_LATENCY_MS = 86_400_000.0  # 24 h: no call lasts a day; ~1e8 calls at the bound overflow a sum
 
 
@@ -98,7 +100,7 @@ def _no_nul(value: str) -> str:
 # constraint placed after a validator runs as a Python function: ≈ 3 µs more per event). A value both too long and
 # holding a NUL is reported as too long; text that is not valid Unicode (a lone surrogate, which json.loads lets
 # through and no database can store) is refused as "Input should be a valid string".
-Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_no_nul)]
 
 
 def _provider_name(value: str) -> str:
@@ -205,6 +207,17 @@ class UsageEvent(BaseModel):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def to_utc(value: datetime) -> datetime:
+    """``value`` in UTC (without an offset it is UTC already). A ValueError when its UTC value falls outside the
+    years 1 to 9999 (e.g. ``9999-12-31T23:00:00-05:00``): Python cannot hold it, no column can store it."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time in UTC is out of range (years 1 to 9999)") from None
 
 
 def event_from_record(record: dict[str, Any]) -> UsageEvent:

@@ -16,10 +16,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
 from metering.billing.money import from_nanos, plain_decimal
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
+from metering.events import MAX_NAME
 from metering.llm.providers import KNOWN_PROVIDERS
-from metering.llm.settings_store import url_has_credentials
+from metering.llm.settings_store import MAX_API_KEY, MAX_BASE_URL, url_has_credentials
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 Provider = Annotated[str, Field(min_length=1, max_length=50, description=f"One of: {', '.join(KNOWN_PROVIDERS)}.")]
 
 
@@ -31,7 +32,7 @@ def _no_credentials_in_url(url: str | None) -> str | None:
 
 BaseUrl = Annotated[
     str | None,
-    Field(None, max_length=500, description="An http(s) URL; required for `openai_compatible`."),
+    Field(None, max_length=MAX_BASE_URL, description="An http(s) URL; required for `openai_compatible`."),
     AfterValidator(_no_credentials_in_url),
 ]
 
@@ -97,7 +98,7 @@ class ByollmIn(_In):
     model: Name
     api_key: SecretStr | None = Field(
         None,
-        max_length=1000,
+        max_length=MAX_API_KEY,
         description=(
             "Write-only: stored encrypted, never returned, logged or audited. Omit it to keep the stored key "
             "(when the provider is unchanged); send `null` to remove it. Required for `anthropic` and `openai`."

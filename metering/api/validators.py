@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -18,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime
 
 from metering.events import MAX_INT32 as MAX_INT32  # INTEGER, re-exported
+from metering.events import MAX_INT64 as MAX_INT64  # BIGINT, re-exported
+from metering.events import to_utc
 
-MAX_INT64 = 2**63 - 1  # BIGINT
 NUL_MESSAGE = "text must not contain NUL (0x00) characters"
 
 
@@ -68,14 +69,5 @@ def reject_nul(request: Request) -> None:
         raise RequestValidationError(errors)
 
 
-def _to_utc(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        return value.replace(tzinfo=UTC)
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("the time in UTC is out of range (years 1 to 9999)") from None
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_to_utc)]  # query parameters: without an offset, UTC
-AwareUtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]  # bodies: the offset is required
+UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]  # query parameters: without an offset, UTC
+AwareUtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]  # bodies: the offset is required

@@ -37,6 +37,7 @@ from metering.billing.ledger import (
 from metering.billing.money import format_usd
 from metering.db.models import AccountRow, TransferRow
 from metering.errors import IdempotencyConflictError, InvalidInputError
+from metering.events import MAX_NAME
 
 CreditKind = Literal["credit", "adjustment"]
 MAX_KEY = 200
@@ -80,6 +81,8 @@ def credit_posting(
         raise InvalidInputError(f"a memo has at most {MAX_MEMO} characters")
     if not tenant_id or not user_id:
         raise InvalidInputError("tenant_id and user_id are required")
+    if len(tenant_id) > MAX_NAME or len(user_id) > MAX_NAME:
+        raise InvalidInputError(f"tenant_id and user_id have at most {MAX_NAME} characters")
     if nanos == 0 or (kind == "credit" and nanos < 0):
         raise InvalidInputError("a credit must be positive; an adjustment must not be zero")
     wallet = user_wallet(tenant_id, user_id)

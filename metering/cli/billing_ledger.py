@@ -21,6 +21,7 @@ from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_r
 from metering.cli.common import admin_session, console, fail, print_json
 from metering.config import Settings
 from metering.db.models import PriceOverrideRow
+from metering.events import to_utc
 
 overrides_app = typer.Typer(help="Admin price overrides: provider + model glob, effective-dated, $/Mtok.")
 credit_app = typer.Typer(help="Credits, top-ups and manual adjustments (idempotent per key).")
@@ -42,7 +43,10 @@ def _moment(name: str, value: str | None) -> datetime | None:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         raise fail(f"{name} must be an ISO 8601 date or moment, not {value!r}") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+    try:
+        return to_utc(parsed)  # as the API does: a moment whose UTC value overflows is refused, not a traceback
+    except ValueError as exc:
+        raise fail(f"{name} {value!r}: {exc}") from None
 
 
 def _usd_per_mtok(nanos: int | None) -> str | None:

@@ -17,10 +17,13 @@ from metering.audit import secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
 from metering.errors import ConflictError, InvalidInputError
-from metering.events import utcnow
+from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.providers import KNOWN_PROVIDERS
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PurposeSettings
+
+MAX_BASE_URL = 500  # VARCHAR(500)
+MAX_API_KEY = 1000  # characters of a BYOLLM api key (stored encrypted)
 
 
 def url_has_credentials(url: str) -> bool:
@@ -35,6 +38,8 @@ def _check_provider(provider: str, base_url: str | None) -> None:
     if provider == "openai_compatible" and not base_url:
         raise InvalidInputError("provider 'openai_compatible' needs a base_url (e.g. http://localhost:11434/v1)")
     if base_url is not None:
+        if len(base_url) > MAX_BASE_URL:
+            raise InvalidInputError(f"base_url has at most {MAX_BASE_URL} characters")
         parsed = urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InvalidInputError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -42,10 +47,13 @@ def _check_provider(provider: str, base_url: str | None) -> None:
             raise InvalidInputError("base_url must not carry credentials (user:password@): give the key as the api key")
 
 
-def _nonempty(name: str, value: str) -> str:
+def _name(name: str, value: str) -> str:
+    """An id or name as stored: stripped, not empty, at most MAX_NAME characters (its column's size)."""
     value = value.strip()
     if not value:
         raise InvalidInputError(f"{name} must not be empty")
+    if len(value) > MAX_NAME:
+        raise InvalidInputError(f"{name} has at most {MAX_NAME} characters")
     return value
 
 
@@ -69,14 +77,17 @@ def put_byollm(
         raise InvalidInputError("fallback_policy must be 'platform' or 'error'")
     if provider in ("anthropic", "openai") and not api_key:
         raise InvalidInputError(f"provider {provider!r} needs an api_key for BYOLLM")
+    if api_key is not None and len(api_key) > MAX_API_KEY:
+        raise InvalidInputError(f"an api_key has at most {MAX_API_KEY} characters")
+    user_id, tenant_id, model = _name("user_id", user_id), _name("tenant_id", tenant_id), _name("model", model)
     now = utcnow()
     row = byollm_row_to_replace(session, user_id, tenant_id)
     if row is None:
-        row = ByollmSettingsRow(user_id=_nonempty("user_id", user_id), created_at=now)
+        row = ByollmSettingsRow(user_id=user_id, created_at=now)
         session.add(row)
-    row.tenant_id = _nonempty("tenant_id", tenant_id)
+    row.tenant_id = tenant_id
     row.provider = provider
-    row.model = _nonempty("model", model)
+    row.model = model
     row.base_url = base_url
     row.api_key_ciphertext = box.encrypt(api_key) if api_key else None
     row.fallback_policy = fallback_policy
@@ -158,12 +169,13 @@ def put_purpose(
 ) -> PurposeSettingsRow:
     _check_params(params or {})
     _check_provider(provider, base_url)
+    purpose, model = _name("purpose", purpose), _name("model", model)
     row = session.get(PurposeSettingsRow, purpose)
     if row is None:
-        row = PurposeSettingsRow(purpose=_nonempty("purpose", purpose))
+        row = PurposeSettingsRow(purpose=purpose)
         session.add(row)
     row.provider = provider
-    row.model = _nonempty("model", model)
+    row.model = model
     row.base_url = base_url
     row.params = dict(params or {})
     row.updated_at = utcnow()
@@ -206,12 +218,15 @@ def put_budget(
         raise InvalidInputError("budget mode must be 'report' or 'enforce'")
     if max_calls is None and max_tokens is None:
         raise InvalidInputError("a budget needs max_calls, max_tokens or both")
-    for name, value in (("max_calls", max_calls), ("max_tokens", max_tokens)):
+    for name, value, limit in (("max_calls", max_calls, MAX_INT32), ("max_tokens", max_tokens, MAX_INT64)):
         if value is not None and value <= 0:
             raise InvalidInputError(f"{name} must be a positive integer")
+        if value is not None and value > limit:
+            raise InvalidInputError(f"{name} is at most {limit}")
+    extension_id = _name("extension_id", extension_id)
     row = session.get(ExtensionBudgetRow, extension_id)
     if row is None:
-        row = ExtensionBudgetRow(extension_id=_nonempty("extension_id", extension_id))
+        row = ExtensionBudgetRow(extension_id=extension_id)
         session.add(row)
     row.max_calls_per_invocation = max_calls
     row.max_tokens_per_invocation = max_tokens

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from metering.billing.ingest import ingest
 from metering.cli.billing_ledger import register
-from metering.db.models import TransferRow, UsageEventRow
+from metering.db.models import PriceOverrideRow, TransferRow, UsageEventRow
 from metering.events import event_from_record
 from tests.fakes.events import record
 
@@ -106,3 +106,28 @@ def test_invoice_commands_print_ids_as_they_are_and_refuse_a_missing_invoice(run
     assert "no invoice for tenant [/x], user typo" in missing and "[not_found]" in missing
     billing("invoices", "show", "[/x]", "typo", period, code=1)
     assert "ok: balances sum to zero" in billing("check")
+
+
+def test_credit_ids_beyond_their_columns_are_refused(run, session_factory) -> None:
+    """A 300-character user id gave a traceback on PostgreSQL (StringDataRightTruncation) and was stored on SQLite."""
+    for who in (("-t", "acme", "-u", "u" * 201), ("-t", "t" * 201, "-u", "alice")):
+        out = run("credit", "add", *who, "--amount", "1", "--key", f"k-{len(who[1])}", code=1)
+        assert "tenant_id and user_id have at most 200 characters [invalid_input]" in out
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == 0
+
+
+def test_moments_whose_utc_value_overflows_are_refused(run, session_factory) -> None:
+    """Python cannot hold them in UTC: an OverflowError traceback (the API answers 422)."""
+    out = run("rerate", "--from", "0001-01-01T00:00:00+14:00", "--to", "2026-01-01", code=1)
+    assert "--from '0001-01-01T00:00:00+14:00': the time in UTC is out of range (years 1 to 9999)" in out
+    late = "9999-12-31T23:59:59-14:00"
+    out = run("overrides", "add", "--provider", "p", "--model", "m", "--input", "1", "--output", "1", "--from", late,
+              code=1)  # fmt: skip
+    assert "the time in UTC is out of range" in out
+    assert "the time in UTC is out of range" in run("overrides", "end", "any", "--at", late, code=1)
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(PriceOverrideRow)) == 0
+    run("overrides", "add", "--provider", "p", "--model", "m", "--input", "1", "--output", "1", "--from",
+        "0001-01-01", "--to", "9999-12-31T23:59:59+00:00")  # fmt: skip
+    run("rerate", "--from", "0001-01-01", "--to", "9999-12-31T23:59:59.999999Z")

@@ -54,3 +54,25 @@ def test_byollm_set_never_moves_a_user_to_another_tenant(run, session_factory) -
     assert run("byollm", "delete", "-u", "carol").exit_code == 0
     moved = run("byollm", "set", "-u", "carol", "-t", "globex", "--provider", "simulated", "--model", "m2")
     assert moved.exit_code == 0, moved.output  # deleted first: set under the other tenant
+
+
+def test_names_and_numbers_beyond_their_columns_are_refused_as_by_the_api(run, session_factory) -> None:
+    """PostgreSQL answered with a traceback (StringDataRightTruncation, NumericValueOutOfRange); SQLite stored them."""
+    long = "x" * 201
+    simulated = ("--provider", "simulated", "--model")
+    refused(run("byollm", "set", "-u", long, "-t", "acme", *simulated, "m"), "user_id has at most 200 characters")
+    refused(run("byollm", "set", "-u", "u", "-t", long, *simulated, "m"), "tenant_id has at most 200 characters")
+    refused(run("byollm", "set", "-u", "u", "-t", "acme", *simulated, long), "model has at most 200 characters")
+    url = "http://localhost:11434/" + "v" * 500
+    byollm_url = run("byollm", "set", "-u", "u", "-t", "a", "--provider", "openai_compatible", "--model", "m",
+                     "--base-url", url)  # fmt: skip
+    refused(byollm_url, "base_url has at most 500 characters")
+    refused(run("purpose", "set", long, *simulated, "m"), "purpose has at most 200 characters")
+    refused(run("budget", "set", long, "--max-calls", "3"), "extension_id has at most 200 characters")
+    refused(run("budget", "set", "ext", "--max-calls", "99999999999"), f"max_calls is at most {2**31 - 1}")
+    refused(run("budget", "set", "ext", "--max-tokens", str(2**63)), f"max_tokens is at most {2**63 - 1}")
+    with session_factory() as session:
+        assert session.scalars(select(ByollmSettingsRow)).all() == []
+        assert session.scalars(select(PurposeSettingsRow)).all() == []
+    at_limits = run("budget", "set", "x" * 200, "--max-calls", str(2**31 - 1), "--max-tokens", str(2**63 - 1))
+    assert at_limits.exit_code == 0, at_limits.output

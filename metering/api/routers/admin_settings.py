@@ -18,15 +18,16 @@ from metering.api.problems import problem_responses
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
 from metering.errors import NotFoundError, SecretError
+from metering.events import MAX_NAME
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
-PurposeName = Annotated[str, Path(min_length=1, max_length=200, description="e.g. `content_rewrite`.")]
-TenantId = Annotated[str, Path(min_length=1, max_length=200)]
-UserId = Annotated[str, Path(min_length=1, max_length=200)]
-ExtensionId = Annotated[str, Path(min_length=1, max_length=200, description="e.g. `rewrite`.")]
+PurposeName = Annotated[str, Path(min_length=1, max_length=MAX_NAME, description="e.g. `content_rewrite`.")]
+TenantId = Annotated[str, Path(min_length=1, max_length=MAX_NAME)]
+UserId = Annotated[str, Path(min_length=1, max_length=MAX_NAME)]
+ExtensionId = Annotated[str, Path(min_length=1, max_length=MAX_NAME, description="e.g. `rewrite`.")]
 
 PLATFORM_ERRORS = problem_responses(401, 403, 422, 503)
 PLATFORM_ERRORS_404 = problem_responses(401, 403, 404, 422, 503)
