@@ -8,12 +8,17 @@ import typer
 
 from metering.cli import billing_cmd, llm_settings, run, serve_cmd, spool_cmd, tokens_cmd
 from metering.cli import demo as demo_cmd
+from metering.cli.clean_errors import CleanErrorsGroup
 from metering.cli.common import admin_session, console, usage_table
 from metering.config import Settings
 from metering.db import migrate as db_migrate
 from metering.db.event_store import count_events, recent_events
 
-app = typer.Typer(help="Billing and usage metering for LLM calls made by chat extensions.", no_args_is_help=True)
+app = typer.Typer(
+    cls=CleanErrorsGroup,  # invalid settings and an unusable database are one error line, never a traceback
+    help="Billing and usage metering for LLM calls made by chat extensions.",
+    no_args_is_help=True,
+)
 app.command()(run.rewrite)
 app.command()(run.invoke)
 app.command()(demo_cmd.demo)

@@ -23,7 +23,7 @@ T = TypeVar("T")
 # Markup off: ids, names, models and LLM output are printed as they are ("[/x]" as a tenant id used to crash a
 # table). A message with markup of its own says so (``markup=True``) and escapes what it interpolates.
 console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+err_console = Console(stderr=True, markup=False, soft_wrap=True)  # an error is one line, however long
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+
+from metering.errors import ConfigError
+
+
+def safe_url(url: str) -> str:
+    """``url`` as it may be shown: its password as ``***`` (also when it cannot be parsed)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+def database_problem(url: str, exc: BaseException) -> str:
+    """One line naming the database (never its password) and why it cannot be used (the driver's own reason)."""
+    cause = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        password = None
+    if password:
+        cause = cause.replace(str(password), "***")
+    return f"cannot use the database at {safe_url(url)}: {cause}"
 
 
 def normalise_url(url: str) -> str:
-    """Use psycopg 3 for plain ``postgresql://`` URLs."""
-    parsed = make_url(url)
+    """Use psycopg 3 for plain ``postgresql://`` URLs. A URL that cannot be parsed is a ConfigError."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(database_problem(url, exc)) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
@@ -31,7 +58,15 @@ _PG_SESSION_OPTIONS = "-c jit=off -c plan_cache_mode=force_custom_plan"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    url = normalise_url(url)
+    """An engine for ``url``; a ConfigError (naming the URL without its password) when none can be made for it:
+    an unknown dialect, a driver that is not installed, a SQLite directory that cannot be created."""
+    try:
+        return _make_engine(normalise_url(url), **kwargs)
+    except (ArgumentError, ImportError, OSError) as exc:
+        raise ConfigError(database_problem(url, exc)) from None
+
+
+def _make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

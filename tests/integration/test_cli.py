@@ -108,3 +108,54 @@ def test_rewrite_with_the_http_sink_down_keeps_the_event_and_waits_once(cli_env,
     assert "stays on disk" in done.stdout and "Recorded usage" not in done.stdout
     assert elapsed < 50, elapsed
     assert sum(state.pending for state in slot_states(tmp_path / "spool")) == 1
+
+
+def bare_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERING_", "ANTHROPIC_", "OPENAI_"))}
+    return {**env, "METERING_DATA_DIR": str(tmp_path), "COLUMNS": "80", **settings}
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr  # one line, even long
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "names"),
+    [
+        ({"METERING_ENV": "prod"}, ["METERING_SECRET_KEYS is required when METERING_ENV=prod"]),
+        (
+            {
+                "METERING_BILLING__MARKUP_PCT": "1.0000000001",
+                "METERING_API__MAX_BATCH_EVENTS": "6000",
+                "METERING_SPOOL__FLUSHER": "bogus",
+            },
+            ["METERING_BILLING__MARKUP_PCT: ", "METERING_API__MAX_BATCH_EVENTS: ", "METERING_SPOOL__FLUSHER: "],
+        ),
+    ],
+)
+def test_invalid_settings_are_one_error_line_listing_them(tmp_path, settings, names) -> None:
+    for command in (["usage"], ["migrate"], ["budget", "set", "x", "--max-calls", "1"]):
+        error = one_error_line(metering(command, bare_env(tmp_path, **settings)))
+        assert error.startswith("error: invalid settings: ") and all(name in error for name in names), error
+        assert "1.0000000001" not in error and "bogus" not in error  # names, never values
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "cause"),
+    [
+        (
+            "postgresql+psycopg://postgres:hunter2@127.0.0.1:5499/x",
+            "postgresql+psycopg://postgres:***@127.0.0.1:5499/x",
+            "Connection refused",
+        ),
+        ("foo://bar", "foo://bar", "Can't load plugin: sqlalchemy.dialects:foo"),
+        ("not a url", "not a url", "Could not parse SQLAlchemy URL"),
+    ],
+)
+def test_an_unusable_database_is_one_error_line_naming_it_without_its_password(tmp_path, url, shown, cause) -> None:
+    for command in (["migrate"], ["serve", "--port", "8799"], ["usage"]):
+        error = one_error_line(metering(command, bare_env(tmp_path, METERING_DATABASE_URL=url)))
+        assert f"error: cannot use the database at {shown}" in error and cause in error, error
+        assert "hunter2" not in error
