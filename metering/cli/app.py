@@ -40,9 +40,12 @@ def migrate() -> None:
     console.print(f"database at head ({db_migrate.head_revision(url)})")
 
 
+MAX_LAST = 10_000  # events one `metering usage` shows
+
+
 @app.command()
 def usage(
-    last: Annotated[int, typer.Option(help="How many events.")] = 20,
+    last: Annotated[int, typer.Option(min=1, max=MAX_LAST, help="How many events.")] = 20,
     user: Annotated[str | None, typer.Option("--user", "-u")] = None,
 ) -> None:
     """Show the most recent recorded usage events."""

@@ -13,7 +13,7 @@ from metering.billing import invoice_store
 from metering.billing.export import invoice_csv, ledger_csv
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
-from metering.cli.common import admin_session, console
+from metering.cli.common import admin_session, console, fail
 from metering.config import Settings
 
 invoices_app = typer.Typer(
@@ -67,7 +67,10 @@ def _write(text: str, out: Path | None) -> None:
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text, encoding="utf-8", newline="")
+        try:
+            out.write_text(text, encoding="utf-8", newline="")
+        except OSError as exc:  # no such directory, a directory, no permission, disk full
+            raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
         console.print(f"wrote {out}", highlight=False)
 
 
