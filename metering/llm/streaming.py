@@ -105,6 +105,13 @@ class MessageStream:
     ) -> None:
         await self.aclose()
 
+    def _record_unfinished(
+        self, common: Attempt, parts: list[str], ttft: float | None, status: Status, error_type: str | None
+    ) -> None:
+        """The event of a stream that did not end normally: usage estimated from what it sent so far."""
+        usage = fill_missing(MISSING_USAGE, self._system, self._messages, "".join(parts))
+        self._llm._record(common, usage=usage, stop_reason=None, status=status, error_type=error_type, ttft_ms=ttft)
+
     async def _run(self) -> AsyncIterator[str]:
         llm = self._llm
         system, messages, purpose = self._system, self._messages, self._purpose
@@ -138,41 +145,17 @@ class MessageStream:
                         else:
                             end = item
                 except ProviderError as exc:
-                    usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
-                    llm._record(
-                        common,
-                        usage=usage,
-                        stop_reason=None,
-                        status=Status.ERROR,
-                        error_type=exc.error_type,
-                        ttft_ms=ttft,
-                    )
+                    self._record_unfinished(common, parts, ttft, Status.ERROR, exc.error_type)
                     llm._served_by(target)
                     if not parts and attempt < len(targets) - 1:
                         continue
                     raise
                 except (GeneratorExit, asyncio.CancelledError):
-                    usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
-                    llm._record(
-                        common,
-                        usage=usage,
-                        stop_reason=None,
-                        status=Status.CANCELLED,
-                        error_type=None,
-                        ttft_ms=ttft,
-                    )
+                    self._record_unfinished(common, parts, ttft, Status.CANCELLED, None)
                     await _close_quietly(upstream)
                     raise
                 except Exception as exc:
-                    usage = fill_missing(MISSING_USAGE, system, messages, "".join(parts))
-                    llm._record(
-                        common,
-                        usage=usage,
-                        stop_reason=None,
-                        status=Status.ERROR,
-                        error_type=f"internal:{type(exc).__name__}"[:100],
-                        ttft_ms=ttft,
-                    )
+                    self._record_unfinished(common, parts, ttft, Status.ERROR, f"internal:{type(exc).__name__}"[:100])
                     raise
                 text = "".join(parts)
                 reported = end.usage if end is not None else MISSING_USAGE
