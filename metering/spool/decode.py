@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ import orjson
 from pydantic import ValidationError
 
 from metering.events import UsageEvent, event_from_record, utcnow, validation_reason
+
+log = logging.getLogger("metering.spool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,20 +91,24 @@ class DeadLetters:
         drop those records from the file; returns them. A crash in between leaves a record both spooled and
         dead-lettered: redriving it again only counts a duplicate (ingest is idempotent on event_id)."""
         with self._locked():
-            records = self.read()
-            taken = [r for r in records if select(r)]
+            lines = self._lines()
+            taken = [record for _, record in lines if record is not None and select(record)]
             if not taken:
                 return []
             for record in taken:
                 append(str(record["line"]).encode("utf-8"))
-            kept = b"".join(orjson.dumps(r) + b"\n" for r in records if not select(r))
+            # Kept as they were: the records not selected, and lines that are not records (never dropped).
+            kept = b"".join(raw + b"\n" for raw, record in lines if record is None or not select(record))
             tmp = self.path.with_name(self.path.name + ".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, kept)
+                _write_all(fd, kept)  # a short write (disk full) raises: the file is never replaced by a part of it
                 os.fsync(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(fd)
             os.replace(tmp, self.path)
         return taken
 
@@ -113,10 +120,11 @@ class DeadLetters:
             self._append(slot, segment, rejected, now)
 
     def _append(self, slot: str, segment: int, rejected: list[Rejected], now: str) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            for item in rejected:
-                record = {
+        """All the records, or (the disk full) none: a short write is cut off again and raises, so the flusher
+        keeps the batch and retries it; no torn record is left for the next one to be glued to."""
+        data = b"".join(
+            orjson.dumps(
+                {
                     "rejected_at": now,
                     "slot": slot,
                     "segment": segment,
@@ -125,13 +133,52 @@ class DeadLetters:
                     "reason": item.reason,
                     "line": item.line.decode("utf-8", errors="replace"),
                 }
-                os.write(fd, orjson.dumps(record) + b"\n")
+            )
+            + b"\n"
+            for item in rejected
+        )
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record; a line that is not one (left by a crash mid-write, or an edit) is skipped with a warning,
+        never a reason to refuse the others."""
+        return [record for _, record in self._lines() if record is not None]
+
+    def _lines(self) -> list[tuple[bytes, dict[str, Any] | None]]:
+        """Each non-empty line with its record (None: not a record)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
-        return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+        lines: list[tuple[bytes, dict[str, Any] | None]] = []
+        for number, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                log.warning("%s:%d is not a dead-letter record; skipped", self.path, number)
+                record = None
+            lines.append((line, record))
+        return lines
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written: a short write is retried, and a full disk raises."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"could not write to the spool's dead letters (wrote {written} bytes)")
+        view = view[written:]

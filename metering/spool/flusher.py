@@ -42,6 +42,8 @@ log = logging.getLogger("metering.spool")
 
 # Batches taken from a slot whose writer is alive before moving on to the next slot (fairness).
 LIVE_BATCHES_PER_PASS = 20
+# Reader locks held at once (one file descriptor each); drained slots without a writer are released.
+MAX_HELD_SLOTS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,8 @@ class Flusher:
         self.max_backoff_s = max_backoff_s
         self.dead_letters = DeadLetters(self.root / DEAD_LETTER_NAME)
         self._held: dict[Path, int] = {}  # slot dir -> fd holding its reader lock
+        self._accepted = 0  # batches the sink took (any slot): proof it works, for refusals that are events' own
+        self._refused: dict[Path, int] = {}  # slot -> self._accepted when its current batch was last refused
         self._pass_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -204,27 +208,56 @@ class Flusher:
         with self._pass_lock:
             with self._done:
                 generation = self._requested
-            self._claim_slots()
+            left_out = self._claim_slots()
             busy = False
+            failed: Exception | None = None
             for slot in list(self._held):
-                busy |= self._drain(slot)
+                if not slot.is_dir():  # removed by an operator once drained: let it go
+                    self._release(slot)
+                    continue
+                try:  # one slot that cannot deliver never holds up the others
+                    backlog = self._drain(slot)
+                except Exception as exc:
+                    failed = failed or exc
+                    continue
+                busy |= backlog
+                if not backlog and slot != self._own_slot() and self._idle(slot):
+                    self._release(slot)  # drained, and nobody writes to it: its lock (a file descriptor) goes back
+                    busy |= left_out  # room for the slots left out: another pass takes them
+            if failed is not None:
+                raise failed  # retried with backoff; the pass is not complete
             with self._done:
                 self._completed = max(self._completed, generation)
                 self._done.notify_all()
             return busy
 
-    def _claim_slots(self) -> None:
+    def _idle(self, slot: Path) -> bool:
+        """Nothing left to deliver and no live writer: the slot needs no reader until a writer takes it again."""
+        return not list_segments(slot) and not writer_alive(slot)
+
+    def _release(self, slot: Path) -> None:
+        fd = self._held.pop(slot, None)
+        if fd is not None:
+            os.close(fd)  # releases the reader lock
+        self._refused.pop(slot, None)
+
+    def _claim_slots(self) -> bool:
+        """Take the reader lock of every slot we can, up to ``MAX_HELD_SLOTS``; True if some were left out."""
         own = self._own_slot()
         slots = list_slots(self.root)
         if own is not None and own in slots:  # our own slot first
             slots.remove(own)
             slots.insert(0, own)
         for slot in slots:
-            if slot not in self._held:
-                with contextlib.suppress(OSError):
-                    fd = try_lock(slot / READER_LOCK_NAME)
-                    if fd is not None:
-                        self._held[slot] = fd
+            if slot in self._held or (slot != own and not list_segments(slot)):  # nothing to deliver there yet
+                continue
+            if len(self._held) >= MAX_HELD_SLOTS:  # the rest in later passes, as drained slots are released
+                return True
+            with contextlib.suppress(OSError):
+                fd = try_lock(slot / READER_LOCK_NAME)
+                if fd is not None:
+                    self._held[slot] = fd
+        return False
 
     def _live_segment(self, slot: Path, segments: list[int]) -> int | None:
         """The segment a live writer may still append to; None when nobody writes to the slot."""
@@ -259,10 +292,15 @@ class Flusher:
                 result = deliver_isolating(self.sink, events)  # raises → nothing below runs; the batch is retried
             except RefusedBatchError:
                 # Every part refused: a broken sink, or only bad events here (a batch of one, the end of a
-                # segment). The events behind them tell which: if they go in, these are refused for their own sake.
-                if not self._sink_takes_what_follows(slot, batch, live):
+                # segment). The sink's other deliveries tell which: if it took other batches since this one was
+                # first refused (any slot's), or takes the events behind it, these are refused for their own sake.
+                seen, self._refused[slot] = self._refused.get(slot), self._accepted
+                healthy = seen is not None and self._accepted > seen
+                if not healthy and not self._sink_takes_what_follows(slot, batch, live):
                     raise
                 result = deliver_isolating(self.sink, events, sink_healthy=True)
+            self._refused.pop(slot, None)
+            self._accepted += 1
             self._delivered += result.inserted
             self._duplicates += result.duplicates
             for index, reason in result.rejected:  # refused by the sink (e.g. an event from the future)
@@ -292,10 +330,11 @@ class Flusher:
             segments = [seq for seq in segments if seq >= cursor.segment]
         if not events:
             return False
-        try:
-            self.sink.deliver(events)
+        try:  # isolating: one bad event among them must not hide that the sink takes the others
+            deliver_isolating(self.sink, events)
         except RefusedBatchError:
             return False
+        self._accepted += 1
         return True
 
 

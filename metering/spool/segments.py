@@ -64,7 +64,10 @@ class Cursor:
 def read_cursor(slot_dir: Path) -> Cursor:
     try:
         data = orjson.loads((slot_dir / CURSOR_NAME).read_bytes())
-        return Cursor(segment=int(data["segment"]), offset=int(data["offset"]))
+        cursor = Cursor(segment=int(data["segment"]), offset=int(data["offset"]))
+        if cursor.segment < 0 or cursor.offset < 0:
+            raise ValueError("a cursor position is never negative")
+        return cursor
     except FileNotFoundError:
         return Cursor()
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
