@@ -4,7 +4,10 @@
 commit together and a change that fails leaves no entry. ``before`` and ``after`` are redacted first: the
 value of any key named like a secret (``api_key``, ``secret``, ``token``, ``password``, ...) becomes
 ``"***"``, recursively; flags (``true``/``false``) and ``null`` are kept, so an entry still says whether a
-key was set. Entries are read newest first with keyset pagination (``(at, id)``, an opaque cursor).
+key was set. The actor is an API token (the API) or a ``LocalActor`` without one (the CLI: ``cli:<user>@<host>``,
+``actor_token_id`` NULL); what an entry records of each change comes from ``metering.audit_snapshots``, so an
+entry reads the same whichever edge made the change. Entries are read newest first with keyset pagination
+(``(at, id)``, an opaque cursor).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ REDACTED = "***"
 MAX_TARGET = 500
 MAX_REQUEST_ID = 200
 MAX_LIMIT = 500
+MAX_ACTOR_NAME = 200  # the column
 
 _SECRET_WORDS = (
     r"api_?key|apikey|secret|secret_key|client_secret|private_key|access_key|token|access_token|refresh_token"
@@ -42,13 +46,21 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 class Actor(Protocol):
-    """Who made the change: an API token (``TokenPrincipal`` is one)."""
+    """Who made the change: an API token (``TokenPrincipal`` is one), or someone without one (``LocalActor``)."""
 
     @property
-    def token_id(self) -> uuid.UUID: ...
+    def token_id(self) -> uuid.UUID | None: ...
 
     @property
     def name(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocalActor:
+    """An actor without an API token, e.g. the CLI run by ``cli:<os user>@<host>``."""
+
+    name: str
+    token_id: uuid.UUID | None = None
 
 
 def is_secret_name(key: str) -> bool:
@@ -126,7 +138,7 @@ def record(
         id=uuid7(),
         at=at or utcnow(),
         actor_token_id=actor.token_id,
-        actor_name=actor.name[:200],
+        actor_name=actor.name[:MAX_ACTOR_NAME],
         tenant_id=tenant_id,
         action=action,
         target=target[:MAX_TARGET],

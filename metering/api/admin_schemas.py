@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
-from metering.billing.money import from_nanos, plain_decimal
+from metering.billing.money import decimal_text, plain_decimal
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.events import MAX_NAME
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -47,11 +47,6 @@ UsdPerMtok = Annotated[
     BeforeValidator(_plain),
     Field(description='USD per 1M tokens, exact (send a string, e.g. `"3.00"`; at most 9 decimals).'),
 ]
-
-
-def decimal_text(nanos: int | None) -> str | None:
-    """Integer nanos as an exact decimal string with 9 decimals, never an exponent."""
-    return None if nanos is None else format(from_nanos(nanos), "f")
 
 
 class _In(BaseModel):
@@ -253,8 +248,10 @@ class CreditOut(BaseModel):
 
 
 class AuditActor(BaseModel):
-    token_id: uuid.UUID | None = Field(description="The API token that made the change.")
-    name: str = Field(description="That token's name.")
+    token_id: uuid.UUID | None = Field(
+        description="The API token that made the change; `null` for a change made with the `metering` CLI."
+    )
+    name: str = Field(description="That token's name, or `cli:<os user>@<host>` for the CLI.")
 
 
 class AuditEntry(BaseModel):

@@ -46,6 +46,11 @@ def from_nanos(nanos: int) -> Decimal:
         return Decimal(nanos).scaleb(-9)
 
 
+def decimal_text(nanos: int | None) -> str | None:
+    """Integer nanos as an exact decimal string with 9 decimals, never an exponent (``None`` stays ``None``)."""
+    return None if nanos is None else format(from_nanos(nanos), "f")
+
+
 def round_cents(nanos: int) -> tuple[int, int]:
     """Round ``nanos`` half-even to whole cents: ``(cents_nanos, residue_nanos)``.
 

@@ -132,6 +132,10 @@ def list_overrides(
     return list(session.scalars(stmt))
 
 
+def get_override(session: Session, id: str) -> PriceOverrideRow | None:
+    return session.get(PriceOverrideRow, id)
+
+
 def end_override(session: Session, id: str, at: datetime) -> PriceOverrideRow:
     """Close an override's window at ``at`` (exclusive). It can only be shortened; it is never deleted."""
     if at.tzinfo is None or at.utcoffset() is None:

@@ -7,10 +7,11 @@ Credits are idempotent on the ``Idempotency-Key`` header (required): a replay an
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from metering import audit_snapshots as snap
 from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, Audited, PlatformAdmin, ensure_tenant
 from metering.api.admin_schemas import (
     CreditIn,
@@ -18,14 +19,13 @@ from metering.api.admin_schemas import (
     EndOverrideIn,
     PriceOverrideIn,
     PriceOverrideOut,
-    decimal_text,
 )
 from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
 from metering.api.validators import UtcDatetime
 from metering.billing import overrides
 from metering.billing.credits import TransferResult, add_credit
-from metering.db.models import PriceOverrideRow
+from metering.billing.money import decimal_text
 from metering.errors import IdempotencyKeyRequiredError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -34,10 +34,6 @@ OverrideId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 # -- price overrides ------------------------------------------------------------------------------------
-
-
-def _override_snapshot(row: PriceOverrideRow | None) -> dict[str, Any] | None:
-    return None if row is None else PriceOverrideOut.of(row).model_dump(mode="json")
 
 
 @router.post(
@@ -68,7 +64,7 @@ def post_price_override(
         note=body.note,
         id=body.id,
     )
-    audit.record("price_override.add", f"price_override:{row.id}", before=None, after=_override_snapshot(row))
+    audit.record("price_override.add", snap.override_target(row.id), before=None, after=snap.override_snapshot(row))
     return PriceOverrideOut.of(row)
 
 
@@ -104,9 +100,9 @@ def end_price_override(
     body: EndOverrideIn | None = None,
 ) -> PriceOverrideOut:
     at = body.at if body is not None and body.at is not None else datetime.now(UTC)
-    before = _override_snapshot(session.get(PriceOverrideRow, override_id))
+    before = snap.override_snapshot(overrides.get_override(session, override_id))
     row = overrides.end_override(session, override_id, at)
-    audit.record("price_override.end", f"price_override:{row.id}", before=before, after=_override_snapshot(row))
+    audit.record("price_override.end", snap.override_target(row.id), before=before, after=snap.override_snapshot(row))
     return PriceOverrideOut.of(row)
 
 
@@ -182,12 +178,11 @@ def post_credit(
     if result.replayed:
         response.status_code = 200
     else:
-        after = out.model_dump(mode="json", exclude={"replayed"})
         audit.record(
-            f"{result.kind}.add",
-            f"user:{result.tenant_id}/{result.user_id}",
+            snap.credit_action(result),
+            snap.user_target(result.tenant_id, result.user_id),
             before=None,
-            after=after,
+            after=snap.credit_snapshot(result),
             tenant_id=result.tenant_id,
         )
     return out

@@ -6,17 +6,18 @@ SecretBox, answered only as ``has_api_key`` and a mask, and recorded in the audi
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 from sqlalchemy.orm import Session
 
+from metering import audit_snapshots as snap
 from metering.api.admin_deps import Audited, Box, PlatformAdmin, ensure_tenant
 from metering.api.admin_schemas import BudgetIn, BudgetOut, ByollmIn, ByollmOut, PurposeIn, PurposeOut
 from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
 from metering.crypto import SecretBox
-from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
+from metering.db.models import ByollmSettingsRow
 from metering.errors import NotFoundError, SecretError
 from metering.events import MAX_NAME
 from metering.llm import settings_admin
@@ -35,12 +36,6 @@ USER_ERRORS = problem_responses(401, 403, 404, 422, 503)
 
 
 # -- per-purpose settings ---------------------------------------------------------------------------
-
-
-def _purpose_snapshot(row: PurposeSettingsRow | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {"provider": row.provider, "model": row.model, "base_url": row.base_url, "params": dict(row.params or {})}
 
 
 @router.get(
@@ -78,11 +73,11 @@ def get_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSessi
 def put_purpose(
     purpose: PurposeName, body: PurposeIn, principal: PlatformAdmin, session: DbSession, audit: Audited
 ) -> PurposeOut:
-    before = _purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+    before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
     row = store.put_purpose(
         session, purpose=purpose, provider=body.provider, model=body.model, base_url=body.base_url, params=body.params
     )
-    audit.record("purpose.set", f"purpose:{purpose}", before=before, after=_purpose_snapshot(row))
+    audit.record("purpose.set", snap.purpose_target(purpose), before=before, after=snap.purpose_snapshot(row))
     audit.settings_changed()
     return PurposeOut.of(row)
 
@@ -95,34 +90,15 @@ def put_purpose(
     responses=PLATFORM_ERRORS_404,
 )
 def delete_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSession, audit: Audited) -> Response:
-    before = _purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+    before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
     if before is None or not store.delete_purpose(session, purpose):
         raise NotFoundError(f"no settings for purpose {purpose!r}")
-    audit.record("purpose.delete", f"purpose:{purpose}", before=before, after=None)
+    audit.record("purpose.delete", snap.purpose_target(purpose), before=before, after=None)
     audit.settings_changed()
     return Response(status_code=204)
 
 
 # -- BYOLLM ---------------------------------------------------------------------------------------------
-
-
-def _user_target(tenant_id: str, user_id: str) -> str:
-    return f"user:{tenant_id}/{user_id}"
-
-
-def _byollm_snapshot(row: ByollmSettingsRow | None) -> dict[str, Any] | None:
-    """What the audit log keeps: never the key, only whether one is stored (redacted to ``***``)."""
-    if row is None:
-        return None
-    return {
-        "user_id": row.user_id,
-        "tenant_id": row.tenant_id,
-        "provider": row.provider,
-        "model": row.model,
-        "base_url": row.base_url,
-        "fallback_policy": row.fallback_policy,
-        "api_key": "***" if row.api_key_ciphertext else None,
-    }
 
 
 def _stored_key(row: ByollmSettingsRow, box: SecretBox) -> str | None:
@@ -195,7 +171,7 @@ def put_byollm(
 ) -> ByollmOut:
     ensure_tenant(principal, tenant_id, f"user {user_id!r}")
     existing = store.byollm_row_to_replace(session, user_id, tenant_id)
-    before = _byollm_snapshot(existing)
+    before = snap.byollm_snapshot(existing)
     if "api_key" in body.model_fields_set:
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
     elif existing is not None and existing.provider == body.provider:
@@ -213,9 +189,8 @@ def put_byollm(
         base_url=body.base_url,
         fallback_policy=body.fallback_policy,
     )
-    audit.record(
-        "byollm.set", _user_target(tenant_id, user_id), before=before, after=_byollm_snapshot(row), tenant_id=tenant_id
-    )
+    target = snap.user_target(tenant_id, user_id)
+    audit.record("byollm.set", target, before=before, after=snap.byollm_snapshot(row), tenant_id=tenant_id)
     audit.settings_changed()
     return _byollm_out(row, store.mask_key(api_key))
 
@@ -237,20 +212,14 @@ def delete_byollm(
     row = _users_row(session, tenant_id, user_id)
     if row is None:
         raise NotFoundError(f"user {user_id!r} of tenant {tenant_id!r} has no BYOLLM settings")
-    before = _byollm_snapshot(row)
+    before = snap.byollm_snapshot(row)
     store.delete_byollm(session, user_id)
-    audit.record("byollm.delete", _user_target(tenant_id, user_id), before=before, after=None, tenant_id=tenant_id)
+    audit.record("byollm.delete", snap.user_target(tenant_id, user_id), before=before, after=None, tenant_id=tenant_id)
     audit.settings_changed()
     return Response(status_code=204)
 
 
 # -- call budgets ---------------------------------------------------------------------------------------
-
-
-def _budget_snapshot(row: ExtensionBudgetRow | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {"max_calls": row.max_calls_per_invocation, "max_tokens": row.max_tokens_per_invocation, "mode": row.mode}
 
 
 @router.get(
@@ -289,11 +258,11 @@ def get_budget(extension_id: ExtensionId, principal: PlatformAdmin, session: DbS
 def put_budget(
     extension_id: ExtensionId, body: BudgetIn, principal: PlatformAdmin, session: DbSession, audit: Audited
 ) -> BudgetOut:
-    before = _budget_snapshot(settings_admin.get_budget_row(session, extension_id))
+    before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension_id))
     row = store.put_budget(
         session, extension_id=extension_id, max_calls=body.max_calls, max_tokens=body.max_tokens, mode=body.mode
     )
-    audit.record("budget.set", f"budget:{extension_id}", before=before, after=_budget_snapshot(row))
+    audit.record("budget.set", snap.budget_target(extension_id), before=before, after=snap.budget_snapshot(row))
     audit.settings_changed()
     return BudgetOut.of(row)
 
@@ -306,9 +275,9 @@ def put_budget(
     responses=PLATFORM_ERRORS_404,
 )
 def delete_budget(extension_id: ExtensionId, principal: PlatformAdmin, session: DbSession, audit: Audited) -> Response:
-    before = _budget_snapshot(settings_admin.get_budget_row(session, extension_id))
+    before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension_id))
     if before is None or not settings_admin.delete_budget(session, extension_id):
         raise NotFoundError(f"extension {extension_id!r} has no call budget")
-    audit.record("budget.delete", f"budget:{extension_id}", before=before, after=None)
+    audit.record("budget.delete", snap.budget_target(extension_id), before=before, after=None)
     audit.settings_changed()
     return Response(status_code=204)
