@@ -244,6 +244,11 @@ def list_invoices(session: Session, period: str | None = None, tenant_id: str | 
     return [invoices[key] for key in sorted(invoices, key=lambda k: (k[2], k[0], k[1]))]
 
 
+def period_closed(session: Session, period: str) -> bool:
+    """Has ``period`` been finalized (closed for every user)?"""
+    return session.get(FinalizedPeriodRow, period) is not None
+
+
 def finalize_period(
     session: Session, period: str, now: datetime, grace: timedelta, *, force: bool = False
 ) -> list[Invoice]:

@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from metering import audit_snapshots as snap
 from metering.billing import invoice_store
 from metering.billing.export import invoice_csv, ledger_csv
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
+from metering.cli import audit_trail
 from metering.cli.common import admin_session, console, fail
 from metering.config import Settings
 
@@ -104,7 +106,12 @@ def finalize_command(
     """Finalize a period's invoices (after its end plus the grace period). Running it again changes nothing."""
     grace = timedelta(hours=Settings().billing.invoice_grace_hours)
     with admin_session() as (session, _box):
+        was_closed = invoice_store.period_closed(session, period)
         issued = invoice_store.finalize_period(session, period, datetime.now(UTC), grace, force=force)
+        if issued or not was_closed:  # running it again changes nothing: no entry
+            after = snap.finalize_snapshot(period, issued, forced=force)
+            before = {"period": period, "closed": was_closed}
+            audit_trail.record(session, "invoices.finalize", f"period:{period}", before=before, after=after)
     total = sum(inv.rounded_nanos for inv in issued)
     console.print(f"finalized {len(issued)} invoice(s) of {period}, {format_usd(total)} in all", highlight=False)
 

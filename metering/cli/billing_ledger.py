@@ -13,11 +13,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from metering import audit_snapshots as snap
 from metering.billing import credits, overrides
 from metering.billing.money import format_usd, plain_decimal
 from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
+from metering.cli import audit_trail
 from metering.cli.common import admin_session, console, fail, print_json
 from metering.config import Settings
 from metering.db.models import PriceOverrideRow
@@ -99,6 +101,8 @@ def overrides_add(
             note=note,
             id=override_id,
         )
+        target, after = snap.override_target(row.id), snap.override_snapshot(row)
+        audit_trail.record(session, "price_override.add", target, before=None, after=after)
         print_json(_override_view(row))
 
 
@@ -119,8 +123,12 @@ def overrides_end(
     at: Annotated[str | None, typer.Option(help="End moment, exclusive (default: now).")] = None,
 ) -> None:
     """End an override (it is kept, so past prices stay reproducible)."""
+    end_at = _moment("--at", at) or datetime.now(UTC)
     with admin_session() as (session, _box):
-        row = overrides.end_override(session, override_id, _moment("--at", at) or datetime.now(UTC))
+        before = snap.override_snapshot(overrides.get_override(session, override_id))
+        row = overrides.end_override(session, override_id, end_at)
+        target, after = snap.override_target(row.id), snap.override_snapshot(row)
+        audit_trail.record(session, "price_override.end", target, before=before, after=after)
         print_json(_override_view(row))
 
 
@@ -144,6 +152,12 @@ def credit_add(
             kind="adjustment" if adjustment else "credit",
             memo=memo,
         )
+        if not result.replayed:  # a replay of the key posted nothing: not audited, as in the API
+            target = snap.user_target(result.tenant_id, result.user_id)
+            after = snap.credit_snapshot(result)
+            audit_trail.record(
+                session, snap.credit_action(result), target, before=None, after=after, tenant_id=result.tenant_id
+            )
         print_json(
             {
                 "transfer_id": str(result.transfer_id),
@@ -180,6 +194,9 @@ def reprice_cmd() -> None:
     markup = Settings().billing.markup_pct
     with admin_session() as (session, _box):
         result = reprice_held(session, markup_pct=markup)
+        if result.priced or result.shadow_priced:  # nothing priced: nothing changed, no entry
+            after = snap.reprice_snapshot(result)
+            audit_trail.record(session, "billing.reprice", "events:held", before=None, after=after)
     console.print(
         f"priced {result.priced} held event(s) ({format_usd(result.charge_nanos)} charged, "
         f"{format_usd(result.cost_nanos)} provider cost); {result.still_unpriced} still unpriced"
@@ -251,6 +268,9 @@ def rerate_cmd(
     with admin_session() as (session, _box):
         if apply:
             result = apply_rerate(session, **scope, markup_pct=markup, run_id=run_id)  # type: ignore[arg-type]
+            if result.diff.total.events or result.transfers:  # a re-applied run posts nothing: no entry
+                after = snap.rerate_snapshot(result)
+                audit_trail.record(session, "billing.rerate", f"rerate:{run_id}", before=None, after=after)
         else:
             result = plan_rerate(session, **scope, markup_pct=markup)
     _print_rerate(result)

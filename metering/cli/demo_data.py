@@ -5,7 +5,9 @@ provider unless a platform key is set), every call is spooled and then ingested 
 Three tenants and seven users: some on the platform LLM, some with their own LLM (BYOLLM: ``bob`` on a model
 without a known price, ``erin`` on one with a price, so a shadow cost; ``carol``'s own model is down and her
 calls fail over to the platform LLM, which makes them billable), per-purpose settings, and the ``chatty``
-extension calling the LLM in a loop. Running it again adds more traffic; settings are upserts.
+extension calling the LLM in a loop. Running it again adds more traffic; settings are upserts. The settings it
+seeds and the admin token of ``serve --demo`` are audited like the same changes made by hand (``byollm.set``,
+``purpose.set``, ``token.create``), in the transaction that makes them.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from metering import audit_snapshots as snap
 from metering.auth import Scope, create_token
+from metering.cli import audit_trail
 from metering.errors import MeteringError
 from metering.extensions.chatty import chat as chatty_extension
 from metering.extensions.rewrite import chat as rewrite_extension
+from metering.llm import settings_admin
 from metering.llm import settings_store as store
 from metering.runtime import ChatExtension, User
 from metering.wiring import Services
@@ -136,7 +141,8 @@ def seed_settings(svc: Services) -> None:
             (ERIN, "gpt-4o-mini", "platform"),  # priced: not billed (Policy A), its shadow cost is kept
         )
         for user, model, fallback in byollm:
-            store.put_byollm(
+            before = snap.byollm_snapshot(store.byollm_row_to_replace(session, user.id, user.tenant_id))
+            row = store.put_byollm(
                 session,
                 svc.box,
                 user_id=user.id,
@@ -146,8 +152,16 @@ def seed_settings(svc: Services) -> None:
                 api_key=None,
                 fallback_policy=fallback,
             )
-        store.put_purpose(session, purpose="action_items", provider="anthropic", model="claude-haiku-4-5")
-        store.put_purpose(session, purpose="thread_summary", provider="openai", model="gpt-4o-mini")
+            target, after = snap.user_target(user.tenant_id, user.id), snap.byollm_snapshot(row)
+            audit_trail.record(session, "byollm.set", target, before=before, after=after, tenant_id=user.tenant_id)
+        for purpose, provider, model in (
+            ("action_items", "anthropic", "claude-haiku-4-5"),
+            ("thread_summary", "openai", "gpt-4o-mini"),
+        ):
+            before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+            row = store.put_purpose(session, purpose=purpose, provider=provider, model=model)
+            after = snap.purpose_snapshot(row)
+            audit_trail.record(session, "purpose.set", snap.purpose_target(purpose), before=before, after=after)
         session.commit()
     svc.llm_settings.invalidate()
 
@@ -187,7 +201,10 @@ def generate(
 def create_admin_token(svc: Services, name: str = "demo admin (metering serve --demo)") -> str:
     """A new token with every scope; returns its secret (stored only hashed)."""
     with svc.sessions() as session:
-        _row, secret = create_token(session, name, list(Scope))
+        row, secret = create_token(session, name, list(Scope))
+        audit_trail.record(
+            session, "token.create", snap.token_target(row.id), before=None, after=snap.token_snapshot(row)
+        )
         session.commit()
     return secret
 

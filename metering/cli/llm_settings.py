@@ -7,8 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
+from metering import audit_snapshots as snap
+from metering.cli import audit_trail
 from metering.cli.common import admin_session, console, fail, print_json, read_secret
 from metering.crypto import generate_key
+from metering.llm import settings_admin
 from metering.llm import settings_store as store
 
 byollm_app = typer.Typer(help="A user's own LLM (BYOLLM). The api key is write-only: shown masked, never printed.")
@@ -35,6 +38,7 @@ def byollm_set(
     """Set (or replace) a user's BYOLLM settings."""
     key = api_key if provider in ("simulated", "openai_compatible") else read_secret(api_key, "API key")
     with admin_session() as (session, box):
+        before = snap.byollm_snapshot(store.byollm_row_to_replace(session, user, tenant))
         row = store.put_byollm(
             session,
             box,
@@ -45,6 +49,14 @@ def byollm_set(
             api_key=key,
             base_url=base_url,
             fallback_policy=fallback,
+        )
+        audit_trail.record(
+            session,
+            "byollm.set",
+            snap.user_target(row.tenant_id, row.user_id),
+            before=before,
+            after=snap.byollm_snapshot(row),
+            tenant_id=row.tenant_id,
         )
         print_json(_byollm_view(row, box))
 
@@ -63,8 +75,13 @@ def byollm_show(user: UserArg) -> None:
 def byollm_delete(user: UserArg) -> None:
     """Delete a user's BYOLLM settings (their calls then use the platform LLM)."""
     with admin_session() as (session, _box):
-        if not store.delete_byollm(session, user):
+        row = store.get_byollm_row(session, user)
+        if row is None:
             raise fail(f"user {user!r} has no BYOLLM settings", code=2)
+        tenant, before = row.tenant_id, snap.byollm_snapshot(row)
+        store.delete_byollm(session, user)
+        target = snap.user_target(tenant, user)
+        audit_trail.record(session, "byollm.delete", target, before=before, after=None, tenant_id=tenant)
         console.print(f"deleted BYOLLM settings of {user}")
 
 
@@ -98,9 +115,12 @@ def purpose_set(
     if not isinstance(parsed, dict):
         raise fail("--params must be a JSON object")
     with admin_session() as (session, _box):
+        before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
         row = store.put_purpose(
             session, purpose=purpose, provider=provider, model=model, base_url=base_url, params=parsed
         )
+        after = snap.purpose_snapshot(row)
+        audit_trail.record(session, "purpose.set", snap.purpose_target(purpose), before=before, after=after)
         print_json(_purpose_view(row))
 
 
@@ -115,8 +135,10 @@ def purpose_list() -> None:
 def purpose_delete(purpose: Annotated[str, typer.Argument()]) -> None:
     """Delete one purpose's settings (it then uses the platform default)."""
     with admin_session() as (session, _box):
-        if not store.delete_purpose(session, purpose):
+        before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+        if before is None or not store.delete_purpose(session, purpose):
             raise fail(f"no settings for purpose {purpose!r}", code=2)
+        audit_trail.record(session, "purpose.delete", snap.purpose_target(purpose), before=before, after=None)
         console.print(f"deleted settings of purpose {purpose}")
 
 
@@ -140,7 +162,10 @@ def budget_set(
 ) -> None:
     """Set an extension's per-invocation call budget."""
     with admin_session() as (session, _box):
+        before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension))
         row = store.put_budget(session, extension_id=extension, max_calls=max_calls, max_tokens=max_tokens, mode=mode)
+        after = snap.budget_snapshot(row)
+        audit_trail.record(session, "budget.set", snap.budget_target(extension), before=before, after=after)
         print_json(
             {
                 "extension_id": row.extension_id,
@@ -162,4 +187,6 @@ def keys_rotate() -> None:
     """Re-encrypt every stored secret under the newest key in METERING_SECRET_KEYS."""
     with admin_session() as (session, box):
         count = store.rotate_byollm_keys(session, box)
+        if count:  # nothing re-encrypted: nothing changed, nothing to audit
+            audit_trail.record(session, "keys.rotate", "byollm_api_keys", before=None, after={"reencrypted": count})
         console.print(f"re-encrypted {count} stored api key(s) under the newest key")

@@ -10,8 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from metering.auth import Scope, create_token, list_tokens, revoke_token
+from metering import audit_snapshots as snap
+from metering.auth import Scope, create_token, get_token, list_tokens, revoke_token
 from metering.auth.tokens import display_prefix
+from metering.cli import audit_trail
 from metering.cli.common import admin_session, console, err_console, fail
 
 tokens_app = typer.Typer(help="API tokens for `metering serve` (bearer secrets, stored hashed).", no_args_is_help=True)
@@ -32,6 +34,10 @@ def create_command(
     """Create a token. Its secret goes to stdout, once: store it now, it cannot be shown again."""
     with admin_session() as (session, _box):
         row, secret = create_token(session, name, scope or [], tenant_id=tenant)
+        after = snap.token_snapshot(row)  # id, name, scopes, tenant, prefix: never the secret or its digest
+        audit_trail.record(
+            session, "token.create", snap.token_target(row.id), before=None, after=after, tenant_id=row.tenant_id
+        )
     err_console.print(
         f"created token [bold]{escape(row.name)}[/] id={row.id} prefix={escape(display_prefix(row.prefix))} "
         f"scopes={','.join(row.scopes)} tenant={escape(row.tenant_id or '(any)')}",
@@ -73,5 +79,9 @@ def revoke_command(
     except ValueError:
         raise fail(f"{token_id!r} is not a token id (a UUID, see `metering tokens list`)", code=2) from None
     with admin_session() as (session, _box):
+        before = snap.token_snapshot(get_token(session, parsed))
         row = revoke_token(session, parsed)
+        if before is not None and before["revoked_at"] is None:  # revoking a revoked token changes nothing
+            target, after = snap.token_target(row.id), snap.token_snapshot(row)
+            audit_trail.record(session, "token.revoke", target, before=before, after=after, tenant_id=row.tenant_id)
     console.print(f"revoked token {row.name} ({row.id}) at {_when(row.revoked_at)}")
