@@ -8,9 +8,11 @@ from decimal import Decimal
 
 import pytest
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from metering import audit
 from metering.auth import Scope, TokenPrincipal
+from metering.cli import app as cli_app
 from metering.db.models import AuditLogRow
 from metering.errors import InvalidInputError
 from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings, table_dump
@@ -188,3 +190,39 @@ def test_get_audit_errors(client, make_token, session_factory):
     assert_problem(client.get("/v1/audit"), 401, "unauthenticated")
     assert_problem(client.get("/v1/audit", headers=bearer(make_token(Scope.READ))), 403, "forbidden")
     assert actions(session_factory) == []
+
+
+def test_get_audit_returns_the_cli_s_entries_which_read_as_the_api_s(
+    client, make_token, session_factory, db_url, tmp_path, monkeypatch
+):
+    for name in ("METERING_ENV", "METERING_SECRET_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"METERING_DATA_DIR": str(tmp_path / "cli"), "METERING_DATABASE_URL": db_url}
+    for args in (
+        ["budget", "set", "chatty", "--max-calls", "3"],
+        ["byollm", "set", "-u", "alice", "-t", "acme", "--provider", "simulated", "--model", "m1"],
+    ):
+        done = CliRunner().invoke(cli_app, args, env=env)
+        assert done.exit_code == 0, done.output
+    admin = bearer(make_token(Scope.ADMIN, name="ops"))
+    assert client.put("/v1/admin/budgets/chatty", json={"max_calls": 3}, headers=admin).status_code == 200
+
+    page = client.get("/v1/audit", headers=admin)
+    assert page.status_code == 200, page.text  # a null token id validates against the response model
+    api_budget, cli_byollm, cli_budget = page.json()["items"]
+    assert cli_budget["actor"]["token_id"] is None and cli_budget["actor"]["name"].startswith("cli:")
+    assert cli_budget["request_id"] is None and cli_budget["tenant_id"] is None
+    assert api_budget["actor"]["name"] == "ops"
+    same = ("action", "target", "after")
+    assert {k: cli_budget[k] for k in same} == {k: api_budget[k] for k in same}  # whichever edge made it
+    assert api_budget["before"] == cli_budget["after"]
+    assert (cli_byollm["action"], cli_byollm["target"]) == ("byollm.set", "user:acme/alice")
+
+    bound = bearer(make_token(Scope.ADMIN, tenant="acme"))
+    mine = client.get("/v1/audit", headers=bound).json()["items"]
+    assert [(e["action"], e["target"], e["actor"]["token_id"]) for e in mine] == [
+        ("byollm.set", "user:acme/alice", None)
+    ]
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    token_id = schemas["AuditActor"]["properties"]["token_id"]
+    assert {"type": "null"} in token_id["anyOf"]
