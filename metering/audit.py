@@ -19,7 +19,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Protocol
@@ -173,8 +173,11 @@ class Cursor:
             at = datetime.fromisoformat(data["at"])
             if at.tzinfo is None:
                 raise ValueError("naive")
+            at = at.astimezone(UTC)  # OverflowError past the years 1 to 9999 in UTC (it would fail binding it)
+            if not isinstance(data["id"], str):
+                raise TypeError("an id is text")
             return cls(at=at, id=uuid.UUID(data["id"]))
-        except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, AttributeError):
             raise InvalidInputError("cursor is not one this API returned (pass next_cursor as is)") from None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -74,7 +76,14 @@ def test_redact_is_recursive_and_keeps_flags_and_nulls():
 def test_cursor_round_trip_and_garbage():
     cursor = audit.Cursor(T0, uuid.uuid4())
     assert audit.Cursor.decode(cursor.encode()) == cursor
-    for garbage in ("", "nope", "e30", "!!!", audit.Cursor(T0, uuid.uuid4()).encode()[:-3]):
+    forged = [  # a number or a list for the id, times that leave the years 1 to 9999 in UTC: were 500s
+        {"at": "2026-01-01T00:00:00+00:00", "id": 5},
+        {"at": "2026-01-01T00:00:00+00:00", "id": [1]},
+        {"at": "0001-01-01T00:00:00+05:00", "id": str(uuid.uuid4())},
+        {"at": "9999-12-31T23:59:59-05:00", "id": str(uuid.uuid4())},
+    ]
+    encoded = [base64.urlsafe_b64encode(json.dumps(f).encode()).decode().rstrip("=") for f in forged]
+    for garbage in ("", "nope", "e30", "!!!", audit.Cursor(T0, uuid.uuid4()).encode()[:-3], *encoded):
         with pytest.raises(InvalidInputError, match="cursor"):
             audit.Cursor.decode(garbage)
 
