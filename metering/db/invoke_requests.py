@@ -29,6 +29,7 @@ from metering.db.models import InvokeRequestRow
 from metering.errors import IdempotencyConflictError, IdempotencyInProgressError, IdempotencyOutcomeUnknownError
 
 RETENTION = timedelta(hours=24)
+CLAIM_ATTEMPTS = 5  # a claim released under us is claimed again, at most this often
 UNKNOWN_AFTER = timedelta(minutes=15)  # longer than any invocation runs
 RUNNING = "running"
 DONE = "done"
@@ -69,9 +70,15 @@ def claim(
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     table = InvokeRequestRow.__table__
     stmt = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.tenant_id)
-    if session.execute(stmt).first() is not None:
-        return None
-    row = session.execute(select(InvokeRequestRow).where(_key(tenant_id, key))).scalar_one()
+    for _ in range(CLAIM_ATTEMPTS):
+        if session.execute(stmt).first() is not None:
+            return None
+        row = session.execute(select(InvokeRequestRow).where(_key(tenant_id, key))).scalar_one_or_none()
+        if row is not None:
+            break
+        # Released between the two statements (its invocation failed before any billed call): claim it again.
+    else:
+        raise IdempotencyInProgressError(f"requests with idempotency key {key!r} keep racing; retry later")
     if row.request_sha256 != sha256:
         raise IdempotencyConflictError(
             f"idempotency key {key!r} was already used for a different invocation (extension, function, user or "

@@ -88,3 +88,37 @@ def test_a_claim_that_never_recorded_its_outcome_is_never_run_again(session_fact
     with pytest.raises(IdempotencyOutcomeUnknownError):
         claim(session_factory, now=T0 + ir.UNKNOWN_AFTER + timedelta(hours=1))
     assert claim(session_factory, now=T0 + ir.RETENTION + timedelta(seconds=1)) is None  # after 24 h: a new key
+
+
+class _ReleasedUnderUs:
+    """A session in which the claim found taken is released (deleted) just before it is read back, as when the
+    first request fails before any billed call between our INSERT and our SELECT."""
+
+    def __init__(self, session) -> None:
+        self._session, self._released = session, False
+
+    def execute(self, stmt, *args, **kwargs):
+        if not self._released and getattr(stmt, "is_select", False):
+            from sqlalchemy import delete
+
+            from metering.db.models import InvokeRequestRow
+
+            self._session.execute(delete(InvokeRequestRow))
+            self._released = True
+        return self._session.execute(stmt, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def test_a_claim_released_between_insert_and_read_is_claimed_again(session_factory) -> None:
+    """Concurrent retries with one key on PostgreSQL got a 500 (NoResultFound) now and then (found by a hunt)."""
+    assert claim(session_factory, sha=ir.request_sha256("rewrite", "rewrite", "alice", {"text": "first"})) is None
+    with session_factory() as session:
+        racing = _ReleasedUnderUs(session)
+        mine = uuid.UUID("01a21f4d-6370-7000-8000-000000000002")
+        assert ir.claim(racing, tenant_id="acme", key="k1", sha256=SHA, invocation_id=mine, now=T0) is None
+        session.commit()
+    with pytest.raises(IdempotencyInProgressError) as caught:  # the key is ours now
+        claim(session_factory, now=T0 + timedelta(minutes=1))
+    assert caught.value.members["invocation_id"] == str(mine)
