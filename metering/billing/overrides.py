@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing.pricing import PriceOverride
 from metering.db.models import PriceOverrideRow
+from metering.db.unique import flush_or_conflict
 from metering.errors import ConflictError, InvalidInputError, NotFoundError
 
 NANOS_PER_USD = 10**9
@@ -95,8 +96,9 @@ def add_override(
         )
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
+    taken = f"a price override with id {override_id!r} already exists (end it, or use a new id)"
     if session.get(PriceOverrideRow, override_id) is not None:
-        raise ConflictError(f"a price override with id {override_id!r} already exists (end it, or use a new id)")
+        raise ConflictError(taken)
     row = PriceOverrideRow(
         id=override_id,
         provider=provider,
@@ -112,7 +114,7 @@ def add_override(
         created_at=now or datetime.now(UTC),
     )
     session.add(row)
-    session.flush()
+    flush_or_conflict(session, taken)  # created by a concurrent request meanwhile
     return row
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.audit import secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
+from metering.db.unique import flush_or_conflict
 from metering.errors import ConflictError, InvalidInputError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
@@ -92,7 +93,7 @@ def put_byollm(
     row.api_key_ciphertext = box.encrypt(api_key) if api_key else None
     row.fallback_policy = fallback_policy
     row.updated_at = now
-    session.flush()
+    flush_or_conflict(session, f"user id {user_id!r} was given BYOLLM settings by a concurrent request; retry")
     return row
 
 
@@ -179,7 +180,7 @@ def put_purpose(
     row.base_url = base_url
     row.params = dict(params or {})
     row.updated_at = utcnow()
-    session.flush()
+    flush_or_conflict(session, f"purpose {purpose!r} was created by a concurrent request; retry to replace it")
     return row
 
 
@@ -232,7 +233,7 @@ def put_budget(
     row.max_tokens_per_invocation = max_tokens
     row.mode = mode
     row.updated_at = utcnow()
-    session.flush()
+    flush_or_conflict(session, f"the budget of {extension_id!r} was created by a concurrent request; retry")
     return row
 
 

@@ -104,3 +104,49 @@ def test_purpose_and_budget_round_trip_through_the_cache(session_factory, box) -
 def test_budget_needs_a_limit(session_factory) -> None:
     with session_factory() as session, pytest.raises(InvalidInputError, match="max_calls, max_tokens"):
         store.put_budget(session, extension_id="rewrite", max_calls=None, max_tokens=None)
+
+
+@pytest.mark.parametrize("kind", ["purpose", "budget", "byollm", "override"])
+def test_two_requests_creating_one_row_at_once_give_one_row_and_a_conflict(session_factory, box, kind) -> None:
+    """Both find no row, both insert: the second was a 500 (IntegrityError); it is a ConflictError (409, retry).
+    For BYOLLM the two requests are two tenants claiming one user id (found by a hunt)."""
+    import threading
+    import time
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from metering.billing.overrides import add_override
+    from metering.errors import ConflictError
+
+    def create(session, n: int) -> None:
+        if kind == "purpose":
+            store.put_purpose(session, purpose="p", provider="simulated", model=f"m{n}")
+        elif kind == "budget":
+            store.put_budget(session, extension_id="ext", max_calls=n + 1, max_tokens=None)
+        elif kind == "byollm":
+            store.put_byollm(
+                session, box, user_id="alice", tenant_id=f"t{n}", provider="simulated", model="m", api_key=None
+            )
+        else:
+            at = datetime(2026, 1, 1, tzinfo=UTC)
+            add_override(session, id="o", provider="ollama", model_pattern="*", effective_from=at, effective_to=None,
+                         input_mtok=Decimal(n), output_mtok=Decimal(0))  # fmt: skip
+
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with session_factory() as session:
+                create(session, 2)
+                session.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    with session_factory() as first:
+        create(first, 1)  # flushed: its row is in, not committed
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)  # the second request has looked (no row) and waits on the first one's insert
+        first.commit()
+    thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], ConflictError), errors
