@@ -225,6 +225,11 @@ def test_metrics_can_require_a_read_token(db_url, tmp_path, session_factory):
         ingest_only = _token(session_factory, Scope.INGEST)
         assert_problem(client.get("/metrics", headers=bearer(ingest_only)), 403, "forbidden")
         ok = client.get("/metrics", headers=bearer(_token(session_factory, Scope.READ)))
+        with session_factory() as session:  # every tenant's totals, less its own usage: another tenant's (a hunt)
+            _row, bound = create_token(session, "tenant reader", [Scope.READ], tenant_id="tenant-1")
+            session.commit()
+        body = assert_problem(client.get("/metrics", headers=bearer(bound)), 403, "forbidden")
+    assert "bound to no tenant" in body["detail"]
     assert ok.status_code == 200 and "metering_unpriced_events 0.0" in ok.text
 
 

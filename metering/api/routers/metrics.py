@@ -1,5 +1,5 @@
 """GET /metrics: the Prometheus exposition (``metering.metrics``). Public unless ``METERING_API__METRICS_PUBLIC=false``,
-which requires a token of scope ``read``. Not in the OpenAPI document: it is not a JSON API."""
+which requires a token of scope ``read`` bound to no tenant. Not in the OpenAPI document: it is not a JSON API."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from metering.api.deps import app_settings, require
 from metering.auth import Scope
+from metering.errors import PermissionDeniedError
 from metering.metrics import metrics_for
 
 router = APIRouter(tags=["metrics"])
@@ -25,6 +26,8 @@ def _credentials(request: Request) -> HTTPAuthorizationCredentials | None:
 @router.get("/metrics", include_in_schema=False)
 def get_metrics(request: Request) -> Response:
     if not app_settings(request).api.metrics_public:
-        _require_read(request, _credentials(request))
+        principal = _require_read(request, _credentials(request))
+        if principal.tenant_id is not None:  # platform-wide totals: less its own usage, another tenant's
+            raise PermissionDeniedError("/metrics holds every tenant's usage: it needs a token bound to no tenant")
     body, content_type = metrics_for(request.app.state).render(request.headers.get("Accept"))
     return Response(content=body, media_type=content_type)
