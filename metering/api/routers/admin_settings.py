@@ -18,7 +18,7 @@ from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow
-from metering.errors import NotFoundError, SecretError
+from metering.errors import InvalidInputError, NotFoundError, SecretError
 from metering.events import MAX_NAME
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
@@ -155,7 +155,8 @@ def get_byollm(tenant_id: TenantId, user_id: UserId, principal: Admin, session: 
     description=(
         "Requires `admin`; a tenant-bound token only for its tenant's users (404 for others). `api_key` is "
         "write-only: encrypted at rest, never in a response, a log or the audit log. Omit it to keep the stored "
-        "key (same provider), send `null` to remove it. 409 `conflict` when the user id is configured under "
+        "key (same provider and base_url: a new base_url needs the key again, 422), send `null` to remove it. "
+        "409 `conflict` when the user id is configured under "
         "another tenant. Audited as `byollm.set`."
     ),
     responses=problem_responses(401, 403, 404, 409, 422, 503),
@@ -175,6 +176,11 @@ def put_byollm(
     if "api_key" in body.model_fields_set:
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
     elif existing is not None and existing.provider == body.provider:
+        if existing.api_key_ciphertext is not None and existing.base_url != body.base_url:
+            # The key is write-only: never send it to an endpoint other than the one it was given for.
+            raise InvalidInputError(
+                "base_url changes: send api_key again (a stored key is never sent to another endpoint), or null"
+            )
         api_key = _stored_key(existing, box)
     else:
         api_key = None

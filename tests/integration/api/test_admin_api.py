@@ -166,6 +166,22 @@ def test_byollm_api_key_is_write_only_and_never_leaks(client, admin, settings, s
     assert removed.before["provider"] == "simulated" and removed.before["api_key"] is None and removed.after is None
 
 
+def test_a_new_base_url_needs_the_key_again(client, admin, session_factory):
+    """The stored key is write-only: keeping it across a base_url change let any admin have it sent to a host of
+    their choice (found by a hunt)."""
+    url = "/v1/admin/users/acme/alice/byollm"
+    first = {"provider": "openai_compatible", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key": fake_key()}
+    assert client.put(url, json=first, headers=admin).status_code == 200
+    moved = {"provider": "openai_compatible", "model": "m", "base_url": "http://attacker.example/v1"}
+    body = assert_problem(client.put(url, json=moved, headers=admin), 422, "invalid_input")
+    assert "send api_key again" in body["detail"]
+    with session_factory() as session:
+        assert session.get(ByollmSettingsRow, "alice").base_url == "http://127.0.0.1:9/v1"
+    same_url = {"provider": "openai_compatible", "model": "m2", "base_url": "http://127.0.0.1:9/v1"}
+    assert client.put(url, json=same_url, headers=admin).json()["has_api_key"] is True  # the model alone: kept
+    assert client.put(url, json=moved | {"api_key": None}, headers=admin).json()["has_api_key"] is False
+
+
 def test_byollm_delete_audits_the_key_as_redacted(client, admin, session_factory):
     key = fake_key()
     url = "/v1/admin/users/acme/bob/byollm"
