@@ -167,9 +167,8 @@ class MeteredLLM:
     # -- shared steps -------------------------------------------------------------------------
 
     def _plan(self, purpose: str) -> Plan:
-        byollm = self._settings.byollm(self._scope.user_id)
-        if byollm is not None and byollm.tenant_id != self._scope.tenant_id:
-            byollm = None  # user ids are global, but a user's own LLM (and key) serves only their tenant's calls
+        # User ids are global, but a user's own LLM (and key) serves only their tenant's calls.
+        byollm = self._settings.byollm(self._scope.user_id, self._scope.tenant_id)
         return resolve_cached(byollm, self._settings.purpose(purpose), self._platform)
 
     def _reserve(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, attempt: int) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -11,10 +11,14 @@ from metering.llm.budgets import CallBudget
 from metering.llm.resolution import ByollmSettings, PurposeSettings
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 class SettingsSource(Protocol):
-    def byollm(self, user_id: str) -> ByollmSettings | None: ...
+    def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
+        """The user's own LLM, if configured under this tenant (user ids are global: another tenant's settings, and
+        their key, are never loaded for this one's calls)."""
+        ...
 
     def purpose(self, purpose: str) -> PurposeSettings | None: ...
 
@@ -29,8 +33,9 @@ class InMemorySettings:
     purpose_by_name: dict[str, PurposeSettings] = field(default_factory=dict)
     budget_by_extension: dict[str, CallBudget] = field(default_factory=dict)
 
-    def byollm(self, user_id: str) -> ByollmSettings | None:
-        return self.byollm_by_user.get(user_id)
+    def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
+        settings = self.byollm_by_user.get(user_id)
+        return settings if settings is not None and settings.tenant_id == tenant_id else None
 
     def purpose(self, purpose: str) -> PurposeSettings | None:
         return self.purpose_by_name.get(purpose)
@@ -49,9 +54,9 @@ class CachedSettings:
         self._source = source
         self._ttl = ttl_s
         self._clock = clock
-        self._entries: dict[tuple[str, str], tuple[float, object]] = {}
+        self._entries: dict[tuple[str, Hashable], tuple[float, object]] = {}
 
-    def _get(self, kind: str, key: str, load: Callable[[str], T]) -> T:
+    def _get(self, kind: str, key: K, load: Callable[[K], T]) -> T:
         now = self._clock()
         hit = self._entries.get((kind, key))
         if hit is not None and hit[0] > now:
@@ -60,8 +65,8 @@ class CachedSettings:
         self._entries[(kind, key)] = (now + self._ttl, value)
         return value
 
-    def byollm(self, user_id: str) -> ByollmSettings | None:
-        return self._get("byollm", user_id, self._source.byollm)
+    def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
+        return self._get("byollm", (user_id, tenant_id), lambda key: self._source.byollm(*key))
 
     def purpose(self, purpose: str) -> PurposeSettings | None:
         return self._get("purpose", purpose, self._source.purpose)

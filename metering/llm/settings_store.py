@@ -253,10 +253,12 @@ class DatabaseSettings:
         self._sessions = session_factory
         self._box = box
 
-    def byollm(self, user_id: str) -> ByollmSettings | None:
+    def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
         with self._sessions() as session:
             row = session.get(ByollmSettingsRow, user_id)
-            return byollm_from_row(row, self._box) if row is not None else None
+            if row is None or row.tenant_id != tenant_id:  # another tenant's: never decrypted for this one
+                return None
+            return byollm_from_row(row, self._box)
 
     def purpose(self, purpose: str) -> PurposeSettings | None:
         with self._sessions() as session:

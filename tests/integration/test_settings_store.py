@@ -37,7 +37,7 @@ def test_byollm_key_is_encrypted_at_rest_and_round_trips(session_factory, box) -
         raw = session.execute(text("SELECT api_key_ciphertext FROM byollm_settings")).scalar_one()
         assert KEY.encode() not in bytes(raw)
     source = store.DatabaseSettings(session_factory, box)
-    settings = source.byollm("u1")
+    settings = source.byollm("u1", "t1")
     assert settings is not None
     assert settings.api_key == KEY and settings.fallback_policy is FallbackPolicy.ERROR
     assert KEY not in repr(settings)
@@ -54,10 +54,10 @@ def test_rotation_re_encrypts_under_the_new_key(session_factory) -> None:
     with session_factory() as session:
         assert store.rotate_byollm_keys(session, SecretBox([new_key, old_key])) == 1
         session.commit()
-    settings = store.DatabaseSettings(session_factory, SecretBox([new_key])).byollm("u1")
+    settings = store.DatabaseSettings(session_factory, SecretBox([new_key])).byollm("u1", "t1")
     assert settings is not None and settings.api_key == KEY
     with pytest.raises(SecretError, match="cannot be decrypted"):
-        store.DatabaseSettings(session_factory, SecretBox([old_key])).byollm("u1")
+        store.DatabaseSettings(session_factory, SecretBox([old_key])).byollm("u1", "t1")
 
 
 @pytest.mark.parametrize(
@@ -150,3 +150,19 @@ def test_two_requests_creating_one_row_at_once_give_one_row_and_a_conflict(sessi
         first.commit()
     thread.join(30)
     assert len(errors) == 1 and isinstance(errors[0], ConflictError), errors
+
+
+def test_another_tenants_byollm_settings_are_never_loaded_nor_decrypted(session_factory) -> None:
+    """User ids are global: tenant B's call for its own 'u1' decrypted tenant A's row (and failed with a
+    secret_error when A's key could not be decrypted, telling B that 'u1' exists elsewhere). Found by a hunt."""
+    with session_factory() as session:
+        store.put_byollm(
+            session, SecretBox([generate_key()]), user_id="u1", tenant_id="t1", provider="openai", model="m",
+            api_key=KEY,
+        )  # fmt: skip
+        session.commit()
+    other_keys = store.DatabaseSettings(session_factory, SecretBox([generate_key()]))  # cannot decrypt t1's key
+    assert other_keys.byollm("u1", "t2") is None
+    with pytest.raises(SecretError):
+        other_keys.byollm("u1", "t1")
+    assert CachedSettings(other_keys).byollm("u1", "t2") is None
