@@ -48,10 +48,12 @@ def _check_provider(provider: str, base_url: str | None) -> None:
             raise InvalidInputError("base_url must not carry credentials (user:password@): give the key as the api key")
 
 
-def _name(name: str, value: str) -> str:
-    """An id or name as stored: stripped, not empty, at most MAX_NAME characters (its column's size)."""
-    value = value.strip()
-    if not value:
+def _name(name: str, value: str, *, strip: bool = False) -> str:
+    """An id or name as stored: not blank, at most MAX_NAME characters (its column's size). Ids are exact, as in
+    usage events (never stripped: the edges audit and check the id they were given); a model name is stripped."""
+    if strip:
+        value = value.strip()
+    if not value.strip():
         raise InvalidInputError(f"{name} must not be empty")
     if len(value) > MAX_NAME:
         raise InvalidInputError(f"{name} has at most {MAX_NAME} characters")
@@ -80,7 +82,8 @@ def put_byollm(
         raise InvalidInputError(f"provider {provider!r} needs an api_key for BYOLLM")
     if api_key is not None and len(api_key) > MAX_API_KEY:
         raise InvalidInputError(f"an api_key has at most {MAX_API_KEY} characters")
-    user_id, tenant_id, model = _name("user_id", user_id), _name("tenant_id", tenant_id), _name("model", model)
+    user_id, tenant_id = _name("user_id", user_id), _name("tenant_id", tenant_id)
+    model = _name("model", model, strip=True)
     now = utcnow()
     row = byollm_row_to_replace(session, user_id, tenant_id)
     if row is None:
@@ -170,7 +173,7 @@ def put_purpose(
 ) -> PurposeSettingsRow:
     _check_params(params or {})
     _check_provider(provider, base_url)
-    purpose, model = _name("purpose", purpose), _name("model", model)
+    purpose, model = _name("purpose", purpose), _name("model", model, strip=True)
     row = session.get(PurposeSettingsRow, purpose)
     if row is None:
         row = PurposeSettingsRow(purpose=purpose)

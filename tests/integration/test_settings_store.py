@@ -166,3 +166,16 @@ def test_another_tenants_byollm_settings_are_never_loaded_nor_decrypted(session_
     with pytest.raises(SecretError):
         other_keys.byollm("u1", "t1")
     assert CachedSettings(other_keys).byollm("u1", "t2") is None
+
+
+def test_ids_are_stored_exactly_and_a_blank_one_is_refused(session_factory, box) -> None:
+    """Ids were stripped by the store while the edges audited and checked the id as given: 'summ ' replaced 'summ'
+    with an audit entry naming 'summ ' and no before (found by a review). Ids are exact, as in usage events."""
+    with session_factory() as session:
+        store.put_purpose(session, purpose="summ", provider="simulated", model="m1")
+        store.put_purpose(session, purpose="summ ", provider="simulated", model=" m2 ")
+        session.commit()
+        rows = {row.purpose: row.model for row in store.list_purposes(session)}
+    assert rows == {"summ": "m1", "summ ": "m2"}  # a model name is stripped
+    with session_factory() as session, pytest.raises(InvalidInputError, match="must not be empty"):
+        store.put_budget(session, extension_id="  ", max_calls=1, max_tokens=None)
