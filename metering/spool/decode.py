@@ -121,7 +121,8 @@ class DeadLetters:
 
     def _append(self, slot: str, segment: int, rejected: list[Rejected], now: str) -> None:
         """All the records, or (the disk full) none: a short write is cut off again and raises, so the flusher
-        keeps the batch and retries it; no torn record is left for the next one to be glued to."""
+        keeps the batch and retries it. A line another writer left torn (a crash) is ended first, so it stays
+        one unreadable line and the records after it stay readable."""
         data = b"".join(
             orjson.dumps(
                 {
@@ -137,9 +138,11 @@ class DeadLetters:
             + b"\n"
             for item in rejected
         )
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: never glue a record to it
+                data = b"\n" + data
             try:
                 _write_all(fd, data)
             except BaseException:

@@ -32,6 +32,7 @@ from metering.spool.segments import (
     list_segments,
     list_slots,
     read_cursor,
+    segment_name,
     write_cursor,
 )
 from metering.spool.sink import RefusedBatchError, Sink
@@ -80,8 +81,16 @@ class Flusher:
         self.max_backoff_s = max_backoff_s
         self.dead_letters = DeadLetters(self.root / DEAD_LETTER_NAME)
         self._held: dict[Path, int] = {}  # slot dir -> fd holding its reader lock
-        self._accepted = 0  # batches the sink took (any slot): proof it works, for refusals that are events' own
-        self._refused: dict[Path, int] = {}  # slot -> self._accepted when its current batch was last refused
+        # Batches the sink took, in all and per slot: another slot's are proof that it works, so that a batch it
+        # keeps refusing is refused for its events' own sake.
+        self._accepted = 0
+        self._accepted_in: dict[Path, int] = {}
+        self._pass_start_in: dict[Path, int] = {}  # self._accepted_in when the current pass began
+        # slot -> (the pass in which its current batch was first refused, other slots' batches taken before it)
+        self._refused: dict[Path, tuple[int, int]] = {}
+        self._rotated_out: set[Path] = set()  # drained slots released to let left-out ones in: claimed last
+        self._passes = 0
+        self._pass_start = 0  # self._accepted when the current pass began
         self._pass_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -209,6 +218,9 @@ class Flusher:
             with self._done:
                 generation = self._requested
             left_out = self._claim_slots()
+            self._passes += 1
+            self._pass_start = self._accepted
+            self._pass_start_in = dict(self._accepted_in)
             busy = False
             failed: Exception | None = None
             for slot in list(self._held):
@@ -221,9 +233,13 @@ class Flusher:
                     failed = failed or exc
                     continue
                 busy |= backlog
-                if not backlog and slot != self._own_slot() and self._idle(slot):
-                    self._release(slot)  # drained, and nobody writes to it: its lock (a file descriptor) goes back
-                    busy |= left_out  # room for the slots left out: another pass takes them
+                if not backlog and slot != self._own_slot() and (left_out or self._idle(slot)):
+                    # Drained: its lock (a file descriptor) goes back when nobody writes to it, or when slots with
+                    # something to read were left out for want of locks (another pass takes them; this one waits).
+                    self._release(slot)
+                    if left_out:
+                        self._rotated_out.add(slot)
+                        busy = True
             if failed is not None:
                 raise failed  # retried with backoff; the pass is not complete
             with self._done:
@@ -248,8 +264,10 @@ class Flusher:
         if own is not None and own in slots:  # our own slot first
             slots.remove(own)
             slots.insert(0, own)
+        # Slots released for want of locks go last: the others get their turn (no slot waits behind live writers).
+        slots.sort(key=lambda slot: slot != own and slot in self._rotated_out)
         for slot in slots:
-            if slot in self._held or (slot != own and not list_segments(slot)):  # nothing to deliver there yet
+            if slot in self._held or (slot != own and not _has_unread(slot)):  # nothing to deliver there yet
                 continue
             if len(self._held) >= MAX_HELD_SLOTS:  # the rest in later passes, as drained slots are released
                 return True
@@ -257,6 +275,7 @@ class Flusher:
                 fd = try_lock(slot / READER_LOCK_NAME)
                 if fd is not None:
                     self._held[slot] = fd
+        self._rotated_out.clear()  # every slot with something to read has had its turn
         return False
 
     def _live_segment(self, slot: Path, segments: list[int]) -> int | None:
@@ -294,13 +313,17 @@ class Flusher:
                 # Every part refused: a broken sink, or only bad events here (a batch of one, the end of a
                 # segment). The sink's other deliveries tell which: if it took other batches since this one was
                 # first refused (any slot's), or takes the events behind it, these are refused for their own sake.
-                seen, self._refused[slot] = self._refused.get(slot), self._accepted
-                healthy = seen is not None and self._accepted > seen
+                # Refused in an earlier pass, and the sink took another slot's batch since that pass began (before or
+                # after this one in the pass): the refusal is this batch's own.
+                others_then = self._pass_start - self._pass_start_in.get(slot, 0)
+                first_pass, others_before = self._refused.setdefault(slot, (self._passes, others_then))
+                others_now = self._accepted - self._accepted_in.get(slot, 0)
+                healthy = first_pass < self._passes and others_now > others_before
                 if not healthy and not self._sink_takes_what_follows(slot, batch, live):
                     raise
                 result = deliver_isolating(self.sink, events, sink_healthy=True)
             self._refused.pop(slot, None)
-            self._accepted += 1
+            self._took(slot)
             self._delivered += result.inserted
             self._duplicates += result.duplicates
             for index, reason in result.rejected:  # refused by the sink (e.g. an event from the future)
@@ -312,6 +335,10 @@ class Flusher:
         write_cursor(slot, batch.next_cursor)
         if batch.finished_segment:
             remove_segment(slot, batch.segment)
+
+    def _took(self, slot: Path) -> None:
+        self._accepted += 1
+        self._accepted_in[slot] = self._accepted_in.get(slot, 0) + 1
 
     def _sink_takes_what_follows(self, slot: Path, batch: Batch, live: int | None) -> bool:
         """Deliver the next batch of the slot (again later, as duplicates): True if the sink takes it."""
@@ -334,8 +361,22 @@ class Flusher:
             deliver_isolating(self.sink, events)
         except RefusedBatchError:
             return False
-        self._accepted += 1
+        self._took(slot)
         return True
+
+
+def _has_unread(slot: Path) -> bool:
+    """Whether the slot holds bytes past its cursor (cheap: directory listing and one stat)."""
+    segments = list_segments(slot)
+    if not segments:
+        return False
+    cursor = read_cursor(slot)
+    if segments[-1] > cursor.segment:
+        return True
+    try:
+        return (slot / segment_name(segments[-1])).stat().st_size > cursor.offset
+    except FileNotFoundError:
+        return True  # rotated meanwhile: look again
 
 
 def _reached(cursor: Cursor, position: Cursor) -> bool:

@@ -83,3 +83,12 @@ def test_a_negative_cursor_starts_over(tmp_path: Path, cursor: bytes) -> None:
     (tmp_path / "cursor").write_bytes(cursor)
     position = read_cursor(tmp_path)
     assert (position.segment, position.offset) == (0, 0)  # re-delivery: the idempotent sink counts duplicates
+
+
+def test_a_record_appended_after_a_line_torn_by_a_crash_stays_readable(tmp_path: Path) -> None:
+    letters = DeadLetters(tmp_path / "rejected.jsonl")
+    letters.write("writer-0", 1, rejected(1))
+    with letters.path.open("ab") as f:
+        f.write(b'{"rejected_at": "2026')  # a crash mid-write: no newline
+    letters.write("writer-0", 2, rejected(2))
+    assert [r["segment"] for r in letters.read()] == [1, 2, 2]
