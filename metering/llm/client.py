@@ -25,7 +25,7 @@ from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
 from metering.llm.responses import LLMResponse, parse_json_text
 from metering.llm.settings_source import SettingsSource
 from metering.llm.streaming import MessageStream
-from metering.llm.types import MISSING_USAGE, ProviderRequest, ResponseFormat, TokenUsage
+from metering.llm.types import MISSING_USAGE, STOP_MAX_TOKENS, ProviderRequest, ResponseFormat, TokenUsage
 from metering.llm.usage import estimate_input_tokens, fill_missing
 
 log = logging.getLogger("metering.llm")
@@ -299,7 +299,10 @@ class MeteredLLM:
                 common, usage=usage, stop_reason=result.stop_reason, status=Status.OK, error_type=None
             )
             self._served_by(target)
-            parsed = parse_json_text(result.text) if response_format == "json" else None
+            parsed = None
+            if response_format == "json":
+                cut_off_at = max_tokens if result.stop_reason == STOP_MAX_TOKENS else None
+                parsed = parse_json_text(result.text, cut_off_at=cut_off_at)
             return LLMResponse(
                 text=result.text,
                 provider=target.config.provider,

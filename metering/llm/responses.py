@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from metering.errors import InvalidJSONResponseError
-from metering.llm.types import ResponseFormat, TokenUsage
+from metering.llm.types import STOP_MAX_TOKENS, ResponseFormat, TokenUsage
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 µs on the metered hot path
@@ -27,21 +28,49 @@ class LLMResponse:
         """The parsed JSON value when ``response_format="json"`` was asked for, else ``None``."""
         return self.parsed
 
+    @property
+    def truncated(self) -> bool:
+        """Whether the reply was cut off by ``max_tokens`` (its stop reason says so): the text is incomplete."""
+        return self.stop_reason == STOP_MAX_TOKENS
 
-def parse_json_text(text: str) -> Any:
-    """Parse a model's JSON answer, tolerating a surrounding Markdown code fence."""
-    candidate = text.strip()
-    if candidate.startswith("```"):
-        first_newline = candidate.find("\n")
-        candidate = candidate[first_newline + 1 :] if first_newline != -1 else ""
-        if candidate.rstrip().endswith("```"):
-            candidate = candidate.rstrip()[:-3]
+
+_FENCE = "```"
+# The info string after an opening fence (```json, ```JSON5), on the fence's line: removed when followed by a space or
+# a line end. A bare JSON literal (```true```) is the answer, not an info string.
+_INFO_STRING = re.compile(r"[A-Za-z][\w+.#-]*(?=\s|$)")
+_JSON_LITERALS = frozenset({"true", "false", "null"})
+
+
+def _unfenced(text: str) -> str:
+    """The content of a Markdown code fence around the whole (stripped) reply, on one line or several."""
+    if not text.startswith(_FENCE):
+        return text
+    body = text[len(_FENCE) :]
+    if body.endswith(_FENCE):
+        body = body[: -len(_FENCE)]
+    body = body.lstrip(" \t")
+    info = _INFO_STRING.match(body)
+    if info is not None and info.group() not in _JSON_LITERALS:
+        body = body[info.end() :]
+    return body
+
+
+def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
+    """Parse a model's JSON answer, tolerating a surrounding Markdown code fence.
+
+    The fence may be on its own lines (```json, the JSON, ```) or on the answer's one line (```json {...}```,
+    ```{...}```). ``cut_off_at``: the ``max_tokens`` the reply stopped at (its stop reason was ``max_tokens``), so
+    that an error says the JSON was cut off rather than only where its parser gave up.
+    """
+    candidate = _unfenced(text.strip())
     try:
         return json.loads(candidate)
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
     except RecursionError:  # a reply such as "[[[[…" nested deeper than the interpreter's stack
         reason = "nested too deeply"
+    if cut_off_at is not None:
+        reason = f"{reason}: the reply was cut off at max_tokens={cut_off_at}, its stop reason"
     raise InvalidJSONResponseError(
         f"response_format='json' was requested but the model's reply is not valid JSON ({reason}); "
         f"the raw text is on the error's .text attribute",

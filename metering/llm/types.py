@@ -8,6 +8,7 @@ from typing import Any, Literal
 from metering.events import UsageCompleteness
 
 ResponseFormat = Literal["json"] | None
+STOP_MAX_TOKENS = "max_tokens"  # the stop reason of a reply cut off by max_tokens (OpenAI's "length" is mapped to it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,13 @@ from metering.llm.types import (
 
 SECRET = "sk-user-SECRET-1234567890"
 DEEP = "[" * 100_000  # nested deeper than the interpreter's recursion limit
-REPLIES = {"json": '```json\n{"items": []}\n```', "badjson": "not json", "deepjson": DEEP, "empty-nousage": ""}
+REPLIES = {
+    "json": '```json\n{"items": []}\n```',
+    "badjson": "not json",
+    "deepjson": DEEP,
+    "empty-nousage": "",
+    "cutjson": '{"items": [{"task": "Call',  # a JSON reply cut off by max_tokens
+}
 
 
 class Recorder:
@@ -51,7 +57,8 @@ class Recorder:
 
 
 class FakeProvider:
-    """Behaves per model name: 'fail' raises, 'nousage' reports none, 'json'/'badjson' answer so."""
+    """Behaves per model name: 'fail' raises, 'nousage' reports none, 'json'/'badjson' answer so, 'cut' stops at
+    max_tokens."""
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.provider
@@ -68,7 +75,8 @@ class FakeProvider:
             await asyncio.sleep(0)
         text = REPLIES.get(model, "hello there")
         usage = MISSING_USAGE if "nousage" in model else TokenUsage(120, 7, 100, 0, 0)
-        return ProviderResult(text=text, usage=usage, stop_reason="end_turn", model=model)
+        stop_reason = "max_tokens" if "cut" in model else "end_turn"
+        return ProviderResult(text=text, usage=usage, stop_reason=stop_reason, model=model)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Any]:
         self.calls.append(request)
@@ -223,6 +231,18 @@ async def test_json_reply_nested_too_deeply_is_an_invalid_json_error() -> None:
     with pytest.raises(InvalidJSONResponseError, match="nested too deeply") as info:
         await llm.create_message(messages=MESSAGES, response_format="json")
     assert info.value.text == DEEP and [e.status for e in rec.events] == ["ok"]
+
+
+async def test_json_reply_cut_off_by_max_tokens_says_so() -> None:
+    """A JSON reply that stopped at max_tokens is not valid JSON because it was cut off: the error says so (it
+    only said "Unterminated string", which hid the cause) and the reply is flagged truncated."""
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="cutjson", api_keys={"openai": "k"}))
+    with pytest.raises(InvalidJSONResponseError, match="cut off at max_tokens=300") as info:
+        await llm.create_message(messages=MESSAGES, max_tokens=300, response_format="json")
+    assert info.value.text == REPLIES["cutjson"] and [e.stop_reason for e in rec.events] == ["max_tokens"]
+    llm, _ = make_llm(platform=PlatformLLM(provider="openai", model="cut", api_keys={"openai": "k"}))
+    assert (await llm.create_message(messages=MESSAGES)).truncated
+    assert not (await make_llm()[0].create_message(messages=MESSAGES)).truncated
 
 
 async def test_missing_usage_is_estimated() -> None:

@@ -1,0 +1,42 @@
+"""parse_json_text: a model's JSON answer, with or without a Markdown code fence around it (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from metering.errors import InvalidJSONResponseError
+from metering.llm.responses import parse_json_text
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"items": []}',
+        '```json\n{"items": []}\n```',
+        '```\n{"items": []}\n```',
+        '  ```JSON\n{"items": []}\n```  ',
+        '```json\n{"items": []}',  # no closing fence
+        # On one line: these were refused ("Expecting value") though the docstring promised a fence is tolerated.
+        '```json {"items": []}```',
+        '```json {"items": []} ```',
+        '```{"items": []}```',
+        '``` {"items": []} ```',
+        '```{"items": []}\n```',
+    ],
+)
+def test_a_fenced_json_answer_is_parsed(reply: str) -> None:
+    assert parse_json_text(reply) == {"items": []}
+
+
+@pytest.mark.parametrize(("reply", "value"), [("```true```", True), ("```null```", None), ("```json\n[1]\n```", [1])])
+def test_a_json_literal_in_a_fence_is_the_answer_not_an_info_string(reply: str, value: object) -> None:
+    assert parse_json_text(reply) == value
+
+
+def test_an_invalid_answer_is_a_typed_error_and_a_cut_off_one_says_so() -> None:
+    with pytest.raises(InvalidJSONResponseError, match="not valid JSON") as info:
+        parse_json_text("```json sure! here you go```")
+    assert "cut off" not in info.value.message
+    with pytest.raises(InvalidJSONResponseError, match=r"cut off at max_tokens=1500") as info:
+        parse_json_text('{"items": [{"task": "Call', cut_off_at=1500)
+    assert info.value.text == '{"items": [{"task": "Call'
