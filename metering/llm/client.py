@@ -25,6 +25,7 @@ from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
 from metering.llm.responses import LLMResponse, parse_json_text
 from metering.llm.settings_source import SettingsSource
 from metering.llm.streaming import MessageStream
+from metering.llm.text import clean_text
 from metering.llm.types import MISSING_USAGE, STOP_MAX_TOKENS, ProviderRequest, ResponseFormat, TokenUsage
 from metering.llm.usage import estimate_input_tokens, fill_missing
 
@@ -294,7 +295,8 @@ class MeteredLLM:
                     error_type=f"internal:{type(exc).__name__}"[:100],
                 )
                 raise
-            usage = fill_missing(result.usage, system, messages, result.text, answered=True)
+            text = clean_text(result.text)  # no lone surrogate reaches the caller (it could not be encoded)
+            usage = fill_missing(result.usage, system, messages, text, answered=True)
             event_id = self._record(
                 common, usage=usage, stop_reason=result.stop_reason, status=Status.OK, error_type=None
             )
@@ -302,9 +304,9 @@ class MeteredLLM:
             parsed = None
             if response_format == "json":
                 cut_off_at = max_tokens if result.stop_reason == STOP_MAX_TOKENS else None
-                parsed = parse_json_text(result.text, cut_off_at=cut_off_at)
+                parsed = parse_json_text(text, cut_off_at=cut_off_at)
             return LLMResponse(
-                text=result.text,
+                text=text,
                 provider=target.config.provider,
                 model=target.config.model,
                 is_byollm=target.is_byollm,

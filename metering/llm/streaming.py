@@ -23,6 +23,7 @@ from metering.events import Status
 from metering.llm.attempt import Attempt
 from metering.llm.event_record import prompt_fingerprint
 from metering.llm.responses import LLMResponse
+from metering.llm.text import ChunkCleaner
 from metering.llm.types import MISSING_USAGE, StreamEnd, TextDelta, TokenUsage
 from metering.llm.usage import fill_missing
 
@@ -135,15 +136,20 @@ class MessageStream:
                 parts: list[str] = []
                 ttft: float | None = None
                 end: StreamEnd | None = None
+                cleaner = ChunkCleaner()  # no lone surrogate reaches the consumer (it could not be encoded)
                 try:
                     async for item in upstream:
                         if isinstance(item, TextDelta):
                             if ttft is None:
                                 ttft = round((time.perf_counter() - common.started) * 1000.0, 3)
-                            parts.append(item.text)
-                            yield item.text
+                            chunk = cleaner.feed(item.text)
+                            parts.append(chunk)
+                            yield chunk
                         else:
                             end = item
+                    if tail := cleaner.flush():
+                        parts.append(tail)
+                        yield tail
                 except ProviderError as exc:
                     self._record_unfinished(common, parts, ttft, Status.ERROR, exc.error_type)
                     llm._served_by(target)

@@ -13,10 +13,13 @@ from metering.api.app import create_app
 from metering.auth import Scope
 from metering.db.event_store import count_events
 from metering.db.models import UsageEventRow
+from tests.fakes import FakeOpenAIServer, Reply
+from tests.fakes.fixtures import openai_server
 from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings
 from tests.integration.api.conftest import assert_problem, bearer
 
 REWRITE = "/v1/extensions/rewrite/functions/rewrite:invoke"
+__all__ = ["openai_server"]  # a fixture
 
 
 @pytest.fixture
@@ -341,3 +344,22 @@ def test_a_key_must_be_printable_ascii(client, admin, session_factory):
     headers = {**admin, "Idempotency-Key": b"cl\xe9"}  # latin-1 on the wire: it was stored as mojibake
     assert_problem(_invoke(client, headers), 422, "validation_error")
     assert _spooled_and_stored(client, session_factory) == 0
+
+
+def test_a_reply_with_a_lone_surrogate_is_answered_not_a_500(client, admin, openai_server: FakeOpenAIServer):
+    """The user's own LLM answered half an emoji (the JSON escape "\\ud83d" alone): the response could not be
+    encoded, a 500 after the call was billed, audited and its outcome stored (a keyed retry replayed the 500)."""
+    openai_server.default = Reply(text="Hello \ud83d there")
+    put = client.put(
+        "/v1/admin/users/acme/alice/byollm",
+        json={"provider": "openai_compatible", "model": "llama3", "base_url": openai_server.base_url,
+              "fallback_policy": "error"},
+        headers=admin,
+    )  # fmt: skip
+    assert put.status_code == 200, put.text
+    headers = {**admin, "Idempotency-Key": "k-1"}
+    for replayed in ("false", "true"):
+        response = _invoke(client, headers, text="hi", tone="formal")
+        assert (response.status_code, response.headers["Idempotent-Replayed"]) == (200, replayed), response.text
+        assert response.json()["result"]["text"] == "Hello \ufffd there"
+    assert len(openai_server.requests) == 1

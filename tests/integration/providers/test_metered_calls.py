@@ -169,3 +169,24 @@ async def test_byollm_endpoint_answering_200_without_a_message_fails_over(
     assert isinstance(failed, UsageEvent) and isinstance(served, UsageEvent)
     assert (failed.is_byollm, failed.status, failed.error_type) == (True, "error", "invalid_response")
     assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_lone_surrogate_in_a_reply_never_reaches_the_caller(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str
+) -> None:
+    """A reply holding the JSON escape "\\ud83d" alone (half an emoji) decodes to a str that cannot be encoded as
+    UTF-8: returned by a handler, it failed the HTTP invoke with a 500 after the call was billed. It is replaced by
+    U+FFFD where provider text enters metering, in a reply and in a stream (a pair split between chunks is kept)."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    chunks = ("Hi \ud83d", "\ude00 there \ud83d")
+    server.script(Reply(text="Hello \ud83d there"), Reply(text="".join(chunks), chunks=chunks))
+    llm, rec = metered(provider, server)
+    response = await llm.create_message(messages=MESSAGES)
+    assert response.text == "Hello \ufffd there"
+    rec.lines.clear()
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        received = [chunk async for chunk in stream]
+    assert "".join(received) == stream.text == "Hi \U0001f600 there \ufffd"
+    assert all(chunk.encode("utf-8") is not None for chunk in received)
+    assert the_event(rec).status == "ok"
