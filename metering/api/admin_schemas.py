@@ -298,7 +298,15 @@ class InvokeResponse(BaseModel):
     extension_id: str
     function: str
     invocation_id: uuid.UUID
-    result: Any = Field(description="What the handler returned.")
+    result: Any = Field(
+        description=(
+            "What the handler returned. `rewrite.rewrite`: `{text, truncated, provider, model, is_byollm}`; "
+            "`rewrite.rewrite_multiple`: `{variations, truncated, provider, model, is_byollm}`; "
+            "`rewrite.extract_action_items`: `{action_items: [{owner, deadline, task}], provider, model, is_byollm}`. "
+            "`truncated` (bool): a rewrite (any variation) was cut off by its max_tokens: the text is incomplete."
+        ),
+        examples=[{"text": "…", "truncated": False, "provider": "simulated", "model": "m", "is_byollm": False}],
+    )
     provider: str | None = Field(description="The provider that served the last LLM call.")
     model: str | None
     is_byollm: bool | None = Field(description="Whether the last call was served by the user's own LLM.")

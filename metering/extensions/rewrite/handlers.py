@@ -25,12 +25,20 @@ TONE_PROMPTS = {
     "apologetic": "Rewrite the following text to be apologetic and humble.",
 }
 KEEP_MEANING = " Preserve all factual content. Don't add or remove information."
-REWRITE_MAX_TOKENS = 1500
-# The JSON list grows with the text: at 1,500 tokens a text of ~3,600 characters (100 short tasks) had its JSON cut
-# off mid-string (stop_reason max_tokens), a 502 for valid input. 16,384 fits the 20,000-character input limit (555
-# tasks: ~9,000 tokens of JSON) and is within every supported model's output limit; only the tokens used are billed.
-ACTION_ITEMS_MAX_TOKENS = 16384
+REWRITE_MAX_TOKENS = 1500  # the recipe's; the text is bounded to fit it (schemas.MAX_REWRITE_CHARS)
+# extract_action_items asks for what the text's JSON list can need, so a small text gets a small budget (an enforced
+# token budget reserves max_tokens: a fixed 16,384 refused "Call Bob." under any budget below ~16.4k). The worst case
+# is many tiny tasks: a task of ~5 characters ("Al z.") is ~20 tokens of JSON ({"owner": ..., "deadline": null,
+# "task": ...}), so 5 tokens a character, plus room for the object around the list and a code fence. The text is
+# bounded (schemas.MAX_ACTION_ITEMS_CHARS) so that this stays under 16,384, within every supported model's output
+# limit; only the tokens used are billed.
+ACTION_ITEMS_BASE_TOKENS = 256
+ACTION_ITEMS_TOKENS_PER_CHAR = 5
 ACTION_ITEMS_SYSTEM = "Extract action items as JSON: {items: [{owner, deadline, task}]}"
+
+
+def action_items_max_tokens(text: str) -> int:
+    return ACTION_ITEMS_BASE_TOKENS + ACTION_ITEMS_TOKENS_PER_CHAR * len(text)
 
 
 def _served_by(ctx: Context) -> dict[str, Any]:
@@ -52,7 +60,8 @@ async def rewrite(ctx: Context, params: RewriteParams) -> dict[str, Any]:
         max_tokens=REWRITE_MAX_TOKENS,
         purpose="content_rewrite",
     )
-    return {"text": response.text, **_served_by(ctx)}
+    # A rewrite cut off by max_tokens is not returned as a plain success: `truncated` says the text is incomplete.
+    return {"text": response.text, "truncated": response.truncated, **_served_by(ctx)}
 
 
 @chat.function(
@@ -62,6 +71,7 @@ async def rewrite(ctx: Context, params: RewriteParams) -> dict[str, Any]:
 )
 async def rewrite_multiple(ctx: Context, params: RewriteMultipleParams) -> dict[str, Any]:
     variations: list[str] = []
+    truncated = False
     for i in range(params.n_variations):  # bounded by the schema: 1..5 calls
         response = await ctx.llm.create_message(
             system=f"Rewrite in {params.tone} tone, variation {i + 1}.",
@@ -70,7 +80,8 @@ async def rewrite_multiple(ctx: Context, params: RewriteMultipleParams) -> dict[
             purpose="content_rewrite",
         )
         variations.append(response.text)
-    return {"variations": variations, **_served_by(ctx)}
+        truncated = truncated or response.truncated
+    return {"variations": variations, "truncated": truncated, **_served_by(ctx)}
 
 
 @chat.function(
@@ -82,7 +93,7 @@ async def extract_action_items(ctx: Context, params: ExtractActionItemsParams) -
     response = await ctx.llm.create_message(
         system=ACTION_ITEMS_SYSTEM,
         messages=[{"role": "user", "content": params.text}],
-        max_tokens=ACTION_ITEMS_MAX_TOKENS,
+        max_tokens=action_items_max_tokens(params.text),
         purpose="action_items",
         response_format="json",
     )

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Tone = Literal["formal", "casual", "concise", "friendly", "apologetic"]
-MAX_TEXT_CHARS = 20_000
+# What one reply of max_tokens=1500 (the recipe's) can hold, with margin: ~1,000 tokens of English at ~4 characters
+# a token, and a rewrite may be longer than its text (a formal tone expands contractions, a friendly one adds a
+# greeting). Chat messages are short. The rewrites used to accept 20,000 characters, and a long text's rewrite was
+# cut off at 1,500 tokens and returned as a success; a reply still cut off (a script with more tokens per character)
+# is flagged `truncated` in the result.
+MAX_REWRITE_CHARS = 4_000
+# extract_action_items sizes its max_tokens from the text (see handlers.action_items_max_tokens); the worst case is
+# many tiny tasks ("Al z." is 5 characters and ~20 tokens of JSON), so the text is bounded such that it fits 16,384.
+MAX_ACTION_ITEMS_CHARS = 3_200
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format (U+200B, U+FEFF, ...), separators
+
+
+def _not_blank(text: str) -> str:
+    """Refuse a text with nothing to rewrite: only whitespace or invisible characters (it made a billed call)."""
+    if all(char.isspace() or unicodedata.category(char) in _INVISIBLE for char in text):  # stops at the first visible
+        raise ValueError("the text is blank (only whitespace or invisible characters)")
+    return text
+
+
+def _text(max_length: int, description: str) -> Any:
+    return Field(min_length=1, max_length=max_length, description=f"{description} 1 to {max_length:,} characters.")
+
+
+VisibleText = Annotated[str, AfterValidator(_not_blank)]
 
 
 class RewriteParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, "no" is not false
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="The text to rewrite.")
+    text: VisibleText = _text(MAX_REWRITE_CHARS, "The text to rewrite.")
     tone: Tone = Field(description="Target tone.")
     keep_meaning: bool = Field(
         True,
@@ -24,7 +48,7 @@ class RewriteParams(BaseModel):
 class RewriteMultipleParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, "no" is not false
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="Text to rewrite.")
+    text: VisibleText = _text(MAX_REWRITE_CHARS, "Text to rewrite.")
     tone: Literal["formal", "casual"] = Field(description="Tone.")
     n_variations: int = Field(3, ge=1, le=5, description="Number of rewrites to generate (1 to 5).")
 
@@ -32,7 +56,7 @@ class RewriteMultipleParams(BaseModel):
 class ExtractActionItemsParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, "no" is not false
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="Text to extract action items from.")
+    text: VisibleText = _text(MAX_ACTION_ITEMS_CHARS, "Text to extract action items from.")
 
 
 class ActionItem(BaseModel):

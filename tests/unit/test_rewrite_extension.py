@@ -1,0 +1,103 @@
+"""The bundled rewrite extension's budgets and inputs: what it accepts fits what it asks the LLM for (no database)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from metering.errors import InvalidInputError
+from metering.extensions.rewrite import chat as rewrite
+from metering.extensions.rewrite.handlers import REWRITE_MAX_TOKENS, action_items_max_tokens
+from metering.extensions.rewrite.schemas import MAX_ACTION_ITEMS_CHARS, MAX_REWRITE_CHARS
+from metering.llm.budgets import BudgetMode, CallBudget
+from metering.llm.client import ProviderPool
+from metering.llm.providers.simulated import SimulatedProvider
+from metering.llm.resolution import PlatformLLM
+from metering.llm.settings_source import InMemorySettings
+from metering.runtime import Runtime, User
+from tests.unit.test_metered_llm import PLATFORM, FakeProvider, Recorder
+
+USER = User("user-1", "tenant-1")
+SIMULATED = PlatformLLM(provider="simulated", model="claude-sonnet-4-6", api_keys={})
+
+
+def simulated(settings: InMemorySettings | None = None) -> tuple[Runtime, Recorder]:
+    recorder = Recorder()
+    providers = ProviderPool(lambda config: SimulatedProvider())
+    return Runtime(settings=settings or InMemorySettings(), platform=SIMULATED, providers=providers,
+                   recorder=recorder), recorder  # fmt: skip
+
+
+FUNCTIONS = [("rewrite", {"tone": "formal"}), ("rewrite_multiple", {"tone": "casual"}), ("extract_action_items", {})]
+
+
+def longest(sentence: str, limit: int) -> str:
+    return (sentence * (limit // len(sentence) + 1))[:limit]
+
+
+@pytest.mark.parametrize("tone", ["formal", "casual", "concise", "friendly", "apologetic"])
+async def test_the_longest_text_accepted_is_rewritten_whole(tone: str) -> None:
+    """The rewrites accepted 20,000 characters with the recipe's max_tokens=1500: a long text's rewrite was cut off
+    (stop_reason max_tokens) and returned as a success. The text is bounded to what 1,500 tokens hold."""
+    runtime, rec = simulated()
+    text = longest("We'll send the report to the client on Friday and won't be late. ", MAX_REWRITE_CHARS)
+    result = await runtime.invoke(rewrite, "rewrite", {"text": text, "tone": tone}, USER)
+    assert result.result["truncated"] is False and [e.stop_reason for e in rec.events] == ["end_turn"]
+    assert rec.events[0].max_tokens == REWRITE_MAX_TOKENS
+    with pytest.raises(InvalidInputError, match="at most 4000 characters"):
+        await runtime.invoke(rewrite, "rewrite", {"text": text + "x", "tone": tone}, USER)
+    with pytest.raises(InvalidInputError, match="at most 4000 characters"):
+        await runtime.invoke(rewrite, "rewrite_multiple", {"text": text + "x", "tone": "formal"}, USER)
+    assert len(rec.events) == 1  # the refused texts made no call
+
+
+@pytest.mark.parametrize(
+    ("function", "extra"), [("rewrite", {"tone": "formal"}), ("rewrite_multiple", {"tone": "casual"})]
+)
+async def test_a_rewrite_cut_off_by_max_tokens_says_so(function: str, extra: dict[str, Any]) -> None:
+    """A reply still cut off (a script with more tokens a character, a verbose model) is flagged, not a success."""
+    rec = Recorder()
+    runtime = Runtime(settings=InMemorySettings(), platform=PlatformLLM(provider="openai", model="cut", api_keys={}),
+                      providers=ProviderPool(FakeProvider), recorder=rec)  # fmt: skip
+    result = await runtime.invoke(rewrite, function, {"text": "Send me the doc.", **extra}, USER)
+    assert result.result["truncated"] is True
+    runtime = Runtime(settings=InMemorySettings(), platform=PLATFORM, providers=ProviderPool(FakeProvider),
+                      recorder=rec)  # fmt: skip
+    assert (await runtime.invoke(rewrite, function, {"text": "Send me the doc.", **extra}, USER)).result[
+        "truncated"
+    ] is False
+
+
+async def test_action_items_of_the_longest_text_of_tiny_tasks_fit_their_max_tokens() -> None:
+    """The worst case, many tiny tasks: with a fixed 16,384 a valid 20,000-character text overflowed it (a 502
+    invalid_json_response, billed 16,384 output tokens). The text is bounded such that its JSON fits."""
+    runtime, rec = simulated()
+    text = longest("Al z. ", MAX_ACTION_ITEMS_CHARS)
+    result = await runtime.invoke(rewrite, "extract_action_items", {"text": text}, USER)
+    assert len(result.result["action_items"]) == MAX_ACTION_ITEMS_CHARS // 6
+    [event] = rec.events
+    assert event.stop_reason == "end_turn" and event.max_tokens == action_items_max_tokens(text) <= 16_384
+    with pytest.raises(InvalidInputError, match="at most 3200 characters"):
+        await runtime.invoke(rewrite, "extract_action_items", {"text": text + "x"}, USER)
+
+
+async def test_a_small_text_gets_a_small_budget_that_an_enforced_token_budget_lets_through() -> None:
+    """Budgets reserve max_tokens: with a fixed 16,384 an enforced budget under ~16.4k refused even "Call Bob."."""
+    budget = CallBudget(extension_id="rewrite", max_tokens=1_000, mode=BudgetMode.ENFORCE)
+    runtime, rec = simulated(InMemorySettings(budget_by_extension={"rewrite": budget}))
+    result = await runtime.invoke(rewrite, "extract_action_items", {"text": "Call Bob."}, USER)
+    assert len(result.result["action_items"]) == 1
+    assert [e.max_tokens for e in rec.events] == [action_items_max_tokens("Call Bob.")] == [301]
+
+
+@pytest.mark.parametrize("text", ["", " ", " \n\t ", "\u200b", "\ufeff\u200b \u2060", "\u00a0\u3000"])
+@pytest.mark.parametrize(("function", "extra"), FUNCTIONS)
+async def test_a_blank_text_is_refused_without_a_call(text: str, function: str, extra: dict[str, Any]) -> None:
+    """Only whitespace or zero-width characters: it was accepted and made a billed call; now the 422 of ""."""
+    runtime, rec = simulated()
+    with pytest.raises(InvalidInputError, match="params: text: "):
+        await runtime.invoke(rewrite, function, {"text": text, **extra}, USER)
+    assert rec.events == []
+    await runtime.invoke(rewrite, function, {"text": "\u200bok", **extra}, USER)  # a visible character is a text
+    assert len(rec.events) >= 1
