@@ -114,7 +114,9 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
 class MeteredLLM:
     """``ctx.llm`` for one handler invocation.
 
-    ``provider``, ``model`` and ``is_byollm`` describe the config that served the last call.
+    ``provider``, ``model`` and ``is_byollm`` describe the config that served the last call; ``all_byollm`` is true
+    when every call so far (failed ones included) was served by the user's own LLM, so none was billed to the user,
+    and ``None`` before the first call.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class MeteredLLM:
         self.provider: str | None = None
         self.model: str | None = None
         self.is_byollm: bool | None = None
+        self.all_byollm: bool | None = None
         self.event_ids: list[str] = []
         self._streams: set[MessageStream] = set()  # streams started and not ended yet
         # Events of calls that used the provider: answered, or failed with tokens reported (billed, or paid on the
@@ -233,6 +236,8 @@ class MeteredLLM:
         self._recorder.append_line(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         event_id: str = record["event_id"]
         self.event_ids.append(event_id)
+        if self.all_byollm is not False:  # one platform call (a failover included) makes the invocation billed
+            self.all_byollm = target.is_byollm
         if status is Status.OK or usage.total_tokens > 0:
             self.used_event_ids.append(event_id)
         return event_id

@@ -173,6 +173,9 @@ async def test_byollm_failure_fails_over_to_a_billable_platform_call() -> None:
     assert (second.is_byollm, second.status, second.is_failover) == (False, "ok", True)
     assert second.call_index == 1
     assert response.is_byollm is False and llm.is_byollm is False and llm.model == "platform-model"
+    assert llm.all_byollm is False
+    await llm.create_message(messages=MESSAGES)
+    assert llm.all_byollm is False  # a later call cannot make the invocation unbilled again
 
 
 async def test_byollm_failure_with_error_policy_raises_after_recording() -> None:
@@ -187,8 +190,10 @@ async def test_byollm_failure_with_error_policy_raises_after_recording() -> None
 async def test_byollm_success_is_marked_byollm(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     llm, rec = make_llm(byollm("llama3"))
+    assert llm.all_byollm is None  # no call yet
     response = await llm.create_message(messages=MESSAGES)
     assert response.is_byollm and rec.events[0].is_byollm and rec.events[0].provider == "openai_compatible"
+    assert llm.all_byollm is True
     assert all(SECRET.encode() not in line for line in rec.lines)
     assert SECRET not in caplog.text and SECRET not in repr(llm.__dict__)
 

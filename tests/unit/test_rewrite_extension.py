@@ -6,17 +6,19 @@ from typing import Any
 
 import pytest
 
-from metering.errors import InvalidInputError
+from metering.errors import InvalidInputError, ProviderError
 from metering.extensions.rewrite import chat as rewrite
 from metering.extensions.rewrite.handlers import REWRITE_MAX_TOKENS, action_items_max_tokens
 from metering.extensions.rewrite.schemas import MAX_ACTION_ITEMS_CHARS, MAX_REWRITE_CHARS
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.client import ProviderPool
+from metering.llm.providers.base import ProviderConfig
 from metering.llm.providers.simulated import SimulatedProvider
 from metering.llm.resolution import PlatformLLM
 from metering.llm.settings_source import InMemorySettings
+from metering.llm.types import ProviderRequest, ProviderResult, TokenUsage
 from metering.runtime import Runtime, User
-from tests.unit.test_metered_llm import PLATFORM, FakeProvider, Recorder
+from tests.unit.test_metered_llm import PLATFORM, FakeProvider, Recorder, byollm
 
 USER = User("user-1", "tenant-1")
 SIMULATED = PlatformLLM(provider="simulated", model="claude-sonnet-4-6", api_keys={})
@@ -101,3 +103,34 @@ async def test_a_blank_text_is_refused_without_a_call(text: str, function: str, 
     assert rec.events == []
     await runtime.invoke(rewrite, function, {"text": "\u200bok", **extra}, USER)  # a visible character is a text
     assert len(rec.events) >= 1
+
+
+class FailsOnce(FakeProvider):
+    """The user's own endpoint fails once (a transient 500), then recovers; the platform answers."""
+
+    failures = 1
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        if self.name == "openai_compatible" and FailsOnce.failures > 0:
+            FailsOnce.failures -= 1
+            raise ProviderError("upstream 500", error_type="server_error", provider=self.name)
+        return ProviderResult(text="v", usage=TokenUsage(100, 20), stop_reason="end_turn", model=request.model)
+
+
+@pytest.mark.parametrize("failures", [0, 1])
+async def test_is_byollm_only_when_every_variation_was_served_by_the_users_own_llm(
+    failures: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result said is_byollm (Policy A: not billed) from the last call only: a first variation that failed over
+    to the platform LLM was billed while the result said true."""
+    monkeypatch.setattr(FailsOnce, "failures", failures)
+    rec = Recorder()
+    runtime = Runtime(settings=byollm("llama"), platform=PLATFORM, providers=ProviderPool(FailsOnce), recorder=rec)
+    result = await runtime.invoke(rewrite, "rewrite_multiple", {"text": "hi", "tone": "formal"}, USER)
+    billed = [e for e in rec.events if e.status == "ok" and not e.is_byollm]
+    assert len(billed) == failures
+    assert result.result["is_byollm"] is (not billed)
+    assert (result.result["provider"], result.result["model"]) == ("openai_compatible", "llama")  # the last call's

@@ -55,5 +55,5 @@ async def summarize_thread(ctx: Context, params: SummarizeThreadParams) -> dict[
         "polish_rounds": rounds,
         "provider": ctx.llm.provider,
         "model": ctx.llm.model,
-        "is_byollm": ctx.llm.is_byollm,
+        "is_byollm": ctx.llm.all_byollm,  # every call served by the user's own LLM, none billed
     }

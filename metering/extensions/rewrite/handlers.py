@@ -42,7 +42,9 @@ def action_items_max_tokens(text: str) -> int:
 
 
 def _served_by(ctx: Context) -> dict[str, Any]:
-    return {"provider": ctx.llm.provider, "model": ctx.llm.model, "is_byollm": ctx.llm.is_byollm}
+    """The last call's provider and model; is_byollm only when every call was served by the user's own LLM (a call
+    that failed over to the platform LLM was billed: the result must not say the invocation was not)."""
+    return {"provider": ctx.llm.provider, "model": ctx.llm.model, "is_byollm": ctx.llm.all_byollm}
 
 
 @chat.function(
