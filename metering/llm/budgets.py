@@ -91,7 +91,9 @@ class BudgetTracker:
         """A reserved call was made: count it with the tokens it used. Returns the limits now exceeded (the flags
         of its event)."""
         self.calls_in_flight -= 1
-        self.tokens_in_flight -= reserved
         self.calls += 1
         self.tokens += used_tokens
-        return limits_exceeded_after(self.budget, self.calls, self.tokens) if self.budget is not None else []
+        if self.budget is None:  # the hot path: nothing reserved, nothing to flag
+            return []
+        self.tokens_in_flight -= reserved
+        return limits_exceeded_after(self.budget, self.calls, self.tokens)

@@ -177,7 +177,11 @@ class MeteredLLM:
 
     def _reserve(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, attempt: int) -> int:
         """Reserve a call about to be made (refused by an enforced budget); ``_record`` settles it."""
-        return self._budget.reserve(lambda: estimate_input_tokens(system, messages), max_tokens, failover=attempt > 0)
+        tracker = self._budget
+        if tracker.budget is None:  # the hot path: no budget, nothing to check
+            tracker.calls_in_flight += 1
+            return 0
+        return tracker.reserve(lambda: estimate_input_tokens(system, messages), max_tokens, failover=attempt > 0)
 
     def _request(
         self,
