@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from metering.billing.ingest import ingest
-from metering.cli import app
 from metering.events import event_from_record
 from tests.fakes.events import record
-
-
-@pytest.fixture
-def run(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for name in ("METERING_ENV", "METERING_SECRET_KEYS"):
-        monkeypatch.delenv(name, raising=False)
-    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "200"}
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args), env=env)
 
 
 @pytest.mark.parametrize("last", ["-1", "0", "10001", "99999999999999999999"])

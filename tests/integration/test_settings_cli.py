@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from click.testing import Result
 from sqlalchemy import select
-from typer.testing import CliRunner
 
-from metering.cli import app
 from metering.db.models import ByollmSettingsRow, PurposeSettingsRow
-
-
-@pytest.fixture
-def run(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for name in ("METERING_ENV", "METERING_SECRET_KEYS"):
-        monkeypatch.delenv(name, raising=False)
-    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "200"}
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args), env=env)
 
 
 def refused(result: Result, *needles: str) -> None:

@@ -1,0 +1,20 @@
+"""Fixtures of the integration tests. ``run``: ``metering`` (the CLI) invoked in-process with the test's database
+and data dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from metering.cli import app
+
+
+@pytest.fixture
+def run(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name in ("METERING_ENV", "METERING_SECRET_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "200"}
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args), env=env)
