@@ -61,12 +61,17 @@ def title_of(code: str) -> str:
     return code.replace("_", " ").capitalize()
 
 
+def _encodable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (from a provider's error message) becomes ``?``, not a 500."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def problem_body(status: int, code: str, detail: str, *, instance: str | None = None) -> dict[str, Any]:
     return {
         "type": PROBLEM_TYPE_BASE + code,
         "title": title_of(code),
         "status": status,
-        "detail": detail,
+        "detail": _encodable(detail),
         "code": code,
         "instance": instance,
     }

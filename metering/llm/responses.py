@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metering.errors import InvalidJSONResponseError
+from metering.llm.text import clean_json_value
 from metering.llm.types import STOP_MAX_TOKENS, ResponseFormat, TokenUsage
 
 
@@ -39,6 +40,7 @@ _FENCE = "```"
 # a line end. A bare JSON literal (```true```) is the answer, not an info string.
 _INFO_STRING = re.compile(r"[A-Za-z][\w+.#-]*(?=\s|$)")
 _JSON_LITERALS = frozenset({"true", "false", "null"})
+_JSON_STARTS = frozenset('{["-0123456789')
 
 
 def _unfenced(text: str) -> str:
@@ -48,11 +50,22 @@ def _unfenced(text: str) -> str:
     body = text[len(_FENCE) :]
     if body.endswith(_FENCE):
         body = body[: -len(_FENCE)]
-    body = body.lstrip(" \t")
-    info = _INFO_STRING.match(body)
-    if info is not None and info.group() not in _JSON_LITERALS:
-        body = body[info.end() :]
-    return body
+    first, newline, rest = body.partition("\n")
+    head = _without_info_string(first.strip())
+    if newline and not _starts_json(head):  # the fence's own line: all of it goes (```json title="x", ```json:output)
+        return rest
+    return head + newline + rest  # the JSON starts on the fence's line (```json {...}```, ```{\n...}```)
+
+
+def _without_info_string(line: str) -> str:
+    info = _INFO_STRING.match(line)
+    if info is None or info.group() in _JSON_LITERALS:
+        return line
+    return line[info.end() :].lstrip(" \t")
+
+
+def _starts_json(line: str) -> bool:
+    return line[:1] in _JSON_STARTS or (line.split(maxsplit=1) or [""])[0] in _JSON_LITERALS
 
 
 def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
@@ -64,11 +77,14 @@ def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
     """
     candidate = _unfenced(text.strip())
     try:
-        return json.loads(candidate)
+        value = json.loads(candidate)
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
     except RecursionError:  # a reply such as "[[[[…" nested deeper than the interpreter's stack
         reason = "nested too deeply"
+    else:
+        # "\ud83d" escaped alone in the JSON is a lone surrogate once parsed: no caller could encode it.
+        return clean_json_value(value) if "\\u" in candidate else value
     if cut_off_at is not None:
         reason = f"{reason}: the reply was cut off at max_tokens={cut_off_at}, its stop reason"
     raise InvalidJSONResponseError(

@@ -143,6 +143,8 @@ class MessageStream:
                             if ttft is None:
                                 ttft = round((time.perf_counter() - common.started) * 1000.0, 3)
                             chunk = cleaner.feed(item.text)
+                            if not chunk:  # only half a surrogate pair, held for the next chunk: nothing to hand on
+                                continue
                             parts.append(chunk)
                             yield chunk
                         else:

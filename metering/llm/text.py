@@ -8,6 +8,8 @@ while writing the response, after the call was billed. Text enters metering thro
 
 from __future__ import annotations
 
+from typing import Any
+
 REPLACEMENT = "\ufffd"
 
 
@@ -24,6 +26,17 @@ def clean_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return text
+
+
+def clean_json_value(value: Any) -> Any:
+    """``value`` (parsed JSON) with ``clean_text`` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {clean_text(key): clean_json_value(item) for key, item in value.items()}
+    return value
 
 
 class ChunkCleaner:

@@ -22,6 +22,12 @@ from metering.llm.responses import parse_json_text
         '```{"items": []}```',
         '``` {"items": []} ```',
         '```{"items": []}\n```',
+        # A fence line with more than a one-word info string (CommonMark allows it): its whole line goes.
+        '```json title="x"\n{"items": []}\n```',
+        '```json:output\n{"items": []}\n```',
+        # The JSON starting on the fence's line and going on below it.
+        '```json {\n"items": []\n}\n```',
+        '```{\n"items": []}```',
     ],
 )
 def test_a_fenced_json_answer_is_parsed(reply: str) -> None:
@@ -40,3 +46,10 @@ def test_an_invalid_answer_is_a_typed_error_and_a_cut_off_one_says_so() -> None:
     with pytest.raises(InvalidJSONResponseError, match=r"cut off at max_tokens=1500") as info:
         parse_json_text('{"items": [{"task": "Call', cut_off_at=1500)
     assert info.value.text == '{"items": [{"task": "Call'
+
+
+def test_a_lone_surrogate_escaped_in_the_json_is_replaced() -> None:
+    """A model writing its JSON with \\u escapes sent half an emoji: the parsed string could not be encoded."""
+    assert parse_json_text('{"t\\ud800": ["Call \\ud83d", "ok \\ud83d\\ude00"]}') == {
+        "t\ufffd": ["Call \ufffd", "ok 😀"]
+    }

@@ -82,7 +82,8 @@ class FakeProvider:
         self.calls.append(request)
         if "failfirst" in request.model:
             raise ProviderError("refused", error_type="rate_limited", provider=self.name)
-        for word in ("one ", "two ", "three ", "four"):
+        words = ("Hi ", "\ud83d") if "halfpair" in request.model else ("one ", "two ", "three ", "four")
+        for word in words:
             yield TextDelta(word)
             if "broken" in request.model and word == "two ":
                 raise ProviderError("connection reset", error_type="stream_broken", provider=self.name)
@@ -463,3 +464,12 @@ async def test_an_answered_call_without_usage_or_text_is_estimated_from_its_prom
     [event] = rec.events
     assert (event.status, event.usage_completeness, event.output_tokens) == ("ok", "estimated", 0)
     assert event.input_tokens >= 100
+
+
+async def test_a_stream_ending_on_half_a_surrogate_pair_hands_on_no_empty_chunk() -> None:
+    """The held half of a pair made the consumer receive '' (a relay would send an empty frame; a review)."""
+    llm, rec = make_llm(platform=PlatformLLM(provider="openai", model="halfpair", api_keys={"openai": "sk-platform"}))
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        chunks = [chunk async for chunk in stream]
+    assert chunks == ["Hi ", "\ufffd"] and stream.text == "Hi \ufffd"
+    assert rec.events[0].status == "ok"

@@ -86,14 +86,27 @@ async def test_action_items_of_the_longest_text_of_tiny_tasks_fit_their_max_toke
 
 async def test_a_small_text_gets_a_small_budget_that_an_enforced_token_budget_lets_through() -> None:
     """Budgets reserve max_tokens: with a fixed 16,384 an enforced budget under ~16.4k refused even "Call Bob."."""
-    budget = CallBudget(extension_id="rewrite", max_tokens=1_000, mode=BudgetMode.ENFORCE)
+    budget = CallBudget(extension_id="rewrite", max_tokens=3_000, mode=BudgetMode.ENFORCE)
     runtime, rec = simulated(InMemorySettings(budget_by_extension={"rewrite": budget}))
     result = await runtime.invoke(rewrite, "extract_action_items", {"text": "Call Bob."}, USER)
     assert len(result.result["action_items"]) == 1
-    assert [e.max_tokens for e in rec.events] == [action_items_max_tokens("Call Bob.")] == [301]
+    assert [e.max_tokens for e in rec.events] == [action_items_max_tokens("Call Bob.")] == [2048 + 5 * 9]
 
 
-@pytest.mark.parametrize("text", ["", " ", " \n\t ", "\u200b", "\ufeff\u200b \u2060", "\u00a0\u3000"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        " \n\t ",
+        "\u200b",
+        "\ufeff\u200b \u2060",
+        "\u00a0\u3000",
+        "\u3164 \u3164",
+        "\u2800",
+        "\u115f\u1160\uffa0",
+    ],
+)
 @pytest.mark.parametrize(("function", "extra"), FUNCTIONS)
 async def test_a_blank_text_is_refused_without_a_call(text: str, function: str, extra: dict[str, Any]) -> None:
     """Only whitespace or zero-width characters: it was accepted and made a billed call; now the 422 of ""."""

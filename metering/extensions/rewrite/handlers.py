@@ -31,14 +31,16 @@ REWRITE_MAX_TOKENS = 1500  # the recipe's; the text is bounded to fit it (schema
 # is many tiny tasks: a task of ~5 characters ("Al z.") is ~20 tokens of JSON ({"owner": ..., "deadline": null,
 # "task": ...}), so 5 tokens a character, plus room for the object around the list and a code fence. The text is
 # bounded (schemas.MAX_ACTION_ITEMS_CHARS) so that this stays under 16,384, within every supported model's output
-# limit; only the tokens used are billed.
-ACTION_ITEMS_BASE_TOKENS = 256
+# limit; only the tokens used are billed. The base leaves a reasoning model (whose max_tokens covers its reasoning
+# too) room to think before a short list: 2,048.
+ACTION_ITEMS_BASE_TOKENS = 2048
+ACTION_ITEMS_MAX_TOKENS = 16_384
 ACTION_ITEMS_TOKENS_PER_CHAR = 5
 ACTION_ITEMS_SYSTEM = "Extract action items as JSON: {items: [{owner, deadline, task}]}"
 
 
 def action_items_max_tokens(text: str) -> int:
-    return ACTION_ITEMS_BASE_TOKENS + ACTION_ITEMS_TOKENS_PER_CHAR * len(text)
+    return min(ACTION_ITEMS_MAX_TOKENS, ACTION_ITEMS_BASE_TOKENS + ACTION_ITEMS_TOKENS_PER_CHAR * len(text))
 
 
 def _served_by(ctx: Context) -> dict[str, Any]:

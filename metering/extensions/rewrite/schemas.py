@@ -18,11 +18,15 @@ MAX_REWRITE_CHARS = 4_000
 # many tiny tasks ("Al z." is 5 characters and ~20 tokens of JSON), so the text is bounded such that it fits 16,384.
 MAX_ACTION_ITEMS_CHARS = 3_200
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format (U+200B, U+FEFF, ...), separators
+# Blank characters Unicode files as letters or symbols: the Hangul fillers and the braille blank.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 def _not_blank(text: str) -> str:
     """Refuse a text with nothing to rewrite: only whitespace or invisible characters (it made a billed call)."""
-    if all(char.isspace() or unicodedata.category(char) in _INVISIBLE for char in text):  # stops at the first visible
+    if all(
+        char.isspace() or char in _BLANK_GLYPHS or unicodedata.category(char) in _INVISIBLE for char in text
+    ):  # stops at the first visible
         raise ValueError("the text is blank (only whitespace or invisible characters)")
     return text
 

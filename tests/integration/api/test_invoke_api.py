@@ -366,3 +366,33 @@ def test_a_reply_with_a_lone_surrogate_is_answered_not_a_500(client, admin, open
         assert (response.status_code, response.headers["Idempotent-Replayed"]) == (200, replayed), response.text
         assert response.json()["result"]["text"] == "Hello \ufffd there"
     assert len(openai_server.requests) == 1
+
+
+@pytest.mark.parametrize("kind", ["json_escape", "error_message"])
+def test_a_lone_surrogate_in_a_json_reply_or_an_error_message_is_no_500(
+    client, admin, openai_server: FakeOpenAIServer, kind
+):
+    """A model writing its JSON with \\u escapes sent half an emoji: the parsed value held a lone surrogate, which
+    the response could not encode (a 500 after the billed call); so did a provider error message (a review)."""
+    from tests.fakes.server import Fail
+
+    if kind == "json_escape":
+        openai_server.default = Reply(text='{"items": [{"owner": "Bob", "deadline": null, "task": "Call \\ud83d"}]}')
+    else:
+        openai_server.default = Fail(400, message="bad input \ud83d")
+    put = client.put(
+        "/v1/admin/users/acme/alice/byollm",
+        json={"provider": "openai_compatible", "model": "llama3", "base_url": openai_server.base_url,
+              "fallback_policy": "error"},
+        headers=admin,
+    )  # fmt: skip
+    assert put.status_code == 200, put.text
+    path = "/v1/extensions/rewrite/functions/extract_action_items:invoke"
+    body = {"user_id": "alice", "tenant_id": "acme", "params": {"text": "Bob: call."}}
+    response = client.post(path, json=body, headers=admin)
+    if kind == "json_escape":
+        assert response.status_code == 200, response.text
+        assert response.json()["result"]["action_items"][0]["task"] == "Call \ufffd"
+    else:
+        assert response.status_code == 502, response.text
+        assert "bad input" in response.json()["detail"]
