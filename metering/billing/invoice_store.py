@@ -260,7 +260,7 @@ def finalize_period(
         raise PeriodOpenError(
             f"period {period} cannot be finalized before its end plus the grace period of "
             f"{grace.total_seconds() / 3600:g} h, at {at.isoformat() if at else 'a time past the year 9999'} "
-            "(use force to finalize it anyway)"
+            "(use --force to finalize it anyway)"
         )
     _lock_period_exclusive(session, period)
     if session.get(FinalizedPeriodRow, period) is None:  # from now on the month is closed for every user

@@ -51,4 +51,6 @@ def usage(
     """Show the most recent recorded usage events."""
     with admin_session() as (session, _box):
         rows = recent_events(session, limit=last, user_id=user)
-        console.print(usage_table(list(reversed(rows)), title=f"Last {len(rows)} of {count_events(session)} events"))
+        whose = f" of user {user}" if user is not None else ""
+        total = count_events(session, user_id=user)
+        console.print(usage_table(list(reversed(rows)), title=f"Last {len(rows)} of {total} events{whose}"))

@@ -91,10 +91,18 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") ->
             row.usage_completeness,
             f"{row.latency_ms:.1f}",
             row.billing_status,
-            format_usd(row.charge_nanos if row.billing_status == "billed" else row.shadow_nanos)
-            + (" (shadow)" if row.billing_status == "excluded_byollm" else ""),
+            _amount(row),
         )
     return table
+
+
+def _amount(row: Any) -> str:
+    """The charge of a billed event; the shadow cost of a BYOLLM one, "unknown" while its model has no price."""
+    if row.billing_status != "excluded_byollm":
+        return format_usd(row.charge_nanos if row.billing_status == "billed" else row.shadow_nanos)
+    if row.price_source is None:  # never priced: the shadow cost is unknown, not $0 (reprice fills it)
+        return "unknown (shadow: no price)"
+    return f"{format_usd(row.shadow_nanos)} (shadow)"
 
 
 def print_json(value: Any) -> None:

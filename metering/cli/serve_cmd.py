@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from enum import StrEnum
 from typing import Annotated
 
@@ -61,6 +62,21 @@ class LogLevel(StrEnum):
     DEBUG = "debug"
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse at once a port another process listens on (uvicorn would find out only after the demo's seeding)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # an unresolvable host: uvicorn says so itself
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another with --port)") from None
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
@@ -81,6 +97,7 @@ def serve(
     """Serve the HTTP API (POST /v1/events, /v1/usage, /healthz, /readyz, /metrics, /docs) with uvicorn."""
     import uvicorn  # only this command needs it
 
+    _check_port_free(host, port)  # before migrating and seeding: never a token printed for a server that cannot start
     if migrate:
         try:
             db_migrate.upgrade(Settings().resolved_database_url)

@@ -11,8 +11,11 @@ from sqlalchemy.orm import Session
 from metering.db.models import UsageEventRow
 
 
-def count_events(session: Session) -> int:
-    return session.execute(select(func.count()).select_from(UsageEventRow)).scalar_one()
+def count_events(session: Session, user_id: str | None = None) -> int:
+    stmt = select(func.count()).select_from(UsageEventRow)
+    if user_id is not None:
+        stmt = stmt.where(UsageEventRow.user_id == user_id)
+    return session.execute(stmt).scalar_one()
 
 
 def events_for_invocations(session: Session, invocation_ids: Sequence[Any]) -> list[UsageEventRow]:

@@ -51,3 +51,41 @@ def test_serve_refuses_a_port_outside_1_to_65535(run, monkeypatch, port) -> None
     assert done.exit_code == 2 and "Invalid value for '--port'" in done.output, done.output
     assert served == []
     assert run("serve", "--no-migrate", "--port", "65535").exit_code == 0 and served[0]["port"] == 65535
+
+
+def test_serve_refuses_a_port_in_use_before_seeding_the_demo(run, monkeypatch, session_factory) -> None:
+    """The demo's traffic was generated and an admin token printed for a server that then failed to bind (the printed
+    curl reached the other process): found by a walkthrough of the README."""
+    import socket
+
+    import uvicorn
+    from sqlalchemy import func, select
+
+    from metering.db.models import UsageEventRow
+
+    served: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: served.append(kwargs))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", "--port", str(port), "--demo")
+    assert done.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.output
+    assert served == []
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 0
+
+
+def test_usage_shows_an_unknown_shadow_cost_as_unknown_and_counts_the_users_events(run, session_factory) -> None:
+    """A BYOLLM call of a model nobody prices showed '$0.00 (shadow)', and --user showed the total of every user's
+    events (a README walkthrough)."""
+    priced = record(0, user_id="erin", is_byollm=True)
+    unpriced = record(1, user_id="bob", is_byollm=True, provider="ollama", model="llama3.1-8b")
+    with session_factory() as session:
+        ingest(session, [event_from_record(priced), event_from_record(unpriced), event_from_record(record(2))])
+        session.commit()
+    bob = run("usage", "--user", "bob")
+    assert bob.exit_code == 0 and "Last 1 of 1 events of user bob" in bob.output, bob.output
+    assert "unknown (shadow: no price)" in bob.output and "$0.00" not in bob.output
+    erin = run("usage", "--user", "erin")
+    assert "(shadow)" in erin.output and "unknown" not in erin.output
