@@ -78,29 +78,16 @@ BAD_ANTHROPIC_USAGE = [
 ]
 
 
-@pytest.mark.parametrize("usage", BAD_OPENAI_USAGE)
-async def test_openai_usage_without_usable_counts_is_estimated(
-    openai_server: FakeOpenAIServer, metered: MakeLLM, usage: dict[str, Any]
+@pytest.mark.parametrize(
+    ("provider", "usage"),
+    [("openai", usage) for usage in BAD_OPENAI_USAGE] + [("anthropic", usage) for usage in BAD_ANTHROPIC_USAGE],
+)
+async def test_usage_without_usable_counts_is_estimated(
+    request: pytest.FixtureRequest, metered: MakeLLM, provider: str, usage: dict[str, Any]
 ) -> None:
-    openai_server.script(Reply(text=TEXT, usage=usage), Reply(text=TEXT, usage=usage))
-    llm, rec = metered("openai", openai_server)
-    response = await llm.create_message(messages=MESSAGES)
-    assert response.text == TEXT and response.usage.completeness == "estimated"
-    event = the_event(rec)
-    assert (event.status, event.usage_completeness) == ("ok", "estimated")
-    assert event.input_tokens > 0 and event.output_tokens == len(TEXT) // 4
-    rec.lines.clear()
-    async with llm.stream_message(messages=MESSAGES) as stream:
-        assert "".join([chunk async for chunk in stream]) == TEXT
-    assert the_event(rec).usage_completeness == "estimated"
-
-
-@pytest.mark.parametrize("usage", BAD_ANTHROPIC_USAGE)
-async def test_anthropic_usage_without_usable_counts_is_estimated(
-    anthropic_server: FakeAnthropicServer, metered: MakeLLM, usage: dict[str, Any]
-) -> None:
-    anthropic_server.script(Reply(text=TEXT, usage=usage), Reply(text=TEXT, usage=usage))
-    llm, rec = metered("anthropic", anthropic_server)
+    server = request.getfixturevalue(f"{provider}_server")
+    server.script(Reply(text=TEXT, usage=usage), Reply(text=TEXT, usage=usage))
+    llm, rec = metered(provider, server)
     response = await llm.create_message(messages=MESSAGES)
     assert response.text == TEXT and response.usage.completeness == "estimated"
     event = the_event(rec)
