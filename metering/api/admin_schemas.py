@@ -311,5 +311,8 @@ class InvokeResponse(BaseModel):
     )
     provider: str | None = Field(description="The provider that served the last LLM call.")
     model: str | None
-    is_byollm: bool | None = Field(description="Whether the last call was served by the user's own LLM.")
+    is_byollm: bool | None = Field(
+        description="Whether every call of the invocation was served by the user's own LLM (a failover to the "
+        "platform LLM, billed, makes it false); null when no call was made. `provider` and `model`: the last call's."
+    )
     event_ids: list[str] = Field(description="The usage events recorded (one per provider call).")

@@ -144,5 +144,5 @@ class Runtime:
             event_ids=list(ctx.llm.event_ids),
             provider=ctx.llm.provider,
             model=ctx.llm.model,
-            is_byollm=ctx.llm.is_byollm,
+            is_byollm=ctx.llm.all_byollm,  # every call the user's own LLM: none billed to the user
         )

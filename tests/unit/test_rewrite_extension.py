@@ -146,4 +146,5 @@ async def test_is_byollm_only_when_every_variation_was_served_by_the_users_own_l
     billed = [e for e in rec.events if e.status == "ok" and not e.is_byollm]
     assert len(billed) == failures
     assert result.result["is_byollm"] is (not billed)
+    assert result.is_byollm is (not billed)  # the invoke response's top-level flag too
     assert (result.result["provider"], result.result["model"]) == ("openai_compatible", "llama")  # the last call's
