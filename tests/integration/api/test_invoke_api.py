@@ -349,17 +349,18 @@ def test_a_key_must_be_printable_ascii(client, admin, session_factory):
     assert _spooled_and_stored(client, session_factory) == 0
 
 
+def _own_llm_for_alice(client, admin, server: FakeOpenAIServer) -> None:
+    """acme/alice's BYOLLM: the fake OpenAI-compatible server, no failover (its answers reach the caller)."""
+    body = {"provider": "openai_compatible", "model": "llama3", "base_url": server.base_url, "fallback_policy": "error"}
+    put = client.put("/v1/admin/users/acme/alice/byollm", json=body, headers=admin)
+    assert put.status_code == 200, put.text
+
+
 def test_a_reply_with_a_lone_surrogate_is_answered_not_a_500(client, admin, openai_server: FakeOpenAIServer):
     """The user's own LLM answered half an emoji (the JSON escape "\\ud83d" alone): the response could not be
     encoded, a 500 after the call was billed, audited and its outcome stored (a keyed retry replayed the 500)."""
     openai_server.default = Reply(text="Hello \ud83d there")
-    put = client.put(
-        "/v1/admin/users/acme/alice/byollm",
-        json={"provider": "openai_compatible", "model": "llama3", "base_url": openai_server.base_url,
-              "fallback_policy": "error"},
-        headers=admin,
-    )  # fmt: skip
-    assert put.status_code == 200, put.text
+    _own_llm_for_alice(client, admin, openai_server)
     headers = {**admin, "Idempotency-Key": "k-1"}
     for replayed in ("false", "true"):
         response = _invoke(client, headers, text="hi", tone="formal")
@@ -380,13 +381,7 @@ def test_a_lone_surrogate_in_a_json_reply_or_an_error_message_is_no_500(
         openai_server.default = Reply(text='{"items": [{"owner": "Bob", "deadline": null, "task": "Call \\ud83d"}]}')
     else:
         openai_server.default = Fail(400, message="bad input \ud83d")
-    put = client.put(
-        "/v1/admin/users/acme/alice/byollm",
-        json={"provider": "openai_compatible", "model": "llama3", "base_url": openai_server.base_url,
-              "fallback_policy": "error"},
-        headers=admin,
-    )  # fmt: skip
-    assert put.status_code == 200, put.text
+    _own_llm_for_alice(client, admin, openai_server)
     path = "/v1/extensions/rewrite/functions/extract_action_items:invoke"
     body = {"user_id": "alice", "tenant_id": "acme", "params": {"text": "Bob: call."}}
     response = client.post(path, json=body, headers=admin)
