@@ -1,9 +1,11 @@
 """Credits, top-ups and manual adjustments (SQL; only flushes, the edge commits).
 
-Each takes an idempotency key. The transfer id is ``transfer_id(f"key:{key}", kind)`` and the key is stored
-on the transfer (unique), so a repeated key can never post twice: it returns the first transfer, unchanged.
-A repeated key with a different request (amount, tenant, user or kind) is an ``IdempotencyConflictError``.
-The memo is not part of the request's identity (a retry may reword it); the first memo stays.
+Each takes an idempotency key, scoped to the tenant (like the keys of ``POST …:invoke``): the key and its tenant
+are stored on the transfer (unique together), so a repeated key can never post twice: it returns the first
+transfer, unchanged. Two tenants may use the same key; neither sees nor blocks the other's. The transfer id is
+derived from (tenant, key, kind). A repeated key with a different request (amount, user or kind) is an
+``IdempotencyConflictError``. The memo is not part of the request's identity (a retry may reword it); the
+first memo stays.
 
 - ``credit``: ``platform:topups`` -> the user's wallet (prepaid credit, promotions). Amount > 0.
 - ``adjustment``: positive credits the user from ``platform:adjustments``; negative debits the user to it.
@@ -11,6 +13,7 @@ The memo is not part of the request's identity (a retry may reword it); the firs
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,13 +29,13 @@ from metering.billing.ledger import (
     ADJUSTMENT_SOURCE,
     CURRENCY,
     TOPUP_SOURCE,
+    AccountKind,
     Posting,
     TransferKind,
     accounts_of,
     balance_deltas,
     transfer_id,
     user_wallet,
-    wallet_id,
 )
 from metering.billing.money import format_usd
 from metering.db.models import AccountRow, TransferRow
@@ -69,6 +72,12 @@ def amount_to_nanos(amount: Decimal) -> int:
     return int(nanos)
 
 
+def key_transfer_id(tenant_id: str, idempotency_key: str, kind: str) -> uuid.UUID:
+    """The id of the transfer a tenant's key posts: a JSON array names the pair (no separator can be forged).
+    Keys posted before 0010 (global keys) kept their ``key:{key}`` ids; they are found by (tenant, key)."""
+    return transfer_id("key:" + json.dumps([tenant_id, idempotency_key]), kind)
+
+
 def credit_posting(
     *, tenant_id: str, user_id: str, nanos: int, idempotency_key: str, kind: CreditKind, memo: str | None
 ) -> Posting:
@@ -90,7 +99,7 @@ def credit_posting(
     debit, credit = (source, wallet) if nanos > 0 else (wallet, source)
     transfer_kind = TransferKind(kind)
     return Posting(
-        transfer_id(f"key:{idempotency_key}", transfer_kind),
+        key_transfer_id(tenant_id, idempotency_key, transfer_kind),
         debit,
         credit,
         abs(nanos),
@@ -100,8 +109,8 @@ def credit_posting(
     )
 
 
-def _insert_if_new(session: Session, posting: Posting, now: datetime) -> bool:
-    """Insert the transfer unless its id or key exists (waits for a concurrent insert of the same key)."""
+def _insert_if_new(session: Session, posting: Posting, tenant_id: str, now: datetime) -> bool:
+    """Insert the transfer unless its id or the tenant's key exists (waits for a concurrent insert of the key)."""
     values = {
         "id": posting.id,
         "debit_account_id": posting.debit.id,
@@ -115,6 +124,7 @@ def _insert_if_new(session: Session, posting: Posting, now: datetime) -> bool:
         "period": None,
         "memo": posting.memo,
         "created_at": now,
+        "idempotency_tenant_id": tenant_id,
     }
     insert = postgresql.insert if store.dialect(session) == "postgresql" else sqlite.insert
     table = TransferRow.__table__
@@ -151,27 +161,43 @@ def add_credit(
         kind=kind,
         memo=memo,
     )
-    inserted = _insert_if_new(session, posting, now)
+    inserted = _insert_if_new(session, posting, tenant_id, now)
     if inserted:
         store.apply_balances(session, accounts_of([posting]), balance_deltas([posting]), now)
-    row = session.scalars(select(TransferRow).where(TransferRow.idempotency_key == idempotency_key)).one_or_none()
+    row = session.scalars(
+        select(TransferRow).where(
+            TransferRow.idempotency_tenant_id == tenant_id, TransferRow.idempotency_key == idempotency_key
+        )
+    ).one_or_none()
     if row is None:  # the id existed without this key: cannot happen unless the ledger was tampered with
         raise IdempotencyConflictError(f"transfer {posting.id} exists without idempotency key {idempotency_key!r}")
-    same = (row.id, row.kind, row.debit_account_id, row.credit_account_id, row.amount_nanos) == (
-        posting.id,
+    # Not the id: a key posted before keys were per tenant has the old id, and the key alone identifies it.
+    same = (row.kind, row.debit_account_id, row.credit_account_id, row.amount_nanos) == (
         posting.kind.value,
         posting.debit.id,
         posting.credit.id,
         posting.amount_nanos,
     )
     if not same:
-        # Keys are global: the first request may be another tenant's. Describe it only for the same user.
-        mine = wallet_id(tenant_id, user_id) in (row.debit_account_id, row.credit_account_id)
-        first = f"a {row.kind} of {format_usd(row.amount_nanos)}" if mine else "one for another user"
         raise IdempotencyConflictError(
-            f"idempotency key {idempotency_key!r} was already used for a different request ({first})"
+            f"idempotency key {idempotency_key!r} was already used for a different request ({_describe(session, row)})"
         )
     return _result(row, tenant_id, user_id, replayed=not inserted)
+
+
+def _describe(session: Session, row: TransferRow) -> str:
+    """The first request of a key, to its own tenant: kind, signed amount and user (the wallet's side)."""
+    sides = session.scalars(
+        select(AccountRow).where(
+            AccountRow.id.in_((row.debit_account_id, row.credit_account_id)),
+            AccountRow.kind == AccountKind.USER_WALLET.value,
+        )
+    ).all()
+    debited = bool(sides) and sides[0].id == row.debit_account_id
+    amount = format_usd(-row.amount_nanos if debited else row.amount_nanos)
+    user = f" for user {sides[0].user_id!r}" if sides else ""
+    article = "an" if row.kind[0] in "aeiou" else "a"
+    return f"{article} {row.kind} of {amount}{user}"
 
 
 def balances(session: Session, tenant_id: str | None = None) -> list[tuple[str, str, int]]:

@@ -196,13 +196,16 @@ class TransferRow(Base):
     period: Mapped[str | None] = mapped_column(String(7), nullable=True)
     memo: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The tenant an idempotency key belongs to (the wallet's): keys are unique per tenant, like invoke keys.
+    idempotency_tenant_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     __table_args__ = (
         CheckConstraint("amount_nanos > 0", name="amount_positive"),
         CheckConstraint("debit_account_id <> credit_account_id", name="two_accounts"),
         # Partial: only credits and adjustments carry a key; usage transfers (the bulk) skip the index.
         Index(
-            "uq_transfers_idempotency_key",
+            "uq_transfers_tenant_idempotency_key",
+            "idempotency_tenant_id",
             "idempotency_key",
             unique=True,
             postgresql_where=text("idempotency_key IS NOT NULL"),

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from metering.billing.checks import run_checks
-from metering.billing.credits import add_credit, balances
+from metering.billing.credits import add_credit, balances, key_transfer_id
 from metering.billing.ledger import transfer_id
 from metering.db.models import TransferRow
 from metering.errors import BalanceLimitError, IdempotencyConflictError, InvalidInputError
@@ -37,7 +37,8 @@ def transfer_count(session_factory) -> int:
 def test_a_repeated_key_returns_the_first_result_and_posts_nothing(session_factory) -> None:
     first = credit(session_factory, amount=Decimal("25.50"), idempotency_key="topup-1", memo="welcome")
     assert first.replayed is False and first.amount_nanos == 25_500_000_000 and first.kind == "credit"
-    assert first.transfer_id == transfer_id("key:topup-1", "credit")
+    assert first.transfer_id == key_transfer_id("t1", "topup-1", "credit")
+    assert first.transfer_id == transfer_id('key:["t1", "topup-1"]', "credit")
     again = credit(
         session_factory, amount=Decimal("25.5"), idempotency_key="topup-1", memo="retry", now=NOW.replace(hour=13)
     )
@@ -54,20 +55,48 @@ def test_a_repeated_key_returns_the_first_result_and_posts_nothing(session_facto
 
 
 @pytest.mark.parametrize(
-    "change",
-    [{"amount": Decimal("26")}, {"user_id": "u2"}, {"tenant_id": "t2"}, {"kind": "adjustment"}],
+    ("change", "first"),
+    [
+        ({"amount": Decimal("26")}, "a credit of $25.00 for user 'u1'"),
+        ({"user_id": "u2"}, "a credit of $25.00 for user 'u1'"),
+        ({"kind": "adjustment"}, "a credit of $25.00 for user 'u1'"),
+    ],
 )
-def test_a_repeated_key_with_a_different_request_is_a_conflict(session_factory, change) -> None:
+def test_a_repeated_key_with_a_different_request_is_a_conflict(session_factory, change, first) -> None:
     credit(session_factory, amount=Decimal("25"), idempotency_key="k")
     request = {"amount": Decimal("25"), "idempotency_key": "k", **change}
     with pytest.raises(IdempotencyConflictError) as caught:
         credit(session_factory, **request)
     assert caught.value.code == "idempotency_conflict" and caught.value.status == 409
     assert transfer_count(session_factory) == 1
-    # The first request is described to its own user's requests only: keys are global, and another tenant's
-    # credit (its amount) is none of this caller's business.
-    first = "a credit of $25.00" if "user_id" not in change and "tenant_id" not in change else "one for another user"
     assert str(caught.value) == f"idempotency key 'k' was already used for a different request ({first})"
+
+
+def test_a_conflict_describes_a_debit_with_its_sign(session_factory) -> None:
+    credit(session_factory, amount=Decimal("-1.5"), idempotency_key="k", kind="adjustment")
+    with pytest.raises(IdempotencyConflictError, match=r"\(an adjustment of -\$1\.50 for user 'u1'\)"):
+        credit(session_factory, amount=Decimal("-1.6"), idempotency_key="k", kind="adjustment")
+
+
+def test_keys_belong_to_a_tenant_two_tenants_may_use_one_key(session_factory) -> None:
+    """Another tenant's key neither blocks nor reveals anything: the same key posts once per tenant, and each
+    tenant's retry and conflict see only its own first request."""
+    mine = credit(session_factory, amount=Decimal("25"), idempotency_key="topup-2026-11")
+    theirs = credit(session_factory, tenant_id="t2", amount=Decimal("7"), idempotency_key="topup-2026-11")
+    assert mine.replayed is False and theirs.replayed is False and mine.transfer_id != theirs.transfer_id
+    assert (theirs.tenant_id, theirs.amount_nanos) == ("t2", 7_000_000_000)
+    again = credit(session_factory, tenant_id="t2", amount=Decimal("7"), idempotency_key="topup-2026-11")
+    assert (again.replayed, again.transfer_id) == (True, theirs.transfer_id)
+    with pytest.raises(IdempotencyConflictError, match=r"\(a credit of \$7\.00 for user 'u1'\)"):
+        credit(session_factory, tenant_id="t2", amount=Decimal("25"), idempotency_key="topup-2026-11")
+    assert transfer_count(session_factory) == 2
+    with session_factory() as session:
+        assert dict((a, b) for a, _, b in balances(session)) == {
+            "platform:topups": -32_000_000_000,
+            "user:t1:u1": 25_000_000_000,
+            "user:t2:u1": 7_000_000_000,
+        }
+        assert run_checks(session).problems == []
 
 
 def test_adjustments_go_either_way_and_balances_stay_balanced(session_factory) -> None:

@@ -119,3 +119,61 @@ def test_0007_records_the_periods_already_finalized(fresh_url: str) -> None:
             assert [tuple(r) for r in conn.execute(text("SELECT period FROM finalized_periods"))] == [("2026-10",)]
     finally:
         engine.dispose()
+
+
+def test_0010_gives_stored_keys_their_tenant_and_refuses_to_downgrade_over_a_shared_key(fresh_url: str) -> None:
+    """A key stored before 0010 (global, ``key:{key}`` id) is found by its tenant afterwards: a retry returns
+    the first result; another tenant may then use the same key, and downgrading would break the global index, so
+    it is refused and changes nothing."""
+    from metering.billing.credits import add_credit
+    from metering.billing.ledger import transfer_id
+    from metering.errors import IdempotencyConflictError
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    try:
+        factory = make_session_factory(engine)
+        with factory() as session:  # creates the wallet and the top-ups account
+            add_credit(session, tenant_id="t1", user_id="u1", amount=Decimal(1), idempotency_key="new", now=now)
+            session.commit()
+        migrate.downgrade(fresh_url, "0009")
+        engine.dispose()
+        old_id = transfer_id("key:old", "credit")
+        with engine.begin() as conn:  # a credit of $2 as the code before 0010 posted it
+            uid = old_id.hex if engine.dialect.name == "sqlite" else old_id
+            conn.execute(
+                text(
+                    "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount_nanos, currency, kind,"
+                    " idempotency_key, created_at) VALUES (:id, 'platform:topups', 'user:t1:u1', 2000000000, 'USD',"
+                    " 'credit', 'old', :at)"
+                ),
+                {"id": uid, "at": now.replace(tzinfo=None) if engine.dialect.name == "sqlite" else now},
+            )
+            conn.execute(text("UPDATE accounts SET balance_nanos = balance_nanos + 2000000000 WHERE id = 'user:t1:u1'"))
+            conn.execute(
+                text("UPDATE accounts SET balance_nanos = balance_nanos - 2000000000 WHERE id = 'platform:topups'")
+            )
+        migrate.upgrade(fresh_url)
+        engine.dispose()
+        with engine.connect() as conn:
+            keys = dict(conn.execute(text("SELECT idempotency_key, idempotency_tenant_id FROM transfers")).all())
+        assert keys == {"new": "t1", "old": "t1"}
+        with factory() as session:
+            again = add_credit(session, tenant_id="t1", user_id="u1", amount=Decimal(2), idempotency_key="old", now=now)
+            assert (again.replayed, again.transfer_id, again.amount_nanos) == (True, old_id, 2_000_000_000)
+            with pytest.raises(IdempotencyConflictError, match=r"\(a credit of \$2\.00 for user 'u1'\)"):
+                add_credit(session, tenant_id="t1", user_id="u1", amount=Decimal(3), idempotency_key="old", now=now)
+            session.rollback()
+            other = add_credit(session, tenant_id="t2", user_id="u1", amount=Decimal(3), idempotency_key="old", now=now)
+            assert other.replayed is False and other.transfer_id != old_id
+            session.commit()
+            assert run_checks(session).ok
+        with pytest.raises(RuntimeError, match=r"more than one tenant .*\['old'\]"):
+            migrate.downgrade(fresh_url, "0009")
+        engine.dispose()
+        assert migrate.current_revision(engine) == "0010"
+        with factory() as session:
+            assert session.scalar(text("SELECT COUNT(*) FROM transfers")) == 3
+    finally:
+        engine.dispose()

@@ -129,8 +129,8 @@ _IDEMPOTENCY_PARAMETER = {
     "in": "header",
     "required": True,
     "description": (
-        "Required (1 to 200 characters; a UUID is a good choice). The same key returns the first result; the same "
-        "key for a different request is 409 `idempotency_conflict`. Missing: 400 `idempotency_key_required`."
+        "Required (1 to 200 characters; a UUID is a good choice), per tenant. The same key returns the first result; "
+        "the same key for a different request is 409 `idempotency_conflict`. Missing: 400 `idempotency_key_required`."
     ),
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }

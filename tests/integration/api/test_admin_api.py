@@ -329,6 +329,23 @@ def test_credits_are_idempotent_on_the_header(client, admin, session_factory):
     assert entry.before is None
 
 
+def test_a_credit_key_belongs_to_its_tenant(client, acme_admin, make_token, session_factory):
+    """Another tenant's admin can use a key acme used (its own credit): no 409, nothing about acme's credit."""
+    globex_admin = bearer(make_token(Scope.ADMIN, tenant="globex", name="globex-admin"))
+    assert _credit(client, acme_admin, "topup-2026-11").status_code == 201
+    theirs = _credit(client, globex_admin, "topup-2026-11", tenant_id="globex", amount="3.00")
+    assert theirs.status_code == 201 and theirs.json()["replayed"] is False, theirs.text
+    replay = _credit(client, globex_admin, "topup-2026-11", tenant_id="globex", amount="3.00")
+    assert replay.status_code == 200 and replay.json()["transfer_id"] == theirs.json()["transfer_id"]
+    conflict = assert_problem(
+        _credit(client, globex_admin, "topup-2026-11", tenant_id="globex"), 409, "idempotency_conflict"
+    )
+    assert "$3.00" in conflict["detail"] and "$25" not in conflict["detail"] and "alice" in conflict["detail"]
+    with session_factory() as session:
+        assert run_checks(session).problems == []
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == 2
+
+
 def test_a_credit_past_what_a_balance_can_hold_is_a_clear_422(client, admin, session_factory):
     half = str(Decimal(2**62).scaleb(-9))  # the largest single amount: two of them overflow a BIGINT balance
     assert _credit(client, admin, "big-1", amount=half).status_code == 201
