@@ -134,17 +134,23 @@ def _event_id_of(item: Any) -> str | None:
     return None if value is None else shown(value)
 
 
+Variants = dict[uuid.UUID, list[tuple[int, UsageEvent]]]
+
+
 def validate(
     items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime
-) -> tuple[list[UsageEvent], list[Rejection], dict[uuid.UUID, list[int]], dict[uuid.UUID, int]]:
+) -> tuple[list[UsageEvent], list[Rejection], dict[uuid.UUID, list[int]], dict[uuid.UUID, int], Variants]:
     """Valid, batch-unique events; rejections with their index; the indexes of the items that repeated an
     earlier valid item (same event_id and content: counted as duplicates), by event_id; the index of each valid
-    event's item. An item with an earlier item's event_id but other content is rejected."""
+    event's item; the items with an earlier item's event_id but other content (index, event), by event_id.
+    Those are rejected here; ingest counts one as a duplicate after all if it is what is stored under its id
+    (the earlier item being the one that differs)."""
     events: list[UsageEvent] = []
     rejected: list[Rejection] = []
     seen: dict[uuid.UUID, int] = {}
     firsts: dict[uuid.UUID, int] = {}  # event_id -> position in events
     repeats: dict[uuid.UUID, list[int]] = {}
+    variants: Variants = {}
     latest = now + MAX_FUTURE
     for index, item in enumerate(items):
         if isinstance(item, UsageEvent):
@@ -169,13 +175,14 @@ def validate(
             first = seen[event.event_id]
             if (reason := repeat_conflict_reason(event, events[firsts[event.event_id]], first)) is not None:
                 rejected.append(Rejection(index, str(event.event_id), reason))
+                variants.setdefault(event.event_id, []).append((index, event))
             else:
                 repeats.setdefault(event.event_id, []).append(index)
             continue
         seen[event.event_id] = index
         firsts[event.event_id] = len(events)
         events.append(event)
-    return events, rejected, repeats, seen
+    return events, rejected, repeats, seen, variants
 
 
 def price(
@@ -276,7 +283,7 @@ def ingest(
     """Ingest one batch in the caller's transaction (only flushes; the caller commits)."""
     clock = now is None
     now = now or datetime.now(UTC)
-    events, rejected, repeats, positions = validate(items, now)
+    events, rejected, repeats, positions, variants = validate(items, now)
     result = IngestResult(duplicates=sum(map(len, repeats.values())), rejected=rejected)
     if not events:
         return result
@@ -303,7 +310,7 @@ def ingest(
     result.inserted = len(inserted_ids)
     if result.inserted < len(events):
         over = {e.event_id: why for e, why in over_limit}
-        _settle_not_inserted(session, events, inserted_ids, stored, positions, repeats, over, result)
+        _settle_not_inserted(session, events, inserted_ids, stored, positions, repeats, variants, over, result)
     return result
 
 
@@ -314,13 +321,16 @@ def _settle_not_inserted(
     stored: dict[uuid.UUID, tuple[Any, ...]],
     positions: dict[uuid.UUID, int],
     repeats: dict[uuid.UUID, list[int]],
+    variants: Variants,
     over_limit: dict[uuid.UUID, str],
     result: IngestResult,
 ) -> None:
     """Each event this call did not insert is a duplicate if a stored event has its id and its content (a
     replay never re-prices, even one priced above the per-call limit today); else it is rejected: with the
     fields that differ from the stored event, or, when none is stored, with why it was not priced. The later
-    items of the batch that repeated a rejected event were counted as duplicates of it: they are rejected too."""
+    items of the batch that repeated a rejected event were counted as duplicates of it: they are rejected too;
+    a later item with its id but other content, rejected for differing from it, is a duplicate after all when
+    it is what is stored."""
     missing = [e for e in events if e.event_id.hex not in inserted_ids]
     stored.update(store.stored_event_contents(session, [e.event_id for e in missing if e.event_id not in stored]))
     for e in missing:
@@ -335,11 +345,21 @@ def _settle_not_inserted(
             result.duplicates += 1
             continue
         result.rejected.append(Rejection(positions[e.event_id], str(e.event_id), reason))
+        if row is not None and e.event_id in variants:
+            _settle_variants(variants[e.event_id], row, result)
         for index in repeats.get(e.event_id, ()):
             result.duplicates -= 1
             why = f"repeats the event_id of item {positions[e.event_id]}, which is rejected: {reason}"
             result.rejected.append(Rejection(index, str(e.event_id), why))
     result.rejected.sort(key=lambda r: r.index)
+
+
+def _settle_variants(variants: list[tuple[int, UsageEvent]], stored: tuple[Any, ...], result: IngestResult) -> None:
+    """The first item with an id differed from the stored event: a later variant that equals it is a replay."""
+    replays = {index for index, variant in variants if conflict_reason(variant, stored) is None}
+    if replays:
+        result.rejected = [r for r in result.rejected if r.index not in replays]
+        result.duplicates += len(replays)
 
 
 def _store_and_post_postgresql(

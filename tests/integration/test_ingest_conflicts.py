@@ -127,3 +127,32 @@ def test_the_repeats_of_a_conflicting_event_are_rejected_with_it(session_factory
     assert [r.index for r in result.rejected] == [0, 2]
     assert result.rejected[0].reason.startswith("event_id is already stored with different content (input_tokens)")
     assert result.rejected[1].reason.startswith("repeats the event_id of item 0, which is rejected: event_id is")
+
+
+def test_a_later_item_that_is_the_stored_event_is_a_duplicate_when_the_first_item_with_its_id_differs(
+    session_factory,
+) -> None:
+    """[changed, stored, changed, stored] with ``stored`` in the database: the changed items are rejected (they
+    differ from the stored event); the items that equal it are replays, counted as duplicates, not rejected for
+    differing from the changed item before them."""
+    stored = event(0)
+    assert run(session_factory, [stored]).inserted == 1
+    before = ledger_state(session_factory)
+    changed = stored.model_copy(update={"input_tokens": 999})
+    result = run(session_factory, [changed, stored, changed, stored.model_dump(mode="json"), event(1)])
+    assert (result.inserted, result.duplicates) == (1, 2)
+    assert [r.index for r in result.rejected] == [0, 2]
+    assert result.rejected[0].reason.startswith("event_id is already stored with different content (input_tokens)")
+    assert result.rejected[1].reason.startswith("repeats the event_id of item 0, which is rejected")
+    assert row(session_factory, stored).input_tokens == stored.input_tokens
+    after = ledger_state(session_factory)
+    assert after != before  # event(1) was posted; the stored event was not touched
+    with session_factory() as session:
+        assert run_checks(session).problems == []
+
+
+def test_a_variant_of_a_new_event_stays_rejected(session_factory) -> None:
+    """Nothing stored under the id: the first item is ingested, a later item with other content is rejected."""
+    first = event(0)
+    result = run(session_factory, [first, first.model_copy(update={"output_tokens": 400})])
+    assert (result.inserted, result.duplicates, [r.index for r in result.rejected]) == (1, 0, [1])
