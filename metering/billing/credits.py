@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -127,7 +127,7 @@ def _insert_if_new(session: Session, posting: Posting, tenant_id: str, now: date
         "idempotency_tenant_id": tenant_id,
     }
     insert = postgresql.insert if store.dialect(session) == "postgresql" else sqlite.insert
-    table = TransferRow.__table__
+    table = cast(Table, TransferRow.__table__)
     stmt = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
     return session.execute(stmt).first() is not None
 

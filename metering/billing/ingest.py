@@ -173,8 +173,8 @@ def validate(
             continue
         if event.event_id in seen:
             first = seen[event.event_id]
-            if (reason := repeat_conflict_reason(event, events[firsts[event.event_id]], first)) is not None:
-                rejected.append(Rejection(index, str(event.event_id), reason))
+            if (conflict := repeat_conflict_reason(event, events[firsts[event.event_id]], first)) is not None:
+                rejected.append(Rejection(index, str(event.event_id), conflict))
                 variants.setdefault(event.event_id, []).append((index, event))
             else:
                 repeats.setdefault(event.event_id, []).append(index)

@@ -19,10 +19,10 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, text
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import QueryableAttribute, Session, aliased
 
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
@@ -93,7 +93,10 @@ def _lock_period_exclusive(session: Session, period: str) -> None:
 # -- drafts ---------------------------------------------------------------------------------------
 
 
-def _for(stmt: Select[Any], *filters: tuple[ColumnElement[Any], str | None]) -> Select[Any]:
+SelectT = TypeVar("SelectT", bound="Select[*tuple[Any, ...]]")
+
+
+def _for(stmt: SelectT, *filters: tuple[ColumnElement[Any] | QueryableAttribute[Any], str | None]) -> SelectT:
     """``stmt`` restricted to ``column == value`` for each filter whose value is given (None: any)."""
     for column, value in filters:
         if value is not None:
@@ -124,7 +127,9 @@ def _billed_lines(
     found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
     for tenant, user, per, extension, model, late, calls, billed in session.execute(stmt):
         # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal here): exact, made an int again.
-        found[(tenant, user, per)].append(InvoiceLine(extension, model, bool(late), int(calls), int(billed or 0)))
+        found[(tenant, user, cast(str, per))].append(
+            InvoiceLine(extension, model, bool(late), int(calls), int(billed or 0))
+        )
     for key, lines in _correction_lines(session, period=period, tenant_id=tenant_id, user_id=user_id).items():
         found[key].extend(lines)
     return found
@@ -154,7 +159,7 @@ def _correction_lines(
     found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
     for tenant, user, per, extension, model, corrected, net in session.execute(stmt):
         if net:
-            found[(tenant, user, per)].append(InvoiceLine(extension, model, False, 0, int(net), corrected))
+            found[(tenant, user, cast(str, per))].append(InvoiceLine(extension, model, False, 0, int(net), corrected))
     return found
 
 

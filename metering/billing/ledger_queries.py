@@ -88,7 +88,7 @@ def _page(
 # -- transfers ------------------------------------------------------------------------------------
 
 
-def tenant_wallets(tenant_id: str) -> Select[tuple[str]]:
+def tenant_wallets(tenant_id: str) -> Select[str]:
     return select(AccountRow.id).where(
         AccountRow.tenant_id == tenant_id, AccountRow.kind == AccountKind.USER_WALLET.value
     )

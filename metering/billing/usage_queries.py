@@ -11,6 +11,7 @@ Grouping and summing happen in SQL.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -159,10 +160,10 @@ def _day(session: Session, hour: ColumnElement[Any]) -> ColumnElement[Any]:
     return type_coerce(func.substr(hour, literal_column("1"), literal_column("10")), Date)
 
 
-_FINE = UsageRollupRow.__table__
-_HOURLY = PlatformUsageHourlyRow.__table__
-_DAILY = PlatformUsageDailyRow.__table__
-_USER_DAILY = UserUsageDailyRow.__table__
+_FINE = typing.cast(Table, UsageRollupRow.__table__)
+_HOURLY = typing.cast(Table, PlatformUsageHourlyRow.__table__)
+_DAILY = typing.cast(Table, PlatformUsageDailyRow.__table__)
+_USER_DAILY = typing.cast(Table, UserUsageDailyRow.__table__)
 _USER_DAILY_GROUPS = frozenset({"tenant", "user", "day"})
 _OTHER_FILTERS = ("extension_id", "function", "purpose", "provider", "model", "byollm", "status")
 
@@ -242,6 +243,7 @@ def usage(
     parts = [
         _part(session, table, window, group_by, filters) for table, window in _sources(group_by, filters, start, end)
     ]
+    order: Sequence[ColumnElement[Any]]
     if len(parts) == 1:
         stmt = parts[0]
         order = [literal_column(f"g_{name}") for name in group_by]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from typer.core import TyperGroup
@@ -36,7 +35,7 @@ def settings_problem(exc: ValidationError) -> str:
 
 
 class CleanErrorsGroup(TyperGroup):
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer's Context: its vendored click's in typer 0.2x, click's before
         try:
             return super().invoke(ctx)
         except ValidationError as exc:

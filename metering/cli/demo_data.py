@@ -159,8 +159,8 @@ def seed_settings(svc: Services) -> None:
             ("thread_summary", "openai", "gpt-4o-mini"),
         ):
             before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
-            row = store.put_purpose(session, purpose=purpose, provider=provider, model=model)
-            after = snap.purpose_snapshot(row)
+            purpose_row = store.put_purpose(session, purpose=purpose, provider=provider, model=model)
+            after = snap.purpose_snapshot(purpose_row)
             audit_trail.record(session, "purpose.set", snap.purpose_target(purpose), before=before, after=after)
         session.commit()
     svc.llm_settings.invalidate()

@@ -19,9 +19,9 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -68,7 +68,7 @@ def claim(
         "claimed_at": now,
     }
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    table = InvokeRequestRow.__table__
+    table = cast(Table, InvokeRequestRow.__table__)
     stmt = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.tenant_id)
     for _ in range(CLAIM_ATTEMPTS):
         if session.execute(stmt).first() is not None:

@@ -67,9 +67,9 @@ class _Isolation:
                 results[offset] = self.deliver(part)
             except RefusedBatchError as exc:
                 refused.append((offset, part, exc))
-        for offset, part, exc in refused:
+        for offset, part, refusal in refused:
             if not self.passed:  # nothing of the batch passes: not one event's fault
-                raise exc
+                raise refusal
             results[offset] = self.deliver(part)  # again, now that its refusals are known to be its own
         return DeliveryResult(
             inserted=sum(r.inserted for r in results.values()),

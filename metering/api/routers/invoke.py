@@ -217,9 +217,9 @@ async def invoke_function(
         await run_in_threadpool(_record, request, audit, body.tenant_id, target, after, key, claimed_at, out)
     except DATABASE_OUTAGES as exc:  # the calls were made: say which (a keyed retry then answers outcome unknown)
         calls = InvocationCalls(result.invocation_id, result.event_ids, result.event_ids)
-        status, problem = _failure_problem(request, exc, calls)
+        status, failure = _failure_problem(request, exc, calls)
         log.warning("%s: the audit entry of invocation %s was not written", request.url.path, result.invocation_id)
-        return JSONResponse(problem, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+        return JSONResponse(failure, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.orm import Session
@@ -43,7 +43,9 @@ Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previ
 Tokens = Annotated[int, Query(ge=0, le=MAX_TOKENS)]
 TransferKinds = Literal["usage_charge", "provider_cost", "credit", "adjustment", "reversal"]
 CSV = "text/csv"
-_CSV_RESPONSE = {200: {"content": {CSV: {"schema": {"type": "string"}}}, "description": "CSV, with a header row."}}
+_CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {CSV: {"schema": {"type": "string"}}}, "description": "CSV, with a header row."}
+}
 
 
 def _csv(text: str, filename: str) -> Response:

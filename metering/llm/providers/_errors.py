@@ -17,6 +17,7 @@ import httpx
 from metering.errors import ProviderError
 from metering.llm.providers.base import ErrorType
 
+httpx2: Any
 try:  # the SDKs' own HTTP client (newer SDK versions); plain httpx for older ones
     import httpx2
 except ImportError:  # pragma: no cover - depends on the installed SDK version
