@@ -164,8 +164,18 @@ class AppMetrics:
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition and its content type (OpenMetrics when the scraper asks for it)."""
-        encoder, content_type = choose_encoder(accept or "")
+        encoder, content_type = encoder_for(accept)
         return encoder(self.registry), content_type
+
+
+def encoder_for(accept: str | None) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """prometheus_client's encoder for the ``Accept`` header; the classic text format when it cannot read the
+    header: a ``version=`` that is not dotted numbers (``abc``, ``1.x``) raised a TypeError there (a 500 for any
+    client of a public endpoint)."""
+    try:
+        return choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        return choose_encoder("")
 
 
 _build_lock = threading.Lock()

@@ -243,6 +243,26 @@ def test_openmetrics_when_the_scraper_asks_for_it(db_url, tmp_path, session_fact
     assert sum(s.value for s in families["metering_llm_calls"].samples if s.name.endswith("_total")) == 2
 
 
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text; version=abc",
+        "application/openmetrics-text; version=1.x.0",
+        "application/openmetrics-text; version=1..0",
+        "text/plain; version=abc",
+        "text/plain; version=1.x, application/openmetrics-text; version=1.0.0",
+    ],
+)
+def test_an_accept_header_with_a_malformed_version_gets_the_text_format(db_url, tmp_path, session_factory, accept):
+    """prometheus_client's choose_encoder raised a TypeError on a version that is not dotted numbers: a 500."""
+    with TestClient(create_app(app_settings(db_url, tmp_path)), raise_server_exceptions=False) as client:
+        post_events(client, [record(0)], _token(session_factory, Scope.INGEST))
+        response = client.get("/metrics", headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert _parse(response.text)["metering_llm_calls_total"] != {}
+
+
 def test_metrics_are_per_app_and_not_in_the_openapi_document(db_url, tmp_path, session_factory):
     secret = _token(session_factory, Scope.INGEST)
     with TestClient(create_app(app_settings(db_url, tmp_path))) as first:
