@@ -212,7 +212,7 @@ def price_usage(
         raise ValueError("cache_read_tokens + cache_write_tokens must be within input_tokens (OTel semantics)")
 
     real = genai_provider_for(provider, model)
-    providers = [provider] + ([real] if provider == SIMULATED and real else [])
+    providers = [provider] + ([real] if provider.lower() == SIMULATED and real else [])  # names are case-insensitive
     for candidate in providers:
         override = select_override(book.overrides, provider=candidate, model=model, at=occurred_at)
         if override is not None:

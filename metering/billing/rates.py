@@ -18,6 +18,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import ConditionalPrice, TieredPrices, TimeOfDateConstraint
 
 from metering.billing.pricing import (
+    SIMULATED,
     PriceBook,
     PriceOverride,
     Quote,
@@ -236,7 +237,8 @@ class RateCards:
                 return card  # type: ignore[return-value]
         real = genai_provider_for(provider, model)
         if self._has_overrides:
-            for candidate in (provider, real) if provider == "simulated" and real else (provider,):
+            # "Simulated" too (a quote; an event stored before provider names were lowercased), as ingest's "simulated"
+            for candidate in (provider, real) if provider.lower() == SIMULATED and real else (provider,):
                 override = select_override(self.book.overrides, provider=candidate, model=model, at=at)
                 if override is not None:
                     markup = self.book.markup_pct if override.markup_pct is None else override.markup_pct

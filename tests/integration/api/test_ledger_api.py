@@ -383,6 +383,36 @@ def test_quote_uses_overrides_and_refuses_unknown_models(marked_up, reader, sess
     assert_problem(marked_up.get("/v1/prices/quote", params=before, headers=reader), 404, "unpriced_model")
 
 
+def test_quote_reads_provider_names_case_insensitively_as_ingest_does(marked_up, reader, session_factory):
+    """ "Simulated" prices like "simulated": by the real provider's override. The quote only tried the real
+    provider's overrides for the lowercase name, so it quoted genai-prices where ingest charged the override."""
+    at = datetime(2026, 10, 1, 12, tzinfo=UTC)
+    with session_factory() as session:
+        add_override(
+            session,
+            provider="anthropic",
+            model_pattern="claude-sonnet-*",
+            effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+            effective_to=None,
+            input_mtok=Decimal("1"),
+            output_mtok=Decimal("2"),
+            id="ovr-sonnet",
+        )
+        event = record(0, provider="Simulated", model="claude-sonnet-4-6", occurred_at=at, input_tokens=1000)
+        ingest(session, [event_from_record(event)], markup_pct=MARKUP, now=at + timedelta(minutes=1))
+        session.commit()
+    (charged,) = stored_events(session_factory)
+    assert charged.provider == "simulated" and charged.price_source == "override"
+    tokens = {
+        name: event[name] for name in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+    }
+    for provider in ("simulated", "Simulated", "SIMULATED"):
+        params = {"provider": provider, "model": "claude-sonnet-4-6", "at": at.isoformat(), **tokens}
+        quote = _get(marked_up, "/v1/prices/quote", reader, **params).json()
+        assert (quote["source"], quote["source_version"]) == ("override", "ovr-sonnet"), provider
+        assert (quote["cost_nanos"], quote["price_nanos"]) == (charged.cost_nanos, charged.charge_nanos), provider
+
+
 def test_quote_validation(marked_up, reader):
     base = {"provider": "anthropic", "model": "claude-sonnet-4-6"}
     too_much_cache = {**base, "input_tokens": 10, "cache_read_tokens": 8, "cache_write_tokens": 3}
