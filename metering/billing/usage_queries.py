@@ -218,10 +218,12 @@ def _part(
     keys = [_group_expression(session, table, name).label(f"g_{name}") for name in group_by]
     sums = [func.sum(table.c[_SUMMED[counter]]).label(counter) for counter in _COUNTERS]
     stmt = select(*keys, *sums).where(window)
-    for name in ("tenant_id", "user_id", "extension_id", "function", "purpose", "provider", "model", "status"):
+    for name in ("tenant_id", "user_id", "extension_id", "function", "purpose", "model", "status"):
         value = getattr(filters, name)
         if value is not None:
             stmt = stmt.where(table.c[name] == value)
+    if filters.provider is not None:  # case-insensitive, as provider names are (events store them lowercase)
+        stmt = stmt.where(func.lower(table.c.provider) == filters.provider.lower())
     if filters.byollm is not None:
         stmt = stmt.where(table.c.is_byollm.is_(filters.byollm))
     stmt = stmt.having(func.count() > 0)

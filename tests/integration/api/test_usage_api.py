@@ -139,6 +139,18 @@ def test_filters(client, reader, events):
     assert empty["calls"] == 0 and empty["avg_latency_ms"] is None and empty["billed_usd"] == "0.000000000"
 
 
+@pytest.mark.parametrize("params", [{}, {"group_by": "hour"}, {"group_by": "user"}, {"tenant_id": BETA}])
+def test_the_provider_filter_is_case_insensitive_like_provider_names(client, reader, events, params):
+    """Events sent as "OpenAI" are stored (and rolled up) as "openai": provider=OpenAI matched none of them."""
+    for provider in ("openai", "anthropic"):
+        chosen = [e for e in events if e.provider == provider and params.get("tenant_id", e.tenant_id) == e.tenant_id]
+        assert chosen
+        expected = _usage(client, reader, provider=provider, **params)
+        assert comparable(expected["totals"], []) == total(chosen)
+        for spelling in (provider.upper(), provider.capitalize()):
+            assert _usage(client, reader, provider=spelling, **params) == expected, spelling
+
+
 def test_unbilled_and_unpriced_calls_are_counted(client, reader, events):
     rows = {r["model"]: r for r in _usage(client, reader, group_by="model")["rows"]}
     mystery = rows["mystery-model-1"]
