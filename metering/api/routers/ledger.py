@@ -32,6 +32,7 @@ from metering.auth import TokenPrincipal
 from metering.billing import export, invoice_store, ledger_queries, store
 from metering.billing.invoices import Invoice
 from metering.billing.ledger_queries import MAX_PAGE
+from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.errors import InvalidInputError, NotFoundError, UnpricedModelError
 from metering.events import MAX_TOKENS
@@ -204,7 +205,8 @@ def list_unpriced_events(
         "Requires the `read` scope. What a call with these token counts costs and would be charged, with the "
         "current price book (admin overrides, then genai-prices) at `at` (default: now; a time without offset "
         "is UTC) and the platform markup, exactly as ingest prices it. Token counts follow OpenTelemetry: "
-        "`input_tokens` includes the cache reads and writes. An unknown model is `404` `unpriced_model`."
+        "`input_tokens` includes the cache reads and writes. An unknown model is `404` `unpriced_model`; a call "
+        "priced above the per-call limit ($10,000), which ingest rejects, is `422` `invalid_input`."
     ),
     responses=problem_responses(401, 403, 404, 422, 503),
 )
@@ -233,4 +235,7 @@ def get_quote(
             f"no price for provider {provider!r}, model {model!r} at {at.isoformat()}: calls to it are held as "
             "unpriced (add a price override)"
         )
+    too_much = over_call_limit(quote)
+    if too_much is not None:  # such an event is rejected at ingest: never charged what a 200 would say
+        raise InvalidInputError(f"ingest rejects a call {too_much}")
     return QuoteOut.of(quote, provider=provider, model=model, at=at, tokens=tokens)

@@ -16,7 +16,7 @@ from metering.auth import Scope
 from metering.billing import export, invoice_store
 from metering.billing.ingest import ingest
 from metering.billing.overrides import add_override
-from metering.billing.pricing import PriceBook, price_usage
+from metering.billing.pricing import MAX_CALL_NANOS, PriceBook, price_usage
 from metering.billing.rates import RateCards
 from metering.config import BillingSettings, Settings
 from metering.db.models import AccountRow, TransferRow
@@ -411,6 +411,36 @@ def test_quote_reads_provider_names_case_insensitively_as_ingest_does(marked_up,
         quote = _get(marked_up, "/v1/prices/quote", reader, **params).json()
         assert (quote["source"], quote["source_version"]) == ("override", "ovr-sonnet"), provider
         assert (quote["cost_nanos"], quote["price_nanos"]) == (charged.cost_nanos, charged.charge_nanos), provider
+
+
+def test_a_quote_above_the_per_call_limit_is_refused_as_ingest_refuses_the_call(marked_up, reader, session_factory):
+    """Ingest rejects an event priced above MAX_CALL_NANOS; the quote said it would be charged that."""
+    at = datetime(2026, 10, 1, 12, tzinfo=UTC)
+    with session_factory() as session:
+        add_override(
+            session,
+            provider="openai_compatible",
+            model_pattern="pricey",
+            effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+            effective_to=None,
+            input_mtok=Decimal("10"),
+            output_mtok=Decimal("10"),
+            markup_pct=Decimal(0),
+            id="ovr-pricey",
+        )
+        session.commit()
+    limit_tokens = MAX_CALL_NANOS // 10_000  # $10/Mtok is 10,000 nanos a token: at the limit exactly
+    base = {"provider": "openai_compatible", "model": "pricey", "at": at.isoformat()}
+    quote = _get(marked_up, "/v1/prices/quote", reader, **base, input_tokens=limit_tokens).json()
+    assert quote["price_nanos"] == quote["cost_nanos"] == MAX_CALL_NANOS
+    over = {**base, "input_tokens": limit_tokens, "output_tokens": 1}
+    body = assert_problem(marked_up.get("/v1/prices/quote", params=over, headers=reader), 422, "invalid_input")
+    assert "ingest rejects a call priced at $10,000.00001 for one call" in body["detail"]
+    with session_factory() as session:
+        event = record(0, provider="openai_compatible", model="pricey", occurred_at=at, input_tokens=limit_tokens)
+        event.update(output_tokens=1, cache_read_tokens=0, reasoning_tokens=0)
+        result = ingest(session, [event_from_record(event)], markup_pct=MARKUP, now=at + timedelta(minutes=1))
+    assert result.inserted == 0 and "above the limit" in result.rejected[0].reason
 
 
 def test_quote_validation(marked_up, reader):
