@@ -31,8 +31,7 @@ _GROUP_HELP = (
         "`[from, to)`, both whole UTC hours (a time without offset is UTC), per combination of the `group_by` "
         "dimensions, filtered by equality on the other parameters (`provider` ignoring case). A token bound to a "
         "tenant sees only that tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` "
-        "names, misaligned "
-        "or empty windows are `422` (`invalid_input`)."
+        "names, misaligned or empty windows are `422` (`invalid_input`)."
     ),
     response_model=UsageResponse,
     responses=problem_responses(401, 403, 422, 503),
