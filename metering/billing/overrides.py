@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from metering.billing.pricing import PriceOverride
@@ -121,10 +121,11 @@ def add_override(
 def list_overrides(
     session: Session, *, provider: str | None = None, active_at: datetime | None = None
 ) -> list[PriceOverrideRow]:
-    """Overrides (optionally of one provider, or active at one moment), by provider, pattern and start."""
+    """Overrides (optionally of one provider, its name in any case, as overrides match it; or active at one
+    moment), by provider, pattern and start."""
     stmt = select(PriceOverrideRow)
     if provider is not None:
-        stmt = stmt.where(PriceOverrideRow.provider == provider)
+        stmt = stmt.where(func.lower(PriceOverrideRow.provider) == provider.lower())
     if active_at is not None:
         stmt = stmt.where(
             PriceOverrideRow.effective_from <= active_at,

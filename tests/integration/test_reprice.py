@@ -227,6 +227,7 @@ def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_fac
         with pytest.raises(NotFoundError):
             end_override(session, "nope", end)
         assert [o.id for o in list_overrides(session, provider="ollama")] == ["o1"]
+        assert [o.id for o in list_overrides(session, provider="Ollama")] == ["o1"]  # any case, as overrides match
         assert list_overrides(session, active_at=end) == []
         assert [o.id for o in list_overrides(session, active_at=end - timedelta(seconds=1))] == ["o1"]
         assert session.scalar(select(func.count()).select_from(PriceOverrideRow)) == 1

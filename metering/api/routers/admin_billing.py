@@ -71,7 +71,7 @@ def post_price_override(
 @router.get(
     "/price-overrides",
     summary="List price overrides",
-    description="Requires `admin`, unbound. Optionally of one provider, or only those active at one moment.",
+    description="Requires `admin`, unbound. Optionally of one provider (any case), or those active at one moment.",
     responses=problem_responses(401, 403, 422, 503),
 )
 def list_price_overrides(
