@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metering.billing import invoice_store
@@ -70,11 +72,28 @@ def text_cell(value: Any) -> str:
 
 
 def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    return "".join(csv_chunks(header, rows))
+
+
+CHUNK_ROWS = 2_000  # rows per chunk of a streamed CSV (≈ 0.5 MB of a ledger)
+
+
+def csv_chunks(header: Sequence[str], rows: Iterable[Sequence[Any]], chunk_rows: int | None = None) -> Iterator[str]:
+    """The CSV text a chunk at a time: the header row with the first ``chunk_rows`` rows (default
+    ``CHUNK_ROWS``), then ``chunk_rows`` rows per chunk."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
+    iterator = iter(rows)
+    while True:
+        writer.writerows(islice(iterator, chunk_rows))
+        text = buffer.getvalue()
+        if not text:
+            return
+        yield text
+        buffer.seek(0)
+        buffer.truncate()
 
 
 def invoice_csv(invoice: Invoice) -> str:
@@ -100,8 +119,18 @@ def invoice_csv(invoice: Invoice) -> str:
     return _csv(INVOICE_COLUMNS, rows)
 
 
-def transfers_csv(transfers: Iterable[TransferRow]) -> str:
-    """Transfers in ``LEDGER_COLUMNS``, in the order given."""
+# The columns a ledger export reads (rows, not ORM objects: a period can hold millions of transfers).
+LEDGER_SELECT = select(*(TransferRow.__table__.c[name] for name in LEDGER_COLUMNS if name not in ("amount_usd",)))
+
+
+def transfers_csv(transfers: Iterable[Any]) -> str:
+    """Transfers (rows or objects with the ``LEDGER_COLUMNS`` attributes) in ``LEDGER_COLUMNS``, in the order
+    given."""
+    return "".join(transfers_csv_chunks(transfers))
+
+
+def transfers_csv_chunks(transfers: Iterable[Any]) -> Iterator[str]:
+    """``transfers_csv`` a chunk at a time."""
     rows = (
         (
             text_cell(t.id),
@@ -118,9 +147,20 @@ def transfers_csv(transfers: Iterable[TransferRow]) -> str:
         )
         for t in transfers
     )
-    return _csv(LEDGER_COLUMNS, rows)
+    return csv_chunks(LEDGER_COLUMNS, rows)
 
 
 def ledger_csv(session: Session, period: str) -> str:
     """Every transfer of ``period``, ordered by (created_at, id)."""
-    return transfers_csv(invoice_store.period_transfers(session, period))
+    return "".join(ledger_csv_chunks(session, period))
+
+
+def ledger_csv_chunks(session: Session, period: str, *where: Any) -> Iterator[str]:
+    """``ledger_csv`` a chunk at a time, read as it is written (``yield_per``: a server-side cursor on
+    PostgreSQL), so an export's memory does not grow with the period; ``where``: more conditions."""
+    stmt = (
+        LEDGER_SELECT.where(invoice_store.in_period(period), *where)
+        .order_by(TransferRow.created_at, TransferRow.id)
+        .execution_options(yield_per=CHUNK_ROWS)
+    )
+    return transfers_csv_chunks(session.execute(stmt))

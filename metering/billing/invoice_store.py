@@ -323,9 +323,3 @@ def in_period(period: str) -> ColumnElement[bool]:
     start, end = period_bounds(check_period(period))
     undated = and_(TransferRow.period.is_(None), TransferRow.created_at >= start, TransferRow.created_at < end)
     return or_(TransferRow.period == period, undated)
-
-
-def period_transfers(session: Session, period: str) -> list[TransferRow]:
-    """Every transfer of ``period`` (``in_period``), in posting order (created_at, id)."""
-    stmt = select(TransferRow).where(in_period(period)).order_by(TransferRow.created_at, TransferRow.id)
-    return list(session.scalars(stmt))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -137,14 +138,13 @@ def transfers_page(
 def ledger_csv(session: Session, period: str, tenant_id: str | None = None) -> str:
     """``export.ledger_csv`` of ``period``; with ``tenant_id``, only the transfers touching its wallets
     (same columns, same order, same formatting)."""
-    if tenant_id is None:
-        return export.ledger_csv(session, period)
-    stmt = (
-        select(TransferRow)
-        .where(invoice_store.in_period(period), touches_tenant(tenant_id))
-        .order_by(TransferRow.created_at, TransferRow.id)
-    )
-    return export.transfers_csv(session.scalars(stmt))
+    return "".join(ledger_csv_chunks(session, period, tenant_id))
+
+
+def ledger_csv_chunks(session: Session, period: str, tenant_id: str | None = None) -> Iterator[str]:
+    """``ledger_csv`` a chunk at a time (``export.ledger_csv_chunks``)."""
+    where = () if tenant_id is None else (touches_tenant(tenant_id),)
+    return export.ledger_csv_chunks(session, period, *where)
 
 
 # -- balances -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from metering import audit_snapshots as snap
 from metering.billing import invoice_store
-from metering.billing.export import invoice_csv, ledger_csv
+from metering.billing.export import invoice_csv, ledger_csv_chunks
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
 from metering.cli import audit_trail
@@ -65,15 +66,24 @@ def _invoice_table(inv: Invoice) -> Table:
     return table
 
 
-def _write(text: str, out: Path | None) -> None:
+def _write(chunks: Iterable[str], out: Path | None) -> None:
+    """Write the text, a chunk at a time, to ``out`` (else stdout). A file appears whole or not at all: it is
+    written beside ``out`` and renamed once complete (a failure midway leaves no short export behind)."""
     if out is None:
-        typer.echo(text, nl=False)
-    else:
+        for chunk in chunks:
+            typer.echo(chunk, nl=False)
+        return
+    partial = out.with_name(f".{out.name}.partial")
+    try:
         try:
-            out.write_text(text, encoding="utf-8", newline="")
-        except OSError as exc:  # no such directory, a directory, no permission, disk full
-            raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
-        console.print(f"wrote {out}", highlight=False)
+            with partial.open("w", encoding="utf-8", newline="") as file:
+                file.writelines(chunks)
+            partial.replace(out)
+        finally:
+            partial.unlink(missing_ok=True)
+    except OSError as exc:  # no such directory, a directory, no permission, disk full
+        raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
+    console.print(f"wrote {out}", highlight=False)
 
 
 @invoices_app.command("list")
@@ -126,11 +136,10 @@ def export_command(
     """Export one invoice as CSV (exact amounts; total, rounded total and residue rows at the end)."""
     with admin_session() as (session, _box):
         text = invoice_csv(invoice_store.existing_invoice(session, tenant, user, period))
-    _write(text, out)
+    _write((text,), out)
 
 
 def ledger_export_command(period: PeriodArg, out: OutOption = None) -> None:
     """Export every ledger transfer of a period as CSV, in posting order."""
     with admin_session() as (session, _box):
-        text = ledger_csv(session, period)
-    _write(text, out)
+        _write(ledger_csv_chunks(session, period), out)

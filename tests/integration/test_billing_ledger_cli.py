@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import typer
@@ -131,3 +132,22 @@ def test_moments_whose_utc_value_overflows_are_refused(run, session_factory) -> 
     run("overrides", "add", "--provider", "p", "--model", "m", "--input", "1", "--output", "1", "--from",
         "0001-01-01", "--to", "9999-12-31T23:59:59+00:00")  # fmt: skip
     run("rerate", "--from", "0001-01-01", "--to", "9999-12-31T23:59:59.999999Z")
+
+
+def test_an_export_file_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Exports stream into a file beside the target, renamed once complete: a failure midway leaves nothing."""
+    from metering.cli.billing_invoices import _write
+
+    def failing():
+        yield "a,b\r\n"
+        raise RuntimeError("the database went away")
+
+    out = tmp_path / "ledger.csv"
+    with pytest.raises(RuntimeError):
+        _write(failing(), out)
+    assert list(tmp_path.iterdir()) == []  # neither the export nor its partial file
+
+    _write(iter(["a,b\r\n", "1,2\r\n"]), out)
+    assert out.read_bytes() == b"a,b\r\n1,2\r\n" and list(tmp_path.iterdir()) == [out]
+    with pytest.raises(typer.Exit):
+        _write(iter(["x"]), tmp_path / "missing" / "ledger.csv")

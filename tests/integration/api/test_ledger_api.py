@@ -9,7 +9,8 @@ from decimal import Decimal
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from metering.api.app import create_app
 from metering.auth import Scope
@@ -285,6 +286,41 @@ def test_ledger_csv(client, reader, alpha, seeded, session_factory):
     assert_problem(client.get("/v1/ledger/9999-12.csv", headers=reader), 422, "invalid_input")
     assert client.get("/v1/ledger/9999-11.csv", headers=reader).status_code == 200
     assert _get(client, "/v1/ledger/2020-01.csv", reader).text.splitlines() == [header]
+
+
+def test_the_ledger_csv_is_streamed_in_chunks_and_equals_the_whole_export(
+    client, reader, alpha, seeded, session_factory, monkeypatch
+):
+    """Three rows a chunk (and a fetch): every chunk boundary falls inside the export; nothing lost, nothing
+    repeated, the same bytes as the export read at once; the same for a tenant's share."""
+    whole = _get(client, f"/v1/ledger/{OCTOBER}.csv", reader).text
+    mine = _get(client, f"/v1/ledger/{OCTOBER}.csv", alpha).text
+    assert len(whole.splitlines()) > 10
+    monkeypatch.setattr(export, "CHUNK_ROWS", 3)
+    with client.stream("GET", f"/v1/ledger/{OCTOBER}.csv", headers=reader) as response:
+        assert response.status_code == 200 and "content-length" not in response.headers
+        assert response.headers["content-disposition"] == f'attachment; filename="ledger-{OCTOBER}.csv"'
+        streamed = response.read().decode()
+    assert streamed == whole
+    assert _get(client, f"/v1/ledger/{OCTOBER}.csv", alpha).text == mine
+    with session_factory() as session:
+        chunks = list(export.ledger_csv_chunks(session, OCTOBER))
+    assert len(chunks) == -(-(len(whole.splitlines()) - 1) // 3) and "".join(chunks) == whole
+
+
+def test_a_ledger_csv_whose_query_fails_is_a_503_problem_not_a_cut_off_file(client, reader, seeded):
+    engine = client.app.state.engine
+
+    def fail_the_export(_conn, _cursor, statement, *_args):
+        if "FROM transfers" in statement:
+            raise OperationalError(statement, {}, Exception("server closed the connection unexpectedly"))
+
+    event.listen(engine, "before_cursor_execute", fail_the_export)
+    try:
+        response = client.get(f"/v1/ledger/{OCTOBER}.csv", headers=reader)
+    finally:
+        event.remove(engine, "before_cursor_execute", fail_the_export)
+    assert_problem(response, 503, "database_unavailable")
 
 
 # -- held events ----------------------------------------------------------------------------------
