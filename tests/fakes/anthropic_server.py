@@ -69,6 +69,8 @@ class FakeAnthropicServer(FakeProviderServer):
         )
         yield _frame("ping", {"type": "ping"})
         for n, delta in enumerate(reply.deltas()):
+            if (frame := reply.extra_frame(n)) is not None:
+                yield frame
             if reply.break_after is not None and n >= reply.break_after:
                 yield None
                 return

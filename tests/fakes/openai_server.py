@@ -77,6 +77,8 @@ class FakeOpenAIServer(FakeProviderServer):
 
         yield chunk({"role": "assistant", "content": ""})
         for n, delta in enumerate(reply.deltas()):
+            if (frame := reply.extra_frame(n)) is not None:
+                yield frame
             if reply.break_after is not None and n >= reply.break_after:
                 yield None
                 return

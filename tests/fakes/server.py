@@ -32,6 +32,11 @@ class Reply:
     chunks: tuple[str, ...] | None = None  # stream deltas; None: the text split after each space
     break_after: int | None = None  # stream: close the connection abruptly after this many deltas
     end_cleanly: bool = False  # with break_after: end the body properly instead (a truncated stream)
+    frame_before: tuple[int, bytes] | None = None  # stream: (n, frame) sends this raw SSE frame before delta n
+
+    def extra_frame(self, n: int) -> bytes | None:
+        """The raw frame scripted to go before delta ``n``, if any."""
+        return self.frame_before[1] if self.frame_before is not None and self.frame_before[0] == n else None
 
     def deltas(self) -> list[str]:
         if self.chunks is not None:

@@ -7,6 +7,7 @@ request, headers included) and its message never contains the api key.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from types import ModuleType
@@ -28,6 +29,9 @@ _HTTP_MODULES: tuple[Any, ...] = (httpx,) if httpx2 is None else (httpx, httpx2)
 STREAM_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = tuple(
     cls for module in _HTTP_MODULES for cls in (module.TransportError, module.StreamError)
 )
+# Raised by the SDKs as they are (not wrapped) when a success body, or a streamed event, is not JSON: an empty or cut
+# body sent as `application/json`, a proxy's broken event stream.
+BODY_DECODE_ERRORS: tuple[type[BaseException], ...] = (json.JSONDecodeError, UnicodeDecodeError)
 MAX_MESSAGE_CHARS = 300
 # Defence in depth: anything shaped like a provider key is masked too, even if it is not *our* key.
 _KEY_SHAPED = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+)")
@@ -85,6 +89,9 @@ def from_sdk_error(exc: BaseException, sdk: ModuleType, *, provider: str, api_ke
         return _error(scrub(message, api_key), error_type, provider, retryable=retryable)
     if isinstance(exc, sdk.APIResponseValidationError):
         message = f"{provider}: the response did not match the provider's schema"
+        return _error(message, ErrorType.INVALID_RESPONSE, provider, retryable=False)
+    if isinstance(exc, BODY_DECODE_ERRORS):
+        message = f"{provider}: the response body is not valid JSON"
         return _error(message, ErrorType.INVALID_RESPONSE, provider, retryable=False)
     if isinstance(exc, STREAM_TRANSPORT_ERRORS):
         message = f"{provider}: transport error ({type(exc).__name__})"

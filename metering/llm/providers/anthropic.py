@@ -10,6 +10,7 @@ import anthropic
 
 from metering.errors import ProviderError
 from metering.llm.providers._errors import (
+    BODY_DECODE_ERRORS,
     STREAM_TRANSPORT_ERRORS,
     from_sdk_error,
     incomplete_stream,
@@ -27,7 +28,7 @@ JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
 PLACEHOLDER_KEY = "not-needed"  # a keyless endpoint (a proxy via base_url); never let the SDK read env keys
 BODY_PARAMS = ("top_p", "top_k")  # sampling parameters go in the body (not every SDK version names them)
 _USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-_ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TRANSPORT_ERRORS)
+_ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
 def _system_and_messages(request: ProviderRequest) -> tuple[str | None, list[dict[str, Any]]]:

@@ -11,6 +11,7 @@ import openai
 
 from metering.errors import ProviderError
 from metering.llm.providers._errors import (
+    BODY_DECODE_ERRORS,
     STREAM_TRANSPORT_ERRORS,
     bad_config,
     from_sdk_error,
@@ -31,7 +32,7 @@ PLACEHOLDER_KEY = "not-needed"  # keyless local servers; and the SDK must never 
 PASS_THROUGH = ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 # finish_reason → the stop reasons the rest of the system uses (Anthropic's names, as the simulated provider)
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use"}
-_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS)
+_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
 def stop_reason(finish_reason: object) -> str | None:

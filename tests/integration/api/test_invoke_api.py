@@ -13,7 +13,7 @@ from metering.api.app import create_app
 from metering.auth import Scope
 from metering.db.event_store import count_events
 from metering.db.models import UsageEventRow
-from tests.fakes import FakeOpenAIServer, Reply
+from tests.fakes import FakeOpenAIServer, Raw, Reply
 from tests.fakes.fixtures import openai_server
 from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings
 from tests.integration.api.conftest import assert_problem, bearer
@@ -391,3 +391,13 @@ def test_a_lone_surrogate_in_a_json_reply_or_an_error_message_is_no_500(
     else:
         assert response.status_code == 502, response.text
         assert "bad input" in response.json()["detail"]
+
+
+def test_an_own_llm_answering_200_with_a_body_that_is_not_json_is_a_502(client, admin, openai_server: FakeOpenAIServer):
+    """An empty or cut `application/json` body: the SDK's JSON decoding error was no ProviderError, so the invoke
+    answered 500 `internal_error` (and a BYOLLM call with fallback policy `platform` did not fail over)."""
+    openai_server.default = Raw(b'{"id": "chatcmpl-1", "choices": [{"mess', "application/json")
+    _own_llm_for_alice(client, admin, openai_server)
+    response = _invoke(client, admin, text="hi", tone="formal")
+    assert response.status_code == 502, response.text
+    assert response.json()["code"] == "provider_error" and "not valid JSON" in response.json()["detail"]

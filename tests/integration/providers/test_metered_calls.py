@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from metering.errors import ProviderError
 from metering.events import UsageEvent, uuid7
 from metering.llm.client import MeteredLLM, ProviderPool
 from metering.llm.event_record import CallScope
@@ -131,7 +132,14 @@ async def test_stop_reason_is_one_the_event_can_hold(
 
 
 @pytest.mark.parametrize(
-    "body", [Raw(b"<html>Proxy login required</html>"), Raw(b'{"unexpected": true}', "application/json")]
+    "body",
+    [
+        Raw(b"<html>Proxy login required</html>"),
+        Raw(b'{"unexpected": true}', "application/json"),
+        Raw(b"", "application/json"),  # the SDK's JSON decoding error was no ProviderError: no failover, a 500
+        Raw(b'{"id": "msg_01", "content": [{"type": "te', "application/json"),  # cut off
+    ],
+    ids=["html", "other-json", "empty-json", "cut-json"],
 )
 @pytest.mark.parametrize("byo_provider", ["anthropic", "openai_compatible"])
 async def test_byollm_endpoint_answering_200_without_a_message_fails_over(
@@ -156,6 +164,34 @@ async def test_byollm_endpoint_answering_200_without_a_message_fails_over(
     assert isinstance(failed, UsageEvent) and isinstance(served, UsageEvent)
     assert (failed.is_byollm, failed.status, failed.error_type) == (True, "error", "invalid_response")
     assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
+    rec.lines.clear()  # a stream answered so fails over too (before its first chunk)
+    byo_server.script(body)
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == "Hello from the fake server."
+    failed, served = (decode_line(line) for line in rec.lines)
+    assert isinstance(failed, UsageEvent) and isinstance(served, UsageEvent)
+    assert (failed.is_byollm, failed.status, failed.error_type) == (True, "error", "stream_broken")
+    assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_streamed_event_that_is_not_json_breaks_the_stream(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str
+) -> None:
+    """A proxy's cut or garbled event mid-stream: the SDK's JSON decoding error reached the handler as it was (an
+    `internal:JSONDecodeError` event, a 500 over HTTP); it is a broken stream, metered from what was received."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    event = b"data: {not json\n\n" if provider == "openai" else b"event: content_block_delta\ndata: {not json\n\n"
+    server.script(Reply(text="one two three four", frame_before=(2, event)))
+    llm, rec = metered(provider, server)
+    received: list[str] = []
+    with pytest.raises(ProviderError) as info:
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            async for chunk in stream:
+                received.append(chunk)
+    assert received == ["one ", "two "] and info.value.error_type == "stream_broken"
+    event_ = the_event(rec)
+    assert (event_.status, event_.error_type, event_.usage_completeness) == ("error", "stream_broken", "estimated")
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
