@@ -4,7 +4,8 @@ A stream consumed to the end records ``ok``; one abandoned by its consumer (``br
 leaving ``async with``, garbage collection, task cancellation, the runtime ending the invocation)
 records ``cancelled``; one broken by the
 provider records ``error`` with ``error_type="stream_broken"``. Usage the provider did not report is
-estimated from what was sent and received, and marked ``estimated``.
+estimated from what was sent and received, and marked ``estimated``; an unfinished stream keeps what the provider
+reported before it ended (Anthropic's input and cache counts, given at the start).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from metering.llm.attempt import Attempt
 from metering.llm.event_record import prompt_fingerprint
 from metering.llm.responses import LLMResponse
 from metering.llm.text import ChunkCleaner
-from metering.llm.types import MISSING_USAGE, StreamEnd, TextDelta, TokenUsage
-from metering.llm.usage import fill_missing
+from metering.llm.types import MISSING_USAGE, StreamEnd, TextDelta, TokenUsage, UsageSoFar
+from metering.llm.usage import fill_missing, unfinished
 
 if TYPE_CHECKING:
     from metering.llm.client import MeteredLLM
@@ -107,10 +108,16 @@ class MessageStream:
         await self.aclose()
 
     def _record_unfinished(
-        self, common: Attempt, parts: list[str], ttft: float | None, status: Status, error_type: str | None
+        self,
+        common: Attempt,
+        so_far: TokenUsage,
+        parts: list[str],
+        ttft: float | None,
+        status: Status,
+        error_type: str | None,
     ) -> None:
-        """The event of a stream that did not end normally: usage estimated from what it sent so far."""
-        usage = fill_missing(MISSING_USAGE, self._system, self._messages, "".join(parts))
+        """The event of a stream that did not end normally: the usage reported so far, the rest estimated."""
+        usage = unfinished(so_far, self._system, self._messages, "".join(parts))
         self._llm._record(common, usage=usage, stop_reason=None, status=status, error_type=error_type, ttft_ms=ttft)
 
     async def _run(self) -> AsyncIterator[str]:
@@ -136,6 +143,7 @@ class MessageStream:
                 parts: list[str] = []
                 ttft: float | None = None
                 end: StreamEnd | None = None
+                so_far = MISSING_USAGE  # usage the provider reported before the end (UsageSoFar)
                 cleaner = ChunkCleaner()  # no lone surrogate reaches the consumer (it could not be encoded)
                 try:
                     async for item in upstream:
@@ -147,23 +155,26 @@ class MessageStream:
                                 continue
                             parts.append(chunk)
                             yield chunk
+                        elif isinstance(item, UsageSoFar):
+                            so_far = item.usage
                         else:
                             end = item
                     if tail := cleaner.flush():
                         parts.append(tail)
                         yield tail
                 except ProviderError as exc:
-                    self._record_unfinished(common, parts, ttft, Status.ERROR, exc.error_type)
+                    self._record_unfinished(common, so_far, parts, ttft, Status.ERROR, exc.error_type)
                     llm._served_by(target)
                     if not parts and attempt < len(targets) - 1:
                         continue
                     raise
                 except (GeneratorExit, asyncio.CancelledError):
-                    self._record_unfinished(common, parts, ttft, Status.CANCELLED, None)
+                    self._record_unfinished(common, so_far, parts, ttft, Status.CANCELLED, None)
                     await _close_quietly(upstream)
                     raise
                 except Exception as exc:
-                    self._record_unfinished(common, parts, ttft, Status.ERROR, f"internal:{type(exc).__name__}"[:100])
+                    error_type = f"internal:{type(exc).__name__}"[:100]
+                    self._record_unfinished(common, so_far, parts, ttft, Status.ERROR, error_type)
                     raise
                 text = "".join(parts)
                 reported = end.usage if end is not None else MISSING_USAGE

@@ -67,4 +67,13 @@ class StreamEnd:
     model: str
 
 
-StreamItem = TextDelta | StreamEnd
+@dataclass(frozen=True, slots=True)
+class UsageSoFar:
+    """Usage a provider reported before its stream ended (Anthropic's ``message_start``: the input and cache counts,
+    the output so far; an OpenAI usage chunk before the end of the body). Kept for the event of a stream that does not
+    end normally: the provider counted (and charges) that input whether or not the stream ends."""
+
+    usage: TokenUsage
+
+
+StreamItem = TextDelta | UsageSoFar | StreamEnd

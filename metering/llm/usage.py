@@ -24,6 +24,7 @@ past ``metering.events.MAX_TOKENS`` stays as reported: ingest rejects that event
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from metering.events import UsageCompleteness
@@ -152,3 +153,18 @@ def fill_missing(
     if not output_text and not answered:
         return usage
     return estimated(system, messages, output_text)
+
+
+def unfinished(
+    reported_so_far: TokenUsage, system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str
+) -> TokenUsage:
+    """The usage of a stream that did not end normally (abandoned, or broken), marked ``estimated``.
+
+    What the provider reported before it ended (``UsageSoFar``: Anthropic's input and cache counts at the start) is
+    kept, the output being the larger of its count so far and the estimate of the text received; without it, the
+    input is estimated from the prompt too (and nothing is counted when nothing was received).
+    """
+    if reported_so_far.completeness is not UsageCompleteness.REPORTED:
+        return fill_missing(MISSING_USAGE, system, messages, output_text)
+    output = max(reported_so_far.output_tokens, estimate_tokens(output_text))
+    return replace(reported_so_far, output_tokens=output, completeness=UsageCompleteness.ESTIMATED)

@@ -89,7 +89,7 @@ class FakeAnthropicServer(FakeProviderServer):
         if usage is not None:  # cumulative output tokens, at the end
             message_delta["usage"] = {"output_tokens": usage.get("output_tokens", 0)}
         yield _frame("message_delta", message_delta)
-        yield _frame("message_stop", {"type": "message_stop"})
+        yield None if reply.break_before_end else _frame("message_stop", {"type": "message_stop"})
 
     def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
         message = f"invalid x-api-key: {api_key}" if fail.echo_api_key else fail.message

@@ -98,7 +98,7 @@ class FakeOpenAIServer(FakeProviderServer):
                     "usage": dict(usage),
                 }
             )
-        yield _data("[DONE]")
+        yield None if reply.break_before_end else _data("[DONE]")
 
     def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
         message = f"Incorrect API key provided: {api_key}." if fail.echo_api_key else fail.message

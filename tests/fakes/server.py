@@ -33,6 +33,7 @@ class Reply:
     break_after: int | None = None  # stream: close the connection abruptly after this many deltas
     end_cleanly: bool = False  # with break_after: end the body properly instead (a truncated stream)
     frame_before: tuple[int, bytes] | None = None  # stream: (n, frame) sends this raw SSE frame before delta n
+    break_before_end: bool = False  # stream: break the connection just before the last frame (message_stop, [DONE])
 
     def extra_frame(self, n: int) -> bytes | None:
         """The raw frame scripted to go before delta ``n``, if any."""

@@ -16,6 +16,7 @@ from metering.llm.usage import (
     fill_missing,
     from_anthropic,
     from_openai,
+    unfinished,
 )
 
 # -- Anthropic: cache tokens are reported OUTSIDE input_tokens ---------------------------------------
@@ -210,3 +211,13 @@ def test_fill_missing_estimates_only_when_something_was_produced() -> None:
     filled = fill_missing(MISSING_USAGE, None, messages, "y" * 10)
     assert filled.completeness is UsageCompleteness.ESTIMATED
     assert (filled.input_tokens, filled.output_tokens) == (25, 3)
+
+
+def test_an_unfinished_stream_keeps_the_counts_reported_so_far() -> None:
+    so_far = TokenUsage(input_tokens=1320, output_tokens=1, cache_read_tokens=1000, cache_write_tokens=300)
+    messages = [{"role": "user", "content": "hi"}]
+    kept = unfinished(so_far, None, messages, "x" * 40)  # 10 tokens of text received: more than the 1 reported
+    assert kept == TokenUsage(1320, 10, 1000, 300, completeness=UsageCompleteness.ESTIMATED)
+    assert unfinished(so_far, None, messages, "").output_tokens == 1
+    assert unfinished(MISSING_USAGE, None, messages, "x" * 40) == estimated(None, messages, "x" * 40)
+    assert unfinished(MISSING_USAGE, None, messages, "") is MISSING_USAGE  # nothing reported, nothing received

@@ -9,6 +9,7 @@ from typing import Any
 import anthropic
 
 from metering.errors import ProviderError
+from metering.events import UsageCompleteness
 from metering.llm.providers._errors import (
     BODY_DECODE_ERRORS,
     STREAM_TRANSPORT_ERRORS,
@@ -19,7 +20,15 @@ from metering.llm.providers._errors import (
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason
-from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
+from metering.llm.types import (
+    MISSING_USAGE,
+    ProviderRequest,
+    ProviderResult,
+    StreamEnd,
+    StreamItem,
+    TextDelta,
+    UsageSoFar,
+)
 from metering.llm.usage import from_anthropic
 
 log = logging.getLogger("metering.llm.providers")
@@ -43,14 +52,19 @@ def _system_and_messages(request: ProviderRequest) -> tuple[str | None, list[dic
     return system, messages
 
 
-def _merge_usage(into: dict[str, int], usage: Any) -> None:
-    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output."""
+def _merge_usage(into: dict[str, int], usage: Any) -> UsageSoFar | None:
+    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output.
+
+    Returns the usage reported so far, when it holds usable counts (an output count not given yet is 0).
+    """
     if usage is None:
-        return
+        return None
     for key in _USAGE_KEYS:
         value = usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
         if value is not None:
             into[key] = value
+    so_far = from_anthropic({"output_tokens": 0, **into})
+    return UsageSoFar(so_far) if so_far.completeness is UsageCompleteness.REPORTED else None
 
 
 class AnthropicProvider:
@@ -135,10 +149,12 @@ class AnthropicProvider:
                             yield TextDelta(text)
                     elif kind == "message_start":
                         model = getattr(event.message, "model", None) or model
-                        _merge_usage(usage, getattr(event.message, "usage", None))
+                        if so_far := _merge_usage(usage, getattr(event.message, "usage", None)):
+                            yield so_far
                     elif kind == "message_delta":
                         stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
-                        _merge_usage(usage, getattr(event, "usage", None))
+                        if so_far := _merge_usage(usage, getattr(event, "usage", None)):
+                            yield so_far
                     elif kind == "message_stop":
                         finished = True
         except _ERRORS as exc:

@@ -67,6 +67,9 @@ class Provider(Protocol):
     def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         """Yield ``TextDelta`` items, then exactly one ``StreamEnd`` when the provider finished.
 
+        ``UsageSoFar`` items may come in between: usage the provider reported before the end, which the caller
+        keeps for the event if the stream does not end normally.
+
         A stream broken by the provider raises ``ProviderError(error_type="stream_broken")`` after the
         deltas already received; the caller then estimates usage from what it saw.
         """

@@ -10,6 +10,7 @@ from typing import Any
 import openai
 
 from metering.errors import ProviderError
+from metering.events import UsageCompleteness
 from metering.llm.providers._errors import (
     BODY_DECODE_ERRORS,
     STREAM_TRANSPORT_ERRORS,
@@ -21,7 +22,15 @@ from metering.llm.providers._errors import (
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason
-from metering.llm.types import MISSING_USAGE, ProviderRequest, ProviderResult, StreamEnd, StreamItem, TextDelta
+from metering.llm.types import (
+    MISSING_USAGE,
+    ProviderRequest,
+    ProviderResult,
+    StreamEnd,
+    StreamItem,
+    TextDelta,
+    UsageSoFar,
+)
 from metering.llm.usage import from_openai
 
 log = logging.getLogger("metering.llm.providers")
@@ -134,6 +143,8 @@ class OpenAIProvider:
                     model = getattr(chunk, "model", None) or model
                     if getattr(chunk, "usage", None) is not None:
                         usage = chunk.usage  # the last chunk, when include_usage is honoured
+                        if (so_far := from_openai(usage)).completeness is UsageCompleteness.REPORTED:
+                            yield UsageSoFar(so_far)  # kept if the body breaks before its end
                     for choice in getattr(chunk, "choices", None) or ():
                         if getattr(choice, "index", 0) != 0:
                             continue

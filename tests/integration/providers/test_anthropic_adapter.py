@@ -13,7 +13,7 @@ from metering.events import UsageCompleteness
 from metering.llm.providers import make_provider
 from metering.llm.providers.anthropic import JSON_INSTRUCTION, AnthropicProvider
 from metering.llm.providers.base import Provider, ProviderConfig
-from metering.llm.types import MISSING_USAGE, ProviderRequest, StreamEnd, TextDelta, TokenUsage
+from metering.llm.types import MISSING_USAGE, ProviderRequest, StreamEnd, TextDelta, TokenUsage, UsageSoFar
 from tests.fakes import Fail, FakeAnthropicServer, Raw, Reply, hang, rate_limited, server_error, unauthorized
 
 KEY = "sk-ant-api03-TEST-SECRET-0123456789abcdef"
@@ -65,6 +65,8 @@ async def collect(stream: AsyncIterator[Any]) -> tuple[list[str], StreamEnd | No
         async for item in stream:
             if isinstance(item, TextDelta):
                 deltas.append(item.text)
+            elif isinstance(item, UsageSoFar):
+                continue  # usage reported before the end: see the tests of unfinished streams
             else:
                 assert end is None, "exactly one StreamEnd"
                 end = item
@@ -154,9 +156,21 @@ async def test_stream_yields_deltas_then_usage_from_start_and_delta_events(anthr
     assert anthropic_server.last.body["stream"] is True
 
 
+async def test_stream_hands_on_the_usage_reported_before_its_end(anthropic_server, make) -> None:
+    """message_start's input and cache counts come first, then message_delta's (kept if the stream never ends)."""
+    anthropic_server.script(Reply(text="one two", usage=CACHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    assert [type(item) for item in items] == [UsageSoFar, TextDelta, TextDelta, UsageSoFar, StreamEnd]
+    start, final = items[0], items[3]
+    assert isinstance(start, UsageSoFar) and isinstance(final, UsageSoFar) and isinstance(items[-1], StreamEnd)
+    assert start.usage == TokenUsage(input_tokens=1320, output_tokens=1, cache_read_tokens=1000, cache_write_tokens=300)
+    assert final.usage == items[-1].usage == NORMALISED
+
+
 async def test_abandoned_stream_does_not_break_the_adapter(anthropic_server, make) -> None:
     provider = make()
     stream = provider.stream(request())
+    assert isinstance(await anext(stream), UsageSoFar)  # message_start's
     first = await anext(stream)
     assert isinstance(first, TextDelta)
     await stream.aclose()  # type: ignore[attr-defined]

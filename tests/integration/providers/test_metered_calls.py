@@ -3,6 +3,7 @@ call records exactly one event the flusher accepts, and the caller gets the answ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -213,3 +214,80 @@ async def test_a_lone_surrogate_in_a_reply_never_reaches_the_caller(
     assert "".join(received) == stream.text == "Hi \U0001f600 there \ufffd"
     assert all(chunk.encode("utf-8") is not None for chunk in received)
     assert the_event(rec).status == "ok"
+
+
+ANTHROPIC_CACHED = {
+    "input_tokens": 20,
+    "output_tokens": 7,
+    "cache_read_input_tokens": 1000,
+    "cache_creation_input_tokens": 300,
+}
+OPENAI_CACHED = {
+    "prompt_tokens": 1320,
+    "completion_tokens": 7,
+    "prompt_tokens_details": {"cached_tokens": 1000},
+    "completion_tokens_details": {"reasoning_tokens": 2},
+}
+
+
+@pytest.mark.parametrize(
+    ("provider", "reply", "status", "received", "tokens"),
+    [
+        # (input, output, cache read, cache write, reasoning) of the event
+        pytest.param(
+            "anthropic", Reply(text="one two three", break_after=0), "error", [], (1320, 1, 1000, 300, 0),
+            id="broken-at-once",
+        ),
+        pytest.param(
+            "anthropic", Reply(text="one two three", break_after=2), "error", ["one ", "two "], (1320, 2, 1000, 300, 0),
+            id="broken-mid-way",
+        ),
+        pytest.param(
+            "anthropic", Reply(text="one two three"), "cancelled", ["one "], (1320, 1, 1000, 300, 0), id="abandoned"
+        ),
+        pytest.param(
+            "anthropic", Reply(text="one two three", break_before_end=True), "error", ["one ", "two ", "three"],
+            (1320, 7, 1000, 300, 0), id="broken-before-message-stop",
+        ),
+        pytest.param(
+            "openai", Reply(text="one two three", break_before_end=True), "error", ["one ", "two ", "three"],
+            (1320, 7, 1000, 0, 2), id="broken-after-the-usage-chunk",
+        ),
+    ],
+)  # fmt: skip
+async def test_an_unfinished_stream_keeps_the_usage_reported_before_it_ended(
+    openai_server: FakeOpenAIServer,
+    anthropic_server: FakeAnthropicServer,
+    metered: MakeLLM,
+    provider: str,
+    reply: Reply,
+    status: str,
+    received: list[str],
+    tokens: tuple[int, ...],
+) -> None:
+    """Anthropic reports the input and cache counts at the start of a stream (message_start), and charges them whether
+    or not the stream ends: an abandoned or broken stream was recorded with its input estimated from the prompt's
+    characters and no cache tokens at all (nothing at all when it broke before its first text), so a stream over a
+    large cached prompt was billed as if no cache was read or written. The counts reported so far are kept; the
+    output is the larger of its count so far and the estimate of the text received; the event says `estimated`."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    usage = OPENAI_CACHED if provider == "openai" else ANTHROPIC_CACHED
+    server.script(dataclasses.replace(reply, usage=usage))
+    llm, rec = metered(provider, server)
+    chunks: list[str] = []
+    if status == "cancelled":
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+                break
+    else:
+        with pytest.raises(ProviderError, match="stream"):
+            async with llm.stream_message(messages=MESSAGES) as stream:
+                async for chunk in stream:
+                    chunks.append(chunk)
+    assert chunks == received
+    event = the_event(rec)
+    assert (event.status, event.error_type) == (status, None if status == "cancelled" else "stream_broken")
+    counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
+    assert (*counts, event.reasoning_tokens) == tokens
+    assert event.usage_completeness == "estimated"
