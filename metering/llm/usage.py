@@ -17,8 +17,10 @@ Counts are trusted only when they are counts. Every count the provider gives mus
 ``null``, negative, text, a bool, a fraction, infinite, past 2^63, or a normalised sum past it — the provider's
 usage is treated as not reported (``MISSING``, which ``fill_missing`` estimates from text): it is never recorded as
 ``reported`` with 0 tokens (a paid call billed $0), and never breaks the event line (orjson writes no integer past
-64 bits). The optional details (cache and reasoning counts) may be absent or ``null``: 0. A count within 2^63 but
-past ``metering.events.MAX_TOKENS`` stays as reported: ingest rejects that event with its reason, by design.
+64 bits). The optional details (cache and reasoning counts) may be absent or ``null``: 0. A reported input or
+output of 0 for a prompt or a reply that has text is not a count either: that part is estimated
+(``zero_counts_estimated``). A count within 2^63 but past ``metering.events.MAX_TOKENS`` stays as reported: ingest
+rejects that event with its reason, by design.
 """
 
 from __future__ import annotations
@@ -137,6 +139,21 @@ def estimated(system: str | None, messages: Iterable[Mapping[str, Any]], output_
     )
 
 
+def zero_counts_estimated(
+    usage: TokenUsage, system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str
+) -> TokenUsage:
+    """Reported usage whose input or output is 0 for a prompt or a reply that has text: that count is not one (a server
+    that counts nothing and says 0; Ollama's ``prompt_tokens`` for a prompt it had cached), so it is estimated and the
+    usage marked ``estimated``, never billed as 0 tokens. Other usage is returned as it is."""
+    input_tokens = usage.input_tokens or estimate_input_tokens(system, messages)
+    output_tokens = usage.output_tokens or estimate_tokens(output_text)
+    if input_tokens == usage.input_tokens and output_tokens == usage.output_tokens:
+        return usage
+    return replace(
+        usage, input_tokens=input_tokens, output_tokens=output_tokens, completeness=UsageCompleteness.ESTIMATED
+    )
+
+
 def fill_missing(
     usage: TokenUsage,
     system: str | None,
@@ -145,9 +162,12 @@ def fill_missing(
     *,
     answered: bool = False,
 ) -> TokenUsage:
-    """Keep reported usage; replace MISSING usage by an estimate when anything was produced, or when the provider
-    answered (``answered``: it read the prompt, even if its reply has no text, e.g. a tool call or all output
-    spent thinking: never recorded as 0 tokens, which would bill a paid call $0)."""
+    """Keep reported usage (its counts of 0 for text that was there estimated: ``zero_counts_estimated``); replace
+    MISSING usage by an estimate when anything was produced, or when the provider answered (``answered``: it read the
+    prompt, even if its reply has no text, e.g. a tool call or all output spent thinking: never recorded as 0 tokens,
+    which would bill a paid call $0)."""
+    if usage.completeness is UsageCompleteness.REPORTED:
+        return zero_counts_estimated(usage, system, messages, output_text)
     if usage.completeness is not UsageCompleteness.MISSING:
         return usage
     if not output_text and not answered:
@@ -166,5 +186,6 @@ def unfinished(
     """
     if reported_so_far.completeness is not UsageCompleteness.REPORTED:
         return fill_missing(MISSING_USAGE, system, messages, output_text)
-    output = max(reported_so_far.output_tokens, estimate_tokens(output_text))
-    return replace(reported_so_far, output_tokens=output, completeness=UsageCompleteness.ESTIMATED)
+    usage = zero_counts_estimated(reported_so_far, system, messages, output_text)
+    output = max(usage.output_tokens, estimate_tokens(output_text))
+    return replace(usage, output_tokens=output, completeness=UsageCompleteness.ESTIMATED)

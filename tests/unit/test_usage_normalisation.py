@@ -17,6 +17,7 @@ from metering.llm.usage import (
     from_anthropic,
     from_openai,
     unfinished,
+    zero_counts_estimated,
 )
 
 # -- Anthropic: cache tokens are reported OUTSIDE input_tokens ---------------------------------------
@@ -221,3 +222,17 @@ def test_an_unfinished_stream_keeps_the_counts_reported_so_far() -> None:
     assert unfinished(so_far, None, messages, "").output_tokens == 1
     assert unfinished(MISSING_USAGE, None, messages, "x" * 40) == estimated(None, messages, "x" * 40)
     assert unfinished(MISSING_USAGE, None, messages, "") is MISSING_USAGE  # nothing reported, nothing received
+
+
+def test_a_reported_zero_for_text_that_was_there_is_estimated() -> None:
+    messages = [{"role": "user", "content": "x" * 40}]  # 10 tokens
+    zero_in = TokenUsage(input_tokens=0, output_tokens=9)
+    assert zero_counts_estimated(zero_in, None, messages, "y" * 8) == TokenUsage(
+        10, 9, completeness=UsageCompleteness.ESTIMATED
+    )
+    both = fill_missing(TokenUsage(0, 0), None, messages, "y" * 8, answered=True)
+    assert both == TokenUsage(10, 2, completeness=UsageCompleteness.ESTIMATED)
+    tool_call = TokenUsage(input_tokens=30, output_tokens=0)  # no text in the reply: its 0 is not contradicted
+    assert zero_counts_estimated(tool_call, None, messages, "") is tool_call
+    cached = TokenUsage(input_tokens=1000, output_tokens=5, cache_read_tokens=1000)
+    assert fill_missing(cached, None, messages, "y", answered=True) is cached

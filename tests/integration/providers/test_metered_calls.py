@@ -101,6 +101,37 @@ async def test_usage_without_usable_counts_is_estimated(
     assert the_event(rec).usage_completeness == "estimated"
 
 
+ZERO_USAGE = {
+    "openai": [
+        {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},  # a server that counts nothing
+        {"prompt_tokens": 0, "completion_tokens": 75, "total_tokens": 75},  # Ollama, for a prompt it had cached
+    ],
+    "anthropic": [{"input_tokens": 0, "output_tokens": 0}, {"input_tokens": 0, "output_tokens": 75}],
+}
+
+
+@pytest.mark.parametrize(
+    ("provider", "usage"), [(provider, usage) for provider, usages in ZERO_USAGE.items() for usage in usages]
+)
+async def test_a_reported_zero_for_a_prompt_or_a_reply_with_text_is_estimated(
+    request: pytest.FixtureRequest, metered: MakeLLM, provider: str, usage: dict[str, Any]
+) -> None:
+    """An answered call was recorded `reported` with 0 input tokens (or 0 tokens at all): billed $0 for what it read,
+    though the docs say an answered call is never recorded as 0 tokens. A 0 for text that was there is estimated."""
+    server = request.getfixturevalue(f"{provider}_server")
+    server.script(Reply(text=TEXT, usage=usage), Reply(text=TEXT, usage=usage))
+    llm, rec = metered(provider, server)
+    response = await llm.create_message(messages=MESSAGES)
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    for event in (decode_line(line) for line in rec.lines):
+        assert isinstance(event, UsageEvent)
+        assert (event.status, event.usage_completeness) == ("ok", "estimated")
+        assert event.input_tokens == response.usage.input_tokens > 0
+        expected_output = usage["completion_tokens" if provider == "openai" else "output_tokens"] or len(TEXT) // 4
+        assert event.output_tokens == expected_output
+
+
 @pytest.mark.parametrize(
     ("sent", "recorded"),
     [
