@@ -19,7 +19,7 @@ from metering.llm.providers._errors import (
     missing_key,
     stream_broken,
 )
-from metering.llm.providers.base import ProviderConfig, bounded_stop_reason
+from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -114,7 +114,7 @@ class AnthropicProvider:
             blocks = getattr(message, "content", None)
             if not isinstance(blocks, list):  # an HTML page (the SDK returns it as a str), JSON of another shape
                 raise invalid_response(self.name, "the response is not a message")
-            text = "".join(getattr(b, "text", None) or "" for b in blocks if getattr(b, "type", None) == "text")
+            text = "".join(text_of(getattr(b, "text", None)) for b in blocks if getattr(b, "type", None) == "text")
             return ProviderResult(
                 text=text,
                 usage=from_anthropic(getattr(message, "usage", None)),
@@ -144,7 +144,8 @@ class AnthropicProvider:
                     kind = event.type
                     if kind == "content_block_delta":
                         delta = event.delta
-                        text = getattr(delta, "text", None) if getattr(delta, "type", None) == "text_delta" else None
+                        is_text = getattr(delta, "type", None) == "text_delta"
+                        text = text_of(getattr(delta, "text", None)) if is_text else ""
                         if text:
                             yield TextDelta(text)
                     elif kind == "message_start":

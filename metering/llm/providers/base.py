@@ -9,7 +9,7 @@ Only modules under ``metering.llm.providers`` import provider SDKs. Adapters:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -43,6 +43,29 @@ def bounded_stop_reason(value: object) -> str | None:
         return value
     cleaned = value.replace("\x00", "").encode("utf-8", "replace").decode()[:MAX_SHORT_TEXT]
     return cleaned or None
+
+
+def text_of(value: object) -> str:
+    """A reply's (or a stream delta's) text as a ``str``, whatever shape an OpenAI-compatible server gives it.
+
+    A ``str`` is itself; a list of content parts (Mistral's reasoning models answer ``[{"type": "thinking", ...},
+    {"type": "text", "text": "..."}]``) is the text of its ``text`` parts; anything else (``None``, a number) is ``""``.
+    Anything but a ``str`` reaching metering failed the call after it was made, without its event.
+    """
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        return ""
+    texts: list[str] = []
+    for part in value:
+        text = _field(part, "text")
+        if _field(part, "type") == "text" and isinstance(text, str):
+            texts.append(text)
+    return "".join(texts)
+
+
+def _field(part: object, key: str) -> object:
+    return part.get(key) if isinstance(part, Mapping) else getattr(part, key, None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from metering.llm.providers._errors import (
     missing_key,
     stream_broken,
 )
-from metering.llm.providers.base import ProviderConfig, bounded_stop_reason
+from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -115,7 +115,7 @@ class OpenAIProvider:
             choice = choices[0]
             message = getattr(choice, "message", None)
             return ProviderResult(
-                text=getattr(message, "content", None) or "",
+                text=text_of(getattr(message, "content", None)),
                 usage=from_openai(getattr(completion, "usage", None)),
                 stop_reason=stop_reason(getattr(choice, "finish_reason", None)),
                 model=getattr(completion, "model", None) or request.model,
@@ -148,7 +148,7 @@ class OpenAIProvider:
                     for choice in getattr(chunk, "choices", None) or ():
                         if getattr(choice, "index", 0) != 0:
                             continue
-                        text = getattr(getattr(choice, "delta", None), "content", None)
+                        text = text_of(getattr(getattr(choice, "delta", None), "content", None))
                         if text:
                             yield TextDelta(text)
                         if getattr(choice, "finish_reason", None):

@@ -4,6 +4,7 @@ call records exactly one event the flusher accepts, and the caller gets the answ
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -322,3 +323,55 @@ async def test_an_unfinished_stream_keeps_the_usage_reported_before_it_ended(
     counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
     assert (*counts, event.reasoning_tokens) == tokens
     assert event.usage_completeness == "estimated"
+
+
+MISTRAL_CONTENT = [{"type": "thinking", "thinking": [{"type": "text", "text": "Hmm."}]}, {"type": "text", "text": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("provider", "content", "text"),
+    [
+        pytest.param("openai", MISTRAL_CONTENT, "Hi", id="openai-parts"),  # Mistral's reasoning models answer so
+        pytest.param("openai", 42, "", id="openai-number"),
+        pytest.param("anthropic", 42, "", id="anthropic-number"),
+    ],
+)
+async def test_reply_text_that_is_not_a_str_is_read_and_the_call_recorded(
+    openai_server: FakeOpenAIServer,
+    anthropic_server: FakeAnthropicServer,
+    metered: MakeLLM,
+    provider: str,
+    content: Any,
+    text: str,
+) -> None:
+    """An OpenAI-compatible server answering `content` as a list of parts failed the call after it was made with an
+    AttributeError and no event at all (a 500 over HTTP, the provider's usage lost); Anthropic text that is not a str
+    recorded an `internal:TypeError` with no tokens. The text parts are read; anything else is no text."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    body = server.json_body({"model": "m-test"}, Reply())
+    if provider == "openai":
+        body["choices"][0]["message"]["content"] = content
+    else:
+        body["content"][0]["text"] = content
+    server.script(Raw(json.dumps(body).encode(), "application/json"))
+    llm, rec = metered(provider, server)
+    assert (await llm.create_message(messages=MESSAGES)).text == text
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness, event.input_tokens, event.output_tokens) == (
+        "ok",
+        "reported",
+        12,
+        6,
+    )
+    rec.lines.clear()
+    if provider == "openai":
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m-test"}
+        frame = {**chunk, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    else:
+        frame = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": content}}
+    prefix = b"" if provider == "openai" else b"event: content_block_delta\n"
+    server.script(Reply(text="one two", frame_before=(1, prefix + b"data: " + json.dumps(frame).encode() + b"\n\n")))
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        received = [chunk async for chunk in stream]
+    assert received == (["one ", text, "two"] if text else ["one ", "two"])
+    assert (the_event(rec).status, the_event(rec).usage_completeness) == ("ok", "reported")
