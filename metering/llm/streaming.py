@@ -26,7 +26,7 @@ from metering.llm.event_record import prompt_fingerprint
 from metering.llm.responses import LLMResponse
 from metering.llm.text import ChunkCleaner
 from metering.llm.types import MISSING_USAGE, StreamEnd, TextDelta, TokenUsage, UsageSoFar
-from metering.llm.usage import fill_missing, unfinished
+from metering.llm.usage import finished, unfinished
 
 if TYPE_CHECKING:
     from metering.llm.client import MeteredLLM
@@ -178,7 +178,7 @@ class MessageStream:
                     raise
                 text = "".join(parts)
                 reported = end.usage if end is not None else MISSING_USAGE
-                usage = fill_missing(reported, system, messages, text, answered=True)
+                usage = finished(reported, so_far, system, messages, text)
                 stop_reason = end.stop_reason if end is not None else None
                 event_id = llm._record(
                     common,

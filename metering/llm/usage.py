@@ -175,6 +175,22 @@ def fill_missing(
     return estimated(system, messages, output_text)
 
 
+def finished(
+    reported: TokenUsage,
+    reported_so_far: TokenUsage,
+    system: str | None,
+    messages: Iterable[Mapping[str, Any]],
+    output_text: str,
+) -> TokenUsage:
+    """The usage of a stream that ended normally: what the provider reported at its end; when it reported nothing there
+    but counts before (an Anthropic-compatible gateway whose ``message_delta`` has no usage: ``message_start``'s output
+    count is a placeholder), those counts with the output estimated as for an unfinished stream; else an estimate."""
+    nothing_at_the_end = reported.completeness is UsageCompleteness.MISSING
+    if nothing_at_the_end and reported_so_far.completeness is UsageCompleteness.REPORTED:
+        return unfinished(reported_so_far, system, messages, output_text)
+    return fill_missing(reported, system, messages, output_text, answered=True)
+
+
 def unfinished(
     reported_so_far: TokenUsage, system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str
 ) -> TokenUsage:

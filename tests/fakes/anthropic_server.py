@@ -86,7 +86,7 @@ class FakeAnthropicServer(FakeProviderServer):
             "type": "message_delta",
             "delta": {"stop_reason": reply.stop_reason or "end_turn", "stop_sequence": None},
         }
-        if usage is not None:  # cumulative output tokens, at the end
+        if usage is not None and reply.final_usage:  # cumulative output tokens, at the end
             message_delta["usage"] = {"output_tokens": usage.get("output_tokens", 0)}
         yield _frame("message_delta", message_delta)
         yield None if reply.break_before_end else _frame("message_stop", {"type": "message_stop"})

@@ -34,6 +34,7 @@ class Reply:
     end_cleanly: bool = False  # with break_after: end the body properly instead (a truncated stream)
     frame_before: tuple[int, bytes] | None = None  # stream: (n, frame) sends this raw SSE frame before delta n
     break_before_end: bool = False  # stream: break the connection just before the last frame (message_stop, [DONE])
+    final_usage: bool = True  # Anthropic stream: False sends message_delta without usage (some compatible gateways)
 
     def extra_frame(self, n: int) -> bytes | None:
         """The raw frame scripted to go before delta ``n``, if any."""

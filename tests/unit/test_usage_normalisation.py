@@ -14,6 +14,7 @@ from metering.llm.usage import (
     estimate_tokens,
     estimated,
     fill_missing,
+    finished,
     from_anthropic,
     from_openai,
     unfinished,
@@ -236,3 +237,14 @@ def test_a_reported_zero_for_text_that_was_there_is_estimated() -> None:
     assert zero_counts_estimated(tool_call, None, messages, "") is tool_call
     cached = TokenUsage(input_tokens=1000, output_tokens=5, cache_read_tokens=1000)
     assert fill_missing(cached, None, messages, "y", answered=True) is cached
+
+
+def test_a_finished_stream_uses_its_final_usage_else_what_was_reported_before() -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    final = TokenUsage(1320, 7, 1000, 300)
+    start = TokenUsage(1320, 1, 1000, 300)
+    assert finished(final, start, None, messages, "x" * 40) is final
+    assert finished(MISSING_USAGE, start, None, messages, "x" * 40) == TokenUsage(
+        1320, 10, 1000, 300, completeness=UsageCompleteness.ESTIMATED
+    )
+    assert finished(MISSING_USAGE, MISSING_USAGE, None, messages, "x" * 40) == estimated(None, messages, "x" * 40)

@@ -52,6 +52,10 @@ def _system_and_messages(request: ProviderRequest) -> tuple[str | None, list[dic
     return system, messages
 
 
+def _usage_count(usage: Any, key: str) -> Any:
+    return usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
+
+
 def _merge_usage(into: dict[str, int], usage: Any) -> UsageSoFar | None:
     """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output.
 
@@ -60,7 +64,7 @@ def _merge_usage(into: dict[str, int], usage: Any) -> UsageSoFar | None:
     if usage is None:
         return None
     for key in _USAGE_KEYS:
-        value = usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
+        value = _usage_count(usage, key)
         if value is not None:
             into[key] = value
     so_far = from_anthropic({"output_tokens": 0, **into})
@@ -135,6 +139,7 @@ class AnthropicProvider:
         if error is not None:
             raise error
         usage: dict[str, int] = {}
+        final_usage = False  # message_delta gave the final output count (message_start's is a placeholder)
         stop_reason: str | None = None
         model = request.model
         finished = False
@@ -154,7 +159,9 @@ class AnthropicProvider:
                             yield so_far
                     elif kind == "message_delta":
                         stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
-                        if so_far := _merge_usage(usage, getattr(event, "usage", None)):
+                        delta_usage = getattr(event, "usage", None)
+                        final_usage = final_usage or _usage_count(delta_usage, "output_tokens") is not None
+                        if so_far := _merge_usage(usage, delta_usage):
                             yield so_far
                     elif kind == "message_stop":
                         finished = True
@@ -165,7 +172,8 @@ class AnthropicProvider:
         if not finished:
             raise incomplete_stream(self.name)
         yield StreamEnd(
-            usage=from_anthropic(usage) if usage else MISSING_USAGE,
+            # without message_delta's counts, the output is unknown: the caller keeps the input reported so far
+            usage=from_anthropic(usage) if final_usage else MISSING_USAGE,
             stop_reason=bounded_stop_reason(stop_reason),
             model=model,
         )

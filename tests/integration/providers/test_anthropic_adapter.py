@@ -326,3 +326,28 @@ async def test_a_success_status_without_a_message_is_an_invalid_response(anthrop
     with pytest.raises(ProviderError) as info:
         await make().complete(request())
     assert info.value.error_type == "invalid_response" and not info.value.retryable
+
+
+@pytest.mark.parametrize("delta_usage", [None, {"input_tokens": 20}], ids=["no-usage", "no-output-count"])
+async def test_a_stream_without_a_final_output_count_reports_no_final_usage(anthropic_server, make, delta_usage):
+    """message_start's output count is a placeholder: without message_delta's, the final usage is not known (the
+    caller keeps message_start's input and cache counts and estimates the output)."""
+    original = anthropic_server.stream_frames
+
+    def frames(body, reply):
+        for frame in original(body, reply):
+            if frame is not None and frame.startswith(b"event: message_delta"):
+                data = json.loads(frame.split(b"data: ", 1)[1])
+                data.pop("usage")
+                if delta_usage is not None:
+                    data["usage"] = delta_usage
+                frame = b"event: message_delta\ndata: " + json.dumps(data).encode() + b"\n\n"
+            yield frame
+
+    anthropic_server.stream_frames = frames  # type: ignore[method-assign]
+    anthropic_server.script(Reply(text="one two", usage=CACHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage is MISSING_USAGE and end.stop_reason == "end_turn"
+    so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
+    assert so_far[-1] == TokenUsage(input_tokens=1320, output_tokens=1, cache_read_tokens=1000, cache_write_tokens=300)

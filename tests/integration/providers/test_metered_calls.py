@@ -375,3 +375,19 @@ async def test_reply_text_that_is_not_a_str_is_read_and_the_call_recorded(
         received = [chunk async for chunk in stream]
     assert received == (["one ", text, "two"] if text else ["one ", "two"])
     assert (the_event(rec).status, the_event(rec).usage_completeness) == ("ok", "reported")
+
+
+async def test_an_anthropic_stream_without_final_usage_keeps_its_input_and_estimates_its_output(
+    anthropic_server: FakeAnthropicServer, metered: MakeLLM
+) -> None:
+    """Some Anthropic-compatible gateways send message_delta without usage: the event said `reported` with
+    message_start's output count (a placeholder: 1) for the whole reply. The input and cache counts of message_start
+    are kept; the output is estimated from the text (`estimated`)."""
+    anthropic_server.script(Reply(text=TEXT, usage=ANTHROPIC_CACHED, final_usage=False))
+    llm, rec = metered("anthropic", anthropic_server)
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    event = the_event(rec)
+    assert (event.status, event.stop_reason, event.usage_completeness) == ("ok", "end_turn", "estimated")
+    counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
+    assert counts == (1320, len(TEXT) // 4, 1000, 300)
