@@ -18,6 +18,7 @@ from metering.billing.money import format_usd
 from metering.cli import audit_trail
 from metering.cli.common import admin_session, console, fail
 from metering.config import Settings
+from metering.db.snapshot import read_snapshot
 
 invoices_app = typer.Typer(
     help="Monthly invoices: drafts while the period is open (plus a grace period), then finalized and immutable.",
@@ -93,6 +94,7 @@ def list_command(
 ) -> None:
     """List invoices: finalized ones, and drafts of every user with billed usage."""
     with admin_session() as (session, _box):
+        read_snapshot(session)
         console.print(_summary_table(invoice_store.list_invoices(session, period=period, tenant_id=tenant)))
 
 
@@ -104,6 +106,7 @@ def show_command(
 ) -> None:
     """Show one invoice (the draft as of now, unless it is finalized); none without billed usage in the period."""
     with admin_session() as (session, _box):
+        read_snapshot(session)
         invoice = invoice_store.existing_invoice(session, tenant, user, period)
     console.print(_invoice_table(invoice))
 
@@ -135,6 +138,7 @@ def export_command(
 ) -> None:
     """Export one invoice as CSV (exact amounts; total, rounded total and residue rows at the end)."""
     with admin_session() as (session, _box):
+        read_snapshot(session)
         text = invoice_csv(invoice_store.existing_invoice(session, tenant, user, period))
     _write((text,), out)
 

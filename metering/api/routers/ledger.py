@@ -37,6 +37,7 @@ from metering.billing.invoices import Invoice
 from metering.billing.ledger_queries import MAX_PAGE
 from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
+from metering.db.snapshot import read_snapshot
 from metering.errors import InvalidInputError, NotFoundError, UnpricedModelError
 from metering.events import MAX_TOKENS
 
@@ -129,6 +130,7 @@ def get_invoices(
     period: Annotated[str | None, Query(description="Billing period, YYYY-MM.")] = None,
     tenant_id: str | None = None,
 ) -> Invoices:
+    read_snapshot(session)
     found = invoice_store.list_invoices(session, period, tenant_scope(principal, tenant_id))
     return Invoices(invoices=[InvoiceSummary.of(i) for i in found])
 
@@ -138,6 +140,7 @@ def _invoice(session: Session, principal: TokenPrincipal, tenant_id: str, user_i
     if not principal.may_act_for(tenant_id):
         invoice_store.check_period(period)  # the same 422 as for an own tenant's malformed period
         raise NotFoundError(f"no invoice for tenant {tenant_id}, user {user_id}, period {period}")
+    read_snapshot(session)
     return invoice_store.existing_invoice(session, tenant_id, user_id, period)
 
 

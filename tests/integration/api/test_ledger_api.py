@@ -262,6 +262,33 @@ def test_another_tenants_invoice_is_a_404_like_a_missing_one(client, alpha, seed
     assert_problem(client.get("/v1/invoices", params={"tenant_id": BETA}, headers=alpha), 403, "forbidden")
 
 
+def test_an_invoice_read_sees_one_snapshot_of_the_database(client, reader, seeded, session_factory):
+    """The invoice list is read in several queries (finalized invoices, then billed lines): an ingest committed
+    between them is not half seen. The read answers the database as at its first query; the next read sees it."""
+    engine, done = client.app.state.engine, []
+    late = record(0, tenant_id=ALPHA, user_id="late-user", occurred_at=datetime(2026, 10, 3, tzinfo=UTC))
+
+    def commit_between(_conn, _cursor, statement, *_args):
+        if done or "FROM invoices" not in statement:
+            return
+        done.append(statement)
+        with session_factory() as other:  # another connection commits while the read is under way
+            assert ingest(
+                other, [event_from_record(late)], markup_pct=MARKUP, now=datetime(2026, 10, 4, tzinfo=UTC)
+            ).inserted
+            other.commit()
+
+    event.listen(engine, "after_cursor_execute", commit_between)
+    try:
+        during = _get(client, "/v1/invoices", reader, period=OCTOBER).json()["invoices"]
+    finally:
+        event.remove(engine, "after_cursor_execute", commit_between)
+    assert done
+    assert "late-user" not in {i["user_id"] for i in during}
+    after = _get(client, "/v1/invoices", reader, period=OCTOBER).json()["invoices"]
+    assert "late-user" in {i["user_id"] for i in after}
+
+
 # -- ledger CSV -----------------------------------------------------------------------------------
 
 
