@@ -6,6 +6,7 @@ are encrypted with the SecretBox before they reach a row and decrypted only when
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -152,14 +153,30 @@ def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
 # -- per-purpose settings -------------------------------------------------------------------------
 
 
+def non_finite_numbers(value: Any, path: str) -> list[str]:
+    """Where ``value`` holds NaN or an infinity (``json.loads`` reads ``NaN``, ``Infinity`` and ``1e999``; they
+    are not JSON: PostgreSQL refuses them, and a response shows them as null)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, Mapping):
+        return [where for key, item in value.items() for where in non_finite_numbers(item, f"{path}.{key}")]
+    if isinstance(value, list | tuple):
+        return [where for index, item in enumerate(value) for where in non_finite_numbers(item, f"{path}[{index}]")]
+    return []
+
+
 def _check_params(params: Mapping[str, Any]) -> None:
-    """Params are stored and shown in clear: a secret-named key (at any depth) is refused, not stored."""
+    """Params are stored and shown in clear: a secret-named key (at any depth) is refused, not stored. So are
+    numbers that JSON cannot hold."""
     secrets = secret_keys(params, "params")
     if secrets:
         raise InvalidInputError(
             f"{', '.join(secrets)}: purpose params are stored and shown in clear; provider keys are set on the "
             "platform (METERING_ANTHROPIC_API_KEY, METERING_OPENAI_API_KEY) or per user (BYOLLM), never here"
         )
+    non_finite = non_finite_numbers(params, "params")
+    if non_finite:
+        raise InvalidInputError(f"{', '.join(non_finite)}: a number must be finite (NaN and Infinity are not JSON)")
 
 
 def put_purpose(

@@ -28,6 +28,16 @@ def test_purpose_params_named_like_secrets_are_refused_as_by_the_api(run, sessio
     assert ok.exit_code == 0, ok.output  # a null (no secret) is fine, as in the API
 
 
+def test_purpose_params_with_numbers_json_cannot_hold_are_refused(run, session_factory) -> None:
+    """json.loads reads NaN, Infinity and 1e999: PostgreSQL refused the row (a traceback), SQLite stored it."""
+    for params, where in (('{"top_p": NaN}', "params.top_p"), ('{"a": [1, {"b": -Infinity}]}', "params.a[1].b"),
+                          ('{"top_p": 1e999}', "params.top_p")):  # fmt: skip
+        done = run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", params)
+        refused(done, f"{where}: a number must be finite", "[invalid_input]")
+    with session_factory() as session:
+        assert session.scalars(select(PurposeSettingsRow)).all() == []
+
+
 def test_byollm_set_never_moves_a_user_to_another_tenant(run, session_factory) -> None:
     assert run("byollm", "set", "-u", "carol", "-t", "acme", "--provider", "simulated", "--model", "m1").exit_code == 0
     moved = run("byollm", "set", "-u", "carol", "-t", "globex", "--provider", "simulated", "--model", "m2")

@@ -74,6 +74,19 @@ def test_purpose_params_with_secret_names_are_refused(client, admin, session_fac
     assert actions(session_factory) == []
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_purpose_params_with_numbers_json_cannot_hold_are_422(client, admin, session_factory, number):
+    """The body's parser reads them: a 500 on PostgreSQL (it refuses the row), stored as is on SQLite."""
+    body = '{"provider": "simulated", "model": "m", "params": {"sampling": [0.5, {"top_p": NUMBER}]}}'
+    body = body.replace("NUMBER", number)
+    headers = {**admin, "Content-Type": "application/json"}
+    problem = assert_problem(client.put("/v1/admin/purposes/p", content=body, headers=headers), 422, "invalid_input")
+    assert "params.sampling[1].top_p" in problem["detail"]
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(PurposeSettingsRow)) == 0
+    assert actions(session_factory) == []
+
+
 def test_invalid_purpose_is_422_and_leaves_no_audit_row(client, admin, session_factory):
     bad = client.put("/v1/admin/purposes/p", json={"provider": "nope", "model": "m"}, headers=admin)
     assert "unknown provider" in assert_problem(bad, 422, "invalid_input")["detail"]
