@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -249,9 +250,10 @@ def list_invoices(session: Session, period: str | None = None, tenant_id: str | 
     return [invoices[key] for key in sorted(invoices, key=lambda k: (k[2], k[0], k[1]))]
 
 
-def period_closed(session: Session, period: str) -> bool:
-    """Has ``period`` been finalized (closed for every user)?"""
-    return session.get(FinalizedPeriodRow, period) is not None
+@dataclass(frozen=True, slots=True)
+class Finalization:
+    closed_now: bool  # this transaction closed the period (False: it was closed already, e.g. by a concurrent run)
+    issued: list[Invoice]  # the invoices it finalized
 
 
 def finalize_period(
@@ -259,6 +261,12 @@ def finalize_period(
 ) -> list[Invoice]:
     """Finalize every not-yet-finalized invoice of ``period`` that has billed events; return those it
     finalized (empty when run again: idempotent). Refuses before the period's end + ``grace`` unless ``force``."""
+    return finalize(session, period, now, grace, force=force).issued
+
+
+def finalize(session: Session, period: str, now: datetime, grace: timedelta, *, force: bool = False) -> Finalization:
+    """``finalize_period``, also telling whether the period was closed by this call, as read under the period's lock
+    (read before it, a finalization that waited for a concurrent one would take the close for its own)."""
     check_period(period)
     if not force and not finalizable(period, now, grace):
         at = finalizable_at(period, grace)
@@ -268,7 +276,8 @@ def finalize_period(
             "(use --force to finalize it anyway)"
         )
     _lock_period_exclusive(session, period)
-    if session.get(FinalizedPeriodRow, period) is None:  # from now on the month is closed for every user
+    closed_now = session.get(FinalizedPeriodRow, period) is None
+    if closed_now:  # from now on the month is closed for every user
         session.add(FinalizedPeriodRow(period=period, finalized_at=now))
     done = set(_finalized(session, period=period))
     issued = []
@@ -279,7 +288,7 @@ def finalize_period(
         _insert(session, invoice)
         issued.append(invoice)
     session.flush()
-    return issued
+    return Finalization(closed_now, issued)
 
 
 def _insert(session: Session, invoice: Invoice) -> None:

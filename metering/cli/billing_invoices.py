@@ -119,11 +119,11 @@ def finalize_command(
     """Finalize a period's invoices (after its end plus the grace period). Running it again changes nothing."""
     grace = timedelta(hours=Settings().billing.invoice_grace_hours)
     with admin_session() as (session, _box):
-        was_closed = invoice_store.period_closed(session, period)
-        issued = invoice_store.finalize_period(session, period, datetime.now(UTC), grace, force=force)
-        if issued or not was_closed:  # running it again changes nothing: no entry
+        done = invoice_store.finalize(session, period, datetime.now(UTC), grace, force=force)
+        issued = done.issued
+        if issued or done.closed_now:  # running it again (or after a concurrent run) changes nothing: no entry
             after = snap.finalize_snapshot(period, issued, forced=force)
-            before = {"period": period, "closed": was_closed}
+            before = {"period": period, "closed": not done.closed_now}
             audit_trail.record(session, "invoices.finalize", f"period:{period}", before=before, after=after)
     total = sum(inv.rounded_nanos for inv in issued)
     console.print(f"finalized {len(issued)} invoice(s) of {period}, {format_usd(total)} in all", highlight=False)

@@ -263,3 +263,27 @@ def test_the_entry_and_the_change_commit_together(run, session_factory, monkeypa
     with session_factory() as session:
         assert session.scalars(select(PurposeSettingsRow)).all() == []
     assert count(session_factory) == 0
+
+
+def test_two_finalizations_of_one_period_at_once_write_one_entry(run, session_factory) -> None:
+    """A second `invoices finalize` that waited for the first (its lock) changed nothing: no entry. It read whether
+    the period was closed before taking the lock, so it recorded the period as closed by itself (a second entry,
+    `closed: false`, 0 invoices)."""
+    import threading
+    import time
+
+    from metering.billing.invoice_store import finalize_period
+    from metering.cli import audit_trail
+
+    period = (datetime.now(UTC).replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    second: list[Result] = []
+    with session_factory() as first:
+        finalize_period(first, period, datetime.now(UTC), timedelta(0), force=True)  # holds the period's lock
+        audit_trail.record(first, "invoices.finalize", f"period:{period}", before=None, after={"closed": True})
+        waiter = threading.Thread(target=lambda: second.append(run("billing", "invoices", "finalize", period)))
+        waiter.start()
+        time.sleep(1.5)  # the second command reads the period, then waits for the lock
+        first.commit()
+    waiter.join(timeout=60)
+    assert second and "finalized 0 invoice(s)" in second[0].stdout
+    assert len(audit_rows(session_factory, "invoices.finalize")) == 1
