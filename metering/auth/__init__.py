@@ -3,7 +3,7 @@
 ``tokens`` is pure (formats, digests, scopes, the principal); ``store`` is the repository (it only flushes).
 """
 
-from metering.auth.store import authenticate, create_token, get_token, list_tokens, revoke_token
+from metering.auth.store import authenticate, create_token, get_token, list_tokens, revoke, revoke_token
 from metering.auth.tokens import Scope, TokenPrincipal
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "create_token",
     "get_token",
     "list_tokens",
+    "revoke",
     "revoke_token",
 ]

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from metering.auth.tokens import (
@@ -105,8 +105,20 @@ def get_token(session: Session, token_id: uuid.UUID) -> ApiTokenRow:
 
 def revoke_token(session: Session, token_id: uuid.UUID, *, now: datetime | None = None) -> ApiTokenRow:
     """Revoke a token (idempotent: a revoked token keeps its first revocation time)."""
-    row = get_token(session, token_id)
-    if row.revoked_at is None:
-        row.revoked_at = now or datetime.now(UTC)
-        session.flush()
-    return row
+    return revoke(session, token_id, now=now)[0]
+
+
+def revoke(session: Session, token_id: uuid.UUID, *, now: datetime | None = None) -> tuple[ApiTokenRow, bool]:
+    """``revoke_token``, also telling whether this call revoked it. One conditional ``UPDATE``: a revocation that
+    waited for a concurrent one finds the token revoked and keeps its time (read before, it overwrote it)."""
+    get_token(session, token_id)  # NotFoundError
+    stmt = (
+        update(ApiTokenRow)
+        .where(ApiTokenRow.id == token_id, ApiTokenRow.revoked_at.is_(None))
+        .values(revoked_at=now or datetime.now(UTC))
+        .execution_options(synchronize_session=False)
+    )
+    revoked_now = bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    row = session.get(ApiTokenRow, token_id, populate_existing=True)
+    assert row is not None  # a token is never deleted
+    return row, revoked_now

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from metering import audit_snapshots as snap
-from metering.auth import Scope, create_token, get_token, list_tokens, revoke_token
+from metering.auth import Scope, create_token, get_token, list_tokens, revoke
 from metering.auth.tokens import display_prefix
 from metering.cli import audit_trail
 from metering.cli.common import admin_session, console, err_console, fail
@@ -80,8 +80,8 @@ def revoke_command(
         raise fail(f"{token_id!r} is not a token id (a UUID, see `metering tokens list`)", code=2) from None
     with admin_session() as (session, _box):
         before = snap.token_snapshot(get_token(session, parsed))
-        row = revoke_token(session, parsed)
-        if before is not None and before["revoked_at"] is None:  # revoking a revoked token changes nothing
+        row, revoked_now = revoke(session, parsed)
+        if revoked_now:  # revoking a revoked token (also one revoked meanwhile by another command) changes nothing
             target, after = snap.token_target(row.id), snap.token_snapshot(row)
             audit_trail.record(session, "token.revoke", target, before=before, after=after, tenant_id=row.tenant_id)
     console.print(f"revoked token {row.name} ({row.id}) at {_when(row.revoked_at)}")

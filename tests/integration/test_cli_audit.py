@@ -287,3 +287,29 @@ def test_two_finalizations_of_one_period_at_once_write_one_entry(run, session_fa
     waiter.join(timeout=60)
     assert second and "finalized 0 invoice(s)" in second[0].stdout
     assert len(audit_rows(session_factory, "invoices.finalize")) == 1
+
+
+def test_two_revocations_of_one_token_at_once_write_one_entry_and_keep_the_first_time(run, session_factory) -> None:
+    """A `tokens revoke` that waited for a concurrent revocation (the row's lock) read the token before: it took the
+    revocation for its own (a second entry) and overwrote the first revocation time with its own."""
+    import threading
+    import time
+
+    from metering.auth import create_token, revoke_token
+
+    with session_factory() as session:
+        row, _secret = create_token(session, "sink", ["ingest"])
+        session.commit()
+    first_at = datetime(2026, 1, 2, tzinfo=UTC)
+    second: list[Result] = []
+    with session_factory() as first:
+        revoke_token(first, row.id, now=first_at)  # holds the row (PostgreSQL) or the write lock (SQLite)
+        waiter = threading.Thread(target=lambda: second.append(run("tokens", "revoke", str(row.id))))
+        waiter.start()
+        time.sleep(1.5)  # the second command reads the token, then waits for the lock
+        first.commit()
+    waiter.join(timeout=60)
+    assert second
+    assert audit_rows(session_factory, "token.revoke") == []  # the first revocation was not made by the CLI
+    with session_factory() as session:
+        assert session.get(ApiTokenRow, row.id).revoked_at == first_at  # type: ignore[union-attr]
