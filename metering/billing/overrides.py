@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from metering.billing.pricing import PriceOverride
@@ -143,13 +143,22 @@ def end_override(session: Session, id: str, at: datetime) -> PriceOverrideRow:
     """Close an override's window at ``at`` (exclusive). It can only be shortened; it is never deleted."""
     if at.tzinfo is None or at.utcoffset() is None:
         raise InvalidInputError("the end of an override must be timezone-aware")
-    row = session.get(PriceOverrideRow, id)
+    at = at.astimezone(UTC)
+    o = PriceOverrideRow
+    # One conditional UPDATE, so the rule holds against a concurrent end: checked on a row read before, an end that
+    # waited for another one's lock lengthened the window that one had just shortened.
+    shortened = session.execute(
+        update(o)
+        .where(o.id == id, o.effective_from < at, or_(o.effective_to.is_(None), o.effective_to >= at))
+        .values(effective_to=at)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    row = session.get(o, id, populate_existing=True)
     if row is None:
         raise NotFoundError(f"no price override with id {id!r}")
-    if at <= row.effective_from:
+    if not shortened and at <= row.effective_from:
         raise InvalidInputError(f"override {id!r} starts at {row.effective_from.isoformat()}: end it after that")
-    if row.effective_to is not None and at > row.effective_to:
+    if not shortened:
+        assert row.effective_to is not None
         raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")
-    row.effective_to = at.astimezone(UTC)
-    session.flush()
     return row

@@ -313,3 +313,41 @@ def test_two_revocations_of_one_token_at_once_write_one_entry_and_keep_the_first
     assert audit_rows(session_factory, "token.revoke") == []  # the first revocation was not made by the CLI
     with session_factory() as session:
         assert session.get(ApiTokenRow, row.id).revoked_at == first_at  # type: ignore[union-attr]
+
+
+def test_an_override_end_that_waited_for_another_never_lengthens_its_window(run, session_factory) -> None:
+    """An override can only be shortened. Checked on the row read before waiting for a concurrent end's lock, a later
+    end lengthened the window the first had just closed (and wrote an entry of it)."""
+    import threading
+    import time
+
+    from metering.billing.overrides import add_override, end_override
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with session_factory() as session:
+        add_override(session, provider="ollama", model_pattern="m", effective_from=start, effective_to=None,
+                     input_mtok=Decimal(1), output_mtok=Decimal(1), id="o1")  # fmt: skip
+        session.commit()
+    first_end, later_end = start + timedelta(days=10), start + timedelta(days=20)
+    second: list[Result] = []
+    with session_factory() as first:
+        end_override(first, "o1", first_end)  # holds the row (PostgreSQL) or the write lock (SQLite)
+        waiter = threading.Thread(
+            target=lambda: second.append(
+                run("billing", "overrides", "end", "o1", "--at", later_end.isoformat(), code=1)
+            )
+        )
+        waiter.start()
+        time.sleep(1.5)  # the second command reads the override, then waits for the lock
+        first.commit()
+    waiter.join(timeout=60)
+    assert second and "already ends at" in second[0].stderr
+    assert audit_rows(session_factory, "price_override.end") == []
+    with session_factory() as session:
+        assert get_effective_to(session, "o1") == first_end
+
+
+def get_effective_to(session: Any, override_id: str) -> datetime | None:
+    from metering.db.models import PriceOverrideRow
+
+    return session.get(PriceOverrideRow, override_id).effective_to
