@@ -79,7 +79,8 @@ def byollm_delete(user: UserArg) -> None:
         if row is None:
             raise fail(f"user {user!r} has no BYOLLM settings", code=2)
         tenant, before = row.tenant_id, snap.byollm_snapshot(row)
-        store.delete_byollm(session, user)
+        if not store.delete_byollm(session, user):  # deleted by a concurrent command meanwhile
+            raise fail(f"user {user!r} has no BYOLLM settings", code=2)
         target = snap.user_target(tenant, user)
         audit_trail.record(session, "byollm.delete", target, before=before, after=None, tenant_id=tenant)
         console.print(f"deleted BYOLLM settings of {user}")

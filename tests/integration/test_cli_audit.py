@@ -351,3 +351,24 @@ def get_effective_to(session: Any, override_id: str) -> datetime | None:
     from metering.db.models import PriceOverrideRow
 
     return session.get(PriceOverrideRow, override_id).effective_to
+
+
+def test_a_byollm_delete_that_found_nothing_left_to_delete_writes_no_entry(run, session_factory) -> None:
+    """Settings deleted by a concurrent command while this one waited: nothing deleted here (exit 2, no entry). The
+    delete's result was ignored: 'deleted' and a second byollm.delete entry."""
+    import threading
+    import time
+
+    from metering.llm import settings_store as store
+
+    run("byollm", "set", "-u", "erin", "-t", "globex", "--provider", "simulated", "--model", "m")
+    second: list[Result] = []
+    with session_factory() as first:
+        store.delete_byollm(first, "erin")  # holds the row (PostgreSQL) or the write lock (SQLite)
+        waiter = threading.Thread(target=lambda: second.append(run("byollm", "delete", "-u", "erin", code=2)))
+        waiter.start()
+        time.sleep(1.5)  # the second command reads the settings, then waits for the lock
+        first.commit()
+    waiter.join(timeout=60)
+    assert second and "has no BYOLLM settings" in second[0].stderr
+    assert audit_rows(session_factory, "byollm.delete") == []

@@ -216,10 +216,12 @@ def delete_byollm(
 ) -> Response:
     ensure_tenant(principal, tenant_id, f"user {user_id!r}")
     row = _users_row(session, tenant_id, user_id)
+    missing = NotFoundError(f"user {user_id!r} of tenant {tenant_id!r} has no BYOLLM settings")
     if row is None:
-        raise NotFoundError(f"user {user_id!r} of tenant {tenant_id!r} has no BYOLLM settings")
+        raise missing
     before = snap.byollm_snapshot(row)
-    store.delete_byollm(session, user_id)
+    if not store.delete_byollm(session, user_id):  # deleted by a concurrent request meanwhile
+        raise missing
     audit.record("byollm.delete", snap.user_target(tenant_id, user_id), before=before, after=None, tenant_id=tenant_id)
     audit.settings_changed()
     return Response(status_code=204)

@@ -500,3 +500,25 @@ def test_openapi_documents_the_admin_audit_and_invoke_operations(client):
     assert api_key["writeOnly"] is True and api_key["format"] == "password"
     assert "api_key" not in doc["components"]["schemas"]["ByollmOut"]["properties"]
     assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_a_byollm_delete_that_waited_for_a_concurrent_one_is_404_and_unaudited(client, admin, session_factory):
+    import threading
+    import time
+
+    from metering.llm import settings_store as store
+
+    body = {"provider": "simulated", "model": "m"}
+    assert client.put("/v1/admin/users/acme/alice/byollm", json=body, headers=admin).status_code == 200
+    answers: list = []
+    with session_factory() as first:
+        store.delete_byollm(first, "alice")  # holds the row (PostgreSQL) or the write lock (SQLite)
+        request = threading.Thread(
+            target=lambda: answers.append(client.delete("/v1/admin/users/acme/alice/byollm", headers=admin))
+        )
+        request.start()
+        time.sleep(1.5)  # the request reads the settings, then waits for the lock
+        first.commit()
+    request.join(timeout=60)
+    assert_problem(answers[0], 404, "not_found")
+    assert actions(session_factory) == ["byollm.set"]
