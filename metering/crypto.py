@@ -6,6 +6,7 @@ key is generated once into ``<data_dir>/secret.key`` (mode 0600) so the embedded
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,12 +56,22 @@ def generate_key() -> str:
 
 
 def _dev_key_file(data_dir: Path) -> str:
+    """The dev key, generated on first use. Several processes may get here at once (``serve --workers``, a CLI
+    command meanwhile): the key is written whole to a file of this process's own, then linked into place, which
+    only the first one does; the others read that one (created in place, another process could read it empty, or
+    fail on the file it had just seen missing)."""
     path = data_dir / "secret.key"
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(generate_key())
+        draft = data_dir / f".secret.key.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(generate_key())
+            with contextlib.suppress(FileExistsError):  # another process linked its key first: use that one
+                os.link(draft, path)
+        finally:
+            draft.unlink(missing_ok=True)
     return path.read_text().strip()
 
 
