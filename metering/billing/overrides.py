@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing.pricing import PriceOverride
 from metering.db.models import PriceOverrideRow
+from metering.db.row_lock import get_for_update
 from metering.db.unique import flush_or_conflict
 from metering.errors import ConflictError, InvalidInputError, NotFoundError
 
@@ -135,7 +136,10 @@ def list_overrides(
     return list(session.scalars(stmt))
 
 
-def get_override(session: Session, id: str) -> PriceOverrideRow | None:
+def get_override(session: Session, id: str, *, for_update: bool = False) -> PriceOverrideRow | None:
+    """``for_update``: to end it (``row_lock``: waits for a concurrent end, so an audit's before is right)."""
+    if for_update:
+        return get_for_update(session, PriceOverrideRow, id)
     return session.get(PriceOverrideRow, id)
 
 

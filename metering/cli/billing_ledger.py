@@ -125,7 +125,7 @@ def overrides_end(
     """End an override (it is kept, so past prices stay reproducible)."""
     end_at = _moment("--at", at) or datetime.now(UTC)
     with admin_session() as (session, _box):
-        before = snap.override_snapshot(overrides.get_override(session, override_id))
+        before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
         row = overrides.end_override(session, override_id, end_at)
         target, after = snap.override_target(row.id), snap.override_snapshot(row)
         audit_trail.record(session, "price_override.end", target, before=before, after=after)

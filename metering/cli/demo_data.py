@@ -158,7 +158,7 @@ def seed_settings(svc: Services) -> None:
             ("action_items", "anthropic", "claude-haiku-4-5"),
             ("thread_summary", "openai", "gpt-4o-mini"),
         ):
-            before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+            before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose, for_update=True))
             purpose_row = store.put_purpose(session, purpose=purpose, provider=provider, model=model)
             after = snap.purpose_snapshot(purpose_row)
             audit_trail.record(session, "purpose.set", snap.purpose_target(purpose), before=before, after=after)

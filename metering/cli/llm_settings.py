@@ -75,7 +75,7 @@ def byollm_show(user: UserArg) -> None:
 def byollm_delete(user: UserArg) -> None:
     """Delete a user's BYOLLM settings (their calls then use the platform LLM)."""
     with admin_session() as (session, _box):
-        row = store.get_byollm_row(session, user)
+        row = store.get_byollm_row(session, user, for_update=True)
         if row is None:
             raise fail(f"user {user!r} has no BYOLLM settings", code=2)
         tenant, before = row.tenant_id, snap.byollm_snapshot(row)
@@ -116,7 +116,7 @@ def purpose_set(
     if not isinstance(parsed, dict):
         raise fail("--params must be a JSON object")
     with admin_session() as (session, _box):
-        before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+        before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose, for_update=True))
         row = store.put_purpose(
             session, purpose=purpose, provider=provider, model=model, base_url=base_url, params=parsed
         )
@@ -136,7 +136,7 @@ def purpose_list() -> None:
 def purpose_delete(purpose: Annotated[str, typer.Argument()]) -> None:
     """Delete one purpose's settings (it then uses the platform default)."""
     with admin_session() as (session, _box):
-        before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+        before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose, for_update=True))
         if before is None or not store.delete_purpose(session, purpose):
             raise fail(f"no settings for purpose {purpose!r}", code=2)
         audit_trail.record(session, "purpose.delete", snap.purpose_target(purpose), before=before, after=None)
@@ -163,7 +163,7 @@ def budget_set(
 ) -> None:
     """Set an extension's per-invocation call budget."""
     with admin_session() as (session, _box):
-        before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension))
+        before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension, for_update=True))
         row = store.put_budget(session, extension_id=extension, max_calls=max_calls, max_tokens=max_tokens, mode=mode)
         after = snap.budget_snapshot(row)
         audit_trail.record(session, "budget.set", snap.budget_target(extension), before=before, after=after)

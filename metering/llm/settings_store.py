@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.audit import secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
+from metering.db.row_lock import get_for_update
 from metering.db.unique import flush_or_conflict
 from metering.errors import ConflictError, InvalidInputError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
@@ -101,14 +102,17 @@ def put_byollm(
     return row
 
 
-def get_byollm_row(session: Session, user_id: str) -> ByollmSettingsRow | None:
+def get_byollm_row(session: Session, user_id: str, *, for_update: bool = False) -> ByollmSettingsRow | None:
+    """``for_update``: to change it (``row_lock``: waits for a concurrent change, so an audit's before is right)."""
+    if for_update:
+        return get_for_update(session, ByollmSettingsRow, user_id)
     return session.get(ByollmSettingsRow, user_id)
 
 
 def byollm_row_to_replace(session: Session, user_id: str, tenant_id: str) -> ByollmSettingsRow | None:
-    """The user's stored settings (None: none yet). User ids are global: settings stored under another tenant are
-    a ``ConflictError``, never silently moved to this one."""
-    row = session.get(ByollmSettingsRow, user_id)
+    """The user's stored settings (None: none yet), locked to be replaced. User ids are global: settings stored
+    under another tenant are a ``ConflictError``, never silently moved to this one."""
+    row = get_for_update(session, ByollmSettingsRow, user_id)
     if row is not None and row.tenant_id != tenant_id:
         raise ConflictError(f"user id {user_id!r} has BYOLLM settings under another tenant; delete them there first")
     return row

@@ -372,3 +372,27 @@ def test_a_byollm_delete_that_found_nothing_left_to_delete_writes_no_entry(run, 
     waiter.join(timeout=60)
     assert second and "has no BYOLLM settings" in second[0].stderr
     assert audit_rows(session_factory, "byollm.delete") == []
+
+
+def test_a_set_that_waited_for_a_concurrent_change_records_that_change_as_its_before(run, session_factory) -> None:
+    """Two admins set one purpose at once (API and CLI): the second entry's `before` is what the first one set, so the
+    entries chain. Read before waiting for the first one's lock, it was the value the first one replaced."""
+    import threading
+    import time
+
+    from metering.llm import settings_store as store
+
+    run("purpose", "set", "p", "--provider", "openai", "--model", "m1")
+    second: list[Result] = []
+    with session_factory() as first:
+        store.put_purpose(first, purpose="p", provider="openai", model="m2")  # holds the row / the write lock
+        waiter = threading.Thread(
+            target=lambda: second.append(run("purpose", "set", "p", "--provider", "openai", "--model", "m3"))
+        )
+        waiter.start()
+        time.sleep(1.5)  # the second command reads the purpose, then waits for the lock
+        first.commit()
+    waiter.join(timeout=60)
+    assert second
+    last = audit_rows(session_factory, "purpose.set")[-1]
+    assert (last.before["model"], last.after["model"]) == ("m2", "m3")

@@ -100,7 +100,7 @@ def end_price_override(
     body: EndOverrideIn | None = None,
 ) -> PriceOverrideOut:
     at = body.at if body is not None and body.at is not None else datetime.now(UTC)
-    before = snap.override_snapshot(overrides.get_override(session, override_id))
+    before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
     row = overrides.end_override(session, override_id, at)
     audit.record("price_override.end", snap.override_target(row.id), before=before, after=snap.override_snapshot(row))
     return PriceOverrideOut.of(row)

@@ -73,7 +73,7 @@ def get_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSessi
 def put_purpose(
     purpose: PurposeName, body: PurposeIn, principal: PlatformAdmin, session: DbSession, audit: Audited
 ) -> PurposeOut:
-    before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+    before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose, for_update=True))
     row = store.put_purpose(
         session, purpose=purpose, provider=body.provider, model=body.model, base_url=body.base_url, params=body.params
     )
@@ -90,7 +90,7 @@ def put_purpose(
     responses=PLATFORM_ERRORS_404,
 )
 def delete_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSession, audit: Audited) -> Response:
-    before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose))
+    before = snap.purpose_snapshot(settings_admin.get_purpose_row(session, purpose, for_update=True))
     if before is None or not store.delete_purpose(session, purpose):
         raise NotFoundError(f"no settings for purpose {purpose!r}")
     audit.record("purpose.delete", snap.purpose_target(purpose), before=before, after=None)
@@ -127,8 +127,8 @@ def _byollm_out(row: ByollmSettingsRow, mask: str | None) -> ByollmOut:
     )
 
 
-def _users_row(session: Session, tenant_id: str, user_id: str) -> ByollmSettingsRow | None:
-    row = store.get_byollm_row(session, user_id)
+def _users_row(session: Session, tenant_id: str, user_id: str, *, for_update: bool = False) -> ByollmSettingsRow | None:
+    row = store.get_byollm_row(session, user_id, for_update=for_update)
     return row if row is not None and row.tenant_id == tenant_id else None
 
 
@@ -215,7 +215,7 @@ def delete_byollm(
     tenant_id: TenantId, user_id: UserId, principal: Admin, session: DbSession, audit: Audited
 ) -> Response:
     ensure_tenant(principal, tenant_id, f"user {user_id!r}")
-    row = _users_row(session, tenant_id, user_id)
+    row = _users_row(session, tenant_id, user_id, for_update=True)
     missing = NotFoundError(f"user {user_id!r} of tenant {tenant_id!r} has no BYOLLM settings")
     if row is None:
         raise missing
@@ -266,7 +266,7 @@ def get_budget(extension_id: ExtensionId, principal: PlatformAdmin, session: DbS
 def put_budget(
     extension_id: ExtensionId, body: BudgetIn, principal: PlatformAdmin, session: DbSession, audit: Audited
 ) -> BudgetOut:
-    before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension_id))
+    before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension_id, for_update=True))
     row = store.put_budget(
         session, extension_id=extension_id, max_calls=body.max_calls, max_tokens=body.max_tokens, mode=body.mode
     )
@@ -283,7 +283,7 @@ def put_budget(
     responses=PLATFORM_ERRORS_404,
 )
 def delete_budget(extension_id: ExtensionId, principal: PlatformAdmin, session: DbSession, audit: Audited) -> Response:
-    before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension_id))
+    before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension_id, for_update=True))
     if before is None or not settings_admin.delete_budget(session, extension_id):
         raise NotFoundError(f"extension {extension_id!r} has no call budget")
     audit.record("budget.delete", snap.budget_target(extension_id), before=before, after=None)
