@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlparse
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from metering.audit import secret_keys
+from metering.audit import is_secret_name, secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
 from metering.db.row_lock import get_for_update
@@ -30,9 +30,14 @@ MAX_API_KEY = 1000  # characters of a BYOLLM api key (stored encrypted)
 
 
 def url_has_credentials(url: str) -> bool:
-    """True when ``url`` carries ``user:password@`` (a key belongs in the encrypted api_key, never in a URL that
-    is stored and shown in clear)."""
-    return "@" in (urlparse(url).netloc or "")
+    """True when ``url`` carries ``user:password@``, or a query parameter named like a secret (``?api_key=``,
+    ``?token=``, ``?key=``): a key belongs in the encrypted api_key, never in a URL that is stored, shown and audited
+    in clear."""
+    parsed = urlparse(url)
+    if "@" in (parsed.netloc or ""):
+        return True
+    names = [name for name, _value in parse_qsl(parsed.query, keep_blank_values=True)]
+    return any(is_secret_name(name) or name.strip().lower() == "key" for name in names)
 
 
 def _check_provider(provider: str, base_url: str | None) -> None:
@@ -47,7 +52,10 @@ def _check_provider(provider: str, base_url: str | None) -> None:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InvalidInputError(f"base_url must be an http(s) URL, got {base_url!r}")
         if url_has_credentials(base_url):
-            raise InvalidInputError("base_url must not carry credentials (user:password@): give the key as the api key")
+            raise InvalidInputError(
+                "base_url must not carry credentials (user:password@, or a key in its query): give the key as the "
+                "api key"
+            )
 
 
 def _name(name: str, value: str, *, strip: bool = False) -> str:

@@ -38,6 +38,23 @@ def test_purpose_params_with_numbers_json_cannot_hold_are_refused(run, session_f
         assert session.scalars(select(PurposeSettingsRow)).all() == []
 
 
+def test_a_base_url_with_a_key_in_its_query_is_refused(run, session_factory) -> None:
+    """A base_url is stored, shown and audited in clear: a key in its query (`?api_key=`, `?key=`) was kept there."""
+    for url in ("https://gw.example.com/v1?api_key=sk-live-SECRET", "https://gw.example.com/v1?v=2&key=AIzaSECRET"):
+        done = run("purpose", "set", "p", "--provider", "openai_compatible", "--model", "m", "--base-url", url)
+        refused(done, "must not carry credentials", "[invalid_input]")
+        done = run("byollm", "set", "-u", "u", "-t", "t", "--provider", "openai_compatible", "--model", "m",
+                   "--base-url", url)  # fmt: skip
+        refused(done, "must not carry credentials", "[invalid_input]")
+        assert "SECRET" not in done.output
+    fine = "https://gw.example.com/v1?api-version=2024-06-01"
+    done = run("purpose", "set", "p", "--provider", "openai_compatible", "--model", "m", "--base-url", fine)
+    assert done.exit_code == 0, done.output
+    with session_factory() as session:
+        assert [row.base_url for row in session.scalars(select(PurposeSettingsRow))] == [fine]
+        assert session.scalars(select(ByollmSettingsRow)).all() == []
+
+
 def test_byollm_set_never_moves_a_user_to_another_tenant(run, session_factory) -> None:
     assert run("byollm", "set", "-u", "carol", "-t", "acme", "--provider", "simulated", "--model", "m1").exit_code == 0
     moved = run("byollm", "set", "-u", "carol", "-t", "globex", "--provider", "simulated", "--model", "m2")

@@ -87,6 +87,15 @@ def test_purpose_params_with_numbers_json_cannot_hold_are_422(client, admin, ses
     assert actions(session_factory) == []
 
 
+def test_a_base_url_with_a_key_in_its_query_is_422_and_unaudited(client, admin, session_factory):
+    url = "https://gw.example.com/v1?token=SECRET-123"
+    body = {"provider": "openai_compatible", "model": "m", "base_url": url}
+    assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "validation_error")
+    assert_problem(client.put("/v1/admin/users/acme/u/byollm", json=body, headers=admin), 422, "validation_error")
+    assert actions(session_factory) == []
+    assert "SECRET-123" not in table_dump(session_factory, "audit_log")
+
+
 def test_invalid_purpose_is_422_and_leaves_no_audit_row(client, admin, session_factory):
     bad = client.put("/v1/admin/purposes/p", json={"provider": "nope", "model": "m"}, headers=admin)
     assert "unknown provider" in assert_problem(bad, 422, "invalid_input")["detail"]
