@@ -358,10 +358,11 @@ class Flusher:
         if not events:
             return False
         try:  # isolating: one bad event among them must not hide that the sink takes the others
-            deliver_isolating(self.sink, events)
+            result = deliver_isolating(self.sink, events)
         except RefusedBatchError:
             return False
         self._took(slot)
+        self._delivered += result.inserted  # stored now: delivered again with their batch, they count as duplicates
         return True
 
 
