@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.audit import is_secret_name, secret_keys
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
-from metering.db.row_lock import get_for_update
+from metering.db.row_lock import for_update, get_for_update
 from metering.db.unique import flush_or_conflict
 from metering.errors import ConflictError, InvalidInputError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
@@ -154,7 +154,9 @@ def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
 def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
     """Re-encrypt every stored api key under the newest key; returns how many were rotated."""
     count = 0
-    for row in session.scalars(select(ByollmSettingsRow).where(ByollmSettingsRow.api_key_ciphertext.is_not(None))):
+    # Locked: a key set meanwhile (read before, then written back re-encrypted) would be overwritten by the old one.
+    stored = select(ByollmSettingsRow).where(ByollmSettingsRow.api_key_ciphertext.is_not(None))
+    for row in session.scalars(for_update(session, stored, ByollmSettingsRow)):
         assert row.api_key_ciphertext is not None
         row.api_key_ciphertext = box.rotate(row.api_key_ciphertext)
         count += 1

@@ -44,6 +44,42 @@ def test_byollm_key_is_encrypted_at_rest_and_round_trips(session_factory, box) -
     assert store.mask_key(KEY) == "sk-…abcd"
 
 
+def test_a_key_set_while_a_rotation_runs_is_never_overwritten_by_the_old_one(session_factory) -> None:
+    """`keys rotate` read every stored key, then wrote each back re-encrypted: a user's key set meanwhile (the API, the
+    CLI) was overwritten by the rotated old key, silently. The rotation now locks what it re-encrypts: the new key
+    waits for it and stands."""
+    import threading
+
+    old_key, new_key = generate_key(), generate_key()
+    with session_factory() as session:
+        store.put_byollm(
+            session, SecretBox([old_key]), user_id="u1", tenant_id="t1", provider="openai", model="m", api_key=KEY
+        )
+        session.commit()
+
+    def set_new_key() -> None:
+        with session_factory() as other:
+            store.put_byollm(
+                other, SecretBox([new_key, old_key]), user_id="u1", tenant_id="t1", provider="openai", model="m",
+                api_key="sk-NEW-KEY-0001",
+            )  # fmt: skip
+            other.commit()
+
+    class RotatingBox(SecretBox):
+        def rotate(self, token: bytes) -> bytes:
+            writer.start()  # the user sets a new key while the rotation is under way
+            writer.join(timeout=2)  # done at once unless the rotation locks the row (then it waits for our commit)
+            return super().rotate(token)
+
+    writer = threading.Thread(target=set_new_key)
+    with session_factory() as session:
+        assert store.rotate_byollm_keys(session, RotatingBox([new_key, old_key])) == 1
+        session.commit()
+    writer.join(timeout=30)
+    settings = store.DatabaseSettings(session_factory, SecretBox([new_key, old_key])).byollm("u1", "t1")
+    assert settings is not None and settings.api_key == "sk-NEW-KEY-0001"
+
+
 def test_rotation_re_encrypts_under_the_new_key(session_factory) -> None:
     old_key, new_key = generate_key(), generate_key()
     with session_factory() as session:
