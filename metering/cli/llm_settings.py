@@ -111,7 +111,7 @@ def purpose_set(
     """Set the platform LLM used for one purpose (when the user has no BYOLLM)."""
     try:
         parsed = json.loads(params)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands of levels deep
         raise fail(f"--params is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise fail("--params must be a JSON object")

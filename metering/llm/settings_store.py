@@ -167,6 +167,22 @@ def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
 # -- per-purpose settings -------------------------------------------------------------------------
 
 
+MAX_PARAMS_DEPTH = 64  # levels of nesting in purpose params: the API's limit for any body value (MAX_JSON_DEPTH)
+
+
+def nests_deeper_than(value: Any, levels: int) -> bool:
+    """Whether ``value`` (JSON-like) holds more than ``levels`` lists or objects one inside another (``value`` itself
+    is the first), as the API counts. Iterative: any depth."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, Mapping | list | tuple):
+            if depth >= levels:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return False
+
+
 def non_finite_numbers(value: Any, path: str) -> list[str]:
     """Where ``value`` holds NaN or an infinity (``json.loads`` reads ``NaN``, ``Infinity`` and ``1e999``; they
     are not JSON: PostgreSQL refuses them, and a response shows them as null)."""
@@ -181,7 +197,9 @@ def non_finite_numbers(value: Any, path: str) -> list[str]:
 
 def _check_params(params: Mapping[str, Any]) -> None:
     """Params are stored and shown in clear: a secret-named key (at any depth) is refused, not stored. So are
-    numbers that JSON cannot hold."""
+    numbers that JSON cannot hold, and values nested deeper than the API takes."""
+    if nests_deeper_than(params, MAX_PARAMS_DEPTH):
+        raise InvalidInputError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
     secrets = secret_keys(params, "params")
     if secrets:
         raise InvalidInputError(

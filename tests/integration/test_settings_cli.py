@@ -55,6 +55,22 @@ def test_a_base_url_with_a_key_in_its_query_is_refused(run, session_factory) -> 
         assert session.scalars(select(ByollmSettingsRow)).all() == []
 
 
+def test_purpose_params_nested_deeper_than_the_api_takes_are_refused(run, session_factory) -> None:
+    """64 levels (the params object the first), as the API: deeper was stored by the CLI, and thousands of levels were
+    a traceback (RecursionError in json.loads)."""
+
+    def nested(levels: int) -> str:  # the params object, then levels - 1 lists
+        return '{"a": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+    done = run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", nested(65))
+    refused(done, "params nest deeper than 64 levels", "[invalid_input]")
+    refused(run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", nested(20_000)),
+            "--params is not valid JSON")  # fmt: skip
+    with session_factory() as session:
+        assert session.scalars(select(PurposeSettingsRow)).all() == []
+    assert run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", nested(64)).exit_code == 0
+
+
 def test_byollm_set_never_moves_a_user_to_another_tenant(run, session_factory) -> None:
     assert run("byollm", "set", "-u", "carol", "-t", "acme", "--provider", "simulated", "--model", "m1").exit_code == 0
     moved = run("byollm", "set", "-u", "carol", "-t", "globex", "--provider", "simulated", "--model", "m2")

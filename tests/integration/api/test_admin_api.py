@@ -96,6 +96,17 @@ def test_a_base_url_with_a_key_in_its_query_is_422_and_unaudited(client, admin, 
     assert "SECRET-123" not in table_dump(session_factory, "audit_log")
 
 
+def test_purpose_params_nest_at_most_64_levels_as_in_the_cli(client, admin):
+    def body(levels: int) -> dict:
+        params: object = []
+        for _ in range(levels - 2):
+            params = [params]
+        return {"provider": "simulated", "model": "m", "params": {"a": params}}
+
+    assert_problem(client.put("/v1/admin/purposes/p", json=body(65), headers=admin), 422, "validation_error")
+    assert client.put("/v1/admin/purposes/p", json=body(64), headers=admin).status_code == 200
+
+
 def test_invalid_purpose_is_422_and_leaves_no_audit_row(client, admin, session_factory):
     bad = client.put("/v1/admin/purposes/p", json={"provider": "nope", "model": "m"}, headers=admin)
     assert "unknown provider" in assert_problem(bad, 422, "invalid_input")["detail"]
