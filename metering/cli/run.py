@@ -62,7 +62,7 @@ def invoke(
     """Invoke any function of a bundled extension with JSON params."""
     try:
         parsed = json.loads(params)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands of levels deep
         raise fail(f"--params is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise fail("--params must be a JSON object")

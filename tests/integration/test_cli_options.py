@@ -89,3 +89,11 @@ def test_usage_shows_an_unknown_shadow_cost_as_unknown_and_counts_the_users_even
     assert "unknown (shadow: no price)" in bob.output and "$0.00" not in bob.output
     erin = run("usage", "--user", "erin")
     assert "(shadow)" in erin.output and "unknown" not in erin.output
+
+
+def test_invoke_params_nested_thousands_of_levels_deep_are_one_error_line(run) -> None:
+    """json.loads raises RecursionError, not ValueError, on such JSON: it was a traceback."""
+    deep = '{"text": ' + "[" * 20_000 + "]" * 20_000 + "}"
+    done = run("invoke", "rewrite", "rewrite", "-p", deep)
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.exception
+    assert done.stderr.startswith("error: --params is not valid JSON"), done.stderr
