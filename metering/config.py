@@ -25,21 +25,22 @@ class PlatformLLMSettings(BaseModel):
     provider: str = PLATFORM_DEFAULT_PROVIDER
     model: str = PLATFORM_DEFAULT_MODEL
     base_url: str | None = None
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False)
     max_retries: int = Field(2, ge=0, le=10)
 
 
 class SimulatedSettings(BaseModel):
-    latency_ms: float = Field(0.0, ge=0)
-    ttft_ms: float = Field(0.0, ge=0)
+    latency_ms: float = Field(0.0, ge=0, le=600_000, allow_inf_nan=False)
+    ttft_ms: float = Field(0.0, ge=0, le=600_000, allow_inf_nan=False)
 
 
 class SpoolSettings(BaseModel):
     dir: Path | None = None  # default: <data_dir>/spool
     segment_bytes: int = Field(16 * 1024 * 1024, ge=4096)
     batch_size: int = Field(500, ge=1, le=5000)
-    flush_interval_s: float = Field(0.5, gt=0)
-    max_backoff_s: float = Field(30.0, gt=0)
+    # Bounded: a sleep of inf (or of 1e300 s) raises OverflowError in the flusher thread, which stopped delivering.
+    flush_interval_s: float = Field(0.5, gt=0, le=3600, allow_inf_nan=False)
+    max_backoff_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
     # fsync after every append: survives power loss, not only a killed process, at ~100x the cost.
     fsync: bool = False
     # "thread": this process delivers its spool in a background thread. "external": a separate
@@ -50,7 +51,7 @@ class SpoolSettings(BaseModel):
     sink: Literal["database", "http"] = "database"
     http_url: str | None = None  # e.g. http://127.0.0.1:8000
     http_token: SecretStr | None = None
-    http_timeout_s: float = Field(30.0, gt=0)
+    http_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _http_sink_needs_url_and_token(self) -> SpoolSettings:

@@ -38,3 +38,19 @@ def test_the_grace_period_is_at_most_a_year_and_a_finalize_time_past_9999_is_nev
     assert finalizable_at("9999-11", timedelta(days=40)) is None  # past what a datetime holds: was an OverflowError
     assert not finalizable("9999-11", datetime(9999, 12, 31, tzinfo=UTC), timedelta(days=40))
     assert finalizable_at("2026-10", timedelta(hours=72)) == datetime(2026, 11, 4, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [("SpoolSettings", "max_backoff_s"), ("SpoolSettings", "flush_interval_s"), ("SpoolSettings", "http_timeout_s"),
+     ("PlatformLLMSettings", "timeout_s")],
+)  # fmt: skip
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300"])
+def test_waits_and_timeouts_are_finite_and_bounded(model: str, field: str, value: str) -> None:
+    """A sleep of inf or 1e300 s raises OverflowError (the spool's flusher thread died and stopped delivering)."""
+    import metering.config
+
+    settings = getattr(metering.config, model)
+    with pytest.raises(ValidationError, match=r"finite number|less than or equal to 3600"):
+        settings(**{field: value})
+    assert getattr(settings(**{field: "3600"}), field) == 3600
