@@ -35,10 +35,14 @@ def byollm_set(
     base_url: Annotated[str | None, typer.Option(help="For openai_compatible: e.g. http://localhost:11434/v1")] = None,
     fallback: Annotated[str, typer.Option(help="platform (retry on the platform LLM) | error")] = "platform",
 ) -> None:
-    """Set (or replace) a user's BYOLLM settings."""
+    """Set (or replace) a user's BYOLLM settings. For openai_compatible and simulated, without --api-key the stored
+    key is kept (same provider and base_url; a new base_url needs the key again); --api-key '' removes it."""
     key = api_key if provider in ("simulated", "openai_compatible") else read_secret(api_key, "API key")
     with admin_session() as (session, box):
-        before = snap.byollm_snapshot(store.byollm_row_to_replace(session, user, tenant))
+        existing = store.byollm_row_to_replace(session, user, tenant)
+        before = snap.byollm_snapshot(existing)
+        if key is None:
+            key = store.kept_key(existing, box, provider=provider, base_url=base_url)
         row = store.put_byollm(
             session,
             box,

@@ -126,6 +126,20 @@ def byollm_row_to_replace(session: Session, user_id: str, tenant_id: str) -> Byo
     return row
 
 
+def kept_key(existing: ByollmSettingsRow | None, box: SecretBox, *, provider: str, base_url: str | None) -> str | None:
+    """The api key a replacement that sends none keeps (API: ``api_key`` left out; CLI: no ``--api-key`` for a
+    provider that may go without one): the stored key, for the same provider; None when there is none. The key is
+    write-only: with another ``base_url`` it is never kept (it would be sent to an endpoint of the caller's
+    choosing), that is an ``InvalidInputError``."""
+    if existing is None or existing.provider != provider or existing.api_key_ciphertext is None:
+        return None
+    if existing.base_url != base_url:
+        raise InvalidInputError(
+            "base_url changes: send api_key again (a stored key is never sent to another endpoint), or null"
+        )
+    return box.decrypt(existing.api_key_ciphertext)
+
+
 def delete_byollm(session: Session, user_id: str) -> bool:
     result = session.execute(delete(ByollmSettingsRow).where(ByollmSettingsRow.user_id == user_id))
     session.flush()

@@ -105,3 +105,31 @@ def test_names_and_numbers_beyond_their_columns_are_refused_as_by_the_api(run, s
         assert session.scalars(select(PurposeSettingsRow)).all() == []
     at_limits = run("budget", "set", "x" * 200, "--max-calls", str(2**31 - 1), "--max-tokens", str(2**63 - 1))
     assert at_limits.exit_code == 0, at_limits.output
+
+
+def test_byollm_set_without_a_key_keeps_the_stored_one_as_the_api_does(run, session_factory) -> None:
+    """openai_compatible without --api-key: the stored key stays (it was dropped, where the API keeps it); with
+    another base_url it is refused (the key is never sent elsewhere); --api-key '' removes it."""
+    url = "http://127.0.0.1:11434/v1"
+    args = ("byollm", "set", "-u", "dan", "-t", "acme", "--provider", "openai_compatible", "--base-url", url)
+
+    def stored() -> bytes | None:
+        with session_factory() as session:
+            row = session.get(ByollmSettingsRow, "dan")
+            assert row is not None
+            return row.api_key_ciphertext
+
+    assert run(*args, "--model", "m1", "--api-key", "sk-local-0123456789abcd").exit_code == 0
+    first = stored()
+    assert first is not None
+    kept = run(*args, "--model", "m2")
+    assert kept.exit_code == 0, kept.output
+    second = stored()  # the same key, encrypted again (Fernet: a new IV each time)
+    assert second is not None and "sk-…abcd" in kept.output
+    moved = run("byollm", "set", "-u", "dan", "-t", "acme", "--provider", "openai_compatible", "--model", "m3",
+                "--base-url", "http://attacker.example/v1")  # fmt: skip
+    refused(moved, "base_url changes: send api_key again")
+    assert stored() == second
+    removed = run(*args, "--model", "m4", "--api-key", "")
+    assert removed.exit_code == 0, removed.output
+    assert stored() is None

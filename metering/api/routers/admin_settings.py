@@ -18,7 +18,7 @@ from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow
-from metering.errors import InvalidInputError, NotFoundError, SecretError
+from metering.errors import NotFoundError, SecretError
 from metering.events import MAX_NAME
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
@@ -175,15 +175,8 @@ def put_byollm(
     before = snap.byollm_snapshot(existing)
     if "api_key" in body.model_fields_set:
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
-    elif existing is not None and existing.provider == body.provider:
-        if existing.api_key_ciphertext is not None and existing.base_url != body.base_url:
-            # The key is write-only: never send it to an endpoint other than the one it was given for.
-            raise InvalidInputError(
-                "base_url changes: send api_key again (a stored key is never sent to another endpoint), or null"
-            )
-        api_key = _stored_key(existing, box)
     else:
-        api_key = None
+        api_key = store.kept_key(existing, box, provider=body.provider, base_url=body.base_url)
     row = store.put_byollm(
         session,
         box,
