@@ -59,23 +59,32 @@ class Services:
         self.engine.dispose()
 
 
-def make_sink(settings: Settings, sessions: sessionmaker[Session]) -> Sink:
-    """The spool's sink from settings: the database (ingest in-process) or a metering service over HTTP."""
+def make_sink(settings: Settings, sessions: sessionmaker[Session] | None) -> Sink:
+    """The spool's sink from settings: the database (ingest in-process, through ``sessions``) or a metering
+    service over HTTP (no sessions needed)."""
     spool = settings.spool
     if spool.sink == "http":
         assert spool.http_url is not None and spool.http_token is not None  # the settings validator checked
         return HttpSink(spool.http_url, spool.http_token.get_secret_value(), timeout_s=spool.http_timeout_s)
+    if sessions is None:
+        raise ValueError("the database sink needs sessions")
     return DatabaseSink(sessions, markup_pct=settings.billing.markup_pct)
 
 
-def open_drainer(settings: Settings) -> tuple[Flusher, Engine]:
-    """A flusher for every slot of the spool directory, run as its own process (``metering spool drain``)."""
-    url = settings.resolved_database_url
-    migrate.upgrade(url)
-    engine = make_engine(url)
+def open_drainer(settings: Settings) -> tuple[Flusher, Engine | None]:
+    """A flusher for every slot of the spool directory, run as its own process (``metering spool drain``). With
+    the HTTP sink, the database is not touched (no engine: it may be unreachable from this host, or absent)."""
+    if settings.spool.sink == "http":
+        engine = None
+        sink = make_sink(settings, None)
+    else:
+        url = settings.resolved_database_url
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        sink = make_sink(settings, make_session_factory(engine))
     flusher = Flusher(
         settings.spool_dir,
-        make_sink(settings, make_session_factory(engine)),
+        sink,
         batch_size=settings.spool.batch_size,
         interval_s=settings.spool.flush_interval_s,
         max_backoff_s=settings.spool.max_backoff_s,

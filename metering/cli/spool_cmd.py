@@ -68,7 +68,8 @@ def drain(
         if not drained:
             raise typer.Exit(1)
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
 
 
 @spool_app.command()

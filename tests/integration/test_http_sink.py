@@ -13,7 +13,7 @@ from metering.events import event_from_record
 from metering.spool import Flusher, Spool
 from metering.spool.http_sink import HttpSink
 from tests.fakes.events import record
-from tests.integration.serving import clean_env, create_token, free_port, serving
+from tests.integration.serving import clean_env, create_token, free_port, metering, serving
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +91,32 @@ def test_a_batch_the_service_refuses_as_too_large_is_split_and_an_oversized_even
     assert (stats.delivered, stats.rejected, stats.pending) == (40, 1, 0)
     assert stored == {r["event_id"].replace("-", "") for r in records[:40]}
     assert oversized["event_id"] in dead and "too large" in dead
+
+
+def test_spool_drain_with_the_http_sink_never_touches_the_database_setting(tmp_path: Path) -> None:
+    """A host that only POSTs its events has no database: `metering spool drain` with the HTTP sink delivers
+    without migrating or connecting to METERING_DATABASE_URL (here unreachable; it failed there before)."""
+    db = tmp_path / "service.db"
+    env = clean_env(METERING_DATA_DIR=str(tmp_path / "service"), METERING_DATABASE_URL=f"sqlite:///{db}")
+    token = create_token(env, "ingest", name="spool")
+    port = free_port()
+    records = [record(i) for i in range(30)]
+    with Spool(tmp_path / "host-spool") as spool:
+        for rec in records:
+            spool.append(orjson.dumps(rec))
+    host = clean_env(
+        METERING_DATA_DIR=str(tmp_path / "host"),
+        METERING_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/nothing",
+        METERING_SPOOL__DIR=str(tmp_path / "host-spool"),
+        METERING_SPOOL__SINK="http",
+        METERING_SPOOL__HTTP_URL=f"http://127.0.0.1:{port}",
+        METERING_SPOOL__HTTP_TOKEN=token,
+    )
+    with serving(env, tmp_path, name="service", port=port):
+        done = metering(host, "spool", "drain", "--timeout", "60")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "delivered=30" in done.stdout and "pending=0" in done.stdout
+    assert not (tmp_path / "host").exists() or not list((tmp_path / "host").glob("*.db"))
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT event_id FROM usage_events")}
+    assert stored == {r["event_id"].replace("-", "") for r in records}
