@@ -91,14 +91,15 @@ def byollm_delete(user: UserArg) -> None:
 
 
 def _byollm_view(row: Any, box: Any) -> dict[str, Any]:
-    settings = store.byollm_from_row(row, box)
+    """As the API shows them: a key that cannot be decrypted (rotated away) is ``has_api_key`` with no mask."""
     return {
         "user_id": row.user_id,
         "tenant_id": row.tenant_id,
         "provider": row.provider,
         "model": row.model,
         "base_url": row.base_url,
-        "api_key": store.mask_key(settings.api_key),
+        "has_api_key": row.api_key_ciphertext is not None,
+        "api_key": store.stored_key_mask(row, box),
         "fallback_policy": row.fallback_policy,
         "updated_at": row.updated_at.isoformat(),
     }

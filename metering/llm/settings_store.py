@@ -19,7 +19,7 @@ from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
 from metering.db.row_lock import for_update, get_for_update
 from metering.db.unique import flush_or_conflict
-from metering.errors import ConflictError, InvalidInputError
+from metering.errors import ConflictError, InvalidInputError, SecretError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -151,6 +151,17 @@ def mask_key(plaintext: str | None) -> str | None:
     if not plaintext:
         return None
     return f"{plaintext[:3]}…{plaintext[-4:]}" if len(plaintext) > 10 else "…"
+
+
+def stored_key_mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:
+    """The stored key's mask; None when none is stored, or when it cannot be decrypted with the current keys (the
+    key that encrypted it was rotated away: ``api_key_ciphertext`` still says a key is stored)."""
+    if not row.api_key_ciphertext:
+        return None
+    try:
+        return mask_key(box.decrypt(row.api_key_ciphertext))
+    except SecretError:
+        return None
 
 
 def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:

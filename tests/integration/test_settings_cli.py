@@ -133,3 +133,20 @@ def test_byollm_set_without_a_key_keeps_the_stored_one_as_the_api_does(run, sess
     removed = run(*args, "--model", "m4", "--api-key", "")
     assert removed.exit_code == 0, removed.output
     assert stored() is None
+
+
+def test_byollm_show_of_a_key_the_current_keys_cannot_decrypt_is_shown_as_the_api_does(run, monkeypatch) -> None:
+    """The key that encrypted it is gone from METERING_SECRET_KEYS: the settings are shown, with a key stored and no
+    mask (the API's answer); it exited 1."""
+    import json
+
+    from cryptography.fernet import Fernet
+
+    monkeypatch.setenv("METERING_SECRET_KEYS", Fernet.generate_key().decode())
+    assert run("byollm", "set", "-u", "erin", "-t", "acme", "--provider", "openai", "--model", "gpt-4o-mini",
+               "--api-key", "sk-proj-0123456789wxyz").exit_code == 0  # fmt: skip
+    monkeypatch.setenv("METERING_SECRET_KEYS", Fernet.generate_key().decode())
+    shown = run("byollm", "show", "-u", "erin")
+    assert shown.exit_code == 0, shown.output
+    view = json.loads(shown.stdout)
+    assert (view["has_api_key"], view["api_key"], view["model"]) == (True, None, "gpt-4o-mini")

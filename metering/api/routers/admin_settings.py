@@ -16,9 +16,8 @@ from metering.api.admin_deps import Audited, Box, PlatformAdmin, ensure_tenant
 from metering.api.admin_schemas import BudgetIn, BudgetOut, ByollmIn, ByollmOut, PurposeIn, PurposeOut
 from metering.api.deps import Admin, DbSession
 from metering.api.problems import problem_responses
-from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow
-from metering.errors import NotFoundError, SecretError
+from metering.errors import NotFoundError
 from metering.events import MAX_NAME
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
@@ -101,17 +100,6 @@ def delete_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSe
 # -- BYOLLM ---------------------------------------------------------------------------------------------
 
 
-def _stored_key(row: ByollmSettingsRow, box: SecretBox) -> str | None:
-    return box.decrypt(row.api_key_ciphertext) if row.api_key_ciphertext else None
-
-
-def _mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:
-    try:
-        return store.mask_key(_stored_key(row, box))
-    except SecretError:  # the key that encrypted it was rotated away: still say a key is stored
-        return None
-
-
 def _byollm_out(row: ByollmSettingsRow, mask: str | None) -> ByollmOut:
     return ByollmOut(
         user_id=row.user_id,
@@ -146,7 +134,7 @@ def get_byollm(tenant_id: TenantId, user_id: UserId, principal: Admin, session: 
     row = _users_row(session, tenant_id, user_id)
     if row is None:
         raise NotFoundError(f"user {user_id!r} of tenant {tenant_id!r} has no BYOLLM settings")
-    return _byollm_out(row, _mask(row, box))
+    return _byollm_out(row, store.stored_key_mask(row, box))
 
 
 @router.put(
