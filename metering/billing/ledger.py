@@ -56,6 +56,11 @@ def wallet_id(tenant_id: str, user_id: str) -> str:
     return f"user:{tenant_id.replace('~', '~7E').replace(':', '~3A')}:{user_id}"
 
 
+def unescaped_wallet_id(tenant_id: str, user_id: str) -> str:
+    """The wallet id versions before ``wallet_id`` escaped the tenant gave (tenant, user): their charges keep it."""
+    return f"user:{tenant_id}:{user_id}"
+
+
 def user_wallet(tenant_id: str, user_id: str) -> Account:
     return Account(wallet_id(tenant_id, user_id), AccountKind.USER_WALLET, tenant_id, user_id)
 

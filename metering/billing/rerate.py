@@ -46,6 +46,7 @@ from metering.billing.ledger import (
     provider_payable,
     reversal,
     transfer_id,
+    unescaped_wallet_id,
     user_wallet,
 )
 from metering.billing.periods import billing_period, period_of
@@ -146,7 +147,10 @@ def _quote_within_limit(cards: RateCards, row: UsageEventRow) -> Quote | None:
 def _posting_of(t: TransferRow, row: UsageEventRow) -> Posting:
     kind = TransferKind(t.kind)
     if kind is TransferKind.USAGE_CHARGE:
+        # an event charged before wallet ids escaped the tenant's '~' and ':' debited the unescaped id
         debit, credit = user_wallet(row.tenant_id, row.user_id), REVENUE
+        if t.debit_account_id == unescaped_wallet_id(row.tenant_id, row.user_id) != debit.id:
+            debit = replace(debit, id=t.debit_account_id)
     else:  # an event stored before provider names were lowercased may have its cost under its own spelling
         spelling = row.provider if t.debit_account_id == provider_cost(row.provider).id else row.provider.lower()
         debit, credit = provider_cost(spelling), provider_payable(spelling)

@@ -257,6 +257,35 @@ def test_an_event_stored_with_a_capitalised_provider_is_re_rated_into_the_lowerc
         assert run_checks(session).problems == []
 
 
+def test_an_event_charged_to_a_wallet_id_of_an_earlier_version_is_re_rated(session_factory) -> None:
+    """Before wallet ids escaped the tenant's ':' and '~', tenant 'acme:x' / user 'u' was charged to wallet
+    'user:acme:x:u' (now 'user:acme~3Ax:u'). Re-rating such an event raised a ledger inconsistency (the charge
+    'moves between unexpected accounts'), failing the whole re-rate of any window holding one. The old charge is
+    now reversed into the wallet it debited, and the new one debits the event's wallet."""
+    price(session_factory, "0.10", "0.40", datetime(2026, 1, 1, tzinfo=UTC), "old")
+    with session_factory() as session:
+        ingest(session, [ollama(0, tenant_id="acme:x", user_id="u")], markup_pct=MARKUP, now=NOW)
+        session.commit()
+        # as an earlier version stored it: the charge debits the unescaped wallet id
+        session.add(AccountRow(id="user:acme:x:u", kind="user_wallet", tenant_id="acme:x", user_id="u",
+                               currency="USD", balance_nanos=-OLD_CHARGE, created_at=NOW))  # fmt: skip
+        session.get(AccountRow, "user:acme~3Ax:u").balance_nanos = 0
+        session.scalars(
+            select(TransferRow).where(TransferRow.kind == "usage_charge")
+        ).one().debit_account_id = "user:acme:x:u"
+        session.commit()
+    price(session_factory, "0.20", "0.80", datetime(2026, 11, 1, tzinfo=UTC), "new")
+    result = apply(session_factory, "legacy-wallet")
+    assert result.transfers == 4
+    with session_factory() as session:
+        wallets = session.scalars(select(AccountRow).where(AccountRow.kind == "user_wallet"))
+        balances = {a.id: a.balance_nanos for a in wallets}
+        problems = run_checks(session).problems
+    assert balances == {"user:acme:x:u": 0, "user:acme~3Ax:u": -NEW_CHARGE}
+    # what is left is what the check says of the earlier version's wallet, never a charge or balance out of line
+    assert all("wallet" in p for p in problems) and not any("posted" in p or "cached" in p for p in problems)
+
+
 def test_two_overlapping_runs_correct_each_event_once(session_factory, billed) -> None:
     """Run A has applied, not committed, when run B (another run id) starts. B must wait and then read what A
     wrote: on SQLite it read the events and transfers first (the state before A) and, once A committed, reversed
