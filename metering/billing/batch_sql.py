@@ -11,8 +11,11 @@ invoice period); this statement then derives, on the server, what the Python pat
 - the hourly rollups and the coarse rollups (``rollup.COARSE_ROLLUPS``) the events fall in.
 
 Rows are locked in key order within each table (rollups by key, accounts by id), the tables always in the
-same order (the accounts last: every batch updates the platform revenue account, so it is held for the
-shortest time), so two batches ingested at once may wait for each other but never deadlock.
+same order, so two batches ingested at once may wait for each other but never deadlock. PostgreSQL runs the
+data-modifying ``WITH`` clauses last-written first: the accounts, then ``rollup.LOCK_ORDER`` (the coarse rollups
+from the coarsest, then the hourly ones), then the transfers. Reprice and re-rate (``store.apply_balances``, then
+``store.upsert_rollups``) take them in that order too, or a batch and a correction moving the same buckets
+deadlock (a test holds them to it).
 """
 
 from __future__ import annotations

@@ -69,6 +69,9 @@ PLATFORM_HOURLY = CoarseRollup("platform_usage_hourly", "hour", PLATFORM_KEY_COL
 PLATFORM_DAILY = CoarseRollup("platform_usage_daily", "day", PLATFORM_KEY_COLUMNS)
 USER_DAILY = CoarseRollup("user_usage_daily", "day", ("tenant_id", "user_id"))
 COARSE_ROLLUPS = (PLATFORM_HOURLY, PLATFORM_DAILY, USER_DAILY)
+# The order every writer takes the rollup tables' rows in: PostgreSQL's ingest statement (``batch_sql``) takes
+# them in this order (it runs its WITH clauses last-written first), so reprice and re-rate must too.
+LOCK_ORDER = (*(r.table for r in reversed(COARSE_ROLLUPS)), "usage_rollups")
 
 
 def coarse_buckets(buckets: dict[RollupKey, list[int]]) -> dict[CoarseRollup, dict[tuple[Any, ...], list[int]]]:

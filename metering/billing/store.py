@@ -23,7 +23,7 @@ from metering.billing.conflicts import CONTENT_FIELDS
 from metering.billing.ledger import CURRENCY, MAX_BALANCE_NANOS, Account, Posting, past_balance_limit
 from metering.billing.money import format_usd
 from metering.billing.pricing import PriceBook, PriceOverride
-from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, RollupKey, coarse_buckets
+from metering.billing.rollup import COUNTER_COLUMNS, KEY_COLUMNS, LOCK_ORDER, RollupKey, coarse_buckets
 from metering.db.models import FinalizedPeriodRow, PriceOverrideRow, UsageEventRow
 from metering.errors import BalanceLimitError
 from metering.events import UsageEvent
@@ -355,12 +355,15 @@ def _check_balance_limit(balances: dict[str, int], deltas: Mapping[str, int]) ->
 
 def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
     """Add each bucket's counters to its hourly rollup row and to the coarse rollups' rows it sums into,
-    in key order (no deadlocks). The PostgreSQL ingest path does the same in SQL (``batch_sql``)."""
+    in key order, the tables in ``rollup.LOCK_ORDER`` (no deadlocks). The PostgreSQL ingest path does the same in
+    SQL (``batch_sql``), in that order."""
     if not buckets:
         return
-    _upsert_counters(session, "usage_rollups", KEY_COLUMNS, buckets)
+    writes = {"usage_rollups": (KEY_COLUMNS, buckets)}
     for rollup, coarse in coarse_buckets(buckets).items():
-        _upsert_counters(session, rollup.table, rollup.key_columns, coarse)
+        writes[rollup.table] = (rollup.key_columns, coarse)
+    for table in LOCK_ORDER:
+        _upsert_counters(session, table, *writes[table])
 
 
 def _sqlite_grain(value: datetime | date) -> str:

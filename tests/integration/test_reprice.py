@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -10,7 +11,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from metering.billing import corrections
+from metering.billing import corrections, store
 from metering.billing.checks import run_checks
 from metering.billing.credits import balances
 from metering.billing.ingest import ingest
@@ -199,6 +200,39 @@ def test_reprice_waits_for_a_finalization_in_progress_and_then_bills_late(sessio
         assert (held.billing_status, held.invoice_period, held.is_late) == ("billed", "2026-11", True)
         assert session.scalar(select(func.count()).select_from(InvoiceRow)) == 1
         assert run_checks(session).ok
+
+
+def test_a_reprice_and_an_ingest_moving_the_same_rollups_never_deadlock(session_factory, monkeypatch) -> None:
+    """A reprice that posts nothing (an override at $0) only moves rollups; so does the ingest of events billed at $0
+    (or BYOLLM ones). PostgreSQL's ingest statement takes the coarse rollups' rows before the hourly ones, the
+    reprice took the hourly ones first: with both on one bucket, PostgreSQL aborted one as a deadlock (an ingest
+    answered 503 and was retried, or the reprice failed). Here the reprice pauses after its first rollup table
+    while an ingest of the same bucket starts: the ingest waits, then both commit."""
+    run_ingest(session_factory, [ollama(0)])
+    override(session_factory, input_mtok=Decimal(0), output_mtok=Decimal(0))
+    upsert = store._upsert_counters
+    errors: list[BaseException] = []
+
+    def ingest_same_bucket() -> None:
+        try:
+            run_ingest(session_factory, [ollama(1)])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    concurrent = threading.Thread(target=ingest_same_bucket)
+
+    def first_table_then_an_ingest(session, table, keys, buckets) -> None:
+        upsert(session, table, keys, buckets)
+        if not concurrent.is_alive() and concurrent.ident is None:
+            concurrent.start()
+            time.sleep(1.5)  # the ingest reaches the rows this reprice holds (deadlock_timeout is 1 s)
+
+    monkeypatch.setattr(store, "_upsert_counters", first_table_then_an_ingest)
+    assert reprice(session_factory).priced == 1
+    concurrent.join(30)
+    assert errors == []
+    assert [r.charge_nanos for r in rows(session_factory)] == [0, 0]
+    assert_checks(session_factory)
 
 
 def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
