@@ -1,6 +1,9 @@
 """billing: price overrides, ledger (accounts, transfers), rollups, invoices; billing state on events
 
-Events stored before this revision get billing_status 'unpriced': `metering billing reprice` prices them.
+Events stored before this revision get the billing state ingest gives an event without a price (Policy A: a
+BYOLLM call is excluded with its shadow cost unknown, a failed call without usage is not billable, any other is
+held 'unpriced'), and hourly rollups counting them, so usage and `metering billing check` agree with the raw
+events at once; `metering billing reprice` then prices the held ones and fills in the BYOLLM shadow costs.
 
 Revision ID: 0002
 Revises: 0001
@@ -157,6 +160,34 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("price_version", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("invoice_period", sa.String(length=7), nullable=True))
         batch_op.add_column(sa.Column("is_late", sa.Boolean(), server_default=sa.false(), nullable=False))
+    _bill_stored_events()
+
+
+_KEYS = "tenant_id, user_id, extension_id, function, purpose, provider, model, is_byollm, status"
+
+
+def _bill_stored_events() -> None:
+    """The events already stored: Policy A without a price, and their hourly rollups (as ingest would)."""
+    op.execute(
+        "UPDATE usage_events SET billing_status = CASE WHEN is_byollm THEN 'excluded_byollm' "
+        "WHEN status IN ('error', 'cancelled') AND (usage_completeness = 'missing' "
+        "OR input_tokens + output_tokens = 0) THEN 'not_billable' ELSE 'unpriced' END"
+    )
+    if op.get_bind().dialect.name == "postgresql":
+        hour = "date_trunc('hour', occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        latency = "CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)"
+    else:  # moments are stored as naive UTC text, 'YYYY-MM-DD HH:MM:SS.ffffff'
+        hour = "strftime('%Y-%m-%d %H:00:00.000000', occurred_at)"
+        latency = "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
+    op.execute(
+        f"INSERT INTO usage_rollups (hour, {_KEYS}, calls, input_tokens, output_tokens, cache_read_tokens, "
+        "cache_write_tokens, reasoning_tokens, billed_nanos, shadow_nanos, cost_nanos, latency_us_sum, error_count, "
+        f"unpriced_count) SELECT {hour}, {_KEYS}, count(*), sum(input_tokens), sum(output_tokens), "
+        f"sum(cache_read_tokens), sum(cache_write_tokens), sum(reasoning_tokens), 0, 0, 0, sum({latency}), "
+        "sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END), "
+        "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) "
+        f"FROM usage_events GROUP BY {hour}, {_KEYS}"
+    )
 
 
 def downgrade() -> None:

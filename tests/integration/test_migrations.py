@@ -177,3 +177,48 @@ def test_0010_gives_stored_keys_their_tenant_and_refuses_to_downgrade_over_a_sha
             assert session.scalar(text("SELECT COUNT(*) FROM transfers")) == 3
     finally:
         engine.dispose()
+
+
+def test_0002_counts_the_events_already_stored_and_reprice_prices_them(fresh_url: str) -> None:
+    """Upgrading a database whose events were stored at 0001 (no billing yet): the upgrade gives them the state
+    ingest gives an event without a price (BYOLLM excluded, a failed call without usage not billable, the others
+    held) and rollups counting them, so usage and the checks agree with the raw events at once; reprice then
+    prices them. Before, every event became 'unpriced' with no rollup at all: the usage API and /metrics missed
+    them, `billing check` failed, and reprice made rollup rows of 0 calls and -1 held events."""
+    from metering.billing.reprice import reprice_held
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    try:
+        factory = make_session_factory(engine)
+        now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+        records = [
+            record(0, occurred_at=now - timedelta(hours=1)),
+            record(1, occurred_at=now - timedelta(hours=1), is_byollm=True),
+            record(2, occurred_at=now - timedelta(hours=30), model="acme-private-7b"),
+            record(3, occurred_at=now, status="error", error_type="X", usage_completeness="missing",
+                   input_tokens=0, output_tokens=0, cache_read_tokens=0, stop_reason=None),
+        ]  # fmt: skip
+        with factory() as session:
+            assert ingest(session, records, markup_pct=Decimal(20), now=now).inserted == 4
+            session.commit()
+        migrate.downgrade(fresh_url, "0001")  # the events as 0001 stored them: no billing columns, no rollups
+        engine.dispose()
+        migrate.upgrade(fresh_url)
+        engine.dispose()
+        with factory() as session:
+            states = [tuple(r) for r in session.execute(text("SELECT billing_status FROM usage_events ORDER BY 1"))]
+            assert states == [("excluded_byollm",), ("not_billable",), ("unpriced",), ("unpriced",)]
+            report = run_checks(session)
+            assert report.ok, report.problems
+            result = reprice_held(session, markup_pct=Decimal(20), now=now)
+            session.commit()
+        assert (result.priced, result.still_unpriced, result.shadow_priced) == (1, 1, 1)
+        with factory() as session:  # a new event of the same bucket adds to the upgrade's rollup row
+            ingest(session, [record(4, occurred_at=now - timedelta(minutes=50))], markup_pct=Decimal(20), now=now)
+            session.commit()
+            assert session.execute(text("SELECT count(*) FROM usage_rollups")).scalar() == 4
+            report = run_checks(session)
+        assert report.ok, report.problems
+    finally:
+        engine.dispose()
