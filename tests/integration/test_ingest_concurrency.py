@@ -58,3 +58,35 @@ def test_two_processes_ingesting_the_same_events_post_each_once(tmp_path: Path, 
         report = run_checks(session)
     assert charges == billed
     assert report.problems == []
+
+
+def test_the_checks_read_one_snapshot_while_ingest_commits(session_factory, monkeypatch):
+    """`metering billing check` on a live system: a batch committed while the checks run (here: after the stored
+    rollups were read, before the raw events are recomputed) is seen by all of their reads or by none. Each read
+    saw the database as of its own start, so a healthy ledger failed the check (exit 1) with rollups 'not equal'
+    to the events."""
+    from metering.billing import checks
+    from metering.billing.ingest import ingest
+
+    now = datetime.now(UTC)
+    with session_factory() as session:
+        ingest(session, [record(0, occurred_at=now)])
+        session.commit()
+    normal = checks._normal
+
+    def ingest_meanwhile(key, chars, flag):
+        if not getattr(ingest_meanwhile, "done", False):
+            ingest_meanwhile.done = True
+            with session_factory() as other:
+                ingest(other, [record(1, occurred_at=now)])
+                other.commit()
+        return normal(key, chars, flag)
+
+    monkeypatch.setattr(checks, "_normal", ingest_meanwhile)
+    with session_factory() as session:
+        report = run_checks(session)
+    assert ingest_meanwhile.done
+    assert report.problems == []
+    with session_factory() as session:
+        assert run_checks(session).problems == []
+        assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 2
