@@ -69,6 +69,11 @@ def event_pages(session: Session, stmt: Select[Any], *, lock: bool) -> Iterator[
     its WHERE clause against the committed rows, so two runs never correct the same event twice. On SQLite the
     database write lock is taken before the first page is read: a second run waits for the first to commit and
     then reads what it wrote (reading first, it would correct from a stale view and post everything twice).
+
+    Callers sum their rollup deltas over all pages and move them once, after the last page
+    (``upsert_rollup_deltas``): every rollup row is then taken in key order, as ingest takes them. Moved page by
+    page, a later page's rows came after an earlier page's whatever their keys, and PostgreSQL aborted a reprice
+    or an ingest moving the same rows as a deadlock.
     """
     if lock:
         store.lock_sqlite_for_write(session)

@@ -67,10 +67,10 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     )
     priced = still = charged = cost = over = 0
     shadows = shadow_nanos = shadow_still = 0
+    buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
     for rows in event_pages(session, held, lock=True):
         finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
         postings: list[Posting] = []
-        buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
             quote = quote_event(cards, row)
             absurd = quote is not None and over_call_limit(quote) is not None
@@ -119,5 +119,5 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         session.flush()
         store.post_transfers(session, postings, now)
         store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
-        upsert_rollup_deltas(session, buckets)
+    upsert_rollup_deltas(session, buckets)
     return RepriceResult(priced, still, charged, cost, over, shadows, shadow_nanos, shadow_still)

@@ -212,11 +212,11 @@ def apply_rerate(
     cards = RateCards(store.load_price_book(session, markup_pct))
     diff = RerateDiff()
     skipped = late = posted = 0
+    buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
         transfers = transfers_by_event(session, [row.event_id for row in rows])
         finalized = lock_billing_periods(session, {row.invoice_period or period_of(row.occurred_at) for row in rows})
         postings: list[Posting] = []
-        buckets: dict[RollupKey, list[int]] = {}
         for row in rows:
             change = diff.examine(_billed(row), _quote_within_limit(cards, row))
             if change is None:
@@ -235,6 +235,6 @@ def apply_rerate(
         session.flush()
         store.post_transfers(session, postings, now)
         store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
-        upsert_rollup_deltas(session, buckets)
         posted += len(postings)
+    upsert_rollup_deltas(session, buckets)
     return RerateResult(start, end, provider, model_pattern, diff, run_id, skipped, late, posted)

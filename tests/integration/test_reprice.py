@@ -235,6 +235,42 @@ def test_a_reprice_and_an_ingest_moving_the_same_rollups_never_deadlock(session_
     assert_checks(session_factory)
 
 
+def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session_factory, monkeypatch) -> None:
+    """A reprice moved the rollups page by page: its first page's user (u2) before its second's (u1), while an ingest
+    takes the same rows in key order (u1, then u2). With nothing posted to serialise them on the accounts (an
+    override at $0), PostgreSQL aborted one as a deadlock. The rollups now move once, after the last page."""
+    from metering.billing import reprice as reprice_module
+
+    run_ingest(session_factory, [ollama(0, user_id="u2")])
+    run_ingest(session_factory, [ollama(1, user_id="u1")])  # a later event id: the second page
+    override(session_factory, input_mtok=Decimal(0), output_mtok=Decimal(0))
+    monkeypatch.setattr(corrections, "PAGE", 1)
+    lock = reprice_module.lock_billing_periods
+    errors: list[BaseException] = []
+
+    def ingest_both_users() -> None:
+        try:
+            run_ingest(session_factory, [ollama(2, user_id="u1"), ollama(3, user_id="u2")])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    concurrent = threading.Thread(target=ingest_both_users)
+
+    def second_page_after_an_ingest(session, wanted):
+        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
+            concurrent.start()
+            time.sleep(1.5)  # the ingest reaches the rows the first page holds (deadlock_timeout is 1 s)
+        session.info["pages"] += 1
+        return lock(session, wanted)
+
+    monkeypatch.setattr(reprice_module, "lock_billing_periods", second_page_after_an_ingest)
+    assert reprice(session_factory).priced == 2
+    concurrent.join(30)
+    assert errors == []
+    assert len(rows(session_factory)) == 4
+    assert_checks(session_factory)
+
+
 def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
     row = override(session_factory, id="o1", input_mtok=Decimal("0.000000001"), cache_read_mtok=Decimal("0.05"),
                    markup_pct=Decimal("12.5"))  # fmt: skip

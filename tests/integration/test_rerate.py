@@ -286,6 +286,50 @@ def test_an_event_charged_to_a_wallet_id_of_an_earlier_version_is_re_rated(sessi
     assert all("wallet" in p for p in problems) and not any("posted" in p or "cached" in p for p in problems)
 
 
+def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session_factory, monkeypatch) -> None:
+    """A re-rate moved the rollups page by page (its first page's user, u2, before its second's, u1) while an
+    ingest of BYOLLM calls (nothing posted, no account taken) takes the same users' daily rollups in key order: u1,
+    then u2. PostgreSQL aborted one as a deadlock. The rollups now move once, after the last page."""
+    import threading
+    import time
+
+    from metering.billing import rerate as rerate_module
+
+    price(session_factory, "0.10", "0.40", datetime(2026, 1, 1, tzinfo=UTC), "old")
+    for i, user in enumerate(("u2", "u1")):  # u1's event has the later id: the second page
+        with session_factory() as session:
+            ingest(session, [ollama(i, user_id=user)], markup_pct=MARKUP, now=NOW)
+            session.commit()
+    price(session_factory, "0.20", "0.80", datetime(2026, 11, 1, tzinfo=UTC), "new")
+    monkeypatch.setattr(corrections, "PAGE", 1)
+    lock = rerate_module.lock_billing_periods
+    errors: list[BaseException] = []
+
+    def ingest_byollm_calls() -> None:
+        try:
+            with session_factory() as session:
+                ingest(session, [ollama(2, user_id="u1", is_byollm=True), ollama(3, user_id="u2", is_byollm=True)],
+                       markup_pct=MARKUP, now=NOW)  # fmt: skip
+                session.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    concurrent = threading.Thread(target=ingest_byollm_calls)
+
+    def second_page_after_an_ingest(session, wanted):
+        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
+            concurrent.start()
+            time.sleep(1.5)  # the ingest reaches the rows the first page holds (deadlock_timeout is 1 s)
+        session.info["pages"] += 1
+        return lock(session, wanted)
+
+    monkeypatch.setattr(rerate_module, "lock_billing_periods", second_page_after_an_ingest)
+    assert apply(session_factory, "paged").transfers == 8
+    concurrent.join(30)
+    assert errors == []
+    assert_ledger_consistent(session_factory)
+
+
 def test_two_overlapping_runs_correct_each_event_once(session_factory, billed) -> None:
     """Run A has applied, not committed, when run B (another run id) starts. B must wait and then read what A
     wrote: on SQLite it read the events and transfers first (the state before A) and, once A committed, reversed
