@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Connection, text
+
 from alembic import context
 from metering.config import get_settings
 from metering.db.engine import make_engine, normalise_url
@@ -21,6 +23,17 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _one_at_a_time(conn: Connection) -> None:
+    """Begin the one transaction the whole run takes, holding a lock no other run gets meanwhile: two processes
+    migrating at once (replicas starting, a command run while ``serve`` migrates) then run one after the other,
+    and the second finds the database at head; both read the version first and the second failed ('already
+    exists'). PostgreSQL: a transaction-level advisory lock; SQLite: the database write lock (BEGIN IMMEDIATE)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metering:migrations'))"))
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
@@ -31,9 +44,11 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     try:
         with engine.connect() as conn:
+            _one_at_a_time(conn)  # alembic runs in this transaction (it sees it begun) and we commit it
             context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
                 context.run_migrations()
+            conn.commit()
     finally:
         engine.dispose()
 

@@ -10,7 +10,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from alembic import command
-from metering.db.engine import normalise_url
+from metering.db.engine import make_engine, normalise_url
 from metering.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +27,20 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    """``alembic upgrade``; nothing when the database is at ``head`` already. A run locks out every other run (see
+    ``alembic/env.py``; on SQLite that is the database write lock): every command migrates first, and one finding
+    nothing to do must not wait for a writer."""
+    if revision == "head" and _at_head(url):
+        return
     command.upgrade(alembic_config(url), revision)
+
+
+def _at_head(url: str) -> bool:
+    engine = make_engine(url)
+    try:
+        return current_revision(engine) == head_revision(url)
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -222,3 +222,25 @@ def test_0002_counts_the_events_already_stored_and_reprice_prices_them(fresh_url
         assert report.ok, report.problems
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow
+def test_processes_migrating_at_once_run_one_after_the_other(fresh_url: str) -> None:
+    """Replicas starting together, or a command run while `serve` migrates: several processes upgrade one empty
+    database at once. Each waits for the one before it and finds the database at head; all succeed (the others
+    failed with 'already exists')."""
+    import subprocess
+    import sys
+
+    code = "import sys; from metering.db import migrate; migrate.upgrade(sys.argv[1])"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, fresh_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    failures = [err.decode()[-500:] for p in processes for _out, err in [p.communicate(timeout=120)] if p.returncode]
+    assert failures == []
+    engine = make_engine(fresh_url)
+    try:
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+    finally:
+        engine.dispose()
