@@ -9,7 +9,8 @@
 5. The hourly rollups and the coarse rollups (platform per hour and day, users per day) equal a
    recomputation from the raw events (an independent GROUP BY in SQL).
 
-All of them read one snapshot of the database (``read_one_snapshot``), so they can run while ingest commits.
+All of them read one snapshot of the database (``metering.db.snapshot.read_snapshot``), so they can run while
+ingest commits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing.batch_sql import WALLET_ID_SQL
 from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
+from metering.db.snapshot import read_snapshot
 
 
 @dataclass
@@ -166,23 +168,9 @@ def check_rollups(session: Session, report: CheckReport) -> None:
                     break
 
 
-def read_one_snapshot(session: Session) -> None:
-    """Make the transaction the checks start read one snapshot: a batch committed while they run is seen by all of
-    their reads or by none. Otherwise each read sees the database as of its own start, and e.g. stored rollups read
-    before a batch and events recomputed after it make a healthy ledger fail. PostgreSQL: ``REPEATABLE READ, READ
-    ONLY``; SQLite: an explicit ``BEGIN`` (its driver runs reads outside a transaction). Nothing when the session's
-    transaction has begun already (its isolation cannot change any more)."""
-    if session.in_transaction():
-        return
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-    else:
-        session.execute(text("BEGIN"))
-
-
 def run_checks(session: Session) -> CheckReport:
     """Every invariant, read from one snapshot when the checks begin the session's transaction."""
-    read_one_snapshot(session)
+    read_snapshot(session)
     report = CheckReport()
     check_ledger(session, report)
     check_rollups(session, report)

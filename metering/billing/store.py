@@ -359,7 +359,9 @@ def upsert_rollups(session: Session, buckets: dict[RollupKey, list[int]]) -> Non
     SQL (``batch_sql``), in that order."""
     if not buckets:
         return
-    writes = {"usage_rollups": (KEY_COLUMNS, buckets)}
+    writes: dict[str, tuple[tuple[str, ...], Mapping[tuple[Any, ...], list[int]]]] = {
+        "usage_rollups": (KEY_COLUMNS, buckets)
+    }
     for rollup, coarse in coarse_buckets(buckets).items():
         writes[rollup.table] = (rollup.key_columns, coarse)
     for table in LOCK_ORDER:
