@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import UTC, datetime
-from itertools import chain
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
+from metering.api.closing_stream import ClosingStream
 from metering.api.deps import AppSettings, DbSession, Reader
 from metering.api.problems import problem_responses
 from metering.api.read_access import tenant_scope
@@ -189,15 +188,14 @@ def get_ledger_csv(principal: Reader, request: Request, period: str) -> Response
     suffix = f"-{principal.tenant_id}" if principal.tenant_id else ""
     chunks = _ledger_chunks(request.app.state.sessions, period, principal.tenant_id)
     first = next(chunks)  # the query runs here: a database that fails it is a problem answer, not a cut-off CSV
-    return StreamingResponse(
-        chain((first,), chunks), media_type=CSV, headers=_attachment(f"ledger-{period}{suffix}.csv")
-    )
+    return ClosingStream(first, chunks, media_type=CSV, headers=_attachment(f"ledger-{period}{suffix}.csv"))
 
 
-def _ledger_chunks(sessions: sessionmaker[Session], period: str, tenant_id: str | None) -> Iterator[str]:
+def _ledger_chunks(sessions: sessionmaker[Session], period: str, tenant_id: str | None) -> Generator[str, None, None]:
     """The export streamed from its own session (the request's commits before the body is sent). A failure
     mid-stream ends the response without its last chunk: the client sees an incomplete transfer, never a short
-    CSV that looks whole."""
+    CSV that looks whole. A client that goes away mid-stream ends it too (``ClosingStream``): the session and its
+    connection are released at once."""
     with sessions() as session:
         yield from ledger_queries.ledger_csv_chunks(session, period, tenant_id)
 

@@ -4,9 +4,11 @@ tenant isolation on every endpoint; scopes. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import base64
+import gc
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select
@@ -333,6 +335,52 @@ def test_the_ledger_csv_is_streamed_in_chunks_and_equals_the_whole_export(
     with session_factory() as session:
         chunks = list(export.ledger_csv_chunks(session, OCTOBER))
     assert len(chunks) == -(-(len(whole.splitlines()) - 1) // 3) and "".join(chunks) == whole
+
+
+def test_a_client_gone_mid_stream_releases_the_exports_connection_at_once(client, reader, seeded, monkeypatch):
+    """The client goes away after the first chunk: the export's session (a pooled connection, its transaction and
+    cursor) is released when the response ends, not whenever the garbage collector finds the abandoned
+    generator (with no collection, never)."""
+    monkeypatch.setattr(export, "CHUNK_ROWS", 3)
+    engine, sent, raised, checked_out = client.app.state.engine, [], [], []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": f"/v1/ledger/{OCTOBER}.csv",
+        "raw_path": f"/v1/ledger/{OCTOBER}.csv".encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"authorization", reader["Authorization"].encode())],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and len(sent) > 1:
+            raise OSError("connection reset by peer")  # how the server reports a client gone (ASGI 2.4)
+        sent.append(message)
+
+    async def call():
+        try:
+            await client.app(scope, receive, send)
+        except Exception as exc:  # ClientDisconnect; kept, as a server keeps (logs) it: its frames stay alive
+            raised.append(exc)
+        checked_out.append(engine.pool.checkedout())  # before the event loop's shutdown finalizes what is left
+
+    gc.collect()
+    gc.disable()
+    try:
+        anyio.run(call)
+        assert sent[0]["status"] == 200 and sent[1]["body"].startswith(b"id,")
+        assert raised and checked_out == [0]
+    finally:
+        gc.enable()
 
 
 def test_a_ledger_csv_whose_query_fails_is_a_503_problem_not_a_cut_off_file(client, reader, seeded):
