@@ -68,23 +68,33 @@ def _invoice_table(inv: Invoice) -> Table:
 
 
 def _write(chunks: Iterable[str], out: Path | None) -> None:
-    """Write the text, a chunk at a time, to ``out`` (else stdout). A file appears whole or not at all: it is
-    written beside ``out`` and renamed once complete (a failure midway leaves no short export behind)."""
+    """Write the text, a chunk at a time, to ``out`` (else stdout). A new or regular file appears whole or not at
+    all: it is written beside ``out`` and renamed once complete (a failure midway leaves no short export behind).
+    Anything else is written through, as it is: a device or a pipe (``-o /dev/stdout``, ``-o >(gzip > x.gz)``;
+    renamed over, ``/dev/stdout`` itself was replaced by a file, as root) or a symlink (its target is written)."""
     if out is None:
         for chunk in chunks:
             typer.echo(chunk, nl=False)
         return
-    partial = out.with_name(f".{out.name}.partial")
     try:
-        try:
-            with partial.open("w", encoding="utf-8", newline="") as file:
+        if out.is_symlink() or (out.exists() and not out.is_file()):
+            with out.open("w", encoding="utf-8", newline="") as file:
                 file.writelines(chunks)
-            partial.replace(out)
-        finally:
-            partial.unlink(missing_ok=True)
+        else:
+            _replace_whole(chunks, out)
     except OSError as exc:  # no such directory, a directory, no permission, disk full
         raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {out}", highlight=False)
+
+
+def _replace_whole(chunks: Iterable[str], out: Path) -> None:
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as file:
+            file.writelines(chunks)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @invoices_app.command("list")

@@ -151,3 +151,29 @@ def test_an_export_file_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert out.read_bytes() == b"a,b\r\n1,2\r\n" and list(tmp_path.iterdir()) == [out]
     with pytest.raises(typer.Exit):
         _write(iter(["x"]), tmp_path / "missing" / "ledger.csv")
+
+
+def test_an_export_to_a_pipe_or_a_symlink_is_written_through_not_replaced(tmp_path: Path) -> None:
+    """``-o /dev/stdout``, ``-o >(gzip > x.gz)`` (a pipe) and a symlink are written through: renamed over, the
+    pipe (and, as root, /dev/stdout itself) was replaced by a regular file and the reader got nothing; a symlink
+    became a file, its target left as it was."""
+    import os
+
+    from metering.cli.billing_invoices import _write
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader is there: the export's open does not block
+    try:
+        _write(iter(["a,b\r\n", "1,2\r\n"]), fifo)
+        assert os.read(reader, 1000) == b"a,b\r\n1,2\r\n"
+    finally:
+        os.close(reader)
+    assert fifo.is_fifo()
+
+    target, link = tmp_path / "target.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target.name)
+    _write(iter(["a,b\r\n"]), link)
+    assert link.is_symlink() and target.read_bytes() == b"a,b\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "target.csv"]
