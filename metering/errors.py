@@ -160,6 +160,13 @@ class DatabaseUnavailableError(MeteringError):
     status = 503
 
 
+class TooManyExportsError(MeteringError):
+    """As many ledger exports as a process streams at once are under way (each holds a database connection)."""
+
+    code = "too_many_exports"
+    status = 503
+
+
 class UnpricedModelError(NotFoundError):
     """No price is known for a provider and model (no override, not in genai-prices): it would be held."""
 

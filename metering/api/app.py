@@ -6,6 +6,7 @@ Run it with ``metering serve`` (uvicorn, ``factory=True``) or ``create_app(Setti
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from metering import __version__
 from metering.api import problems
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.routers import ROUTES
+from metering.api.routers.ledger import MAX_LEDGER_STREAMS
 from metering.api.runtime import LazyRuntime
 from metering.api.validators import reject_nul
 from metering.config import Settings
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     app.state.settings = settings
+    app.state.ledger_streams = threading.BoundedSemaphore(MAX_LEDGER_STREAMS)
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     for router, prefix in ROUTES:

@@ -7,6 +7,7 @@ held events; platform and provider accounts only to unbound tokens. Another tena
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Generator
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from metering.billing.ledger_queries import MAX_PAGE
 from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.db.snapshot import read_snapshot
-from metering.errors import InvalidInputError, NotFoundError, UnpricedModelError
+from metering.errors import InvalidInputError, NotFoundError, TooManyExportsError, UnpricedModelError
 from metering.events import MAX_TOKENS
 
 router = APIRouter(tags=["ledger"])
@@ -47,6 +48,7 @@ Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previ
 Tokens = Annotated[int, Query(ge=0, le=MAX_TOKENS)]
 TransferKinds = Literal["usage_charge", "provider_cost", "credit", "adjustment", "reversal"]
 CSV = "text/csv"
+MAX_LEDGER_STREAMS = 4  # ledger exports streamed at once by one process: each holds a pooled connection
 _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {CSV: {"schema": {"type": "string"}}}, "description": "CSV, with a header row."}
 }
@@ -177,8 +179,9 @@ def get_invoice(principal: Reader, session: DbSession, tenant_id: str, user_id: 
     "/ledger/{period}.csv",
     summary="A billing period's ledger as CSV",
     description=(
-        "Requires the `read` scope. Every transfer of the period in posting order (`text/csv`); for a "
-        "tenant-bound token, only the transfers touching its users' wallets."
+        "Requires the `read` scope. Every transfer of the period in posting order (`text/csv`, streamed); for a "
+        "tenant-bound token, only the transfers touching its users' wallets. Each export holds a database "
+        "connection while it is read: at most 4 at once per process, more are `503` `too_many_exports`."
     ),
     response_class=Response,
     responses=_CSV_RESPONSE | problem_responses(401, 403, 422, 503),
@@ -186,18 +189,32 @@ def get_invoice(principal: Reader, session: DbSession, tenant_id: str, user_id: 
 def get_ledger_csv(principal: Reader, request: Request, period: str) -> Response:
     invoice_store.check_period(period)
     suffix = f"-{principal.tenant_id}" if principal.tenant_id else ""
-    chunks = _ledger_chunks(request.app.state.sessions, period, principal.tenant_id)
+    state = request.app.state
+    chunks = _ledger_chunks(state.sessions, state.ledger_streams, period, principal.tenant_id)
     first = next(chunks)  # the query runs here: a database that fails it is a problem answer, not a cut-off CSV
     return ClosingStream(first, chunks, media_type=CSV, headers=_attachment(f"ledger-{period}{suffix}.csv"))
 
 
-def _ledger_chunks(sessions: sessionmaker[Session], period: str, tenant_id: str | None) -> Generator[str, None, None]:
+def _ledger_chunks(
+    sessions: sessionmaker[Session], slots: threading.BoundedSemaphore, period: str, tenant_id: str | None
+) -> Generator[str, None, None]:
     """The export streamed from its own session (the request's commits before the body is sent). A failure
     mid-stream ends the response without its last chunk: the client sees an incomplete transfer, never a short
     CSV that looks whole. A client that goes away mid-stream ends it too (``ClosingStream``): the session and its
-    connection are released at once."""
-    with sessions() as session:
-        yield from ledger_queries.ledger_csv_chunks(session, period, tenant_id)
+    connection are released at once.
+
+    Each export holds a connection for as long as its client takes to read it: at most ``MAX_LEDGER_STREAMS`` at
+    once (of a pool of 15), else ``TooManyExportsError``; unbounded, a few slow downloads took every connection
+    and every other request waited 30 s for one, then failed (ingest included)."""
+    if not slots.acquire(blocking=False):
+        raise TooManyExportsError(
+            f"{MAX_LEDGER_STREAMS} ledger exports are under way (each holds a database connection); retry later"
+        )
+    try:
+        with sessions() as session:
+            yield from ledger_queries.ledger_csv_chunks(session, period, tenant_id)
+    finally:
+        slots.release()
 
 
 @router.get(

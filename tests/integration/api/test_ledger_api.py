@@ -337,13 +337,9 @@ def test_the_ledger_csv_is_streamed_in_chunks_and_equals_the_whole_export(
     assert len(chunks) == -(-(len(whole.splitlines()) - 1) // 3) and "".join(chunks) == whole
 
 
-def test_a_client_gone_mid_stream_releases_the_exports_connection_at_once(client, reader, seeded, monkeypatch):
-    """The client goes away after the first chunk: the export's session (a pooled connection, its transaction and
-    cursor) is released when the response ends, not whenever the garbage collector finds the abandoned
-    generator (with no collection, never)."""
-    monkeypatch.setattr(export, "CHUNK_ROWS", 3)
-    engine, sent, raised, checked_out = client.app.state.engine, [], [], []
-    scope = {
+def _ledger_scope(secret_header: str) -> dict:
+    """An ASGI request for the October ledger, to drive the app as a server does (TestClient reads whole bodies)."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
@@ -353,10 +349,19 @@ def test_a_client_gone_mid_stream_releases_the_exports_connection_at_once(client
         "raw_path": f"/v1/ledger/{OCTOBER}.csv".encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"authorization", reader["Authorization"].encode())],
+        "headers": [(b"host", b"testserver"), (b"authorization", secret_header.encode())],
         "client": ("127.0.0.1", 1234),
         "server": ("testserver", 80),
     }
+
+
+def test_a_client_gone_mid_stream_releases_the_exports_connection_at_once(client, reader, seeded, monkeypatch):
+    """The client goes away after the first chunk: the export's session (a pooled connection, its transaction and
+    cursor) is released when the response ends, not whenever the garbage collector finds the abandoned
+    generator (with no collection, never)."""
+    monkeypatch.setattr(export, "CHUNK_ROWS", 3)
+    engine, sent, raised, checked_out = client.app.state.engine, [], [], []
+    scope = _ledger_scope(reader["Authorization"])
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -381,6 +386,57 @@ def test_a_client_gone_mid_stream_releases_the_exports_connection_at_once(client
         assert raised and checked_out == [0]
     finally:
         gc.enable()
+
+
+def test_ledger_exports_streamed_at_once_are_bounded_so_they_never_take_every_connection(
+    client, reader, seeded, monkeypatch
+):
+    """Each export holds a pooled connection while its client reads: unbounded, 15 slow downloads (a read token's)
+    took the whole pool and every other request waited 30 s, then failed. One more than the limit is a 503
+    ``too_many_exports`` at once; when they end, exports are served again."""
+    from metering.api.routers.ledger import MAX_LEDGER_STREAMS
+
+    monkeypatch.setattr(export, "CHUNK_ROWS", 3)
+    engine, statuses, first_chunks = client.app.state.engine, [], []
+    reading = anyio.Event()  # the clients read slowly: each stays after its first chunk until released
+    answered = anyio.Event()  # every request has its status
+    checked_out = []
+
+    async def slow_client():
+        requested = []
+
+        async def receive():
+            if not requested:
+                requested.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await reading.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+                if len(statuses) == MAX_LEDGER_STREAMS + 1:
+                    answered.set()
+            elif message["type"] == "http.response.body" and message.get("more_body"):
+                first_chunks.append(message["body"])
+                await reading.wait()
+
+        await client.app(_ledger_scope(reader["Authorization"]), receive, send)
+
+    async def main():
+        async with anyio.create_task_group() as group:
+            for _ in range(MAX_LEDGER_STREAMS + 1):
+                group.start_soon(slow_client)
+            with anyio.fail_after(10):
+                await answered.wait()
+            checked_out.append(engine.pool.checkedout())
+            reading.set()
+
+    anyio.run(main)
+    assert sorted(statuses) == [200] * MAX_LEDGER_STREAMS + [503]
+    assert checked_out == [MAX_LEDGER_STREAMS]
+    assert engine.pool.checkedout() == 0
+    assert _get(client, f"/v1/ledger/{OCTOBER}.csv", reader).status_code == 200  # every slot was given back
 
 
 def test_a_ledger_csv_whose_query_fails_is_a_503_problem_not_a_cut_off_file(client, reader, seeded):
