@@ -16,7 +16,7 @@ from metering.billing.export import invoice_csv, ledger_csv_chunks
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, fail
+from metering.cli.common import admin_session, console, err_console, fail
 from metering.config import Settings
 from metering.db.snapshot import read_snapshot
 
@@ -84,7 +84,7 @@ def _write(chunks: Iterable[str], out: Path | None) -> None:
             _replace_whole(chunks, out)
     except OSError as exc:  # no such directory, a directory, no permission, disk full
         raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
-    console.print(f"wrote {out}", highlight=False)
+    err_console.print(f"wrote {out}", highlight=False)  # stderr: with -o /dev/stdout, stdout is the CSV alone
 
 
 def _replace_whole(chunks: Iterable[str], out: Path) -> None:

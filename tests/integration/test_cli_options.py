@@ -29,6 +29,15 @@ def test_ledger_export_into_a_missing_directory_is_a_clear_error(run, tmp_path) 
     assert not out.parent.exists()
 
 
+def test_an_export_into_a_file_says_so_on_stderr_only(run, tmp_path) -> None:
+    """stdout carries nothing but the CSV: with -o /dev/stdout (or a pipe), "wrote …" was appended to the CSV."""
+    out = tmp_path / "ledger.csv"
+    done = run("billing", "ledger-export", "2026-11", "-o", str(out))
+    assert done.exit_code == 0, done.output
+    assert done.stdout == "" and done.stderr == f"wrote {out}\n"
+    assert out.read_text().startswith("id,created_at,kind,")
+
+
 def test_invoice_export_into_a_missing_directory_is_a_clear_error(run, tmp_path, session_factory) -> None:
     now = datetime.now(UTC)
     with session_factory() as session:
