@@ -25,7 +25,7 @@ from metering.llm.attempt import Attempt
 from metering.llm.event_record import prompt_fingerprint
 from metering.llm.responses import LLMResponse
 from metering.llm.text import ChunkCleaner
-from metering.llm.types import MISSING_USAGE, StreamEnd, TextDelta, TokenUsage, UsageSoFar
+from metering.llm.types import MISSING_USAGE, NO_USAGE_SO_FAR, StreamEnd, TextDelta, TokenUsage, UsageSoFar
 from metering.llm.usage import finished, unfinished
 
 if TYPE_CHECKING:
@@ -110,14 +110,15 @@ class MessageStream:
     def _record_unfinished(
         self,
         common: Attempt,
-        so_far: TokenUsage,
+        so_far: UsageSoFar,
         parts: list[str],
         ttft: float | None,
         status: Status,
         error_type: str | None,
     ) -> None:
         """The event of a stream that did not end normally: the usage reported so far, the rest estimated."""
-        usage = unfinished(so_far, self._system, self._messages, "".join(parts))
+        text = "".join(parts)
+        usage = unfinished(so_far.usage, self._system, self._messages, text, output_final=so_far.output_final)
         self._llm._record(common, usage=usage, stop_reason=None, status=status, error_type=error_type, ttft_ms=ttft)
 
     async def _run(self) -> AsyncIterator[str]:
@@ -143,7 +144,7 @@ class MessageStream:
                 parts: list[str] = []
                 ttft: float | None = None
                 end: StreamEnd | None = None
-                so_far = MISSING_USAGE  # usage the provider reported before the end (UsageSoFar)
+                so_far = NO_USAGE_SO_FAR  # usage the provider reported before the end
                 cleaner = ChunkCleaner()  # no lone surrogate reaches the consumer (it could not be encoded)
                 try:
                     async for item in upstream:
@@ -156,7 +157,7 @@ class MessageStream:
                             parts.append(chunk)
                             yield chunk
                         elif isinstance(item, UsageSoFar):
-                            so_far = item.usage
+                            so_far = item
                         else:
                             end = item
                     if tail := cleaner.flush():
@@ -178,7 +179,7 @@ class MessageStream:
                     raise
                 text = "".join(parts)
                 reported = end.usage if end is not None else MISSING_USAGE
-                usage = finished(reported, so_far, system, messages, text)
+                usage = finished(reported, so_far.usage, system, messages, text, output_final=so_far.output_final)
                 stop_reason = end.stop_reason if end is not None else None
                 event_id = llm._record(
                     common,

@@ -71,9 +71,15 @@ class StreamEnd:
 class UsageSoFar:
     """Usage a provider reported before its stream ended (Anthropic's ``message_start``: the input and cache counts,
     the output so far; an OpenAI usage chunk before the end of the body). Kept for the event of a stream that does not
-    end normally: the provider counted (and charges) that input whether or not the stream ends."""
+    end normally: the provider counted (and charges) that input whether or not the stream ends. ``output_final``: the
+    output count is the provider's last word (Anthropic's ``message_delta``, OpenAI's usage chunk, both sent after the
+    last text), not a count so far (``message_start``'s placeholder)."""
 
     usage: TokenUsage
+    output_final: bool = False
+
+
+NO_USAGE_SO_FAR = UsageSoFar(MISSING_USAGE)
 
 
 StreamItem = TextDelta | UsageSoFar | StreamEnd

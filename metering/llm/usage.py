@@ -181,27 +181,38 @@ def finished(
     system: str | None,
     messages: Iterable[Mapping[str, Any]],
     output_text: str,
+    *,
+    output_final: bool = False,
 ) -> TokenUsage:
     """The usage of a stream that ended normally: what the provider reported at its end; when it reported nothing there
     but counts before (an Anthropic-compatible gateway whose ``message_delta`` has no usage: ``message_start``'s output
     count is a placeholder), those counts with the output estimated as for an unfinished stream; else an estimate."""
     nothing_at_the_end = reported.completeness is UsageCompleteness.MISSING
     if nothing_at_the_end and reported_so_far.completeness is UsageCompleteness.REPORTED:
-        return unfinished(reported_so_far, system, messages, output_text)
+        return unfinished(reported_so_far, system, messages, output_text, output_final=output_final)
     return fill_missing(reported, system, messages, output_text, answered=True)
 
 
 def unfinished(
-    reported_so_far: TokenUsage, system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str
+    reported_so_far: TokenUsage,
+    system: str | None,
+    messages: Iterable[Mapping[str, Any]],
+    output_text: str,
+    *,
+    output_final: bool = False,
 ) -> TokenUsage:
-    """The usage of a stream that did not end normally (abandoned, or broken), marked ``estimated``.
+    """The usage of a stream that did not end normally (abandoned, or broken).
 
     What the provider reported before it ended (``UsageSoFar``: Anthropic's input and cache counts at the start) is
-    kept, the output being the larger of its count so far and the estimate of the text received; without it, the
-    input is estimated from the prompt too (and nothing is counted when nothing was received).
+    kept, the output being the larger of its count so far and the estimate of the text received (``estimated``);
+    without it, the input is estimated from the prompt too (and nothing is counted when nothing was received).
+    When the provider had given its final counts (``output_final``: its last usage, after the last text; the
+    stream broke or was dropped just before its end), they are what it charges: kept as they are (``reported``).
     """
     if reported_so_far.completeness is not UsageCompleteness.REPORTED:
         return fill_missing(MISSING_USAGE, system, messages, output_text)
     usage = zero_counts_estimated(reported_so_far, system, messages, output_text)
+    if output_final:
+        return usage
     output = max(usage.output_tokens, estimate_tokens(output_text))
     return replace(usage, output_tokens=output, completeness=UsageCompleteness.ESTIMATED)

@@ -56,7 +56,7 @@ def _usage_count(usage: Any, key: str) -> Any:
     return usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
 
 
-def _merge_usage(into: dict[str, int], usage: Any) -> UsageSoFar | None:
+def _merge_usage(into: dict[str, int], usage: Any, *, output_final: bool = False) -> UsageSoFar | None:
     """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output.
 
     Returns the usage reported so far, when it holds usable counts (an output count not given yet is 0).
@@ -68,7 +68,7 @@ def _merge_usage(into: dict[str, int], usage: Any) -> UsageSoFar | None:
         if value is not None:
             into[key] = value
     so_far = from_anthropic({"output_tokens": 0, **into})
-    return UsageSoFar(so_far) if so_far.completeness is UsageCompleteness.REPORTED else None
+    return UsageSoFar(so_far, output_final) if so_far.completeness is UsageCompleteness.REPORTED else None
 
 
 class AnthropicProvider:
@@ -161,7 +161,7 @@ class AnthropicProvider:
                         stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
                         delta_usage = getattr(event, "usage", None)
                         final_usage = final_usage or _usage_count(delta_usage, "output_tokens") is not None
-                        if so_far := _merge_usage(usage, delta_usage):
+                        if so_far := _merge_usage(usage, delta_usage, output_final=final_usage):
                             yield so_far
                     elif kind == "message_stop":
                         finished = True

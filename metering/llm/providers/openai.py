@@ -144,7 +144,7 @@ class OpenAIProvider:
                     if getattr(chunk, "usage", None) is not None:
                         usage = chunk.usage  # the last chunk, when include_usage is honoured
                         if (so_far := from_openai(usage)).completeness is UsageCompleteness.REPORTED:
-                            yield UsageSoFar(so_far)  # kept if the body breaks before its end
+                            yield UsageSoFar(so_far, output_final=True)  # kept if the body breaks before its end
                     for choice in getattr(chunk, "choices", None) or ():
                         if getattr(choice, "index", 0) != 0:
                             continue

@@ -262,28 +262,34 @@ OPENAI_CACHED = {
 }
 
 
+LONG = " ".join(["word"] * 60)  # ≈ 75 tokens by the text estimate: far above the 7 the provider counted
+
+
 @pytest.mark.parametrize(
-    ("provider", "reply", "status", "received", "tokens"),
+    ("provider", "reply", "status", "received", "tokens", "completeness"),
     [
         # (input, output, cache read, cache write, reasoning) of the event
         pytest.param(
             "anthropic", Reply(text="one two three", break_after=0), "error", [], (1320, 1, 1000, 300, 0),
-            id="broken-at-once",
+            "estimated", id="broken-at-once",
         ),
         pytest.param(
             "anthropic", Reply(text="one two three", break_after=2), "error", ["one ", "two "], (1320, 2, 1000, 300, 0),
-            id="broken-mid-way",
+            "estimated", id="broken-mid-way",
         ),
         pytest.param(
-            "anthropic", Reply(text="one two three"), "cancelled", ["one "], (1320, 1, 1000, 300, 0), id="abandoned"
+            "anthropic", Reply(text="one two three"), "cancelled", ["one "], (1320, 1, 1000, 300, 0), "estimated",
+            id="abandoned",
+        ),
+        # Broken just before the end, after the provider's final usage: its counts are what it charges, kept as they
+        # are (the text estimate, far larger here, billed output the provider never counted).
+        pytest.param(
+            "anthropic", Reply(text=LONG, break_before_end=True), "error", None, (1320, 7, 1000, 300, 0), "reported",
+            id="broken-before-message-stop",
         ),
         pytest.param(
-            "anthropic", Reply(text="one two three", break_before_end=True), "error", ["one ", "two ", "three"],
-            (1320, 7, 1000, 300, 0), id="broken-before-message-stop",
-        ),
-        pytest.param(
-            "openai", Reply(text="one two three", break_before_end=True), "error", ["one ", "two ", "three"],
-            (1320, 7, 1000, 0, 2), id="broken-after-the-usage-chunk",
+            "openai", Reply(text=LONG, break_before_end=True), "error", None, (1320, 7, 1000, 0, 2), "reported",
+            id="broken-after-the-usage-chunk",
         ),
     ],
 )  # fmt: skip
@@ -294,14 +300,16 @@ async def test_an_unfinished_stream_keeps_the_usage_reported_before_it_ended(
     provider: str,
     reply: Reply,
     status: str,
-    received: list[str],
+    received: list[str] | None,
     tokens: tuple[int, ...],
+    completeness: str,
 ) -> None:
     """Anthropic reports the input and cache counts at the start of a stream (message_start), and charges them whether
     or not the stream ends: an abandoned or broken stream was recorded with its input estimated from the prompt's
     characters and no cache tokens at all (nothing at all when it broke before its first text), so a stream over a
     large cached prompt was billed as if no cache was read or written. The counts reported so far are kept; the
-    output is the larger of its count so far and the estimate of the text received; the event says `estimated`."""
+    output is the larger of its count so far and the estimate of the text received; the event says `estimated`. After
+    the provider's final usage (broken just before the end), its counts are kept as they are: `reported`."""
     server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
     usage = OPENAI_CACHED if provider == "openai" else ANTHROPIC_CACHED
     server.script(dataclasses.replace(reply, usage=usage))
@@ -317,12 +325,12 @@ async def test_an_unfinished_stream_keeps_the_usage_reported_before_it_ended(
             async with llm.stream_message(messages=MESSAGES) as stream:
                 async for chunk in stream:
                     chunks.append(chunk)
-    assert chunks == received
+    assert "".join(chunks) == LONG if received is None else chunks == received
     event = the_event(rec)
     assert (event.status, event.error_type) == (status, None if status == "cancelled" else "stream_broken")
     counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
     assert (*counts, event.reasoning_tokens) == tokens
-    assert event.usage_completeness == "estimated"
+    assert event.usage_completeness == completeness
 
 
 MISTRAL_CONTENT = [{"type": "thinking", "thinking": [{"type": "text", "text": "Hmm."}]}, {"type": "text", "text": "Hi"}]
