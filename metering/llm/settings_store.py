@@ -130,14 +130,21 @@ def kept_key(existing: ByollmSettingsRow | None, box: SecretBox, *, provider: st
     """The api key a replacement that sends none keeps (API: ``api_key`` left out; CLI: no ``--api-key`` for a
     provider that may go without one): the stored key, for the same provider; None when there is none. The key is
     write-only: with another ``base_url`` it is never kept (it would be sent to an endpoint of the caller's
-    choosing), that is an ``InvalidInputError``."""
+    choosing), that is an ``InvalidInputError``; so is a stored key the current keys cannot decrypt (the key that
+    encrypted it was rotated away: ``stored_key_mask`` shows it as stored, without a mask). It was a 500."""
     if existing is None or existing.provider != provider or existing.api_key_ciphertext is None:
         return None
     if existing.base_url != base_url:
         raise InvalidInputError(
             "base_url changes: send api_key again (a stored key is never sent to another endpoint), or null"
         )
-    return box.decrypt(existing.api_key_ciphertext)
+    try:
+        return box.decrypt(existing.api_key_ciphertext)
+    except SecretError:
+        raise InvalidInputError(
+            "the stored api key cannot be decrypted with the configured keys (was the key that encrypted it removed "
+            "from METERING_SECRET_KEYS?): send api_key again, or null"
+        ) from None
 
 
 def delete_byollm(session: Session, user_id: str) -> bool:

@@ -143,8 +143,8 @@ def get_byollm(tenant_id: TenantId, user_id: UserId, principal: Admin, session: 
     description=(
         "Requires `admin`; a tenant-bound token only for its tenant's users (404 for others). `api_key` is "
         "write-only: encrypted at rest, never in a response, a log or the audit log. Omit it to keep the stored "
-        "key (same provider and base_url: a new base_url needs the key again, 422), send `null` to remove it. "
-        "409 `conflict` when the user id is configured under "
+        "key (same provider and base_url: a new base_url, or a stored key the configured keys cannot decrypt, "
+        "needs the key again, 422), send `null` to remove it. 409 `conflict` when the user id is configured under "
         "another tenant. Audited as `byollm.set`."
     ),
     responses=problem_responses(401, 403, 404, 409, 422, 503),

@@ -542,3 +542,24 @@ def test_a_byollm_delete_that_waited_for_a_concurrent_one_is_404_and_unaudited(c
     request.join(timeout=60)
     assert_problem(answers[0], 404, "not_found")
     assert actions(session_factory) == ["byollm.set"]
+
+
+def test_keeping_a_key_the_current_keys_cannot_decrypt_is_a_422_not_a_500(client, admin, session_factory):
+    """The key that encrypted the stored api key was rotated away (GET shows it as stored, without a mask): a PUT
+    omitting api_key to keep it answered 500 secret_error; it is the caller's to send the key again (or null)."""
+    from cryptography.fernet import Fernet
+
+    url = "/v1/admin/users/acme/alice/byollm"
+    first = {"provider": "openai", "model": "gpt-4o", "api_key": fake_key()}
+    assert client.put(url, json=first, headers=admin).status_code == 200
+    with session_factory() as session:
+        session.get(ByollmSettingsRow, "alice").api_key_ciphertext = Fernet(Fernet.generate_key()).encrypt(b"sk-gone")
+        session.commit()
+    assert client.get(url, headers=admin).json()["has_api_key"] is True
+    kept = client.put(url, json={"provider": "openai", "model": "gpt-4.1"}, headers=admin)
+    body = assert_problem(kept, 422, "invalid_input")
+    assert "send api_key again" in body["detail"]
+    with session_factory() as session:
+        assert session.get(ByollmSettingsRow, "alice").model == "gpt-4o"
+    again = client.put(url, json={"provider": "openai", "model": "gpt-4.1", "api_key": fake_key()}, headers=admin)
+    assert again.status_code == 200 and again.json()["api_key_mask"] == "sk-…wxyz"
