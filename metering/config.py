@@ -76,8 +76,9 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     # Events per POST /v1/events: one batch is one ingest transaction.
     max_batch_events: int = Field(5000, ge=1, le=5000)
-    # A token's last_used_at is written at most this often (not on every request).
-    token_touch_interval_s: float = Field(60.0, ge=0)
+    # A token's last_used_at is written at most this often (not on every request). At most a (leap) year: every
+    # authenticated request makes a timedelta of it (inf or 1e15 raised OverflowError: a 500 on every request).
+    token_touch_interval_s: float = Field(60.0, ge=0, le=366 * 86_400, allow_inf_nan=False)
     # GET /metrics without a token; false requires a token of scope `read`.
     metrics_public: bool = True
     # Label cardinality on /metrics: models beyond the top N (by calls) are reported as model="other", and

@@ -54,3 +54,17 @@ def test_waits_and_timeouts_are_finite_and_bounded(model: str, field: str, value
     with pytest.raises(ValidationError, match=r"finite number|less than or equal to 3600"):
         settings(**{field: value})
     assert getattr(settings(**{field: "3600"}), field) == 3600
+
+
+@pytest.mark.parametrize("value", ["inf", "1e15", "nan"])
+def test_the_token_touch_interval_is_finite_and_bounded(value: str) -> None:
+    """Every authenticated request makes a timedelta of it: inf or 1e15 passed and then raised OverflowError on
+    every request (a 500 for every token)."""
+    from datetime import timedelta
+
+    from metering.config import ApiSettings
+
+    with pytest.raises(ValidationError, match=r"finite number|less than or equal to"):
+        ApiSettings(token_touch_interval_s=value)
+    year = ApiSettings(token_touch_interval_s=366 * 86_400).token_touch_interval_s
+    assert timedelta(seconds=year) == timedelta(days=366)
