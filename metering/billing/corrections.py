@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from metering.billing import store
+from metering.billing.ledger import Account, Posting, accounts_of, balance_deltas
 from metering.billing.policy import Decision, decide
 from metering.billing.pricing import Quote
 from metering.billing.rates import RateCards
@@ -70,10 +73,12 @@ def event_pages(session: Session, stmt: Select[Any], *, lock: bool) -> Iterator[
     database write lock is taken before the first page is read: a second run waits for the first to commit and
     then reads what it wrote (reading first, it would correct from a stale view and post everything twice).
 
-    Callers sum their rollup deltas over all pages and move them once, after the last page
-    (``upsert_rollup_deltas``): every rollup row is then taken in key order, as ingest takes them. Moved page by
-    page, a later page's rows came after an earlier page's whatever their keys, and PostgreSQL aborted a reprice
-    or an ingest moving the same rows as a deadlock.
+    Callers sum their balance and rollup deltas over all pages and move them once, after the last page
+    (``Balances``, then ``upsert_rollup_deltas``): every account, then every rollup row, is then taken in key
+    order, as ingest takes them. Moved page by page, a later page's rows came after an earlier page's whatever
+    their keys, and PostgreSQL aborted a reprice or an ingest moving the same rows as a deadlock (rollups: events
+    at $0 or BYOLLM calls; accounts: a page with a provider cost and no charge, markup -100 %, then one with a
+    charge, while an ingest held the revenue account and waited for the provider's).
     """
     if lock:
         store.lock_sqlite_for_write(session)
@@ -139,3 +144,21 @@ def add_delta(
 def upsert_rollup_deltas(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
     """Add the deltas to the rollup rows (which ingest created); all-zero buckets are skipped."""
     store.upsert_rollups(session, {key: counters for key, counters in buckets.items() if any(counters)})
+
+
+@dataclass
+class Balances:
+    """The balance moves of every page's postings, applied once after the last page (see ``event_pages``)."""
+
+    accounts: dict[str, Account] = field(default_factory=dict)
+    deltas: dict[str, int] = field(default_factory=dict)
+
+    def add(self, postings: Sequence[Posting]) -> None:
+        for ident, account in accounts_of(postings).items():
+            self.accounts.setdefault(ident, account)
+        for ident, delta in balance_deltas(postings).items():
+            self.deltas[ident] = self.deltas.get(ident, 0) + delta
+
+    def apply(self, session: Session, now: datetime) -> None:
+        """Create the missing accounts and move the cached balances, in account-id order (``store.apply_balances``)."""
+        store.apply_balances(session, self.accounts, self.deltas, now)

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing import store
 from metering.billing.corrections import (
+    Balances,
     add_delta,
     decide_event,
     event_pages,
@@ -33,7 +34,7 @@ from metering.billing.corrections import (
     upsert_rollup_deltas,
 )
 from metering.billing.invoice_store import lock_billing_periods
-from metering.billing.ledger import Posting, accounts_of, balance_deltas, usage_postings
+from metering.billing.ledger import Posting, usage_postings
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus
 from metering.billing.pricing import over_call_limit
@@ -68,6 +69,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     priced = still = charged = cost = over = 0
     shadows = shadow_nanos = shadow_still = 0
     buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
+    balances = Balances()  # so are the accounts, before the rollups (ingest's order)
     for rows in event_pages(session, held, lock=True):
         finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
         postings: list[Posting] = []
@@ -118,6 +120,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
             cost += decision.cost_nanos
         session.flush()
         store.post_transfers(session, postings, now)
-        store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
+        balances.add(postings)
+    balances.apply(session, now)
     upsert_rollup_deltas(session, buckets)
     return RepriceResult(priced, still, charged, cost, over, shadows, shadow_nanos, shadow_still)

@@ -34,14 +34,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from metering.billing import store
-from metering.billing.corrections import add_delta, event_pages, quote_event, transfers_by_event, upsert_rollup_deltas
+from metering.billing.corrections import (
+    Balances,
+    add_delta,
+    event_pages,
+    quote_event,
+    transfers_by_event,
+    upsert_rollup_deltas,
+)
 from metering.billing.invoice_store import lock_billing_periods
 from metering.billing.ledger import (
     REVENUE,
     Posting,
     TransferKind,
-    accounts_of,
-    balance_deltas,
     provider_cost,
     provider_payable,
     reversal,
@@ -213,6 +218,7 @@ def apply_rerate(
     diff = RerateDiff()
     skipped = late = posted = 0
     buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
+    balances = Balances()  # so are the accounts, before the rollups (ingest's order)
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
         transfers = transfers_by_event(session, [row.event_id for row in rows])
         finalized = lock_billing_periods(session, {row.invoice_period or period_of(row.occurred_at) for row in rows})
@@ -234,7 +240,8 @@ def apply_rerate(
             row.price_source, row.price_version = change.quote.source, change.quote.source_version
         session.flush()
         store.post_transfers(session, postings, now)
-        store.apply_balances(session, accounts_of(postings), balance_deltas(postings), now)
+        balances.add(postings)
         posted += len(postings)
+    balances.apply(session, now)
     upsert_rollup_deltas(session, buckets)
     return RerateResult(start, end, provider, model_pattern, diff, run_id, skipped, late, posted)

@@ -271,6 +271,46 @@ def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session
     assert_checks(session_factory)
 
 
+def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_accounts(session_factory, monkeypatch) -> None:
+    """A reprice moved the account balances page by page: its first page (a model the platform gives away, markup
+    -100 %: a provider cost and no charge) took the provider's accounts, its second (a charged model) then wanted
+    the revenue account, which an ingest of a charged call had taken (accounts in key order: the revenue, then the
+    provider's) before waiting for the provider's. PostgreSQL aborted one as a deadlock. The balances of all pages
+    now move once, after the last page, in key order."""
+    from metering.billing import reprice as reprice_module
+
+    run_ingest(session_factory, [ollama(0, user_id="u2", model="llama3-free")])
+    run_ingest(session_factory, [ollama(1, user_id="u1")])  # a later event id: the second page
+    override(session_factory, model_pattern="llama3-free", markup_pct=Decimal(-100))
+    override(session_factory, model_pattern="llama3.1")
+    monkeypatch.setattr(corrections, "PAGE", 1)
+    lock = reprice_module.lock_billing_periods
+    errors: list[BaseException] = []
+
+    def ingest_a_charged_call() -> None:
+        try:
+            run_ingest(session_factory, [ollama(2, user_id="u3")])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    concurrent = threading.Thread(target=ingest_a_charged_call)
+
+    def second_page_after_an_ingest(session, wanted):
+        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
+            concurrent.start()
+            time.sleep(1.5)  # the ingest reaches the accounts the first page holds (deadlock_timeout is 1 s)
+        session.info["pages"] += 1
+        return lock(session, wanted)
+
+    monkeypatch.setattr(reprice_module, "lock_billing_periods", second_page_after_an_ingest)
+    result = reprice(session_factory)
+    concurrent.join(30)
+    assert errors == []
+    assert result.priced == 2 and result.charge_nanos > 0
+    assert len(rows(session_factory)) == 3
+    assert_checks(session_factory)
+
+
 def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
     row = override(session_factory, id="o1", input_mtok=Decimal("0.000000001"), cache_read_mtok=Decimal("0.05"),
                    markup_pct=Decimal("12.5"))  # fmt: skip

@@ -330,6 +330,59 @@ def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session_
     assert_ledger_consistent(session_factory)
 
 
+def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_accounts(session_factory, monkeypatch) -> None:
+    """A re-rate moved the account balances page by page: its first page (a model the platform gives away, markup
+    -100 %: only its provider cost changes) took the provider's accounts, its second (a charged model) then wanted
+    the revenue account, which an ingest of a charged call had taken (accounts in key order: the revenue, then the
+    provider's) before waiting for the provider's. PostgreSQL aborted one as a deadlock. The balances of all pages
+    now move once, after the last page, in key order."""
+    import threading
+    import time
+
+    from metering.billing import rerate as rerate_module
+
+    def prices(input_mtok: str, output_mtok: str, since: datetime, version: str) -> None:
+        with session_factory() as session:
+            for pattern, markup in (("llama3-free", Decimal(-100)), ("llama3.1", None)):
+                add_override(session, provider="ollama", model_pattern=pattern, effective_from=since,
+                             effective_to=None, input_mtok=Decimal(input_mtok), output_mtok=Decimal(output_mtok),
+                             markup_pct=markup, id=f"{version}-{pattern}")  # fmt: skip
+            session.commit()
+
+    prices("0.10", "0.40", datetime(2026, 1, 1, tzinfo=UTC), "old")
+    for i, (user, model) in enumerate((("u2", "llama3-free"), ("u1", "llama3.1"))):  # the charged one: 2nd page
+        with session_factory() as session:
+            ingest(session, [ollama(i, user_id=user, model=model)], markup_pct=MARKUP, now=NOW)
+            session.commit()
+    prices("0.20", "0.80", datetime(2026, 11, 1, tzinfo=UTC), "new")
+    monkeypatch.setattr(corrections, "PAGE", 1)
+    lock = rerate_module.lock_billing_periods
+    errors: list[BaseException] = []
+
+    def ingest_a_charged_call() -> None:
+        try:
+            with session_factory() as session:
+                ingest(session, [ollama(2, user_id="u3")], markup_pct=MARKUP, now=NOW)
+                session.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    concurrent = threading.Thread(target=ingest_a_charged_call)
+
+    def second_page_after_an_ingest(session, wanted):
+        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
+            concurrent.start()
+            time.sleep(1.5)  # the ingest reaches the accounts the first page holds (deadlock_timeout is 1 s)
+        session.info["pages"] += 1
+        return lock(session, wanted)
+
+    monkeypatch.setattr(rerate_module, "lock_billing_periods", second_page_after_an_ingest)
+    assert apply(session_factory, "paged").transfers == 6  # cost: reversal + new; charge and cost: 2 + 2
+    concurrent.join(30)
+    assert errors == []
+    assert_ledger_consistent(session_factory)
+
+
 def test_two_overlapping_runs_correct_each_event_once(session_factory, billed) -> None:
     """Run A has applied, not committed, when run B (another run id) starts. B must wait and then read what A
     wrote: on SQLite it read the events and transfers first (the state before A) and, once A committed, reversed
