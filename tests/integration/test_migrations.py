@@ -244,3 +244,33 @@ def test_processes_migrating_at_once_run_one_after_the_other(fresh_url: str) -> 
         assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_run_waits_for_a_migration_longer_than_the_busy_timeout(fresh_url: str) -> None:
+    """Another run holds the migration lock for longer than SQLite's busy_timeout (10 s; upgrading a database of
+    1M events from 0001 takes ~20 s): this one waits for it and then finds nothing left to do. On SQLite it gave
+    up after 10 s with 'database is locked' (a replica or a command started meanwhile failed)."""
+    import subprocess
+    import sys
+    import time
+
+    migrate.upgrade(fresh_url, "0009")
+    engine = make_engine(fresh_url)
+    code = "import sys; from metering.db import migrate; migrate.upgrade(sys.argv[1])"
+    try:
+        with engine.connect() as conn:  # the lock env.py takes, held as a long migration holds it
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metering:migrations'))"))
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            waiting = subprocess.Popen([sys.executable, "-c", code, fresh_url], stderr=subprocess.PIPE)
+            time.sleep(11)
+            assert waiting.poll() is None, "it must wait for the lock"
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0010'")  # the other run reached head
+            conn.commit()
+        _out, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err.decode()[-500:]
+        assert migrate.current_revision(engine) == "0010"
+    finally:
+        engine.dispose()
