@@ -167,6 +167,8 @@ def fill_missing(
     prompt, even if its reply has no text, e.g. a tool call or all output spent thinking: never recorded as 0 tokens,
     which would bill a paid call $0)."""
     if usage.completeness is UsageCompleteness.REPORTED:
+        if usage.input_tokens and (usage.output_tokens or not output_text):
+            return usage  # nearly every call: no count to question (the metered call's hot path)
         return zero_counts_estimated(usage, system, messages, output_text)
     if usage.completeness is not UsageCompleteness.MISSING:
         return usage
