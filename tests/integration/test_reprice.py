@@ -29,6 +29,7 @@ from metering.db.models import (
 from metering.errors import ConflictError, InvalidInputError, NotFoundError
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
+from tests.integration.page_race import SecondPageRace
 
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
 MARKUP = Decimal(20)
@@ -245,28 +246,13 @@ def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session
     run_ingest(session_factory, [ollama(1, user_id="u1")])  # a later event id: the second page
     override(session_factory, input_mtok=Decimal(0), output_mtok=Decimal(0))
     monkeypatch.setattr(corrections, "PAGE", 1)
-    lock = reprice_module.lock_billing_periods
-    errors: list[BaseException] = []
-
-    def ingest_both_users() -> None:
-        try:
-            run_ingest(session_factory, [ollama(2, user_id="u1"), ollama(3, user_id="u2")])
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    concurrent = threading.Thread(target=ingest_both_users)
-
-    def second_page_after_an_ingest(session, wanted):
-        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
-            concurrent.start()
-            time.sleep(1.5)  # the ingest reaches the rows the first page holds (deadlock_timeout is 1 s)
-        session.info["pages"] += 1
-        return lock(session, wanted)
-
-    monkeypatch.setattr(reprice_module, "lock_billing_periods", second_page_after_an_ingest)
+    race = SecondPageRace(
+        reprice_module,
+        monkeypatch,
+        lambda: run_ingest(session_factory, [ollama(2, user_id="u1"), ollama(3, user_id="u2")]),
+    )
     assert reprice(session_factory).priced == 2
-    concurrent.join(30)
-    assert errors == []
+    assert race.join() == []
     assert len(rows(session_factory)) == 4
     assert_checks(session_factory)
 
@@ -284,28 +270,9 @@ def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_accounts(sessio
     override(session_factory, model_pattern="llama3-free", markup_pct=Decimal(-100))
     override(session_factory, model_pattern="llama3.1")
     monkeypatch.setattr(corrections, "PAGE", 1)
-    lock = reprice_module.lock_billing_periods
-    errors: list[BaseException] = []
-
-    def ingest_a_charged_call() -> None:
-        try:
-            run_ingest(session_factory, [ollama(2, user_id="u3")])
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    concurrent = threading.Thread(target=ingest_a_charged_call)
-
-    def second_page_after_an_ingest(session, wanted):
-        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
-            concurrent.start()
-            time.sleep(1.5)  # the ingest reaches the accounts the first page holds (deadlock_timeout is 1 s)
-        session.info["pages"] += 1
-        return lock(session, wanted)
-
-    monkeypatch.setattr(reprice_module, "lock_billing_periods", second_page_after_an_ingest)
+    race = SecondPageRace(reprice_module, monkeypatch, lambda: run_ingest(session_factory, [ollama(2, user_id="u3")]))
     result = reprice(session_factory)
-    concurrent.join(30)
-    assert errors == []
+    assert race.join() == []
     assert result.priced == 2 and result.charge_nanos > 0
     assert len(rows(session_factory)) == 3
     assert_checks(session_factory)

@@ -21,6 +21,7 @@ from metering.db.models import AccountRow, FinalizedPeriodRow, InvoiceRow, Trans
 from metering.errors import InvalidInputError
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
+from tests.integration.page_race import SecondPageRace
 
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
 MARKUP = Decimal(20)
@@ -290,8 +291,6 @@ def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session_
     """A re-rate moved the rollups page by page (its first page's user, u2, before its second's, u1) while an
     ingest of BYOLLM calls (nothing posted, no account taken) takes the same users' daily rollups in key order: u1,
     then u2. PostgreSQL aborted one as a deadlock. The rollups now move once, after the last page."""
-    import threading
-    import time
 
     from metering.billing import rerate as rerate_module
 
@@ -302,31 +301,16 @@ def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_rollups(session_
             session.commit()
     price(session_factory, "0.20", "0.80", datetime(2026, 11, 1, tzinfo=UTC), "new")
     monkeypatch.setattr(corrections, "PAGE", 1)
-    lock = rerate_module.lock_billing_periods
-    errors: list[BaseException] = []
 
     def ingest_byollm_calls() -> None:
-        try:
-            with session_factory() as session:
-                ingest(session, [ollama(2, user_id="u1", is_byollm=True), ollama(3, user_id="u2", is_byollm=True)],
-                       markup_pct=MARKUP, now=NOW)  # fmt: skip
-                session.commit()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        with session_factory() as session:
+            ingest(session, [ollama(2, user_id="u1", is_byollm=True), ollama(3, user_id="u2", is_byollm=True)],
+                   markup_pct=MARKUP, now=NOW)  # fmt: skip
+            session.commit()
 
-    concurrent = threading.Thread(target=ingest_byollm_calls)
-
-    def second_page_after_an_ingest(session, wanted):
-        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
-            concurrent.start()
-            time.sleep(1.5)  # the ingest reaches the rows the first page holds (deadlock_timeout is 1 s)
-        session.info["pages"] += 1
-        return lock(session, wanted)
-
-    monkeypatch.setattr(rerate_module, "lock_billing_periods", second_page_after_an_ingest)
+    race = SecondPageRace(rerate_module, monkeypatch, ingest_byollm_calls)
     assert apply(session_factory, "paged").transfers == 8
-    concurrent.join(30)
-    assert errors == []
+    assert race.join() == []
     assert_ledger_consistent(session_factory)
 
 
@@ -336,8 +320,6 @@ def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_accounts(session
     the revenue account, which an ingest of a charged call had taken (accounts in key order: the revenue, then the
     provider's) before waiting for the provider's. PostgreSQL aborted one as a deadlock. The balances of all pages
     now move once, after the last page, in key order."""
-    import threading
-    import time
 
     from metering.billing import rerate as rerate_module
 
@@ -356,30 +338,15 @@ def test_a_rerate_of_many_pages_and_an_ingest_never_deadlock_on_accounts(session
             session.commit()
     prices("0.20", "0.80", datetime(2026, 11, 1, tzinfo=UTC), "new")
     monkeypatch.setattr(corrections, "PAGE", 1)
-    lock = rerate_module.lock_billing_periods
-    errors: list[BaseException] = []
 
     def ingest_a_charged_call() -> None:
-        try:
-            with session_factory() as session:
-                ingest(session, [ollama(2, user_id="u3")], markup_pct=MARKUP, now=NOW)
-                session.commit()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        with session_factory() as session:
+            ingest(session, [ollama(2, user_id="u3")], markup_pct=MARKUP, now=NOW)
+            session.commit()
 
-    concurrent = threading.Thread(target=ingest_a_charged_call)
-
-    def second_page_after_an_ingest(session, wanted):
-        if concurrent.ident is None and session.info.setdefault("pages", 0) == 1:
-            concurrent.start()
-            time.sleep(1.5)  # the ingest reaches the accounts the first page holds (deadlock_timeout is 1 s)
-        session.info["pages"] += 1
-        return lock(session, wanted)
-
-    monkeypatch.setattr(rerate_module, "lock_billing_periods", second_page_after_an_ingest)
+    race = SecondPageRace(rerate_module, monkeypatch, ingest_a_charged_call)
     assert apply(session_factory, "paged").transfers == 6  # cost: reversal + new; charge and cost: 2 + 2
-    concurrent.join(30)
-    assert errors == []
+    assert race.join() == []
     assert_ledger_consistent(session_factory)
 
 
