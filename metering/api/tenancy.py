@@ -41,7 +41,6 @@ def ingest_as(
 ) -> IngestResult:
     """``billing.ingest`` for the events this principal may send; rejection indexes refer to ``items``."""
     kept, positions, foreign = split_foreign(items, principal.tenant_id)
-    result = ingest(session, kept, markup_pct=markup_pct)
-    rejected = foreign + [Rejection(positions[r.index], r.event_id, r.reason) for r in result.rejected]
-    rejected.sort(key=lambda r: r.index)
+    result = ingest(session, kept, markup_pct=markup_pct, indexes=positions)  # reasons name items as sent
+    rejected = sorted(foreign + result.rejected, key=lambda r: r.index)
     return IngestResult(inserted=result.inserted, duplicates=result.duplicates, rejected=rejected)

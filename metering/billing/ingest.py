@@ -138,13 +138,14 @@ Variants = dict[uuid.UUID, list[tuple[int, UsageEvent]]]
 
 
 def validate(
-    items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime
+    items: Sequence[UsageEvent | Mapping[str, Any]], now: datetime, indexes: Sequence[int] | None = None
 ) -> tuple[list[UsageEvent], list[Rejection], dict[uuid.UUID, list[int]], dict[uuid.UUID, int], Variants]:
     """Valid, batch-unique events; rejections with their index; the indexes of the items that repeated an
     earlier valid item (same event_id and content: counted as duplicates), by event_id; the index of each valid
     event's item; the items with an earlier item's event_id but other content (index, event), by event_id.
     Those are rejected here; ingest counts one as a duplicate after all if it is what is stored under its id
-    (the earlier item being the one that differs)."""
+    (the earlier item being the one that differs). ``indexes``: each item's index as the caller numbers them
+    (its position in the request), by default its position in ``items``; every index, reasons included, is one."""
     events: list[UsageEvent] = []
     rejected: list[Rejection] = []
     seen: dict[uuid.UUID, int] = {}
@@ -152,7 +153,7 @@ def validate(
     repeats: dict[uuid.UUID, list[int]] = {}
     variants: Variants = {}
     latest = now + MAX_FUTURE
-    for index, item in enumerate(items):
+    for index, item in zip(range(len(items)) if indexes is None else indexes, items, strict=True):
         if isinstance(item, UsageEvent):
             event = item
         elif isinstance(item, Mapping):
@@ -279,11 +280,13 @@ def ingest(
     *,
     markup_pct: Decimal = Decimal(0),
     now: datetime | None = None,
+    indexes: Sequence[int] | None = None,
 ) -> IngestResult:
-    """Ingest one batch in the caller's transaction (only flushes; the caller commits)."""
+    """Ingest one batch in the caller's transaction (only flushes; the caller commits). ``indexes``: the index
+    of each item in the caller's request (default: its position in ``items``), as rejections and reasons give it."""
     clock = now is None
     now = now or datetime.now(UTC)
-    events, rejected, repeats, positions, variants = validate(items, now)
+    events, rejected, repeats, positions, variants = validate(items, now, indexes)
     result = IngestResult(duplicates=sum(map(len, repeats.values())), rejected=rejected)
     if not events:
         return result

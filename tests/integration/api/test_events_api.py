@@ -114,6 +114,28 @@ def test_tenant_bound_token_has_other_tenants_events_rejected_one_by_one(client,
         assert dict(tenants.all()) == {"tenant-1": 3}
 
 
+def test_a_repeat_names_its_earlier_item_by_its_index_in_the_request(client, make_token):
+    """A tenant-bound token's batch with another tenant's event first: the reasons of repeated event ids named the
+    earlier item by its position among the token's own events ("item 0", the foreign event), not in the request."""
+    secret = make_token(Scope.INGEST, tenant="tenant-1")
+    stored = record(9)
+    assert post_events(client, [stored], secret).json()["inserted"] == 1
+    first = record(0)
+    records = [
+        record(1, tenant_id="tenant-2"),
+        first,
+        first | {"output_tokens": 41},  # the id of item 1, other content
+        stored | {"output_tokens": 41},  # the id of a stored event, other content: rejected
+        stored | {"output_tokens": 41},  # repeats item 3, which is rejected
+    ]
+    body = post_events(client, records, secret).json()
+    assert (body["inserted"], body["duplicates"]) == (1, 0)
+    reasons = {r["index"]: r["reason"] for r in body["rejected"]}
+    assert sorted(reasons) == [0, 2, 3, 4]
+    assert reasons[2] == "repeats the event_id of item 1 with different content (output_tokens): not ingested"
+    assert reasons[4].startswith("repeats the event_id of item 3, which is rejected: "), reasons[4]
+
+
 def test_an_event_id_stored_for_another_tenant_is_rejected_without_describing_it(client, make_token, session_factory):
     theirs = record(0, tenant_id="tenant-2", user_id="their-user")
     assert post_events(client, [theirs], make_token(Scope.INGEST, tenant="tenant-2")).json()["inserted"] == 1
