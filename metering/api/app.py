@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from metering import __version__
 from metering.api import problems
 from metering.api.body_limit import BodyLimitMiddleware
+from metering.api.content_coding import ContentCodingMiddleware
 from metering.api.routers import ROUTES
 from metering.api.routers.ledger import MAX_LEDGER_STREAMS
 from metering.api.runtime import LazyRuntime
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ledger_streams = threading.BoundedSemaphore(MAX_LEDGER_STREAMS)
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(ContentCodingMiddleware)  # outermost: a compressed body is refused before it is read
     for router, prefix in ROUTES:
         app.include_router(router, prefix=prefix)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import uuid
 
 import orjson
@@ -134,6 +135,23 @@ def test_a_repeat_names_its_earlier_item_by_its_index_in_the_request(client, mak
     assert sorted(reasons) == [0, 2, 3, 4]
     assert reasons[2] == "repeats the event_id of item 1 with different content (output_tokens): not ingested"
     assert reasons[4].startswith("repeats the event_id of item 3, which is rejected: "), reasons[4]
+
+
+def test_a_body_with_a_content_coding_is_415_and_nothing_is_read(client, make_token, session_factory):
+    """Nothing decodes a body: a gzipped batch was a 422 "not valid JSON", and a plain one that said it was gzipped
+    was ingested as if it were not."""
+    headers = {"Content-Type": "application/json", **bearer(make_token())}
+    body = orjson.dumps({"events": [record(0)]})
+    for content, coding in [(gzip.compress(body), "gzip"), (body, "gzip"), (body, "br"), (body, "identity, gzip")]:
+        response = client.post("/v1/events", content=content, headers={**headers, "Content-Encoding": coding})
+        assert "Content-Encoding" in assert_problem(response, 415, "unsupported_media_type")["detail"]
+    chunked = iter([gzip.compress(body)])  # no Content-Length: Transfer-Encoding chunked
+    response = client.post("/v1/events", content=chunked, headers={**headers, "Content-Encoding": "gzip"})
+    assert_problem(response, 415, "unsupported_media_type")
+    assert _stored(session_factory) == 0
+    response = client.post("/v1/events", content=body, headers={**headers, "Content-Encoding": "Identity"})
+    assert response.status_code == 200 and response.json()["inserted"] == 1
+    assert client.get("/healthz", headers={"Content-Encoding": "gzip"}).status_code == 200  # no body: nothing to decode
 
 
 def test_an_event_id_stored_for_another_tenant_is_rejected_without_describing_it(client, make_token, session_factory):
