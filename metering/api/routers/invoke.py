@@ -219,7 +219,8 @@ async def invoke_function(
         calls = InvocationCalls(result.invocation_id, result.event_ids, result.event_ids)
         status, failure = _failure_problem(request, exc, calls)
         log.warning("%s: the audit entry of invocation %s was not written", request.url.path, result.invocation_id)
-        return JSONResponse(failure, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+        headers = None if key is None else {REPLAYED: "false"}
+        return JSONResponse(failure, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
     return out
 
 

@@ -401,3 +401,25 @@ def test_an_own_llm_answering_200_with_a_body_that_is_not_json_is_a_502(client, 
     response = _invoke(client, admin, text="hi", tone="formal")
     assert response.status_code == 502, response.text
     assert response.json()["code"] == "provider_error" and "not valid JSON" in response.json()["detail"]
+
+
+def test_a_database_failing_as_a_keyed_invocation_finishes_is_a_503_naming_its_calls(
+    client, admin, session_factory, monkeypatch
+):
+    """The calls were made, the audit entry and the key's outcome could not be written: the first response, like
+    every other first response to a keyed request, says `Idempotent-Replayed: false` (it said nothing)."""
+    from sqlalchemy.exc import OperationalError
+
+    from metering.api.routers import invoke
+
+    def database_down(*_args: object) -> None:
+        raise OperationalError("COMMIT", {}, Exception("disk full"))
+
+    real = invoke._record
+    monkeypatch.setattr(invoke, "_record", database_down)
+    first = _invoke(client, _keyed(admin, "db-1"))
+    body = assert_problem(first, 503, "database_unavailable")
+    assert first.headers["Idempotent-Replayed"] == "false" and len(body["event_ids"]) == 1
+    monkeypatch.setattr(invoke, "_record", real)
+    assert_problem(_invoke(client, _keyed(admin, "db-1")), 409, "idempotency_in_progress")  # never run twice
+    assert "Idempotent-Replayed" not in _invoke(client, admin).headers  # without a key: no such header
