@@ -78,7 +78,7 @@ def list_price_overrides(
     principal: PlatformAdmin,
     session: DbSession,
     provider: Annotated[str | None, Query(max_length=50)] = None,
-    active_at: Annotated[UtcDatetime | None, Query(description="Timezone-aware; e.g. 2026-11-01T00:00:00Z.")] = None,
+    active_at: Annotated[UtcDatetime | None, Query(description="E.g. 2026-11-01T00:00:00Z (no offset: UTC).")] = None,
 ) -> list[PriceOverrideOut]:
     return [PriceOverrideOut.of(r) for r in overrides.list_overrides(session, provider=provider, active_at=active_at)]
 

@@ -31,6 +31,7 @@ ExtensionId = Annotated[str, Path(min_length=1, max_length=MAX_NAME, description
 
 PLATFORM_ERRORS = problem_responses(401, 403, 422, 503)
 PLATFORM_ERRORS_404 = problem_responses(401, 403, 404, 422, 503)
+PLATFORM_ERRORS_409 = problem_responses(401, 403, 409, 422, 503)  # a PUT creating a row a concurrent one created
 USER_ERRORS = problem_responses(401, 403, 404, 422, 503)
 
 
@@ -65,9 +66,9 @@ def get_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSessi
     summary="Set (or replace) one purpose's LLM settings",
     description=(
         "Requires `admin`, unbound. The platform LLM used for calls of this purpose when the user has no BYOLLM. "
-        "Audited as `purpose.set`."
+        "Audited as `purpose.set`. 409 `conflict` when a concurrent request created the purpose meanwhile: retry."
     ),
-    responses=PLATFORM_ERRORS,
+    responses=PLATFORM_ERRORS_409,
 )
 def put_purpose(
     purpose: PurposeName, body: PurposeIn, principal: PlatformAdmin, session: DbSession, audit: Audited
@@ -240,9 +241,9 @@ def get_budget(extension_id: ExtensionId, principal: PlatformAdmin, session: DbS
     description=(
         "Requires `admin`, unbound. Limits per handler invocation: `max_calls`, `max_tokens` or both. Mode "
         "`report` flags the event that went over; `enforce` refuses the call before it is made. Audited as "
-        "`budget.set`."
+        "`budget.set`. 409 `conflict` when a concurrent request created the budget meanwhile: retry."
     ),
-    responses=PLATFORM_ERRORS,
+    responses=PLATFORM_ERRORS_409,
 )
 def put_budget(
     extension_id: ExtensionId, body: BudgetIn, principal: PlatformAdmin, session: DbSession, audit: Audited

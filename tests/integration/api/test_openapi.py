@@ -36,3 +36,15 @@ def test_openapi_documents_models_errors_and_auth(tmp_path) -> None:
                 if status.startswith(("4", "5")):
                     assert list(response.get("content", {})) in (["application/problem+json"], []), (
                         path, method, status)  # fmt: skip
+
+
+def test_openapi_lists_the_409_of_a_put_that_races_a_concurrent_create(tmp_path) -> None:
+    """PUT of a purpose or a budget answers 409 `conflict` when a concurrent request created the row meanwhile
+    (db/unique.flush_or_conflict; docs/api.md's error table): the document must list it, as it does for BYOLLM."""
+    settings = Settings(env="test", data_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        doc = client.get("/openapi.json").json()
+    for path in ("/v1/admin/purposes/{purpose}", "/v1/admin/budgets/{extension_id}",
+                 "/v1/admin/users/{tenant_id}/{user_id}/byollm"):  # fmt: skip
+        assert "409" in doc["paths"][path]["put"]["responses"], path
+    assert "409" in doc["paths"]["/v1/admin/price-overrides"]["post"]["responses"]
