@@ -18,6 +18,17 @@ from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
 from metering.wiring import open_drainer
 
+# Bounded like the spool's own waits (config.SpoolSettings): a wait of inf or 1e300 s overflows the thread locks
+# (OverflowError) when --follow stops, a traceback instead of the drain's result.
+MAX_DRAIN_TIMEOUT_S = 3600.0
+
+
+def _drain_timeout(value: float) -> float:
+    if not 0 <= value <= MAX_DRAIN_TIMEOUT_S:  # NaN fails this too
+        raise typer.BadParameter(f"seconds from 0 to {MAX_DRAIN_TIMEOUT_S:g}, not {value}")
+    return value
+
+
 spool_app = typer.Typer(help="The durable local spool between ctx.llm and the database.", no_args_is_help=True)
 
 
@@ -45,7 +56,13 @@ def status() -> None:
 @spool_app.command()
 def drain(
     follow: Annotated[bool, typer.Option(help="Keep delivering until interrupted (SIGINT/SIGTERM).")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for delivery (without --follow).")] = 60.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            callback=_drain_timeout,
+            help="Seconds to wait for delivery of what is spooled (with --follow: once stopped), 0 to 3600.",
+        ),
+    ] = 60.0,
 ) -> None:
     """Deliver every slot of the spool this process can lock, including live writers' slots in other processes."""
     flusher, engine = open_drainer(Settings())

@@ -168,3 +168,12 @@ def test_a_dead_letter_written_during_a_redrive_is_kept(tmp_path: Path) -> None:
     assert len(letters.redrive(lambda r: r["reason"] == "refused", append)) == 1
     writer.join(timeout=5)
     assert [r["reason"] for r in letters.read()] == ["refused later"]
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "-1", "3601"])
+def test_spool_drain_refuses_a_timeout_outside_0_to_3600_as_a_usage_error(run, timeout: str) -> None:
+    """``--timeout inf`` (or 1e300) was taken: ``--follow`` stopped with a traceback (OverflowError waiting for the
+    flusher) instead of delivering what was spooled and printing the result; now click's usage error (exit 2)."""
+    result = run("spool", "drain", "--timeout", timeout)  # checked before anything runs (--follow would wait)
+    assert result.exit_code == 2, result.output
+    assert "0 to 3600" in result.output
