@@ -229,12 +229,14 @@ _DESCRIPTIONS = {
 }
 
 
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries for the problems an operation can answer with."""
+def problem_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the problems an operation can answer with; ``described``: an operation's
+    own description of a status (e.g. a 503 code of its own)."""
+    own = described or {}
     return {
         status: {
             "model": ValidationProblem if status == 422 else Problem,
-            "description": _DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
+            "description": own.get(status) or _DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
         }
         for status in statuses
     }

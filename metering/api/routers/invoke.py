@@ -122,6 +122,12 @@ def _settle_failure(
         log.warning("could not record the failed invocation (key %r of tenant %r)", key, body.tenant_id, exc_info=True)
 
 
+_INVOKE_503 = (
+    "The database is unreachable or locked (`database_unavailable`), or the local spool cannot take a call's usage "
+    "event (`spool_error`: its directory unwritable, the disk full, every slot taken)."
+)
+
+
 @router.post(
     "/extensions/{extension_id}/functions/{function}:invoke",
     summary="Invoke an extension function for a user",
@@ -145,7 +151,7 @@ def _settle_failure(
             "description": "The handler's result (with `Idempotent-Replayed: true`, the stored first one).",
             "headers": _REPLAYED_HEADER,
         },
-        **problem_responses(401, 403, 404, 422, 429, 502, 503),
+        **problem_responses(401, 403, 404, 422, 429, 502, 503, described={503: _INVOKE_503}),
         409: {
             "description": (
                 "The `Idempotency-Key` is another invocation's (`idempotency_conflict`), its first request is still "

@@ -175,6 +175,12 @@ def get_invoice(principal: Reader, session: DbSession, tenant_id: str, user_id: 
     return InvoiceDetail.of(_invoice(session, principal, tenant_id, user_id, period))
 
 
+_EXPORT_503 = (
+    "The database is unreachable or locked (`database_unavailable`), or as many exports as a process streams at "
+    "once are under way (`too_many_exports`): retry later."
+)
+
+
 @router.get(
     "/ledger/{period}.csv",
     summary="A billing period's ledger as CSV",
@@ -184,7 +190,7 @@ def get_invoice(principal: Reader, session: DbSession, tenant_id: str, user_id: 
         "connection while it is read: at most 4 at once per process, more are `503` `too_many_exports`."
     ),
     response_class=Response,
-    responses=_CSV_RESPONSE | problem_responses(401, 403, 422, 503),
+    responses=_CSV_RESPONSE | problem_responses(401, 403, 422, 503, described={503: _EXPORT_503}),
 )
 def get_ledger_csv(principal: Reader, request: Request, period: str) -> Response:
     invoice_store.check_period(period)

@@ -48,3 +48,16 @@ def test_openapi_lists_the_409_of_a_put_that_races_a_concurrent_create(tmp_path)
                  "/v1/admin/users/{tenant_id}/{user_id}/byollm"):  # fmt: skip
         assert "409" in doc["paths"][path]["put"]["responses"], path
     assert "409" in doc["paths"]["/v1/admin/price-overrides"]["post"]["responses"]
+
+
+def test_openapi_names_the_503_codes_of_invoke_and_the_ledger_export(tmp_path) -> None:
+    """docs/api.md's error table: invoking answers 503 `spool_error`, the ledger CSV 503 `too_many_exports`; the
+    generic 503 description named only `not_ready` and `database_unavailable`."""
+    settings = Settings(env="test", data_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        doc = client.get("/openapi.json").json()
+    invoke = doc["paths"]["/v1/extensions/{extension_id}/functions/{function}:invoke"]["post"]["responses"]["503"]
+    assert "`spool_error`" in invoke["description"] and "`database_unavailable`" in invoke["description"]
+    export = doc["paths"]["/v1/ledger/{period}.csv"]["get"]["responses"]["503"]
+    assert "`too_many_exports`" in export["description"]
+    assert list(export["content"]) == ["application/problem+json"]
