@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError
 
@@ -128,17 +130,34 @@ def error_body(exc: MeteringError, *, instance: str | None) -> dict[str, Any]:
 _BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """Every method some route takes at this path: Starlette's 405 names only the first route's (PUT
+    ``/v1/admin/price-overrides`` answered ``Allow: POST``, though GET is served there too)."""
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
         errors = [{"loc": ["body"], "msg": "the body is not valid JSON (UTF-8)", "type": "json_invalid"}]
         detail = "the request does not match the schema: body: the body is not valid JSON (UTF-8)"
         return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
+    headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405 and headers is not None and "Allow" in headers:
+        headers["Allow"] = allowed_methods(request.app.routes, request.scope) or headers["Allow"]
     return problem_response(
         exc.status_code,
         _http_code(exc.status_code),
         _http_detail(request, exc),
         instance=request.url.path,
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers,
     )
 
 

@@ -227,6 +227,18 @@ def test_unknown_routes_and_methods_are_problems(client):
     assert response.headers["allow"] == "POST"
 
 
+def test_a_405_allows_every_method_the_path_serves(client):
+    """Several routes share a path (GET and POST of the overrides; GET, PUT and DELETE of a purpose): Starlette's 405
+    named only the first route's method (``Allow: POST`` for a PUT of /v1/admin/price-overrides)."""
+    response = client.put("/v1/admin/price-overrides")
+    assert_problem(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "GET, POST"
+    response = client.post("/v1/admin/purposes/p")
+    assert_problem(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "DELETE, GET, PUT"
+    assert client.delete("/healthz").headers["allow"] == "GET"
+
+
 class _CommitFails(Session):
     def commit(self) -> None:
         raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
