@@ -23,6 +23,7 @@ from metering.billing.pricing import Quote
 from metering.billing.rates import RateCards
 from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of
 from metering.db.models import TransferRow, UsageEventRow
+from metering.db.row_lock import lock_sqlite_for_write
 
 PAGE = 500
 _BILLED, _SHADOW, _COST, _UNPRICED = (
@@ -81,7 +82,7 @@ def event_pages(session: Session, stmt: Select[Any], *, lock: bool) -> Iterator[
     charge, while an ingest held the revenue account and waited for the provider's).
     """
     if lock:
-        store.lock_sqlite_for_write(session)
+        lock_sqlite_for_write(session)
     page = PAGE
     after: uuid.UUID | None = None
     while True:

@@ -28,8 +28,9 @@ from sqlalchemy.orm import QueryableAttribute, Session, aliased
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
 from metering.billing.periods import billing_period, finalizable, finalizable_at, parse_period, period_bounds
-from metering.billing.store import dialect, finalized_periods, lock_sqlite_for_write
+from metering.billing.store import dialect, finalized_periods
 from metering.db.models import FinalizedPeriodRow, InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
+from metering.db.row_lock import lock_sqlite_for_write
 from metering.errors import InvalidInputError, NotFoundError, PeriodOpenError
 
 UserKey = tuple[str, str, str]  # (tenant_id, user_id, period)

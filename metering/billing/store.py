@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import set_json_loads
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metering.billing import batch_sql
@@ -49,15 +49,6 @@ NANOS_PER_MTOK_USD = Decimal(10**9)
 
 def dialect(session: Session) -> str:
     return session.get_bind().dialect.name
-
-
-def lock_sqlite_for_write(session: Session) -> None:
-    """SQLite: take the database write lock now (a no-op write; it holds to commit), so nothing another writer
-    commits can change what this transaction reads next. Without it, reads run before the first write see the
-    database as it was then, and a writer that waited for the lock would write from that stale view.
-    PostgreSQL: nothing (its writers lock rows, or advisory locks, instead)."""
-    if dialect(session) == "sqlite":
-        session.execute(text("UPDATE invoices SET status = status WHERE 1 = 0"))
 
 
 # -- value conversion for the driver-level paths --------------------------------------------------

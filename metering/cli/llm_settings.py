@@ -91,18 +91,15 @@ def byollm_delete(user: UserArg) -> None:
 
 
 def _byollm_view(row: Any, box: Any) -> dict[str, Any]:
-    """As the API shows them: a key that cannot be decrypted (rotated away) is ``has_api_key`` with no mask."""
-    return {
-        "user_id": row.user_id,
-        "tenant_id": row.tenant_id,
-        "provider": row.provider,
-        "model": row.model,
-        "base_url": row.base_url,
-        "has_api_key": row.api_key_ciphertext is not None,
-        "api_key": store.stored_key_mask(row, box),
-        "fallback_policy": row.fallback_policy,
-        "updated_at": row.updated_at.isoformat(),
-    }
+    """The settings as audited, with the key's mask as the API shows it (a key that cannot be decrypted, rotated
+    away: ``has_api_key`` with no mask)."""
+    view = dict(snap.byollm_snapshot(row) or {})
+    view.update(
+        api_key=store.stored_key_mask(row, box),
+        has_api_key=row.api_key_ciphertext is not None,
+        updated_at=row.updated_at.isoformat(),
+    )
+    return view
 
 
 @purpose_app.command("set")

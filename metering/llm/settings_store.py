@@ -188,7 +188,7 @@ def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
     count = 0
     # Locked: a key set meanwhile (read before, then written back re-encrypted) would be overwritten by the old one.
     stored = select(ByollmSettingsRow).where(ByollmSettingsRow.api_key_ciphertext.is_not(None))
-    for row in session.scalars(for_update(session, stored, ByollmSettingsRow)):
+    for row in session.scalars(for_update(session, stored)):
         assert row.api_key_ciphertext is not None
         row.api_key_ciphertext = box.rotate(row.api_key_ciphertext)
         count += 1
