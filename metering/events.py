@@ -1,8 +1,10 @@
 """UsageEvent: the one contract between the metering (write) half and the billing (read) half.
 
 Quantities only, never prices. Token counts follow the OpenTelemetry GenAI conventions:
-``input_tokens`` includes ``cache_read_tokens`` and ``cache_write_tokens``; ``reasoning_tokens`` is
-part of ``output_tokens``.
+``input_tokens`` includes ``cache_read_tokens`` and ``cache_write_tokens``; ``cache_write_1h_tokens`` (cache
+writes kept for an hour, which Anthropic prices above the 5-minute ones) is part of ``cache_write_tokens``;
+``reasoning_tokens`` is part of ``output_tokens``. ``web_searches`` counts the searches the provider ran
+server-side for the call (Anthropic's web search tool), which it charges per search on top of the tokens.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ Fingerprint = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(
 # Numbers and flags are strict: a JSON number or a bool, never text ("100") or a bool for a count (true -> 1), so a
 # producer's type bug is rejected with its reason instead of being billed as something it did not say.
 NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT32, strict=True)]
+MAX_WEB_SEARCHES = 10_000  # per call: Anthropic's max_uses is per request and small; $100 at $10 per 1,000
+SearchCount = Annotated[int, Field(ge=0, le=MAX_WEB_SEARCHES, strict=True)]
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 Millis = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False, strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
@@ -152,7 +156,9 @@ class UsageEvent(BaseModel):
     output_tokens: TokenCount = 0
     cache_read_tokens: TokenCount = 0
     cache_write_tokens: TokenCount = 0
+    cache_write_1h_tokens: TokenCount = 0
     reasoning_tokens: TokenCount = 0
+    web_searches: SearchCount = 0
     usage_completeness: UsageCompleteness
     max_tokens: NonNegInt | None = None
     stop_reason: ShortText | None = None
@@ -193,6 +199,10 @@ class UsageEvent(BaseModel):
             raise ValueError(
                 "cache_read_tokens + cache_write_tokens must not exceed input_tokens "
                 "(input_tokens includes cached tokens)"
+            )
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            raise ValueError(
+                "cache_write_1h_tokens must not exceed cache_write_tokens (1-hour cache writes are cache writes)"
             )
         if self.reasoning_tokens > self.output_tokens:
             raise ValueError("reasoning_tokens must not exceed output_tokens (reasoning is part of output)")

@@ -64,7 +64,7 @@ def event_record(
     fingerprint: str,
     budget_exceeded: list[BudgetLimit],
 ) -> dict[str, Any]:
-    return {
+    record = {
         "schema_version": SCHEMA_VERSION,
         "event_id": uuid7_str(),
         "occurred_at": occurred_at,
@@ -96,3 +96,9 @@ def event_record(
         "prompt_fingerprint": fingerprint,
         "budget_exceeded": [limit.value for limit in budget_exceeded],
     }
+    # Only when there are any: most calls have neither, and their lines stay readable by a service without these fields.
+    if usage.cache_write_1h_tokens:
+        record["cache_write_1h_tokens"] = usage.cache_write_1h_tokens
+    if usage.web_searches:
+        record["web_searches"] = usage.web_searches
+    return record

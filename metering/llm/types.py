@@ -21,6 +21,8 @@ class TokenUsage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     completeness: UsageCompleteness = UsageCompleteness.REPORTED
+    cache_write_1h_tokens: int = 0  # part of cache_write_tokens
+    web_searches: int = 0  # server-side searches the provider charges per search
 
     @property
     def total_tokens(self) -> int:
