@@ -100,6 +100,8 @@ def override_snapshot(row: PriceOverrideRow | None) -> Snapshot | None:
         "output_mtok": decimal_text(row.output_nanos_per_mtok) or "0",
         "cache_read_mtok": decimal_text(row.cache_read_nanos_per_mtok),
         "cache_write_mtok": decimal_text(row.cache_write_nanos_per_mtok),
+        "cache_write_1h_mtok": decimal_text(row.cache_write_1h_nanos_per_mtok),
+        "web_search_per_k": decimal_text(row.web_search_nanos_per_k),
         "markup_pct": row.markup_pct,
         "note": row.note,
         "created_at": moment(row.created_at),

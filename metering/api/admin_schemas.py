@@ -49,6 +49,11 @@ UsdPerMtok = Annotated[
     BeforeValidator(_plain),
     Field(description='USD per 1M tokens, exact (send a string, e.g. `"3.00"`; at most 9 decimals).'),
 ]
+UsdPerK = Annotated[
+    Decimal,
+    BeforeValidator(_plain),
+    Field(description='USD per 1,000, exact (send a string, e.g. `"10.00"`; at most 9 decimals).'),
+]
 
 
 class _In(BaseModel):
@@ -171,6 +176,16 @@ class PriceOverrideIn(_In):
     output_mtok: UsdPerMtok
     cache_read_mtok: UsdPerMtok | None = None
     cache_write_mtok: UsdPerMtok | None = None
+    cache_write_1h_mtok: UsdPerMtok | None = Field(
+        None, description="1-hour cache writes (Anthropic). `null`: the cache-write price."
+    )
+    web_search_per_k: UsdPerK | None = Field(
+        None,
+        description=(
+            "Web searches the provider runs for a call (Anthropic's web search tool). `null`: a call with "
+            "searches is held as unpriced, never billed $0 for them."
+        ),
+    )
     markup_pct: Annotated[Decimal, BeforeValidator(_plain)] | None = Field(
         None, description="This override's own markup in percent (wins over the platform's)."
     )
@@ -187,6 +202,8 @@ class PriceOverrideOut(BaseModel):
     output_mtok: str
     cache_read_mtok: str | None
     cache_write_mtok: str | None
+    cache_write_1h_mtok: str | None
+    web_search_per_k: str | None = Field(description="USD per 1,000 web searches.")
     markup_pct: str | None
     note: str | None
     created_at: datetime
@@ -203,6 +220,8 @@ class PriceOverrideOut(BaseModel):
             output_mtok=decimal_text(row.output_nanos_per_mtok) or "0",
             cache_read_mtok=decimal_text(row.cache_read_nanos_per_mtok),
             cache_write_mtok=decimal_text(row.cache_write_nanos_per_mtok),
+            cache_write_1h_mtok=decimal_text(row.cache_write_1h_nanos_per_mtok),
+            web_search_per_k=decimal_text(row.web_search_nanos_per_k),
             markup_pct=row.markup_pct,
             note=row.note,
             created_at=row.created_at,

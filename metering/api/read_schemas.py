@@ -263,7 +263,11 @@ class UnpricedEvent(BaseModel):
     output_tokens: int
     cache_read_tokens: int
     cache_write_tokens: int
+    cache_write_1h_tokens: int = Field(description="Of the cache writes, those kept for an hour.")
     reasoning_tokens: int
+    web_searches: int = Field(
+        description="Web searches the provider ran: an event with searches is held while its price has none for them."
+    )
     latency_ms: float
 
     @classmethod
@@ -291,6 +295,8 @@ class QuoteOut(BaseModel):
     output_tokens: int
     cache_read_tokens: int
     cache_write_tokens: int
+    cache_write_1h_tokens: int = Field(description="Of the cache writes, those kept for an hour.")
+    web_searches: int = Field(description="Web searches the provider ran for the call.")
     cost_nanos: int = Field(description="Provider cost, before markup.")
     cost_usd: str = Field(description=USD)
     price_nanos: int = Field(description="What the user would be charged: cost x (1 + markup_pct / 100).")
@@ -302,7 +308,7 @@ class QuoteOut(BaseModel):
 
     @classmethod
     def of(
-        cls, quote: Quote, *, provider: str, model: str, at: datetime, tokens: tuple[int, int, int, int]
+        cls, quote: Quote, *, provider: str, model: str, at: datetime, tokens: tuple[int, int, int, int, int, int]
     ) -> QuoteOut:
         return cls(
             provider=provider,
@@ -312,6 +318,8 @@ class QuoteOut(BaseModel):
             output_tokens=tokens[1],
             cache_read_tokens=tokens[2],
             cache_write_tokens=tokens[3],
+            cache_write_1h_tokens=tokens[4],
+            web_searches=tokens[5],
             cost_nanos=quote.cost_nanos,
             cost_usd=usd(quote.cost_nanos),
             price_nanos=quote.price_nanos,

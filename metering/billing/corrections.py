@@ -35,7 +35,7 @@ def quote_event(cards: RateCards, row: UsageEventRow) -> Quote | None:
     """The price of a stored event under ``cards``' price book: exactly what ingest would compute."""
     return cards.quote(
         row.provider, row.model, row.occurred_at, row.input_tokens, row.output_tokens, row.cache_read_tokens,
-        row.cache_write_tokens,
+        row.cache_write_tokens, row.cache_write_1h_tokens, row.web_searches,
     )  # fmt: skip
 
 

@@ -70,7 +70,9 @@ _ROW_COLUMNS = (
     "output_tokens",
     "cache_read_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "reasoning_tokens",
+    "web_searches",
     "usage_completeness",
     "max_tokens",
     "stop_reason",
@@ -208,7 +210,15 @@ def iter_priced(
     for e in events:
         at = e.occurred_at
         quote = quote_of(
-            e.provider, e.model, at, e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens
+            e.provider,
+            e.model,
+            at,
+            e.input_tokens,
+            e.output_tokens,
+            e.cache_read_tokens,
+            e.cache_write_tokens,
+            e.cache_write_1h_tokens,
+            e.web_searches,
         )
         if quote is not None and (reason := over_call_limit(quote)) is not None:
             if over_limit is None:
@@ -264,8 +274,8 @@ def _row(p: Priced, batch: uuid.UUID, now: datetime, sqlite: bool) -> tuple[Any,
         ids[0], e.schema_version, occurred, ingested, e.tenant_id, e.user_id, e.extension_id, e.function,
         e.action_type, ids[1], e.call_index, e.purpose, e.provider, e.model, e.is_byollm, e.is_failover,
         e.is_stream, e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens,
-        e.reasoning_tokens, e.usage_completeness.value, e.max_tokens, e.stop_reason, e.latency_ms,
-        e.time_to_first_token_ms, e.status.value, e.error_type, e.prompt_fingerprint,
+        e.cache_write_1h_tokens, e.reasoning_tokens, e.web_searches, e.usage_completeness.value, e.max_tokens,
+        e.stop_reason, e.latency_ms, e.time_to_first_token_ms, e.status.value, e.error_type, e.prompt_fingerprint,
         _budget_json(e.budget_exceeded, sqlite), ids[2], d.status.value, d.charge_nanos, d.cost_nanos,
         d.shadow_nanos, p.markup, p.source, p.version, p.period, p.late,
     )  # fmt: skip

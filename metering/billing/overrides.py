@@ -27,19 +27,20 @@ MAX_ID = 64
 MAX_NOTE = 500
 
 
-def nanos_per_mtok(name: str, usd_per_mtok: Decimal | None) -> int | None:
-    """$/Mtok as integer nano-USD per Mtok, exactly; refuses finer precision, floats and absurd values."""
+def nanos_per_mtok(name: str, usd_per_mtok: Decimal | None, unit: str = "$/Mtok") -> int | None:
+    """$/Mtok (or $ per another ``unit``) as integer nano-USD, exactly; refuses finer precision, floats and
+    absurd values."""
     if usd_per_mtok is None:
         return None
     if not isinstance(usd_per_mtok, Decimal) or not usd_per_mtok.is_finite() or usd_per_mtok < 0:
-        raise InvalidInputError(f"{name} must be a finite, non-negative Decimal in $/Mtok (got {usd_per_mtok!r})")
+        raise InvalidInputError(f"{name} must be a finite, non-negative Decimal in {unit} (got {usd_per_mtok!r})")
     nanos = usd_per_mtok.scaleb(9)
     if nanos != nanos.to_integral_value():
         raise InvalidInputError(
-            f"{name} = {usd_per_mtok} $/Mtok is finer than the stored precision of 0.000000001 $/Mtok"
+            f"{name} = {usd_per_mtok} {unit} is finer than the stored precision of 0.000000001 {unit}"
         )
     if nanos > MAX_NANOS:
-        raise InvalidInputError(f"{name} = {usd_per_mtok} $/Mtok is too large")
+        raise InvalidInputError(f"{name} = {usd_per_mtok} {unit} is too large")
     return int(nanos)
 
 
@@ -65,6 +66,8 @@ def add_override(
     cache_write_mtok: Decimal | None = None,
     markup_pct: Decimal | None = None,
     note: str | None = None,
+    cache_write_1h_mtok: Decimal | None = None,
+    web_search_per_k: Decimal | None = None,
     id: str | None = None,
     now: datetime | None = None,
 ) -> PriceOverrideRow:
@@ -81,6 +84,8 @@ def add_override(
         "output_mtok": nanos_per_mtok("output_mtok", output_mtok),
         "cache_read_mtok": nanos_per_mtok("cache_read_mtok", cache_read_mtok),
         "cache_write_mtok": nanos_per_mtok("cache_write_mtok", cache_write_mtok),
+        "cache_write_1h_mtok": nanos_per_mtok("cache_write_1h_mtok", cache_write_1h_mtok),
+        "web_search_per_k": nanos_per_mtok("web_search_per_k", web_search_per_k, "$ per 1,000 searches"),
     }
     try:
         PriceOverride(
@@ -94,6 +99,8 @@ def add_override(
             cache_read_mtok=cache_read_mtok,
             cache_write_mtok=cache_write_mtok,
             markup_pct=markup_pct,
+            cache_write_1h_mtok=cache_write_1h_mtok,
+            web_search_per_k=web_search_per_k,
         )
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
@@ -110,6 +117,8 @@ def add_override(
         output_nanos_per_mtok=prices["output_mtok"],
         cache_read_nanos_per_mtok=prices["cache_read_mtok"],
         cache_write_nanos_per_mtok=prices["cache_write_mtok"],
+        cache_write_1h_nanos_per_mtok=prices["cache_write_1h_mtok"],
+        web_search_nanos_per_k=prices["web_search_per_k"],
         markup_pct=_markup_text(markup_pct),
         note=note,
         created_at=now or datetime.now(UTC),

@@ -5,8 +5,11 @@ the event time. ``None`` means no price is known: the caller holds the event as 
 is never priced at $0 silently). An explicit override at zero is a real price, and is returned as a Quote.
 
 Token counts follow OpenTelemetry GenAI: ``input_tokens`` includes ``cache_read_tokens`` and
-``cache_write_tokens``, which is also what genai-prices' ``Usage`` expects (cache units are descendants of
-``input_tokens`` and are subtracted from it before the input rate applies), so counts are passed through as-is.
+``cache_write_tokens``, and ``cache_write_tokens`` includes ``cache_write_1h_tokens``, which is also what
+genai-prices' ``Usage`` expects (cache units are descendants of ``input_tokens``, 1-hour writes of cache writes,
+each subtracted from its parent before the parent's rate applies), so counts are passed through as-is.
+``web_searches`` are priced per 1,000. A call with web searches whose price source has no search price is
+held as ``unpriced``, like a call whose model has no token price: its searches are never billed at $0.
 
 Provider mapping to genai-prices: ``anthropic`` and ``openai`` map to themselves; ``openai_compatible`` (and any
 other provider) has no genai-prices price, only overrides. ``simulated`` (the offline demo backend, serving the
@@ -43,6 +46,15 @@ SIMULATED_MODEL_PREFIXES: tuple[tuple[str, str], ...] = (
     ("o4", "openai"),
 )
 _MTOK = Decimal(1_000_000)
+_THOUSAND = Decimal(1_000)
+PRICE_FIELDS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_1h_mtok",
+    "web_search_per_k",
+)
 _HUNDRED = Decimal(100)
 _CTX = Context(prec=60)
 _GLOB_CHARS = frozenset("*?")
@@ -88,6 +100,8 @@ class PriceOverride:
     cache_read_mtok: Decimal | None = None  # None: cache reads cost the input price
     cache_write_mtok: Decimal | None = None  # None: cache writes cost the input price
     markup_pct: Decimal | None = None  # None: the price book's platform markup
+    cache_write_1h_mtok: Decimal | None = None  # None: 1-hour cache writes cost the cache-write price
+    web_search_per_k: Decimal | None = None  # USD per 1,000 web searches; None: a call with searches is unpriced
 
     def __post_init__(self) -> None:
         if not self.provider or not self.model_pattern:
@@ -97,7 +111,7 @@ class PriceOverride:
             _check_aware("effective_to", self.effective_to)
             if self.effective_to <= self.effective_from:
                 raise ValueError("effective_to must be after effective_from")
-        for name in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"):
+        for name in PRICE_FIELDS:
             _check_price(name, getattr(self, name))
         _check_markup(self.markup_pct)
 
@@ -108,18 +122,32 @@ class PriceOverride:
     def active_at(self, at: datetime) -> bool:
         return self.effective_from <= at and (self.effective_to is None or at < self.effective_to)
 
-    def cost(self, input_tokens: int, output_tokens: int, cache_read_tokens: int, cache_write_tokens: int) -> Decimal:
-        """Exact USD cost (OTel counts: input includes both cache kinds), not yet rounded to nanos."""
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_tokens: int,
+        cache_write_tokens: int,
+        cache_write_1h_tokens: int = 0,
+        web_searches: int = 0,
+    ) -> Decimal | None:
+        """Exact USD cost (OTel counts: input includes both cache kinds, cache writes the 1-hour ones), not yet
+        rounded to nanos; None when the call had web searches and this override has no price for them."""
+        if web_searches and self.web_search_per_k is None:
+            return None
         read_rate = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
         write_rate = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
+        write_1h_rate = write_rate if self.cache_write_1h_mtok is None else self.cache_write_1h_mtok
         uncached = input_tokens - cache_read_tokens - cache_write_tokens
+        searches = web_searches * (self.web_search_per_k or 0) / _THOUSAND
         with localcontext(_CTX):
             return (
                 uncached * self.input_mtok
                 + cache_read_tokens * read_rate
-                + cache_write_tokens * write_rate
+                + (cache_write_tokens - cache_write_1h_tokens) * write_rate
+                + cache_write_1h_tokens * write_1h_rate
                 + output_tokens * self.output_mtok
-            ) / _MTOK
+            ) / _MTOK + searches
 
     def matches(self, provider: str, model: str) -> bool:
         return self.provider.lower() == provider.lower() and glob_match(self.model_pattern, model)
@@ -203,20 +231,28 @@ def price_usage(
     cache_read_tokens: int,
     cache_write_tokens: int,
     book: PriceBook,
+    cache_write_1h_tokens: int = 0,
+    web_searches: int = 0,
 ) -> Quote | None:
     """Price one call; None when no price is known (hold the event as ``unpriced``)."""
     _check_aware("occurred_at", occurred_at)
-    if min(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens) < 0:
+    if min(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, web_searches) < 0:
         raise ValueError("token counts must be >= 0")
     if cache_read_tokens + cache_write_tokens > input_tokens:
         raise ValueError("cache_read_tokens + cache_write_tokens must be within input_tokens (OTel semantics)")
+    if cache_write_1h_tokens > cache_write_tokens:
+        raise ValueError("cache_write_1h_tokens must be within cache_write_tokens")
 
     real = genai_provider_for(provider, model)
     providers = [provider] + ([real] if provider.lower() == SIMULATED and real else [])  # names are case-insensitive
     for candidate in providers:
         override = select_override(book.overrides, provider=candidate, model=model, at=occurred_at)
         if override is not None:
-            cost = override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+            cost = override.cost(
+                input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, web_searches
+            )
+            if cost is None:
+                return None  # the override has no price for the call's web searches
             markup = book.markup_pct if override.markup_pct is None else override.markup_pct
             version = (
                 override.id or f"{override.provider}/{override.model_pattern}@{override.effective_from.isoformat()}"
@@ -230,6 +266,8 @@ def price_usage(
         output_tokens=output_tokens,
         cache_read_tokens=cache_read_tokens,
         cache_write_tokens=cache_write_tokens,
+        cache_write_1h_tokens=cache_write_1h_tokens or None,
+        web_searches=web_searches or None,
     )
     with localcontext(_CTX):
         try:
@@ -239,6 +277,8 @@ def price_usage(
     prices = calc.model_price
     if (input_tokens and prices.input_mtok is None) or (output_tokens and prices.output_mtok is None):
         return None  # genai-prices knows the model but not a token price we used: never price it at $0
+    if web_searches and prices.web_searches_kcount is None:
+        return None  # nor its web searches
     return _quote(calc.total_price, book.markup_pct, "genai-prices", genai_source_version(calc), calc.model.id)
 
 

@@ -1,10 +1,11 @@
 """Rate cards: prices compiled to integers, so pricing an event on the ingest path costs a microsecond.
 
 A ``RateCard`` holds, for one (provider, model, price period), the rate of each token kind in nano-USD
-per million tokens, with genai-prices' input-size tiers. For a call, ``units`` = sum(tokens * rate) is an
-exact integer in 1e-15 USD; cost and marked-up price are that integer divided once, half-even, to nanos:
-the same exact arithmetic as ``pricing.price_usage`` (which stays the reference, and the fallback for
-prices a card cannot express). Pure: no I/O, no settings.
+per million tokens, with genai-prices' input-size tiers, and the price of web searches in nano-USD per 1,000.
+For a call, ``units`` = sum(tokens * rate) + searches * rate * 1,000 is an exact integer in 1e-15 USD; cost
+and marked-up price are that integer divided once, half-even, to nanos: the same exact arithmetic as
+``pricing.price_usage`` (which stays the reference, and the fallback for prices a card cannot express).
+Pure: no I/O, no settings.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from metering.billing.pricing import (
 
 MTOK = 1_000_000
 NANO = 10**9
-TOKEN_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+TOKEN_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok")
+PER_SEARCH_UNITS = MTOK // 1_000  # nano-USD per 1,000 searches -> 1e-15 USD per search
 
 # A tiered rate: ((start, rate), ...) ascending; the rate of the highest start < input tokens applies
 # (start -1 is the base rate). genai-prices: "crossing a tier applies that rate to ALL tokens".
@@ -75,6 +77,8 @@ class RateCard:
     output: Tiered
     cache_read: Tiered | None  # None: cache reads are priced as input
     cache_write: Tiered | None  # None: cache writes are priced as input
+    cache_write_1h: Tiered | None  # None: 1-hour cache writes are priced as cache writes
+    web_search: int | None  # nano-USD per 1,000 searches; None: a call with searches has no price here
     markup_num: int  # markup percent as the fraction markup_num / markup_den
     markup_den: int
     markup_pct: Decimal
@@ -82,29 +86,62 @@ class RateCard:
     source_version: str
     matched_model: str | None
 
-    def units(self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> int:
-        """sum(tokens * nano-USD-per-Mtok): the exact cost in 1e-15 USD."""
+    def units(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read: int,
+        cache_write: int,
+        cache_write_1h: int = 0,
+        web_searches: int = 0,
+    ) -> int:
+        """sum(tokens * nano-USD-per-Mtok) + the searches' price: the exact cost in 1e-15 USD. A card without a
+        search price (``web_search`` None) cannot price a call with searches: ``RateCards.quote`` holds it."""
         rate_in = _tiered(self.input, input_tokens)
         rate_read = rate_in if self.cache_read is None else _tiered(self.cache_read, input_tokens)
         rate_write = rate_in if self.cache_write is None else _tiered(self.cache_write, input_tokens)
-        return (
+        units = (
             (input_tokens - cache_read - cache_write) * rate_in
             + cache_read * rate_read
             + cache_write * rate_write
             + output_tokens * _tiered(self.output, input_tokens)
         )
+        if cache_write_1h:  # rare: priced as the difference from a 5-minute write
+            rate_1h = rate_write if self.cache_write_1h is None else _tiered(self.cache_write_1h, input_tokens)
+            units += cache_write_1h * (rate_1h - rate_write)
+        if web_searches:
+            if self.web_search is None:
+                raise ValueError("this rate card has no price for web searches")
+            units += web_searches * self.web_search * PER_SEARCH_UNITS
+        return units
 
     def cost_and_price(
-        self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read: int,
+        cache_write: int,
+        cache_write_1h: int = 0,
+        web_searches: int = 0,
     ) -> tuple[int, int]:
-        units = self.units(input_tokens, output_tokens, cache_read, cache_write)
+        units = self.units(input_tokens, output_tokens, cache_read, cache_write, cache_write_1h, web_searches)
         cost = div_half_even(units, MTOK)
         scale = 100 * self.markup_den
         price = div_half_even(units * (scale + self.markup_num), MTOK * scale)
         return cost, price
 
-    def quote(self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> Quote:
-        cost, price = self.cost_and_price(input_tokens, output_tokens, cache_read, cache_write)
+    def quote(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read: int,
+        cache_write: int,
+        cache_write_1h: int = 0,
+        web_searches: int = 0,
+    ) -> Quote:
+        cost, price = self.cost_and_price(
+            input_tokens, output_tokens, cache_read, cache_write, cache_write_1h, web_searches
+        )
         return Quote(cost, price, self.markup_pct, self.source, self.source_version, self.matched_model)  # type: ignore[arg-type]
 
 
@@ -131,6 +168,8 @@ def override_card(override: PriceOverride, markup_pct: Decimal) -> RateCard:
         output=_flat(override.output_mtok),
         cache_read=None if override.cache_read_mtok is None else _flat(override.cache_read_mtok),
         cache_write=None if override.cache_write_mtok is None else _flat(override.cache_write_mtok),
+        cache_write_1h=None if override.cache_write_1h_mtok is None else _flat(override.cache_write_1h_mtok),
+        web_search=None if override.web_search_per_k is None else rate_nanos_per_mtok(override.web_search_per_k),
         markup_num=num,
         markup_den=den,
         markup_pct=markup_pct,
@@ -148,12 +187,14 @@ def genai_card(provider_id: str, model: str, at: datetime, markup_pct: Decimal) 
         return None
     prices = info.get_prices(at)
     attrs = {k: v for k, v in vars(prices).items() if not k.startswith("_") and v is not None}
-    # Prices of units a UsageEvent never counts (images, audio, 1h cache writes, web searches) add nothing.
+    # Prices of units a UsageEvent never counts (images, audio, other tool calls) add nothing.
     # A per-request fee does, and a missing token price must never become $0: both take the slow path.
     if "requests_kusd" in attrs or "input_mtok" not in attrs or "output_mtok" not in attrs:
         return None
     try:
         rates = {key: _card_rate(attrs.get(key)) for key in TOKEN_KEYS}
+        search = attrs.get("web_searches_kcount")
+        web_search = None if search is None else rate_nanos_per_mtok(search)  # a Decimal: nanos per 1,000
     except (TypeError, ValueError):
         return None
     num, den = decimal_ratio(markup_pct)
@@ -162,6 +203,8 @@ def genai_card(provider_id: str, model: str, at: datetime, markup_pct: Decimal) 
         output=rates["output_mtok"],  # type: ignore[arg-type]
         cache_read=rates["cache_read_mtok"],
         cache_write=rates["cache_write_mtok"],
+        cache_write_1h=rates["cache_write_1h_mtok"],
+        web_search=web_search,
         markup_num=num,
         markup_den=den,
         markup_pct=markup_pct,
@@ -205,12 +248,24 @@ class RateCards:
         self._by_day: dict[tuple[str, str, date], RateCard | None] = {}
 
     def quote(
-        self, provider: str, model: str, at: datetime, input_tokens: int, output_tokens: int, read: int, write: int
+        self,
+        provider: str,
+        model: str,
+        at: datetime,
+        input_tokens: int,
+        output_tokens: int,
+        read: int,
+        write: int,
+        write_1h: int,
+        web_searches: int,
     ) -> Quote | None:
-        """The quote for one call: from a card when possible, else exactly the slow way; None if unpriced."""
+        """The quote for one call: from a card when possible, else exactly the slow way; None if unpriced (a card
+        without a search price does not price a call with searches: neither does the slow way)."""
         card = self.card(provider, model, at)
         if card is not None:
-            return card.quote(input_tokens, output_tokens, read, write)
+            if not web_searches or card.web_search is not None:
+                return card.quote(input_tokens, output_tokens, read, write, write_1h, web_searches)
+            return None
         key = (provider, model, at.date())
         if self._no_card.get(key):
             return None
@@ -222,6 +277,8 @@ class RateCards:
             output_tokens=output_tokens,
             cache_read_tokens=read,
             cache_write_tokens=write,
+            cache_write_1h_tokens=write_1h,
+            web_searches=web_searches,
             book=self.book,
         )
         if quote is None:

@@ -417,6 +417,8 @@ def override_from_row(row: PriceOverrideRow) -> PriceOverride:
         cache_read_mtok=usd(row.cache_read_nanos_per_mtok),
         cache_write_mtok=usd(row.cache_write_nanos_per_mtok),
         markup_pct=None if row.markup_pct is None else Decimal(row.markup_pct),
+        cache_write_1h_mtok=usd(row.cache_write_1h_nanos_per_mtok),
+        web_search_per_k=usd(row.web_search_nanos_per_k),  # nanos per 1,000 searches -> USD per 1,000
     )
 
 

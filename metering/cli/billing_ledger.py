@@ -66,6 +66,8 @@ def _override_view(row: PriceOverrideRow) -> dict[str, Any]:
         "output_usd_per_mtok": _usd_per_mtok(row.output_nanos_per_mtok),
         "cache_read_usd_per_mtok": _usd_per_mtok(row.cache_read_nanos_per_mtok),
         "cache_write_usd_per_mtok": _usd_per_mtok(row.cache_write_nanos_per_mtok),
+        "cache_write_1h_usd_per_mtok": _usd_per_mtok(row.cache_write_1h_nanos_per_mtok),
+        "web_search_usd_per_k": _usd_per_mtok(row.web_search_nanos_per_k),
         "markup_pct": row.markup_pct,
         "note": row.note,
     }
@@ -81,6 +83,13 @@ def overrides_add(
     end: Annotated[str | None, typer.Option("--to", help="Effective until (exclusive; default: open).")] = None,
     cache_read: Annotated[str | None, typer.Option(help="$ per 1M cache-read tokens (default: input)")] = None,
     cache_write: Annotated[str | None, typer.Option(help="$ per 1M cache-write tokens (default: input)")] = None,
+    cache_write_1h: Annotated[
+        str | None, typer.Option("--cache-write-1h", help="$ per 1M 1-hour cache-write tokens (default: cache-write)")
+    ] = None,
+    web_search: Annotated[
+        str | None,
+        typer.Option(help="$ per 1,000 web searches (default: none; a call with searches stays unpriced)"),
+    ] = None,
     markup: Annotated[str | None, typer.Option(help="Markup percent for this price (default: platform's)")] = None,
     note: Annotated[str | None, typer.Option()] = None,
     override_id: Annotated[str | None, typer.Option("--id", help="Default: generated.")] = None,
@@ -97,6 +106,8 @@ def overrides_add(
             output_mtok=_decimal("--output", output_price),  # type: ignore[arg-type]
             cache_read_mtok=_decimal("--cache-read", cache_read),
             cache_write_mtok=_decimal("--cache-write", cache_write),
+            cache_write_1h_mtok=_decimal("--cache-write-1h", cache_write_1h),
+            web_search_per_k=_decimal("--web-search", web_search),
             markup_pct=_decimal("--markup", markup),
             note=note,
             id=override_id,

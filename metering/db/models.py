@@ -66,7 +66,9 @@ class UsageEventRow(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger)
     cache_read_tokens: Mapped[int] = mapped_column(BigInteger)
     cache_write_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_write_1h_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")  # part of cache_write_tokens
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger)
+    web_searches: Mapped[int] = mapped_column(Integer, server_default="0")
     usage_completeness: Mapped[str] = mapped_column(String(20))
     max_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     stop_reason: Mapped[str | None] = mapped_column(String(100), nullable=True)
@@ -154,6 +156,8 @@ class PriceOverrideRow(Base):
     output_nanos_per_mtok: Mapped[int] = mapped_column(BigInteger)
     cache_read_nanos_per_mtok: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cache_write_nanos_per_mtok: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cache_write_1h_nanos_per_mtok: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # NULL: cache write
+    web_search_nanos_per_k: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # per 1,000 searches
     markup_pct: Mapped[str | None] = mapped_column(String(32), nullable=True)
     note: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

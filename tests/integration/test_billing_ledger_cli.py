@@ -177,3 +177,15 @@ def test_an_export_to_a_pipe_or_a_symlink_is_written_through_not_replaced(tmp_pa
     _write(iter(["a,b\r\n"]), link)
     assert link.is_symlink() and target.read_bytes() == b"a,b\r\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "target.csv"]
+
+
+def test_an_override_with_one_hour_cache_writes_and_web_searches(run, session_factory) -> None:
+    out = run("overrides", "add", "--provider", "anthropic", "--model", "claude-3-haiku*", "--input", "0.25",
+              "--output", "1.25", "--cache-write-1h", "0.5", "--web-search", "10", "--id", "haiku")  # fmt: skip
+    assert '"cache_write_1h_usd_per_mtok": "0.500000000"' in out and '"web_search_usd_per_k": "10.000000000"' in out
+    with session_factory() as session:
+        row = session.get(PriceOverrideRow, "haiku")
+        assert (row.cache_write_1h_nanos_per_mtok, row.web_search_nanos_per_k) == (500_000_000, 10_000_000_000)
+    bad = run("overrides", "add", "--provider", "anthropic", "--model", "x", "--input", "1", "--output", "1",
+              "--web-search", "0.0000000001", code=1)  # fmt: skip
+    assert "$ per 1,000 searches" in bad

@@ -54,7 +54,7 @@ def expected_quote(session_factory, e: UsageEvent):
     with session_factory() as session:
         cards = RateCards(load_price_book(session, MARKUP))
     return cards.quote(e.provider, e.model, e.occurred_at, e.input_tokens, e.output_tokens,
-                       e.cache_read_tokens, e.cache_write_tokens)  # fmt: skip
+                       e.cache_read_tokens, e.cache_write_tokens, e.cache_write_1h_tokens, e.web_searches)  # fmt: skip
 
 
 def test_a_platform_call_is_priced_charged_and_costed(session_factory) -> None:

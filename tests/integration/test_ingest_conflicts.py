@@ -37,7 +37,9 @@ CHANGES: dict[str, dict[str, Any]] = {
     "output_tokens": {"output_tokens": 41},
     "cache_read_tokens": {"cache_read_tokens": 21},
     "cache_write_tokens": {"cache_write_tokens": 1},
+    "cache_write_1h_tokens": {"cache_write_tokens": 1, "cache_write_1h_tokens": 1},
     "reasoning_tokens": {"reasoning_tokens": 1},
+    "web_searches": {"web_searches": 2},
     "usage_completeness": {"usage_completeness": "estimated"},
     "max_tokens": {"max_tokens": 1501},
     "stop_reason": {"stop_reason": "max_tokens"},
@@ -77,8 +79,9 @@ def test_a_stored_id_with_one_field_changed_is_rejected_and_the_stored_event_sta
             == "event_id is already used by another stored event: not ingested (the stored event stands)"
         )
     else:
+        fields = ", ".join(name for name in CONTENT_FIELDS if name in CHANGES[field])  # 1-hour writes need writes
         assert rejection.reason == (
-            f"event_id is already stored with different content ({field}): not ingested (the stored event stands)"
+            f"event_id is already stored with different content ({fields}): not ingested (the stored event stands)"
         )
     kept = row(session_factory, stored)
     assert (kept.input_tokens, kept.user_id, kept.tenant_id, kept.latency_ms) == (120, "user-1", "tenant-1", 12.5)

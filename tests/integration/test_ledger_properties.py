@@ -39,6 +39,8 @@ def usage_events(draw: st.DrawFn, index: int) -> UsageEvent:
     inp = 0 if failed else draw(st.integers(0, 300_000))
     read = draw(st.integers(0, inp))
     write = draw(st.integers(0, inp - read))
+    write_1h = draw(st.one_of(st.just(0), st.integers(0, write)))
+    searches = 0 if failed else draw(st.one_of(st.just(0), st.integers(0, 5)))
     out = 0 if failed else draw(st.integers(0, 20_000))
     return event_from_record(
         record(
@@ -50,6 +52,8 @@ def usage_events(draw: st.DrawFn, index: int) -> UsageEvent:
             input_tokens=inp,
             cache_read_tokens=read,
             cache_write_tokens=write,
+            cache_write_1h_tokens=write_1h,
+            web_searches=searches,
             output_tokens=out,
             reasoning_tokens=draw(st.integers(0, out)),
             status="error" if failed else "ok",
@@ -76,7 +80,8 @@ def expected_charge(e: UsageEvent) -> tuple[BillingStatus, int]:
     quote = price_usage(
         provider=e.provider, model=e.model, occurred_at=e.occurred_at, input_tokens=e.input_tokens,
         output_tokens=e.output_tokens, cache_read_tokens=e.cache_read_tokens,
-        cache_write_tokens=e.cache_write_tokens, book=PriceBook(markup_pct=MARKUP),
+        cache_write_tokens=e.cache_write_tokens, cache_write_1h_tokens=e.cache_write_1h_tokens,
+        web_searches=e.web_searches, book=PriceBook(markup_pct=MARKUP),
     )  # fmt: skip
     d = decide(is_byollm=e.is_byollm, status=e.status, usage_completeness=e.usage_completeness,
                total_tokens=e.input_tokens + e.output_tokens, quote=quote)  # fmt: skip
@@ -140,10 +145,12 @@ def test_random_streams_bill_exactly_and_replays_change_nothing(engine, session_
     stream=streams(),
     input_price=st.sampled_from([Decimal(0), Decimal("0.5"), Decimal("2.75"), Decimal(9)]),
     output_price=st.sampled_from([Decimal(0), Decimal(4), Decimal("15.125")]),
+    write_1h_price=st.sampled_from([None, Decimal("7.5")]),
+    search_price=st.sampled_from([None, Decimal(0), Decimal(10)]),
     window_days=st.integers(1, 45),
 )
 def test_random_rerates_keep_the_ledger_balanced_and_exact(
-    engine, session_factory, stream, input_price, output_price, window_days
+    engine, session_factory, stream, input_price, output_price, write_1h_price, search_price, window_days
 ) -> None:
     from metering.billing.overrides import add_override
     from metering.billing.rerate import apply_rerate
@@ -157,7 +164,8 @@ def test_random_rerates_keep_the_ledger_balanced_and_exact(
     start, end = NOW - timedelta(days=window_days), NOW + timedelta(minutes=1)
     with session_factory() as session:
         add_override(session, provider="anthropic", model_pattern="claude-*", effective_from=start,
-                     effective_to=end, input_mtok=input_price, output_mtok=output_price, now=NOW)  # fmt: skip
+                     effective_to=end, input_mtok=input_price, output_mtok=output_price,
+                     cache_write_1h_mtok=write_1h_price, web_search_per_k=search_price, now=NOW)  # fmt: skip
         session.commit()
     with session_factory() as session:
         apply_rerate(session, start=start, end=end, markup_pct=MARKUP, run_id="r1", now=NOW)
@@ -174,7 +182,11 @@ def test_random_rerates_keep_the_ledger_balanced_and_exact(
             quote = price_usage(provider=row.provider, model=row.model, occurred_at=row.occurred_at,
                                 input_tokens=row.input_tokens, output_tokens=row.output_tokens,
                                 cache_read_tokens=row.cache_read_tokens, cache_write_tokens=row.cache_write_tokens,
+                                cache_write_1h_tokens=row.cache_write_1h_tokens, web_searches=row.web_searches,
                                 book=book)  # fmt: skip
+            if row.web_searches and search_price is None:
+                assert quote is None  # no price for its searches now: re-rate leaves it as it was billed
+                continue
             assert quote is not None and quote.source == "override"
             assert (row.charge_nanos, row.cost_nanos) == (quote.price_nanos, quote.cost_nanos)
     with session_factory() as session:  # the same run again changes nothing

@@ -60,6 +60,8 @@ def post_price_override(
         output_mtok=body.output_mtok,
         cache_read_mtok=body.cache_read_mtok,
         cache_write_mtok=body.cache_write_mtok,
+        cache_write_1h_mtok=body.cache_write_1h_mtok,
+        web_search_per_k=body.web_search_per_k,
         markup_pct=body.markup_pct,
         note=body.note,
         id=body.id,

@@ -39,13 +39,14 @@ from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.db.snapshot import read_snapshot
 from metering.errors import InvalidInputError, NotFoundError, TooManyExportsError, UnpricedModelError
-from metering.events import MAX_TOKENS
+from metering.events import MAX_TOKENS, MAX_WEB_SEARCHES
 
 router = APIRouter(tags=["ledger"])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size, 1 to {MAX_PAGE}.")]
 Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previous page (opaque).")]
 Tokens = Annotated[int, Query(ge=0, le=MAX_TOKENS)]
+Searches = Annotated[int, Query(ge=0, le=MAX_WEB_SEARCHES)]
 TransferKinds = Literal["usage_charge", "provider_cost", "credit", "adjustment", "reversal"]
 CSV = "text/csv"
 MAX_LEDGER_STREAMS = 4  # ledger exports streamed at once by one process: each holds a pooled connection
@@ -248,7 +249,9 @@ def list_unpriced_events(
         "Requires the `read` scope. What a call with these token counts costs and would be charged, with the "
         "current price book (admin overrides, then genai-prices) at `at` (default: now; a time without offset "
         "is UTC) and the platform markup, exactly as ingest prices it. Token counts follow OpenTelemetry: "
-        "`input_tokens` includes the cache reads and writes. An unknown model is `404` `unpriced_model`; a call "
+        "`input_tokens` includes the cache reads and writes, `cache_write_tokens` the 1-hour cache writes "
+        "(`cache_write_1h_tokens`); `web_searches` are priced per search. An unknown model, or a call with web "
+        "searches whose price has none for them, is `404` `unpriced_model`; a call "
         "priced above the per-call limit ($10,000), which ingest rejects, is `422` `invalid_input`."
     ),
     responses=problem_responses(401, 403, 404, 422, 503),
@@ -263,20 +266,27 @@ def get_quote(
     output_tokens: Tokens = 0,
     cache_read_tokens: Tokens = 0,
     cache_write_tokens: Tokens = 0,
+    cache_write_1h_tokens: Tokens = 0,
+    web_searches: Searches = 0,
     at: UtcDatetime | None = None,
 ) -> QuoteOut:
     if cache_read_tokens + cache_write_tokens > input_tokens:
         raise InvalidInputError(
             "cache_read_tokens + cache_write_tokens must be within input_tokens (input_tokens includes them)"
         )
+    if cache_write_1h_tokens > cache_write_tokens:
+        raise InvalidInputError(
+            "cache_write_1h_tokens must be within cache_write_tokens (cache_write_tokens includes them)"
+        )
     at = datetime.now(UTC) if at is None else at
     cards = RateCards(store.load_price_book(session, settings.billing.markup_pct))
-    tokens = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+    tokens = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, web_searches)
     quote = cards.quote(provider, model, at, *tokens)
     if quote is None:
         raise UnpricedModelError(
-            f"no price for provider {provider!r}, model {model!r} at {at.isoformat()}: calls to it are held as "
-            "unpriced (add a price override)"
+            f"no price for provider {provider!r}, model {model!r} at {at.isoformat()}"
+            + (" with web searches" if web_searches else "")
+            + ": calls to it are held as unpriced (add a price override)"
         )
     too_much = over_call_limit(quote)
     if too_much is not None:  # such an event is rejected at ingest: never charged what a 200 would say

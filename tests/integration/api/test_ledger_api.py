@@ -502,7 +502,7 @@ def test_quote_equals_the_rate_cards_and_price_usage(marked_up, reader):
     }
     body = _get(marked_up, "/v1/prices/quote", reader, **params).json()
     book = PriceBook(markup_pct=MARKUP)
-    card = RateCards(book).quote("anthropic", "claude-sonnet-4-6", at, 12000, 3400, 5000, 1000)
+    card = RateCards(book).quote("anthropic", "claude-sonnet-4-6", at, 12000, 3400, 5000, 1000, 0, 0)
     exact = price_usage(
         provider="anthropic",
         model="claude-sonnet-4-6",

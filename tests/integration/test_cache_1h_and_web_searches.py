@@ -1,0 +1,132 @@
+"""1-hour cache writes and web searches are billed, on SQLite and PostgreSQL.
+
+Before migration 0011, an event could not say either: Anthropic's 1-hour cache writes (2x input) were billed as
+5-minute ones (1.25x) and its web searches ($10 per 1,000) not at all.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
+from metering.billing.overrides import add_override
+from metering.billing.reprice import reprice_held
+from metering.billing.rerate import apply_rerate
+from metering.events import UsageEvent, event_from_record
+from tests.fakes.events import record
+from tests.integration.test_ingest import MARKUP, NOW, row, run, transfers
+
+SONNET_INPUT, SONNET_WRITE_5M, SONNET_WRITE_1H, SONNET_OUTPUT = 3, Decimal("3.75"), 6, 15  # genai-prices, $/Mtok
+
+
+def event(i: int = 0, **overrides) -> UsageEvent:
+    overrides = {"occurred_at": NOW - timedelta(minutes=5), "input_tokens": 100_000, "output_tokens": 1_000,
+                 "cache_read_tokens": 0, "cache_write_tokens": 60_000, **overrides}  # fmt: skip
+    return event_from_record(record(i, **overrides))
+
+
+def nanos(usd: Decimal) -> int:
+    return int(usd * 10**9)
+
+
+def price(session_factory, model_pattern: str, **prices) -> None:
+    with session_factory() as session:
+        add_override(session, provider="anthropic", model_pattern=model_pattern,
+                     effective_from=NOW - timedelta(days=1), **{"effective_to": None, **prices})  # fmt: skip
+        session.commit()
+
+
+def checks_ok(session_factory) -> None:
+    with session_factory() as session:
+        assert run_checks(session).problems == []
+
+
+def test_one_hour_cache_writes_and_web_searches_are_charged(session_factory) -> None:
+    plain = event(0)
+    hour = event(1, cache_write_1h_tokens=50_000)
+    searched = event(2, web_searches=3)
+    assert run(session_factory, [plain, hour, searched]).inserted == 3
+    uncached = 40_000 * SONNET_INPUT + SONNET_OUTPUT * 1_000
+    expected = [
+        (plain, nanos(Decimal(uncached + 60_000 * SONNET_WRITE_5M) / 10**6)),
+        (hour, nanos(Decimal(uncached + 10_000 * SONNET_WRITE_5M + 50_000 * SONNET_WRITE_1H) / 10**6)),
+        (searched, nanos(Decimal(uncached + 60_000 * SONNET_WRITE_5M) / 10**6 + Decimal("0.03"))),
+    ]
+    for e, cost in expected:
+        stored = row(session_factory, e)
+        assert (stored.cache_write_1h_tokens, stored.web_searches) == (e.cache_write_1h_tokens, e.web_searches)
+        assert (stored.billing_status, stored.cost_nanos) == ("billed", cost)
+        assert stored.charge_nanos == cost * (100 + MARKUP) / 100
+        charge = [t for t in transfers(session_factory, e) if t.kind == "usage_charge"]
+        assert [t.amount_nanos for t in charge] == [stored.charge_nanos]
+    # a replay is a duplicate; the same id without its searches is not (it is not what was billed)
+    again = run(session_factory, [searched, event_from_record(searched.model_dump() | {"web_searches": 0})])
+    assert (again.inserted, again.duplicates) == (0, 1)
+    assert "web_searches" in again.rejected[0].reason
+    checks_ok(session_factory)
+
+
+def test_searches_without_a_search_price_are_held_until_an_override_prices_them(session_factory) -> None:
+    """claude-3-haiku has no search price in genai-prices; an override for it without one holds them too. Never
+    billed as if the searches were free; `reprice` bills them once an override has a search price."""
+    old = event(0, model="claude-3-haiku-20240307", web_searches=2)
+    assert run(session_factory, [old]).inserted == 1
+    assert row(session_factory, old).billing_status == "unpriced"
+    price(session_factory, "claude-3-haiku*", effective_to=NOW, input_mtok=Decimal("0.25"),
+          output_mtok=Decimal("1.25"), id="no-search")  # fmt: skip
+    with session_factory() as session:
+        assert reprice_held(session, markup_pct=MARKUP, now=NOW).priced == 0
+        session.commit()
+    assert row(session_factory, old).billing_status == "unpriced"
+    price(session_factory, "claude-3-haiku-2*", input_mtok=Decimal("0.25"), output_mtok=Decimal("1.25"),
+          web_search_per_k=Decimal("10"), id="search")  # fmt: skip
+    with session_factory() as session:
+        assert reprice_held(session, markup_pct=MARKUP, now=NOW).priced == 1
+        session.commit()
+    stored = row(session_factory, old)
+    tokens = Decimal(40_000 + 60_000) * Decimal("0.25") + 1_000 * Decimal("1.25")  # no cache prices: input price
+    assert (stored.billing_status, stored.price_version) == ("billed", "search")
+    assert stored.cost_nanos == nanos(tokens / 10**6 + Decimal("0.02"))
+    checks_ok(session_factory)
+
+
+def test_a_rerate_reprices_one_hour_writes_and_searches_at_the_new_prices(session_factory) -> None:
+    e = event(0, cache_write_1h_tokens=20_000, web_searches=4)
+    with session_factory() as session:
+        ingest(session, [e], markup_pct=MARKUP, now=NOW)
+        session.commit()
+    before = row(session_factory, e).cost_nanos
+    negotiated = {"input_mtok": Decimal(2), "output_mtok": Decimal(10), "cache_write_mtok": Decimal(3),
+                  "cache_write_1h_mtok": Decimal(5), "web_search_per_k": Decimal(8)}  # fmt: skip
+    price(session_factory, "claude-sonnet-4-6", id="negotiated", **negotiated)
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    with session_factory() as session:
+        result = apply_rerate(session, start=start, end=end, markup_pct=MARKUP, run_id="r1", now=NOW)
+        session.commit()
+    assert result.transfers > 0
+    cost = Decimal(40_000 * 2 + 40_000 * 3 + 20_000 * 5 + 1_000 * 10) / 10**6 + Decimal("0.032")
+    stored = row(session_factory, e)
+    assert stored.cost_nanos == nanos(cost) != before
+    assert stored.price_version == "negotiated"
+    checks_ok(session_factory)
+
+
+def test_one_hour_writes_beyond_the_cache_writes_are_rejected_with_a_reason(session_factory) -> None:
+    bad = record(1, occurred_at=NOW - timedelta(minutes=5), cache_write_tokens=10, cache_write_1h_tokens=11)
+    searches = record(2, occurred_at=NOW - timedelta(minutes=5), web_searches=10_001)
+    result = run(session_factory, [record(0, occurred_at=NOW - timedelta(minutes=5)), bad, searches])
+    assert result.inserted == 1
+    reasons = {r.index: r.reason for r in result.rejected}
+    assert "cache_write_1h_tokens must not exceed cache_write_tokens" in reasons[1]
+    assert reasons[2].startswith("web_searches: Input should be less than or equal to 10000")
+    checks_ok(session_factory)
+
+
+def test_events_written_before_these_fields_still_ingest_with_none_of_them(session_factory) -> None:
+    line = record(0, occurred_at=NOW - timedelta(minutes=5))
+    assert "cache_write_1h_tokens" not in line and "web_searches" not in line  # as a metered call writes it
+    assert run(session_factory, [line]).inserted == 1
+    stored = row(session_factory, event_from_record(line))
+    assert (stored.cache_write_1h_tokens, stored.web_searches, stored.billing_status) == (0, 0, "billed")
