@@ -275,3 +275,39 @@ def test_a_run_waits_for_a_migration_longer_than_the_busy_timeout(fresh_url: str
         assert migrate.current_revision(engine) == head
     finally:
         engine.dispose()
+
+
+def test_0011_keeps_stored_events_billed_as_they_were_and_refuses_to_drop_searches(fresh_url: str) -> None:
+    """Events stored before 0011 get 0 one-hour writes and 0 searches (what they were billed for) and re-rate to
+    the same price; once an event uses them, the downgrade is refused and changes nothing."""
+    from metering.billing.rerate import plan_rerate
+
+    migrate.upgrade(fresh_url, "0010")
+    engine = make_engine(fresh_url)
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    try:
+        migrate.upgrade(fresh_url)
+        factory = make_session_factory(engine)
+        with factory() as session:
+            ingest(session, [event_from_record(record(0, occurred_at=now - timedelta(hours=1)))], now=now)
+            session.commit()
+        migrate.downgrade(fresh_url, "0010")  # nothing uses them yet: allowed
+        engine.dispose()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM usage_events")).scalar() == 1
+        migrate.upgrade(fresh_url)
+        engine.dispose()
+        with factory() as session:
+            assert plan_rerate(session, start=start, end=end, markup_pct=Decimal(0)).diff.changes == []
+            searched = record(1, occurred_at=now - timedelta(hours=1), web_searches=2)
+            ingest(session, [event_from_record(searched)], now=now)
+            session.commit()
+        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0011: .*" + searched["event_id"][:8]):
+            migrate.downgrade(fresh_url, "0010")
+        engine.dispose()
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT sum(web_searches) FROM usage_events")).scalar() == 2
+    finally:
+        engine.dispose()
