@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     spool: SpoolSettings = SpoolSettings()
     billing: BillingSettings = BillingSettings()
     api: ApiSettings = ApiSettings()
-    settings_cache_ttl_s: float = Field(5.0, ge=0)
+    # At most an hour: an admin's change (a BYOLLM key revoked, a budget set to enforce) must reach every process.
+    settings_cache_ttl_s: float = Field(5.0, ge=0, le=3600, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _safe_outside_dev(self) -> Settings:

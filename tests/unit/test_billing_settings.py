@@ -68,3 +68,13 @@ def test_the_token_touch_interval_is_finite_and_bounded(value: str) -> None:
         ApiSettings(token_touch_interval_s=value)
     year = ApiSettings(token_touch_interval_s=366 * 86_400).token_touch_interval_s
     assert timedelta(seconds=year) == timedelta(days=366)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "3601"])
+def test_the_settings_cache_ttl_is_finite_and_at_most_an_hour(value: str) -> None:
+    """``inf`` cached BYOLLM, per-purpose and budget settings forever: an admin's change never reached a process."""
+    from metering.config import Settings
+
+    with pytest.raises(ValidationError, match=r"finite number|less than or equal to 3600"):
+        Settings(env="test", settings_cache_ttl_s=value)
+    assert Settings(env="test", settings_cache_ttl_s="3600").settings_cache_ttl_s == 3600
