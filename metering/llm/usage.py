@@ -9,7 +9,12 @@ OpenTelemetry GenAI semantics: ``input_tokens`` includes cache-read and cache-wr
 - OpenAI (and OpenAI-compatible servers) report ``prompt_tokens`` *including* cached tokens
   (``prompt_tokens_details.cached_tokens``; newer APIs also give ``cache_write_tokens`` there) and
   ``completion_tokens`` including
-  ``completion_tokens_details.reasoning_tokens``.
+  ``completion_tokens_details.reasoning_tokens``. Some compatible servers (xAI's Grok) report reasoning *beside*
+  ``completion_tokens`` instead: their ``total_tokens`` is prompt + completion + reasoning. ``total_tokens`` is the
+  witness: when reasoning is not 0 and the total is exactly that sum, the output is completion + reasoning (reasoning
+  a part of it, as everywhere here); otherwise reasoning is inside completion and capped at it (a total that is
+  absent, not a count, or neither sum says nothing either way). A ``total_tokens`` that is not a count is only no
+  witness: it never makes the usage missing.
 
 Counts are trusted only when they are counts. Every count the provider gives must be a non-negative integer
 (an ``int``, or a float with an integral value) below 2^63; the main counts (Anthropic ``input_tokens`` and
@@ -85,6 +90,15 @@ def from_anthropic(usage: Any) -> TokenUsage:
     )
 
 
+def _total(usage: Any) -> int | None:
+    """OpenAI's ``total_tokens``, when it is a count: only a witness of where reasoning is counted, so one that is
+    not a count is no witness (``None``), and never makes the usage missing."""
+    try:
+        return _count(_get(usage, "total_tokens"))
+    except _NotACount:
+        return None
+
+
 def from_openai(usage: Any) -> TokenUsage:
     """Normalise an OpenAI chat-completions ``usage`` object or dict (``None`` → MISSING)."""
     if usage is None:
@@ -95,12 +109,19 @@ def from_openai(usage: Any) -> TokenUsage:
         completion = _count(_get(usage, "completion_tokens"))
         cached = min(_detail(_get(prompt_details, "cached_tokens")), prompt)
         cache_write = min(_detail(_get(prompt_details, "cache_write_tokens")), prompt - cached)
-        reasoning = min(_detail(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens")), completion)
+        reasoning = _detail(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens"))
     except _NotACount:
         return MISSING_USAGE
+    output = completion
+    if reasoning and _total(usage) == prompt + completion + reasoning:
+        output = completion + reasoning  # reasoning reported beside completion (xAI): it is part of output
+        if output > MAX_COUNT:  # not while the total (their sum's bound) is a count: kept as a guard
+            return MISSING_USAGE
+    else:
+        reasoning = min(reasoning, completion)  # inside completion (OpenAI), or no witness saying otherwise
     return TokenUsage(
         input_tokens=prompt,
-        output_tokens=completion,
+        output_tokens=output,
         cache_read_tokens=cached,
         cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,

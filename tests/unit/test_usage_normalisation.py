@@ -168,6 +168,86 @@ def test_reasoning_is_part_of_output_not_added() -> None:
     assert usage.output_tokens == 500 and usage.total_tokens == 510
 
 
+# -- reasoning reported OUTSIDE completion_tokens (xAI Grok): total_tokens is the witness ---------------------
+
+XAI_USAGE = {  # a real xAI Grok answer: 32 + 9 + 94 = 135; the call was charged 103 output tokens
+    "prompt_tokens": 32,
+    "completion_tokens": 9,
+    "total_tokens": 135,
+    "completion_tokens_details": {"reasoning_tokens": 94},
+}
+
+
+def test_reasoning_outside_completion_is_added_into_output() -> None:
+    """xAI reports reasoning beside completion_tokens (total = prompt + completion + reasoning): the usage said 9
+    output tokens (reasoning capped at them) for a call charged 103. Reasoning is part of output: 9 + 94."""
+    assert from_openai(XAI_USAGE) == TokenUsage(
+        input_tokens=32,
+        output_tokens=103,
+        reasoning_tokens=94,
+        completeness=UsageCompleteness.REPORTED,
+    )
+    # the same from the SDK's objects, and with reasoning smaller than completion (not a question of size)
+    sdk = SimpleNamespace(
+        prompt_tokens=32,
+        completion_tokens=50,
+        total_tokens=87,
+        prompt_tokens_details=None,
+        completion_tokens_details=SimpleNamespace(reasoning_tokens=5),
+    )
+    assert (from_openai(sdk).output_tokens, from_openai(sdk).reasoning_tokens) == (55, 5)
+
+
+def test_reasoning_inside_completion_stays_inside() -> None:
+    # OpenAI's convention: total = prompt + completion, reasoning a part of completion
+    raw = {**XAI_USAGE, "completion_tokens": 103, "total_tokens": 135}
+    usage = from_openai(raw)
+    assert (usage.output_tokens, usage.reasoning_tokens, usage.total_tokens) == (103, 94, 135)
+
+
+@pytest.mark.parametrize(
+    "total",
+    [
+        None,  # no total: no witness
+        136,  # neither sum: no witness
+        41,  # prompt + completion: inside (reasoning past completion is then capped, as before)
+        "135",  # a total that is not a count is no witness, and does not make the usage missing
+        135.5,
+        -135,
+        True,
+        math.nan,
+        2**64,
+        [135],
+    ],
+)
+def test_without_a_witness_reasoning_is_capped_at_completion(total: object) -> None:
+    usage = from_openai({**XAI_USAGE, "total_tokens": total})
+    assert usage.completeness is UsageCompleteness.REPORTED
+    assert (usage.input_tokens, usage.output_tokens, usage.reasoning_tokens) == (32, 9, 9)
+
+
+def test_an_integral_float_total_is_a_witness() -> None:
+    assert from_openai({**XAI_USAGE, "total_tokens": 135.0}).output_tokens == 103
+
+
+def test_no_reasoning_leaves_the_total_unread() -> None:
+    # total = prompt + completion + 0 is the ordinary case; a total off by anything else changes nothing
+    for total in (41, 50, 0):
+        raw = {**XAI_USAGE, "total_tokens": total, "completion_tokens_details": {"reasoning_tokens": 0}}
+        assert (from_openai(raw).output_tokens, from_openai(raw).reasoning_tokens) == (9, 0)
+
+
+def test_reasoning_outside_completion_at_the_bound() -> None:
+    # a witness is a count, so the output it makes (a part of it) is one too: at most 2^63 - 1
+    half = 2**62
+    raw = {"prompt_tokens": 0, "completion_tokens": half, "completion_tokens_details": {"reasoning_tokens": half}}
+    for total in (2 * half, float(2 * half)):  # a total past the bound is not a count: no witness, capped
+        usage = from_openai({**raw, "total_tokens": total})
+        assert (usage.output_tokens, usage.reasoning_tokens, usage.completeness) == (half, half, "reported")
+    within = {**raw, "completion_tokens": half - 1, "total_tokens": 2 * half - 1}
+    assert (from_openai(within).output_tokens, from_openai(within).reasoning_tokens) == (2**63 - 1, half)
+
+
 def test_the_same_call_normalises_alike_from_both_providers() -> None:
     anthropic = from_anthropic({"input_tokens": 100, "output_tokens": 20, "cache_read_input_tokens": 900})
     openai = from_openai(

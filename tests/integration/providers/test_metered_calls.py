@@ -399,3 +399,45 @@ async def test_an_anthropic_stream_without_final_usage_keeps_its_input_and_estim
     assert (event.status, event.stop_reason, event.usage_completeness) == ("ok", "end_turn", "estimated")
     counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
     assert counts == (1320, len(TEXT) // 4, 1000, 300)
+
+
+XAI_USAGE = {  # a real xAI Grok answer: reasoning beside completion_tokens (32 + 9 + 94 = 135)
+    "prompt_tokens": 32,
+    "completion_tokens": 9,
+    "total_tokens": 135,
+    "prompt_tokens_details": {"text_tokens": 32, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 94, "audio_tokens": 0},
+}
+
+
+@pytest.mark.parametrize("provider", ["openai", "openai_compatible"])
+@pytest.mark.parametrize("how", ["complete", "stream", "stream-broken-after-the-usage-chunk"])
+async def test_reasoning_reported_outside_completion_is_billed_as_output(
+    openai_server: FakeOpenAIServer, metered: MakeLLM, provider: str, how: str
+) -> None:
+    """xAI (Grok) reports reasoning tokens beside completion_tokens, its total_tokens = prompt + completion + reasoning:
+    the event said 9 output tokens (reasoning capped at them) for a call charged 103. total_tokens witnesses where the
+    reasoning is counted: output = completion + reasoning, reasoning a part of it (in a stream's usage chunk too, and
+    when the stream breaks after it)."""
+    broken = how == "stream-broken-after-the-usage-chunk"
+    openai_server.script(Reply(text=TEXT, usage=XAI_USAGE, break_before_end=broken))
+    llm, rec = metered(provider, openai_server)
+    if how == "complete":
+        response = await llm.create_message(messages=MESSAGES)
+        assert (response.usage.output_tokens, response.usage.reasoning_tokens) == (103, 94)
+    elif broken:
+        with pytest.raises(ProviderError, match="stream"):
+            async with llm.stream_message(messages=MESSAGES) as stream:
+                assert "".join([chunk async for chunk in stream]) == TEXT
+    else:
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            assert "".join([chunk async for chunk in stream]) == TEXT
+    event = the_event(rec)
+    assert (event.provider, event.is_stream, event.status, event.usage_completeness) == (
+        provider,
+        how != "complete",
+        "error" if broken else "ok",
+        "reported",
+    )
+    assert (event.input_tokens, event.output_tokens, event.reasoning_tokens) == (32, 103, 94)
+    assert openai_server.last.body.get("stream_options") == (None if how == "complete" else {"include_usage": True})
