@@ -8,13 +8,15 @@ OpenTelemetry GenAI semantics: ``input_tokens`` includes cache-read and cache-wr
   reported apart.
 - OpenAI (and OpenAI-compatible servers) report ``prompt_tokens`` *including* cached tokens
   (``prompt_tokens_details.cached_tokens``; newer APIs also give ``cache_write_tokens`` there) and
-  ``completion_tokens`` including
-  ``completion_tokens_details.reasoning_tokens``. Some compatible servers (xAI's Grok) report reasoning *beside*
-  ``completion_tokens`` instead: their ``total_tokens`` is prompt + completion + reasoning. ``total_tokens`` is the
-  witness: when reasoning is not 0 and the total is exactly that sum, the output is completion + reasoning (reasoning
-  a part of it, as everywhere here); otherwise reasoning is inside completion and capped at it (a total that is
-  absent, not a count, or neither sum says nothing either way). A ``total_tokens`` that is not a count is only no
-  witness: it never makes the usage missing.
+  ``completion_tokens`` including ``completion_tokens_details.reasoning_tokens``.
+- DeepSeek's own API gives its cache hits as ``prompt_cache_hit_tokens`` (inside ``prompt_tokens`` too): read when
+  ``cached_tokens`` is not given.
+- Some compatible servers (xAI's Grok) report reasoning *beside* ``completion_tokens`` instead: their
+  ``total_tokens`` is prompt + completion + reasoning. ``total_tokens`` is the witness: when reasoning is not 0 and
+  the total is exactly that sum, the output is completion + reasoning (reasoning a part of it, as everywhere here);
+  otherwise reasoning is inside completion and capped at it (a total that is absent, not a count, or neither sum
+  says nothing either way). A ``total_tokens`` that is not a count is only no witness: it never makes the usage
+  missing.
 
 Counts are trusted only when they are counts. Every count the provider gives must be a non-negative integer
 (an ``int``, or a float with an integral value) below 2^63; the main counts (Anthropic ``input_tokens`` and
@@ -107,7 +109,10 @@ def from_openai(usage: Any) -> TokenUsage:
     try:
         prompt = _count(_get(usage, "prompt_tokens"))
         completion = _count(_get(usage, "completion_tokens"))
-        cached = min(_detail(_get(prompt_details, "cached_tokens")), prompt)
+        cached = _get(prompt_details, "cached_tokens")
+        if cached is None:  # DeepSeek's own API: its cache hits, inside prompt_tokens as OpenAI's cached_tokens
+            cached = _get(usage, "prompt_cache_hit_tokens")
+        cached = min(_detail(cached), prompt)
         cache_write = min(_detail(_get(prompt_details, "cache_write_tokens")), prompt - cached)
         reasoning = _detail(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens"))
     except _NotACount:

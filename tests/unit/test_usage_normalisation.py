@@ -248,6 +248,31 @@ def test_reasoning_outside_completion_at_the_bound() -> None:
     assert (from_openai(within).output_tokens, from_openai(within).reasoning_tokens) == (2**63 - 1, half)
 
 
+DEEPSEEK_USAGE = {  # DeepSeek's own shape: prompt_tokens = prompt_cache_hit_tokens + prompt_cache_miss_tokens
+    "prompt_tokens": 1100,
+    "completion_tokens": 40,
+    "total_tokens": 1140,
+    "prompt_cache_hit_tokens": 1024,
+    "prompt_cache_miss_tokens": 76,
+}
+
+
+def test_deepseek_cache_hits_are_cache_reads() -> None:
+    """DeepSeek reports its cache hits as prompt_cache_hit_tokens (inside prompt_tokens), not in
+    prompt_tokens_details: they were recorded as uncached input, priced at the full input rate (a cache hit costs a
+    tenth of a miss). They are cache reads, inside input as OpenAI's cached_tokens."""
+    usage = from_openai(DEEPSEEK_USAGE)
+    assert (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens) == (1100, 1024, 40)
+    sdk = SimpleNamespace(**DEEPSEEK_USAGE, prompt_tokens_details=None, completion_tokens_details=None)
+    assert from_openai(sdk) == usage
+    # OpenAI's own field wins when given (a gateway sending both); either is capped at prompt_tokens
+    both = {**DEEPSEEK_USAGE, "prompt_tokens_details": {"cached_tokens": 1000}}
+    assert from_openai(both).cache_read_tokens == 1000
+    assert from_openai({**DEEPSEEK_USAGE, "prompt_cache_hit_tokens": 5000}).cache_read_tokens == 1100
+    assert from_openai({**DEEPSEEK_USAGE, "prompt_cache_hit_tokens": None}).cache_read_tokens == 0
+    assert from_openai({**DEEPSEEK_USAGE, "prompt_cache_hit_tokens": "1024"}) is MISSING_USAGE  # a count, or none
+
+
 def test_the_same_call_normalises_alike_from_both_providers() -> None:
     anthropic = from_anthropic({"input_tokens": 100, "output_tokens": 20, "cache_read_input_tokens": 900})
     openai = from_openai(

@@ -441,3 +441,30 @@ async def test_reasoning_reported_outside_completion_is_billed_as_output(
     )
     assert (event.input_tokens, event.output_tokens, event.reasoning_tokens) == (32, 103, 94)
     assert openai_server.last.body.get("stream_options") == (None if how == "complete" else {"include_usage": True})
+
+
+DEEPSEEK_USAGE = {  # DeepSeek's own API: prompt_tokens = prompt_cache_hit_tokens + prompt_cache_miss_tokens
+    "prompt_tokens": 1100,
+    "completion_tokens": 40,
+    "total_tokens": 1140,
+    "prompt_cache_hit_tokens": 1024,
+    "prompt_cache_miss_tokens": 76,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_deepseek_cache_hits_are_recorded_as_cache_reads(
+    openai_server: FakeOpenAIServer, metered: MakeLLM, stream: bool
+) -> None:
+    """DeepSeek reports its cache hits as prompt_cache_hit_tokens, not prompt_tokens_details.cached_tokens: the event
+    said 0 cache-read tokens, so an override's cache-read price was never used (hits billed as full-price input)."""
+    openai_server.script(Reply(text=TEXT, usage=DEEPSEEK_USAGE))
+    llm, rec = metered("openai_compatible", openai_server)
+    if stream:
+        async with llm.stream_message(messages=MESSAGES) as streamed:
+            assert "".join([chunk async for chunk in streamed]) == TEXT
+    else:
+        await llm.create_message(messages=MESSAGES)
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness) == ("ok", "reported")
+    assert (event.input_tokens, event.cache_read_tokens, event.output_tokens) == (1100, 1024, 40)
