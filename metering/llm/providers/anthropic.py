@@ -57,16 +57,20 @@ def _usage_count(usage: Any, key: str) -> Any:
 
 
 def _merge_usage(into: dict[str, int], usage: Any, *, output_final: bool = False) -> UsageSoFar | None:
-    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output.
+    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output (and, from the
+    API today, the input counts again: cumulative too, they never fall below message_start's).
 
+    An input count of 0 after one that was not (a gateway's 0 for an input count it does not know, in message_delta)
+    is no count: the earlier one is kept. A count after a 0 (a gateway counting only at the end) replaces it.
     Returns the usage reported so far, when it holds usable counts (an output count not given yet is 0).
     """
     if usage is None:
         return None
     for key in _USAGE_KEYS:
         value = _usage_count(usage, key)
-        if value is not None:
-            into[key] = value
+        if value is None or (value == 0 and key != "output_tokens" and into.get(key)):
+            continue
+        into[key] = value
     so_far = from_anthropic({"output_tokens": 0, **into})
     return UsageSoFar(so_far, output_final) if so_far.completeness is UsageCompleteness.REPORTED else None
 

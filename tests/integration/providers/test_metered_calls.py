@@ -468,3 +468,56 @@ async def test_deepseek_cache_hits_are_recorded_as_cache_reads(
     event = the_event(rec)
     assert (event.status, event.usage_completeness) == ("ok", "reported")
     assert (event.input_tokens, event.cache_read_tokens, event.output_tokens) == (1100, 1024, 40)
+
+
+def anthropic_sse(start_usage: dict[str, Any], delta_usage: dict[str, Any], text: str = TEXT) -> Raw:
+    """An Anthropic stream whose message_start and message_delta carry these usages (as a gateway may send them)."""
+    message = {"id": "msg_x", "type": "message", "role": "assistant", "model": "m-test", "content": []}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": {**message, "usage": start_usage}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": delta_usage}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    body = b"".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode() for kind, data in events)
+    return Raw(body, "text/event-stream")
+
+
+START = {"input_tokens": 20, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 300, "output_tokens": 1}
+ZEROS = {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+
+
+@pytest.mark.parametrize(
+    ("start_usage", "delta_usage"),
+    [
+        pytest.param(START, {"output_tokens": 7}, id="output-only"),
+        pytest.param(START, {**START, "output_tokens": 7}, id="cumulative"),  # the API today: input counts repeated
+        pytest.param(START, {**ZEROS, "output_tokens": 7}, id="zero-filled"),  # a gateway's zeros for "not counted"
+        pytest.param(START, {"input_tokens": 0, "output_tokens": 7}, id="zero-input"),
+        pytest.param({**ZEROS, "output_tokens": 0}, {**START, "output_tokens": 7}, id="counts-only-at-the-end"),
+    ],
+)
+async def test_an_anthropic_stream_keeps_the_input_counts_of_either_event(
+    anthropic_server: FakeAnthropicServer,
+    metered: MakeLLM,
+    start_usage: dict[str, Any],
+    delta_usage: dict[str, Any],
+) -> None:
+    """message_delta's counts are cumulative (they never fall below message_start's), and some Anthropic-compatible
+    gateways fill the input counts they do not know with 0 there: that 0 replaced message_start's count, so the event
+    said 0 uncached input tokens (and no cache tokens at all when every count was 0: the input then estimated from
+    the prompt's characters). A 0 after a count is no count; a count after a 0 (a gateway that counts only at the
+    end) is."""
+    anthropic_server.script(anthropic_sse(start_usage, delta_usage))
+    llm, rec = metered("anthropic", anthropic_server)
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness) == ("ok", "reported")
+    counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
+    assert counts == (1320, 7, 1000, 300)
