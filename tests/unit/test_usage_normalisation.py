@@ -196,6 +196,10 @@ def test_reasoning_outside_completion_is_added_into_output() -> None:
         completion_tokens_details=SimpleNamespace(reasoning_tokens=5),
     )
     assert (from_openai(sdk).output_tokens, from_openai(sdk).reasoning_tokens) == (55, 5)
+    # a gateway's Gemini answer spent all on thinking: completion_tokens 0, 21 + 0 + 60 = 81 (was 0 output tokens)
+    gemini = {"prompt_tokens": 21, "completion_tokens": 0, "total_tokens": 81}
+    usage = from_openai({**gemini, "completion_tokens_details": {"reasoning_tokens": 60}})
+    assert (usage.output_tokens, usage.reasoning_tokens, usage.completeness) == (60, 60, "reported")
 
 
 def test_reasoning_inside_completion_stays_inside() -> None:
