@@ -5,7 +5,13 @@ OpenTelemetry GenAI semantics: ``input_tokens`` includes cache-read and cache-wr
 
 - Anthropic reports ``input_tokens`` *excluding* cache tokens, with ``cache_read_input_tokens`` and
   ``cache_creation_input_tokens`` beside it; thinking tokens are inside ``output_tokens`` and not
-  reported apart.
+  reported apart. ``cache_creation`` splits the cache writes by how long they are kept
+  (``ephemeral_5m_input_tokens``, ``ephemeral_1h_input_tokens``): the 1-hour ones, priced higher, are
+  ``cache_write_1h_tokens``, part of ``cache_write_tokens``. ``cache_creation_input_tokens`` is the count billed and
+  the breakdown only splits it: a 1-hour count past it is capped at it (as OpenAI's details are capped at their
+  totals), and without it (absent or ``null``) the cache writes are the breakdown's sum.
+  ``server_tool_use.web_search_requests`` is the searches its web search tool ran for the call (``web_searches``,
+  charged per search; web fetches are not, and are not read).
 - OpenAI (and OpenAI-compatible servers) report ``prompt_tokens`` *including* cached tokens
   (``prompt_tokens_details.cached_tokens``; newer APIs also give ``cache_write_tokens`` there) and
   ``completion_tokens`` including ``completion_tokens_details.reasoning_tokens``.
@@ -24,10 +30,13 @@ Counts are trusted only when they are counts. Every count the provider gives mus
 ``null``, negative, text, a bool, a fraction, infinite, past 2^63, or a normalised sum past it — the provider's
 usage is treated as not reported (``MISSING``, which ``fill_missing`` estimates from text): it is never recorded as
 ``reported`` with 0 tokens (a paid call billed $0), and never breaks the event line (orjson writes no integer past
-64 bits). The optional details (cache and reasoning counts) may be absent or ``null``: 0. A reported input or
-output of 0 for a prompt or a reply that has text is not a count either: that part is estimated
-(``zero_counts_estimated``). A count within 2^63 but past ``metering.events.MAX_TOKENS`` stays as reported: ingest
-rejects that event with its reason, by design.
+64 bits). The optional details (cache, reasoning and web search counts, and the objects that hold them:
+Anthropic's ``cache_creation`` and ``server_tool_use``, read as absent when not objects) may be absent or ``null``:
+0; a detail that is given but is
+not a count makes the usage not reported, like a main count (one wrong count casts doubt on the others). A reported
+input or output of 0 for a prompt or a reply that has text is not a count either: that part is estimated
+(``zero_counts_estimated``). A count within 2^63 but past ``metering.events.MAX_TOKENS`` (or a search count past
+``MAX_WEB_SEARCHES``) stays as reported: ingest rejects that event with its reason, by design.
 """
 
 from __future__ import annotations
@@ -72,11 +81,17 @@ def from_anthropic(usage: Any) -> TokenUsage:
     """Normalise an Anthropic ``usage`` object or dict (``None`` → MISSING)."""
     if usage is None:
         return MISSING_USAGE
+    cache_creation = _get(usage, "cache_creation")  # the cache writes by TTL
     try:
         uncached = _count(_get(usage, "input_tokens"))
         output = _count(_get(usage, "output_tokens"))
         cache_read = _detail(_get(usage, "cache_read_input_tokens"))
-        cache_write = _detail(_get(usage, "cache_creation_input_tokens"))
+        cache_write_total = _get(usage, "cache_creation_input_tokens")
+        cache_write_5m = _detail(_get(cache_creation, "ephemeral_5m_input_tokens"))
+        cache_write_1h = _detail(_get(cache_creation, "ephemeral_1h_input_tokens"))
+        web_searches = _detail(_get(_get(usage, "server_tool_use"), "web_search_requests"))
+        # the total is what the provider bills; the breakdown only splits it (it stands in for a total not given)
+        cache_write = cache_write_5m + cache_write_1h if cache_write_total is None else _count(cache_write_total)
     except _NotACount:
         return MISSING_USAGE
     input_tokens = uncached + cache_read + cache_write
@@ -89,6 +104,8 @@ def from_anthropic(usage: Any) -> TokenUsage:
         cache_write_tokens=cache_write,
         reasoning_tokens=0,
         completeness=UsageCompleteness.REPORTED,
+        cache_write_1h_tokens=min(cache_write_1h, cache_write),
+        web_searches=web_searches,
     )
 
 

@@ -15,7 +15,11 @@ ANTHROPIC_DEFAULT_USAGE: Mapping[str, Any] = {
     "cache_creation_input_tokens": 0,
     "cache_read_input_tokens": 0,
 }
-_START_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+# Like the real API, a stream gives the input and cache counts (and the cache writes by TTL, ``cache_creation``) in
+# message_start, and the output and server tool use (``server_tool_use``: web searches, run during the reply) in
+# message_delta, both cumulative. A test sets any of them in ``Reply.usage``; the JSON answer carries it all.
+_START_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation")
+_DELTA_KEYS = ("server_tool_use",)
 
 
 def _frame(event: str, data: Mapping[str, Any]) -> bytes:
@@ -86,8 +90,9 @@ class FakeAnthropicServer(FakeProviderServer):
             "type": "message_delta",
             "delta": {"stop_reason": reply.stop_reason or "end_turn", "stop_sequence": None},
         }
-        if usage is not None and reply.final_usage:  # cumulative output tokens, at the end
-            message_delta["usage"] = {"output_tokens": usage.get("output_tokens", 0)}
+        if usage is not None and reply.final_usage:  # cumulative output tokens (and server tool use), at the end
+            delta_usage = {key: usage[key] for key in _DELTA_KEYS if key in usage}
+            message_delta["usage"] = {"output_tokens": usage.get("output_tokens", 0)} | delta_usage
         yield _frame("message_delta", message_delta)
         yield None if reply.break_before_end else _frame("message_stop", {"type": "message_stop"})
 

@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from anthropic.types import CacheCreation, ServerToolUsage, Usage
 
 from metering.events import UsageCompleteness
 from metering.llm.types import MISSING_USAGE, TokenUsage
@@ -102,6 +103,119 @@ def test_missing_usage_of_an_answered_call_is_estimated() -> None:
     assert answered.completeness is UsageCompleteness.ESTIMATED and answered.input_tokens == 5000
     assert answered.output_tokens == 0
     assert fill_missing(partial, None, prompt, "").completeness is UsageCompleteness.MISSING
+
+
+# -- Anthropic: cache writes by TTL (cache_creation) and server tool use (web searches) -----------------
+
+ANTHROPIC_CACHED = {"input_tokens": 20, "output_tokens": 7, "cache_read_input_tokens": 1000}
+
+
+def test_anthropic_one_hour_cache_writes_and_web_searches_are_read() -> None:
+    raw = {
+        **ANTHROPIC_CACHED,
+        "cache_creation_input_tokens": 300,
+        "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 2},  # fetches are not charged apart
+    }
+    assert from_anthropic(raw) == TokenUsage(
+        input_tokens=1320,
+        output_tokens=7,
+        cache_read_tokens=1000,
+        cache_write_tokens=300,
+        reasoning_tokens=0,
+        completeness=UsageCompleteness.REPORTED,
+        cache_write_1h_tokens=200,
+        web_searches=3,
+    )
+
+
+def test_anthropic_breakdown_and_server_tool_use_as_sdk_objects() -> None:
+    raw = Usage(
+        input_tokens=20,
+        output_tokens=7,
+        cache_read_input_tokens=1000,
+        cache_creation_input_tokens=300,
+        cache_creation=CacheCreation(ephemeral_5m_input_tokens=0, ephemeral_1h_input_tokens=300),
+        server_tool_use=ServerToolUsage(web_search_requests=1, web_fetch_requests=0),
+    )
+    usage = from_anthropic(raw)
+    assert (usage.input_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens, usage.web_searches) == (
+        1320,
+        300,
+        300,
+        1,
+    )
+    # the SDK's model when the API leaves them out
+    bare = from_anthropic(Usage(input_tokens=20, output_tokens=7, cache_creation_input_tokens=300))
+    assert (bare.cache_write_tokens, bare.cache_write_1h_tokens, bare.web_searches) == (300, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {},
+        {"cache_creation": None, "server_tool_use": None},
+        {"cache_creation": {}, "server_tool_use": {}},
+        {
+            "cache_creation": {"ephemeral_5m_input_tokens": None, "ephemeral_1h_input_tokens": None},
+            "server_tool_use": {"web_search_requests": None},
+        },
+        {"cache_creation": "1h", "server_tool_use": 4},  # not objects: read as absent, like OpenAI's *_details
+    ],
+    ids=["absent", "null", "empty", "null-counts", "not-objects"],
+)
+def test_anthropic_breakdown_and_server_tool_use_absent_or_null_are_zero(details: dict[str, object]) -> None:
+    usage = from_anthropic({**ANTHROPIC_CACHED, "cache_creation_input_tokens": 300, **details})
+    assert usage.completeness is UsageCompleteness.REPORTED
+    assert (usage.input_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens, usage.web_searches) == (
+        1320,
+        300,
+        0,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("total", "five_minutes", "one_hour", "cache_write", "cache_write_1h"),
+    [
+        pytest.param(300, 100, 500, 300, 300, id="1h-past-the-total"),  # the total is what is billed: 1h capped at it
+        pytest.param(300, 250, 250, 300, 250, id="breakdown-sum-past-the-total"),
+        pytest.param(0, 0, 50, 0, 0, id="total-zero"),
+        pytest.param(300, 0, 100, 300, 100, id="breakdown-sum-below-the-total"),  # the rest: 5-minute writes
+        pytest.param(None, 100, 200, 300, 200, id="total-null"),  # the breakdown stands in for it
+        pytest.param("absent", 100, 200, 300, 200, id="total-absent"),
+        pytest.param("absent", None, 200, 200, 200, id="total-absent-5m-null"),
+    ],
+)
+def test_anthropic_cache_write_total_and_its_breakdown_that_disagree(
+    total: object, five_minutes: int | None, one_hour: int, cache_write: int, cache_write_1h: int
+) -> None:
+    raw: dict[str, object] = {
+        **ANTHROPIC_CACHED,
+        "cache_creation": {"ephemeral_5m_input_tokens": five_minutes, "ephemeral_1h_input_tokens": one_hour},
+    }
+    if total != "absent":
+        raw["cache_creation_input_tokens"] = total
+    usage = from_anthropic(raw)
+    assert usage.completeness is UsageCompleteness.REPORTED
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (cache_write, cache_write_1h)
+    assert usage.input_tokens == 20 + 1000 + cache_write
+    assert usage.cache_write_1h_tokens <= usage.cache_write_tokens
+
+
+@pytest.mark.parametrize("bad", [bad for bad in NOT_COUNTS if bad is not None])
+def test_anthropic_breakdown_or_search_count_that_is_not_a_count_makes_the_usage_missing(bad: object) -> None:
+    """The module's rule for optional details: absent or null is 0; given but not a count, the usage is not reported
+    (estimated from text), never recorded as reported with a count made up."""
+    base = {**ANTHROPIC_CACHED, "cache_creation_input_tokens": 300}
+    assert from_anthropic({**base, "cache_creation": {"ephemeral_1h_input_tokens": bad}}) is MISSING_USAGE
+    assert from_anthropic({**base, "cache_creation": {"ephemeral_5m_input_tokens": bad}}) is MISSING_USAGE
+    assert from_anthropic({**base, "server_tool_use": {"web_search_requests": bad}}) is MISSING_USAGE
+
+
+def test_anthropic_breakdown_summing_past_the_bound_makes_the_usage_missing() -> None:
+    breakdown = {"ephemeral_5m_input_tokens": 2**62, "ephemeral_1h_input_tokens": 2**62}
+    assert from_anthropic({"input_tokens": 1, "output_tokens": 1, "cache_creation": breakdown}) is MISSING_USAGE
 
 
 # -- OpenAI: cached tokens are reported INSIDE prompt_tokens ----------------------------------------
@@ -357,3 +471,16 @@ def test_a_finished_stream_uses_its_final_usage_else_what_was_reported_before() 
         1320, 10, 1000, 300, completeness=UsageCompleteness.ESTIMATED
     )
     assert finished(MISSING_USAGE, MISSING_USAGE, None, messages, "x" * 40) == estimated(None, messages, "x" * 40)
+
+
+def test_streams_that_end_early_or_without_final_usage_keep_one_hour_cache_writes_and_web_searches() -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    so_far = TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200, web_searches=2)
+    kept = TokenUsage(
+        1320, 10, 1000, 300, completeness=UsageCompleteness.ESTIMATED, cache_write_1h_tokens=200, web_searches=2
+    )
+    assert unfinished(so_far, None, messages, "x" * 40) == kept
+    assert unfinished(so_far, None, messages, "x" * 40, output_final=True) is so_far
+    assert finished(MISSING_USAGE, so_far, None, messages, "x" * 40) == kept
+    zero_in = TokenUsage(0, 5, web_searches=1)  # a zero input for a prompt: estimated
+    assert zero_counts_estimated(zero_in, None, messages, "y").web_searches == 1

@@ -36,7 +36,15 @@ log = logging.getLogger("metering.llm.providers")
 JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
 PLACEHOLDER_KEY = "not-needed"  # a keyless endpoint (a proxy via base_url); never let the SDK read env keys
 BODY_PARAMS = ("top_p", "top_k")  # sampling parameters go in the body (not every SDK version names them)
-_USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+# the counts, and the objects that hold details (cache writes by TTL, server tool use: cumulative in message_delta)
+_USAGE_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "cache_creation",
+    "server_tool_use",
+)
 _ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
@@ -56,9 +64,11 @@ def _usage_count(usage: Any, key: str) -> Any:
     return usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
 
 
-def _merge_usage(into: dict[str, int], usage: Any, *, output_final: bool = False) -> UsageSoFar | None:
-    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output (and, from the
-    API today, the input counts again: cumulative too, they never fall below message_start's).
+def _merge_usage(into: dict[str, Any], usage: Any, *, output_final: bool = False) -> UsageSoFar | None:
+    """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output and server tool
+    use (e.g. web searches), and, from the API today, the input counts again (cumulative too, they never fall below
+    message_start's). Each key given replaces what came before; a nested object (``cache_creation``,
+    ``server_tool_use``) is kept as it is, for ``from_anthropic`` to read.
 
     An input count of 0 after one that was not (a gateway's 0 for an input count it does not know, in message_delta)
     is no count: the earlier one is kept. A count after a 0 (a gateway counting only at the end) replaces it.
@@ -142,7 +152,7 @@ class AnthropicProvider:
             error = None
         if error is not None:
             raise error
-        usage: dict[str, int] = {}
+        usage: dict[str, Any] = {}
         final_usage = False  # message_delta gave the final output count (message_start's is a placeholder)
         stop_reason: str | None = None
         model = request.model

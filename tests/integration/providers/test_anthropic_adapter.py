@@ -351,3 +351,71 @@ async def test_a_stream_without_a_final_output_count_reports_no_final_usage(anth
     assert isinstance(end, StreamEnd) and end.usage is MISSING_USAGE and end.stop_reason == "end_turn"
     so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
     assert so_far[-1] == TokenUsage(input_tokens=1320, output_tokens=1, cache_read_tokens=1000, cache_write_tokens=300)
+
+
+# -- cache writes by TTL and web searches ------------------------------------------------------------
+
+SEARCHED_USAGE = {
+    **CACHED_USAGE,
+    "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+    "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1},
+}
+SEARCHED = TokenUsage(1320, 7, 1000, 300, cache_write_1h_tokens=200, web_searches=2)
+
+
+async def test_complete_reads_one_hour_cache_writes_and_web_searches(anthropic_server, make) -> None:
+    anthropic_server.script(Reply(usage=SEARCHED_USAGE), Reply(usage=CACHED_USAGE))
+    provider = make()
+    assert (await provider.complete(request())).usage == SEARCHED
+    assert (await provider.complete(request())).usage == NORMALISED  # neither given: 0
+
+
+async def test_stream_reads_one_hour_cache_writes_at_the_start_and_web_searches_at_the_end(
+    anthropic_server, make
+) -> None:
+    """message_start gives the cache writes by TTL, message_delta the (cumulative) server tool use: the usage reported
+    so far keeps the first from the start, and the final usage has both."""
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    assert [type(item) for item in items] == [UsageSoFar, TextDelta, TextDelta, UsageSoFar, StreamEnd]
+    start, final, end = items[0], items[3], items[-1]
+    assert isinstance(start, UsageSoFar) and isinstance(final, UsageSoFar) and isinstance(end, StreamEnd)
+    assert start.usage == TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200)
+    assert final.usage == end.usage == SEARCHED
+
+
+async def test_stream_takes_the_breakdown_and_searches_message_delta_gives_again(anthropic_server, make) -> None:
+    """Both may come in message_delta too (cumulative: the last word), and in message_start."""
+    original = anthropic_server.stream_frames
+
+    def frames(body, reply):
+        for frame in original(body, reply):
+            if frame is not None and frame.startswith(b"event: message_start"):
+                data = json.loads(frame.split(b"data: ", 1)[1])
+                data["message"]["usage"]["server_tool_use"] = {"web_search_requests": 0}
+                frame = b"event: message_start\ndata: " + json.dumps(data).encode() + b"\n\n"
+            if frame is not None and frame.startswith(b"event: message_delta"):
+                data = json.loads(frame.split(b"data: ", 1)[1])
+                data["usage"]["cache_creation_input_tokens"] = 300
+                data["usage"]["cache_creation"] = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 300}
+                data["usage"]["server_tool_use"] = {"web_search_requests": 5}
+                frame = b"event: message_delta\ndata: " + json.dumps(data).encode() + b"\n\n"
+            yield frame
+
+    anthropic_server.stream_frames = frames  # type: ignore[method-assign]
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    end = items[-1]
+    assert isinstance(end, StreamEnd)
+    assert end.usage == TokenUsage(1320, 7, 1000, 300, cache_write_1h_tokens=300, web_searches=5)
+    start = items[0]
+    assert isinstance(start, UsageSoFar) and start.usage.web_searches == 0
+
+
+async def test_a_stream_without_final_usage_keeps_the_one_hour_cache_writes_of_its_start(anthropic_server, make):
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE, final_usage=False))
+    items = [item async for item in make().stream(request())]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage is MISSING_USAGE
+    so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
+    assert so_far == [TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200)]

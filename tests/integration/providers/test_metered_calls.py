@@ -521,3 +521,102 @@ async def test_an_anthropic_stream_keeps_the_input_counts_of_either_event(
     assert (event.status, event.usage_completeness) == ("ok", "reported")
     counts = (event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens)
     assert counts == (1320, 7, 1000, 300)
+
+
+ANTHROPIC_SEARCHED = {
+    **ANTHROPIC_CACHED,
+    "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+    "server_tool_use": {"web_search_requests": 3},
+}
+
+
+def counts_of(event: UsageEvent) -> tuple[int, ...]:
+    """(input, output, cache read, cache write, of which 1-hour, web searches) of the event."""
+    return (
+        event.input_tokens,
+        event.output_tokens,
+        event.cache_read_tokens,
+        event.cache_write_tokens,
+        event.cache_write_1h_tokens,
+        event.web_searches,
+    )
+
+
+async def test_an_anthropic_call_records_its_one_hour_cache_writes_and_web_searches(
+    anthropic_server: FakeAnthropicServer, metered: MakeLLM
+) -> None:
+    """Anthropic bills cache writes kept for an hour at 2x the input price (5-minute ones at 1.25x) and each web search
+    its server ran ($10 per 1,000): the event recorded neither, so both were billed as nothing more than tokens."""
+    anthropic_server.script(Reply(text=TEXT, usage=ANTHROPIC_SEARCHED), Reply(text=TEXT, usage=ANTHROPIC_SEARCHED))
+    llm, rec = metered("anthropic", anthropic_server)
+    assert (await llm.create_message(messages=MESSAGES)).text == TEXT
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness, event.is_stream) == ("ok", "reported", False)
+    assert counts_of(event) == (1320, 7, 1000, 300, 200, 3)
+    rec.lines.clear()
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness, event.is_stream) == ("ok", "reported", True)
+    assert counts_of(event) == (1320, 7, 1000, 300, 200, 3)
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "counts", "completeness"),
+    [
+        # message_start's cache writes by TTL are kept; the searches come with message_delta, at the end
+        pytest.param(
+            Reply(text="one two three"), "cancelled", (1320, 1, 1000, 300, 200, 0), "estimated", id="abandoned",
+        ),
+        pytest.param(
+            Reply(text="one two three", break_after=1), "error", (1320, 1, 1000, 300, 200, 0), "estimated",
+            id="broken-mid-way",
+        ),
+        pytest.param(
+            Reply(text=TEXT, break_before_end=True), "error", (1320, 7, 1000, 300, 200, 3), "reported",
+            id="broken-before-message-stop",
+        ),
+        pytest.param(
+            Reply(text=TEXT, final_usage=False), "ok", (1320, len(TEXT) // 4, 1000, 300, 200, 0), "estimated",
+            id="no-final-usage",
+        ),
+    ],
+)  # fmt: skip
+async def test_an_anthropic_stream_that_ends_early_keeps_its_one_hour_cache_writes_and_web_searches(
+    anthropic_server: FakeAnthropicServer,
+    metered: MakeLLM,
+    reply: Reply,
+    status: str,
+    counts: tuple[int, ...],
+    completeness: str,
+) -> None:
+    anthropic_server.script(dataclasses.replace(reply, usage=ANTHROPIC_SEARCHED))
+    llm, rec = metered("anthropic", anthropic_server)
+    if status == "cancelled":
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            async for _chunk in stream:
+                break
+    elif status == "error":
+        with pytest.raises(ProviderError, match="stream"):
+            async with llm.stream_message(messages=MESSAGES) as stream:
+                async for _chunk in stream:
+                    pass
+    else:
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            async for _chunk in stream:
+                pass
+    event = the_event(rec)
+    assert (event.status, event.usage_completeness) == (status, completeness)
+    assert counts_of(event) == counts
+    line = json.loads(rec.lines[0])
+    assert (line["cache_write_1h_tokens"], line.get("web_searches", 0)) == counts[4:]
+
+
+async def test_an_anthropic_call_without_them_writes_neither_field(
+    anthropic_server: FakeAnthropicServer, metered: MakeLLM
+) -> None:
+    anthropic_server.script(Reply(text=TEXT, usage=ANTHROPIC_CACHED))
+    llm, rec = metered("anthropic", anthropic_server)
+    await llm.create_message(messages=MESSAGES)
+    assert counts_of(the_event(rec)) == (1320, 7, 1000, 300, 0, 0)
+    assert {"cache_write_1h_tokens", "web_searches"}.isdisjoint(json.loads(rec.lines[0]))
