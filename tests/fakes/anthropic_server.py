@@ -17,13 +17,31 @@ ANTHROPIC_DEFAULT_USAGE: Mapping[str, Any] = {
 }
 # Like the real API, a stream gives the input and cache counts (and the cache writes by TTL, ``cache_creation``) in
 # message_start, and the output and server tool use (``server_tool_use``: web searches, run during the reply) in
-# message_delta, both cumulative. A test sets any of them in ``Reply.usage``; the JSON answer carries it all.
+# message_delta, both cumulative. A test sets any of them in ``Reply.usage``; the JSON answer carries it all. Each web
+# search the usage counts is also answered as the real API does, before the text: a ``server_tool_use`` block and its
+# ``web_search_tool_result``.
 _START_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation")
 _DELTA_KEYS = ("server_tool_use",)
 
 
 def _frame(event: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def searches_of(usage: Mapping[str, Any] | None) -> int:
+    """The web searches a usage says were run (``server_tool_use.web_search_requests``), if a plain count."""
+    count = ((usage or {}).get("server_tool_use") or {}).get("web_search_requests")
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def search_blocks(n: int) -> list[dict[str, Any]]:
+    """What the real API answers for the ``n``-th web search: the server tool use, then its result."""
+    tool_use_id = f"srvtoolu_fake_{n}"
+    result = {"type": "web_search_result", "title": "A page", "url": "https://example.com/", "encrypted_content": "x"}
+    return [
+        {"type": "server_tool_use", "id": tool_use_id, "name": "web_search", "input": {"query": "fake"}},
+        {"type": "web_search_tool_result", "tool_use_id": tool_use_id, "content": [result]},
+    ]
 
 
 class FakeAnthropicServer(FakeProviderServer):
@@ -39,16 +57,17 @@ class FakeAnthropicServer(FakeProviderServer):
         return reply.model or (request.get("model") if isinstance(request, dict) else None) or "claude-fake"
 
     def json_body(self, request: Any, reply: Reply) -> dict[str, Any]:
+        usage = self.usage_of(reply)
+        searches = [block for n in range(searches_of(usage)) for block in search_blocks(n)]
         body: dict[str, Any] = {
             "id": "msg_fake",
             "type": "message",
             "role": "assistant",
             "model": self._model(request, reply),
-            "content": [{"type": "text", "text": reply.text}],
+            "content": [*searches, {"type": "text", "text": reply.text}],
             "stop_reason": reply.stop_reason or "end_turn",
             "stop_sequence": None,
         }
-        usage = self.usage_of(reply)
         if usage is not None:
             body["usage"] = dict(usage)
         return body
@@ -67,9 +86,15 @@ class FakeAnthropicServer(FakeProviderServer):
         if usage is not None:  # like the real API: input (and cache) counts first, output so far = 1
             message["usage"] = {key: usage[key] for key in _START_KEYS if key in usage} | {"output_tokens": 1}
         yield _frame("message_start", {"type": "message_start", "message": message})
+        # the searches (Reply.usage's server_tool_use) first, as a reply that searches before it writes
+        blocks = [block for n in range(searches_of(usage)) for block in search_blocks(n)]
+        for index, block in enumerate(blocks):
+            yield _frame("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+            yield _frame("content_block_stop", {"type": "content_block_stop", "index": index})
+        text_index = len(blocks)
         yield _frame(
             "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_start", "index": text_index, "content_block": {"type": "text", "text": ""}},
         )
         yield _frame("ping", {"type": "ping"})
         for n, delta in enumerate(reply.deltas()):
@@ -80,12 +105,12 @@ class FakeAnthropicServer(FakeProviderServer):
                 return
             yield _frame(
                 "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
+                {"type": "content_block_delta", "index": text_index, "delta": {"type": "text_delta", "text": delta}},
             )
         if reply.break_after is not None:
             yield None
             return
-        yield _frame("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _frame("content_block_stop", {"type": "content_block_stop", "index": text_index})
         message_delta: dict[str, Any] = {
             "type": "message_delta",
             "delta": {"stop_reason": reply.stop_reason or "end_turn", "stop_sequence": None},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import anthropic
@@ -64,7 +65,9 @@ def _usage_count(usage: Any, key: str) -> Any:
     return usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None)
 
 
-def _merge_usage(into: dict[str, Any], usage: Any, *, output_final: bool = False) -> UsageSoFar | None:
+def _merge_usage(
+    into: dict[str, Any], usage: Any, *, output_final: bool = False, searches_seen: int = 0
+) -> UsageSoFar | None:
     """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output and server tool
     use (e.g. web searches), and, from the API today, the input counts again (cumulative too, they never fall below
     message_start's). Each key given replaces what came before; a nested object (``cache_creation``,
@@ -81,8 +84,27 @@ def _merge_usage(into: dict[str, Any], usage: Any, *, output_final: bool = False
         if value is None or (value == 0 and key != "output_tokens" and into.get(key)):
             continue
         into[key] = value
+    return _usage_so_far(into, output_final, searches_seen)
+
+
+def _usage_so_far(into: dict[str, Any], output_final: bool, searches_seen: int) -> UsageSoFar | None:
+    """The usage reported so far, if usable. Until the final counts (message_delta), its web searches are at least
+    those whose results the stream has shown (``searches_seen``): the provider counts them only at the end, and
+    charges them whether or not the stream gets there."""
     so_far = from_anthropic({"output_tokens": 0, **into})
-    return UsageSoFar(so_far, output_final) if so_far.completeness is UsageCompleteness.REPORTED else None
+    if so_far.completeness is not UsageCompleteness.REPORTED:
+        return None
+    if not output_final and so_far.web_searches < searches_seen:
+        so_far = replace(so_far, web_searches=searches_seen)
+    return UsageSoFar(so_far, output_final)
+
+
+def _is_web_search_result(block: Any) -> bool:
+    """A web search the provider ran and charges: its result block, a list of results (a failed search's is an error
+    object instead, and is not charged)."""
+    return getattr(block, "type", None) == "web_search_tool_result" and isinstance(
+        getattr(block, "content", None), list
+    )
 
 
 class AnthropicProvider:
@@ -154,6 +176,7 @@ class AnthropicProvider:
             raise error
         usage: dict[str, Any] = {}
         final_usage = False  # message_delta gave the final output count (message_start's is a placeholder)
+        searches_seen = 0  # web search results shown so far (the provider's count comes in message_delta)
         stop_reason: str | None = None
         model = request.model
         finished = False
@@ -167,6 +190,11 @@ class AnthropicProvider:
                         text = text_of(getattr(delta, "text", None)) if is_text else ""
                         if text:
                             yield TextDelta(text)
+                    elif kind == "content_block_start":
+                        if _is_web_search_result(getattr(event, "content_block", None)):
+                            searches_seen += 1
+                            if so_far := _usage_so_far(usage, final_usage, searches_seen):
+                                yield so_far
                     elif kind == "message_start":
                         model = getattr(event.message, "model", None) or model
                         if so_far := _merge_usage(usage, getattr(event.message, "usage", None)):
@@ -175,7 +203,9 @@ class AnthropicProvider:
                         stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
                         delta_usage = getattr(event, "usage", None)
                         final_usage = final_usage or _usage_count(delta_usage, "output_tokens") is not None
-                        if so_far := _merge_usage(usage, delta_usage, output_final=final_usage):
+                        if so_far := _merge_usage(
+                            usage, delta_usage, output_final=final_usage, searches_seen=searches_seen
+                        ):
                             yield so_far
                     elif kind == "message_stop":
                         finished = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -366,7 +367,8 @@ SEARCHED = TokenUsage(1320, 7, 1000, 300, cache_write_1h_tokens=200, web_searche
 async def test_complete_reads_one_hour_cache_writes_and_web_searches(anthropic_server, make) -> None:
     anthropic_server.script(Reply(usage=SEARCHED_USAGE), Reply(usage=CACHED_USAGE))
     provider = make()
-    assert (await provider.complete(request())).usage == SEARCHED
+    result = await provider.complete(request())  # the searches' blocks come before the text
+    assert (result.text, result.usage) == ("Hello from the fake server.", SEARCHED)
     assert (await provider.complete(request())).usage == NORMALISED  # neither given: 0
 
 
@@ -374,14 +376,17 @@ async def test_stream_reads_one_hour_cache_writes_at_the_start_and_web_searches_
     anthropic_server, make
 ) -> None:
     """message_start gives the cache writes by TTL, message_delta the (cumulative) server tool use: the usage reported
-    so far keeps the first from the start, and the final usage has both."""
+    so far keeps the first from the start, and counts the searches whose results it has shown (the provider charges
+    them even if the stream ends before message_delta); the final usage has the provider's counts."""
     anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
     items = [item async for item in make().stream(request())]
-    assert [type(item) for item in items] == [UsageSoFar, TextDelta, TextDelta, UsageSoFar, StreamEnd]
-    start, final, end = items[0], items[3], items[-1]
-    assert isinstance(start, UsageSoFar) and isinstance(final, UsageSoFar) and isinstance(end, StreamEnd)
-    assert start.usage == TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200)
-    assert final.usage == end.usage == SEARCHED
+    kinds = [UsageSoFar, UsageSoFar, UsageSoFar, TextDelta, TextDelta, UsageSoFar, StreamEnd]
+    assert [type(item) for item in items] == kinds
+    start = TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200)
+    so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
+    assert so_far == [start, replace(start, web_searches=1), replace(start, web_searches=2), SEARCHED]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage == SEARCHED
 
 
 async def test_stream_takes_the_breakdown_and_searches_message_delta_gives_again(anthropic_server, make) -> None:
@@ -412,10 +417,47 @@ async def test_stream_takes_the_breakdown_and_searches_message_delta_gives_again
     assert isinstance(start, UsageSoFar) and start.usage.web_searches == 0
 
 
-async def test_a_stream_without_final_usage_keeps_the_one_hour_cache_writes_of_its_start(anthropic_server, make):
+async def test_a_stream_without_final_usage_keeps_its_one_hour_cache_writes_and_the_searches_it_showed(
+    anthropic_server, make
+) -> None:
     anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE, final_usage=False))
     items = [item async for item in make().stream(request())]
     end = items[-1]
     assert isinstance(end, StreamEnd) and end.usage is MISSING_USAGE
     so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
-    assert so_far == [TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200)]
+    assert so_far[-1] == TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200, web_searches=2)
+
+
+SEARCH_ERROR = {
+    "type": "content_block_start",
+    "index": 1,
+    "content_block": {
+        "type": "web_search_tool_result",
+        "tool_use_id": "srvtoolu_failed",
+        "content": {"type": "web_search_tool_result_error", "error_code": "unavailable"},
+    },
+}
+
+
+async def test_a_failed_search_is_not_counted_and_the_final_count_is_the_providers(anthropic_server, make) -> None:
+    """A search that failed is not charged (its result is an error, not a list of results). Once the provider gives
+    its count (message_delta), it is the count, even below the results the stream showed."""
+    error_frame = b"event: content_block_start\ndata: " + json.dumps(SEARCH_ERROR).encode() + b"\n\n"
+    usage = {**CACHED_USAGE, "server_tool_use": {"web_search_requests": 2}}
+    original = anthropic_server.stream_frames
+
+    def frames(body, reply):
+        for frame in original(body, reply):
+            if frame is not None and frame.startswith(b"event: message_delta"):
+                data = json.loads(frame.split(b"data: ", 1)[1])
+                data["usage"]["server_tool_use"] = {"web_search_requests": 1}
+                frame = b"event: message_delta\ndata: " + json.dumps(data).encode() + b"\n\n"
+            yield frame
+
+    anthropic_server.stream_frames = frames  # type: ignore[method-assign]
+    anthropic_server.script(Reply(text="one two", usage=usage, frame_before=(1, error_frame)))
+    items = [item async for item in make().stream(request())]
+    so_far = [item.usage.web_searches for item in items if isinstance(item, UsageSoFar)]
+    assert so_far == [0, 1, 2, 1]  # the error result between the two text deltas counts nothing
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage.web_searches == 1

@@ -564,12 +564,13 @@ async def test_an_anthropic_call_records_its_one_hour_cache_writes_and_web_searc
 @pytest.mark.parametrize(
     ("reply", "status", "counts", "completeness"),
     [
-        # message_start's cache writes by TTL are kept; the searches come with message_delta, at the end
+        # message_start's cache writes by TTL are kept; the provider counts the searches in message_delta, at the end:
+        # before it, the searches are those whose results the stream showed (here all three, before the text)
         pytest.param(
-            Reply(text="one two three"), "cancelled", (1320, 1, 1000, 300, 200, 0), "estimated", id="abandoned",
+            Reply(text="one two three"), "cancelled", (1320, 1, 1000, 300, 200, 3), "estimated", id="abandoned",
         ),
         pytest.param(
-            Reply(text="one two three", break_after=1), "error", (1320, 1, 1000, 300, 200, 0), "estimated",
+            Reply(text="one two three", break_after=1), "error", (1320, 1, 1000, 300, 200, 3), "estimated",
             id="broken-mid-way",
         ),
         pytest.param(
@@ -577,7 +578,7 @@ async def test_an_anthropic_call_records_its_one_hour_cache_writes_and_web_searc
             id="broken-before-message-stop",
         ),
         pytest.param(
-            Reply(text=TEXT, final_usage=False), "ok", (1320, len(TEXT) // 4, 1000, 300, 200, 0), "estimated",
+            Reply(text=TEXT, final_usage=False), "ok", (1320, len(TEXT) // 4, 1000, 300, 200, 3), "estimated",
             id="no-final-usage",
         ),
     ],
@@ -590,6 +591,9 @@ async def test_an_anthropic_stream_that_ends_early_keeps_its_one_hour_cache_writ
     counts: tuple[int, ...],
     completeness: str,
 ) -> None:
+    """A stream that does not end normally is billed on what the provider reported before: its 1-hour cache writes
+    (message_start) are kept with the other cache counts, and the web searches it ran, which the provider counts only
+    at the end (message_delta) but charges anyway, are those whose results the stream showed."""
     anthropic_server.script(dataclasses.replace(reply, usage=ANTHROPIC_SEARCHED))
     llm, rec = metered("anthropic", anthropic_server)
     if status == "cancelled":
