@@ -32,11 +32,10 @@ usage is treated as not reported (``MISSING``, which ``fill_missing`` estimates 
 ``reported`` with 0 tokens (a paid call billed $0), and never breaks the event line (orjson writes no integer past
 64 bits). The optional details (cache, reasoning and web search counts, and the objects that hold them:
 Anthropic's ``cache_creation`` and ``server_tool_use``, read as absent when not objects) may be absent or ``null``:
-0; a detail that is given but is
-not a count makes the usage not reported, like a main count (one wrong count casts doubt on the others). A reported
-input or output of 0 for a prompt or a reply that has text is not a count either: that part is estimated
-(``zero_counts_estimated``). A count within 2^63 but past ``metering.events.MAX_TOKENS`` (or a search count past
-``MAX_WEB_SEARCHES``) stays as reported: ingest rejects that event with its reason, by design.
+0; a detail that is given but is not a count makes the usage not reported, like a main count (one wrong count casts
+doubt on the others). A reported input or output of 0 for a prompt or a reply that has text is not a count either:
+that part is estimated (``zero_counts_estimated``). A count within 2^63 but past ``metering.events.MAX_TOKENS`` (or
+a search count past ``MAX_WEB_SEARCHES``) stays as reported: ingest rejects that event with its reason, by design.
 """
 
 from __future__ import annotations
