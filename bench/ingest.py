@@ -10,12 +10,12 @@ Per backend (SQLite, PostgreSQL), in one run, on a database that already holds `
                     SQLite ``executemany(INSERT ...)`` + commit
   replay            ingest + commit of a batch whose 1,000 events are all already stored (100 % duplicates)
 Every batch holds fresh, realistic events (2,000 users over 50 tenants, 6 extensions / 10 functions, Claude,
-GPT and unpriced ollama models, ~20 % BYOLLM, ~2 % errors, cache and reasoning tokens, the last hour). The
-variants run in interleaved rounds (order rotated each round) against the same database, so drift hits all of
-them alike. Then a per-stage breakdown of ingest (wrapped, on extra batches), with ``--profile`` cProfile's top
-functions, on PostgreSQL ``--workers`` concurrent processes per variant (raw and ingest, each process with its
-own connection and fresh batches, rounds alternating the order: how far several ingesters, like uvicorn workers
-or spool drainers, go on one database), and sanity checks on the final state.
+GPT and unpriced ollama models, ~20 % BYOLLM, ~2 % errors, cache (some 1-hour) and reasoning tokens, a few web
+searches, the last hour). The variants run in interleaved rounds (order rotated each round) against the same
+database, so drift hits all of them alike. Then a per-stage breakdown of ingest (wrapped, on extra batches), with
+``--profile`` cProfile's top functions, on PostgreSQL ``--workers`` concurrent processes per variant (raw and
+ingest, each process with its own connection and fresh batches, rounds alternating the order: how far several
+ingesters, like uvicorn workers or spool drainers, go on one database), and sanity checks on the final state.
 
 Run:  .venv/bin/python -m bench.ingest [--backend both] [--preload 1000000] [--batches 30]
                                       [--out bench/out/ingest.json] [--profile]
@@ -176,12 +176,16 @@ class EventFactory:
             }
         inp = min(150_000, max(12, int(rng.lognormvariate(7.2, 1.1))))
         out = min(8_000, max(1, int(rng.lognormvariate(5.6, 0.9))))
-        read = write = reasoning = 0
+        read = write = write_1h = reasoning = searches = 0
         if provider == "anthropic":
             if rng.random() < 0.35:
                 read = int(inp * rng.uniform(0.3, 0.9))
             if rng.random() < 0.12:
                 write = int((inp - read) * rng.uniform(0.2, 0.9))
+                if rng.random() < 0.3:  # a 1-hour cache (a long-lived system prompt)
+                    write_1h = write
+            if rng.random() < 0.03:  # the web search tool
+                searches = rng.randint(1, 3)
             if model.startswith("claude-sonnet") and rng.random() < 0.15:  # extended thinking
                 reasoning = int(out * rng.uniform(0.2, 0.8))
         elif provider == "openai" and inp >= 1024 and rng.random() < 0.3:  # automatic prompt caching
@@ -193,7 +197,9 @@ class EventFactory:
             "output_tokens": out,
             "cache_read_tokens": read,
             "cache_write_tokens": write,
+            "cache_write_1h_tokens": write_1h,
             "reasoning_tokens": reasoning,
+            "web_searches": searches,
             "usage_completeness": completeness,
             "stop_reason": rng.choice(STOP_REASONS[provider]),
             "latency_ms": round(latency, 3),
