@@ -215,6 +215,21 @@ class UsageEvent(BaseModel):
         return self.input_tokens + self.output_tokens
 
 
+# Fields added to schema 1 after its first release. A record carries each only when it is not 0 (the metered
+# client's spool lines, the HTTP sink's batches), so a service that does not know them yet (``extra="forbid"``)
+# still takes every event that does not use them: producers can be upgraded before the service.
+ADDED_COUNTS = ("cache_write_1h_tokens", "web_searches")
+
+
+def record_of(event: UsageEvent) -> dict[str, Any]:
+    """The JSON record of ``event``, as its spool line says it: ``ADDED_COUNTS`` only when not 0."""
+    record = event.model_dump(mode="json")
+    for name in ADDED_COUNTS:
+        if not record[name]:
+            del record[name]
+    return record
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

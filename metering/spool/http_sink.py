@@ -6,7 +6,9 @@ flusher isolates the event at fault (``spool.isolation``: halves until the parts
 is dead-lettered with the service's reason). Anything else raises ``DeliveryError``, and the flusher keeps the
 batch and retries it with backoff: a service that is down, slow, overloaded (429/502/503) or misconfigured
 (401/403/404) loses nothing. The endpoint is idempotent on event_id, so a retry after a lost response counts
-duplicates instead of double-counting.
+duplicates instead of double-counting. Each event is sent as its spool line says it (``events.record_of``: the
+counts added since the first release only when not 0), so a service that does not know them yet takes every
+event that does not use them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 import httpx
 import orjson
 
-from metering.events import UsageEvent
+from metering.events import UsageEvent, record_of
 from metering.spool.sink import DeliveryResult, RefusedBatchError
 
 
@@ -34,7 +36,7 @@ class HttpSink:
         return f"HttpSink({self._url!r})"
 
     def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
-        body = orjson.dumps({"events": [event.model_dump(mode="json") for event in events]})
+        body = orjson.dumps({"events": [record_of(event) for event in events]})
         try:
             response = self._client.post(self._url, content=body, headers=self._headers)
         except httpx.HTTPError as exc:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from metering.events import Status, UsageEvent, uuid7
+from metering.events import ADDED_COUNTS, Status, UsageEvent, record_of, uuid7
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
 from metering.llm.types import TokenUsage
 
@@ -61,6 +61,23 @@ def test_record_round_trips_through_json_into_a_usage_event() -> None:
     assert str(event.event_id) == record["event_id"]
     assert event.input_tokens == 100 and event.cache_read_tokens == 30
     assert event.occurred_at.tzinfo is not None
+
+
+USAGES = [
+    TokenUsage(100, 20, 30, 10, 0),
+    TokenUsage(100, 20, 30, 10, 0, cache_write_1h_tokens=4),
+    TokenUsage(100, 20, 30, 10, 0, web_searches=3),
+]
+
+
+@pytest.mark.parametrize("usage", USAGES)
+def test_an_events_record_has_the_keys_of_its_spool_line_and_round_trips(usage: TokenUsage) -> None:
+    """What the HTTP sink sends: the added counts only when not 0, as the metered client writes its spool lines."""
+    line = _record(usage=usage)
+    event = UsageEvent.model_validate(orjson.loads(orjson.dumps(line)))
+    assert set(record_of(event)) == set(line)
+    assert {name for name in ADDED_COUNTS if getattr(usage, name)} == set(ADDED_COUNTS) & set(line)
+    assert UsageEvent.model_validate(orjson.loads(orjson.dumps(record_of(event)))) == event
 
 
 def test_cache_tokens_must_be_part_of_input() -> None:
