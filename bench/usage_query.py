@@ -192,7 +192,7 @@ SELECT
   ({sql_text_array([w[1] for w in WORKLOADS])})[w], ({sql_text_array([w[3] for w in WORKLOADS])})[w],
   (lpad(to_hex(inv_ms), 12, '0') || '7000' || '9' || lpad(to_hex(i), 15, '0'))::uuid,
   c, ({sql_text_array([w[2] for w in WORKLOADS])})[w], provider, model, byollm, failover, stream,
-  inp, outp, rd, wr, reasoning,
+  inp, outp, rd, wr, 0, reasoning, 0,  -- no 1-hour cache writes, no web searches (migration 0011)
   CASE WHEN err THEN 'missing' WHEN provider = 'ollama' AND r_compl < 0.3 THEN 'estimated' ELSE 'reported' END,
   max_tokens, CASE WHEN err THEN NULL ELSE CASE provider {stop_case} END END,
   CASE WHEN err THEN round((20 + random() * 29980)::numeric, 3)::float8
