@@ -130,3 +130,26 @@ def test_events_written_before_these_fields_still_ingest_with_none_of_them(sessi
     assert run(session_factory, [line]).inserted == 1
     stored = row(session_factory, event_from_record(line))
     assert (stored.cache_write_1h_tokens, stored.web_searches, stored.billing_status) == (0, 0, "billed")
+
+
+def test_a_replay_differing_only_in_the_new_counts_is_rejected_in_a_batch_and_against_the_stored_event(
+    session_factory,
+) -> None:
+    """An id sent again with other 1-hour writes or other searches is not a replay (in one batch, or of a stored
+    event): it is rejected with the field that differs; the stored event, with its counts, is what is billed."""
+    first = event(0, cache_write_1h_tokens=10_000, web_searches=1)
+    hours = event_from_record(first.model_dump() | {"cache_write_1h_tokens": 20_000})
+    searches = event_from_record(first.model_dump() | {"web_searches": 2})
+    result = run(session_factory, [first, hours, searches, first])
+    assert (result.inserted, result.duplicates) == (1, 1)
+    reasons = {r.index: r.reason for r in result.rejected}
+    assert set(reasons) == {1, 2}
+    assert "(cache_write_1h_tokens)" in reasons[1] and "(web_searches)" in reasons[2]
+    for variant, field in ((hours, "cache_write_1h_tokens"), (searches, "web_searches")):
+        again = run(session_factory, [variant])
+        assert (again.inserted, again.duplicates) == (0, 0)
+        assert f"already stored with different content ({field})" in again.rejected[0].reason
+    assert (run(session_factory, [first]).inserted, run(session_factory, [first]).duplicates) == (0, 1)
+    stored = row(session_factory, first)
+    assert (stored.cache_write_1h_tokens, stored.web_searches) == (10_000, 1)
+    checks_ok(session_factory)

@@ -311,3 +311,29 @@ def test_0011_keeps_stored_events_billed_as_they_were_and_refuses_to_drop_search
             assert conn.execute(text("SELECT sum(web_searches) FROM usage_events")).scalar() == 2
     finally:
         engine.dispose()
+
+
+def test_0011_refuses_to_downgrade_over_an_override_with_a_search_or_1_hour_price(fresh_url: str) -> None:
+    from metering.billing.overrides import add_override
+
+    engine = make_engine(fresh_url)
+    try:
+        migrate.upgrade(fresh_url)
+        factory = make_session_factory(engine)
+        with factory() as session:
+            add_override(session, provider="anthropic", model_pattern="claude-*", id="plain",
+                         effective_from=datetime(2026, 1, 1, tzinfo=UTC), effective_to=None,
+                         input_mtok=Decimal(3), output_mtok=Decimal(15))  # fmt: skip
+            add_override(session, provider="anthropic", model_pattern="claude-sonnet-*", id="hour",
+                         effective_from=datetime(2026, 1, 1, tzinfo=UTC), effective_to=None,
+                         input_mtok=Decimal(3), output_mtok=Decimal(15), cache_write_1h_mtok=Decimal(6))  # fmt: skip
+            session.commit()
+        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0011: .*'hour'"):
+            migrate.downgrade(fresh_url, "0010")
+        engine.dispose()
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, cache_write_1h_nanos_per_mtok FROM price_overrides ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [("hour", 6_000_000_000), ("plain", None)]
+    finally:
+        engine.dispose()
