@@ -153,3 +153,46 @@ def test_a_replay_differing_only_in_the_new_counts_is_rejected_in_a_batch_and_ag
     stored = row(session_factory, first)
     assert (stored.cache_write_1h_tokens, stored.web_searches) == (10_000, 1)
     checks_ok(session_factory)
+
+
+def test_byollm_shadow_costs_and_a_dry_run_rerate_count_one_hour_writes_and_searches(session_factory) -> None:
+    """The shadow cost of a BYOLLM call is its quote with both counts; one whose searches have no price has an
+    unknown shadow cost until an override prices them (reprice fills it); a dry-run re-rate's diff uses the counts."""
+    from metering.billing.pricing import PriceBook, price_usage
+    from metering.billing.rerate import plan_rerate
+
+    byollm = event(0, is_byollm=True, cache_write_1h_tokens=50_000, web_searches=3)
+    unknown = event(1, is_byollm=True, model="claude-3-haiku-20240307", web_searches=2)
+    billed = event(2, cache_write_1h_tokens=20_000, web_searches=4)
+    assert run(session_factory, [byollm, unknown, billed]).inserted == 3
+    quote = price_usage(provider="anthropic", model="claude-sonnet-4-6", occurred_at=byollm.occurred_at,
+                        input_tokens=100_000, output_tokens=1_000, cache_read_tokens=0, cache_write_tokens=60_000,
+                        cache_write_1h_tokens=50_000, web_searches=3, book=PriceBook(markup_pct=MARKUP))  # fmt: skip
+    assert quote is not None
+    stored = row(session_factory, byollm)
+    assert (stored.billing_status, stored.shadow_nanos, stored.charge_nanos) == (
+        "excluded_byollm",
+        quote.price_nanos,
+        0,
+    )
+    held = row(session_factory, unknown)
+    assert (held.billing_status, held.price_source, held.shadow_nanos) == ("excluded_byollm", None, 0)
+    price(session_factory, "claude-3-haiku*", input_mtok=Decimal("0.25"), output_mtok=Decimal("1.25"),
+          web_search_per_k=Decimal("10"), id="haiku")  # fmt: skip
+    with session_factory() as session:
+        result = reprice_held(session, markup_pct=MARKUP, now=NOW)
+        session.commit()
+    assert (result.priced, result.shadow_priced) == (0, 1)
+    tokens = Decimal(100_000) * Decimal("0.25") + 1_000 * Decimal("1.25")
+    assert row(session_factory, unknown).shadow_nanos == nanos(
+        (tokens / 10**6 + Decimal("0.02")) * (100 + MARKUP) / 100
+    )
+    # a dry run under an override that prices searches at $8 per 1,000 instead of $10: 4 searches, $0.008 less
+    price(session_factory, "claude-sonnet-4-6", input_mtok=Decimal(3), output_mtok=Decimal(15), id="s",
+          cache_write_mtok=Decimal("3.75"), cache_write_1h_mtok=Decimal(6), web_search_per_k=Decimal(8))  # fmt: skip
+    with session_factory() as session:
+        plan = plan_rerate(session, start=datetime(2026, 11, 1, tzinfo=UTC), end=datetime(2026, 12, 1, tzinfo=UTC),
+                           markup_pct=MARKUP)  # fmt: skip
+    [change] = plan.diff.changes
+    assert change.event.event_id == billed.event_id and change.cost_delta == -8_000_000
+    checks_ok(session_factory)
