@@ -91,6 +91,8 @@ OVERRIDE = {
     "effective_from": "2020-01-01T00:00:00Z",
     "input_mtok": "3.00",
     "output_mtok": "15.00",
+    "cache_write_1h_mtok": "6.00",
+    "web_search_per_k": "10.00",
 }
 CREDIT = {"headers": {"Idempotency-Key": "known-good"}, "body": {**USER, "amount": "10.00"}}
 INVOKE = {
@@ -98,11 +100,19 @@ INVOKE = {
     "body": {"user_id": "alice", "tenant_id": "acme", "params": {"text": "Send me the doc.", "tone": "formal"}},
 }
 WINDOW = {"from": "2026-09-29T00:00:00Z", "to": "2026-10-01T00:00:00Z", "group_by": "model"}
-QUOTE = {"provider": "anthropic", "model": "claude-sonnet-4-6", "input_tokens": 1000}
+QUOTE = {"provider": "anthropic", "model": "claude-sonnet-4-6", "input_tokens": 1000, "cache_write_tokens": 500,
+         "cache_write_1h_tokens": 200, "web_searches": 2}  # fmt: skip
+SEARCHED = record(
+    1, tenant_id=ALPHA, input_tokens=1000, cache_write_tokens=500, cache_write_1h_tokens=200, web_searches=2
+)
 KNOWN_GOOD: list[tuple[str, dict[str, Any], int]] = [
     ("GET /healthz", {}, 200),
     ("GET /readyz", {}, 200),
-    ("POST /v1/events", {"body": {"events": [orjson.loads(orjson.dumps(record(1, tenant_id=ALPHA)))]}}, 200),
+    (
+        "POST /v1/events",
+        {"body": {"events": [orjson.loads(orjson.dumps(r)) for r in (record(1, tenant_id=ALPHA), SEARCHED)]}},
+        200,
+    ),
     ("GET /v1/usage", {"query": WINDOW}, 200),
     ("GET /v1/transfers", {"query": {"limit": 5}}, 200),
     ("GET /v1/balances", {}, 200),
