@@ -283,10 +283,17 @@ def get_quote(
     tokens = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, web_searches)
     quote = cards.quote(provider, model, at, *tokens)
     if quote is None:
+        card = cards.card(provider, model, at) if web_searches else None
+        if card is not None:  # the tokens have a price, the searches none
+            source = f"price override {card.source_version!r}" if card.source == "override" else "genai-prices"
+            raise UnpricedModelError(
+                f"{source} has no price for web searches for provider {provider!r}, model {model!r} at "
+                f"{at.isoformat()}: calls with searches are held as unpriced (add a price override with "
+                "web_search_per_k)"
+            )
         raise UnpricedModelError(
-            f"no price for provider {provider!r}, model {model!r} at {at.isoformat()}"
-            + (" with web searches" if web_searches else "")
-            + ": calls to it are held as unpriced (add a price override)"
+            f"no price for provider {provider!r}, model {model!r} at {at.isoformat()}: calls to it are held as "
+            "unpriced (add a price override)"
         )
     too_much = over_call_limit(quote)
     if too_much is not None:  # such an event is rejected at ingest: never charged what a 200 would say

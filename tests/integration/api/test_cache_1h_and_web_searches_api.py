@@ -57,7 +57,11 @@ def test_quote_refuses_inconsistent_counts_and_searches_without_a_price(api, mak
     haiku = {"provider": "anthropic", "model": "claude-3-haiku-20240307", "input_tokens": 100}
     assert api.get("/v1/prices/quote", params=haiku, headers=reader).status_code == 200
     held = api.get("/v1/prices/quote", params={**haiku, "web_searches": 1}, headers=reader)
-    assert "with web searches" in assert_problem(held, 404, "unpriced_model")["detail"]
+    assert assert_problem(held, 404, "unpriced_model")["detail"].startswith(
+        "genai-prices has no price for web searches for provider 'anthropic', model 'claude-3-haiku-20240307'"
+    )
+    unknown = api.get("/v1/prices/quote", params={**haiku, "model": "nope", "web_searches": 1}, headers=reader)
+    assert assert_problem(unknown, 404, "unpriced_model")["detail"].startswith("no price for provider 'anthropic'")
 
 
 def test_overrides_take_and_show_the_new_prices_and_held_events_show_their_searches(
@@ -84,6 +88,11 @@ def test_overrides_take_and_show_the_new_prices_and_held_events_show_their_searc
     with session_factory() as session:
         audit = session.query(AuditLogRow).filter_by(action="price_override.add").one()
     assert (audit.after["cache_write_1h_mtok"], audit.after["web_search_per_k"]) == ("0.500000000", "10.000000000")
+    no_search = {**body, "id": "sonnet", "model_pattern": "claude-sonnet-*", "web_search_per_k": None}
+    assert api.post("/v1/admin/price-overrides", json=no_search, headers=admin).status_code == 201
+    sonnet = {"provider": "anthropic", "model": "claude-sonnet-4-6", "web_searches": 1}
+    detail = assert_problem(api.get("/v1/prices/quote", params=sonnet, headers=reader), 404, "unpriced_model")
+    assert detail["detail"].startswith("price override 'sonnet' has no price for web searches")
     quote = api.get("/v1/prices/quote", params={"provider": "anthropic", "model": "claude-3-haiku-20240307",
                                                 "web_searches": 2}, headers=reader)  # fmt: skip
     assert quote.status_code == 200 and quote.json()["cost_nanos"] == 20_000_000
