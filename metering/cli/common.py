@@ -68,12 +68,13 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") ->
         "in",
         "cache r/w",
         "out",
+        "searches",
         "usage",
         "latency ms",
         "billing",
         "charge $",
     ):
-        right = column in ("#", "in", "out", "latency ms", "charge $")
+        right = column in ("#", "in", "out", "searches", "latency ms", "charge $")
         table.add_column(column, justify="right" if right else "left")
     for row in rows:
         table.add_row(
@@ -86,8 +87,10 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") ->
             "yes" if row.is_failover else "",
             row.status + (f" ({row.error_type})" if row.error_type else ""),
             str(row.input_tokens),
-            f"{row.cache_read_tokens}/{row.cache_write_tokens}",
+            f"{row.cache_read_tokens}/{row.cache_write_tokens}"
+            + (f" ({row.cache_write_1h_tokens} 1h)" if row.cache_write_1h_tokens else ""),
             str(row.output_tokens),
+            str(row.web_searches or ""),
             row.usage_completeness,
             f"{row.latency_ms:.1f}",
             row.billing_status,

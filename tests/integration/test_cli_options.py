@@ -106,3 +106,17 @@ def test_invoke_params_nested_thousands_of_levels_deep_are_one_error_line(run) -
     done = run("invoke", "rewrite", "rewrite", "-p", deep)
     assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.exception
     assert done.stderr.startswith("error: --params is not valid JSON"), done.stderr
+
+
+def test_usage_shows_one_hour_cache_writes_and_web_searches(run, session_factory, monkeypatch) -> None:
+    """A call held for its searches showed no searches at all: nothing in the table said why it was held."""
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps a narrow table
+    held = record(0, user_id="dana", model="claude-3-haiku-20240307", input_tokens=500, cache_write_tokens=300,
+                  cache_write_1h_tokens=200, web_searches=3)  # fmt: skip
+    with session_factory() as session:
+        ingest(session, [event_from_record(held)])
+        session.commit()
+    done = run("usage", "--user", "dana")
+    assert done.exit_code == 0, done.output
+    [line] = [line for line in done.output.splitlines() if "claude-3-haiku" in line]
+    assert "20/300 (200 1h)" in line and " 3 " in line and "unpriced" in line
