@@ -8,6 +8,9 @@
    an event that is not billed has a net charge of zero (so no BYOLLM call is ever charged).
 5. The hourly rollups and the coarse rollups (platform per hour and day, users per day) equal a
    recomputation from the raw events (an independent GROUP BY in SQL).
+6. Per finalized month and user, the net usage charge posted in that month (charges minus their reversals, late
+   billings and re-rate corrections included) equals the total of the user's finalized invoice of it (0 without
+   one): nothing charged in a closed month is on no invoice, and no invoice shows what the ledger did not charge.
 
 All of them read one snapshot of the database (``metering.db.snapshot.read_snapshot``), so they can run while
 ingest commits.
@@ -81,6 +84,29 @@ def check_ledger(session: Session, report: CheckReport) -> None:
     for event_id, status, charge, net in mismatched[:20]:
         report.problems.append(f"event {event_id} ({status}): charge {charge} but {net} posted")
     check_wallets(session, report)
+    check_invoices(session, report)
+
+
+# Per (tenant, user, finalized period): the net usage charge posted in it, and its finalized invoice's total.
+_INVOICED = (
+    "SELECT tenant_id, user_id, period, sum(charged), sum(invoiced) FROM ("
+    " SELECT e.tenant_id, e.user_id, t.period,"
+    "  CASE WHEN t.kind = 'usage_charge' THEN t.amount_nanos ELSE -t.amount_nanos END AS charged, 0 AS invoiced"
+    " FROM transfers t JOIN usage_events e ON e.event_id = t.event_id"
+    " LEFT JOIN transfers r ON t.kind = 'reversal' AND r.id = t.reverses_id AND r.kind = 'usage_charge'"
+    " WHERE (t.kind = 'usage_charge' OR r.id IS NOT NULL) AND t.period IN (SELECT period FROM finalized_periods)"
+    " UNION ALL"
+    " SELECT tenant_id, user_id, period, 0, total_nanos FROM invoices WHERE status = 'finalized'"
+    ") x GROUP BY tenant_id, user_id, period HAVING sum(charged) <> sum(invoiced) ORDER BY period, tenant_id, user_id"
+)
+
+
+def check_invoices(session: Session, report: CheckReport) -> None:
+    """Each finalized month's invoices show exactly what the ledger charged each user in it (invariant 6)."""
+    for tenant, user, period, charged, invoiced in session.execute(text(_INVOICED)).all()[:20]:
+        report.problems.append(
+            f"period {period}, tenant {tenant!r}, user {user!r}: {int(charged)} nanos charged, {int(invoiced)} invoiced"
+        )
 
 
 def check_wallets(session: Session, report: CheckReport) -> None:

@@ -18,13 +18,14 @@ register_ledger_commands(billing_app)
 
 @billing_app.command()
 def check() -> None:
-    """Prove the ledger and rollup invariants against the database; exit 1 on any violation."""
+    """Prove the ledger, invoice and rollup invariants against the database; exit 1 on any violation."""
     with admin_session() as (session, _box):
         report = run_checks(session)
     console.print(f"accounts={report.accounts} transfers={report.transfers} rollups={report.rollups}")
     if report.ok:
         console.print("[green]ok[/]: balances sum to zero, cached balances match transfers, charges match events, "
-                      "rollups match raw events", markup=True)  # fmt: skip
+                      "finalized invoices match their months' charges, rollups match raw events",
+                      markup=True)  # fmt: skip
         return
     for problem in report.problems:
         console.print(f"[red]problem[/]: {escape(problem)}", markup=True, highlight=False)

@@ -331,3 +331,43 @@ def test_ids_holding_the_separator_never_share_an_invoice(session_factory) -> No
     assert sorted((i.tenant_id, i.user_id) for i in issued) == [("a", "b\x1fc"), ("a\x1fb", "c")]
     with session_factory() as session:
         assert session.scalar(select(func.count()).select_from(InvoiceRow).where(InvoiceRow.period == "2025-03")) == 2
+
+
+def test_the_checks_name_charges_of_a_finalized_month_that_its_invoices_do_not_show(session_factory) -> None:
+    """`billing check` proves that a finalized month's invoices show exactly what the ledger charged in it. A
+    charge posted into a closed month with no invoice for it (as versions before finalized_periods did for a user
+    who had no invoice there), or a finalized invoice whose total is not its period's charges, is named; finalizing
+    the month again issues the missing invoice."""
+    from metering.billing.checks import run_checks
+    from metering.db.models import FinalizedPeriodRow
+
+    march_usage(session_factory, "user-1")
+    with session_factory() as session:
+        invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+        assert run_checks(session).problems == []
+    with session_factory() as session:  # an earlier version: March closed only for user-1, who had an invoice
+        session.delete(session.get(FinalizedPeriodRow, "2025-03"))
+        session.commit()
+    ingest_records(session_factory, [record(0, user_id="user-2", occurred_at=MARCH)], now=END_OF_GRACE)
+    with session_factory() as session:
+        session.add(FinalizedPeriodRow(period="2025-03", finalized_at=END_OF_GRACE))  # migration 0007's backfill
+        session.commit()
+        _, late = billed_sum(session, "user-2", "2025-03")
+        problems = run_checks(session).problems
+    assert problems == [f"period 2025-03, tenant {TENANT!r}, user 'user-2': {late} nanos charged, 0 invoiced"]
+
+    with session_factory() as session:
+        session.execute(text("UPDATE invoices SET total_nanos = total_nanos + 7 WHERE user_id = 'user-1'"))
+        _, charged = billed_sum(session, "user-1", "2025-03")
+        problems = run_checks(session).problems
+        session.rollback()
+    assert (
+        f"period 2025-03, tenant {TENANT!r}, user 'user-1': {charged} nanos charged, {charged + 7} invoiced" in problems
+    )
+
+    with session_factory() as session:
+        (issued,) = invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+        assert (issued.user_id, issued.total_nanos) == ("user-2", late)
+        assert run_checks(session).problems == []
