@@ -86,7 +86,7 @@ class RateCard:
     source_version: str
     matched_model: str | None
 
-    def units(
+    def quote(
         self,
         input_tokens: int,
         output_tokens: int,
@@ -94,9 +94,10 @@ class RateCard:
         cache_write: int,
         cache_write_1h: int = 0,
         web_searches: int = 0,
-    ) -> int:
-        """sum(tokens * nano-USD-per-Mtok) + the searches' price: the exact cost in 1e-15 USD. A card without a
-        search price (``web_search`` None) cannot price a call with searches: ``RateCards.quote`` holds it."""
+    ) -> Quote:
+        """The call's exact cost in 1e-15 USD (sum(tokens * nano-USD-per-Mtok) + the searches' price), divided once,
+        half-even, to nanos, before and after markup. A card without a search price (``web_search`` None) cannot
+        price a call with searches: ``RateCards.quote`` holds it."""
         rate_in = _tiered(self.input, input_tokens)
         rate_read = rate_in if self.cache_read is None else _tiered(self.cache_read, input_tokens)
         rate_write = rate_in if self.cache_write is None else _tiered(self.cache_write, input_tokens)
@@ -113,35 +114,9 @@ class RateCard:
             if self.web_search is None:
                 raise ValueError("this rate card has no price for web searches")
             units += web_searches * self.web_search * PER_SEARCH_UNITS
-        return units
-
-    def cost_and_price(
-        self,
-        input_tokens: int,
-        output_tokens: int,
-        cache_read: int,
-        cache_write: int,
-        cache_write_1h: int = 0,
-        web_searches: int = 0,
-    ) -> tuple[int, int]:
-        units = self.units(input_tokens, output_tokens, cache_read, cache_write, cache_write_1h, web_searches)
         cost = div_half_even(units, MTOK)
         scale = 100 * self.markup_den
         price = div_half_even(units * (scale + self.markup_num), MTOK * scale)
-        return cost, price
-
-    def quote(
-        self,
-        input_tokens: int,
-        output_tokens: int,
-        cache_read: int,
-        cache_write: int,
-        cache_write_1h: int = 0,
-        web_searches: int = 0,
-    ) -> Quote:
-        cost, price = self.cost_and_price(
-            input_tokens, output_tokens, cache_read, cache_write, cache_write_1h, web_searches
-        )
         return Quote(cost, price, self.markup_pct, self.source, self.source_version, self.matched_model)  # type: ignore[arg-type]
 
 
