@@ -86,6 +86,11 @@ def credit_posting(
         raise InvalidInputError(f"kind must be 'credit' or 'adjustment', not {kind!r}")
     if not idempotency_key or len(idempotency_key) > MAX_KEY:
         raise InvalidInputError(f"an idempotency key is required, at most {MAX_KEY} characters")
+    if idempotency_key != idempotency_key.strip():  # the API's header never holds one: HTTP strips it
+        raise InvalidInputError(
+            "an idempotency key cannot start or end with whitespace (an HTTP header cannot carry it, so a retry "
+            "through the API would post a second time)"
+        )
     if memo is not None and len(memo) > MAX_MEMO:
         raise InvalidInputError(f"a memo has at most {MAX_MEMO} characters")
     if not tenant_id or not user_id:
