@@ -212,6 +212,11 @@ def reprice_cmd() -> None:
         f"priced {result.priced} held event(s) ({format_usd(result.charge_nanos)} charged, "
         f"{format_usd(result.cost_nanos)} provider cost); {result.still_unpriced} still unpriced"
     )
+    if result.still_unpriced:
+        console.print(
+            "an override prices only the events that occurred while it is effective (`overrides add --from`, "
+            "default now); `metering usage` shows the held events"
+        )
     if result.shadow_priced or result.shadow_unpriced:
         console.print(
             f"BYOLLM (never billed): shadow cost of {result.shadow_priced} event(s) now known "

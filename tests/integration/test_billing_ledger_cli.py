@@ -189,3 +189,21 @@ def test_an_override_with_one_hour_cache_writes_and_web_searches(run, session_fa
     bad = run("overrides", "add", "--provider", "anthropic", "--model", "x", "--input", "1", "--output", "1",
               "--web-search", "0.0000000001", code=1)  # fmt: skip
     assert "$ per 1,000 searches" in bad
+
+
+def test_reprice_says_why_events_stay_held_when_the_override_starts_after_them(run, session_factory) -> None:
+    """`overrides add` starts a price now by default: a reprice then left the past held events held, silently."""
+    now = datetime.now(UTC)
+    held = record(0, provider="ollama", model="llama3.1", occurred_at=now - timedelta(hours=2))
+    with session_factory() as session:
+        ingest(session, [event_from_record(held)], markup_pct=Decimal(20), now=now)
+        session.commit()
+    run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.1", "--output", "0.4")
+    out = run("reprice")
+    assert "priced 0 held event(s)" in out and "1 still unpriced" in out
+    assert "an override prices only the events that occurred while it is effective" in out
+    since = (now - timedelta(days=1)).isoformat()
+    run("overrides", "add", "--provider", "ollama", "--model", "llama3.1", "--input", "0.1", "--output", "0.4",
+        "--from", since)  # fmt: skip
+    out = run("reprice")
+    assert "priced 1 held event(s)" in out and "effective" not in out
