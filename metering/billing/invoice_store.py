@@ -27,7 +27,14 @@ from sqlalchemy.orm import QueryableAttribute, Session, aliased
 
 from metering.billing.invoices import Invoice, InvoiceLine, build_invoice, invoice_id
 from metering.billing.ledger import CURRENCY
-from metering.billing.periods import billing_period, finalizable, finalizable_at, parse_period, period_bounds
+from metering.billing.periods import (
+    billing_period,
+    finalizable,
+    finalizable_at,
+    parse_period,
+    period_bounds,
+    period_of,
+)
 from metering.billing.store import dialect, finalized_periods
 from metering.db.models import FinalizedPeriodRow, InvoiceLineRow, InvoiceRow, TransferRow, UsageEventRow
 from metering.db.row_lock import lock_sqlite_for_write
@@ -269,6 +276,11 @@ def finalize(session: Session, period: str, now: datetime, grace: timedelta, *, 
     """``finalize_period``, also telling whether the period was closed by this call, as read under the period's lock
     (read before it, a finalization that waited for a concurrent one would take the close for its own)."""
     check_period(period)
+    if period_of(now) < period:  # "2027-11" for "2026-11": every later event of that month would be billed late
+        raise PeriodOpenError(
+            f"period {period} has not started (it is {period_of(now)}): a month cannot be finalized before it "
+            "begins, even with --force"
+        )
     if not force and not finalizable(period, now, grace):
         at = finalizable_at(period, grace)
         raise PeriodOpenError(

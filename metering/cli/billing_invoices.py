@@ -124,7 +124,9 @@ def show_command(
 @invoices_app.command("finalize")
 def finalize_command(
     period: PeriodArg,
-    force: Annotated[bool, typer.Option("--force", help="Finalize even inside the grace period.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Finalize even inside the grace period (never a month that has not begun).")
+    ] = False,
 ) -> None:
     """Finalize a period's invoices (after its end plus the grace period). Running it again changes nothing."""
     grace = timedelta(hours=Settings().billing.invoice_grace_hours)

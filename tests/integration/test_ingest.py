@@ -267,7 +267,8 @@ def test_a_finalized_month_stays_closed_for_users_it_issued_nothing_to(session_f
     run(session_factory, [event(1, occurred_at=october)])
     with session_factory() as session:
         assert len(finalize_period(session, "2026-10", NOW, td(hours=72))) == 1
-        assert finalize_period(session, "2026-12", NOW, td(0), force=True) == []  # nothing billed: still closed
+        first_minute = datetime(2026, 12, 1, 0, 0, 30, tzinfo=UTC)  # a month cannot be finalized before it begins
+        assert finalize_period(session, "2026-12", first_minute, td(0), force=True) == []  # nothing billed: closed
         session.commit()
     newcomer = event(2, user_id="user-2", occurred_at=datetime(2026, 10, 20, 10, tzinfo=UTC))
     december = event(3, user_id="user-3", occurred_at=datetime(2026, 12, 1, tzinfo=UTC))

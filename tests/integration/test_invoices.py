@@ -371,3 +371,20 @@ def test_the_checks_name_charges_of_a_finalized_month_that_its_invoices_do_not_s
         session.commit()
         assert (issued.user_id, issued.total_nanos) == ("user-2", late)
         assert run_checks(session).problems == []
+
+
+def test_a_month_cannot_be_finalized_before_it_begins_even_forced(session_factory) -> None:
+    """`invoices finalize 2027-11 --force` (a typo for 2026-11) closed a month that had not begun: every event of it
+    was then billed late into the next one."""
+    from metering.billing.store import finalized_periods
+
+    now = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    with session_factory() as session:
+        with pytest.raises(PeriodOpenError, match=r"period 2027-11 has not started \(it is 2026-11\)"):
+            invoice_store.finalize_period(session, "2027-11", now, GRACE, force=True)
+        with pytest.raises(PeriodOpenError, match="has not started"):
+            invoice_store.finalize_period(session, "2026-12", now, GRACE, force=True)
+        assert invoice_store.finalize_period(session, "2026-11", now, GRACE, force=True) == []  # the current one: yes
+        session.commit()
+    with session_factory() as session:
+        assert finalized_periods(session) == {"2026-11"}
