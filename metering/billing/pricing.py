@@ -139,7 +139,6 @@ class PriceOverride:
         write_rate = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
         write_1h_rate = write_rate if self.cache_write_1h_mtok is None else self.cache_write_1h_mtok
         uncached = input_tokens - cache_read_tokens - cache_write_tokens
-        searches = web_searches * (self.web_search_per_k or 0) / _THOUSAND
         with localcontext(_CTX):
             return (
                 uncached * self.input_mtok
@@ -147,7 +146,7 @@ class PriceOverride:
                 + (cache_write_tokens - cache_write_1h_tokens) * write_rate
                 + cache_write_1h_tokens * write_1h_rate
                 + output_tokens * self.output_mtok
-            ) / _MTOK + searches
+            ) / _MTOK + web_searches * (self.web_search_per_k or 0) / _THOUSAND
 
     def matches(self, provider: str, model: str) -> bool:
         return self.provider.lower() == provider.lower() and glob_match(self.model_pattern, model)
