@@ -46,11 +46,16 @@ MAX_LAST = 10_000  # events one `metering usage` shows
 @app.command()
 def usage(
     last: Annotated[int, typer.Option(min=1, max=MAX_LAST, help="How many events.")] = 20,
-    user: Annotated[str | None, typer.Option("--user", "-u")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's (of every tenant).")] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant's.")] = None,
 ) -> None:
-    """Show the most recent recorded usage events."""
+    """Show the most recent recorded usage events, with their tenant, user and extension."""
     with admin_session() as (session, _box):
-        rows = recent_events(session, limit=last, user_id=user)
-        whose = f" of user {user}" if user is not None else ""
-        total = count_events(session, user_id=user)
-        console.print(usage_table(list(reversed(rows)), title=f"Last {len(rows)} of {total} events{whose}"))
+        rows = recent_events(session, limit=last, user_id=user, tenant_id=tenant)
+        whose = (f" of user {user}" if user is not None else "") + (
+            f" of tenant {tenant}" if tenant is not None else ""
+        )
+        total = count_events(session, user_id=user, tenant_id=tenant)
+        owners = [name for name, given in (("tenant", tenant), ("user", user)) if given is None] + ["extension"]
+        title = f"Last {len(rows)} of {total} events{whose}"
+        console.print(usage_table(list(reversed(rows)), title=title, owners=owners))

@@ -54,9 +54,13 @@ async def _run(factory: Callable[[], Awaitable[T]]) -> T:
     return await factory()
 
 
-def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") -> Table:
+def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *, owners: Sequence[str] = ()) -> Table:
+    """One row per event; ``owners`` (of ``tenant``, ``user``, ``extension``) first, when the events may be of
+    several (a user id is unique only within its tenant)."""
     table = Table(title=title, title_justify="left")
+    owner_columns = {"tenant": "tenant_id", "user": "user_id", "extension": "extension_id"}
     for column in (
+        *owners,
         "#",
         "function",
         "purpose",
@@ -78,6 +82,7 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage") ->
         table.add_column(column, justify="right" if right else "left")
     for row in rows:
         table.add_row(
+            *(getattr(row, owner_columns[owner]) for owner in owners),
             str(row.call_index),
             row.function,
             row.purpose,

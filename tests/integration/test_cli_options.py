@@ -120,3 +120,28 @@ def test_usage_shows_one_hour_cache_writes_and_web_searches(run, session_factory
     assert done.exit_code == 0, done.output
     [line] = [line for line in done.output.splitlines() if "claude-3-haiku" in line]
     assert "20/300 (200 1h)" in line and " 3 " in line and "unpriced" in line
+
+
+def test_usage_tells_the_tenants_and_extensions_of_a_user_id_apart(run, session_factory) -> None:
+    """A user id is unique only within its tenant: ``--user ann`` showed two tenants' ann as one user, with no tenant
+    nor extension in the table (whose events, which extension spent it, could not be read), and no way to ask for one
+    tenant's ann."""
+    records = [
+        record(0, tenant_id="acme", user_id="ann", extension_id="summarize"),
+        record(1, tenant_id="globex", user_id="ann", extension_id="rewrite"),
+        record(2, tenant_id="globex", user_id="bob", extension_id="rewrite"),
+    ]
+    with session_factory() as session:
+        ingest(session, [event_from_record(r) for r in records])
+        session.commit()
+    both = run("usage", "--user", "ann")
+    assert both.exit_code == 0 and "Last 2 of 2 events of user ann" in both.output, both.output
+    lines = [line for line in both.output.splitlines() if "claude-sonnet" in line]
+    assert len(lines) == 2
+    assert any("acme" in line and "summarize" in line for line in lines), both.output
+    assert any("globex" in line and "rewrite" in line for line in lines), both.output
+    one = run("usage", "--tenant", "globex", "--user", "ann")
+    assert one.exit_code == 0 and "Last 1 of 1 events of user ann of tenant globex" in one.output, one.output
+    assert "acme" not in one.output
+    tenant = run("usage", "--tenant", "globex")
+    assert tenant.exit_code == 0 and "Last 2 of 2 events of tenant globex" in tenant.output, tenant.output
