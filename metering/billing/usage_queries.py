@@ -5,8 +5,9 @@ rollup's own hour. Each query reads the coarsest rollups that have what it group
 (``_sources``): per-user daily or hourly rollups for tenants and users, else the platform rollups (per hour, and
 per UTC day for the window's whole days). ``day`` is the UTC date of the hour: ``substr(hour, 1, 10)`` of
 SQLite's stored text (naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``), ``CAST(timezone('UTC', hour) AS DATE)`` of
-PostgreSQL's timestamptz (independent of the session time zone), or the daily rollup's own day.
-Grouping and summing happen in SQL.
+PostgreSQL's timestamptz (independent of the session time zone), or the daily rollup's own day. ``provider``
+is grouped and filtered lowercased: events stored before provider names were lowercased keep their spelling
+(``OpenAI``), and are the same provider. Grouping and summing happen in SQL.
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def _days_and_edges(
 def _group_expression(session: Session, table: Table, name: str) -> ColumnElement[Any]:
     if name == "day":
         return table.c.day if "day" in table.c else _day(session, table.c.hour)
+    if name == "provider":  # as the filter: events stored before names were lowercased keep their spelling
+        return func.lower(table.c.provider)
     return table.c[_COLUMNS[name]]  # type: ignore[no-any-return]
 
 

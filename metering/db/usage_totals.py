@@ -40,7 +40,8 @@ class LabelTotals:
 
 def usage_totals(session: Session) -> list[LabelTotals]:
     """All-time sums of ``TOTAL_COLUMNS`` per (provider, model, purpose, extension, byollm, status)."""
-    keys = (R.provider, R.model, R.purpose, R.extension_id, R.is_byollm, R.status)
+    # lowercased: events stored before provider names were lowercased keep their spelling (``OpenAI``)
+    keys = (func.lower(R.provider), R.model, R.purpose, R.extension_id, R.is_byollm, R.status)
     sums = [func.sum(getattr(R, column)) for column in TOTAL_COLUMNS]
     rows = session.execute(select(*keys, *sums).group_by(*keys).order_by(*keys))
     return [

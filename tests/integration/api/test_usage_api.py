@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from metering.auth import Scope
 from metering.billing.usage_queries import GROUPS
+from metering.db.usage_totals import usage_totals
 from tests.integration.api.conftest import assert_problem, bearer
 from tests.integration.api.read_data import ALPHA, BETA, T0, comparable, expected_rows, seed, stored_events, total
 
@@ -273,3 +274,27 @@ def test_a_window_inside_the_last_day_datetimes_hold_is_answered(client, reader,
     response = client.get("/v1/usage", params=window | params, headers=reader)
     assert response.status_code == 200, response.text
     assert response.json()["totals"]["calls"] == 0
+
+
+@pytest.mark.parametrize("params", [{}, {"group_by": "hour"}, {"group_by": "day"}, {"tenant_id": BETA}])
+def test_events_stored_with_an_old_provider_spelling_group_with_their_provider(
+    client, reader, events, session_factory, params
+):
+    """Events stored before provider names were lowercased keep their spelling ("OpenAI"): provider=openai matched
+    them, but group_by=provider answered them apart ("OpenAI" and "openai", neither the filter's total), and so
+    did /metrics' provider label."""
+    legacy = "gpt-4o"
+    with session_factory() as session:
+        for table in ("usage_events", "usage_rollups", "platform_usage_hourly", "platform_usage_daily"):
+            session.execute(text(f"UPDATE {table} SET provider = 'OpenAI' WHERE model = :m"), {"m": legacy})
+        session.commit()
+        assert {r.provider for r in usage_totals(session)} == {"anthropic", "openai"}
+    group_by = ",".join(filter(None, ["provider", params.get("group_by")]))
+    body = _usage(client, reader, **{**params, "group_by": group_by})
+    openai = [e for e in events if e.provider == "openai" and params.get("tenant_id", e.tenant_id) == e.tenant_id]
+    assert {r["provider"] for r in body["rows"]} == {"anthropic", "openai"}
+    rows = [r for r in body["rows"] if r["provider"] == "openai"]
+    assert sum(r["calls"] for r in rows) == len(openai)
+    assert sum(r["billed_nanos"] for r in rows) == sum(e.charge_nanos for e in openai)
+    filtered = _usage(client, reader, **{k: v for k, v in params.items() if k != "group_by"}, provider="OpenAI")
+    assert filtered["totals"]["calls"] == len(openai)
