@@ -4,8 +4,9 @@
 2. Each account's cached balance equals credits minus debits over its transfers.
 3. Every transfer names existing accounts; every wallet is its (tenant, user)'s, and every usage charge debits
    the wallet of its event's tenant and user.
-4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos;
-   an event that is not billed has a net charge of zero (so no BYOLLM call is ever charged).
+4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos, and
+   the net provider cost posted its cost_nanos; an event that is not billed has a net charge and cost of zero.
+   Every BYOLLM event is ``excluded_byollm`` (Policy A: never billed, whatever its other columns say).
 5. The hourly rollups and the coarse rollups (platform per hour and day, users per day) equal a
    recomputation from the raw events (an independent GROUP BY in SQL).
 6. Per finalized month and user, the net usage charge posted in that month (charges minus their reversals, late
@@ -70,23 +71,33 @@ def check_ledger(session: Session, report: CheckReport) -> None:
     )
     if orphans:
         report.problems.append(f"{orphans} transfers name an account that does not exist")
-    mismatched = session.execute(
+    for kind, column, name in (("usage_charge", "charge_nanos", "charge"), ("provider_cost", "cost_nanos", "cost")):
+        for event_id, status, amount, net in session.execute(text(_NET_MISMATCHES.format(kind=kind, column=column))):
+            report.problems.append(f"event {event_id} ({status}): {name} {amount} but {net} posted")
+    byollm_billed = session.execute(
         text(
-            "SELECT e.event_id, e.billing_status, e.charge_nanos, coalesce(n.net, 0) FROM usage_events e "
-            "LEFT JOIN (SELECT t.event_id, sum(CASE WHEN r.id IS NULL THEN t.amount_nanos ELSE -t.amount_nanos END)"
-            " AS net FROM transfers t LEFT JOIN transfers r ON t.kind = 'reversal' AND r.id = t.reverses_id "
-            "  AND r.kind = 'usage_charge' "
-            " WHERE t.event_id IS NOT NULL AND (t.kind = 'usage_charge' OR r.id IS NOT NULL) GROUP BY t.event_id) n"
-            " ON n.event_id = e.event_id "
-            "WHERE coalesce(n.net, 0) <> CASE WHEN e.billing_status = 'billed' THEN e.charge_nanos ELSE 0 END"
+            "SELECT event_id, billing_status FROM usage_events WHERE is_byollm AND billing_status <> "
+            "'excluded_byollm' ORDER BY event_id LIMIT 20"
         )
     ).all()
-    for event_id, status, charge, net in mismatched[:20]:
-        report.problems.append(f"event {event_id} ({status}): charge {charge} but {net} posted")
+    for event_id, status in byollm_billed:
+        report.problems.append(f"event {event_id} is a BYOLLM call but {status}, not excluded_byollm (Policy A)")
     check_wallets(session, report)
     check_invoices(session, report)
 
 
+# Per event: the net amount of one transfer kind posted (those transfers minus their reversals) against the event's
+# column for it (0 unless billed); at most 20 that differ.
+_NET_MISMATCHES = (
+    "SELECT e.event_id, e.billing_status, e.{column}, coalesce(n.net, 0) FROM usage_events e "
+    "LEFT JOIN (SELECT t.event_id, sum(CASE WHEN r.id IS NULL THEN t.amount_nanos ELSE -t.amount_nanos END)"
+    " AS net FROM transfers t LEFT JOIN transfers r ON t.kind = 'reversal' AND r.id = t.reverses_id "
+    "  AND r.kind = '{kind}' "
+    " WHERE t.event_id IS NOT NULL AND (t.kind = '{kind}' OR r.id IS NOT NULL) GROUP BY t.event_id) n"
+    " ON n.event_id = e.event_id "
+    "WHERE coalesce(n.net, 0) <> CASE WHEN e.billing_status = 'billed' THEN e.{column} ELSE 0 END "
+    "ORDER BY e.event_id LIMIT 20"
+)
 # Per (tenant, user, finalized period): the net usage charge posted in it, and its finalized invoice's total.
 _INVOICED = (
     "SELECT tenant_id, user_id, period, sum(charged), sum(invoiced) FROM ("

@@ -493,3 +493,27 @@ def test_a_rejection_quotes_little_of_the_input_and_no_control_characters(sessio
     (rejection,) = result.rejected
     assert "\x00" not in rejection.reason and "a\\x00b" in rejection.reason and "(and 22 more)" in rejection.reason
     assert rejection.event_id is not None and len(rejection.event_id) <= 64 and "\x00" not in rejection.event_id
+
+
+def test_the_checks_catch_a_provider_cost_posted_wrong_and_a_billed_byollm_event(session_factory) -> None:
+    """The checks proved each event's net charge, but not its provider cost, and not Policy A by itself: a cost
+    transfer of the wrong amount, and a BYOLLM event marked billed with its charge posted, both passed."""
+    from sqlalchemy import text
+
+    e, byollm = event(1), event(2, is_byollm=True)
+    run(session_factory, [e, byollm])
+    assert run_checks_ok(session_factory)
+    with session_factory() as session:  # the cost transfer and both accounts moved alike: balances still agree
+        cost = session.scalar(select(TransferRow.amount_nanos).where(TransferRow.kind == "provider_cost"))
+        session.execute(text("UPDATE transfers SET amount_nanos = amount_nanos + 7 WHERE kind = 'provider_cost'"))
+        session.execute(text("UPDATE accounts SET balance_nanos = balance_nanos - 7 WHERE kind = 'provider_cost'"))
+        session.execute(text("UPDATE accounts SET balance_nanos = balance_nanos + 7 WHERE kind = 'provider_payable'"))
+        report = run_checks(session)
+        session.rollback()
+    [problem] = [p for p in report.problems if "posted" in p]
+    assert problem.endswith(f" (billed): cost {cost} but {cost + 7} posted"), report.problems
+    with session_factory() as session:  # Policy A broken in the event row alone
+        session.execute(text("UPDATE usage_events SET billing_status = 'unpriced' WHERE is_byollm = :t"), {"t": True})
+        report = run_checks(session)
+        session.rollback()
+    assert any("is a BYOLLM call but unpriced, not excluded_byollm (Policy A)" in p for p in report.problems)
