@@ -28,6 +28,7 @@ from metering.llm.types import (
     StreamEnd,
     StreamItem,
     TextDelta,
+    TokenUsage,
     UsageSoFar,
 )
 from metering.llm.usage import from_anthropic
@@ -66,7 +67,12 @@ def _usage_count(usage: Any, key: str) -> Any:
 
 
 def _merge_usage(
-    into: dict[str, Any], usage: Any, *, output_final: bool = False, searches_seen: int = 0
+    into: dict[str, Any],
+    usage: Any,
+    *,
+    output_final: bool = False,
+    searches_seen: int = 0,
+    searches_final: bool = False,
 ) -> UsageSoFar | None:
     """Stream usage: message_start carries input (and cache) counts, message_delta cumulative output and server tool
     use (e.g. web searches), and, from the API today, the input counts again (cumulative too, they never fall below
@@ -84,19 +90,32 @@ def _merge_usage(
         if value is None or (value == 0 and key != "output_tokens" and into.get(key)):
             continue
         into[key] = value
-    return _usage_so_far(into, output_final, searches_seen)
+    return _usage_so_far(into, output_final, searches_seen, searches_final)
 
 
-def _usage_so_far(into: dict[str, Any], output_final: bool, searches_seen: int) -> UsageSoFar | None:
-    """The usage reported so far, if usable. Until the final counts (message_delta), its web searches are at least
-    those whose results the stream has shown (``searches_seen``): the provider counts them only at the end, and
-    charges them whether or not the stream gets there."""
-    so_far = from_anthropic({"output_tokens": 0, **into})
+def _usage_so_far(
+    into: dict[str, Any], output_final: bool, searches_seen: int, searches_final: bool
+) -> UsageSoFar | None:
+    """The usage reported so far, if usable (its web searches as ``_with_searches``)."""
+    so_far = _with_searches(from_anthropic({"output_tokens": 0, **into}), searches_seen, searches_final)
     if so_far.completeness is not UsageCompleteness.REPORTED:
         return None
-    if not output_final and so_far.web_searches < searches_seen:
-        so_far = replace(so_far, web_searches=searches_seen)
     return UsageSoFar(so_far, output_final)
+
+
+def _with_searches(usage: TokenUsage, searches_seen: int, searches_final: bool) -> TokenUsage:
+    """Until message_delta gives the provider's search count (``searches_final``: its ``server_tool_use``), the web
+    searches are at least those whose results the stream has shown (``searches_seen``): the provider counts them only
+    at the end, and charges them whether or not the stream gets there. A message_delta with the output count and no
+    ``server_tool_use`` (a gateway passing on only the counts it knows) has not given it."""
+    if searches_final or usage.completeness is not UsageCompleteness.REPORTED or usage.web_searches >= searches_seen:
+        return usage
+    return replace(usage, web_searches=searches_seen)
+
+
+def _gives_searches(usage: Any) -> bool:
+    """Whether a message_delta's usage gives the provider's search count."""
+    return _usage_count(_usage_count(usage, "server_tool_use"), "web_search_requests") is not None
 
 
 def _is_web_search_result(block: Any) -> bool:
@@ -177,6 +196,7 @@ class AnthropicProvider:
         usage: dict[str, Any] = {}
         final_usage = False  # message_delta gave the final output count (message_start's is a placeholder)
         searches_seen = 0  # web search results shown so far (the provider's count comes in message_delta)
+        searches_final = False  # message_delta gave the provider's search count
         stop_reason: str | None = None
         model = request.model
         finished = False
@@ -193,7 +213,7 @@ class AnthropicProvider:
                     elif kind == "content_block_start":
                         if _is_web_search_result(getattr(event, "content_block", None)):
                             searches_seen += 1
-                            if so_far := _usage_so_far(usage, final_usage, searches_seen):
+                            if so_far := _usage_so_far(usage, final_usage, searches_seen, searches_final):
                                 yield so_far
                     elif kind == "message_start":
                         model = getattr(event.message, "model", None) or model
@@ -203,8 +223,13 @@ class AnthropicProvider:
                         stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
                         delta_usage = getattr(event, "usage", None)
                         final_usage = final_usage or _usage_count(delta_usage, "output_tokens") is not None
+                        searches_final = searches_final or _gives_searches(delta_usage)
                         if so_far := _merge_usage(
-                            usage, delta_usage, output_final=final_usage, searches_seen=searches_seen
+                            usage,
+                            delta_usage,
+                            output_final=final_usage,
+                            searches_seen=searches_seen,
+                            searches_final=searches_final,
                         ):
                             yield so_far
                     elif kind == "message_stop":
@@ -217,7 +242,9 @@ class AnthropicProvider:
             raise incomplete_stream(self.name)
         yield StreamEnd(
             # without message_delta's counts, the output is unknown: the caller keeps the input reported so far
-            usage=from_anthropic(usage) if final_usage else MISSING_USAGE,
+            usage=_with_searches(from_anthropic(usage), searches_seen, searches_final)
+            if final_usage
+            else MISSING_USAGE,
             stop_reason=bounded_stop_reason(stop_reason),
             model=model,
         )

@@ -461,3 +461,33 @@ async def test_a_failed_search_is_not_counted_and_the_final_count_is_the_provide
     assert so_far == [0, 1, 2, 1]  # the error result between the two text deltas counts nothing
     end = items[-1]
     assert isinstance(end, StreamEnd) and end.usage.web_searches == 1
+
+
+def _edit_message_delta(server: FakeAnthropicServer, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Have the server's message_delta usage edited (as a compatible gateway may send it)."""
+    original = server.stream_frames
+
+    def frames(body, reply):
+        for frame in original(body, reply):
+            if frame is not None and frame.startswith(b"event: message_delta"):
+                data = json.loads(frame.split(b"data: ", 1)[1])
+                edit(data["usage"])
+                frame = b"event: message_delta\ndata: " + json.dumps(data).encode() + b"\n\n"
+            yield frame
+
+    server.stream_frames = frames  # type: ignore[method-assign]
+
+
+async def test_a_message_delta_without_server_tool_use_keeps_the_searches_the_stream_showed(
+    anthropic_server, make
+) -> None:
+    """A message_delta that gives the output count but no ``server_tool_use`` (a gateway that passes on only the
+    counts it knows) has not given the provider's search count: the searches whose results the stream showed are
+    still charged, in the usage so far and at the end (they were dropped: 0 searches billed)."""
+    _edit_message_delta(anthropic_server, lambda usage: usage.pop("server_tool_use"))
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    so_far = [item.usage.web_searches for item in items if isinstance(item, UsageSoFar)]
+    assert so_far == [0, 1, 2, 2]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage == SEARCHED
