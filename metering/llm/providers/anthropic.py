@@ -47,6 +47,10 @@ _USAGE_KEYS = (
     "cache_creation",
     "server_tool_use",
 )
+_NESTED_COUNTS = {
+    "cache_creation": ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"),
+    "server_tool_use": ("web_search_requests", "web_fetch_requests"),
+}
 _ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
@@ -80,17 +84,26 @@ def _merge_usage(
     ``server_tool_use``) is kept as it is, for ``from_anthropic`` to read.
 
     An input count of 0 after one that was not (a gateway's 0 for an input count it does not know, in message_delta)
-    is no count: the earlier one is kept. A count after a 0 (a gateway counting only at the end) replaces it.
+    is no count: the earlier one is kept. So is a nested object whose counts are all 0 after one whose counts were not
+    (a gateway's zeros for the cache writes by TTL). A count after a 0 (a gateway counting only at the end) replaces it.
     Returns the usage reported so far, when it holds usable counts (an output count not given yet is 0).
     """
     if usage is None:
         return None
     for key in _USAGE_KEYS:
         value = _usage_count(usage, key)
-        if value is None or (value == 0 and key != "output_tokens" and into.get(key)):
+        if value is None or (key != "output_tokens" and _is_zero(key, value) and not _is_zero(key, into.get(key, 0))):
             continue
         into[key] = value
     return _usage_so_far(into, output_final, searches_seen, searches_final)
+
+
+def _is_zero(key: str, value: Any) -> bool:
+    """A count of 0, or a nested object (``cache_creation``, ``server_tool_use``) whose counts are all 0 or absent."""
+    fields = _NESTED_COUNTS.get(key)
+    if fields is None:
+        return bool(value == 0)
+    return all(not _usage_count(value, field) for field in fields)
 
 
 def _usage_so_far(
@@ -114,8 +127,11 @@ def _with_searches(usage: TokenUsage, searches_seen: int, searches_final: bool) 
 
 
 def _gives_searches(usage: Any) -> bool:
-    """Whether a message_delta's usage gives the provider's search count."""
-    return _usage_count(_usage_count(usage, "server_tool_use"), "web_search_requests") is not None
+    """Whether a message_delta's usage gives the provider's search count: one that is not 0 (a 0 after searches the
+    stream showed is a gateway's 0 for a count it does not know: the provider charges them; with none shown, the
+    searches are 0 either way)."""
+    count = _usage_count(_usage_count(usage, "server_tool_use"), "web_search_requests")
+    return count is not None and count != 0
 
 
 def _is_web_search_result(block: Any) -> bool:

@@ -491,3 +491,31 @@ async def test_a_message_delta_without_server_tool_use_keeps_the_searches_the_st
     assert so_far == [0, 1, 2, 2]
     end = items[-1]
     assert isinstance(end, StreamEnd) and end.usage == SEARCHED
+
+
+async def test_a_zero_cache_creation_in_message_delta_keeps_message_starts_one_hour_writes(
+    anthropic_server, make
+) -> None:
+    """A gateway's zeros in message_delta for the cache writes by TTL it does not know are no counts, like its 0
+    input or cache counts there: message_start's breakdown is kept (the 1-hour writes were billed as 5-minute ones)."""
+    zeros = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
+    _edit_message_delta(
+        anthropic_server,
+        lambda usage: usage.update(cache_creation_input_tokens=0, cache_read_input_tokens=0, cache_creation=zeros),
+    )
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage == SEARCHED
+
+
+async def test_a_zero_search_count_in_message_delta_keeps_the_searches_the_stream_showed(
+    anthropic_server, make
+) -> None:
+    """The provider charges every search whose results it showed: a 0 in message_delta after them (a gateway's 0 for
+    a count it does not know) is no count; a count that is not 0 is the provider's, even below them."""
+    _edit_message_delta(anthropic_server, lambda usage: usage.update(server_tool_use={"web_search_requests": 0}))
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage == SEARCHED
