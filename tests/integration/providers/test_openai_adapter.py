@@ -294,3 +294,42 @@ async def test_no_choices_is_an_invalid_response(openai_server, make) -> None:
     with pytest.raises(ProviderError) as info:
         await make().complete(request())
     assert info.value.error_type == "invalid_response"
+
+
+# -- review: reasoning beside completion (xAI), DeepSeek's cache hits, through the SDK --------------------------
+
+XAI_STYLE = {  # reasoning beside completion (total = 32 + 9 + 94), cache hits the DeepSeek way
+    "prompt_tokens": 32,
+    "completion_tokens": 9,
+    "total_tokens": 135,
+    "completion_tokens_details": {"reasoning_tokens": 94},
+    "prompt_cache_hit_tokens": 6,
+}
+O_SERIES = {  # OpenAI's own: reasoning inside completion, total = prompt + completion, cached inside prompt
+    "prompt_tokens": 1500,
+    "completion_tokens": 500,
+    "total_tokens": 2000,
+    "prompt_tokens_details": {"cached_tokens": 1024},
+    "completion_tokens_details": {"reasoning_tokens": 400},
+}
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (XAI_STYLE, TokenUsage(32, 103, cache_read_tokens=6, reasoning_tokens=94)),
+        (O_SERIES, TokenUsage(1500, 500, cache_read_tokens=1024, reasoning_tokens=400)),
+        # both cache fields (a gateway in front of DeepSeek): OpenAI's, never their sum
+        ({**XAI_STYLE, "prompt_tokens_details": {"cached_tokens": 6}}, TokenUsage(32, 103, 6, reasoning_tokens=94)),
+    ],
+)
+async def test_the_sdk_objects_normalise_alike_in_calls_and_streams(openai_server, make, usage, expected) -> None:
+    """The SDK keeps the fields it does not know (prompt_cache_hit_tokens) as attributes; the usage chunk of a stream
+    (include_usage) is read as the call's usage, both as the usage so far and at the end."""
+    openai_server.script(Reply(usage=usage), Reply(text="one two", usage=usage))
+    provider = make()
+    assert (await provider.complete(request())).usage == expected
+    items = [item async for item in provider.stream(request())]
+    so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
+    end = items[-1]
+    assert so_far == [expected] and isinstance(end, StreamEnd) and end.usage == expected
