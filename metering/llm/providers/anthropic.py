@@ -85,17 +85,28 @@ def _merge_usage(
 
     An input count of 0 after one that was not (a gateway's 0 for an input count it does not know, in message_delta)
     is no count: the earlier one is kept. So is a nested object whose counts are all 0 after one whose counts were not
-    (a gateway's zeros for the cache writes by TTL). A count after a 0 (a gateway counting only at the end) replaces it.
+    (a gateway's zeros for the cache writes by TTL), and a cache writes' total of 0 after their breakdown alone, which
+    stood in for it. A count after a 0 (a gateway counting only at the end) replaces it.
     Returns the usage reported so far, when it holds usable counts (an output count not given yet is 0).
     """
     if usage is None:
         return None
     for key in _USAGE_KEYS:
         value = _usage_count(usage, key)
-        if value is None or (key != "output_tokens" and _is_zero(key, value) and not _is_zero(key, into.get(key, 0))):
+        if value is None or (
+            key != "output_tokens" and _is_zero(key, value) and not _is_zero(key, _earlier(into, key))
+        ):
             continue
         into[key] = value
     return _usage_so_far(into, output_final, searches_seen, searches_final)
+
+
+def _earlier(into: dict[str, Any], key: str) -> Any:
+    """What a stream has given for ``key`` so far (0 for nothing). The cache writes' total not given yet is their
+    breakdown (``from_anthropic`` sums it in its stead), so a 0 for it later does not drop the writes."""
+    if key == "cache_creation_input_tokens" and key not in into:
+        return 0 if _is_zero("cache_creation", into.get("cache_creation", 0)) else 1
+    return into.get(key, 0)
 
 
 def _is_zero(key: str, value: Any) -> bool:

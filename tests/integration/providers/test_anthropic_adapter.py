@@ -519,3 +519,17 @@ async def test_a_zero_search_count_in_message_delta_keeps_the_searches_the_strea
     items = [item async for item in make().stream(request())]
     end = items[-1]
     assert isinstance(end, StreamEnd) and end.usage == SEARCHED
+
+
+async def test_a_zero_cache_write_total_in_message_delta_keeps_the_breakdown_that_stood_in_for_it(
+    anthropic_server, make
+) -> None:
+    """A gateway whose message_start gives the cache writes by TTL without their total (the breakdown's sum stands in
+    for it), then 0 for the total in message_delta: that 0 is no count, as after a total that was given (the writes,
+    1-hour ones too, were dropped from the input: 300 tokens billed as none)."""
+    usage = {key: value for key, value in SEARCHED_USAGE.items() if key != "cache_creation_input_tokens"}
+    _edit_message_delta(anthropic_server, lambda delta: delta.update(cache_creation_input_tokens=0))
+    anthropic_server.script(Reply(text="one two", usage=usage))
+    items = [item async for item in make().stream(request())]
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage == SEARCHED
