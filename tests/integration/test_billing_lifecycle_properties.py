@@ -28,7 +28,6 @@ from metering.billing.export import invoice_csv, ledger_csv
 from metering.billing.ingest import ingest
 from metering.billing.invoices import Invoice
 from metering.billing.ledger import wallet_id
-from metering.billing.overrides import add_override
 from metering.billing.periods import next_period, period_of
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import apply_rerate
@@ -37,6 +36,7 @@ from metering.db.models import TransferRow, UsageEventRow
 from metering.events import UsageEvent, event_from_record
 from tests.conftest import _clean
 from tests.fakes.events import record
+from tests.integration.lifecycle_steps import finalize_step, override_step
 
 NOW = datetime(2026, 3, 10, tzinfo=UTC)
 PERIODS = ("2025-11", "2025-12", "2026-01", "2026-02")  # across a year's end
@@ -107,13 +107,9 @@ def _apply(session, step: tuple, number: int, replays: list[UsageEvent]) -> None
         ingest(session, [*events, *(replays[-3:] if replay else [])], markup_pct=MARKUPS[1], now=NOW)
         replays.extend(events)
     elif kind == "finalize":
-        invoice_store.finalize_period(session, args[0], NOW, timedelta(hours=72), force=True)
+        finalize_step(session, args[0], NOW)
     elif kind == "override":
-        provider, price, markup = args
-        start = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=number)  # the latest override wins
-        add_override(session, provider=provider, model_pattern="*", effective_from=start,
-                     effective_to=None, input_mtok=Decimal(price), output_mtok=Decimal(price) * 4, markup_pct=markup,
-                     id=f"o{number}")  # fmt: skip
+        override_step(session, number, *args)
     elif kind == "reprice":
         reprice_held(session, markup_pct=args[0], now=NOW)
     elif kind == "rerate":

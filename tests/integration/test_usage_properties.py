@@ -15,9 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from metering.billing import invoice_store
 from metering.billing.ingest import ingest
-from metering.billing.overrides import add_override
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import apply_rerate
 from metering.billing.rollup import latency_us
@@ -27,6 +25,7 @@ from metering.db.usage_totals import TOTAL_COLUMNS, unpriced_events, usage_total
 from metering.events import UsageEvent, event_from_record
 from tests.conftest import _clean
 from tests.fakes.events import record
+from tests.integration.lifecycle_steps import finalize_step, override_step
 
 NOW = datetime(2026, 3, 10, tzinfo=UTC)
 BASE = datetime(2026, 1, 30, tzinfo=UTC)  # events over four days around a month's end
@@ -95,13 +94,9 @@ def _apply(session, step: tuple, number: int) -> None:
     if kind == "ingest":
         ingest(session, args[0], markup_pct=Decimal(20), now=NOW)
     elif kind == "finalize":
-        invoice_store.finalize_period(session, args[0], NOW, timedelta(hours=72), force=True)
+        finalize_step(session, args[0], NOW)
     elif kind == "override":
-        provider, price, markup = args
-        start = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=number)  # the latest override wins
-        add_override(session, provider=provider, model_pattern="*", effective_from=start,
-                     effective_to=None, input_mtok=Decimal(price), output_mtok=Decimal(price) * 4, markup_pct=markup,
-                     id=f"o{number}")  # fmt: skip
+        override_step(session, number, *args)
     elif kind == "reprice":
         reprice_held(session, markup_pct=Decimal(20), now=NOW)
     else:
