@@ -23,6 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing.ingest import IngestResult
+from metering.db.snapshot import read_snapshot
 from metering.db.usage_totals import TOTAL_COLUMNS, LabelTotals, unpriced_events, usage_totals
 
 LABELS = ("provider", "model", "purpose", "extension", "byollm", "status")
@@ -112,6 +113,7 @@ class UsageCollector(Collector):
         if factory is None:
             return
         with factory() as session:
+            read_snapshot(session)  # the counters and the gauge from one state of the database
             rows = usage_totals(session)
             unpriced = unpriced_events(session)
         calls, tokens, billed, shadow = _families()

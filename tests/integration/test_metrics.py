@@ -15,10 +15,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+import metering.metrics as metrics_module
 from metering.api import deps
 from metering.api.app import create_app
 from metering.auth import Scope, TokenPrincipal, create_token
+from metering.billing.ingest import ingest
 from metering.db.models import UsageEventRow, UsageRollupRow
+from metering.events import event_from_record
 from metering.metrics import OTHER
 from tests.fakes.events import record
 from tests.integration.api.conftest import app_settings, assert_problem, bearer, post_events
@@ -272,3 +275,32 @@ def test_metrics_are_per_app_and_not_in_the_openapi_document(db_url, tmp_path, s
         counts = _parse(second.get("/metrics").text)["metering_ingest_events_total"]
     assert counts[(("result", "inserted"),)] == 0  # the second app has its own registry
     assert "/metrics" not in paths
+
+
+def test_counters_and_unpriced_gauge_come_from_one_snapshot(db_url, tmp_path, session_factory, monkeypatch):
+    """An event held unpriced, committed between the scrape's two queries, is in both or in neither."""
+
+    real_totals = metrics_module.usage_totals
+    interleaved: list[bool] = []
+
+    def totals_then_a_commit(session: Session) -> Any:
+        rows = real_totals(session)
+        if not interleaved:
+            interleaved.append(True)
+            with session_factory() as writer:
+                held = record(90, provider="openai_compatible", model="house-model-snapshot")
+                assert ingest(writer, [event_from_record(held)]).inserted == 1
+                writer.commit()
+        return rows
+
+    monkeypatch.setattr(metrics_module, "usage_totals", totals_then_a_commit)
+    with TestClient(create_app(app_settings(db_url, tmp_path))) as client:
+        post_events(client, [record(0), record(1)], _token(session_factory, Scope.INGEST))
+        first = _parse(client.get("/metrics").text)
+        second = _parse(client.get("/metrics").text)
+    assert interleaved == [True]
+    models = {dict(k)["model"] for k in first["metering_llm_calls_total"]}
+    assert "house-model-snapshot" not in models
+    assert first["metering_unpriced_events"][()] == 0  # read before the commit, like the counters
+    assert {dict(k)["model"] for k in second["metering_llm_calls_total"]} == models | {"house-model-snapshot"}
+    assert second["metering_unpriced_events"][()] == 1
