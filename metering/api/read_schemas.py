@@ -165,6 +165,7 @@ class Balance(BaseModel):
 
 class Balances(BaseModel):
     accounts: list[Balance] = Field(description="By account id.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # -- invoices -------------------------------------------------------------------------------------

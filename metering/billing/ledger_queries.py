@@ -150,12 +150,43 @@ def ledger_csv_chunks(session: Session, period: str, tenant_id: str | None = Non
 # -- balances -------------------------------------------------------------------------------------
 
 
-def account_balances(session: Session, tenant_id: str | None = None) -> list[AccountRow]:
-    """Accounts with their cached balances, by id; with ``tenant_id``, only that tenant's user wallets."""
-    stmt = select(AccountRow).order_by(AccountRow.id)
+def balances_page(
+    session: Session, *, tenant_id: str | None = None, limit: int = MAX_PAGE, cursor: str | None = None
+) -> Page[AccountRow]:
+    """Accounts with their cached balances, by id, a page at a time; with ``tenant_id``, only that tenant's user
+    wallets. A keyset on the id: an account opened during a walk is seen unless its id sorts before the cursor."""
+    limit = _check_limit(limit)
+    stmt = _accounts(tenant_id)
+    if cursor is not None:
+        stmt = stmt.where(AccountRow.id > _decode_account_cursor(cursor))
+    rows = list(session.scalars(stmt.order_by(AccountRow.id).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, _encode_account_cursor(rows[-1].id) if more else None)
+
+
+def _accounts(tenant_id: str | None) -> Select[AccountRow]:
+    stmt = select(AccountRow)
     if tenant_id is not None:
         stmt = stmt.where(AccountRow.tenant_id == tenant_id, AccountRow.kind == AccountKind.USER_WALLET.value)
-    return list(session.scalars(stmt))
+    return stmt
+
+
+_ACCOUNT_CURSOR = "account|"
+
+
+def _encode_account_cursor(account_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{_ACCOUNT_CURSOR}{account_id}".encode()).decode().rstrip("=")
+
+
+def _decode_account_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    if not raw.startswith(_ACCOUNT_CURSOR) or len(raw) == len(_ACCOUNT_CURSOR) or "\x00" in raw:
+        raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged")
+    return raw[len(_ACCOUNT_CURSOR) :]
 
 
 # -- held events ----------------------------------------------------------------------------------

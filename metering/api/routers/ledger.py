@@ -108,13 +108,22 @@ def list_transfers(
     summary="Account balances",
     description=(
         "Requires the `read` scope. Every account's balance (credits minus debits), or with `tenant_id` that "
-        "tenant's user wallets. A tenant-bound token sees only its tenant's wallets (another tenant is `403`)."
+        "tenant's user wallets, by account id. A tenant-bound token sees only its tenant's wallets (another tenant "
+        "is `403`). Keyset pages of up to `limit` accounts: pass `next_cursor` back as `cursor` until it is null."
     ),
     responses=problem_responses(401, 403, 422, 503),
 )
-def get_balances(principal: Reader, session: DbSession, tenant_id: str | None = None) -> Balances:
-    accounts = ledger_queries.account_balances(session, tenant_scope(principal, tenant_id))
-    return Balances(accounts=[Balance.of(a) for a in accounts])
+def get_balances(
+    principal: Reader,
+    session: DbSession,
+    tenant_id: str | None = None,
+    limit: Limit = MAX_PAGE,
+    cursor: Cursor = None,
+) -> Balances:
+    page = ledger_queries.balances_page(
+        session, tenant_id=tenant_scope(principal, tenant_id), limit=limit, cursor=cursor
+    )
+    return Balances(accounts=[Balance.of(a) for a in page.items], next_cursor=page.next_cursor)
 
 
 @router.get(

@@ -192,6 +192,45 @@ def test_balances(client, reader, alpha, seeded, session_factory):
     assert f"token bound to tenant {ALPHA}" in body["detail"]
 
 
+def _balance_pages(client, headers, limit, **params):
+    """Every page of /v1/balances: the account ids in order and the number of pages."""
+    ids, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
+        body = _get(client, "/v1/balances", headers, **query).json()
+        pages += 1
+        assert len(body["accounts"]) <= limit
+        ids += [a["account_id"] for a in body["accounts"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return ids, pages
+        assert len(body["accounts"]) == limit
+
+
+def test_balances_come_a_page_at_a_time(client, reader, alpha, seeded, session_factory):
+    whole = _get(client, "/v1/balances", reader).json()
+    assert whole["next_cursor"] is None  # the default page (1,000) holds them all
+    everything = [a["account_id"] for a in whole["accounts"]]
+    assert len(everything) > 4
+    for limit in (1, 2, 3, len(everything) - 1, len(everything)):
+        ids, pages = _balance_pages(client, reader, limit)
+        assert ids == everything
+        assert pages == -(-len(everything) // limit)
+
+    mine, _pages = _balance_pages(client, alpha, 2)
+    assert set(mine) == _wallets(session_factory, ALPHA) and len(mine) == len(set(mine))
+    # a cursor minted over every account, used by a tenant-bound token: still only its own wallets
+    other_cursor = _get(client, "/v1/balances", reader, limit=1).json()["next_cursor"]
+    after = _get(client, "/v1/balances", alpha, cursor=other_cursor).json()["accounts"]
+    assert {a["account_id"] for a in after} <= _wallets(session_factory, ALPHA)
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "YWNjb3VudHw", "YWNjb3VudHx4AHk", "%%%", "dXNlcjphOmI"])
+def test_a_bad_balances_cursor_is_422(client, reader, seeded, cursor):
+    response = client.get("/v1/balances", params={"cursor": cursor}, headers=reader)
+    assert "invalid cursor" in assert_problem(response, 422, "invalid_input")["detail"]
+
+
 # -- invoices -------------------------------------------------------------------------------------
 
 
