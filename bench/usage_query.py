@@ -382,7 +382,8 @@ def rollup_sql() -> str:
         "sum(charge_nanos) AS billed_nanos, sum(shadow_nanos) AS shadow_nanos, sum(cost_nanos) AS cost_nanos, "
         "sum(CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)) AS latency_us_sum, "
         "sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS error_count, "
-        "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count "
+        "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count, "
+        "sum(cache_write_1h_tokens) AS cache_write_1h_tokens, sum(web_searches) AS web_searches "
         "FROM usage_events WHERE occurred_at >= %(lo)s AND occurred_at < %(hi)s "
         f"GROUP BY {hour}, {keys} ORDER BY 1, {keys}"
     )
@@ -508,6 +509,8 @@ COMPARED = (
     "cost_nanos",
     "errors",
     "unpriced",
+    "cache_write_1h_tokens",
+    "web_searches",
     "avg_latency_ms",
 )
 
@@ -545,7 +548,7 @@ def normal_raw(rows: list[tuple[Any, ...]], groups: list[str]) -> dict[tuple[Any
         c = [int(v) for v in row[len(groups) :]]
         latency_sum = c[9]
         avg = round(latency_sum / c[0] / 1000, 3) if c[0] else None
-        out[key] = (*c[:9], c[10], c[11], avg)
+        out[key] = (*c[:9], *c[10:14], avg)  # without the latency sum (c[9]), compared as the mean
     return out
 
 

@@ -30,8 +30,13 @@ LABELS = ("provider", "model", "purpose", "extension", "byollm", "status")
 OTHER = "other"
 NANOS_PER_USD = 1_000_000_000
 # (label value of ``kind``, index in LabelTotals.counters)
-TOKEN_KINDS = (("input", 1), ("output", 2), ("cache_read", 3), ("cache_write", 4), ("reasoning", 5))
-CALLS, BILLED, SHADOW = (TOTAL_COLUMNS.index(c) for c in ("calls", "billed_nanos", "shadow_nanos"))
+TOKEN_KINDS = tuple(
+    (kind, TOTAL_COLUMNS.index(f"{kind}_tokens"))
+    for kind in ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
+)
+CALLS, BILLED, SHADOW, SEARCHES = (
+    TOTAL_COLUMNS.index(c) for c in ("calls", "billed_nanos", "shadow_nanos", "web_searches")
+)
 INGEST_RESULTS = ("inserted", "duplicate", "rejected")
 
 LabelSet = tuple[str, str, str, str, str, str]
@@ -72,14 +77,19 @@ def fold(rows: Sequence[LabelTotals], *, top_models: int, top_labels: int) -> di
     return folded
 
 
-def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+def _families() -> tuple[CounterMetricFamily, ...]:
     return (
         CounterMetricFamily("metering_llm_calls", "Metered LLM provider calls.", labels=LABELS),
         CounterMetricFamily(
             "metering_llm_tokens",
-            "Tokens of metered LLM calls by kind (input includes cache_read and cache_write; output includes "
-            "reasoning).",
+            "Tokens of metered LLM calls by kind (input includes cache_read and cache_write; cache_write includes "
+            "cache_write_1h; output includes reasoning).",
             labels=(*LABELS, "kind"),
+        ),
+        CounterMetricFamily(
+            "metering_llm_web_searches",
+            "Web searches providers ran for metered LLM calls (charged per search, on top of tokens).",
+            labels=LABELS,
         ),
         CounterMetricFamily(
             "metering_billed_usd", "Amount billed to users (USD; BYOLLM calls are never billed).", labels=LABELS
@@ -116,17 +126,18 @@ class UsageCollector(Collector):
             read_snapshot(session)  # the counters and the gauge from one state of the database
             rows = usage_totals(session)
             unpriced = unpriced_events(session)
-        calls, tokens, billed, shadow = _families()
+        calls, tokens, searches, billed, shadow = _families()
         for labels, sums in sorted(fold(rows, top_models=self._top_models, top_labels=self._top_labels).items()):
             values = list(labels)
             calls.add_metric(values, sums[CALLS])
             for kind, index in TOKEN_KINDS:
                 tokens.add_metric([*values, kind], sums[index])
+            searches.add_metric(values, sums[SEARCHES])
             billed.add_metric(values, sums[BILLED] / NANOS_PER_USD)
             shadow.add_metric(values, sums[SHADOW] / NANOS_PER_USD)
         gauge = _unpriced_family()
         gauge.add_metric([], unpriced)
-        yield from (calls, tokens, billed, shadow, gauge)
+        yield from (calls, tokens, searches, billed, shadow, gauge)
 
 
 class AppMetrics:

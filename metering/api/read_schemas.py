@@ -29,7 +29,9 @@ class UsageCounters(BaseModel):
     output_tokens: int = Field(description="Output tokens (including reasoning).")
     cache_read_tokens: int
     cache_write_tokens: int
+    cache_write_1h_tokens: int = Field(description="Of the cache writes, those kept for an hour.")
     reasoning_tokens: int
+    web_searches: int = Field(description="Web searches the provider ran (charged per search, on top of tokens).")
     billed_nanos: int = Field(description="Charged to users (marked-up price), nano-USD. BYOLLM calls add nothing.")
     billed_usd: str = Field(description=USD)
     shadow_nanos: int = Field(description="What BYOLLM calls would have been charged (never billed), nano-USD.")
@@ -48,7 +50,9 @@ class UsageCounters(BaseModel):
             "output_tokens": t.output_tokens,
             "cache_read_tokens": t.cache_read_tokens,
             "cache_write_tokens": t.cache_write_tokens,
+            "cache_write_1h_tokens": t.cache_write_1h_tokens,
             "reasoning_tokens": t.reasoning_tokens,
+            "web_searches": t.web_searches,
             "billed_nanos": t.billed_nanos,
             "billed_usd": usd(t.billed_nanos),
             "shadow_nanos": t.shadow_nanos,

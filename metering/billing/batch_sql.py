@@ -43,6 +43,8 @@ COUNTER_SUMS = (
     "sum(CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT))",
     "count(*) FILTER (WHERE status = 'error')",
     "count(*) FILTER (WHERE billing_status = 'unpriced')",
+    "sum(cache_write_1h_tokens)",
+    "sum(web_searches)",
 )
 if len(COUNTER_SUMS) != len(COUNTER_COLUMNS):
     raise RuntimeError("rollup counters changed: update metering.billing.batch_sql")
@@ -77,7 +79,8 @@ _COST_ID = (
 _EVENT_COLUMNS = (
     "event_id, occurred_at, tenant_id, user_id, extension_id, function, purpose, provider, model, is_byollm, "
     "status, billing_status, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, "
-    "reasoning_tokens, charge_nanos, shadow_nanos, cost_nanos, latency_ms, invoice_period"
+    "reasoning_tokens, charge_nanos, shadow_nanos, cost_nanos, latency_ms, invoice_period, cache_write_1h_tokens, "
+    "web_searches"
 )
 
 POST_BATCH = f"""

@@ -147,7 +147,8 @@ _RECOMPUTED = (
     "sum(cache_write_tokens) AS cache_write_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
     "sum(charge_nanos) AS billed_nanos, sum(shadow_nanos) AS shadow_nanos, sum(cost_nanos) AS cost_nanos, "
     "sum({latency}) AS latency_us_sum, sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS error_count, "
-    "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count "
+    "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) AS unpriced_count, "
+    "sum(cache_write_1h_tokens) AS cache_write_1h_tokens, sum(web_searches) AS web_searches "
     "FROM usage_events GROUP BY {time_expr}, {keys}"
 )
 # (table, its time column, its other key columns), the time column holding the hour or the UTC day

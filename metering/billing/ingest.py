@@ -93,7 +93,7 @@ _ROW_COLUMNS = (
     "invoice_period",
     "is_late",
 )
-if len(COUNTER_COLUMNS) != 12:  # fold_priced writes counters in this order
+if len(COUNTER_COLUMNS) != 14:  # fold_priced writes counters in this order
     raise RuntimeError("rollup counters changed: update metering.billing.ingest.fold_priced")
 if store.EVENT_COLUMNS != _ROW_COLUMNS:  # _row writes values in this order
     raise RuntimeError("usage_events columns changed: update metering.billing.ingest._row")
@@ -442,7 +442,7 @@ def fold_priced(new: Sequence[Priced]) -> dict[RollupKey, list[int]]:
                e.model, e.is_byollm, e.status.value)  # fmt: skip
         c = buckets.get(key)
         if c is None:
-            c = buckets[key] = [0] * 12
+            c = buckets[key] = [0] * 14
         c[0] += 1
         c[1] += e.input_tokens
         c[2] += e.output_tokens
@@ -455,4 +455,6 @@ def fold_priced(new: Sequence[Priced]) -> dict[RollupKey, list[int]]:
         c[9] += latency_us(e.latency_ms)
         c[10] += e.status is error
         c[11] += d.status is unpriced
+        c[12] += e.cache_write_1h_tokens
+        c[13] += e.web_searches
     return buckets

@@ -39,6 +39,8 @@ COUNTER_COLUMNS = (
     "latency_us_sum",
     "error_count",
     "unpriced_count",
+    "cache_write_1h_tokens",  # part of cache_write_tokens (migration 0012)
+    "web_searches",
 )
 
 

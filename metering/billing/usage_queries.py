@@ -97,6 +97,8 @@ class UsageTotals:
     latency_us_sum: int = 0
     errors: int = 0
     unpriced: int = 0
+    cache_write_1h_tokens: int = 0  # part of cache_write_tokens
+    web_searches: int = 0
 
     @property
     def avg_latency_ms(self) -> float | None:

@@ -242,6 +242,9 @@ class RollupCounters:
     latency_us_sum: Mapped[int] = mapped_column(BigInteger)
     error_count: Mapped[int] = mapped_column(BigInteger)
     unpriced_count: Mapped[int] = mapped_column(BigInteger)
+    # added by 0012 (hence the server defaults); cache_write_1h_tokens is part of cache_write_tokens
+    cache_write_1h_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    web_searches: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 _COUNTERS = tuple(RollupCounters.__annotations__)

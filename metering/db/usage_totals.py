@@ -21,7 +21,9 @@ TOTAL_COLUMNS = (
     "output_tokens",
     "cache_read_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "reasoning_tokens",
+    "web_searches",
     "billed_nanos",
     "shadow_nanos",
 )

@@ -33,6 +33,7 @@ TOKEN_COLUMNS = {
     "output": "output_tokens",
     "cache_read": "cache_read_tokens",
     "cache_write": "cache_write_tokens",
+    "cache_write_1h": "cache_write_1h_tokens",
     "reasoning": "reasoning_tokens",
 }
 LABELS = ("provider", "model", "purpose", "extension", "byollm", "status")
@@ -63,6 +64,9 @@ def _records() -> list[dict[str, Any]]:
                 output_tokens=40 + i,
                 cache_read_tokens=i,
                 reasoning_tokens=i % 4,
+                cache_write_tokens=10 * (i % 3),
+                cache_write_1h_tokens=5 * (i % 3),
+                web_searches=i % 4,
             )
         )
     for i in range(5):  # BYOLLM on openai: not billed, a shadow cost
@@ -112,7 +116,7 @@ def _rollup_sums(session_factory: sessionmaker) -> dict[tuple[str, ...], dict[st
     """Straight from usage_rollups: labels -> summed counters (what /metrics must show)."""
     r = UsageRollupRow
     keys = (r.provider, r.model, r.purpose, r.extension_id, r.is_byollm, r.status)
-    columns = ("calls", *TOKEN_COLUMNS.values(), "billed_nanos", "shadow_nanos")
+    columns = ("calls", *TOKEN_COLUMNS.values(), "web_searches", "billed_nanos", "shadow_nanos")
     with session_factory() as session:
         rows = session.execute(select(*keys, *(func.sum(getattr(r, c)) for c in columns)).group_by(*keys)).all()
     return {
@@ -145,6 +149,7 @@ def test_exposition_parses_and_equals_the_rollup_sums(db_url, tmp_path, session_
         assert calls[key] == sums["calls"]
         for kind, column in TOKEN_COLUMNS.items():
             assert samples["metering_llm_tokens_total"][_key({**dict(key), "kind": kind})] == sums[column]
+        assert samples["metering_llm_web_searches_total"][key] == sums["web_searches"]
         assert samples["metering_billed_usd_total"][key] == sums["billed_nanos"] / 1e9
         assert samples["metering_shadow_usd_total"][key] == sums["shadow_nanos"] / 1e9
 
@@ -159,6 +164,8 @@ def test_exposition_parses_and_equals_the_rollup_sums(db_url, tmp_path, session_
     assert sum(samples["metering_billed_usd_total"].values()) == pytest.approx(int(charged) / 1e9, abs=1e-12)
     assert sum(samples["metering_shadow_usd_total"].values()) == pytest.approx(int(shadow) / 1e9, abs=1e-12)
     assert int(charged) > 0 and int(shadow) > 0
+    assert sum(samples["metering_llm_web_searches_total"].values()) == 18  # 12 events, i % 4
+    assert sum(v for k, v in samples["metering_llm_tokens_total"].items() if ("kind", "cache_write_1h") in k) == 60
     byollm_billed = [v for k, v in samples["metering_billed_usd_total"].items() if ("byollm", "true") in k]
     assert byollm_billed and all(v == 0 for v in byollm_billed)
     assert samples["metering_unpriced_events"][()] == int(unpriced) == 2

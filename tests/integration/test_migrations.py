@@ -337,3 +337,51 @@ def test_0011_refuses_to_downgrade_over_an_override_with_a_search_or_1_hour_pric
         assert [tuple(r) for r in rows] == [("hour", 6_000_000_000), ("plain", None)]
     finally:
         engine.dispose()
+
+
+def test_0012_fills_the_rollups_search_and_1_hour_counts_from_the_events(fresh_url: str) -> None:
+    """Rollups written before 0012 had no 1-hour writes or searches: the upgrade sums them from the events into
+    every rollup table, each bucket its own (ingested at head, downgraded to 0011, upgraded again)."""
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    tables = ("usage_rollups", *(r.table for r in COARSE_ROLLUPS))
+    try:
+        factory = make_session_factory(engine)
+        now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+        events = [
+            event_from_record(
+                record(i, occurred_at=now - timedelta(hours=i * 7), tenant_id=f"tenant-{i % 2}",
+                       is_byollm=i % 4 == 0, input_tokens=5_000, cache_write_tokens=3_000,
+                       cache_write_1h_tokens=(i % 3) * 1_000, web_searches=i % 5)
+            )
+            for i in range(30)
+        ]  # fmt: skip
+        with factory() as session:
+            assert ingest(session, events, markup_pct=Decimal(20), now=now).inserted == 30
+            session.commit()
+        columns = "cache_write_1h_tokens, web_searches"
+        with engine.connect() as conn:
+            before = {t: {tuple(row) for row in conn.execute(text(f"SELECT * FROM {t}"))} for t in tables}
+            sums = {t: tuple(conn.execute(text(f"SELECT sum(cache_write_1h_tokens), sum(web_searches) FROM {t}")).one())
+                    for t in tables}  # fmt: skip
+        expected = (sum(e.cache_write_1h_tokens for e in events), sum(e.web_searches for e in events))
+        assert expected == (30_000, 60)
+        assert all(s == expected for s in sums.values()), sums
+        migrate.downgrade(fresh_url, "0011")
+        engine.dispose()
+        with engine.connect() as conn:
+            for table in tables:
+                assert not {"cache_write_1h_tokens", "web_searches"} & {
+                    c["name"] for c in inspect(conn).get_columns(table)
+                }
+        migrate.upgrade(fresh_url)
+        engine.dispose()
+        with engine.connect() as conn:
+            after = {t: {tuple(row) for row in conn.execute(text(f"SELECT * FROM {t}"))} for t in tables}
+            assert conn.execute(text(f"SELECT {columns} FROM usage_rollups WHERE web_searches > 0")).all()
+        assert after == before
+        with factory() as session:
+            report = run_checks(session)
+        assert report.ok, report.problems
+    finally:
+        engine.dispose()

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from metering.billing.ingest import ingest
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import apply_rerate
-from metering.billing.rollup import latency_us
+from metering.billing.rollup import COUNTER_COLUMNS, latency_us
 from metering.billing.usage_queries import GROUPS, UsageFilters, usage
 from metering.db.models import UsageEventRow
 from metering.db.usage_totals import TOTAL_COLUMNS, unpriced_events, usage_totals
@@ -46,6 +46,7 @@ def usage_event(draw: st.DrawFn, index: int) -> UsageEvent:
     # on an hour or day edge (or a minute either side of it)
     at = BASE + timedelta(hours=draw(st.integers(0, 4 * 24 - 1)), minutes=draw(st.sampled_from([0, 1, 59])))
     failed = draw(st.integers(0, 5)) == 0
+    cache_write = draw(st.sampled_from([0, 0, 2_000]))
     return event_from_record(
         record(
             index,
@@ -56,8 +57,11 @@ def usage_event(draw: st.DrawFn, index: int) -> UsageEvent:
             extension_id=draw(st.sampled_from(EXTENSIONS)),
             is_byollm=draw(st.integers(0, 3)) == 0,
             occurred_at=at.astimezone(_offset(draw(st.sampled_from(OFFSETS)))),
-            input_tokens=draw(st.integers(0, 400_000)),
+            input_tokens=draw(st.integers(cache_write, 400_000)),
             cache_read_tokens=0,
+            cache_write_tokens=cache_write,
+            cache_write_1h_tokens=draw(st.sampled_from([0, cache_write // 2, cache_write])),
+            web_searches=draw(st.sampled_from([0, 0, 0, 1, 3])),
             output_tokens=draw(st.integers(0, 40_000)),
             latency_ms=draw(st.sampled_from([1.0, 12.345, 999.999])),
             **({"status": "error", "error_type": "server_error", "stop_reason": None} if failed else {}),
@@ -133,6 +137,8 @@ def _sums(events: list[UsageEventRow]) -> tuple[int, ...]:
         sum(latency_us(e.latency_ms) for e in events),
         sum(e.status == "error" for e in events),
         sum(e.billing_status == "unpriced" for e in events),
+        sum(e.cache_write_1h_tokens for e in events),
+        sum(e.web_searches for e in events),
     )
 
 
@@ -153,7 +159,8 @@ def _answered(session, start, end, group_by, filters) -> list[tuple[tuple[Any, .
         t = group.totals
         rows.append((tuple(key), (t.calls, t.input_tokens, t.output_tokens, t.cache_read_tokens,
                                   t.cache_write_tokens, t.reasoning_tokens, t.billed_nanos, t.shadow_nanos,
-                                  t.cost_nanos, t.latency_us_sum, t.errors, t.unpriced)))  # fmt: skip
+                                  t.cost_nanos, t.latency_us_sum, t.errors, t.unpriced, t.cache_write_1h_tokens,
+                                  t.web_searches)))  # fmt: skip
     return rows
 
 
@@ -207,7 +214,9 @@ def _check_metrics(session) -> None:
     groups: dict[tuple[Any, ...], list[UsageEventRow]] = defaultdict(list)
     for e in events:
         groups[(e.provider, e.model, e.purpose, e.extension_id, e.is_byollm, e.status)].append(e)
-    expected = {key: _sums(group)[: len(TOTAL_COLUMNS)] for key, group in groups.items()}
+    # _sums is in COUNTER_COLUMNS order
+    positions = [COUNTER_COLUMNS.index(column) for column in TOTAL_COLUMNS]
+    expected = {key: tuple(_sums(group)[i] for i in positions) for key, group in groups.items()}
     answered = {
         (r.provider, r.model, r.purpose, r.extension, r.is_byollm, r.status): r.counters for r in usage_totals(session)
     }
