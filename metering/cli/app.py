@@ -56,6 +56,6 @@ def usage(
             f" of tenant {tenant}" if tenant is not None else ""
         )
         total = count_events(session, user_id=user, tenant_id=tenant)
-        owners = [name for name, given in (("tenant", tenant), ("user", user)) if given is None] + ["extension"]
+        owners = [name for name, given in (("tenant", tenant), ("user", user)) if given is None]
         title = f"Last {len(rows)} of {total} events{whose}"
         console.print(usage_table(list(reversed(rows)), title=title, owners=owners))

@@ -55,61 +55,61 @@ async def _run(factory: Callable[[], Awaitable[T]]) -> T:
 
 
 def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *, owners: Sequence[str] = ()) -> Table:
-    """One row per event; ``owners`` (of ``tenant``, ``user``, ``extension``) first, when the events may be of
-    several (a user id is unique only within its tenant)."""
+    """One row per event. ``owners`` (``tenant``, ``user``, or both): shown first, as ``tenant/user``, when the
+    events may be of several (a user id is unique only within its tenant). The cache and search columns only when
+    an event has some. Cells wrap rather than cut (``overflow="fold"``): an id is never shown as ``…``, and an
+    amount stays on one line."""
     table = Table(title=title, title_justify="left")
-    owner_columns = {"tenant": "tenant_id", "user": "user_id", "extension": "extension_id"}
-    for column in (
-        *owners,
-        "#",
-        "function",
-        "purpose",
-        "provider",
-        "model",
-        "byollm",
-        "failover",
-        "status",
-        "in",
-        "cache r/w",
-        "out",
-        "searches",
-        "usage",
-        "latency ms",
-        "billing",
-        "charge $",
-    ):
-        right = column in ("#", "in", "out", "searches", "latency ms", "charge $")
-        table.add_column(column, justify="right" if right else "left")
-    for row in rows:
-        table.add_row(
-            *(getattr(row, owner_columns[owner]) for owner in owners),
-            str(row.call_index),
-            row.function,
+    owner_columns = {"tenant": "tenant_id", "user": "user_id"}
+    cached = any(row.cache_read_tokens or row.cache_write_tokens for row in rows)
+    searched = any(row.web_searches for row in rows)
+    columns = (["/".join(owners)] if owners else []) + ["call", "purpose", "model", "llm", "status"]
+    columns += ["in", "out", *(["cache r/w"] if cached else []), *(["searches"] if searched else []), "ms", "charge"]
+    amounts = [_amount(row) for row in rows]
+    for column in columns:
+        right = column in ("in", "out", "searches", "ms")
+        table.add_column(column, justify="right" if right else "left", overflow="fold")
+    table.columns[-1].no_wrap = True  # an amount on one line: the other columns are narrowed first
+    table.columns[-1].min_width = max((len(a) for a in amounts), default=0)
+    for row, amount in zip(rows, amounts, strict=True):
+        cells = [
+            *(["/".join(getattr(row, owner_columns[owner]) for owner in owners)] if owners else []),
+            f"{row.extension_id}.{row.function}#{row.call_index}",
             row.purpose,
-            row.provider,
-            row.model,
-            "yes" if row.is_byollm else "no",
-            "yes" if row.is_failover else "",
-            row.status + (f" ({row.error_type})" if row.error_type else ""),
+            f"{row.provider}/{row.model}",
+            "byollm" if row.is_byollm else "failover" if row.is_failover else "platform",
+            _status(row),
             str(row.input_tokens),
-            f"{row.cache_read_tokens}/{row.cache_write_tokens}"
-            + (f" ({row.cache_write_1h_tokens} 1h)" if row.cache_write_1h_tokens else ""),
             str(row.output_tokens),
-            str(row.web_searches or ""),
-            row.usage_completeness,
-            f"{row.latency_ms:.1f}",
-            row.billing_status,
-            _amount(row),
-        )
+        ]
+        if cached:
+            cells.append(
+                f"{row.cache_read_tokens}/{row.cache_write_tokens}"
+                + (f" ({row.cache_write_1h_tokens} 1h)" if row.cache_write_1h_tokens else "")
+            )
+        if searched:
+            cells.append(str(row.web_searches or ""))
+        table.add_row(*cells, f"{row.latency_ms:.1f}", amount)
     return table
 
 
+def _status(row: Any) -> str:
+    """The outcome, its error type, and how the token counts are known when the provider did not report them."""
+    status = row.status + (f" ({row.error_type})" if row.error_type else "")
+    return status if row.usage_completeness == "reported" else f"{status}, usage {row.usage_completeness}"
+
+
 def _amount(row: Any) -> str:
-    """The charge of a billed event; the shadow cost of a BYOLLM one, "unknown" while its model has no price."""
-    if row.billing_status != "excluded_byollm":
-        return format_usd(row.charge_nanos if row.billing_status == "billed" else row.shadow_nanos)
+    """The charge of a billed event; the shadow cost of a BYOLLM one, "unknown" while its model has no price;
+    why nothing is charged otherwise."""
+    if row.billing_status == "billed":
+        return format_usd(row.charge_nanos)
+    if row.billing_status == "unpriced":
+        return "held: unpriced"
+    if row.billing_status == "not_billable":
+        return "not billable"
     if row.price_source is None:  # never priced: the shadow cost is unknown, not $0 (reprice fills it)
-        return "unknown (shadow: no price)"
+        return "no price (shadow)"
     return f"{format_usd(row.shadow_nanos)} (shadow)"
 
 

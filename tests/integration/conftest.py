@@ -15,6 +15,6 @@ from metering.cli import app
 def run(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for name in ("METERING_ENV", "METERING_SECRET_KEYS"):
         monkeypatch.delenv(name, raising=False)
-    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "260"}
+    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url}
     runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args), env=env)
+    return lambda *args, columns=260: runner.invoke(app, list(args), env={**env, "COLUMNS": str(columns)})

@@ -6,8 +6,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import select
 
 from metering.billing.ingest import ingest
+from metering.billing.money import format_usd
+from metering.db.models import UsageEventRow
 from metering.events import event_from_record
 from tests.fakes.events import record
 
@@ -95,7 +98,7 @@ def test_usage_shows_an_unknown_shadow_cost_as_unknown_and_counts_the_users_even
         session.commit()
     bob = run("usage", "--user", "bob")
     assert bob.exit_code == 0 and "Last 1 of 1 events of user bob" in bob.output, bob.output
-    assert "unknown (shadow: no price)" in bob.output and "$0.00" not in bob.output
+    assert "no price (shadow)" in bob.output and "$0.00" not in bob.output
     erin = run("usage", "--user", "erin")
     assert "(shadow)" in erin.output and "unknown" not in erin.output
 
@@ -145,3 +148,29 @@ def test_usage_tells_the_tenants_and_extensions_of_a_user_id_apart(run, session_
     assert "acme" not in one.output
     tenant = run("usage", "--tenant", "globex")
     assert tenant.exit_code == 0 and "Last 2 of 2 events of tenant globex" in tenant.output, tenant.output
+
+
+def test_usage_in_a_narrow_terminal_wraps_ids_and_never_cuts_an_amount(run, session_factory) -> None:
+    """The table had 19 columns: below ~250 columns rich cut cells to '…', the charge included ('$0.0…')."""
+    tenant, user = "tenant-with-a-long-name", "user-with-a-long-name"
+    events = [
+        record(0, tenant_id=tenant, user_id=user, input_tokens=123_456, output_tokens=7_890, cache_read_tokens=1_000,
+               web_searches=2),
+        record(1, tenant_id=tenant, user_id="user-b", is_byollm=True, provider="ollama", model="llama3.1-8b"),
+    ]  # fmt: skip
+    with session_factory() as session:
+        ingest(session, [event_from_record(e) for e in events], markup_pct=Decimal(20))
+        session.commit()
+        charge = session.scalar(select(UsageEventRow.charge_nanos).where(UsageEventRow.user_id == user))
+    done = run("usage", columns=100)
+    assert done.exit_code == 0, done.output
+    assert "…" not in done.output
+    assert max(len(line) for line in done.output.splitlines()) <= 100
+    assert charge and format_usd(charge) in done.output  # on one line, whole
+    assert "no price (shadow)" in done.output
+    # each column's cells read top to bottom: a folded id is whole again
+    body = [line.split("│")[1:-1] for line in done.output.splitlines() if line.startswith("│")]
+    columns = ["".join(cells[i].strip() for cells in body) for i in range(len(body[0]))]
+    assert columns[0] == f"{tenant}/{user}{tenant}/user-b"
+    for text in ("123456", "7890", "1000/0", "byollm", "2"):
+        assert any(text in column for column in columns), text
