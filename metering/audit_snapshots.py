@@ -170,6 +170,9 @@ def rerate_snapshot(result: RerateResult) -> Snapshot:
         "late_corrections": result.late_corrections,
         "old_charge": decimal_text(total.old_charge_nanos),
         "new_charge": decimal_text(total.new_charge_nanos),
+        "shadow_changed": result.diff.shadow.events,
+        "old_shadow": decimal_text(result.diff.shadow.old_nanos),
+        "new_shadow": decimal_text(result.diff.shadow.new_nanos),
     }
 
 

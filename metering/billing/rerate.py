@@ -14,6 +14,9 @@
   whose id derives from this run is skipped (counted in ``skipped``), even if prices changed in between.
 - The event row gets the new charge, cost, markup, price source and version; its hourly rollup moves by the
   deltas; cached balances are updated.
+- A BYOLLM event with a known shadow cost (``excluded_byollm``, priced) in scope gets the new shadow cost, markup,
+  price source and version, and its rollups' shadow cost moves: no transfer (it is never billed). Applying a run
+  again finds nothing to change unless prices changed since (a shadow cost is reporting, not money).
 - Periods: corrections are posted in the event's ``invoice_period``. If that invoice is already finalized,
   the reversal and the new transfer are posted in the first open period after it (``billing_period``), and
   the event row keeps the finalized ``invoice_period`` (the invoice that billed it, which never changes)
@@ -30,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from metering.billing import store
@@ -104,7 +107,10 @@ def _in_scope(
     session: Session, start: datetime, end: datetime, provider: str | None, model_pattern: str | None, lock: bool
 ) -> Iterator[list[UsageEventRow]]:
     e = UsageEventRow
-    stmt = select(e).where(e.billing_status == BillingStatus.BILLED.value, e.occurred_at >= start, e.occurred_at < end)
+    shadowed = and_(e.billing_status == BillingStatus.EXCLUDED_BYOLLM.value, e.price_source.is_not(None))
+    stmt = select(e).where(
+        or_(e.billing_status == BillingStatus.BILLED.value, shadowed), e.occurred_at >= start, e.occurred_at < end
+    )
     if provider is not None:
         stmt = stmt.where(func.lower(e.provider) == provider.lower())
     for rows in event_pages(session, stmt, lock=lock):
@@ -129,15 +135,26 @@ def plan_rerate(
     model_pattern: str | None = None,
     markup_pct: Decimal,
 ) -> RerateResult:
-    """Dry run: what re-rating billed events with ``occurred_at`` in [start, end) would change. Writes nothing."""
+    """Dry run: what re-rating billed events (and BYOLLM shadow costs) with ``occurred_at`` in [start, end) would
+    change. Writes nothing."""
     _check_window(start, end)
     cards = RateCards(store.load_price_book(session, markup_pct))
     diff = rerate_diff(
-        (_billed(row), _quote_within_limit(cards, row))
+        (_billed(row), _quote_within_limit(cards, row)) if _is_billed(row) else (row.shadow_nanos, _shadow(cards, row))
         for rows in _in_scope(session, start, end, provider, model_pattern, lock=False)
         for row in rows
     )
     return RerateResult(start, end, provider, model_pattern, diff)
+
+
+def _is_billed(row: UsageEventRow) -> bool:
+    return row.billing_status == BillingStatus.BILLED.value
+
+
+def _shadow(cards: RateCards, row: UsageEventRow) -> Quote | None:
+    """A BYOLLM event's new quote; none beyond what one call can cost (as ingest, which would hold the call)."""
+    quote = quote_event(cards, row)
+    return None if quote is None or over_call_limit(quote) is not None else quote
 
 
 def _quote_within_limit(cards: RateCards, row: UsageEventRow) -> Quote | None:
@@ -224,6 +241,15 @@ def apply_rerate(
         finalized = lock_billing_periods(session, {row.invoice_period or period_of(row.occurred_at) for row in rows})
         postings: list[Posting] = []
         for row in rows:
+            if not _is_billed(row):
+                quote = _shadow(cards, row)
+                if quote is not None and diff.shadow.examine(row.shadow_nanos, quote):
+                    add_delta(buckets, row, shadow=quote.price_nanos - row.shadow_nanos)
+                    row.shadow_nanos, row.markup_pct = quote.price_nanos, str(quote.markup_pct)
+                    row.price_source, row.price_version = quote.source, quote.source_version
+                elif quote is None:
+                    diff.shadow.examine(row.shadow_nanos, None)  # counted: no current price, left as it is
+                continue
             change = diff.examine(_billed(row), _quote_within_limit(cards, row))
             if change is None:
                 continue

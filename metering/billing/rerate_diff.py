@@ -1,5 +1,9 @@
 """Re-rate arithmetic (pure): old vs new price of billed events, aggregated per user and per extension.
 
+A BYOLLM event is never billed, but its shadow cost (what the platform would have charged) follows the price
+book too: it changes when its quote's price does (``ShadowChanges``), and, as a billed event, stays as it is
+when it has no price now. Its ledger is untouched (it has no transfer).
+
 A billed event under the current price book either gets a quote (its new charge is the quote's price with
 markup, its new cost the quote's cost: Policy A for a billed, non-BYOLLM call) or none (the price it was
 billed with is gone and nothing replaces it): such an event is counted ``unpriceable`` and left as it is;
@@ -71,6 +75,30 @@ class DiffLine:
 
 
 @dataclass(slots=True)
+class ShadowChanges:
+    """BYOLLM events (never billed) whose shadow cost, what the platform would have charged, changes."""
+
+    examined: int = 0  # priced BYOLLM events in scope
+    unpriceable: int = 0  # of those, without a current price (their shadow cost is left as it is)
+    events: int = 0  # changed
+    old_nanos: int = 0
+    new_nanos: int = 0
+
+    def examine(self, shadow_nanos: int, quote: Quote | None) -> bool:
+        """Count one priced BYOLLM event; True when its shadow cost changes to ``quote``'s price."""
+        self.examined += 1
+        if quote is None:
+            self.unpriceable += 1
+            return False
+        if quote.price_nanos == shadow_nanos:
+            return False
+        self.events += 1
+        self.old_nanos += shadow_nanos
+        self.new_nanos += quote.price_nanos
+        return True
+
+
+@dataclass(slots=True)
 class RerateDiff:
     examined: int = 0  # billed events in scope
     unpriceable: int = 0  # billed events the current price book cannot price (left unchanged)
@@ -78,6 +106,7 @@ class RerateDiff:
     by_user: dict[tuple[str, str], DiffLine] = field(default_factory=dict)
     by_extension: dict[str, DiffLine] = field(default_factory=dict)
     total: DiffLine = field(default_factory=DiffLine)
+    shadow: ShadowChanges = field(default_factory=ShadowChanges)
 
     def examine(self, event: BilledEvent, quote: Quote | None) -> EventChange | None:
         """Count one event in scope; its change under ``quote``, or None when it stays as it is."""
@@ -98,10 +127,14 @@ class RerateDiff:
         self.total.add(change)
 
 
-def rerate_diff(items: Iterable[tuple[BilledEvent, Quote | None]]) -> RerateDiff:
-    """The diff of billed events against their new quotes (None: no price now)."""
+def rerate_diff(items: Iterable[tuple[BilledEvent | int, Quote | None]]) -> RerateDiff:
+    """The diff of billed events (and of BYOLLM events, given as their shadow cost) against their new quotes
+    (None: no price now)."""
     diff = RerateDiff()
     for event, quote in items:
+        if isinstance(event, int):
+            diff.shadow.examine(event, quote)
+            continue
         change = diff.examine(event, quote)
         if change is not None:
             diff.record(change)

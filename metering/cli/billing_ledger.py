@@ -258,6 +258,13 @@ def _print_rerate(result: RerateResult) -> None:
         f"{total.events} changed ({format_usd(total.old_charge_nanos)} -> {format_usd(total.new_charge_nanos)}, "
         f"delta {format_usd(total.charge_delta)}), {diff.unpriceable} without a current price (left as they are)"
     )
+    shadow = diff.shadow
+    if shadow.examined:
+        console.print(
+            f"{shadow.examined} BYOLLM event(s) (never billed) with a shadow cost: {shadow.events} changed "
+            f"({format_usd(shadow.old_nanos)} -> {format_usd(shadow.new_nanos)}), {shadow.unpriceable} without a "
+            "current price (left as they are)"
+        )
     if not result.applied:
         console.print("dry run: nothing changed. Apply with --apply --run-id <ID>.")
         return

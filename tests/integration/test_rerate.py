@@ -387,3 +387,64 @@ def test_two_overlapping_runs_correct_each_event_once(session_factory, billed) -
     assert row.charge_nanos == NEW_CHARGE and wallet == -NEW_CHARGE
     assert len(charges) == 2  # the original and run A's; run B found nothing left to change
     assert_ledger_consistent(session_factory)
+
+
+def _shadows(session_factory) -> tuple[dict[str, tuple[int, str | None]], int, int]:
+    """Each BYOLLM event's shadow cost and price version; the rollups' shadow sum; /v1/usage's (from rollups)."""
+    from metering.billing.usage_queries import total, usage
+
+    with session_factory() as session:
+        events = {str(e.event_id): (e.shadow_nanos, e.price_version)
+                  for e in session.scalars(select(UsageEventRow).where(UsageEventRow.is_byollm.is_(True)))}  # fmt: skip
+        rollups = int(session.scalar(select(func.sum(UsageRollupRow.shadow_nanos))) or 0)
+        served = total(usage(session, START, END)).shadow_nanos
+    return events, rollups, served
+
+
+def test_a_rerate_moves_byollm_shadow_costs_to_the_new_prices_without_billing_them(
+    session_factory, monkeypatch
+) -> None:
+    """Re-rate left a BYOLLM event's shadow cost (what the platform would have charged) at the old price: after a
+    negotiated rate for a past window, usage reported billed calls at the new price and BYOLLM ones at the old."""
+    monkeypatch.setattr(corrections, "PAGE", 2)  # several pages, billed and BYOLLM events interleaved
+    price(session_factory, "0.10", "0.40", datetime(2026, 1, 1, tzinfo=UTC), "old")
+    events = [ollama(i, is_byollm=i % 2 == 0, user_id=f"user-{i % 3}") for i in range(7)]
+    events.append(ollama(7, is_byollm=True, model="mistral"))  # no price ever: its shadow stays unknown
+    with session_factory() as session:
+        ingest(session, events, markup_pct=MARKUP, now=NOW)
+        session.commit()
+    shadows, rollups, served = _shadows(session_factory)
+    priced = {k: v for k, v in shadows.items() if v[1] is not None}
+    assert len(priced) == 4 and all(v[0] == OLD_CHARGE for v in priced.values())
+    assert rollups == served == 4 * OLD_CHARGE
+    price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
+
+    dry = plan(session_factory)
+    shadow = dry.diff.shadow
+    assert (shadow.examined, shadow.events, shadow.unpriceable) == (4, 4, 0)
+    assert (shadow.old_nanos, shadow.new_nanos) == (4 * OLD_CHARGE, 4 * NEW_CHARGE)
+    assert (dry.diff.examined, len(dry.diff.changes)) == (3, 3)  # the billed ones, as before
+    assert _shadows(session_factory) == (shadows, rollups, served)  # a dry run changes nothing
+
+    with session_factory() as session:
+        transfers = session.scalar(select(func.count()).select_from(TransferRow))
+    result = apply(session_factory, "r1")
+    assert (result.diff.shadow.events, result.transfers) == (4, 3 * 4)  # charges and costs only: reversal + new each
+    after, rollups, served = _shadows(session_factory)
+    assert {k: v[0] for k, v in after.items() if v[1] is not None} == dict.fromkeys(priced, NEW_CHARGE)
+    assert all(after[k] == shadows[k] for k in shadows if k not in priced)  # the unknown one: still unknown
+    assert rollups == served == 4 * NEW_CHARGE
+    with session_factory() as session:
+        joined = (
+            select(func.count())
+            .select_from(TransferRow)
+            .join(UsageEventRow, UsageEventRow.event_id == TransferRow.event_id)
+        )
+        byollm_transfers = session.scalar(joined.where(UsageEventRow.is_byollm.is_(True)))
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == transfers + 12
+    assert byollm_transfers == 0
+    assert_ledger_consistent(session_factory)
+
+    again = apply(session_factory, "r2")
+    assert (again.diff.shadow.events, again.transfers) == (0, 0)
+    assert _shadows(session_factory) == (after, rollups, served)
