@@ -85,6 +85,9 @@ class ApiSettings(BaseModel):
     # providers, purposes and extensions beyond the top N of their own as "other" too.
     metrics_top_models: int = Field(20, ge=1, le=1000)
     metrics_top_labels: int = Field(50, ge=1, le=1000)
+    # ... and their combinations: beyond this many label sets (by calls), the rest are summed into one set of
+    # "other" per (byollm, status). Each set is 10 series (calls, 6 token kinds, searches, billed, shadow).
+    metrics_max_label_sets: int = Field(500, ge=1, le=100_000)
 
 
 class Settings(BaseSettings):

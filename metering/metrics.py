@@ -52,8 +52,11 @@ def _top(rows: Sequence[LabelTotals], value: Callable[[LabelTotals], str], n: in
     return set(sorted(calls, key=lambda k: (-calls[k], k))[:n])
 
 
-def fold(rows: Sequence[LabelTotals], *, top_models: int, top_labels: int) -> dict[LabelSet, list[int]]:
-    """Sum ``rows`` per label set, values beyond the top N of their label replaced by ``other`` (pure)."""
+def fold(
+    rows: Sequence[LabelTotals], *, top_models: int, top_labels: int, max_label_sets: int | None = None
+) -> dict[LabelSet, list[int]]:
+    """Sum ``rows`` per label set, values beyond the top N of their label replaced by ``other`` (pure); then, beyond
+    ``max_label_sets`` sets, the rest (fewest calls first) summed into ``other`` of all four named labels."""
     models = _top(rows, lambda r: r.model, top_models)
     providers = _top(rows, lambda r: r.provider, top_labels)
     purposes = _top(rows, lambda r: r.purpose, top_labels)
@@ -68,13 +71,30 @@ def fold(rows: Sequence[LabelTotals], *, top_models: int, top_labels: int) -> di
             "true" if row.is_byollm else "false",
             row.status,
         )
-        sums = folded.get(key)
-        if sums is None:
-            folded[key] = list(row.counters)
-        else:
-            for i, count in enumerate(row.counters):
-                sums[i] += count
-    return folded
+        _add(folded, key, row.counters)
+    return folded if max_label_sets is None else cap_label_sets(folded, max_label_sets)
+
+
+def _add(folded: dict[LabelSet, list[int]], key: LabelSet, counters: Sequence[int]) -> None:
+    sums = folded.get(key)
+    if sums is None:
+        folded[key] = list(counters)
+    else:
+        for i, count in enumerate(counters):
+            sums[i] += count
+
+
+def cap_label_sets(folded: dict[LabelSet, list[int]], max_label_sets: int) -> dict[LabelSet, list[int]]:
+    """At most ``max_label_sets`` label sets with their own labels (most calls first, ties by labels); the others'
+    sums go to (other, other, other, other, byollm, status), so every total stays exact. Each label is capped on
+    its own before this, but their combinations are not: 20 models x 50 extensions x 50 purposes... (pure)."""
+    if len(folded) <= max_label_sets:
+        return folded
+    ranked = sorted(folded, key=lambda k: (-folded[k][CALLS], k))
+    kept: dict[LabelSet, list[int]] = {key: list(folded[key]) for key in ranked[:max_label_sets]}
+    for key in ranked[max_label_sets:]:
+        _add(kept, (OTHER, OTHER, OTHER, OTHER, key[4], key[5]), folded[key])
+    return kept
 
 
 def _families() -> tuple[CounterMetricFamily, ...]:
@@ -109,10 +129,11 @@ def _unpriced_family() -> GaugeMetricFamily:
 class UsageCollector(Collector):
     """Reads the rollups at scrape time; ``sessions`` returns None before the app has a database (no samples)."""
 
-    def __init__(self, sessions: SessionsGetter, *, top_models: int, top_labels: int) -> None:
+    def __init__(self, sessions: SessionsGetter, *, top_models: int, top_labels: int, max_label_sets: int) -> None:
         self._sessions = sessions
         self._top_models = top_models
         self._top_labels = top_labels
+        self._max_label_sets = max_label_sets
 
     def describe(self) -> Iterable[Metric]:
         # Registering calls describe(): no database query then.
@@ -127,7 +148,10 @@ class UsageCollector(Collector):
             rows = usage_totals(session)
             unpriced = unpriced_events(session)
         calls, tokens, searches, billed, shadow = _families()
-        for labels, sums in sorted(fold(rows, top_models=self._top_models, top_labels=self._top_labels).items()):
+        folded = fold(
+            rows, top_models=self._top_models, top_labels=self._top_labels, max_label_sets=self._max_label_sets
+        )
+        for labels, sums in sorted(folded.items()):
             values = list(labels)
             calls.add_metric(values, sums[CALLS])
             for kind, index in TOKEN_KINDS:
@@ -143,9 +167,14 @@ class UsageCollector(Collector):
 class AppMetrics:
     """One app's registry: the rollup collector and the process's ingest counters."""
 
-    def __init__(self, sessions: SessionsGetter, *, top_models: int = 20, top_labels: int = 50) -> None:
+    def __init__(
+        self, sessions: SessionsGetter, *, top_models: int = 20, top_labels: int = 50, max_label_sets: int = 500
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(UsageCollector(sessions, top_models=top_models, top_labels=top_labels))
+        collector = UsageCollector(
+            sessions, top_models=top_models, top_labels=top_labels, max_label_sets=max_label_sets
+        )
+        self.registry.register(collector)
         self.ingest_events = Counter(
             "metering_ingest_events",
             "Events received by POST /v1/events in this process, counted after the batch committed.",
@@ -207,6 +236,7 @@ def metrics_for(state: Any) -> AppMetrics:
                     lambda: getattr(state, "sessions", None),
                     top_models=api.metrics_top_models,
                     top_labels=api.metrics_top_labels,
+                    max_label_sets=api.metrics_max_label_sets,
                 )
                 state.metrics = metrics
     return metrics

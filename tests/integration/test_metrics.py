@@ -311,3 +311,19 @@ def test_counters_and_unpriced_gauge_come_from_one_snapshot(db_url, tmp_path, se
     assert first["metering_unpriced_events"][()] == 0  # read before the commit, like the counters
     assert {dict(k)["model"] for k in second["metering_llm_calls_total"]} == models | {"house-model-snapshot"}
     assert second["metering_unpriced_events"][()] == 1
+
+
+def test_label_sets_beyond_the_configured_cap_are_summed_into_other(db_url, tmp_path, session_factory):
+    records = _records()
+    settings = app_settings(db_url, tmp_path, metrics_max_label_sets=2)
+    with TestClient(create_app(settings)) as client:
+        post_events(client, records, _token(session_factory, Scope.INGEST))
+        samples = _parse(client.get("/metrics").text)
+    calls = samples["metering_llm_calls_total"]
+    named = [dict(k) for k in calls if dict(k)["model"] != OTHER]
+    assert len(named) == 2 and len(_rollup_sums(session_factory)) > 2
+    others = {(dict(k)["byollm"], dict(k)["status"]) for k in calls if dict(k)["model"] == OTHER}
+    assert others and all(dict(k)["extension"] == OTHER for k in calls if dict(k)["model"] == OTHER)
+    assert sum(calls.values()) == len(records)
+    charged = sum(v["billed_nanos"] for v in _rollup_sums(session_factory).values())
+    assert sum(samples["metering_billed_usd_total"].values()) == pytest.approx(charged / 1e9, abs=1e-12)
