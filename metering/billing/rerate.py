@@ -243,12 +243,10 @@ def apply_rerate(
         for row in rows:
             if not _is_billed(row):
                 quote = _shadow(cards, row)
-                if quote is not None and diff.shadow.examine(row.shadow_nanos, quote):
+                if diff.shadow.examine(row.shadow_nanos, quote) and quote is not None:
                     add_delta(buckets, row, shadow=quote.price_nanos - row.shadow_nanos)
                     row.shadow_nanos, row.markup_pct = quote.price_nanos, str(quote.markup_pct)
                     row.price_source, row.price_version = quote.source, quote.source_version
-                elif quote is None:
-                    diff.shadow.examine(row.shadow_nanos, None)  # counted: no current price, left as it is
                 continue
             change = diff.examine(_billed(row), _quote_within_limit(cards, row))
             if change is None:
