@@ -215,6 +215,18 @@ class UsageEvent(BaseModel):
         return self.input_tokens + self.output_tokens
 
 
+_FAILED = frozenset({Status.ERROR, Status.CANCELLED})
+
+
+def used_nothing(status: Status, completeness: UsageCompleteness, total_tokens: int, web_searches: int) -> bool:
+    """Whether a call used nothing the provider charges for (Policy A rule 2, ``metering.billing.policy``): it failed
+    (``error`` / ``cancelled``) and its usage is ``missing``, or reports neither tokens nor web searches. A failed call
+    whose usage reports searches (0 tokens included: a search the provider ran and charges) used them."""
+    return status in _FAILED and (
+        completeness is UsageCompleteness.MISSING or (total_tokens == 0 and web_searches == 0)
+    )
+
+
 # Fields added to schema 1 after its first release. A record carries each only when it is not 0 (the metered
 # client's spool lines, the HTTP sink's batches), so a service that does not know them yet (``extra="forbid"``)
 # still takes every event that does not use them: producers can be upgraded before the service.

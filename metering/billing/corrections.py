@@ -45,6 +45,7 @@ def decide_event(row: UsageEventRow, quote: Quote | None) -> Decision:
         status=row.status,
         usage_completeness=row.usage_completeness,
         total_tokens=row.input_tokens + row.output_tokens,
+        web_searches=row.web_searches,
         quote=quote,
     )
 

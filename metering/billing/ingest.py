@@ -230,6 +230,7 @@ def iter_priced(
             status=e.status,
             usage_completeness=e.usage_completeness,
             total_tokens=e.input_tokens + e.output_tokens,
+            web_searches=e.web_searches,
             quote=quote,
         )
         period, late = None, False

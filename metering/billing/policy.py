@@ -6,7 +6,9 @@ platform LLM arrives with ``is_byollm=False`` and is billed like any platform ca
 Order of the rules:
 
 1. ``is_byollm`` -> ``excluded_byollm``: charge 0, cost 0, shadow = the quote's price (0 when no quote).
-2. ``error`` / ``cancelled`` with usage ``missing`` or zero tokens -> ``not_billable`` (nothing to charge).
+2. ``error`` / ``cancelled`` with usage ``missing``, or whose usage reports neither tokens nor web searches ->
+   ``not_billable`` (nothing to charge; ``metering.events.used_nothing``). A failed call whose usage reports web
+   searches, even with 0 tokens, is billable for what it reports: the provider ran those searches and charges them.
 3. no quote -> ``unpriced`` (held; never charged $0 silently).
 4. otherwise ``billed``: charge = quote.price_nanos, cost = quote.cost_nanos.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from metering.billing.pricing import Quote
-from metering.events import Status, UsageCompleteness
+from metering.events import Status, UsageCompleteness, used_nothing
 
 
 class BillingStatus(StrEnum):
@@ -35,7 +37,6 @@ class Decision:
     shadow_nanos: int  # what a BYOLLM call would have been charged (kept, never posted as a charge)
 
 
-_FAILED = frozenset({Status.ERROR, Status.CANCELLED})
 _NOT_BILLABLE = Decision(BillingStatus.NOT_BILLABLE, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
 _UNPRICED = Decision(BillingStatus.UNPRICED, charge_nanos=0, cost_nanos=0, shadow_nanos=0)
 
@@ -46,6 +47,7 @@ def decide(
     status: Status | str,
     usage_completeness: UsageCompleteness | str,
     total_tokens: int,
+    web_searches: int,
     quote: Quote | None,
 ) -> Decision:
     """Apply Policy A to one priced (or unpriceable) call."""
@@ -53,12 +55,12 @@ def decide(
     completeness = (
         usage_completeness if type(usage_completeness) is UsageCompleteness else UsageCompleteness(usage_completeness)
     )
-    if total_tokens < 0:
-        raise ValueError("total_tokens must be >= 0")
+    if total_tokens < 0 or web_searches < 0:
+        raise ValueError("total_tokens and web_searches must be >= 0")
     if is_byollm:
         shadow = quote.price_nanos if quote is not None else 0
         return Decision(BillingStatus.EXCLUDED_BYOLLM, charge_nanos=0, cost_nanos=0, shadow_nanos=shadow)
-    if status in _FAILED and (completeness is UsageCompleteness.MISSING or total_tokens == 0):
+    if used_nothing(status, completeness, total_tokens, web_searches):
         return _NOT_BILLABLE
     if quote is None:
         return _UNPRICED

@@ -16,7 +16,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from metering.errors import InvalidInputError, ProviderError
-from metering.events import MAX_INT32, Label, Status
+from metering.events import MAX_INT32, Label, Status, used_nothing
 from metering.llm.attempt import Attempt
 from metering.llm.budgets import BudgetTracker
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
@@ -141,8 +141,9 @@ class MeteredLLM:
         self.all_byollm: bool | None = None
         self.event_ids: list[str] = []
         self._streams: set[MessageStream] = set()  # streams started and not ended yet
-        # Events of calls that used the provider: answered, or failed with tokens reported (billed, or paid on the
-        # user's own key). A failure with no usage costs nothing: running it again costs nothing twice.
+        # Events of calls that used the provider: answered, or failed with tokens or web searches in their usage
+        # (billed, or paid on the user's own key; Policy A rule 2, ``used_nothing``). A failure with no usage costs
+        # nothing: running it again costs nothing twice.
         self.used_event_ids: list[str] = []
 
     @property
@@ -242,7 +243,7 @@ class MeteredLLM:
         self.event_ids.append(event_id)
         if self.all_byollm is not False:  # one platform call (a failover included) makes the invocation billed
             self.all_byollm = target.is_byollm
-        if status is Status.OK or usage.total_tokens > 0:
+        if status is Status.OK or not used_nothing(status, usage.completeness, usage.total_tokens, usage.web_searches):
             self.used_event_ids.append(event_id)
         return event_id
 

@@ -196,3 +196,63 @@ def test_byollm_shadow_costs_and_a_dry_run_rerate_count_one_hour_writes_and_sear
     [change] = plan.diff.changes
     assert change.event.event_id == billed.event_id and change.cost_delta == -8_000_000
     checks_ok(session_factory)
+
+
+def failed(i: int, status: str = "error", completeness: str = "reported", **overrides) -> UsageEvent:
+    """A call that failed after the provider ran web searches for it: its usage reports them and no tokens."""
+    error = {"error_type": "server_error"} if status == "error" else {}
+    counts = {"input_tokens": 0, "output_tokens": 0, "cache_write_tokens": 0, "web_searches": 2, **overrides}
+    return event(i, status=status, **error, stop_reason=None, usage_completeness=completeness, **counts)
+
+
+def test_a_failed_call_whose_usage_reports_only_searches_is_billed_for_them(session_factory) -> None:
+    """Policy A rule 2 made a failed call with 0 tokens not billable, so the searches the provider charged for it were
+    billed $0. It is billed for what it reports (the searches); one whose usage is missing is still not billable.
+    A replay posts nothing more; a re-rate moves it to the new search price."""
+    error, cancelled = failed(0), failed(1, status="cancelled")
+    missing = failed(2, completeness="missing")
+    nothing = failed(3, web_searches=0)
+    assert run(session_factory, [error, cancelled, missing, nothing]).inserted == 4
+    searches = nanos(Decimal("0.02"))  # 2 searches at $10 per 1,000
+    for e in (error, cancelled):
+        stored = row(session_factory, e)
+        assert (stored.billing_status, stored.cost_nanos) == ("billed", searches)
+        assert stored.charge_nanos == searches * (100 + MARKUP) / 100
+        charged = sorted((t.kind, t.amount_nanos) for t in transfers(session_factory, e))
+        assert charged == [("provider_cost", searches), ("usage_charge", stored.charge_nanos)]
+    for e in (missing, nothing):
+        stored = row(session_factory, e)
+        assert (stored.billing_status, stored.charge_nanos, transfers(session_factory, e)) == ("not_billable", 0, [])
+    checks_ok(session_factory)
+    again = run(session_factory, [error, cancelled, missing, nothing])  # a replay: duplicates, nothing posted
+    assert (again.inserted, again.duplicates) == (0, 4)
+    assert len(transfers(session_factory, error)) == 2
+    price(session_factory, "claude-sonnet-4-6", input_mtok=Decimal(3), output_mtok=Decimal(15), id="searches-8",
+          web_search_per_k=Decimal(8))  # fmt: skip
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    with session_factory() as session:
+        result = apply_rerate(session, start=start, end=end, markup_pct=MARKUP, run_id="r1", now=NOW)
+        session.commit()
+    assert result.diff.examined == 2 and len(result.diff.changes) == 2
+    for e in (error, cancelled):
+        stored = row(session_factory, e)
+        assert (stored.billing_status, stored.cost_nanos, stored.price_version) == (
+            "billed",
+            nanos(Decimal("0.016")),
+            "searches-8",
+        )
+    checks_ok(session_factory)
+
+
+def test_a_failed_call_with_only_searches_and_no_search_price_is_held_then_repriced(session_factory) -> None:
+    held = failed(0, model="claude-3-haiku-20240307")
+    assert run(session_factory, [held]).inserted == 1
+    assert row(session_factory, held).billing_status == "unpriced"  # not not_billable: never billed $0
+    price(session_factory, "claude-3-haiku*", input_mtok=Decimal("0.25"), output_mtok=Decimal("1.25"),
+          web_search_per_k=Decimal("10"), id="haiku")  # fmt: skip
+    with session_factory() as session:
+        assert reprice_held(session, markup_pct=MARKUP, now=NOW).priced == 1
+        session.commit()
+    stored = row(session_factory, held)
+    assert (stored.billing_status, stored.cost_nanos) == ("billed", nanos(Decimal("0.02")))
+    checks_ok(session_factory)

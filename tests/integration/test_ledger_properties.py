@@ -40,7 +40,9 @@ def usage_events(draw: st.DrawFn, index: int) -> UsageEvent:
     read = draw(st.integers(0, inp))
     write = draw(st.integers(0, inp - read))
     write_1h = draw(st.one_of(st.just(0), st.integers(0, write)))
-    searches = 0 if failed else draw(st.one_of(st.just(0), st.integers(0, 5)))
+    # a failed call's usage is missing, or reports what it used before failing: maybe only web searches (billed)
+    reported = not failed or draw(st.booleans())
+    searches = draw(st.one_of(st.just(0), st.integers(0, 5)))
     out = 0 if failed else draw(st.integers(0, 20_000))
     return event_from_record(
         record(
@@ -58,7 +60,7 @@ def usage_events(draw: st.DrawFn, index: int) -> UsageEvent:
             reasoning_tokens=draw(st.integers(0, out)),
             status="error" if failed else "ok",
             error_type="server_error" if failed else None,
-            usage_completeness="missing" if failed else "reported",
+            usage_completeness="reported" if reported else "missing",
             latency_ms=draw(st.integers(0, 10**7)) / 1000,
             occurred_at=NOW - timedelta(minutes=draw(st.integers(0, 60 * 24 * 45))),
         )
@@ -84,7 +86,7 @@ def expected_charge(e: UsageEvent) -> tuple[BillingStatus, int]:
         web_searches=e.web_searches, book=PriceBook(markup_pct=MARKUP),
     )  # fmt: skip
     d = decide(is_byollm=e.is_byollm, status=e.status, usage_completeness=e.usage_completeness,
-               total_tokens=e.input_tokens + e.output_tokens, quote=quote)  # fmt: skip
+               total_tokens=e.input_tokens + e.output_tokens, web_searches=e.web_searches, quote=quote)  # fmt: skip
     return d.status, d.charge_nanos
 
 

@@ -1,4 +1,5 @@
-"""Policy A: BYOLLM calls are metered, never billed; failed calls without usage are not billable."""
+"""Policy A: BYOLLM calls are metered, never billed; failed calls without usage are not billable (a failed call whose
+usage reports web searches is: the provider ran and charges them)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def _decide(**overrides):
         status=Status.OK,
         usage_completeness=UsageCompleteness.REPORTED,
         total_tokens=1_010_000,
+        web_searches=0,
         quote=QUOTE,
     )
     args.update(overrides)
@@ -78,6 +80,24 @@ def test_failed_call_with_reported_usage_is_billed(status):
     assert decision.charge_nanos == QUOTE.price_nanos
 
 
+@pytest.mark.parametrize("status", [Status.ERROR, Status.CANCELLED])
+@pytest.mark.parametrize("completeness", [UsageCompleteness.REPORTED, UsageCompleteness.ESTIMATED])
+def test_failed_call_whose_usage_reports_searches_and_no_tokens_is_billed(status, completeness):
+    """The provider charged the searches it ran before the call failed: billed for what was reported, not $0."""
+    decision = _decide(status=status, usage_completeness=completeness, total_tokens=0, web_searches=2)
+    assert decision == Decision(BillingStatus.BILLED, QUOTE.price_nanos, QUOTE.cost_nanos, 0)
+    # without a search price it is held, never billed as if the searches were free
+    assert _decide(status=status, usage_completeness=completeness, total_tokens=0, web_searches=2, quote=None) == (
+        Decision(BillingStatus.UNPRICED, 0, 0, 0)
+    )
+
+
+@pytest.mark.parametrize("status", [Status.ERROR, Status.CANCELLED])
+def test_failed_call_with_missing_usage_is_not_billable_whatever_its_searches(status):
+    decision = _decide(status=status, usage_completeness=UsageCompleteness.MISSING, total_tokens=0, web_searches=3)
+    assert decision == Decision(BillingStatus.NOT_BILLABLE, 0, 0, 0)
+
+
 def test_no_quote_is_unpriced_never_zero_billed():
     assert _decide(quote=None) == Decision(BillingStatus.UNPRICED, 0, 0, 0)
 
@@ -97,3 +117,5 @@ def test_rejects_bad_inputs():
         _decide(status="exploded")
     with pytest.raises(ValueError):
         _decide(total_tokens=-1)
+    with pytest.raises(ValueError):
+        _decide(web_searches=-1)
