@@ -128,19 +128,21 @@ def _usage_so_far(
 
 
 def _with_searches(usage: TokenUsage, searches_seen: int, searches_final: bool) -> TokenUsage:
-    """Until message_delta gives the provider's search count (``searches_final``: its ``server_tool_use``), the web
-    searches are at least those whose results the stream has shown (``searches_seen``): the provider counts them only
-    at the end, and charges them whether or not the stream gets there. A message_delta with the output count and no
-    ``server_tool_use`` (a gateway passing on only the counts it knows) has not given it."""
+    """The web searches of reported usage, one rule for a stream and for a message. Until the usage gives the
+    provider's search count (``searches_final``, ``_gives_searches``: a stream's message_delta, a message's usage), the
+    web searches are at least those whose results were shown (``searches_seen``, ``_is_web_search_result``): a stream
+    gets the count only at the end, and the provider charges them whether or not the stream gets there; a gateway may
+    pass on only the counts it knows (a message_delta with the output count and no ``server_tool_use``, a message's
+    usage without it)."""
     if searches_final or usage.completeness is not UsageCompleteness.REPORTED or usage.web_searches >= searches_seen:
         return usage
     return replace(usage, web_searches=searches_seen)
 
 
 def _gives_searches(usage: Any) -> bool:
-    """Whether a message_delta's usage gives the provider's search count: one that is not 0 (a 0 after searches the
-    stream showed is a gateway's 0 for a count it does not know: the provider charges them; with none shown, the
-    searches are 0 either way)."""
+    """Whether a usage (a message's, a stream's message_delta) gives the provider's search count: one that is not 0 (a
+    0 after search results the reply showed is a gateway's 0 for a count it does not know: the provider charges them;
+    with none shown, the searches are 0 either way)."""
     count = _usage_count(_usage_count(usage, "server_tool_use"), "web_search_requests")
     return count is not None and count != 0
 
@@ -201,9 +203,12 @@ class AnthropicProvider:
             if not isinstance(blocks, list):  # an HTML page (the SDK returns it as a str), JSON of another shape
                 raise invalid_response(self.name, "the response is not a message")
             text = "".join(text_of(getattr(b, "text", None)) for b in blocks if getattr(b, "type", None) == "text")
+            raw_usage = getattr(message, "usage", None)
+            # as in a stream: the search results in the reply count until the usage gives the provider's count
+            shown = sum(map(_is_web_search_result, blocks))
             return ProviderResult(
                 text=text,
-                usage=from_anthropic(getattr(message, "usage", None)),
+                usage=_with_searches(from_anthropic(raw_usage), shown, _gives_searches(raw_usage)),
                 stop_reason=bounded_stop_reason(getattr(message, "stop_reason", None)),
                 model=getattr(message, "model", None) or request.model,
             )

@@ -463,6 +463,46 @@ async def test_a_failed_search_is_not_counted_and_the_final_count_is_the_provide
     assert isinstance(end, StreamEnd) and end.usage.web_searches == 1
 
 
+def _edit_message(server: FakeAnthropicServer, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Have the server's JSON message edited (as a compatible gateway may pass it on)."""
+    original = server.json_body
+
+    def body(request: Any, reply: Reply) -> dict[str, Any]:
+        message = original(request, reply)
+        edit(message)
+        return message
+
+    server.json_body = body  # type: ignore[method-assign]
+
+
+async def test_a_message_whose_usage_has_no_server_tool_use_counts_the_search_results_it_shows(
+    anthropic_server, make
+) -> None:
+    """A gateway that drops ``server_tool_use`` from a message's usage: its searches were billed as 0. As in a stream,
+    the successful search results in the reply count (a failed search's error result is not charged)."""
+    failed_search = SEARCH_ERROR["content_block"]
+
+    def drop_count(message: dict[str, Any]) -> None:
+        del message["usage"]["server_tool_use"]
+        message["content"].insert(0, failed_search)
+
+    _edit_message(anthropic_server, drop_count)
+    anthropic_server.script(Reply(usage=SEARCHED_USAGE))
+    result = await make().complete(request())
+    assert (result.text, result.usage) == ("Hello from the fake server.", SEARCHED)
+
+
+async def test_a_message_whose_usage_gives_a_search_count_is_billed_that_count(anthropic_server, make) -> None:
+    """The provider's count wins over the results shown, below them too; a 0 after results shown is a gateway's 0
+    for a count it does not know (as in a stream's message_delta): the results count."""
+    counts = iter([1, 0])
+    _edit_message(anthropic_server, lambda m: m["usage"].update(server_tool_use={"web_search_requests": next(counts)}))
+    anthropic_server.script(Reply(usage=SEARCHED_USAGE), Reply(usage=SEARCHED_USAGE))
+    provider = make()
+    assert (await provider.complete(request())).usage == replace(SEARCHED, web_searches=1)
+    assert (await provider.complete(request())).usage == SEARCHED
+
+
 def _edit_message_delta(server: FakeAnthropicServer, edit: Callable[[dict[str, Any]], None]) -> None:
     """Have the server's message_delta usage edited (as a compatible gateway may send it)."""
     original = server.stream_frames
