@@ -150,6 +150,7 @@ def reprice_snapshot(result: RepriceResult) -> Snapshot:
         "shadow_priced": result.shadow_priced,
         "shadow_cost": decimal_text(result.shadow_nanos),
         "shadow_unpriced": result.shadow_unpriced,
+        "searches_redecided": result.searches_redecided,
     }
 
 

@@ -6,7 +6,10 @@
    the wallet of its event's tenant and user.
 4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos, and
    the net provider cost posted its cost_nanos; an event that is not billed has a net charge and cost of zero.
-   Every BYOLLM event is ``excluded_byollm`` (Policy A: never billed, whatever its other columns say).
+   Every BYOLLM event is ``excluded_byollm`` (Policy A: never billed, whatever its other columns say). Every other
+   event is ``not_billable`` exactly when Policy A rule 2 says (``metering.events.used_nothing``: a failed call whose
+   usage is missing or reports neither tokens nor web searches); a failed call with searches stored ``not_billable``
+   by an earlier version is named (``metering billing reprice`` decides it again).
 5. The hourly rollups and the coarse rollups (platform per hour and day, users per day) equal a
    recomputation from the raw events (an independent GROUP BY in SQL).
 6. Per finalized month and user, the net usage charge posted in that month (charges minus their reversals, late
@@ -19,6 +22,7 @@ ingest commits.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +86,16 @@ def check_ledger(session: Session, report: CheckReport) -> None:
     ).all()
     for event_id, status in byollm_billed:
         report.problems.append(f"event {event_id} is a BYOLLM call but {status}, not excluded_byollm (Policy A)")
+    for event_id, status, completeness, tokens, searches, billing in session.execute(text(_RULE_2_MISMATCHES)):
+        event_id = uuid.UUID(str(event_id))  # SQLite hands back 32 hex digits
+        usage = f"{status}, usage {completeness}, {tokens} tokens, {searches} web searches"
+        if billing == "not_billable":
+            report.problems.append(
+                f"event {event_id} ({usage}) is not_billable, but Policy A bills a failed call for the usage it "
+                "reports (`metering billing reprice` decides it again)"
+            )
+        else:
+            report.problems.append(f"event {event_id} ({usage}) is {billing}, but Policy A does not bill it")
     check_wallets(session, report)
     check_invoices(session, report)
 
@@ -97,6 +111,14 @@ _NET_MISMATCHES = (
     " ON n.event_id = e.event_id "
     "WHERE coalesce(n.net, 0) <> CASE WHEN e.billing_status = 'billed' THEN e.{column} ELSE 0 END "
     "ORDER BY e.event_id LIMIT 20"
+)
+# Events not BYOLLM whose not_billable status disagrees with Policy A rule 2 (metering.events.used_nothing in SQL).
+_RULE_2_MISMATCHES = (
+    "SELECT event_id, status, usage_completeness, input_tokens + output_tokens, web_searches, billing_status "
+    "FROM usage_events WHERE NOT is_byollm AND (billing_status = 'not_billable') <> ("
+    " status IN ('error', 'cancelled') AND (usage_completeness = 'missing'"
+    "  OR (input_tokens = 0 AND output_tokens = 0 AND web_searches = 0))) "
+    "ORDER BY event_id LIMIT 20"
 )
 # Per (tenant, user, finalized period): the net usage charge posted in it, and its finalized invoice's total.
 _INVOICED = (

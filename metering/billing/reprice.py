@@ -12,6 +12,11 @@ put above the per-call limit (``pricing.MAX_CALL_NANOS``: counted apart). A seco
 A BYOLLM event of a model with no price is never billed (Policy A), but its shadow cost is unknown: it is stored
 ``excluded_byollm`` with ``price_source`` NULL and a shadow of 0. ``reprice_held`` fills that shadow cost too
 (the event stays ``excluded_byollm``; its rollup bucket's shadow cost goes up); nothing is posted for it.
+
+A failed call whose usage reports web searches and no tokens was stored ``not_billable`` before Policy A billed such
+a call for its searches (``metering billing check`` names such events). ``reprice_held`` decides it again with the
+current rule, as ingest now would: billed like a held event that found a price (its rollup's ``unpriced_count``
+unchanged), or, without a search price, held ``unpriced`` (``unpriced_count`` up by one) until one exists.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
 from metering.billing.rollup import RollupKey
 from metering.db.models import UsageEventRow
+from metering.events import UsageCompleteness
 
 
 @dataclass(frozen=True, slots=True)
 class RepriceResult:
-    priced: int  # held events that left ``unpriced`` (normally: now billed)
+    priced: int  # held events that left ``unpriced`` (normally: now billed), and failed calls with searches billed
     still_unpriced: int  # held events that still have no price
     charge_nanos: int = 0  # charged to users by this run
     cost_nanos: int = 0  # provider cost recorded by this run
@@ -53,6 +59,7 @@ class RepriceResult:
     shadow_priced: int = 0  # BYOLLM events whose unknown shadow cost this run filled in
     shadow_nanos: int = 0  # the shadow cost they now have
     shadow_unpriced: int = 0  # BYOLLM events whose model still has no price (shadow cost unknown)
+    searches_redecided: int = 0  # not_billable failed calls with searches (stored before they were billable) decided
 
 
 def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None = None) -> RepriceResult:
@@ -64,9 +71,14 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         or_(
             e.billing_status == BillingStatus.UNPRICED.value,
             and_(e.billing_status == BillingStatus.EXCLUDED_BYOLLM.value, e.price_source.is_(None)),
+            and_(
+                e.billing_status == BillingStatus.NOT_BILLABLE.value,
+                e.web_searches > 0,
+                e.usage_completeness != UsageCompleteness.MISSING.value,
+            ),
         )
     )
-    priced = still = charged = cost = over = 0
+    priced = still = charged = cost = over = redecided = 0
     shadows = shadow_nanos = shadow_still = 0
     buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
     balances = Balances()  # so are the accounts, before the rollups (ingest's order)
@@ -74,6 +86,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
         postings: list[Posting] = []
         for row in rows:
+            was_held = row.billing_status == BillingStatus.UNPRICED.value  # else BYOLLM, or a failed call with searches
             quote = quote_event(cards, row)
             absurd = quote is not None and over_call_limit(quote) is not None
             if row.is_byollm:  # never billed: only its shadow cost may become known (an absurd one does not)
@@ -84,6 +97,8 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
                 over += 1  # impossible token counts or an absurd price: never billed, stays visible as held
                 continue
             decision = decide_event(row, quote)
+            if decision.status is BillingStatus.NOT_BILLABLE:
+                continue  # not selected: kept as a guard
             if decision.status is BillingStatus.EXCLUDED_BYOLLM:
                 assert quote is not None
                 set_billing(row, decision, quote, row.invoice_period)
@@ -93,6 +108,11 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
                 continue
             if decision.status is BillingStatus.UNPRICED:
                 still += 1
+                if not was_held:  # a failed call's searches without a price: held, as ingest now holds it
+                    set_billing(row, decision, None, None)
+                    row.markup_pct = row.price_source = row.price_version = None
+                    add_delta(buckets, row, unpriced=1)
+                    redecided += 1
                 continue
             period, late = None, False
             if decision.status is BillingStatus.BILLED:
@@ -113,8 +133,9 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
                 billed=decision.charge_nanos,
                 shadow=decision.shadow_nanos,
                 cost=decision.cost_nanos,
-                unpriced=-1,
+                unpriced=-1 if was_held else 0,
             )
+            redecided += not was_held
             priced += 1
             charged += decision.charge_nanos
             cost += decision.cost_nanos
@@ -123,4 +144,4 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
         balances.add(postings)
     balances.apply(session, now)
     upsert_rollup_deltas(session, buckets)
-    return RepriceResult(priced, still, charged, cost, over, shadows, shadow_nanos, shadow_still)
+    return RepriceResult(priced, still, charged, cost, over, shadows, shadow_nanos, shadow_still, redecided)

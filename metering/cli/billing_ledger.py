@@ -205,7 +205,7 @@ def reprice_cmd() -> None:
     markup = Settings().billing.markup_pct
     with admin_session() as (session, _box):
         result = reprice_held(session, markup_pct=markup)
-        if result.priced or result.shadow_priced:  # nothing priced: nothing changed, no entry
+        if result.priced or result.shadow_priced or result.searches_redecided:  # nothing changed: no entry
             after = snap.reprice_snapshot(result)
             audit_trail.record(session, "billing.reprice", "events:held", before=None, after=after)
     console.print(
@@ -216,6 +216,11 @@ def reprice_cmd() -> None:
         console.print(
             "an override prices only the events that occurred while it is effective (`overrides add --from`, "
             "default now); `metering usage` shows the held events"
+        )
+    if result.searches_redecided:
+        console.print(
+            f"{result.searches_redecided} failed call(s) whose usage reports web searches, stored not_billable by an "
+            "earlier version, decided again (billed, or held until their searches have a price)"
         )
     if result.shadow_priced or result.shadow_unpriced:
         console.print(

@@ -14,6 +14,7 @@ from metering.billing.ingest import ingest
 from metering.billing.overrides import add_override
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import apply_rerate
+from metering.db.models import UsageEventRow
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
 from tests.integration.test_ingest import MARKUP, NOW, row, run, transfers
@@ -255,4 +256,51 @@ def test_a_failed_call_with_only_searches_and_no_search_price_is_held_then_repri
         session.commit()
     stored = row(session_factory, held)
     assert (stored.billing_status, stored.cost_nanos) == ("billed", nanos(Decimal("0.02")))
+    checks_ok(session_factory)
+
+
+def test_failed_calls_with_searches_stored_not_billable_are_named_by_check_and_decided_again_by_reprice(
+    session_factory,
+) -> None:
+    """An earlier version stored a failed call whose usage reports only searches as not_billable: `metering billing
+    check` names it, and reprice decides it again as ingest now does (billed, or held until its searches have a price).
+    A second run changes nothing."""
+    legacy, no_search_price = failed(0, web_searches=0), failed(1, web_searches=0, model="claude-3-haiku-20240307")
+    assert run(session_factory, [legacy, no_search_price]).inserted == 2
+    with session_factory() as session:  # as the earlier version stored them: their searches, not billable
+        for e in (legacy, no_search_price):
+            stored = session.get(UsageEventRow, e.event_id)
+            assert stored is not None and stored.billing_status == "not_billable"
+            stored.web_searches = 2
+        session.commit()
+    with session_factory() as session:
+        problems = run_checks(session).problems
+    assert len(problems) == 2 and all("is not_billable, but Policy A bills" in p for p in problems)
+    assert {str(legacy.event_id), str(no_search_price.event_id)} == {p.split()[1] for p in problems}
+    with session_factory() as session:
+        result = reprice_held(session, markup_pct=MARKUP, now=NOW)
+        session.commit()
+    assert (result.priced, result.still_unpriced, result.searches_redecided) == (1, 1, 2)
+    searches = nanos(Decimal("0.02"))
+    assert result.cost_nanos == searches
+    stored = row(session_factory, legacy)
+    assert (stored.billing_status, stored.cost_nanos, stored.invoice_period) == ("billed", searches, "2026-11")
+    assert sorted(t.kind for t in transfers(session_factory, legacy)) == ["provider_cost", "usage_charge"]
+    held = row(session_factory, no_search_price)
+    assert (held.billing_status, held.price_source) == ("unpriced", None)
+    assert transfers(session_factory, no_search_price) == []
+    checks_ok(session_factory)  # the rollups' unpriced count and billed amounts moved with them
+    with session_factory() as session:
+        again = reprice_held(session, markup_pct=MARKUP, now=NOW)
+        session.commit()
+    assert (again.priced, again.still_unpriced, again.searches_redecided, again.charge_nanos) == (0, 1, 0, 0)
+    price(session_factory, "claude-3-haiku*", input_mtok=Decimal("0.25"), output_mtok=Decimal("1.25"),
+          web_search_per_k=Decimal("10"), id="haiku")  # fmt: skip
+    with session_factory() as session:
+        assert reprice_held(session, markup_pct=MARKUP, now=NOW).priced == 1
+        session.commit()
+    assert (row(session_factory, no_search_price).billing_status, row(session_factory, no_search_price).cost_nanos) == (
+        "billed",
+        searches,
+    )
     checks_ok(session_factory)
