@@ -172,12 +172,16 @@ def estimate_input_tokens(system: str | None, messages: Iterable[Mapping[str, An
     return estimate_tokens((system or "") + _message_text(messages))
 
 
-def estimated(system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str) -> TokenUsage:
-    """Usage estimated from what was sent and what was received, marked ``estimated``."""
+def estimated(
+    system: str | None, messages: Iterable[Mapping[str, Any]], output_text: str, web_searches: int = 0
+) -> TokenUsage:
+    """Usage estimated from what was sent and what was received, marked ``estimated``; ``web_searches``: those the
+    reply showed (a provider's usage not given, its search results were)."""
     return TokenUsage(
         input_tokens=estimate_input_tokens(system, messages),
         output_tokens=estimate_tokens(output_text),
         completeness=UsageCompleteness.ESTIMATED,
+        web_searches=web_searches,
     )
 
 
@@ -207,7 +211,8 @@ def fill_missing(
     """Keep reported usage (its counts of 0 for text that was there estimated: ``zero_counts_estimated``); replace
     MISSING usage by an estimate when anything was produced, or when the provider answered (``answered``: it read the
     prompt, even if its reply has no text, e.g. a tool call or all output spent thinking: never recorded as 0 tokens,
-    which would bill a paid call $0)."""
+    which would bill a paid call $0). MISSING usage may carry the web searches whose results the reply showed (an
+    adapter's count when the provider's usage is not given): the estimate keeps them."""
     if usage.completeness is UsageCompleteness.REPORTED:
         if usage.input_tokens and (usage.output_tokens or not output_text):
             return usage  # nearly every call: no count to question (the metered call's hot path)
@@ -216,7 +221,7 @@ def fill_missing(
         return usage
     if not output_text and not answered:
         return usage
-    return estimated(system, messages, output_text)
+    return estimated(system, messages, output_text, usage.web_searches)
 
 
 def finished(
@@ -253,8 +258,10 @@ def unfinished(
     When the provider had given its final counts (``output_final``: its last usage, after the last text; the
     stream broke or was dropped just before its end), they are what it charges: kept as they are (``reported``).
     """
-    if reported_so_far.completeness is not UsageCompleteness.REPORTED:
-        return fill_missing(MISSING_USAGE, system, messages, output_text)
+    if reported_so_far.completeness is not UsageCompleteness.REPORTED:  # searches shown without usage are kept
+        searches = reported_so_far.web_searches
+        missing = replace(MISSING_USAGE, web_searches=searches) if searches else MISSING_USAGE
+        return fill_missing(missing, system, messages, output_text)
     usage = zero_counts_estimated(reported_so_far, system, messages, output_text)
     if output_final:
         return usage

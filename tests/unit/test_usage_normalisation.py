@@ -448,6 +448,19 @@ def test_an_unfinished_stream_keeps_the_counts_reported_so_far() -> None:
     assert unfinished(MISSING_USAGE, None, messages, "") is MISSING_USAGE  # nothing reported, nothing received
 
 
+def test_searches_shown_without_usage_ride_on_the_estimate() -> None:
+    """Usage not given, search results shown (an adapter's count on MISSING usage): the estimate keeps the searches;
+    with nothing to estimate (a failed call, nothing received) the usage stays missing, which is not billed."""
+    messages = [{"role": "user", "content": "hi"}]
+    shown = TokenUsage(completeness=UsageCompleteness.MISSING, web_searches=2)
+    with_searches = TokenUsage(1, 10, completeness=UsageCompleteness.ESTIMATED, web_searches=2)
+    assert fill_missing(shown, None, messages, "x" * 40) == with_searches
+    assert fill_missing(shown, None, messages, "", answered=True).web_searches == 2
+    assert unfinished(shown, None, messages, "x" * 40) == with_searches
+    assert unfinished(shown, None, messages, "") == shown
+    assert finished(shown, MISSING_USAGE, None, messages, "x" * 40) == with_searches
+
+
 def test_a_reported_zero_for_text_that_was_there_is_estimated() -> None:
     messages = [{"role": "user", "content": "x" * 40}]  # 10 tokens
     zero_in = TokenUsage(input_tokens=0, output_tokens=9)

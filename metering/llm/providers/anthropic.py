@@ -120,9 +120,10 @@ def _is_zero(key: str, value: Any) -> bool:
 def _usage_so_far(
     into: dict[str, Any], output_final: bool, searches_seen: int, searches_final: bool
 ) -> UsageSoFar | None:
-    """The usage reported so far, if usable (its web searches as ``_with_searches``)."""
+    """The usage reported so far, if usable (its web searches as ``_with_searches``), or, none being usable, the
+    searches shown so far (the provider charges them; the tokens are estimated at the end)."""
     so_far = _with_searches(from_anthropic({"output_tokens": 0, **into}), searches_seen, searches_final)
-    if so_far.completeness is not UsageCompleteness.REPORTED:
+    if so_far.completeness is not UsageCompleteness.REPORTED and not so_far.web_searches:
         return None
     return UsageSoFar(so_far, output_final)
 
@@ -133,8 +134,9 @@ def _with_searches(usage: TokenUsage, searches_seen: int, searches_final: bool) 
     web searches are at least those whose results were shown (``searches_seen``, ``_is_web_search_result``): a stream
     gets the count only at the end, and the provider charges them whether or not the stream gets there; a gateway may
     pass on only the counts it knows (a message_delta with the output count and no ``server_tool_use``, a message's
-    usage without it)."""
-    if searches_final or usage.completeness is not UsageCompleteness.REPORTED or usage.web_searches >= searches_seen:
+    usage without it). Usage not given at all (``MISSING``) carries them too: its estimate keeps them
+    (``usage.fill_missing``)."""
+    if searches_final or usage.web_searches >= searches_seen:
         return usage
     return replace(usage, web_searches=searches_seen)
 
@@ -273,10 +275,11 @@ class AnthropicProvider:
         if not finished:
             raise incomplete_stream(self.name)
         yield StreamEnd(
-            # without message_delta's counts, the output is unknown: the caller keeps the input reported so far
-            usage=_with_searches(from_anthropic(usage), searches_seen, searches_final)
-            if final_usage
-            else MISSING_USAGE,
+            # without message_delta's counts, the output is unknown: the caller keeps the input reported so far (the
+            # searches shown ride on it, for a stream that reported nothing)
+            usage=_with_searches(
+                from_anthropic(usage) if final_usage else MISSING_USAGE, searches_seen, searches_final
+            ),
             stop_reason=bounded_stop_reason(stop_reason),
             model=model,
         )

@@ -423,7 +423,7 @@ async def test_a_stream_without_final_usage_keeps_its_one_hour_cache_writes_and_
     anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE, final_usage=False))
     items = [item async for item in make().stream(request())]
     end = items[-1]
-    assert isinstance(end, StreamEnd) and end.usage is MISSING_USAGE
+    assert isinstance(end, StreamEnd) and end.usage == replace(MISSING_USAGE, web_searches=2)
     so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
     assert so_far[-1] == TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200, web_searches=2)
 

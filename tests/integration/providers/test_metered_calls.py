@@ -624,3 +624,52 @@ async def test_an_anthropic_call_without_them_writes_neither_field(
     await llm.create_message(messages=MESSAGES)
     assert counts_of(the_event(rec)) == (1320, 7, 1000, 300, 0, 0)
     assert {"cache_write_1h_tokens", "web_searches"}.isdisjoint(json.loads(rec.lines[0]))
+
+
+def _without_usage(server: FakeAnthropicServer) -> None:
+    """Have the server answer as a gateway that drops the whole usage (JSON message, message_start, message_delta),
+    passing on the content: the search results too."""
+    json_body, stream_frames = server.json_body, server.stream_frames
+
+    def body(request: Any, reply: Reply) -> dict[str, Any]:
+        message = json_body(request, reply)
+        del message["usage"]
+        return message
+
+    def frames(request: Any, reply: Reply):  # type: ignore[no-untyped-def]
+        for frame in stream_frames(request, reply):
+            if frame is not None and frame.startswith((b"event: message_start", b"event: message_delta")):
+                event, data = frame.split(b"data: ", 1)
+                parsed = json.loads(data)
+                parsed.pop("usage", None)
+                parsed.get("message", {}).pop("usage", None)
+                frame = event + b"data: " + json.dumps(parsed).encode() + b"\n\n"
+            yield frame
+
+    server.json_body = body  # type: ignore[method-assign]
+    server.stream_frames = frames  # type: ignore[method-assign]
+
+
+async def test_an_anthropic_reply_without_usage_keeps_the_web_searches_it_showed(
+    anthropic_server: FakeAnthropicServer, metered: MakeLLM
+) -> None:
+    """A gateway that drops the usage: the tokens are estimated, and the searches whose results the reply showed are
+    charged with them, in a call, a stream and a stream broken mid-way (they were dropped: 0 searches billed)."""
+    _without_usage(anthropic_server)
+    anthropic_server.script(
+        Reply(text=TEXT, usage=ANTHROPIC_SEARCHED),
+        Reply(text=TEXT, usage=ANTHROPIC_SEARCHED),
+        Reply(text="one two three", usage=ANTHROPIC_SEARCHED, break_after=1),
+    )
+    llm, rec = metered("anthropic", anthropic_server)
+    await llm.create_message(messages=MESSAGES)
+    async with llm.stream_message(messages=MESSAGES) as stream:
+        assert "".join([chunk async for chunk in stream]) == TEXT
+    with pytest.raises(ProviderError, match="stream"):
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            async for _chunk in stream:
+                pass
+    events = [decode_line(line) for line in rec.lines]
+    assert all(isinstance(e, UsageEvent) for e in events)
+    summary = [(e.status, e.usage_completeness, e.web_searches, e.input_tokens > 0) for e in events]  # type: ignore[union-attr]
+    assert summary == [("ok", "estimated", 3, True), ("ok", "estimated", 3, True), ("error", "estimated", 3, True)]
