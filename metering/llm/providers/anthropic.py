@@ -120,10 +120,11 @@ def _is_zero(key: str, value: Any) -> bool:
 def _usage_so_far(
     into: dict[str, Any], output_final: bool, searches_seen: int, searches_final: bool
 ) -> UsageSoFar | None:
-    """The usage reported so far, if usable (its web searches as ``_with_searches``), or, none being usable, the
-    searches shown so far (the provider charges them; the tokens are estimated at the end)."""
+    """The usage reported so far, if usable (its web searches as ``_with_searches``), or, when the stream has given no
+    usage at all, the searches it showed (the provider charges them; the tokens are estimated at the end). Usage given
+    but not usable yields nothing: the last usable usage stands."""
     so_far = _with_searches(from_anthropic({"output_tokens": 0, **into}), searches_seen, searches_final)
-    if so_far.completeness is not UsageCompleteness.REPORTED and not so_far.web_searches:
+    if so_far.completeness is not UsageCompleteness.REPORTED and (into or not so_far.web_searches):
         return None
     return UsageSoFar(so_far, output_final)
 

@@ -573,3 +573,21 @@ async def test_a_zero_cache_write_total_in_message_delta_keeps_the_breakdown_tha
     items = [item async for item in make().stream(request())]
     end = items[-1]
     assert isinstance(end, StreamEnd) and end.usage == SEARCHED
+
+
+async def test_a_count_that_is_not_one_in_message_delta_keeps_the_usage_reported_so_far(anthropic_server, make) -> None:
+    """Usage given but not usable yields no usage so far: the last usable one (message_start's counts, the searches
+    shown) stands; only a stream that gave no usage at all yields the searches it showed on missing usage."""
+
+    def garbage(usage: dict[str, Any]) -> None:
+        usage.pop("server_tool_use")
+        usage["cache_read_input_tokens"] = "many"
+
+    _edit_message_delta(anthropic_server, garbage)
+    anthropic_server.script(Reply(text="one two", usage=SEARCHED_USAGE))
+    items = [item async for item in make().stream(request())]
+    so_far = [item.usage for item in items if isinstance(item, UsageSoFar)]
+    assert [u.completeness for u in so_far] == [UsageCompleteness.REPORTED] * 3
+    assert so_far[-1] == TokenUsage(1320, 1, 1000, 300, cache_write_1h_tokens=200, web_searches=2)
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and end.usage.completeness is UsageCompleteness.MISSING  # the caller keeps so_far
