@@ -9,11 +9,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from metering.billing import store
 from metering.billing.checks import run_checks
+from metering.billing.corrections import rollup_key
 from metering.billing.ingest import ingest
 from metering.billing.overrides import add_override
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import apply_rerate
+from metering.billing.rollup import COUNTER_COLUMNS
 from metering.db.models import UsageEventRow
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
@@ -272,6 +275,9 @@ def test_failed_calls_with_searches_stored_not_billable_are_named_by_check_and_d
             stored = session.get(UsageEventRow, e.event_id)
             assert stored is not None and stored.billing_status == "not_billable"
             stored.web_searches = 2
+            searched = [0] * len(COUNTER_COLUMNS)  # the rollups counted them (0012)
+            searched[COUNTER_COLUMNS.index("web_searches")] = 2
+            store.upsert_rollups(session, {rollup_key(stored): searched})
         session.commit()
     with session_factory() as session:
         problems = run_checks(session).problems
