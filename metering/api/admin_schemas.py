@@ -160,7 +160,12 @@ class BudgetOut(BaseModel):
 
 
 class PriceOverrideIn(_In):
-    id: str | None = Field(None, min_length=1, max_length=64, description="Default: a generated `ovr_…` id.")
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Default: a generated `ovr_…` id. Without `/` (it is a path segment of `…/{id}:end`): 422.",
+    )
     provider: Provider
     model_pattern: str = Field(
         min_length=1,

@@ -75,6 +75,11 @@ def add_override(
     override_id = id or f"ovr_{uuid.uuid4().hex}"
     if len(override_id) > MAX_ID:
         raise InvalidInputError(f"an override id has at most {MAX_ID} characters")
+    if "/" in override_id:  # the API addresses an override in a path segment: POST …/price-overrides/{id}:end
+        raise InvalidInputError(
+            f"an override id cannot contain '/' (got {override_id!r}): the API could never end it "
+            "(POST /v1/admin/price-overrides/{id}:end takes one path segment)"
+        )
     if note is not None and len(note) > MAX_NOTE:
         raise InvalidInputError(f"a note has at most {MAX_NOTE} characters")
     if len(provider) > 50 or len(model_pattern) > 200:

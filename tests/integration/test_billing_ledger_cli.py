@@ -55,6 +55,9 @@ def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> No
     assert '"output_usd_per_mtok": "20.000000000"' in out  # not "2E+1"
     run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.0000000001", "--output", "0",
         code=1)  # fmt: skip
+    # An id the API could never end (POST …/{id}:end takes one path segment) is refused by the CLI too.
+    run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "1", "--output", "1",
+        "--id", "ollama/llama3", code=1)  # fmt: skip
     assert "priced 1 held event(s) ($0.36 charged, $0.30 provider cost); 0 still unpriced" in run("reprice")
     run("overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat())
     run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.20", "--output", "0.80",

@@ -322,6 +322,22 @@ def test_price_overrides_add_list_end_audited(client, admin, session_factory):
     assert end.after["effective_to"] == "2026-06-01T00:00:00Z"
 
 
+def test_an_override_id_the_end_route_cannot_address_is_refused(client, admin, session_factory):
+    """POST /v1/admin/price-overrides/{id}:end takes one path segment: an id with '/' (e.g. 'openai/gpt-4o-q1') was
+    stored (201), could never be ended through the API (404 'nothing at …', encoded or not) and so kept pricing
+    every call it matched for good. Refused now, with nothing stored or audited."""
+    body = {"id": "openai/gpt-4o-q1", "provider": "openai", "model_pattern": "gpt-4o*",
+            "effective_from": "2026-01-01T00:00:00Z", "input_mtok": "2", "output_mtok": "8"}  # fmt: skip
+    refused = assert_problem(client.post("/v1/admin/price-overrides", json=body, headers=admin), 422, "invalid_input")
+    assert "'/'" in refused["detail"]
+    assert client.get("/v1/admin/price-overrides", headers=admin).json() == []
+    assert audit_rows(session_factory) == []
+    added = client.post("/v1/admin/price-overrides", json={**body, "id": "openai.gpt-4o:q1"}, headers=admin)
+    assert added.status_code == 201, added.text
+    ended = client.post("/v1/admin/price-overrides/openai.gpt-4o:q1:end", json={}, headers=admin)
+    assert ended.status_code == 200, ended.text
+
+
 # -- credits --------------------------------------------------------------------------------------------
 
 
