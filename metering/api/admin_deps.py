@@ -25,10 +25,17 @@ IDEMPOTENCY_KEY = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
 
 
-def platform_admin(principal: Admin) -> TokenPrincipal:
+def _not_bound(principal: TokenPrincipal) -> None:
     if principal.tenant_id is not None:
         raise PermissionDeniedError("platform-wide settings need an admin token that is not bound to a tenant")
+
+
+def platform_admin(principal: Admin) -> TokenPrincipal:
+    _not_bound(principal)
     return principal
+
+
+platform_admin.principal_check = _not_bound  # type: ignore[attr-defined]  # read by deps.refusal_before_body
 
 
 def ensure_tenant(principal: TokenPrincipal, tenant_id: str, what: str) -> None:

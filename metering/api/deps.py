@@ -7,13 +7,15 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from metering.auth import Scope, TokenPrincipal, authenticate
 from metering.config import Settings
-from metering.errors import AuthenticationError, PermissionDeniedError
+from metering.errors import AuthenticationError, MeteringError, PermissionDeniedError
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -57,23 +59,62 @@ def _principal(request: Request, secret: str) -> TokenPrincipal | None:
     return principal
 
 
+def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, scope: Scope) -> TokenPrincipal:
+    if credentials is None:
+        raise AuthenticationError("an API token is required: send 'Authorization: Bearer <token>'")
+    principal = _principal(request, credentials.credentials)
+    if principal is None:
+        raise AuthenticationError("the API token is invalid or revoked")
+    if not principal.allows(scope):
+        raise PermissionDeniedError(f"the API token lacks the '{scope.value}' scope")
+    return principal
+
+
 def require(scope: Scope) -> Callable[..., TokenPrincipal]:
     """A dependency returning the request's principal: 401 without a live token, 403 without ``scope``."""
 
     def dependency(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
     ) -> TokenPrincipal:
-        if credentials is None:
-            raise AuthenticationError("an API token is required: send 'Authorization: Bearer <token>'")
-        principal = _principal(request, credentials.credentials)
-        if principal is None:
-            raise AuthenticationError("the API token is invalid or revoked")
-        if not principal.allows(scope):
-            raise PermissionDeniedError(f"the API token lacks the '{scope.value}' scope")
-        return principal
+        return _authorize(request, credentials, scope)
 
     dependency.__name__ = f"require_{scope.value}"
+    dependency.required_scope = scope  # type: ignore[attr-defined]  # read by refusal_before_body
     return dependency
+
+
+def _access_checks(dependant: Dependant | None) -> tuple[Scope | None, list[Callable[[TokenPrincipal], None]]]:
+    """The scope a route's dependencies require, and the checks of the principal they add (e.g. not bound)."""
+    scope: Scope | None = None
+    checks: list[Callable[[TokenPrincipal], None]] = []
+    pending = [dependant] if dependant is not None else []
+    while pending:
+        current = pending.pop()
+        scope = getattr(current.call, "required_scope", None) or scope
+        check = getattr(current.call, "principal_check", None)
+        if check is not None:
+            checks.append(check)
+        pending.extend(current.dependencies)
+    return scope, checks
+
+
+async def refusal_before_body(request: Request) -> MeteringError | None:
+    """The 401 or 403 a request gets before its body is looked at, or None.
+
+    FastAPI parses a JSON body before it runs any dependency, so a body that is not JSON (or not UTF-8) was answered
+    with a 422 before the token was checked: a request without a token, or with one lacking the scope, learnt how
+    its body was wrong instead of getting its 401/403. The problem handlers of such bodies ask this first."""
+    scope, checks = _access_checks(getattr(request.scope.get("route"), "dependant", None))
+    if scope is None:
+        return None
+    credentials = await _bearer(request)
+    try:
+        principal = await run_in_threadpool(_authorize, request, credentials, scope)
+        for check in checks:
+            check(principal)
+    except (AuthenticationError, PermissionDeniedError) as refused:
+        return refused
+    return None
 
 
 AppSettings = Annotated[Settings, Depends(app_settings)]

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
+from metering.api.deps import refusal_before_body
 from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -146,6 +147,8 @@ def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> str:
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        if (refused := await _refused_before_body(request)) is not None:
+            return refused
         errors = [{"loc": ["body"], "msg": "the body is not valid JSON (UTF-8)", "type": "json_invalid"}]
         detail = "the request does not match the schema: body: the body is not valid JSON (UTF-8)"
         return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
@@ -177,7 +180,23 @@ def _not_declared_json(request: Request, exc: RequestValidationError) -> bool:
     return any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in exc.errors())
 
 
+async def _refused_before_body(request: Request) -> JSONResponse | None:
+    """The 401/403 (or 503: the token could not be looked up) of a request whose body FastAPI could not parse."""
+    try:
+        refused = await refusal_before_body(request)
+    except DATABASE_OUTAGES as exc:
+        return await database_error(request, exc)
+    return None if refused is None else await metering_error(request, refused)
+
+
+def _body_not_parsed(exc: RequestValidationError) -> bool:
+    """FastAPI's error for a body that is not JSON, raised as it reads the body: before any dependency ran."""
+    return any(e.get("type") == "json_invalid" and tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if _body_not_parsed(exc) and (refused := await _refused_before_body(request)) is not None:
+        return refused  # the token first, as for any other body
     if _not_declared_json(request, exc):
         content_type = request.headers.get("content-type")
         got = f"got {content_type!r}" if content_type else "none was sent"

@@ -87,3 +87,44 @@ def test_last_used_at_is_written_by_requests(client, make_token, session_factory
 def test_request_with_a_token_of_the_right_scope_succeeds(client, make_token) -> None:
     response = client.post("/v1/events", json={"events": []}, headers=bearer(make_token(Scope.INGEST, Scope.READ)))
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+
+
+BODY_ROUTES = [
+    ("POST", "/v1/events"),
+    ("POST", "/v1/admin/credits"),
+    ("PUT", "/v1/admin/users/acme/alice/byollm"),
+    ("PUT", "/v1/admin/purposes/summary"),
+    ("POST", "/v1/admin/price-overrides"),
+    ("POST", "/v1/extensions/rewrite/functions/rewrite:invoke"),
+]
+NOT_JSON = (b'{"api_key": "sk-', b'{"user_id": "\xff"}')  # cut off; not UTF-8 (FastAPI's 400 path)
+
+
+def test_a_body_that_is_not_json_is_refused_after_the_token_not_before(client, make_token) -> None:
+    """FastAPI parses a JSON body before it runs any dependency: a request without a token (or with one lacking the
+    scope, or bound to a tenant on a platform-wide route) whose body was not JSON got a 422 describing its body, not
+    the 401/403 every other body gets (docs/api.md: 401 without a live token, 403 without the scope)."""
+    reader = make_token(Scope.READ)
+    admin = make_token(Scope.ADMIN, Scope.INGEST)
+    bound = make_token(Scope.ADMIN, tenant="acme")
+    json_type = {"Content-Type": "application/json"}
+    for method, path in BODY_ROUTES:
+        for body in NOT_JSON:
+            none = client.request(method, path, content=body, headers=json_type)
+            assert_problem(none, 401, "unauthenticated")
+            assert none.headers["www-authenticate"] == "Bearer"
+            wrong = client.request(method, path, content=body, headers=json_type | bearer("mtr_" + "x" * 43))
+            assert_problem(wrong, 401, "unauthenticated")
+            scope = assert_problem(
+                client.request(method, path, content=body, headers=json_type | bearer(reader)), 403, "forbidden"
+            )
+            assert "lacks" in scope["detail"]
+            # The token is good: the body's own problem, as before.
+            good = client.request(method, path, content=body, headers=json_type | bearer(admin))
+            assert_problem(good, 422, "validation_error")
+    for body in NOT_JSON:  # a tenant-bound admin on a platform-wide route: its 403, as with a valid body
+        for method, path in (("POST", "/v1/admin/price-overrides"), ("PUT", "/v1/admin/purposes/summary")):
+            refused = client.request(method, path, content=body, headers=json_type | bearer(bound))
+            assert "not bound" in assert_problem(refused, 403, "forbidden")["detail"]
+        tenant_route = client.post("/v1/admin/credits", content=body, headers=json_type | bearer(bound))
+        assert_problem(tenant_route, 422, "validation_error")
