@@ -159,24 +159,33 @@ def get_override(session: Session, id: str, *, for_update: bool = False) -> Pric
 
 def end_override(session: Session, id: str, at: datetime) -> PriceOverrideRow:
     """Close an override's window at ``at`` (exclusive). It can only be shortened; it is never deleted."""
+    return end(session, id, at)[0]
+
+
+def end(session: Session, id: str, at: datetime) -> tuple[PriceOverrideRow, bool]:
+    """``end_override``, also telling whether this call changed the window. Ending it at the moment it already ends
+    (a retry, or two identical ends at once) changes nothing: ``False``, and the edges audit nothing (they recorded
+    a second ``price_override.end`` with ``before`` equal to ``after``, a change nobody made)."""
     if at.tzinfo is None or at.utcoffset() is None:
         raise InvalidInputError("the end of an override must be timezone-aware")
     at = at.astimezone(UTC)
     o = PriceOverrideRow
     # One conditional UPDATE, so the rule holds against a concurrent end: checked on a row read before, an end that
-    # waited for another one's lock lengthened the window that one had just shortened.
+    # waited for another one's lock lengthened the window the first had just shortened.
     shortened = session.execute(
         update(o)
-        .where(o.id == id, o.effective_from < at, or_(o.effective_to.is_(None), o.effective_to >= at))
+        .where(o.id == id, o.effective_from < at, or_(o.effective_to.is_(None), o.effective_to > at))
         .values(effective_to=at)
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     row = session.get(o, id, populate_existing=True)
     if row is None:
         raise NotFoundError(f"no price override with id {id!r}")
-    if not shortened and at <= row.effective_from:
+    if shortened:
+        return row, True
+    if at <= row.effective_from:
         raise InvalidInputError(f"override {id!r} starts at {row.effective_from.isoformat()}: end it after that")
-    if not shortened:
-        assert row.effective_to is not None
-        raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")
-    return row
+    assert row.effective_to is not None
+    if row.effective_to == at:
+        return row, False
+    raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")

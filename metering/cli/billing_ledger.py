@@ -137,9 +137,10 @@ def overrides_end(
     end_at = _moment("--at", at) or datetime.now(UTC)
     with admin_session() as (session, _box):
         before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
-        row = overrides.end_override(session, override_id, end_at)
-        target, after = snap.override_target(row.id), snap.override_snapshot(row)
-        audit_trail.record(session, "price_override.end", target, before=before, after=after)
+        row, changed = overrides.end(session, override_id, end_at)
+        if changed:  # ending it when it already ends then: nothing changed, nothing audited
+            target, after = snap.override_target(row.id), snap.override_snapshot(row)
+            audit_trail.record(session, "price_override.end", target, before=before, after=after)
         print_json(_override_view(row))
 
 

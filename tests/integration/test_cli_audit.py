@@ -347,6 +347,23 @@ def test_an_override_end_that_waited_for_another_never_lengthens_its_window(run,
         assert get_effective_to(session, "o1") == first_end
 
 
+def test_an_override_end_at_the_moment_it_already_ends_writes_no_second_entry(run, session_factory) -> None:
+    """The same end twice (a retry, or two at once: the second waited for the first's lock) changed nothing the second
+    time but wrote a second `price_override.end` entry, its before equal to its after."""
+    from metering.billing.overrides import add_override
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with session_factory() as session:
+        add_override(session, provider="ollama", model_pattern="m", effective_from=start, effective_to=None,
+                     input_mtok=Decimal(1), output_mtok=Decimal(1), id="o1")  # fmt: skip
+        session.commit()
+    end = (start + timedelta(days=10)).isoformat()
+    run("billing", "overrides", "end", "o1", "--at", end)
+    run("billing", "overrides", "end", "o1", "--at", end)
+    (entry,) = audit_rows(session_factory, "price_override.end")
+    assert entry.before["effective_to"] is None
+
+
 def get_effective_to(session: Any, override_id: str) -> datetime | None:
     from metering.db.models import PriceOverrideRow
 

@@ -90,7 +90,7 @@ def list_price_overrides(
     summary="End a price override",
     description=(
         "Requires `admin`, unbound. Closes the override's window at `at` (default: now); it can only be shortened. "
-        "Audited as `price_override.end`."
+        "Audited as `price_override.end`; ending it at the moment it already ends changes nothing (200, not audited)."
     ),
     responses=problem_responses(401, 403, 404, 422, 503),
 )
@@ -103,8 +103,10 @@ def end_price_override(
 ) -> PriceOverrideOut:
     at = body.at if body is not None and body.at is not None else datetime.now(UTC)
     before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
-    row = overrides.end_override(session, override_id, at)
-    audit.record("price_override.end", snap.override_target(row.id), before=before, after=snap.override_snapshot(row))
+    row, changed = overrides.end(session, override_id, at)
+    if changed:  # ending it when it already ends then: nothing changed, nothing audited
+        after = snap.override_snapshot(row)
+        audit.record("price_override.end", snap.override_target(row.id), before=before, after=after)
     return PriceOverrideOut.of(row)
 
 

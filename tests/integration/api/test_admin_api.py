@@ -338,6 +338,25 @@ def test_an_override_id_the_end_route_cannot_address_is_refused(client, admin, s
     assert ended.status_code == 200, ended.text
 
 
+def test_ending_an_override_when_it_already_ends_then_is_not_audited_again(client, admin, session_factory):
+    """A retried end (same `at`), or two identical ends at once, changed nothing the second time, yet each wrote a
+    `price_override.end` entry (before equal to after): the log showed two changes of the window, one nobody made.
+    Now: 200 with the override as it is, and no entry (as revoking a revoked token, or finalizing a closed month)."""
+    body = {"id": "ovr_q1", "provider": "openai", "model_pattern": "gpt-4o*",
+            "effective_from": "2026-01-01T00:00:00Z", "input_mtok": "2", "output_mtok": "8"}  # fmt: skip
+    assert client.post("/v1/admin/price-overrides", json=body, headers=admin).status_code == 201
+    at = {"at": "2026-04-01T00:00:00Z"}
+    first = client.post("/v1/admin/price-overrides/ovr_q1:end", json=at, headers=admin)
+    again = client.post("/v1/admin/price-overrides/ovr_q1:end", json=at, headers=admin)
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.json() == first.json() and again.json()["effective_to"] == "2026-04-01T00:00:00Z"
+    (entry,) = audit_rows(session_factory, "price_override.end")
+    assert entry.before["effective_to"] is None and entry.after["effective_to"] == "2026-04-01T00:00:00Z"
+    later = client.post("/v1/admin/price-overrides/ovr_q1:end", json={"at": "2026-05-01T00:00:00Z"}, headers=admin)
+    assert "already ends" in assert_problem(later, 422, "invalid_input")["detail"]  # never lengthened
+    assert len(audit_rows(session_factory, "price_override.end")) == 1
+
+
 # -- credits --------------------------------------------------------------------------------------------
 
 
