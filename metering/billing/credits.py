@@ -91,6 +91,11 @@ def credit_posting(
             "an idempotency key cannot start or end with whitespace (an HTTP header cannot carry it, so a retry "
             "through the API would post a second time)"
         )
+    if not all(" " <= c <= "~" for c in idempotency_key):  # printable ASCII, as the keys of `…:invoke`
+        raise InvalidInputError(
+            "an idempotency key is printable ASCII (an HTTP header carries other characters as Latin-1 bytes: the API "
+            "read a UTF-8 'é' as 'Ã©', the CLI as 'é', so a retry through the other edge would post a second time)"
+        )
     if memo is not None and len(memo) > MAX_MEMO:
         raise InvalidInputError(f"a memo has at most {MAX_MEMO} characters")
     if not tenant_id or not user_id:

@@ -133,10 +133,11 @@ _IDEMPOTENCY_PARAMETER = {
     "in": "header",
     "required": True,
     "description": (
-        "Required (1 to 200 characters; a UUID is a good choice), per tenant. The same key returns the first result; "
-        "the same key for a different request is 409 `idempotency_conflict`. Missing: 400 `idempotency_key_required`."
+        "Required (1 to 200 printable ASCII characters; a UUID is a good choice), per tenant. The same key returns the "
+        "first result; the same key for a different request is 409 `idempotency_conflict`. Missing: 400 "
+        "`idempotency_key_required`; not printable ASCII: 422."
     ),
-    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\x20-\x7e]+$"},
 }
 
 
@@ -162,7 +163,7 @@ _IDEMPOTENCY_PARAMETER = {
 def post_credit(
     body: CreditIn, request: Request, response: Response, principal: Admin, session: DbSession, audit: Audited
 ) -> CreditOut:
-    key = request.headers.get(IDEMPOTENCY_KEY, "").strip()
+    key = request.headers.get(IDEMPOTENCY_KEY, "").strip(" \t")  # HTTP's whitespace (a Latin-1 NBSP stays: 422)
     if not key:
         raise IdempotencyKeyRequiredError(
             f"POST /v1/admin/credits needs an {IDEMPOTENCY_KEY} header (e.g. a UUID) so a retry cannot post twice"

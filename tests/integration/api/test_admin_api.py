@@ -397,6 +397,23 @@ def test_credits_are_idempotent_on_the_header(client, admin, session_factory):
     assert entry.before is None
 
 
+def test_a_credit_key_that_is_not_printable_ascii_is_refused(client, admin, session_factory):
+    """A header's bytes are read as Latin-1: the UTF-8 key 'clé-1' was stored as 'clÃ©-1' (and echoed so), while
+    `metering billing credit add --key clé-1` stored 'clé-1': the same key through the other edge posted a second
+    credit. Keys are printable ASCII (as the keys of `…:invoke`), refused alike by both edges; nothing is posted."""
+    for raw in ("clé-1".encode(), b"\xa0k1", b"k\x801"):
+        response = client.post(
+            "/v1/admin/credits",
+            json={"tenant_id": "acme", "user_id": "alice", "amount": "25.00"},
+            headers=[*admin.items(), ("Idempotency-Key", raw)],
+        )
+        assert "printable ASCII" in assert_problem(response, 422, "invalid_input")["detail"]
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(TransferRow)) == 0
+    assert audit_rows(session_factory) == []
+    assert _credit(client, admin, "k 1 ~!").status_code == 201  # spaces and punctuation inside are fine
+
+
 def test_a_credit_key_belongs_to_its_tenant(client, acme_admin, make_token, session_factory):
     """Another tenant's admin can use a key acme used (its own credit): no 409, nothing about acme's credit."""
     globex_admin = bearer(make_token(Scope.ADMIN, tenant="globex", name="globex-admin"))
