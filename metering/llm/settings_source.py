@@ -55,14 +55,19 @@ class CachedSettings:
         self._ttl = ttl_s
         self._clock = clock
         self._entries: dict[tuple[str, Hashable], tuple[float, object]] = {}
+        self._generation = 0  # bumped by invalidate(): a value loaded before it is not kept
 
     def _get(self, kind: str, key: K, load: Callable[[K], T]) -> T:
         now = self._clock()
         hit = self._entries.get((kind, key))
         if hit is not None and hit[0] > now:
             return hit[1]  # type: ignore[return-value]
+        generation = self._generation
         value = load(key)
-        self._entries[(kind, key)] = (now + self._ttl, value)
+        # A load that an invalidate() overtook may have read the row before the change committed: answered, not kept
+        # (kept, it served the deleted settings, e.g. a user's removed BYOLLM key, for another TTL).
+        if generation == self._generation:
+            self._entries[(kind, key)] = (now + self._ttl, value)
         return value
 
     def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
@@ -75,4 +80,5 @@ class CachedSettings:
         return self._get("budget", extension_id, self._source.budget)
 
     def invalidate(self) -> None:
+        self._generation += 1
         self._entries.clear()

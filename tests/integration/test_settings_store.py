@@ -137,6 +137,43 @@ def test_purpose_and_budget_round_trip_through_the_cache(session_factory, box) -
     assert cached.purpose("content_rewrite") is None  # seen after the TTL
 
 
+def test_a_load_overtaken_by_an_invalidation_is_not_cached(session_factory, box) -> None:
+    """An invocation read a user's BYOLLM row while an admin's DELETE committed and invalidated the cache (the API
+    invalidates in a background task once the change committed; the read runs on the event loop meanwhile): the read
+    then stored the deleted settings, key included, and every invocation for another TTL spent the removed key,
+    though docs/api.md promises the next invocation uses the change."""
+    with session_factory() as session:
+        store.put_byollm(session, box, user_id="u1", tenant_id="t1", provider="anthropic", model="m", api_key=KEY)
+        session.commit()
+    database = store.DatabaseSettings(session_factory, box)
+    now = [0.0]
+
+    class ReadThenOvertaken:
+        def __init__(self) -> None:
+            self.overtake = True
+
+        def byollm(self, user_id: str, tenant_id: str):  # type: ignore[no-untyped-def]
+            read = database.byollm(user_id, tenant_id)  # the row as it was
+            if self.overtake:
+                self.overtake = False
+                with session_factory() as session:  # the admin's DELETE commits, then the cache is invalidated
+                    store.delete_byollm(session, user_id)
+                    session.commit()
+                cached.invalidate()
+            return read
+
+        def purpose(self, purpose: str):  # type: ignore[no-untyped-def]
+            return database.purpose(purpose)
+
+        def budget(self, extension_id: str):  # type: ignore[no-untyped-def]
+            return database.budget(extension_id)
+
+    cached = CachedSettings(ReadThenOvertaken(), ttl_s=5.0, clock=lambda: now[0])
+    in_flight = cached.byollm("u1", "t1")
+    assert in_flight is not None and in_flight.api_key == KEY  # the invocation under way had read it
+    assert cached.byollm("u1", "t1") is None  # the next one sees the delete, within the TTL
+
+
 def test_budget_needs_a_limit(session_factory) -> None:
     with session_factory() as session, pytest.raises(InvalidInputError, match="max_calls, max_tokens"):
         store.put_budget(session, extension_id="rewrite", max_calls=None, max_tokens=None)
