@@ -153,11 +153,16 @@ def delete_byollm(session: Session, user_id: str) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+MASK_HIDES_AT_LEAST = 16  # characters of a key its mask never shows: beyond guessing (provider keys have 40 to 160)
+
+
 def mask_key(plaintext: str | None) -> str | None:
-    """``sk-ant-…abcd``: enough to recognise a key, never enough to use it."""
+    """``sk-…abcd``: enough to recognise a key, never enough to use it. The first 3 and last 4 characters only when
+    at least ``MASK_HIDES_AT_LEAST`` stay hidden, else ``…``: an 11-character key (a local gateway's) showed 7 of its
+    characters, the 4 left a few million guesses away, to every admin who may only set it."""
     if not plaintext:
         return None
-    return f"{plaintext[:3]}…{plaintext[-4:]}" if len(plaintext) > 10 else "…"
+    return f"{plaintext[:3]}…{plaintext[-4:]}" if len(plaintext) - 7 >= MASK_HIDES_AT_LEAST else "…"
 
 
 def stored_key_mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:

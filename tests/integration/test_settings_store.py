@@ -42,6 +42,10 @@ def test_byollm_key_is_encrypted_at_rest_and_round_trips(session_factory, box) -
     assert settings.api_key == KEY and settings.fallback_policy is FallbackPolicy.ERROR
     assert KEY not in repr(settings)
     assert store.mask_key(KEY) == "sk-…abcd"
+    # A short key's mask shows nothing of it: 3 + 4 characters of an 11-character key left 4 to guess.
+    assert store.mask_key("sk-12345678") == "…"
+    assert store.mask_key("sk-" + "x" * 15 + "abcd") == "…"  # 15 hidden: not enough
+    assert store.mask_key("sk-" + "x" * 16 + "abcd") == "sk-…abcd"  # 16 hidden
 
 
 def test_a_key_set_while_a_rotation_runs_is_never_overwritten_by_the_old_one(session_factory) -> None:
