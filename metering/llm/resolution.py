@@ -85,7 +85,11 @@ def _platform_target(
     source: Source,
     platform: PlatformLLM,
 ) -> Target:
-    api_key = platform.api_keys.get(provider)
+    # The platform's key goes only where the operator configured it: its provider's own endpoint, or the platform
+    # base_url (settings) for the platform provider. A purpose's base_url is an admin's choice: sent the key, any admin
+    # token could have it delivered to a host of its own (a BYOLLM key is never sent to another endpoint either).
+    operator_endpoint = base_url is None or (provider == platform.provider and base_url == platform.base_url)
+    api_key = platform.api_keys.get(provider) if operator_endpoint else None
     if provider in KEYED_PROVIDERS and not api_key and base_url is None:
         provider, api_key = SIMULATED, None
     config = ProviderConfig(

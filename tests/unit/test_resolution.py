@@ -70,3 +70,22 @@ def test_user_key_never_shows_in_reprs() -> None:
     assert "sk-user" not in repr(plan)
     assert "sk-user" not in repr(BYO)
     assert "sk-platform" not in repr(KEYED)
+
+
+def test_the_platform_key_goes_only_to_the_endpoint_the_operator_configured() -> None:
+    """A purpose's base_url is an admin's choice: the platform key is not sent there (any admin token could have had
+    it delivered to its own host). The provider's own endpoint and the platform base_url from settings keep it."""
+    elsewhere = PurposeSettings(
+        purpose="content_rewrite", provider="anthropic", model="claude-haiku-4-5", base_url="https://elsewhere/v1"
+    )
+    plan = resolve(None, elsewhere, KEYED)
+    assert plan.primary.config.base_url == "https://elsewhere/v1" and plan.primary.config.api_key is None
+    assert resolve(None, PURPOSE, KEYED).primary.config.api_key == "sk-platform"  # the provider's own endpoint
+    proxied = PlatformLLM(
+        provider="anthropic", model="m", base_url="https://gateway/v1", api_keys={"anthropic": "sk-platform"}
+    )
+    assert resolve(None, None, proxied).primary.config.api_key == "sk-platform"  # the operator's own base_url
+    same = PurposeSettings(purpose="p", provider="anthropic", model="m", base_url="https://gateway/v1")
+    assert resolve(None, same, proxied).primary.config.api_key == "sk-platform"
+    failover = resolve(BYO, elsewhere, KEYED).fallback
+    assert failover is not None and failover.config.api_key is None

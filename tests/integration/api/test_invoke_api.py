@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from metering.api.app import create_app
@@ -423,3 +424,26 @@ def test_a_database_failing_as_a_keyed_invocation_finishes_is_a_503_naming_its_c
     monkeypatch.setattr(invoke, "_record", real)
     assert_problem(_invoke(client, _keyed(admin, "db-1")), 409, "idempotency_in_progress")  # never run twice
     assert "Idempotent-Replayed" not in _invoke(client, admin).headers  # without a key: no such header
+
+
+PLATFORM_KEY = "sk-platform-OPENAI-0123456789-abcdefghij"
+
+
+def test_an_admin_cannot_have_the_platform_key_sent_to_a_host_of_its_choosing(
+    settings, make_token, session_factory, openai_server: FakeOpenAIServer
+):
+    """A purpose's base_url for a keyed provider got the platform's key (METERING_OPENAI_API_KEY), which no API
+    answers: any admin token could set `{"provider": "openai", "base_url": "https://its-host/v1"}` on a purpose and
+    invoke, and its host received `Authorization: Bearer <platform key>`. BYOLLM keys were already never sent to an
+    endpoint other than the one they were given for; the platform's now go only to their provider's own endpoint
+    (or METERING_PLATFORM__BASE_URL): a purpose with a base_url of its own is called without them."""
+    keyed = settings.model_copy(update={"openai_api_key": SecretStr(PLATFORM_KEY)})
+    admin = bearer(make_token(Scope.ADMIN, name="ops-admin"))
+    with TestClient(create_app(keyed)) as client:
+        purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+        assert client.put("/v1/admin/purposes/content_rewrite", json=purpose, headers=admin).status_code == 200
+        response = _invoke(client, admin)
+        assert response.status_code == 200, response.text
+    (received,) = openai_server.requests
+    assert PLATFORM_KEY not in str(received.headers)
+    assert openai_server.api_key_of(received.headers) != PLATFORM_KEY
