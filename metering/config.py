@@ -27,6 +27,10 @@ class PlatformLLMSettings(BaseModel):
     base_url: str | None = None
     timeout_s: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False)
     max_retries: int = Field(2, ge=0, le=10)
+    # Endpoints besides each provider's own and ``base_url`` that a purpose may point at and still be sent the
+    # platform's key of the provider it names (the operator's gateways), exactly as the purpose gives them. A JSON
+    # list in the environment: METERING_PLATFORM__KEYED_BASE_URLS='["https://llm-gateway.internal/v1"]'.
+    keyed_base_urls: frozenset[str] = frozenset()
 
 
 class SimulatedSettings(BaseModel):

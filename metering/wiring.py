@@ -33,6 +33,7 @@ def platform_llm(settings: Settings) -> PlatformLLM:
         timeout_s=settings.platform.timeout_s,
         max_retries=settings.platform.max_retries,
         api_keys={p: settings.platform_api_key(p) for p in ("anthropic", "openai")},
+        keyed_base_urls=settings.platform.keyed_base_urls,
     )
 
 

@@ -59,6 +59,7 @@ class PlatformLLM:
     timeout_s: float = 60.0
     max_retries: int = 2
     api_keys: Mapping[str, str | None] = field(default_factory=dict, repr=False)
+    keyed_base_urls: frozenset[str] = frozenset()  # the operator's endpoints that may receive the platform keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +86,15 @@ def _platform_target(
     source: Source,
     platform: PlatformLLM,
 ) -> Target:
-    # The platform's key goes only where the operator configured it: its provider's own endpoint, or the platform
-    # base_url (settings) for the platform provider. A purpose's base_url is an admin's choice: sent the key, any admin
-    # token could have it delivered to a host of its own (a BYOLLM key is never sent to another endpoint either).
-    operator_endpoint = base_url is None or (provider == platform.provider and base_url == platform.base_url)
+    # The platform's key goes only where the operator configured it: its provider's own endpoint, the platform
+    # base_url (settings) for the platform provider, or one of the operator's keyed_base_urls (settings). A purpose's
+    # base_url is an admin's choice: sent the key, any admin token could have it delivered to a host of its own (a
+    # BYOLLM key is never sent to another endpoint either).
+    operator_endpoint = (
+        base_url is None
+        or (provider == platform.provider and base_url == platform.base_url)
+        or base_url in platform.keyed_base_urls
+    )
     api_key = platform.api_keys.get(provider) if operator_endpoint else None
     if provider in KEYED_PROVIDERS and not api_key and base_url is None:
         provider, api_key = SIMULATED, None

@@ -89,3 +89,8 @@ def test_the_platform_key_goes_only_to_the_endpoint_the_operator_configured() ->
     assert resolve(None, same, proxied).primary.config.api_key == "sk-platform"
     failover = resolve(BYO, elsewhere, KEYED).fallback
     assert failover is not None and failover.config.api_key is None
+    trusted = PlatformLLM(provider="openai", model="m", api_keys={"anthropic": "sk-platform"},
+                          keyed_base_urls=frozenset({"https://elsewhere/v1"}))  # fmt: skip
+    assert resolve(None, elsewhere, trusted).primary.config.api_key == "sk-platform"  # the operator's gateway
+    not_listed = PurposeSettings(purpose="p", provider="anthropic", model="m", base_url="https://elsewhere/v1/")
+    assert resolve(None, not_listed, trusted).primary.config.api_key is None  # exactly as listed

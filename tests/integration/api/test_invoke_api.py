@@ -447,3 +447,19 @@ def test_an_admin_cannot_have_the_platform_key_sent_to_a_host_of_its_choosing(
     (received,) = openai_server.requests
     assert PLATFORM_KEY not in str(received.headers)
     assert openai_server.api_key_of(received.headers) != PLATFORM_KEY
+
+
+def test_an_operators_gateway_listed_in_keyed_base_urls_is_sent_the_platform_key(
+    settings, make_token, session_factory, openai_server: FakeOpenAIServer
+):
+    """The operator (settings, not an admin token) may name its own gateways: a purpose pointing at one of them is sent
+    the platform key of the provider it names."""
+    platform = settings.platform.model_copy(update={"keyed_base_urls": frozenset({openai_server.base_url})})
+    keyed = settings.model_copy(update={"openai_api_key": SecretStr(PLATFORM_KEY), "platform": platform})
+    admin = bearer(make_token(Scope.ADMIN, name="ops-admin"))
+    with TestClient(create_app(keyed)) as client:
+        purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+        assert client.put("/v1/admin/purposes/content_rewrite", json=purpose, headers=admin).status_code == 200
+        assert _invoke(client, admin).status_code == 200
+    (received,) = openai_server.requests
+    assert openai_server.api_key_of(received.headers) == PLATFORM_KEY
