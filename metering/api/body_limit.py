@@ -1,7 +1,8 @@
 """Refuse request bodies above a byte limit with 413 problem+json, before any of it is parsed.
 
 The declared ``Content-Length`` is checked first (nothing is read); a body without one (chunked) is counted
-while it is read. The body is buffered (at most the limit) and replayed to the app.
+while it is read. The body is buffered (at most the limit) and replayed to the app; a gzip body decoded first, what
+it decodes to bounded by the same limit (``content_coding``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from metering.api.content_coding import GZIP, coding_of, decoded_headers, gunzip_bounded
 from metering.api.problems import problem_response
-from metering.errors import PayloadTooLargeError
+from metering.errors import MeteringError, PayloadTooLargeError
 
 
 class BodyLimitMiddleware:
@@ -40,14 +42,22 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        body = b"".join(chunks)
+        if coding_of(Headers(scope=scope).get("content-encoding")) == GZIP and body:
+            try:
+                body = gunzip_bounded(body, self.max_bytes)
+            except MeteringError as error:
+                await self._refuse(scope, receive, send, error)
+                return
+            scope = decoded_headers(scope, body)
+        pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay() -> Message:
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = PayloadTooLargeError(f"the request body is larger than {self.max_bytes} bytes")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: MeteringError | None = None) -> None:
+        error = error or PayloadTooLargeError(f"the request body is larger than {self.max_bytes} bytes")
         response = problem_response(error.status, error.code, error.message, instance=scope.get("path"))
         await response(scope, receive, send)

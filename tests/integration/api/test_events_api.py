@@ -137,21 +137,50 @@ def test_a_repeat_names_its_earlier_item_by_its_index_in_the_request(client, mak
     assert reasons[4].startswith("repeats the event_id of item 3, which is rejected: "), reasons[4]
 
 
-def test_a_body_with_a_content_coding_is_415_and_nothing_is_read(client, make_token, session_factory):
-    """Nothing decodes a body: a gzipped batch was a 422 "not valid JSON", and a plain one that said it was gzipped
-    was ingested as if it were not."""
+def test_a_gzip_body_is_decoded_and_any_other_content_coding_is_415(client, make_token, session_factory):
+    """A gzipped batch is ingested as the same batch sent plain; a body that only says it is gzip is a 400, another
+    coding a 415, and nothing of either is stored."""
     headers = {"Content-Type": "application/json", **bearer(make_token())}
-    body = orjson.dumps({"events": [record(0)]})
-    for content, coding in [(gzip.compress(body), "gzip"), (body, "gzip"), (body, "br"), (body, "identity, gzip")]:
+    first = record(0)
+    body = orjson.dumps({"events": [first]})
+    for content, coding in [(body, "br"), (body, "gzip, gzip"), (gzip.compress(body), "deflate")]:
         response = client.post("/v1/events", content=content, headers={**headers, "Content-Encoding": coding})
         assert "Content-Encoding" in assert_problem(response, 415, "unsupported_media_type")["detail"]
-    chunked = iter([gzip.compress(body)])  # no Content-Length: Transfer-Encoding chunked
-    response = client.post("/v1/events", content=chunked, headers={**headers, "Content-Encoding": "gzip"})
-    assert_problem(response, 415, "unsupported_media_type")
+    for content in (body, gzip.compress(body)[:-5], gzip.compress(body) + b"junk"):
+        response = client.post("/v1/events", content=content, headers={**headers, "Content-Encoding": "gzip"})
+        assert "gzip" in assert_problem(response, 400, "invalid_content_coding")["detail"]
     assert _stored(session_factory) == 0
+    response = client.post("/v1/events", content=gzip.compress(body), headers={**headers, "Content-Encoding": "gzip"})
+    assert response.status_code == 200 and response.json()["inserted"] == 1, response.text
+    chunked = iter([gzip.compress(orjson.dumps({"events": [first, record(1)]}))])  # Transfer-Encoding chunked
+    response = client.post("/v1/events", content=chunked, headers={**headers, "Content-Encoding": "X-Gzip"})
+    assert response.json() == {"inserted": 1, "duplicates": 1, "rejected": []}
+    two_members = gzip.compress(b'{"events": [') + gzip.compress(orjson.dumps(record(2)) + b"]}")
+    response = client.post("/v1/events", content=two_members, headers={**headers, "Content-Encoding": "identity, gzip"})
+    assert response.json()["inserted"] == 1
+    assert _stored(session_factory) == 3
     response = client.post("/v1/events", content=body, headers={**headers, "Content-Encoding": "Identity"})
-    assert response.status_code == 200 and response.json()["inserted"] == 1
+    assert response.status_code == 200 and response.json()["duplicates"] == 1
     assert client.get("/healthz", headers={"Content-Encoding": "gzip"}).status_code == 200  # no body: nothing to decode
+
+
+def test_a_gzip_body_that_decodes_past_the_limit_is_413_and_one_bad_event_rejects_only_itself(
+    db_url, tmp_path, make_token, session_factory
+):
+    """The limit holds for what a body decodes to: 40 KB that inflate to 64 MB are refused once past the limit."""
+    events = [record(i) for i in range(500)]
+    events[17] = {**events[17], "input_tokens": -3}
+    payload = orjson.dumps({"events": events})
+    with TestClient(create_app(app_settings(db_url, tmp_path, max_body_bytes=len(payload)))) as small:
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", **bearer(make_token())}
+        bomb = gzip.compress(b'{"events": [' + b" " * (64 * 1024 * 1024) + b"]}")
+        assert len(bomb) < 100_000
+        assert "decompressed" in assert_problem(small.post("/v1/events", content=bomb, headers=headers), 413,
+                                                "payload_too_large")["detail"]  # fmt: skip
+        assert _stored(session_factory) == 0
+        answer = small.post("/v1/events", content=gzip.compress(payload), headers=headers).json()
+    assert (answer["inserted"], [r["index"] for r in answer["rejected"]]) == (499, [17])
+    assert _stored(session_factory) == 499
 
 
 def test_an_event_id_stored_for_another_tenant_is_rejected_without_describing_it(client, make_token, session_factory):
