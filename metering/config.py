@@ -56,6 +56,8 @@ class SpoolSettings(BaseModel):
     http_url: str | None = None  # e.g. http://127.0.0.1:8000
     http_token: SecretStr | None = None
     http_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
+    # Batches gzipped (a service that does not decode gzip answers 415: the sink then sends them uncompressed).
+    http_gzip: bool = True
 
     @model_validator(mode="after")
     def _http_sink_needs_url_and_token(self) -> SpoolSettings:

@@ -66,7 +66,9 @@ def make_sink(settings: Settings, sessions: sessionmaker[Session] | None) -> Sin
     spool = settings.spool
     if spool.sink == "http":
         assert spool.http_url is not None and spool.http_token is not None  # the settings validator checked
-        return HttpSink(spool.http_url, spool.http_token.get_secret_value(), timeout_s=spool.http_timeout_s)
+        return HttpSink(
+            spool.http_url, spool.http_token.get_secret_value(), timeout_s=spool.http_timeout_s, gzip=spool.http_gzip
+        )
     if sessions is None:
         raise ValueError("the database sink needs sessions")
     return DatabaseSink(sessions, markup_pct=settings.billing.markup_pct)

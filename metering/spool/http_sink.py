@@ -9,10 +9,15 @@ batch and retries it with backoff: a service that is down, slow, overloaded (429
 duplicates instead of double-counting. Each event is sent as its spool line says it (``events.record_of``: the
 counts added since the first release only when not 0), so a service that does not know them yet takes every
 event that does not use them.
+
+Batches are sent gzipped (``Content-Encoding: gzip``, level 1: JSON events shrink several times) unless
+``gzip=False``. A service from before it decoded gzip answers 415: the sink then sends the same batch uncompressed
+at once, and every later one, so producers can be upgraded before the service.
 """
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 
 import httpx
@@ -27,20 +32,32 @@ class DeliveryError(Exception):
 
 
 class HttpSink:
-    def __init__(self, url: str, token: str, *, timeout_s: float = 30.0, client: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout_s: float = 30.0,
+        client: httpx.Client | None = None,
+        gzip: bool = True,
+    ) -> None:
         self._url = url.rstrip("/") + "/v1/events"
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._client = client or httpx.Client(timeout=timeout_s)
+        self.gzip = gzip  # turned off for good by a service that answers 415 to a gzipped batch
 
     def __repr__(self) -> str:  # never the token
         return f"HttpSink({self._url!r})"
 
     def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
         body = orjson.dumps({"events": [record_of(event) for event in events]})
-        try:
-            response = self._client.post(self._url, content=body, headers=self._headers)
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"POST {self._url} failed: {type(exc).__name__}: {exc}") from exc
+        if self.gzip:
+            response = self._post(gzip.compress(body, compresslevel=1, mtime=0), {"Content-Encoding": "gzip"})
+            if response.status_code == 415:  # a service that does not decode gzip yet
+                self.gzip = False
+                response = self._post(body, {})
+        else:
+            response = self._post(body, {})
         if response.status_code in (413, 500):
             too_large = response.status_code == 413
             raise RefusedBatchError(
@@ -54,6 +71,12 @@ class HttpSink:
         data = response.json()
         rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
         return DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        try:
+            return self._client.post(self._url, content=body, headers={**self._headers, **headers})
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"POST {self._url} failed: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         self._client.close()

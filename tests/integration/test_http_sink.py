@@ -120,3 +120,32 @@ def test_spool_drain_with_the_http_sink_never_touches_the_database_setting(tmp_p
     with sqlite3.connect(db) as conn:
         stored = {row[0] for row in conn.execute("SELECT event_id FROM usage_events")}
     assert stored == {r["event_id"].replace("-", "") for r in records}
+
+
+def test_batches_are_sent_gzipped_and_ingested_once(tmp_path: Path) -> None:
+    """The sink gzips each batch (a fraction of its JSON on the wire); the service decodes it."""
+    import httpx
+
+    db = tmp_path / "service.db"
+    env = clean_env(METERING_DATA_DIR=str(tmp_path / "service"), METERING_DATABASE_URL=f"sqlite:///{db}")
+    token = create_token(env, "ingest", name="spool")
+    port = free_port()
+    records = [record(i) for i in range(200)]
+    sent: list[tuple[str | None, int]] = []
+
+    def seen(request: httpx.Request) -> None:
+        sent.append((request.headers.get("content-encoding"), len(request.content)))
+
+    with serving(env, tmp_path, port=port), Spool(tmp_path / "spool") as spool:
+        for rec in records:
+            spool.append(orjson.dumps(rec))
+        sink = HttpSink(f"http://127.0.0.1:{port}", token, client=httpx.Client(event_hooks={"request": [seen]}))
+        flusher = Flusher(spool, sink, batch_size=200, interval_s=0.01).start()
+        assert flusher.flush(timeout=60)
+        stats = flusher.stats
+        flusher.stop()
+    assert (stats.delivered, stats.rejected, stats.pending) == (200, 0, 0)
+    assert sink.gzip and [coding for coding, _ in sent] == ["gzip"]
+    assert sent[0][1] < len(orjson.dumps({"events": records})) / 3
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 200

@@ -31,9 +31,17 @@ class _PreviousService(BaseHTTPRequestHandler):
     """POST /v1/events of a service from before these fields: an event with a key it does not know is rejected."""
 
     bodies: ClassVar[list[list[dict[str, Any]]]] = []
+    codings: ClassVar[list[str]] = []  # the content codings it refused
 
     def do_POST(self) -> None:
-        events = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))["events"]
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding"):  # it read bodies as sent: any content coding was a 415
+            self.send_response(415)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.codings.append(self.headers["Content-Encoding"])
+            return
+        events = orjson.loads(raw)["events"]
         self.bodies.append(events)
         rejected = [
             {"index": i, "event_id": e.get("event_id"), "reason": f"{sorted(set(e) - KNOWN_BEFORE)}: extra_forbidden"}
@@ -54,6 +62,7 @@ class _PreviousService(BaseHTTPRequestHandler):
 @pytest.fixture
 def previous_service() -> Iterator[str]:
     _PreviousService.bodies = []
+    _PreviousService.codings = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _PreviousService)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -83,3 +92,6 @@ def test_events_reach_a_service_without_the_new_fields_as_their_spool_lines_say(
     assert sent[searched["event_id"]]["cache_write_1h_tokens"] == 60
     # the events that use neither are taken; the one that uses them waits for the new service as a dead letter
     assert (stats.delivered, stats.rejected, stats.pending) == (3, 1, 0)
+    assert _PreviousService.codings == [
+        "gzip"
+    ]  # it refused the first gzipped batch: the sink sent it plain, and later ones
