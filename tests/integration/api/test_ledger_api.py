@@ -64,19 +64,19 @@ def _wallets(session_factory, tenant):
         return set(session.scalars(stmt))
 
 
-def _walk(client, headers, limit, **params):
-    """Every page of /v1/transfers; the ids in order and the number of pages."""
+def _walk(client, headers, limit, path="/v1/transfers", items="items", ident="id", **params):
+    """Every page of a keyset-paginated list (/v1/transfers by default); the ids in order and the number of pages."""
     ids, cursor, pages = [], None, 0
     while True:
         query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
-        body = _get(client, "/v1/transfers", headers, **query).json()
+        body = _get(client, path, headers, **query).json()
         pages += 1
-        assert len(body["items"]) <= limit
-        ids += [item["id"] for item in body["items"]]
+        assert len(body[items]) <= limit
+        ids += [item[ident] for item in body[items]]
         cursor = body["next_cursor"]
         if cursor is None:
             return ids, pages
-        assert len(body["items"]) == limit
+        assert len(body[items]) == limit
 
 
 # -- transfers ------------------------------------------------------------------------------------
@@ -193,18 +193,7 @@ def test_balances(client, reader, alpha, seeded, session_factory):
 
 
 def _balance_pages(client, headers, limit, **params):
-    """Every page of /v1/balances: the account ids in order and the number of pages."""
-    ids, cursor, pages = [], None, 0
-    while True:
-        query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
-        body = _get(client, "/v1/balances", headers, **query).json()
-        pages += 1
-        assert len(body["accounts"]) <= limit
-        ids += [a["account_id"] for a in body["accounts"]]
-        cursor = body["next_cursor"]
-        if cursor is None:
-            return ids, pages
-        assert len(body["accounts"]) == limit
+    return _walk(client, headers, limit, path="/v1/balances", items="accounts", ident="account_id", **params)
 
 
 def test_balances_come_a_page_at_a_time(client, reader, alpha, seeded, session_factory):
