@@ -41,7 +41,7 @@ from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus, Decision, decide
 from metering.billing.pricing import over_call_limit
 from metering.billing.rates import RateCards
-from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of, latency_us
+from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of, latency_us, names_too_wide
 from metering.events import Status, UsageEvent, event_from_record, shown, validation_reason
 
 MAX_FUTURE = timedelta(minutes=5)
@@ -173,6 +173,11 @@ def validate(
             continue
         if event.occurred_at < EARLIEST:
             rejected.append(Rejection(index, str(event.event_id), "occurred_at is before 2020-01-01"))
+            continue
+        names = (event.tenant_id, event.user_id, event.extension_id, event.function, event.purpose, event.provider,
+                 event.model)  # fmt: skip
+        if (too_wide := names_too_wide(names)) is not None:
+            rejected.append(Rejection(index, str(event.event_id), too_wide))
             continue
         if event.event_id in seen:
             first = seen[event.event_id]

@@ -8,6 +8,7 @@ written in the ingest transaction, from the same events.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,6 +43,27 @@ COUNTER_COLUMNS = (
     "cache_write_1h_tokens",  # part of cache_write_tokens (migration 0012)
     "web_searches",
 )
+
+
+NAME_COLUMNS = KEY_COLUMNS[1:8]  # tenant_id, user_id, extension_id, function, purpose, provider, model
+# PostgreSQL indexes a B-tree entry of at most 2,704 bytes, and the primary key of ``usage_rollups`` holds an
+# event's seven names with the hour, is_byollm and status (at most 87 bytes more, with headers and alignment).
+# Names of 200 characters each fit as ASCII (1,400 bytes) but not as CJK text (3 bytes a character): the rollup
+# row failed with ``index row size … exceeds btree version 4 maximum 2704``. SQLite has no such limit.
+MAX_NAME_BYTES = 2600
+
+
+def names_too_wide(names: Sequence[str]) -> str | None:
+    """Why an event's names (``NAME_COLUMNS`` order) cannot key a rollup row, or None when they can."""
+    if sum(map(len, names)) * 4 <= MAX_NAME_BYTES:  # even at 4 bytes a character (nearly every event: no encoding)
+        return None
+    size = sum(len(name.encode("utf-8")) for name in names)
+    if size <= MAX_NAME_BYTES:
+        return None
+    return (
+        f"{', '.join(NAME_COLUMNS)} take {size} bytes together in UTF-8, more than the {MAX_NAME_BYTES} the "
+        "database can index as a rollup's key: use shorter names"
+    )
 
 
 def hour_of(moment: datetime) -> datetime:

@@ -322,3 +322,24 @@ def test_reading_past_a_refused_batch_never_deletes_its_segment(tmp_path: Path, 
     good = Flusher(tmp_path, DatabaseSink(session_factory))  # the cause fixed: everything goes in
     assert good.stop(drain=True, timeout=30)
     assert sorted(stored_ids(session_factory)) == sorted(str(r["event_id"]) for r in records)
+
+
+def test_an_event_whose_names_are_too_wide_together_is_dead_lettered_not_retried_forever(
+    tmp_path: Path, session_factory
+) -> None:
+    """Seven names of 150 CJK characters each are valid one by one, but their rollup key is wider than PostgreSQL
+    indexes (2,704 bytes). PostgreSQL's refusal (`ProgramLimitExceeded`) passed as an outage: the batch was retried
+    forever and nothing behind it was delivered; SQLite stored the event. Now ingest rejects it on both."""
+    from tests.fakes.wide_names import wide_names
+
+    records = [record(i) for i in range(30)]
+    records[12] = record(12, **wide_names(3150))
+    with Spool(tmp_path) as spool:
+        for rec in records:
+            spool.append(orjson.dumps(rec))
+        flusher = Flusher(spool, DatabaseSink(session_factory), max_backoff_s=0.05)
+        assert flusher.flush(timeout=10)
+        assert (flusher.stats.delivered, flusher.stats.rejected, flusher.stats.pending) == (29, 1, 0)
+    [dead] = DeadLetters(tmp_path / "rejected.jsonl").read()
+    assert dead["event_id"] == str(records[12]["event_id"]) and "3150 bytes" in dead["reason"]
+    assert str(records[12]["event_id"]) not in stored_ids(session_factory)
