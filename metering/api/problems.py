@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from metering.api.deps import refusal_before_body
+from metering.db.limits import exceeds_program_limit
 from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -232,6 +233,9 @@ def database_unavailable() -> DatabaseUnavailableError:
 
 
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    if exceeds_program_limit(exc):  # psycopg's OperationalError, but a refusal of the data: retrying cannot help
+        log.error("%s %s: the database refuses a value", request.method, request.url.path, exc_info=exc)
+        return await internal_error(request, exc)
     log.warning("%s %s: database unavailable", request.method, request.url.path, exc_info=exc)
     error = database_unavailable()
     return problem_response(error.status, error.code, error.message, instance=request.url.path)

@@ -11,6 +11,7 @@ import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing.ingest import ingest
+from metering.db.limits import exceeds_program_limit
 from metering.events import UsageEvent
 
 
@@ -44,6 +45,8 @@ def is_refusal(exc: BaseException) -> bool:
     """Whether ingest would raise ``exc`` again for the same batch (see above)."""
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return False
+    if exceeds_program_limit(exc):  # an OperationalError to psycopg, yet the same batch exceeds it again
+        return True
     for error in (exc, getattr(exc, "orig", None)):
         names = {cls.__name__ for cls in type(error).__mro__}
         if names & _OUTAGE_DBAPI:

@@ -185,14 +185,15 @@ def test_stop_without_drain_keeps_events_for_the_next_run(tmp_path: Path, sessio
     assert len(stored_ids(session_factory)) == 20
 
 
-def _refuse_tenant(engine, backend: str, tenant: str) -> list[str]:
-    """A real refusal by the database (as of a value too long for its column): a trigger on usage_events."""
+def _refuse_tenant(engine, backend: str, tenant: str, errcode: str = "22001") -> list[str]:
+    """A real refusal by the database (as of a value too long for its column, or the SQLSTATE ``errcode`` on
+    PostgreSQL): a trigger on usage_events."""
     from sqlalchemy import text
 
     if backend == "postgresql":
         ddl = [
             "CREATE FUNCTION refuse_tenant() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.tenant_id = '{tenant}' THEN RAISE EXCEPTION 'value too long' USING ERRCODE = '22001'; END IF; "
+            f"IF NEW.tenant_id = '{tenant}' THEN RAISE EXCEPTION 'refused' USING ERRCODE = '{errcode}'; END IF; "
             "RETURN NEW; END $$",
             "CREATE TRIGGER refuse_tenant BEFORE INSERT ON usage_events FOR EACH ROW EXECUTE FUNCTION refuse_tenant()",
         ]
@@ -343,3 +344,29 @@ def test_an_event_whose_names_are_too_wide_together_is_dead_lettered_not_retried
     [dead] = DeadLetters(tmp_path / "rejected.jsonl").read()
     assert dead["event_id"] == str(records[12]["event_id"]) and "3150 bytes" in dead["reason"]
     assert str(records[12]["event_id"]) not in stored_ids(session_factory)
+
+
+def test_a_program_limit_of_the_database_is_a_refusal_not_an_outage(
+    tmp_path: Path, session_factory, engine, backend
+) -> None:
+    """PostgreSQL's program limits (SQLSTATE class 54, e.g. an index entry above 2,704 bytes) are OperationalErrors
+    to psycopg, the class of outages: the batch was retried forever and nothing behind it was delivered. The same
+    batch exceeds the limit every time: the event at fault is dead-lettered, the rest delivered."""
+    from sqlalchemy import text
+
+    drop = _refuse_tenant(engine, backend, "limit", errcode="54000")
+    records = [record(i, tenant_id="limit" if i == 7 else "tenant-1") for i in range(30)]
+    try:
+        with Spool(tmp_path) as spool:
+            for rec in records:
+                spool.append(orjson.dumps(rec))
+            flusher = Flusher(spool, DatabaseSink(session_factory), max_backoff_s=0.05)
+            assert flusher.flush(timeout=10)
+            assert (flusher.stats.delivered, flusher.stats.rejected, flusher.stats.pending) == (29, 1, 0)
+    finally:
+        with engine.begin() as conn:
+            for statement in drop:
+                conn.execute(text(statement))
+    [dead] = DeadLetters(tmp_path / "rejected.jsonl").read()
+    assert dead["event_id"] == str(records[7]["event_id"])
+    assert ("ProgramLimitExceeded" if backend == "postgresql" else "IntegrityError") in dead["reason"]

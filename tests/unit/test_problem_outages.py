@@ -37,13 +37,23 @@ def test_outages_are_503(error: Exception) -> None:
     assert response.status_code == 503 and response.json()["code"] == "database_unavailable"
 
 
-def test_a_refusal_stays_a_500() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.errors.StringDataRightTruncation("value too long"),
+        # PostgreSQL's program limits are OperationalErrors to psycopg, but the same request exceeds them again: a
+        # 503 had the spool's HTTP sink retry the batch forever instead of isolating the event at fault.
+        psycopg.errors.ProgramLimitExceeded("index row size 3248 exceeds btree version 4 maximum 2704"),
+        sqlalchemy.exc.OperationalError("INSERT", {}, psycopg.errors.ProgramLimitExceeded("index row size")),
+    ],
+)
+def test_a_refusal_stays_a_500(error: Exception) -> None:
     app = FastAPI()
     problems.install(app)
 
     @app.get("/x")
     def fail() -> None:
-        raise psycopg.errors.StringDataRightTruncation("value too long")
+        raise error
 
     response = TestClient(app, raise_server_exceptions=False).get("/x")
     assert response.status_code == 500 and response.json()["code"] == "internal_error"
