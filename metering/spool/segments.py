@@ -11,6 +11,7 @@ Layout of a spool directory::
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -77,10 +78,59 @@ def read_cursor(slot_dir: Path) -> Cursor:
 
 
 def write_cursor(slot_dir: Path, cursor: Cursor) -> None:
-    """Persist the cursor atomically (write a temporary file, then rename over the old one)."""
+    """Persist the cursor atomically (write a temporary file, then rename over the old one). On a full disk, where
+    the temporary file gets no space, the cursor is written over the existing one's bytes instead (see
+    ``_overwrite``): the flusher can go on acknowledging, and deleting the segments it consumed frees the disk."""
+    data = _cursor_bytes(cursor)
     tmp = slot_dir / f"{CURSOR_NAME}.tmp"
-    tmp.write_bytes(orjson.dumps({"segment": cursor.segment, "offset": cursor.offset}))
+    try:
+        tmp.write_bytes(data)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in _DISK_FULL or not _overwrite(slot_dir / CURSOR_NAME, data):
+            raise
+        return
     os.replace(tmp, slot_dir / CURSOR_NAME)
+
+
+def ensure_cursor(slot_dir: Path) -> None:
+    """Give a slot without a cursor file one (at the start, as if it had none), so that it can be written over on a
+    full disk. Never replaces a cursor (created by a link, which fails if one exists); best effort."""
+    path = slot_dir / CURSOR_NAME
+    if path.exists():
+        return
+    tmp = slot_dir / f"{CURSOR_NAME}.{os.getpid()}.init"
+    try:
+        tmp.write_bytes(_cursor_bytes(Cursor()))
+        os.link(tmp, path)
+    except OSError:  # FileExistsError: a flusher wrote one meanwhile; anything else: the disk, tried again later
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _cursor_bytes(cursor: Cursor) -> bytes:
+    return orjson.dumps({"segment": cursor.segment, "offset": cursor.offset})
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over the file at ``path`` from its first byte, padded with spaces (JSON whitespace) to its
+    length: the file keeps the block it has, so a full disk cannot refuse it. One ``pwrite`` of a few dozen bytes,
+    which a killed process cannot tear. False when there is no such file."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        padded = data.ljust(os.fstat(fd).st_size)
+        if os.pwrite(fd, padded, 0) != len(padded):
+            raise OSError(errno.ENOSPC, f"could not write the spool cursor {path}")
+    finally:
+        os.close(fd)
+    return True
 
 
 def split_lines(buffer: bytes, base_offset: int) -> tuple[list[tuple[int, bytes]], int]:

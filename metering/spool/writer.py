@@ -6,6 +6,8 @@ Once ``append`` returns, the event is in the kernel's page cache and survives th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -13,7 +15,15 @@ from pathlib import Path
 from types import TracebackType
 
 from metering.errors import SpoolError
-from metering.spool.segments import LOCK_NAME, SLOT_PREFIX, Cursor, list_segments, read_cursor, segment_name
+from metering.spool.segments import (
+    LOCK_NAME,
+    SLOT_PREFIX,
+    Cursor,
+    ensure_cursor,
+    list_segments,
+    read_cursor,
+    segment_name,
+)
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 MAX_SLOTS = 4096
@@ -65,6 +75,7 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot open the spool at {self.root}: {exc}") from exc
         self.slot_dir, self._lock_fd = slot, fd
+        ensure_cursor(slot)  # a cursor file to write over when the disk is full (segments.write_cursor)
         # Never append to a segment left by a previous owner: it may end with a torn line.
         self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
         self._open_segment()
@@ -123,12 +134,16 @@ class Spool:
                 assert self._fd is not None
                 written = os.write(self._fd, data)
                 if written != len(data):  # a short write on a regular file: the disk is full
-                    raise OSError(f"short write ({written} of {len(data)} bytes)")
+                    # Cut the partial line off again (this process alone writes to the segment): it would need a
+                    # dead letter, which a full disk refuses too, and the flusher could never get past it.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, self._size)
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
                 if self.fsync:
                     os.fdatasync(self._fd)
             except OSError as exc:
-                # Whatever reached the file is a torn line: leave it in a finished segment, where the
-                # reader dead-letters it, and carry on in a fresh one.
+                # Whatever reached the file and could not be cut off is a torn line: leave it in a finished
+                # segment, where the reader dead-letters it, and carry on in a fresh one.
                 self._rotate()
                 raise SpoolError(f"could not append the usage event to the spool: {exc}") from exc
             self._size += written
