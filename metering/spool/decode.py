@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -66,6 +67,13 @@ def _event_id_of(line: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# Bytes kept aside in ``rejected.jsonl.reserve`` for dead letters. On a full disk, a batch with a line to
+# dead-letter could not be acknowledged, and its segment, whose deletion would free the disk, was never consumed:
+# the spool stayed full for good. The flusher then deletes the reserve and writes the dead letters in its place.
+RESERVE_BYTES = 1 << 20
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class DeadLetters:
     """``rejected.jsonl``: one JSON record per rejected line, appended with one write each.
 
@@ -74,6 +82,21 @@ class DeadLetters:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.reserve = path.with_name(path.name + ".reserve")
+
+    def keep_reserve(self) -> None:
+        """Make sure ``RESERVE_BYTES`` are kept aside for dead letters (best effort: not on a disk already full)."""
+        try:
+            if self.reserve.stat().st_size >= RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        tmp = self.reserve.with_name(f"{self.reserve.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(bytes(RESERVE_BYTES))
+            os.replace(tmp, self.reserve)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -117,7 +140,20 @@ class DeadLetters:
             return
         now = utcnow().isoformat()
         with self._locked():
-            self._append(slot, segment, rejected, now)
+            try:
+                self._append(slot, segment, rejected, now)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL or not self._release_reserve():
+                    raise
+                self._append(slot, segment, rejected, now)  # in the space the reserve held
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("spool: the disk is full; the space kept aside for dead letters (%s) is used", self.reserve)
+        return True
 
     def _append(self, slot: str, segment: int, rejected: list[Rejected], now: str) -> None:
         """All the records, or (the disk full) none: a short write is cut off again and raises, so the flusher
@@ -183,5 +219,5 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         if written <= 0:
-            raise OSError(f"could not write to the spool's dead letters (wrote {written} bytes)")
+            raise OSError(errno.ENOSPC, f"could not write to the spool's dead letters (wrote {written} bytes)")
         view = view[written:]

@@ -218,6 +218,7 @@ class Flusher:
             with self._done:
                 generation = self._requested
             left_out = self._claim_slots()
+            self.dead_letters.keep_reserve()  # space for dead letters once the disk is full
             self._passes += 1
             self._pass_start = self._accepted
             self._pass_start_in = dict(self._accepted_in)

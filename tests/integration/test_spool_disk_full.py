@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -12,25 +13,38 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from metering.db.engine import make_engine, make_session_factory
 from metering.db.models import UsageEventRow
 from metering.errors import SpoolError
 from metering.spool import DatabaseSink, Flusher, Spool
-from metering.spool.decode import DeadLetters
+from metering.spool.decode import RESERVE_BYTES, DeadLetters
 from tests.fakes.events import record
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: writes past it fail with ENOSPC, as on a full disk."""
-    mount = tmp_path / "disk"
+@contextmanager
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size``: writes past it fail with ENOSPC, as on a full disk."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with _tmpfs(tmp_path / "disk", "256k") as mount:
+        yield mount
+
+
+@pytest.fixture
+def disk_with_reserve(tmp_path: Path) -> Iterator[Path]:
+    """Room for the spool's dead-letter reserve (1 MiB) and some events."""
+    with _tmpfs(tmp_path / "disk", "1280k") as mount:
+        yield mount
 
 
 def _stored(sessions: sessionmaker[Session]) -> set[str]:
@@ -66,3 +80,26 @@ def test_a_spool_that_filled_its_disk_drains_and_takes_events_again(small_disk: 
     assert _stored(session_factory) == {str(r["event_id"]) for r in [*appended, *more]}
     # The appends the full disk cut short left no partial line behind (it would need a dead letter: more space).
     assert DeadLetters(small_disk / "spool" / "rejected.jsonl").read() == []
+
+
+def test_an_event_to_dead_letter_on_a_full_disk_holds_up_nothing(disk_with_reserve: Path, session_factory) -> None:
+    """An event the sink rejects, in the segment that filled the disk: its dead letter needed space, so the batch was
+    never acknowledged, the segment never consumed, and the spool stayed full for good (the same batch ingested
+    again and again: thousands of duplicates). The flusher kept no space aside for dead letters; now it does."""
+    down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    with Spool(disk_with_reserve / "spool", segment_bytes=4 << 20) as spool:  # one segment holds the whole disk
+        over_limit = record(0, input_tokens=10**9, output_tokens=10**9)  # rejected by ingest: priced > $10,000
+        spool.append(orjson.dumps(over_limit))
+        waiting = Flusher(spool, DatabaseSink(make_session_factory(down)), max_backoff_s=0.05)
+        assert not waiting.flush(timeout=0.3)  # the database is down meanwhile: the spool fills up
+        waiting.stop(drain=False)
+        appended = _fill(spool, start=1)
+        flusher = Flusher(spool, DatabaseSink(session_factory), batch_size=100, max_backoff_s=0.05)
+        assert flusher.flush(timeout=20), flusher.stats.last_error
+        assert (flusher.stats.delivered, flusher.stats.rejected, flusher.stats.pending) == (len(appended), 1, 0)
+        flusher.stop()
+    down.dispose()
+    assert _stored(session_factory) == {str(r["event_id"]) for r in appended}
+    [dead] = DeadLetters(disk_with_reserve / "spool" / "rejected.jsonl").read()
+    assert RESERVE_BYTES <= 1 << 20  # what the disk above leaves room for
+    assert dead["event_id"] == str(over_limit["event_id"]) and "10,000" in dead["reason"]
