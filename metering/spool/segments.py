@@ -7,6 +7,7 @@ Layout of a spool directory::
     <root>/writer-<N>/<seq:012d>.jsonl     segments: one JSON event per line, append-only
     <root>/writer-<N>/cursor               what the sink acknowledged: {"segment": seq, "offset": bytes}
     <root>/rejected.jsonl                  dead letters: lines that are not valid events, with a reason
+    <root>/rejected.jsonl.reserve          space kept aside for dead letters, used when the disk is full
 """
 
 from __future__ import annotations
