@@ -93,7 +93,7 @@ class DeadLetters:
             pass
         tmp = self.reserve.with_name(f"{self.reserve.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(bytes(RESERVE_BYTES))
+            tmp.write_bytes(os.urandom(RESERVE_BYTES))  # incompressible: a compressing filesystem keeps it whole
             os.replace(tmp, self.reserve)
         except OSError:
             tmp.unlink(missing_ok=True)
