@@ -15,7 +15,9 @@ from pathlib import Path
 from types import TracebackType
 
 from metering.errors import SpoolError
+from metering.spool.decode import DeadLetters
 from metering.spool.segments import (
+    DEAD_LETTER_NAME,
     LOCK_NAME,
     SLOT_PREFIX,
     Cursor,
@@ -76,6 +78,7 @@ class Spool:
             raise SpoolError(f"cannot open the spool at {self.root}: {exc}") from exc
         self.slot_dir, self._lock_fd = slot, fd
         ensure_cursor(slot)  # a cursor file to write over when the disk is full (segments.write_cursor)
+        DeadLetters(self.root / DEAD_LETTER_NAME).keep_reserve()  # and room for dead letters, drainer or not
         # Never append to a segment left by a previous owner: it may end with a torn line.
         self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
         self._open_segment()

@@ -103,3 +103,19 @@ def test_an_event_to_dead_letter_on_a_full_disk_holds_up_nothing(disk_with_reser
     [dead] = DeadLetters(disk_with_reserve / "spool" / "rejected.jsonl").read()
     assert RESERVE_BYTES <= 1 << 20  # what the disk above leaves room for
     assert dead["event_id"] == str(over_limit["event_id"]) and "10,000" in dead["reason"]
+
+
+def test_the_writer_keeps_room_for_dead_letters_though_no_flusher_ran_before_the_disk_filled(
+    disk_with_reserve: Path, session_factory
+) -> None:
+    """With an external drainer that was not running while the calls filled the disk, no flusher had put the reserve
+    aside: the first batch with a line to dead-letter wedged the spool. The writer puts it aside when it opens."""
+    with Spool(disk_with_reserve / "spool", segment_bytes=4 << 20) as spool:
+        over_limit = record(0, input_tokens=10**9, output_tokens=10**9)
+        spool.append(orjson.dumps(over_limit))
+        appended = _fill(spool, start=1)
+        flusher = Flusher(spool, DatabaseSink(session_factory), batch_size=100, max_backoff_s=0.05)
+        assert flusher.flush(timeout=20), flusher.stats.last_error
+        assert (flusher.stats.delivered, flusher.stats.rejected, flusher.stats.pending) == (len(appended), 1, 0)
+        flusher.stop()
+    assert _stored(session_factory) == {str(r["event_id"]) for r in appended}
