@@ -74,13 +74,17 @@ def _backfill(postgresql: bool) -> None:
             "hour": "date_trunc('hour', occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
             "day": "CAST(occurred_at AT TIME ZONE 'UTC' AS DATE)",
         }
-        same_time = "{table}.{column} = s.t"
+        same_time, key = "{table}.{column} = s.t", "{table}.{k}"
     else:  # SQLite keeps moments as text: compare the hour or the date as text
         times = {"hour": "strftime('%Y-%m-%d %H:00:00', occurred_at)", "day": "substr(occurred_at, 1, 10)"}
         same_time = "substr({table}.{column}, 1, {chars}) = s.t"
+        # '+': no index of the rollup table for its key columns (the time, under substr, can use none), so SQLite
+        # reads the table once and finds each row's sums in an index of s; else, for each group of s, it read every
+        # rollup row of the group's tenant (or extension) through their index: a tenant's year, times its groups
+        key = "+{table}.{k}"
     for table, column, keys in _ROLLUPS:
         expression = times[column]
-        matches = " AND ".join(f"{table}.{k} = s.{k}" for k in keys)
+        matches = " AND ".join(f"{key.format(table=table, k=k)} = s.{k}" for k in keys)
         time_match = same_time.format(table=table, column=column, chars=19 if column == "hour" else 10)
         op.execute(
             f"UPDATE {table} SET cache_write_1h_tokens = s.a, web_searches = s.w FROM ("
