@@ -297,7 +297,8 @@ def rerate_cmd(
     with admin_session() as (session, _box):
         if apply:
             result = apply_rerate(session, **scope, markup_pct=markup, run_id=run_id)  # type: ignore[arg-type]
-            if result.diff.total.events or result.transfers:  # a re-applied run posts nothing: no entry
+            # a re-applied run changes nothing: no entry; BYOLLM shadow costs moved without a transfer are a change
+            if result.diff.total.events or result.transfers or result.diff.shadow.events:
                 after = snap.rerate_snapshot(result)
                 audit_trail.record(session, "billing.rerate", f"rerate:{run_id}", before=None, after=after)
         else:

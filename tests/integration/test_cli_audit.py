@@ -413,3 +413,31 @@ def test_a_set_that_waited_for_a_concurrent_change_records_that_change_as_its_be
     assert second
     last = audit_rows(session_factory, "purpose.set")[-1]
     assert (last.before["model"], last.after["model"]) == ("m2", "m3")
+
+
+def test_a_rerate_that_moves_only_byollm_shadow_costs_writes_its_entry(run, session_factory) -> None:
+    """A re-rate whose window holds only BYOLLM calls changes their shadow costs (events, rollups) and posts no
+    transfer: it is a change, audited as any other (it wrote none: only charged events and transfers counted)."""
+    now = datetime.now(UTC)
+    since = (now - timedelta(days=1)).date().isoformat()
+    run("billing", "overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.10",
+        "--output", "0.40", "--from", since, "--id", "llama-old")  # fmt: skip
+    event = event_from_record(
+        record(0, provider="ollama", model="llama3.1", is_byollm=True, input_tokens=1_000_000, output_tokens=500_000,
+               cache_read_tokens=0, occurred_at=now - timedelta(hours=1))
+    )  # fmt: skip
+    with session_factory() as session:
+        ingest(session, [event], markup_pct=Decimal(0), now=now)
+        session.commit()
+    run("billing", "overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat())
+    run("billing", "overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.20",
+        "--output", "0.80", "--from", since, "--id", "llama-new")  # fmt: skip
+
+    window = ("--from", since, "--to", (now + timedelta(days=1)).isoformat())
+    out = run("billing", "rerate", *window, "--apply", "--run-id", "shadow-1").output
+    assert "1 changed ($0.30 -> $0.60)" in out
+    entry = only(session_factory, "billing.rerate")
+    assert (entry.target, entry.after["shadow_changed"], entry.after["transfers"]) == ("rerate:shadow-1", 1, 0)
+    assert (entry.after["old_shadow"], entry.after["new_shadow"]) == ("0.300000000", "0.600000000")
+    run("billing", "rerate", *window, "--apply", "--run-id", "shadow-1")  # nothing left to change: no entry
+    assert len(audit_rows(session_factory, "billing.rerate")) == 1
