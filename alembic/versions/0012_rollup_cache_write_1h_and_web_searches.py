@@ -67,7 +67,7 @@ def _covering_indexes(counters: Sequence[str]) -> None:
     )
 
 
-def _backfill(postgresql: bool) -> None:
+def backfill_statements(postgresql: bool) -> list[str]:
     """Each rollup row's two new counters summed from its events (only events with either: the rest add 0)."""
     if postgresql:
         times = {
@@ -82,16 +82,18 @@ def _backfill(postgresql: bool) -> None:
         # reads the table once and finds each row's sums in an index of s; else, for each group of s, it read every
         # rollup row of the group's tenant (or extension) through their index: a tenant's year, times its groups
         key = "+{table}.{k}"
+    statements = []
     for table, column, keys in _ROLLUPS:
         expression = times[column]
         matches = " AND ".join(f"{key.format(table=table, k=k)} = s.{k}" for k in keys)
         time_match = same_time.format(table=table, column=column, chars=19 if column == "hour" else 10)
-        op.execute(
+        statements.append(
             f"UPDATE {table} SET cache_write_1h_tokens = s.a, web_searches = s.w FROM ("
             f"SELECT {expression} AS t, {', '.join(keys)}, sum(cache_write_1h_tokens) AS a, sum(web_searches) AS w "
             "FROM usage_events WHERE cache_write_1h_tokens > 0 OR web_searches > 0 "
             f"GROUP BY {expression}, {', '.join(keys)}) AS s WHERE {time_match} AND {matches}"
         )
+    return statements
 
 
 def upgrade() -> None:
@@ -100,7 +102,8 @@ def upgrade() -> None:
             for name in _NEW:
                 batch_op.add_column(sa.Column(name, sa.BigInteger(), server_default="0", nullable=False))
     postgresql = op.get_bind().dialect.name == "postgresql"
-    _backfill(postgresql)
+    for statement in backfill_statements(postgresql):
+        op.execute(statement)
     if postgresql:
         _covering_indexes((*_COUNTERS, *_NEW))
 
