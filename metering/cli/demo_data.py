@@ -28,6 +28,7 @@ from metering.extensions.rewrite import chat as rewrite_extension
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
 from metering.runtime import ChatExtension, User
+from metering.runtime.invoke import invocation_calls
 from metering.wiring import Services
 
 TEXT = "Per our previous conversation, attached please find the document for your perusal."
@@ -67,7 +68,7 @@ class Step:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     step: Step
-    invocation_id: Any | None  # None when the invocation failed before returning
+    invocation_id: Any | None  # None when the invocation failed before any metered call
     result: Any
     calls: int
     error: str | None = None
@@ -173,7 +174,9 @@ async def _run(svc: Services, plan: Sequence[Step], on_step: Callable[[Outcome],
             try:
                 result = await svc.runtime.invoke(step.extension, step.function, step.params, step.user)
             except MeteringError as exc:  # e.g. a budget set to `enforce` on chatty: the demo goes on
-                outcome = Outcome(step, None, None, 0, error=f"{exc.code}: {exc.message}")
+                calls = invocation_calls(exc)  # the metered calls it made before failing count (and may be billed)
+                invocation_id, n_calls = (calls.invocation_id, len(calls.event_ids)) if calls else (None, 0)
+                outcome = Outcome(step, invocation_id, None, n_calls, error=f"{exc.code}: {exc.message}")
             else:
                 outcome = Outcome(step, result.invocation_id, result.result, len(result.event_ids))
             outcomes.append(outcome)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 from typing import Annotated, Any
 
 import typer
 
 from metering.cli.common import console, fail, print_json, run_async, services, usage_table
 from metering.db.event_store import events_for_invocations
+from metering.errors import MeteringError
 from metering.extensions import BUNDLED, get_extension
 from metering.runtime import InvocationResult, User
+from metering.runtime.invoke import invocation_calls
 from metering.wiring import Services
 
 UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id the call runs as.")]
@@ -21,8 +25,21 @@ def invoke_and_report(svc: Services, extension_id: str, function: str, params: d
     extension = get_extension(extension_id)
     if extension is None:
         raise fail(f"unknown extension {extension_id!r}; bundled: {', '.join(sorted(BUNDLED))}")
-    result: InvocationResult = run_async(lambda: svc.runtime.invoke(extension, function, params, user))
+    try:
+        result: InvocationResult = run_async(lambda: svc.runtime.invoke(extension, function, params, user))
+    except MeteringError as exc:
+        calls = invocation_calls(exc)
+        if calls is not None:  # it failed after metered calls (a budget, a provider, a reply): they may be billed
+            title = f"Metered usage of failed invocation {calls.invocation_id} (calls that used the provider: billed)"
+            with contextlib.suppress(Exception):  # the invocation's own error is the one to report, below
+                report_usage(svc, calls.invocation_id, title)
+        raise  # then the error line
     print_json(result.result)
+    report_usage(svc, result.invocation_id, f"Recorded usage of invocation {result.invocation_id}")
+
+
+def report_usage(svc: Services, invocation_id: uuid.UUID, title: str) -> None:
+    """Deliver the spool, then show the invocation's events (or where they went, or that they stay spooled)."""
     if not svc.flusher.flush(timeout=30.0):
         svc.drain_on_close = False  # the sink is down: the events stay spooled, a second wait at exit would not help
         console.print(
@@ -32,11 +49,11 @@ def invoke_and_report(svc: Services, extension_id: str, function: str, params: d
         )
         return
     if svc.settings.spool.sink == "http":  # delivered to another service's database, not the local one
-        console.print(f"usage of invocation {result.invocation_id} delivered to {svc.settings.spool.http_url}")
+        console.print(f"usage of invocation {invocation_id} delivered to {svc.settings.spool.http_url}")
         return
     with svc.sessions() as session:
-        rows = events_for_invocations(session, [result.invocation_id])
-    console.print(usage_table(rows, title=f"Recorded usage of invocation {result.invocation_id}"))
+        rows = events_for_invocations(session, [invocation_id])
+    console.print(usage_table(rows, title=title))
 
 
 def rewrite(

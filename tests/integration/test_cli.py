@@ -159,3 +159,35 @@ def test_an_unusable_database_is_one_error_line_naming_it_without_its_password(t
         error = one_error_line(metering(command, bare_env(tmp_path, METERING_DATABASE_URL=url)))
         assert f"error: cannot use the database at {shown}" in error and cause in error, error
         assert "hunter2" not in error
+
+
+def test_invoke_that_fails_after_metered_calls_shows_them_then_one_error_line(cli_env, session_factory) -> None:
+    """An enforced budget refuses chatty's third call: the two made before are metered and billed. The API answers
+    them with the problem (invocation_id, event_ids); the CLI printed only the error, as if nothing had been spent."""
+    budget = metering(["budget", "set", "chatty", "--max-calls", "2", "--mode", "enforce"], cli_env)
+    assert budget.returncode == 0, budget.stderr
+    params = '{"messages": ["one", "two", "three"], "polish_rounds": 0}'
+    done = metering(["invoke", "chatty", "summarize_thread", "-p", params, "-u", "u1", "-t", "t1"], cli_env)
+    assert "budget_exceeded" in one_error_line(done)
+    with session_factory() as session:
+        rows = session.scalars(select(UsageEventRow)).all()
+    assert len(rows) == 2 and {r.billing_status for r in rows} == {"billed"}
+    invocation_id = str(rows[0].invocation_id)
+    assert f"Metered usage of failed invocation {invocation_id}" in done.stdout, done.stdout
+    assert "chatty.summarize_thread#0" in done.stdout and "chatty.summarize_thread#1" in done.stdout
+
+
+def test_demo_counts_the_calls_of_invocations_that_failed_after_metered_calls(cli_env, session_factory) -> None:
+    """With chatty's budget enforced at 3 calls, each chatty invocation makes 3 metered (billed) calls, then fails:
+    the summary said `chatty: 3 invocations, 0 calls`, and a total that left those calls out."""
+    budget = metering(["budget", "set", "chatty", "--max-calls", "3", "--mode", "enforce"], cli_env)
+    assert budget.returncode == 0, budget.stderr
+    done = metering(["demo"], cli_env)
+    assert done.returncode == 0, done.stderr
+    with session_factory() as session:
+        rows = session.scalars(select(UsageEventRow)).all()
+    chatty = [r for r in rows if r.extension_id == "chatty"]
+    assert len(chatty) == 9
+    summary = " ".join(done.stdout.split())  # rich wraps the line
+    assert f"3 failed, {len(rows)} metered LLM calls" in summary, summary
+    assert "chatty: 3 invocations, 9 calls" in summary, summary
