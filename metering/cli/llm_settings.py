@@ -169,14 +169,35 @@ def budget_set(
         row = store.put_budget(session, extension_id=extension, max_calls=max_calls, max_tokens=max_tokens, mode=mode)
         after = snap.budget_snapshot(row)
         audit_trail.record(session, "budget.set", snap.budget_target(extension), before=before, after=after)
-        print_json(
-            {
-                "extension_id": row.extension_id,
-                "max_calls": row.max_calls_per_invocation,
-                "max_tokens": row.max_tokens_per_invocation,
-                "mode": row.mode,
-            }
-        )
+        print_json(_budget_view(row))
+
+
+@budget_app.command("list")
+def budget_list() -> None:
+    """List the extensions' call budgets."""
+    with admin_session() as (session, _box):
+        print_json([_budget_view(row) for row in settings_admin.list_budgets(session)])
+
+
+@budget_app.command("delete")
+def budget_delete(extension: Annotated[str, typer.Argument()]) -> None:
+    """Delete an extension's call budget (its invocations then have none)."""
+    with admin_session() as (session, _box):
+        before = snap.budget_snapshot(settings_admin.get_budget_row(session, extension, for_update=True))
+        if before is None or not settings_admin.delete_budget(session, extension):
+            raise fail(f"extension {extension!r} has no call budget", code=2)
+        audit_trail.record(session, "budget.delete", snap.budget_target(extension), before=before, after=None)
+        console.print(f"deleted the call budget of extension {extension}")
+
+
+def _budget_view(row: Any) -> dict[str, Any]:
+    return {
+        "extension_id": row.extension_id,
+        "max_calls": row.max_calls_per_invocation,
+        "max_tokens": row.max_tokens_per_invocation,
+        "mode": row.mode,
+        "updated_at": row.updated_at.isoformat(),
+    }
 
 
 @keys_app.command("generate")

@@ -441,3 +441,22 @@ def test_a_rerate_that_moves_only_byollm_shadow_costs_writes_its_entry(run, sess
     assert (entry.after["old_shadow"], entry.after["new_shadow"]) == ("0.300000000", "0.600000000")
     run("billing", "rerate", *window, "--apply", "--run-id", "shadow-1")  # nothing left to change: no entry
     assert len(audit_rows(session_factory, "billing.rerate")) == 1
+
+
+def test_budget_list_and_delete_as_the_api_does(run, session_factory) -> None:
+    """`metering budget` had only `set`: a budget set to `enforce` could be loosened from the CLI but never removed
+    (the API has GET and DELETE /v1/admin/budgets/{ext}). `list` shows them; `delete` removes one, audited
+    `budget.delete` with the API's target and snapshot; deleting one that does not exist exits 2, like
+    `purpose delete`, and writes no entry."""
+    run("budget", "set", "chatty", "--max-calls", "5", "--mode", "enforce")
+    listed = run("budget", "list")
+    assert '"extension_id": "chatty"' in listed.stdout and '"mode": "enforce"' in listed.stdout
+    deleted = run("budget", "delete", "chatty")
+    assert "deleted the call budget of extension chatty" in deleted.stdout
+    entry = only(session_factory, "budget.delete")
+    assert (entry.target, entry.tenant_id, entry.after) == ("budget:chatty", None, None)
+    assert entry.before == {"max_calls": 5, "max_tokens": None, "mode": "enforce"}
+    assert run("budget", "list").stdout.strip() == "[]"
+    missing = run("budget", "delete", "chatty", code=2)
+    assert "has no call budget" in missing.output
+    assert len(audit_rows(session_factory, "budget.delete")) == 1
