@@ -24,8 +24,8 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from metering.api.deps import refusal_before_body
-from metering.db.limits import exceeds_program_limit
-from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError
+from metering.db.limits import exceeds_program_limit, schema_behind
+from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError, NotReadyError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://metering.dev/problems/"
@@ -232,13 +232,34 @@ def database_unavailable() -> DatabaseUnavailableError:
     return DatabaseUnavailableError("the database is unavailable; retry later")
 
 
+def schema_not_migrated() -> NotReadyError:
+    return NotReadyError("the database schema is behind this version of metering: run `metering migrate`")
+
+
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    if schema_behind(exc):
+        return await _schema_behind(request, exc)
     if exceeds_program_limit(exc):  # psycopg's OperationalError, but a refusal of the data: retrying cannot help
         log.error("%s %s: the database refuses a value", request.method, request.url.path, exc_info=exc)
         return await internal_error(request, exc)
     log.warning("%s %s: database unavailable", request.method, request.url.path, exc_info=exc)
     error = database_unavailable()
     return problem_response(error.status, error.code, error.message, instance=request.url.path)
+
+
+async def _schema_behind(request: Request, exc: Exception) -> JSONResponse:
+    error = schema_not_migrated()
+    log.error("%s %s: %s", request.method, request.url.path, error.message, exc_info=exc)
+    return problem_response(error.status, error.code, error.message, instance=request.url.path)
+
+
+async def programming_error(request: Request, exc: Exception) -> JSONResponse:
+    """A statement the database cannot run: a schema behind the code (503, as /readyz says), else a bug (500, logged
+    here: this handler answers it, so the server does not log it)."""
+    if schema_behind(exc):
+        return await _schema_behind(request, exc)
+    log.error("%s %s: an unexpected database error", request.method, request.url.path, exc_info=exc)
+    return await internal_error(request, exc)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -254,6 +275,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     for outage in DATABASE_OUTAGES:
         app.add_exception_handler(outage, database_error)
+    for programming in (sqlalchemy.exc.ProgrammingError, psycopg.ProgrammingError):
+        app.add_exception_handler(programming, programming_error)
     app.add_exception_handler(Exception, internal_error)
     app.openapi = _problem_openapi(app, app.openapi)  # type: ignore[method-assign]
 

@@ -14,3 +14,20 @@ def exceeds_program_limit(exc: BaseException) -> bool:
         if isinstance(sqlstate, str) and sqlstate.startswith(PROGRAM_LIMIT_CLASS):
             return True
     return False
+
+
+# A table or column the code uses that the database does not have: the code is newer than the database's schema
+# (deployed before `metering migrate` ran). PostgreSQL: undefined_table, undefined_column (ProgrammingError);
+# SQLite: an OperationalError saying so. Not a refusal of the data, and not an outage that retrying fixes by itself.
+_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+_SQLITE_SCHEMA = ("no such table", "no such column", "has no column named")
+
+
+def schema_behind(exc: BaseException) -> bool:
+    """Whether ``exc`` (a driver error, or SQLAlchemy's wrapper of one) says the database lacks a table or column."""
+    for error in (exc, getattr(exc, "orig", None)):
+        if getattr(error, "sqlstate", None) in _SCHEMA_SQLSTATES:
+            return True
+        if type(error).__name__ == "OperationalError" and any(text in str(error) for text in _SQLITE_SCHEMA):
+            return True
+    return False

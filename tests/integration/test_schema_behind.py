@@ -1,0 +1,78 @@
+"""A service or a spool whose database is behind the code (deployed before `metering migrate` ran: a rolling upgrade, or
+`serve --no-migrate`) waits for the migration: nothing is refused as if the events were at fault.
+
+PostgreSQL reports a missing column or table as a ProgrammingError, the class of a value the database refuses: the
+spool's database sink isolated each event of the batch and dead-lettered them all, and the API answered 500, which
+the HTTP sink takes for a batch at fault and dead-letters too. SQLite's OperationalError was retried, but the API
+told operators to "retry later", which never helps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from metering.api.app import create_app
+from metering.auth import Scope, create_token
+from metering.db import migrate
+from metering.db.engine import make_engine, make_session_factory
+from metering.db.event_store import count_events
+from metering.spool import DatabaseSink, Flusher, Spool
+from tests.conftest import temporary_pg_database
+from tests.fakes.events import record
+from tests.integration.api.conftest import app_settings, assert_problem, post_events
+
+BEHIND = "0011"  # the rollups have no web_searches column yet
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def behind_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'behind.db'}"
+        migrate.upgrade(url, BEHIND)
+        yield url
+        return
+    with temporary_pg_database() as url:
+        migrate.upgrade(url, BEHIND)
+        yield url
+
+
+def test_a_spool_waits_for_the_migration_and_dead_letters_nothing(behind_url: str, tmp_path: Path) -> None:
+    engine = make_engine(behind_url)
+    try:
+        with Spool(tmp_path / "spool") as spool:
+            for i in range(5):
+                spool.append(orjson.dumps(record(i)))
+            flusher = Flusher(spool, DatabaseSink(make_session_factory(engine)), interval_s=0.01, max_backoff_s=0.05)
+            flusher.start()
+            assert flusher.flush(timeout=1) is False
+            assert (flusher.stats.rejected, flusher.stats.pending) == (0, 5), flusher.stats
+            migrate.upgrade(behind_url)
+            engine.dispose()
+            assert flusher.flush(timeout=30)
+            assert (flusher.stats.delivered, flusher.stats.rejected) == (5, 0)
+            flusher.stop()
+        assert (
+            not (tmp_path / "spool" / "rejected.jsonl").exists()
+            or not (tmp_path / "spool" / "rejected.jsonl").read_text()
+        )
+        with make_session_factory(engine)() as session:
+            assert count_events(session) == 5
+    finally:
+        engine.dispose()
+
+
+def test_the_api_answers_503_not_ready_naming_the_migration(behind_url: str, tmp_path: Path) -> None:
+    engine = make_engine(behind_url)
+    try:
+        with make_session_factory(engine)() as session:
+            _row, secret = create_token(session, "behind", (Scope.INGEST,))
+            session.commit()
+        with TestClient(create_app(app_settings(behind_url, tmp_path)), raise_server_exceptions=False) as client:
+            body = assert_problem(post_events(client, [record(0), record(1)], secret), 503, "not_ready")
+        assert "metering migrate" in body["detail"]
+    finally:
+        engine.dispose()
