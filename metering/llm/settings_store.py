@@ -23,6 +23,7 @@ from metering.errors import ConflictError, InvalidInputError, SecretError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.providers import KNOWN_PROVIDERS
+from metering.llm.providers.urls import base_url_problem
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PurposeSettings
 
 MAX_BASE_URL = 500  # VARCHAR(500)
@@ -48,6 +49,8 @@ def _check_provider(provider: str, base_url: str | None) -> None:
     if base_url is not None:
         if len(base_url) > MAX_BASE_URL:
             raise InvalidInputError(f"base_url has at most {MAX_BASE_URL} characters")
+        if problem := base_url_problem(base_url):  # the SDK would refuse it at every call
+            raise InvalidInputError(problem)
         parsed = urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InvalidInputError(f"base_url must be an http(s) URL, got {base_url!r}")

@@ -14,13 +14,16 @@ from metering.events import UsageCompleteness
 from metering.llm.providers._errors import (
     BODY_DECODE_ERRORS,
     STREAM_TRANSPORT_ERRORS,
+    bad_config,
     from_sdk_error,
     incomplete_stream,
     invalid_response,
     missing_key,
+    scrub,
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
+from metering.llm.providers.urls import base_url_problem
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -166,12 +169,25 @@ class AnthropicProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self._api_key = config.api_key
         self._keyless = not config.api_key and not config.base_url
-        self._client = anthropic.AsyncAnthropic(
-            api_key=config.api_key or PLACEHOLDER_KEY,
-            base_url=config.base_url,
-            timeout=config.timeout_s,
-            max_retries=config.max_retries,
-        )
+        # A base_url the SDK cannot use fails each call as a ProviderError (its event recorded, a BYOLLM call failing
+        # over), not the making of the adapter: no client is made for it.
+        self._url_problem = base_url_problem(config.base_url) if config.base_url else None
+        self._client = None
+        if self._url_problem is None:
+            self._client = anthropic.AsyncAnthropic(
+                api_key=config.api_key or PLACEHOLDER_KEY,
+                base_url=config.base_url,
+                timeout=config.timeout_s,
+                max_retries=config.max_retries,
+            )
+
+    def _sdk(self) -> anthropic.AsyncAnthropic:
+        """The SDK client, or the ProviderError of a configuration no call can be made with."""
+        if self._client is None:
+            raise bad_config(self.name, scrub(str(self._url_problem), self._api_key))
+        if self._keyless:
+            raise missing_key(self.name)
+        return self._client
 
     def _kwargs(self, request: ProviderRequest) -> dict[str, Any]:
         system, messages = _system_and_messages(request)
@@ -195,10 +211,9 @@ class AnthropicProvider:
         return from_sdk_error(exc, anthropic, provider=self.name, api_key=self._api_key)
 
     async def complete(self, request: ProviderRequest) -> ProviderResult:
-        if self._keyless:
-            raise missing_key(self.name)
+        client = self._sdk()
         try:
-            message = await self._client.messages.create(**self._kwargs(request))
+            message = await client.messages.create(**self._kwargs(request))
         except _ERRORS as exc:
             error = self._error(exc)
         else:
@@ -218,10 +233,9 @@ class AnthropicProvider:
         raise error  # outside the except block: no chained SDK exception (it holds the request)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
-        if self._keyless:
-            raise missing_key(self.name)
+        client = self._sdk()
         try:
-            events = await self._client.messages.create(**self._kwargs(request), stream=True)
+            events = await client.messages.create(**self._kwargs(request), stream=True)
         except _ERRORS as exc:
             error: ProviderError | None = self._error(exc)
         else:
@@ -286,4 +300,5 @@ class AnthropicProvider:
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()

@@ -19,9 +19,11 @@ from metering.llm.providers._errors import (
     incomplete_stream,
     invalid_response,
     missing_key,
+    scrub,
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
+from metering.llm.providers.urls import base_url_problem
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -60,21 +62,29 @@ class OpenAIProvider:
         self._config_problem: str | None = None
         if compatible and not config.base_url:
             self._config_problem = "a base_url is required (e.g. http://localhost:11434/v1)"
+        elif config.base_url:
+            # one the SDK cannot use fails each call as a ProviderError (its event recorded, a BYOLLM call failing
+            # over), not the making of the adapter: no client is made for it
+            self._config_problem = base_url_problem(config.base_url)
         self._keyless = not compatible and not config.api_key and not config.base_url
         # OpenAI's own API wants max_completion_tokens; compatible servers still read max_tokens.
         self._max_tokens_param = "max_tokens" if compatible else "max_completion_tokens"
-        self._client = openai.AsyncOpenAI(
-            api_key=config.api_key or PLACEHOLDER_KEY,
-            base_url=config.base_url,
-            timeout=config.timeout_s,
-            max_retries=config.max_retries,
-        )
+        self._client = None
+        if self._config_problem is None:
+            self._client = openai.AsyncOpenAI(
+                api_key=config.api_key or PLACEHOLDER_KEY,
+                base_url=config.base_url,
+                timeout=config.timeout_s,
+                max_retries=config.max_retries,
+            )
 
-    def _check(self) -> None:
-        if self._config_problem is not None:
-            raise bad_config(self.name, self._config_problem)
+    def _check(self) -> openai.AsyncOpenAI:
+        """The SDK client, or the ProviderError of a configuration no call can be made with."""
+        if self._client is None:
+            raise bad_config(self.name, scrub(str(self._config_problem), self._api_key))
         if self._keyless:
             raise missing_key(self.name)
+        return self._client
 
     def _kwargs(self, request: ProviderRequest) -> dict[str, Any]:
         system = request.system
@@ -103,9 +113,9 @@ class OpenAIProvider:
         return from_sdk_error(exc, openai, provider=self.name, api_key=self._api_key)
 
     async def complete(self, request: ProviderRequest) -> ProviderResult:
-        self._check()
+        client = self._check()
         try:
-            completion = await self._client.chat.completions.create(**self._kwargs(request))
+            completion = await client.chat.completions.create(**self._kwargs(request))
         except _ERRORS as exc:
             error = self._error(exc)
         else:
@@ -123,9 +133,9 @@ class OpenAIProvider:
         raise error  # outside the except block: no chained SDK exception (it holds the request)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
-        self._check()
+        client = self._check()
         try:
-            chunks = await self._client.chat.completions.create(
+            chunks = await client.chat.completions.create(
                 **self._kwargs(request), stream=True, stream_options={"include_usage": True}
             )
         except _ERRORS as exc:
@@ -166,4 +176,5 @@ class OpenAIProvider:
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()

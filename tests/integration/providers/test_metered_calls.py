@@ -207,6 +207,36 @@ async def test_byollm_endpoint_answering_200_without_a_message_fails_over(
     assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
 
 
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://127.0.0.1:99999/v1", "http://127.0.0.1:port/v1", "http://bad_host_\u00fc.example/v1"],
+    ids=["port-out-of-range", "port-not-a-number", "invalid-idna-host"],
+)
+@pytest.mark.parametrize("byo_provider", ["anthropic", "openai", "openai_compatible"])
+async def test_a_byollm_base_url_the_sdk_cannot_use_fails_over(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, byo_provider: str,
+    base_url: str,
+) -> None:  # fmt: skip
+    """Settings stored before base_urls were checked: the SDK refused the URL when its client was made (InvalidURL) or,
+    a port past 65535, raised an ExceptionGroup it does not wrap at the call. The call failed with an internal error
+    (a 500 over HTTP; no event, or `internal:ExceptionGroup`) and never failed over to the platform LLM."""
+    own = ByollmSettings("u1", "t1", byo_provider, "byo-model", api_key="sk-user-123456", base_url=base_url)
+    llm, rec = metered("anthropic", anthropic_server, InMemorySettings(byollm_by_user={"u1": own}))
+    for stream in (False, True):
+        rec.lines.clear()
+        if stream:
+            async with llm.stream_message(messages=MESSAGES) as message_stream:
+                text = "".join([chunk async for chunk in message_stream])
+        else:
+            text = (await llm.create_message(messages=MESSAGES)).text
+        assert text == "Hello from the fake server."
+        failed, served = (decode_line(line) for line in rec.lines)
+        assert isinstance(failed, UsageEvent) and isinstance(served, UsageEvent)
+        assert (failed.is_byollm, failed.status, failed.error_type) == (True, "error", "bad_request")
+        assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
+    assert len(anthropic_server.requests) == 2 and not openai_server.requests
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_streamed_event_that_is_not_json_breaks_the_stream(
     openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str

@@ -1,0 +1,27 @@
+"""Whether a ``base_url`` is one the SDKs' HTTP client can send to (pure; the HTTP modules are imported on use)."""
+
+from __future__ import annotations
+
+import importlib
+from urllib.parse import urlsplit
+
+
+def base_url_problem(base_url: str) -> str | None:
+    """Why the SDKs could not use ``base_url`` (``None`` when they can): a port that is not a number or past 65535,
+    a host name that is not valid IDNA. The SDK refuses such a URL when its client is made (``InvalidURL``), or, for a
+    port out of range, only when it connects, with an error it does not wrap (an ``ExceptionGroup``): the call failed
+    with an internal error (a 500 over HTTP), with no event and no failover to the platform LLM."""
+    try:
+        urlsplit(base_url).port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:  # "Port out of range 0-65535", "Port could not be cast to integer value", bad IPv6
+        return f"base_url is not a valid URL ({exc})"
+    for name in ("httpx", "httpx2"):  # the SDKs' HTTP client: httpx2 for newer SDK versions, httpx for older ones
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - depends on the installed SDK version
+            continue
+        try:
+            module.URL(base_url)
+        except module.InvalidURL as exc:
+            return f"base_url is not a valid URL ({exc})"
+    return None
