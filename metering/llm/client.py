@@ -141,6 +141,8 @@ class MeteredLLM:
         self.all_byollm: bool | None = None
         self.event_ids: list[str] = []
         self._streams: set[MessageStream] = set()  # streams started and not ended yet
+        # create_message calls in flight, by the task awaiting each; `end_calls` waits on the event (made only then)
+        self._calls_in_flight: dict[asyncio.Task[Any], asyncio.Event | None] = {}
         # Events of calls that used the provider: answered, or failed with tokens or web searches in their usage
         # (billed, or paid on the user's own key; Policy A rule 2, ``used_nothing``). A failure with no usage costs
         # nothing: running it again costs nothing twice.
@@ -153,6 +155,23 @@ class MeteredLLM:
     @property
     def calls(self) -> int:
         return self._budget.calls
+
+    async def end_calls(self) -> None:
+        """End every ``create_message`` call of this invocation still in flight in another task (one ``asyncio.gather``
+        left running when another call failed, one in a task the handler never awaited), cancelling its task: each
+        records its event (``cancelled``) before this returns.
+
+        The runtime calls it before an invocation returns or raises, so that the invocation's event ids hold every
+        call it made: a call recorded after them is one an Idempotency-Key's retry would pay for again.
+        """
+        current = asyncio.current_task()
+        pending: list[asyncio.Event] = []
+        for task in [task for task in self._calls_in_flight if task is not current]:
+            recorded = self._calls_in_flight[task] = asyncio.Event()
+            pending.append(recorded)
+            task.cancel()
+        for recorded in pending:
+            await recorded.wait()
 
     async def close_streams(self) -> None:
         """End every stream of this invocation that is still open, recording each one's event (``cancelled``).
@@ -278,6 +297,9 @@ class MeteredLLM:
             occurred_at = datetime.now(UTC)
             started = time.perf_counter()
             common = Attempt(target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, False, reserved)
+            task = asyncio.current_task()
+            if task is not None:
+                self._calls_in_flight[task] = None
             try:
                 result = await provider.complete(request)
             except ProviderError as exc:
@@ -305,6 +327,9 @@ class MeteredLLM:
                     error_type=f"internal:{type(exc).__name__}"[:100],
                 )
                 raise
+            finally:  # recorded (or the spool refused its event): no longer in flight
+                if task is not None and (recorded := self._calls_in_flight.pop(task, None)) is not None:
+                    recorded.set()
             text = clean_text(result.text)  # no lone surrogate reaches the caller (it could not be encoded)
             usage = fill_missing(result.usage, system, messages, text, answered=True)
             event_id = self._record(

@@ -47,6 +47,7 @@ async def _close_streams_after(ctx: Context, failure: BaseException) -> None:
     """End the streams a failed handler left open; an error doing so is logged and noted on the handler's own
     exception, which stays the one raised (a cancellation stays a cancellation)."""
     try:
+        await ctx.llm.end_calls()
         await ctx.llm.close_streams()
     except Exception as exc:
         log.error("could not record a stream the failed handler left open: %s", exc)
@@ -129,7 +130,8 @@ class Runtime:
             except BaseException as failure:
                 await _close_streams_after(ctx, failure)
                 raise
-            # Streams the handler left open are ended and recorded now, not when asyncio collects them.
+            # Calls and streams the handler left unfinished are ended and recorded now, not after it returned.
+            await ctx.llm.end_calls()
             await ctx.llm.close_streams()
         except BaseException as exc:
             if ctx.llm.event_ids:  # metered calls were made (those that used the provider are billed): say which

@@ -6,13 +6,16 @@ retry would pay for twice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
+from metering.errors import ProviderError
 from metering.llm.client import ProviderPool
+from metering.llm.resolution import PurposeSettings
 from metering.llm.settings_source import InMemorySettings
 from metering.runtime import ChatExtension, Context, Runtime, User
 from metering.runtime.invoke import invocation_calls
@@ -136,3 +139,56 @@ async def test_a_failure_ending_a_left_stream_never_replaces_the_handlers_except
         await rt.invoke(streams, "keep_then_fail", {}, User("user-1", "tenant-1"))
     kept.clear()
     assert any("SpoolError" in note and "disk full" in note for note in info.value.__notes__)
+
+
+fan_out = ChatExtension("fan_out", description="handlers that run calls concurrently")
+SLOW = InMemorySettings(
+    purpose_by_name={
+        "slow": PurposeSettings("slow", "openai", "slow-model"),  # FakeProvider: sleeps 10 s
+        "failing": PurposeSettings("failing", "openai", "fail-model"),  # FakeProvider: raises at once
+    }
+)
+
+
+@fan_out.function(description="two calls at once with asyncio.gather; one fails at once")
+async def gather_one_fails(ctx: Context, params: NoParams) -> str:
+    await asyncio.gather(
+        ctx.llm.create_message(messages=MESSAGES, purpose="slow"),
+        ctx.llm.create_message(messages=MESSAGES, purpose="failing"),
+    )
+    return "unreachable"
+
+
+@fan_out.function(description="starts a call in a task it never awaits")
+async def call_left_running(ctx: Context, params: NoParams) -> str:
+    background.append(asyncio.create_task(ctx.llm.create_message(messages=MESSAGES, purpose="slow")))
+    await asyncio.sleep(0)  # the call is made
+    return "done"
+
+
+background: list[asyncio.Task[Any]] = []
+
+
+async def test_a_call_a_failed_handler_left_in_flight_is_in_the_calls_of_the_invocation() -> None:
+    """`asyncio.gather` raises the first failure and leaves the other calls running: invoke raised with only the failed
+    call's event, and the HTTP invoke freed (or stored) the Idempotency-Key without the call still in flight, whose
+    event came later: a retry paid for it twice. The runtime ends it, as a stream left open (`cancelled`)."""
+    recorder = Recorder()
+    rt = Runtime(settings=SLOW, platform=PLATFORM, providers=ProviderPool(FakeProvider), recorder=recorder)
+    with pytest.raises(ProviderError) as info:
+        await asyncio.wait_for(rt.invoke(fan_out, "gather_one_fails", {}, User("user-1", "tenant-1")), 5)
+    calls = invocation_calls(info.value)
+    assert calls is not None
+    assert sorted(e.status for e in recorder.events) == ["cancelled", "error"]
+    assert sorted(calls.event_ids) == sorted(str(e.event_id) for e in recorder.events)
+
+
+async def test_a_call_left_running_by_a_handler_is_recorded_before_invoke_returns() -> None:
+    recorder = Recorder()
+    rt = Runtime(settings=SLOW, platform=PLATFORM, providers=ProviderPool(FakeProvider), recorder=recorder)
+    result = await asyncio.wait_for(rt.invoke(fan_out, "call_left_running", {}, User("user-1", "tenant-1")), 5)
+    [event] = recorder.events
+    assert result.event_ids == [str(event.event_id)] and event.status == "cancelled"
+    [task] = background
+    background.clear()
+    assert task.cancelled()
