@@ -57,6 +57,7 @@ class MessageStream:
         self._gen_held: AsyncIterator[str] | None = None
         self._entered = False
         self._ended: asyncio.Event | None = None  # set once the stream ended, recorded or not (see _run)
+        self._reader: asyncio.Task[Any] | None = None  # the task that last resumed the generator (see close_unfinished)
         self.response: LLMResponse | None = None
 
     @property
@@ -86,7 +87,8 @@ class MessageStream:
         """End a stream that is still open, recording its event (``cancelled``) if it has not been recorded.
 
         Outside ``async with``, a stream the consumer left is recorded once its generator is collected, by a task
-        asyncio's finaliser starts: this waits for it. A stream being iterated by another task is left to it.
+        asyncio's finaliser starts: this waits for it. A stream another task is waiting on (the rest of an
+        ``asyncio.gather`` that failed, a task never awaited) is ended as a call in flight: that task is cancelled.
         """
         if self._ended is None or self._ended.is_set():
             return
@@ -95,8 +97,13 @@ class MessageStream:
             return
         try:
             await self.aclose()
-        except RuntimeError:  # "already running": another task is iterating it and will see it end
-            self._llm._streams.discard(self)
+        except RuntimeError:  # "already running": another task is waiting for its next chunk
+            reader = self._reader
+            if reader is None or reader is asyncio.current_task() or reader.done():  # pragma: no cover - defensive
+                self._llm._streams.discard(self)
+                return
+            reader.cancel()  # its wait ends in CancelledError: the stream records `cancelled`
+            await self._ended.wait()
 
     async def __aenter__(self) -> MessageStream:
         self._entered = True
@@ -125,6 +132,7 @@ class MessageStream:
         llm = self._llm
         system, messages, purpose = self._system, self._messages, self._purpose
         ended = self._ended = asyncio.Event()
+        self._reader = asyncio.current_task()
         llm._streams.add(self)  # until it ended: the runtime closes it if the handler left it open
         try:
             plan = llm._plan(purpose)
@@ -156,6 +164,7 @@ class MessageStream:
                                 continue
                             parts.append(chunk)
                             yield chunk
+                            self._reader = asyncio.current_task()  # a stream may be read by another task each time
                         elif isinstance(item, UsageSoFar):
                             so_far = item
                         else:

@@ -85,6 +85,8 @@ class FakeProvider:
         words = ("Hi ", "\ud83d") if "halfpair" in request.model else ("one ", "two ", "three ", "four")
         for word in words:
             yield TextDelta(word)
+            if "slow" in request.model:  # a chunk, then a long wait for the next one
+                await asyncio.sleep(10)
             if "broken" in request.model and word == "two ":
                 raise ProviderError("connection reset", error_type="stream_broken", provider=self.name)
         usage = MISSING_USAGE if "nousage" in request.model else TokenUsage(50, 4, 0, 0, 0)

@@ -169,6 +169,16 @@ async def call_left_running(ctx: Context, params: NoParams) -> str:
 background: list[asyncio.Task[Any]] = []
 
 
+async def read_stream(ctx: Context, purpose: str) -> str:
+    return "".join([chunk async for chunk in ctx.llm.stream_message(messages=MESSAGES, purpose=purpose)])
+
+
+@fan_out.function(description="reads two streams at once with asyncio.gather; one call fails at once")
+async def gather_streams_one_fails(ctx: Context, params: NoParams) -> str:
+    await asyncio.gather(read_stream(ctx, "slow"), ctx.llm.create_message(messages=MESSAGES, purpose="failing"))
+    return "unreachable"
+
+
 async def test_a_call_a_failed_handler_left_in_flight_is_in_the_calls_of_the_invocation() -> None:
     """`asyncio.gather` raises the first failure and leaves the other calls running: invoke raised with only the failed
     call's event, and the HTTP invoke freed (or stored) the Idempotency-Key without the call still in flight, whose
@@ -192,3 +202,18 @@ async def test_a_call_left_running_by_a_handler_is_recorded_before_invoke_return
     [task] = background
     background.clear()
     assert task.cancelled()
+
+
+async def test_a_stream_another_task_is_reading_is_in_the_calls_of_a_failed_invocation() -> None:
+    """The stream's task was waiting for its next chunk when the invocation ended: the stream was left to it, and
+    recorded after invoke raised (missing from the calls the HTTP invoke keeps with its Idempotency-Key)."""
+    recorder = Recorder()
+    rt = Runtime(settings=SLOW, platform=PLATFORM, providers=ProviderPool(FakeProvider), recorder=recorder)
+    with pytest.raises(ProviderError) as info:
+        await asyncio.wait_for(rt.invoke(fan_out, "gather_streams_one_fails", {}, User("user-1", "tenant-1")), 5)
+    calls = invocation_calls(info.value)
+    assert calls is not None
+    assert sorted(e.status for e in recorder.events) == ["cancelled", "error"]
+    assert sorted(calls.event_ids) == sorted(str(e.event_id) for e in recorder.events)
+    [stream_event] = [e for e in recorder.events if e.is_stream]
+    assert (stream_event.status, stream_event.output_tokens) == ("cancelled", 1)  # "one ", received before
