@@ -23,7 +23,7 @@ from metering.errors import ConflictError, InvalidInputError, SecretError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.providers import KNOWN_PROVIDERS
-from metering.llm.providers.urls import base_url_problem
+from metering.llm.providers.urls import api_key_problem, base_url_problem
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PurposeSettings
 
 MAX_BASE_URL = 500  # VARCHAR(500)
@@ -95,6 +95,8 @@ def put_byollm(
         raise InvalidInputError(f"provider {provider!r} needs an api_key for BYOLLM")
     if api_key is not None and len(api_key) > MAX_API_KEY:
         raise InvalidInputError(f"an api_key has at most {MAX_API_KEY} characters")
+    if api_key is not None and (problem := api_key_problem(api_key)):  # never echo the key
+        raise InvalidInputError(problem)
     user_id, tenant_id = _name("user_id", user_id), _name("tenant_id", tenant_id)
     model = _name("model", model, strip=True)
     now = utcnow()

@@ -23,7 +23,7 @@ from metering.llm.providers._errors import (
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
-from metering.llm.providers.urls import base_url_problem
+from metering.llm.providers.urls import api_key_problem, base_url_problem
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -171,9 +171,11 @@ class AnthropicProvider:
         self._keyless = not config.api_key and not config.base_url
         # A base_url the SDK cannot use fails each call as a ProviderError (its event recorded, a BYOLLM call failing
         # over), not the making of the adapter: no client is made for it.
-        self._url_problem = base_url_problem(config.base_url) if config.base_url else None
+        self._config_problem = base_url_problem(config.base_url) if config.base_url else None
+        if config.api_key and self._config_problem is None:
+            self._config_problem = api_key_problem(config.api_key)  # a stored key no request can carry
         self._client = None
-        if self._url_problem is None:
+        if self._config_problem is None:
             self._client = anthropic.AsyncAnthropic(
                 api_key=config.api_key or PLACEHOLDER_KEY,
                 base_url=config.base_url,
@@ -184,7 +186,7 @@ class AnthropicProvider:
     def _sdk(self) -> anthropic.AsyncAnthropic:
         """The SDK client, or the ProviderError of a configuration no call can be made with."""
         if self._client is None:
-            raise bad_config(self.name, scrub(str(self._url_problem), self._api_key))
+            raise bad_config(self.name, scrub(str(self._config_problem), self._api_key))
         if self._keyless:
             raise missing_key(self.name)
         return self._client

@@ -1,4 +1,5 @@
-"""Whether a ``base_url`` is one the SDKs' HTTP client can send to (pure; the HTTP modules are imported on use)."""
+"""Whether a ``base_url`` and an api key are ones the SDKs' HTTP client can send (pure; the HTTP modules are imported
+on use)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,16 @@ def base_url_problem(base_url: str) -> str | None:
         except module.InvalidURL as exc:
             return f"base_url is not a valid URL ({exc})"
     return None
+
+
+API_KEY_PROBLEM = "an api_key is printable ASCII, without spaces or line breaks (as the provider gave it)"
+
+
+def api_key_problem(api_key: str) -> str | None:
+    """Why an api key cannot go in a request's header (``None`` when it can): a character past ASCII (a key copied
+    with a typographic ``…``), a space or a line break (one copied with its newline). Keys are printable ASCII. The
+    openai SDK raised ``UnicodeEncodeError`` (an internal error, no failover), and a line break failed every call as
+    a connection error, each failing over to the platform LLM: billed to the user, who had set their own."""
+    if api_key.isascii() and api_key.isprintable() and " " not in api_key:
+        return None
+    return API_KEY_PROBLEM

@@ -237,6 +237,30 @@ async def test_a_byollm_base_url_the_sdk_cannot_use_fails_over(
     assert len(anthropic_server.requests) == 2 and not openai_server.requests
 
 
+@pytest.mark.parametrize(
+    "api_key", ["sk-copied\u2026abcd", "sk-pasted-with-its-newline\n"], ids=["non-ascii", "newline"]
+)
+@pytest.mark.parametrize("byo_provider", ["anthropic", "openai"])
+async def test_a_byollm_api_key_no_request_can_carry_fails_over_as_bad_request(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, byo_provider: str,
+    api_key: str,
+) -> None:  # fmt: skip
+    """A key stored before keys were checked, copied with a typographic `…` or its newline: the openai SDK raised
+    UnicodeEncodeError (an `internal:` event, a 500 over HTTP, no failover), and a line break failed each call as a
+    `connection` error: a setup problem no retry fixes, reported as an outage."""
+    byo_server: FakeProviderServer = anthropic_server if byo_provider == "anthropic" else openai_server
+    own = ByollmSettings("u1", "t1", byo_provider, "byo-model", api_key=api_key, base_url=byo_server.base_url)
+    platform_server = openai_server if byo_provider == "anthropic" else anthropic_server
+    platform = "openai" if byo_provider == "anthropic" else "anthropic"
+    llm, rec = metered(platform, platform_server, InMemorySettings(byollm_by_user={"u1": own}))
+    assert (await llm.create_message(messages=MESSAGES)).text == "Hello from the fake server."
+    failed, served = (decode_line(line) for line in rec.lines)
+    assert isinstance(failed, UsageEvent) and isinstance(served, UsageEvent)
+    assert (failed.is_byollm, failed.status, failed.error_type) == (True, "error", "bad_request")
+    assert (served.is_byollm, served.is_failover, served.status) == (False, True, "ok")
+    assert not byo_server.requests
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_streamed_event_that_is_not_json_breaks_the_stream(
     openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str
