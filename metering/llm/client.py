@@ -24,7 +24,7 @@ from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
 from metering.llm.responses import LLMResponse, parse_json_text
 from metering.llm.settings_source import SettingsSource
-from metering.llm.streaming import MessageStream
+from metering.llm.streaming import MessageStream, note_unrecorded
 from metering.llm.text import clean_text
 from metering.llm.types import MISSING_USAGE, STOP_MAX_TOKENS, ProviderRequest, ResponseFormat, TokenUsage
 from metering.llm.usage import estimate_input_tokens, fill_missing
@@ -315,8 +315,13 @@ class MeteredLLM:
                     log.warning("BYOLLM call failed (%s); failing over to the platform LLM", exc.error_type)
                     continue
                 raise
-            except asyncio.CancelledError:
-                self._record(common, usage=MISSING_USAGE, stop_reason=None, status=Status.CANCELLED, error_type=None)
+            except asyncio.CancelledError as cancelled:
+                try:
+                    self._record(
+                        common, usage=MISSING_USAGE, stop_reason=None, status=Status.CANCELLED, error_type=None
+                    )
+                except Exception as error:  # the spool refused it: the cancellation stays a cancellation
+                    note_unrecorded(cancelled, error)
                 raise
             except Exception as exc:
                 self._record(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -30,6 +31,17 @@ from metering.llm.usage import finished, unfinished
 
 if TYPE_CHECKING:
     from metering.llm.client import MeteredLLM
+
+log = logging.getLogger("metering.llm")
+
+
+def note_unrecorded(leaving: BaseException, error: Exception) -> None:
+    """The event of a call being left (cancelled, or a stream's consumer leaving with an error) could not be recorded
+    (the spool refused it): logged and noted on the exception that is leaving, which stays the one raised. A
+    cancellation replaced by the SpoolError was no cancellation any more (``asyncio.timeout`` raised the SpoolError,
+    a task cancelled ended in an error)."""
+    log.error("could not record the usage event of a call being left (%s): %s", type(leaving).__name__, error)
+    leaving.add_note(f"its usage event was not recorded: {type(error).__name__}: {error}")
 
 
 class MessageStream:
@@ -112,7 +124,12 @@ class MessageStream:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        except Exception as error:
+            if exc is None:
+                raise
+            note_unrecorded(exc, error)  # the body's exception (a cancellation) stays the one raised
 
     def _record_unfinished(
         self,
@@ -178,9 +195,18 @@ class MessageStream:
                     if not parts and attempt < len(targets) - 1:
                         continue
                     raise
-                except (GeneratorExit, asyncio.CancelledError):
-                    self._record_unfinished(common, so_far, parts, ttft, Status.CANCELLED, None)
+                except (GeneratorExit, asyncio.CancelledError) as leaving:
+                    refused: Exception | None = None
+                    try:
+                        self._record_unfinished(common, so_far, parts, ttft, Status.CANCELLED, None)
+                    except Exception as error:
+                        if isinstance(leaving, GeneratorExit):
+                            refused = error  # aclose() raises it, once upstream is closed
+                        else:
+                            note_unrecorded(leaving, error)
                     await _close_quietly(upstream)
+                    if refused is not None:
+                        raise refused from None
                     raise
                 except Exception as exc:
                     error_type = f"internal:{type(exc).__name__}"[:100]

@@ -15,7 +15,13 @@ from typing import Any
 import orjson
 import pytest
 
-from metering.errors import BudgetExceededError, InvalidInputError, InvalidJSONResponseError, ProviderError
+from metering.errors import (
+    BudgetExceededError,
+    InvalidInputError,
+    InvalidJSONResponseError,
+    ProviderError,
+    SpoolError,
+)
 from metering.events import MAX_INT32, UsageEvent, uuid7
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.client import MeteredLLM, ProviderPool
@@ -349,6 +355,47 @@ async def test_cancelled_call_records_a_cancelled_event() -> None:
         await task
     [event] = rec.events
     assert event.status == "cancelled"
+
+
+class FullSpool(Recorder):
+    """A spool whose disk is full: every append fails."""
+
+    def append_line(self, data: bytes) -> None:
+        raise SpoolError("could not append the usage event to the spool: disk full")
+
+
+async def test_a_cancellation_stays_a_cancellation_when_the_spool_refuses_its_event() -> None:
+    """The spool refusing the cancelled call's event raised SpoolError in place of the CancelledError: a task
+    cancelled ended in an error, `asyncio.timeout` raised the SpoolError instead of TimeoutError. The cancellation
+    propagates, the refusal noted on it (and logged)."""
+    slow = PlatformLLM(provider="openai", model="slow", api_keys={"openai": "k"})
+    slow_stream = PlatformLLM(provider="openai", model="slow-stream", api_keys={"openai": "k"})
+    for platform, streamed in ((slow, False), (slow_stream, True)):
+        llm = MeteredLLM(
+            scope=CallScope("tenant-1", "user-1", "rewrite", "rewrite", uuid7()),
+            settings=InMemorySettings(),
+            platform=platform,
+            providers=ProviderPool(FakeProvider),
+            recorder=FullSpool(),
+        )
+
+        async def call(llm: MeteredLLM = llm, streamed: bool = streamed) -> None:
+            if streamed:
+                async with llm.stream_message(messages=MESSAGES) as stream:
+                    async for _chunk in stream:
+                        pass
+            else:
+                await llm.create_message(messages=MESSAGES)
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as info:
+            await task
+        assert any("SpoolError" in note and "disk full" in note for note in getattr(info.value, "__notes__", []))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await call()
 
 
 @pytest.mark.parametrize(
