@@ -7,6 +7,7 @@ it decodes to bounded by the same limit (``content_coding``).
 
 from __future__ import annotations
 
+import anyio.to_thread
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,7 +46,7 @@ class BodyLimitMiddleware:
         body = b"".join(chunks)
         if coding_of(Headers(scope=scope).get("content-encoding")) == GZIP and body:
             try:
-                body = gunzip_bounded(body, self.max_bytes)
+                body = await anyio.to_thread.run_sync(gunzip_bounded, body, self.max_bytes)  # not on the loop
             except MeteringError as error:
                 await self._refuse(scope, receive, send, error)
                 return
