@@ -11,7 +11,7 @@ import anyio.to_thread
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metering.api.content_coding import GZIP, coding_of, decoded_headers, gunzip_bounded
+from metering.api.content_coding import GZIP, decoded_headers, gunzip_bounded, request_coding
 from metering.api.problems import problem_response
 from metering.errors import MeteringError, PayloadTooLargeError
 
@@ -44,7 +44,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if coding_of(Headers(scope=scope).get("content-encoding")) == GZIP and body:
+        if request_coding(Headers(scope=scope)) == GZIP and body:
             try:
                 body = await anyio.to_thread.run_sync(gunzip_bounded, body, self.max_bytes)  # not on the loop
             except MeteringError as error:

@@ -40,6 +40,12 @@ def coding_of(content_encoding: str | None) -> str | None:
     return ", ".join(named)
 
 
+def request_coding(headers: Headers) -> str | None:
+    """``coding_of`` the request's ``Content-Encoding``, all its header lines read as one list (RFC 9110 5.3): the
+    first line alone let ``gzip`` then ``br`` pass as gzip."""
+    return coding_of(", ".join(headers.getlist("content-encoding")))
+
+
 def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
     """``data`` (one or more gzip members) decoded, refused past ``max_bytes`` decoded (413) or when it is not
     whole gzip (400); never more than ``max_bytes + 1`` bytes are inflated.
@@ -90,7 +96,7 @@ class ContentCodingMiddleware:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             has_body = "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0")
-            coding = coding_of(headers.get("content-encoding")) if has_body else None
+            coding = request_coding(headers) if has_body else None
         if coding is None or coding == GZIP:  # no body (a GET with the header is harmless), one as it is, or gzip
             await self.app(scope, receive, send)
             return

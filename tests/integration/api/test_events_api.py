@@ -294,3 +294,20 @@ def test_an_unexpected_error_is_a_500_problem_without_internals(settings, make_t
         response = post_events(client, [record(0)], make_token())
     body = assert_problem(response, 500, "internal_error")
     assert "secret internals" not in response.text and body["detail"] == "an unexpected error occurred"
+
+
+def test_content_encoding_sent_as_several_header_lines_is_read_as_their_list(client, make_token, session_factory):
+    """RFC 9110 5.3: header lines of one field are one list. Only the first Content-Encoding line was read, so a body
+    'gzip' then 'br' (a proxy's br on top of a gzip body) was decoded as gzip alone and ingested, 'gzip' twice was
+    gunzipped once and refused as a body that is not JSON, and 'identity' then 'gzip' reached the app still gzipped."""
+    auth = [("Content-Type", "application/json"), *bearer(make_token()).items()]
+    body = orjson.dumps({"events": [record(0)]})
+    for first, second in [("gzip", "br"), ("gzip", "gzip"), ("x-gzip", "deflate")]:
+        sent = gzip.compress(gzip.compress(body)) if second == "gzip" else gzip.compress(body)
+        headers = [*auth, ("Content-Encoding", first), ("Content-Encoding", second)]
+        response = client.post("/v1/events", content=sent, headers=headers)
+        assert "Content-Encoding" in assert_problem(response, 415, "unsupported_media_type")["detail"]
+    assert _stored(session_factory) == 0
+    headers = [*auth, ("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]
+    response = client.post("/v1/events", content=gzip.compress(body), headers=headers)
+    assert response.status_code == 200 and response.json()["inserted"] == 1
