@@ -4,6 +4,8 @@ same limit every time: they are refusals of the data, never a reason to retry as
 
 from __future__ import annotations
 
+import sqlite3
+
 PROGRAM_LIMIT_CLASS = "54"
 
 
@@ -24,10 +26,12 @@ _SQLITE_SCHEMA = ("no such table", "no such column", "has no column named")
 
 
 def schema_behind(exc: BaseException) -> bool:
-    """Whether ``exc`` (a driver error, or SQLAlchemy's wrapper of one) says the database lacks a table or column."""
-    for error in (exc, getattr(exc, "orig", None)):
-        if getattr(error, "sqlstate", None) in _SCHEMA_SQLSTATES:
-            return True
-        if type(error).__name__ == "OperationalError" and any(text in str(error) for text in _SQLITE_SCHEMA):
-            return True
-    return False
+    """Whether ``exc`` (a driver error, or SQLAlchemy's wrapper of one) says the database lacks a table or column.
+
+    Only the driver's own error is read: SQLAlchemy's wrapper's text holds the statement's parameters, so a client's
+    value saying "no such table" in a statement that failed for another reason (locked, full, a timeout) read as a
+    schema behind the code."""
+    driver = getattr(exc, "orig", None) or exc
+    if getattr(driver, "sqlstate", None) in _SCHEMA_SQLSTATES:
+        return True
+    return isinstance(driver, sqlite3.OperationalError) and any(text in str(driver) for text in _SQLITE_SCHEMA)

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+import sqlalchemy
+import sqlalchemy.exc
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from metering.api import problems
 from metering.api.app import create_app
 from metering.auth import Scope, create_token
 from metering.db import migrate
@@ -76,3 +80,43 @@ def test_the_api_answers_503_not_ready_naming_the_migration(behind_url: str, tmp
         assert "metering migrate" in body["detail"]
     finally:
         engine.dispose()
+
+
+def _outage_carrying(db_url: str, text_sent: str) -> Exception:
+    """A real outage of the database (SQLite: written read-only; PostgreSQL: a statement timeout) on a statement
+    whose parameters carry ``text_sent`` (a client's value, as an event's extension)."""
+    if db_url.startswith("sqlite"):
+        url = f"sqlite:///file:{db_url.removeprefix('sqlite:///')}?mode=ro&uri=true"
+        statement = sqlalchemy.text("INSERT INTO alembic_version (version_num) VALUES (:value)")
+    else:
+        url = db_url
+        statement = sqlalchemy.text("SELECT pg_sleep(1), CAST(:value AS text)")
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            if not db_url.startswith("sqlite"):
+                connection.execute(sqlalchemy.text("SET LOCAL statement_timeout = '1ms'"))
+            connection.execute(statement, {"value": text_sent})
+    except sqlalchemy.exc.OperationalError as error:
+        return error
+    finally:
+        engine.dispose()
+    raise AssertionError("no outage")
+
+
+@pytest.mark.parametrize("text_sent", ["no such table", "has no column named x", "no such column"])
+def test_an_outage_on_a_clients_text_naming_a_missing_table_stays_database_unavailable(db_url: str, text_sent: str):
+    """The schema check read SQLite's wording in the whole error, whose text has the statement's parameters: a
+    client's value saying 'no such table' in a statement the database failed (locked, full, read-only, a timeout),
+    on either database, turned the outage into 'not_ready: run metering migrate', a false page to operators."""
+    error = _outage_carrying(db_url, text_sent)
+    assert text_sent in str(error)
+    app = FastAPI()
+    problems.install(app)
+
+    @app.get("/x")
+    def fail() -> None:
+        raise error
+
+    response = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert response.status_code == 503 and response.json()["code"] == "database_unavailable", response.text
