@@ -19,11 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from metering.api.deps import refusal_before_body
+from metering.db import migrate
 from metering.db.limits import exceeds_program_limit, schema_behind
 from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError, NotReadyError
 
@@ -248,9 +250,22 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _schema_behind(request: Request, exc: Exception) -> JSONResponse:
+    if await run_in_threadpool(
+        _at_head, request
+    ):  # `metering migrate` would change nothing: a bug, or a drifted schema
+        log.error("%s %s: a table or column is missing at head", request.method, request.url.path, exc_info=exc)
+        return await internal_error(request, exc)
     error = schema_not_migrated()
     log.error("%s %s: %s", request.method, request.url.path, error.message, exc_info=exc)
     return problem_response(error.status, error.code, error.message, instance=request.url.path)
+
+
+def _at_head(request: Request) -> bool:
+    state = request.app.state
+    try:
+        return migrate.current_revision(state.engine) == state.head_revision
+    except Exception:  # unreachable now, or no engine: say what the error says
+        return False
 
 
 async def programming_error(request: Request, exc: Exception) -> JSONResponse:

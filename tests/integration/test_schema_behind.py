@@ -32,16 +32,26 @@ from tests.integration.api.conftest import app_settings, assert_problem, post_ev
 BEHIND = "0011"  # the rollups have no web_searches column yet
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def behind_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'behind.db'}"
-        migrate.upgrade(url, BEHIND)
+def _fresh(backend: str, tmp_path: Path, revision: str) -> Iterator[str]:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+        migrate.upgrade(url, revision)
         yield url
         return
     with temporary_pg_database() as url:
-        migrate.upgrade(url, BEHIND)
+        migrate.upgrade(url, revision)
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def behind_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from _fresh(request.param, tmp_path, BEHIND)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def drifted_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """At head, as its alembic_version says (its own database: a column is dropped from it)."""
+    yield from _fresh(request.param, tmp_path, "head")
 
 
 def test_a_spool_waits_for_the_migration_and_dead_letters_nothing(behind_url: str, tmp_path: Path) -> None:
@@ -120,3 +130,20 @@ def test_an_outage_on_a_clients_text_naming_a_missing_table_stays_database_unava
 
     response = TestClient(app, raise_server_exceptions=False).get("/x")
     assert response.status_code == 503 and response.json()["code"] == "database_unavailable", response.text
+
+
+def test_a_missing_column_at_head_is_a_500_not_a_migration_to_run(drifted_url: str, tmp_path: Path) -> None:
+    """At head, `metering migrate` changes nothing: a table or column missing there is a bug or a drifted schema, and
+    "run metering migrate" would send the operator the wrong way."""
+    engine = make_engine(drifted_url)
+    try:
+        with make_session_factory(engine)() as session:
+            _row, secret = create_token(session, "drifted", (Scope.INGEST,))
+            session.commit()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE usage_rollups DROP COLUMN web_searches")
+        with TestClient(create_app(app_settings(drifted_url, tmp_path)), raise_server_exceptions=False) as client:
+            assert client.get("/readyz").status_code == 200  # at head, as alembic_version says
+            assert_problem(post_events(client, [record(0)], secret), 500, "internal_error")
+    finally:
+        engine.dispose()
