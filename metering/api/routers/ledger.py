@@ -44,7 +44,11 @@ from metering.events import MAX_TOKENS, MAX_WEB_SEARCHES
 router = APIRouter(tags=["ledger"])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size, 1 to {MAX_PAGE}.")]
-Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previous page (opaque).")]
+# A cursor names a row: base64url of at most an account id (1,000 characters, 4 UTF-8 bytes each) and a prefix.
+MAX_CURSOR = 6000
+Cursor = Annotated[
+    str | None, Query(max_length=MAX_CURSOR, description="The `next_cursor` of the previous page (opaque).")
+]
 Tokens = Annotated[int, Query(ge=0, le=MAX_TOKENS)]
 Searches = Annotated[int, Query(ge=0, le=MAX_WEB_SEARCHES)]
 TransferKinds = Literal["usage_charge", "provider_cost", "credit", "adjustment", "reversal"]

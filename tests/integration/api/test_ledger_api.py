@@ -220,6 +220,17 @@ def test_a_bad_balances_cursor_is_422(client, reader, seeded, cursor):
     assert "invalid cursor" in assert_problem(response, 422, "invalid_input")["detail"]
 
 
+@pytest.mark.parametrize("path", ["/v1/balances", "/v1/transfers", "/v1/events/unpriced"])
+def test_a_cursor_longer_than_any_page_gives_is_refused_before_it_is_decoded(client, reader, path):
+    whole = "YWNjb3VudHx1c2VyOmE6" + "YWFh" * 1500  # 'account|user:a:' and 4,500 more characters: base64 of a long id
+    longest = client.get(path, params={"cursor": whole[:6000]}, headers=reader)
+    if path == "/v1/balances":  # an account id as long as one may be: a page after it
+        assert longest.status_code == 200, longest.text
+    else:  # not one of their cursors: decoded, and refused as such
+        assert_problem(longest, 422, "invalid_input")
+    assert_problem(client.get(path, params={"cursor": whole + "YWFh"}, headers=reader), 422, "validation_error")
+
+
 # -- invoices -------------------------------------------------------------------------------------
 
 
