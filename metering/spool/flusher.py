@@ -368,7 +368,9 @@ class Flusher:
 
 
 def _has_unread(slot: Path) -> bool:
-    """Whether the slot holds bytes past its cursor (cheap: directory listing and one stat)."""
+    """Whether the slot holds bytes past its cursor (cheap: directory listing and one stat), or a segment read to its
+    end that is left to delete: a live writer's newest segment, kept while it appends to it, once the writer died
+    (nobody claimed the slot again, and the segment stayed on disk until a writer took the slot)."""
     segments = list_segments(slot)
     if not segments:
         return False
@@ -376,9 +378,11 @@ def _has_unread(slot: Path) -> bool:
     if segments[-1] > cursor.segment:
         return True
     try:
-        return (slot / segment_name(segments[-1])).stat().st_size > cursor.offset
+        if (slot / segment_name(segments[-1])).stat().st_size > cursor.offset:
+            return True
     except FileNotFoundError:
         return True  # rotated meanwhile: look again
+    return not writer_alive(slot)
 
 
 def _reached(cursor: Cursor, position: Cursor) -> bool:

@@ -153,3 +153,23 @@ def test_slots_beyond_the_locks_held_at_once_are_drained_though_live_writers_hol
         assert drainer.flush(timeout=10)
         drainer.stop(drain=False)
         assert str(late["event_id"]) in sink.stored and len(sink.stored) == 3
+
+
+def test_the_last_segment_of_a_writer_that_died_once_drained_is_deleted(tmp_path: Path) -> None:
+    """A drainer read a live writer's newest segment to its end (the cursor at its end, the segment kept: the writer
+    appends to it); the writer then died. The slot had nothing unread, so no drainer claimed it again and the
+    segment stayed on disk for good (`spool status`: one segment, until a writer took the slot again)."""
+    sink = MemorySink()
+    with Spool(tmp_path) as spool:
+        records = [record(i) for i in range(3)]
+        for r in records:
+            spool.append(orjson.dumps(r))
+        live = Flusher(tmp_path, sink)  # another process's drainer: the writer is alive
+        assert live.flush(timeout=10)
+        live.stop(drain=False)
+        assert [s.segments for s in slot_states(tmp_path)] == [1]  # kept: the writer still appends to it
+    drainer = Flusher(tmp_path, sink)  # the writer is gone
+    assert drainer.flush(timeout=10)
+    drainer.stop(drain=False)
+    assert sink.stored == ids(records)
+    assert [(s.segments, s.pending) for s in slot_states(tmp_path)] == [(0, 0)]
