@@ -193,8 +193,9 @@ class Flusher:
         backoff = 0.0
         while True:
             try:
-                while self._pass():
-                    pass
+                while self._pass(deadline):  # a backlog is delivered up to the deadline, never past it
+                    if time.monotonic() >= deadline:
+                        return False
                 return self._completed >= generation
             except Exception as exc:
                 backoff = min(self.max_backoff_s, max(self.interval_s, backoff * 2))
@@ -212,8 +213,9 @@ class Flusher:
     def _own_slot(self) -> Path | None:
         return self.spool.slot_dir if self.spool is not None else None
 
-    def _pass(self) -> bool:
-        """One round over every slot this flusher holds. True if a slot still has a backlog."""
+    def _pass(self, deadline: float | None = None) -> bool:
+        """One round over every slot this flusher holds. True if a slot still has a backlog. With a ``deadline``
+        (a flush without the thread), a slot's backlog is left for later once it is reached."""
         with self._pass_lock:
             with self._done:
                 generation = self._requested
@@ -229,7 +231,7 @@ class Flusher:
                     self._release(slot)
                     continue
                 try:  # one slot that cannot deliver never holds up the others
-                    backlog = self._drain(slot)
+                    backlog = self._drain(slot, deadline)
                 except Exception as exc:
                     failed = failed or exc
                     continue
@@ -287,8 +289,8 @@ class Flusher:
             return segments[-1] if segments else None
         return None
 
-    def _drain(self, slot: Path) -> bool:
-        """Handle batches until the slot has nothing ready. True if it still has a backlog."""
+    def _drain(self, slot: Path, deadline: float | None = None) -> bool:
+        """Handle batches until the slot has nothing ready (or ``deadline``). True if it still has a backlog."""
         segments = list_segments(slot)  # listed before the liveness check, see read_batch
         live = self._live_segment(slot, segments)
         cursor = read_cursor(slot)
@@ -300,6 +302,8 @@ class Flusher:
                 return False
             self._handle(slot, batch, live)
             cursor = batch.next_cursor
+            if deadline is not None and time.monotonic() >= deadline:
+                return True  # a dead writer's slot was read to its end otherwise: a flush ran past its timeout
         return True
 
     def _handle(self, slot: Path, batch: Batch, live: int | None) -> None:

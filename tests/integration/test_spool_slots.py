@@ -173,3 +173,28 @@ def test_the_last_segment_of_a_writer_that_died_once_drained_is_deleted(tmp_path
     drainer.stop(drain=False)
     assert sink.stored == ids(records)
     assert [(s.segments, s.pending) for s in slot_states(tmp_path)] == [(0, 0)]
+
+
+def test_a_flush_without_a_thread_keeps_its_timeout_on_a_dead_writers_backlog(tmp_path: Path) -> None:
+    """`metering spool drain --timeout 1` (and a writer's flush at exit, with no flusher thread) drained a dead
+    writer's slot to its end before looking at the clock: a backlog ran past the timeout, for as long as it took."""
+
+    class SlowSink(MemorySink):
+        def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
+            time.sleep(0.02)
+            return super().deliver(events)
+
+    records = [record(i) for i in range(200)]
+    with Spool(tmp_path) as spool:  # gone afterwards: a dead writer's slot, 200 batches of one at 20 ms each
+        for r in records:
+            spool.append(orjson.dumps(r))
+    sink = SlowSink()
+    drainer = Flusher(tmp_path, sink, batch_size=1)
+    started = time.monotonic()
+    assert drainer.flush(timeout=0.5) is False
+    assert time.monotonic() - started < 2.0
+    assert 0 < len(sink.stored) < len(records)
+    assert drainer.flush(timeout=30)  # the rest, later: nothing lost, nothing doubled
+    drainer.stop(drain=False)
+    assert sink.stored == ids(records)
+    assert [(s.segments, s.pending) for s in slot_states(tmp_path)] == [(0, 0)]
