@@ -23,7 +23,7 @@ from metering.llm.providers._errors import (
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
-from metering.llm.providers.urls import api_key_problem, base_url_problem
+from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -169,11 +169,7 @@ class AnthropicProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self._api_key = config.api_key
         self._keyless = not config.api_key and not config.base_url
-        # A base_url the SDK cannot use fails each call as a ProviderError (its event recorded, a BYOLLM call failing
-        # over), not the making of the adapter: no client is made for it.
-        self._config_problem = base_url_problem(config.base_url) if config.base_url else None
-        if config.api_key and self._config_problem is None:
-            self._config_problem = api_key_problem(config.api_key)  # a stored key no request can carry
+        self._config_problem = config_problem(config.base_url, config.api_key)
         self._client = None
         if self._config_problem is None:
             self._client = anthropic.AsyncAnthropic(

@@ -23,7 +23,7 @@ from metering.llm.providers._errors import (
     stream_broken,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
-from metering.llm.providers.urls import api_key_problem, base_url_problem
+from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
@@ -59,15 +59,11 @@ class OpenAIProvider:
         self.name = config.provider
         compatible = config.provider == COMPATIBLE
         self._api_key = config.api_key
-        self._config_problem: str | None = None
-        if compatible and not config.base_url:
-            self._config_problem = "a base_url is required (e.g. http://localhost:11434/v1)"
-        elif config.base_url:
-            # one the SDK cannot use fails each call as a ProviderError (its event recorded, a BYOLLM call failing
-            # over), not the making of the adapter: no client is made for it
-            self._config_problem = base_url_problem(config.base_url)
-        if config.api_key and self._config_problem is None:
-            self._config_problem = api_key_problem(config.api_key)  # a stored key no request can carry
+        self._config_problem = (
+            "a base_url is required (e.g. http://localhost:11434/v1)"
+            if compatible and not config.base_url
+            else config_problem(config.base_url, config.api_key)
+        )
         self._keyless = not compatible and not config.api_key and not config.base_url
         # OpenAI's own API wants max_completion_tokens; compatible servers still read max_tokens.
         self._max_tokens_param = "max_tokens" if compatible else "max_completion_tokens"

@@ -39,3 +39,12 @@ def api_key_problem(api_key: str) -> str | None:
     if api_key.isascii() and api_key.isprintable() and " " not in api_key:
         return None
     return API_KEY_PROBLEM
+
+
+def config_problem(base_url: str | None, api_key: str | None) -> str | None:
+    """Why no call can be made with this base_url and api key (``None`` when one can): an adapter then makes no SDK
+    client, and each call fails as a ProviderError (its event recorded, a BYOLLM call failing over)."""
+    problem = base_url_problem(base_url) if base_url else None
+    if problem is None and api_key:
+        problem = api_key_problem(api_key)  # a stored key no request can carry
+    return problem
