@@ -1,0 +1,389 @@
+"""Every surface that shows money agrees to the nano for the same events, on SQLite and PostgreSQL.
+
+One rich scenario over two months (the last one finalized, the current one open): several tenants, users, extensions
+and models, BYOLLM calls, failed calls (with and without usage, with web searches), cache reads and (1-hour) writes,
+web searches, an unpriced model later given an override with a markup and repriced, a re-rate of a past window of
+the finalized month, a late event, credits and an adjustment. Then the quote, the events, the ledger, the balances,
+the invoices (JSON, CSV, CLI), the ledger CSV, ``/v1/usage``, ``/metrics`` and ``metering billing check`` agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from metering.api.app import create_app
+from metering.auth import Scope
+from metering.billing.credits import add_credit
+from metering.billing.ingest import ingest
+from metering.billing.ledger import wallet_id
+from metering.billing.overrides import add_override
+from metering.billing.reprice import reprice_held
+from metering.billing.rerate import apply_rerate
+from metering.config import BillingSettings, Settings
+from metering.db.models import TransferRow, UsageEventRow
+from metering.events import event_from_record
+from tests.fakes.events import record
+from tests.integration.api.conftest import bearer
+from tests.integration.lifecycle_steps import finalize_step
+
+MARKUP = Decimal(20)
+USERS = (("t1", "u1"), ("t1", "u2"), ("t2", "u1"), ("t:2", "u~3"))
+MODELS = (
+    ("anthropic", "claude-sonnet-4-6", "rewrite", "rewrite"),
+    ("anthropic", "claude-haiku-4-5", "rewrite", "extract_action_items"),
+    ("openai", "gpt-4o-mini", "chatty", "summarize_thread"),
+    ("openai_compatible", "local-llama", "chatty", "local"),
+)
+
+
+def month_start(at: datetime) -> datetime:
+    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+@pytest.fixture
+def api(db_url, tmp_path):
+    settings = Settings(env="test", database_url=db_url, data_dir=tmp_path, billing=BillingSettings(markup_pct=MARKUP))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def scenario_records(at_of, n: int) -> list[dict]:
+    """``n`` varied events; ``at_of(i)`` places the i-th."""
+    records = []
+    for i in range(n):
+        provider, model, extension, function = MODELS[i % len(MODELS)]
+        tenant, user = USERS[(i // 2) % len(USERS)]
+        counts = {
+            "input_tokens": 1_000 + 7_919 * i,
+            "output_tokens": 13 + 311 * i,
+            "cache_read_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+        }
+        if i % 3 == 1:
+            counts["cache_read_tokens"] = 500 + 17 * i
+        if i % 4 == 2 and provider == "anthropic":
+            counts["cache_write_tokens"] = 700 + 3 * i
+            counts["cache_write_1h_tokens"] = (300 + i) if i % 8 == 2 else 0
+        if provider in ("anthropic", "openai_compatible") and i % 5 == 3:
+            counts["web_searches"] = 1 + i % 4
+        extra: dict = {}
+        if i % 6 == 5:
+            extra["is_byollm"] = True
+        if i % 7 == 4:
+            extra["status"] = "error"
+            extra["error_type"] = "overloaded"
+            if i % 14 == 4:  # no usage at all
+                extra["usage_completeness"] = "missing"
+                counts = {k: 0 for k in counts}
+            elif i % 21 == 11:  # searches, no tokens
+                counts = {k: 0 for k in counts} | {"web_searches": 2}
+        records.append(
+            record(
+                i,
+                tenant_id=tenant,
+                user_id=user,
+                extension_id=extension,
+                function=function,
+                provider=provider,
+                model=model,
+                occurred_at=at_of(i).isoformat(),
+                **counts,
+                **extra,
+            )
+        )
+    return records
+
+
+def run_ingest(session_factory, records, now) -> None:
+    with session_factory() as session:
+        result = ingest(session, [event_from_record(r) for r in records], markup_pct=MARKUP, now=now)
+        assert result.rejected == [], result.rejected
+        session.commit()
+
+
+def nanos_of_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_every_money_surface_agrees(api, make_token, session_factory, run) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    this_start = month_start(now)
+    last_start = month_start(this_start - timedelta(days=1))
+    last, this = last_start.strftime("%Y-%m"), this_start.strftime("%Y-%m")
+    span = (now - timedelta(minutes=1)) - this_start
+
+    # a re-rate's new haiku price, effective in a window of the last month only (other events keep their quote)
+    window = (last_start + timedelta(days=10), last_start + timedelta(days=20))
+    run_ingest(session_factory, scenario_records(lambda i: last_start + timedelta(hours=7 * i + 1, minutes=i), 60), now)
+    run_ingest(session_factory, scenario_records(lambda i: this_start + span * (i + 1) / 41, 40), now)
+    with session_factory() as session:
+        add_override(
+            session,
+            provider="anthropic",
+            model_pattern="claude-haiku-4-5",
+            effective_from=window[0],
+            effective_to=window[1],
+            input_mtok=Decimal("1.234567"),
+            output_mtok=Decimal("5.4321"),
+            web_search_per_k=Decimal("9.99"),
+            markup_pct=Decimal("33.3"),
+            id="haiku-rerate",
+        )
+        session.commit()
+    with session_factory() as session:
+        finalize_step(session, last, now)
+        session.commit()
+    with session_factory() as session:
+        result = apply_rerate(
+            session,
+            start=window[0],
+            end=window[1],
+            provider="anthropic",
+            model_pattern="claude-haiku-4-5",
+            markup_pct=MARKUP,
+            run_id="r1",
+            now=now,
+        )
+        assert result.applied
+        session.commit()
+    # late events of the finalized month
+    late = scenario_records(lambda i: last_start + timedelta(days=25, hours=i), 9)
+    # and a call held for good: searches on a model without a search price
+    late.append(
+        record(
+            99,
+            tenant_id="t2",
+            user_id="u1",
+            model="claude-3-haiku-20240307",
+            web_searches=2,
+            occurred_at=(now - timedelta(minutes=2)).isoformat(),
+        )
+    )
+    run_ingest(session_factory, late, now)
+    # the unpriced model gets an override with its own markup, from before its first event; reprice
+    with session_factory() as session:
+        add_override(
+            session,
+            provider="openai_compatible",
+            model_pattern="local-*",
+            effective_from=last_start,
+            effective_to=None,
+            input_mtok=Decimal("0.123457"),
+            output_mtok=Decimal("0.987653"),
+            web_search_per_k=Decimal("3.33"),
+            markup_pct=Decimal("12.5"),
+            id="llama",
+        )
+        session.commit()
+    with session_factory() as session:
+        assert reprice_held(session, markup_pct=MARKUP, now=now).priced > 0
+        session.commit()
+    with session_factory() as session:
+        add_credit(session, tenant_id="t1", user_id="u1", amount=Decimal("25.00"), idempotency_key="k1", now=now)
+        add_credit(
+            session,
+            tenant_id="t:2",
+            user_id="u~3",
+            amount=Decimal("-1.234567891"),
+            idempotency_key="k2",
+            kind="adjustment",
+            now=now,
+        )
+        session.commit()
+
+    reader = bearer(make_token(Scope.READ))
+    with session_factory() as session:
+        events = list(session.scalars(select(UsageEventRow)))
+        transfers = list(session.scalars(select(TransferRow)))
+    assert {e.billing_status for e in events} == {"billed", "excluded_byollm", "not_billable", "unpriced"}
+    assert any(e.is_late for e in events) and any(e.price_source == "override" for e in events)
+
+    # 1. the quote of each priced event's counts at its time is its charge and cost (shadow for BYOLLM)
+    for e in events:
+        if e.price_source is None:
+            continue
+        params = {
+            "provider": e.provider,
+            "model": e.model,
+            "at": e.occurred_at.isoformat(),
+            "input_tokens": e.input_tokens,
+            "output_tokens": e.output_tokens,
+            "cache_read_tokens": e.cache_read_tokens,
+            "cache_write_tokens": e.cache_write_tokens,
+            "cache_write_1h_tokens": e.cache_write_1h_tokens,
+            "web_searches": e.web_searches,
+        }
+        quote = api.get("/v1/prices/quote", params=params, headers=reader)
+        assert quote.status_code == 200, quote.text
+        body = quote.json()
+        if e.billing_status == "billed":
+            assert (body["price_nanos"], body["cost_nanos"]) == (e.charge_nanos, e.cost_nanos), e.event_id
+        elif e.billing_status == "excluded_byollm":
+            assert body["price_nanos"] == e.shadow_nanos, e.event_id
+
+    # 2. events' charges = net ledger usage charges = balances (with the credits)
+    by_id = {t.id: t for t in transfers}
+
+    def period_of(t: TransferRow) -> str:
+        return t.period or t.created_at.strftime("%Y-%m")
+
+    def signed(t: TransferRow) -> tuple[str, int]:
+        """(kind, amount) of a transfer, a reversal as minus the kind it reverses."""
+        if t.kind == "reversal":
+            return by_id[t.reverses_id].kind, -t.amount_nanos
+        return t.kind, t.amount_nanos
+
+    charged: dict[str, int] = defaultdict(int)
+    charged_in: dict[tuple[str, str], int] = defaultdict(int)  # (wallet, period) -> net usage charge
+    for t in transfers:
+        kind, amount = signed(t)
+        if kind == "usage_charge":
+            wallet = t.debit_account_id if t.kind == "usage_charge" else t.credit_account_id
+            charged[wallet] += amount
+            charged_in[wallet, period_of(t)] += amount
+    expected: dict[str, int] = defaultdict(int)
+    for e in events:
+        expected[wallet_id(e.tenant_id, e.user_id)] += e.charge_nanos
+    assert dict(charged) == {k: v for k, v in expected.items() if v or k in charged}
+    balances = {a["account_id"]: a["balance_nanos"] for a in api.get("/v1/balances", headers=reader).json()["accounts"]}
+    credits = {wallet_id("t1", "u1"): 25 * 10**9, wallet_id("t:2", "u~3"): -1_234_567_891}
+    for wallet in expected:
+        assert balances[wallet] == credits.get(wallet, 0) - expected[wallet], wallet
+    assert sum(balances.values()) == 0
+
+    # 3. invoices (API JSON, API CSV, CLI CSV) = the events' lines = the ledger, per user and period
+    for tenant, user in USERS:
+        wallet = wallet_id(tenant, user)
+        for period in (last, this):
+            path = f"/v1/invoices/{tenant}/{user}/{period}"
+            got = api.get(path, headers=reader)
+            assert got.status_code == 200, got.text
+            invoice = got.json()
+            assert invoice["status"] == ("finalized" if period == last else "draft")
+            lines: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+            for e in events:
+                if (e.tenant_id, e.user_id, e.invoice_period, e.billing_status) == (tenant, user, period, "billed"):
+                    if period == last and e.is_late:
+                        continue
+                    key = (e.extension_id, e.model, e.is_late, None)
+                    lines[key][0] += 1
+                    lines[key][1] += e.charge_nanos
+            got_lines = {
+                (x["extension_id"], x["model"], x["is_late"], x["correction_of"]): [x["calls"], x["billed_nanos"]]
+                for x in invoice["lines"]
+            }
+            regular = {k: v for k, v in got_lines.items() if k[3] is None}
+            if period == last:
+                # the finalized invoice kept the charges before the re-rate
+                assert set(regular) == set(lines)
+            else:
+                assert regular == dict(lines), (tenant, user, period)
+            assert invoice["total_nanos"] == sum(v[1] for v in got_lines.values())
+            assert invoice["total_nanos"] == charged_in[wallet, period], (tenant, user, period)
+            cents = (Decimal(invoice["total_nanos"]) / 10**7).quantize(Decimal(1), ROUND_HALF_EVEN) * 10**7
+            assert (invoice["rounded_nanos"], invoice["residue_nanos"]) == (
+                int(cents),
+                invoice["total_nanos"] - int(cents),
+            )
+            api_csv = api.get(path + ".csv", headers=reader)
+            assert api_csv.status_code == 200
+            cli = run("billing", "invoices", "export", tenant, user, period)
+            assert cli.exit_code == 0, cli.output
+            assert cli.output.replace("\r\n", "\n") == api_csv.text.replace("\r\n", "\n")
+            rows = nanos_of_csv(api_csv.text)
+            csv_lines = [r for r in rows if r["row"] == "line"] if "row" in rows[0] else None
+            assert csv_lines is None or len(csv_lines) == len(invoice["lines"])
+            amounts = [int(r[list(r)[-1]]) for r in rows]
+            assert amounts[-3:] == [invoice["total_nanos"], invoice["rounded_nanos"], invoice["residue_nanos"]]
+            assert sum(amounts[:-3]) == invoice["total_nanos"]
+            corrections = sum(v[1] for k, v in got_lines.items() if k[3] is not None)
+            if period == this:
+                rerated = sum(
+                    signed(t)[1]
+                    for t in transfers
+                    if t.memo == "rerate:r1"
+                    and signed(t)[0] == "usage_charge"
+                    and wallet in (t.debit_account_id, t.credit_account_id)
+                )
+                assert corrections == rerated
+    listed = api.get("/v1/invoices", headers=reader).json()["invoices"]
+    assert {(i["tenant_id"], i["user_id"], i["period"]): i["total_nanos"] for i in listed} == {
+        (t, u, p): charged_in[wallet_id(t, u), p] for t, u in USERS for p in (last, this)
+    }
+
+    # 4. the ledger CSV of each period = the transfers of the period
+    for period in (last, this):
+        got = api.get(f"/v1/ledger/{period}.csv", headers=reader)
+        assert got.status_code == 200
+        rows = nanos_of_csv(got.text)
+        assert sorted((r["id"], int(r["amount_nanos"])) for r in rows) == sorted(
+            (str(t.id), t.amount_nanos) for t in transfers if period_of(t) == period
+        )
+        cli = run("billing", "ledger-export", period)
+        assert cli.exit_code == 0 and cli.output.replace("\r\n", "\n") == got.text.replace("\r\n", "\n")
+    assert sum(1 for t in transfers if period_of(t) not in (last, this)) == 0
+
+    # 5. /v1/usage under every group_by = the events
+    end = now.replace(minute=0, second=0) + timedelta(hours=1)
+    window_q = {"from": last_start.isoformat(), "to": end.isoformat()}
+    dims = {
+        "tenant": "tenant_id",
+        "user": "user_id",
+        "extension": "extension_id",
+        "function": "function",
+        "purpose": "purpose",
+        "provider": "provider",
+        "model": "model",
+        "byollm": "is_byollm",
+        "status": "status",
+    }
+
+    def group_value(e: UsageEventRow, name: str):
+        if name == "hour":
+            return e.occurred_at.replace(minute=0, second=0, microsecond=0).isoformat()
+        if name == "day":
+            return e.occurred_at.date().isoformat()
+        return getattr(e, dims[name])
+
+    for group in [[name] for name in [*dims, "hour", "day"]] + [["tenant", "user", "model"], ["user", "day"], []]:
+        got = api.get(
+            "/v1/usage", params={**window_q, "group_by": ",".join(group)} if group else window_q, headers=reader
+        )
+        assert got.status_code == 200, got.text
+        want: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        for e in events:
+            sums = want[tuple(group_value(e, g) for g in group)]
+            sums[0] += 1
+            sums[1] += e.charge_nanos
+            sums[2] += e.shadow_nanos
+            sums[3] += e.cost_nanos
+            sums[4] += e.billing_status == "unpriced"
+        have = {}
+        for r in got.json()["rows"]:
+            key = []
+            for g in group:
+                value = r[g if g in ("hour", "day") else dims[g] if dims[g] != "is_byollm" else "byollm"]
+                if g == "hour":
+                    value = datetime.fromisoformat(value.replace("Z", "+00:00")).isoformat()
+                key.append(value)
+            have[tuple(key)] = [r["calls"], r["billed_nanos"], r["shadow_nanos"], r["cost_nanos"], r["unpriced"]]
+        assert have == dict(want), group
+
+    # 6. /metrics = the events
+    text = api.get("/metrics").text
+    for metric, field in (("metering_billed_usd_total", "charge_nanos"), ("metering_shadow_usd_total", "shadow_nanos")):
+        total = sum(Decimal(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric + "{"))
+        assert abs(total - Decimal(sum(getattr(e, field) for e in events)) / 10**9) < Decimal("1e-6"), metric
+
+    # 7. the checks pass
+    check = run("billing", "check")
+    assert check.exit_code == 0, check.output
