@@ -334,7 +334,6 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
 
     # 5. /v1/usage under every group_by = the events
     end = now.replace(minute=0, second=0) + timedelta(hours=1)
-    window_q = {"from": last_start.isoformat(), "to": end.isoformat()}
     dims = {
         "tenant": "tenant_id",
         "user": "user_id",
@@ -354,19 +353,9 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
             return e.occurred_at.date().isoformat()
         return getattr(e, dims[name])
 
-    for group in [[name] for name in [*dims, "hour", "day"]] + [["tenant", "user", "model"], ["user", "day"], []]:
-        got = api.get(
-            "/v1/usage", params={**window_q, "group_by": ",".join(group)} if group else window_q, headers=reader
-        )
+    def usage_rows(params: dict, group: list[str], headers: dict) -> dict[tuple, list[int]]:
+        got = api.get("/v1/usage", params={**params, "group_by": ",".join(group)} if group else params, headers=headers)
         assert got.status_code == 200, got.text
-        want: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-        for e in events:
-            sums = want[tuple(group_value(e, g) for g in group)]
-            sums[0] += 1
-            sums[1] += e.charge_nanos
-            sums[2] += e.shadow_nanos
-            sums[3] += e.cost_nanos
-            sums[4] += e.billing_status == "unpriced"
         have = {}
         for r in got.json()["rows"]:
             key = []
@@ -376,13 +365,67 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
                     value = datetime.fromisoformat(value.replace("Z", "+00:00")).isoformat()
                 key.append(value)
             have[tuple(key)] = [r["calls"], r["billed_nanos"], r["shadow_nanos"], r["cost_nanos"], r["unpriced"]]
-        assert have == dict(want), group
+        return have
 
-    # 6. /metrics = the events
+    def usage_of(chosen: list[UsageEventRow], group: list[str]) -> dict[tuple, list[int]]:
+        want: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        for e in chosen:
+            sums = want[tuple(group_value(e, g) for g in group)]
+            sums[0] += 1
+            sums[1] += e.charge_nanos
+            sums[2] += e.shadow_nanos
+            sums[3] += e.cost_nanos
+            sums[4] += e.billing_status == "unpriced"
+        return dict(want)
+
+    groups = [[name] for name in [*dims, "hour", "day"]] + [["tenant", "user", "model"], ["user", "day"], []]
+    windows = [(last_start, end), (last_start + timedelta(days=3, hours=5), this_start + timedelta(hours=7))]
+    tenant_readers = {tenant: bearer(make_token(Scope.READ, tenant=tenant)) for tenant in ("t1", "t:2")}
+    for start, stop in windows:
+        inside = [e for e in events if start <= e.occurred_at < stop]
+        params = {"from": start.isoformat(), "to": stop.isoformat()}
+        for group in groups:
+            assert usage_rows(params, group, reader) == usage_of(inside, group), (start, stop, group)
+        for tenant, headers in tenant_readers.items():
+            mine = [e for e in inside if e.tenant_id == tenant]
+            for group in (["user"], ["user", "day"], ["model"], []):
+                assert usage_rows(params, group, headers) == usage_of(mine, group), (tenant, group)
+            filtered = {**params, "tenant_id": tenant, "user_id": "u1"}
+            assert usage_rows(filtered, [], reader) == usage_of([e for e in mine if e.user_id == "u1"], [])
+
+    # tenant-bound ledger CSVs and invoice lists = that tenant's wallets' transfers and invoices
+    for tenant, headers in tenant_readers.items():
+        wallets = {wallet_id(t, u) for t, u in USERS if t == tenant}
+        for period in (last, this):
+            rows = nanos_of_csv(api.get(f"/v1/ledger/{period}.csv", headers=headers).text)
+            assert sorted((r["id"], int(r["amount_nanos"])) for r in rows) == sorted(
+                (str(t.id), t.amount_nanos)
+                for t in transfers
+                if period_of(t) == period and {t.debit_account_id, t.credit_account_id} & wallets
+            )
+        mine = api.get("/v1/invoices", headers=headers).json()["invoices"]
+        assert {(i["user_id"], i["period"]): i["total_nanos"] for i in mine} == {
+            (u, p): charged_in[wallet_id(t, u), p] for t, u in USERS if t == tenant for p in (last, this)
+        }
+
+    # 6. /metrics = the events, per label set
     text = api.get("/metrics").text
     for metric, field in (("metering_billed_usd_total", "charge_nanos"), ("metering_shadow_usd_total", "shadow_nanos")):
-        total = sum(Decimal(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric + "{"))
-        assert abs(total - Decimal(sum(getattr(e, field) for e in events)) / 10**9) < Decimal("1e-6"), metric
+        series: dict[tuple, Decimal] = {}
+        for line in text.splitlines():
+            if line.startswith(metric + "{"):
+                labels, value = line[len(metric) + 1 :].rsplit("} ", 1)
+                parsed = dict(part.split("=", 1) for part in labels.split(","))
+                key = tuple(
+                    parsed[k].strip('"') for k in ("provider", "model", "purpose", "extension", "byollm", "status")
+                )
+                series[key] = Decimal(value)
+        want_series: dict[tuple, int] = defaultdict(int)
+        for e in events:
+            key = (e.provider, e.model, e.purpose, e.extension_id, str(e.is_byollm).lower(), e.status)
+            want_series[key] += getattr(e, field)
+        got_nanos = {k: int((v * 10**9).quantize(Decimal(1))) for k, v in series.items() if v}
+        assert got_nanos == {k: v for k, v in want_series.items() if v}, metric
 
     # 7. the checks pass
     check = run("billing", "check")
