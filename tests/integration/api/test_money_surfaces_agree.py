@@ -41,6 +41,8 @@ MODELS = (
     ("anthropic", "claude-haiku-4-5", "rewrite", "extract_action_items"),
     ("openai", "gpt-4o-mini", "chatty", "summarize_thread"),
     ("openai_compatible", "local-llama", "chatty", "local"),
+    ("Simulated", "claude-haiku-4-5", "sim", "sim"),
+    ("OpenAI", "gpt-4o", "chatty", "summarize_thread"),
 )
 
 
@@ -147,7 +149,6 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
             session,
             start=window[0],
             end=window[1],
-            provider="anthropic",
             model_pattern="claude-haiku-4-5",
             markup_pct=MARKUP,
             run_id="r1",
@@ -226,7 +227,20 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
         assert quote.status_code == 200, quote.text
         body = quote.json()
         if e.billing_status == "billed":
-            assert (body["price_nanos"], body["cost_nanos"]) == (e.charge_nanos, e.cost_nanos), e.event_id
+            assert (body["price_nanos"], body["cost_nanos"]) == (e.charge_nanos, e.cost_nanos), (
+                e.provider,
+                e.model,
+                e.occurred_at,
+                e.price_source,
+                e.price_version,
+                e.markup_pct,
+                body["source"],
+                body["source_version"],
+                body["markup_pct"],
+                e.is_late,
+                e.status,
+                e.web_searches,
+            )
         elif e.billing_status == "excluded_byollm":
             assert body["price_nanos"] == e.shadow_nanos, e.event_id
 
