@@ -334,7 +334,25 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
         (t, u, p): charged_in[wallet_id(t, u), p] for t, u in USERS for p in (last, this)
     }
 
-    # 4. the ledger CSV of each period = the transfers of the period
+    # 4. the ledger CSV of each period = the transfers of the period = GET /v1/transfers?period=
+    def walk(params: dict) -> list[tuple[str, int]]:
+        found, cursor = [], None
+        while True:
+            page = api.get(
+                "/v1/transfers", params={**params, "limit": 7, **({"cursor": cursor} if cursor else {})}, headers=reader
+            ).json()
+            found += [(item["id"], item["amount_nanos"]) for item in page["items"]]
+            if not (cursor := page["next_cursor"]):
+                return sorted(found)
+
+    for period in (last, this):
+        assert walk({"period": period}) == sorted(
+            (str(t.id), t.amount_nanos) for t in transfers if period_of(t) == period
+        )
+    for e in events[::9]:
+        assert walk({"event_id": str(e.event_id)}) == sorted(
+            (str(t.id), t.amount_nanos) for t in transfers if t.event_id == e.event_id
+        )
     for period in (last, this):
         got = api.get(f"/v1/ledger/{period}.csv", headers=reader)
         assert got.status_code == 200
