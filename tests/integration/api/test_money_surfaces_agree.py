@@ -418,6 +418,15 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
         params = {"from": start.isoformat(), "to": stop.isoformat()}
         for group in groups:
             assert usage_rows(params, group, reader) == usage_of(inside, group), (start, stop, group)
+        filters = [("byollm", "true", "is_byollm", True), ("byollm", "false", "is_byollm", False),
+                   ("status", "error", "status", "error"), ("provider", "OpenAI", "provider", "openai"),
+                   ("model", "claude-haiku-4-5", "model", "claude-haiku-4-5"),
+                   ("extension_id", "chatty", "extension_id", "chatty"), ("function", "local", "function", "local"),
+                   ("purpose", "content_rewrite", "purpose", "content_rewrite")]  # fmt: skip
+        for name, value, field, stored in filters:
+            chosen = [e for e in inside if getattr(e, field) == stored]
+            for group in (["day"], ["hour"], ["user"], []):
+                assert usage_rows({**params, name: value}, group, reader) == usage_of(chosen, group), (name, group)
         for tenant, headers in tenant_readers.items():
             mine = [e for e in inside if e.tenant_id == tenant]
             for group in (["user"], ["user", "day"], ["model"], []):
