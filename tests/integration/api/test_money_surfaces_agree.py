@@ -27,7 +27,7 @@ from metering.billing.ledger import wallet_id
 from metering.billing.overrides import add_override
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import apply_rerate
-from metering.config import BillingSettings, Settings
+from metering.config import ApiSettings, BillingSettings, Settings
 from metering.db.models import TransferRow, UsageEventRow
 from metering.events import event_from_record
 from tests.fakes.events import record
@@ -116,7 +116,7 @@ def nanos_of_csv(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def test_every_money_surface_agrees(api, make_token, session_factory, run) -> None:
+def test_every_money_surface_agrees(api, make_token, session_factory, run, db_url, tmp_path) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     this_start = month_start(now)
     last_start = month_start(this_start - timedelta(days=1))
@@ -467,6 +467,25 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run) -> No
             want_series[key] += getattr(e, field)
         got_nanos = {k: int((v * 10**9).quantize(Decimal(1))) for k, v in series.items() if v}
         assert got_nanos == {k: v for k, v in want_series.items() if v}, metric
+
+    # ... and with most labels folded into "other", the sums per byollm and status are still exact
+    folded = ApiSettings(metrics_top_models=1, metrics_top_labels=1, metrics_max_label_sets=2)
+    with TestClient(create_app(Settings(env="test", database_url=db_url, data_dir=tmp_path, api=folded))) as small:
+        small_text = small.get("/metrics").text
+    assert 'model="other"' in small_text
+    for metric, field in (("metering_billed_usd_total", "charge_nanos"), ("metering_shadow_usd_total", "shadow_nanos")):
+        sums: dict[tuple, Decimal] = defaultdict(Decimal)
+        for line in small_text.splitlines():
+            if line.startswith(metric + "{"):
+                labels, value = line[len(metric) + 1 :].rsplit("} ", 1)
+                parsed = dict(part.split("=", 1) for part in labels.split(","))
+                sums[parsed["byollm"].strip('"'), parsed["status"].strip('"')] += Decimal(value)
+        want_sums: dict[tuple, int] = defaultdict(int)
+        for e in events:
+            want_sums[str(e.is_byollm).lower(), e.status] += getattr(e, field)
+        assert {k: int((v * 10**9).quantize(Decimal(1))) for k, v in sums.items() if v} == {
+            k: v for k, v in want_sums.items() if v
+        }, metric
 
     # 7. the checks pass
     check = run("billing", "check")
