@@ -429,7 +429,7 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
                 assert usage_rows({**params, name: value}, group, reader) == usage_of(chosen, group), (name, group)
         for tenant, headers in tenant_readers.items():
             mine = [e for e in inside if e.tenant_id == tenant]
-            for group in (["user"], ["user", "day"], ["model"], []):
+            for group in (["user"], ["user", "day"], ["model"], ["hour"], ["day", "byollm"], []):
                 assert usage_rows(params, group, headers) == usage_of(mine, group), (tenant, group)
             filtered = {**params, "tenant_id": tenant, "user_id": "u1"}
             assert usage_rows(filtered, [], reader) == usage_of([e for e in mine if e.user_id == "u1"], [])
@@ -444,6 +444,13 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
                 for t in transfers
                 if period_of(t) == period and {t.debit_account_id, t.credit_account_id} & wallets
             )
+        for period in (last, this):
+            listed_p = api.get("/v1/invoices", params={"period": period, "tenant_id": tenant}, headers=reader).json()
+            assert {i["user_id"]: i["total_nanos"] for i in listed_p["invoices"]} == {
+                u: charged_in[wallet_id(t, u), period] for t, u in USERS if t == tenant
+            }
+        accounts = api.get("/v1/balances", params={"tenant_id": tenant}, headers=reader).json()["accounts"]
+        assert {a["account_id"]: a["balance_nanos"] for a in accounts} == {w: balances[w] for w in wallets}
         mine = api.get("/v1/invoices", headers=headers).json()["invoices"]
         assert {(i["user_id"], i["period"]): i["total_nanos"] for i in mine} == {
             (u, p): charged_in[wallet_id(t, u), p] for t, u in USERS if t == tenant for p in (last, this)
