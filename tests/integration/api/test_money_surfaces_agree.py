@@ -246,6 +246,7 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
 
     # 2. events' charges = net ledger usage charges = balances (with the credits)
     by_id = {t.id: t for t in transfers}
+    event_of = {e.event_id: e for e in events}
 
     def period_of(t: TransferRow) -> str:
         return t.period or t.created_at.strftime("%Y-%m")
@@ -326,6 +327,7 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
                     for t in transfers
                     if t.memo == "rerate:r1"
                     and signed(t)[0] == "usage_charge"
+                    and event_of[t.event_id].invoice_period != period_of(t)
                     and wallet in (t.debit_account_id, t.credit_account_id)
                 )
                 assert corrections == rerated
