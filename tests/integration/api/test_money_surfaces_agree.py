@@ -302,6 +302,10 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
                 assert set(regular) == set(lines)
             else:
                 assert regular == dict(lines), (tenant, user, period)
+            for item in (invoice, *invoice["lines"]):  # every *_usd is its *_nanos, exactly
+                for name in [k for k in item if k.endswith("_usd")]:
+                    stem = name.removesuffix("_usd")
+                    assert Decimal(item[name]) * 10**9 == item[stem + "_nanos"], name
             assert invoice["total_nanos"] == sum(v[1] for v in got_lines.values())
             assert invoice["total_nanos"] == charged_in[wallet, period], (tenant, user, period)
             cents = (Decimal(invoice["total_nanos"]) / 10**7).quantize(Decimal(1), ROUND_HALF_EVEN) * 10**7
@@ -362,6 +366,7 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
         assert sorted((r["id"], int(r["amount_nanos"])) for r in rows) == sorted(
             (str(t.id), t.amount_nanos) for t in transfers if period_of(t) == period
         )
+        assert all(Decimal(r["amount_usd"]) * 10**9 == int(r["amount_nanos"]) for r in rows)
         cli = run("billing", "ledger-export", period)
         assert cli.exit_code == 0 and cli.output.replace("\r\n", "\n") == got.text.replace("\r\n", "\n")
     assert sum(1 for t in transfers if period_of(t) not in (last, this)) == 0
@@ -398,6 +403,8 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
                 if g == "hour":
                     value = datetime.fromisoformat(value.replace("Z", "+00:00")).isoformat()
                 key.append(value)
+            for name in ("billed", "shadow", "cost"):
+                assert Decimal(r[name + "_usd"]) * 10**9 == r[name + "_nanos"], name
             have[tuple(key)] = [r["calls"], r["billed_nanos"], r["shadow_nanos"], r["cost_nanos"], r["unpriced"]]
         return have
 
