@@ -143,6 +143,7 @@ class MeteredLLM:
         self._streams: set[MessageStream] = set()  # streams started and not ended yet
         # create_message calls in flight, by the task awaiting each; `end_calls` waits on the event (made only then)
         self._calls_in_flight: dict[asyncio.Task[Any], asyncio.Event | None] = {}
+        self._ended = False  # set by `end_calls`: the invocation is over, no call is made for it any more
         # Events of calls that used the provider: answered, or failed with tokens or web searches in their usage
         # (billed, or paid on the user's own key; Policy A rule 2, ``used_nothing``). A failure with no usage costs
         # nothing: running it again costs nothing twice.
@@ -164,6 +165,9 @@ class MeteredLLM:
         The runtime calls it before an invocation returns or raises, so that the invocation's event ids hold every
         call it made: a call recorded after them is one an Idempotency-Key's retry would pay for again.
         """
+        # From now on a call is refused (never made): a task the handler started that had not reached its call yet (not
+        # run yet, or between two calls) would make it after the invocation returned, billed and not in its event ids.
+        self._ended = True
         current = asyncio.current_task()
         pending: list[asyncio.Event] = []
         for task in [task for task in self._calls_in_flight if task is not current]:
@@ -189,6 +193,13 @@ class MeteredLLM:
             raise errors[0]
 
     # -- shared steps -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._ended:
+            raise RuntimeError(
+                "this invocation has ended: its ctx.llm makes no more calls (a task the handler started made a call "
+                "after the handler returned or raised; await it in the handler)"
+            )
 
     def _plan(self, purpose: str) -> Plan:
         # User ids are global, but a user's own LLM (and key) serves only their tenant's calls.
@@ -285,6 +296,7 @@ class MeteredLLM:
         **params: Any,
     ) -> LLMResponse:
         _check_args(messages, max_tokens, purpose, response_format)
+        self._check_open()
         fingerprint = prompt_fingerprint(system, messages)
         plan = self._plan(purpose)
         targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)

@@ -147,6 +147,7 @@ class MessageStream:
 
     async def _run(self) -> AsyncIterator[str]:
         llm = self._llm
+        llm._check_open()  # an invocation that has ended makes no more calls (see MeteredLLM.end_calls)
         system, messages, purpose = self._system, self._messages, self._purpose
         ended = self._ended = asyncio.Event()
         self._reader = asyncio.current_task()

@@ -7,6 +7,7 @@ retry would pay for twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -217,3 +218,49 @@ async def test_a_stream_another_task_is_reading_is_in_the_calls_of_a_failed_invo
     assert sorted(calls.event_ids) == sorted(str(e.event_id) for e in recorder.events)
     [stream_event] = [e for e in recorder.events if e.is_stream]
     assert (stream_event.status, stream_event.output_tokens) == ("cancelled", 1)  # "one ", received before
+
+
+FAST = InMemorySettings(purpose_by_name={"fast": PurposeSettings("fast", "openai", "pause-model")})
+after_first = asyncio.Event()
+
+
+@fan_out.function(description="starts a call in a task and returns before the task ran")
+async def call_started_late(ctx: Context, params: NoParams) -> str:
+    background.append(asyncio.create_task(ctx.llm.create_message(messages=MESSAGES, purpose="fast")))
+    return "done"
+
+
+@fan_out.function(description="starts reading a stream in a task and returns before the task ran")
+async def stream_started_late(ctx: Context, params: NoParams) -> str:
+    background.append(asyncio.create_task(read_stream(ctx, "fast")))
+    return "done"
+
+
+@fan_out.function(description="a task making two calls in sequence, with other work between them")
+async def two_calls_in_a_task(ctx: Context, params: NoParams) -> str:
+    async def two() -> None:
+        await ctx.llm.create_message(messages=MESSAGES, purpose="fast")
+        after_first.set()
+        await asyncio.sleep(0.05)  # a tool, a fetch: no call in flight
+        await ctx.llm.create_message(messages=MESSAGES, purpose="fast")
+
+    background.append(asyncio.create_task(two()))
+    await after_first.wait()
+    return "done"
+
+
+@pytest.mark.parametrize("function", ["call_started_late", "stream_started_late", "two_calls_in_a_task"])
+async def test_no_call_is_made_for_an_invocation_after_it_ended(function: str) -> None:
+    """end_calls ends only the calls in flight at that moment: a task the handler started that had not reached its
+    call yet (never run, or between two calls) made it after invoke returned, billed and missing from its event_ids
+    (an Idempotency-Key's retry paid for it again). A call of an invocation that has ended is refused, never made."""
+    recorder = Recorder()
+    after_first.clear()
+    rt = Runtime(settings=FAST, platform=PLATFORM, providers=ProviderPool(FakeProvider), recorder=recorder)
+    result = await asyncio.wait_for(rt.invoke(fan_out, function, {}, User("user-1", "tenant-1")), 5)
+    [task] = background
+    background.clear()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, 5)
+    assert sorted(result.event_ids) == sorted(str(e.event_id) for e in recorder.events)
+    assert all(e.status == "ok" for e in recorder.events)
