@@ -72,6 +72,16 @@ def _event_id_of(line: bytes) -> str | None:
 # the spool stayed full for good. The flusher then deletes the reserve and writes the dead letters in its place.
 RESERVE_BYTES = 1 << 20
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_RESERVE_HEADROOM = 64 * 1024  # free bytes left to the appends once the reserve is written
+
+
+def _room_for_reserve(directory: Path) -> bool:
+    """Whether the filesystem has room for the reserve (and some left over); True when it cannot tell."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return True
+    return stats.f_bavail * stats.f_frsize >= RESERVE_BYTES + _RESERVE_HEADROOM
 
 
 class DeadLetters:
@@ -91,6 +101,8 @@ class DeadLetters:
                 return
         except FileNotFoundError:
             pass
+        if not _room_for_reserve(self.reserve.parent):  # writing it would take the last free bytes until it failed:
+            return  # an append landing meanwhile failed (ENOSPC) on a disk with room for it, at every flusher pass
         tmp = self.reserve.with_name(f"{self.reserve.name}.{os.getpid()}.tmp")
         try:
             tmp.write_bytes(os.urandom(RESERVE_BYTES))  # incompressible: a compressing filesystem keeps it whole

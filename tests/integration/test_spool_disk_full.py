@@ -3,7 +3,9 @@ events: nothing lost, nothing doubled, and the calls can append again. Needs the
 
 from __future__ import annotations
 
+import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,3 +121,37 @@ def test_the_writer_keeps_room_for_dead_letters_though_no_flusher_ran_before_the
         assert (flusher.stats.delivered, flusher.stats.rejected, flusher.stats.pending) == (len(appended), 1, 0)
         flusher.stop()
     assert _stored(session_factory) == {str(r["event_id"]) for r in appended}
+
+
+def test_putting_the_reserve_aside_never_fails_appends_on_a_disk_with_less_than_it_free(tmp_path: Path) -> None:
+    """With less than 1 MiB free (a disk nearly full, not full), each flusher pass (every 0.5 s) tried to write the
+    reserve anyway: the write took every free byte before it failed and was deleted, and an append landing meanwhile
+    failed with ENOSPC (the metered call with spool_error) though the disk had room for it. The reserve is put aside
+    only when the disk has room for it."""
+    with _tmpfs(tmp_path / "disk", "2m") as disk, Spool(disk / "spool", segment_bytes=4 << 20) as spool:
+        dead_letters = DeadLetters(disk / "spool" / "rejected.jsonl")
+        dead_letters.reserve.unlink()  # used up by dead letters on a full disk earlier
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "other").write_bytes(b"x" * (free - 1000 * 1024))  # what else fills the disk: 1,000 KB left
+        failures: list[SpoolError] = []
+        started, passes_done = threading.Event(), threading.Event()
+
+        def append() -> None:
+            started.set()
+            for _ in range(450_000):  # at most 900 KB: the disk has room for every one
+                if passes_done.is_set():
+                    break
+                try:
+                    spool.append(b"1")  # the smallest line: the most appends the room left allows
+                except SpoolError as exc:
+                    failures.append(exc)
+
+        appender = threading.Thread(target=append)
+        appender.start()
+        started.wait()
+        while appender.is_alive() and not failures:  # flusher passes while the calls append
+            dead_letters.keep_reserve()
+        passes_done.set()
+        appender.join()
+        assert failures == []
+        assert not dead_letters.reserve.exists()  # no room for it: not put aside
