@@ -131,23 +131,32 @@ class Spool:
         with self._lock:
             if self._closed:
                 raise SpoolError("the spool is closed")
+            clean = False  # the segment is known to end where it did before this append
             try:
                 if self._fd is None:  # a previous rotation could not open a segment: retry now
                     self._open_segment()
                 assert self._fd is not None
-                written = os.write(self._fd, data)
+                try:
+                    written = os.write(self._fd, data)
+                except OSError:
+                    clean = True  # nothing was written (a write that wrote some bytes returns their count)
+                    raise
                 if written != len(data):  # a short write on a regular file: the disk is full
                     # Cut the partial line off again (this process alone writes to the segment): it would need a
                     # dead letter, which a full disk refuses too, and the flusher could never get past it.
                     with contextlib.suppress(OSError):
                         os.ftruncate(self._fd, self._size)
+                        clean = True
                     raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
                 if self.fsync:
                     os.fdatasync(self._fd)
             except OSError as exc:
                 # Whatever reached the file and could not be cut off is a torn line: leave it in a finished
-                # segment, where the reader dead-letters it, and carry on in a fresh one.
-                self._rotate()
+                # segment, where the reader dead-letters it, and carry on in a fresh one. A segment with events is
+                # finished too (the flusher deletes it once delivered: that frees a full disk), but a fresh one the
+                # refusal left empty is kept: rotating it again at each refused call left an empty file per call.
+                if not clean or self._size > 0:
+                    self._rotate()
                 raise SpoolError(f"could not append the usage event to the spool: {exc}") from exc
             self._size += written
             if self._size >= self.segment_bytes:

@@ -155,3 +155,17 @@ def test_putting_the_reserve_aside_never_fails_appends_on_a_disk_with_less_than_
         appender.join()
         assert failures == []
         assert not dead_letters.reserve.exists()  # no room for it: not put aside
+
+
+def test_appends_refused_by_a_full_disk_leave_no_segment_each(small_disk: Path) -> None:
+    """Every append the full disk refused rotated to a new segment, though the refusal left nothing in the one it
+    was written to (cut off, or never written): a call failing with spool_error left an empty segment file each
+    (on a tmpfs, or any filesystem whose inodes are not counted in blocks: one per refused call for as long as the
+    disk stayed full), each then a batch of its own and a cursor write for the flusher."""
+    with Spool(small_disk / "spool", segment_bytes=1 << 20) as spool:
+        _fill(spool)
+        for i in range(200):
+            with pytest.raises(SpoolError):
+                spool.append(orjson.dumps(record(i)))
+        assert spool.slot_dir is not None
+        assert len(list(spool.slot_dir.glob("*.jsonl"))) <= 2
