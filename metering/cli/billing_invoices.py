@@ -16,7 +16,7 @@ from metering.billing.export import invoice_csv, ledger_csv_chunks
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, err_console, fail
+from metering.cli.common import admin_session, console, err_console, fail, fold
 from metering.config import Settings
 from metering.db.snapshot import read_snapshot
 
@@ -47,7 +47,7 @@ def _summary_table(invoices: list[Invoice]) -> Table:
             format_usd(inv.rounded_nanos),
             format_usd(inv.residue_nanos),
         )
-    return table
+    return fold(table, whole=("total", "rounded", "residue"))
 
 
 def _invoice_table(inv: Invoice) -> Table:
@@ -64,7 +64,7 @@ def _invoice_table(inv: Invoice) -> Table:
     table.add_row("total", "", "", str(inv.calls), format_usd(inv.total_nanos))
     table.add_row("total (rounded to cents, half-even)", "", "", "", format_usd(inv.rounded_nanos))
     table.add_row("rounding residue", "", "", "", format_usd(inv.residue_nanos))
-    return table
+    return fold(table, whole=("amount",))
 
 
 def _write(chunks: Iterable[str], out: Path | None) -> None:

@@ -20,7 +20,7 @@ from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, fail, print_json
+from metering.cli.common import admin_session, console, fail, fold, print_json
 from metering.config import Settings
 from metering.db.models import PriceOverrideRow
 from metering.events import to_utc
@@ -198,7 +198,7 @@ def balances_cmd(tenant: Annotated[str | None, typer.Option("--tenant", "-t")] =
     table.add_section()
     total = sum(nanos for _, _, nanos in rows)
     table.add_row("total", "", format_usd(total), str(total))
-    console.print(table)
+    console.print(fold(table, whole=("balance", "nanos")))
 
 
 def reprice_cmd() -> None:
@@ -251,7 +251,7 @@ def _diff_table(title: str, lines: dict[Any, DiffLine], key_name: str) -> Table:
             format_usd(line.charge_delta),
             format_usd(line.cost_delta),
         )
-    return table
+    return fold(table, whole=("old charge", "new charge", "delta", "cost delta"))
 
 
 def _print_rerate(result: RerateResult) -> None:

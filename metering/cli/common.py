@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -90,6 +90,19 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *,
         if searched:
             cells.append(str(row.web_searches or ""))
         table.add_row(*cells, f"{row.latency_ms:.1f}", amount)
+    return table
+
+
+def fold(table: Table, whole: Collection[str] = ()) -> Table:
+    """``table`` with cells that wrap rather than cut (``overflow="fold"``): in a narrow terminal rich cut every
+    cell to ``…``, an id (``tenant-ab…``) or an amount (``$0.00…``, a residue that is not zero) with it. The columns
+    named in ``whole`` (amounts) stay on one line at their full width: the others are narrowed first.
+    Call it once every row is added."""
+    for column in table.columns:
+        column.overflow = "fold"
+        if column.header in whole:
+            column.no_wrap = True
+            column.min_width = max((len(str(cell)) for cell in column.cells), default=0)
     return table
 
 

@@ -210,3 +210,35 @@ def test_reprice_says_why_events_stay_held_when_the_override_starts_after_them(r
         "--from", since)  # fmt: skip
     out = run("reprice")
     assert "priced 1 held event(s)" in out and "effective" not in out
+
+
+def test_billing_tables_in_a_narrow_terminal_wrap_ids_and_never_cut_an_amount(db_url, tmp_path, session_factory):
+    """`invoices list`, `balances` and the re-rate tables cut cells to '…' in an 80-column terminal: a long tenant
+    id ('tenant-xx…'), the total ('$21.6…') and a residue that is not zero ('$0.00…')."""
+    from metering.billing.money import format_usd
+    from metering.cli import app as cli
+
+    now = datetime.now(UTC)
+    tenant, user = "tenant-" + "x" * 60 + "-end", "user-" + "y" * 60 + "-end"
+    events = [
+        event_from_record(record(i, tenant_id=tenant, user_id=user, input_tokens=10**6 * (i + 1),
+                                 occurred_at=now - timedelta(minutes=5)))
+        for i in range(3)
+    ]  # fmt: skip
+    with session_factory() as session:
+        ingest(session, events, markup_pct=Decimal(20), now=now)
+        session.commit()
+        total = sum(session.get(UsageEventRow, e.event_id).charge_nanos for e in events)
+    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "80"}
+    window = ("--from", (now - timedelta(days=1)).isoformat(), "--to", (now + timedelta(days=1)).isoformat())
+    for args in (["invoices", "list"], ["balances"], ["rerate", *window]):
+        done = CliRunner().invoke(cli, ["billing", *args], env=env)
+        assert done.exit_code == 0, done.output
+        assert "…" not in done.output, done.output
+        assert max(len(line) for line in done.output.splitlines()) <= 80
+        assert format_usd(total) in done.output, done.output  # an amount on one line, whole
+        body = [line.split("│")[1:-1] for line in done.output.splitlines() if line.startswith("│")]
+        columns = ["".join(cells[i].strip() for cells in body) for i in range(len(body[0]))]
+        assert any(tenant in column and user in column for column in columns) or (
+            any(tenant in column for column in columns) and any(user in column for column in columns)
+        ), done.output
