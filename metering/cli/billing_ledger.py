@@ -235,16 +235,18 @@ def reprice_cmd() -> None:
         )
 
 
-def _diff_table(title: str, lines: dict[Any, DiffLine], key_name: str) -> Table:
+def _diff_table(title: str, lines: dict[Any, DiffLine], *key_names: str) -> Table:
+    """One row per key; a (tenant, user) key in a column each: joined as ``tenant/user``, tenant ``a/b`` with user
+    ``c`` and tenant ``a`` with user ``b/c`` were two rows both named ``a/b/c``."""
     table = Table(title=title, title_justify="left")
-    table.add_column(key_name)
+    for key_name in key_names:
+        table.add_column(key_name)
     for column in ("events", "old charge", "new charge", "delta", "cost delta"):
         table.add_column(column, justify="right")
-    for key in sorted(lines, key=str):
+    for key in sorted(lines, key=lambda k: k if isinstance(k, tuple) else (k,)):
         line = lines[key]
-        name = "/".join(key) if isinstance(key, tuple) else str(key)
         table.add_row(
-            name,
+            *(key if isinstance(key, tuple) else (str(key),)),
             str(line.events),
             format_usd(line.old_charge_nanos),
             format_usd(line.new_charge_nanos),
@@ -256,7 +258,7 @@ def _diff_table(title: str, lines: dict[Any, DiffLine], key_name: str) -> Table:
 
 def _print_rerate(result: RerateResult) -> None:
     diff = result.diff
-    console.print(_diff_table("Per user", diff.by_user, "tenant/user"))
+    console.print(_diff_table("Per user", diff.by_user, "tenant", "user"))
     console.print(_diff_table("Per extension", diff.by_extension, "extension"))
     total = diff.total
     console.print(

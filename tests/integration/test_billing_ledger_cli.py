@@ -65,7 +65,7 @@ def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> No
     assert "llama-new" in run("overrides", "list", "--provider", "ollama", "--active")
     window = ("--from", since, "--to", (now + timedelta(days=1)).isoformat())
     dry = run("rerate", *window)
-    assert "tenant-1/user-1" in dry and "rewrite" in dry and "$0.36" in dry and "dry run: nothing changed" in dry
+    assert "│ tenant-1 │ user-1 │" in dry and "rewrite" in dry and "$0.36" in dry and "dry run: nothing changed" in dry
     run("rerate", *window, "--apply", code=1)  # --apply needs --run-id
     applied = run("rerate", *window, "--apply", "--run-id", "fix-1")
     assert "run fix-1: 4 transfer(s) posted" in applied
@@ -237,8 +237,27 @@ def test_billing_tables_in_a_narrow_terminal_wrap_ids_and_never_cut_an_amount(db
         assert "…" not in done.output, done.output
         assert max(len(line) for line in done.output.splitlines()) <= 80
         assert format_usd(total) in done.output, done.output  # an amount on one line, whole
-        body = [line.split("│")[1:-1] for line in done.output.splitlines() if line.startswith("│")]
+        first = done.output.split("Per extension")[0]  # of rerate's two tables, the per-user one
+        body = [line.split("│")[1:-1] for line in first.splitlines() if line.startswith("│")]
         columns = ["".join(cells[i].strip() for cells in body) for i in range(len(body[0]))]
         assert any(tenant in column and user in column for column in columns) or (
             any(tenant in column for column in columns) and any(user in column for column in columns)
         ), done.output
+
+
+def test_a_rerate_dry_run_tells_apart_users_whose_ids_joined_by_a_slash_read_the_same(run, session_factory) -> None:
+    """The per-user table named each row 'tenant/user': tenant 'a/b' with user 'c' and tenant 'a' with user 'b/c'
+    were two rows both named 'a/b/c'."""
+    now = datetime.now(UTC)
+    owners = [("a/b", "c"), ("a", "b/c")]
+    events = [
+        event_from_record(record(i, tenant_id=t, user_id=u, input_tokens=1_000_000 * (i + 1),
+                                 occurred_at=now - timedelta(minutes=5)))
+        for i, (t, u) in enumerate(owners)
+    ]  # fmt: skip
+    with session_factory() as session:
+        ingest(session, events, markup_pct=Decimal(0), now=now)  # the run's markup is 20: every charge changes
+        session.commit()
+    dry = run("rerate", "--from", (now - timedelta(days=1)).isoformat(), "--to", (now + timedelta(days=1)).isoformat())
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in dry.split("Per extension")[0].splitlines()]
+    assert sorted(row[:2] for row in rows if row) == [["a", "b/c"], ["a/b", "c"]], dry
