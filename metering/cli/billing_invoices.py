@@ -16,7 +16,7 @@ from metering.billing.export import invoice_csv, ledger_csv_chunks
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, err_console, fail, fold
+from metering.cli.common import admin_session, console, err_console, fail, fold, printable
 from metering.config import Settings
 from metering.db.snapshot import read_snapshot
 
@@ -38,8 +38,8 @@ def _summary_table(invoices: list[Invoice]) -> Table:
     for inv in invoices:
         table.add_row(
             inv.period,
-            inv.tenant_id,
-            inv.user_id,
+            printable(inv.tenant_id),
+            printable(inv.user_id),
             inv.status,
             str(len(inv.lines)),
             str(inv.calls),
@@ -53,13 +53,15 @@ def _summary_table(invoices: list[Invoice]) -> Table:
 def _invoice_table(inv: Invoice) -> Table:
     when = f", finalized {inv.finalized_at.isoformat()}" if inv.finalized_at else ""
     table = Table(
-        title=f"Invoice {inv.period} · {inv.tenant_id} / {inv.user_id} · {inv.status}{when}", title_justify="left"
+        title=f"Invoice {inv.period} · {printable(inv.tenant_id)} / {printable(inv.user_id)} · {inv.status}{when}",
+        title_justify="left",
     )
     for column in ("extension", "model", "late", "calls", "amount"):
         table.add_column(column, justify="right" if column in ("calls", "amount") else "left")
     for line in inv.lines:
         late = f"re-rate of {line.correction_of}" if line.correction_of else "late" if line.is_late else ""
-        table.add_row(line.extension_id, line.model, late, str(line.calls), format_usd(line.billed_nanos))
+        cells = (printable(line.extension_id), printable(line.model), late, str(line.calls))
+        table.add_row(*cells, format_usd(line.billed_nanos))
     table.add_section()
     table.add_row("total", "", "", str(inv.calls), format_usd(inv.total_nanos))
     table.add_row("total (rounded to cents, half-even)", "", "", "", format_usd(inv.rounded_nanos))

@@ -20,7 +20,7 @@ from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, fail, fold, print_json
+from metering.cli.common import admin_session, console, fail, fold, print_json, printable
 from metering.config import Settings
 from metering.db.models import PriceOverrideRow
 from metering.events import to_utc
@@ -190,11 +190,11 @@ def balances_cmd(tenant: Annotated[str | None, typer.Option("--tenant", "-t")] =
     """Cached account balances (credits minus debits), optionally of one tenant's users."""
     with admin_session() as (session, _box):
         rows = credits.balances(session, tenant)
-    table = Table(title="Balances" + (f" of tenant {tenant}" if tenant else ""), title_justify="left")
+    table = Table(title="Balances" + (f" of tenant {printable(tenant)}" if tenant else ""), title_justify="left")
     for column, justify in (("account", "left"), ("kind", "left"), ("balance", "right"), ("nanos", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for account, kind, nanos in rows:
-        table.add_row(account, kind, format_usd(nanos), str(nanos))
+        table.add_row(printable(account), kind, format_usd(nanos), str(nanos))
     table.add_section()
     total = sum(nanos for _, _, nanos in rows)
     table.add_row("total", "", format_usd(total), str(total))
@@ -246,7 +246,7 @@ def _diff_table(title: str, lines: dict[Any, DiffLine], *key_names: str) -> Tabl
     for key in sorted(lines, key=lambda k: k if isinstance(k, tuple) else (k,)):
         line = lines[key]
         table.add_row(
-            *(key if isinstance(key, tuple) else (str(key),)),
+            *map(printable, key if isinstance(key, tuple) else (str(key),)),
             str(line.events),
             format_usd(line.old_charge_nanos),
             format_usd(line.new_charge_nanos),

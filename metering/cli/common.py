@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,19 @@ T = TypeVar("T")
 # table). A message with markup of its own says so (``markup=True``) and escapes what it interpolates.
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False, soft_wrap=True)  # an error is one line, however long
+
+
+# C0 and C1 control characters (ESC starts terminal sequences: colours, a cleared screen, OSC 8 links, OSC 52
+# clipboard writes; a newline or a tab breaks a cell) and the bidirectional overrides and isolates (text shown in
+# another order than it is stored).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: each control or bidirectional-override character as its ``\\xNN`` /
+    ``\\uNNNN`` escape (``"a\\x1b[2Jb"``), the rest as it is. Ids, names and models can come from a client (an
+    ingest token) and are printed to an operator's terminal."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -89,7 +103,7 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *,
             )
         if searched:
             cells.append(str(row.web_searches or ""))
-        table.add_row(*cells, f"{row.latency_ms:.1f}", amount)
+        table.add_row(*map(printable, cells), f"{row.latency_ms:.1f}", amount)
     return table
 
 

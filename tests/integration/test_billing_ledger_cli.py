@@ -261,3 +261,39 @@ def test_a_rerate_dry_run_tells_apart_users_whose_ids_joined_by_a_slash_read_the
     dry = run("rerate", "--from", (now - timedelta(days=1)).isoformat(), "--to", (now + timedelta(days=1)).isoformat())
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in dry.split("Per extension")[0].splitlines()]
     assert sorted(row[:2] for row in rows if row) == [["a", "b/c"], ["a/b", "c"]], dry
+
+
+def test_billing_tables_show_control_characters_of_ids_as_escapes_never_send_them_to_the_terminal(
+    db_url, tmp_path, session_factory
+) -> None:
+    """Ids come from clients (an ingest token): an ESC in one went to the operator's terminal as it was (a tenant
+    '\\x1b]8;;http://x\\x1b\\\\' made a link, an extension '\\x1b[2J' cleared the screen), a newline split a
+    user id over two rows."""
+    from metering.cli import app as cli
+
+    now = datetime.now(UTC)
+    tenant, user, extension = "ev\x1b[31mil\x1b]8;;http://x\x1b\\", "u\u202eser\nnl", "e\x1b[2Jx"
+    event = event_from_record(
+        record(0, tenant_id=tenant, user_id=user, extension_id=extension, occurred_at=now - timedelta(minutes=5))
+    )
+    with session_factory() as session:
+        ingest(session, [event], markup_pct=Decimal(0), now=now)  # the run's markup is 20: the re-rate changes it
+        session.commit()
+    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "250",
+           "METERING_BILLING__MARKUP_PCT": "20"}  # fmt: skip
+    window = ("--from", (now - timedelta(days=1)).isoformat(), "--to", (now + timedelta(days=1)).isoformat())
+    commands = (
+        ["billing", "invoices", "list"],
+        ["billing", "invoices", "show", tenant, user, now.strftime("%Y-%m")],
+        ["billing", "balances"],
+        ["billing", "rerate", *window],
+        ["usage"],
+    )
+    for args in commands:
+        done = CliRunner().invoke(cli, args, env=env)
+        assert done.exit_code == 0, done.output
+        assert not {"\x1b", "\u202e"} & set(done.output), repr(done.output)
+        assert "ev\\x1b[31mil\\x1b]8;;http" in done.output, done.output
+        assert "u\\u202eser\\nnl" in done.output, done.output
+        if {"usage", "show", "rerate"} & set(args):
+            assert "e\\x1b[2Jx" in done.output, done.output
