@@ -15,7 +15,7 @@ from rich.table import Table
 
 from metering import audit_snapshots as snap
 from metering.billing import credits, overrides
-from metering.billing.money import format_usd, plain_decimal
+from metering.billing.money import decimal_text, format_usd, plain_decimal
 from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
@@ -176,7 +176,7 @@ def credit_add(
                 "kind": result.kind,
                 "tenant_id": result.tenant_id,
                 "user_id": result.user_id,
-                "amount": format_usd(result.amount_nanos),
+                "amount": decimal_text(result.amount_nanos),  # as the API returns it (a decimal, no "$" or ",")
                 "amount_nanos": result.amount_nanos,
                 "idempotency_key": result.idempotency_key,
                 "memo": result.memo,

@@ -414,6 +414,21 @@ def test_a_credit_key_that_is_not_printable_ascii_is_refused(client, admin, sess
     assert _credit(client, admin, "k 1 ~!").status_code == 201  # spaces and punctuation inside are fine
 
 
+def test_the_cli_prints_a_credit_as_the_api_returns_it(client, admin, run):
+    """`metering billing credit add` printed its JSON's ``amount`` as ``"-$1,234,567,890.000000001"`` where the API
+    returns ``"-1234567890.000000001"``: a script reading it as a decimal failed on the CLI's."""
+    import json
+
+    body = _credit(client, admin, "adj-1", amount="-1234567890.000000001", kind="adjustment").json()
+    args = ["-t", "acme", "-u", "alice", "--amount", "-1234567890.000000001", "--key", "adj-1", "--adjustment"]
+    replay = run("billing", "credit", "add", *args)
+    assert replay.exit_code == 0, replay.output
+    printed = json.loads(replay.output)
+    fields = ("transfer_id", "kind", "tenant_id", "user_id", "amount", "amount_nanos", "idempotency_key", "memo")
+    assert {f: printed[f] for f in fields} == {f: body[f] for f in fields}
+    assert printed["amount"] == "-1234567890.000000001" and printed["replayed"] is True
+
+
 def test_a_credit_key_belongs_to_its_tenant(client, acme_admin, make_token, session_factory):
     """Another tenant's admin can use a key acme used (its own credit): no 409, nothing about acme's credit."""
     globex_admin = bearer(make_token(Scope.ADMIN, tenant="globex", name="globex-admin"))
