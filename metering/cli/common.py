@@ -69,15 +69,16 @@ async def _run(factory: Callable[[], Awaitable[T]]) -> T:
 
 
 def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *, owners: Sequence[str] = ()) -> Table:
-    """One row per event. ``owners`` (``tenant``, ``user``, or both): shown first, as ``tenant/user``, when the
-    events may be of several (a user id is unique only within its tenant). The cache and search columns only when
+    """One row per event. ``owners`` (``tenant``, ``user``, or both): shown first, a column each, when the events
+    may be of several (a user id is unique only within its tenant; joined as ``tenant/user``, tenant ``a/b`` with
+    user ``c`` and tenant ``a`` with user ``b/c`` read the same). The cache and search columns only when
     an event has some. Cells wrap rather than cut (``overflow="fold"``): an id is never shown as ``…``, and an
     amount stays on one line."""
     table = Table(title=title, title_justify="left")
     owner_columns = {"tenant": "tenant_id", "user": "user_id"}
     cached = any(row.cache_read_tokens or row.cache_write_tokens for row in rows)
     searched = any(row.web_searches for row in rows)
-    columns = (["/".join(owners)] if owners else []) + ["call", "purpose", "model", "llm", "status"]
+    columns = [*owners, "call", "purpose", "model", "llm", "status"]
     columns += ["in", "out", *(["cache r/w"] if cached else []), *(["searches"] if searched else []), "ms", "charge"]
     amounts = [_amount(row) for row in rows]
     for column in columns:
@@ -87,7 +88,7 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *,
     table.columns[-1].min_width = max((len(a) for a in amounts), default=0)
     for row, amount in zip(rows, amounts, strict=True):
         cells = [
-            *(["/".join(getattr(row, owner_columns[owner]) for owner in owners)] if owners else []),
+            *(getattr(row, owner_columns[owner]) for owner in owners),
             f"{row.extension_id}.{row.function}#{row.call_index}",
             row.purpose,
             f"{row.provider}/{row.model}",

@@ -171,6 +171,19 @@ def test_usage_in_a_narrow_terminal_wraps_ids_and_never_cuts_an_amount(run, sess
     # each column's cells read top to bottom: a folded id is whole again
     body = [line.split("│")[1:-1] for line in done.output.splitlines() if line.startswith("│")]
     columns = ["".join(cells[i].strip() for cells in body) for i in range(len(body[0]))]
-    assert columns[0] == f"{tenant}/{user}{tenant}/user-b"
+    assert columns[:2] == [tenant * 2, f"{user}user-b"]
     for text in ("123456", "7890", "1000/0", "byollm", "2"):
         assert any(text in column for column in columns), text
+
+
+def test_usage_tells_apart_owners_whose_ids_joined_by_a_slash_read_the_same(run, session_factory) -> None:
+    """The owner column read 'tenant/user': tenant 'a/b' with user 'c' and tenant 'a' with user 'b/c' were both
+    'a/b/c'."""
+    records = [record(0, tenant_id="a/b", user_id="c"), record(1, tenant_id="a", user_id="b/c")]
+    with session_factory() as session:
+        ingest(session, [event_from_record(r) for r in records])
+        session.commit()
+    done = run("usage")
+    assert done.exit_code == 0, done.output
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in done.output.splitlines()]
+    assert sorted(row[:2] for row in rows if row) == [["a", "b/c"], ["a/b", "c"]], done.output
