@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,9 +75,12 @@ def _write(chunks: Iterable[str], out: Path | None) -> None:
     all: it is written beside ``out`` and renamed once complete (a failure midway leaves no short export behind).
     Anything else is written through, as it is: a device or a pipe (``-o /dev/stdout``, ``-o >(gzip > x.gz)``;
     renamed over, ``/dev/stdout`` itself was replaced by a file, as root) or a symlink (its target is written)."""
-    if out is None:
+    if out is None:  # the bytes a file gets: click's echo strips ANSI sequences (cells of clients) when not a tty
+        sys.stdout.flush()
+        stdout = sys.stdout.buffer
         for chunk in chunks:
-            typer.echo(chunk, nl=False)
+            stdout.write(chunk.encode("utf-8"))
+        stdout.flush()
         return
     try:
         if out.is_symlink() or (out.exists() and not out.is_file()):

@@ -297,3 +297,31 @@ def test_billing_tables_show_control_characters_of_ids_as_escapes_never_send_the
         assert "u\\u202eser\\nnl" in done.output, done.output
         if {"usage", "show", "rerate"} & set(args):
             assert "e\\x1b[2Jx" in done.output, done.output
+
+
+def test_an_export_to_stdout_is_the_same_bytes_as_to_a_file(db_url, tmp_path, session_factory) -> None:
+    """Written to stdout through click's echo, an export that was not read by a terminal (a pipe, `> file`) lost every
+    ANSI sequence of its cells (a memo 'a\\x1b[31mb' exported as 'ab', an extension id the same): other bytes
+    than `-o FILE` and the API's CSV, and no longer the ledger's memo or the invoice's line."""
+    from metering.cli import app as cli
+
+    now = datetime.now(UTC)
+    event = event_from_record(
+        record(0, tenant_id="t", user_id="u", extension_id="e\x1b[2Jx", occurred_at=now - timedelta(minutes=5))
+    )
+    with session_factory() as session:
+        ingest(session, [event], markup_pct=Decimal(20), now=now)
+        session.commit()
+    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url}
+    runner = CliRunner()
+    credit = ["billing", "credit", "add", "-t", "t", "-u", "u", "--amount", "1", "--key", "k", "--memo", "a\x1b[31mb"]
+    assert runner.invoke(cli, credit, env=env).exit_code == 0
+    period = now.strftime("%Y-%m")
+    for args in (["billing", "ledger-export", period], ["billing", "invoices", "export", "t", "u", period]):
+        piped = runner.invoke(cli, args, env=env)
+        assert piped.exit_code == 0, piped.output
+        path = tmp_path / "export.csv"
+        written = runner.invoke(cli, [*args, "-o", str(path)], env=env)
+        assert written.exit_code == 0, written.output
+        assert piped.stdout_bytes == path.read_bytes()
+        assert ("a\x1b[31mb" if "ledger-export" in args else "e\x1b[2Jx").encode() in piped.stdout_bytes
