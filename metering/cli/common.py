@@ -23,8 +23,10 @@ from metering.wiring import Services, open_services
 T = TypeVar("T")
 # Markup off: ids, names, models and LLM output are printed as they are ("[/x]" as a tenant id used to crash a
 # table). A message with markup of its own says so (``markup=True``) and escapes what it interpolates.
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False, soft_wrap=True)  # an error is one line, however long
+# Emoji codes off too: rich replaces ":thumbs_up:" by its emoji even with markup off (a tenant ":thumbs_up:-acme"
+# was shown as "👍-acme").
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False, soft_wrap=True)  # an error is one line, however long
 
 
 # C0 and C1 control characters (ESC starts terminal sequences: colours, a cleared screen, OSC 8 links, OSC 52

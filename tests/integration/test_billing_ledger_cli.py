@@ -325,3 +325,33 @@ def test_an_export_to_stdout_is_the_same_bytes_as_to_a_file(db_url, tmp_path, se
         assert written.exit_code == 0, written.output
         assert piped.stdout_bytes == path.read_bytes()
         assert ("a\x1b[31mb" if "ledger-export" in args else "e\x1b[2Jx").encode() in piped.stdout_bytes
+
+
+def test_ids_that_read_like_emoji_codes_are_printed_as_they_are(db_url, tmp_path, session_factory) -> None:
+    """Rich replaces ':name:' emoji codes even with markup off: a tenant ':thumbs_up:-acme' was shown as '👍-acme' by
+    `usage`, `invoices list/show` and `rerate`, and in an error line."""
+    from metering.cli import app as cli
+
+    now = datetime.now(UTC)
+    tenant, user = ":thumbs_up:-acme", "u:smile:"
+    event = event_from_record(record(0, tenant_id=tenant, user_id=user, occurred_at=now - timedelta(minutes=5)))
+    with session_factory() as session:
+        ingest(session, [event], markup_pct=Decimal(0), now=now)  # the run's markup is 20: the re-rate changes it
+        session.commit()
+    env = {"METERING_DATA_DIR": str(tmp_path), "METERING_DATABASE_URL": db_url, "COLUMNS": "250",
+           "METERING_BILLING__MARKUP_PCT": "20"}  # fmt: skip
+    window = ("--from", (now - timedelta(days=1)).isoformat(), "--to", (now + timedelta(days=1)).isoformat())
+    period = now.strftime("%Y-%m")
+    commands = (
+        ["billing", "invoices", "list"],
+        ["billing", "invoices", "show", tenant, user, period],
+        ["billing", "rerate", *window],
+        ["usage"],
+    )
+    for args in commands:
+        done = CliRunner().invoke(cli, args, env=env)
+        assert done.exit_code == 0, done.output
+        assert tenant in done.output and user in done.output and "👍" not in done.output, done.output
+    missing = CliRunner().invoke(cli, ["billing", "invoices", "show", tenant, "typo:smile:", period], env=env)
+    assert missing.exit_code == 1
+    assert f"no invoice for tenant {tenant}, user typo:smile:" in missing.output, missing.output
