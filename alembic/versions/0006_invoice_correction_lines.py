@@ -4,6 +4,8 @@
 ``ix_transfers_memo_period`` finds a period's re-rate corrections (the only usage transfers with a memo)
 without scanning the ledger.
 
+The downgrade refuses, and changes nothing, while an invoice holds a correction line.
+
 Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-27 18:20:00
@@ -34,6 +36,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Dropping correction_of would turn a correction line into a usage line of its invoice's month for good.
+    rows = op.get_bind().execute(
+        sa.text(
+            "SELECT DISTINCT correction_of FROM invoice_lines WHERE correction_of IS NOT NULL "
+            "ORDER BY correction_of LIMIT 5"
+        )
+    )
+    periods = [row[0] for row in rows]
+    if periods:
+        raise RuntimeError(
+            "cannot downgrade below 0006: invoices hold correction lines (re-rates of the periods "
+            f"{periods!r}) that the older schema cannot tell from usage lines; nothing was changed"
+        )
     op.drop_index("ix_transfers_memo_period", table_name="transfers")
     with op.batch_alter_table("invoice_lines", schema=None) as batch_op:
         batch_op.drop_column("correction_of")

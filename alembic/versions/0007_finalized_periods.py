@@ -4,6 +4,9 @@ Before, a month counted as finalized only for users with a finalized invoice in 
 month for a user who had none was billed in that month (a new invoice for a month already finalized). The table
 is filled from the finalized invoices already stored.
 
+The downgrade refuses, and changes nothing, while a finalized month has no finalized invoice (the upgrade could not
+restore it: the month would reopen).
+
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-27 21:40:00
@@ -36,4 +39,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The upgrade restores only the months with a finalized invoice (at their first invoice's time): a month
+    # finalized without an invoice (nobody billed in it) would be reopened for good, so the downgrade refuses.
+    rows = op.get_bind().execute(
+        sa.text(
+            "SELECT period FROM finalized_periods WHERE NOT EXISTS (SELECT 1 FROM invoices "
+            "WHERE invoices.status = 'finalized' AND invoices.period = finalized_periods.period) "
+            "ORDER BY period LIMIT 5"
+        )
+    )
+    periods = [row[0] for row in rows]
+    if periods:
+        raise RuntimeError(
+            "cannot downgrade below 0007: finalized periods that no finalized invoice records would be reopened "
+            f"(first: {periods!r}); nothing was changed"
+        )
     op.drop_table("finalized_periods")

@@ -453,3 +453,60 @@ def test_0012_fills_a_tenant_with_many_rollup_rows_in_one_pass(fresh_url: str) -
         assert tuple(sums) == (44_000, sum(e.web_searches for e in events))
     finally:
         engine.dispose()
+
+
+def test_0007_refuses_to_downgrade_over_a_period_no_finalized_invoice_restores(fresh_url: str) -> None:
+    """A month finalized without billing anyone (no invoice) is closed only by its ``finalized_periods`` row: the
+    0007 upgrade refills the table from finalized invoices alone, so dropping that row would reopen the month for
+    good (a late event billed into it). The downgrade is refused, names the month, and changes nothing."""
+    from metering.billing.invoice_store import finalize_period
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    try:
+        factory = make_session_factory(engine)
+        with factory() as session:
+            assert finalize_period(session, "2026-09", datetime(2026, 11, 27, tzinfo=UTC), timedelta(0)) == []
+            session.commit()
+        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0007: .*2026-09"):
+            migrate.downgrade(fresh_url, "0006")
+        engine.dispose()
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+        with engine.connect() as conn:
+            assert [tuple(r) for r in conn.execute(text("SELECT period FROM finalized_periods"))] == [("2026-09",)]
+    finally:
+        engine.dispose()
+
+
+def test_0006_refuses_to_downgrade_over_a_correction_line(fresh_url: str) -> None:
+    """``invoice_lines.correction_of`` is the only record that a line corrects a re-rated month: dropping it would
+    turn the line into a usage line of the invoice's own month, which no upgrade can undo. Refused, nothing changed."""
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    try:
+        invoice = "0f0f0f0f-0000-4000-8000-000000000001"
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO invoices (id, tenant_id, user_id, period, status, currency, total_nanos, "
+                    "rounded_nanos, residue_nanos, finalized_at) VALUES (:id, 't', 'u', '2026-11', 'finalized', "
+                    "'USD', 5, 0, 5, :at)"
+                ),
+                {"id": invoice if engine.dialect.name == "postgresql" else invoice.replace("-", ""),
+                 "at": datetime(2026, 12, 2, tzinfo=UTC)},
+            )  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO invoice_lines (invoice_id, line_no, extension_id, model, is_late, calls, "
+                    "billed_nanos, correction_of) VALUES (:id, 1, 'ext', 'm', :f, 0, 5, '2026-10')"
+                ),
+                {"id": invoice if engine.dialect.name == "postgresql" else invoice.replace("-", ""), "f": False},
+            )
+        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0006: .*2026-10"):
+            migrate.downgrade(fresh_url, "0005")
+        engine.dispose()
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT correction_of FROM invoice_lines")).scalar() == "2026-10"
+    finally:
+        engine.dispose()
