@@ -5,6 +5,8 @@ BYOLLM call is excluded with its shadow cost unknown, a failed call without usag
 held 'unpriced'), and hourly rollups counting them, so usage and `metering billing check` agree with the raw
 events at once; `metering billing reprice` then prices the held ones and fills in the BYOLLM shadow costs.
 
+The downgrade refuses, and changes nothing, while the ledger holds a transfer, an invoice or a price override.
+
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-27 13:53:22.320595
@@ -191,6 +193,19 @@ def _bill_stored_events() -> None:
 
 
 def downgrade() -> None:
+    # Below 0002 there is no ledger: the upgrade would hold the events as unpriced again, but could not restore a
+    # credit, a charge, a balance, an invoice or a price override. Refused while any exists.
+    bind = op.get_bind()
+    counts = {
+        table: bind.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+        for table in ("transfers", "invoices", "price_overrides")
+    }
+    if any(counts.values()):
+        held = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
+        raise RuntimeError(
+            f"cannot downgrade below 0002: the ledger holds {held}, which dropping it would lose for good; "
+            "nothing was changed"
+        )
     with op.batch_alter_table("usage_events", schema=None) as batch_op:
         batch_op.drop_column("is_late")
         batch_op.drop_column("invoice_period")

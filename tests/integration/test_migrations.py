@@ -191,7 +191,7 @@ def test_0002_counts_the_events_already_stored_and_reprice_prices_them(fresh_url
     them, `billing check` failed, and reprice made rollup rows of 0 calls and -1 held events."""
     from metering.billing.reprice import reprice_held
 
-    migrate.upgrade(fresh_url)
+    migrate.upgrade(fresh_url, "0001")
     engine = make_engine(fresh_url)
     try:
         factory = make_session_factory(engine)
@@ -203,11 +203,7 @@ def test_0002_counts_the_events_already_stored_and_reprice_prices_them(fresh_url
             record(3, occurred_at=now, status="error", error_type="X", usage_completeness="missing",
                    input_tokens=0, output_tokens=0, cache_read_tokens=0, stop_reason=None),
         ]  # fmt: skip
-        with factory() as session:
-            assert ingest(session, records, markup_pct=Decimal(20), now=now).inserted == 4
-            session.commit()
-        migrate.downgrade(fresh_url, "0001")  # the events as 0001 stored them: no billing columns, no rollups
-        engine.dispose()
+        _insert_0001_events(engine, records, now)  # as 0001 stored them: no billing columns, no rollups
         migrate.upgrade(fresh_url)
         engine.dispose()
         with factory() as session:
@@ -508,5 +504,51 @@ def test_0006_refuses_to_downgrade_over_a_correction_line(fresh_url: str) -> Non
         assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT correction_of FROM invoice_lines")).scalar() == "2026-10"
+    finally:
+        engine.dispose()
+
+
+def _insert_0001_events(engine: Engine, records: list[dict[str, Any]], now: datetime) -> None:
+    """Events as revision 0001 stored them: plain rows of its ``usage_events`` table (reflected, not today's model)."""
+    from sqlalchemy import MetaData, Table
+
+    sqlite = engine.dialect.name == "sqlite"
+    table = Table("usage_events", MetaData(), autoload_with=engine)
+    rows = []
+    for r in records:
+        e = event_from_record(r)
+        row = {c.name: getattr(e, c.name) for c in table.columns if hasattr(e, c.name)}
+        row |= {"usage_completeness": e.usage_completeness.value, "status": e.status.value, "ingested_at": now,
+                "budget_exceeded": list(e.budget_exceeded)}  # fmt: skip
+        if sqlite:
+            row |= {"event_id": e.event_id.hex, "invocation_id": e.invocation_id.hex,
+                    "occurred_at": e.occurred_at.replace(tzinfo=None),
+                    "ingested_at": now.replace(tzinfo=None)}  # fmt: skip
+        rows.append(row)
+    assert set(rows[0]) == {c.name for c in table.columns}
+    with engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+
+
+def test_0002_refuses_to_downgrade_over_the_ledger(fresh_url: str) -> None:
+    """Below 0002 there is no ledger: dropping it loses every credit, charge, balance and invoice, which the 0002
+    upgrade cannot restore (it only holds the events as unpriced). Refused, named, nothing changed."""
+    from metering.billing.credits import add_credit
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    try:
+        factory = make_session_factory(engine)
+        with factory() as session:
+            add_credit(session, tenant_id="t", user_id="u", amount=Decimal(5), idempotency_key="k", now=now)
+            session.commit()
+        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0002: .*1 transfers"):
+            migrate.downgrade(fresh_url, "0001")
+        engine.dispose()
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+        with engine.connect() as conn:
+            wallets = text("SELECT sum(balance_nanos) FROM accounts WHERE kind = 'user_wallet'")
+            assert conn.execute(wallets).scalar() == 5_000_000_000
     finally:
         engine.dispose()
