@@ -4,6 +4,8 @@ A wallet id is "user:" + the tenant id with ':' and '~' escaped (up to 600 chara
 200). At 300, the posting of such an event failed on PostgreSQL (varchar(300)) and failed its whole batch.
 PostgreSQL widens a varchar in place (no table rewrite); SQLite recreates the tables (batch mode).
 
+The downgrade refuses on PostgreSQL, naming them, while an account id longer than 300 characters is stored.
+
 Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-28 00:40:00
@@ -37,5 +39,20 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Fails (on PostgreSQL) if an id longer than 300 characters is stored: nothing is truncated silently.
+    # PostgreSQL cannot narrow the columns while an id longer than 300 characters is stored: refused, naming them
+    # (was the database's bare "value too long"). SQLite does not enforce the length: nothing is lost there.
+    if op.get_bind().dialect.name == "postgresql":
+        rows = op.get_bind().execute(
+            sa.text(
+                "SELECT id FROM accounts WHERE length(id) > 300 UNION SELECT debit_account_id FROM transfers "
+                "WHERE length(debit_account_id) > 300 UNION SELECT credit_account_id FROM transfers "
+                "WHERE length(credit_account_id) > 300 ORDER BY 1 LIMIT 3"
+            )
+        )
+        ids = [row[0] for row in rows]
+        if ids:
+            raise RuntimeError(
+                f"cannot downgrade below 0009: account ids longer than 300 characters are stored (first: {ids!r}); "
+                "nothing was changed"
+            )
     _retype(1000, 300)

@@ -552,3 +552,35 @@ def test_0002_refuses_to_downgrade_over_the_ledger(fresh_url: str) -> None:
             assert conn.execute(wallets).scalar() == 5_000_000_000
     finally:
         engine.dispose()
+
+
+def test_0009_refuses_to_downgrade_over_a_long_account_id_and_names_it(fresh_url: str) -> None:
+    """A wallet id longer than 300 characters (a tenant and user of 200 each) does not fit the columns below 0009:
+    on PostgreSQL the downgrade is refused naming the account (was the database's bare 'value too long'), and
+    changes nothing; SQLite does not enforce the length, so nothing is lost there and it is allowed."""
+    from metering.billing.credits import add_credit
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    try:
+        factory = make_session_factory(engine)
+        with factory() as session:
+            add_credit(session, tenant_id="t" * 200, user_id="u" * 200, amount=Decimal(5), idempotency_key="k", now=now)
+            session.commit()
+        if engine.dialect.name == "sqlite":
+            migrate.downgrade(fresh_url, "0008")
+            engine.dispose()
+            migrate.upgrade(fresh_url)
+        else:
+            with pytest.raises(RuntimeError, match=r"cannot downgrade below 0009: .*user:tttt"):
+                migrate.downgrade(fresh_url, "0008")
+        engine.dispose()
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+        with factory() as session:
+            report = run_checks(session)
+            assert report.ok, report.problems
+            wallets = text("SELECT length(id), balance_nanos FROM accounts WHERE kind = 'user_wallet'")
+            assert [tuple(r) for r in session.execute(wallets)] == [(406, 5_000_000_000)]
+    finally:
+        engine.dispose()
