@@ -584,3 +584,51 @@ def test_0009_refuses_to_downgrade_over_a_long_account_id_and_names_it(fresh_url
             assert [tuple(r) for r in session.execute(wallets)] == [(406, 5_000_000_000)]
     finally:
         engine.dispose()
+
+
+def test_0012_holds_the_rollup_tables_locked_until_the_whole_run_commits_on_postgresql(
+    fresh_url: str,
+) -> None:
+    """The whole run is one transaction, and adding a column takes PostgreSQL's ACCESS EXCLUSIVE lock, held to the
+    commit: while 0012 runs (here held up by a reader of ``user_usage_daily``, its last table; in production by
+    its backfill over every event with searches), a replica serving the old code cannot even read
+    ``usage_rollups``, let alone roll up an ingest. Documented (docs/api.md); proved here with a lock_timeout."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    if not fresh_url.startswith("postgresql"):
+        pytest.skip("SQLite: a migration holds the database write lock, documented already")
+    migrate.upgrade(fresh_url, "0011")
+    engine = make_engine(fresh_url)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate.upgrade(fresh_url)
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    try:
+        with engine.connect() as reader, engine.connect() as server:
+            reader.execute(text("SELECT count(*) FROM user_usage_daily"))  # its lock held until the commit
+            migration = threading.Thread(target=run)
+            migration.start()
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'ALTER TABLE%'"
+            )
+            while not server.execute(waiting).scalar():  # a new snapshot of pg_stat_activity each transaction
+                server.commit()
+                assert migration.is_alive(), errors
+                time.sleep(0.05)
+            server.commit()
+            server.execute(text("SET lock_timeout = '100ms'"))
+            with pytest.raises(OperationalError, match="lock timeout"):
+                server.execute(text("SELECT count(*) FROM usage_rollups"))
+            server.rollback()
+            reader.commit()
+            migration.join(timeout=120)
+        assert errors == []
+        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+    finally:
+        engine.dispose()
