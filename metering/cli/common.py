@@ -82,13 +82,9 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *,
     searched = any(row.web_searches for row in rows)
     columns = [*owners, "call", "purpose", "model", "llm", "status"]
     columns += ["in", "out", *(["cache r/w"] if cached else []), *(["searches"] if searched else []), "ms", "charge"]
-    amounts = [_amount(row) for row in rows]
     for column in columns:
-        right = column in ("in", "out", "searches", "ms")
-        table.add_column(column, justify="right" if right else "left", overflow="fold")
-    table.columns[-1].no_wrap = True  # an amount on one line: the other columns are narrowed first
-    table.columns[-1].min_width = max((len(a) for a in amounts), default=0)
-    for row, amount in zip(rows, amounts, strict=True):
+        table.add_column(column, justify="right" if column in ("in", "out", "searches", "ms") else "left")
+    for row in rows:
         cells = [
             *(getattr(row, owner_columns[owner]) for owner in owners),
             f"{row.extension_id}.{row.function}#{row.call_index}",
@@ -106,8 +102,8 @@ def usage_table(rows: Sequence[UsageEventRow], title: str = "Recorded usage", *,
             )
         if searched:
             cells.append(str(row.web_searches or ""))
-        table.add_row(*map(printable, cells), f"{row.latency_ms:.1f}", amount)
-    return table
+        table.add_row(*map(printable, cells), f"{row.latency_ms:.1f}", _amount(row))
+    return fold(table, whole={"charge"})
 
 
 def fold(table: Table, whole: Collection[str] = ()) -> Table:
