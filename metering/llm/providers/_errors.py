@@ -11,12 +11,14 @@ import json
 import re
 from collections.abc import Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from metering.errors import ProviderError
 from metering.llm.providers.base import ErrorType
+
+C = TypeVar("C")  # an SDK client
 
 httpx2: Any
 try:  # the SDKs' own HTTP client (newer SDK versions); plain httpx for older ones
@@ -123,3 +125,13 @@ def missing_key(provider: str) -> ProviderError:
 
 def bad_config(provider: str, message: str) -> ProviderError:
     return _error(f"{provider}: {message}", ErrorType.BAD_REQUEST, provider, retryable=False)
+
+
+def usable_client(provider: str, client: C | None, problem: str | None, api_key: str | None, keyless: bool) -> C:
+    """An adapter's SDK client, or the ProviderError of a configuration no call can be made with: ``problem`` (no
+    client was made for it; the key scrubbed from it), or no api key for a keyed provider's own endpoint."""
+    if client is None:
+        raise bad_config(provider, scrub(str(problem), api_key))
+    if keyless:
+        raise missing_key(provider)
+    return client

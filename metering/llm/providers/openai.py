@@ -14,13 +14,11 @@ from metering.events import UsageCompleteness
 from metering.llm.providers._errors import (
     BODY_DECODE_ERRORS,
     STREAM_TRANSPORT_ERRORS,
-    bad_config,
     from_sdk_error,
     incomplete_stream,
     invalid_response,
-    missing_key,
-    scrub,
     stream_broken,
+    usable_client,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
 from metering.llm.providers.urls import config_problem
@@ -78,11 +76,7 @@ class OpenAIProvider:
 
     def _check(self) -> openai.AsyncOpenAI:
         """The SDK client, or the ProviderError of a configuration no call can be made with."""
-        if self._client is None:
-            raise bad_config(self.name, scrub(str(self._config_problem), self._api_key))
-        if self._keyless:
-            raise missing_key(self.name)
-        return self._client
+        return usable_client(self.name, self._client, self._config_problem, self._api_key, self._keyless)
 
     def _kwargs(self, request: ProviderRequest) -> dict[str, Any]:
         system = request.system
