@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -22,17 +21,7 @@ from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
 from metering.db.models import Base
 from metering.events import event_from_record
-from tests.conftest import temporary_pg_database
 from tests.fakes.events import record
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    with temporary_pg_database() as url:
-        yield url
 
 
 def test_upgrade_downgrade_upgrade(fresh_url: str) -> None:
