@@ -2,6 +2,8 @@
 
 The secret itself is never stored: only its SHA-256 (hex) and its first 8 characters for display.
 
+The downgrade refuses, and changes nothing, while a token is stored (active or revoked).
+
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-27 14:23:39.192237
@@ -40,6 +42,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The secrets are not stored: upgrading again cannot bring a token back, so every client holding one would be
+    # locked out (and a revoked one is the record of who had access). Refused while any is stored.
+    active, revoked = (
+        op.get_bind().execute(sa.text("SELECT count(*) - count(revoked_at), count(revoked_at) FROM api_tokens")).one()
+    )
+    if active or revoked:
+        raise RuntimeError(
+            f"cannot downgrade below 0003: {active + revoked} api tokens ({active} active, {revoked} revoked) "
+            "would be dropped for good (every client holding one locked out); nothing was changed"
+        )
     with op.batch_alter_table("api_tokens", schema=None) as batch_op:
         batch_op.drop_index("ix_api_tokens_prefix")
 

@@ -2,6 +2,8 @@
 
 Written in the transaction of the change itself, so a change that fails leaves no entry.
 
+The downgrade refuses, and changes nothing, while the log holds an entry.
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-27 14:39:14.430281
@@ -42,6 +44,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The log is the only record of who changed what (prices, credits, tokens): no upgrade can rebuild it.
+    entries = op.get_bind().execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one()
+    if entries:
+        raise RuntimeError(
+            f"cannot downgrade below 0004: the audit log holds {entries} entries, the record of admin changes, "
+            "which dropping it would lose for good; nothing was changed"
+        )
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.drop_index("ix_audit_log_tenant_at_id")
         batch_op.drop_index("ix_audit_log_at_id")

@@ -3,12 +3,15 @@
 A key is claimed per tenant before the handler runs and completed with the status and body it answered; a
 retry with the same key gets that response back. Kept 24 h.
 
+The downgrade refuses, and changes nothing, while a key claimed in the last 24 h is stored.
+
 Revision ID: 0008
 Revises: 0007
 Create Date: 2026-11-27 23:30:00
 """
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -40,7 +43,23 @@ def upgrade() -> None:
         batch_op.create_index("ix_invoke_requests_claimed_at", ["claimed_at"], unique=False)
 
 
+# How long a key answers its retries (``metering.db.invoke_requests.RETENTION`` when this revision was written);
+# the next claim deletes older ones.
+_KEPT = timedelta(hours=24)
+
+
 def downgrade() -> None:
+    # A kept key answers a retry with its stored outcome (or, still running, refuses to run it again): dropping it
+    # would let the retry run, and pay for, the invocation a second time. Refused while any is kept; older keys,
+    # which the service deletes anyway, do not block.
+    claims = sa.table("invoke_requests", sa.column("claimed_at", metering.db.types.UTCDateTime(timezone=True)))
+    since = datetime.now(UTC) - _KEPT
+    kept = op.get_bind().execute(sa.select(sa.func.count()).where(claims.c.claimed_at >= since)).scalar_one()
+    if kept:
+        raise RuntimeError(
+            f"cannot downgrade below 0008: {kept} invoke idempotency keys claimed in the last 24 h would be dropped "
+            "(a retry of their requests would run, and be billed, again); nothing was changed"
+        )
     with op.batch_alter_table("invoke_requests", schema=None) as batch_op:
         batch_op.drop_index("ix_invoke_requests_claimed_at")
 
