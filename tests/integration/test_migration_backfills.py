@@ -213,3 +213,194 @@ def test_0012_sums_the_1_hour_writes_and_searches_of_stored_events_into_every_ro
             assert _sorted(rows(engine, table)) == _sorted(table_rows), table
         daily = {(r["day"], r["web_searches"]) for r in expected["platform_usage_daily"]}
         assert {(date(2026, 11, 26), 2**31 - 1 + 2 + 1 + 4 + 6), (date(2026, 11, 27), 3)} <= daily
+
+
+def test_0002_holds_the_events_of_0001_as_ingest_would_without_a_price_and_rolls_them_up(fresh_url: str) -> None:
+    """Events as 0001 stored them (no billing columns, no rollups): each gets Policy A's state without a price (BYOLLM
+    excluded even when failed; a failed call with usage missing, or with neither input nor output tokens, not
+    billable; any other, a failed one with tokens too, held unpriced), no money, and the hourly rollups count them
+    exactly: latencies rounded to whole microseconds per event, errors (not cancellations) and held events counted."""
+    noon = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    failed = {"status": "error", "error_type": "overloaded", "stop_reason": None}
+    cases = [  # (event, the state the upgrade must give it)
+        (_event(0, noon, latency_ms=1234.567), "unpriced"),
+        (_event(1, noon.replace(minute=59, second=59, microsecond=999_999), latency_ms=12.345), "unpriced"),
+        (_event(2, noon, is_byollm=True, latency_ms=0.001), "excluded_byollm"),
+        (_event(3, noon, is_byollm=True, usage_completeness="missing", input_tokens=0, output_tokens=0, **failed),
+         "excluded_byollm"),
+        (_event(4, noon, usage_completeness="missing", **failed), "not_billable"),  # tokens, but usage missing
+        (_event(5, noon, input_tokens=0, output_tokens=0, cache_read_tokens=900, **failed), "not_billable"),
+        (_event(6, noon, status="cancelled", input_tokens=0, output_tokens=0, latency_ms=0.0), "not_billable"),
+        (_event(7, noon, output_tokens=0, usage_completeness="partial", **failed), "unpriced"),  # input was read
+        (_event(8, noon, status="cancelled", output_tokens=3), "unpriced"),
+        (_event(9, noon, tenant="globex", model="acme-private-7b", latency_ms=2.5), "unpriced"),
+        (_event(10, noon.replace(hour=23), tenant=LONG_TENANT, user="ユーザー" * 50, input_tokens=2**62,
+                cache_read_tokens=2**62, latency_ms=9_999_999.999), "unpriced"),
+        (_event(11, noon.replace(day=27, hour=0), input_tokens=2**62 - 1, cache_read_tokens=2**62 - 1),
+         "unpriced"),
+    ]  # fmt: skip
+    dropped = (*ADDED_0002, *ADDED_0011)
+    with at_revision(fresh_url, "0001") as engine:
+        insert(engine, "usage_events", [{k: v for k, v in e.items() if k not in dropped} for e, _ in cases])
+        migrate.upgrade(fresh_url, "0002")
+        held = [
+            {k: v for k, v in e.items() if k not in ADDED_0011}
+            | {"ingest_batch": None, "billing_status": state, "charge_nanos": 0, "cost_nanos": 0, "shadow_nanos": 0,
+               "markup_pct": None, "price_source": None, "price_version": None, "invoice_period": None,
+               "is_late": False}
+            for e, state in cases
+        ]  # fmt: skip
+        stored = rows(engine, "usage_events")
+        assert [{**r, "event_id": uuid.UUID(r["event_id"])} for r in stored] == [
+            {**e, "event_id": e["event_id"], "occurred_at": naive(e["occurred_at"]),
+             "ingested_at": naive(e["ingested_at"]), "invocation_id": e["invocation_id"].hex}
+            for e in held
+        ]  # fmt: skip
+        hourly = _rollup_of(held, COUNTERS)
+        assert _sorted(rows(engine, "usage_rollups")) == _sorted(hourly)
+        by_status = {
+            r["status"]: r
+            for r in hourly
+            if (r["tenant_id"], r["hour"], r["is_byollm"]) == ("acme", naive(noon), False)
+        }
+        assert by_status["error"]["error_count"] == 3 and by_status["cancelled"]["error_count"] == 0
+        assert by_status["ok"]["latency_us_sum"] == 1_234_567 + 12_345
+
+
+def _override(id: str, **fields: Any) -> dict[str, Any]:
+    """A price override as 0010 stored it."""
+    return {
+        "id": id, "provider": "anthropic", "model_pattern": "claude-*",
+        "effective_from": datetime(2026, 1, 1, tzinfo=UTC), "effective_to": None,
+        "input_nanos_per_mtok": 3_000_000_000, "output_nanos_per_mtok": 15_000_000_000,
+        "cache_read_nanos_per_mtok": None, "cache_write_nanos_per_mtok": None, "markup_pct": None, "note": None,
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+    } | fields  # fmt: skip
+
+
+def test_0011_gives_stored_events_no_1_hour_writes_or_searches_and_overrides_no_price_for_them(fresh_url: str) -> None:
+    """Events and overrides as 0010 stored them: every event gets 0 one-hour writes and 0 searches (what it was
+    billed for), every override NULL for both prices (the cache-write price; searches held unpriced); nothing else
+    changes, money to the nano."""
+    noon = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    events = [
+        _event(0, noon, cache_write_tokens=2**62, charge_nanos=2**62, cost_nanos=2**62 - 1),
+        _event(1, noon, is_byollm=True, billing_status="excluded_byollm", charge_nanos=0, cost_nanos=0,
+               shadow_nanos=123_456_789_012),
+        _event(2, noon, tenant=LONG_TENANT, user="ユーザー" * 50, billing_status="unpriced", charge_nanos=0,
+               cost_nanos=0, markup_pct=None, price_source=None, price_version=None, invoice_period="2026-11",
+               is_late=True),
+    ]  # fmt: skip
+    overrides = [
+        _override("plain"),
+        _override("cached", cache_read_nanos_per_mtok=300_000_000, cache_write_nanos_per_mtok=3_750_000_000,
+                  markup_pct="12.5", note="négocié", effective_to=datetime(2027, 1, 1, tzinfo=UTC)),
+        _override("max", input_nanos_per_mtok=INT64_MAX, output_nanos_per_mtok=0),
+    ]  # fmt: skip
+    with at_revision(fresh_url, "0010") as engine:
+        insert(engine, "usage_events", [{k: v for k, v in e.items() if k not in ADDED_0011} for e in events])
+        insert(engine, "price_overrides", overrides)
+        before = {t: rows(engine, t) for t in ("usage_events", "price_overrides")}
+        migrate.upgrade(fresh_url, "0011")
+        assert rows(engine, "usage_events") == [
+            r | {"cache_write_1h_tokens": 0, "web_searches": 0} for r in before["usage_events"]
+        ]
+        assert rows(engine, "price_overrides") == [
+            r | {"cache_write_1h_nanos_per_mtok": None, "web_search_nanos_per_k": None}
+            for r in before["price_overrides"]
+        ]
+        assert {r["id"]: r["input_nanos_per_mtok"] for r in before["price_overrides"]}["max"] == INT64_MAX
+
+
+def _transfer(n: int, debit: str, credit: str, amount: int, kind: str, key: str | None) -> dict[str, Any]:
+    """A transfer as 0009 stored it."""
+    return {
+        "id": uuid.UUID(int=500 + n), "debit_account_id": debit, "credit_account_id": credit, "amount_nanos": amount,
+        "currency": "USD", "kind": kind, "event_id": None, "reverses_id": None, "idempotency_key": key,
+        "period": None, "memo": None, "created_at": datetime(2026, 11, 26, 12, n, tzinfo=UTC),
+    }  # fmt: skip
+
+
+def test_0010_gives_each_stored_key_the_tenant_of_its_wallet(fresh_url: str) -> None:
+    """Transfers as 0009 stored them: a keyed credit (wallet credited) or negative adjustment (wallet debited) gets
+    its wallet's tenant, an escaped or long unicode one too, whatever the users; a transfer without a key none."""
+    from metering.billing.ledger import wallet_id
+
+    tenants = [("acme", "alice"), ("globex", "alice"), ("a:b~c", "bob"), (LONG_TENANT, "ユーザー" * 50)]
+    accounts = [
+        {"id": wallet_id(t, u), "kind": "user_wallet", "tenant_id": t, "user_id": u, "currency": "USD",
+         "balance_nanos": 0, "created_at": datetime(2026, 11, 1, tzinfo=UTC)}
+        for t, u in tenants
+    ] + [
+        {"id": name, "kind": kind, "tenant_id": None, "user_id": None, "currency": "USD", "balance_nanos": 0,
+         "created_at": datetime(2026, 11, 1, tzinfo=UTC)}
+        for name, kind in (("platform:topups", "topups"), ("platform:adjustments", "adjustments"),
+                           ("platform:revenue", "platform_revenue"))
+    ]  # fmt: skip
+    wallets = [a["id"] for a in accounts[:4]]
+    transfers = [
+        _transfer(0, "platform:topups", wallets[0], 2**62, "credit", "k1"),
+        _transfer(1, wallets[1], "platform:adjustments", 1, "adjustment", "k2"),
+        _transfer(2, "platform:topups", wallets[2], 5_000_000_000, "credit", "k3"),
+        _transfer(3, wallets[3], "platform:adjustments", 999_999_999, "adjustment", "k" * 200),
+        _transfer(4, wallets[0], "platform:revenue", 7_200_000, "usage", None),
+    ]
+    with at_revision(fresh_url, "0009") as engine:
+        insert(engine, "accounts", accounts)
+        insert(engine, "transfers", transfers)
+        before = rows(engine, "transfers")
+        migrate.upgrade(fresh_url, "0010")
+        tenant_of = {500: "acme", 501: "globex", 502: "a:b~c", 503: LONG_TENANT, 504: None}
+        assert rows(engine, "transfers") == [
+            r | {"idempotency_tenant_id": tenant_of[uuid.UUID(r["id"]).int]} for r in before
+        ]
+
+
+def _invoice(n: int, tenant: str, user: str, period: str, finalized_at: datetime) -> dict[str, Any]:
+    """A finalized invoice as 0006 stored it."""
+    return {
+        "id": uuid.UUID(int=900 + n), "tenant_id": tenant, "user_id": user, "period": period, "status": "finalized",
+        "currency": "USD", "total_nanos": 12_345_678_901, "rounded_nanos": 12_340_000_000, "residue_nanos": 5_678_901,
+        "finalized_at": finalized_at,
+    }  # fmt: skip
+
+
+def test_0007_closes_each_month_with_a_finalized_invoice_at_its_first_finalization(fresh_url: str) -> None:
+    """Invoices as 0006 stored them: each month with a finalized invoice becomes a finalized period, at the earliest
+    of its invoices' times (to the microsecond; a later run for late users does not move it), whatever the tenant."""
+    first = datetime(2026, 11, 2, 0, 0, 0, 1, tzinfo=UTC)
+    invoices = [
+        _invoice(0, "acme", "alice", "2026-10", datetime(2026, 11, 20, tzinfo=UTC)),  # a later run (late users)
+        _invoice(1, "globex", "alice", "2026-10", first),
+        _invoice(2, LONG_TENANT, "ユーザー" * 50, "2026-10", first.replace(microsecond=2)),
+        _invoice(3, "acme", "alice", "2025-12", datetime(2026, 1, 1, 23, 59, 59, 999_999, tzinfo=UTC)),
+    ]
+    with at_revision(fresh_url, "0006") as engine:
+        insert(engine, "invoices", invoices)
+        migrate.upgrade(fresh_url, "0007")
+        assert rows(engine, "finalized_periods") == [
+            {"period": "2025-12", "finalized_at": datetime(2026, 1, 1, 23, 59, 59, 999_999)},
+            {"period": "2026-10", "finalized_at": naive(first)},
+        ]
+
+
+def test_0009_keeps_every_account_and_transfer_as_it_was(fresh_url: str) -> None:
+    """Accounts and transfers as 0008 stored them (SQLite recreates both tables to widen the ids): every row, the
+    balances near the ±2^62 limit and the unicode ids, is the same afterwards."""
+    from metering.billing.ledger import wallet_id
+
+    wallet = wallet_id(LONG_TENANT[:100], "ユーザー" * 10)  # under 300 characters, as 0008 allowed
+    accounts = [
+        {"id": wallet, "kind": "user_wallet", "tenant_id": LONG_TENANT[:100], "user_id": "ユーザー" * 10,
+         "currency": "USD", "balance_nanos": 2**62, "created_at": datetime(2026, 11, 1, tzinfo=UTC)},
+        {"id": "platform:topups", "kind": "topups", "tenant_id": None, "user_id": None, "currency": "USD",
+         "balance_nanos": -(2**62), "created_at": datetime(2026, 11, 1, 0, 0, 0, 1, tzinfo=UTC)},
+    ]  # fmt: skip
+    transfers = [_transfer(0, "platform:topups", wallet, 2**62, "credit", "k1")]
+    with at_revision(fresh_url, "0008") as engine:
+        insert(engine, "accounts", accounts)
+        insert(engine, "transfers", transfers)
+        before = {t: rows(engine, t) for t in ("accounts", "transfers")}
+        migrate.upgrade(fresh_url, "0009")
+        assert {t: rows(engine, t) for t in before} == before
+        assert before["accounts"][1]["balance_nanos"] == 2**62 and len(before["transfers"]) == 1
