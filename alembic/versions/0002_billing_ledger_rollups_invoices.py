@@ -5,6 +5,9 @@ BYOLLM call is excluded with its shadow cost unknown, a failed call without usag
 held 'unpriced'), and hourly rollups counting them, so usage and `metering billing check` agree with the raw
 events at once; `metering billing reprice` then prices the held ones and fills in the BYOLLM shadow costs.
 
+On PostgreSQL the upgrade refuses, naming them, and changes nothing, while an event's seven names are too wide
+together to key a rollup row (0001 stored such events; ingest rejects them since).
+
 The downgrade refuses, and changes nothing, while the ledger holds a transfer, an invoice or a price override.
 
 Revision ID: 0002
@@ -181,7 +184,7 @@ def _bill_stored_events() -> None:
     else:  # moments are stored as naive UTC text, 'YYYY-MM-DD HH:MM:SS.ffffff'
         hour = "strftime('%Y-%m-%d %H:00:00.000000', occurred_at)"
         latency = "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
-    op.execute(
+    rollups = (
         f"INSERT INTO usage_rollups (hour, {_KEYS}, calls, input_tokens, output_tokens, cache_read_tokens, "
         "cache_write_tokens, reasoning_tokens, billed_nanos, shadow_nanos, cost_nanos, latency_us_sum, error_count, "
         f"unpriced_count) SELECT {hour}, {_KEYS}, count(*), sum(input_tokens), sum(output_tokens), "
@@ -190,6 +193,40 @@ def _bill_stored_events() -> None:
         "sum(CASE WHEN billing_status = 'unpriced' THEN 1 ELSE 0 END) "
         f"FROM usage_events GROUP BY {hour}, {_KEYS}"
     )
+    if op.get_bind().dialect.name != "postgresql":
+        op.execute(rollups)
+        return
+    # The same statement; only its failure over names PostgreSQL cannot index is reported better (it was the bare
+    # 'index row size … exceeds btree version 4 maximum 2704'): what succeeded before does the same.
+    bind = op.get_bind()
+    try:
+        with bind.begin_nested():
+            bind.execute(sa.text(rollups))
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "54000":  # program_limit_exceeded
+            raise
+        _refuse_wide_names(bind, exc)
+
+
+_NAMES = "tenant_id, user_id, extension_id, function, purpose, provider, model"
+_NAME_BYTES = " + ".join(f"octet_length({name})" for name in _NAMES.split(", "))
+_MAX_NAME_BYTES = 2600  # metering.billing.rollup.MAX_NAME_BYTES: what ingest accepts since (room for the key's rest)
+
+
+def _refuse_wide_names(bind: sa.Connection, exc: Exception) -> None:
+    count, widest = bind.execute(
+        sa.text(f"SELECT count(*), max({_NAME_BYTES}) FROM usage_events WHERE {_NAME_BYTES} > {_MAX_NAME_BYTES}")
+    ).one()
+    if not count:
+        raise exc
+    first = [str(row[0]) for row in bind.execute(sa.text(
+        f"SELECT event_id FROM usage_events WHERE {_NAME_BYTES} > {_MAX_NAME_BYTES} ORDER BY event_id LIMIT 3"
+    ))]  # fmt: skip
+    raise RuntimeError(
+        f"cannot upgrade to 0002: {count} stored events have names ({_NAMES}) taking up to {widest} bytes together "
+        f"in UTF-8, more than PostgreSQL can index as a rollup's key ({_MAX_NAME_BYTES}; first: {first!r}); "
+        "shorten or delete them, then upgrade again; nothing was changed"
+    ) from exc
 
 
 def downgrade() -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
+import pytest
+
 from metering.db import migrate
 from tests.integration.old_schema import at_revision, insert, naive, rows
 
@@ -404,3 +406,31 @@ def test_0009_keeps_every_account_and_transfer_as_it_was(fresh_url: str) -> None
         migrate.upgrade(fresh_url, "0009")
         assert {t: rows(engine, t) for t in before} == before
         assert before["accounts"][1]["balance_nanos"] == 2**62 and len(before["transfers"]) == 1
+
+
+def test_0002_names_the_events_whose_names_postgresql_cannot_index_as_a_rollup_key(fresh_url: str) -> None:
+    """0001 stored an event whose seven names take more bytes together than PostgreSQL indexes (200 CJK characters
+    each; ingest rejects such events since): rolling it up failed the whole upgrade with the database's bare
+    'index row size 3072 exceeds btree version 4 maximum 2704'. It now fails naming the event and what to do, and
+    changes nothing; SQLite (no such limit) rolls it up. An upgrade that succeeded before is unchanged."""
+    import random
+
+    draw = random.Random(7)
+    wide = ["".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(200)) for _ in range(5)]  # incompressible
+    names = dict(zip(("tenant_id", "user_id", "extension_id", "function", "purpose"), wide, strict=True))
+    noon = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    events = [_event(0, noon), _event(1, noon, **names), _event(2, noon, **names)]
+    dropped = (*ADDED_0002, *ADDED_0011)
+    with at_revision(fresh_url, "0001") as engine:
+        insert(engine, "usage_events", [{k: v for k, v in e.items() if k not in dropped} for e in events])
+        if engine.dialect.name == "sqlite":
+            migrate.upgrade(fresh_url, "0002")
+            assert [r["calls"] for r in rows(engine, "usage_rollups")] == [1, 2]
+            return
+        wide_id = str(uuid.UUID(int=2))
+        with pytest.raises(
+            RuntimeError, match=r"cannot upgrade to 0002: 2 stored events .* 3\d\d\d bytes .*" + wide_id
+        ):
+            migrate.upgrade(fresh_url, "0002")
+        assert migrate.current_revision(engine) == "0001"
+        assert len(rows(engine, "usage_events")) == 3
