@@ -233,7 +233,7 @@ def test_0002_holds_the_events_of_0001_as_ingest_would_without_a_price_and_rolls
         (_event(4, noon, usage_completeness="missing", **failed), "not_billable"),  # tokens, but usage missing
         (_event(5, noon, input_tokens=0, output_tokens=0, cache_read_tokens=900, **failed), "not_billable"),
         (_event(6, noon, status="cancelled", input_tokens=0, output_tokens=0, latency_ms=0.0), "not_billable"),
-        (_event(7, noon, output_tokens=0, usage_completeness="partial", **failed), "unpriced"),  # input was read
+        (_event(7, noon, output_tokens=0, usage_completeness="estimated", **failed), "unpriced"),  # input was read
         (_event(8, noon, status="cancelled", output_tokens=3), "unpriced"),
         (_event(9, noon, tenant="globex", model="acme-private-7b", latency_ms=2.5), "unpriced"),
         (_event(10, noon.replace(hour=23), tenant=LONG_TENANT, user="ユーザー" * 50, input_tokens=2**62,
