@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from metering.billing.checks import run_checks
 from metering.db import migrate
+from metering.db.engine import make_session_factory
 from tests.integration.old_schema import at_revision, insert, naive, rows
 
 DIMENSIONS = ("extension_id", "function", "purpose", "provider", "model", "is_byollm", "status")
@@ -267,6 +269,10 @@ def test_0002_holds_the_events_of_0001_as_ingest_would_without_a_price_and_rolls
         }
         assert by_status["error"]["error_count"] == 3 and by_status["cancelled"]["error_count"] == 0
         assert by_status["ok"]["latency_us_sum"] == 1_234_567 + 12_345
+        migrate.upgrade(fresh_url)  # on to head: the coarse rollups and the later counters agree with the events
+        with make_session_factory(engine)() as session:
+            report = run_checks(session)
+        assert report.ok, report.problems
 
 
 def _override(id: str, **fields: Any) -> dict[str, Any]:
