@@ -40,8 +40,9 @@ from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
 from metering.db.event_store import count_events
 from metering.events import uuid7
-from metering.llm.client import MeteredLLM, ProviderPool
+from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
+from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.providers.base import ProviderConfig
 from metering.llm.resolution import PlatformLLM

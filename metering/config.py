@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     # At most an hour: an admin's change (a BYOLLM key revoked, a budget set to enforce) must reach every process.
     settings_cache_ttl_s: float = Field(5.0, ge=0, le=3600, allow_inf_nan=False)
+    # Provider adapters (SDK client, connection pool, key) kept per process; the least recently used beyond it close.
+    provider_pool_size: int = Field(64, ge=1, le=100_000)  # metering.llm.pool.DEFAULT_MAX_ADAPTERS
 
     @model_validator(mode="after")
     def _safe_outside_dev(self) -> Settings:

@@ -14,7 +14,7 @@ from metering.config import Settings
 from metering.crypto import SecretBox, secret_box_from_settings
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
-from metering.llm.client import ProviderPool
+from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.resolution import PlatformLLM
@@ -107,7 +107,7 @@ def open_services(settings: Settings, *, run_migrations: bool = True) -> Service
     def factory(config: ProviderConfig) -> Provider:
         return make_provider(config, settings.simulated)
 
-    providers = ProviderPool(factory)
+    providers = ProviderPool(factory, max_adapters=settings.provider_pool_size)
     spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync).open()
     flusher = Flusher(
         spool,

@@ -89,6 +89,12 @@ class Auditor:
         """Have the runtime reload LLM settings once the response is sent (after the commit)."""
         self.background.add_task(self.runtime.invalidate_settings)
 
+    def key_replaced(self, api_key: str | None) -> None:
+        """Have the runtime close the adapters of a BYOLLM key that was replaced or deleted, once the response is
+        sent (after ``settings_changed``'s reload: no call is resolved to the old key any more)."""
+        if api_key is not None:
+            self.background.add_task(self.runtime.retire_key, api_key)
+
 
 def auditor(request: Request, session: DbSession, principal: Admin, background: BackgroundTasks) -> Auditor:
     request_id = request.headers.get(REQUEST_ID_HEADER) or None

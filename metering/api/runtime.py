@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.config import Settings
 from metering.crypto import SecretBox, secret_box_from_settings
 from metering.db.engine import make_engine, make_session_factory
-from metering.llm.client import ProviderPool
+from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.settings_source import CachedSettings
@@ -78,7 +78,7 @@ class LazyRuntime:
         def factory(config: ProviderConfig) -> Provider:
             return make_provider(config, settings.simulated)
 
-        self.providers = ProviderPool(factory)
+        self.providers = ProviderPool(factory, max_adapters=settings.provider_pool_size)
         spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync)
         self.spool = spool.open()
         self.flusher = Flusher(
@@ -110,6 +110,13 @@ class LazyRuntime:
         """Forget cached LLM settings (call after an admin change has committed)."""
         if self.llm_settings is not None:
             self.llm_settings.invalidate()
+
+    async def retire_key(self, api_key: str) -> None:
+        """Close the provider adapters of a BYOLLM key that was replaced or deleted (each once no call uses it). Runs
+        on the event loop that makes the calls (an async background task): the pool takes no lock."""
+        providers = self.providers
+        if providers is not None and providers.retire_key(api_key):
+            await providers.wait_closed()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Deliver every event spooled so far to the database. True when done (or nothing was built)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from metering.events import MAX_INT32, Label, Status, used_nothing
 from metering.llm.attempt import Attempt
 from metering.llm.budgets import BudgetTracker
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
-from metering.llm.providers.base import Provider, ProviderConfig
+from metering.llm.pool import ProviderPool
 from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
 from metering.llm.responses import LLMResponse, parse_json_text
 from metering.llm.settings_source import SettingsSource
@@ -41,26 +41,6 @@ class EventRecorder(Protocol):
     def append_line(self, data: bytes) -> None:
         """Append one JSON line that ends in a newline."""
         ...
-
-
-class ProviderPool:
-    """Reuses one adapter (and its HTTP connection pool) per provider, endpoint and key."""
-
-    def __init__(self, factory: Callable[[ProviderConfig], Provider]) -> None:
-        self._factory = factory
-        self._cache: dict[tuple[object, ...], Provider] = {}
-
-    def get(self, config: ProviderConfig) -> Provider:
-        key = (config.provider, config.base_url, config.api_key, config.timeout_s, config.max_retries)
-        provider = self._cache.get(key)
-        if provider is None:
-            provider = self._cache[key] = self._factory(config)
-        return provider
-
-    async def aclose(self) -> None:
-        providers, self._cache = list(self._cache.values()), {}
-        for provider in providers:
-            await provider.aclose()
 
 
 def _ms_since(start: float) -> float:
@@ -303,7 +283,7 @@ class MeteredLLM:
         last = len(targets) - 1
         for attempt, target in enumerate(targets):
             request = self._request(target, system, messages, max_tokens, temperature, response_format, params)
-            provider = self._providers.get(target.config)
+            pooled = self._providers.get(target.config)
             # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
             reserved = self._reserve(system, messages, max_tokens, attempt)
             occurred_at = datetime.now(UTC)
@@ -312,8 +292,9 @@ class MeteredLLM:
             task = asyncio.current_task()
             if task is not None:
                 self._calls_in_flight[task] = None
+            pooled.in_use += 1  # the pool closes a retired adapter only once no call uses it (released below)
             try:
-                result = await provider.complete(request)
+                result = await pooled.provider.complete(request)
             except ProviderError as exc:
                 self._record(
                     common,
@@ -345,6 +326,7 @@ class MeteredLLM:
                 )
                 raise
             finally:  # recorded (or the spool refused its event): no longer in flight
+                self._providers.release(pooled)
                 if task is not None and (recorded := self._calls_in_flight.pop(task, None)) is not None:
                     recorded.set()
             text = clean_text(result.text)  # no lone surrogate reaches the caller (it could not be encoded)

@@ -170,15 +170,20 @@ def mask_key(plaintext: str | None) -> str | None:
     return f"{plaintext[:3]}…{plaintext[-4:]}" if len(plaintext) - 7 >= MASK_HIDES_AT_LEAST else "…"
 
 
-def stored_key_mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:
-    """The stored key's mask; None when none is stored, or when it cannot be decrypted with the current keys (the
-    key that encrypted it was rotated away: ``api_key_ciphertext`` still says a key is stored)."""
-    if not row.api_key_ciphertext:
+def stored_key(row: ByollmSettingsRow | None, box: SecretBox) -> str | None:
+    """The stored key; None when none is stored, or when it cannot be decrypted with the current keys (the key that
+    encrypted it was rotated away: ``api_key_ciphertext`` still says a key is stored)."""
+    if row is None or not row.api_key_ciphertext:
         return None
     try:
-        return mask_key(box.decrypt(row.api_key_ciphertext))
+        return box.decrypt(row.api_key_ciphertext)
     except SecretError:
         return None
+
+
+def stored_key_mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:
+    """The stored key's mask; None when none is stored, or when it cannot be decrypted (see ``stored_key``)."""
+    return mask_key(stored_key(row, box))
 
 
 def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:

@@ -160,7 +160,8 @@ class MessageStream:
                 request = llm._request(
                     target, system, messages, self._max_tokens, self._temperature, None, self._params
                 )
-                upstream = llm._providers.get(target.config).stream(request)
+                pooled = llm._providers.get(target.config)
+                upstream = pooled.provider.stream(request)
                 # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
                 reserved = llm._reserve(system, messages, self._max_tokens, attempt)
                 started = time.perf_counter()
@@ -172,6 +173,7 @@ class MessageStream:
                 end: StreamEnd | None = None
                 so_far = NO_USAGE_SO_FAR  # usage the provider reported before the end
                 cleaner = ChunkCleaner()  # no lone surrogate reaches the consumer (it could not be encoded)
+                pooled.in_use += 1  # the pool closes a retired adapter only once no call uses it (released below)
                 try:
                     async for item in upstream:
                         if isinstance(item, TextDelta):
@@ -211,8 +213,13 @@ class MessageStream:
                     raise
                 except Exception as exc:
                     error_type = f"internal:{type(exc).__name__}"[:100]
-                    self._record_unfinished(common, so_far, parts, ttft, Status.ERROR, error_type)
+                    try:
+                        self._record_unfinished(common, so_far, parts, ttft, Status.ERROR, error_type)
+                    finally:
+                        await _close_quietly(upstream)  # e.g. thrown in at a yield: upstream is still open
                     raise
+                finally:  # upstream has ended, or was closed: its adapter is no longer used by this stream
+                    llm._providers.release(pooled)
                 text = "".join(parts)
                 reported = end.usage if end is not None else MISSING_USAGE
                 usage = finished(reported, so_far.usage, system, messages, text, output_final=so_far.output_final)

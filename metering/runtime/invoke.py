@@ -11,8 +11,9 @@ from pydantic import BaseModel, ValidationError
 
 from metering.errors import InvalidInputError, MeteringError, NotFoundError
 from metering.events import uuid7
-from metering.llm.client import EventRecorder, MeteredLLM, ProviderPool
+from metering.llm.client import EventRecorder, MeteredLLM
 from metering.llm.event_record import CallScope
+from metering.llm.pool import ProviderPool
 from metering.llm.resolution import PlatformLLM
 from metering.llm.settings_source import SettingsSource
 from metering.runtime.context import Context, User

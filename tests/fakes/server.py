@@ -35,6 +35,8 @@ class Reply:
     frame_before: tuple[int, bytes] | None = None  # stream: (n, frame) sends this raw SSE frame before delta n
     break_before_end: bool = False  # stream: break the connection just before the last frame (message_stop, [DONE])
     final_usage: bool = True  # Anthropic stream: False sends message_delta without usage (some compatible gateways)
+    arrived: threading.Event | None = None  # set once the request is read (a test knows the call is in flight)
+    proceed: threading.Event | None = None  # waited for before answering (a test decides when the call ends)
 
     def extra_frame(self, n: int) -> bytes | None:
         """The raw frame scripted to go before delta ``n``, if any."""
@@ -212,6 +214,10 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(behaviour, Raw):
             self._send(200, behaviour.body, behaviour.content_type)
             return
+        if behaviour.arrived is not None:
+            behaviour.arrived.set()
+        if behaviour.proceed is not None:
+            behaviour.proceed.wait(10.0)  # bounded: a test that failed before setting it does not hang the server
         if behaviour.delay_s:
             fake.wait(behaviour.delay_s)
         try:

@@ -53,7 +53,8 @@ async def test_keep_meaning_adds_the_preservation_sentence(services: Services) -
     wrapped: set[int] = set()
 
     def spy(config):
-        provider = provider_get(config)  # the pool reuses one adapter: wrap it once
+        pooled = provider_get(config)  # the pool reuses one adapter: wrap it once
+        provider = pooled.provider
         if id(provider) not in wrapped:
             wrapped.add(id(provider))
             original = provider.complete
@@ -63,7 +64,7 @@ async def test_keep_meaning_adds_the_preservation_sentence(services: Services) -
                 return await original(request)
 
             provider.complete = complete
-        return provider
+        return pooled
 
     services.providers.get = spy  # type: ignore[method-assign]
     from metering.extensions.rewrite.handlers import rewrite as handler

@@ -24,8 +24,9 @@ from metering.errors import (
 )
 from metering.events import MAX_INT32, UsageEvent, uuid7
 from metering.llm.budgets import BudgetMode, CallBudget
-from metering.llm.client import MeteredLLM, ProviderPool
+from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
+from metering.llm.pool import ProviderPool
 from metering.llm.providers.base import ProviderConfig
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM
 from metering.llm.settings_source import InMemorySettings

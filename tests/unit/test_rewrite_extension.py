@@ -11,7 +11,7 @@ from metering.extensions.rewrite import chat as rewrite
 from metering.extensions.rewrite.handlers import REWRITE_MAX_TOKENS, action_items_max_tokens
 from metering.extensions.rewrite.schemas import MAX_ACTION_ITEMS_CHARS, MAX_REWRITE_CHARS
 from metering.llm.budgets import BudgetMode, CallBudget
-from metering.llm.client import ProviderPool
+from metering.llm.pool import ProviderPool
 from metering.llm.providers.base import ProviderConfig
 from metering.llm.providers.simulated import SimulatedProvider
 from metering.llm.resolution import PlatformLLM

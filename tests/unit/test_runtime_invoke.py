@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from metering.errors import ProviderError
-from metering.llm.client import ProviderPool
+from metering.llm.pool import ProviderPool
 from metering.llm.resolution import PurposeSettings
 from metering.llm.settings_source import InMemorySettings
 from metering.runtime import ChatExtension, Context, Runtime, User

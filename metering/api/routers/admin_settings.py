@@ -162,6 +162,7 @@ def put_byollm(
     ensure_tenant(principal, tenant_id, f"user {user_id!r}")
     existing = store.byollm_row_to_replace(session, user_id, tenant_id)
     before = snap.byollm_snapshot(existing)
+    old_key = store.stored_key(existing, box)
     if "api_key" in body.model_fields_set:
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
     else:
@@ -180,6 +181,7 @@ def put_byollm(
     target = snap.user_target(tenant_id, user_id)
     audit.record("byollm.set", target, before=before, after=snap.byollm_snapshot(row), tenant_id=tenant_id)
     audit.settings_changed()
+    audit.key_replaced(old_key)  # even when kept: its adapter may hold another base_url (one call remakes it)
     return _byollm_out(row, store.mask_key(api_key))
 
 
@@ -194,7 +196,7 @@ def put_byollm(
     responses=USER_ERRORS,
 )
 def delete_byollm(
-    tenant_id: TenantId, user_id: UserId, principal: Admin, session: DbSession, audit: Audited
+    tenant_id: TenantId, user_id: UserId, principal: Admin, session: DbSession, box: Box, audit: Audited
 ) -> Response:
     ensure_tenant(principal, tenant_id, f"user {user_id!r}")
     row = _users_row(session, tenant_id, user_id, for_update=True)
@@ -202,10 +204,12 @@ def delete_byollm(
     if row is None:
         raise missing
     before = snap.byollm_snapshot(row)
+    old_key = store.stored_key(row, box)
     if not store.delete_byollm(session, user_id):  # deleted by a concurrent request meanwhile
         raise missing
     audit.record("byollm.delete", snap.user_target(tenant_id, user_id), before=before, after=None, tenant_id=tenant_id)
     audit.settings_changed()
+    audit.key_replaced(old_key)
     return Response(status_code=204)
 
 

@@ -463,3 +463,30 @@ def test_an_operators_gateway_listed_in_keyed_base_urls_is_sent_the_platform_key
         assert _invoke(client, admin).status_code == 200
     (received,) = openai_server.requests
     assert openai_server.api_key_of(received.headers) == PLATFORM_KEY
+
+
+def _adapters(client) -> dict[str | None, object]:
+    """The app's provider adapters, by api key."""
+    return {key[2]: entry.provider for key, entry in client.app.state.runtime.providers._cache.items()}
+
+
+def test_a_replaced_or_deleted_byollm_key_s_adapter_is_closed(client, admin, openai_server: FakeOpenAIServer):
+    """The service kept the adapter (SDK client, connection pool, key) of every key it had ever used: a user's
+    replaced or deleted key stayed in memory, its connections open, for the life of the process."""
+    own = {"provider": "openai_compatible", "model": "llama3", "base_url": openai_server.base_url}
+    path = "/v1/admin/users/acme/alice/byollm"
+    old_key, new_key = "sk-old-key-0123456789abcdef", "sk-new-key-0123456789abcdef"
+    assert client.put(path, json={**own, "api_key": old_key}, headers=admin).status_code == 200
+    assert _invoke(client, admin, text="hi", tone="formal").status_code == 200
+    old = _adapters(client)[old_key]
+
+    assert client.put(path, json={**own, "api_key": new_key}, headers=admin).status_code == 200
+    assert old_key not in _adapters(client) and old._client.is_closed()
+    assert _invoke(client, admin, text="hi", tone="formal").status_code == 200
+    new = _adapters(client)[new_key]
+    assert [r.headers["authorization"] for r in openai_server.requests] == [f"Bearer {old_key}", f"Bearer {new_key}"]
+
+    assert client.delete(path, headers=admin).status_code == 204
+    assert new_key not in _adapters(client) and new._client.is_closed()
+    body = _invoke(client, admin, text="hi", tone="formal").json()
+    assert body["is_byollm"] is False and len(openai_server.requests) == 2

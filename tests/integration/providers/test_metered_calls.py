@@ -13,8 +13,9 @@ import pytest
 
 from metering.errors import ProviderError
 from metering.events import UsageEvent, uuid7
-from metering.llm.client import MeteredLLM, ProviderPool
+from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
+from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.resolution import ByollmSettings, PlatformLLM
 from metering.llm.settings_source import InMemorySettings
