@@ -11,10 +11,9 @@ import typer
 
 from metering.cli.common import console, fail, print_json, run_async, services, usage_table
 from metering.db.event_store import events_for_invocations
-from metering.errors import MeteringError
 from metering.extensions import BUNDLED, get_extension
 from metering.runtime import InvocationResult, User
-from metering.runtime.invoke import invocation_calls
+from metering.runtime.invoke import InvocationCalls, invocation_calls
 from metering.wiring import Services
 
 UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id the call runs as.")]
@@ -27,15 +26,24 @@ def invoke_and_report(svc: Services, extension_id: str, function: str, params: d
         raise fail(f"unknown extension {extension_id!r}; bundled: {', '.join(sorted(BUNDLED))}")
     try:
         result: InvocationResult = run_async(lambda: svc.runtime.invoke(extension, function, params, user))
-    except MeteringError as exc:
-        calls = invocation_calls(exc)
+    except BaseException as exc:  # a MeteringError, a bug in the handler, a Ctrl-C: calls made before it were made
+        calls = _calls_of(exc)
         if calls is not None:  # it failed after metered calls (a budget, a provider, a reply): they may be billed
             title = f"Metered usage of failed invocation {calls.invocation_id} (calls that used the provider: billed)"
             with contextlib.suppress(Exception):  # the invocation's own error is the one to report, below
                 report_usage(svc, calls.invocation_id, title)
-        raise  # then the error line
+        raise  # then the error line (a MeteringError), or the traceback of any other error: a non-zero exit either way
     print_json(result.result)
     report_usage(svc, result.invocation_id, f"Recorded usage of invocation {result.invocation_id}")
+
+
+def _calls_of(exc: BaseException) -> InvocationCalls | None:
+    """The metered calls of the invocation ``exc`` ended. A Ctrl-C ends ``asyncio.run`` with a new KeyboardInterrupt,
+    raised while handling the invocation's cancellation: that cancellation holds them."""
+    calls = invocation_calls(exc)
+    if calls is None and isinstance(exc, KeyboardInterrupt) and exc.__context__ is not None:
+        calls = invocation_calls(exc.__context__)
+    return calls
 
 
 def report_usage(svc: Services, invocation_id: uuid.UUID, title: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from typing import Any
 
 from pydantic import BaseModel
@@ -19,3 +21,12 @@ class BuggyParams(BaseModel):
 async def run(ctx: Context, params: BuggyParams) -> dict[str, Any]:
     await ctx.llm.create_message(messages=[{"role": "user", "content": params.text}], max_tokens=50)
     raise RuntimeError("a bug after the call")
+
+
+@buggy.function(description="one call, then Ctrl-C", action_type="read", effects=["llm.text-generation"])
+async def interrupted(ctx: Context, params: BuggyParams) -> dict[str, Any]:
+    """One call, then SIGINT (as a Ctrl-C would): ``asyncio.run`` cancels the invocation, and it waits until then."""
+    await ctx.llm.create_message(messages=[{"role": "user", "content": params.text}], max_tokens=50)
+    signal.raise_signal(signal.SIGINT)
+    await asyncio.Event().wait()  # never set: the cancellation ends it
+    raise AssertionError("unreachable")
