@@ -149,4 +149,22 @@ def test_byollm_show_of_a_key_the_current_keys_cannot_decrypt_is_shown_as_the_ap
     shown = run("byollm", "show", "-u", "erin")
     assert shown.exit_code == 0, shown.output
     view = json.loads(shown.stdout)
-    assert (view["has_api_key"], view["api_key"], view["model"]) == (True, None, "gpt-4o-mini")
+    assert (view["has_api_key"], view["api_key_mask"], view["model"]) == (True, None, "gpt-4o-mini")
+
+
+def test_byollm_show_names_its_fields_as_the_api_does(run) -> None:
+    """It printed the mask as `api_key` (as if it were the key; the audit snapshot's `***` under that name too); the
+    API's `GET /v1/admin/users/{tenant}/{user}/byollm` answers `has_api_key` and `api_key_mask`, never `api_key`."""
+    import json
+
+    from metering.api.admin_schemas import ByollmOut
+
+    done = run("byollm", "set", "-u", "fay", "-t", "acme", "--provider", "openai", "--model", "gpt-4o-mini",
+               "--api-key", "sk-proj-0123456789abcdwxyz")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    shown = run("byollm", "show", "-u", "fay")
+    assert shown.exit_code == 0, shown.output
+    view = json.loads(shown.stdout)
+    assert set(view) == set(ByollmOut.model_fields)
+    assert (view["has_api_key"], view["api_key_mask"], view["tenant_id"]) == (True, "sk-…wxyz", "acme")
+    assert "0123456789" not in shown.stdout
