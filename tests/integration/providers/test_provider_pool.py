@@ -145,3 +145,22 @@ def llm_for_events(llm: MeteredLLM) -> list[UsageEvent]:
     recorder = llm._recorder
     assert isinstance(recorder, Recorder)
     return recorder.events
+
+
+async def test_a_stream_ended_by_an_error_thrown_in_closes_its_upstream(
+    pool: ProviderPool, llm_for: MakeLLM, openai_server: FakeOpenAIServer
+) -> None:
+    """An exception thrown into the stream at a chunk (the consumer's ``athrow``) was recorded, but the upstream
+    response was left open, its connection held until the generator was collected; and the adapter, once released,
+    could be closed under it."""
+    openai_server.script(Reply(text="one two three four five six seven"))
+    llm = llm_for("u1")
+    chunks_of = aiter(llm.stream_message(messages=MESSAGES))
+    await anext(chunks_of)
+    connections = adapter_of(pool, "u1", openai_server)._client._client._transport._pool.connections  # type: ignore[attr-defined]  # httpx's pool
+    assert [c.is_closed() for c in connections] == [False]
+    with pytest.raises(RuntimeError, match="consumer bug"):
+        await chunks_of.athrow(RuntimeError("consumer bug"))
+    assert all(c.is_closed() for c in connections)  # the unfinished response was closed, its connection with it
+    [event] = llm_for_events(llm)
+    assert (event.status, event.error_type) == (Status.ERROR, "internal:RuntimeError")
