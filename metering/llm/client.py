@@ -84,11 +84,27 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
     for message in messages:
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
+        if isinstance(content := message["content"], list):
+            _check_parts(content)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= MAX_INT32:
         raise InvalidInputError(f"max_tokens must be a positive integer, at most {MAX_INT32}")
     _check_purpose(purpose)
     if response_format not in (None, "json"):
         raise InvalidInputError("response_format must be None or 'json'")
+
+
+# Content parts whose tokens a UsageEvent cannot tell apart from text: priced at the text rate they would be billed
+# several times under their price (gpt-audio: $2.50 instead of $32 per Mtok of input audio), so they are refused.
+_UNMETERABLE_PARTS = frozenset({"input_audio", "audio"})
+
+
+def _check_parts(parts: list[Any]) -> None:
+    for part in parts:
+        if isinstance(part, Mapping) and part.get("type") in _UNMETERABLE_PARTS:
+            raise InvalidInputError(
+                f"{part['type']!r} content parts are not supported: a usage event cannot count audio tokens apart "
+                "from text, so they would be billed at the model's text rate"
+            )
 
 
 class MeteredLLM:

@@ -1,6 +1,7 @@
-"""Audio tokens (OpenAI Chat Completions ``prompt_tokens_details.audio_tokens``): what an event holds of them, and
-how they are priced. A UsageEvent has no audio fields, so they are counted, and priced, as text tokens: this pins
-what docs/ctx-llm.md and docs/billing.md say (a schema change is needed to price them at the audio rate)."""
+"""Audio (OpenAI Chat Completions ``input_audio`` parts, ``prompt_tokens_details.audio_tokens``). A UsageEvent has no
+audio fields, so audio tokens would be counted, and priced, as text tokens (about 13 times under for gpt-audio):
+``ctx.llm`` refuses audio parts before the call, and audio tokens a provider reports anyway are input tokens priced at
+the text rate. This pins what docs/ctx-llm.md and docs/billing.md say."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import genai_prices
+import pytest
 
 from metering.billing.pricing import PriceBook
 from metering.billing.rates import RateCards
+from metering.errors import InvalidInputError
 from metering.events import UsageCompleteness, uuid7
 from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
@@ -31,7 +34,9 @@ AUDIO_USAGE = {
 AUDIO_PART = {"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}}
 
 
-async def test_audio_tokens_are_counted_as_input_and_priced_at_the_text_rate(openai_server: FakeOpenAIServer) -> None:
+async def test_audio_tokens_reported_anyway_are_input_tokens_priced_at_the_text_rate(
+    openai_server: FakeOpenAIServer,
+) -> None:
     openai_server.script(Reply(text="It says hello.", usage=AUDIO_USAGE))
     platform = PlatformLLM(
         provider="openai", model="gpt-audio", base_url=openai_server.base_url, timeout_s=5, max_retries=0,
@@ -46,12 +51,11 @@ async def test_audio_tokens_are_counted_as_input_and_priced_at_the_text_rate(ope
         recorder=recorder,
     )
     try:
-        content = [{"type": "text", "text": "What does it say?"}, AUDIO_PART]
+        content = [{"type": "text", "text": "What does it say?"}]  # e.g. a gateway that reports audio it added
         await llm.create_message(messages=[{"role": "user", "content": content}], modalities=["text", "audio"])
     finally:
         await pool.aclose()
     sent = openai_server.last.body
-    assert sent["messages"][0]["content"][1] == AUDIO_PART  # the audio reaches the provider as it is
     assert "modalities" not in sent and "audio" not in sent  # not passed through: no audio output can be asked for
     [event] = recorder.events
     assert (event.input_tokens, event.output_tokens, event.usage_completeness) == (
@@ -67,3 +71,42 @@ async def test_audio_tokens_are_counted_as_input_and_priced_at_the_text_rate(ope
     usage = genai_prices.Usage(input_tokens=1_000, output_tokens=10, input_audio_tokens=900)
     priced = genai_prices.calc_price(usage, "gpt-audio", provider_id="openai", genai_request_timestamp=at)
     assert priced.total_price == (100 * Decimal("2.5") + 900 * Decimal("32") + 10 * Decimal("10")) / 1_000_000
+
+
+def _llm(openai_server: FakeOpenAIServer, pool: ProviderPool, recorder: Recorder) -> MeteredLLM:
+    platform = PlatformLLM(
+        provider="openai", model="gpt-audio", base_url=openai_server.base_url, timeout_s=5, max_retries=0,
+        api_keys={"openai": "sk-platform-key-123456"},
+    )  # fmt: skip
+    return MeteredLLM(
+        scope=CallScope("t1", "u1", "rewrite", "rewrite", uuid7()),
+        settings=InMemorySettings(),
+        platform=platform,
+        providers=pool,
+        recorder=recorder,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("part", [AUDIO_PART, {"type": "audio", "source": {}}])
+async def test_audio_parts_are_refused_before_any_call(
+    openai_server: FakeOpenAIServer, part: dict[str, object], stream: bool
+) -> None:
+    openai_server.script(Reply(text="It says hello.", usage=AUDIO_USAGE))
+    pool, recorder = ProviderPool(make_provider), Recorder()
+    llm = _llm(openai_server, pool, recorder)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What does it say?"}, part]}]
+    try:
+        with pytest.raises(InvalidInputError, match="billed at the model's text rate"):
+            if stream:
+                async with llm.stream_message(messages=messages) as chunks:
+                    async for _ in chunks:
+                        pass
+            else:
+                await llm.create_message(messages=messages)
+        # A text part next to it is still fine (the refusal is about audio only).
+        await llm.create_message(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    finally:
+        await pool.aclose()
+    assert len(openai_server.requests) == 1  # only the text call reached the provider
+    assert len(recorder.events) == 1
