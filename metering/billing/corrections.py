@@ -1,6 +1,10 @@
 """Shared by reprice and re-rate (SQL; only flushes): price a stored event again, page through events with
 row locks, set an event's billing columns, and move its hourly rollup by deltas.
 
+The price book a page is priced with is read once that page's events are locked (``PagePrices``), never when the
+run starts: a run that waited for the events (held by another reprice or re-rate) would otherwise price them with
+overrides changed before it read them, and bill an ended override or re-rate them back to replaced prices.
+
 Rollup deltas go through ``store.upsert_rollups``, which adds every counter (``col = col + excluded.col``),
 so a bucket with ``calls = 0`` and negative counters moves an existing row without counting a call twice.
 """
@@ -11,6 +15,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Select, select
@@ -146,6 +151,22 @@ def add_delta(
 def upsert_rollup_deltas(session: Session, buckets: dict[RollupKey, list[int]]) -> None:
     """Add the deltas to the rollup rows (which ingest created); all-zero buckets are skipped."""
     store.upsert_rollups(session, {key: counters for key, counters in buckets.items() if any(counters)})
+
+
+class PagePrices:
+    """The current price book, read again for each page once its events are locked (and its billing periods): every
+    change of the overrides committed before the page's events were read is in it. The cards are rebuilt only when
+    the overrides changed."""
+
+    def __init__(self, markup_pct: Decimal) -> None:
+        self.markup_pct = markup_pct
+        self._cards: RateCards | None = None
+
+    def cards(self, session: Session) -> RateCards:
+        book = store.load_price_book(session, self.markup_pct)
+        if self._cards is None or set(self._cards.book.overrides) != set(book.overrides):
+            self._cards = RateCards(book)
+        return self._cards
 
 
 @dataclass

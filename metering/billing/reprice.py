@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from metering.billing import store
 from metering.billing.corrections import (
     Balances,
+    PagePrices,
     add_delta,
     decide_event,
     event_pages,
@@ -43,7 +44,6 @@ from metering.billing.ledger import Posting, usage_postings
 from metering.billing.periods import billing_period, period_of
 from metering.billing.policy import BillingStatus
 from metering.billing.pricing import over_call_limit
-from metering.billing.rates import RateCards
 from metering.billing.rollup import RollupKey
 from metering.db.models import UsageEventRow
 from metering.events import UsageCompleteness
@@ -65,7 +65,7 @@ class RepriceResult:
 def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None = None) -> RepriceResult:
     """Price every ``unpriced`` event with the current price book; returns what changed."""
     now = now or datetime.now(UTC)
-    cards = RateCards(store.load_price_book(session, markup_pct))
+    prices = PagePrices(markup_pct)
     e = UsageEventRow
     held = select(e).where(
         or_(
@@ -84,6 +84,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     balances = Balances()  # so are the accounts, before the rollups (ingest's order)
     for rows in event_pages(session, held, lock=True):
         finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
+        cards = prices.cards(session)  # read now that the page is locked: see corrections.PagePrices
         postings: list[Posting] = []
         for row in rows:
             was_held = row.billing_status == BillingStatus.UNPRICED.value  # else BYOLLM, or a failed call with searches

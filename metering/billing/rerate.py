@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from metering.billing import store
 from metering.billing.corrections import (
     Balances,
+    PagePrices,
     add_delta,
     event_pages,
     quote_event,
@@ -231,7 +232,7 @@ def apply_rerate(
         raise InvalidInputError(f"a run id is required, at most {MAX_RUN_ID} characters")
     now = now or datetime.now(UTC)
     cause = f"rerate:{run_id}"
-    cards = RateCards(store.load_price_book(session, markup_pct))
+    prices = PagePrices(markup_pct)
     diff = RerateDiff()
     skipped = late = posted = 0
     buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
@@ -239,6 +240,7 @@ def apply_rerate(
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
         transfers = transfers_by_event(session, [row.event_id for row in rows])
         finalized = lock_billing_periods(session, {row.invoice_period or period_of(row.occurred_at) for row in rows})
+        cards = prices.cards(session)  # read now that the page is locked: see corrections.PagePrices
         postings: list[Posting] = []
         for row in rows:
             if not _is_billed(row):

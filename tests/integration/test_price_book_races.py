@@ -1,0 +1,156 @@
+"""A reprice or re-rate that waited for the events' locks prices them with the price book of the moment it got them.
+
+The run under test starts, reaches its first page of events and waits there, because another transaction holds them
+(PostgreSQL: their row locks; SQLite: the database write lock). That transaction changes the price overrides,
+corrects the events with the new prices, and commits; then the run goes on. Before, the run had loaded the price
+book when it started: it then billed what the committed change had withdrawn, or re-rated the events back to prices
+that had been replaced before it even read them. Both databases; the interleaving is forced by the held lock and an
+event set when the run reaches its first page (no timing).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import ModuleType
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from metering.billing import reprice as reprice_module
+from metering.billing import rerate as rerate_module
+from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
+from metering.billing.overrides import add_override, end_override
+from metering.billing.reprice import reprice_held
+from metering.billing.rerate import apply_rerate, plan_rerate
+from metering.db.models import UsageEventRow
+from metering.db.row_lock import lock_sqlite_for_write
+from metering.events import UsageEvent, event_from_record
+from tests.fakes.events import record
+
+NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
+MARKUP = Decimal(20)
+SINCE = datetime(2026, 1, 1, tzinfo=UTC)
+START, END = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+OLD_CHARGE = 360_000_000  # 1M in x $0.10 + 0.5M out x $0.40, x 1.2
+NEW_CHARGE = 720_000_000  # at $0.20 / $0.80
+
+
+def ollama(i: int, model: str = "llama3.1") -> UsageEvent:
+    return event_from_record(
+        record(i, provider="ollama", model=model, input_tokens=1_000_000, output_tokens=500_000, cache_read_tokens=0,
+               occurred_at=NOW - timedelta(minutes=5))
+    )  # fmt: skip
+
+
+def override(session: Session, id: str, pattern: str, input_mtok: str, output_mtok: str) -> None:
+    add_override(session, provider="ollama", model_pattern=pattern, effective_from=SINCE, effective_to=None,
+                 input_mtok=Decimal(input_mtok), output_mtok=Decimal(output_mtok), id=id, now=NOW)  # fmt: skip
+
+
+def hold_the_events(session: Session) -> None:
+    """Lock every event as a concurrent correction does: their rows (PostgreSQL), the database (SQLite)."""
+    if session.get_bind().dialect.name == "sqlite":
+        lock_sqlite_for_write(session)
+    else:
+        list(session.scalars(select(UsageEventRow).with_for_update()))
+
+
+def run_while_held(
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    module: ModuleType,
+    run: Callable[[Session], Any],
+    meanwhile: Callable[[Session], None],
+) -> None:
+    """Start ``run`` (in its own session and thread, committed) while another session holds the events; once ``run``
+    reaches its first page of events, ``meanwhile`` runs in the holding session, which then commits."""
+    reached = threading.Event()
+    pages = module.event_pages
+
+    def signalling_pages(*args: Any, **kwargs: Any) -> Iterator[list[UsageEventRow]]:
+        if threading.current_thread() is worker:
+            reached.set()
+        yield from pages(*args, **kwargs)
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with session_factory() as session:
+                run(session)
+                session.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            reached.set()
+
+    monkeypatch.setattr(module, "event_pages", signalling_pages)
+    worker = threading.Thread(target=work)
+    with session_factory() as holder:
+        hold_the_events(holder)
+        worker.start()
+        assert reached.wait(30), "the run never reached its events"
+        meanwhile(holder)  # the run waits for the events meanwhile (or reads them after this commits)
+        holder.commit()
+    worker.join(60)
+    assert not worker.is_alive() and errors == []
+
+
+def events_by_model(session_factory: sessionmaker[Session]) -> dict[str, set[tuple[str, int]]]:
+    with session_factory() as session:
+        found: dict[str, set[tuple[str, int]]] = {}
+        for row in session.scalars(select(UsageEventRow)):
+            found.setdefault(row.model, set()).add((row.billing_status, row.charge_nanos))
+        assert run_checks(session).problems == []
+    return found
+
+
+def test_a_rerate_that_waited_does_not_undo_prices_set_before_it_read_the_events(session_factory, monkeypatch):
+    """Run A waits for the events while the price of llama3.1 goes from $0.10/$0.40 to $0.20/$0.80 and run B re-rates
+    them to it. A had loaded the old prices when it started: it re-rated every event back to them, so the ledger billed
+    prices replaced before A read a single event (and a dry run afterwards found them all to change again)."""
+    with session_factory() as session:
+        override(session, "old", "llama3*", "0.10", "0.40")
+        ingest(session, [ollama(i) for i in range(3)], markup_pct=MARKUP, now=NOW)
+        session.commit()
+
+    def window(run_id: str) -> Callable[[Session], Any]:
+        return lambda session: apply_rerate(session, start=START, end=END, markup_pct=MARKUP, run_id=run_id,
+                                            now=NOW + timedelta(hours=1))  # fmt: skip
+
+    def new_price_and_run_b(session: Session) -> None:
+        override(session, "new", "llama3.1", "0.20", "0.80")  # exact: it wins over the glob
+        assert window("run-b")(session).diff.total.events == 3
+
+    run_while_held(session_factory, monkeypatch, rerate_module, window("run-a"), new_price_and_run_b)
+    assert events_by_model(session_factory) == {"llama3.1": {("billed", NEW_CHARGE)}}
+    with session_factory() as session:
+        assert plan_rerate(session, start=START, end=END, markup_pct=MARKUP).diff.total.events == 0
+
+
+def test_a_reprice_that_waited_does_not_bill_with_an_override_ended_before_it_read_the_events(
+    session_factory, monkeypatch
+):
+    """Held llama3.1 and llama2 events, an override for llama*. Reprice A waits for them while the override is ended
+    (from its start: it never applied) and llama3.1 gets its own price, then reprice B bills the llama3.1 events and
+    leaves llama2 held. A had loaded the ended override when it started: it billed llama2 with it."""
+    with session_factory() as session:
+        ingest(session, [ollama(0), ollama(1, "llama2"), ollama(2, "llama2")], markup_pct=MARKUP, now=NOW)
+        override(session, "llamas", "llama*", "0.10", "0.40")
+        session.commit()
+
+    def reprice(session: Session) -> Any:
+        return reprice_held(session, markup_pct=MARKUP, now=NOW + timedelta(hours=1))
+
+    def withdraw_and_reprice_b(session: Session) -> None:
+        end_override(session, "llamas", SINCE + timedelta(microseconds=1))
+        override(session, "llama3", "llama3.1", "0.20", "0.80")
+        assert reprice(session).priced == 1
+
+    run_while_held(session_factory, monkeypatch, reprice_module, reprice, withdraw_and_reprice_b)
+    assert events_by_model(session_factory) == {"llama3.1": {("billed", NEW_CHARGE)}, "llama2": {("unpriced", 0)}}
