@@ -15,6 +15,7 @@ from decimal import Decimal
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from metering.billing import store
 from metering.billing.pricing import PriceOverride
 from metering.db.models import PriceOverrideRow
 from metering.db.row_lock import get_for_update
@@ -110,6 +111,7 @@ def add_override(
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
     taken = f"a price override with id {override_id!r} already exists (end it, or use a new id)"
+    store.lock_price_book(session, change=True)  # after every ingest that priced without it (PostgreSQL)
     if session.get(PriceOverrideRow, override_id) is not None:
         raise ConflictError(taken)
     row = PriceOverrideRow(
@@ -169,6 +171,7 @@ def end(session: Session, id: str, at: datetime) -> tuple[PriceOverrideRow, bool
     if at.tzinfo is None or at.utcoffset() is None:
         raise InvalidInputError("the end of an override must be timezone-aware")
     at = at.astimezone(UTC)
+    store.lock_price_book(session, change=True)  # after every ingest that priced with the longer window (PostgreSQL)
     o = PriceOverrideRow
     # One conditional UPDATE, so the rule holds against a concurrent end: checked on a row read before, an end that
     # waited for another one's lock lengthened the window the first had just shortened.

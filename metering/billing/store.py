@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import set_json_loads
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from metering.billing import batch_sql
@@ -420,6 +420,18 @@ def override_from_row(row: PriceOverrideRow) -> PriceOverride:
         cache_write_1h_mtok=usd(row.cache_write_1h_nanos_per_mtok),
         web_search_per_k=usd(row.web_search_nanos_per_k),  # nanos per 1,000 searches -> USD per 1,000
     )
+
+
+def lock_price_book(session: Session, *, change: bool) -> None:
+    """PostgreSQL: the price book's transaction lock, held to commit. An ingest takes it shared before it reads the
+    overrides; a change of the overrides (``overrides.add_override``, ``overrides.end``) takes it exclusive. So a
+    change commits after every ingest that priced without it (and an ingest starting meanwhile waits for it): a
+    reprice or re-rate run once the change is committed finds every event priced without it. Before, an ingest in
+    flight committed its events after the change, and after the reprice that was run to price them: they stayed held.
+    SQLite: nothing (an ingest takes the database write lock before it reads the overrides; a change needs it too)."""
+    if dialect(session) == "postgresql":
+        mode = "" if change else "_shared"
+        session.execute(text(f"SELECT pg_advisory_xact_lock{mode}(hashtext('price_book'))"))
 
 
 def load_price_book(session: Session, markup_pct: Decimal) -> PriceBook:

@@ -6,11 +6,15 @@ corrects the events with the new prices, and commits; then the run goes on. Befo
 book when it started: it then billed what the committed change had withdrawn, or re-rated the events back to prices
 that had been replaced before it even read them. Both databases; the interleaving is forced by the held lock and an
 event set when the run reaches its first page (no timing).
+
+And an override change against an ingest in flight (PostgreSQL): the change waits for the ingest, so a reprice run
+once the change is committed finds the ingest's events.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing import reprice as reprice_module
@@ -154,3 +158,72 @@ def test_a_reprice_that_waited_does_not_bill_with_an_override_ended_before_it_re
 
     run_while_held(session_factory, monkeypatch, reprice_module, reprice, withdraw_and_reprice_b)
     assert events_by_model(session_factory) == {"llama3.1": {("billed", NEW_CHARGE)}, "llama2": {("unpriced", 0)}}
+
+
+def test_a_reprice_after_an_override_change_finds_the_events_ingested_without_it(session_factory, monkeypatch, backend):
+    """An ingest has read the price book (no price for llama3.1: its event will be held) and not committed when an
+    override for llama3.1 is added. The admin then runs a reprice: it must find that event. The override's commit
+    did not wait for the ingest, so the reprice ran before the ingest committed, saw nothing held, and the event
+    stayed held although its price existed before the reprice ran. PostgreSQL only: on SQLite an ingest takes the
+    database write lock before it reads the prices, and an override change needs that lock too."""
+    if backend != "postgresql":
+        return
+    from metering.billing import store
+
+    loaded, go, added = threading.Event(), threading.Event(), threading.Event()
+    load = store.load_price_book
+
+    def pausing_load(session: Session, markup_pct: Decimal) -> Any:
+        book = load(session, markup_pct)
+        if threading.current_thread() is ingesting:
+            loaded.set()
+            assert go.wait(30)
+        return book
+
+    errors: list[BaseException] = []
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+                loaded.set()
+
+        return run
+
+    def ingest_held() -> None:
+        with session_factory() as session:
+            ingest(session, [ollama(0)], markup_pct=MARKUP, now=NOW)
+            session.commit()
+
+    def add_price() -> None:
+        with session_factory() as session:
+            override(session, "llama3", "llama3*", "0.10", "0.40")
+            session.commit()
+        added.set()
+
+    monkeypatch.setattr(store, "load_price_book", pausing_load)
+    ingesting = threading.Thread(target=guarded(ingest_held))
+    adding = threading.Thread(target=guarded(add_price))
+    ingesting.start()
+    assert loaded.wait(30) and errors == []
+    adding.start()
+    with session_factory() as probe:  # until the override is added, or waits for the ingest (a lock not granted)
+        while not added.is_set() and adding.is_alive():
+            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+            probe.rollback()
+            if waiting:
+                break
+            time.sleep(0.01)  # polling a state, not waiting for a race: the outcome does not depend on it
+    if not added.is_set():
+        go.set()  # the ingest commits, then the override
+    adding.join(30)
+    assert added.is_set() and errors == []
+    with session_factory() as session:  # the admin's reprice, once the override is added
+        reprice_held(session, markup_pct=MARKUP, now=NOW + timedelta(hours=1))
+        session.commit()
+    go.set()
+    ingesting.join(30)
+    assert not ingesting.is_alive() and errors == []
+    assert events_by_model(session_factory) == {"llama3.1": {("billed", OLD_CHARGE)}}
