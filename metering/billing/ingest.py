@@ -310,9 +310,9 @@ def ingest(
     # late ones included) while we read which invoices are final and bill into them (PostgreSQL). On SQLite,
     # take the database write lock now instead.
     finalized = lock_billing_periods(session, {period_of(e.occurred_at) for e in events})
+    store.lock_price_book(session, change=False)  # an override change waits for this batch (PostgreSQL)
     if clock:  # the posting time is taken once the locks are held: a batch that waited posts after what it waited for
         now = datetime.now(UTC)
-    store.lock_price_book(session, change=False)  # an override change waits for this batch (PostgreSQL)
     cards = RateCards(store.load_price_book(session, markup_pct))
     batch = uuid.uuid4()
     over_limit: list[tuple[UsageEvent, str]] = []

@@ -227,3 +227,42 @@ def test_a_reprice_after_an_override_change_finds_the_events_ingested_without_it
     ingesting.join(30)
     assert not ingesting.is_alive() and errors == []
     assert events_by_model(session_factory) == {"llama3.1": {("billed", OLD_CHARGE)}}
+
+
+def test_an_ingest_that_waited_for_an_override_change_posts_after_it(session_factory, backend):
+    """The batch's posting time (its transfers' created_at) is taken once it holds its locks, the price book's too:
+    a batch that waited for an override change posts after that change committed."""
+    if backend != "postgresql":
+        return  # SQLite: the batch takes the database write lock before anything, and its posting time after it
+    from metering.db.models import TransferRow
+
+    errors: list[BaseException] = []
+
+    def ingest_priced() -> None:
+        try:
+            with session_factory() as session:
+                ingest(session, [ollama(0)], markup_pct=MARKUP)
+                session.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with session_factory() as changing:
+        override(changing, "llama3", "llama3*", "0.10", "0.40")  # the price book's lock held until the commit
+        ingesting = threading.Thread(target=ingest_priced)
+        ingesting.start()
+        with session_factory() as probe:  # until the ingest waits for a lock
+            while ingesting.is_alive():
+                waiting = probe.scalar(
+                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                )
+                probe.rollback()
+                if waiting:
+                    break
+                time.sleep(0.01)  # polling a state, not waiting for a race
+        assert ingesting.is_alive() and errors == []
+        committed = datetime.now(UTC)
+        changing.commit()
+    ingesting.join(30)
+    assert not ingesting.is_alive() and errors == []
+    with session_factory() as session:
+        assert [t.created_at >= committed for t in session.scalars(select(TransferRow))] == [True, True]
