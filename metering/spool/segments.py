@@ -13,6 +13,7 @@ Layout of a spool directory::
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 from dataclasses import dataclass
@@ -65,7 +66,12 @@ class Cursor:
 
 def read_cursor(slot_dir: Path) -> Cursor:
     try:
-        data = orjson.loads((slot_dir / CURSOR_NAME).read_bytes())
+        with open(slot_dir / CURSOR_NAME, "rb") as handle:
+            # Shared with other readers; excluded by a write in place (``_overwrite``), which a read in its midst
+            # saw torn: the new segment with the old offset, a position nothing acknowledged. Released on close.
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+            raw = handle.read()
+        data = orjson.loads(raw)
         cursor = Cursor(segment=int(data["segment"]), offset=int(data["offset"]))
         if cursor.segment < 0 or cursor.offset < 0:
             raise ValueError("a cursor position is never negative")
@@ -73,8 +79,8 @@ def read_cursor(slot_dir: Path) -> Cursor:
     except FileNotFoundError:
         return Cursor()
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        # A cursor is written by atomic rename, so this only happens if someone edited it. Starting
-        # over re-delivers, which the idempotent sink turns into duplicates: nothing lost, nothing doubled.
+        # A cursor is written by atomic rename, or in place under the lock, so this only happens if someone edited
+        # it. Starting over re-delivers, which the idempotent sink turns into duplicates: nothing lost, nothing doubled.
         return Cursor()
 
 
@@ -120,12 +126,14 @@ def _cursor_bytes(cursor: Cursor) -> bytes:
 def _overwrite(path: Path, data: bytes) -> bool:
     """Write ``data`` over the file at ``path`` from its first byte, padded with spaces (JSON whitespace) to its
     length: the file keeps the block it has, so a full disk cannot refuse it. One ``pwrite`` of a few dozen bytes,
-    which a killed process cannot tear. False when there is no such file."""
+    which a killed process cannot tear, under an exclusive ``flock`` that ``read_cursor`` takes shared: a read in
+    the midst of it could see the new bytes followed by old ones. False when there is no such file."""
     try:
         fd = os.open(path, os.O_WRONLY)
     except FileNotFoundError:
         return False
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
         padded = data.ljust(os.fstat(fd).st_size)
         if os.pwrite(fd, padded, 0) != len(padded):
             raise OSError(errno.ENOSPC, f"could not write the spool cursor {path}")
