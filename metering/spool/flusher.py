@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,22 @@ class Flusher:
         self._thread: threading.Thread | None = None
         self._delivered = self._duplicates = self._rejected = self._failures = self._batches = 0
         self._last_error: str | None = None
+        _FLUSHERS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's thread does not run here, and its reader locks stay the parent's: the child's copies of their
+        descriptors held them too, and its flush() drained the parent's slots alongside the parent's flusher. Locks
+        another thread held at the fork would be held for ever here (a flush() that hangs): new ones."""
+        for fd in self._held.values():
+            os.close(fd)  # the parent's own descriptor keeps the slot locked
+        self._held.clear()
+        self._refused.clear()
+        self._rotated_out.clear()
+        self._pass_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._done = threading.Condition()
+        self._thread = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -369,6 +386,18 @@ class Flusher:
         self._took(slot)
         self._delivered += result.inserted  # stored now: delivered again with their batch, they count as duplicates
         return True
+
+
+# Flushers, for the child of a fork (a prefork server or task queue): see ``Flusher._after_fork_in_child``.
+_FLUSHERS: weakref.WeakSet[Flusher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for flusher in list(_FLUSHERS):
+        flusher._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _has_unread(slot: Path) -> bool:

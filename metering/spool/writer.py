@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import threading
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -64,6 +65,13 @@ class Spool:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def open(self) -> Spool:
+        with self._lock:
+            self._claim()
+        _OPEN.add(self)
+        return self
+
+    def _claim(self) -> None:
+        """Claim a free slot and start a new segment in it."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for index in range(MAX_SLOTS):
@@ -79,11 +87,27 @@ class Spool:
         self.slot_dir, self._lock_fd = slot, fd
         ensure_cursor(slot)  # a cursor file to write over when the disk is full (segments.write_cursor)
         DeadLetters(self.root / DEAD_LETTER_NAME).keep_reserve()  # and room for dead letters, drainer or not
-        # Never append to a segment left by a previous owner: it may end with a torn line.
-        self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
-        self._open_segment()
+        try:
+            # Never append to a segment left by a previous owner: it may end with a torn line.
+            self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
+            self._open_segment()
+        except OSError as exc:
+            os.close(fd)  # the slot is free again
+            self.slot_dir, self._lock_fd = None, None
+            raise SpoolError(f"cannot open a segment in the spool at {slot}: {exc}") from exc
         self._closed = False
-        return self
+
+    def _after_fork_in_child(self) -> None:
+        """The slot, its lock and its segment stay the parent's: the child claims a slot of its own at its first
+        append. Appending to the inherited segment lost events: the parent, which tracks only its own appends,
+        rotated, and its flusher deleted that segment once delivered, under the child's later appends."""
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork: held for ever here
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)  # the parent's own descriptor keeps its slot locked
+        self._fd = self._lock_fd = None
+        self.slot_dir = None
+        self._seq = self._size = 0
 
     def close(self) -> None:
         with self._lock:
@@ -131,6 +155,8 @@ class Spool:
         with self._lock:
             if self._closed:
                 raise SpoolError("the spool is closed")
+            if self.slot_dir is None:  # opened before this process was forked from its parent
+                self._claim()
             clean = False  # the segment is known to end where it did before this append
             try:
                 if self._fd is None:  # a previous rotation could not open a segment: retry now
@@ -177,3 +203,16 @@ class Spool:
             self._open_segment()
         except OSError:
             self._fd = None  # the next append retries, and raises SpoolError if it still cannot
+
+
+# Open spools, for the child of a fork (a prefork server or task queue): see ``Spool._after_fork_in_child``.
+_OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for spool in list(_OPEN):
+        if not spool.closed:
+            spool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

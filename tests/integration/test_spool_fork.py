@@ -1,0 +1,134 @@
+"""A process that forks with an open spool (a prefork server or task queue, multiprocessing's fork) and whose child
+meters calls: the child's appends are delivered like the parent's (no database)."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from metering.events import UsageEvent
+from metering.spool import DeliveryResult, Flusher, Spool
+from tests.fakes.events import record
+
+
+class FileSink:
+    """Appends the ids it is given to a file, so that what a child process delivered is seen by the test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
+        with open(self.path, "a") as out:
+            out.writelines(f"{e.event_id}\n" for e in events)
+        return DeliveryResult(inserted=len(events), duplicates=0)
+
+    def ids(self) -> list[str]:
+        return self.path.read_text().split() if self.path.exists() else []
+
+
+def _in_child(body: Callable[[], object], *, before: Callable[[], None] | None = None) -> str:
+    """Fork; the child waits for the parent's ``before`` (if any), runs ``body`` and reports its result, or its
+    error, through a pipe. The parent kills a child that reports nothing in 30 s (a deadlock) and fails."""
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.read(go_r, 1)
+            report = f"ok {body()}"
+        except BaseException as exc:
+            report = f"error {type(exc).__name__}: {exc}"
+        os.write(out_w, report.encode())
+        os._exit(0)
+    os.close(out_w)
+    if before is not None:
+        before()
+    os.write(go_w, b"x")
+    ready, _, _ = select.select([out_r], [], [], 30)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    report = os.read(out_r, 4096).decode() if ready else "no report: the child hung"
+    for fd in (go_r, go_w, out_r):
+        os.close(fd)
+    return report
+
+
+def test_an_event_a_forked_child_appends_after_the_parent_rotated_is_delivered(tmp_path: Path) -> None:
+    """The child appended to the segment it inherited, while the parent, its flusher seeing that segment finished
+    (the parent had rotated), delivered it and deleted it: the child's append returned, and its event was lost.
+    The child now claims a slot of its own at its first append."""
+    sink = FileSink(tmp_path / "delivered")
+    child_event = record(999)
+    appended = [record(0)]
+    with Spool(tmp_path / "spool", segment_bytes=4096) as spool:
+        spool.append(orjson.dumps(appended[0]))
+        flusher = Flusher(spool, sink)
+
+        def parent_rotates_and_flushes() -> None:
+            while spool.current_segment == 1:
+                appended.append(record(len(appended)))
+                spool.append(orjson.dumps(appended[-1]))
+            assert flusher.flush(timeout=10)
+
+        assert _in_child(lambda: spool.append(orjson.dumps(child_event)), before=parent_rotates_and_flushes) == (
+            "ok None"
+        )
+        assert flusher.flush(timeout=10), flusher.stats.last_error
+        flusher.stop()
+    assert sorted(sink.ids()) == sorted(str(r["event_id"]) for r in [*appended, child_event])
+
+
+def test_a_child_forked_while_another_thread_appends_can_append(tmp_path: Path) -> None:
+    """A thread of the parent held the spool's lock (mid-append) when another forked: the child inherited it held,
+    and its first append waited for ever."""
+    sink = FileSink(tmp_path / "delivered")
+    with Spool(tmp_path / "spool") as spool:
+        held, release = threading.Event(), threading.Event()
+
+        def appending() -> None:
+            with spool._lock:  # as an append in progress holds it
+                held.set()
+                release.wait()
+
+        thread = threading.Thread(target=appending)
+        thread.start()
+        held.wait()
+        child_event = record(1)
+        report = _in_child(lambda: spool.append(orjson.dumps(child_event)))
+        release.set()
+        thread.join()
+        assert report == "ok None"
+        flusher = Flusher(spool, sink)
+        assert flusher.flush(timeout=10), flusher.stats.last_error
+        flusher.stop()
+    assert sink.ids() == [str(child_event["event_id"])]
+
+
+def test_a_childs_flusher_neither_hangs_nor_drains_the_slots_the_parents_flusher_holds(tmp_path: Path) -> None:
+    """The child inherited the flusher's reader locks (file descriptors: held by the child too), so its flush()
+    drained the parent's slots alongside the parent's flusher (two flushers on one slot); and, when the parent's
+    flusher thread was in a pass at the fork, the lock of that pass, held for ever in the child, hung its flush()."""
+    parent_sink, child_sink = FileSink(tmp_path / "parent"), FileSink(tmp_path / "child")
+    events = [record(i) for i in range(3)]
+    with Spool(tmp_path / "spool") as spool:
+        flusher = Flusher(spool, parent_sink)
+        spool.append(orjson.dumps(events[0]))
+        assert flusher.flush(timeout=10)  # the flusher holds its slot's reader lock from now on
+        spool.append(orjson.dumps(events[1]))  # not delivered yet
+        flusher.sink = child_sink  # what the child's copy of the flusher delivers to
+        with flusher._pass_lock:  # the parent's flusher thread in a pass at the fork
+            report = _in_child(lambda: (spool.append(orjson.dumps(events[2])), flusher.flush(timeout=10))[1])
+        flusher.sink = parent_sink
+        assert report == "ok True"
+        assert flusher.flush(timeout=10), flusher.stats.last_error
+        flusher.stop()
+    # The child delivered its own event (its slot), and the parent's flusher the parent's: none twice.
+    assert child_sink.ids() == [str(events[2]["event_id"])]
+    assert sorted(parent_sink.ids()) == sorted(str(e["event_id"]) for e in events[:2])
