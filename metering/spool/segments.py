@@ -100,20 +100,24 @@ def write_cursor(slot_dir: Path, cursor: Cursor) -> None:
     os.replace(tmp, slot_dir / CURSOR_NAME)
 
 
-def ensure_cursor(slot_dir: Path) -> None:
+def ensure_cursor(slot_dir: Path) -> bool:
     """Give a slot without a cursor file one (at the start, as if it had none), so that it can be written over on a
-    full disk. Never replaces a cursor (created by a link, which fails if one exists); best effort."""
+    full disk. Never replaces a cursor (created by a link, which fails if one exists); best effort: whether the slot
+    has a cursor file now."""
     path = slot_dir / CURSOR_NAME
     if path.exists():
-        return
+        return True
     tmp = slot_dir / f"{CURSOR_NAME}.{os.getpid()}.init"
     try:
         tmp.write_bytes(_cursor_bytes(Cursor()))
         os.link(tmp, path)
-    except OSError:  # FileExistsError: a flusher wrote one meanwhile; anything else: the disk, tried again later
-        pass
+    except FileExistsError:  # a flusher wrote one meanwhile
+        return True
+    except OSError:  # the disk: tried again later
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

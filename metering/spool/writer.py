@@ -60,6 +60,7 @@ class Spool:
         self._fd: int | None = None
         self._seq = 0
         self._size = 0
+        self._has_cursor = False
         self._closed = True
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -85,7 +86,10 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot open the spool at {self.root}: {exc}") from exc
         self.slot_dir, self._lock_fd = slot, fd
-        ensure_cursor(slot)  # a cursor file to write over when the disk is full (segments.write_cursor)
+        # A cursor file to write over when the disk is full (segments.write_cursor); claimed on a full disk, the slot
+        # gets it at an append (before the event takes the room): without it, once its events filled the disk, its
+        # flusher could never acknowledge them, delete a segment, and so free the disk.
+        self._has_cursor = ensure_cursor(slot)
         DeadLetters(self.root / DEAD_LETTER_NAME).keep_reserve()  # and room for dead letters, drainer or not
         try:
             # Never append to a segment left by a previous owner: it may end with a torn line.
@@ -157,6 +161,9 @@ class Spool:
                 raise SpoolError("the spool is closed")
             if self.slot_dir is None:  # opened before this process was forked from its parent
                 self._claim()
+            if not self._has_cursor:
+                assert self.slot_dir is not None
+                self._has_cursor = ensure_cursor(self.slot_dir)
             clean = False  # the segment is known to end where it did before this append
             try:
                 if self._fd is None:  # a previous rotation could not open a segment: retry now

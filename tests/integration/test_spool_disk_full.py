@@ -3,10 +3,11 @@ events: nothing lost, nothing doubled, and the calls can append again. Needs the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.db.engine import make_engine, make_session_factory
 from metering.db.models import UsageEventRow
 from metering.errors import SpoolError
-from metering.spool import DatabaseSink, Flusher, Spool
+from metering.events import UsageEvent
+from metering.spool import DatabaseSink, DeliveryResult, Flusher, Spool
 from metering.spool.decode import RESERVE_BYTES, DeadLetters
 from tests.fakes.events import record
 
@@ -169,3 +171,35 @@ def test_appends_refused_by_a_full_disk_leave_no_segment_each(small_disk: Path) 
                 spool.append(orjson.dumps(record(i)))
         assert spool.slot_dir is not None
         assert len(list(spool.slot_dir.glob("*.jsonl"))) <= 2
+
+
+class _MemorySink:
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+
+    def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
+        self.stored += [str(e.event_id) for e in events]
+        return DeliveryResult(inserted=len(events), duplicates=0)
+
+
+def test_a_slot_claimed_on_a_full_disk_can_acknowledge_once_its_events_fill_the_disk_again(small_disk: Path) -> None:
+    """A slot claimed while the disk was full got no cursor file (its temporary file got no space), and none later:
+    once room was freed elsewhere and its own events filled the disk again, the flusher could write its cursor
+    neither anew nor over an old one, never acknowledged a batch, never deleted a segment, and the spool stayed full
+    for good (the same batch delivered again and again). The writer now gives the slot its cursor file at its first
+    append, before the event takes the room."""
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while os.write(fd, b"x" * 512):
+            pass
+    os.close(fd)
+    with Spool(small_disk / "spool", segment_bytes=1 << 20) as spool:
+        assert spool.slot_dir is not None and not (spool.slot_dir / "cursor").exists()
+        filler.unlink()  # room freed elsewhere
+        appended = _fill(spool)
+        sink = _MemorySink()
+        flusher = Flusher(spool, sink, batch_size=100, max_backoff_s=0.05)
+        assert flusher.flush(timeout=20), flusher.stats.last_error
+        flusher.stop()
+    assert sink.stored == [str(r["event_id"]) for r in appended]
