@@ -153,7 +153,27 @@ class Flusher:
         while own is not None and target is not None and not _reached(read_cursor(own), target):
             if time.monotonic() >= deadline:
                 return False
+            if (self._thread is None or not self._thread.is_alive()) and self._could_claim(own):
+                # The drainer let the slot go before its cursor passed these appends (it stopped): deliver them here.
+                with self._done:
+                    self._requested += 1
+                    generation = self._requested
+                if not self._flush_inline(generation, deadline):
+                    return False
             time.sleep(0.01)  # another process's flusher holds this slot: wait for its cursor
+        return True
+
+    def _could_claim(self, slot: Path) -> bool:
+        """Whether this flusher holds the slot's reader lock, or could take it now."""
+        if slot in self._held:
+            return True
+        try:
+            fd = try_lock(slot / READER_LOCK_NAME)
+        except OSError:
+            return False
+        if fd is None:
+            return False
+        os.close(fd)
         return True
 
     def stop(self, *, drain: bool = True, timeout: float = 30.0) -> bool:

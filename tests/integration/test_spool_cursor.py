@@ -61,3 +61,42 @@ def test_a_flush_never_takes_a_cursor_half_written_over_in_place_as_reached(tmp_
         waiting.join()
         os.close(drainer)
     assert result == [False]  # two of its three events are not acknowledged yet
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def deliver(self, events: Sequence[UsageEvent]) -> DeliveryResult:
+        self.ids += [str(e.event_id) for e in events]
+        return DeliveryResult(inserted=len(events), duplicates=0)
+
+
+def test_a_flush_waiting_for_a_drainers_cursor_delivers_itself_once_the_drainer_lets_the_slot_go(
+    tmp_path: Path,
+) -> None:
+    """A writer's flush() without a flusher thread (METERING_SPOOL__FLUSHER=external) found a drainer holding its slot
+    and waited for its cursor; the drainer stopped (a deploy stops both) before it had read the last events, and the
+    flush waited to its timeout and returned False, the events left behind, though nothing held the slot any more."""
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs /proc/locks to see the flush wait")
+    with Spool(tmp_path) as spool:
+        assert spool.slot_dir is not None
+        events = [record(i) for i in range(3)]
+        for event in events:
+            spool.append(orjson.dumps(event))
+        drainer = try_lock(spool.slot_dir / READER_LOCK_NAME)  # the drainer (another process) holds the slot
+        assert drainer is not None
+        cursor = os.open(spool.slot_dir / "cursor", os.O_WRONLY)
+        fcntl.flock(cursor, fcntl.LOCK_EX)  # the drainer writing its cursor: the flush's next look waits for it
+        sink = ListSink()
+        result: list[bool] = []
+        flushing = threading.Thread(target=lambda: result.append(Flusher(spool, sink).flush(timeout=30)))
+        flushing.start()
+        while flushing.is_alive() and not _waiting_for_lock_on(spool.slot_dir / "cursor"):
+            flushing.join(0.01)
+        os.close(drainer)  # the drainer stops, the cursor where it was (at the start)
+        os.close(cursor)
+        flushing.join()
+    assert result == [True]
+    assert sink.ids == [str(e["event_id"]) for e in events]
