@@ -101,21 +101,32 @@ class DeadLetters:
                 return
         except FileNotFoundError:
             pass
-        if not _room_for_reserve(self.reserve.parent):  # writing it would take the last free bytes until it failed:
-            return  # an append landing meanwhile failed (ENOSPC) on a disk with room for it, at every flusher pass
-        tmp = self.reserve.with_name(f"{self.reserve.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(os.urandom(RESERVE_BYTES))  # incompressible: a compressing filesystem keeps it whole
-            os.replace(tmp, self.reserve)
-        except OSError:
+        with self._locked(wait=False) as locked:
+            if not locked:  # a redrive (or a dead letter being written) holds it: the next pass puts it aside
+                return
+            # One name, written under the lock: what a process killed while writing it left (named after its pid, it
+            # stayed for good: up to 1 MiB per kill) is written over, or removed here to free its room.
+            tmp = self.reserve.with_name(f"{self.reserve.name}.tmp")
             tmp.unlink(missing_ok=True)
+            if not _room_for_reserve(self.reserve.parent):  # writing it would take the last free bytes until it
+                return  # failed: an append landing meanwhile failed (ENOSPC) on a disk with room for it, every pass
+            try:
+                tmp.write_bytes(os.urandom(RESERVE_BYTES))  # incompressible: a compressing filesystem keeps it whole
+                os.replace(tmp, self.reserve)
+            except OSError:
+                tmp.unlink(missing_ok=True)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, *, wait: bool = True) -> Iterator[bool]:
+        """Hold ``rejected.jsonl.lock``; without ``wait``, only if nobody holds it (yields whether it is held)."""
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)  # releases the flock
 

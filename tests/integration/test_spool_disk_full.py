@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +25,8 @@ from metering.events import UsageEvent
 from metering.spool import DatabaseSink, DeliveryResult, Flusher, Spool
 from metering.spool.decode import RESERVE_BYTES, DeadLetters
 from tests.fakes.events import record
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
@@ -203,3 +207,28 @@ def test_a_slot_claimed_on_a_full_disk_can_acknowledge_once_its_events_fill_the_
         assert flusher.flush(timeout=20), flusher.stats.last_error
         flusher.stop()
     assert sink.stored == [str(r["event_id"]) for r in appended]
+
+
+_KILLED_MID_RESERVE = """
+import resource, signal, sys
+from pathlib import Path
+from metering.spool.decode import DeadLetters
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; by default it kills, as SIGKILL would
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+DeadLetters(Path(sys.argv[1])).keep_reserve()  # killed once the reserve's temporary file reaches 256 KiB
+"""
+
+
+def test_a_process_killed_while_putting_the_reserve_aside_leaves_no_space_taken_for_good(tmp_path: Path) -> None:
+    """The reserve was written to a temporary file named after the process (``rejected.jsonl.reserve.<pid>.tmp``):
+    a process killed while writing it (the reserve is written at each start, and at each flusher pass after a full
+    disk used it: a crash-looping service) left up to 1 MiB behind that nothing ever removed, one file per kill, on
+    the disk the reserve is there to help. One name now, written under a lock: a leftover is written over."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for _ in range(3):
+        killed = subprocess.run([sys.executable, "-c", _KILLED_MID_RESERVE, str(spool / "rejected.jsonl")], cwd=ROOT)
+        assert killed.returncode == -signal.SIGXFSZ
+    DeadLetters(spool / "rejected.jsonl").keep_reserve()  # the next start
+    left = {path.name: path.stat().st_size for path in spool.iterdir() if path.stat().st_size}
+    assert left == {"rejected.jsonl.reserve": RESERVE_BYTES}
