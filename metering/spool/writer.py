@@ -106,6 +106,8 @@ class Spool:
         append. Appending to the inherited segment lost events: the parent, which tracks only its own appends,
         rotated, and its flusher deleted that segment once delivered, under the child's later appends."""
         self._lock = threading.Lock()  # another thread of the parent may have held it at the fork: held for ever here
+        if self._closed:
+            return
         for fd in (self._fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)  # the parent's own descriptor keeps its slot locked
@@ -218,8 +220,7 @@ _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for spool in list(_OPEN):
-        if not spool.closed:
-            spool._after_fork_in_child()
+        spool._after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
