@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -101,20 +102,23 @@ class DeadLetters:
                 return
         except FileNotFoundError:
             pass
-        with self._locked(wait=False) as locked:
-            if not locked:  # a redrive (or a dead letter being written) holds it: the next pass puts it aside
-                return
-            # One name, written under the lock: what a process killed while writing it left (named after its pid, it
-            # stayed for good: up to 1 MiB per kill) is written over, or removed here to free its room.
-            tmp = self.reserve.with_name(f"{self.reserve.name}.tmp")
+        # One name, written under the lock (not while a redrive or a dead letter holds it: the next pass): what a
+        # process killed while writing it left (named after its pid, it stayed for good: up to 1 MiB per kill) is
+        # written over, or removed first to free its room. Best effort: any error leaves the reserve for later.
+        with contextlib.suppress(OSError), self._locked(wait=False) as locked:
+            if locked:
+                self._put_reserve_aside()
+
+    def _put_reserve_aside(self) -> None:
+        tmp = self.reserve.with_name(f"{self.reserve.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        if not _room_for_reserve(self.reserve.parent):  # writing it would take the last free bytes until it failed:
+            return  # an append landing meanwhile failed (ENOSPC) on a disk with room for it, at every flusher pass
+        try:
+            tmp.write_bytes(os.urandom(RESERVE_BYTES))  # incompressible: a compressing filesystem keeps it whole
+            os.replace(tmp, self.reserve)
+        except OSError:
             tmp.unlink(missing_ok=True)
-            if not _room_for_reserve(self.reserve.parent):  # writing it would take the last free bytes until it
-                return  # failed: an append landing meanwhile failed (ENOSPC) on a disk with room for it, every pass
-            try:
-                tmp.write_bytes(os.urandom(RESERVE_BYTES))  # incompressible: a compressing filesystem keeps it whole
-                os.replace(tmp, self.reserve)
-            except OSError:
-                tmp.unlink(missing_ok=True)
 
     @contextmanager
     def _locked(self, *, wait: bool = True) -> Iterator[bool]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from metering.spool import decode
+from metering.spool import Spool, decode
 from metering.spool.decode import DeadLetters, Rejected
 from metering.spool.segments import read_cursor
 
@@ -92,3 +92,12 @@ def test_a_record_appended_after_a_line_torn_by_a_crash_stays_readable(tmp_path:
         f.write(b'{"rejected_at": "2026')  # a crash mid-write: no newline
     letters.write("writer-0", 2, rejected(2))
     assert [r["segment"] for r in letters.read()] == [1, 2, 2]
+
+
+def test_a_dead_letter_lock_that_cannot_be_opened_never_stops_a_writer_from_opening(tmp_path: Path) -> None:
+    """Putting the reserve aside is best effort: a lock file it cannot open (another user's, here a directory in its
+    place) leaves the reserve for later and the spool opens."""
+    (tmp_path / "rejected.jsonl.lock").mkdir()
+    with Spool(tmp_path) as spool:
+        spool.append(b'{"a":1}')
+    assert not (tmp_path / "rejected.jsonl.reserve").exists()
