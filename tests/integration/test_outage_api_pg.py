@@ -1,0 +1,159 @@
+"""`metering serve` on PostgreSQL when a request's connection dies (cut by a proxy at an exact statement, or its
+backend terminated before COMMIT): the request is a 503 problem, never a 500; the pool recovers on the next request;
+a retry of the same batch or the same Idempotency-Key stores, charges or credits exactly once."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import Engine, text
+
+from metering.billing.checks import run_checks
+from metering.billing.ledger import REVENUE, user_wallet
+from metering.db import migrate
+from metering.db.engine import make_engine, make_session_factory
+from tests.conftest import temporary_pg_database
+from tests.fakes.events import mixed_records
+from tests.integration.pg_proxy import Cut, PgProxy, Trap, is_commit, pg_proxy
+from tests.integration.serving import Server, clean_env, create_token, serving
+from tests.integration.test_outage_spool_pg import terminate
+
+pytestmark = pytest.mark.slow
+N = 40
+
+
+@dataclass(frozen=True)
+class Service:
+    server: Server
+    proxy: PgProxy
+    engine: Engine  # straight to the database, not through the proxy
+    app_name: str
+    ingest: dict[str, str]  # headers
+    admin: dict[str, str]
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    with temporary_pg_database() as url, pg_proxy() as proxy:
+        migrate.upgrade(url)
+        app_name = f"metering-outage-{uuid.uuid4().hex[:12]}"
+        direct = clean_env(METERING_DATA_DIR=str(tmp_path / "data"), METERING_DATABASE_URL=url)
+        ingest, admin = create_token(direct, "ingest", name="ingest"), create_token(direct, "admin", name="admin")
+        proxied = {**direct, "METERING_DATABASE_URL": proxy.url(url) + f"&application_name={app_name}"}
+        engine = make_engine(url)
+        try:
+            with serving(proxied, tmp_path) as server:
+                yield Service(
+                    server, proxy, engine, app_name,
+                    {"Authorization": f"Bearer {ingest}"}, {"Authorization": f"Bearer {admin}"},
+                )  # fmt: skip
+        finally:
+            engine.dispose()
+
+
+def assert_outage(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "database_unavailable"
+
+
+def assert_ledger_ok(engine: Engine) -> None:
+    with make_session_factory(engine)() as session:
+        report = run_checks(session)
+    assert report.ok, report.problems
+
+
+EVENT_CUTS = {
+    "before the COPY": (lambda sql: sql.startswith("COPY usage_events"), Cut.BEFORE, None),
+    "after the posting statement ran": (lambda sql: "WITH b AS MATERIALIZED" in sql, Cut.AFTER_REPLY, None),
+    "before COMMIT": (is_commit, Cut.BEFORE, "COPY usage_events"),
+    "after COMMIT committed": (is_commit, Cut.AFTER_REPLY, "COPY usage_events"),
+    "backend terminated before COMMIT": (is_commit, Cut.HOLD, "COPY usage_events"),
+}
+
+
+def test_post_events_with_its_connection_killed_is_a_503_and_its_retry_stores_each_event_once(
+    service: Service,
+) -> None:
+    url = f"{service.server.base}/v1/events"
+    for where, (matches, cut, after) in EVENT_CUTS.items():
+        batch = orjson.loads(orjson.dumps({"events": mixed_records(N)}))
+        trap = service.proxy.trap(matches, cut, after=after)
+        response = post_cut(service, trap, url, batch, service.ingest)
+        assert trap.reached.is_set(), where
+        assert_outage(response)
+        retry = httpx.post(url, json=batch, headers=service.ingest, timeout=60)  # the pool recovered
+        assert retry.status_code == 200, (where, retry.text)
+        counts = retry.json()
+        committed = where == "after COMMIT committed"
+        assert (counts["inserted"], counts["duplicates"], counts["rejected"]) == (
+            (0, N, []) if committed else (N, 0, [])
+        ), where
+        again = httpx.post(url, json=batch, headers=service.ingest, timeout=60).json()
+        assert (again["inserted"], again["duplicates"]) == (0, N), where
+    with service.engine.connect() as conn:
+        stored = conn.scalar(text("SELECT count(*) FROM usage_events"))
+        charged = conn.scalar(text("SELECT sum(charge_nanos) FROM usage_events"))
+        revenue = conn.scalar(text("SELECT balance_nanos FROM accounts WHERE id = :id"), {"id": REVENUE.id})
+        doubled = conn.scalar(
+            text("SELECT count(*) FROM (SELECT 1 FROM transfers GROUP BY event_id, kind HAVING count(*) > 1) d")
+        )
+    assert stored == N * len(EVENT_CUTS) and revenue == charged and doubled == 0
+    assert_ledger_ok(service.engine)
+
+
+def post_cut(service: Service, trap: Trap, url: str, body: object, headers: dict[str, str]) -> httpx.Response:
+    """POST through the trap; a held statement's backend is terminated (pg_stat_activity: idle in its transaction)
+    before the statement goes on."""
+    if trap.cut is not Cut.HOLD:
+        return httpx.post(url, json=body, headers=headers, timeout=60)
+    responses: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: responses.append(httpx.post(url, json=body, headers=headers, timeout=60)))
+    worker.start()
+    assert trap.reached.wait(60)
+    terminate(service.engine, service.app_name, waiting_on_lock=False)
+    trap.release()
+    worker.join(60)
+    return responses[0]
+
+
+CREDIT_CUTS = {
+    "before the transfer": (lambda sql: "INSERT INTO transfers" in sql, Cut.BEFORE, None),
+    "before COMMIT": (is_commit, Cut.BEFORE, "INSERT INTO transfers"),
+    "after COMMIT committed": (is_commit, Cut.AFTER_REPLY, "INSERT INTO transfers"),
+    "backend terminated before COMMIT": (is_commit, Cut.HOLD, "INSERT INTO transfers"),
+}
+
+
+@pytest.mark.parametrize("kind", ["credit", "adjustment"])
+def test_a_credit_with_its_connection_killed_is_posted_once_on_its_retry(service: Service, kind: str) -> None:
+    url = f"{service.server.base}/v1/admin/credits"
+    for i, (where, (matches, cut, after)) in enumerate(CREDIT_CUTS.items()):
+        headers = {**service.admin, "Idempotency-Key": f"key-{i}"}
+        body = {"tenant_id": "tenant-1", "user_id": f"user-{i}", "amount": "2.50", "kind": kind}
+        trap = service.proxy.trap(matches, cut, after=after)
+        response = post_cut(service, trap, url, body, headers)
+        assert trap.reached.is_set(), where
+        assert_outage(response)
+        retry = httpx.post(url, json=body, headers=headers, timeout=60)
+        committed = where == "after COMMIT committed"
+        assert retry.status_code == (200 if committed else 201), (where, retry.text)
+        assert retry.headers["Idempotent-Replayed"] == ("true" if committed else "false")
+        again = httpx.post(url, json=body, headers=headers, timeout=60)
+        assert again.status_code == 200 and again.json()["transfer_id"] == retry.json()["transfer_id"]
+        with service.engine.connect() as conn:
+            balance = conn.scalar(
+                text("SELECT balance_nanos FROM accounts WHERE id = :id"),
+                {"id": user_wallet("tenant-1", f"user-{i}").id},
+            )
+            posted = conn.scalar(text("SELECT count(*) FROM transfers WHERE idempotency_key = :k"), {"k": f"key-{i}"})
+        assert (balance, posted) == (int(Decimal("2.50").scaleb(9)), 1), where
+    assert_ledger_ok(service.engine)
