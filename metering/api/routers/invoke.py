@@ -68,12 +68,28 @@ _REPLAYED_HEADER = {
 
 def _claim(request: Request, tenant_id: str, key: str, sha256: str, invocation_id: uuid.UUID, now: datetime) -> Any:
     # Its own transaction, committed before the handler runs: a concurrent retry must see the claim.
-    with request.app.state.sessions() as session:
-        stored = invoke_requests.claim(
-            session, tenant_id=tenant_id, key=key, sha256=sha256, invocation_id=invocation_id, now=now
-        )
-        session.commit()
+    try:
+        with request.app.state.sessions() as session:
+            stored = invoke_requests.claim(
+                session, tenant_id=tenant_id, key=key, sha256=sha256, invocation_id=invocation_id, now=now
+            )
+            session.commit()
+    except DATABASE_OUTAGES:
+        # The connection may have died as COMMIT committed the claim: nothing ran, so free the key (only our own
+        # claim), or its retry answered `idempotency_in_progress`, then `idempotency_outcome_unknown`, forever.
+        _release_claim(request, tenant_id, key, now)
+        raise
     return stored
+
+
+def _release_claim(request: Request, tenant_id: str, key: str, claimed_at: datetime) -> None:
+    """Best effort (the database may still be down: then the claim, if it committed, stays)."""
+    try:
+        with request.app.state.sessions() as session:
+            invoke_requests.release(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at)
+            session.commit()
+    except Exception:
+        log.warning("could not release the claim of key %r of tenant %r", key, tenant_id, exc_info=True)
 
 
 def _replay(stored: StoredResponse) -> JSONResponse:

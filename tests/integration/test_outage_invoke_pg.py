@@ -1,0 +1,51 @@
+"""`POST …:invoke` with an Idempotency-Key on PostgreSQL when a connection dies around a COMMIT (cut by a proxy):
+the key's claim, committed or not, ran nothing, so its retry runs once; the outcome, committed, is replayed."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.integration.pg_proxy import Cut, is_commit
+from tests.integration.test_outage_api_pg import Service, assert_outage, service
+
+pytestmark = pytest.mark.slow
+__all__ = ["service"]  # the fixture
+
+
+INVOKE = "/v1/extensions/rewrite/functions/rewrite:invoke"
+
+
+def _invoke(service: Service, key: str) -> httpx.Response:
+    body = {"tenant_id": "tenant-1", "user_id": "alice", "params": {"text": "Send me the doc.", "tone": "formal"}}
+    headers = {**service.admin, "Idempotency-Key": key}
+    return httpx.post(f"{service.server.base}{INVOKE}", json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("cut", [Cut.BEFORE, Cut.AFTER_REPLY])
+def test_an_invoke_whose_claim_commit_fails_runs_on_its_retry(service: Service, cut: Cut) -> None:
+    """The key's claim is committed before the handler runs: its COMMIT failing (committed or not, the client cannot
+    tell) ran nothing, so the retry with the key runs it, once, instead of answering `idempotency_in_progress` (and
+    `idempotency_outcome_unknown` after 15 minutes) for an invocation that never ran."""
+    trap = service.proxy.trap(is_commit, cut, after="INSERT INTO invoke_requests")
+    assert_outage(_invoke(service, "claim-cut"))
+    assert trap.done.is_set()
+    retry = _invoke(service, "claim-cut")
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["Idempotent-Replayed"] == "false"
+    again = _invoke(service, "claim-cut")
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["invocation_id"] == retry.json()["invocation_id"]
+
+
+def test_an_invoke_whose_outcome_commit_dies_after_committing_replays_it(service: Service) -> None:
+    """The outcome (audit entry and the key's response) committed, the client saw its connection die: a 503 naming
+    the calls; the retry answers the stored outcome, nothing runs again."""
+    trap = service.proxy.trap(is_commit, Cut.AFTER_REPLY, after="UPDATE invoke_requests")
+    failed = _invoke(service, "outcome-cut")
+    assert trap.done.is_set()
+    assert_outage(failed)
+    retry = _invoke(service, "outcome-cut")
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true", retry.text
+    assert retry.json()["invocation_id"] == failed.json()["invocation_id"]
+    assert retry.json()["event_ids"] == failed.json()["event_ids"]
