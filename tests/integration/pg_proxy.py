@@ -41,6 +41,11 @@ class Trap:
         self._released.set()
 
 
+# COPY FROM STDIN's messages, as the "SQL" a trap matches: the rows, and their end.
+COPY_DATA, COPY_DONE = "<copy data>", "<copy done>"
+COPY_MESSAGES = {b"d": COPY_DATA, b"c": COPY_DONE}
+
+
 def is_commit(sql: str) -> bool:
     return sql.strip().upper() == "COMMIT"
 
@@ -75,6 +80,8 @@ def _sql_of(message: bytes) -> str | None:
     if kind == b"P":  # statement name \0 query \0 ...
         parts = body.split(b"\0")
         return parts[1].decode(errors="replace") if len(parts) > 1 else None
+    if kind in COPY_MESSAGES:
+        return COPY_MESSAGES[kind]
     return None
 
 

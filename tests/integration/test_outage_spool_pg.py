@@ -22,7 +22,7 @@ from metering.billing.periods import period_of
 from metering.db.engine import make_engine, make_session_factory
 from metering.spool import DatabaseSink, Flusher, FlusherStats, Spool
 from tests.fakes.events import mixed_records
-from tests.integration.pg_proxy import Cut, PgProxy, is_commit, pg_proxy
+from tests.integration.pg_proxy import COPY_DATA, COPY_DONE, Cut, PgProxy, is_commit, pg_proxy
 
 N = 60
 
@@ -87,6 +87,9 @@ def deliver(spool: Spool, sessions: sessionmaker[Session]) -> FlusherStats:
 
 CUTS = {
     "before the COPY": (lambda sql: sql.startswith("COPY usage_events"), Cut.BEFORE),
+    "during the COPY": (lambda sql: sql == COPY_DATA, Cut.BEFORE),
+    "after the COPY, before its reply": (lambda sql: sql == COPY_DONE, Cut.AFTER_REPLY),
+    "before the posting statement": (lambda sql: "WITH b AS MATERIALIZED" in sql, Cut.BEFORE),
     "after the posting statement ran": (lambda sql: "WITH b AS MATERIALIZED" in sql, Cut.AFTER_REPLY),
     "before COMMIT": (is_commit, Cut.BEFORE),
     "after COMMIT committed, before its reply": (is_commit, Cut.AFTER_REPLY),
