@@ -26,7 +26,7 @@ from starlette.types import Scope
 
 from metering.api.deps import refusal_before_body
 from metering.db import migrate
-from metering.db.limits import exceeds_program_limit, schema_behind
+from metering.db.limits import exceeds_program_limit, read_only, schema_behind
 from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError, NotReadyError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -187,7 +187,9 @@ async def _refused_before_body(request: Request) -> JSONResponse | None:
     """The 401/403 (or 503: the token could not be looked up) of a request whose body FastAPI could not parse."""
     try:
         refused = await refusal_before_body(request)
-    except DATABASE_OUTAGES as exc:
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
         return await database_error(request, exc)
     return None if refused is None else await metering_error(request, refused)
 
@@ -228,6 +230,12 @@ DATABASE_OUTAGES: tuple[type[Exception], ...] = (
     psycopg.InterfaceError,
     sqlite3.OperationalError,
 )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether retrying later can help (503): an outage above, or a database that refuses writes as read-only (an
+    InternalError to psycopg); not a program limit (a refusal of the data)."""
+    return (isinstance(exc, DATABASE_OUTAGES) or read_only(exc)) and not exceeds_program_limit(exc)
 
 
 def database_unavailable() -> DatabaseUnavailableError:
@@ -277,6 +285,15 @@ async def programming_error(request: Request, exc: Exception) -> JSONResponse:
     return await internal_error(request, exc)
 
 
+async def internal_database_error(request: Request, exc: Exception) -> JSONResponse:
+    """An InternalError of the database: a read-only one refuses writes (a failover, maintenance) and is an outage
+    (503, retried later); any other is a bug (500, logged here)."""
+    if read_only(exc):
+        return await database_error(request, exc)
+    log.error("%s %s: an unexpected database error", request.method, request.url.path, exc_info=exc)
+    return await internal_error(request, exc)
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette's ServerErrorMiddleware calls this, then re-raises so the server logs the traceback.
     return problem_response(500, "internal_error", "an unexpected error occurred", instance=request.url.path)
@@ -292,6 +309,8 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(outage, database_error)
     for programming in (sqlalchemy.exc.ProgrammingError, psycopg.ProgrammingError):
         app.add_exception_handler(programming, programming_error)
+    for internal in (sqlalchemy.exc.InternalError, psycopg.InternalError):
+        app.add_exception_handler(internal, internal_database_error)
     app.add_exception_handler(Exception, internal_error)
     app.openapi = _problem_openapi(app, app.openapi)  # type: ignore[method-assign]
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import sqlite3
 
 PROGRAM_LIMIT_CLASS = "54"
+# A write refused because the transaction is read-only: a primary demoted to a standby in a failover, a database made
+# read-only for maintenance. An InternalError to psycopg, yet an outage: the same write succeeds once it is writable.
+READ_ONLY_SQLSTATE = "25006"
 
 
 def exceeds_program_limit(exc: BaseException) -> bool:
@@ -16,6 +19,11 @@ def exceeds_program_limit(exc: BaseException) -> bool:
         if isinstance(sqlstate, str) and sqlstate.startswith(PROGRAM_LIMIT_CLASS):
             return True
     return False
+
+
+def read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` (a driver error, or SQLAlchemy's wrapper of one) is PostgreSQL refusing a write as read-only."""
+    return any(getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE for error in (exc, getattr(exc, "orig", None)))
 
 
 # A table or column the code uses that the database does not have: the code is newer than the database's schema

@@ -15,11 +15,14 @@ import httpx
 import orjson
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
 from metering.billing.checks import run_checks
 from metering.billing.ledger import REVENUE, user_wallet
 from metering.db import migrate
 from metering.db.engine import make_engine, make_session_factory
+from metering.spool import Flusher, Spool
+from metering.spool.http_sink import HttpSink
 from tests.conftest import temporary_pg_database
 from tests.fakes.events import mixed_records
 from tests.integration.pg_proxy import Cut, PgProxy, Trap, is_commit, pg_proxy
@@ -157,3 +160,49 @@ def test_a_credit_with_its_connection_killed_is_posted_once_on_its_retry(service
             posted = conn.scalar(text("SELECT count(*) FROM transfers WHERE idempotency_key = :k"), {"k": f"key-{i}"})
         assert (balance, posted) == (int(Decimal("2.50").scaleb(9)), 1), where
     assert_ledger_ok(service.engine)
+
+
+def test_a_read_only_database_is_a_503_and_the_http_sink_keeps_the_batch(tmp_path: Path) -> None:
+    """A primary demoted to a standby in a failover, or a database made read-only for maintenance, refuses every
+    write with `cannot execute … in a read-only transaction` (SQLSTATE 25006, an InternalError to psycopg): retrying
+    later helps, so a 503, not a 500 (on a 500 the HTTP sink isolates the events and dead-letters them)."""
+    with temporary_pg_database() as url:
+        migrate.upgrade(url)
+        app_name = f"metering-outage-{uuid.uuid4().hex[:12]}"
+        env = clean_env(METERING_DATA_DIR=str(tmp_path / "data"), METERING_DATABASE_URL=url)
+        token = create_token(env, "ingest", name="ingest")
+        database = make_url(url).database
+        engine = make_engine(url)
+        records = mixed_records(N)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'))
+                conn.commit()
+            served = {**env, "METERING_DATABASE_URL": f"{url}?application_name={app_name}"}
+            with serving(served, tmp_path) as server, Spool(tmp_path / "spool") as spool:
+                batch = orjson.loads(orjson.dumps({"events": records}))
+                headers = {"Authorization": f"Bearer {token}"}
+                refused = httpx.post(f"{server.base}/v1/events", json=batch, headers=headers, timeout=60)
+                assert_outage(refused)
+                for rec in records:
+                    spool.append(orjson.dumps(rec))
+                flusher = Flusher(spool, HttpSink(server.base, token), interval_s=0.05, max_backoff_s=0.2)
+                assert not flusher.flush(timeout=1)  # kept, retried: nothing isolated nor dead-lettered
+                assert (flusher.stats.pending, flusher.stats.rejected) == (N, 0)
+                assert "503" in (flusher.stats.last_error or "")
+                with engine.connect() as conn:  # writable again; the service's connections are replaced
+                    conn.execute(text(f'ALTER DATABASE "{database}" RESET default_transaction_read_only'))
+                    conn.commit()
+                    conn.execute(
+                        text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"),
+                        {"n": app_name},
+                    )
+                assert flusher.flush(timeout=60)
+                stats = flusher.stats
+                flusher.stop()
+            assert (stats.delivered, stats.duplicates, stats.rejected) == (N, 0, 0)
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM usage_events")) == N
+            assert_ledger_ok(engine)
+        finally:
+            engine.dispose()

@@ -23,6 +23,9 @@ from metering.api import problems
         psycopg.InterfaceError("the connection is closed"),
         sqlite3.OperationalError("database is locked"),
         sqlalchemy.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"),
+        # A failover's demoted primary, or a database made read-only: InternalErrors, yet retrying later helps.
+        psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction"),
+        sqlalchemy.exc.InternalError("INSERT", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")),
     ],
 )
 def test_outages_are_503(error: Exception) -> None:
@@ -45,6 +48,8 @@ def test_outages_are_503(error: Exception) -> None:
         # 503 had the spool's HTTP sink retry the batch forever instead of isolating the event at fault.
         psycopg.errors.ProgramLimitExceeded("index row size 3248 exceeds btree version 4 maximum 2704"),
         sqlalchemy.exc.OperationalError("INSERT", {}, psycopg.errors.ProgramLimitExceeded("index row size")),
+        # Another InternalError is a bug (e.g. a statement run after an error in the same transaction).
+        sqlalchemy.exc.InternalError("SELECT", {}, psycopg.errors.InFailedSqlTransaction("transaction is aborted")),
     ],
 )
 def test_a_refusal_stays_a_500(error: Exception) -> None:

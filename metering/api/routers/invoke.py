@@ -24,10 +24,10 @@ from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, AppRuntime, Audit
 from metering.api.admin_schemas import InvokeRequest, InvokeResponse
 from metering.api.deps import Admin
 from metering.api.problems import (
-    DATABASE_OUTAGES,
     PROBLEM_MEDIA_TYPE,
     database_unavailable,
     error_body,
+    is_outage,
     problem_body,
     problem_responses,
 )
@@ -74,7 +74,9 @@ def _claim(request: Request, tenant_id: str, key: str, sha256: str, invocation_i
                 session, tenant_id=tenant_id, key=key, sha256=sha256, invocation_id=invocation_id, now=now
             )
             session.commit()
-    except DATABASE_OUTAGES:
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
         # The connection may have died as COMMIT committed the claim: nothing ran, so free the key (only our own
         # claim), or its retry answered `idempotency_in_progress`, then `idempotency_outcome_unknown`, forever.
         _release_claim(request, tenant_id, key, now)
@@ -102,7 +104,7 @@ def _failure_problem(request: Request, exc: Exception, calls: InvocationCalls) -
     ids = {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids}
     if isinstance(exc, MeteringError):
         return exc.status, error_body(exc, instance=request.url.path) | ids
-    if isinstance(exc, DATABASE_OUTAGES):
+    if is_outage(exc):
         error = database_unavailable()
         return error.status, error_body(error, instance=request.url.path) | ids
     log.error("%s failed after metered calls", request.url.path, exc_info=exc)
@@ -237,7 +239,9 @@ async def invoke_function(
         response.headers[REPLAYED] = "false"
     try:
         await run_in_threadpool(_record, request, audit, body.tenant_id, target, after, key, claimed_at, out)
-    except DATABASE_OUTAGES as exc:  # the calls were made: say which (a keyed retry then answers outcome unknown)
+    except Exception as exc:  # an outage: the calls were made, say which (a keyed retry then answers outcome unknown)
+        if not is_outage(exc):
+            raise
         calls = InvocationCalls(result.invocation_id, result.event_ids, result.event_ids)
         status, failure = _failure_problem(request, exc, calls)
         log.warning("%s: the audit entry of invocation %s was not written", request.url.path, result.invocation_id)
