@@ -10,10 +10,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing.checks import run_checks
@@ -164,4 +165,33 @@ def test_a_backend_terminated_idle_just_before_commit(
         worker.join(60)
     [stats] = result
     assert stats.failures >= 1 and (stats.delivered, stats.duplicates) == (N, 0)
+    assert_stored_once(engine, records, stats, tmp_path)
+
+
+def test_a_read_only_database_keeps_the_batch_until_it_is_writable(
+    proxied: sessionmaker[Session], engine: Engine, tmp_path: Path
+) -> None:
+    """A primary demoted to a standby, or a database made read-only, refuses the batch's writes (SQLSTATE 25006, an
+    InternalError): an outage, so the batch is kept and retried, never isolated nor dead-lettered."""
+    read_only = threading.Event()
+    read_only.set()
+
+    def mode(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:  # each checkout: as the database is now
+        dbapi_connection.execute(f"SET default_transaction_read_only = {'on' if read_only.is_set() else 'off'}")
+        dbapi_connection.commit()
+
+    bind = proxied.kw["bind"]
+    event.listen(bind, "checkout", mode)
+    records = mixed_records(N)
+    with spool_events(tmp_path, records) as spool:
+        flusher = Flusher(spool, DatabaseSink(proxied), batch_size=N, interval_s=0.05, max_backoff_s=0.2).start()
+        while flusher.stats.failures < 2:  # refused twice: retried as it is, not isolated
+            threading.Event().wait(0.01)
+        assert (flusher.stats.pending, flusher.stats.rejected) == (N, 0)
+        assert "read-only" in (flusher.stats.last_error or "")
+        read_only.clear()
+        assert flusher.flush(timeout=60)
+        stats = flusher.stats
+        flusher.stop()
+    assert (stats.delivered, stats.duplicates) == (N, 0)
     assert_stored_once(engine, records, stats, tmp_path)
