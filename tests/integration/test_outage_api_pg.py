@@ -41,6 +41,7 @@ class Service:
     app_name: str
     ingest: dict[str, str]  # headers
     admin: dict[str, str]
+    env: dict[str, str]  # the CLI's, straight to the database
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
             with serving(proxied, tmp_path) as server:
                 yield Service(
                     server, proxy, engine, app_name,
-                    {"Authorization": f"Bearer {ingest}"}, {"Authorization": f"Bearer {admin}"},
+                    {"Authorization": f"Bearer {ingest}"}, {"Authorization": f"Bearer {admin}"}, direct,
                 )  # fmt: skip
         finally:
             engine.dispose()
@@ -126,6 +127,24 @@ def post_cut(service: Service, trap: Trap, url: str, body: object, headers: dict
     trap.release()
     worker.join(60)
     return responses[0]
+
+
+@pytest.mark.parametrize("cut", [Cut.BEFORE, Cut.AFTER_REPLY])
+@pytest.mark.parametrize("body", [b'{"events": []}', b"not json"])
+def test_a_token_lookup_whose_connection_dies_is_a_503(service: Service, cut: Cut, body: bytes) -> None:
+    """A token's first use records it (its own short transaction, before the endpoint, or before a body that is not
+    JSON is refused): its connection dying there is a 503 too, and the next request goes through."""
+    url = f"{service.server.base}/v1/events"
+    headers = {"Authorization": f"Bearer {create_token(service.env, 'ingest')}", "Content-Type": "application/json"}
+    trap = service.proxy.trap(
+        (lambda sql: sql.startswith("UPDATE api_tokens")) if cut is Cut.BEFORE else is_commit,
+        cut,
+        after=None if cut is Cut.BEFORE else "UPDATE api_tokens",
+    )
+    assert_outage(httpx.post(url, content=body, headers=headers, timeout=60))
+    assert trap.done.is_set()
+    after = httpx.post(url, content=body, headers=headers, timeout=60)
+    assert after.status_code == (200 if body.startswith(b"{") else 422), after.text
 
 
 CREDIT_CUTS = {
@@ -206,3 +225,36 @@ def test_a_read_only_database_is_a_503_and_the_http_sink_keeps_the_batch(tmp_pat
             assert_ledger_ok(engine)
         finally:
             engine.dispose()
+
+
+def test_a_retry_racing_its_first_request_still_committing_counts_duplicates(service: Service, tmp_path: Path) -> None:
+    """The HTTP sink gives up on a request whose COMMIT is held (its read timeout) and retries the batch while the
+    first is still in flight: the retry waits on the first's rows (seen in pg_stat_activity), the first commits, and
+    the retry counts every event a duplicate. Stored once, charged once."""
+    token = service.ingest["Authorization"].removeprefix("Bearer ")
+    trap = service.proxy.trap(is_commit, Cut.HOLD, after="COPY usage_events")
+    records = mixed_records(N)
+    with Spool(tmp_path / "spool") as spool:
+        for rec in records:
+            spool.append(orjson.dumps(rec))
+        sink = HttpSink(service.server.base, token, timeout_s=5)
+        flusher = Flusher(spool, sink, batch_size=N, interval_s=0.05, max_backoff_s=0.2).start()
+        assert trap.reached.wait(60)
+        waiting = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n AND wait_event_type = 'Lock'")
+        with service.engine.connect() as conn:  # the retry's COPY waits on the first request's uncommitted rows
+            while not conn.scalar(waiting, {"n": service.app_name}):
+                conn.rollback()
+                threading.Event().wait(0.01)
+        trap.release()  # the first request commits
+        assert flusher.flush(timeout=60)
+        stats = flusher.stats
+        flusher.stop()
+    assert stats.failures >= 1 and "Timeout" in (stats.last_error or "")
+    assert (stats.delivered, stats.duplicates, stats.rejected, stats.pending) == (0, N, 0, 0)
+    with service.engine.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM usage_events")) == N
+        doubled = conn.scalar(
+            text("SELECT count(*) FROM (SELECT 1 FROM transfers GROUP BY event_id, kind HAVING count(*) > 1) d")
+        )
+    assert doubled == 0
+    assert_ledger_ok(service.engine)
