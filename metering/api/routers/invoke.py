@@ -68,19 +68,18 @@ _REPLAYED_HEADER = {
 
 def _claim(request: Request, tenant_id: str, key: str, sha256: str, invocation_id: uuid.UUID, now: datetime) -> Any:
     # Its own transaction, committed before the handler runs: a concurrent retry must see the claim.
-    try:
-        with request.app.state.sessions() as session:
-            stored = invoke_requests.claim(
-                session, tenant_id=tenant_id, key=key, sha256=sha256, invocation_id=invocation_id, now=now
-            )
+    with request.app.state.sessions() as session:
+        stored = invoke_requests.claim(
+            session, tenant_id=tenant_id, key=key, sha256=sha256, invocation_id=invocation_id, now=now
+        )
+        try:
             session.commit()
-    except Exception as exc:
-        if not is_outage(exc):
+        except Exception as exc:
+            # The connection may have died as COMMIT committed the claim: nothing ran, so free the key (only our own
+            # claim), or its retry answered `idempotency_in_progress`, then `idempotency_outcome_unknown`, forever.
+            if is_outage(exc):
+                _release_claim(request, tenant_id, key, now)
             raise
-        # The connection may have died as COMMIT committed the claim: nothing ran, so free the key (only our own
-        # claim), or its retry answered `idempotency_in_progress`, then `idempotency_outcome_unknown`, forever.
-        _release_claim(request, tenant_id, key, now)
-        raise
     return stored
 
 
