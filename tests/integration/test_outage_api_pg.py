@@ -26,7 +26,7 @@ from metering.spool.http_sink import HttpSink
 from tests.conftest import temporary_pg_database
 from tests.fakes.events import mixed_records
 from tests.integration.pg_proxy import Cut, PgProxy, Trap, is_commit, pg_proxy
-from tests.integration.serving import Server, clean_env, create_token, serving
+from tests.integration.serving import Server, clean_env, create_token, metering, serving
 from tests.integration.test_outage_spool_pg import terminate
 
 pytestmark = pytest.mark.slow
@@ -112,6 +112,8 @@ def test_post_events_with_its_connection_killed_is_a_503_and_its_retry_stores_ea
         )
     assert stored == N * len(EVENT_CUTS) and revenue == charged and doubled == 0
     assert_ledger_ok(service.engine)
+    checked = metering(service.env, "billing", "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def post_cut(service: Service, trap: Trap, url: str, body: object, headers: dict[str, str]) -> httpx.Response:
