@@ -83,6 +83,7 @@ def deliver(spool: Spool, sessions: sessionmaker[Session]) -> FlusherStats:
     assert flusher.flush(timeout=60)  # inline: a failed pass is retried with backoff
     stats = flusher.stats
     flusher.stop(drain=False)
+    assert sessions.kw["bind"].pool.checkedout() == 0  # the dead connection went back to the pool (and was dropped)
     return stats
 
 
