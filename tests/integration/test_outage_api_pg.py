@@ -260,3 +260,17 @@ def test_a_retry_racing_its_first_request_still_committing_counts_duplicates(ser
         )
     assert doubled == 0
     assert_ledger_ok(service.engine)
+
+
+def test_killed_connections_do_not_leak_from_the_pool(service: Service) -> None:
+    """More killed requests than the pool holds (5, and 10 more): each dead connection leaves the pool, so the next
+    request still gets one (a leak would end in the pool's timeout, a 503 for every later request)."""
+    url = f"{service.server.base}/v1/events"
+    for _ in range(20):
+        batch = orjson.loads(orjson.dumps({"events": mixed_records(2)}))
+        trap = service.proxy.trap(lambda sql: sql.startswith("COPY usage_events"), Cut.BEFORE)
+        assert_outage(httpx.post(url, json=batch, headers=service.ingest, timeout=60))
+        assert trap.done.is_set()
+    batch = orjson.loads(orjson.dumps({"events": mixed_records(2)}))
+    done = httpx.post(url, json=batch, headers=service.ingest, timeout=60)
+    assert done.status_code == 200 and done.json()["inserted"] == 2, done.text
