@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import CursorResult, Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -114,13 +114,15 @@ def complete(
     status: int,
     body: dict[str, Any],
     now: datetime,
-) -> None:
-    session.execute(
+) -> bool:
+    """Store the outcome of our running claim; False when it is not running (already settled)."""
+    done = session.execute(
         update(InvokeRequestRow)
         .where(_mine(tenant_id, key, claimed_at))
         .values(state=DONE, status_code=status, response=body, completed_at=now)
         .execution_options(synchronize_session=False)
     )
+    return bool(cast(CursorResult[Any], done).rowcount)
 
 
 def release(session: Session, *, tenant_id: str, key: str, claimed_at: datetime) -> None:

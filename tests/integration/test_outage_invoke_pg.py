@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from tests.integration.pg_proxy import Cut, is_commit
 from tests.integration.test_outage_api_pg import Service, assert_outage, service
@@ -38,14 +39,23 @@ def test_an_invoke_whose_claim_commit_fails_runs_on_its_retry(service: Service, 
     assert again.json()["invocation_id"] == retry.json()["invocation_id"]
 
 
-def test_an_invoke_whose_outcome_commit_dies_after_committing_replays_it(service: Service) -> None:
-    """The outcome (audit entry and the key's response) committed, the client saw its connection die: a 503 naming
-    the calls; the retry answers the stored outcome, nothing runs again."""
-    trap = service.proxy.trap(is_commit, Cut.AFTER_REPLY, after="UPDATE invoke_requests")
-    failed = _invoke(service, "outcome-cut")
+def _audited(service: Service, invocation_id: str) -> int:
+    with service.engine.connect() as conn:
+        entries = conn.scalars(text("SELECT after FROM audit_log WHERE action = 'extension.invoke'")).all()
+    return sum(1 for after in entries if invocation_id in str(after))
+
+
+@pytest.mark.parametrize("cut", [Cut.BEFORE, Cut.AFTER_REPLY])
+def test_an_invoke_whose_outcome_commit_dies_is_answered_and_replayed(service: Service, cut: Cut) -> None:
+    """The invocation ran (its calls billed); the COMMIT of its outcome (audit entry and the key's response) failed
+    as the connection died, committed or not. The outcome is stored once on a fresh connection: the request answers
+    200, the retry replays it (it used to answer 503, then `idempotency_in_progress` for 15 minutes and
+    `idempotency_outcome_unknown` after, when the COMMIT had not gone through). One audit entry."""
+    trap = service.proxy.trap(is_commit, cut, after="UPDATE invoke_requests")
+    first = _invoke(service, f"outcome-{cut.value}")
     assert trap.done.is_set()
-    assert_outage(failed)
-    retry = _invoke(service, "outcome-cut")
+    assert first.status_code == 200 and first.headers["Idempotent-Replayed"] == "false", first.text
+    retry = _invoke(service, f"outcome-{cut.value}")
     assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true", retry.text
-    assert retry.json()["invocation_id"] == failed.json()["invocation_id"]
-    assert retry.json()["event_ids"] == failed.json()["event_ids"]
+    assert retry.json() == first.json()
+    assert _audited(service, first.json()["invocation_id"]) == 1

@@ -241,6 +241,11 @@ async def invoke_function(
     except Exception as exc:  # an outage: the calls were made, say which (a keyed retry then answers outcome unknown)
         if not is_outage(exc):
             raise
+        again = key is not None and await run_in_threadpool(
+            _record_again, request, audit, body.tenant_id, target, after, key, claimed_at, out
+        )
+        if again:
+            return out
         calls = InvocationCalls(result.invocation_id, result.event_ids, result.event_ids)
         status, failure = _failure_problem(request, exc, calls)
         log.warning("%s: the audit entry of invocation %s was not written", request.url.path, result.invocation_id)
@@ -258,11 +263,39 @@ def _record(
     key: str | None,
     claimed_at: datetime,
     out: InvokeResponse,
+    *,
+    again: bool = False,
 ) -> None:
-    """The audit entry and the key's outcome, in one transaction committed here: both, or neither."""
+    """The audit entry and the key's outcome, in one transaction committed here: both, or neither. ``again``: a
+    first attempt's COMMIT failed and may have gone through: if the claim is no longer running, nothing is written."""
     with request.app.state.sessions() as session:
-        audit.record(ACTION, target, before=None, after=after, tenant_id=tenant_id, session=session)
         if key is not None:
-            invoke_requests.complete(session, tenant_id=tenant_id, key=key, claimed_at=claimed_at, status=200,
-                                     body=out.model_dump(mode="json"), now=utcnow())  # fmt: skip
+            stored = out.model_dump(mode="json")
+            completed = invoke_requests.complete(
+                session, tenant_id=tenant_id, key=key, claimed_at=claimed_at, status=200, body=stored, now=utcnow()
+            )
+            if again and not completed:
+                return
+        audit.record(ACTION, target, before=None, after=after, tenant_id=tenant_id, session=session)
         session.commit()
+
+
+def _record_again(
+    request: Request,
+    audit: Auditor,
+    tenant_id: str,
+    target: str,
+    after: dict[str, Any],
+    key: str,
+    claimed_at: datetime,
+    out: InvokeResponse,
+) -> bool:
+    """Once more on a fresh connection after the outcome's COMMIT failed (a dropped connection, the database up):
+    True when the outcome is stored, by this attempt or by that COMMIT after all. Else the key's retry would answer
+    `idempotency_in_progress`, then `idempotency_outcome_unknown`, for an invocation that ran and was billed."""
+    try:
+        _record(request, audit, tenant_id, target, after, key, claimed_at, out, again=True)
+    except Exception:
+        log.warning("could not record the outcome of key %r of tenant %r", key, tenant_id, exc_info=True)
+        return False
+    return True
