@@ -1,6 +1,7 @@
-"""Downgrades that would drop a table the upgrade cannot refill: below 0003 (api tokens), 0004 (audit log) and
-0008 (invoke requests). Each refuses while the table holds what the service keeps, names the counts, and changes
-nothing (the whole run is one transaction); with nothing to lose it drops the table as before."""
+"""Downgrades that would drop a table the upgrade cannot refill: below 0001 (usage events and settings), 0003
+(api tokens), 0004 (audit log) and 0008 (invoke requests). Each refuses while the table holds what the service
+keeps, names the counts, and changes nothing (the whole run is one transaction); with nothing to lose it drops the
+table as before."""
 
 from __future__ import annotations
 
@@ -134,3 +135,35 @@ def test_0008_refuses_to_drop_idempotency_keys_still_kept(fresh_url: str) -> Non
         engine.dispose()
     migrate.downgrade(fresh_url, "0007")  # only the expired key is left: nothing a retry would need
     assert _at(fresh_url) == "0007"
+
+
+def test_0001_refuses_to_drop_usage_events_and_settings(fresh_url: str) -> None:
+    """Downgrading to base drops the usage events (the record of what was used) and every setting (users' own LLMs
+    with their encrypted keys, per-purpose settings, budgets). Refused while any is stored, named by count;
+    nothing changed. Emptied first: dropped."""
+    from tests.integration.old_schema import at_revision, insert
+    from tests.integration.test_migration_backfills import ADDED_0002, ADDED_0011, _event
+
+    noon = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    dropped = (*ADDED_0002, *ADDED_0011)
+    with at_revision(fresh_url, "0001") as engine:
+        insert(engine, "usage_events", [{k: v for k, v in _event(i, noon).items() if k not in dropped} for i in (1, 2)])
+        insert(engine, "purpose_settings", [{"purpose": "rewrite", "provider": "anthropic", "model": "claude-haiku-4-5",
+                                             "base_url": None, "params": {}, "updated_at": noon}])  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"below 0001: the database holds 2 usage_events, 1 purpose_settings, .*nothing was changed",
+    ):
+        migrate.downgrade(fresh_url, "base")
+    assert _at(fresh_url) == "0001"
+    assert (_count(fresh_url, "usage_events"), _count(fresh_url, "purpose_settings")) == (2, 1)
+
+    engine = make_engine(fresh_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM usage_events"))
+            conn.execute(text("DELETE FROM purpose_settings"))
+    finally:
+        engine.dispose()
+    migrate.downgrade(fresh_url, "base")
+    assert _at(fresh_url) is None
