@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import Pool
 
 from metering.errors import ConfigError
 
@@ -59,11 +62,14 @@ _PG_SESSION_OPTIONS = "-c jit=off -c plan_cache_mode=force_custom_plan"
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``; a ConfigError (naming the URL without its password) when none can be made for it:
-    an unknown dialect, a driver that is not installed, a SQLite directory that cannot be created."""
+    an unknown dialect, a driver that is not installed, a SQLite directory that cannot be created. A process forked
+    from this one starts with an empty pool of it (see ``_after_fork_in_child``)."""
     try:
-        return _make_engine(normalise_url(url), **kwargs)
+        engine = _make_engine(normalise_url(url), **kwargs)
     except (ArgumentError, ImportError, OSError) as exc:
         raise ConfigError(database_problem(url, exc)) from None
+    _ENGINES.add(engine)
+    return engine
 
 
 def _make_engine(url: str, **kwargs: Any) -> Engine:
@@ -83,6 +89,25 @@ def _make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(
         parsed.difference_update_query(["options"]), pool_pre_ping=True, connect_args=connect_args, **kwargs
     )
+
+
+# Engines made here, for the child of a fork (a prefork server, a task queue, multiprocessing's fork).
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+# The pools a forked child inherited, kept referenced there and never used: collecting them would close the
+# parent's SQLite handles in the child (psycopg closes nothing in a process other than the one that connected).
+_INHERITED_POOLS: list[Pool] = []
+
+
+def _after_fork_in_child() -> None:
+    """The connections pooled at the fork (a PostgreSQL socket, a SQLite handle) are the parent's: a child checking
+    one out (its in-process DatabaseSink, its flush()) talked over the parent's socket, their messages interleaved.
+    The child gets a new, empty pool instead: ``dispose(close=False)``, as SQLAlchemy documents for os.fork()."""
+    for engine in list(_ENGINES):
+        _INHERITED_POOLS.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
