@@ -84,7 +84,7 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
     for message in messages:
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
-        if isinstance(content := message["content"], list):
+        if isinstance(content := message["content"], (list, tuple)):  # a tuple reaches the provider as an array too
             _check_parts(content)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= MAX_INT32:
         raise InvalidInputError(f"max_tokens must be a positive integer, at most {MAX_INT32}")
@@ -98,7 +98,7 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
 _UNMETERABLE_PARTS = frozenset({"input_audio", "audio"})
 
 
-def _check_parts(parts: list[Any]) -> None:
+def _check_parts(parts: list[Any] | tuple[Any, ...]) -> None:
     for part in parts:
         if isinstance(part, Mapping) and part.get("type") in _UNMETERABLE_PARTS:
             raise InvalidInputError(
