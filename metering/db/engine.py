@@ -68,7 +68,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = _make_engine(normalise_url(url), **kwargs)
     except (ArgumentError, ImportError, OSError) as exc:
         raise ConfigError(database_problem(url, exc)) from None
-    _ENGINES.add(engine)
+    if not (engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")):
+        _ENGINES.add(engine)  # (a child's copy of an in-memory database is its own: a new pool would be empty)
     return engine
 
 
