@@ -18,6 +18,8 @@ at once, and every later one, so producers can be upgraded before the service.
 from __future__ import annotations
 
 import gzip
+import os
+import weakref
 from collections.abc import Sequence
 
 import httpx
@@ -43,8 +45,19 @@ class HttpSink:
     ) -> None:
         self._url = url.rstrip("/") + "/v1/events"
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        self._client = client or httpx.Client(timeout=timeout_s)
+        self._timeout_s = timeout_s
+        self._client: httpx.Client | None = client or httpx.Client(timeout=timeout_s)
         self.gzip = gzip  # turned off for good by a service that answers 415 to a gzipped batch
+        if client is None:  # a client given is the caller's to replace in a forked child
+            _OWN_CLIENTS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The connections the client keeps open are the parent's: a child posting over one wrote into the parent's
+        TCP stream (their requests interleaved, each could read the other's answer). A new client, with none, made at
+        the child's first delivery (not at the fork: a child that execs never needs it)."""
+        if self._client is not None:
+            _INHERITED_CLIENTS.append(self._client)  # never used here, nor closed (collected, it would close them)
+        self._client = None
 
     def __repr__(self) -> str:  # never the token
         return f"HttpSink({self._url!r})"
@@ -73,10 +86,27 @@ class HttpSink:
         return DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)
 
     def _post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        if self._client is None:  # in a forked child: see _after_fork_in_child
+            self._client = httpx.Client(timeout=self._timeout_s)
         try:
             return self._client.post(self._url, content=body, headers={**self._headers, **headers})
         except httpx.HTTPError as exc:
             raise DeliveryError(f"POST {self._url} failed: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
+
+
+# Sinks with a client of their own, for the child of a fork (a prefork server, a task queue): see
+# ``HttpSink._after_fork_in_child``.
+_OWN_CLIENTS: weakref.WeakSet[HttpSink] = weakref.WeakSet()
+_INHERITED_CLIENTS: list[httpx.Client] = []
+
+
+def _after_fork_in_child() -> None:
+    for sink in list(_OWN_CLIENTS):
+        sink._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
