@@ -7,13 +7,16 @@ A retired adapter is closed as soon as no call uses it: a call in flight on it (
 stream being read) ends normally. Callers count their use: ``entry.in_use += 1`` just before the call, and
 ``release(entry)`` once it has ended, whatever the outcome (the hot path stays a dict hit and a ``move_to_end``).
 
-Used on one event loop (the service's, or the CLI's ``asyncio.run``); it takes no lock.
+Used on one event loop (the service's, or the CLI's ``asyncio.run``); it takes no lock. A process forked from this one
+starts with an empty pool (see ``ProviderPool._after_fork_in_child``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -53,6 +56,16 @@ class ProviderPool:
         self._cache: OrderedDict[PoolKey, PooledProvider] = OrderedDict()
         self._retired_in_use: set[PooledProvider] = set()  # out of the pool, a call still using them
         self._closing: set[asyncio.Task[None]] = set()  # closes under way (kept referenced until done)
+        _POOLS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The adapters are the parent's: their connections (one TLS stream for two processes) and their state bound
+        to the parent's event loop (a child's call on one failed: 'bound to a different event loop'). The child makes
+        its own; the parent's are kept referenced, never used or closed here."""
+        _INHERITED.append((self._cache, self._retired_in_use, self._closing))
+        self._cache = OrderedDict()
+        self._retired_in_use = set()
+        self._closing = set()
 
     def get(self, config: ProviderConfig) -> PooledProvider:
         """The adapter for ``config`` (made on first use), now the most recently used."""
@@ -118,6 +131,19 @@ class ProviderPool:
         """Wait for the closes of retired adapters under way."""
         while self._closing:
             await asyncio.gather(*self._closing)
+
+
+# Pools, for the child of a fork (a prefork server, a task queue): see ``ProviderPool._after_fork_in_child``.
+_POOLS: weakref.WeakSet[ProviderPool] = weakref.WeakSet()
+_INHERITED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def _close(provider: Provider) -> None:

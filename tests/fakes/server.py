@@ -94,6 +94,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-cased names
     body: Any  # the parsed JSON body (None when not JSON)
+    peer: tuple[str, int] | None = None  # the client's address: its port tells its connections apart
 
 
 class FakeProviderServer:
@@ -203,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         headers = {name.lower(): value for name, value in self.headers.items()}
-        fake.record(RecordedRequest("POST", self.path, headers, body))
+        fake.record(RecordedRequest("POST", self.path, headers, body, self.client_address))
         if self.path != fake.endpoint:
             self._send_json(404, {"error": {"type": "not_found_error", "message": f"no route {self.path}"}})
             return
