@@ -17,6 +17,7 @@ import orjson
 from pydantic import ValidationError
 
 from metering.events import UsageEvent, event_from_record, utcnow, validation_reason
+from metering.spool.brief_locks import brief
 
 log = logging.getLogger("metering.spool")
 
@@ -125,12 +126,13 @@ class DeadLetters:
         """Hold ``rejected.jsonl.lock``; without ``wait``, only if nobody holds it (yields whether it is held)."""
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
+            with brief(fd):  # a child forked meanwhile does not keep it held (see spool.brief_locks)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                yield True
         finally:
             os.close(fd)  # releases the flock
 

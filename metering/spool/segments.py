@@ -21,6 +21,8 @@ from pathlib import Path
 
 import orjson
 
+from metering.spool.brief_locks import brief
+
 SLOT_PREFIX = "writer-"
 SEGMENT_SUFFIX = ".jsonl"
 LOCK_NAME = "lock"  # held by the writer (Spool) that owns the slot
@@ -66,9 +68,10 @@ class Cursor:
 
 def read_cursor(slot_dir: Path) -> Cursor:
     try:
-        with open(slot_dir / CURSOR_NAME, "rb") as handle:
+        with open(slot_dir / CURSOR_NAME, "rb") as handle, brief(handle.fileno()):
             # Shared with other readers; excluded by a write in place (``_overwrite``), which a read in its midst
-            # saw torn: the new segment with the old offset, a position nothing acknowledged. Released on close.
+            # saw torn: the new segment with the old offset, a position nothing acknowledged. Released on close
+            # (and closed in a child forked meanwhile: see spool.brief_locks).
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
             raw = handle.read()
         data = orjson.loads(raw)
@@ -137,10 +140,11 @@ def _overwrite(path: Path, data: bytes) -> bool:
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
-        padded = data.ljust(os.fstat(fd).st_size)
-        if os.pwrite(fd, padded, 0) != len(padded):
-            raise OSError(errno.ENOSPC, f"could not write the spool cursor {path}")
+        with brief(fd):  # closed in a child forked meanwhile (see spool.brief_locks)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+            padded = data.ljust(os.fstat(fd).st_size)
+            if os.pwrite(fd, padded, 0) != len(padded):
+                raise OSError(errno.ENOSPC, f"could not write the spool cursor {path}")
     finally:
         os.close(fd)
     return True

@@ -14,6 +14,7 @@ import orjson
 
 from metering.events import UsageEvent
 from metering.spool import DeliveryResult, Flusher, Spool
+from metering.spool.decode import DeadLetters
 from tests.fakes.events import record
 
 
@@ -132,3 +133,38 @@ def test_a_childs_flusher_neither_hangs_nor_drains_the_slots_the_parents_flusher
     # The child delivered its own event (its slot), and the parent's flusher the parent's: none twice.
     assert child_sink.ids() == [str(events[2]["event_id"])]
     assert sorted(parent_sink.ids()) == sorted(str(e["event_id"]) for e in events[:2])
+
+
+def test_a_child_forked_while_a_thread_held_the_dead_letters_lock_does_not_keep_it(tmp_path: Path) -> None:
+    """A thread of the parent held the dead letters' lock (writing dead letters, putting the reserve aside) when
+    another forked: the child's copy of that descriptor, which nothing there closes, kept the lock held for the
+    child's whole life, and the parent's next dead letter (or redrive) waited for it: the flusher hung."""
+    letters = DeadLetters(tmp_path / "rejected.jsonl")
+    held, release = threading.Event(), threading.Event()
+
+    def writing_dead_letters() -> None:
+        with letters._locked():
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=writing_dead_letters)
+    thread.start()
+    held.wait()
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: lives on, as a prefork worker does, until told to exit)
+        os.write(out_w, b"x")
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        os.read(out_r, 1)  # the child runs
+        release.set()
+        thread.join()
+        with letters._locked(wait=False) as locked:  # the parent's thread let it go: nobody holds it now
+            assert locked
+    finally:
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (go_r, go_w, out_r, out_w):
+            os.close(fd)
