@@ -155,14 +155,17 @@ def upsert_rollup_deltas(session: Session, buckets: dict[RollupKey, list[int]]) 
 
 class PagePrices:
     """The current price book, read again for each page once its events are locked (and its billing periods): every
-    change of the overrides committed before the page's events were read is in it. The cards are rebuilt only when
-    the overrides changed."""
+    change of the overrides committed before the page's events were read is in it, and none commits before the run
+    does (the price book's shared lock). The cards are rebuilt only when the overrides changed."""
 
     def __init__(self, markup_pct: Decimal) -> None:
         self.markup_pct = markup_pct
         self._cards: RateCards | None = None
 
     def cards(self, session: Session) -> RateCards:
+        # Held to the commit, as an ingest holds it: an override change waits for the run, so a re-rate or reprice
+        # run once the change is committed finds the events this run billed without it (PostgreSQL).
+        store.lock_price_book(session, change=False)
         book = store.load_price_book(session, self.markup_pct)
         if self._cards is None or set(self._cards.book.overrides) != set(book.overrides):
             self._cards = RateCards(book)

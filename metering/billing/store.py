@@ -423,12 +423,13 @@ def override_from_row(row: PriceOverrideRow) -> PriceOverride:
 
 
 def lock_price_book(session: Session, *, change: bool) -> None:
-    """PostgreSQL: the price book's transaction lock, held to commit. An ingest takes it shared before it reads the
-    overrides; a change of the overrides (``overrides.add_override``, ``overrides.end``) takes it exclusive. So a
-    change commits after every ingest that priced without it (and an ingest starting meanwhile waits for it): a
-    reprice or re-rate run once the change is committed finds every event priced without it. Before, an ingest in
-    flight committed its events after the change, and after the reprice that was run to price them: they stayed held.
-    SQLite: nothing (an ingest takes the database write lock before it reads the overrides; a change needs it too)."""
+    """PostgreSQL: the price book's transaction lock, held to commit. An ingest, a reprice and a re-rate take it
+    shared before they read the overrides (``corrections.PagePrices``); a change of the overrides
+    (``overrides.add_override``, ``overrides.end``) takes it exclusive. So a change commits after every run that
+    priced without it (and one starting meanwhile waits for it): a reprice or re-rate run once the change is committed
+    finds every event priced without it. Before, an ingest (or a reprice) in flight committed its events after the
+    change, and after the reprice (re-rate) that was run to correct them: they stayed held (billed at the old price).
+    SQLite: nothing (they take the database write lock before they read the overrides; a change needs it too)."""
     if dialect(session) == "postgresql":
         mode = "" if change else "_shared"
         session.execute(text(f"SELECT pg_advisory_xact_lock{mode}(hashtext('price_book'))"))

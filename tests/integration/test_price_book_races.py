@@ -266,3 +266,80 @@ def test_an_ingest_that_waited_for_an_override_change_posts_after_it(session_fac
     assert not ingesting.is_alive() and errors == []
     with session_factory() as session:
         assert [t.created_at >= committed for t in session.scalars(select(TransferRow))] == [True, True]
+
+
+def test_a_rerate_after_an_override_change_finds_the_events_a_reprice_in_flight_billed_without_it(
+    session_factory, monkeypatch, backend
+):
+    """A reprice has read the price book (an override for llama3*) and billed held events with it, not committed, when
+    that override is withdrawn and llama3.1 gets its own price. The admin then re-rates: it must find those events.
+    The change did not wait for the reprice (only ingests took the price book's lock), so the re-rate ran while they
+    were still held, found nothing billed, and the reprice then committed them at the withdrawn price. PostgreSQL only
+    (on SQLite the reprice holds the database write lock, which the change needs too)."""
+    if backend != "postgresql":
+        return
+    from metering.billing import store
+
+    with session_factory() as session:
+        ingest(session, [ollama(i) for i in range(2)], markup_pct=MARKUP, now=NOW)  # held: no price yet
+        override(session, "llamas", "llama3*", "0.10", "0.40")
+        session.commit()
+    loaded, go, changed = threading.Event(), threading.Event(), threading.Event()
+    load = store.load_price_book
+
+    def pausing_load(session: Session, markup_pct: Decimal) -> Any:
+        book = load(session, markup_pct)
+        if threading.current_thread() is repricing:
+            loaded.set()
+            assert go.wait(30)
+        return book
+
+    errors: list[BaseException] = []
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+                loaded.set()
+
+        return run
+
+    def reprice() -> None:
+        with session_factory() as session:
+            assert reprice_held(session, markup_pct=MARKUP, now=NOW + timedelta(hours=1)).priced == 2
+            session.commit()
+
+    def change_prices() -> None:
+        with session_factory() as session:
+            end_override(session, "llamas", SINCE + timedelta(microseconds=1))
+            override(session, "llama3", "llama3.1", "0.20", "0.80")
+            session.commit()
+        changed.set()
+
+    monkeypatch.setattr(store, "load_price_book", pausing_load)
+    repricing = threading.Thread(target=guarded(reprice))
+    changing = threading.Thread(target=guarded(change_prices))
+    repricing.start()
+    assert loaded.wait(30) and errors == []
+    changing.start()
+    with session_factory() as probe:  # until the change commits, or waits for the reprice (a lock not granted)
+        while not changed.is_set() and changing.is_alive():
+            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+            probe.rollback()
+            if waiting:
+                break
+            time.sleep(0.01)  # polling a state, not waiting for a race: the outcome does not depend on it
+    if not changed.is_set():
+        go.set()  # the reprice commits, then the change
+    changing.join(30)
+    assert changed.is_set() and errors == []
+    with session_factory() as session:  # the admin's re-rate, once the change is committed
+        apply_rerate(session, start=START, end=END, markup_pct=MARKUP, run_id="after-change",
+                     now=NOW + timedelta(hours=2))  # fmt: skip
+        session.commit()
+    go.set()
+    repricing.join(30)
+    assert not repricing.is_alive() and errors == []
+    assert events_by_model(session_factory) == {"llama3.1": {("billed", NEW_CHARGE)}}
