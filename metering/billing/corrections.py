@@ -1,9 +1,9 @@
 """Shared by reprice and re-rate (SQL; only flushes): price a stored event again, page through events with
 row locks, set an event's billing columns, and move its hourly rollup by deltas.
 
-The price book a page is priced with is read once that page's events are locked (``PagePrices``), never when the
-run starts: a run that waited for the events (held by another reprice or re-rate) would otherwise price them with
-overrides changed before it read them, and bill an ended override or re-rate them back to replaced prices.
+The price book is read once the first page's events are locked (``PagePrices``), never when the run starts: a run
+that waited for the events (held by another reprice or re-rate) would otherwise price them with overrides changed
+before it read them, and bill an ended override or re-rate them back to replaced prices.
 
 Rollup deltas go through ``store.upsert_rollups``, which adds every counter (``col = col + excluded.col``),
 so a bucket with ``calls = 0`` and negative counters moves an existing row without counting a call twice.
@@ -154,21 +154,20 @@ def upsert_rollup_deltas(session: Session, buckets: dict[RollupKey, list[int]]) 
 
 
 class PagePrices:
-    """The current price book, read again for each page once its events are locked (and its billing periods): every
-    change of the overrides committed before the page's events were read is in it, and none commits before the run
-    does (the price book's shared lock). The cards are rebuilt only when the overrides changed."""
+    """The current price book, read once the run's first page of events is locked (and its billing periods): every
+    change of the overrides committed before those events were read is in it. The price book's shared lock is taken
+    then and held to the commit (as an ingest holds it; SQLite: the database write lock, taken with the periods): no
+    change commits during the run, so the book read then prices every page, and a re-rate or reprice run once a
+    change is committed finds the events this run billed without it."""
 
     def __init__(self, markup_pct: Decimal) -> None:
         self.markup_pct = markup_pct
         self._cards: RateCards | None = None
 
     def cards(self, session: Session) -> RateCards:
-        # Held to the commit, as an ingest holds it: an override change waits for the run, so a re-rate or reprice
-        # run once the change is committed finds the events this run billed without it (PostgreSQL).
-        store.lock_price_book(session, change=False)
-        book = store.load_price_book(session, self.markup_pct)
-        if self._cards is None or set(self._cards.book.overrides) != set(book.overrides):
-            self._cards = RateCards(book)
+        if self._cards is None:
+            store.lock_price_book(session, change=False)
+            self._cards = RateCards(store.load_price_book(session, self.markup_pct))
         return self._cards
 
 

@@ -84,7 +84,7 @@ def reprice_held(session: Session, *, markup_pct: Decimal, now: datetime | None 
     balances = Balances()  # so are the accounts, before the rollups (ingest's order)
     for rows in event_pages(session, held, lock=True):
         finalized = lock_billing_periods(session, {period_of(r.occurred_at) for r in rows})
-        cards = prices.cards(session)  # read now that the page is locked: see corrections.PagePrices
+        cards = prices.cards(session)  # read at the first page, once locked: see corrections.PagePrices
         postings: list[Posting] = []
         for row in rows:
             was_held = row.billing_status == BillingStatus.UNPRICED.value  # else BYOLLM, or a failed call with searches

@@ -240,7 +240,7 @@ def apply_rerate(
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
         transfers = transfers_by_event(session, [row.event_id for row in rows])
         finalized = lock_billing_periods(session, {row.invoice_period or period_of(row.occurred_at) for row in rows})
-        cards = prices.cards(session)  # read now that the page is locked: see corrections.PagePrices
+        cards = prices.cards(session)  # read at the first page, once locked: see corrections.PagePrices
         postings: list[Posting] = []
         for row in rows:
             if not _is_billed(row):
