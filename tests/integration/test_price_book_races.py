@@ -105,6 +105,65 @@ def run_while_held(
     assert not worker.is_alive() and errors == []
 
 
+def change_while_pricing(
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    pricing: Callable[[], None],
+    change: Callable[[], None],
+    after_change: Callable[[], None],
+) -> None:
+    """Run ``pricing`` (an ingest, a reprice) in a thread, paused right after it read the price book; meanwhile run
+    ``change`` (of the overrides) in another thread, until it commits or waits for the pricing (an advisory lock not
+    granted), and let the pricing go on if it waits; once ``change`` has committed run ``after_change`` (the admin's
+    correction), then let the pricing finish. An error in either thread fails the test."""
+    from metering.billing import store
+
+    loaded, go, changed = threading.Event(), threading.Event(), threading.Event()
+    load = store.load_price_book
+    errors: list[BaseException] = []
+
+    def pausing_load(session: Session, markup_pct: Decimal) -> Any:
+        book = load(session, markup_pct)
+        if threading.current_thread() is pricing_thread:
+            loaded.set()
+            assert go.wait(30)
+        return book
+
+    def guarded(work: Callable[[], None], done: threading.Event | None = None) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+                if done is not None:
+                    done.set()
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+                loaded.set()
+
+        return run
+
+    monkeypatch.setattr(store, "load_price_book", pausing_load)
+    pricing_thread = threading.Thread(target=guarded(pricing))
+    changing = threading.Thread(target=guarded(change, changed))
+    pricing_thread.start()
+    assert loaded.wait(30) and errors == []
+    changing.start()
+    with session_factory() as probe:  # until the change commits, or waits for the pricing (a lock not granted)
+        while not changed.is_set() and changing.is_alive():
+            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+            probe.rollback()
+            if waiting:
+                break
+            time.sleep(0.01)  # polling a state, not waiting for a race: the outcome does not depend on it
+    if not changed.is_set():
+        go.set()  # the pricing commits, then the change
+    changing.join(30)
+    assert changed.is_set() and errors == []
+    after_change()
+    go.set()
+    pricing_thread.join(30)
+    assert not pricing_thread.is_alive() and errors == []
+
+
 def events_by_model(session_factory: sessionmaker[Session]) -> dict[str, set[tuple[str, int]]]:
     with session_factory() as session:
         found: dict[str, set[tuple[str, int]]] = {}
@@ -168,29 +227,6 @@ def test_a_reprice_after_an_override_change_finds_the_events_ingested_without_it
     database write lock before it reads the prices, and an override change needs that lock too."""
     if backend != "postgresql":
         return
-    from metering.billing import store
-
-    loaded, go, added = threading.Event(), threading.Event(), threading.Event()
-    load = store.load_price_book
-
-    def pausing_load(session: Session, markup_pct: Decimal) -> Any:
-        book = load(session, markup_pct)
-        if threading.current_thread() is ingesting:
-            loaded.set()
-            assert go.wait(30)
-        return book
-
-    errors: list[BaseException] = []
-
-    def guarded(work: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                work()
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-                loaded.set()
-
-        return run
 
     def ingest_held() -> None:
         with session_factory() as session:
@@ -201,31 +237,13 @@ def test_a_reprice_after_an_override_change_finds_the_events_ingested_without_it
         with session_factory() as session:
             override(session, "llama3", "llama3*", "0.10", "0.40")
             session.commit()
-        added.set()
 
-    monkeypatch.setattr(store, "load_price_book", pausing_load)
-    ingesting = threading.Thread(target=guarded(ingest_held))
-    adding = threading.Thread(target=guarded(add_price))
-    ingesting.start()
-    assert loaded.wait(30) and errors == []
-    adding.start()
-    with session_factory() as probe:  # until the override is added, or waits for the ingest (a lock not granted)
-        while not added.is_set() and adding.is_alive():
-            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
-            probe.rollback()
-            if waiting:
-                break
-            time.sleep(0.01)  # polling a state, not waiting for a race: the outcome does not depend on it
-    if not added.is_set():
-        go.set()  # the ingest commits, then the override
-    adding.join(30)
-    assert added.is_set() and errors == []
-    with session_factory() as session:  # the admin's reprice, once the override is added
-        reprice_held(session, markup_pct=MARKUP, now=NOW + timedelta(hours=1))
-        session.commit()
-    go.set()
-    ingesting.join(30)
-    assert not ingesting.is_alive() and errors == []
+    def the_admins_reprice() -> None:  # once the override is added
+        with session_factory() as session:
+            reprice_held(session, markup_pct=MARKUP, now=NOW + timedelta(hours=1))
+            session.commit()
+
+    change_while_pricing(session_factory, monkeypatch, ingest_held, add_price, the_admins_reprice)
     assert events_by_model(session_factory) == {"llama3.1": {("billed", OLD_CHARGE)}}
 
 
@@ -278,33 +296,11 @@ def test_a_rerate_after_an_override_change_finds_the_events_a_reprice_in_flight_
     (on SQLite the reprice holds the database write lock, which the change needs too)."""
     if backend != "postgresql":
         return
-    from metering.billing import store
 
     with session_factory() as session:
         ingest(session, [ollama(i) for i in range(2)], markup_pct=MARKUP, now=NOW)  # held: no price yet
         override(session, "llamas", "llama3*", "0.10", "0.40")
         session.commit()
-    loaded, go, changed = threading.Event(), threading.Event(), threading.Event()
-    load = store.load_price_book
-
-    def pausing_load(session: Session, markup_pct: Decimal) -> Any:
-        book = load(session, markup_pct)
-        if threading.current_thread() is repricing:
-            loaded.set()
-            assert go.wait(30)
-        return book
-
-    errors: list[BaseException] = []
-
-    def guarded(work: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                work()
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-                loaded.set()
-
-        return run
 
     def reprice() -> None:
         with session_factory() as session:
@@ -316,30 +312,12 @@ def test_a_rerate_after_an_override_change_finds_the_events_a_reprice_in_flight_
             end_override(session, "llamas", SINCE + timedelta(microseconds=1))
             override(session, "llama3", "llama3.1", "0.20", "0.80")
             session.commit()
-        changed.set()
 
-    monkeypatch.setattr(store, "load_price_book", pausing_load)
-    repricing = threading.Thread(target=guarded(reprice))
-    changing = threading.Thread(target=guarded(change_prices))
-    repricing.start()
-    assert loaded.wait(30) and errors == []
-    changing.start()
-    with session_factory() as probe:  # until the change commits, or waits for the reprice (a lock not granted)
-        while not changed.is_set() and changing.is_alive():
-            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
-            probe.rollback()
-            if waiting:
-                break
-            time.sleep(0.01)  # polling a state, not waiting for a race: the outcome does not depend on it
-    if not changed.is_set():
-        go.set()  # the reprice commits, then the change
-    changing.join(30)
-    assert changed.is_set() and errors == []
-    with session_factory() as session:  # the admin's re-rate, once the change is committed
-        apply_rerate(session, start=START, end=END, markup_pct=MARKUP, run_id="after-change",
-                     now=NOW + timedelta(hours=2))  # fmt: skip
-        session.commit()
-    go.set()
-    repricing.join(30)
-    assert not repricing.is_alive() and errors == []
+    def the_admins_rerate() -> None:  # once the change is committed
+        with session_factory() as session:
+            apply_rerate(session, start=START, end=END, markup_pct=MARKUP, run_id="after-change",
+                         now=NOW + timedelta(hours=2))  # fmt: skip
+            session.commit()
+
+    change_while_pricing(session_factory, monkeypatch, reprice, change_prices, the_admins_rerate)
     assert events_by_model(session_factory) == {"llama3.1": {("billed", NEW_CHARGE)}}
