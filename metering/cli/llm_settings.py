@@ -91,18 +91,8 @@ def byollm_delete(user: UserArg) -> None:
 
 
 def _byollm_view(row: Any, box: Any) -> dict[str, Any]:
-    """The settings as the API answers them (``ByollmOut``: the same fields, by the same names): never the key, only
-    ``has_api_key`` and ``api_key_mask`` (``None`` for a key that cannot be decrypted, its encryption key rotated
-    away)."""
-    return {
-        "user_id": row.user_id,
-        "tenant_id": row.tenant_id,
-        "provider": row.provider,
-        "model": row.model,
-        "base_url": row.base_url,
-        "fallback_policy": row.fallback_policy,
-        "has_api_key": row.api_key_ciphertext is not None,
-        "api_key_mask": store.stored_key_mask(row, box),
+    """The settings as the API answers them (``ByollmOut``: the same fields, by the same names)."""
+    return store.byollm_view(row, store.stored_key_mask(row, box)) | {
         "created_at": row.created_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
     }

@@ -186,6 +186,21 @@ def stored_key_mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:
     return mask_key(stored_key(row, box))
 
 
+def byollm_view(row: ByollmSettingsRow, mask: str | None) -> dict[str, Any]:
+    """A user's BYOLLM settings as the admin API and the CLI show them: never the key, only ``has_api_key`` and its
+    ``api_key_mask`` (``None`` for a key that cannot be decrypted, its encryption key rotated away)."""
+    return {
+        "user_id": row.user_id,
+        "tenant_id": row.tenant_id,
+        "provider": row.provider,
+        "model": row.model,
+        "base_url": row.base_url,
+        "fallback_policy": row.fallback_policy,
+        "has_api_key": row.api_key_ciphertext is not None,
+        "api_key_mask": mask,
+    }
+
+
 def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
     return ByollmSettings(
         user_id=row.user_id,

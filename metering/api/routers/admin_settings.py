@@ -102,18 +102,7 @@ def delete_purpose(purpose: PurposeName, principal: PlatformAdmin, session: DbSe
 
 
 def _byollm_out(row: ByollmSettingsRow, mask: str | None) -> ByollmOut:
-    return ByollmOut(
-        user_id=row.user_id,
-        tenant_id=row.tenant_id,
-        provider=row.provider,
-        model=row.model,
-        base_url=row.base_url,
-        fallback_policy=row.fallback_policy,
-        has_api_key=row.api_key_ciphertext is not None,
-        api_key_mask=mask,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
+    return ByollmOut(**store.byollm_view(row, mask), created_at=row.created_at, updated_at=row.updated_at)
 
 
 def _users_row(session: Session, tenant_id: str, user_id: str, *, for_update: bool = False) -> ByollmSettingsRow | None:
