@@ -17,7 +17,7 @@ import orjson
 from pydantic import ValidationError
 
 from metering.events import UsageEvent, event_from_record, utcnow, validation_reason
-from metering.spool.brief_locks import brief
+from metering.spool.brief_locks import brief_open
 
 log = logging.getLogger("metering.spool")
 
@@ -124,17 +124,14 @@ class DeadLetters:
     @contextmanager
     def _locked(self, *, wait: bool = True) -> Iterator[bool]:
         """Hold ``rejected.jsonl.lock``; without ``wait``, only if nobody holds it (yields whether it is held)."""
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with brief(fd):  # a child forked meanwhile does not keep it held (see spool.brief_locks)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    yield False
-                    return
-                yield True
-        finally:
-            os.close(fd)  # releases the flock
+        # Closed on leaving, which releases the flock; a child forked meanwhile does not keep it held (brief_locks).
+        with brief_open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600) as fd:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
 
     def redrive(
         self, select: Callable[[dict[str, Any]], bool], append: Callable[[bytes], None]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from metering.spool.brief_locks import brief
+from metering.spool.brief_locks import brief_open
 
 SLOT_PREFIX = "writer-"
 SEGMENT_SUFFIX = ".jsonl"
@@ -68,11 +68,11 @@ class Cursor:
 
 def read_cursor(slot_dir: Path) -> Cursor:
     try:
-        with open(slot_dir / CURSOR_NAME, "rb") as handle, brief(handle.fileno()):
+        with brief_open(slot_dir / CURSOR_NAME, os.O_RDONLY) as fd, open(fd, "rb", closefd=False) as handle:
             # Shared with other readers; excluded by a write in place (``_overwrite``), which a read in its midst
             # saw torn: the new segment with the old offset, a position nothing acknowledged. Released on close
             # (and closed in a child forked meanwhile: see spool.brief_locks).
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_SH)
             raw = handle.read()
         data = orjson.loads(raw)
         cursor = Cursor(segment=int(data["segment"]), offset=int(data["offset"]))
@@ -136,17 +136,13 @@ def _overwrite(path: Path, data: bytes) -> bool:
     which a killed process cannot tear, under an exclusive ``flock`` that ``read_cursor`` takes shared: a read in
     the midst of it could see the new bytes followed by old ones. False when there is no such file."""
     try:
-        fd = os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        with brief(fd):  # closed in a child forked meanwhile (see spool.brief_locks)
+        with brief_open(path, os.O_WRONLY) as fd:  # closed in a child forked meanwhile (see spool.brief_locks)
             fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
             padded = data.ljust(os.fstat(fd).st_size)
             if os.pwrite(fd, padded, 0) != len(padded):
                 raise OSError(errno.ENOSPC, f"could not write the spool cursor {path}")
-    finally:
-        os.close(fd)
+    except FileNotFoundError:  # (only the open raises it)
+        return False
     return True
 
 

@@ -9,8 +9,10 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 
 from metering.events import UsageEvent
 from metering.spool import DeliveryResult, Flusher, Spool
@@ -166,5 +168,71 @@ def test_a_child_forked_while_a_thread_held_the_dead_letters_lock_does_not_keep_
     finally:
         os.write(go_w, b"x")
         os.waitpid(pid, 0)
+        for fd in (go_r, go_w, out_r, out_w):
+            os.close(fd)
+
+
+# A test's own step in every fork of this process (os.register_at_fork has no way to undo a registration): registered
+# after the spool's hooks, it runs before theirs.
+_BEFORE_FORK: list[Callable[[], None]] = []
+os.register_at_fork(before=lambda: [step() for step in _BEFORE_FORK])
+
+
+def test_a_child_forked_as_a_thread_opened_the_dead_letters_lock_does_not_keep_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread of the parent had opened the dead letters' lock file but not yet registered the descriptor (nor taken
+    the lock) when another thread forked: the child kept a copy the fork hook did not close, the thread then locked
+    the shared open file, and its close did not release the lock, held by the child's copy for the child's whole life.
+    A fork now waits for a thread between opening such a descriptor and registering it."""
+    letters = DeadLetters(tmp_path / "rejected.jsonl")
+    lock_path = str(tmp_path / "rejected.jsonl.lock")
+    opened, proceed, forking = threading.Event(), threading.Event(), threading.Event()
+    real_open = os.open
+
+    def pausing_open(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        fd = real_open(path, flags, mode, **kwargs)
+        if str(path) == lock_path and threading.current_thread() is writer:
+            opened.set()
+            proceed.wait()
+        return fd
+
+    def writing_dead_letters() -> None:
+        with letters._locked():
+            pass
+
+    writer = threading.Thread(target=writing_dead_letters)
+    monkeypatch.setattr(os, "open", pausing_open)
+    _BEFORE_FORK.append(forking.set)
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pids: list[int] = []
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: lives on, as a prefork worker does, until told to exit)
+            os.write(out_w, b"x")
+            os.read(go_r, 1)
+            os._exit(0)
+        pids.append(pid)
+
+    forker = threading.Thread(target=fork)
+    try:
+        writer.start()
+        opened.wait()
+        forker.start()
+        forking.wait()  # the fork is under way (this step runs before the spool's own)
+        proceed.set()
+        writer.join()
+        forker.join()
+        os.read(out_r, 1)  # the child runs
+        with letters._locked(wait=False) as locked:  # the parent's thread let it go: nobody holds it now
+            assert locked
+    finally:
+        _BEFORE_FORK.clear()
+        proceed.set()
+        os.write(go_w, b"x")
+        for pid in pids:
+            os.waitpid(pid, 0)
         for fd in (go_r, go_w, out_r, out_w):
             os.close(fd)
