@@ -35,12 +35,21 @@ def brief_open(path: Path | str, flags: int, mode: int = 0o600) -> Iterator[int]
             os.close(fd)
 
 
+def _before_fork() -> None:
+    _GUARD.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _GUARD.release()
+
+
 def _after_fork_in_child() -> None:
+    global _GUARD
     for fd in list(_HELD):
         with contextlib.suppress(OSError):
             os.close(fd)  # the parent's own descriptor keeps the lock for as long as the parent holds it
     _HELD.clear()
-    _GUARD.release()  # taken by this thread before the fork
+    _GUARD = threading.Lock()  # (the inherited one is held, taken by this thread before the fork)
 
 
-os.register_at_fork(before=_GUARD.acquire, after_in_parent=_GUARD.release, after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
