@@ -66,13 +66,18 @@ class Spool:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def open(self) -> Spool:
+        _OPEN.add(self)  # before its lock is taken: a child forked from now on replaces it (_after_fork_in_child)
         with self._lock:
             self._claim()
-        _OPEN.add(self)
         return self
 
     def _claim(self) -> None:
-        """Claim a free slot and start a new segment in it."""
+        """Claim a free slot and start a new segment in it. A fork waits for it (``_CLAIMING``): a child forked
+        meanwhile copied the slot's lock descriptor before the spool recorded it, and nothing there closed it."""
+        with _CLAIMING:
+            self._claim_slot()
+
+    def _claim_slot(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for index in range(MAX_SLOTS):
@@ -216,11 +221,24 @@ class Spool:
 
 # Open spools, for the child of a fork (a prefork server or task queue): see ``Spool._after_fork_in_child``.
 _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
+# Held while a slot is claimed; a fork takes it first. (Its before-hook runs before spool.brief_locks', whose lock a
+# claim takes inside this one: registered after it, since this module imports that one.)
+_CLAIMING = threading.Lock()
+
+
+def _before_fork() -> None:
+    _CLAIMING.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _CLAIMING.release()
 
 
 def _after_fork_in_child() -> None:
+    global _CLAIMING
+    _CLAIMING = threading.Lock()  # (the inherited one is held, taken by this thread before the fork)
     for spool in list(_OPEN):
         spool._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

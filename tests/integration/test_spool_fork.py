@@ -16,6 +16,7 @@ import pytest
 
 from metering.events import UsageEvent
 from metering.spool import DeliveryResult, Flusher, Spool
+from metering.spool import writer as writer_module
 from metering.spool.decode import DeadLetters
 from tests.fakes.events import record
 
@@ -236,3 +237,44 @@ def test_a_child_forked_as_a_thread_opened_the_dead_letters_lock_does_not_keep_i
             os.waitpid(pid, 0)
         for fd in (go_r, go_w, out_r, out_w):
             os.close(fd)
+
+
+def test_a_child_forked_while_another_thread_opens_the_spool_can_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread of the parent was opening the spool (its lock held, its slot being claimed) when another forked: the
+    spool was not yet among those the fork hook resets, so the child inherited its lock held by a thread it does not
+    have, and its first append hung for good (it also kept the slot's lock). A fork now waits for a slot's claim."""
+    spool = Spool(tmp_path / "spool")
+    claiming, proceed, forking = threading.Event(), threading.Event(), threading.Event()
+    real_try_lock = writer_module.try_lock
+
+    def pausing_try_lock(path: Path) -> int | None:
+        fd = real_try_lock(path)
+        if threading.current_thread() is opener:
+            claiming.set()
+            proceed.wait()
+        return fd
+
+    monkeypatch.setattr(writer_module, "try_lock", pausing_try_lock)
+    opener = threading.Thread(target=spool.open)
+    reports: list[str] = []
+
+    def fork() -> None:
+        reports.append(_in_child(lambda: spool.append(orjson.dumps(record(1)))))
+
+    forker = threading.Thread(target=fork)
+    _BEFORE_FORK.append(forking.set)
+    try:
+        opener.start()
+        claiming.wait()
+        forker.start()
+        forking.wait()  # the fork is under way (this step runs before the spool's own)
+        proceed.set()
+        opener.join()
+        forker.join()
+    finally:
+        _BEFORE_FORK.clear()
+        proceed.set()
+        spool.close()
+    assert reports == ["ok None"]
