@@ -37,7 +37,7 @@ from metering.spool.segments import (
     write_cursor,
 )
 from metering.spool.sink import RefusedBatchError, Sink
-from metering.spool.writer import Spool, try_lock
+from metering.spool.writer import Spool, fork_guard, lock_free, try_lock
 
 PROBE_BATCHES = 16  # how far past a refused batch the flusher looks for events to try
 log = logging.getLogger("metering.spool")
@@ -168,13 +168,9 @@ class Flusher:
         if slot in self._held:
             return True
         try:
-            fd = try_lock(slot / READER_LOCK_NAME)
+            return lock_free(slot / READER_LOCK_NAME)
         except OSError:
             return False
-        if fd is None:
-            return False
-        os.close(fd)
-        return True
 
     def stop(self, *, drain: bool = True, timeout: float = 30.0) -> bool:
         """Stop the thread; with ``drain``, first deliver what is spooled (up to ``timeout``)."""
@@ -184,7 +180,7 @@ class Flusher:
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, timeout))
             self._thread = None
-        with self._pass_lock:
+        with self._pass_lock, fork_guard():  # (see writer.fork_guard)
             for fd in self._held.values():
                 os.close(fd)
             self._held.clear()
@@ -292,9 +288,10 @@ class Flusher:
         return not list_segments(slot) and not writer_alive(slot)
 
     def _release(self, slot: Path) -> None:
-        fd = self._held.pop(slot, None)
-        if fd is not None:
-            os.close(fd)  # releases the reader lock
+        with fork_guard():  # (see writer.fork_guard)
+            fd = self._held.pop(slot, None)
+            if fd is not None:
+                os.close(fd)  # releases the reader lock
         self._refused.pop(slot, None)
 
     def _claim_slots(self) -> bool:
@@ -311,7 +308,7 @@ class Flusher:
                 continue
             if len(self._held) >= MAX_HELD_SLOTS:  # the rest in later passes, as drained slots are released
                 return True
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), fork_guard():  # (see writer.fork_guard)
                 fd = try_lock(slot / READER_LOCK_NAME)
                 if fd is not None:
                     self._held[slot] = fd

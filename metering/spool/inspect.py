@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from metering.spool.reader import pending_lines
 from metering.spool.segments import LOCK_NAME, Cursor, list_segments, list_slots, read_cursor
-from metering.spool.writer import try_lock
+from metering.spool.writer import lock_free
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,11 +21,7 @@ class SlotState:
 
 def writer_alive(slot: Path) -> bool:
     """True while some process holds the slot's writer lock (this one included)."""
-    probe = try_lock(slot / LOCK_NAME)
-    if probe is None:
-        return True
-    os.close(probe)
-    return False
+    return not lock_free(slot / LOCK_NAME)
 
 
 def slot_states(root: Path) -> list[SlotState]:

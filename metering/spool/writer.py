@@ -43,6 +43,22 @@ def try_lock(path: Path) -> int | None:
     return fd
 
 
+def lock_free(path: Path) -> bool:
+    """Whether nobody holds the flock on ``path`` (taken and let go at once, a fork waiting: see ``fork_guard``)."""
+    with fork_guard():
+        fd = try_lock(path)
+        if fd is None:
+            return False
+        os.close(fd)
+    return True
+
+
+def fork_guard() -> threading.Lock:
+    """Hold it from taking a lock descriptor to recording it where the fork hooks close it (and from forgetting one
+    to closing it): a fork waits for it, so no child keeps a copy of one, holding the lock for its whole life."""
+    return _FORK_GUARD
+
+
 class Spool:
     """The appending side of the spool. Thread-safe; one slot (``writer-N/``) per open Spool."""
 
@@ -72,9 +88,9 @@ class Spool:
         return self
 
     def _claim(self) -> None:
-        """Claim a free slot and start a new segment in it. A fork waits for it (``_CLAIMING``): a child forked
+        """Claim a free slot and start a new segment in it. A fork waits for it (``fork_guard``): a child forked
         meanwhile copied the slot's lock descriptor before the spool recorded it, and nothing there closed it."""
-        with _CLAIMING:
+        with fork_guard():
             self._claim_slot()
 
     def _claim_slot(self) -> None:
@@ -121,7 +137,7 @@ class Spool:
         self._seq = self._size = 0
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, fork_guard():  # a child forked between the close and forgetting it: see fork_guard
             self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
@@ -221,22 +237,22 @@ class Spool:
 
 # Open spools, for the child of a fork (a prefork server or task queue): see ``Spool._after_fork_in_child``.
 _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
-# Held while a slot is claimed; a fork takes it first. (Its before-hook runs before spool.brief_locks', whose lock a
-# claim takes inside this one: registered after it, since this module imports that one.)
-_CLAIMING = threading.Lock()
+# See fork_guard; a fork takes it first. (Its before-hook runs before spool.brief_locks', whose lock a slot's claim
+# takes inside this one: registered after it, since this module imports that one.)
+_FORK_GUARD = threading.Lock()
 
 
 def _before_fork() -> None:
-    _CLAIMING.acquire()
+    _FORK_GUARD.acquire()
 
 
 def _after_fork_in_parent() -> None:
-    _CLAIMING.release()
+    _FORK_GUARD.release()
 
 
 def _after_fork_in_child() -> None:
-    global _CLAIMING
-    _CLAIMING = threading.Lock()  # (the inherited one is held, taken by this thread before the fork)
+    global _FORK_GUARD
+    _FORK_GUARD = threading.Lock()  # (the inherited one is held, taken by this thread before the fork)
     for spool in list(_OPEN):
         spool._after_fork_in_child()
 

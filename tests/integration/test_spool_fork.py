@@ -16,8 +16,10 @@ import pytest
 
 from metering.events import UsageEvent
 from metering.spool import DeliveryResult, Flusher, Spool
+from metering.spool import flusher as flusher_module
 from metering.spool import writer as writer_module
 from metering.spool.decode import DeadLetters
+from metering.spool.segments import READER_LOCK_NAME
 from tests.fakes.events import record
 
 
@@ -278,3 +280,69 @@ def test_a_child_forked_while_another_thread_opens_the_spool_can_append(
         proceed.set()
         spool.close()
     assert reports == ["ok None"]
+
+
+def test_a_child_forked_as_the_flusher_took_a_reader_lock_does_not_keep_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher's thread had taken a slot's reader lock but not yet recorded its descriptor (every pass claims the
+    slots with something to read) when another thread forked: the child kept a copy its fork hook did not close, so
+    the lock stayed held for the child's whole life once the parent let it go, and no flusher or drainer could
+    deliver that slot any more. A fork now waits for a lock being taken and recorded (or forgotten and closed)."""
+    sink = FileSink(tmp_path / "delivered")
+    spool = Spool(tmp_path / "spool").open()
+    event = record(1)
+    spool.append(orjson.dumps(event))
+    assert spool.slot_dir is not None
+    reader_lock = spool.slot_dir / READER_LOCK_NAME
+    flusher = Flusher(spool, sink)
+    locked, proceed, forking = threading.Event(), threading.Event(), threading.Event()
+    real_try_lock = flusher_module.try_lock
+
+    def pausing_try_lock(path: Path) -> int | None:
+        fd = real_try_lock(path)
+        if threading.current_thread() is flushing and path == reader_lock and not locked.is_set():
+            locked.set()
+            proceed.wait()
+        return fd
+
+    monkeypatch.setattr(flusher_module, "try_lock", pausing_try_lock)
+    flushing = threading.Thread(target=flusher.flush, args=(10,))
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pids: list[int] = []
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: lives on, as a prefork worker does, until told to exit)
+            os.write(out_w, b"x")
+            os.read(go_r, 1)
+            os._exit(0)
+        pids.append(pid)
+
+    forker = threading.Thread(target=fork)
+    _BEFORE_FORK.append(forking.set)
+    try:
+        flushing.start()
+        locked.wait()
+        forker.start()
+        forking.wait()  # the fork is under way (this step runs before the spool's own)
+        _BEFORE_FORK.clear()
+        proceed.set()
+        flushing.join()
+        forker.join()
+        os.read(out_r, 1)  # the child runs (its fork hooks have run)
+        flusher.stop()  # lets the reader lock go
+        spool.close()
+        assert sink.ids() == [str(event["event_id"])]
+        fd = real_try_lock(reader_lock)  # while the child lives
+        assert fd is not None, "the child keeps the slot's reader lock"
+        os.close(fd)
+    finally:
+        _BEFORE_FORK.clear()
+        proceed.set()
+        os.write(go_w, b"x")
+        for pid in pids:
+            os.waitpid(pid, 0)
+        for fd in (go_r, go_w, out_r, out_w):
+            os.close(fd)
