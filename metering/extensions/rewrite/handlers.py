@@ -6,13 +6,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from metering.errors import InvalidJSONResponseError
+from metering.errors import InvalidJSONResponseError, ProviderError
 from metering.extensions.rewrite.schemas import (
     ActionItem,
     ExtractActionItemsParams,
     RewriteMultipleParams,
     RewriteParams,
+    is_blank,
 )
+from metering.llm.responses import LLMResponse
 from metering.runtime import ChatExtension, Context
 
 chat = ChatExtension("rewrite", description="Rewrite a message in another tone, with the user's own LLM if set.")
@@ -43,6 +45,27 @@ def action_items_max_tokens(text: str) -> int:
     return min(ACTION_ITEMS_MAX_TOKENS, ACTION_ITEMS_BASE_TOKENS + ACTION_ITEMS_TOKENS_PER_CHAR * len(text))
 
 
+# Stop reasons of a reply the provider's content filter cut (OpenAI's finish_reason) or the model refused (Anthropic's).
+FILTERED_STOPS = frozenset({"content_filter", "refusal"})
+
+
+def _rewritten(response: LLMResponse) -> str:
+    """The rewrite a reply holds. A reply with nothing visible in it (empty, only blanks), or stopped by the provider's
+    content filter or a refusal (whatever text it has is not the rewrite asked for), is a ``provider_error``: the
+    call was made and is billed (the invocation's problem names it), but no rewrite is returned as if it were one."""
+    if response.stop_reason in FILTERED_STOPS:
+        reason = f"was stopped by the provider (stop reason {response.stop_reason!r})"
+    elif is_blank(response.text):
+        reason = "is empty" if not response.text else "holds only whitespace or invisible characters"
+    else:
+        return response.text
+    raise ProviderError(
+        f"the model's reply to the rewrite {reason}: no rewrite to return (the call is billed)",
+        error_type="no_rewrite",
+        provider=response.provider,
+    )
+
+
 def _served_by(ctx: Context) -> dict[str, Any]:
     """The last call's provider and model; is_byollm only when every call was served by the user's own LLM (a call
     that failed over to the platform LLM was billed: the result must not say the invocation was not)."""
@@ -65,7 +88,7 @@ async def rewrite(ctx: Context, params: RewriteParams) -> dict[str, Any]:
         purpose="content_rewrite",
     )
     # A rewrite cut off by max_tokens is not returned as a plain success: `truncated` says the text is incomplete.
-    return {"text": response.text, "truncated": response.truncated, **_served_by(ctx)}
+    return {"text": _rewritten(response), "truncated": response.truncated, **_served_by(ctx)}
 
 
 @chat.function(
@@ -83,7 +106,7 @@ async def rewrite_multiple(ctx: Context, params: RewriteMultipleParams) -> dict[
             max_tokens=REWRITE_MAX_TOKENS,
             purpose="content_rewrite",
         )
-        variations.append(response.text)
+        variations.append(_rewritten(response))
         truncated = truncated or response.truncated
     return {"variations": variations, "truncated": truncated, **_served_by(ctx)}
 

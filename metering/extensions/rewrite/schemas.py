@@ -22,11 +22,14 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format (U+20
 _BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
+def is_blank(text: str) -> bool:
+    """Only whitespace or invisible characters (or nothing at all); stops at the first visible character."""
+    return all(char.isspace() or char in _BLANK_GLYPHS or unicodedata.category(char) in _INVISIBLE for char in text)
+
+
 def _not_blank(text: str) -> str:
     """Refuse a text with nothing to rewrite: only whitespace or invisible characters (it made a billed call)."""
-    if all(
-        char.isspace() or char in _BLANK_GLYPHS or unicodedata.category(char) in _INVISIBLE for char in text
-    ):  # stops at the first visible
+    if is_blank(text):
         raise ValueError("the text is blank (only whitespace or invisible characters)")
     return text
 

@@ -490,3 +490,37 @@ def test_a_replaced_or_deleted_byollm_key_s_adapter_is_closed(client, admin, ope
     assert new_key not in _adapters(client) and new._client.is_closed()
     body = _invoke(client, admin, text="hi", tone="formal").json()
     assert body["is_byollm"] is False and len(openai_server.requests) == 2
+
+
+MULTIPLE = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
+
+
+@pytest.mark.parametrize(
+    ("path", "replies"),
+    [
+        (REWRITE, [Reply(text="")]),
+        (REWRITE, [Reply(text=" \n\u200b ")]),
+        (REWRITE, [Reply(text="Dear Sir, please", stop_reason="content_filter")]),
+        (MULTIPLE, [Reply(text="Hey, send it over?"), Reply(text="", stop_reason="refusal")]),
+    ],
+)
+def test_an_empty_or_filtered_rewrite_is_a_502_billed_once(
+    client, admin, session_factory, openai_server: FakeOpenAIServer, path, replies
+):
+    """A model that answered nothing (or only blanks), or whose reply its content filter stopped (OpenAI's
+    `content_filter`; Anthropic's `refusal`), was returned as a successful rewrite: `{"text": "", "truncated": false}`
+    (a client would have sent an empty message, or a cut one as if whole). It is a 502 naming the calls, which were
+    billed; a keyed retry gets it back and pays nothing again."""
+    openai_server.script(*replies)
+    purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+    assert client.put("/v1/admin/purposes/content_rewrite", json=purpose, headers=admin).status_code == 200
+    params = {"text": "send me the doc", "tone": "formal"} | ({"n_variations": 2} if path == MULTIPLE else {})
+    first = _invoke(client, _keyed(admin, "e-1"), path, **params)
+    body = assert_problem(first, 502, "provider_error")
+    assert len(body["event_ids"]) == len(replies) and "rewrite" in body["detail"]
+    again = _invoke(client, _keyed(admin, "e-1"), path, **params)
+    assert (again.status_code, again.headers["Idempotent-Replayed"], again.json()) == (502, "true", body)
+    assert len(openai_server.requests) == len(replies)
+    assert _spooled_and_stored(client, session_factory) == len(replies)
+    rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
+    assert [r.billing_status for r in rows] == ["billed"] * len(replies)
