@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -30,6 +30,11 @@ class InvocationResult:
     provider: str | None
     model: str | None
     is_byollm: bool | None
+    used_event_ids: list[str] = field(default_factory=list)  # those of calls that used the provider (billed)
+
+    def calls(self) -> InvocationCalls | None:
+        """Its calls, for a failure after it returned (None when it made none)."""
+        return InvocationCalls(self.invocation_id, self.event_ids, self.used_event_ids) if self.event_ids else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,13 @@ async def _close_streams_after(ctx: Context, failure: BaseException) -> None:
     except Exception as exc:
         log.error("could not record a stream the failed handler left open: %s", exc)
         failure.add_note(f"while ending the streams the handler left open: {type(exc).__name__}: {exc}")
+
+
+def attach_calls(exc: BaseException, calls: InvocationCalls) -> None:
+    """Note on ``exc`` the metered calls the invocation it ended had made (``invocation_calls`` reads them)."""
+    setattr(exc, _CALLS_ATTRIBUTE, calls)
+    if isinstance(exc, MeteringError):
+        exc.members.update(invocation_id=str(calls.invocation_id), event_ids=calls.event_ids)
 
 
 def invocation_calls(exc: BaseException) -> InvocationCalls | None:
@@ -136,10 +148,9 @@ class Runtime:
             await ctx.llm.close_streams()
         except BaseException as exc:
             if ctx.llm.event_ids:  # metered calls were made (those that used the provider are billed): say which
-                calls = InvocationCalls(ctx.invocation_id, list(ctx.llm.event_ids), list(ctx.llm.used_event_ids))
-                setattr(exc, _CALLS_ATTRIBUTE, calls)
-                if isinstance(exc, MeteringError):
-                    exc.members.update(invocation_id=str(ctx.invocation_id), event_ids=calls.event_ids)
+                attach_calls(
+                    exc, InvocationCalls(ctx.invocation_id, list(ctx.llm.event_ids), list(ctx.llm.used_event_ids))
+                )
             raise
         return InvocationResult(
             result=result,
@@ -148,4 +159,5 @@ class Runtime:
             provider=ctx.llm.provider,
             model=ctx.llm.model,
             is_byollm=ctx.llm.all_byollm,  # every call the user's own LLM: none billed to the user
+            used_event_ids=list(ctx.llm.used_event_ids),
         )

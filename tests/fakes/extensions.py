@@ -30,3 +30,22 @@ async def interrupted(ctx: Context, params: BuggyParams) -> dict[str, Any]:
     signal.raise_signal(signal.SIGINT)
     await asyncio.Event().wait()  # never set: the cancellation ends it
     raise AssertionError("unreachable")
+
+
+class OddParams(BaseModel):
+    kind: str
+
+
+ODD_RESULTS: dict[str, Any] = {
+    "object": object(),
+    "bytes": {"data": b"\xff\xfe"},  # not UTF-8
+    "surrogate": {"text": "half an emoji \ud83d"},  # a lone surrogate no response can encode
+}
+
+
+@buggy.function(
+    description="one call, then a result JSON cannot carry", action_type="read", effects=["llm.text-generation"]
+)
+async def odd_result(ctx: Context, params: OddParams) -> Any:
+    await ctx.llm.create_message(messages=[{"role": "user", "content": params.kind}], max_tokens=50)
+    return ODD_RESULTS[params.kind]

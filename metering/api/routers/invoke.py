@@ -36,8 +36,8 @@ from metering.db.invoke_requests import StoredResponse
 from metering.errors import InvalidInputError, MeteringError, NotFoundError
 from metering.events import utcnow, uuid7
 from metering.extensions import BUNDLED, get_extension
-from metering.runtime import User
-from metering.runtime.invoke import InvocationCalls, invocation_calls
+from metering.runtime import InvocationResult, User
+from metering.runtime.invoke import InvocationCalls, attach_calls, invocation_calls
 
 router = APIRouter(tags=["extensions"])
 log = logging.getLogger("metering.api")
@@ -212,6 +212,7 @@ async def invoke_function(
         engine = await run_in_threadpool(runtime.get)
         user = User(body.user_id, body.tenant_id)
         result = await engine.invoke(extension, function, body.params, user, invocation_id=invocation_id)
+        out, stored = _response(extension.id, function, result)
     except Exception as exc:  # not a cancellation: its claim stays, and answers `idempotency_outcome_unknown` later
         calls = invocation_calls(exc)
         problem = None if calls is None else _failure_problem(request, exc, calls)
@@ -221,28 +222,18 @@ async def invoke_function(
             raise
         headers = None if key is None else {REPLAYED: "false"}
         return JSONResponse(problem[1], status_code=problem[0], headers=headers, media_type=PROBLEM_MEDIA_TYPE)
-    out = InvokeResponse(
-        extension_id=extension.id,
-        function=function,
-        invocation_id=result.invocation_id,
-        result=result.result,
-        provider=result.provider,
-        model=result.model,
-        is_byollm=result.is_byollm,
-        event_ids=result.event_ids,
-    )
     after = out.model_dump(mode="json", include={"invocation_id", "provider", "model", "is_byollm", "event_ids"})
     after["user_id"] = body.user_id
     if key is not None:
         after["idempotency_key"] = key
         response.headers[REPLAYED] = "false"
     try:
-        await run_in_threadpool(_record, request, audit, body.tenant_id, target, after, key, claimed_at, out)
+        await run_in_threadpool(_record, request, audit, body.tenant_id, target, after, key, claimed_at, stored)
     except Exception as exc:  # an outage: the calls were made, say which (a keyed retry then answers outcome unknown)
         if not is_outage(exc):
             raise
         again = key is not None and await run_in_threadpool(
-            _record_again, request, audit, body.tenant_id, target, after, key, claimed_at, out
+            _record_again, request, audit, body.tenant_id, target, after, key, claimed_at, stored
         )
         if again:
             return out
@@ -254,6 +245,33 @@ async def invoke_function(
     return out
 
 
+def _response(extension_id: str, function: str, result: InvocationResult) -> tuple[InvokeResponse, dict[str, Any]]:
+    """The response, and its body as a keyed retry replays it. A result JSON cannot carry (an object, bytes that are
+    not UTF-8, a lone surrogate) is the handler's bug after its calls: raised with them, so that the invocation fails
+    like any other bug after metered calls (a 500 naming them, audited, kept under its key). It failed as the
+    response was written: a 500 without the ids, after the outcome was stored (replayed as a 500 again) or not (the
+    key `running` for good)."""
+    out = InvokeResponse(
+        extension_id=extension_id,
+        function=function,
+        invocation_id=result.invocation_id,
+        result=result.result,
+        provider=result.provider,
+        model=result.model,
+        is_byollm=result.is_byollm,
+        event_ids=result.event_ids,
+    )
+    try:
+        out.model_dump_json()  # as the response is written: UTF-8, so a lone surrogate fails here too
+        return out, out.model_dump(mode="json")
+    except Exception as exc:
+        error = TypeError(f"the result of {extension_id}.{function} cannot be sent as JSON: {exc}")
+        calls = result.calls()
+        if calls is not None:
+            attach_calls(error, calls)
+        raise error from exc
+
+
 def _record(
     request: Request,
     audit: Auditor,
@@ -262,7 +280,7 @@ def _record(
     after: dict[str, Any],
     key: str | None,
     claimed_at: datetime,
-    out: InvokeResponse,
+    stored: dict[str, Any],
     *,
     again: bool = False,
 ) -> None:
@@ -270,7 +288,6 @@ def _record(
     first attempt's COMMIT failed and may have gone through: if the claim is no longer running, nothing is written."""
     with request.app.state.sessions() as session:
         if key is not None:
-            stored = out.model_dump(mode="json")
             completed = invoke_requests.complete(
                 session, tenant_id=tenant_id, key=key, claimed_at=claimed_at, status=200, body=stored, now=utcnow()
             )
@@ -288,13 +305,13 @@ def _record_again(
     after: dict[str, Any],
     key: str,
     claimed_at: datetime,
-    out: InvokeResponse,
+    stored: dict[str, Any],
 ) -> bool:
     """Once more on a fresh connection after the outcome's COMMIT failed (a dropped connection, the database up):
     True when the outcome is stored, by this attempt or by that COMMIT after all. Else the key's retry would answer
     `idempotency_in_progress`, then `idempotency_outcome_unknown`, for an invocation that ran and was billed."""
     try:
-        _record(request, audit, tenant_id, target, after, key, claimed_at, out, again=True)
+        _record(request, audit, tenant_id, target, after, key, claimed_at, stored, again=True)
     except Exception:
         log.warning("could not record the outcome of key %r of tenant %r", key, tenant_id, exc_info=True)
         return False

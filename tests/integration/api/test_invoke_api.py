@@ -524,3 +524,26 @@ def test_an_empty_or_filtered_rewrite_is_a_502_billed_once(
     assert _spooled_and_stored(client, session_factory) == len(replies)
     rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
     assert [r.billing_status for r in rows] == ["billed"] * len(replies)
+
+
+@pytest.mark.parametrize("kind", ["object", "bytes", "surrogate"])
+def test_a_result_json_cannot_carry_is_a_500_naming_the_billed_call(client, admin, session_factory, monkeypatch, kind):
+    """A handler (a bug) returned what JSON cannot carry after a billed call: the response failed as it was written,
+    a 500 without the call's ids; its Idempotency-Key stayed `running` (a retry: 409 in progress, then outcome
+    unknown, for good) or, for a lone surrogate, its outcome was stored and every retry failed again. Like any bug
+    after metered calls it is a 500 naming the call, audited, and kept under the key."""
+    from metering import extensions
+    from tests.fakes.extensions import buggy
+
+    monkeypatch.setitem(extensions.BUNDLED, "buggy", buggy)
+    path = "/v1/extensions/buggy/functions/odd_result:invoke"
+    first = _invoke(client, _keyed(admin, "o-1"), path, kind=kind)
+    body = assert_problem(first, 500, "internal_error")
+    assert first.headers["Idempotent-Replayed"] == "false" and len(body["event_ids"]) == 1
+    again = _invoke(client, _keyed(admin, "o-1"), path, kind=kind)
+    assert (again.status_code, again.headers["Idempotent-Replayed"], again.json()) == (500, "true", body)
+    assert _spooled_and_stored(client, session_factory) == 1  # the retry made no call
+    (entry,) = audit_rows(session_factory)
+    assert (entry.after["error"], entry.after["event_ids"]) == ("internal_error", body["event_ids"])
+    plain = assert_problem(_invoke(client, admin, path, kind=kind), 500, "internal_error")  # without a key too
+    assert len(plain["event_ids"]) == 1 and plain["invocation_id"] != body["invocation_id"]
