@@ -49,21 +49,29 @@ def action_items_max_tokens(text: str) -> int:
 FILTERED_STOPS = frozenset({"content_filter", "refusal"})
 
 
-def _rewritten(response: LLMResponse) -> str:
-    """The rewrite a reply holds. A reply with nothing visible in it (empty, only blanks), or stopped by the provider's
-    content filter or a refusal (whatever text it has is not the rewrite asked for), is a ``provider_error``: the
-    call was made and is billed (the invocation's problem names it), but no rewrite is returned as if it were one."""
-    if response.stop_reason in FILTERED_STOPS:
-        reason = f"was stopped by the provider (stop reason {response.stop_reason!r})"
-    elif is_blank(response.text):
-        reason = "is empty" if not response.text else "holds only whitespace or invisible characters"
-    else:
-        return response.text
-    raise ProviderError(
-        f"the model's reply to the rewrite {reason}: no rewrite to return (the call is billed)",
-        error_type="no_rewrite",
+def _no_result(response: LLMResponse, what: str, reason: str) -> ProviderError:
+    return ProviderError(
+        f"the model's reply {reason}: no {what} to return (the call is billed)",
+        error_type="no_result",
         provider=response.provider,
     )
+
+
+def _not_filtered(response: LLMResponse, what: str) -> None:
+    """A reply stopped by the provider's content filter or a refusal is not the answer asked for, whatever text it
+    has (a fragment, a list cut short): a ``provider_error``; the call was made and is billed (the invocation's problem
+    names it)."""
+    if response.stop_reason in FILTERED_STOPS:
+        raise _no_result(response, what, f"was stopped by the provider (stop reason {response.stop_reason!r})")
+
+
+def _rewritten(response: LLMResponse) -> str:
+    """The rewrite a reply holds; one with nothing visible in it (empty, only blanks) or filtered is none."""
+    _not_filtered(response, "rewrite")
+    if is_blank(response.text):
+        reason = "is empty" if not response.text else "holds only whitespace or invisible characters"
+        raise _no_result(response, "rewrite", reason)
+    return response.text
 
 
 def _served_by(ctx: Context) -> dict[str, Any]:
@@ -124,6 +132,7 @@ async def extract_action_items(ctx: Context, params: ExtractActionItemsParams) -
         purpose="action_items",
         response_format="json",
     )
+    _not_filtered(response, "action items")
     payload = response.json
     raw_items = payload.get("items") if isinstance(payload, dict) else payload
     if not isinstance(raw_items, list):

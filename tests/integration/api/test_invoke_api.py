@@ -547,3 +547,22 @@ def test_a_result_json_cannot_carry_is_a_500_naming_the_billed_call(client, admi
     assert (entry.after["error"], entry.after["event_ids"]) == ("internal_error", body["event_ids"])
     plain = assert_problem(_invoke(client, admin, path, kind=kind), 500, "internal_error")  # without a key too
     assert len(plain["event_ids"]) == 1 and plain["invocation_id"] != body["invocation_id"]
+
+
+def test_action_items_of_a_reply_the_content_filter_stopped_are_a_502_billed_once(
+    client, admin, session_factory, openai_server: FakeOpenAIServer
+):
+    """A JSON reply stopped by the provider's content filter that still parsed (`{"items": []}`: the list cut short,
+    or emptied) was returned as the text's action items, a 200 saying there were none."""
+    openai_server.default = Reply(text='{"items": []}', stop_reason="content_filter")
+    purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+    assert client.put("/v1/admin/purposes/action_items", json=purpose, headers=admin).status_code == 200
+    path = "/v1/extensions/rewrite/functions/extract_action_items:invoke"
+    first = _invoke(client, _keyed(admin, "a-1"), path, text="Bob sends the report by Friday.")
+    body = assert_problem(first, 502, "provider_error")
+    assert len(body["event_ids"]) == 1 and "content_filter" in body["detail"]
+    again = _invoke(client, _keyed(admin, "a-1"), path, text="Bob sends the report by Friday.")
+    assert (again.status_code, again.headers["Idempotent-Replayed"], again.json()) == (502, "true", body)
+    assert len(openai_server.requests) == 1 and _spooled_and_stored(client, session_factory) == 1
+    (row,) = _events(session_factory, [uuid.UUID(body["event_ids"][0])])
+    assert row.billing_status == "billed"
