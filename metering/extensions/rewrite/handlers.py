@@ -51,7 +51,7 @@ FILTERED_STOPS = frozenset({"content_filter", "refusal"})
 
 def _no_result(response: LLMResponse, what: str, reason: str) -> ProviderError:
     return ProviderError(
-        f"the model's reply {reason}: no {what} to return (the call is billed)",
+        f"the model's reply {reason}: no {what} to return (the call was made and is metered)",
         error_type="no_result",
         provider=response.provider,
     )
@@ -59,8 +59,8 @@ def _no_result(response: LLMResponse, what: str, reason: str) -> ProviderError:
 
 def _not_filtered(response: LLMResponse, what: str) -> None:
     """A reply stopped by the provider's content filter or a refusal is not the answer asked for, whatever text it
-    has (a fragment, a list cut short): a ``provider_error``; the call was made and is billed (the invocation's problem
-    names it)."""
+    has (a fragment, a list cut short): a ``provider_error``; the call was made and is metered (billed unless the
+    user's own LLM served it; the invocation's problem names it)."""
     if response.stop_reason in FILTERED_STOPS:
         raise _no_result(response, what, f"was stopped by the provider (stop reason {response.stop_reason!r})")
 
