@@ -78,6 +78,13 @@ class InvalidJSONResponseError(MeteringError):
         self.text = text
 
 
+class InvocationTimeoutError(MeteringError):
+    """An extension invocation ran past its deadline: its handler was cancelled (the calls it made are metered)."""
+
+    code = "invocation_timeout"
+    status = 504
+
+
 class SpoolError(MeteringError):
     code = "spool_error"
     status = 503

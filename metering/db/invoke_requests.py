@@ -30,7 +30,7 @@ from metering.errors import IdempotencyConflictError, IdempotencyInProgressError
 
 RETENTION = timedelta(hours=24)
 CLAIM_ATTEMPTS = 5  # a claim released under us is claimed again, at most this often
-UNKNOWN_AFTER = timedelta(minutes=15)  # longer than any invocation runs
+UNKNOWN_AFTER = timedelta(minutes=15)  # longer than any invocation runs (the router's INVOKE_DEADLINE: 10 minutes)
 RUNNING = "running"
 DONE = "done"
 

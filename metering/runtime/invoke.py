@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from metering.errors import InvalidInputError, MeteringError, NotFoundError
+from metering.errors import InvalidInputError, InvocationTimeoutError, MeteringError, NotFoundError
 from metering.events import uuid7
 from metering.llm.client import EventRecorder, MeteredLLM
 from metering.llm.event_record import CallScope
@@ -129,8 +130,11 @@ class Runtime:
         user: User,
         *,
         invocation_id: uuid.UUID | None = None,
+        deadline_s: float | None = None,
     ) -> InvocationResult:
-        """Run the handler. ``invocation_id``: one chosen in advance (an idempotency claim records it)."""
+        """Run the handler. ``invocation_id``: one chosen in advance (an idempotency claim records it).
+        ``deadline_s``: past it the handler is cancelled (its call in flight recorded as cancelled) and
+        ``InvocationTimeoutError`` raised, with the calls it made."""
         ctx = self.context(extension, function, user, invocation_id)
         spec = extension.functions[function]
         try:
@@ -138,10 +142,16 @@ class Runtime:
         except ValidationError as exc:
             raise InvalidInputError(_validation_message(exc)) from None
         try:
+            timer = asyncio.timeout(deadline_s)
             try:
-                result = await spec.handler(ctx, model)
+                async with timer:
+                    result = await spec.handler(ctx, model)
             except BaseException as failure:
                 await _close_streams_after(ctx, failure)
+                if timer.expired():
+                    raise InvocationTimeoutError(
+                        f"{extension.id}.{function} ran past its deadline of {deadline_s:g} s and was stopped"
+                    ) from failure
                 raise
             # Calls and streams the handler left unfinished are ended and recorded now, not after it returned.
             await ctx.llm.end_calls()

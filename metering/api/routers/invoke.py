@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Request, Response
@@ -39,6 +39,9 @@ from metering.extensions import BUNDLED, get_extension
 from metering.runtime import InvocationResult, User
 from metering.runtime.invoke import InvocationCalls, attach_calls, invocation_calls
 
+# An invocation is stopped past this (504 invocation_timeout, its calls named and kept under its key): shorter than
+# invoke_requests.UNKNOWN_AFTER, after which a retry takes a claim still running for one whose process died.
+INVOKE_DEADLINE = timedelta(minutes=10)
 router = APIRouter(tags=["extensions"])
 log = logging.getLogger("metering.api")
 ACTION = "extension.invoke"
@@ -145,6 +148,12 @@ _INVOKE_503 = (
 )
 
 
+_INVOKE_504 = (
+    f"The invocation ran past its deadline ({INVOKE_DEADLINE.total_seconds() / 60:g} minutes) and was stopped "
+    "(`invocation_timeout`); the problem names the calls it made."
+)
+
+
 @router.post(
     "/extensions/{extension_id}/functions/{function}:invoke",
     summary="Invoke an extension function for a user",
@@ -168,7 +177,7 @@ _INVOKE_503 = (
             "description": "The handler's result (with `Idempotent-Replayed: true`, the stored first one).",
             "headers": _REPLAYED_HEADER,
         },
-        **problem_responses(401, 403, 404, 422, 429, 502, 503, described={503: _INVOKE_503}),
+        **problem_responses(401, 403, 404, 422, 429, 502, 503, 504, described={503: _INVOKE_503, 504: _INVOKE_504}),
         409: {
             "description": (
                 "The `Idempotency-Key` is another invocation's (`idempotency_conflict`), its first request is still "
@@ -211,7 +220,10 @@ async def invoke_function(
     try:
         engine = await run_in_threadpool(runtime.get)
         user = User(body.user_id, body.tenant_id)
-        result = await engine.invoke(extension, function, body.params, user, invocation_id=invocation_id)
+        result = await engine.invoke(
+            extension, function, body.params, user, invocation_id=invocation_id,
+            deadline_s=INVOKE_DEADLINE.total_seconds(),
+        )  # fmt: skip
         out, stored = _response(extension.id, function, result)
     except Exception as exc:  # not a cancellation: its claim stays, and answers `idempotency_outcome_unknown` later
         calls = invocation_calls(exc)

@@ -566,3 +566,37 @@ def test_action_items_of_a_reply_the_content_filter_stopped_are_a_502_billed_onc
     assert len(openai_server.requests) == 1 and _spooled_and_stored(client, session_factory) == 1
     (row,) = _events(session_factory, [uuid.UUID(body["event_ids"][0])])
     assert row.billing_status == "billed"
+
+
+def test_an_invocation_ends_before_its_key_could_read_as_outcome_unknown(
+    client, admin, session_factory, openai_server: FakeOpenAIServer, monkeypatch
+):
+    """An invocation ran as long as its calls took (chatty makes one call per message, unbounded; a provider may
+    hang): past 15 minutes a retry with its key answered `idempotency_outcome_unknown` ("its process stopped ...; use
+    a new key to run it again") while it was still running, and a client following that advice paid for it twice.
+    It now has a deadline shorter than that: past it, its calls are ended (the one in flight recorded as cancelled)
+    and it answers `504 invocation_timeout` naming them, stored under its key."""
+    import threading
+    from datetime import timedelta
+
+    from metering.api.routers import invoke as router
+    from metering.db import invoke_requests
+
+    assert router.INVOKE_DEADLINE < invoke_requests.UNKNOWN_AFTER
+    monkeypatch.setattr(router, "INVOKE_DEADLINE", timedelta(seconds=1))
+    never = threading.Event()  # the second call hangs: only the deadline ends it
+    openai_server.script(Reply(text="Hey, send it?"), Reply(text="never sent", proceed=never))
+    purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+    assert client.put("/v1/admin/purposes/content_rewrite", json=purpose, headers=admin).status_code == 200
+    params = {"text": "send me the doc", "tone": "casual", "n_variations": 2}
+    try:
+        first = _invoke(client, _keyed(admin, "slow-1"), MULTIPLE, **params)
+    finally:
+        never.set()
+    body = assert_problem(first, 504, "invocation_timeout")
+    assert len(body["event_ids"]) == 2
+    again = _invoke(client, _keyed(admin, "slow-1"), MULTIPLE, **params)
+    assert (again.status_code, again.headers["Idempotent-Replayed"], again.json()) == (504, "true", body)
+    assert _spooled_and_stored(client, session_factory) == 2
+    rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
+    assert [r.status for r in rows] == ["ok", "cancelled"] and rows[0].billing_status == "billed"
