@@ -81,4 +81,11 @@ def secret_box_from_settings(settings: Settings) -> SecretBox:
         return SecretBox(keys)
     if settings.env == "prod":
         raise ConfigError("METERING_SECRET_KEYS is required when METERING_ENV=prod")
-    return SecretBox([_dev_key_file(settings.data_dir)])
+    try:
+        key = _dev_key_file(settings.data_dir)
+    except OSError as exc:  # a data dir that cannot be created or written (was a traceback from every command)
+        raise ConfigError(
+            f"cannot write the dev secret key in {settings.data_dir}: {exc.strerror or exc}; set "
+            "METERING_SECRET_KEYS (`metering keys generate`) or a writable METERING_DATA_DIR"
+        ) from None
+    return SecretBox([key])

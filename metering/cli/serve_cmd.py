@@ -12,8 +12,10 @@ from metering.cli import demo_data
 from metering.cli.common import fail
 from metering.cli.demo import generate_with_progress
 from metering.config import Settings
+from metering.crypto import secret_box_from_settings
 from metering.db import migrate as db_migrate
 from metering.errors import MeteringError
+from metering.spool.inspect import check_writable
 from metering.wiring import open_services
 
 APP_FACTORY = "metering.api.app:create_app"  # by name: the CLI never imports the API layer
@@ -98,11 +100,15 @@ def serve(
     import uvicorn  # only this command needs it
 
     _check_port_free(host, port)  # before migrating and seeding: never a token printed for a server that cannot start
-    if migrate:
-        try:
-            db_migrate.upgrade(Settings().resolved_database_url)
-        except MeteringError as exc:
-            raise fail(exc.message) from None
+    settings = Settings()
+    try:
+        # What the service reads on first use (an invoke, a BYOLLM key set): refused now, not by every such request.
+        secret_box_from_settings(settings)
+        check_writable(settings.spool_dir)
+        if migrate:
+            db_migrate.upgrade(settings.resolved_database_url)
+    except MeteringError as exc:
+        raise fail(exc.message) from None
     if demo:
         _seed_demo(host, port)
     uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)

@@ -13,7 +13,7 @@ from metering.cli.common import console
 from metering.config import Settings
 from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
-from metering.spool.inspect import slot_states
+from metering.spool.inspect import check_readable, slot_states
 from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
 from metering.wiring import open_drainer
@@ -36,6 +36,7 @@ spool_app = typer.Typer(help="The durable local spool between ctx.llm and the da
 def status() -> None:
     """Per slot: writer alive, segments, the acknowledged cursor and the events still pending."""
     settings = Settings()
+    check_readable(settings.spool_dir)
     table = Table(title=f"Spool at {settings.spool_dir}", title_justify="left")
     for column in ("slot", "writer", "segments", "cursor", "pending events"):
         table.add_column(column)
@@ -65,7 +66,9 @@ def drain(
     ] = 60.0,
 ) -> None:
     """Deliver every slot of the spool this process can lock, including live writers' slots in other processes."""
-    flusher, engine = open_drainer(Settings())
+    settings = Settings()
+    check_readable(settings.spool_dir)  # before the flusher, which would retry listing it until the timeout
+    flusher, engine = open_drainer(settings)
     try:
         if follow:
             stop = threading.Event()
@@ -99,6 +102,7 @@ def redrive(
     spool drain`) delivers them again, idempotently. Lines that are not valid events (torn writes, events this
     version still refuses) stay dead-lettered."""
     settings = Settings()
+    check_readable(settings.spool_dir)
     letters = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME)
     wanted = set(event_id or ())
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from metering.errors import SpoolError
 from metering.spool.reader import pending_lines
 from metering.spool.segments import LOCK_NAME, Cursor, list_segments, list_slots, read_cursor
 from metering.spool.writer import lock_free
@@ -22,6 +25,31 @@ class SlotState:
 def writer_alive(slot: Path) -> bool:
     """True while some process holds the slot's writer lock (this one included)."""
     return not lock_free(slot / LOCK_NAME)
+
+
+def check_readable(root: Path) -> Path:
+    """``root``, once it is known to be a directory this process can list, or absent (nothing spooled yet): a
+    ``SpoolError`` otherwise (a path that is a file, or under one; no permission), not an ``OSError`` from deep in a
+    command (``metering spool status``, ``drain``, ``redrive`` printed a traceback)."""
+    try:
+        os.listdir(root)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SpoolError(f"cannot read the spool at {root}: {exc.strerror or exc}") from None
+    return root
+
+
+def check_writable(root: Path) -> None:
+    """A ``SpoolError`` unless this process can create ``root`` (when absent) and write a file in it: checked by a
+    service before it starts, not by its first invoke (``metering serve`` started, then failed each with 503)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SpoolError(f"cannot open the spool at {root}: {exc.strerror or exc}") from None
 
 
 def slot_states(root: Path) -> list[SlotState]:

@@ -1,0 +1,74 @@
+"""Directories an operator configured that cannot be used (a path under a regular file: unusable even by root) are
+one error line at once, through the real CLI: never a traceback, never a service started that fails later."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metering.crypto import generate_key
+from tests.integration.test_cli import bare_env, metering, one_error_line
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+@pytest.mark.parametrize("command", [["spool", "status"], ["spool", "drain", "--timeout", "1"], ["spool", "redrive"]])
+@pytest.mark.parametrize("under", [False, True])
+def test_a_spool_dir_that_is_no_directory_is_one_error_line(tmp_path, a_file, command, under) -> None:
+    """`spool status`, `drain` and `redrive` listed the spool directory unguarded: a traceback
+    (NotADirectoryError), `drain` after a retry loop of its flusher first."""
+    spool_dir = a_file / "spool" if under else a_file
+    env = bare_env(tmp_path, METERING_SPOOL__DIR=str(spool_dir))
+    error = one_error_line(metering(command, env))
+    assert f"cannot read the spool at {spool_dir}" in error, error
+
+
+def test_a_data_dir_the_dev_key_cannot_be_written_to_is_one_error_line(tmp_path, a_file) -> None:
+    """In env=dev without METERING_SECRET_KEYS the key is generated into the data dir: a data dir that cannot be
+    created was a traceback (NotADirectoryError) from every command that needs the key."""
+    env = bare_env(tmp_path, METERING_DATA_DIR=str(a_file / "data"), METERING_DATABASE_URL=f"sqlite:///{tmp_path}/m.db")
+    for command in (["byollm", "show", "--user", "u1"], ["keys", "rotate"]):
+        error = one_error_line(metering(command, env))
+        assert "cannot write the dev secret key" in error and "METERING_SECRET_KEYS" in error, error
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`metering serve` that must refuse to start: one that started anyway is stopped by the timeout (a failure)."""
+    args = [sys.executable, "-m", "metering.cli.main", "serve", "--port", str(free_port())]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"METERING_SECRET_KEYS": "not-a-fernet-key"}, "invalid Fernet key in METERING_SECRET_KEYS"),
+        ({"METERING_SECRET_KEYS": f"{generate_key()},short"}, "invalid Fernet key in METERING_SECRET_KEYS"),
+        ({"METERING_SPOOL__DIR": "{a_file}/spool"}, "cannot open the spool at"),
+    ],
+)
+def test_serve_refuses_to_start_with_unusable_keys_or_spool(db_url, tmp_path, a_file, setting, message) -> None:
+    """The service started, answered /healthz and /readyz, and only failed each invoke (500 config_error: the keys
+    are read on first use; 503 spool_error): a half-started service. Checked before it listens now."""
+    settings = {name: value.format(a_file=a_file) for name, value in setting.items()}
+    env = bare_env(tmp_path, METERING_DATABASE_URL=db_url, **settings)
+    error = one_error_line(serve(env))
+    assert message in error, error
+    assert "not-a-fernet-key" not in error  # a key is never echoed
