@@ -20,13 +20,14 @@ from metering.events import MAX_INT32, Label, Status, used_nothing
 from metering.llm.attempt import Attempt
 from metering.llm.budgets import BudgetTracker
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
-from metering.llm.pool import ProviderPool
+from metering.llm.pool import PooledProvider, ProviderPool
 from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
 from metering.llm.responses import LLMResponse, parse_json_text
 from metering.llm.settings_source import SettingsSource
 from metering.llm.streaming import MessageStream, note_unrecorded
 from metering.llm.text import clean_text
 from metering.llm.types import MISSING_USAGE, STOP_MAX_TOKENS, ProviderRequest, ResponseFormat, TokenUsage
+from metering.llm.unreadable_key import unreadable_key_adapter
 from metering.llm.usage import estimate_input_tokens, fill_missing
 
 log = logging.getLogger("metering.llm")
@@ -202,6 +203,10 @@ class MeteredLLM:
         byollm = self._settings.byollm(self._scope.user_id, self._scope.tenant_id)
         return resolve_cached(byollm, self._settings.purpose(purpose), self._platform)
 
+    def _adapter(self, target: Target) -> PooledProvider:
+        """The pool's adapter for ``target``; for a BYOLLM key that cannot be decrypted, one that fails each call."""
+        return unreadable_key_adapter(target) if target.key_unreadable else self._providers.get(target.config)
+
     def _reserve(self, system: str | None, messages: list[dict[str, Any]], max_tokens: int, attempt: int) -> int:
         """Reserve a call about to be made (refused by an enforced budget); ``_record`` settles it."""
         tracker = self._budget
@@ -299,7 +304,7 @@ class MeteredLLM:
         last = len(targets) - 1
         for attempt, target in enumerate(targets):
             request = self._request(target, system, messages, max_tokens, temperature, response_format, params)
-            pooled = self._providers.get(target.config)
+            pooled = self._adapter(target)
             # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
             reserved = self._reserve(system, messages, max_tokens, attempt)
             occurred_at = datetime.now(UTC)

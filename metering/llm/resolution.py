@@ -38,6 +38,9 @@ class ByollmSettings:
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
     fallback_policy: FallbackPolicy = FallbackPolicy.PLATFORM
+    # A key is stored but the configured keys cannot decrypt it (the one that encrypted it was removed): each call
+    # fails as ``secret_error`` without being made, then follows the fallback policy, as any failed BYOLLM call.
+    key_unreadable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ class Target:
     is_byollm: bool
     source: Source
     params: Mapping[str, Any] = field(default_factory=dict)
+    key_unreadable: bool = False  # never called: fails as ``secret_error`` (see ``ByollmSettings.key_unreadable``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,7 @@ def resolve(byollm: ByollmSettings | None, purpose: PurposeSettings | None, plat
         ),
         is_byollm=True,
         source=Source.BYOLLM,
+        key_unreadable=byollm.key_unreadable,
     )
     fallback = platform_target(purpose, platform) if byollm.fallback_policy is FallbackPolicy.PLATFORM else None
     return Plan(primary=primary, fallback=fallback)

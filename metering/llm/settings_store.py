@@ -202,14 +202,19 @@ def byollm_view(row: ByollmSettingsRow, mask: str | None) -> dict[str, Any]:
 
 
 def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
+    """The settings a call resolves. A stored key the configured keys cannot decrypt is ``key_unreadable`` (each
+    call then fails as ``secret_error`` and follows the fallback policy), not a ``SecretError``: that failed the whole
+    invocation with a 500 and no event, whatever the user's policy."""
+    api_key = stored_key(row, box)
     return ByollmSettings(
         user_id=row.user_id,
         tenant_id=row.tenant_id,
         provider=row.provider,
         model=row.model,
-        api_key=box.decrypt(row.api_key_ciphertext) if row.api_key_ciphertext else None,
+        api_key=api_key,
         base_url=row.base_url,
         fallback_policy=FallbackPolicy(row.fallback_policy),
+        key_unreadable=bool(row.api_key_ciphertext) and api_key is None,
     )
 
 

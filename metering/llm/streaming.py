@@ -160,7 +160,7 @@ class MessageStream:
                 request = llm._request(
                     target, system, messages, self._max_tokens, self._temperature, None, self._params
                 )
-                pooled = llm._providers.get(target.config)
+                pooled = llm._adapter(target)
                 upstream = pooled.provider.stream(request)
                 # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
                 reserved = llm._reserve(system, messages, self._max_tokens, attempt)

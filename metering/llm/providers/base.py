@@ -27,6 +27,7 @@ class ErrorType(StrEnum):
     BAD_REQUEST = "bad_request"
     STREAM_BROKEN = "stream_broken"
     INVALID_RESPONSE = "invalid_response"
+    SECRET_ERROR = "secret_error"  # a BYOLLM key METERING_SECRET_KEYS cannot decrypt: the call was never made
     UNKNOWN = "unknown"
 
 
