@@ -206,7 +206,17 @@ def keys_generate() -> None:
 def keys_rotate() -> None:
     """Re-encrypt every stored secret under the newest key in METERING_SECRET_KEYS."""
     with admin_session() as (session, box):
-        count = store.rotate_byollm_keys(session, box)
+        rotation = store.rotate_byollm_keys(session, box)
+        count = rotation.reencrypted
         if count:  # nothing re-encrypted: nothing changed, nothing to audit
             audit_trail.record(session, "keys.rotate", "byollm_api_keys", before=None, after={"reencrypted": count})
         console.print(f"re-encrypted {count} stored api key(s) under the newest key")
+        if rotation.unreadable:  # the others are rotated (committed): the old key may go once these are dealt with
+            session.commit()
+            users = ", ".join(repr(user) for user in rotation.unreadable[:20])
+            more = f" and {len(rotation.unreadable) - 20} more" if len(rotation.unreadable) > 20 else ""
+            raise fail(
+                f"{len(rotation.unreadable)} stored api key(s) cannot be decrypted with METERING_SECRET_KEYS and were "
+                f"left as they are, of user(s) {users}{more}: put back the key that encrypted them and rotate again, "
+                "or set (or delete) their BYOLLM settings"
+            )

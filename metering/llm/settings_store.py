@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
@@ -218,17 +219,29 @@ def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
     )
 
 
-def rotate_byollm_keys(session: Session, box: SecretBox) -> int:
-    """Re-encrypt every stored api key under the newest key; returns how many were rotated."""
-    count = 0
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    reencrypted: int  # stored api keys now under the newest key
+    unreadable: list[str]  # users whose stored key no configured key decrypts: left as they are
+
+
+def rotate_byollm_keys(session: Session, box: SecretBox) -> Rotation:
+    """Re-encrypt every stored api key under the newest key. A key none of the configured keys decrypts (the one that
+    encrypted it was removed) is left as it is and its user named: it aborted the whole rotation, naming nobody, so
+    every other key stayed under the old key, which could then never be dropped."""
+    count, unreadable = 0, []
     # Locked: a key set meanwhile (read before, then written back re-encrypted) would be overwritten by the old one.
     stored = select(ByollmSettingsRow).where(ByollmSettingsRow.api_key_ciphertext.is_not(None))
-    for row in session.scalars(for_update(session, stored)):
+    for row in session.scalars(for_update(session, stored.order_by(ByollmSettingsRow.user_id))):
         assert row.api_key_ciphertext is not None
-        row.api_key_ciphertext = box.rotate(row.api_key_ciphertext)
+        try:
+            row.api_key_ciphertext = box.rotate(row.api_key_ciphertext)
+        except SecretError:
+            unreadable.append(row.user_id)
+            continue
         count += 1
     session.flush()
-    return count
+    return Rotation(count, unreadable)
 
 
 # -- per-purpose settings -------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_a_key_set_while_a_rotation_runs_is_never_overwritten_by_the_old_one(ses
 
     writer = threading.Thread(target=set_new_key)
     with session_factory() as session:
-        assert store.rotate_byollm_keys(session, RotatingBox([new_key, old_key])) == 1
+        assert store.rotate_byollm_keys(session, RotatingBox([new_key, old_key])).reencrypted == 1
         session.commit()
     writer.join(timeout=30)
     settings = store.DatabaseSettings(session_factory, SecretBox([new_key, old_key])).byollm("u1", "t1")
@@ -92,7 +92,7 @@ def test_rotation_re_encrypts_under_the_new_key(session_factory) -> None:
         )
         session.commit()
     with session_factory() as session:
-        assert store.rotate_byollm_keys(session, SecretBox([new_key, old_key])) == 1
+        assert store.rotate_byollm_keys(session, SecretBox([new_key, old_key])).reencrypted == 1
         session.commit()
     settings = store.DatabaseSettings(session_factory, SecretBox([new_key])).byollm("u1", "t1")
     assert settings is not None and settings.api_key == KEY and not settings.key_unreadable
