@@ -10,13 +10,25 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(".metering")
 PLATFORM_DEFAULT_PROVIDER = "anthropic"
 PLATFORM_DEFAULT_MODEL = "claude-sonnet-4-6"
+
+
+def http_url(value: str | None) -> str | None:
+    """``value`` when it is an http(s) URL with a host: one without a scheme (``gw.internal/v1``, ``metering:8000``)
+    was accepted, then every call or delivery to it failed (retried forever by a spool's HTTP sink). Never echoed."""
+    if value is None:
+        return None
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
 
 
 class PlatformLLMSettings(BaseModel):
@@ -31,6 +43,18 @@ class PlatformLLMSettings(BaseModel):
     # platform's key of the provider it names (the operator's gateways), exactly as the purpose gives them. A JSON
     # list in the environment: METERING_PLATFORM__KEYED_BASE_URLS='["https://llm-gateway.internal/v1"]'.
     keyed_base_urls: frozenset[str] = frozenset()
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str | None) -> str | None:
+        return http_url(value)
+
+    @field_validator("keyed_base_urls")
+    @classmethod
+    def _keyed_base_urls_are_http(cls, value: frozenset[str]) -> frozenset[str]:
+        for url in value:
+            http_url(url)
+        return value
 
 
 class SimulatedSettings(BaseModel):
@@ -58,6 +82,11 @@ class SpoolSettings(BaseModel):
     http_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
     # Batches gzipped (a service that does not decode gzip answers 415: the sink then sends them uncompressed).
     http_gzip: bool = True
+
+    @field_validator("http_url")
+    @classmethod
+    def _http_url_is_http(cls, value: str | None) -> str | None:
+        return http_url(value)
 
     @model_validator(mode="after")
     def _http_sink_needs_url_and_token(self) -> SpoolSettings:
@@ -119,6 +148,14 @@ class Settings(BaseSettings):
     settings_cache_ttl_s: float = Field(5.0, ge=0, le=3600, allow_inf_nan=False)
     # Provider adapters (SDK client, connection pool, key) kept per process; the least recently used beyond it close.
     provider_pool_size: int = Field(64, ge=1, le=100_000)  # metering.llm.pool.DEFAULT_MAX_ADAPTERS
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_not_blank(cls, value: str | None) -> str | None:
+        # Set but empty (`METERING_DATABASE_URL=$DB_URL` with DB_URL unset) silently meant the local SQLite file.
+        if value is not None and not value.strip():
+            raise ValueError("is set but empty: unset it for the default SQLite file in METERING_DATA_DIR")
+        return value
 
     @model_validator(mode="after")
     def _safe_outside_dev(self) -> Settings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from typer.core import TyperGroup
 
@@ -34,6 +35,15 @@ def settings_problem(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
+def json_setting_problem(exc: SettingsError) -> str:
+    """``METERING_PLATFORM__…: not valid JSON …`` from pydantic-settings' ``error parsing value for field "platform"
+    from source "EnvSettingsSource"`` (a nested setting's value must be JSON; the value is never shown)."""
+    message = str(exc)
+    field = message.split('"')[1] if message.count('"') >= 2 else ""
+    name = f"METERING_{field.upper()}__…" if field else "a METERING_ variable"
+    return f'{name}: a value that must be JSON (a list such as ["https://…"], an object) is not valid JSON'
+
+
 class CleanErrorsGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # typer's Context: its vendored click's in typer 0.2x, click's before
         try:
@@ -42,6 +52,8 @@ class CleanErrorsGroup(TyperGroup):
             if exc.title != Settings.__name__:
                 raise
             raise fail(settings_problem(exc)) from None
+        except SettingsError as exc:  # a setting that must be JSON (a list, an object) and is not: was a traceback
+            raise fail(f"invalid settings: {json_setting_problem(exc)}") from None
         except (OperationalError, InterfaceError) as exc:
             raise fail(database_problem(Settings().resolved_database_url, exc)) from None
         except MeteringError as exc:

@@ -1,0 +1,38 @@
+"""Settings an operator got wrong are one error line from every command, at once (real CLI, subprocess): never a
+traceback, never a value accepted that fails each call (or each delivery) later."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.test_cli import bare_env, metering, one_error_line
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        # A JSON setting that is not JSON: pydantic-settings' SettingsError, not a ValidationError, was a traceback.
+        ({"METERING_PLATFORM__KEYED_BASE_URLS": "https://gw.internal/v1"}, "METERING_PLATFORM__"),
+        # Accepted, then every platform call failed as 'could not connect' (and every BYOLLM failover with it).
+        ({"METERING_PLATFORM__BASE_URL": "api.example.com/v1"}, "METERING_PLATFORM__BASE_URL: "),
+        ({"METERING_PLATFORM__KEYED_BASE_URLS": '["gw.internal/v1"]'}, "METERING_PLATFORM__KEYED_BASE_URLS: "),
+        # Accepted, then every delivery failed, retried forever: the usage never reached the service.
+        (
+            {
+                "METERING_SPOOL__SINK": "http",
+                "METERING_SPOOL__HTTP_URL": "metering:8000",
+                "METERING_SPOOL__HTTP_TOKEN": "t",
+            },
+            "METERING_SPOOL__HTTP_URL: ",
+        ),
+        # Set but empty (`METERING_DATABASE_URL=$DB_URL` with DB_URL unset): silently the local SQLite file instead.
+        ({"METERING_DATABASE_URL": ""}, "METERING_DATABASE_URL: "),
+    ],
+)
+def test_a_malformed_setting_is_one_error_line_naming_it(tmp_path, settings, expected) -> None:
+    for command in (["usage"], ["migrate"]):
+        error = one_error_line(metering(command, bare_env(tmp_path, **settings)))
+        assert error.startswith("error: invalid settings: ") and expected in error, error
+        assert "gw.internal" not in error and "example.com" not in error  # names, never values
