@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATA_DIR = Path(".metering")
 PLATFORM_DEFAULT_PROVIDER = "anthropic"
@@ -29,6 +31,17 @@ def http_url(value: str | None) -> str | None:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     return value
+
+
+def in_memory_sqlite(url: str) -> bool:
+    """``sqlite://``, ``sqlite:///:memory:``, ``sqlite:///file:x?mode=memory&uri=true`` (any driver)."""
+    if not url.startswith("sqlite"):
+        return False
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a URL: the engine says so, naming it
+        return False
+    return parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
 
 
 class PlatformLLMSettings(BaseModel):
@@ -155,6 +168,11 @@ class Settings(BaseSettings):
         # Set but empty (`METERING_DATABASE_URL=$DB_URL` with DB_URL unset) silently meant the local SQLite file.
         if value is not None and not value.strip():
             raise ValueError("is set but empty: unset it for the default SQLite file in METERING_DATA_DIR")
+        if value is not None and in_memory_sqlite(value):
+            raise ValueError(
+                "an in-memory SQLite database is neither kept nor shared between connections and processes (`migrate` "
+                "said 'at head', then every command failed with 'no such table'): give a file, sqlite:///path/to.db"
+            )
         return value
 
     @model_validator(mode="after")

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.slow
         ),
         # Set but empty (`METERING_DATABASE_URL=$DB_URL` with DB_URL unset): silently the local SQLite file instead.
         ({"METERING_DATABASE_URL": ""}, "METERING_DATABASE_URL: "),
+        # Migrated a database gone with its connection ('at head'), then every command: 'no such table'.
+        ({"METERING_DATABASE_URL": "sqlite://"}, "METERING_DATABASE_URL: an in-memory SQLite"),
+        ({"METERING_DATABASE_URL": "sqlite+pysqlite:///:memory:"}, "METERING_DATABASE_URL: an in-memory SQLite"),
     ],
 )
 def test_a_malformed_setting_is_one_error_line_naming_it(tmp_path, settings, expected) -> None:
