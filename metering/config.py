@@ -101,6 +101,19 @@ class SpoolSettings(BaseModel):
     def _http_url_is_http(cls, value: str | None) -> str | None:
         return http_url(value)
 
+    @field_validator("http_token")
+    @classmethod
+    def _http_token_is_a_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Given as a header holds it ("Bearer mtr_…"), quoted or with its newline, every batch was a 401, retried
+        # forever (the sink "unreachable"). The format of metering.auth.tokens; the value is never echoed.
+        token = value.get_secret_value() if value is not None else None
+        well_formed = token is None or (
+            token.startswith("mtr_") and token.isascii() and token.isprintable() and " " not in token
+        )
+        if not well_formed:
+            raise ValueError("must be an API token as `metering tokens create` printed it (mtr_…), nothing around it")
+        return value
+
     @model_validator(mode="after")
     def _http_sink_needs_url_and_token(self) -> SpoolSettings:
         if self.sink == "http" and (not self.http_url or self.http_token is None):

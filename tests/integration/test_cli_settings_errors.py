@@ -23,9 +23,18 @@ pytestmark = pytest.mark.slow
             {
                 "METERING_SPOOL__SINK": "http",
                 "METERING_SPOOL__HTTP_URL": "metering:8000",
-                "METERING_SPOOL__HTTP_TOKEN": "t",
+                "METERING_SPOOL__HTTP_TOKEN": "mtr_unused",
             },
             "METERING_SPOOL__HTTP_URL: ",
+        ),
+        # The token as an Authorization header holds it: every batch a 401, retried forever, "the sink is unreachable".
+        (
+            {
+                "METERING_SPOOL__SINK": "http",
+                "METERING_SPOOL__HTTP_URL": "http://127.0.0.1:9",
+                "METERING_SPOOL__HTTP_TOKEN": "Bearer mtr_gw.internal",
+            },
+            "METERING_SPOOL__HTTP_TOKEN: ",
         ),
         # Set but empty (`METERING_DATABASE_URL=$DB_URL` with DB_URL unset): silently the local SQLite file instead.
         ({"METERING_DATABASE_URL": ""}, "METERING_DATABASE_URL: "),
