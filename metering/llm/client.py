@@ -304,7 +304,8 @@ class MeteredLLM:
         last = len(targets) - 1
         for attempt, target in enumerate(targets):
             request = self._request(target, system, messages, max_tokens, temperature, response_format, params)
-            pooled = self._adapter(target)
+            # (inline: the hot path) a BYOLLM key that cannot be decrypted gets an adapter that fails each call
+            pooled = unreadable_key_adapter(target) if target.key_unreadable else self._providers.get(target.config)
             # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
             reserved = self._reserve(system, messages, max_tokens, attempt)
             occurred_at = datetime.now(UTC)

@@ -39,7 +39,7 @@ class ByollmSettings:
     base_url: str | None = None
     fallback_policy: FallbackPolicy = FallbackPolicy.PLATFORM
     # A key is stored but the configured keys cannot decrypt it (the one that encrypted it was removed): each call
-    # fails as ``secret_error`` without being made, then follows the fallback policy, as any failed BYOLLM call.
+    # fails as ``secret_error`` without being made, and never fails over to the platform LLM (see ``resolve``).
     key_unreadable: bool = False
 
 
@@ -139,7 +139,10 @@ def resolve(byollm: ByollmSettings | None, purpose: PurposeSettings | None, plat
         source=Source.BYOLLM,
         key_unreadable=byollm.key_unreadable,
     )
-    fallback = platform_target(purpose, platform) if byollm.fallback_policy is FallbackPolicy.PLATFORM else None
+    # A key the operator can no longer decrypt is not the user's LLM failing: no failover, whatever the policy, so
+    # that the operator's loss is never billed to the user on the platform LLM (Policy A bills a failover).
+    failover = byollm.fallback_policy is FallbackPolicy.PLATFORM and not byollm.key_unreadable
+    fallback = platform_target(purpose, platform) if failover else None
     return Plan(primary=primary, fallback=fallback)
 
 

@@ -204,7 +204,7 @@ def byollm_view(row: ByollmSettingsRow, mask: str | None) -> dict[str, Any]:
 
 def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
     """The settings a call resolves. A stored key the configured keys cannot decrypt is ``key_unreadable`` (each
-    call then fails as ``secret_error`` and follows the fallback policy), not a ``SecretError``: that failed the whole
+    call then fails as ``secret_error``, without failover), not a ``SecretError``: that failed the whole
     invocation with a 500 and no event, whatever the user's policy."""
     api_key = stored_key(row, box)
     return ByollmSettings(

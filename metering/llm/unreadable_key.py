@@ -2,7 +2,8 @@
 
 The operator removed the Fernet key that encrypted the user's key from ``METERING_SECRET_KEYS`` (too early in a
 rotation). The call fails as a ``ProviderError`` of type ``secret_error``: its event is recorded (nothing used, not
-billed), a warning is logged, and the user's fallback policy applies as to any failed BYOLLM call.
+billed), a warning is logged, and the call raises: it never fails over to the platform LLM, whatever the user's
+fallback policy (the operator lost the key, not the user's LLM: a failover would bill the user for it).
 """
 
 from __future__ import annotations

@@ -538,25 +538,18 @@ def unreadable(policy: FallbackPolicy) -> InMemorySettings:
 async def test_a_byollm_key_that_cannot_be_decrypted_is_a_failed_call_never_made(streamed: bool) -> None:
     """Such a user's settings raised SecretError before any call: no event, the invocation a 500 whatever the fallback
     policy. Now the BYOLLM attempt fails as secret_error, never reaching the provider (keyless, it would have been
-    called without the user's key), its event recorded; then the policy applies."""
-    llm, rec = make_llm(unreadable(FallbackPolicy.PLATFORM))
-    if streamed:
-        assert "".join([c async for c in llm.stream_message(messages=MESSAGES)]) == "one two three four"
-    else:
-        assert (await llm.create_message(messages=MESSAGES)).is_byollm is False
-    first, second = rec.events
-    assert (first.is_byollm, first.status, first.error_type, first.usage_completeness) == (
-        True, "error", "secret_error", "missing",
-    )  # fmt: skip
-    assert (second.is_byollm, second.is_failover, second.status, second.provider) == (False, True, "ok", "openai")
-    assert len(llm._providers) == 1  # only the platform's adapter: none was made for the user's endpoint
-
-    llm, rec = make_llm(unreadable(FallbackPolicy.ERROR))
-    with pytest.raises(ProviderError, match="METERING_SECRET_KEYS") as info:
-        if streamed:
-            _ = [c async for c in llm.stream_message(messages=MESSAGES)]
-        else:
-            await llm.create_message(messages=MESSAGES)
-    assert info.value.error_type == "secret_error"
-    [event] = rec.events
-    assert (event.is_byollm, event.status, event.error_type) == (True, "error", "secret_error")
+    called without the user's key), its event recorded, and it raises under either policy: no failover bills the user
+    on the platform LLM for a key the operator lost."""
+    for policy in (FallbackPolicy.PLATFORM, FallbackPolicy.ERROR):
+        llm, rec = make_llm(unreadable(policy))
+        with pytest.raises(ProviderError, match="METERING_SECRET_KEYS") as info:
+            if streamed:
+                _ = [c async for c in llm.stream_message(messages=MESSAGES)]
+            else:
+                await llm.create_message(messages=MESSAGES)
+        assert info.value.error_type == "secret_error"
+        [event] = rec.events  # no failover call
+        assert (event.is_byollm, event.status, event.error_type, event.usage_completeness) == (
+            True, "error", "secret_error", "missing",
+        )  # fmt: skip
+        assert len(llm._providers) == 0  # no adapter made: neither the user's endpoint nor the platform's

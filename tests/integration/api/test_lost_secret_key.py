@@ -58,31 +58,24 @@ def _events(client, session_factory, event_ids):
         return sorted(rows, key=lambda r: r.call_index)
 
 
-def test_a_byollm_key_that_cannot_be_decrypted_fails_the_byollm_attempt_then_follows_the_policy(
+def test_a_byollm_key_that_cannot_be_decrypted_fails_the_call_and_never_fails_over(
     client, admin, session_factory, caplog
 ) -> None:
     """Each invoke of such a user was a 500 secret_error with no event (nothing in usage, metrics or the audit of a
     call) whatever the user's fallback policy. The BYOLLM attempt is now a failed call like any other (never made):
-    its event says error_type=secret_error and a warning is logged; policy `platform` fails over to the platform LLM
-    (billed, as documented for a failed BYOLLM call), policy `error` answers 502 provider_error naming the event."""
-    with caplog.at_level(logging.WARNING, logger="metering"):
-        served = _invoke(client, admin, "platform")
-    assert served.status_code == 200, served.text
-    assert served.json()["is_byollm"] is False
-    first, failover = _events(client, session_factory, served.json()["event_ids"])
-    assert (first.is_byollm, first.status, first.error_type, first.billing_status) == (
-        True, "error", "secret_error", "excluded_byollm",
-    )  # fmt: skip
-    assert (failover.is_byollm, failover.is_failover, failover.status, failover.billing_status) == (
-        False, True, "ok", "billed",
-    )  # fmt: skip
-    assert "cannot be decrypted" in caplog.text and "sk-own-key" not in caplog.text
-
-    refused = _invoke(client, admin, "error")
-    problem = assert_problem(refused, 502, "provider_error")
-    assert "METERING_SECRET_KEYS" in problem["detail"]
-    (only,) = _events(client, session_factory, problem["event_ids"])
-    assert (only.is_byollm, only.status, only.error_type) == (True, "error", "secret_error")
+    its event says error_type=secret_error and a warning is logged; the invocation answers 502 provider_error naming
+    the event, for policy `error` and for policy `platform` too: the operator lost the key, not the user's LLM, so
+    no failover bills the user for it on the platform LLM."""
+    for user in ("platform", "error"):
+        with caplog.at_level(logging.WARNING, logger="metering"):
+            refused = _invoke(client, admin, user)
+        problem = assert_problem(refused, 502, "provider_error")
+        assert "METERING_SECRET_KEYS" in problem["detail"]
+        (only,) = _events(client, session_factory, problem["event_ids"])  # no failover event
+        assert (only.is_byollm, only.status, only.error_type, only.billing_status, only.charge_nanos) == (
+            True, "error", "secret_error", "excluded_byollm", 0,
+        )  # fmt: skip
+        assert "cannot be decrypted" in caplog.text and "sk-own-key" not in caplog.text
 
     shown = client.get("/v1/admin/users/acme/error/byollm", headers=admin).json()
     assert (shown["has_api_key"], shown["api_key_mask"]) == (True, None)
