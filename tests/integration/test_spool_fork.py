@@ -38,6 +38,34 @@ class FileSink:
         return self.path.read_text().split() if self.path.exists() else []
 
 
+class LingeringChild:
+    """Children forked by ``fork()`` (from any thread) that live on, as prefork workers do, until ``end()``."""
+
+    def __init__(self) -> None:
+        self._go_r, self._go_w = os.pipe()
+        self._out_r, self._out_w = os.pipe()
+        self.pids: list[int] = []
+
+    def fork(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child: lives on until told to exit)
+            os.write(self._out_w, b"x")
+            os.read(self._go_r, 1)
+            os._exit(0)
+        self.pids.append(pid)
+
+    def wait_running(self) -> None:
+        """Until a child runs (its fork hooks have run)."""
+        os.read(self._out_r, 1)
+
+    def end(self) -> None:
+        os.write(self._go_w, b"x" * max(1, len(self.pids)))
+        for pid in self.pids:
+            os.waitpid(pid, 0)
+        for fd in (self._go_r, self._go_w, self._out_r, self._out_w):
+            os.close(fd)
+
+
 def _in_child(body: Callable[[], object], *, before: Callable[[], None] | None = None) -> str:
     """Fork; the child waits for the parent's ``before`` (if any), runs ``body`` and reports its result, or its
     error, through a pipe. The parent kills a child that reports nothing in 30 s (a deadlock) and fails."""
@@ -155,24 +183,16 @@ def test_a_child_forked_while_a_thread_held_the_dead_letters_lock_does_not_keep_
     thread = threading.Thread(target=writing_dead_letters)
     thread.start()
     held.wait()
-    go_r, go_w = os.pipe()
-    out_r, out_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child: lives on, as a prefork worker does, until told to exit)
-        os.write(out_w, b"x")
-        os.read(go_r, 1)
-        os._exit(0)
+    child = LingeringChild()
+    child.fork()
     try:
-        os.read(out_r, 1)  # the child runs
+        child.wait_running()
         release.set()
         thread.join()
         with letters._locked(wait=False) as locked:  # the parent's thread let it go: nobody holds it now
             assert locked
     finally:
-        os.write(go_w, b"x")
-        os.waitpid(pid, 0)
-        for fd in (go_r, go_w, out_r, out_w):
-            os.close(fd)
+        child.end()
 
 
 # A test's own step in every fork of this process (os.register_at_fork has no way to undo a registration): registered
@@ -207,19 +227,8 @@ def test_a_child_forked_as_a_thread_opened_the_dead_letters_lock_does_not_keep_i
     writer = threading.Thread(target=writing_dead_letters)
     monkeypatch.setattr(os, "open", pausing_open)
     _BEFORE_FORK.append(forking.set)
-    go_r, go_w = os.pipe()
-    out_r, out_w = os.pipe()
-    pids: list[int] = []
-
-    def fork() -> None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child: lives on, as a prefork worker does, until told to exit)
-            os.write(out_w, b"x")
-            os.read(go_r, 1)
-            os._exit(0)
-        pids.append(pid)
-
-    forker = threading.Thread(target=fork)
+    child = LingeringChild()
+    forker = threading.Thread(target=child.fork)
     try:
         writer.start()
         opened.wait()
@@ -228,17 +237,13 @@ def test_a_child_forked_as_a_thread_opened_the_dead_letters_lock_does_not_keep_i
         proceed.set()
         writer.join()
         forker.join()
-        os.read(out_r, 1)  # the child runs
+        child.wait_running()
         with letters._locked(wait=False) as locked:  # the parent's thread let it go: nobody holds it now
             assert locked
     finally:
         _BEFORE_FORK.clear()
         proceed.set()
-        os.write(go_w, b"x")
-        for pid in pids:
-            os.waitpid(pid, 0)
-        for fd in (go_r, go_w, out_r, out_w):
-            os.close(fd)
+        child.end()
 
 
 def test_a_child_forked_while_another_thread_opens_the_spool_can_append(
@@ -308,19 +313,8 @@ def test_a_child_forked_as_the_flusher_took_a_reader_lock_does_not_keep_it(
 
     monkeypatch.setattr(flusher_module, "try_lock", pausing_try_lock)
     flushing = threading.Thread(target=flusher.flush, args=(10,))
-    go_r, go_w = os.pipe()
-    out_r, out_w = os.pipe()
-    pids: list[int] = []
-
-    def fork() -> None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child: lives on, as a prefork worker does, until told to exit)
-            os.write(out_w, b"x")
-            os.read(go_r, 1)
-            os._exit(0)
-        pids.append(pid)
-
-    forker = threading.Thread(target=fork)
+    child = LingeringChild()
+    forker = threading.Thread(target=child.fork)
     _BEFORE_FORK.append(forking.set)
     try:
         flushing.start()
@@ -331,7 +325,7 @@ def test_a_child_forked_as_the_flusher_took_a_reader_lock_does_not_keep_it(
         proceed.set()
         flushing.join()
         forker.join()
-        os.read(out_r, 1)  # the child runs (its fork hooks have run)
+        child.wait_running()
         flusher.stop()  # lets the reader lock go
         spool.close()
         assert sink.ids() == [str(event["event_id"])]
@@ -341,8 +335,4 @@ def test_a_child_forked_as_the_flusher_took_a_reader_lock_does_not_keep_it(
     finally:
         _BEFORE_FORK.clear()
         proceed.set()
-        os.write(go_w, b"x")
-        for pid in pids:
-            os.waitpid(pid, 0)
-        for fd in (go_r, go_w, out_r, out_w):
-            os.close(fd)
+        child.end()
