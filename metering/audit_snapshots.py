@@ -62,10 +62,9 @@ def purpose_snapshot(row: PurposeSettingsRow | None) -> Snapshot | None:
     return {"provider": row.provider, "model": row.model, "base_url": row.base_url, "params": dict(row.params or {})}
 
 
-def byollm_snapshot(row: ByollmSettingsRow | None) -> Snapshot | None:
-    """Never the key, only whether one is stored (``***``)."""
-    if row is None:
-        return None
+def byollm_fields(row: ByollmSettingsRow) -> Snapshot:
+    """A user's BYOLLM settings without anything of the key: what the audit log, the admin API and the CLI show alike
+    (each then says in its own way whether a key is stored)."""
     return {
         "user_id": row.user_id,
         "tenant_id": row.tenant_id,
@@ -73,8 +72,14 @@ def byollm_snapshot(row: ByollmSettingsRow | None) -> Snapshot | None:
         "model": row.model,
         "base_url": row.base_url,
         "fallback_policy": row.fallback_policy,
-        "api_key": REDACTED if row.api_key_ciphertext else None,
     }
+
+
+def byollm_snapshot(row: ByollmSettingsRow | None) -> Snapshot | None:
+    """Never the key, only whether one is stored (``***``)."""
+    if row is None:
+        return None
+    return byollm_fields(row) | {"api_key": REDACTED if row.api_key_ciphertext else None}
 
 
 def budget_snapshot(row: ExtensionBudgetRow | None) -> Snapshot | None:

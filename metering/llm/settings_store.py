@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.audit import is_secret_name, secret_keys
+from metering.audit_snapshots import byollm_fields
 from metering.crypto import SecretBox
 from metering.db.models import ByollmSettingsRow, ExtensionBudgetRow, PurposeSettingsRow
 from metering.db.row_lock import for_update, get_for_update
@@ -190,16 +191,7 @@ def stored_key_mask(row: ByollmSettingsRow, box: SecretBox) -> str | None:
 def byollm_view(row: ByollmSettingsRow, mask: str | None) -> dict[str, Any]:
     """A user's BYOLLM settings as the admin API and the CLI show them: never the key, only ``has_api_key`` and its
     ``api_key_mask`` (``None`` for a key that cannot be decrypted, its encryption key rotated away)."""
-    return {
-        "user_id": row.user_id,
-        "tenant_id": row.tenant_id,
-        "provider": row.provider,
-        "model": row.model,
-        "base_url": row.base_url,
-        "fallback_policy": row.fallback_policy,
-        "has_api_key": row.api_key_ciphertext is not None,
-        "api_key_mask": mask,
-    }
+    return byollm_fields(row) | {"has_api_key": row.api_key_ciphertext is not None, "api_key_mask": mask}
 
 
 def byollm_from_row(row: ByollmSettingsRow, box: SecretBox) -> ByollmSettings:
