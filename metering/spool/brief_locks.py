@@ -16,8 +16,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+
+class ForkGuard:
+    """A lock a fork of this process waits for (``with guard:``): held only from taking a descriptor to recording it
+    where the fork hooks close it, or from forgetting one to closing it, so that no child is forked in between. The
+    forking thread takes it before the fork and lets it go after it in the parent; the child gets a new one (the
+    inherited one is held, by a thread the child does not have). Its before-hook runs before those of the guards
+    made earlier (``os.register_at_fork`` runs them in reverse order): a guard taken inside another must be made
+    first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        os.register_at_fork(before=self._acquire, after_in_parent=self._release, after_in_child=self._renew)
+
+    def __enter__(self) -> ForkGuard:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def _acquire(self) -> None:
+        self._lock.acquire()
+
+    def _release(self) -> None:
+        self._lock.release()
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+
+
 _HELD: set[int] = set()
-_GUARD = threading.Lock()  # never held across anything but an open or a close: a fork waits for it
+_GUARD = ForkGuard()  # never held across anything but an open or a close
 
 
 @contextmanager
@@ -35,21 +65,11 @@ def brief_open(path: Path | str, flags: int, mode: int = 0o600) -> Iterator[int]
             os.close(fd)
 
 
-def _before_fork() -> None:
-    _GUARD.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _GUARD.release()
-
-
 def _after_fork_in_child() -> None:
-    global _GUARD
     for fd in list(_HELD):
         with contextlib.suppress(OSError):
             os.close(fd)  # the parent's own descriptor keeps the lock for as long as the parent holds it
     _HELD.clear()
-    _GUARD = threading.Lock()  # (the inherited one is held, taken by this thread before the fork)
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)

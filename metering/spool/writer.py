@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from metering.errors import SpoolError
+from metering.spool.brief_locks import ForkGuard
 from metering.spool.decode import DeadLetters
 from metering.spool.segments import (
     DEAD_LETTER_NAME,
@@ -53,7 +54,7 @@ def lock_free(path: Path) -> bool:
     return True
 
 
-def fork_guard() -> threading.Lock:
+def fork_guard() -> ForkGuard:
     """Hold it from taking a lock descriptor to recording it where the fork hooks close it (and from forgetting one
     to closing it): a fork waits for it, so no child keeps a copy of one, holding the lock for its whole life."""
     return _FORK_GUARD
@@ -237,24 +238,14 @@ class Spool:
 
 # Open spools, for the child of a fork (a prefork server or task queue): see ``Spool._after_fork_in_child``.
 _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
-# See fork_guard; a fork takes it first. (Its before-hook runs before spool.brief_locks', whose lock a slot's claim
+# See fork_guard; a fork takes it first. (Made after spool.brief_locks' guard, whose lock a slot's claim
 # takes inside this one: registered after it, since this module imports that one.)
-_FORK_GUARD = threading.Lock()
-
-
-def _before_fork() -> None:
-    _FORK_GUARD.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _FORK_GUARD.release()
+_FORK_GUARD = ForkGuard()
 
 
 def _after_fork_in_child() -> None:
-    global _FORK_GUARD
-    _FORK_GUARD = threading.Lock()  # (the inherited one is held, taken by this thread before the fork)
     for spool in list(_OPEN):
         spool._after_fork_in_child()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
