@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, text
+import io
+import re
+import sys
+from typing import TextIO
+
+from alembic.util import CommandError
+from sqlalchemy import Connection, make_url, text
 
 from alembic import context
 from metering.config import get_settings
 from metering.db.engine import make_engine, normalise_url
+from metering.db.migration_script import NotScriptable
 from metering.db.models import Base
 
 config = context.config
@@ -17,10 +24,43 @@ def _url() -> str:
     return normalise_url(config.attributes.get("url") or get_settings().resolved_database_url)
 
 
+class _Script(io.TextIOBase):
+    """The script being printed; remembers the step it is at (alembic prints ``-- Running <step>, <doc>``)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.step = out, ""
+
+    def write(self, s: str) -> int:
+        if step := re.match(r"-- Running (\w+) (\w*) -> (\w*)", s):
+            self.step = f"{step[1]} {step[2] or 'base'} -> {step[3] or 'base'}"
+        return self.out.write(s)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
-    with context.begin_transaction():
-        context.run_migrations()
+    """``--sql``: print the script. A step it cannot hold (see ``metering.db.migration_script``; on SQLite a table
+    rebuilt in batch mode, which reads the table from the database) fails with one line naming the step."""
+    url = _url()
+    script = _Script(config.output_buffer or sys.stdout)
+    context.configure(
+        url=url, target_metadata=target_metadata, literal_binds=True, render_as_batch=True, output_buffer=script
+    )
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    except (NotScriptable, CommandError) as exc:
+        if not script.step:  # not in a step: alembic's own error as it was
+            raise
+        why = str(exc)
+        if "cannot proceed in --sql mode" in why:
+            why = "it rebuilds a table (batch mode), reading the table's definition from the database"
+        dialect = "PostgreSQL" if make_url(url).get_backend_name() == "postgresql" else "SQLite"
+        raise CommandError(
+            f"cannot render {script.step} for {dialect} offline (--sql): {why}; run that step online instead "
+            "(alembic without --sql, or metering migrate to upgrade, on the database); the script printed is incomplete"
+        ) from exc
 
 
 # How long a run waits on SQLite for the write lock another run (or a writer) holds. The engine's busy_timeout

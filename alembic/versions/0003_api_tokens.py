@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 import metering.db.types
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -44,14 +45,23 @@ def upgrade() -> None:
 def downgrade() -> None:
     # The secrets are not stored: upgrading again cannot bring a token back, so every client holding one would be
     # locked out (and a revoked one is the record of who had access). Refused while any is stored.
-    active, revoked = (
-        op.get_bind().execute(sa.text("SELECT count(*) - count(revoked_at), count(revoked_at) FROM api_tokens")).one()
-    )
-    if active or revoked:
-        raise RuntimeError(
-            f"cannot downgrade below 0003: {active + revoked} api tokens ({active} active, {revoked} revoked) "
-            "would be dropped for good (every client holding one locked out); nothing was changed"
+    if context.is_offline_mode():  # --sql: the script checks when it is run
+        refuse_when_run(
+            "0003",
+            "api tokens (active or revoked) would be dropped for good (every client holding one locked out)",
+            "SELECT 1 FROM api_tokens",
         )
+    else:
+        active, revoked = (
+            op.get_bind()
+            .execute(sa.text("SELECT count(*) - count(revoked_at), count(revoked_at) FROM api_tokens"))
+            .one()
+        )
+        if active or revoked:
+            raise RuntimeError(
+                f"cannot downgrade below 0003: {active + revoked} api tokens ({active} active, {revoked} revoked) "
+                "would be dropped for good (every client holding one locked out); nothing was changed"
+            )
     with op.batch_alter_table("api_tokens", schema=None) as batch_op:
         batch_op.drop_index("ix_api_tokens_prefix")
 

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 import metering.db.types
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -45,12 +46,19 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # The log is the only record of who changed what (prices, credits, tokens): no upgrade can rebuild it.
-    entries = op.get_bind().execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one()
-    if entries:
-        raise RuntimeError(
-            f"cannot downgrade below 0004: the audit log holds {entries} entries, the record of admin changes, "
-            "which dropping it would lose for good; nothing was changed"
+    if context.is_offline_mode():  # --sql: the script checks when it is run
+        refuse_when_run(
+            "0004",
+            "the audit log holds entries, the record of admin changes, which dropping it would lose for good",
+            "SELECT 1 FROM audit_log",
         )
+    else:
+        entries = op.get_bind().execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one()
+        if entries:
+            raise RuntimeError(
+                f"cannot downgrade below 0004: the audit log holds {entries} entries, the record of admin changes, "
+                "which dropping it would lose for good; nothing was changed"
+            )
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.drop_index("ix_audit_log_tenant_at_id")
         batch_op.drop_index("ix_audit_log_at_id")

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -35,16 +36,18 @@ def upgrade() -> None:
     )
 
 
+_CORRECTED = (
+    "SELECT DISTINCT correction_of FROM invoice_lines WHERE correction_of IS NOT NULL ORDER BY correction_of LIMIT 5"
+)
+
+
 def downgrade() -> None:
     # Dropping correction_of would turn a correction line into a usage line of its invoice's month for good.
-    rows = op.get_bind().execute(
-        sa.text(
-            "SELECT DISTINCT correction_of FROM invoice_lines WHERE correction_of IS NOT NULL "
-            "ORDER BY correction_of LIMIT 5"
+    if context.is_offline_mode():  # --sql: the script checks when it is run
+        refuse_when_run(
+            "0006", "invoices hold correction lines that the older schema cannot tell from usage lines", _CORRECTED
         )
-    )
-    periods = [row[0] for row in rows]
-    if periods:
+    elif periods := [row[0] for row in op.get_bind().execute(sa.text(_CORRECTED))]:
         raise RuntimeError(
             "cannot downgrade below 0006: invoices hold correction lines (re-rates of the periods "
             f"{periods!r}) that the older schema cannot tell from usage lines; nothing was changed"

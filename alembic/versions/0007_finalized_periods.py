@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 import metering.db.types
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0007"
 down_revision: str | None = "0006"
@@ -38,18 +39,19 @@ def upgrade() -> None:
     )
 
 
+_UNRESTORED = (
+    "SELECT period FROM finalized_periods WHERE NOT EXISTS (SELECT 1 FROM invoices "
+    "WHERE invoices.status = 'finalized' AND invoices.period = finalized_periods.period) "
+    "ORDER BY period LIMIT 5"
+)
+
+
 def downgrade() -> None:
     # The upgrade restores only the months with a finalized invoice (at their first invoice's time): a month
     # finalized without an invoice (nobody billed in it) would be reopened for good, so the downgrade refuses.
-    rows = op.get_bind().execute(
-        sa.text(
-            "SELECT period FROM finalized_periods WHERE NOT EXISTS (SELECT 1 FROM invoices "
-            "WHERE invoices.status = 'finalized' AND invoices.period = finalized_periods.period) "
-            "ORDER BY period LIMIT 5"
-        )
-    )
-    periods = [row[0] for row in rows]
-    if periods:
+    if context.is_offline_mode():  # --sql: the script checks when it is run
+        refuse_when_run("0007", "finalized periods that no finalized invoice records would be reopened", _UNRESTORED)
+    elif periods := [row[0] for row in op.get_bind().execute(sa.text(_UNRESTORED))]:
         raise RuntimeError(
             "cannot downgrade below 0007: finalized periods that no finalized invoice records would be reopened "
             f"(first: {periods!r}); nothing was changed"

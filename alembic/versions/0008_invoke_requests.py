@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 import metering.db.types
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0008"
 down_revision: str | None = "0007"
@@ -52,14 +53,23 @@ def downgrade() -> None:
     # A kept key answers a retry with its stored outcome (or, still running, refuses to run it again): dropping it
     # would let the retry run, and pay for, the invocation a second time. Refused while any is kept; older keys,
     # which the service deletes anyway, do not block.
-    claims = sa.table("invoke_requests", sa.column("claimed_at", metering.db.types.UTCDateTime(timezone=True)))
-    since = datetime.now(UTC) - _KEPT
-    kept = op.get_bind().execute(sa.select(sa.func.count()).where(claims.c.claimed_at >= since)).scalar_one()
-    if kept:
-        raise RuntimeError(
-            f"cannot downgrade below 0008: {kept} invoke idempotency keys claimed in the last 24 h would be dropped "
-            "(a retry of their requests would run, and be billed, again); nothing was changed"
+    if context.is_offline_mode():  # --sql: the script checks when it is run, against the time it is run at
+        refuse_when_run(
+            "0008",
+            "invoke idempotency keys claimed in the last 24 h would be dropped (a retry of their requests would "
+            "run, and be billed, again)",
+            "SELECT 1 FROM invoke_requests WHERE claimed_at >= now() - interval "
+            f"'{int(_KEPT.total_seconds())} seconds'",
         )
+    else:
+        claims = sa.table("invoke_requests", sa.column("claimed_at", metering.db.types.UTCDateTime(timezone=True)))
+        since = datetime.now(UTC) - _KEPT
+        kept = op.get_bind().execute(sa.select(sa.func.count()).where(claims.c.claimed_at >= since)).scalar_one()
+        if kept:
+            raise RuntimeError(
+                f"cannot downgrade below 0008: {kept} invoke idempotency keys claimed in the last 24 h would be "
+                "dropped (a retry of their requests would run, and be billed, again); nothing was changed"
+            )
     with op.batch_alter_table("invoke_requests", schema=None) as batch_op:
         batch_op.drop_index("ix_invoke_requests_claimed_at")
 

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -38,18 +39,20 @@ def upgrade() -> None:
     _retype(300, 1000)
 
 
+_LONG_IDS = (
+    "SELECT id FROM accounts WHERE length(id) > 300 UNION SELECT debit_account_id FROM transfers "
+    "WHERE length(debit_account_id) > 300 UNION SELECT credit_account_id FROM transfers "
+    "WHERE length(credit_account_id) > 300 ORDER BY 1 LIMIT 3"
+)
+
+
 def downgrade() -> None:
     # PostgreSQL cannot narrow the columns while an id longer than 300 characters is stored: refused, naming them
     # (was the database's bare "value too long"). SQLite does not enforce the length: nothing is lost there.
-    if op.get_bind().dialect.name == "postgresql":
-        rows = op.get_bind().execute(
-            sa.text(
-                "SELECT id FROM accounts WHERE length(id) > 300 UNION SELECT debit_account_id FROM transfers "
-                "WHERE length(debit_account_id) > 300 UNION SELECT credit_account_id FROM transfers "
-                "WHERE length(credit_account_id) > 300 ORDER BY 1 LIMIT 3"
-            )
-        )
-        ids = [row[0] for row in rows]
+    if op.get_context().dialect.name == "postgresql" and context.is_offline_mode():  # --sql: checked when run
+        refuse_when_run("0009", "account ids longer than 300 characters are stored", _LONG_IDS)
+    elif op.get_context().dialect.name == "postgresql":
+        ids = [row[0] for row in op.get_bind().execute(sa.text(_LONG_IDS))]
         if ids:
             raise RuntimeError(
                 f"cannot downgrade below 0009: account ids longer than 300 characters are stored (first: {ids!r}); "

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -60,15 +61,20 @@ def upgrade() -> None:
     )
 
 
+_SHARED = (
+    "SELECT idempotency_key FROM transfers WHERE idempotency_key IS NOT NULL "
+    "GROUP BY idempotency_key HAVING COUNT(*) > 1 ORDER BY idempotency_key LIMIT 5"
+)
+
+
 def downgrade() -> None:
-    shared = op.get_bind().execute(
-        sa.text(
-            "SELECT idempotency_key FROM transfers WHERE idempotency_key IS NOT NULL "
-            "GROUP BY idempotency_key HAVING COUNT(*) > 1 ORDER BY idempotency_key LIMIT 5"
+    if context.is_offline_mode():  # --sql: the script checks when it is run
+        refuse_when_run(
+            "0010",
+            "idempotency keys used by more than one tenant would break the global unique index",
+            _SHARED,
         )
-    )
-    keys = [row[0] for row in shared]
-    if keys:
+    elif keys := [row[0] for row in op.get_bind().execute(sa.text(_SHARED))]:
         raise RuntimeError(
             "cannot downgrade below 0010: idempotency keys used by more than one tenant would break the global "
             f"unique index (first: {keys!r}); nothing was changed"

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from alembic import op
+from alembic import context, op
+from metering.db.migration_script import refuse_when_run
 
 revision: str = "0011"
 down_revision: str | None = "0010"
@@ -41,15 +42,27 @@ def _in_use(sql: str) -> list[str]:
     return [str(row[0]) for row in op.get_bind().execute(sa.text(sql))]
 
 
+_EVENTS = (
+    "SELECT event_id FROM usage_events WHERE cache_write_1h_tokens > 0 OR web_searches > 0 ORDER BY event_id LIMIT 5"
+)
+_OVERRIDES = (
+    "SELECT id FROM price_overrides WHERE cache_write_1h_nanos_per_mtok IS NOT NULL "
+    "OR web_search_nanos_per_k IS NOT NULL ORDER BY id LIMIT 5"
+)
+
+
 def downgrade() -> None:
-    events = _in_use(
-        "SELECT event_id FROM usage_events WHERE cache_write_1h_tokens > 0 OR web_searches > 0 "
-        "ORDER BY event_id LIMIT 5"
-    )
-    overrides = _in_use(
-        "SELECT id FROM price_overrides WHERE cache_write_1h_nanos_per_mtok IS NOT NULL "
-        "OR web_search_nanos_per_k IS NOT NULL ORDER BY id LIMIT 5"
-    )
+    if context.is_offline_mode():  # --sql: the script checks when it is run
+        refuse_when_run(
+            "0011",
+            "stored events or price overrides use 1-hour cache writes or web searches; dropping them would lose "
+            "what was billed",
+            _EVENTS,
+            _OVERRIDES,
+        )
+        events, overrides = [], []
+    else:
+        events, overrides = _in_use(_EVENTS), _in_use(_OVERRIDES)
     if events or overrides:
         raise RuntimeError(
             "cannot downgrade below 0011: stored events or price overrides use 1-hour cache writes or web searches "
