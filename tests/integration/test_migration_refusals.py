@@ -8,30 +8,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import pytest
-from sqlalchemy import text, update
+from sqlalchemy import update
 
 from metering.auth.store import create_token, revoke_token
 from metering.db import invoke_requests, migrate
 from metering.db.engine import make_engine, make_session_factory
 from metering.db.models import InvokeRequestRow
-
-
-def _count(url: str, table: str) -> int:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
-    finally:
-        engine.dispose()
-
-
-def _at(url: str) -> str | None:
-    engine = make_engine(url)
-    try:
-        return migrate.current_revision(engine)
-    finally:
-        engine.dispose()
+from tests.integration.migration_steps import assert_refused, count, delete_then_downgrade
 
 
 def test_0003_refuses_to_drop_the_api_tokens(fresh_url: str) -> None:
@@ -49,19 +32,10 @@ def test_0003_refuses_to_drop_the_api_tokens(fresh_url: str) -> None:
             session.commit()
     finally:
         engine.dispose()
-    with pytest.raises(RuntimeError, match=r"cannot downgrade below 0003: 3 api tokens \(2 active, 1 revoked\)"):
-        migrate.downgrade(fresh_url, "0002")
-    assert _at(fresh_url) == migrate.head_revision(fresh_url)
-    assert _count(fresh_url, "api_tokens") == 3
+    assert_refused(fresh_url, "0002", r"cannot downgrade below 0003: 3 api tokens \(2 active, 1 revoked\)")
+    assert count(fresh_url, "api_tokens") == 3
 
-    engine = make_engine(fresh_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM api_tokens"))
-    finally:
-        engine.dispose()
-    migrate.downgrade(fresh_url, "0002")
-    assert _at(fresh_url) == "0002"
+    delete_then_downgrade(fresh_url, "0002", "DELETE FROM api_tokens")
 
 
 def test_0004_refuses_to_drop_the_audit_log(fresh_url: str) -> None:
@@ -83,10 +57,8 @@ def test_0004_refuses_to_drop_the_audit_log(fresh_url: str) -> None:
             session.commit()
     finally:
         engine.dispose()
-    with pytest.raises(RuntimeError, match=r"cannot downgrade below 0004: the audit log holds 2 entries"):
-        migrate.downgrade(fresh_url, "0003")
-    assert _at(fresh_url) == migrate.head_revision(fresh_url)
-    assert _count(fresh_url, "audit_log") == 2
+    assert_refused(fresh_url, "0003", r"cannot downgrade below 0004: the audit log holds 2 entries")
+    assert count(fresh_url, "audit_log") == 2
 
 
 def test_0008_refuses_to_drop_idempotency_keys_still_kept(fresh_url: str) -> None:
@@ -110,7 +82,7 @@ def test_0008_refuses_to_drop_idempotency_keys_still_kept(fresh_url: str) -> Non
             invoke_requests.complete(session, tenant_id="acme", key="done", claimed_at=now, status=200,
                                      body={"ok": 1}, now=now)  # fmt: skip
             session.commit()
-        assert _count(fresh_url, "invoke_requests") == 2  # the second claim deleted the expired one
+        assert count(fresh_url, "invoke_requests") == 2  # the second claim deleted the expired one
         with factory() as session:  # an expired key the service has not deleted yet (no claim since)
             session.execute(
                 update(InvokeRequestRow)
@@ -120,21 +92,13 @@ def test_0008_refuses_to_drop_idempotency_keys_still_kept(fresh_url: str) -> Non
             session.commit()
     finally:
         engine.dispose()
-    with pytest.raises(
-        RuntimeError, match=r"cannot downgrade below 0008: 1 invoke idempotency keys claimed in the last 24 h"
-    ):
-        migrate.downgrade(fresh_url, "0007")
-    assert _at(fresh_url) == migrate.head_revision(fresh_url)
-    assert _count(fresh_url, "invoke_requests") == 2
+    assert_refused(
+        fresh_url, "0007", r"cannot downgrade below 0008: 1 invoke idempotency keys claimed in the last 24 h"
+    )
+    assert count(fresh_url, "invoke_requests") == 2
 
-    engine = make_engine(fresh_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM invoke_requests WHERE idempotency_key = 'running'"))
-    finally:
-        engine.dispose()
-    migrate.downgrade(fresh_url, "0007")  # only the expired key is left: nothing a retry would need
-    assert _at(fresh_url) == "0007"
+    # only the expired key is left: nothing a retry would need
+    delete_then_downgrade(fresh_url, "0007", "DELETE FROM invoke_requests WHERE idempotency_key = 'running'")
 
 
 def test_0001_refuses_to_drop_usage_events_and_settings(fresh_url: str) -> None:
@@ -150,20 +114,12 @@ def test_0001_refuses_to_drop_usage_events_and_settings(fresh_url: str) -> None:
         insert(engine, "usage_events", [{k: v for k, v in _event(i, noon).items() if k not in dropped} for i in (1, 2)])
         insert(engine, "purpose_settings", [{"purpose": "rewrite", "provider": "anthropic", "model": "claude-haiku-4-5",
                                              "base_url": None, "params": {}, "updated_at": noon}])  # fmt: skip
-    with pytest.raises(
-        RuntimeError,
-        match=r"below 0001: the database holds 2 usage_events, 1 purpose_settings, .*nothing was changed",
-    ):
-        migrate.downgrade(fresh_url, "base")
-    assert _at(fresh_url) == "0001"
-    assert (_count(fresh_url, "usage_events"), _count(fresh_url, "purpose_settings")) == (2, 1)
+    assert_refused(
+        fresh_url,
+        "base",
+        r"below 0001: the database holds 2 usage_events, 1 purpose_settings, .*nothing was changed",
+        at="0001",
+    )
+    assert (count(fresh_url, "usage_events"), count(fresh_url, "purpose_settings")) == (2, 1)
 
-    engine = make_engine(fresh_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM usage_events"))
-            conn.execute(text("DELETE FROM purpose_settings"))
-    finally:
-        engine.dispose()
-    migrate.downgrade(fresh_url, "base")
-    assert _at(fresh_url) is None
+    delete_then_downgrade(fresh_url, "base", "DELETE FROM usage_events", "DELETE FROM purpose_settings")

@@ -22,6 +22,7 @@ from metering.db.engine import make_engine, make_session_factory
 from metering.db.models import Base
 from metering.events import event_from_record
 from tests.fakes.events import record
+from tests.integration.migration_steps import assert_refused
 
 
 def test_upgrade_downgrade_upgrade(fresh_url: str) -> None:
@@ -162,10 +163,8 @@ def test_0010_gives_stored_keys_their_tenant_and_refuses_to_downgrade_over_a_sha
             assert other.replayed is False and other.transfer_id != old_id
             session.commit()
             assert run_checks(session).ok
-        with pytest.raises(RuntimeError, match=r"more than one tenant .*\['old'\]"):
-            migrate.downgrade(fresh_url, "0009")
+        assert_refused(fresh_url, "0009", r"more than one tenant .*\['old'\]")  # one transaction: all undone
         engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)  # one transaction: all undone
         with factory() as session:
             assert session.scalar(text("SELECT COUNT(*) FROM transfers")) == 3
     finally:
@@ -291,10 +290,8 @@ def test_0011_keeps_stored_events_billed_as_they_were_and_refuses_to_drop_search
             searched = record(1, occurred_at=now - timedelta(hours=1), web_searches=2)
             ingest(session, [event_from_record(searched)], now=now)
             session.commit()
-        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0011: .*" + searched["event_id"][:8]):
-            migrate.downgrade(fresh_url, "0010")
+        assert_refused(fresh_url, "0010", r"cannot downgrade below 0011: .*" + searched["event_id"][:8])
         engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT sum(web_searches) FROM usage_events")).scalar() == 2
     finally:
@@ -316,10 +313,8 @@ def test_0011_refuses_to_downgrade_over_an_override_with_a_search_or_1_hour_pric
                          effective_from=datetime(2026, 1, 1, tzinfo=UTC), effective_to=None,
                          input_mtok=Decimal(3), output_mtok=Decimal(15), cache_write_1h_mtok=Decimal(6))  # fmt: skip
             session.commit()
-        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0011: .*'hour'"):
-            migrate.downgrade(fresh_url, "0010")
+        assert_refused(fresh_url, "0010", r"cannot downgrade below 0011: .*'hour'")
         engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT id, cache_write_1h_nanos_per_mtok FROM price_overrides ORDER BY id")).all()
         assert [tuple(r) for r in rows] == [("hour", 6_000_000_000), ("plain", None)]
@@ -453,10 +448,8 @@ def test_0007_refuses_to_downgrade_over_a_period_no_finalized_invoice_restores(f
         with factory() as session:
             assert finalize_period(session, "2026-09", datetime(2026, 11, 27, tzinfo=UTC), timedelta(0)) == []
             session.commit()
-        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0007: .*2026-09"):
-            migrate.downgrade(fresh_url, "0006")
+        assert_refused(fresh_url, "0006", r"cannot downgrade below 0007: .*2026-09")
         engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
         with engine.connect() as conn:
             assert [tuple(r) for r in conn.execute(text("SELECT period FROM finalized_periods"))] == [("2026-09",)]
     finally:
@@ -487,10 +480,8 @@ def test_0006_refuses_to_downgrade_over_a_correction_line(fresh_url: str) -> Non
                 ),
                 {"id": invoice if engine.dialect.name == "postgresql" else invoice.replace("-", ""), "f": False},
             )
-        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0006: .*2026-10"):
-            migrate.downgrade(fresh_url, "0005")
+        assert_refused(fresh_url, "0005", r"cannot downgrade below 0006: .*2026-10")
         engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT correction_of FROM invoice_lines")).scalar() == "2026-10"
     finally:
@@ -532,10 +523,8 @@ def test_0002_refuses_to_downgrade_over_the_ledger(fresh_url: str) -> None:
         with factory() as session:
             add_credit(session, tenant_id="t", user_id="u", amount=Decimal(5), idempotency_key="k", now=now)
             session.commit()
-        with pytest.raises(RuntimeError, match=r"cannot downgrade below 0002: .*1 transfers"):
-            migrate.downgrade(fresh_url, "0001")
+        assert_refused(fresh_url, "0001", r"cannot downgrade below 0002: .*1 transfers")
         engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
         with engine.connect() as conn:
             wallets = text("SELECT sum(balance_nanos) FROM accounts WHERE kind = 'user_wallet'")
             assert conn.execute(wallets).scalar() == 5_000_000_000
@@ -562,10 +551,8 @@ def test_0009_refuses_to_downgrade_over_a_long_account_id_and_names_it(fresh_url
             engine.dispose()
             migrate.upgrade(fresh_url)
         else:
-            with pytest.raises(RuntimeError, match=r"cannot downgrade below 0009: .*user:tttt"):
-                migrate.downgrade(fresh_url, "0008")
-        engine.dispose()
-        assert migrate.current_revision(engine) == migrate.head_revision(fresh_url)
+            assert_refused(fresh_url, "0008", r"cannot downgrade below 0009: .*user:tttt")
+            engine.dispose()
         with factory() as session:
             report = run_checks(session)
             assert report.ok, report.problems
