@@ -26,7 +26,15 @@ from metering.llm.attempt import Attempt
 from metering.llm.event_record import prompt_fingerprint
 from metering.llm.responses import LLMResponse
 from metering.llm.text import ChunkCleaner
-from metering.llm.types import MISSING_USAGE, NO_USAGE_SO_FAR, StreamEnd, TextDelta, TokenUsage, UsageSoFar
+from metering.llm.types import (
+    MISSING_USAGE,
+    NO_USAGE_SO_FAR,
+    ReasoningDelta,
+    StreamEnd,
+    TextDelta,
+    TokenUsage,
+    UsageSoFar,
+)
 from metering.llm.usage import finished, unfinished
 
 if TYPE_CHECKING:
@@ -140,7 +148,8 @@ class MessageStream:
         status: Status,
         error_type: str | None,
     ) -> None:
-        """The event of a stream that did not end normally: the usage reported so far, the rest estimated."""
+        """The event of a stream that did not end normally: the usage reported so far, the rest estimated (``parts``:
+        the text received, the reasoning the consumer was not handed included)."""
         text = "".join(parts)
         usage = unfinished(so_far.usage, self._system, self._messages, text, output_final=so_far.output_final)
         self._llm._record(common, usage=usage, stop_reason=None, status=status, error_type=error_type, ttft_ms=ttft)
@@ -169,6 +178,7 @@ class MessageStream:
                     target, attempt, purpose, datetime.now(UTC), started, self._max_tokens, fingerprint, True, reserved
                 )
                 parts: list[str] = []
+                reasoning: list[str] = []  # reasoning text, not handed on: output the estimates count (ReasoningDelta)
                 ttft: float | None = None
                 end: StreamEnd | None = None
                 so_far = NO_USAGE_SO_FAR  # usage the provider reported before the end
@@ -187,13 +197,15 @@ class MessageStream:
                             self._reader = asyncio.current_task()  # a stream may be read by another task each time
                         elif isinstance(item, UsageSoFar):
                             so_far = item
+                        elif isinstance(item, ReasoningDelta):
+                            reasoning.append(item.text)
                         else:
                             end = item
                     if tail := cleaner.flush():
                         parts.append(tail)
                         yield tail
                 except ProviderError as exc:
-                    self._record_unfinished(common, so_far, parts, ttft, Status.ERROR, exc.error_type)
+                    self._record_unfinished(common, so_far, parts + reasoning, ttft, Status.ERROR, exc.error_type)
                     llm._served_by(target)
                     if not parts and attempt < len(targets) - 1:
                         continue
@@ -201,7 +213,7 @@ class MessageStream:
                 except (GeneratorExit, asyncio.CancelledError) as leaving:
                     refused: Exception | None = None
                     try:
-                        self._record_unfinished(common, so_far, parts, ttft, Status.CANCELLED, None)
+                        self._record_unfinished(common, so_far, parts + reasoning, ttft, Status.CANCELLED, None)
                     except Exception as error:
                         if isinstance(leaving, GeneratorExit):
                             refused = error  # aclose() raises it, once upstream is closed
@@ -214,15 +226,16 @@ class MessageStream:
                 except Exception as exc:
                     error_type = f"internal:{type(exc).__name__}"[:100]
                     try:
-                        self._record_unfinished(common, so_far, parts, ttft, Status.ERROR, error_type)
+                        self._record_unfinished(common, so_far, parts + reasoning, ttft, Status.ERROR, error_type)
                     finally:
                         await _close_quietly(upstream)  # e.g. thrown in at a yield: upstream is still open
                     raise
                 finally:  # upstream has ended, or was closed: its adapter is no longer used by this stream
                     llm._providers.release(pooled)
                 text = "".join(parts)
+                output = text + "".join(reasoning) if reasoning else text  # what the estimates count
                 reported = end.usage if end is not None else MISSING_USAGE
-                usage = finished(reported, so_far.usage, system, messages, text, output_final=so_far.output_final)
+                usage = finished(reported, so_far.usage, system, messages, output, output_final=so_far.output_final)
                 stop_reason = end.stop_reason if end is not None else None
                 event_id = llm._record(
                     common,

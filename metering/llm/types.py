@@ -84,4 +84,13 @@ class UsageSoFar:
 NO_USAGE_SO_FAR = UsageSoFar(MISSING_USAGE)
 
 
-StreamItem = TextDelta | UsageSoFar | StreamEnd
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Reasoning text a provider streams beside the reply (an OpenAI-compatible server's ``reasoning_content`` or
+    ``reasoning``): never handed to the consumer, but output the provider charges, so it counts in the estimate of a
+    stream whose usage the provider did not report (abandoned, broken, or a server that ignores ``include_usage``)."""
+
+    text: str
+
+
+StreamItem = TextDelta | UsageSoFar | ReasoningDelta | StreamEnd

@@ -26,6 +26,7 @@ from metering.llm.types import (
     MISSING_USAGE,
     ProviderRequest,
     ProviderResult,
+    ReasoningDelta,
     StreamEnd,
     StreamItem,
     TextDelta,
@@ -42,6 +43,15 @@ PASS_THROUGH = ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty"
 # finish_reason → the stop reasons the rest of the system uses (Anthropic's names, as the simulated provider)
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use"}
 _ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
+
+
+def reasoning_of(delta: Any) -> str:
+    """The reasoning text of a stream delta: fields the SDK does not declare (its extras), ``reasoning_content``
+    (DeepSeek, SGLang) or ``reasoning`` (vLLM, OpenRouter, Ollama); ``""`` for none."""
+    extra = getattr(delta, "model_extra", None)
+    if not extra:  # nearly every chunk: OpenAI's own, and the reply's text
+        return ""
+    return text_of(extra.get("reasoning_content") or extra.get("reasoning"))
 
 
 def stop_reason(finish_reason: object) -> str | None:
@@ -150,9 +160,12 @@ class OpenAIProvider:
                     for choice in getattr(chunk, "choices", None) or ():
                         if getattr(choice, "index", 0) != 0:
                             continue
-                        text = text_of(getattr(getattr(choice, "delta", None), "content", None))
+                        delta = getattr(choice, "delta", None)
+                        text = text_of(getattr(delta, "content", None))
                         if text:
                             yield TextDelta(text)
+                        if reasoning := reasoning_of(delta):
+                            yield ReasoningDelta(reasoning)
                         if getattr(choice, "finish_reason", None):
                             finish = choice.finish_reason
         except _ERRORS as exc:
