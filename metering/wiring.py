@@ -108,6 +108,7 @@ def open_services(settings: Settings, *, run_migrations: bool = True) -> Service
         return make_provider(config, settings.simulated)
 
     providers = ProviderPool(factory, max_adapters=settings.provider_pool_size)
+    llm_settings.on_key_replaced = providers.retire_key  # a key changed by another process, too
     spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync).open()
     flusher = Flusher(
         spool,

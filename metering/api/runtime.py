@@ -79,6 +79,7 @@ class LazyRuntime:
             return make_provider(config, settings.simulated)
 
         self.providers = ProviderPool(factory, max_adapters=settings.provider_pool_size)
+        self.llm_settings.on_key_replaced = self.providers.retire_key  # a key changed by another process, too
         spool = Spool(settings.spool_dir, segment_bytes=settings.spool.segment_bytes, fsync=settings.spool.fsync)
         self.spool = spool.open()
         self.flusher = Flusher(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -47,17 +48,27 @@ class InMemorySettings:
 class CachedSettings:
     """A TTL cache in front of a slower source (the database). ``invalidate()`` after local writes.
 
-    Settings changed by another process are seen within ``ttl_s`` seconds.
+    Settings changed by another process are seen within ``ttl_s`` seconds. ``on_key_replaced`` (the provider pool's
+    ``retire_key``) is told a user's BYOLLM api key that a reload found replaced or deleted, whichever process changed
+    it (the CLI, another worker or replica): the adapters holding it leave the pool then, not only once they are the
+    least recently used. It is called where ``byollm`` is, on the event loop that makes the calls.
     """
 
-    def __init__(self, source: SettingsSource, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        source: SettingsSource,
+        ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_key_replaced: Callable[[str], object] | None = None,
+    ) -> None:
         self._source = source
         self._ttl = ttl_s
         self._clock = clock
+        self.on_key_replaced = on_key_replaced
         self._entries: dict[tuple[str, Hashable], tuple[float, object]] = {}
         self._generation = 0  # bumped by invalidate(): a value loaded before it is not kept
 
-    def _get(self, kind: str, key: K, load: Callable[[K], T]) -> T:
+    def _get(self, kind: str, key: K, load: Callable[[K], T], reloaded: Callable[[object, T], None] | None = None) -> T:
         now = self._clock()
         hit = self._entries.get((kind, key))
         if hit is not None and hit[0] > now:
@@ -68,10 +79,21 @@ class CachedSettings:
         # (kept, it served the deleted settings, e.g. a user's removed BYOLLM key, for another TTL).
         if generation == self._generation:
             self._entries[(kind, key)] = (now + self._ttl, value)
+        if hit is not None and reloaded is not None:
+            reloaded(hit[1], value)
         return value
 
     def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
-        return self._get("byollm", (user_id, tenant_id), lambda key: self._source.byollm(*key))
+        return self._get("byollm", (user_id, tenant_id), self._load_byollm, self._byollm_reloaded)
+
+    def _load_byollm(self, key: tuple[str, str]) -> ByollmSettings | None:
+        return self._source.byollm(*key)
+
+    def _byollm_reloaded(self, before: object, after: ByollmSettings | None) -> None:
+        """A user's settings loaded again (their cache entry expired): a key they no longer have is retired."""
+        old_key = before.api_key if isinstance(before, ByollmSettings) else None
+        if old_key is not None and (after is None or after.api_key != old_key) and self.on_key_replaced is not None:
+            self.on_key_replaced(old_key)
 
     def purpose(self, purpose: str) -> PurposeSettings | None:
         return self._get("purpose", purpose, self._source.purpose)
@@ -81,4 +103,5 @@ class CachedSettings:
 
     def invalidate(self) -> None:
         self._generation += 1
-        self._entries.clear()
+        # Expired rather than dropped: a reload still sees the BYOLLM key it replaces (see ``on_key_replaced``).
+        self._entries = {key: (-math.inf, value) for key, (_, value) in list(self._entries.items())}

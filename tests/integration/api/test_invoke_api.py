@@ -12,8 +12,10 @@ from sqlalchemy import select
 
 from metering.api.app import create_app
 from metering.auth import Scope
+from metering.crypto import secret_box_from_settings
 from metering.db.event_store import count_events
 from metering.db.models import UsageEventRow
+from metering.llm import settings_store as store
 from tests.fakes import FakeOpenAIServer, Raw, Reply
 from tests.fakes.fixtures import openai_server
 from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings
@@ -490,6 +492,30 @@ def test_a_replaced_or_deleted_byollm_key_s_adapter_is_closed(client, admin, ope
     assert new_key not in _adapters(client) and new._client.is_closed()
     body = _invoke(client, admin, text="hi", tone="formal").json()
     assert body["is_byollm"] is False and len(openai_server.requests) == 2
+
+
+def test_a_byollm_key_replaced_by_another_process_is_retired_at_the_reload(
+    settings, admin, session_factory, openai_server: FakeOpenAIServer
+):
+    """A key replaced from another process (the CLI, another worker: a commit this app's runtime is not told of) left
+    its adapter, its connections and the key, in this process's pool until it was the least recently used beyond the
+    bound. The settings reload that finds the new key (here at once: a TTL of 0) retires the old key's adapter."""
+    own = {"provider": "openai_compatible", "model": "llama3", "base_url": openai_server.base_url}
+    old_key, new_key = "sk-old-key-0123456789abcdef", "sk-new-key-0123456789abcdef"
+    with TestClient(create_app(settings.model_copy(update={"settings_cache_ttl_s": 0.0}))) as client:
+        path = "/v1/admin/users/acme/alice/byollm"
+        assert client.put(path, json={**own, "api_key": old_key}, headers=admin).status_code == 200
+        assert _invoke(client, admin, text="hi", tone="formal").status_code == 200
+        old = _adapters(client)[old_key]
+        with session_factory() as session:  # another process's commit
+            store.put_byollm(
+                session, secret_box_from_settings(settings), user_id="alice", tenant_id="acme", api_key=new_key, **own
+            )
+            session.commit()
+        assert _invoke(client, admin, text="hi", tone="formal").status_code == 200
+        assert old_key not in _adapters(client) and old._client.is_closed()
+        keys = [r.headers["authorization"] for r in openai_server.requests]
+        assert keys == [f"Bearer {old_key}", f"Bearer {new_key}"]
 
 
 MULTIPLE = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"

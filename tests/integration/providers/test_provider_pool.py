@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
 
@@ -17,7 +18,7 @@ from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM
-from metering.llm.settings_source import InMemorySettings
+from metering.llm.settings_source import CachedSettings, InMemorySettings
 from tests.fakes import FakeOpenAIServer, Reply
 from tests.unit.test_metered_llm import MESSAGES, Recorder
 
@@ -164,3 +165,45 @@ async def test_a_stream_ended_by_an_error_thrown_in_closes_its_upstream(
     assert all(c.is_closed() for c in connections)  # the unfinished response was closed, its connection with it
     [event] = llm_for_events(llm)
     assert (event.status, event.error_type) == (Status.ERROR, "internal:RuntimeError")
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted", "replaced, then a local write"])
+async def test_a_key_changed_by_another_process_is_retired_once_the_settings_reload(
+    pool: ProviderPool, openai_server: FakeOpenAIServer, change: str
+) -> None:
+    """A BYOLLM key replaced or deleted from another process (the CLI, another worker) was never retired here: its
+    adapter, and the key, stayed in the pool until it was the least recently used beyond the bound. The settings
+    cache's reload retires it; the old key is used only until then (the cache's TTL), and never after. A local write
+    of other settings meanwhile (``invalidate``) does not hide the change from the reload."""
+    own = ByollmSettings("u1", "t1", "openai_compatible", "llama3", key_of("u1"), openai_server.base_url)
+    source = InMemorySettings(byollm_by_user={"u1": own})
+    now = [0.0]
+    settings = CachedSettings(source, ttl_s=5.0, clock=lambda: now[0], on_key_replaced=pool.retire_key)
+    platform = PlatformLLM(provider="simulated", model="m", timeout_s=5, max_retries=0)
+
+    def llm() -> MeteredLLM:
+        scope = CallScope("t1", "u1", "rewrite", "rewrite", uuid7())
+        return MeteredLLM(scope=scope, settings=settings, platform=platform, providers=pool, recorder=Recorder())
+
+    await llm().create_message(messages=MESSAGES)
+    old = adapter_of(pool, "u1", openai_server)
+    # another process commits the change
+    new_key = "sk-u1-new-0123456789abcdef"
+    if change == "deleted":
+        del source.byollm_by_user["u1"]
+    else:
+        source.byollm_by_user["u1"] = dataclasses.replace(own, api_key=new_key)
+    await llm().create_message(messages=MESSAGES)  # within the TTL: the cached settings, the old key
+    assert openai_server.last.headers["authorization"] == f"Bearer {key_of('u1')}"
+    if change == "replaced, then a local write":
+        settings.invalidate()  # e.g. an admin changed a purpose through this process
+    else:
+        now[0] = 5.0  # the cache entry expired
+    response = await llm().create_message(messages=MESSAGES)
+    await pool.wait_closed()
+    assert is_closed(old) and len(pool) == 1  # the new key's adapter, or the platform's
+    if change == "deleted":
+        assert not response.is_byollm and response.provider == "simulated" and len(openai_server.requests) == 2
+    else:
+        assert response.is_byollm and openai_server.last.headers["authorization"] == f"Bearer {new_key}"
+        assert len(openai_server.requests) == 3
