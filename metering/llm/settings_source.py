@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Hashable
@@ -10,6 +11,8 @@ from typing import Protocol, TypeVar
 
 from metering.llm.budgets import CallBudget
 from metering.llm.resolution import ByollmSettings, PurposeSettings
+
+log = logging.getLogger("metering.llm")
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
@@ -92,8 +95,12 @@ class CachedSettings:
     def _byollm_reloaded(self, before: object, after: ByollmSettings | None) -> None:
         """A user's settings loaded again (their cache entry expired): a key they no longer have is retired."""
         old_key = before.api_key if isinstance(before, ByollmSettings) else None
-        if old_key is not None and (after is None or after.api_key != old_key) and self.on_key_replaced is not None:
+        if old_key is None or (after is not None and after.api_key == old_key) or self.on_key_replaced is None:
+            return
+        try:
             self.on_key_replaced(old_key)
+        except Exception:  # tidying up must never fail the call being resolved
+            log.warning("retiring the adapters of a replaced BYOLLM key failed", exc_info=True)
 
     def purpose(self, purpose: str) -> PurposeSettings | None:
         return self._get("purpose", purpose, self._source.purpose)
