@@ -65,6 +65,19 @@ def text_of(value: object) -> str:
     return "".join(texts)
 
 
+def thinking_of(value: object) -> str:
+    """The reasoning in a list of content parts, not the reply's text: Mistral's reasoning models send it as ``{"type":
+    "thinking", "thinking": [{"type": "text", "text": "..."}]}`` parts; ``""`` for anything else."""
+    if not isinstance(value, list):
+        return ""
+    texts: list[str] = []
+    for part in value:
+        if _field(part, "type") == "thinking":
+            thinking = _field(part, "thinking")
+            texts.append(thinking if isinstance(thinking, str) else text_of(thinking))
+    return "".join(texts)
+
+
 def _field(part: object, key: str) -> object:
     return part.get(key) if isinstance(part, Mapping) else getattr(part, key, None)
 

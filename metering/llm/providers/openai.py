@@ -20,7 +20,7 @@ from metering.llm.providers._errors import (
     stream_broken,
     usable_client,
 )
-from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
+from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of, thinking_of
 from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
@@ -45,13 +45,13 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 _ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
-def reasoning_of(delta: Any) -> str:
-    """The reasoning text of a stream delta: fields the SDK does not declare (its extras), ``reasoning_content``
-    (DeepSeek, SGLang) or ``reasoning`` (vLLM, OpenRouter, Ollama); ``""`` for none."""
-    extra = getattr(delta, "model_extra", None)
-    if not extra:  # nearly every chunk: OpenAI's own, and the reply's text
-        return ""
-    return text_of(extra.get("reasoning_content") or extra.get("reasoning"))
+def reasoning_of(delta: Any, content: Any) -> str:
+    """The reasoning text of a stream delta (``content``: its content): fields the SDK does not declare (its extras),
+    ``reasoning_content`` (DeepSeek, SGLang) or ``reasoning`` (vLLM, OpenRouter, Ollama), and the ``thinking`` parts
+    of a content list (Mistral); ``""`` for none."""
+    extra = getattr(delta, "model_extra", None)  # nearly every chunk: none (OpenAI's own, the reply's text)
+    reasoning = text_of(extra.get("reasoning_content") or extra.get("reasoning")) if extra else ""
+    return reasoning + thinking_of(content) if isinstance(content, list) else reasoning
 
 
 def stop_reason(finish_reason: object) -> str | None:
@@ -161,10 +161,11 @@ class OpenAIProvider:
                         if getattr(choice, "index", 0) != 0:
                             continue
                         delta = getattr(choice, "delta", None)
-                        text = text_of(getattr(delta, "content", None))
+                        content = getattr(delta, "content", None)
+                        text = text_of(content)
                         if text:
                             yield TextDelta(text)
-                        if reasoning := reasoning_of(delta):
+                        if reasoning := reasoning_of(delta, content):
                             yield ReasoningDelta(reasoning)
                         if getattr(choice, "finish_reason", None):
                             finish = choice.finish_reason
