@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -172,7 +173,7 @@ class UsageEvent(BaseModel):
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _not_a_number(cls, value: object) -> object:
-        if isinstance(value, int | float):  # pydantic would read it as Unix seconds, or as ms past 2e10
+        if is_a_number(value):  # pydantic would read it as Unix seconds, or as ms past 2e10
             raise ValueError("occurred_at must be an ISO 8601 date-time with a timezone, not a number")
         return value
 
@@ -244,6 +245,16 @@ def record_of(event: UsageEvent) -> dict[str, Any]:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Text pydantic reads as a Unix time when a datetime is expected ("1764270000", "-1", "1764270000.5", ".5").
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def is_a_number(value: object) -> bool:
+    """Whether pydantic would read ``value`` as a Unix time where a datetime is expected: a number, or text that is
+    one. Times are ISO 8601: a number is ambiguous (seconds, or milliseconds past 2e10) and carries no offset."""
+    return isinstance(value, int | float) or (isinstance(value, str) and _NUMBER_TEXT.fullmatch(value) is not None)
 
 
 def to_utc(value: datetime) -> datetime:

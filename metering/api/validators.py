@@ -3,7 +3,8 @@
 - No NUL (0x00) in any text: PostgreSQL cannot store it, and no id, name or prompt needs it. Path and query
   parameters are checked for every route by ``reject_nul``; request bodies by their models (``no_nul``).
 - Times are converted to UTC at the edge (``UtcDatetime``; without an offset a time is UTC): a time whose UTC
-  value falls outside the years 1 to 9999 (e.g. ``9999-12-31T23:00:00-05:00``) is a 422, not an overflow.
+  value falls outside the years 1 to 9999 (e.g. ``9999-12-31T23:00:00-05:00``) is a 422, not an overflow. A time is
+  ISO 8601: a number (``1764270000``, which pydantic reads as Unix seconds, or milliseconds past 2e10) is a 422.
 - Integers stored in the database stay within their column (``MAX_INT32``, ``MAX_INT64``).
 """
 
@@ -15,11 +16,11 @@ from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, AwareDatetime
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator
 
 from metering.events import MAX_INT32 as MAX_INT32  # INTEGER, re-exported
 from metering.events import MAX_INT64 as MAX_INT64  # BIGINT, re-exported
-from metering.events import to_utc
+from metering.events import is_a_number, to_utc
 
 NUL_MESSAGE = "text must not contain NUL (0x00) characters"
 
@@ -69,5 +70,15 @@ def reject_nul(request: Request) -> None:
         raise RequestValidationError(errors)
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]  # query parameters: without an offset, UTC
-AwareUtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]  # bodies: the offset is required
+def not_a_number(value: Any) -> Any:
+    """A before-validator of times: a number, or text that is one, is refused (pydantic would read it as a Unix time,
+    in seconds or, past 2e10, milliseconds: ``from=1764270000`` was 2025-11-27T19:00Z, ``at=0`` 1970)."""
+    if is_a_number(value):
+        raise ValueError("a time is an ISO 8601 date-time (e.g. 2026-11-01T00:00:00Z), not a number")
+    return value
+
+
+# query parameters: without an offset, UTC
+UtcDatetime = Annotated[datetime, BeforeValidator(not_a_number), AfterValidator(to_utc)]
+# bodies: the offset is required
+AwareUtcDatetime = Annotated[AwareDatetime, BeforeValidator(not_a_number), AfterValidator(to_utc)]

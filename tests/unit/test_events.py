@@ -119,6 +119,8 @@ def test_naive_time_and_non_v7_ids_are_rejected() -> None:
         ("latency_ms", "12.5", "valid number"),
         ("occurred_at", 1764270000, "not a number"),  # Unix seconds, or ms past 2e10: ambiguous
         ("occurred_at", 1764270000000.0, "not a number"),
+        ("occurred_at", "1764270000", "not a number"),  # as text too: it was read as Unix seconds
+        ("occurred_at", "1764270000000.5", "not a number"),
     ],
 )
 def test_numbers_and_flags_are_strict(field: str, value: object, reason: str) -> None:

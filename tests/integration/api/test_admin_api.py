@@ -322,6 +322,17 @@ def test_price_overrides_add_list_end_audited(client, admin, session_factory):
     assert end.after["effective_to"] == "2026-06-01T00:00:00Z"
 
 
+def test_an_override_moment_that_is_a_number_is_refused(client, admin, session_factory):
+    """``effective_from: 1767225600`` has no offset, which the body requires, yet was stored as 2026-01-01T00:00Z (and
+    a number past 2e10 as milliseconds): refused like ``occurred_at`` is, nothing stored or audited."""
+    body = {"id": "o1", "provider": "openai", "model_pattern": "gpt-4o*", "input_mtok": "2", "output_mtok": "8"}
+    for moment in (1767225600, "1767225600", 1767225600000.0):
+        refused = client.post("/v1/admin/price-overrides", json={**body, "effective_from": moment}, headers=admin)
+        assert "not a number" in assert_problem(refused, 422, "validation_error")["detail"]
+    assert client.get("/v1/admin/price-overrides", headers=admin).json() == []
+    assert audit_rows(session_factory) == []
+
+
 def test_an_override_id_the_end_route_cannot_address_is_refused(client, admin, session_factory):
     """POST /v1/admin/price-overrides/{id}:end takes one path segment: an id with '/' (e.g. 'openai/gpt-4o-q1') was
     stored (201), could never be ended through the API (404 'nothing at …', encoded or not) and so kept pricing

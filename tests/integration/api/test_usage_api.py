@@ -223,6 +223,18 @@ def test_invalid_requests_are_422_problems(client, reader, params, fragment):
     assert fragment in body["detail"]
 
 
+def test_a_number_is_no_time(client, reader, events):
+    """``from=1759190400`` (Unix seconds of a whole hour) was read as 2025-09-30T00:00Z, and ``1759190400000`` as
+    milliseconds: a time is ISO 8601, as documented and as ingest requires of ``occurred_at``."""
+    unix = int(START.timestamp())
+    for params in ({"from": str(unix)}, {"from": f"{unix}000"}, {"to": f"{int(END.timestamp())}.0"}, {"from": "0"}):
+        body = assert_problem(
+            client.get("/v1/usage", params={**WINDOW, **params}, headers=reader), 422, "validation_error"
+        )
+        assert "not a number" in body["detail"], params
+    assert _usage(client, reader)["totals"]["calls"] == len(events)
+
+
 def test_malformed_parameters_are_validation_errors(client, reader):
     for params in ({"from": "yesterday"}, {"status": "exploded"}, {"byollm": "perhaps"}):
         response = client.get("/v1/usage", params={**WINDOW, **params}, headers=reader)
