@@ -14,6 +14,7 @@ import io
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -506,3 +507,63 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
     # 7. the checks pass
     check = run("billing", "check")
     assert check.exit_code == 0, check.output
+
+
+# Ids and names clients choose, each hostile to a CSV or a spreadsheet in its own way.
+HOSTILE_USERS = (("=t,1", '@"u" 2'), ("ténant ✓", "-1+1"), ("t\ttab", "+u;\nnl"))
+HOSTILE_NAMES = (('=HYPERLINK("x","y")', 'm,"q"\r\nz'), ("ext é", "-m@1"), ("\rcr", "plain"))
+
+
+def test_csv_cells_with_hostile_names_equal_the_json(api, make_token, session_factory, run) -> None:
+    """Commas, quotes, newlines, tabs, formula starts and non-ASCII in tenant, user, extension, model, key and memo:
+    each CSV (invoice via API and CLI, ledger) parses back to the JSON's values, a formula start behind a ``'``."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = month_start(now)
+    period = start.strftime("%Y-%m")
+    with session_factory() as session:
+        add_override(session, provider="openai_compatible", model_pattern="*", effective_from=start - timedelta(days=1),
+                     effective_to=None, input_mtok=Decimal("1.5"), output_mtok=Decimal("7.25"), id="any")  # fmt: skip
+        session.commit()
+    records = []
+    for i, ((tenant, user), (extension, model)) in enumerate(zip(HOSTILE_USERS * 2, HOSTILE_NAMES * 2, strict=True)):
+        at = start + (now - start) * (i + 1) / 8
+        records.append(
+            record(i, tenant_id=tenant, user_id=user, extension_id=extension, provider="openai_compatible",
+                   model=model, input_tokens=1_000 + 37 * i, output_tokens=300 + i, cache_read_tokens=0,
+                   cache_write_tokens=0, reasoning_tokens=0, occurred_at=at.isoformat())
+        )  # fmt: skip
+    run_ingest(session_factory, records, now)
+    with session_factory() as session:
+        for n, (tenant, user) in enumerate(HOSTILE_USERS):
+            add_credit(session, tenant_id=tenant, user_id=user, amount=Decimal("3.5"), idempotency_key=f"=k{n}",
+                       memo=f"-memo,\n\"{n}\"", now=now)  # fmt: skip
+        session.commit()
+
+    def cell(value: str) -> str:
+        return "'" + value if value.startswith(("=", "+", "-", "@", "\t", "\r")) else value
+
+    reader = bearer(make_token(Scope.READ))
+    for tenant, user in HOSTILE_USERS:
+        path = f"/v1/invoices/{quote(tenant, safe='')}/{quote(user, safe='')}/{period}"
+        invoice = api.get(path, headers=reader)
+        assert invoice.status_code == 200, invoice.text
+        body = invoice.json()
+        api_csv = api.get(path + ".csv", headers=reader)
+        assert api_csv.status_code == 200
+        cli = run("billing", "invoices", "export", "--", tenant, user, period)  # "--": a user "-1+1" is no option
+        assert cli.exit_code == 0 and cli.stdout_bytes == api_csv.content  # byte for byte (output normalises \r\n)
+        rows = nanos_of_csv(api_csv.text)
+        assert [r["row"] for r in rows] == ["line"] * len(body["lines"]) + ["total", "rounded_total", "residue"]
+        assert {(r["tenant_id"], r["user_id"]) for r in rows} == {(cell(tenant), cell(user))}
+        assert [(r["extension_id"], r["model"], int(r["amount_nanos"])) for r in rows[:-3]] == [
+            (cell(x["extension_id"]), cell(x["model"]), x["billed_nanos"]) for x in body["lines"]
+        ]
+    ledger = nanos_of_csv(api.get(f"/v1/ledger/{period}.csv", headers=reader).text)
+    with session_factory() as session:
+        transfers = {str(t.id): t for t in session.scalars(select(TransferRow))}
+    assert {r["id"] for r in ledger} == set(transfers)
+    for r in ledger:
+        t = transfers[r["id"]]
+        assert (r["debit_account_id"], r["credit_account_id"]) == (t.debit_account_id, t.credit_account_id)
+        assert (r["idempotency_key"], r["memo"]) == (cell(t.idempotency_key or ""), cell(t.memo or ""))
+        assert int(r["amount_nanos"]) == t.amount_nanos
