@@ -342,11 +342,13 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
     }
 
     # 4. the ledger CSV of each period = the transfers of the period = GET /v1/transfers?period=
-    def walk(params: dict) -> list[tuple[str, int]]:
+    def walk(params: dict, headers: dict = reader) -> list[tuple[str, int]]:
         found, cursor = [], None
         while True:
             page = api.get(
-                "/v1/transfers", params={**params, "limit": 7, **({"cursor": cursor} if cursor else {})}, headers=reader
+                "/v1/transfers",
+                params={**params, "limit": 7, **({"cursor": cursor} if cursor else {})},
+                headers=headers,
             ).json()
             found += [(item["id"], item["amount_nanos"]) for item in page["items"]]
             if not (cursor := page["next_cursor"]):
@@ -465,6 +467,17 @@ def test_every_money_surface_agrees(api, make_token, session_factory, run, db_ur
         assert {(i["user_id"], i["period"]): i["total_nanos"] for i in mine} == {
             (u, p): charged_in[wallet_id(t, u), p] for t, u in USERS if t == tenant for p in (last, this)
         }
+        # ... and its pages with its own token: transfers walked 7 at a time, balances, held events
+        assert walk({}, headers) == sorted(
+            (str(t.id), t.amount_nanos) for t in transfers if {t.debit_account_id, t.credit_account_id} & wallets
+        )
+        own = api.get("/v1/balances", headers=headers).json()
+        assert {a["account_id"]: a["balance_nanos"] for a in own["accounts"]} == {w: balances[w] for w in wallets}
+        held = api.get("/v1/events/unpriced", params={"limit": 1000}, headers=headers).json()["items"]
+        assert sorted(i["event_id"] for i in held) == sorted(
+            str(e.event_id) for e in events if e.tenant_id == tenant and e.billing_status == "unpriced"
+        )
+    assert any(e.billing_status == "unpriced" and e.tenant_id not in tenant_readers for e in events)
 
     # 6. /metrics = the events, per label set
     text = api.get("/metrics").text
