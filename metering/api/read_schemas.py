@@ -329,7 +329,7 @@ class QuoteOut(BaseModel):
             cost_usd=usd(quote.cost_nanos),
             price_nanos=quote.price_nanos,
             price_usd=usd(quote.price_nanos),
-            markup_pct=str(quote.markup_pct),
+            markup_pct=format(quote.markup_pct, "f"),  # plain: str() writes Decimal("1e1") as "1E+1"
             source=quote.source,
             source_version=quote.source_version,
             matched_model=quote.matched_model,

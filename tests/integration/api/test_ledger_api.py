@@ -664,6 +664,18 @@ def test_quote_validation(marked_up, reader):
         assert "not a number" in body["detail"]
 
 
+@pytest.mark.parametrize(("markup", "shown"), [("1e1", "10"), ("0.0000001", "0.0000001"), ("-0.5", "-0.5")])
+def test_the_quoted_markup_is_a_plain_decimal(db_url, tmp_path, make_token, markup, shown):
+    """A markup Decimal writes with an exponent ("1E+1" from METERING_BILLING__MARKUP_PCT=1e1, "1E-7" from 0.0000001):
+    the quote's markup_pct is plain decimal text, as every other decimal the API answers."""
+    billing = BillingSettings(markup_pct=Decimal(markup))
+    settings = Settings(env="test", database_url=db_url, data_dir=tmp_path, billing=billing)
+    params = {"provider": "anthropic", "model": "claude-sonnet-4-6", "input_tokens": 1000}
+    with TestClient(create_app(settings)) as client:
+        body = _get(client, "/v1/prices/quote", bearer(make_token(Scope.READ)), **params).json()
+    assert body["markup_pct"] == shown
+
+
 # -- every endpoint: scopes and tenant isolation --------------------------------------------------
 
 READS = [
