@@ -21,6 +21,7 @@ from metering.billing.ingest import ingest
 from metering.billing.overrides import add_override
 from metering.billing.pricing import MAX_CALL_NANOS, PriceBook, price_usage
 from metering.billing.rates import RateCards
+from metering.billing.reprice import reprice_held
 from metering.config import BillingSettings, Settings
 from metering.db.models import AccountRow, TransferRow
 from metering.events import event_from_record
@@ -516,6 +517,35 @@ def test_unpriced_events_are_listed_a_page_at_a_time(client, reader, alpha, seed
     assert mine["next_cursor"] is None and BETA not in str(mine)
     assert_problem(client.get("/v1/events/unpriced", params={"limit": 1001}, headers=reader), 422, "validation_error")
     assert_problem(client.get("/v1/events/unpriced", params={"cursor": "x"}, headers=reader), 422, "invalid_input")
+
+
+def test_a_walk_of_held_events_sees_new_ones_after_its_cursor_only(client, reader, session_factory):
+    """Held events are walked by (occurred_at, event_id): one held during the walk is listed when it sorts after
+    the cursor, not when it sorts before; one priced meanwhile is not listed (docs/api.md)."""
+    at = datetime(2026, 10, 5, 12, tzinfo=UTC)
+
+    def hold(*minutes: int) -> list[str]:
+        records = [record(m, model="mystery-model-1", occurred_at=at + timedelta(minutes=m)) for m in minutes]
+        with session_factory() as session:
+            ingest(session, [event_from_record(r) for r in records], now=at + timedelta(hours=2))
+            session.commit()
+        return [str(r["event_id"]) for r in records]
+
+    m10, m20, m30, m40 = hold(10, 20, 30, 40)
+    page = _get(client, "/v1/events/unpriced", reader, limit=2).json()
+    assert [i["event_id"] for i in page["items"]] == [m10, m20]
+    m5, m50, m60 = hold(5, 50, 60)
+    with session_factory() as session:  # a price for the calls of minutes 35 to 55: 40 and 50 are priced
+        add_override(session, provider="anthropic", model_pattern="mystery-model-1", id="m",
+                     effective_from=at + timedelta(minutes=35), effective_to=at + timedelta(minutes=55),
+                     input_mtok=Decimal(1), output_mtok=Decimal(2))  # fmt: skip
+        session.commit()
+    with session_factory() as session:
+        assert reprice_held(session, markup_pct=MARKUP, now=at + timedelta(hours=2)).priced == 2
+        session.commit()
+    rest = _get(client, "/v1/events/unpriced", reader, limit=2, cursor=page["next_cursor"]).json()
+    assert [i["event_id"] for i in rest["items"]] == [m30, m60] and rest["next_cursor"] is None
+    assert not {m5, m40, m50} & {i["event_id"] for i in rest["items"]}
 
 
 # -- quotes ---------------------------------------------------------------------------------------
