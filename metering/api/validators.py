@@ -6,6 +6,7 @@
   value falls outside the years 1 to 9999 (e.g. ``9999-12-31T23:00:00-05:00``) is a 422, not an overflow. A time is
   ISO 8601: a number (``1764270000``, which pydantic reads as Unix seconds, or milliseconds past 2e10) is a 422.
 - Integers stored in the database stay within their column (``MAX_INT32``, ``MAX_INT64``).
+- A read's text filter (``FilterText``) is never empty: no id or name is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator
 
@@ -82,3 +83,7 @@ def not_a_number(value: Any) -> Any:
 UtcDatetime = Annotated[datetime, BeforeValidator(not_a_number), AfterValidator(to_utc)]
 # bodies: the offset is required
 AwareUtcDatetime = Annotated[AwareDatetime, BeforeValidator(not_a_number), AfterValidator(to_utc)]
+
+# An equality filter of a read (a tenant, user, account id or a name): none is ever empty, so an empty one matched
+# nothing, a 200 with no rows as if there were no usage (a 403 for a tenant-bound token's ``tenant_id=``): a 422.
+FilterText = Annotated[str | None, Query(min_length=1)]

@@ -30,7 +30,7 @@ from metering.api.read_schemas import (
     TransferPage,
     UnpricedPage,
 )
-from metering.api.validators import UtcDatetime
+from metering.api.validators import FilterText, UtcDatetime
 from metering.auth import TokenPrincipal
 from metering.billing import export, invoice_store, ledger_queries, store
 from metering.billing.invoices import Invoice
@@ -81,7 +81,7 @@ def _csv(text: str, filename: str) -> Response:
 def list_transfers(
     principal: Reader,
     session: DbSession,
-    account_id: str | None = None,
+    account_id: FilterText = None,
     kind: TransferKinds | None = None,
     event_id: uuid.UUID | None = None,
     period: Annotated[
@@ -120,7 +120,7 @@ def list_transfers(
 def get_balances(
     principal: Reader,
     session: DbSession,
-    tenant_id: str | None = None,
+    tenant_id: FilterText = None,
     limit: Limit = MAX_PAGE,
     cursor: Cursor = None,
 ) -> Balances:
@@ -143,7 +143,7 @@ def get_invoices(
     principal: Reader,
     session: DbSession,
     period: Annotated[str | None, Query(description="Billing period, YYYY-MM.")] = None,
-    tenant_id: str | None = None,
+    tenant_id: FilterText = None,
 ) -> Invoices:
     read_snapshot(session)
     found = invoice_store.list_invoices(session, period, tenant_scope(principal, tenant_id))

@@ -10,7 +10,7 @@ from metering.api.deps import DbSession, Reader
 from metering.api.problems import problem_responses
 from metering.api.read_access import tenant_scope
 from metering.api.read_schemas import UsageCounters, UsageResponse, UsageRow
-from metering.api.validators import UtcDatetime
+from metering.api.validators import FilterText, UtcDatetime
 from metering.billing import usage_queries
 from metering.billing.usage_queries import GROUPS, UsageFilters
 
@@ -42,13 +42,13 @@ def get_usage(
     start: Annotated[UtcDatetime, Query(alias="from", description="Window start (inclusive), a whole UTC hour.")],
     end: Annotated[UtcDatetime, Query(alias="to", description="Window end (exclusive), a whole UTC hour.")],
     group_by: Annotated[list[str], Query(description=_GROUP_HELP)] = [],  # noqa: B006 (FastAPI copies it)
-    tenant_id: str | None = None,
-    user_id: str | None = None,
-    extension_id: str | None = None,
-    function: str | None = None,
-    purpose: str | None = None,
-    provider: str | None = None,
-    model: str | None = None,
+    tenant_id: FilterText = None,
+    user_id: FilterText = None,
+    extension_id: FilterText = None,
+    function: FilterText = None,
+    purpose: FilterText = None,
+    provider: FilterText = None,
+    model: FilterText = None,
     byollm: bool | None = None,
     status: Literal["ok", "error", "cancelled"] | None = None,
 ) -> Response:

@@ -151,6 +151,16 @@ def test_invalid_transfer_queries_are_422(client, reader, params, code):
         assert "invalid cursor" in body["detail"]
 
 
+@pytest.mark.parametrize(("path", "name"), [("/v1/transfers", "account_id"), ("/v1/balances", "tenant_id"),
+                                             ("/v1/invoices", "tenant_id")])  # fmt: skip
+def test_an_empty_filter_is_refused(client, reader, alpha, seeded, path, name):
+    """No account or tenant id is empty: ``tenant_id=`` answered no accounts or invoices (a 200, as if there were none),
+    and a 403 to a tenant-bound token. A 422 now, naming the parameter."""
+    for headers in (reader, alpha):
+        body = assert_problem(client.get(path, params={name: ""}, headers=headers), 422, "validation_error")
+        assert f"query.{name}" in body["detail"]
+
+
 def test_a_tenant_bound_token_sees_only_transfers_of_its_wallets(client, alpha, seeded, session_factory):
     wallets = _wallets(session_factory, ALPHA)
     expected = [str(t.id) for t in _transfers(session_factory) if wallets & {t.debit_account_id, t.credit_account_id}]

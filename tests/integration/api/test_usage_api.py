@@ -235,6 +235,17 @@ def test_a_number_is_no_time(client, reader, events):
     assert _usage(client, reader)["totals"]["calls"] == len(events)
 
 
+@pytest.mark.parametrize("name", ["tenant_id", "user_id", "extension_id", "function", "purpose", "provider", "model"])
+def test_an_empty_filter_is_refused(client, reader, make_token, events, name):
+    """Ids and names are never empty, so ``model=`` matched nothing: a 200 with no rows, as if there were no usage
+    (and ``tenant_id=`` was a 403 for a tenant-bound token). A 422 now, naming the parameter."""
+    for headers in (reader, bearer(make_token(Scope.READ, tenant=ALPHA))):
+        body = assert_problem(
+            client.get("/v1/usage", params={**WINDOW, name: ""}, headers=headers), 422, "validation_error"
+        )
+        assert f"query.{name}" in body["detail"]
+
+
 def test_malformed_parameters_are_validation_errors(client, reader):
     for params in ({"from": "yesterday"}, {"status": "exploded"}, {"byollm": "perhaps"}):
         response = client.get("/v1/usage", params={**WINDOW, **params}, headers=reader)
