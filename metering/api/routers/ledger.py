@@ -273,8 +273,8 @@ def get_quote(
     principal: Reader,
     session: DbSession,
     settings: AppSettings,
-    provider: str,
-    model: str,
+    provider: Annotated[str, Query(min_length=1)],  # no event has an empty provider or model: none is priced
+    model: Annotated[str, Query(min_length=1)],
     input_tokens: Tokens = 0,
     output_tokens: Tokens = 0,
     cache_read_tokens: Tokens = 0,

@@ -698,6 +698,9 @@ def test_quote_validation(marked_up, reader):
     assert "within input_tokens" in body["detail"]
     for params in ({**base, "input_tokens": -1}, {"model": "claude-sonnet-4-6"}, {**base, "at": "soon"}):
         assert_problem(marked_up.get("/v1/prices/quote", params=params, headers=reader), 422, "validation_error")
+    for params in ({**base, "provider": ""}, {**base, "model": ""}):  # was 404 "calls to it are held": none can be
+        body = assert_problem(marked_up.get("/v1/prices/quote", params=params, headers=reader), 422, "validation_error")
+        assert "at least 1 character" in body["detail"]
     for at in ("1764270000", "1764270000000", "0", "-1.5"):  # read as Unix seconds (or ms) before: priced then
         params = {**base, "input_tokens": 5, "at": at}
         body = assert_problem(marked_up.get("/v1/prices/quote", params=params, headers=reader), 422, "validation_error")
