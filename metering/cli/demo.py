@@ -51,6 +51,8 @@ def demo() -> None:
             rows = events_for_invocations(session, showcase)
         console.print(usage_table(rows, title=f"Metered usage of the first invocations ({len(rows)} provider calls)"))
         console.print(f"Demo traffic: {report.summary()}.")
+        if note := report.rerun_note():
+            console.print(note, markup=False)
         if not report.delivered:
             console.print(
                 "[yellow]Some events are still in the spool: `metering spool drain` delivers them.[/]", markup=True

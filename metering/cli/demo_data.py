@@ -22,6 +22,7 @@ from typing import Any
 from metering import audit_snapshots as snap
 from metering.auth import Scope, create_token
 from metering.cli import audit_trail
+from metering.db.event_store import count_events
 from metering.errors import MeteringError
 from metering.extensions.chatty import chat as chatty_extension
 from metering.extensions.rewrite import chat as rewrite_extension
@@ -78,6 +79,7 @@ class Outcome:
 class DemoReport:
     outcomes: list[Outcome]
     delivered: bool  # every spooled event reached the database
+    events_before: int = 0  # usage events the database held before this run (an earlier run's traffic)
 
     @property
     def calls(self) -> int:
@@ -104,6 +106,16 @@ class DemoReport:
         return (
             f"{len(self.outcomes)} invocations{failed}, {self.calls} metered LLM calls for {len(users)} users "
             f"in {len(tenants)} tenants ({per_ext})"
+        )
+
+    def rerun_note(self) -> str:
+        """Empty on a fresh database; else that this run added to what was there (the demo is not idempotent)."""
+        if not self.events_before:
+            return ""
+        return (
+            f"This run added to the {self.events_before} usage events this database already held: every run "
+            "adds more traffic (billed again to the demo users); earlier demo admin tokens stay valid "
+            "(`metering tokens list` / `revoke`). `metering serve` alone serves what is there."
         )
 
 
@@ -195,10 +207,12 @@ def generate(
     flush_timeout_s: float = 60.0,
 ) -> DemoReport:
     """Seed the settings, run ``plan`` (default: ``steps()``) and deliver the spool into the database."""
+    with svc.sessions() as session:
+        events_before = count_events(session)
     seed_settings(svc)
     outcomes = asyncio.run(_run(svc, steps() if plan is None else plan, on_step))
     delivered = svc.flusher.flush(timeout=flush_timeout_s)
-    return DemoReport(outcomes, delivered)
+    return DemoReport(outcomes, delivered, events_before)
 
 
 def create_admin_token(svc: Services, name: str = "demo admin (metering serve --demo)") -> str:

@@ -45,8 +45,9 @@ def _seed_demo(host: str, port: int) -> None:
         svc.close(drain=True)
     base = f"http://{_public_host(host)}:{port}"
     pending = "" if report.delivered else " (some events are still in the spool: they are delivered later)"
+    rerun = f"{note}\n" if (note := report.rerun_note()) else ""
     typer.echo(
-        f"Demo traffic: {report.summary()}{pending}.\n"
+        f"Demo traffic: {report.summary()}{pending}.\n{rerun}"
         f"Database: {settings.resolved_database_url}\n\n"
         "Admin token (scopes ingest, read, admin; shown once, stored hashed):\n"
         f"  {secret}\n\n"

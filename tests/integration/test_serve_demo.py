@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 DEMO_IDS = {"alice", "bob", "carol", "dave", "erin", "frank", "grace", "acme", "globex", "initech"}
 CHATTY = re.compile(r"chatty: (\d+) invocations, (\d+) calls")
+CALLS = re.compile(r"(\d+) metered LLM calls")
+ADDED = re.compile(r"added to the (\d+) usage events this database already held")
 
 
 def _calls_by_extension(text: str) -> dict[str, float]:
@@ -37,6 +39,8 @@ def test_demo_then_serve_demo_serves_the_traffic_with_the_printed_token(tmp_path
     assert "Metered usage of the first invocations" in demo.stdout and "Traceback" not in demo.stderr
     first = CHATTY.search(demo.stdout)
     assert first is not None, demo.stdout
+    first_calls = CALLS.search(demo.stdout)
+    assert first_calls is not None and ADDED.search(demo.stdout) is None, demo.stdout  # a fresh database
 
     with serving(env, tmp_path, "--demo", timeout=180) as server:
         base = server.base
@@ -47,6 +51,9 @@ def test_demo_then_serve_demo_serves_the_traffic_with_the_printed_token(tmp_path
         assert f"{base}/docs" in printed and f"{base}/metrics" in printed
         second = CHATTY.search(printed)
         assert second is not None, printed
+        added = ADDED.search(printed)  # a second seeding says that it adds to what is there, and how much that is
+        assert added is not None and added.group(1) == first_calls.group(1), printed
+        assert "earlier demo admin tokens stay valid" in printed
 
         metrics = httpx.get(f"{base}/metrics", timeout=30)
         assert metrics.status_code == 200
