@@ -14,7 +14,7 @@ from metering import audit_snapshots as snap
 from metering.auth import Scope, create_token, get_token, list_tokens, revoke
 from metering.auth.tokens import display_prefix
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, err_console, fail
+from metering.cli.common import admin_session, console, err_console, fail, fold
 
 tokens_app = typer.Typer(help="API tokens for `metering serve` (bearer secrets, stored hashed).", no_args_is_help=True)
 
@@ -54,7 +54,7 @@ def list_command() -> None:
         rows = list_tokens(session)
     table = Table(title=f"{len(rows)} API token(s)", title_justify="left")
     for column in ("id", "name", "prefix", "scopes", "tenant", "created", "last used", "revoked"):
-        table.add_column(column, no_wrap=column in ("id", "prefix"))
+        table.add_column(column)
     for row in rows:
         table.add_row(
             str(row.id),
@@ -66,7 +66,7 @@ def list_command() -> None:
             _when(row.last_used_at),
             _when(row.revoked_at),
         )
-    console.print(table)
+    console.print(fold(table, whole={"id", "prefix"}))
 
 
 @tokens_app.command("revoke")

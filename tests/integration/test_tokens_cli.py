@@ -51,3 +51,12 @@ def test_names_and_tenants_that_look_like_markup_are_printed_as_they_are(run) ->
     assert "created token [/x] ops" in created.stderr and "tenant=[bold red]t" in created.stderr
     listed = run("tokens", "list")
     assert listed.exit_code == 0 and "[/x] ops" in listed.output and "[bold red]t" in listed.output
+
+
+def test_list_in_a_narrow_terminal_wraps_cells_rather_than_cutting_them(run) -> None:
+    created = run("tokens", "create", "--name", "sink eu-1", "--scope", "ingest", "--scope", "read", "-t", "tenant-1")
+    assert created.exit_code == 0, created.output
+    listed = run("tokens", "list", columns=80)
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.count("…") == 1  # the prefix's own: name, scopes and tenant were cut to "s…", "i…", "t…"
+    assert str(created.stdout.strip()[:8]) + "…" in listed.output  # the id and the prefix stay whole, on one line
