@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import threading
+import uuid
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from metering.cli.common import console
+from metering.cli.common import console, fail
 from metering.config import Settings
 from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
@@ -104,13 +105,13 @@ def redrive(
     settings = Settings()
     check_readable(settings.spool_dir)
     letters = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME)
-    wanted = set(event_id or ())
+    wanted = {_event_key(ident): ident for ident in event_id or ()}
 
     def select(record: dict[str, Any]) -> bool:  # an event today: a line that is none would only come back
         ident = record.get("event_id")
         return (
             isinstance(ident, str)
-            and (not wanted or ident in wanted)
+            and (not wanted or _event_key(ident) in wanted)
             and (reason is None or reason in str(record.get("reason", "")))
             and isinstance(decode_line(str(record.get("line", "")).encode("utf-8")), UsageEvent)
         )
@@ -126,3 +127,19 @@ def redrive(
         console.print(f"would redrive {len(taken)} event(s)")
     else:
         console.print(f"redrove {len(taken)} event(s) into the spool; `metering spool drain` delivers them now")
+    found = {_event_key(record["event_id"]) for record in taken}
+    missing = [given for key, given in wanted.items() if key not in found]
+    if missing:  # a typo'd id: an error, after the others were redriven all the same
+        raise fail(
+            f"--event-id {', '.join(missing)}: no dead-lettered event with this id that is a valid event today"
+            + (f" and whose reason contains {reason!r}" if reason is not None else "")
+            + " (see `metering spool status`)"
+        )
+
+
+def _event_key(ident: str) -> str:
+    """An event id as redrive compares it: a UUID in any case or spelling as its canonical form."""
+    try:
+        return str(uuid.UUID(ident))
+    except ValueError:
+        return ident

@@ -177,3 +177,26 @@ def test_spool_drain_refuses_a_timeout_outside_0_to_3600_as_a_usage_error(run, t
     result = run("spool", "drain", "--timeout", timeout)  # checked before anything runs (--follow would wait)
     assert result.exit_code == 2, result.output
     assert "0 to 3600" in result.output
+
+
+def test_redrive_of_an_event_id_no_dead_letter_has_is_an_error_and_the_others_are_redriven(run, tmp_path: Path):
+    """``--event-id`` of an event that is not dead-lettered (a typo) printed ``redrove 0 event(s)``, exit 0."""
+    from metering.spool.decode import DeadLetters, Rejected
+    from metering.spool.segments import DEAD_LETTER_NAME
+
+    (tmp_path / "spool").mkdir()
+    letters = DeadLetters(tmp_path / "spool" / DEAD_LETTER_NAME)
+    rec = record(0)
+    letters.write("writer-0", 1, [Rejected(0, orjson.dumps(rec), "refused", str(rec["event_id"]))])
+    unknown = str(uuid.uuid4())
+
+    dry = run("spool", "redrive", "--dry-run", "--event-id", unknown)
+    assert dry.exit_code == 1, dry.output
+    assert dry.stderr.startswith(f"error: --event-id {unknown}: no dead-lettered event"), dry.stderr
+    assert len(letters.read()) == 1
+
+    done = run("spool", "redrive", "--event-id", str(rec["event_id"]).upper(), "--event-id", unknown)
+    assert done.exit_code == 1, done.output
+    assert "redrove 1 event(s)" in done.stdout  # the one that is there is redriven all the same
+    assert done.stderr.startswith(f"error: --event-id {unknown}: no dead-lettered event"), done.stderr
+    assert letters.read() == []
