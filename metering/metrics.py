@@ -11,6 +11,7 @@ Money is stored in integer nano-USD; it becomes a float only here, in the exposi
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from metering.billing.ingest import IngestResult
 from metering.db.snapshot import read_snapshot
 from metering.db.usage_totals import TOTAL_COLUMNS, LabelTotals, unpriced_events, usage_totals
+
+# prometheus_client's own variable, set by `metering serve --workers N` (N > 1) for its workers: a directory where
+# every worker's counters live (one mmap file each), so that the worker answering a scrape sums them all.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LABELS = ("provider", "model", "purpose", "extension", "byollm", "status")
 OTHER = "other"
@@ -165,7 +171,7 @@ class UsageCollector(Collector):
 
 
 class AppMetrics:
-    """One app's registry: the rollup collector and the process's ingest counters."""
+    """One app's registry: the rollup collector and the ingest counters (with workers, summed over all of them)."""
 
     def __init__(
         self, sessions: SessionsGetter, *, top_models: int = 20, top_labels: int = 50, max_label_sets: int = 500
@@ -175,12 +181,15 @@ class AppMetrics:
             sessions, top_models=top_models, top_labels=top_labels, max_label_sets=max_label_sets
         )
         self.registry.register(collector)
+        shared = os.environ.get(MULTIPROCESS_DIR_ENV)  # set before the worker started (it imported prometheus_client)
         self.ingest_events = Counter(
             "metering_ingest_events",
-            "Events received by POST /v1/events in this process, counted after the batch committed.",
+            "Events received by POST /v1/events (every worker's), counted after the batch committed.",
             ["result"],
-            registry=self.registry,
+            registry=None if shared else self.registry,  # with workers, each writes its file and scrapes sum them
         )
+        if shared:
+            MultiProcessCollector(self.registry, path=shared)
         for result in INGEST_RESULTS:
             self.ingest_events.labels(result)  # every series exists from the start, at 0
 

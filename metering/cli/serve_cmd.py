@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Annotated
 
@@ -15,6 +19,7 @@ from metering.config import Settings
 from metering.crypto import secret_box_from_settings
 from metering.db import migrate as db_migrate
 from metering.errors import MeteringError
+from metering.metrics import MULTIPROCESS_DIR_ENV
 from metering.spool.inspect import check_writable
 from metering.wiring import open_services
 
@@ -112,4 +117,20 @@ def serve(
         raise fail(exc.message) from None
     if demo:
         _seed_demo(host, port)
-    uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)
+    with _shared_metrics(workers):
+        uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)
+
+
+@contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """With several workers, a fresh directory for their ingest counters (prometheus_client's multiprocess mode,
+    read by each worker from its start): whichever worker answers a scrape sums every worker's counts."""
+    if workers == 1 or MULTIPROCESS_DIR_ENV in os.environ:  # one process; or the operator's own directory
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="metering-metrics-") as shared:
+        os.environ[MULTIPROCESS_DIR_ENV] = shared  # the spawned workers inherit it
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROCESS_DIR_ENV]
