@@ -14,7 +14,11 @@ pytestmark = pytest.mark.slow
     ("settings", "expected"),
     [
         # A JSON setting that is not JSON: pydantic-settings' SettingsError, not a ValidationError, was a traceback.
-        ({"METERING_PLATFORM__KEYED_BASE_URLS": "https://gw.internal/v1"}, "METERING_PLATFORM__"),
+        # It is named (it was "METERING_PLATFORM__…"), and not a sibling that is no JSON setting.
+        (
+            {"METERING_PLATFORM__KEYED_BASE_URLS": "https://gw.internal/v1", "METERING_PLATFORM__MODEL": "gw.internal"},
+            "invalid settings: METERING_PLATFORM__KEYED_BASE_URLS: a value that must be JSON",
+        ),
         # Accepted, then every platform call failed as 'could not connect' (and every BYOLLM failover with it).
         ({"METERING_PLATFORM__BASE_URL": "api.example.com/v1"}, "METERING_PLATFORM__BASE_URL: "),
         ({"METERING_PLATFORM__KEYED_BASE_URLS": '["gw.internal/v1"]'}, "METERING_PLATFORM__KEYED_BASE_URLS: "),
