@@ -22,10 +22,16 @@ class SecretBox:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise ConfigError("at least one Fernet key is required")
-        try:
-            self._fernet = MultiFernet([Fernet(k.strip().encode()) for k in keys])
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"invalid Fernet key in METERING_SECRET_KEYS: {type(exc).__name__}") from None
+        fernets = []
+        for position, key in enumerate(keys, start=1):
+            try:
+                fernets.append(Fernet(key.strip().encode()))
+            except (ValueError, TypeError):  # which one, and what a key is; never the value
+                raise ConfigError(
+                    f"invalid Fernet key in METERING_SECRET_KEYS: key {position} of {len(keys)} is not 32 url-safe "
+                    "base64-encoded bytes (44 characters, as `metering keys generate` prints)"
+                ) from None
+        self._fernet = MultiFernet(fernets)
         self.key_count = len(keys)
 
     def __repr__(self) -> str:
