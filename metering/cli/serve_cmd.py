@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import tempfile
@@ -71,18 +72,20 @@ class LogLevel(StrEnum):
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Refuse at once a port another process listens on (uvicorn would find out only after the demo's seeding)."""
+    """Refuse at once a host that does not resolve or a port another process listens on (uvicorn would find out
+    only after the demo's seeding)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return  # an unresolvable host: uvicorn says so itself
+    except OSError as exc:  # an unresolvable host: uvicorn failed on it only after the demo's seeding and token
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (check --host)") from None
     family, kind, proto, _name, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
         try:
             probe.bind(address)
-        except OSError as exc:
-            raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another with --port)") from None
+        except OSError as exc:  # in use (another --port), or no interface of this host has the address (--host)
+            hint = "choose another with --port" if exc.errno == errno.EADDRINUSE else "check --host"
+            raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
 
 
 def serve(

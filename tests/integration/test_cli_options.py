@@ -88,6 +88,26 @@ def test_serve_refuses_a_port_in_use_before_seeding_the_demo(run, monkeypatch, s
         assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 0
 
 
+def test_serve_refuses_a_host_that_does_not_resolve_before_seeding_the_demo(run, monkeypatch, session_factory) -> None:
+    """An unresolvable --host was left to uvicorn: the demo seeded and its admin token printed, then uvicorn's
+    'ERROR: [Errno -2] Name or service not known' among its log lines, exit 3."""
+    import uvicorn
+    from sqlalchemy import func, select
+
+    from metering.db.models import UsageEventRow
+
+    served: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: served.append(kwargs))
+    done = run("serve", "--host", "no-such-host.invalid", "--port", "8181", "--demo")
+    assert done.exit_code == 1, done.output
+    assert done.stderr.startswith("error: cannot listen on no-such-host.invalid:8181: "), done.stderr
+    assert served == [] and "mtr_" not in done.output
+    foreign = run("serve", "--host", "192.0.2.1", "--port", "8181")  # TEST-NET-1: no interface of this host has it
+    assert foreign.exit_code == 1 and foreign.stderr.endswith("(check --host)\n"), foreign.stderr  # not "--port"
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(UsageEventRow)) == 0
+
+
 def test_usage_shows_an_unknown_shadow_cost_as_unknown_and_counts_the_users_events(run, session_factory) -> None:
     """A BYOLLM call of a model nobody prices showed '$0.00 (shadow)', and --user showed the total of every user's
     events (a README walkthrough)."""
