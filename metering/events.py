@@ -93,6 +93,9 @@ MAX_NAME = 200  # ids and names (tenant, user, extension, purpose, model): VARCH
 MAX_LATENCY_MS = 86_400_000.0  # 24 h: no call lasts a day; ~1e8 calls at the bound overflow a sum
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, as text
+
+
 def _no_nul(value: str) -> str:
     if "\x00" in value:  # PostgreSQL text cannot hold NUL
         raise ValueError("text must not contain NUL (0x00) characters")
@@ -248,13 +251,10 @@ def utcnow() -> datetime:
 
 
 # Text pydantic reads as a Unix time when a datetime is expected ("1764270000", "-1", "1764270000.5", ".5").
-_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-
-
 def is_a_number(value: object) -> bool:
     """Whether pydantic would read ``value`` as a Unix time where a datetime is expected: a number, or text that is
     one. Times are ISO 8601: a number is ambiguous (seconds, or milliseconds past 2e10) and carries no offset."""
-    return isinstance(value, int | float) or (isinstance(value, str) and _NUMBER_TEXT.fullmatch(value) is not None)
+    return isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip()) is not None)
 
 
 def to_utc(value: datetime) -> datetime:

@@ -121,6 +121,9 @@ def test_naive_time_and_non_v7_ids_are_rejected() -> None:
         ("occurred_at", 1764270000000.0, "not a number"),
         ("occurred_at", "1764270000", "not a number"),  # as text too: it was read as Unix seconds
         ("occurred_at", "1764270000000.5", "not a number"),
+        ("occurred_at", "1764270000000", "not a number"),  # read as ms (past 2e10)
+        ("occurred_at", " 1764270000.5 ", "not a number"),
+        ("occurred_at", "-1e3", "not a number"),
     ],
 )
 def test_numbers_and_flags_are_strict(field: str, value: object, reason: str) -> None:

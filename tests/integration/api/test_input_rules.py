@@ -83,6 +83,7 @@ def test_an_invalid_input_problem_documents_no_errors_list(client, headers):
         ("input_tokens", True, "input_tokens"),
         ("is_byollm", "false", "is_byollm"),
         ("occurred_at", 1764270000, "occurred_at"),
+        ("occurred_at", "1764270000", "not a number"),  # was read as Unix seconds (ms past 2e10) and billed
     ],
 )
 def test_an_event_the_database_cannot_store_is_rejected_alone(client, headers, field, value, reason):
