@@ -10,12 +10,15 @@ event is rejected with its index and the others go in. That costs a Python dict 
 ``EventBatch`` (and so to ingest, which takes ``UsageEvent`` objects as they are) are the validated events. In any
 other case (an invalid event, an item that is not an object, a body that is not a batch, JSON the Rust parser
 refuses but ``json.loads`` accepts, such as a lone surrogate escape) it returns what ``Request.json`` returns, and
-everything happens exactly as without this module: the same 400/422 problems, the same per-event rejections.
+everything happens exactly as without this module: the same 400/422 problems, the same per-event rejections. Only
+an integer of more digits than Python reads (4,300), which ``json.loads`` refuses, is read as a ``HugeInt`` instead,
+so that its event is rejected alone.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -33,6 +36,27 @@ class _ValidBatch(BaseModel):
     events: list[UsageEvent] = Field(fail_fast=True)  # the first invalid event ends the attempt
 
 
+class HugeInt(int):
+    """An integer of more digits than Python converts from text: ``json.loads`` refused the whole body for it (a 422
+    "not valid JSON"), where its event alone is wrong. Beyond every bound of an event, so the event is rejected; its
+    text is a description (``str`` of such an int raises ValueError, e.g. quoting it as a rejected event_id)."""
+
+    def __repr__(self) -> str:
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+    __str__ = __repr__
+
+
+_HUGE = 10**5000
+
+
+def _int_or_huge(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return HugeInt(-_HUGE if text.startswith("-") else _HUGE)
+
+
 class EventsRequest(Request):
     """A request whose JSON body, when it is a valid batch, holds validated ``UsageEvent`` items."""
 
@@ -44,7 +68,13 @@ class EventsRequest(Request):
         try:
             events = _ValidBatch.model_validate_json(body).events
         except ValidationError:
-            return await super().json()  # json.loads: its errors, its values, the per-item path
+            try:
+                return await super().json()  # json.loads: its errors, its values, the per-item path
+            except ValueError as exc:
+                if type(exc) is not ValueError:  # not JSON, not UTF-8 (JSONDecodeError, UnicodeDecodeError)
+                    raise
+                # An integer of more digits than Python reads (4,300): valid JSON, refused by its event's bounds
+                return json.loads(body, parse_int=_int_or_huge)
         self.events_validated, self._valid_body = True, body
         return {"events": events}
 

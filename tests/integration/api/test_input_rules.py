@@ -100,3 +100,15 @@ def test_an_event_with_a_non_finite_latency_is_rejected_alone(client, headers):
     response = client.post("/v1/events", content=raw, headers={**headers, "Content-Type": "application/json"})
     assert response.status_code == 200, response.text
     assert "latency_ms" in response.json()["rejected"][0]["reason"]
+
+
+@pytest.mark.parametrize("field", ["input_tokens", "latency_ms", "event_id", "x"])
+def test_an_integer_of_more_digits_than_python_reads_is_rejected_alone(client, headers, field):
+    """json.loads refuses an integer of more than 4,300 digits (ValueError): the whole batch was a 422 "not valid
+    JSON", though it is valid JSON and only its event is wrong."""
+    raw = orjson.dumps({"events": [record(0) | {field: "HUGE"}, record(1)]}).replace(b'"HUGE"', b"9" * 5000, 1)
+    response = client.post("/v1/events", content=raw, headers={**headers, "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["inserted"] == 1 and [r["index"] for r in body["rejected"]] == [0]
+    assert field in body["rejected"][0]["reason"]
