@@ -311,3 +311,24 @@ def test_content_encoding_sent_as_several_header_lines_is_read_as_their_list(cli
     headers = [*auth, ("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]
     response = client.post("/v1/events", content=gzip.compress(body), headers=headers)
     assert response.status_code == 200 and response.json()["inserted"] == 1
+
+
+def test_an_event_id_in_any_spelling_is_one_event_and_names_are_compared_as_sent(client, make_token, session_factory):
+    """What api.md says of spellings: an event_id is a UUID (stored once however it is spelled); names are compared
+    exactly as sent (NFC and NFD spellings of one name are two users); a key given twice counts with its last value."""
+    secret = make_token()
+    first = record(0)
+    spelled = str(first["event_id"])
+    respellings = [spelled.upper(), "{" + spelled + "}", "urn:uuid:" + spelled, spelled.replace("-", "")]
+    body = post_events(client, [first, *(first | {"event_id": s} for s in respellings)], secret).json()
+    assert (body["inserted"], body["duplicates"], body["rejected"]) == (1, 4, [])
+    nfc, nfd = record(1, user_id="Jos\u00e9"), record(2, user_id="Jose\u0301")
+    assert post_events(client, [nfc, nfd], secret).json()["inserted"] == 2
+    twice = orjson.dumps({"events": [record(3)]}).replace(b'"input_tokens":120', b'"input_tokens":7,"input_tokens":120')
+    headers = {"Content-Type": "application/json", **bearer(secret)}
+    assert client.post("/v1/events", content=twice, headers=headers).json()["inserted"] == 1
+    with session_factory() as session:
+        users = session.scalars(select(UsageEventRow.user_id).where(UsageEventRow.user_id.like("Jos%"))).all()
+        tokens = session.scalars(select(UsageEventRow.input_tokens).where(UsageEventRow.call_index == 3)).all()
+    assert sorted(users) == sorted(["Jos\u00e9", "Jose\u0301"]) and tokens == [120]
+    assert _stored(session_factory) == 4
