@@ -136,6 +136,19 @@ def _event_id_of(item: Any) -> str | None:
     return None if value is None else shown(value)
 
 
+def _json_kind(item: Any) -> str:
+    """What an item that is not an object is, in JSON's words (the reasons said "not NoneType", "not list")."""
+    if item is None:
+        return "null"
+    if isinstance(item, bool):
+        return "a boolean"
+    if isinstance(item, int | float):
+        return "a number"
+    if isinstance(item, str):
+        return "a string"
+    return "an array" if isinstance(item, list | tuple) else type(item).__name__
+
+
 Variants = dict[uuid.UUID, list[tuple[int, UsageEvent]]]
 
 
@@ -165,7 +178,7 @@ def validate(
                 rejected.append(Rejection(index, _event_id_of(item), validation_reason(exc)))
                 continue
         else:
-            rejected.append(Rejection(index, None, f"an event must be a JSON object, not {type(item).__name__}"))
+            rejected.append(Rejection(index, None, f"an event must be a JSON object, not {_json_kind(item)}"))
             continue
         if event.occurred_at > latest:
             reason = f"occurred_at {event.occurred_at.isoformat()} is in the future (now {now.isoformat()})"

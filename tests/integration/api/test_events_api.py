@@ -233,10 +233,12 @@ def test_unbound_token_ingests_every_tenant(client, make_token):
 
 
 def test_items_that_are_not_objects_are_rejected_individually(client, make_token):
-    body = post_events(client, [record(0), 42, "event", None], make_token()).json()
+    body = post_events(client, [record(0), 42, "event", None, [record(1)], True, 1.5], make_token()).json()
     assert body["inserted"] == 1
-    assert [(r["index"], r["event_id"]) for r in body["rejected"]] == [(1, None), (2, None), (3, None)]
-    assert "JSON object" in body["rejected"][0]["reason"]
+    assert [(r["index"], r["event_id"]) for r in body["rejected"]] == [(i, None) for i in range(1, 7)]
+    # named as JSON names them (the reasons said "not NoneType", "not list", "not str")
+    kinds = ["a number", "a string", "null", "an array", "a boolean", "a number"]
+    assert [r["reason"] for r in body["rejected"]] == [f"an event must be a JSON object, not {k}" for k in kinds]
 
 
 def test_invalid_requests_are_422_problems_listing_the_errors(client, make_token):
