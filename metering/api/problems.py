@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from metering.api.deps import refusal_before_body
+from metering.api.validators import DEPTH_MESSAGE
 from metering.db import migrate
 from metering.db.limits import exceeds_program_limit, read_only, schema_behind
 from metering.errors import AuthenticationError, DatabaseUnavailableError, MeteringError, NotReadyError
@@ -137,6 +139,15 @@ _BODY_PARSE_ERROR = "There was an error parsing the body"
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
+def _unreadable(cause: BaseException | None) -> str:
+    """Why ``json.loads`` could not read a body. Valid JSON it refuses was called "not valid JSON" too."""
+    if isinstance(cause, RecursionError):  # nested thousands of levels deep
+        return DEPTH_MESSAGE
+    if type(cause) is ValueError:  # not JSONDecodeError nor UnicodeDecodeError: Python's limit on integer digits
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits is refused"
+    return "the body is not valid JSON (UTF-8)"
+
+
 def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> str:
     """Every method some route takes at this path: Starlette's 405 names only the first route's (PUT
     ``/v1/admin/price-overrides`` answered ``Allow: POST``, though GET is served there too)."""
@@ -152,8 +163,9 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
         if (refused := await _refused_before_body(request)) is not None:
             return refused
-        errors = [{"loc": ["body"], "msg": "the body is not valid JSON (UTF-8)", "type": "json_invalid"}]
-        detail = "the request does not match the schema: body: the body is not valid JSON (UTF-8)"
+        msg = _unreadable(exc.__cause__)
+        errors = [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]
+        detail = f"the request does not match the schema: body: {msg}"
         return problem_response(422, "validation_error", detail, instance=request.url.path, errors=errors)
     headers = dict(exc.headers) if exc.headers else None
     if exc.status_code == 405 and headers is not None and "Allow" in headers:

@@ -112,3 +112,19 @@ def test_an_integer_of_more_digits_than_python_reads_is_rejected_alone(client, h
     body = response.json()
     assert body["inserted"] == 1 and [r["index"] for r in body["rejected"]] == [0]
     assert field in body["rejected"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "raw", "msg"),
+    [
+        ("/v1/events", "POST", b'{"events": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "nested deeper than 64 levels"),
+        ("/v1/admin/purposes/p", "PUT", b'{"params": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "nested deeper"),
+        ("/v1/admin/purposes/p", "PUT", b'{"params": {"a": ' + b"9" * 5000 + b"}}", "more than 4300 digits"),
+    ],
+)
+def test_a_body_json_cannot_read_says_why_it_cannot(client, headers, path, method, raw, msg):
+    """Valid JSON that json.loads refuses (nested thousands of levels deep, an integer of thousands of digits) was
+    answered "the body is not valid JSON (UTF-8)", which it is."""
+    response = client.request(method, path, content=raw, headers={**headers, "Content-Type": "application/json"})
+    errors = assert_problem(response, 422, "validation_error")["errors"]
+    assert errors[0]["loc"] == ["body"] and msg in errors[0]["msg"], errors
