@@ -5,10 +5,11 @@ something in the batch) would be answered again to the same batch: they raise ``
 flusher isolates the event at fault (``spool.isolation``: halves until the parts pass; a single event too large
 is dead-lettered with the service's reason). Anything else raises ``DeliveryError``, and the flusher keeps the
 batch and retries it with backoff: a service that is down, slow, overloaded (429/502/503) or misconfigured
-(401/403/404) loses nothing. The endpoint is idempotent on event_id, so a retry after a lost response counts
-duplicates instead of double-counting. Each event is sent as its spool line says it (``events.record_of``: the
-counts added since the first release only when not 0), so a service that does not know them yet takes every
-event that does not use them.
+(401/403/404) loses nothing; so does a 200 that does not account for every event sent (each inserted, a
+duplicate, or rejected at its index), which is not the service's answer. The endpoint is idempotent on event_id,
+so a retry after a lost response counts duplicates instead of double-counting. Each event is sent as its spool
+line says it (``events.record_of``: the counts added since the first release only when not 0), so a service that
+does not know them yet takes every event that does not use them.
 
 Batches are sent gzipped (``Content-Encoding: gzip``, level 1: JSON events shrink several times) unless
 ``gzip=False``. A service from before it decoded gzip answers 415: the sink then sends the same batch uncompressed
@@ -83,7 +84,17 @@ class HttpSink:
             raise DeliveryError(f"POST {self._url} answered {response.status_code}: {detail}")
         data = response.json()
         rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
-        return DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)
+        result = DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)
+        accounted = result.inserted + result.duplicates + len({index for index, _ in rejected})
+        if accounted != len(events) or any(not 0 <= index < len(events) for index, _ in rejected):
+            # the service accounts for each event (inserted, duplicate, or rejected at its index): anything else is
+            # not it (a proxy, another service at the URL) and acknowledging the batch would lose its events
+            raise DeliveryError(
+                f"POST {self._url} answered 200 but does not account for the {len(events)} events sent "
+                f"(inserted {result.inserted}, duplicates {result.duplicates}, rejected {len(rejected)}): "
+                f"{response.text[:300]}"
+            )
+        return result
 
     def _post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
         if self._client is None:  # in a forked child: see _after_fork_in_child

@@ -1,0 +1,77 @@
+"""The HTTP sink believes a 200 only when it accounts for every event sent: each one inserted, a duplicate, or
+rejected at an index of the batch. A 200 that does not (a proxy or another service at the URL, a bug) used to
+acknowledge the batch: the spool moved past events nothing had stored."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+
+from metering.spool import Flusher, Spool
+from metering.spool.http_sink import HttpSink
+from tests.fakes.events import record
+
+
+class _Answering(BaseHTTPRequestHandler):
+    """Answers each POST with the next scripted answer (a function of the batch's size), then with a true one."""
+
+    script: ClassVar[list[Any]] = []
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            raw = gzip.decompress(raw)
+        count = len(orjson.loads(raw)["events"])
+        answer = self.script.pop(0)(count) if self.script else {"inserted": count, "duplicates": 0, "rejected": []}
+        body = orjson.dumps(answer)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def service() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda n: {"inserted": 0, "duplicates": 0, "rejected": []},  # nothing stored, nothing said
+        lambda n: {"inserted": n - 2, "duplicates": 1, "rejected": []},  # one event unaccounted for
+        lambda n: {"inserted": n - 1, "duplicates": 0, "rejected": [{"index": n, "event_id": None, "reason": "x"}]},
+    ],
+)
+def test_a_200_that_does_not_account_for_every_event_keeps_the_batch(
+    tmp_path: Path, service: str, answer: Callable[[int], dict[str, Any]]
+) -> None:
+    _Answering.script = [answer] * 3
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(10):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)  # the script runs out: a true answer takes the batch
+        stats = flusher.stats
+        flusher.stop()
+    assert (stats.delivered, stats.rejected, stats.pending, stats.failures) == (10, 0, 0, 3)
+    assert "does not account for" in (stats.last_error or "")
