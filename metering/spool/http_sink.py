@@ -80,8 +80,9 @@ class HttpSink:
                 too_large=too_large,
             )
         if response.status_code != 200:
-            detail = response.text[:300]
-            raise DeliveryError(f"POST {self._url} answered {response.status_code}: {detail}")
+            # a redirect is not followed (the token would go with it, maybe to another host): say where it points
+            where = f" (Location: {response.headers['location']})" if "location" in response.headers else ""
+            raise DeliveryError(f"POST {self._url} answered {response.status_code}{where}: {response.text[:300]}")
         data = response.json()
         rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
         result = DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)

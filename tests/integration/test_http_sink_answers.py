@@ -20,7 +20,8 @@ from tests.fakes.events import record
 
 
 class _Answering(BaseHTTPRequestHandler):
-    """Answers each POST with the next scripted answer (a function of the batch's size), then with a true one."""
+    """Answers each POST with the next scripted answer (a function of the batch's size: a 200's body, or a status,
+    headers and body), then with a true one."""
 
     script: ClassVar[list[Any]] = []
 
@@ -30,9 +31,11 @@ class _Answering(BaseHTTPRequestHandler):
             raw = gzip.decompress(raw)
         count = len(orjson.loads(raw)["events"])
         answer = self.script.pop(0)(count) if self.script else {"inserted": count, "duplicates": 0, "rejected": []}
+        status, headers, answer = answer if isinstance(answer, tuple) else (200, {}, answer)
         body = orjson.dumps(answer)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -75,3 +78,19 @@ def test_a_200_that_does_not_account_for_every_event_keeps_the_batch(
         flusher.stop()
     assert (stats.delivered, stats.rejected, stats.pending, stats.failures) == (10, 0, 0, 3)
     assert "does not account for" in (stats.last_error or "")
+
+
+def test_a_redirect_is_kept_and_retried_and_says_where_it_points(tmp_path: Path, service: str) -> None:
+    """A redirect is not followed (a POST with the token, maybe to another host): the batch is kept and retried, and
+    the error names the Location (it said "answered 308: " and nothing else, e.g. for an http:// URL served on
+    https://), so that the operator can fix the URL."""
+    moved = f"{service.replace('http://', 'https://')}/v1/events"
+    _Answering.script = [lambda n: (308, {"Location": moved}, {})]
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(orjson.dumps(record(0)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    assert (stats.delivered, stats.pending, stats.failures) == (1, 0, 1)
+    assert f"answered 308 (Location: {moved})" in (stats.last_error or ""), stats.last_error
