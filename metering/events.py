@@ -94,6 +94,7 @@ MAX_LATENCY_MS = 86_400_000.0  # 24 h: no call lasts a day; ~1e8 calls at the bo
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, as text
+_LEAP_SECOND = re.compile(r"[Tt ]\d\d:\d\d:60")
 
 
 def _no_nul(value: str) -> str:
@@ -178,6 +179,9 @@ class UsageEvent(BaseModel):
     def _not_a_number(cls, value: object) -> object:
         if is_a_number(value):  # pydantic would read it as Unix seconds, or as ms past 2e10
             raise ValueError("occurred_at must be an ISO 8601 date-time with a timezone, not a number")
+        # pydantic refused a leap second as "unexpected extra characters at the end of the input"
+        if isinstance(value, str) and ":60" in value and _LEAP_SECOND.search(value):
+            raise ValueError("occurred_at is a leap second (:60), which no date-time here holds: send :59.999999")
         return value
 
     @field_validator("occurred_at")

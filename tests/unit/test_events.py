@@ -124,6 +124,7 @@ def test_naive_time_and_non_v7_ids_are_rejected() -> None:
         ("occurred_at", "1764270000000", "not a number"),  # read as ms (past 2e10)
         ("occurred_at", " 1764270000.5 ", "not a number"),
         ("occurred_at", "-1e3", "not a number"),
+        ("occurred_at", "2016-12-31T23:59:60Z", "leap second"),  # was "unexpected extra characters at the end"
     ],
 )
 def test_numbers_and_flags_are_strict(field: str, value: object, reason: str) -> None:

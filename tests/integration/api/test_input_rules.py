@@ -84,6 +84,7 @@ def test_an_invalid_input_problem_documents_no_errors_list(client, headers):
         ("is_byollm", "false", "is_byollm"),
         ("occurred_at", 1764270000, "occurred_at"),
         ("occurred_at", "1764270000", "not a number"),  # was read as Unix seconds (ms past 2e10) and billed
+        ("occurred_at", "2016-12-31T23:59:60Z", "leap second"),
     ],
 )
 def test_an_event_the_database_cannot_store_is_rejected_alone(client, headers, field, value, reason):
