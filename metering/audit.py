@@ -41,7 +41,12 @@ _SECRET_WORDS = (
     r"api_?key|apikey|secret|secret_key|client_secret|private_key|access_key|token|access_token|refresh_token"
     r"|password|passwd|passphrase|credentials?|authorization|cookie|ciphertext"
 )
-_SECRET_NAME = re.compile(rf"(?:^|_)(?:{_SECRET_WORDS})(?:_|$)")
+# Their plurals too (a list of keys is as secret as one), except a bare "tokens": "max_tokens" is a token count.
+_PLURAL_WORDS = (
+    r"api_?key|apikey|secret|private_key|access_key|access_token|refresh_token|auth_token|password|passwd"
+    r"|passphrase|credential|cookie"
+)
+_SECRET_NAME = re.compile(rf"(?:^|_)(?:{_SECRET_WORDS}|(?:{_PLURAL_WORDS})s)(?:_|$)")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
@@ -64,7 +69,8 @@ class LocalActor:
 
 
 def is_secret_name(key: str) -> bool:
-    """``api_key``, ``apiKey``, ``X-Api-Key``, ``client_secret``, ``password``: yes. ``max_tokens``: no."""
+    """``api_key``, ``apiKey``, ``X-Api-Key``, ``client_secret``, ``password``, ``api_keys``: yes. ``max_tokens``,
+    ``tokens``: no."""
     normalised = _CAMEL.sub("_", key).replace("-", "_").replace(" ", "_").lower()
     return bool(_SECRET_NAME.search(normalised))
 

@@ -74,6 +74,17 @@ def test_purpose_params_with_secret_names_are_refused(client, admin, session_fac
     assert actions(session_factory) == []
 
 
+@pytest.mark.parametrize("name", ["api_keys", "apiKeys", "secrets", "passwords", "private_keys", "access_tokens"])
+def test_purpose_params_with_plural_secret_names_are_refused(client, admin, session_factory, name):
+    """A list of keys under a plural name was stored, shown and audited in clear (only singular names were secret)."""
+    body = {"provider": "simulated", "model": "m", "params": {"extra": {name: ["sk-live-123456789"]}}}
+    problem = assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "invalid_input")
+    assert f"params.extra.{name}" in problem["detail"] and "sk-live" not in problem["detail"]
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(PurposeSettingsRow)) == 0
+    assert actions(session_factory) == []
+
+
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_purpose_params_with_numbers_json_cannot_hold_are_422(client, admin, session_factory, number):
     """The body's parser reads them: a 500 on PostgreSQL (it refuses the row), stored as is on SQLite."""

@@ -35,15 +35,20 @@ def settings(db_url, tmp_path):
 @pytest.mark.parametrize(
     "name",
     ["api_key", "apiKey", "API_KEY", "X-Api-Key", "openai_api_key", "secret", "client_secret", "token",
-     "access_token", "refreshToken", "password", "db_password", "Authorization", "api_key_ciphertext", "credentials"],
+     "access_token", "refreshToken", "password", "db_password", "Authorization", "api_key_ciphertext", "credentials",
+     # plurals: a list of keys is as secret as one (they were stored and audited in clear)
+     "api_keys", "apiKeys", "secrets", "client_secrets", "passwords", "private_keys", "access_tokens", "authTokens",
+     "credential", "cookies"],
 )  # fmt: skip
 def test_secret_names(name):
     assert audit.is_secret_name(name)
 
 
 @pytest.mark.parametrize(
-    "name", ["max_tokens", "input_tokens", "model", "idempotency_key", "provider", "keep_meaning", "tokens", "monkey"]
-)
+    "name",
+    ["max_tokens", "input_tokens", "max_completion_tokens", "model", "idempotency_key", "provider", "keep_meaning",
+     "tokens", "monkey", "secretary"],
+)  # fmt: skip
 def test_names_that_are_not_secrets(name):
     assert not audit.is_secret_name(name)
 
