@@ -11,7 +11,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    WithJsonSchema,
+    field_validator,
+)
 
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
 from metering.billing.money import decimal_text, plain_decimal
@@ -95,12 +104,18 @@ class PurposeOut(BaseModel):
 # -- BYOLLM ---------------------------------------------------------------------------------------------
 
 
+# The length is checked by the store (422 `invalid_input` naming the limit): the schema's own `max_length` answered
+# "at most 1000 items after validation, not 1037", the length of a write-only key. The document still says it.
+ApiKey = Annotated[
+    SecretStr, WithJsonSchema({"type": "string", "format": "password", "writeOnly": True, "maxLength": MAX_API_KEY})
+]
+
+
 class ByollmIn(_In):
     provider: Provider
     model: Name
-    api_key: SecretStr | None = Field(
+    api_key: ApiKey | None = Field(
         None,
-        max_length=MAX_API_KEY,
         description=(
             "Write-only: stored encrypted, never returned, logged or audited. Omit it to keep the stored key "
             "(when the provider is unchanged); send `null` to remove it. Required for `anthropic` and `openai`."

@@ -226,6 +226,18 @@ def test_a_new_base_url_needs_the_key_again(client, admin, session_factory):
     assert client.put(url, json=moved | {"api_key": None}, headers=admin).json()["has_api_key"] is False
 
 
+def test_a_too_long_api_key_is_422_without_its_length(client, admin, session_factory):
+    """The schema's own message named the key's length ("at most 1000 items after validation, not 1037"): a key is
+    write-only, its length included. The store's check answers instead, naming only the limit."""
+    key = fake_key() + "x" * 1000
+    body = {"provider": "anthropic", "model": "claude-haiku-4-5", "api_key": key}
+    response = client.put("/v1/admin/users/acme/alice/byollm", json=body, headers=admin)
+    problem = assert_problem(response, 422, "invalid_input")
+    assert "at most 1000 characters" in problem["detail"]
+    assert str(len(key)) not in response.text and key[13:-5] not in response.text
+    assert actions(session_factory) == []
+
+
 def test_byollm_delete_audits_the_key_as_redacted(client, admin, session_factory):
     key = fake_key()
     url = "/v1/admin/users/acme/bob/byollm"
