@@ -144,9 +144,12 @@ class ByollmOut(BaseModel):
 
 
 class BudgetIn(_In):
-    max_calls: int | None = Field(None, gt=0, le=MAX_INT32, description="Max LLM calls per handler invocation.")
+    # Strict: lax mode read `true` as 1 (an enforced budget of 1 call, or of 1 token: every call refused) and "3" as 3.
+    max_calls: int | None = Field(
+        None, gt=0, le=MAX_INT32, strict=True, description="Max LLM calls per handler invocation (a JSON integer)."
+    )
     max_tokens: int | None = Field(
-        None, gt=0, le=MAX_INT64, description="Max input+output tokens per handler invocation."
+        None, gt=0, le=MAX_INT64, strict=True, description="Max input+output tokens per handler invocation."
     )
     mode: Literal["report", "enforce"] = Field(
         "report", description="`report`: flag the event that went over; `enforce`: refuse the call before it is made."

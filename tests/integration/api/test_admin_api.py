@@ -290,6 +290,18 @@ def test_budgets_put_get_list_delete_audited(client, admin, session_factory):
     assert (removed.action, removed.before, removed.after) == ("budget.delete", second.after, None)
 
 
+@pytest.mark.parametrize(
+    "limits", [{"max_calls": True}, {"max_tokens": True}, {"max_calls": "3"}, {"max_tokens": 1000.0}]
+)
+def test_a_budget_limit_is_a_json_integer_not_a_bool_or_text(client, admin, session_factory, limits):
+    """`{"max_calls": true, "mode": "enforce"}` set an enforced budget of 1 call (`true` read as 1), and
+    `{"max_tokens": true}` one of 1 token, which refuses every call: a limit is an integer, as amounts refuse `true`."""
+    response = client.put("/v1/admin/budgets/rewrite", json={**limits, "mode": "enforce"}, headers=admin)
+    assert_problem(response, 422, "validation_error")
+    assert_problem(client.get("/v1/admin/budgets/rewrite", headers=admin), 404, "not_found")
+    assert actions(session_factory) == []
+
+
 # -- price overrides ------------------------------------------------------------------------------------
 
 
