@@ -22,8 +22,9 @@ from pydantic import (
     field_validator,
 )
 
+from metering.api.exact_json import JsonNumber
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
-from metering.billing.money import decimal_text, plain_decimal
+from metering.billing.money import decimal_text, is_plain_decimal, plain_decimal
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.events import MAX_NAME
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -49,8 +50,13 @@ BaseUrl = Annotated[
 
 
 def _plain(value: object) -> object:
-    """Text must be a plain decimal (no "1_000", " 5 ", "1e3", other scripts' digits); JSON numbers go on."""
-    return plain_decimal(value) if isinstance(value, str) else value
+    """Text must be a plain decimal (no "1_000", " 5 ", "1e3", other scripts' digits). A JSON number sent without an
+    exponent is read exactly from its text (``exact_json``: the float lost digits); other JSON numbers go on."""
+    if isinstance(value, str):
+        return plain_decimal(value)
+    if isinstance(value, JsonNumber) and is_plain_decimal(value.text):
+        return plain_decimal(value.text)
+    return value
 
 
 UsdPerMtok = Annotated[

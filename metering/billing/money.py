@@ -21,9 +21,14 @@ _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
 _PLAIN_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
+def is_plain_decimal(text: str) -> bool:
+    """Digits 0-9 with an optional sign and point (no exponent, no separators, no spaces)."""
+    return _PLAIN_DECIMAL.fullmatch(text) is not None
+
+
 def plain_decimal(text: str) -> Decimal:
     """``text`` as a Decimal if it is a plain decimal number (e.g. ``25``, ``-3.50``); ``ValueError`` otherwise."""
-    if not _PLAIN_DECIMAL.fullmatch(text):
+    if not is_plain_decimal(text):
         raise ValueError("not a plain decimal number (digits 0-9, an optional sign and point, e.g. 25.00)")
     return Decimal(text)
 

@@ -21,6 +21,7 @@ from metering.api.admin_schemas import (
     PriceOverrideOut,
 )
 from metering.api.deps import Admin, DbSession
+from metering.api.exact_json import ExactNumbersRoute
 from metering.api.problems import problem_responses
 from metering.api.validators import UtcDatetime
 from metering.billing import overrides
@@ -28,7 +29,7 @@ from metering.billing.credits import TransferResult, add_credit
 from metering.billing.money import decimal_text
 from metering.errors import IdempotencyKeyRequiredError
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=ExactNumbersRoute)  # money as JSON numbers: exact
 
 OverrideId = Annotated[str, Path(min_length=1, max_length=64)]
 

@@ -9,6 +9,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from httpx import Response
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
@@ -513,6 +514,40 @@ def test_a_credit_amount_must_be_a_plain_decimal(client, admin, session_factory,
     assert len(amount.strip()) < 3 or amount.strip() not in str(body)  # the input is not echoed
     with session_factory() as session:
         assert session.scalar(select(func.count()).select_from(TransferRow)) == 0
+
+
+def test_money_sent_as_a_json_number_is_read_exactly(client, admin, session_factory):
+    """JSON numbers were read as binary floats before the exact checks: 123456789.123456789 was credited as
+    123456789.123456790 (a nano more than sent), 2.00000000000000000001 as $2 (it is finer than a nano: refused as
+    text), and an override's 12345678.123456789 $/Mtok stored as 12345678.123456790."""
+    headers = {**admin, "Content-Type": "application/json"}
+
+    def credit(key: str, amount: str) -> Response:
+        body = '{"tenant_id": "acme", "user_id": "alice", "amount": ' + amount + "}"
+        return client.post("/v1/admin/credits", content=body, headers=headers | {"Idempotency-Key": key})
+
+    exact = credit("n-1", "123456789.123456789")
+    assert exact.status_code == 201, exact.text
+    assert (exact.json()["amount"], exact.json()["amount_nanos"]) == ("123456789.123456789", 123456789123456789)
+    assert credit("n-1", "123456789.123456789").status_code == 200  # the replay is the same request
+    assert_problem(credit("n-1", "123456789.12345679"), 409, "idempotency_conflict")
+    finer = assert_problem(credit("n-2", "2.00000000000000000001"), 422, "invalid_input")
+    assert "finer than one nano-dollar" in finer["detail"]
+    assert credit("n-3", "0.1").json()["amount_nanos"] == 100_000_000
+
+    override = (
+        '{"provider": "ollama", "model_pattern": "m", "effective_from": "2026-01-01T00:00:00Z", '
+        '"input_mtok": 12345678.123456789, "output_mtok": 0.3, "markup_pct": 12.5}'
+    )
+    added = client.post("/v1/admin/price-overrides", content=override, headers=headers)
+    assert added.status_code == 201, added.text
+    assert (added.json()["input_mtok"], added.json()["output_mtok"]) == ("12345678.123456789", "0.300000000")
+    assert added.json()["markup_pct"] == "12.5"
+    with session_factory() as session:
+        assert session.scalars(select(TransferRow.amount_nanos).where(TransferRow.kind == "credit")).all() == [
+            123456789123456789,
+            100_000_000,
+        ]
 
 
 def test_negative_adjustment_debits_the_user(client, admin, session_factory):
