@@ -60,6 +60,30 @@ def test_a_time_out_of_range_in_utc_is_a_validation_error(client, headers, path,
     assert_problem(client.get(path, params=params, headers=headers), 422, "validation_error")
 
 
+@pytest.mark.parametrize("when", ["2026", "20260101", "1767225600", "-5", "1767225600.5", 2026, 1767225600.5])
+def test_a_time_written_as_a_number_is_a_validation_error_not_a_unix_timestamp(client, headers, when):
+    """pydantic reads a number, or text of digits, as seconds (or milliseconds) since 1970: an override
+    `"effective_from": "2026"` (the year) started at 1970-01-01T00:33:46Z, pricing every past event, and
+    `/v1/prices/quote?at=2026` quoted 1970's prices. A time is ISO 8601 text."""
+    body = {"provider": "ollama", "model_pattern": "m", "effective_from": when, "input_mtok": "1", "output_mtok": "1"}
+    problem = assert_problem(
+        client.post("/v1/admin/price-overrides", json=body, headers=headers), 422, "validation_error"
+    )
+    assert "ISO 8601" in problem["detail"]
+    start = {**body, "effective_from": "2026-01-01T00:00:00Z", "id": "o1"}
+    assert client.post("/v1/admin/price-overrides", json=start, headers=headers).status_code == 201
+    ended = client.post("/v1/admin/price-overrides/o1:end", json={"at": when}, headers=headers)
+    assert_problem(ended, 422, "validation_error")
+    assert client.get("/v1/admin/price-overrides", headers=headers).json()[0]["effective_to"] is None
+    for path, params in (
+        ("/v1/prices/quote", {"provider": "anthropic", "model": "claude-sonnet-4-6", "at": str(when)}),
+        ("/v1/usage", {"from": str(when), "to": "2026-01-01T00:00:00Z"}),
+        ("/v1/admin/price-overrides", {"active_at": str(when)}),
+    ):
+        assert_problem(client.get(path, params=params, headers=headers), 422, "validation_error")
+    assert client.get("/v1/admin/price-overrides", params={"active_at": "2026-02-01"}, headers=headers).json()
+
+
 def test_integers_beyond_their_column_are_validation_errors(client, headers):
     for body in ({"max_calls": 2**31}, {"max_tokens": 2**63}):
         response = client.put("/v1/admin/budgets/rewrite", json=body, headers=headers)
