@@ -145,6 +145,8 @@ def test_an_integer_of_more_digits_than_python_reads_is_rejected_alone(client, h
         ("/v1/events", "POST", b'{"events": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "nested deeper than 64 levels"),
         ("/v1/admin/purposes/p", "PUT", b'{"params": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "nested deeper"),
         ("/v1/admin/purposes/p", "PUT", b'{"params": {"a": ' + b"9" * 5000 + b"}}", "more than 4300 digits"),
+        ("/v1/admin/price-overrides", "POST", b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),
+        ("/v1/admin/price-overrides", "POST", b'{"input_mtok": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
     ],
 )
 def test_a_body_json_cannot_read_says_why_it_cannot(client, headers, path, method, raw, msg):
