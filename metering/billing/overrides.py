@@ -45,13 +45,22 @@ def nanos_per_mtok(name: str, usd_per_mtok: Decimal | None, unit: str = "$/Mtok"
     return int(nanos)
 
 
+# An override's markup follows the platform's (``config``'s ``markup_pct``): at least -100 % (a price of 0), at most
+# 9 decimals and 18 digits; checked when it is added (not when stored ones are loaded: one never fails ingest).
+# Unbounded, ``1e30`` made every call it prices cost more than a call may (``pricing.MAX_CALL_NANOS``): ingest
+# rejected them all, to the dead letters.
+MAX_MARKUP_PCT = Decimal("999999999.999999999")
+
+
 def _markup_text(markup_pct: Decimal | None) -> str | None:
     if markup_pct is None:
         return None
-    text = str(markup_pct)
-    if len(text) > 32:
-        raise InvalidInputError(f"markup_pct {markup_pct} has too many digits")
-    return text
+    # (finite and >= -100: checked by pricing.PriceOverride, which a stored override is loaded into)
+    if markup_pct > MAX_MARKUP_PCT:
+        raise InvalidInputError(f"markup_pct {markup_pct} is above {MAX_MARKUP_PCT} (percent)")
+    if markup_pct != markup_pct.quantize(Decimal("1e-9")):
+        raise InvalidInputError(f"markup_pct {markup_pct} is finer than 9 decimals")
+    return format(markup_pct, "f")  # plain: "10", never "1E+1"
 
 
 def add_override(

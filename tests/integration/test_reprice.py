@@ -278,6 +278,12 @@ def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_accounts(sessio
     assert_checks(session_factory)
 
 
+def test_an_override_markup_is_stored_as_plain_text(session_factory) -> None:
+    assert override(session_factory, id="o2", markup_pct=Decimal("1E+1")).markup_pct == "10"
+    assert override(session_factory, id="o3", markup_pct=Decimal(-100)).markup_pct == "-100"
+    assert override(session_factory, id="o4", markup_pct=Decimal("999999999.999999999")).markup_pct is not None
+
+
 def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
     row = override(session_factory, id="o1", input_mtok=Decimal("0.000000001"), cache_read_mtok=Decimal("0.05"),
                    markup_pct=Decimal("12.5"))  # fmt: skip
@@ -294,6 +300,10 @@ def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_fac
         override(session_factory, id="o1")
     with pytest.raises(InvalidInputError, match="Decimal"):
         override(session_factory, output_mtok=0.4)
+    for markup, why in ((Decimal("1e30"), "above"), (Decimal("-100.5"), ">= -100"), (Decimal("NaN"), "finite"),
+                        (Decimal("1e-10"), "finer than 9"), (12.5, "Decimal")):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=why):  # 1e30 priced every call past the per-call limit
+            override(session_factory, id="bad", markup_pct=markup)
     end = datetime(2026, 6, 1, tzinfo=UTC)
     with session_factory() as session:
         ended = end_override(session, "o1", end)
