@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Annotated
@@ -15,8 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from metering.auth import Scope, TokenPrincipal, authenticate
 from metering.config import Settings
+from metering.db.limits import read_only
 from metering.errors import AuthenticationError, MeteringError, PermissionDeniedError
 
+log = logging.getLogger("metering.api")
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiToken",
@@ -54,9 +57,28 @@ def _principal(request: Request, secret: str) -> TokenPrincipal | None:
     settings = app_settings(request)
     touch_after = timedelta(seconds=settings.api.token_touch_interval_s)
     with request.app.state.sessions() as session:
-        principal = authenticate(session, secret, touch_after=touch_after)
-        session.commit()
+        try:
+            principal = authenticate(session, secret, touch_after=touch_after)
+            session.commit()
+        except Exception as exc:
+            # A database refusing writes (a failover's demoted primary, maintenance) still answers reads: the touch
+            # is skipped, not the request (a write endpoint gets its 503 from its own write). It was a 503 for every
+            # read whose touch was due.
+            if not read_only(exc):
+                raise
+            session.rollback()
+            _touch_skipped(request, exc)
+            principal = authenticate(session, secret, touch_after=None)
     return principal
+
+
+def _touch_skipped(request: Request, exc: Exception) -> None:
+    """Said once per app (every request of a token would say it again), with the database's own reason."""
+    if getattr(request.app.state, "touch_skipped_logged", False):
+        return
+    request.app.state.touch_skipped_logged = True
+    reason = getattr(exc, "orig", None) or exc
+    log.warning("the database refuses writes (%s): tokens' last_used_at is not written while it does", reason)
 
 
 def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, scope: Scope) -> TokenPrincipal:

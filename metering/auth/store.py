@@ -56,12 +56,13 @@ def authenticate(
     secret: str,
     *,
     now: datetime | None = None,
-    touch_after: timedelta = timedelta(minutes=1),
+    touch_after: timedelta | None = timedelta(minutes=1),
 ) -> TokenPrincipal | None:
     """The principal of a live token, else None (unknown, malformed or revoked: callers cannot tell which).
 
     Candidates are found by their non-secret prefix; digests are compared in constant time. ``last_used_at``
-    is written only when older than ``touch_after``, so busy tokens do not turn every request into a write.
+    is written only when older than ``touch_after``, so busy tokens do not turn every request into a write;
+    never with ``touch_after=None`` (a lookup only: the database refuses writes).
     """
     if not well_formed(secret):
         return None
@@ -73,7 +74,7 @@ def authenticate(
     if match is None or match.revoked_at is not None:
         return None
     now = now or datetime.now(UTC)
-    if match.last_used_at is None or now - match.last_used_at >= touch_after:
+    if touch_after is not None and (match.last_used_at is None or now - match.last_used_at >= touch_after):
         match.last_used_at = now
         session.flush()
     return principal_of(match)

@@ -22,8 +22,14 @@ def exceeds_program_limit(exc: BaseException) -> bool:
 
 
 def read_only(exc: BaseException) -> bool:
-    """Whether ``exc`` (a driver error, or SQLAlchemy's wrapper of one) is PostgreSQL refusing a write as read-only."""
-    return any(getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE for error in (exc, getattr(exc, "orig", None)))
+    """Whether ``exc`` (a driver error, or SQLAlchemy's wrapper of one) is the database refusing a write as read-only:
+    PostgreSQL's SQLSTATE 25006, SQLite's SQLITE_READONLY (a file opened read-only, on a read-only mount)."""
+    for error in (exc, getattr(exc, "orig", None)):
+        if getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE:
+            return True
+        if isinstance(error, sqlite3.Error) and (error.sqlite_errorcode or 0) & 0xFF == sqlite3.SQLITE_READONLY:
+            return True
+    return False
 
 
 # A table or column the code uses that the database does not have: the code is newer than the database's schema
