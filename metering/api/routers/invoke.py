@@ -80,7 +80,10 @@ def _claim(request: Request, tenant_id: str, key: str, sha256: str, invocation_i
         except Exception as exc:
             # The connection may have died as COMMIT committed the claim: nothing ran, so free the key (only our own
             # claim), or its retry answered `idempotency_in_progress`, then `idempotency_outcome_unknown`, forever.
+            # The failed transaction is let go first: SQLite's (`database is locked` at COMMIT) stays open holding the
+            # write lock, which the release, and every other writer, waited on until the busy timeout.
             if is_outage(exc):
+                session.close()
                 _release_claim(request, tenant_id, key, now)
             raise
     return stored
