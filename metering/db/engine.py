@@ -57,6 +57,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_end_what_is_left_open(dbapi_connection: Any, _record: Any, _state: Any) -> None:
+    """A connection back in the pool is in no transaction. After a COMMIT SQLite refused leaving the transaction
+    open (``database is locked`` at COMMIT: SQLite keeps it active, to be retried), SQLAlchemy skips its rollback on
+    return (it counts the transaction as ended by the COMMIT it attempted): the idle pooled connection held the
+    write lock (every other writer waited out the busy timeout, then failed) and the next session given it committed
+    the failed transaction's writes with its own."""
+    if dbapi_connection.in_transaction:
+        dbapi_connection.rollback()
+
+
 _PG_SESSION_OPTIONS = "-c jit=off -c plan_cache_mode=force_custom_plan"
 
 
@@ -80,6 +90,7 @@ def _make_engine(url: str, **kwargs: Any) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "reset", _sqlite_end_what_is_left_open)
         return engine
     # Every session: no JIT (it costs 50-70 ms of compilation on each aggregate query that crosses its cost
     # threshold, more than the query itself) and a plan for each execution's values (psycopg prepares a

@@ -83,7 +83,7 @@ def _claim(request: Request, tenant_id: str, key: str, sha256: str, invocation_i
             # The failed transaction is let go first: SQLite's (`database is locked` at COMMIT) stays open holding the
             # write lock, which the release, and every other writer, waited on until the busy timeout.
             if is_outage(exc):
-                session.close()
+                session.rollback()
                 _release_claim(request, tenant_id, key, now)
             raise
     return stored
