@@ -125,7 +125,9 @@ def complete(
     return bool(cast(CursorResult[Any], done).rowcount)
 
 
-def release(session: Session, *, tenant_id: str, key: str, claimed_at: datetime) -> None:
-    session.execute(
+def release(session: Session, *, tenant_id: str, key: str, claimed_at: datetime) -> bool:
+    """Drop our running claim; False when it is not running (already settled)."""
+    released = session.execute(
         delete(InvokeRequestRow).where(_mine(tenant_id, key, claimed_at)).execution_options(synchronize_session=False)
     )
+    return bool(cast(CursorResult[Any], released).rowcount)

@@ -59,3 +59,21 @@ def test_an_invoke_whose_outcome_commit_dies_is_answered_and_replayed(service: S
     assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true", retry.text
     assert retry.json() == first.json()
     assert _audited(service, first.json()["invocation_id"]) == 1
+
+
+@pytest.mark.parametrize("cut", [Cut.BEFORE, Cut.AFTER_REPLY])
+def test_a_failed_invoke_whose_release_commit_dies_frees_its_key(service: Service, cut: Cut) -> None:
+    """A provider failing without usage (metered, not billed) frees the key; the COMMIT of that release died with
+    its connection (committed or not): done once more on a fresh connection, so the retry runs. It answered
+    `idempotency_in_progress`, then `idempotency_outcome_unknown` for 24 h, for an invocation that cost nothing."""
+    down = {"provider": "simulated", "model": "unavailable-model"}
+    put = httpx.put(f"{service.server.base}/v1/admin/purposes/content_rewrite", json=down, headers=service.admin)
+    assert put.status_code == 200, put.text
+    trap = service.proxy.trap(is_commit, cut, after="DELETE FROM invoke_requests WHERE invoke_requests.tenant_id")
+    first = _invoke(service, f"release-{cut.value}")
+    assert first.status_code == 502 and first.json()["code"] == "provider_error", first.text
+    assert trap.done.is_set()
+    retry = _invoke(service, f"release-{cut.value}")
+    assert retry.status_code == 502 and retry.headers["Idempotent-Replayed"] == "false", retry.text
+    assert retry.json()["invocation_id"] != first.json()["invocation_id"]  # it ran again
+    assert _audited(service, first.json()["invocation_id"]) == 1
