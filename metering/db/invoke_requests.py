@@ -6,9 +6,10 @@ another request ``IdempotencyConflictError``. ``complete`` stores the status and
 (``done``); a later request with the key gets them back (``StoredResponse``) and nothing runs. ``release``
 drops a claim whose invocation made no metered call, so running it again costs nothing.
 
-Keys are kept ``RETENTION`` (24 h) after their claim; older ones are deleted by the next claim, and the key is
-free again. A claim still ``running`` after ``UNKNOWN_AFTER`` never recorded its outcome (its process died, or the
-database failed as it finished): it may have made billed calls, so it is never run again under this key
+Keys are kept ``RETENTION`` (24 h) after their claim; older ones are deleted by the next claim (on PostgreSQL, but
+those another transaction is deleting: claims never wait on each other's clean-up), and the key is free again. A
+claim still ``running`` after ``UNKNOWN_AFTER`` never recorded its outcome (its process died, or the database failed
+as it finished): it may have made billed calls, so it is never run again under this key
 (``IdempotencyOutcomeUnknownError``, with the invocation id the claim chose: its usage events carry it).
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, delete, select, update
+from sqlalchemy import CursorResult, Table, delete, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -58,7 +59,7 @@ def claim(
 ) -> StoredResponse | None:
     """None: the key is this request's now (claimed at ``now`` for ``invocation_id``), run it. A
     ``StoredResponse``: answer it, run nothing."""
-    session.execute(delete(InvokeRequestRow).where(InvokeRequestRow.claimed_at < now - RETENTION))
+    _delete_expired(session, tenant_id, key, now)
     values = {
         "tenant_id": tenant_id,
         "idempotency_key": key,
@@ -98,6 +99,19 @@ def claim(
         )
     error.members["invocation_id"] = str(row.invocation_id)
     raise error
+
+
+def _delete_expired(session: Session, tenant_id: str, key: str, now: datetime) -> None:
+    """Keys past their retention. On PostgreSQL, rows another transaction holds are skipped (it is deleting them),
+    but for this claim's own key, which must be free: a DELETE locking every expired row waited on them in its
+    plan's order (claimed_at order by the index, or the table's physical order), so two claims whose plans differed
+    deadlocked (a 503). Now a claim waits on at most one row, its own key's, and a clean-up on none."""
+    expired = InvokeRequestRow.claimed_at < now - RETENTION
+    if session.get_bind().dialect.name == "postgresql":
+        pk = tuple_(InvokeRequestRow.tenant_id, InvokeRequestRow.idempotency_key)
+        free = select(InvokeRequestRow.tenant_id, InvokeRequestRow.idempotency_key).where(expired)
+        expired = pk.in_(free.with_for_update(skip_locked=True)) | (_key(tenant_id, key) & expired)
+    session.execute(delete(InvokeRequestRow).where(expired).execution_options(synchronize_session=False))
 
 
 def _mine(tenant_id: str, key: str, claimed_at: datetime) -> Any:

@@ -122,3 +122,100 @@ def test_a_claim_released_between_insert_and_read_is_claimed_again(session_facto
     with pytest.raises(IdempotencyInProgressError) as caught:  # the key is ours now
         claim(session_factory, now=T0 + timedelta(minutes=1))
     assert caught.value.members["invocation_id"] == str(mine)
+
+
+# Each claim's clean-up deletes every expired key, locking their rows in its plan's order: an index scan on
+# claimed_at, or the table's physical order (a sequential or bitmap scan). The planner picks per execution (each
+# with its own cutoff, custom plans), so two concurrent claims can lock them in opposite orders.
+_PLANS = {
+    "index order": "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off",
+    "physical order": "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off",
+}
+
+
+def test_concurrent_claims_deleting_expired_keys_in_opposite_orders_do_not_deadlock(session_factory, backend) -> None:
+    """PostgreSQL: a claim locking expired rows in claimed_at order and another in physical order each waited on a
+    row the other held (the one in the middle held by a third transaction until both were waiting): one failed with
+    `deadlock detected`, a 503 for an invoke that had done nothing wrong. A claim now skips expired rows another
+    transaction holds (that one deletes them): no claim waits on another's clean-up."""
+    if backend != "postgresql":
+        pytest.skip("SQLite writes one transaction at a time")
+    import threading
+
+    from sqlalchemy import text
+
+    now = T0 + ir.RETENTION + timedelta(hours=1)
+    for i, age in enumerate((1, 2, 3)):  # physical order: newest first; claimed_at order: oldest first
+        claim(session_factory, key=f"old-{i}", now=T0 - timedelta(minutes=age))
+    errors: list[BaseException] = []
+
+    def claimer(key: str, plan: str) -> None:
+        try:
+            with session_factory() as session:
+                for statement in plan.split(";"):
+                    session.execute(text(statement))
+                ir.claim(session, tenant_id="acme", key=key, sha256=SHA, invocation_id=INVOCATION, now=now)
+                session.commit()
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    with session_factory() as holder:  # the middle row, held until both claims are under way
+        holder.execute(text("SELECT 1 FROM invoke_requests WHERE idempotency_key = 'old-1' FOR UPDATE"))
+        pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        threads = [threading.Thread(target=claimer, args=(f"new-{name}", plan)) for name, plan in _PLANS.items()]
+        for thread in threads:
+            thread.start()
+        # The test session's own database: only the two claims can wait on a lock in it.
+        waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> :pid "
+                       "AND wait_event_type = 'Lock'")  # fmt: skip
+        with session_factory() as watcher:  # until both wait (on the holder, or on each other), or are done
+            while any(t.is_alive() for t in threads) and watcher.execute(waiting, {"pid": pid}).scalar_one() < 2:
+                watcher.rollback()
+                threading.Event().wait(0.01)
+        holder.rollback()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    with session_factory() as session:
+        claimed = session.execute(
+            text("SELECT idempotency_key FROM invoke_requests WHERE idempotency_key LIKE 'new-%'")
+        )
+        assert sorted(claimed.scalars()) == sorted(f"new-{name}" for name in _PLANS)
+
+
+def test_a_claims_own_expired_key_held_by_another_clean_up_is_waited_for_not_skipped(session_factory, backend) -> None:
+    """PostgreSQL: the clean-up skips expired rows another transaction holds, but not the claim's own key: it is free
+    after 24 h, so the claim waits for that row (another claim deleting it) instead of finding it still there (a
+    conflict with another request, or its 24 h old outcome replayed)."""
+    if backend != "postgresql":
+        pytest.skip("SQLite writes one transaction at a time")
+    import threading
+
+    from sqlalchemy import text
+
+    claim(session_factory, key="k1", now=T0)
+    complete(session_factory, key="k1")
+    now = T0 + ir.RETENTION + timedelta(minutes=1)
+    other = ir.request_sha256("rewrite", "rewrite", "alice", {"text": "another day", "tone": "formal"})
+    outcome: list[object] = []
+
+    def claimer() -> None:
+        try:
+            outcome.append(claim(session_factory, key="k1", sha=other, now=now))
+        except Exception as exc:  # reported by the test
+            outcome.append(exc)
+
+    with session_factory() as holder:  # another claim's clean-up, deleting it
+        holder.execute(text("SELECT 1 FROM invoke_requests WHERE idempotency_key = 'k1' FOR UPDATE"))
+        thread = threading.Thread(target=claimer)
+        thread.start()
+        waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND wait_event_type = 'Lock'")  # fmt: skip
+        with session_factory() as watcher:
+            while thread.is_alive() and not watcher.execute(waiting).scalar_one():
+                watcher.rollback()
+                threading.Event().wait(0.01)
+        holder.execute(text("DELETE FROM invoke_requests WHERE idempotency_key = 'k1'"))
+        holder.commit()
+    thread.join(60)
+    assert outcome == [None]  # claimed: the key is this request's now
