@@ -91,6 +91,11 @@ def test_reads_keep_answering_on_a_read_only_database_and_writes_are_503(
             assert client.get("/v1/balances", headers=reader).status_code == 200
             assert client.get("/v1/transfers", headers=reader).status_code == 200
             assert client.get("/v1/audit", headers=admin).status_code == 200
+        reads = ["/v1/invoices", "/v1/ledger/2026-09.csv", "/v1/events/unpriced"]
+        admin_reads = ["/v1/admin/purposes", "/v1/admin/budgets", "/v1/admin/price-overrides"]
+        answered = {path: client.get(path, headers=reader).status_code for path in reads}
+        answered |= {path: client.get(path, headers=admin).status_code for path in admin_reads}
+        assert answered == {path: 200 for path in reads + admin_reads}
         batch = orjson.dumps({"events": mixed_records(2)})
         written = client.post("/v1/events", content=batch, headers={**ingest, "Content-Type": "application/json"})
         assert_problem(written, 503, "database_unavailable")
