@@ -93,7 +93,9 @@ MAX_NAME = 200  # ids and names (tenant, user, extension, purpose, model): VARCH
 MAX_LATENCY_MS = 86_400_000.0  # 24 h: no call lasts a day; ~1e8 calls at the bound overflow a sum
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, as text
+# A decimal number as text, which pydantic reads as a Unix time where a datetime is expected ("1764270000", "-1",
+# ".5", "1.76427e9"): no ISO 8601 date-time is digits alone.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _LEAP_SECOND = re.compile(r"[Tt ]\d\d:\d\d:60")
 
 
@@ -254,7 +256,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-# Text pydantic reads as a Unix time when a datetime is expected ("1764270000", "-1", "1764270000.5", ".5").
 def is_a_number(value: object) -> bool:
     """Whether pydantic would read ``value`` as a Unix time where a datetime is expected: a number, or text that is
     one. Times are ISO 8601: a number is ambiguous (seconds, or milliseconds past 2e10) and carries no offset."""

@@ -125,6 +125,8 @@ def test_naive_time_and_non_v7_ids_are_rejected() -> None:
         ("occurred_at", " 1764270000.5 ", "not a number"),
         ("occurred_at", "-1e3", "not a number"),
         ("occurred_at", "2016-12-31T23:59:60Z", "leap second"),  # was "unexpected extra characters at the end"
+        ("occurred_at", "1.76427e9", "not a number"),  # in exponent form too: it was read as 2025-11-27T19:00Z
+        ("occurred_at", "1764270000.0E+0", "not a number"),
     ],
 )
 def test_numbers_and_flags_are_strict(field: str, value: object, reason: str) -> None:

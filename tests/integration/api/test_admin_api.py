@@ -362,7 +362,7 @@ def test_an_override_moment_that_is_a_number_is_refused(client, admin, session_f
     """``effective_from: 1767225600`` has no offset, which the body requires, yet was stored as 2026-01-01T00:00Z (and
     a number past 2e10 as milliseconds): refused like ``occurred_at`` is, nothing stored or audited."""
     body = {"id": "o1", "provider": "openai", "model_pattern": "gpt-4o*", "input_mtok": "2", "output_mtok": "8"}
-    for moment in (1767225600, "1767225600", 1767225600000.0):
+    for moment in (1767225600, "1767225600", 1767225600000.0, "1.7672256e9"):  # exponent form too
         refused = client.post("/v1/admin/price-overrides", json={**body, "effective_from": moment}, headers=admin)
         assert "not a number" in assert_problem(refused, 422, "validation_error")["detail"]
     assert client.get("/v1/admin/price-overrides", headers=admin).json() == []

@@ -227,7 +227,8 @@ def test_a_number_is_no_time(client, reader, events):
     """``from=1759190400`` (Unix seconds of a whole hour) was read as 2025-09-30T00:00Z, and ``1759190400000`` as
     milliseconds: a time is ISO 8601, as documented and as ingest requires of ``occurred_at``."""
     unix = int(START.timestamp())
-    for params in ({"from": str(unix)}, {"from": f"{unix}000"}, {"to": f"{int(END.timestamp())}.0"}, {"from": "0"}):
+    numbers = ({"from": str(unix)}, {"from": f"{unix}000"}, {"to": f"{int(END.timestamp())}.0"}, {"from": "0"})
+    for params in (*numbers, {"from": f"{unix}.0e0"}, {"to": f"{int(END.timestamp()) / 10}E1"}):  # exponent form
         body = assert_problem(
             client.get("/v1/usage", params={**WINDOW, **params}, headers=reader), 422, "validation_error"
         )
