@@ -109,6 +109,7 @@ def serve(
     import uvicorn  # only this command needs it
 
     _check_port_free(host, port)  # before migrating and seeding: never a token printed for a server that cannot start
+    _check_metrics_dir()
     settings = Settings()
     try:
         # What the service reads on first use (an invoke, a BYOLLM key set): refused now, not by every such request.
@@ -122,6 +123,18 @@ def serve(
         _seed_demo(host, port)
     with _shared_metrics(workers):
         uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)
+
+
+def _check_metrics_dir() -> None:
+    """The operator's own PROMETHEUS_MULTIPROC_DIR must be a directory this process can write its counters in:
+    otherwise prometheus_client failed every /metrics, and every POST /v1/events once its batch had committed."""
+    shared = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if shared is None:
+        return
+    if not os.path.isdir(shared):
+        raise fail(f"{MULTIPROCESS_DIR_ENV}={shared} is not a directory: create it (empty) or unset the variable")
+    if not os.access(shared, os.W_OK | os.X_OK):
+        raise fail(f"{MULTIPROCESS_DIR_ENV}={shared} is not writable by this process: the counters are written there")
 
 
 @contextmanager

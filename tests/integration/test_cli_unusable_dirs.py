@@ -63,13 +63,17 @@ def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"METERING_SECRET_KEYS": "not-a-fernet-key"}, "invalid Fernet key in METERING_SECRET_KEYS: key 1 of 1 is not"),
         ({"METERING_SECRET_KEYS": f"{generate_key()},short"}, "METERING_SECRET_KEYS: key 2 of 2 is not 32 url-safe"),
         ({"METERING_SPOOL__DIR": "{a_file}/spool"}, "cannot open the spool at"),
+        # prometheus_client's directory (the operator's own): every /metrics and, after its batch committed, every
+        # POST /v1/events was a 500 ('env PROMETHEUS_MULTIPROC_DIR is not set or not a directory').
+        ({"PROMETHEUS_MULTIPROC_DIR": "{tmp_path}/no-such-dir"}, "PROMETHEUS_MULTIPROC_DIR={tmp_path}/no-such-dir"),
+        ({"PROMETHEUS_MULTIPROC_DIR": "{a_file}"}, "PROMETHEUS_MULTIPROC_DIR={a_file} is not a directory"),
     ],
 )
 def test_serve_refuses_to_start_with_unusable_keys_or_spool(db_url, tmp_path, a_file, setting, message) -> None:
     """The service started, answered /healthz and /readyz, and only failed each invoke (500 config_error: the keys
-    are read on first use; 503 spool_error): a half-started service. Checked before it listens now."""
-    settings = {name: value.format(a_file=a_file) for name, value in setting.items()}
+    are read on first use; 503 spool_error) or scrape: a half-started service. Checked before it listens now."""
+    settings = {name: value.format(a_file=a_file, tmp_path=tmp_path) for name, value in setting.items()}
     env = bare_env(tmp_path, METERING_DATABASE_URL=db_url, **settings)
     error = one_error_line(serve(env))
-    assert message in error, error
+    assert message.format(a_file=a_file, tmp_path=tmp_path) in error, error
     assert "not-a-fernet-key" not in error  # a key is never echoed
