@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 import metering.db.types
 from alembic import context, op
-from metering.db.migration_script import refuse_when_run
+from metering.db.migration_script import refuse_while_held
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -234,21 +234,7 @@ def downgrade() -> None:
     # Below 0002 there is no ledger: the upgrade would hold the events as unpriced again, but could not restore a
     # credit, a charge, a balance, an invoice or a price override. Refused while any exists.
     ledger = ("transfers", "invoices", "price_overrides")
-    if context.is_offline_mode():  # --sql: the script checks when it is run
-        refuse_when_run(
-            "0002",
-            f"the ledger holds rows of {', '.join(ledger)}, which dropping it would lose for good",
-            *(f"SELECT 1 FROM {table}" for table in ledger),
-        )
-    else:
-        bind = op.get_bind()
-        counts = {table: bind.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() for table in ledger}
-        if any(counts.values()):
-            held = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
-            raise RuntimeError(
-                f"cannot downgrade below 0002: the ledger holds {held}, which dropping it would lose for good; "
-                "nothing was changed"
-            )
+    refuse_while_held("0002", "the ledger", ledger, "which dropping it would lose for good")
     with op.batch_alter_table("usage_events", schema=None) as batch_op:
         batch_op.drop_column("is_late")
         batch_op.drop_column("invoice_period")

@@ -9,7 +9,11 @@ and its shell goes on after an error unless told to bail): rendering such a step
 
 from __future__ import annotations
 
-from alembic import op
+from collections.abc import Sequence
+
+from sqlalchemy import text
+
+from alembic import context, op
 
 
 class NotScriptable(Exception):
@@ -26,3 +30,18 @@ def refuse_when_run(revision: str, reason: str, *blocking: str) -> None:
     condition = " OR ".join(f"EXISTS ({query})" for query in blocking)
     # text(): a backslash keeps a colon from being read as a bind parameter
     op.execute(f"DO $$ BEGIN IF {condition} THEN RAISE EXCEPTION '{message}'; END IF; END $$".replace(":", "\\:"))
+
+
+def refuse_while_held(revision: str, holder: str, tables: Sequence[str], loss: str) -> None:
+    """A downgrade dropping ``tables`` refused while any holds a row: ``cannot downgrade below {revision}: {holder}
+    holds {n table, ...}, {loss}; nothing was changed``; offline, the script checks when it is run."""
+    if context.is_offline_mode():
+        refuse_when_run(
+            revision, f"{holder} holds rows of {', '.join(tables)}, {loss}", *(f"SELECT 1 FROM {t}" for t in tables)
+        )
+        return
+    bind = op.get_bind()
+    counts = {table: bind.execute(text(f"SELECT count(*) FROM {table}")).scalar_one() for table in tables}
+    if any(counts.values()):
+        held = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
+        raise RuntimeError(f"cannot downgrade below {revision}: {holder} holds {held}, {loss}; nothing was changed")
