@@ -115,6 +115,8 @@ class LazyRuntime:
     async def retire_key(self, api_key: str) -> None:
         """Close the provider adapters of a BYOLLM key that was replaced or deleted (each once no call uses it). Runs
         on the event loop that makes the calls (an async background task): the pool takes no lock."""
+        if self.llm_settings is not None:
+            self.llm_settings.forget_key(api_key)  # retired here: no reload need compare it
         providers = self.providers
         if providers is not None and providers.retire_key(api_key):
             await providers.wait_closed()

@@ -94,7 +94,7 @@ class CachedSettings:
 
     def _byollm_reloaded(self, before: object, after: ByollmSettings | None) -> None:
         """A user's settings loaded again (their cache entry expired): a key they no longer have is retired."""
-        old_key = before.api_key if isinstance(before, ByollmSettings) else None
+        old_key = _key_of(before)
         if old_key is None or (after is not None and after.api_key == old_key) or self.on_key_replaced is None:
             return
         try:
@@ -108,7 +108,26 @@ class CachedSettings:
     def budget(self, extension_id: str) -> CallBudget | None:
         return self._get("budget", extension_id, self._source.budget)
 
+    def __len__(self) -> int:
+        """How many entries are held (expired ones included)."""
+        return len(self._entries)
+
     def invalidate(self) -> None:
         self._generation += 1
-        # Expired rather than dropped: a reload still sees the BYOLLM key it replaces (see ``on_key_replaced``).
-        self._entries = {key: (-math.inf, value) for key, (_, value) in list(self._entries.items())}
+        # A user's BYOLLM settings are expired rather than dropped: a reload still sees the key it replaces (see
+        # ``on_key_replaced``). Nothing else is compared: dropped, as every entry was before (kept, every user, purpose
+        # and extension ever resolved stayed for the life of the process).
+        entries = list(self._entries.items())
+        self._entries = {key: (-math.inf, value) for key, (_, value) in entries if isinstance(value, ByollmSettings)}
+
+    def forget_key(self, api_key: str) -> None:
+        """Drop the entries holding ``api_key``, which this process replaced or deleted and retires itself (an admin
+        write): a deleted user's key is not held until they call again, which they may never do."""
+        held = [key for key, (_, value) in list(self._entries.items()) if _key_of(value) == api_key]
+        for key in held:
+            self._entries.pop(key, None)
+
+
+def _key_of(value: object) -> str | None:
+    """The BYOLLM api key a cache entry holds, if any."""
+    return value.api_key if isinstance(value, ByollmSettings) else None

@@ -41,3 +41,33 @@ def test_only_a_key_the_user_no_longer_has_is_retired() -> None:
     cached.invalidate()
     assert cached.byollm("u1", "t1") is None
     assert retired == [OWN.api_key]
+
+
+def test_invalidate_keeps_only_the_keys_a_reload_compares() -> None:
+    """invalidate() used to clear the cache; since 8ce9165 it kept every entry (expired), so the entries of every user,
+    purpose and extension ever resolved stayed for the life of the process. Only a user's key is compared on reload."""
+    source = InMemorySettings(byollm_by_user={"u1": OWN})
+    cached = CachedSettings(source, ttl_s=5.0, clock=lambda: 0.0)
+    for n in range(50):
+        cached.byollm(f"user-{n}", "t1")  # no BYOLLM settings
+        cached.purpose(f"purpose-{n}")
+        cached.budget(f"extension-{n}")
+    cached.byollm("u1", "t1")
+    cached.invalidate()
+    assert len(cached) == 1
+
+
+def test_a_key_retired_here_is_forgotten() -> None:
+    """A key this process replaced or deleted (an admin write: the runtime retires its adapters itself) is not held,
+    expired, until its user calls again, which a deleted user may never do."""
+    source = InMemorySettings(byollm_by_user={"u1": OWN, "u2": dataclasses.replace(OWN, user_id="u2", api_key="sk-2")})
+    retired: list[str] = []
+    cached = CachedSettings(source, ttl_s=5.0, clock=lambda: 0.0, on_key_replaced=retired.append)
+    cached.byollm("u1", "t1")
+    cached.byollm("u2", "t1")
+    del source.byollm_by_user["u1"]
+    cached.invalidate()
+    cached.forget_key(OWN.api_key)
+    assert len(cached) == 1  # u2's entry, still compared when it reloads
+    assert cached.byollm("u1", "t1") is None
+    assert retired == []  # retired by the writer already
