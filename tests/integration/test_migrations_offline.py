@@ -19,6 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
@@ -26,6 +28,7 @@ from sqlalchemy.engine import make_url
 from alembic import command
 from metering.db import migrate
 from metering.db.engine import make_engine
+from metering.db.migration_script import refuse_when_run
 from tests.conftest import temporary_pg_database
 
 NO_PG = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # offline: never connected to
@@ -244,3 +247,16 @@ def test_each_sqlite_step_renders_a_script_doing_what_the_online_step_does_or_na
         "upgrade 0008 -> 0009",  # accounts and transfers rebuilt (a column's type changed)
         *(f"downgrade {revision} -> {before}" for revision, before in reversed(_steps()) if revision != "0005"),
     ]
+
+
+def test_a_refusal_s_message_and_query_keep_their_quotes_and_colons_in_the_script_on_postgresql() -> None:
+    """``refuse_when_run`` writes its message into a string literal of a ``DO`` block, and the block goes through
+    ``text()`` (a colon would start a bind parameter): quotes and colons come out as written, when it is run."""
+    out = io.StringIO()
+    context = MigrationContext.configure(url=NO_PG, opts={"as_sql": True, "literal_binds": True, "output_buffer": out})
+    with Operations.context(context):
+        refuse_when_run("0099", "the tenant 'a:b' holds rows::text", "SELECT 'x:y'::text WHERE 'it''s' <> ''")
+    with temporary_pg_database() as url:
+        message = r"^cannot downgrade below 0099: the tenant 'a:b' holds rows::text; nothing was changed\n"
+        with pytest.raises(psycopg.errors.RaiseException, match=message):
+            run_pg_script(url, out.getvalue())
