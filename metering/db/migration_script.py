@@ -25,11 +25,15 @@ def refuse_when_run(revision: str, reason: str, *blocking: str) -> None:
     {reason}; nothing was changed`` when any of the ``blocking`` queries (plain SQL, no ``$$``) finds a row."""
     if op.get_context().dialect.name != "postgresql":
         raise NotScriptable("its refusal first looks for the data it would lose, which a SQLite script cannot do")
-    message = f"cannot downgrade below {revision}: {reason}; nothing was changed".replace("'", "''")
-    assert "%" not in message, "RAISE reads % as a placeholder"
+    # A literal of RAISE's format: a quote doubled, and a '%' (a placeholder to RAISE)
+    message = f"cannot downgrade below {revision}: {reason}; nothing was changed".replace("'", "''").replace("%", "%%")
     condition = " OR ".join(f"EXISTS ({query})" for query in blocking)
-    # text(): a backslash keeps a colon from being read as a bind parameter
-    op.execute(f"DO $$ BEGIN IF {condition} THEN RAISE EXCEPTION '{message}'; END IF; END $$".replace(":", "\\:"))
+    # Written as is, as op.execute() would write it: through text(), a colon started a bind parameter and, for
+    # psycopg, a '%' came out doubled (a LIKE or a literal of a query then no longer what it says).
+    impl = op.get_context().impl
+    impl.static_output(
+        f"DO $$ BEGIN IF {condition} THEN RAISE EXCEPTION '{message}'; END IF; END $$" + impl.command_terminator
+    )
 
 
 def refuse_while_held(revision: str, holder: str, tables: Sequence[str], loss: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,14 +250,23 @@ def test_each_sqlite_step_renders_a_script_doing_what_the_online_step_does_or_na
     ]
 
 
-def test_a_refusal_s_message_and_query_keep_their_quotes_and_colons_in_the_script_on_postgresql() -> None:
-    """``refuse_when_run`` writes its message into a string literal of a ``DO`` block, and the block goes through
-    ``text()`` (a colon would start a bind parameter): quotes and colons come out as written, when it is run."""
+@pytest.mark.parametrize(
+    ("reason", "query"),
+    [
+        ("the tenant 'a:b' holds rows::text", "SELECT 'x:y'::text WHERE 'it''s' <> ''"),
+        # '%' went through text() too and came out doubled: length('%%') is 2, so this check never fired
+        ("ids with 100% of", "SELECT 1 WHERE length('%') = 1 AND 'a_b' LIKE 'a%'"),
+    ],
+)
+def test_a_refusal_s_message_and_query_come_out_as_written_in_the_script_on_postgresql(reason: str, query: str) -> None:
+    """``refuse_when_run`` writes its message into a string literal of a ``DO`` block and its queries as they are:
+    quotes, colons (a bind parameter to ``text()``) and percent signs (doubled by ``text()`` for psycopg) come out as
+    written, and the check fires when the script is run."""
     out = io.StringIO()
     context = MigrationContext.configure(url=NO_PG, opts={"as_sql": True, "literal_binds": True, "output_buffer": out})
     with Operations.context(context):
-        refuse_when_run("0099", "the tenant 'a:b' holds rows::text", "SELECT 'x:y'::text WHERE 'it''s' <> ''")
+        refuse_when_run("0099", reason, query)
     with temporary_pg_database() as url:
-        message = r"^cannot downgrade below 0099: the tenant 'a:b' holds rows::text; nothing was changed\n"
+        message = rf"^cannot downgrade below 0099: {re.escape(reason)}; nothing was changed\n"
         with pytest.raises(psycopg.errors.RaiseException, match=message):
             run_pg_script(url, out.getvalue())
