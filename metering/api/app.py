@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
 from metering import __version__
-from metering.api import problems
+from metering.api import docs_ui, problems
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.content_coding import ContentCodingMiddleware
 from metering.api.routers import ROUTES
@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # docs_ui: /docs and /redoc with their assets served by the app (offline), not from a CDN
+        redoc_url=None,
         generate_unique_id_function=_operation_id,
         dependencies=[Depends(reject_nul)],  # no NUL in any path or query parameter (422)
         openapi_tags=[
@@ -79,4 +81,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ContentCodingMiddleware)  # outermost: a compressed body is refused before it is read
     for router, prefix in ROUTES:
         app.include_router(router, prefix=prefix)
+    docs_ui.install(app)
     return app

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.api.test_docs_ui import loads_of
 from tests.integration.serving import assert_clean_shutdown, clean_env, metering, serving
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,12 @@ def test_demo_then_serve_demo_serves_the_traffic_with_the_printed_token(tmp_path
         assert calls["chatty"] > calls["rewrite"] > 0
 
         auth = {"Authorization": f"Bearer {secret}"}
-        assert httpx.get(f"{base}/docs", timeout=30).status_code == 200
+        docs = httpx.get(f"{base}/docs", timeout=30)
+        assert docs.status_code == 200
+        assets = [url for _kind, url in loads_of(docs.text)]  # Swagger UI's script, stylesheet and icon
+        assert len(assets) == 3 and all(url.startswith("/docs/assets/") for url in assets), assets  # served here
+        for url in assets:
+            assert httpx.get(f"{base}{url}", timeout=30).status_code == 200, url
         ingest = httpx.post(f"{base}/v1/events", json={"events": []}, headers=auth, timeout=30)
         assert ingest.status_code == 200, ingest.text  # the admin token has every scope
         if "/v1/usage" in httpx.get(f"{base}/openapi.json", timeout=30).json()["paths"]:
