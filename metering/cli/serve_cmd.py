@@ -7,9 +7,9 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -71,21 +71,40 @@ class LogLevel(StrEnum):
     DEBUG = "debug"
 
 
-def _check_port_free(host: str, port: int) -> None:
+Address = tuple[socket.AddressFamily, tuple[Any, ...]]  # (family, the address bind() takes)
+
+
+def _listen_addresses(host: str, port: int, workers: int) -> list[Address]:
+    """The addresses uvicorn binds for ``host``:``port``. One worker: its event loop's ``create_server`` binds every
+    address the host resolves to (``localhost`` is often ::1 and 127.0.0.1; ``""`` every interface). Several workers:
+    ``Config.bind_socket`` binds one socket, IPv6 for a host with a ':' (a literal) and IPv4 otherwise, on the first
+    address of that family (a ``localhost`` that resolves to ::1 first is bound on 127.0.0.1)."""
+    if workers == 1:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return list(dict.fromkeys((family, address) for family, _kind, _proto, _name, address in infos))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    first = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return [(first[0], first[4])]
+
+
+def _check_port_free(host: str, port: int, workers: int) -> None:
     """Refuse at once a host that does not resolve or a port another process listens on (uvicorn would find out
-    only after the demo's seeding)."""
+    only after the demo's seeding), probing exactly the addresses uvicorn binds (``_listen_addresses``)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = _listen_addresses(host, port, workers)
     except OSError as exc:  # an unresolvable host: uvicorn failed on it only after the demo's seeding and token
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (check --host)") from None
-    family, kind, proto, _name, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-        try:
-            probe.bind(address)
-        except OSError as exc:  # in use (another --port), or no interface of this host has the address (--host)
-            hint = "choose another with --port" if exc.errno == errno.EADDRINUSE else "check --host"
-            raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
+    with ExitStack() as held:  # all bound at once, as uvicorn holds them
+        for family, address in addresses:
+            probe = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            if family == socket.AF_INET6 and workers == 1:  # as create_server: beside an IPv4 socket on the port
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:  # in use (another --port), or no interface of this host has the address (--host)
+                hint = "choose another with --port" if exc.errno == errno.EADDRINUSE else "check --host"
+                raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
 
 
 def serve(
@@ -108,7 +127,9 @@ def serve(
     """Serve the HTTP API (POST /v1/events, /v1/usage, /healthz, /readyz, /metrics, /docs) with uvicorn."""
     import uvicorn  # only this command needs it
 
-    _check_port_free(host, port)  # before migrating and seeding: never a token printed for a server that cannot start
+    _check_port_free(
+        host, port, workers
+    )  # before migrating and seeding: never a token printed for a server that cannot start
     _check_metrics_dir()
     settings = Settings()
     try:
