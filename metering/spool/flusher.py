@@ -2,7 +2,8 @@
 
 Per batch: decode the lines, deliver the valid events, dead-letter the invalid ones with a reason,
 then advance the slot's cursor. A failing sink is retried with exponential backoff, forever: nothing
-is dropped. A crash between delivery and the cursor write re-delivers the batch, and the idempotent
+is dropped (an error with a ``retry_after_s``, a service's ``Retry-After``, is retried no sooner, up to
+``max_backoff_s``). A crash between delivery and the cursor write re-delivers the batch, and the idempotent
 sink counts those events as duplicates.
 
 A flusher drains every slot whose reader lock (``writer-N/reader.lock``) it can take: its own process's
@@ -213,7 +214,7 @@ class Flusher:
                 busy = self._pass()
                 backoff = 0.0
             except Exception as exc:  # the sink is down or slow: keep everything, retry later
-                backoff = min(self.max_backoff_s, max(self.interval_s, backoff * 2))
+                backoff = self._backoff_after(exc, backoff)
                 self._record_failure(exc, backoff)
                 self._wake.wait(backoff)
                 self._wake.clear()
@@ -231,11 +232,18 @@ class Flusher:
                         return False
                 return self._completed >= generation
             except Exception as exc:
-                backoff = min(self.max_backoff_s, max(self.interval_s, backoff * 2))
+                backoff = self._backoff_after(exc, backoff)
                 self._record_failure(exc, backoff)
                 if time.monotonic() + backoff > deadline:
                     return False
                 time.sleep(backoff)
+
+    def _backoff_after(self, exc: Exception, backoff: float) -> float:
+        """The wait before the next try: the previous one doubled (``interval_s`` at first), and at least what the
+        sink was asked to wait (an HTTP service's ``Retry-After``: ``retry_after_s`` on the error); never more than
+        ``max_backoff_s``, so a header asking for a day does not stall delivery for a day."""
+        asked = getattr(exc, "retry_after_s", None) or 0.0
+        return min(self.max_backoff_s, max(self.interval_s, backoff * 2, asked))
 
     def _record_failure(self, exc: Exception, backoff: float) -> None:
         self._failures += 1

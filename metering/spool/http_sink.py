@@ -5,9 +5,10 @@ something in the batch) would be answered again to the same batch: they raise ``
 flusher isolates the event at fault (``spool.isolation``: halves until the parts pass; a single event too large
 is dead-lettered with the service's reason). Anything else raises ``DeliveryError``, and the flusher keeps the
 batch and retries it with backoff: a service that is down, slow, overloaded (429/502/503) or misconfigured
-(401/403/404) loses nothing; so does a 200 that does not account for every event sent (each inserted, a
-duplicate, or rejected at its index), which is not the service's answer. The endpoint is idempotent on event_id,
-so a retry after a lost response counts duplicates instead of double-counting. Each event is sent as its spool
+(401/403/404) loses nothing (a 429 or 503 with ``Retry-After``, seconds or an HTTP date, is retried no sooner than
+it asks, up to the flusher's ``max_backoff_s``); so does a 200 that does not account for every event sent (each
+inserted, a duplicate, or rejected at its index), which is not the service's answer. The endpoint is idempotent on
+event_id, so a retry after a lost response counts duplicates instead of double-counting. Each event is sent as its spool
 line says it (``events.record_of``: the counts added since the first release only when not 0), so a service that
 does not know them yet takes every event that does not use them.
 
@@ -18,10 +19,12 @@ at once, and every later one, so producers can be upgraded before the service.
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import os
 import weakref
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import httpx
 import orjson
@@ -31,7 +34,29 @@ from metering.spool.sink import DeliveryResult, RefusedBatchError
 
 
 class DeliveryError(Exception):
-    """The service did not accept the batch (the flusher retries it later)."""
+    """The service did not accept the batch (the flusher retries it later). ``retry_after_s``: how long the service
+    asked to be left alone (a 429's or 503's ``Retry-After``), which the flusher waits at least (capped by its
+    ``max_backoff_s``)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` header's wait in seconds: delay-seconds, or an HTTP date (0 once past); None without one
+    or for one that is neither."""
+    if value is None or not (value := value.strip()):
+        return None
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT (RFC 9110); "-0000" is parsed as naive
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class HttpSink:
@@ -82,7 +107,12 @@ class HttpSink:
         if response.status_code != 200:
             # a redirect is not followed (the token would go with it, maybe to another host): say where it points
             where = f" (Location: {response.headers['location']})" if "location" in response.headers else ""
-            raise DeliveryError(f"POST {self._url} answered {response.status_code}{where}: {response.text[:300]}")
+            wait = retry_after_s(response.headers.get("retry-after")) if response.status_code in (429, 503) else None
+            asked = f" (Retry-After: {response.headers['retry-after']})" if wait is not None else ""
+            raise DeliveryError(
+                f"POST {self._url} answered {response.status_code}{where}{asked}: {response.text[:300]}",
+                retry_after_s=wait,
+            )
         data = response.json()
         rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
         result = DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)

@@ -4,9 +4,13 @@ acknowledge the batch: the spool moved past events nothing had stored."""
 
 from __future__ import annotations
 
+import email.utils
 import gzip
+import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,3 +98,61 @@ def test_a_redirect_is_kept_and_retried_and_says_where_it_points(tmp_path: Path,
         flusher.stop()
     assert (stats.delivered, stats.pending, stats.failures) == (1, 0, 1)
     assert f"answered 308 (Location: {moved})" in (stats.last_error or ""), stats.last_error
+
+
+def _first_wait(caplog: pytest.LogCaptureFixture) -> float:
+    """The wait the flusher chose after its first failure, as it logs it ("retrying in 7.0s")."""
+    waits = [float(m.group(1)) for r in caplog.records if (m := re.search(r"retrying in ([0-9.]+)s", r.getMessage()))]
+    assert waits, caplog.text
+    return waits[0]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "max_backoff_s", "wait"),
+    [
+        (429, "7", 60.0, 7.0),  # honoured: the flusher's own backoff would have retried after 0.01 s
+        (503, "86400", 2.0, 2.0),  # a day: capped by max_backoff_s, never a stalled spool
+    ],
+)
+def test_a_retry_after_is_waited_at_least_capped_by_the_flusher_s_max_backoff(
+    tmp_path: Path,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    retry_after: str,
+    max_backoff_s: float,
+    wait: float,
+) -> None:
+    """A 429 or 503 with Retry-After was retried on the flusher's own backoff (0.01 s here), as if the service had
+    not asked. Now the wait is at least what it asks (up to max_backoff_s); the batch is kept, then delivered once."""
+    _Answering.script = [lambda n: (status, {"Retry-After": retry_after}, {})]
+    caplog.set_level(logging.WARNING, logger="metering.spool")
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(10):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=max_backoff_s)
+        assert not flusher.flush(timeout=0.5)  # the wait chosen is past this deadline: the flush gives up at once
+        assert _first_wait(caplog) == wait
+        kept = flusher.stats
+        assert flusher.flush(timeout=30)  # a new flush, a fresh backoff: the script ran out, a true answer takes it
+        stats = flusher.stats
+        flusher.stop()
+    assert (kept.delivered, kept.pending, kept.failures) == (0, 10, 1)
+    assert f"answered {status} (Retry-After: {retry_after})" in (kept.last_error or ""), kept.last_error
+    assert (stats.delivered, stats.duplicates, stats.rejected, stats.pending, stats.failures) == (10, 0, 0, 0, 1)
+
+
+def test_a_retry_after_as_an_http_date_is_waited_until_that_date(
+    tmp_path: Path, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    _Answering.script = [lambda n: (503, {"Retry-After": when}, {})]
+    caplog.set_level(logging.WARNING, logger="metering.spool")
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(orjson.dumps(record(0)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=600)
+        assert not flusher.flush(timeout=0.5)
+        stats = flusher.stats
+        flusher.stop(drain=False)
+    assert 60 < _first_wait(caplog) <= 120  # until the date (less the time the answer took), not 0.01 s
+    assert (stats.delivered, stats.pending, stats.failures) == (0, 1, 1)
