@@ -1,7 +1,8 @@
 """The audit log of admin changes (SQL; only flushes: the entry commits with the change it records).
 
 ``record`` is called by the edge in the same session as the change, after it, so the change and its entry
-commit together and a change that fails leaves no entry. ``before`` and ``after`` are redacted first: the
+commit together and a change that fails leaves no entry, and so does a write that changes nothing (``before``
+equals ``after``, unless the caller says a secret changed). ``before`` and ``after`` are redacted first: the
 value of any key named like a secret (``api_key``, ``secret``, ``token``, ``password``, ...) becomes
 ``"***"``, recursively; flags (``true``/``false``) and ``null`` are kept, so an entry still says whether a
 key was set. The actor is an API token (the API) or a ``LocalActor`` without one (the CLI: ``cli:<user>@<host>``,
@@ -136,10 +137,16 @@ def record(
     tenant_id: str | None = None,
     request_id: str | None = None,
     at: datetime | None = None,
-) -> AuditLogRow:
-    """Add one audit entry to the session's transaction (flushed, not committed)."""
+    secret_changed: bool = False,
+) -> AuditLogRow | None:
+    """Add one audit entry to the session's transaction (flushed, not committed). None, and no entry, for a write that
+    changed nothing: ``before`` equals ``after`` once redacted, unless ``secret_changed`` (a secret replaced by
+    another, which both show as ``***``: the caller compared the stored secret itself)."""
     if not action or len(action) > 100:
         raise InvalidInputError("an audit action has 1 to 100 characters")
+    before, after = redact(before), redact(after)
+    if not secret_changed and json.dumps(before, sort_keys=True) == json.dumps(after, sort_keys=True):  # 1 is not true
+        return None
     row = AuditLogRow(
         id=uuid7(),
         at=at or utcnow(),
@@ -148,8 +155,8 @@ def record(
         tenant_id=tenant_id,
         action=action,
         target=target[:MAX_TARGET],
-        before=redact(before),
-        after=redact(after),
+        before=before,
+        after=after,
         request_id=request_id[:MAX_REQUEST_ID] if request_id else None,
     )
     session.add(row)

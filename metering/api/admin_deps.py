@@ -72,8 +72,10 @@ class Auditor:
         after: Any,
         tenant_id: str | None = None,
         session: Session | None = None,
+        secret_changed: bool = False,
     ) -> None:
-        """``session``: another transaction than the request's (one the caller commits itself)."""
+        """``session``: another transaction than the request's (one the caller commits itself). A write that changed
+        nothing (``before`` equals ``after``, unless ``secret_changed``) records none: see ``audit.record``."""
         audit.record(
             session or self.session,
             actor=self.principal,
@@ -83,6 +85,7 @@ class Auditor:
             after=after,
             tenant_id=tenant_id,
             request_id=self.request_id,
+            secret_changed=secret_changed,
         )
 
     def settings_changed(self) -> None:

@@ -45,9 +45,24 @@ def cli_actor() -> audit.LocalActor:
 
 
 def record(
-    session: Session, action: str, target: str, *, before: Any, after: Any, tenant_id: str | None = None
+    session: Session,
+    action: str,
+    target: str,
+    *,
+    before: Any,
+    after: Any,
+    tenant_id: str | None = None,
+    secret_changed: bool = False,
 ) -> None:
-    """One entry in ``session``'s transaction (flushed; the command's ``admin_session`` commits it)."""
+    """One entry in ``session``'s transaction (flushed; the command's ``admin_session`` commits it); none for a change
+    that changed nothing (``before`` equals ``after``, unless ``secret_changed``: see ``audit.record``)."""
     audit.record(
-        session, actor=cli_actor(), action=action, target=target, before=before, after=after, tenant_id=tenant_id
+        session,
+        actor=cli_actor(),
+        action=action,
+        target=target,
+        before=before,
+        after=after,
+        tenant_id=tenant_id,
+        secret_changed=secret_changed,
     )

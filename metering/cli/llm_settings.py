@@ -41,6 +41,7 @@ def byollm_set(
     with admin_session() as (session, box):
         existing = store.byollm_row_to_replace(session, user, tenant)
         before = snap.byollm_snapshot(existing)
+        old_ciphertext = existing.api_key_ciphertext if existing is not None else None
         if key is None:
             key = store.kept_key(existing, box, provider=provider, base_url=base_url)
         row = store.put_byollm(
@@ -61,6 +62,7 @@ def byollm_set(
             before=before,
             after=snap.byollm_snapshot(row),
             tenant_id=row.tenant_id,
+            secret_changed=row.api_key_ciphertext != old_ciphertext,  # put_byollm keeps it for the same key
         )
         print_json(_byollm_view(row, box))
 

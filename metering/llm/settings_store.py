@@ -6,9 +6,12 @@ are encrypted with the SecretBox before they reach a row and decrypted only when
 
 from __future__ import annotations
 
+import hmac
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
@@ -75,6 +78,23 @@ def _name(name: str, value: str, *, strip: bool = False) -> str:
     return value
 
 
+def _replace(row: Any, values: Mapping[str, Any], now: datetime) -> None:
+    """Give ``row`` these values; ``updated_at`` moves only when one differs: a replacement with what is stored changes
+    nothing (the same row, the same answer, no audit entry)."""
+    changed = {name: value for name, value in values.items() if _differs(getattr(row, name), value)}
+    for name, value in changed.items():
+        setattr(row, name, value)
+    if changed or row.updated_at is None:
+        row.updated_at = now
+
+
+def _differs(old: Any, new: Any) -> bool:
+    """JSON compared as JSON: ``{"n": true}`` replaces ``{"n": 1}`` (equal to Python, not to a provider)."""
+    if isinstance(new, Mapping):
+        return old is None or json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True)
+    return bool(old != new)
+
+
 # -- BYOLLM -----------------------------------------------------------------------------------
 
 
@@ -106,13 +126,13 @@ def put_byollm(
     if row is None:
         row = ByollmSettingsRow(user_id=user_id, created_at=now)
         session.add(row)
-    row.tenant_id = tenant_id
-    row.provider = provider
-    row.model = model
-    row.base_url = base_url
-    row.api_key_ciphertext = box.encrypt(api_key) if api_key else None
-    row.fallback_policy = fallback_policy
-    row.updated_at = now
+    stored = stored_key(row, box)
+    if api_key and stored is not None and hmac.compare_digest(stored.encode(), api_key.encode()):
+        ciphertext = row.api_key_ciphertext  # the same key: kept as stored (a new encryption differs every time)
+    else:
+        ciphertext = box.encrypt(api_key) if api_key else None
+    values = {"tenant_id": tenant_id, "provider": provider, "model": model, "base_url": base_url}
+    _replace(row, values | {"api_key_ciphertext": ciphertext, "fallback_policy": fallback_policy}, now)
     flush_or_conflict(session, f"user id {user_id!r} was given BYOLLM settings by a concurrent request; retry")
     return row
 
@@ -299,11 +319,7 @@ def put_purpose(
     if row is None:
         row = PurposeSettingsRow(purpose=purpose)
         session.add(row)
-    row.provider = provider
-    row.model = model
-    row.base_url = base_url
-    row.params = dict(params or {})
-    row.updated_at = utcnow()
+    _replace(row, {"provider": provider, "model": model, "base_url": base_url, "params": dict(params or {})}, utcnow())
     flush_or_conflict(session, f"purpose {purpose!r} was created by a concurrent request; retry to replace it")
     return row
 
@@ -353,10 +369,8 @@ def put_budget(
     if row is None:
         row = ExtensionBudgetRow(extension_id=extension_id)
         session.add(row)
-    row.max_calls_per_invocation = max_calls
-    row.max_tokens_per_invocation = max_tokens
-    row.mode = mode
-    row.updated_at = utcnow()
+    values = {"max_calls_per_invocation": max_calls, "max_tokens_per_invocation": max_tokens, "mode": mode}
+    _replace(row, values, utcnow())
     flush_or_conflict(session, f"the budget of {extension_id!r} was created by a concurrent request; retry")
     return row
 

@@ -94,6 +94,26 @@ def test_settings_commands_write_one_entry_each_and_never_the_key(run, session_f
     )
 
 
+def test_a_set_that_changes_nothing_writes_no_entry_but_a_new_key_does(run, session_factory) -> None:
+    """Re-running a set with the stored settings wrote an entry whose before equalled its after (ending an override or
+    revoking a token twice wrote none). A new BYOLLM key with all else equal, *** before and after, is still one."""
+    byollm = ("byollm", "set", "-u", "alice", "-t", "acme", "--provider", "anthropic", "--model", "claude-haiku-4-5")
+    commands = [
+        (*byollm, "--api-key", SECRET),
+        ("purpose", "set", "content_rewrite", "--provider", "openai", "--model", "gpt-4o-mini", "--params", '{"a": 1}'),
+        ("budget", "set", "chatty", "--max-calls", "3"),
+    ]
+    for command in commands:
+        first, again = run(*command), run(*command)
+        assert again.stdout == first.stdout  # the same settings, the same updated_at
+    assert count(session_factory) == 3
+
+    run(*byollm, "--api-key", SECRET + "-2")
+    replaced = audit_rows(session_factory, "byollm.set")[-1]
+    assert replaced.before == replaced.after and replaced.after["api_key"] == "***"
+    assert count(session_factory) == 4 and SECRET not in table_dump(session_factory, "audit_log")
+
+
 def test_a_failed_command_writes_no_entry(run, session_factory) -> None:
     run("byollm", "set", "-u", "carol", "-t", "acme", "--provider", "simulated", "--model", "m1")
     before = count(session_factory)

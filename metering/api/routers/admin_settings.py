@@ -152,6 +152,7 @@ def put_byollm(
     existing = store.byollm_row_to_replace(session, user_id, tenant_id)
     before = snap.byollm_snapshot(existing)
     old_key = store.stored_key(existing, box)
+    old_ciphertext = existing.api_key_ciphertext if existing is not None else None
     if "api_key" in body.model_fields_set:
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
     else:
@@ -168,7 +169,10 @@ def put_byollm(
         fallback_policy=body.fallback_policy,
     )
     target = snap.user_target(tenant_id, user_id)
-    audit.record("byollm.set", target, before=before, after=snap.byollm_snapshot(row), tenant_id=tenant_id)
+    after = snap.byollm_snapshot(row)
+    # the key is "***" before and after: a new one is told by its ciphertext (put_byollm keeps it for the same key)
+    key_changed = row.api_key_ciphertext != old_ciphertext
+    audit.record("byollm.set", target, before=before, after=after, tenant_id=tenant_id, secret_changed=key_changed)
     audit.settings_changed()
     audit.key_replaced(old_key)  # even when kept: its adapter may hold another base_url (one call remakes it)
     return _byollm_out(row, store.mask_key(api_key))

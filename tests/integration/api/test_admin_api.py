@@ -40,6 +40,9 @@ def fake_key() -> str:
     return f"sk-ant-api03-{secrets.token_urlsafe(24)}-wxyz"
 
 
+KEY = fake_key()
+
+
 # -- per-purpose settings ---------------------------------------------------------------------------
 
 
@@ -289,6 +292,46 @@ def test_budgets_put_get_list_delete_audited(client, admin, session_factory):
     )
     assert second.before == first.after and second.after == {"max_calls": None, "max_tokens": 10_000, "mode": "report"}
     assert (removed.action, removed.before, removed.after) == ("budget.delete", second.after, None)
+
+
+def test_a_put_that_changes_nothing_writes_no_audit_entry_and_answers_the_same(client, admin, session_factory):
+    """Re-sending the stored settings wrote an entry whose before equalled its after (and moved updated_at), while
+    ending an override or revoking a token twice wrote none: a write that changes nothing now writes no entry, and
+    answers the same body."""
+    writes = [
+        ("/v1/admin/purposes/content_rewrite", {"provider": "simulated", "model": "fast-1", "params": {"top_p": 0.9}}),
+        ("/v1/admin/users/acme/alice/byollm", {"provider": "anthropic", "model": "claude-haiku-4-5", "api_key": KEY}),
+        ("/v1/admin/users/acme/carol/byollm", {"provider": "simulated", "model": "m"}),  # no key: none kept
+        ("/v1/admin/budgets/rewrite", {"max_calls": 5, "mode": "enforce"}),
+    ]
+    for url, body in writes:
+        first = client.put(url, json=body, headers=admin)
+        again = client.put(url, json=body, headers=admin)
+        assert first.status_code == again.status_code == 200, (first.text, again.text)
+        assert again.json() == first.json()
+    assert actions(session_factory) == ["purpose.set", "byollm.set", "byollm.set", "budget.set"]
+
+    url, body = writes[0]  # JSON compared as JSON: {"n": true} is not {"n": 1}, though equal to Python
+    assert client.put(url, json={**body, "params": {"n": 1}}, headers=admin).json()["params"] == {"n": 1}
+    assert client.put(url, json={**body, "params": {"n": True}}, headers=admin).json()["params"] == {"n": True}
+    assert [e.after["params"] for e in audit_rows(session_factory, "purpose.set")][1:] == [{"n": 1}, {"n": True}]
+
+
+def test_a_new_byollm_key_with_everything_else_equal_is_audited(client, admin, session_factory, settings):
+    """The snapshot shows the key as *** before and after: a replaced key is told by the stored key itself."""
+    url = "/v1/admin/users/acme/alice/byollm"
+    body = {"provider": "anthropic", "model": "claude-haiku-4-5", "api_key": KEY}
+    assert client.put(url, json=body, headers=admin).status_code == 200
+    other = fake_key()
+    assert client.put(url, json={**body, "api_key": other}, headers=admin).status_code == 200
+    assert client.put(url, json={**body, "api_key": other}, headers=admin).status_code == 200  # the same again
+    created, replaced = audit_rows(session_factory, "byollm.set")
+    assert replaced.before == replaced.after == created.after and replaced.after["api_key"] == "***"
+    with session_factory() as session:
+        row = session.get(ByollmSettingsRow, "alice")
+        assert row is not None and secret_box_from_settings(settings).decrypt(row.api_key_ciphertext) == other
+    for secret in (KEY, other):
+        assert secret not in table_dump(session_factory, "audit_log")
 
 
 @pytest.mark.parametrize(

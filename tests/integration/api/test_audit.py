@@ -219,7 +219,8 @@ def test_get_audit_returns_the_cli_s_entries_which_read_as_the_api_s(
         done = CliRunner().invoke(cli_app, args, env=env)
         assert done.exit_code == 0, done.output
     admin = bearer(make_token(Scope.ADMIN, name="ops"))
-    assert client.put("/v1/admin/budgets/chatty", json={"max_calls": 3}, headers=admin).status_code == 200
+    # another limit: the same one would change nothing, and write no entry
+    assert client.put("/v1/admin/budgets/chatty", json={"max_calls": 5}, headers=admin).status_code == 200
 
     page = client.get("/v1/audit", headers=admin)
     assert page.status_code == 200, page.text  # a null token id validates against the response model
@@ -227,8 +228,9 @@ def test_get_audit_returns_the_cli_s_entries_which_read_as_the_api_s(
     assert cli_budget["actor"]["token_id"] is None and cli_budget["actor"]["name"].startswith("cli:")
     assert cli_budget["request_id"] is None and cli_budget["tenant_id"] is None
     assert api_budget["actor"]["name"] == "ops"
-    same = ("action", "target", "after")
+    same = ("action", "target")
     assert {k: cli_budget[k] for k in same} == {k: api_budget[k] for k in same}  # whichever edge made it
+    assert api_budget["after"] == {**cli_budget["after"], "max_calls": 5}
     assert api_budget["before"] == cli_budget["after"]
     assert (cli_byollm["action"], cli_byollm["target"]) == ("byollm.set", "user:acme/alice")
 
