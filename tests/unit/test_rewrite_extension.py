@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from metering.errors import InvalidInputError, ProviderError
+from metering.errors import InvalidInputError, InvalidJSONResponseError, ProviderError
 from metering.extensions.rewrite import chat as rewrite
 from metering.extensions.rewrite.handlers import REWRITE_MAX_TOKENS, action_items_max_tokens
 from metering.extensions.rewrite.schemas import MAX_ACTION_ITEMS_CHARS, MAX_REWRITE_CHARS
@@ -148,3 +148,44 @@ async def test_is_byollm_only_when_every_variation_was_served_by_the_users_own_l
     assert result.result["is_byollm"] is (not billed)
     assert result.is_byollm is (not billed)  # the invoke response's top-level flag too
     assert (result.result["provider"], result.result["model"]) == ("openai_compatible", "llama")  # the last call's
+
+
+class Replies(FakeProvider):
+    """Answers the text its model names (REPLIED[model]), as a real model may write it."""
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        return ProviderResult(text=REPLIED[request.model], usage=TokenUsage(100, 20), stop_reason="end_turn",
+                              model=request.model)  # fmt: skip
+
+
+REPLIED: dict[str, str] = {}
+
+
+async def action_items_of(reply: str) -> tuple[Any, Recorder]:
+    """extract_action_items' result (or the error it raised) for a model replying ``reply``, and its events."""
+    REPLIED["m"] = reply
+    rec = Recorder()
+    runtime = Runtime(settings=InMemorySettings(), platform=PlatformLLM(provider="openai", model="m", api_keys={}),
+                      providers=ProviderPool(Replies), recorder=rec)  # fmt: skip
+    try:
+        result: Any = (await runtime.invoke(rewrite, "extract_action_items", {"text": "Bob: doc by Fri."}, USER)).result
+    except InvalidJSONResponseError as exc:
+        result = exc
+    return result, rec
+
+
+@pytest.mark.parametrize(
+    ("reply", "item", "problem"),
+    [
+        ('{"items": [{"task": "a"}, {"owner": "Bob"}]}', 1, "task: Field required"),
+        ('{"items": [{"task": "a", "deadline": 5}]}', 0, "deadline: Input should be a valid string"),
+        ('{"items": ["Call Bob"]}', 0, "Input should be a valid dictionary"),
+        ('[{"task": null, "owner": 1}]', 0, "owner: Input should be a valid string (and 1 more error)"),
+    ],
+)
+async def test_an_action_item_not_matching_names_the_item_and_the_field(reply: str, item: int, problem: str) -> None:
+    """The 502 said only "action items do not match {owner, deadline, task}: 1 errors": not which item nor what."""
+    error, rec = await action_items_of(reply)
+    assert isinstance(error, InvalidJSONResponseError) and error.text == reply
+    assert f"action item {item} does not match {{owner, deadline, task}}: {problem}" in error.message
+    assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call was used: metered (and billed) once

@@ -137,11 +137,19 @@ async def extract_action_items(ctx: Context, params: ExtractActionItemsParams) -
     raw_items = payload.get("items") if isinstance(payload, dict) else payload
     if not isinstance(raw_items, list):
         raise InvalidJSONResponseError("expected a JSON object with an 'items' list", text=response.text)
+    return {"action_items": [_action_item(index, item, response.text) for index, item in enumerate(raw_items)],
+            **_served_by(ctx)}  # fmt: skip
+
+
+def _action_item(index: int, item: Any, text: str) -> dict[str, Any]:
+    """One item of the reply's list, or a 502 naming it, its field and what is wrong (the first problem found)."""
     try:
-        items = [ActionItem.model_validate(item).model_dump() for item in raw_items]
+        return ActionItem.model_validate(item).model_dump()
     except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "".join(f"{part}: " for part in first["loc"])
+        more = exc.error_count() - 1
+        rest = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
         raise InvalidJSONResponseError(
-            f"action items do not match {{owner, deadline, task}}: {exc.error_count()} errors",
-            text=response.text,
+            f"action item {index} does not match {{owner, deadline, task}}: {where}{first['msg']}{rest}", text=text
         ) from None
-    return {"action_items": items, **_served_by(ctx)}
