@@ -68,23 +68,44 @@ def _starts_json(line: str) -> bool:
     return line[:1] in _JSON_STARTS or (line.split(maxsplit=1) or [""])[0] in _JSON_LITERALS
 
 
+def _fenced_block(text: str) -> str | None:
+    """The one fenced block of a reply with prose around it ("Here are the items:\n```json\n{...}\n```\nHope this
+    helps."); none when the reply holds no complete block, or several (which one is the answer would be a guess)."""
+    if text.count(_FENCE) != 2:
+        return None
+    start = text.index(_FENCE)
+    return text[start : text.index(_FENCE, start + len(_FENCE)) + len(_FENCE)]
+
+
+def _loads(candidate: str) -> tuple[Any, str | None]:
+    """The parsed value, or why it is not JSON."""
+    try:
+        value = json.loads(candidate)
+    except ValueError as exc:
+        return None, exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+    except RecursionError:  # a reply such as "[[[[…" nested deeper than the interpreter's stack
+        return None, "nested too deeply"
+    # "\ud83d" escaped alone in the JSON is a lone surrogate once parsed: no caller could encode it.
+    return (clean_json_value(value) if "\\u" in candidate else value), None
+
+
 def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
     """Parse a model's JSON answer, tolerating a surrounding Markdown code fence.
 
     The fence may be on its own lines (```json, the JSON, ```) or on the answer's one line (```json {...}```,
-    ```{...}```). ``cut_off_at``: the ``max_tokens`` the reply stopped at (its stop reason was ``max_tokens``), so
-    that an error says the JSON was cut off rather than only where its parser gave up.
+    ```{...}```), and prose may come before or after it when the reply holds that one fenced block.
+    ``cut_off_at``: the ``max_tokens`` the reply stopped at (its stop reason was ``max_tokens``), so that an error
+    says the JSON was cut off rather than only where its parser gave up.
     """
-    candidate = _unfenced(text.strip())
-    try:
-        value = json.loads(candidate)
-    except ValueError as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-    except RecursionError:  # a reply such as "[[[[…" nested deeper than the interpreter's stack
-        reason = "nested too deeply"
-    else:
-        # "\ud83d" escaped alone in the JSON is a lone surrogate once parsed: no caller could encode it.
-        return clean_json_value(value) if "\\u" in candidate else value
+    stripped = text.strip()
+    value, reason = _loads(_unfenced(stripped))
+    if reason is None:
+        return value
+    block = _fenced_block(stripped)
+    if block is not None and block != stripped:
+        value, block_reason = _loads(_unfenced(block))
+        if block_reason is None:
+            return value
     if cut_off_at is not None:
         reason = f"{reason}: the reply was cut off at max_tokens={cut_off_at}, its stop reason"
     raise InvalidJSONResponseError(

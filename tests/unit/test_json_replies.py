@@ -53,3 +53,32 @@ def test_a_lone_surrogate_escaped_in_the_json_is_replaced() -> None:
     assert parse_json_text('{"t\\ud800": ["Call \\ud83d", "ok \\ud83d\\ude00"]}') == {
         "t\ufffd": ["Call \ufffd", "ok 😀"]
     }
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        'Here are the action items:\n\n```json\n{"items": []}\n```',
+        '```json\n{"items": []}\n```\nLet me know if you need anything else.',
+        'Sure! ```json {"items": []}``` Hope this helps.',
+        'Here you go:\n```\n{"items": []}\n```\n',
+    ],
+)
+def test_the_one_fenced_block_of_a_reply_with_prose_around_it_is_parsed(reply: str) -> None:
+    """Models often write a sentence before or after the fenced JSON: it was a 502 ("Expecting value")."""
+    assert parse_json_text(reply) == {"items": []}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        'Here are the items: {"items": []}',  # no fence: which part is the JSON is a guess
+        'One:\n```json\n{"items": []}\n```\nOr:\n```json\n{"items": [1]}\n```',  # two blocks: which one?
+        'Here:\n```json\n{"items": [{"task": "Call',  # a block never closed
+        "Here:\n```json\nnot json\n```",
+    ],
+)
+def test_a_reply_with_prose_and_no_one_fenced_json_block_is_still_refused(reply: str) -> None:
+    with pytest.raises(InvalidJSONResponseError, match="not valid JSON") as info:
+        parse_json_text(reply)
+    assert info.value.text == reply

@@ -189,3 +189,12 @@ async def test_an_action_item_not_matching_names_the_item_and_the_field(reply: s
     assert isinstance(error, InvalidJSONResponseError) and error.text == reply
     assert f"action item {item} does not match {{owner, deadline, task}}: {problem}" in error.message
     assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call was used: metered (and billed) once
+
+
+async def test_action_items_in_a_fenced_block_after_a_sentence_are_returned() -> None:
+    """What models often answer: a sentence, then the fenced JSON. It was a 502 (the call billed, nothing returned)."""
+    result, rec = await action_items_of(
+        'Here are the action items:\n```json\n{"items": [{"task": "Send the doc"}]}\n```'
+    )
+    assert result["action_items"] == [{"owner": None, "deadline": None, "task": "Send the doc"}]
+    assert len(rec.events) == 1
