@@ -626,3 +626,37 @@ def test_an_invocation_ends_before_its_key_could_read_as_outcome_unknown(
     assert _spooled_and_stored(client, session_factory) == 2
     rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
     assert [r.status for r in rows] == ["ok", "cancelled"] and rows[0].billing_status == "billed"
+
+
+ACTION_ITEMS = "/v1/extensions/rewrite/functions/extract_action_items:invoke"
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        (Reply(text='Here are the action items:\n```json\n{"items": [{"owner": "Zoë", "task": "送信"}]}\n```'), 200),
+        (Reply(text='```json\n{"items": []}\n```\nLet me know if you need more.'), 200),
+        (Reply(text='{"items": [{"owner": "Bob", "task": "Call"},]}'), "not valid JSON"),  # a trailing comma
+        (Reply(text='{"items": [{"owner": "Bob"}]}'), "action item 0 does not match"),
+        (Reply(text='{"tasks": []}'), "'items' list"),
+        (Reply(text='{"items": [{"owner": "Bob", "ta', stop_reason="length"), "cut off at max_tokens"),
+    ],
+)
+def test_action_items_of_what_real_models_reply_are_returned_or_a_502_naming_the_problem_billed_once(
+    client, admin, session_factory, openai_server: FakeOpenAIServer, reply, outcome
+):
+    """Through the official SDK: a reply is parsed, or it is a 502 naming what is wrong, its one call billed."""
+    openai_server.default = reply
+    purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+    assert client.put("/v1/admin/purposes/action_items", json=purpose, headers=admin).status_code == 200
+    response = _invoke(client, admin, ACTION_ITEMS, text="Zoë sends it; Bob calls.")
+    if outcome == 200:
+        assert response.status_code == 200, response.text
+        event_ids = response.json()["event_ids"]
+    else:
+        body = assert_problem(response, 502, "invalid_json_response")
+        assert outcome in body["detail"]
+        event_ids = body["event_ids"]
+    assert len(event_ids) == 1 and _spooled_and_stored(client, session_factory) == 1
+    (row,) = _events(session_factory, [uuid.UUID(event_ids[0])])
+    assert row.billing_status == "billed"
