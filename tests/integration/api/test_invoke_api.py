@@ -660,3 +660,21 @@ def test_action_items_of_what_real_models_reply_are_returned_or_a_502_naming_the
     assert len(event_ids) == 1 and _spooled_and_stored(client, session_factory) == 1
     (row,) = _events(session_factory, [uuid.UUID(event_ids[0])])
     assert row.billing_status == "billed"
+
+
+def test_a_variation_failing_mid_way_fails_rewrite_multiple_naming_every_call_billed_once(
+    client, admin, session_factory, openai_server: FakeOpenAIServer
+):
+    """The second of three variations fails at the provider: no partial list as if whole; the first call (used)
+    billed once, the failed one (nothing used) metered at no cost, the third never made."""
+    from tests.fakes.server import Fail
+
+    openai_server.script(Reply(text="Hey, send it over?"), Fail(400, message="bad request"), Reply(text="unused"))
+    purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
+    assert client.put("/v1/admin/purposes/content_rewrite", json=purpose, headers=admin).status_code == 200
+    response = _invoke(client, admin, MULTIPLE, text="send me the doc", tone="casual", n_variations=3)
+    body = assert_problem(response, 502, "provider_error")
+    assert "result" not in body and len(body["event_ids"]) == 2 and len(openai_server.requests) == 2
+    assert _spooled_and_stored(client, session_factory) == 2
+    rows = _events(session_factory, [uuid.UUID(e) for e in body["event_ids"]])
+    assert [(r.status, r.billing_status) for r in rows] == [("ok", "billed"), ("error", "not_billable")]
