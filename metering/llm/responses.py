@@ -98,9 +98,12 @@ def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
     says the JSON was cut off rather than only where its parser gave up.
     """
     stripped = text.strip()
-    value, reason = _loads(_unfenced(stripped))
+    candidate = _unfenced(stripped)
+    value, reason = _loads(candidate)
     if reason is None:
         return value
+    if not candidate.strip():  # nothing, or an empty fence: json's "Expecting value" reads as something unreadable
+        reason = "the reply is empty"
     block = _fenced_block(stripped)
     if block is not None and block != stripped:
         value, block_reason = _loads(_unfenced(block))

@@ -82,3 +82,12 @@ def test_a_reply_with_prose_and_no_one_fenced_json_block_is_still_refused(reply:
     with pytest.raises(InvalidJSONResponseError, match="not valid JSON") as info:
         parse_json_text(reply)
     assert info.value.text == reply
+
+
+@pytest.mark.parametrize("reply", ["", "  \n ", "```json\n```"])
+def test_an_empty_reply_says_it_is_empty(reply: str) -> None:
+    """It said "not valid JSON (Expecting value)", as if the model had written something unreadable."""
+    with pytest.raises(InvalidJSONResponseError, match=r"not valid JSON \(the reply is empty\)"):
+        parse_json_text(reply)
+    with pytest.raises(InvalidJSONResponseError, match=r"\(the reply is empty: the reply was cut off at max_tokens=9"):
+        parse_json_text(reply, cut_off_at=9)
