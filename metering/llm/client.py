@@ -360,7 +360,7 @@ class MeteredLLM:
             parsed = None
             if response_format == "json":
                 cut_off_at = max_tokens if result.stop_reason == STOP_MAX_TOKENS else None
-                parsed = parse_json_text(text, cut_off_at=cut_off_at)
+                parsed = parse_json_text(text, cut_off_at=cut_off_at, stop_reason=result.stop_reason)
             return LLMResponse(
                 text=text,
                 provider=target.config.provider,

@@ -41,6 +41,8 @@ _FENCE = "```"
 _INFO_STRING = re.compile(r"[A-Za-z][\w+.#-]*(?=\s|$)")
 _JSON_LITERALS = frozenset({"true", "false", "null"})
 _JSON_STARTS = frozenset('{["-0123456789')
+# Stop reasons of a reply that ended as the model meant it to (or of one cut off by max_tokens, reported on its own).
+_FINISHED = frozenset({None, "end_turn", "stop_sequence", STOP_MAX_TOKENS})
 
 
 def _unfenced(text: str) -> str:
@@ -89,13 +91,14 @@ def _loads(candidate: str) -> tuple[Any, str | None]:
     return (clean_json_value(value) if "\\u" in candidate else value), None
 
 
-def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
+def parse_json_text(text: str, *, cut_off_at: int | None = None, stop_reason: str | None = None) -> Any:
     """Parse a model's JSON answer, tolerating a surrounding Markdown code fence.
 
     The fence may be on its own lines (```json, the JSON, ```) or on the answer's one line (```json {...}```,
     ```{...}```), and prose may come before or after it when the reply holds that one fenced block.
     ``cut_off_at``: the ``max_tokens`` the reply stopped at (its stop reason was ``max_tokens``), so that an error
-    says the JSON was cut off rather than only where its parser gave up.
+    says the JSON was cut off rather than only where its parser gave up. ``stop_reason``: the reply's; one other than
+    a normal finish (a content filter, a refusal) is named in the error, the likely reason there is no JSON.
     """
     stripped = text.strip()
     candidate = _unfenced(stripped)
@@ -111,6 +114,8 @@ def parse_json_text(text: str, *, cut_off_at: int | None = None) -> Any:
             return value
     if cut_off_at is not None:
         reason = f"{reason}: the reply was cut off at max_tokens={cut_off_at}, its stop reason"
+    elif stop_reason not in _FINISHED:
+        reason = f"{reason}: the provider stopped the reply, its stop reason {stop_reason!r}"
     raise InvalidJSONResponseError(
         f"response_format='json' was requested but the model's reply is not valid JSON ({reason}); "
         f"the raw text is on the error's .text attribute",

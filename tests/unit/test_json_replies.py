@@ -91,3 +91,20 @@ def test_an_empty_reply_says_it_is_empty(reply: str) -> None:
         parse_json_text(reply)
     with pytest.raises(InvalidJSONResponseError, match=r"\(the reply is empty: the reply was cut off at max_tokens=9"):
         parse_json_text(reply, cut_off_at=9)
+
+
+@pytest.mark.parametrize("stop_reason", ["content_filter", "refusal", "tool_use"])
+def test_a_reply_stopped_for_another_reason_names_it(stop_reason: str) -> None:
+    """A reply the content filter cut or the model refused said only "not valid JSON (Expecting value)"."""
+    with pytest.raises(
+        InvalidJSONResponseError, match=f"the provider stopped the reply, its stop reason '{stop_reason}'"
+    ):
+        parse_json_text("I can't help with that.", stop_reason=stop_reason)
+    assert parse_json_text("[]", stop_reason=stop_reason) == []  # what parses is for the caller to judge
+
+
+@pytest.mark.parametrize("stop_reason", [None, "end_turn", "stop_sequence", "max_tokens"])
+def test_a_reply_that_finished_normally_names_no_stop_reason(stop_reason: str | None) -> None:
+    with pytest.raises(InvalidJSONResponseError) as info:
+        parse_json_text("not json", stop_reason=stop_reason)
+    assert "stop reason" not in info.value.message
