@@ -641,6 +641,7 @@ ACTION_ITEMS = "/v1/extensions/rewrite/functions/extract_action_items:invoke"
         (Reply(text='{"tasks": []}'), "'items' list"),
         (Reply(text='{"items": [{"owner": "Bob", "ta', stop_reason="length"), "cut off at max_tokens"),
         (Reply(text='{"items": [{"task": "Ca', stop_reason="content_filter"), "stop reason 'content_filter'"),
+        (Reply(text='{"items": []}' + "\n" * 50, stop_reason="length"), 200),  # JSON mode's padding: whole
     ],
 )
 def test_action_items_of_what_real_models_reply_are_returned_or_a_502_naming_the_problem_billed_once(
