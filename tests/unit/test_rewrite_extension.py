@@ -198,3 +198,21 @@ async def test_action_items_in_a_fenced_block_after_a_sentence_are_returned() ->
     )
     assert result["action_items"] == [{"owner": None, "deadline": None, "task": "Send the doc"}]
     assert len(rec.events) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "got"),
+    [
+        ('{"action_items": []}', "an object with the keys 'action_items'"),
+        ('{"items": null}', "an object whose 'items' is null"),
+        ('{"items": {"task": "a"}}', "an object whose 'items' is an object"),
+        ('"none"', "a string"),
+        ("{}", "an object with no keys"),
+    ],
+)
+async def test_a_reply_without_an_items_list_says_what_it_holds(reply: str, got: str) -> None:
+    """It said only "expected a JSON object with an 'items' list", whatever the model wrote instead."""
+    error, rec = await action_items_of(reply)
+    assert isinstance(error, InvalidJSONResponseError)
+    assert f"expected a JSON object with an 'items' list, got {got}" in error.message
+    assert len(rec.events) == 1

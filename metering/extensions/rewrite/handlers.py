@@ -136,9 +136,34 @@ async def extract_action_items(ctx: Context, params: ExtractActionItemsParams) -
     payload = response.json
     raw_items = payload.get("items") if isinstance(payload, dict) else payload
     if not isinstance(raw_items, list):
-        raise InvalidJSONResponseError("expected a JSON object with an 'items' list", text=response.text)
+        got = _what(payload) if not isinstance(payload, dict) else _object_without_items(payload)
+        raise InvalidJSONResponseError(f"expected a JSON object with an 'items' list, got {got}", text=response.text)
     return {"action_items": [_action_item(index, item, response.text) for index, item in enumerate(raw_items)],
             **_served_by(ctx)}  # fmt: skip
+
+
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _what(value: Any) -> str:
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _object_without_items(payload: dict[str, Any]) -> str:
+    """What a reply object holds instead of an 'items' list (its keys, bounded; or what its 'items' is)."""
+    if "items" in payload:
+        return f"an object whose 'items' is {_what(payload['items'])}"
+    if not payload:
+        return "an object with no keys"
+    keys = ", ".join(repr(key[:40]) for key in list(payload)[:5])
+    return f"an object with the keys {keys}{', ...' if len(payload) > 5 else ''}"
 
 
 def _action_item(index: int, item: Any, text: str) -> dict[str, Any]:
