@@ -102,15 +102,20 @@ def claim(
 
 
 def _delete_expired(session: Session, tenant_id: str, key: str, now: datetime) -> None:
-    """Keys past their retention. On PostgreSQL, rows another transaction holds are skipped (it is deleting them),
-    but for this claim's own key, which must be free: a DELETE locking every expired row waited on them in its
-    plan's order (claimed_at order by the index, or the table's physical order), so two claims whose plans differed
-    deadlocked (a 503). Now a claim waits on at most one row, its own key's, and a clean-up on none."""
+    """Keys past their retention. On PostgreSQL, this claim's own key first (it must be free: the claim waits for a
+    transaction holding it), then the others but those another transaction holds (it is deleting them). A DELETE
+    locking every expired row waited on them in its plan's order (claimed_at order by the index, or the table's
+    physical order), so two claims whose plans differed deadlocked (a 503); and a clean-up that locked other claims'
+    keys before waiting on its own key deadlocked with a claim whose clean-up held that key while waiting on one of
+    them. Now a claim waits only on its own key, before it holds any row, and a clean-up on none."""
     expired = InvokeRequestRow.claimed_at < now - RETENTION
     if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            delete(InvokeRequestRow).where(_key(tenant_id, key) & expired).execution_options(synchronize_session=False)
+        )
         pk = tuple_(InvokeRequestRow.tenant_id, InvokeRequestRow.idempotency_key)
         free = select(InvokeRequestRow.tenant_id, InvokeRequestRow.idempotency_key).where(expired)
-        expired = pk.in_(free.with_for_update(skip_locked=True)) | (_key(tenant_id, key) & expired)
+        expired = pk.in_(free.with_for_update(skip_locked=True))
     session.execute(delete(InvokeRequestRow).where(expired).execution_options(synchronize_session=False))
 
 

@@ -219,3 +219,59 @@ def test_a_claims_own_expired_key_held_by_another_clean_up_is_waited_for_not_ski
         holder.commit()
     thread.join(60)
     assert outcome == [None]  # claimed: the key is this request's now
+
+
+def test_concurrent_claims_of_each_others_expired_keys_do_not_deadlock(session_factory, backend) -> None:
+    """PostgreSQL: a claim's clean-up locked every expired row it could (skipping held ones), then waited on its own
+    key: a claim whose clean-up locked another claim's key first (its plan's order) while that claim's clean-up had
+    locked its key waited on each other (`deadlock detected`, a 503). A claim now takes its own key before the
+    clean-up: it waits holding nothing, so no cycle. Claims in opposite orders, each of the key the other locks
+    first, started together, many times (without the fix most rounds deadlock; with it none can)."""
+    if backend != "postgresql":
+        pytest.skip("SQLite writes one transaction at a time")
+    import threading
+
+    from sqlalchemy import text
+
+    now = T0 + ir.RETENTION + timedelta(days=1)
+    seed = text(
+        "INSERT INTO invoke_requests (tenant_id, idempotency_key, request_sha256, invocation_id, state, claimed_at) "
+        "SELECT 'acme', 'old-' || i, :sha, :invocation, 'done', :t0 - i * interval '1 second' "
+        "FROM generate_series(0, 1999) AS i"
+    )
+    errors: list[BaseException] = []
+
+    def claimer(key: str, plan: str, start: threading.Barrier) -> None:
+        try:
+            with session_factory() as session:
+                for statement in plan.split(";"):
+                    session.execute(text(statement))
+                start.wait(30)
+                ir.claim(session, tenant_id="acme", key=key, sha256=SHA, invocation_id=INVOCATION, now=now)
+                session.commit()
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    for _ in range(10):
+        with session_factory() as session:
+            session.execute(text("DELETE FROM invoke_requests"))
+            session.execute(seed, {"sha": SHA, "invocation": INVOCATION, "t0": T0})
+            session.commit()
+            # each claims the key the other's clean-up locks first
+            first_physical = session.execute(
+                text("SELECT idempotency_key FROM invoke_requests ORDER BY ctid LIMIT 1")
+            ).scalar_one()
+        oldest = "old-1999"
+        start = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=claimer, args=(oldest, _PLANS["physical order"], start)),
+            threading.Thread(target=claimer, args=(first_physical, _PLANS["index order"], start)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        with session_factory() as session:
+            left = session.execute(text("SELECT idempotency_key FROM invoke_requests ORDER BY 1")).scalars().all()
+        assert left == sorted([oldest, first_physical])  # both claimed, every expired key deleted

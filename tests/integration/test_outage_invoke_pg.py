@@ -69,7 +69,7 @@ def test_a_failed_invoke_whose_release_commit_dies_frees_its_key(service: Servic
     down = {"provider": "simulated", "model": "unavailable-model"}
     put = httpx.put(f"{service.server.base}/v1/admin/purposes/content_rewrite", json=down, headers=service.admin)
     assert put.status_code == 200, put.text
-    trap = service.proxy.trap(is_commit, cut, after="DELETE FROM invoke_requests WHERE invoke_requests.tenant_id")
+    trap = service.proxy.trap(is_commit, cut, after="invoke_requests.state = ")  # the release, not a claim
     first = _invoke(service, f"release-{cut.value}")
     assert first.status_code == 502 and first.json()["code"] == "provider_error", first.text
     assert trap.done.is_set()
