@@ -131,45 +131,36 @@ def _settle_failure(
     key, an outage (its COMMIT failing on a dropped connection or a lock) is tried once more on a fresh connection,
     as ``_record_again`` does for a success: the key stayed `running`, and its retry answered
     `idempotency_in_progress`, then `idempotency_outcome_unknown`, for a failure the first request knew."""
+
+    def attempt(again: bool) -> None:
+        """``again``: a first attempt failed, its COMMIT may have gone through: if the claim is no longer running,
+        nothing is written (the audit entry not twice)."""
+        with request.app.state.sessions() as session:
+            if key is not None:
+                if calls is not None and calls.used_event_ids and problem is not None:
+                    settled = invoke_requests.complete(session, tenant_id=body.tenant_id, key=key,
+                                                       claimed_at=claimed_at, status=problem[0], body=problem[1],
+                                                       now=utcnow())  # fmt: skip
+                else:
+                    settled = invoke_requests.release(session, tenant_id=body.tenant_id, key=key,
+                                                      claimed_at=claimed_at)  # fmt: skip
+                if again and not settled:
+                    return
+            if calls is not None and problem is not None:
+                after = {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids,
+                         "user_id": body.user_id, "error": problem[1]["code"], "idempotency_key": key}  # fmt: skip
+                audit.record(ACTION, target, before=None, after=after, tenant_id=body.tenant_id, session=session)
+            session.commit()
+
     for again in (False, True) if key is not None else (False,):
         try:
-            _settle(request, audit, body, target, key, claimed_at, calls, problem, again=again)
+            attempt(again)
             return
         except Exception as exc:
             log.warning("could not record the failed invocation (key %r of tenant %r)", key, body.tenant_id,
                         exc_info=True)  # fmt: skip
             if not is_outage(exc):
                 return
-
-
-def _settle(
-    request: Request,
-    audit: Auditor,
-    body: InvokeRequest,
-    target: str,
-    key: str | None,
-    claimed_at: datetime,
-    calls: InvocationCalls | None,
-    problem: tuple[int, dict[str, Any]] | None,
-    *,
-    again: bool,
-) -> None:
-    """One attempt of ``_settle_failure``. ``again``: a first attempt failed, its COMMIT may have gone through: if the
-    claim is no longer running, nothing is written (the audit entry not twice)."""
-    with request.app.state.sessions() as session:
-        if key is not None:
-            if calls is not None and calls.used_event_ids and problem is not None:
-                settled = invoke_requests.complete(session, tenant_id=body.tenant_id, key=key, claimed_at=claimed_at,
-                                                   status=problem[0], body=problem[1], now=utcnow())  # fmt: skip
-            else:
-                settled = invoke_requests.release(session, tenant_id=body.tenant_id, key=key, claimed_at=claimed_at)
-            if again and not settled:
-                return
-        if calls is not None and problem is not None:
-            after = {"invocation_id": str(calls.invocation_id), "event_ids": calls.event_ids,
-                     "user_id": body.user_id, "error": problem[1]["code"], "idempotency_key": key}  # fmt: skip
-            audit.record(ACTION, target, before=None, after=after, tenant_id=body.tenant_id, session=session)
-        session.commit()
 
 
 _INVOKE_503 = (
