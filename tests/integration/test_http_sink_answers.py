@@ -8,10 +8,8 @@ import email.utils
 import gzip
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,9 +19,10 @@ import pytest
 from metering.spool import Flusher, Spool
 from metering.spool.http_sink import HttpSink
 from tests.fakes.events import record
+from tests.fakes.local_http import QuietHandler, local_service
 
 
-class _Answering(BaseHTTPRequestHandler):
+class _Answering(QuietHandler):
     """Answers each POST with the next scripted answer (a function of the batch's size: a 200's body, or a status,
     headers and body), then with a true one."""
 
@@ -37,28 +36,13 @@ class _Answering(BaseHTTPRequestHandler):
         answer = self.script.pop(0)(count) if self.script else {"inserted": count, "duplicates": 0, "rejected": []}
         status, headers, answer = answer if isinstance(answer, tuple) else (200, {}, answer)
         body = orjson.dumps(answer)
-        self.send_response(status)
-        for name, value in {"Content-Type": "application/json", **headers}.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(status, body, headers)
 
 
 @pytest.fixture
 def service() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with local_service(_Answering) as url:
+        yield url
 
 
 @pytest.mark.parametrize(

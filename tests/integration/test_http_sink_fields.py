@@ -9,9 +9,7 @@ dead-lettered them all.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,12 +20,13 @@ from metering.events import UsageEvent
 from metering.spool import Flusher, Spool
 from metering.spool.http_sink import HttpSink
 from tests.fakes.events import record
+from tests.fakes.local_http import QuietHandler, local_service
 
 ADDED = {"cache_write_1h_tokens", "web_searches"}
 KNOWN_BEFORE = set(UsageEvent.model_fields) - ADDED  # what a service of the previous release accepts
 
 
-class _PreviousService(BaseHTTPRequestHandler):
+class _PreviousService(QuietHandler):
     """POST /v1/events of a service from before these fields: an event with a key it does not know is rejected."""
 
     bodies: ClassVar[list[list[dict[str, Any]]]] = []
@@ -36,9 +35,7 @@ class _PreviousService(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers["Content-Length"]))
         if self.headers.get("Content-Encoding"):  # it read bodies as sent: any content coding was a 415
-            self.send_response(415)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.answer(415)
             self.codings.append(self.headers["Content-Encoding"])
             return
         events = orjson.loads(raw)["events"]
@@ -49,28 +46,15 @@ class _PreviousService(BaseHTTPRequestHandler):
             if set(e) - KNOWN_BEFORE
         ]
         body = orjson.dumps({"inserted": len(events) - len(rejected), "duplicates": 0, "rejected": rejected})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(200, body)
 
 
 @pytest.fixture
 def previous_service() -> Iterator[str]:
     _PreviousService.bodies = []
     _PreviousService.codings = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _PreviousService)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_service(_PreviousService) as url:
+        yield url
 
 
 def test_events_reach_a_service_without_the_new_fields_as_their_spool_lines_say(

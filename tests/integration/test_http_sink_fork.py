@@ -4,9 +4,7 @@ requests interleave, and each may read the other's answer)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 import pytest
@@ -14,10 +12,11 @@ import pytest
 from metering.events import event_from_record
 from metering.spool.http_sink import HttpSink
 from tests.fakes.events import record
+from tests.fakes.local_http import QuietHandler, local_service
 from tests.integration.test_spool_fork import _in_child
 
 
-class _Recording(BaseHTTPRequestHandler):
+class _Recording(QuietHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the client reuses its connection
     peers: list[tuple[str, int]] = []
 
@@ -25,30 +24,18 @@ class _Recording(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).peers.append(self.client_address)
         body = orjson.dumps({"inserted": 1, "duplicates": 0, "rejected": []})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.answer(200, body)
 
 
 @pytest.fixture
-def server() -> Iterator[ThreadingHTTPServer]:
+def server() -> Iterator[str]:
     _Recording.peers = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_service(_Recording) as url:
+        yield url
 
 
-def test_a_forked_childs_http_sink_opens_a_connection_of_its_own(server: ThreadingHTTPServer) -> None:
-    sink = HttpSink(f"http://127.0.0.1:{server.server_address[1]}", "mtr_token")
+def test_a_forked_childs_http_sink_opens_a_connection_of_its_own(server: str) -> None:
+    sink = HttpSink(server, "mtr_token")
     try:
         assert sink.deliver([event_from_record(record(0))]).inserted == 1  # the parent's connection, kept open
         report = _in_child(lambda: sink.deliver([event_from_record(record(1))]).inserted)
