@@ -42,10 +42,11 @@ _SECRET_WORDS = (
     r"api_?key|apikey|secret|secret_key|client_secret|private_key|access_key|token|access_token|refresh_token"
     r"|password|passwd|passphrase|credentials?|authorization|cookie|ciphertext"
 )
-# Their plurals too (a list of keys is as secret as one), except a bare "tokens": "max_tokens" is a token count.
+# Their plurals too (a list of keys is as secret as one), except a bare "tokens": "max_tokens" is a token count; the
+# kinds of token whose singular is a secret name (``api_token``: "token") are listed.
 _PLURAL_WORDS = (
-    r"api_?key|apikey|secret|private_key|access_key|access_token|refresh_token|auth_token|password|passwd"
-    r"|passphrase|credential|cookie"
+    r"api_?key|apikey|secret|private_key|access_key|access_token|refresh_token|auth_token|api_token|bearer_token"
+    r"|session_token|oauth_token|id_token|password|passwd|passphrase|credential|cookie|ciphertext"
 )
 _SECRET_NAME = re.compile(rf"(?:^|_)(?:{_SECRET_WORDS}|(?:{_PLURAL_WORDS})s)(?:_|$)")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")

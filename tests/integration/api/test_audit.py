@@ -38,7 +38,9 @@ def settings(db_url, tmp_path):
      "access_token", "refreshToken", "password", "db_password", "Authorization", "api_key_ciphertext", "credentials",
      # plurals: a list of keys is as secret as one (they were stored and audited in clear)
      "api_keys", "apiKeys", "secrets", "client_secrets", "passwords", "private_keys", "access_tokens", "authTokens",
-     "credential", "cookies"],
+     "credential", "cookies",
+     # the plural of every token kind whose singular is one (api_token is a secret name, api_tokens was not)
+     "api_tokens", "apiTokens", "bearer_tokens", "session_tokens", "oauth_tokens", "id_tokens", "ciphertexts"],
 )  # fmt: skip
 def test_secret_names(name):
     assert audit.is_secret_name(name)
@@ -47,7 +49,7 @@ def test_secret_names(name):
 @pytest.mark.parametrize(
     "name",
     ["max_tokens", "input_tokens", "max_completion_tokens", "model", "idempotency_key", "provider", "keep_meaning",
-     "tokens", "monkey", "secretary"],
+     "tokens", "monkey", "secretary", "budget_tokens", "prompt_tokens", "total_tokens", "reasoning_tokens"],
 )  # fmt: skip
 def test_names_that_are_not_secrets(name):
     assert not audit.is_secret_name(name)
