@@ -282,6 +282,11 @@ def test_an_override_markup_is_stored_as_plain_text(session_factory) -> None:
     assert override(session_factory, id="o2", markup_pct=Decimal("1E+1")).markup_pct == "10"
     assert override(session_factory, id="o3", markup_pct=Decimal(-100)).markup_pct == "-100"
     assert override(session_factory, id="o4", markup_pct=Decimal("999999999.999999999")).markup_pct is not None
+    # zeros past the 9th decimal: the same markup, stored in its column (VARCHAR(32)); it was a 500 on PostgreSQL
+    # (value too long) and 41 characters on SQLite, once the length check had given way to the bounds
+    long = override(session_factory, id="o5", markup_pct=Decimal("12.5" + "0" * 40))
+    assert long.markup_pct == "12.500000000"
+    assert override(session_factory, id="o6", markup_pct=Decimal("12.50")).markup_pct == "12.50"
 
 
 def test_overrides_are_stored_exactly_listed_and_ended_never_deleted(session_factory) -> None:
