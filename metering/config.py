@@ -9,10 +9,10 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -121,11 +121,22 @@ class SpoolSettings(BaseModel):
         return self
 
 
+def without_zeros_past_nine_decimals(markup_pct: Decimal) -> Decimal:
+    """A markup (the platform's, an override's) is stored as text on every event it prices (32 characters): zeros past
+    its 9th decimal are dropped (``12.5`` and 40 zeros is ``12.500000000``; ``12.50`` stays), a finer value is kept."""
+    exponent = markup_pct.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -9 and markup_pct == (nanos := markup_pct.quantize(Decimal("1e-9"))):
+        return nanos
+    return markup_pct
+
+
 class BillingSettings(BaseModel):
     # Platform markup in percent on top of the provider price ("20" charges cost x 1.2); an override's own
     # markup wins. Kept as a Decimal: money is never a float.
     # At most 9 decimals and 18 digits: the markup is stored as text (32 characters) on every priced event.
-    markup_pct: Decimal = Field(Decimal(0), ge=Decimal(-100), max_digits=18, decimal_places=9, allow_inf_nan=False)
+    markup_pct: Annotated[Decimal, AfterValidator(without_zeros_past_nine_decimals)] = Field(
+        Decimal(0), ge=Decimal(-100), max_digits=18, decimal_places=9, allow_inf_nan=False
+    )
     # Invoices of a month stay drafts this long after it ends (late events still land in them).
     invoice_grace_hours: float = Field(72.0, ge=0, le=8784, allow_inf_nan=False)  # at most a (leap) year
 

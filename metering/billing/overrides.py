@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing import store
 from metering.billing.pricing import PriceOverride
+from metering.config import without_zeros_past_nine_decimals
 from metering.db.models import PriceOverrideRow
 from metering.db.row_lock import get_for_update
 from metering.db.unique import flush_or_conflict
@@ -50,7 +51,6 @@ def nanos_per_mtok(name: str, usd_per_mtok: Decimal | None, unit: str = "$/Mtok"
 # Unbounded, ``1e30`` made every call it prices cost more than a call may (``pricing.MAX_CALL_NANOS``): ingest
 # rejected them all, to the dead letters.
 MAX_MARKUP_PCT = Decimal("999999999.999999999")
-_NINE_DECIMALS = Decimal("1e-9")
 
 
 def _markup_text(markup_pct: Decimal | None) -> str | None:
@@ -59,12 +59,10 @@ def _markup_text(markup_pct: Decimal | None) -> str | None:
     # (finite and >= -100: checked by pricing.PriceOverride, which a stored override is loaded into)
     if markup_pct > MAX_MARKUP_PCT:
         raise InvalidInputError(f"markup_pct {markup_pct} is above {MAX_MARKUP_PCT} (percent)")
-    nanos = markup_pct.quantize(_NINE_DECIMALS)
-    if markup_pct != nanos:
+    if markup_pct != markup_pct.quantize(Decimal("1e-9")):
         raise InvalidInputError(f"markup_pct {markup_pct} is finer than 9 decimals")
-    # plain: "10", never "1E+1"; zeros past the 9th decimal dropped ("12.5" and 40 zeros overflowed the column's 32)
-    exponent = markup_pct.as_tuple().exponent  # an int: the markup is finite (pricing.PriceOverride)
-    return format(nanos if isinstance(exponent, int) and exponent < -9 else markup_pct, "f")
+    # plain: "10", never "1E+1"; "12.5" and 40 zeros overflowed the column (32 characters)
+    return format(without_zeros_past_nine_decimals(markup_pct), "f")
 
 
 def add_override(

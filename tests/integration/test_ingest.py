@@ -12,6 +12,7 @@ from metering.billing.ingest import ingest
 from metering.billing.ledger import usage_postings
 from metering.billing.rates import RateCards
 from metering.billing.store import load_price_book
+from metering.config import BillingSettings
 from metering.db.models import (
     AccountRow,
     FinalizedPeriodRow,
@@ -517,3 +518,18 @@ def test_the_checks_catch_a_provider_cost_posted_wrong_and_a_billed_byollm_event
         report = run_checks(session)
         session.rollback()
     assert any("is a BYOLLM call but unpriced, not excluded_byollm (Policy A)" in p for p in report.problems)
+
+
+def test_a_platform_markup_with_zeros_past_its_ninth_decimal_fits_the_events_column(session_factory) -> None:
+    """METERING_BILLING__MARKUP_PCT=12.5 and 40 zeros is 12.5 % (9 decimals at most: the zeros do not count), but its
+    text, 43 characters, went on every priced event (VARCHAR(32)): on PostgreSQL every ingest failed (value too long),
+    on SQLite it was stored over the column's width. The zeros past the 9th decimal are dropped when it is read."""
+    markup = BillingSettings(markup_pct="12.5" + "0" * 40).markup_pct
+    assert markup == Decimal("12.5")
+    assert BillingSettings(markup_pct="12.50").markup_pct.as_tuple() == Decimal("12.50").as_tuple()  # kept as set
+    e = event(0)
+    with session_factory() as session:
+        result = ingest(session, [e], markup_pct=markup, now=NOW)
+        session.commit()
+    assert result.inserted == 1
+    assert row(session_factory, e).markup_pct == "12.500000000"
