@@ -7,7 +7,8 @@ another request ``IdempotencyConflictError``. ``complete`` stores the status and
 drops a claim whose invocation made no metered call, so running it again costs nothing.
 
 Keys are kept ``RETENTION`` (24 h) after their claim; older ones are deleted by the next claim (on PostgreSQL, but
-those another transaction is deleting: claims never wait on each other's clean-up), and the key is free again. A
+those another transaction is deleting: a claim waits only for its own key, before it holds any row), and the key is
+free again. A
 claim still ``running`` after ``UNKNOWN_AFTER`` never recorded its outcome (its process died, or the database failed
 as it finished): it may have made billed calls, so it is never run again under this key
 (``IdempotencyOutcomeUnknownError``, with the invocation id the claim chose: its usage events carry it).
