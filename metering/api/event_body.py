@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
+from fastapi import Request
 from pydantic import BaseModel, Field, ValidationError
 
+from metering.api.request_route import RequestClassRoute
 from metering.api.schemas import EventBatch
 from metering.events import UsageEvent
 
@@ -90,13 +90,7 @@ def has_foreign_events(items: Sequence[Any], tenant_id: str | None) -> bool:
     return tenant_id is not None and any(isinstance(e, UsageEvent) and e.tenant_id != tenant_id for e in items)
 
 
-class EventsRoute(APIRoute):
+class EventsRoute(RequestClassRoute):
     """Routes whose endpoints get an ``EventsRequest`` (FastAPI's custom request class pattern)."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            return await handler(EventsRequest(request.scope, request.receive))
-
-        return handle
+    request_class = EventsRequest

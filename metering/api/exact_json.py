@@ -10,11 +10,11 @@ fields (``admin_schemas``) read exactly when it is a plain decimal.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
+from fastapi import Request
+
+from metering.api.request_route import RequestClassRoute
 
 
 class JsonNumber(float):
@@ -37,13 +37,7 @@ class ExactNumbersRequest(Request):
         return self._json
 
 
-class ExactNumbersRoute(APIRoute):
+class ExactNumbersRoute(RequestClassRoute):
     """Routes whose endpoints get an ``ExactNumbersRequest`` (FastAPI's custom request class pattern)."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            return await handler(ExactNumbersRequest(request.scope, request.receive))
-
-        return handle
+    request_class = ExactNumbersRequest
