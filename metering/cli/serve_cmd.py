@@ -96,7 +96,10 @@ def _check_port_free(host: str, port: int, workers: int) -> None:
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (check --host)") from None
     with ExitStack() as held:  # all bound at once, as uvicorn holds them
         for family, address in addresses:
-            probe = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            try:
+                probe = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            except OSError:  # a family this machine lacks (IPv6 off): create_server skips it too
+                continue
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
             if family == socket.AF_INET6 and workers == 1:  # as create_server: beside an IPv4 socket on the port
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -127,9 +130,8 @@ def serve(
     """Serve the HTTP API (POST /v1/events, /v1/usage, /healthz, /readyz, /metrics, /docs) with uvicorn."""
     import uvicorn  # only this command needs it
 
-    _check_port_free(
-        host, port, workers
-    )  # before migrating and seeding: never a token printed for a server that cannot start
+    # before migrating and seeding: never a token printed for a server that cannot start
+    _check_port_free(host, port, workers)
     _check_metrics_dir()
     settings = Settings()
     try:

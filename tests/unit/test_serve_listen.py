@@ -74,3 +74,22 @@ def test_several_workers_are_not_refused_for_an_ipv6_address_uvicorn_does_not_bi
     _check_port_free(dual_host, ipv6_port_in_use, workers=2)
     with pytest.raises(typer.Exit):  # one worker binds ::1 too
         _check_port_free(dual_host, ipv6_port_in_use, workers=1)
+
+
+def test_an_address_family_this_machine_lacks_is_skipped_as_create_server_skips_it(
+    dual_host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With IPv6 off, socket(AF_INET6) fails (EAFNOSUPPORT): asyncio's create_server skips that address and serves
+    on the others, so the check must not refuse the host (it raised the OSError: a traceback)."""
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    with real_socket(socket.AF_INET, socket.SOCK_STREAM) as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    _check_port_free(dual_host, port, workers=1)  # no exception: 127.0.0.1 is free
