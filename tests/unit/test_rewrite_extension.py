@@ -216,3 +216,22 @@ async def test_a_reply_without_an_items_list_says_what_it_holds(reply: str, got:
     assert isinstance(error, InvalidJSONResponseError)
     assert f"expected a JSON object with an 'items' list, got {got}" in error.message
     assert len(rec.events) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "item"),
+    [
+        ('[{"task": ""}]', 0),
+        ('{"items": [{"task": "Send the doc"}, {"task": "   "}]}', 1),
+        ('{"items": [{"task": "\\u200b\\n", "owner": "Bob"}]}', 0),
+    ],
+)
+async def test_an_action_item_with_a_blank_task_is_refused_like_any_malformed_item(reply: str, item: int) -> None:
+    """A task with nothing visible in it was returned as an action item ({"task": ""}), a to-do that says nothing;
+    it is refused like an item without a task (502 invalid_json_response naming it), not dropped in silence."""
+    error, rec = await action_items_of(reply)
+    assert isinstance(error, InvalidJSONResponseError) and error.text == reply
+    assert f"action item {item} does not match {{owner, deadline, task}}: task: Value error, the task is blank" in (
+        error.message
+    )
+    assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call was used: metered (and billed) once

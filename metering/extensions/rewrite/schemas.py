@@ -66,7 +66,14 @@ class ExtractActionItemsParams(BaseModel):
     text: VisibleText = _text(MAX_ACTION_ITEMS_CHARS, "Text to extract action items from.")
 
 
+def _task_not_blank(task: str) -> str:
+    """A task with nothing visible in it says nothing to do: the item is as malformed as one without a task."""
+    if is_blank(task):
+        raise ValueError("the task is blank (only whitespace or invisible characters)")
+    return task
+
+
 class ActionItem(BaseModel):
     owner: str | None = None
     deadline: str | None = None
-    task: str
+    task: Annotated[str, AfterValidator(_task_not_blank)]
