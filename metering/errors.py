@@ -60,11 +60,21 @@ class ProviderError(MeteringError):
     code = "provider_error"
     status = 502
 
-    def __init__(self, message: str, *, error_type: str, provider: str, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_type: str,
+        provider: str,
+        retryable: bool = False,
+        output_limit: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.provider = provider
         self.retryable = retryable
+        # A bad_request refusing the call's max_tokens: the most output tokens the provider says the model allows
+        self.output_limit = output_limit
 
 
 class InvalidJSONResponseError(MeteringError):

@@ -94,6 +94,16 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
         raise InvalidInputError("response_format must be None or 'json'")
 
 
+def _lower_limit(error: ProviderError, max_tokens: int) -> int | None:
+    """The output limit a provider stated when it refused the call's ``max_tokens`` (a model capped at 4,096 output
+    tokens refuses 16,384 with a 400 saying so), when it is below it: the call is made again at that limit."""
+    limit = error.output_limit
+    if limit is None or not 0 < limit < max_tokens:
+        return None
+    log.warning("max_tokens=%d refused by %s; asking for its stated limit, %d", max_tokens, error.provider, limit)
+    return limit
+
+
 # Content parts whose tokens a UsageEvent cannot tell apart from text: priced at the text rate they would be billed
 # several times under their price (gpt-audio: $2.50 instead of $32 per Mtok of input audio), so they are refused.
 _UNMETERABLE_PARTS = frozenset({"input_audio", "audio"})
@@ -302,15 +312,20 @@ class MeteredLLM:
         plan = self._plan(purpose)
         targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
         last = len(targets) - 1
-        for attempt, target in enumerate(targets):
-            request = self._request(target, system, messages, max_tokens, temperature, response_format, params)
+        # A call whose max_tokens the model refuses, stating its limit, is made once more at that limit, on the same
+        # LLM, before any failover: inserted after the current try (a list iterator reads it next).
+        tries = [(attempt, target, max_tokens) for attempt, target in enumerate(targets)]
+        for position, (attempt, target, call_max_tokens) in enumerate(tries):
+            request = self._request(target, system, messages, call_max_tokens, temperature, response_format, params)
             # (inline: the hot path) a BYOLLM key that cannot be decrypted gets an adapter that fails each call
             pooled = unreadable_key_adapter(target) if target.key_unreadable else self._providers.get(target.config)
             # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
-            reserved = self._reserve(system, messages, max_tokens, attempt)
+            reserved = self._reserve(system, messages, call_max_tokens, attempt)
             occurred_at = datetime.now(UTC)
             started = time.perf_counter()
-            common = Attempt(target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, False, reserved)
+            common = Attempt(
+                target, attempt, purpose, occurred_at, started, call_max_tokens, fingerprint, False, reserved
+            )
             task = asyncio.current_task()
             if task is not None:
                 self._calls_in_flight[task] = None
@@ -326,6 +341,9 @@ class MeteredLLM:
                     error_type=exc.error_type,
                 )
                 self._served_by(target)
+                if call_max_tokens == max_tokens and (limit := _lower_limit(exc, max_tokens)) is not None:
+                    tries.insert(position + 1, (attempt, target, limit))  # a call of its own, with its own event
+                    continue
                 if attempt < last:
                     log.warning("BYOLLM call failed (%s); failing over to the platform LLM", exc.error_type)
                     continue
@@ -359,7 +377,7 @@ class MeteredLLM:
             self._served_by(target)
             parsed = None
             if response_format == "json":
-                cut_off_at = max_tokens if result.stop_reason == STOP_MAX_TOKENS else None
+                cut_off_at = call_max_tokens if result.stop_reason == STOP_MAX_TOKENS else None
                 parsed = parse_json_text(text, cut_off_at=cut_off_at, stop_reason=result.stop_reason)
             return LLMResponse(
                 text=text,

@@ -121,6 +121,11 @@ class FakeAnthropicServer(FakeProviderServer):
         yield _frame("message_delta", message_delta)
         yield None if reply.break_before_end else _frame("message_stop", {"type": "message_stop"})
 
+    def output_limit_error(self, request: Any, requested: int, limit: int) -> Fail:
+        model = request.get("model") if isinstance(request, dict) else None
+        message = f"max_tokens: {requested} > {limit}, which is the maximum allowed number of output tokens for {model}"
+        return Fail(400, "invalid_request_error", message)
+
     def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
         message = f"invalid x-api-key: {api_key}" if fail.echo_api_key else fail.message
         return {"type": "error", "error": {"type": fail.error_type, "message": message}}

@@ -27,6 +27,10 @@ def _data(payload: Mapping[str, Any] | str) -> bytes:
 class FakeOpenAIServer(FakeProviderServer):
     endpoint = "/v1/chat/completions"
     default_usage = OPENAI_DEFAULT_USAGE
+    # How a request over max_output_tokens is refused: "openai" (OpenAI's own API), "vllm" (the context length,
+    # vLLM's wording, with the prompt's tokens: PROMPT_TOKENS).
+    limit_wording = "openai"
+    PROMPT_TOKENS = 120
 
     @property
     def base_url(self) -> str:
@@ -99,6 +103,27 @@ class FakeOpenAIServer(FakeProviderServer):
                 }
             )
         yield None if reply.break_before_end else _data("[DONE]")
+
+    def requested_output(self, request: Any) -> int | None:
+        if not isinstance(request, dict):
+            return None
+        return request.get("max_completion_tokens", request.get("max_tokens"))
+
+    def output_limit_error(self, request: Any, requested: int, limit: int) -> Fail:
+        if self.limit_wording == "vllm":  # the limit is the context length: the prompt's tokens count too
+            context = limit + self.PROMPT_TOKENS
+            message = (
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{requested + self.PROMPT_TOKENS} tokens ({self.PROMPT_TOKENS} in the messages, {requested} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+            return Fail(400, "BadRequestError", message)
+        param = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
+        message = (
+            f"{param} is too large: {requested}. This model supports at most {limit} completion tokens, whereas you "
+            f"provided {requested}."
+        )
+        return Fail(400, "invalid_request_error", message)
 
     def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
         message = f"Incorrect API key provided: {api_key}." if fail.echo_api_key else fail.message

@@ -106,6 +106,9 @@ class FakeProviderServer:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.default: Behaviour = Reply()
+        # The model's output limit: a request asking for more is refused (400, in the provider's wording), like
+        # models that cap their output (4,096 tokens for many OpenAI-compatible servers and older models).
+        self.max_output_tokens: int | None = None
         self._script: deque[Behaviour] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -125,6 +128,14 @@ class FakeProviderServer:
         raise NotImplementedError
 
     def error_body(self, fail: Fail, api_key: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def requested_output(self, request: Any) -> int | None:
+        """The output tokens a request asks for (its ``max_tokens``)."""
+        return request.get("max_tokens") if isinstance(request, dict) else None
+
+    def output_limit_error(self, request: Any, requested: int, limit: int) -> Fail:
+        """The 400 the provider answers a request asking for more output tokens than the model allows."""
         raise NotImplementedError
 
     @property
@@ -207,6 +218,12 @@ class _Handler(BaseHTTPRequestHandler):
         fake.record(RecordedRequest("POST", self.path, headers, body, self.client_address))
         if self.path != fake.endpoint:
             self._send_json(404, {"error": {"type": "not_found_error", "message": f"no route {self.path}"}})
+            return
+        requested = fake.requested_output(body)
+        limit = fake.max_output_tokens
+        if limit is not None and isinstance(requested, int) and requested > limit:
+            fail = fake.output_limit_error(body, requested, limit)
+            self._send_json(fail.status, fake.error_body(fail, None))
             return
         behaviour = fake.next_behaviour()
         if isinstance(behaviour, Fail):

@@ -32,9 +32,10 @@ REWRITE_MAX_TOKENS = 1500  # the recipe's; the text is bounded to fit it (schema
 # token budget reserves max_tokens: a fixed 16,384 refused "Call Bob." under any budget below ~16.4k). The worst case
 # is many tiny tasks: a task of ~5 characters ("Al z.") is ~20 tokens of JSON ({"owner": ..., "deadline": null,
 # "task": ...}), so 5 tokens a character, plus room for the object around the list and a code fence. The text is
-# bounded (schemas.MAX_ACTION_ITEMS_CHARS) so that this stays under 16,384, within every supported model's output
-# limit; only the tokens used are billed. The base leaves a reasoning model (whose max_tokens covers its reasoning
-# too) room to think before a short list: 2,048.
+# bounded (schemas.MAX_ACTION_ITEMS_CHARS) so that this stays under 16,384; only the tokens used are billed. A model
+# that allows less output (4,096 tokens: many OpenAI-compatible servers, older models) states its limit when it
+# refuses more, and ctx.llm makes the call once more at that limit. The base leaves a reasoning model (whose
+# max_tokens covers its reasoning too) room to think before a short list: 2,048.
 ACTION_ITEMS_BASE_TOKENS = 2048
 ACTION_ITEMS_MAX_TOKENS = 16_384
 ACTION_ITEMS_TOKENS_PER_CHAR = 5

@@ -17,6 +17,7 @@ import httpx
 
 from metering.errors import ProviderError
 from metering.llm.providers.base import ErrorType
+from metering.llm.providers.output_limit import stated_output_limit
 
 C = TypeVar("C")  # an SDK client
 
@@ -35,6 +36,7 @@ STREAM_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = tuple(
 # body sent as `application/json`, a proxy's broken event stream.
 BODY_DECODE_ERRORS: tuple[type[BaseException], ...] = (json.JSONDecodeError, UnicodeDecodeError)
 MAX_MESSAGE_CHARS = 300
+MAX_LIMIT_MESSAGE_CHARS = 2000  # of an error's message read for an output limit (the wordings state it early)
 # Defence in depth: anything shaped like a provider key is masked too, even if it is not *our* key.
 _KEY_SHAPED = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+)")
 
@@ -88,7 +90,10 @@ def from_sdk_error(exc: BaseException, sdk: ModuleType, *, provider: str, api_ke
         error_type, retryable = status_error_type(status)
         detail = _api_message(exc.body)
         message = f"{provider}: HTTP {status} ({error_type.value})" + (f": {detail}" if detail else "")
-        return _error(scrub(message, api_key), error_type, provider, retryable=retryable)
+        error = _error(scrub(message, api_key), error_type, provider, retryable=retryable)
+        if error_type is ErrorType.BAD_REQUEST and detail:
+            error.output_limit = stated_output_limit(detail[:MAX_LIMIT_MESSAGE_CHARS])
+        return error
     if isinstance(exc, sdk.APIResponseValidationError):
         message = f"{provider}: the response did not match the provider's schema"
         return _error(message, ErrorType.INVALID_RESPONSE, provider, retryable=False)
