@@ -235,3 +235,24 @@ async def test_an_action_item_with_a_blank_task_is_refused_like_any_malformed_it
         error.message
     )
     assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call was used: metered (and billed) once
+
+
+class CutOffBeforeAnyText(FakeProvider):
+    """A reasoning model that spent its whole max_tokens thinking: no text, stop reason max_tokens."""
+
+    async def complete(self, request: ProviderRequest) -> ProviderResult:
+        return ProviderResult(text="", usage=TokenUsage(100, request.max_tokens, reasoning_tokens=request.max_tokens),
+                              stop_reason="max_tokens", model=request.model)  # fmt: skip
+
+
+@pytest.mark.parametrize(("function", "extra"), FUNCTIONS[:2])
+async def test_a_rewrite_cut_off_before_any_text_says_so(function: str, extra: dict[str, Any]) -> None:
+    """The 502 said only "the model's reply is empty", where the call stopped at max_tokens before any text (a
+    reasoning model that spent all 1,500 tokens thinking, billed for them): the caller could not tell why."""
+    rec = Recorder()
+    runtime = Runtime(settings=InMemorySettings(), platform=PLATFORM, providers=ProviderPool(CutOffBeforeAnyText),
+                      recorder=rec)  # fmt: skip
+    with pytest.raises(ProviderError, match="is empty: it stopped at max_tokens before any text") as raised:
+        await runtime.invoke(rewrite, function, {"text": "Send me the doc.", **extra}, USER)
+    assert raised.value.error_type == "no_result" and "the call was made and is metered" in raised.value.message
+    assert [(e.status, e.output_tokens) for e in rec.events] == [("ok", REWRITE_MAX_TOKENS)]

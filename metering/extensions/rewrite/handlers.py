@@ -71,6 +71,8 @@ def _rewritten(response: LLMResponse) -> str:
     _not_filtered(response, "rewrite")
     if is_blank(response.text):
         reason = "is empty" if not response.text else "holds only whitespace or invisible characters"
+        if response.truncated:  # not the model's answer: its max_tokens ran out first
+            reason += ": it stopped at max_tokens before any text (a reasoning model may spend them all thinking)"
         raise _no_result(response, "rewrite", reason)
     return response.text
 
