@@ -21,6 +21,7 @@ from metering.llm.attempt import Attempt
 from metering.llm.budgets import BudgetTracker
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
 from metering.llm.pool import PooledProvider, ProviderPool
+from metering.llm.providers.output_limit import lower_limit
 from metering.llm.resolution import Plan, PlatformLLM, Target, resolve_cached
 from metering.llm.responses import LLMResponse, parse_json_text
 from metering.llm.settings_source import SettingsSource
@@ -92,16 +93,6 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
     _check_purpose(purpose)
     if response_format not in (None, "json"):
         raise InvalidInputError("response_format must be None or 'json'")
-
-
-def _lower_limit(error: ProviderError, max_tokens: int) -> int | None:
-    """The output limit a provider stated when it refused the call's ``max_tokens`` (a model capped at 4,096 output
-    tokens refuses 16,384 with a 400 saying so), when it is below it: the call is made again at that limit."""
-    limit = error.output_limit
-    if limit is None or not 0 < limit < max_tokens:
-        return None
-    log.warning("max_tokens=%d refused by %s; asking for its stated limit, %d", max_tokens, error.provider, limit)
-    return limit
 
 
 # Content parts whose tokens a UsageEvent cannot tell apart from text: priced at the text rate they would be billed
@@ -341,7 +332,7 @@ class MeteredLLM:
                     error_type=exc.error_type,
                 )
                 self._served_by(target)
-                if call_max_tokens == max_tokens and (limit := _lower_limit(exc, max_tokens)) is not None:
+                if call_max_tokens == max_tokens and (limit := lower_limit(exc, max_tokens)) is not None:
                     tries.insert(position + 1, (attempt, target, limit))  # a call of its own, with its own event
                     continue
                 if attempt < last:

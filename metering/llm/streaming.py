@@ -24,6 +24,7 @@ from metering.errors import ProviderError
 from metering.events import Status
 from metering.llm.attempt import Attempt
 from metering.llm.event_record import prompt_fingerprint
+from metering.llm.providers.output_limit import lower_limit
 from metering.llm.responses import LLMResponse
 from metering.llm.text import ChunkCleaner
 from metering.llm.types import (
@@ -165,17 +166,18 @@ class MessageStream:
             plan = llm._plan(purpose)
             fingerprint = prompt_fingerprint(system, messages)
             targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
-            for attempt, target in enumerate(targets):
-                request = llm._request(
-                    target, system, messages, self._max_tokens, self._temperature, None, self._params
-                )
+            # A stream whose max_tokens the model refuses, stating its limit, is made once more at that limit, on the
+            # same LLM, before any failover, like a create_message call (see MeteredLLM.create_message).
+            tries = [(attempt, target, self._max_tokens) for attempt, target in enumerate(targets)]
+            for position, (attempt, target, call_max_tokens) in enumerate(tries):
+                request = llm._request(target, system, messages, call_max_tokens, self._temperature, None, self._params)
                 pooled = llm._adapter(target)
                 upstream = pooled.provider.stream(request)
                 # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
-                reserved = llm._reserve(system, messages, self._max_tokens, attempt)
+                reserved = llm._reserve(system, messages, call_max_tokens, attempt)
                 started = time.perf_counter()
                 common = Attempt(
-                    target, attempt, purpose, datetime.now(UTC), started, self._max_tokens, fingerprint, True, reserved
+                    target, attempt, purpose, datetime.now(UTC), started, call_max_tokens, fingerprint, True, reserved
                 )
                 parts: list[str] = []
                 reasoning: list[str] = []  # reasoning text, not handed on: output the estimates count (ReasoningDelta)
@@ -207,6 +209,10 @@ class MessageStream:
                 except ProviderError as exc:
                     self._record_unfinished(common, so_far, parts + reasoning, ttft, Status.ERROR, exc.error_type)
                     llm._served_by(target)
+                    retry = not parts and call_max_tokens == self._max_tokens
+                    if retry and (limit := lower_limit(exc, call_max_tokens)) is not None:
+                        tries.insert(position + 1, (attempt, target, limit))  # a call of its own, with its own event
+                        continue
                     if not parts and attempt < len(targets) - 1:
                         continue
                     raise

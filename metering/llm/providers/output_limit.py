@@ -1,4 +1,4 @@
-"""The output limit a provider states when it refuses a call's ``max_tokens`` (pure).
+"""The output limit a provider states when it refuses a call's ``max_tokens``.
 
 A model that caps its output (4,096 tokens for many OpenAI-compatible servers and older models) refuses a call asking
 for more with a 400 whose message names its limit; the call can be made again at that limit (see
@@ -15,7 +15,12 @@ for more with a 400 whose message names its limit; the call can be made again at
 
 from __future__ import annotations
 
+import logging
 import re
+
+from metering.errors import ProviderError
+
+log = logging.getLogger("metering.llm")
 
 _STATED = (
     re.compile(r"supports at most (\d+) completion tokens"),
@@ -35,3 +40,13 @@ def stated_output_limit(message: str) -> int | None:
             if (prompt := pattern.search(message)) is not None:
                 return int(context.group(1)) - int(prompt.group(1))
     return None
+
+
+def lower_limit(error: ProviderError, max_tokens: int) -> int | None:
+    """The output limit the provider stated when it refused a call's ``max_tokens``, when it is below it (and above 0):
+    the limit the call is made again at (once, on the same LLM: ``MeteredLLM.create_message``, ``stream_message``)."""
+    limit = error.output_limit
+    if limit is None or not 0 < limit < max_tokens:
+        return None
+    log.warning("max_tokens=%d refused by %s; asking for its stated limit, %d", max_tokens, error.provider, limit)
+    return limit

@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from metering.errors import BudgetExceededError, ProviderError
+from metering.events import uuid7
 from metering.extensions.rewrite import chat as rewrite
 from metering.extensions.rewrite.handlers import action_items_max_tokens
 from metering.llm.budgets import BudgetMode, CallBudget
+from metering.llm.client import MeteredLLM
+from metering.llm.event_record import CallScope
 from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM
@@ -136,3 +139,28 @@ async def test_the_call_at_the_stated_limit_is_reserved_against_an_enforced_budg
         await runtime.invoke(rewrite, "extract_action_items", {"text": TEXT}, USER)
     assert [(e.status, e.error_type) for e in rec.events] == [("error", "bad_request")]
     assert len(openai_server.requests) == 1
+
+
+@pytest.mark.parametrize("policy", [FallbackPolicy.ERROR, FallbackPolicy.PLATFORM])
+async def test_a_stream_asking_a_capped_model_for_more_output_is_made_again_at_its_stated_limit(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, policy: FallbackPolicy
+) -> None:
+    """The same refusal before a stream's first chunk failed the stream (policy `error`) or failed it over to the
+    platform LLM, billed (`platform`)."""
+    openai_server.max_output_tokens, openai_server.limit_wording = LIMIT, "vllm"
+    platform = PlatformLLM(provider="anthropic", model="platform-model", base_url=anthropic_server.base_url,
+                           timeout_s=5, max_retries=0, api_keys={"anthropic": "sk-platform-key-123456"})  # fmt: skip
+    pool, rec = ProviderPool(make_provider), Recorder()
+    llm = MeteredLLM(scope=CallScope("t1", "u1", "rewrite", "rewrite", uuid7()), platform=platform, providers=pool,
+                     settings=own_llm("openai_compatible", openai_server, policy), recorder=rec)  # fmt: skip
+    try:
+        async with llm.stream_message(messages=[{"role": "user", "content": TEXT}], max_tokens=16_384) as stream:
+            assert "".join([chunk async for chunk in stream]) == "Hello from the fake server."
+    finally:
+        await pool.aclose()
+    assert stream.response is not None and stream.response.is_byollm and not anthropic_server.requests
+    assert [(e.status, e.max_tokens, e.is_byollm, e.is_stream) for e in rec.events] == [
+        ("error", 16_384, True, True),
+        ("ok", LIMIT, True, True),
+    ]
+    assert len(openai_server.requests) == 2
