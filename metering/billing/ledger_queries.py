@@ -50,11 +50,32 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
             raise ValueError("a naive time")
         moment = moment.astimezone(UTC)  # 0001-01-01T00:00+05:00 is before year 1 in UTC: OverflowError
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
-        raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged") from None
+        raise invalid_cursor() from None
     return moment, ident
 
 
-def _check_limit(limit: int) -> int:
+def invalid_cursor() -> InvalidInputError:
+    return InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged")
+
+
+def encode_text_cursor(prefix: str, key: str) -> str:
+    """A cursor naming a row by text (an account id, an invoice's key): base64url of ``prefix`` and ``key``."""
+    return base64.urlsafe_b64encode(f"{prefix}{key}".encode()).decode().rstrip("=")
+
+
+def decode_text_cursor(prefix: str, cursor: str) -> str:
+    """The key of a cursor of ``encode_text_cursor(prefix, …)``; anything else (another kind of cursor, an empty
+    key, a NUL that no stored id holds) is a 422."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    if not raw.startswith(prefix) or len(raw) == len(prefix) or "\x00" in raw:
+        raise invalid_cursor()
+    return raw[len(prefix) :]
+
+
+def check_limit(limit: int) -> int:
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidInputError(f"limit is 1 to {MAX_PAGE}, not {limit}")
     return limit
@@ -75,7 +96,7 @@ def _page(
     limit: int,
     cursor: str | None,
 ) -> Page[Any]:
-    limit = _check_limit(limit)
+    limit = check_limit(limit)
     if cursor is not None:
         stmt = stmt.where(_after(time_column, id_column, cursor))
     rows = list(session.scalars(stmt.order_by(time_column, id_column).limit(limit + 1)))
@@ -155,7 +176,7 @@ def balances_page(
 ) -> Page[AccountRow]:
     """Accounts with their cached balances, by id, a page at a time; with ``tenant_id``, only that tenant's user
     wallets. A keyset on the id: an account opened during a walk is seen unless its id sorts before the cursor."""
-    limit = _check_limit(limit)
+    limit = check_limit(limit)
     stmt = _accounts(tenant_id)
     if cursor is not None:
         stmt = stmt.where(AccountRow.id > _decode_account_cursor(cursor))
@@ -176,17 +197,11 @@ _ACCOUNT_CURSOR = "account|"
 
 
 def _encode_account_cursor(account_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{_ACCOUNT_CURSOR}{account_id}".encode()).decode().rstrip("=")
+    return encode_text_cursor(_ACCOUNT_CURSOR, account_id)
 
 
 def _decode_account_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raw = ""
-    if not raw.startswith(_ACCOUNT_CURSOR) or len(raw) == len(_ACCOUNT_CURSOR) or "\x00" in raw:
-        raise InvalidInputError("invalid cursor: pass the next_cursor of a previous page unchanged")
-    return raw[len(_ACCOUNT_CURSOR) :]
+    return decode_text_cursor(_ACCOUNT_CURSOR, cursor)
 
 
 # -- held events ----------------------------------------------------------------------------------
