@@ -247,7 +247,8 @@ class InvoiceDetail(InvoiceSummary):
 
 
 class Invoices(BaseModel):
-    invoices: list[InvoiceSummary] = Field(description="By period, tenant, user.")
+    invoices: list[InvoiceSummary] = Field(description="By period, tenant, user (ids by code point).")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # -- held events ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -41,6 +41,7 @@ from metering.db.row_lock import lock_sqlite_for_write
 from metering.errors import InvalidInputError, NotFoundError, PeriodOpenError
 
 UserKey = tuple[str, str, str]  # (tenant_id, user_id, period)
+UserPair = tuple[str, str]  # (tenant_id, user_id)
 
 
 def check_period(period: str) -> str:
@@ -114,9 +115,16 @@ def _for(stmt: SelectT, *filters: tuple[ColumnElement[Any] | QueryableAttribute[
 
 
 def _billed_lines(
-    session: Session, *, period: str | None = None, tenant_id: str | None = None, user_id: str | None = None
+    session: Session,
+    *,
+    period: str | None = None,
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+    users: Sequence[UserPair] = (),
+    occurred: tuple[datetime, datetime] | None = None,
 ) -> dict[UserKey, list[InvoiceLine]]:
-    """Billed events grouped per (tenant, user, period) into lines per (extension, model, late)."""
+    """Billed events grouped per (tenant, user, period) into lines per (extension, model, late); ``users``: only
+    theirs, ``occurred``: only events that happened in [start, end) (``invoices_of``)."""
     e = UsageEventRow
     stmt = (
         select(
@@ -133,19 +141,24 @@ def _billed_lines(
         .group_by(e.tenant_id, e.user_id, e.invoice_period, e.extension_id, e.model, e.is_late)
     )
     stmt = _for(stmt, (e.invoice_period, period), (e.tenant_id, tenant_id), (e.user_id, user_id))
+    if users:
+        stmt = stmt.where(_pairs(e.tenant_id, e.user_id, users))
+    if occurred is not None:
+        stmt = stmt.where(e.occurred_at >= occurred[0], e.occurred_at < occurred[1])
     found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
     for tenant, user, per, extension, model, late, calls, billed in session.execute(stmt):
         # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal here): exact, made an int again.
         found[(tenant, user, cast(str, per))].append(
             InvoiceLine(extension, model, bool(late), int(calls), int(billed or 0))
         )
-    for key, lines in _correction_lines(session, period=period, tenant_id=tenant_id, user_id=user_id).items():
+    corrections = _correction_lines(session, period=period, tenant_id=tenant_id, user_id=user_id, users=users)
+    for key, lines in corrections.items():
         found[key].extend(lines)
     return found
 
 
 def _correction_lines(
-    session: Session, *, period: str | None, tenant_id: str | None, user_id: str | None
+    session: Session, *, period: str | None, tenant_id: str | None, user_id: str | None, users: Sequence[UserPair]
 ) -> dict[UserKey, list[InvoiceLine]]:
     """Re-rate corrections posted in a period other than the one that billed their event (its invoice was
     final): the net usage charge they moved (new charges minus reversed ones), per (tenant, user, period,
@@ -165,6 +178,8 @@ def _correction_lines(
         .group_by(e.tenant_id, e.user_id, t.period, e.extension_id, e.model, e.invoice_period)
     )
     stmt = _for(stmt, (t.period, period), (e.tenant_id, tenant_id), (e.user_id, user_id))
+    if users:
+        stmt = stmt.where(_pairs(e.tenant_id, e.user_id, users))
     found: dict[UserKey, list[InvoiceLine]] = defaultdict(list)
     for tenant, user, per, extension, model, corrected, net in session.execute(stmt):
         if net:
@@ -217,7 +232,12 @@ def _stored(session: Session, rows: list[InvoiceRow]) -> dict[UserKey, Invoice]:
 
 
 def _finalized(
-    session: Session, *, period: str | None = None, tenant_id: str | None = None, user_id: str | None = None
+    session: Session,
+    *,
+    period: str | None = None,
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+    users: Sequence[UserPair] = (),
 ) -> dict[UserKey, Invoice]:
     stmt = _for(
         select(InvoiceRow).where(InvoiceRow.status == "finalized"),
@@ -225,6 +245,8 @@ def _finalized(
         (InvoiceRow.tenant_id, tenant_id),
         (InvoiceRow.user_id, user_id),
     )
+    if users:
+        stmt = stmt.where(_pairs(InvoiceRow.tenant_id, InvoiceRow.user_id, users))
     return _stored(session, list(session.scalars(stmt)))
 
 
@@ -256,6 +278,29 @@ def list_invoices(session: Session, period: str | None = None, tenant_id: str | 
         if key not in invoices:
             invoices[key] = build_invoice(*key, lines, "draft", None)
     return [invoices[key] for key in sorted(invoices, key=lambda k: (k[2], k[0], k[1]))]
+
+
+def invoices_of(session: Session, period: str, users: Sequence[UserPair], since: datetime) -> list[Invoice]:
+    """The invoices of ``period`` of ``users`` ((tenant, user) pairs), in their order, leaving out those without
+    one: each finalized invoice, else the draft as of now. ``since``: no event billed in ``period`` happened
+    before it (``periods.earliest_billed_in``), so only the users' events from then on are read."""
+    check_period(period)
+    if not users:
+        return []
+    found = _finalized(session, period=period, users=users)
+    occurred = (since, period_bounds(period)[1])  # an event is billed in its month or later, never earlier
+    for key, lines in _billed_lines(session, period=period, users=users, occurred=occurred).items():
+        if key not in found:
+            found[key] = build_invoice(*key, lines, "draft", None)
+    return [found[key] for key in ((tenant, user, period) for tenant, user in users) if key in found]
+
+
+def _pairs(tenant_column: Any, user_column: Any, users: Sequence[UserPair]) -> ColumnElement[bool]:
+    """Rows of one of ``users``: per tenant, its users' ids in one ``IN`` (an index range each on PostgreSQL)."""
+    by_tenant: dict[str, list[str]] = defaultdict(list)
+    for tenant, user in users:
+        by_tenant[tenant].append(user)
+    return or_(*(and_(tenant_column == tenant, user_column.in_(ids)) for tenant, ids in by_tenant.items()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,14 @@ def next_period(period: str) -> str:
     return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
 
 
+def previous_period(period: str) -> str | None:
+    """The month before ``period``, or None before 1970-01 (no period)."""
+    year, month = parse_period(period)
+    if (year, month) == (1970, 1):
+        return None
+    return f"{year - (month == 1):04d}-{(month - 2) % 12 + 1:02d}"
+
+
 def period_bounds(period: str) -> tuple[datetime, datetime]:
     """[start, end) of the month in UTC."""
     year, month = parse_period(period)
@@ -58,3 +66,13 @@ def billing_period(occurred: str, finalized: set[str]) -> tuple[str, bool]:
     while period in finalized:
         period, late = next_period(period), True
     return period, late
+
+
+def earliest_billed_in(period: str, finalized: set[str]) -> str:
+    """The earliest month an event billed in ``period`` can have happened in: the first of the finalized months
+    just before it, else ``period`` itself. ``billing_period`` moves an event (and a re-rate its correction) only
+    across finalized months, and a month stays finalized."""
+    earliest = period
+    while (before := previous_period(earliest)) is not None and before in finalized:
+        earliest = before
+    return earliest

@@ -146,3 +146,22 @@ def test_periods_run_from_1970_01_to_9999_11_in_ascii_digits() -> None:
     for bad in ("9999-12", "1969-12", "2026-13", "2026-00", "2026-1", "\uff12\uff10\uff12\uff16-\uff11\uff11", "x"):
         with pytest.raises(ValueError, match="YYYY-MM"):
             parse_period(bad)
+
+
+def test_an_event_billed_in_a_period_happened_no_earlier_than_the_finalized_months_just_before_it() -> None:
+    from metering.billing.periods import billing_period, earliest_billed_in, previous_period
+
+    assert [previous_period(p) for p in ("2026-03", "2026-01", "1970-02", "1970-01")] == [
+        "2026-02",
+        "2025-12",
+        "1970-01",
+        None,
+    ]
+    finalized = {"2025-11", "2025-12", "2026-01", "2026-03", "1970-01"}
+    assert earliest_billed_in("2026-02", finalized) == "2025-11"  # 2026-01, 2025-12, 2025-11 closed; 2025-10 open
+    assert earliest_billed_in("2026-04", finalized) == "2026-03"
+    assert earliest_billed_in("2026-03", finalized) == "2026-03"  # 2026-02 is open: only its own events
+    assert earliest_billed_in("1970-02", finalized) == "1970-01"
+    for month in ("2025-09", "2025-10", "2025-11", "2025-12", "2026-01", "2026-02", "2026-03", "2026-04"):
+        billed_in = billing_period(month, finalized)[0]
+        assert earliest_billed_in(billed_in, finalized) <= month <= billed_in

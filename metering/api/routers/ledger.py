@@ -32,7 +32,7 @@ from metering.api.read_schemas import (
 )
 from metering.api.validators import FilterText, UtcDatetime
 from metering.auth import TokenPrincipal
-from metering.billing import export, invoice_store, ledger_queries, store
+from metering.billing import export, invoice_pages, invoice_store, ledger_queries, store
 from metering.billing.invoices import Invoice
 from metering.billing.ledger_queries import MAX_PAGE
 from metering.billing.pricing import over_call_limit
@@ -44,7 +44,8 @@ from metering.events import MAX_TOKENS, MAX_WEB_SEARCHES
 router = APIRouter(tags=["ledger"])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size, 1 to {MAX_PAGE}.")]
-# A cursor names a row: base64url of at most an account id (1,000 characters, 4 UTF-8 bytes each) and a prefix.
+# A cursor names a row: base64url of at most an account id (1,000 characters, 4 UTF-8 bytes each) and a prefix, or
+# of an invoice's period, tenant and user as JSON (two ids of 200 characters: under 2,500 bytes, escapes included).
 MAX_CURSOR = 6000
 Cursor = Annotated[
     str | None, Query(max_length=MAX_CURSOR, description="The `next_cursor` of the previous page (opaque).")
@@ -132,10 +133,12 @@ def get_balances(
 
 @router.get(
     "/invoices",
-    summary="Invoices (drafts and finalized)",
+    summary="Invoices (drafts and finalized), a page at a time",
     description=(
         "Requires the `read` scope. Every invoice with billed events or finalized, by period, tenant, user: "
-        "totals without lines. A tenant-bound token sees only its tenant (another tenant is `403`)."
+        "totals without lines. A tenant-bound token sees only its tenant (another tenant is `403`). Keyset pages: "
+        "pass `next_cursor` back as `cursor` until it is null; a page examines up to `limit` users and may hold "
+        "fewer invoices, even none, before the last."
     ),
     responses=problem_responses(401, 403, 422, 503),
 )
@@ -144,10 +147,13 @@ def get_invoices(
     session: DbSession,
     period: Annotated[str | None, Query(description="Billing period, YYYY-MM.")] = None,
     tenant_id: FilterText = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
 ) -> Invoices:
+    tenant_id = tenant_scope(principal, tenant_id)
     read_snapshot(session)
-    found = invoice_store.list_invoices(session, period, tenant_scope(principal, tenant_id))
-    return Invoices(invoices=[InvoiceSummary.of(i) for i in found])
+    page = invoice_pages.invoices_page(session, period=period, tenant_id=tenant_id, limit=limit, cursor=cursor)
+    return Invoices(invoices=[InvoiceSummary.of(i) for i in page.items], next_cursor=page.next_cursor)
 
 
 def _invoice(session: Session, principal: TokenPrincipal, tenant_id: str, user_id: str, period: str) -> Invoice:

@@ -15,9 +15,11 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 
 from metering.api.app import create_app
+from metering.api.read_schemas import InvoiceSummary
 from metering.auth import Scope
 from metering.billing import export, invoice_store
 from metering.billing.ingest import ingest
+from metering.billing.invoice_pages import encode_invoice_cursor
 from metering.billing.overrides import add_override
 from metering.billing.pricing import MAX_CALL_NANOS, PriceBook, price_usage
 from metering.billing.rates import RateCards
@@ -231,7 +233,7 @@ def test_a_bad_balances_cursor_is_422(client, reader, seeded, cursor):
     assert "invalid cursor" in assert_problem(response, 422, "invalid_input")["detail"]
 
 
-@pytest.mark.parametrize("path", ["/v1/balances", "/v1/transfers", "/v1/events/unpriced"])
+@pytest.mark.parametrize("path", ["/v1/balances", "/v1/transfers", "/v1/events/unpriced", "/v1/invoices"])
 def test_a_cursor_longer_than_any_page_gives_is_refused_before_it_is_decoded(client, reader, path):
     whole = "YWNjb3VudHx1c2VyOmE6" + "YWFh" * 1500  # 'account|user:a:' and 4,500 more characters: base64 of a long id
     longest = client.get(path, params={"cursor": whole[:6000]}, headers=reader)
@@ -285,6 +287,53 @@ def test_invoice_list_and_detail_equal_the_invoice_store(client, reader, seeded,
         assert csv.headers["content-type"].startswith("text/csv")
         assert "attachment" in csv.headers["content-disposition"]
         assert csv.text == export.invoice_csv(invoice)
+
+
+def _invoice_pages(client, headers, limit, **params):
+    """Every page of /v1/invoices, the summaries in order (a page before the last may hold fewer than limit)."""
+    found, cursor = [], None
+    for _ in range(500):
+        query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
+        body = _get(client, "/v1/invoices", headers, **query).json()
+        assert len(body["invoices"]) <= limit
+        found += body["invoices"]
+        if (cursor := body["next_cursor"]) is None:
+            return found
+    raise AssertionError("the walk never ended")
+
+
+def test_invoices_come_a_page_at_a_time(client, reader, alpha, seeded, session_factory):
+    """Walking the pages gives the whole list (``list_invoices``, the CLI's) for any page size; a tenant-bound
+    token walks its tenant's alone, even from a cursor naming another tenant."""
+    _finalize_september(session_factory)
+    with session_factory() as session:
+        whole = [InvoiceSummary.of(i).model_dump(mode="json") for i in invoice_store.list_invoices(session)]
+    assert len(whole) > 3 and {i["status"] for i in whole} == {"draft", "finalized"}
+    assert _get(client, "/v1/invoices", reader).json() == {"invoices": whole, "next_cursor": None}  # default: 100
+    for limit in (1, 2, 5):
+        assert _invoice_pages(client, reader, limit) == whole
+    october = [i for i in whole if i["period"] == OCTOBER]
+    assert october and _invoice_pages(client, reader, 2, period=OCTOBER) == october
+    assert _invoice_pages(client, alpha, 1) == [i for i in whole if i["tenant_id"] == ALPHA]
+    first = _get(client, "/v1/invoices", reader, limit=1).json()
+    assert first["invoices"] == whole[:1] and first["next_cursor"]
+    for cursor in (first["next_cursor"], encode_invoice_cursor((SEPTEMBER, BETA, "user-1"))):
+        after = _get(client, "/v1/invoices", alpha, cursor=cursor).json()["invoices"]
+        assert {i["tenant_id"] for i in after} == {ALPHA}
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"cursor": "not-a-cursor"}, "invalid_input"),
+        ({"cursor": "YWNjb3VudHx1c2VyOmE6Yg"}, "invalid_input"),  # a balances cursor
+        ({"cursor": encode_invoice_cursor((SEPTEMBER, ALPHA, "user-1")), "period": OCTOBER}, "invalid_input"),
+        ({"limit": 0}, "validation_error"),
+        ({"limit": 1001}, "validation_error"),
+    ],
+)
+def test_invalid_invoice_pages_are_422(client, reader, params, code):
+    assert_problem(client.get("/v1/invoices", params=params, headers=reader), 422, code)
 
 
 def test_missing_invoices_and_bad_periods(client, reader, seeded):
