@@ -208,3 +208,9 @@ class ConflictError(MeteringError):
 
     code = "conflict"
     status = 409
+
+
+class OverridePricedEventsError(ConflictError):
+    """Ending a price override would leave events it priced outside its window, silently keeping its price."""
+
+    code = "override_priced_events"

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     WithJsonSchema,
     field_validator,
 )
@@ -25,6 +26,7 @@ from pydantic import (
 from metering.api.exact_json import JsonNumber
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
 from metering.billing.money import decimal_text, is_plain_decimal, plain_decimal
+from metering.billing.overrides import Ending
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.events import MAX_NAME
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -259,6 +261,44 @@ class PriceOverrideOut(BaseModel):
 
 class EndOverrideIn(_In):
     at: AwareUtcDatetime | None = Field(None, description="When the override stops applying (exclusive). Default: now.")
+    keep_priced_events: StrictBool = Field(
+        False,
+        description=(
+            "End it although it priced billed events (or BYOLLM shadow costs) that occurred at or after `at`: they "
+            "keep its price until re-rated (`events_to_rerate` says which, and how). Without it such an end is "
+            "409 `override_priced_events`."
+        ),
+    )
+
+
+class EventsToRerate(BaseModel):
+    """Events the override priced that its window no longer covers: they keep its price until re-rated."""
+
+    billed: int
+    byollm: int = Field(description="BYOLLM events whose shadow cost it priced (never billed).")
+    first_occurred_at: datetime
+    last_occurred_at: datetime
+    rerate: str = Field(description="The CLI's re-rate of a window holding them all (a dry run; add `--apply`).")
+
+
+class EndedPriceOverrideOut(PriceOverrideOut):
+    events_to_rerate: EventsToRerate | None = Field(
+        description="`null`: no event it priced lies past its end. Else they keep its price until re-rated."
+    )
+
+    @classmethod
+    def of_ending(cls, ending: Ending) -> EndedPriceOverrideOut:
+        beyond, row = ending.priced_beyond, ending.row
+        to_rerate = None
+        if beyond.first is not None and beyond.last is not None:
+            to_rerate = EventsToRerate(
+                billed=beyond.billed,
+                byollm=beyond.byollm,
+                first_occurred_at=beyond.first,
+                last_occurred_at=beyond.last,
+                rerate=beyond.rerate_command(row.model_pattern) or "",
+            )
+        return cls(**PriceOverrideOut.of(row).model_dump(), events_to_rerate=to_rerate)
 
 
 # -- credits -------------------------------------------------------------------------------------------

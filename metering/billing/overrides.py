@@ -8,20 +8,23 @@ closes the window, so past prices stay reproducible (a re-rate can still see wha
 
 from __future__ import annotations
 
+import shlex
 import uuid
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from metering.billing import store
+from metering.billing.policy import BillingStatus
 from metering.billing.pricing import PriceOverride
 from metering.config import without_zeros_past_nine_decimals
-from metering.db.models import PriceOverrideRow
-from metering.db.row_lock import get_for_update
+from metering.db.models import PriceOverrideRow, UsageEventRow
+from metering.db.row_lock import get_for_update, lock_sqlite_for_write
 from metering.db.unique import flush_or_conflict
-from metering.errors import ConflictError, InvalidInputError, NotFoundError
+from metering.errors import ConflictError, InvalidInputError, NotFoundError, OverridePricedEventsError
 
 NANOS_PER_USD = 10**9
 MAX_NANOS = 2**63 - 1  # BIGINT
@@ -170,20 +173,87 @@ def get_override(session: Session, id: str, *, for_update: bool = False) -> Pric
     return session.get(PriceOverrideRow, id)
 
 
-def end_override(session: Session, id: str, at: datetime) -> PriceOverrideRow:
+@dataclass(frozen=True, slots=True)
+class PricedBeyond:
+    """Events an override priced that a new end leaves outside its window (``occurred_at`` at or after it): they
+    keep its price, which no longer applied when they occurred, until a re-rate prices them again."""
+
+    billed: int = 0
+    byollm: int = 0  # BYOLLM events whose shadow cost it priced (never billed)
+    first: datetime | None = None  # the earliest and latest occurred_at among them
+    last: datetime | None = None
+
+    def rerate_command(self, model_pattern: str) -> str | None:
+        """The CLI's re-rate of a window holding every one of them (``--to`` is exclusive), or None if none."""
+        if self.first is None or self.last is None:
+            return None
+        end = self.last + timedelta(microseconds=1)
+        window = f"--from {self.first.isoformat()} --to {end.isoformat()}"
+        return f"metering billing rerate {window} --model {shlex.quote(model_pattern)}"
+
+
+def priced_beyond(session: Session, id: str, at: datetime) -> PricedBeyond:
+    """Billed events (and BYOLLM shadow costs) override ``id`` priced that occurred at or after ``at``. An event names
+    the override that priced it: ``price_source`` ``override`` and ``price_version`` its id."""
+    e = UsageEventRow
+    stmt = (
+        select(e.billing_status, func.count(), func.min(e.occurred_at), func.max(e.occurred_at))
+        .where(
+            e.price_source == "override",
+            e.price_version == id,
+            e.occurred_at >= at,
+            e.billing_status.in_((BillingStatus.BILLED.value, BillingStatus.EXCLUDED_BYOLLM.value)),
+        )
+        .group_by(e.billing_status)
+    )
+    found = {status: (count, first, last) for status, count, first, last in session.execute(stmt)}
+    if not found:
+        return PricedBeyond()
+    firsts = [first for _, first, _ in found.values()]
+    lasts = [last for _, _, last in found.values()]
+    return PricedBeyond(
+        billed=found.get(BillingStatus.BILLED.value, (0, None, None))[0],
+        byollm=found.get(BillingStatus.EXCLUDED_BYOLLM.value, (0, None, None))[0],
+        first=min(firsts),
+        last=max(lasts),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    row: PriceOverrideRow
+    changed: bool  # False: it already ended at that moment (a retry), nothing changed
+    priced_beyond: PricedBeyond  # what it priced past its end, kept at its price until re-rated
+
+
+def end_override(session: Session, id: str, at: datetime, *, keep_priced_events: bool = False) -> PriceOverrideRow:
     """Close an override's window at ``at`` (exclusive). It can only be shortened; it is never deleted."""
-    return end(session, id, at)[0]
+    return end(session, id, at, keep_priced_events=keep_priced_events).row
 
 
-def end(session: Session, id: str, at: datetime) -> tuple[PriceOverrideRow, bool]:
+def end(session: Session, id: str, at: datetime, *, keep_priced_events: bool = False) -> Ending:
     """``end_override``, also telling whether this call changed the window. Ending it at the moment it already ends
-    (a retry, or two identical ends at once) changes nothing: ``False``, and the edges audit nothing (they recorded
-    a second ``price_override.end`` with ``before`` equal to ``after``, a change nobody made)."""
+    (a retry, or two identical ends at once) changes nothing: ``changed`` False, and the edges audit nothing (they
+    recorded a second ``price_override.end`` with ``before`` equal to ``after``, a change nobody made).
+
+    Billed events it priced at or after ``at`` would keep a price that no longer applied when they occurred, silently:
+    the end is refused (``OverridePricedEventsError``, naming them and the re-rate that prices them again) unless
+    ``keep_priced_events``, the admin's word that a re-rate follows (it must come after: a re-rate prices with the
+    overrides in effect, so it can only undo this one's prices once it is ended). BYOLLM shadow costs it priced there
+    (reporting, never billed) do not refuse it; ``priced_beyond`` tells both. Counted under the price book's lock
+    (PostgreSQL) or the database write lock (SQLite), so an ingest pricing with it at the same moment has either
+    committed (and is counted) or prices without it."""
     if at.tzinfo is None or at.utcoffset() is None:
         raise InvalidInputError("the end of an override must be timezone-aware")
     at = at.astimezone(UTC)
     store.lock_price_book(session, change=True)  # after every ingest that priced with the longer window (PostgreSQL)
+    lock_sqlite_for_write(session)  # SQLite: no ingest commits between the count below and the change
     o = PriceOverrideRow
+    beyond = priced_beyond(session, id, at)
+    if beyond.billed and not keep_priced_events:  # BYOLLM shadow costs alone: reporting, never billed; answered
+        row = session.get(o, id, populate_existing=True)
+        if row is not None and _shortens(row, at):  # (a retry that changes nothing is no new end: answered below)
+            raise OverridePricedEventsError(_priced_beyond_problem(row, at, beyond))
     # One conditional UPDATE, so the rule holds against a concurrent end: checked on a row read before, an end that
     # waited for another one's lock lengthened the window the first had just shortened.
     shortened = session.execute(
@@ -196,10 +266,28 @@ def end(session: Session, id: str, at: datetime) -> tuple[PriceOverrideRow, bool
     if row is None:
         raise NotFoundError(f"no price override with id {id!r}")
     if shortened:
-        return row, True
+        return Ending(row, True, beyond)
     if at <= row.effective_from:
         raise InvalidInputError(f"override {id!r} starts at {row.effective_from.isoformat()}: end it after that")
     assert row.effective_to is not None
     if row.effective_to == at:
-        return row, False
+        return Ending(row, False, beyond)
     raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")
+
+
+def _shortens(row: PriceOverrideRow, at: datetime) -> bool:
+    """Whether ending ``row`` at ``at`` shortens its window (the conditional UPDATE of ``end``, on a locked row)."""
+    return row.effective_from < at and (row.effective_to is None or row.effective_to > at)
+
+
+def _priced_beyond_problem(row: PriceOverrideRow, at: datetime, beyond: PricedBeyond) -> str:
+    assert beyond.first is not None and beyond.last is not None
+    what = f"{beyond.billed} billed event(s)" + (
+        f" and {beyond.byollm} BYOLLM event(s) (shadow cost)" if beyond.byollm else ""
+    )
+    return (
+        f"override {row.id!r} priced {what} that occurred at or after {at.isoformat()} (from "
+        f"{beyond.first.isoformat()} to {beyond.last.isoformat()}): ended there, they would keep its price. To end it "
+        "anyway, send keep_priced_events (CLI: --keep-priced-events), then re-rate them: "
+        f"{beyond.rerate_command(row.model_pattern)} (a dry run; then --apply --run-id ID)"
+    )

@@ -132,16 +132,38 @@ def overrides_list(
 def overrides_end(
     override_id: Annotated[str, typer.Argument(help="The override's id.")],
     at: Annotated[str | None, typer.Option(help="End moment, exclusive (default: now).")] = None,
+    keep_priced_events: Annotated[
+        bool,
+        typer.Option(
+            "--keep-priced-events",
+            help="End it although it priced billed events at or after the end: they keep its price until you "
+            "re-rate them (the output's events_to_rerate says how). Without it such an end is refused.",
+        ),
+    ] = False,
 ) -> None:
     """End an override (it is kept, so past prices stay reproducible)."""
     end_at = _moment("--at", at) or datetime.now(UTC)
     with admin_session() as (session, _box):
         before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
-        row, changed = overrides.end(session, override_id, end_at)
-        if changed:  # ending it when it already ends then: nothing changed, nothing audited
-            target, after = snap.override_target(row.id), snap.override_snapshot(row)
+        ending = overrides.end(session, override_id, end_at, keep_priced_events=keep_priced_events)
+        if ending.changed:  # ending it when it already ends then: nothing changed, nothing audited
+            target, after = snap.override_target(ending.row.id), snap.override_snapshot(ending.row)
             audit_trail.record(session, "price_override.end", target, before=before, after=after)
-        print_json(_override_view(row))
+        print_json(_ended_view(ending))
+
+
+def _ended_view(ending: overrides.Ending) -> dict[str, Any]:
+    beyond, row = ending.priced_beyond, ending.row
+    to_rerate = None
+    if beyond.first is not None and beyond.last is not None:
+        to_rerate = {
+            "billed": beyond.billed,
+            "byollm": beyond.byollm,
+            "first_occurred_at": beyond.first.isoformat(),
+            "last_occurred_at": beyond.last.isoformat(),
+            "rerate": beyond.rerate_command(row.model_pattern),
+        }
+    return {**_override_view(row), "events_to_rerate": to_rerate}
 
 
 @credit_app.command("add")

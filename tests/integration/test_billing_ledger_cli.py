@@ -59,7 +59,14 @@ def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> No
     run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "1", "--output", "1",
         "--id", "ollama/llama3", code=1)  # fmt: skip
     assert "priced 1 held event(s) ($0.36 charged, $0.30 provider cost); 0 still unpriced" in run("reprice")
-    run("overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat())
+    # It priced the event (an hour ago): ended before it, the event would keep its price unsaid. Refused, naming the
+    # event and the re-rate; with --keep-priced-events it is ended and says what to re-rate.
+    refused = run("overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat(), code=1)
+    assert "priced 1 billed event(s)" in refused and "--keep-priced-events" in refused
+    assert "metering billing rerate --from" in refused
+    ended = run("overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat(),
+                "--keep-priced-events")  # fmt: skip
+    assert '"billed": 1' in ended and f'"first_occurred_at": "{(now - timedelta(hours=1)).isoformat()}"' in ended
     run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.20", "--output", "0.80",
         "--from", since, "--id", "llama-new")  # fmt: skip
     assert "llama-new" in run("overrides", "list", "--provider", "ollama", "--active")

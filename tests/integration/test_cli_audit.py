@@ -181,7 +181,9 @@ def test_billing_commands_are_audited_once_and_replays_dry_runs_and_no_ops_not(r
     assert len(audit_rows(session_factory, "billing.reprice")) == 1
 
     end = (now - timedelta(hours=2)).isoformat()
-    run("billing", "overrides", "end", "llama-old", "--at", end)
+    run("billing", "overrides", "end", "llama-old", "--at", end, code=1)  # it priced the event: refused, no entry
+    assert audit_rows(session_factory, "price_override.end") == []
+    run("billing", "overrides", "end", "llama-old", "--at", end, "--keep-priced-events")  # re-rated below
     entry = only(session_factory, "price_override.end")
     assert entry.before["effective_to"] is None and entry.after["effective_to"] is not None
     run("billing", "overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.20",

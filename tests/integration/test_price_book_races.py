@@ -309,7 +309,8 @@ def test_a_rerate_after_an_override_change_finds_the_events_a_reprice_in_flight_
 
     def change_prices() -> None:
         with session_factory() as session:
-            end_override(session, "llamas", SINCE + timedelta(microseconds=1))
+            # it priced the reprice's events (committed once this end holds the price book): re-rated below
+            end_override(session, "llamas", SINCE + timedelta(microseconds=1), keep_priced_events=True)
             override(session, "llama3", "llama3.1", "0.20", "0.80")
             session.commit()
 

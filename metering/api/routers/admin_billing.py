@@ -16,6 +16,7 @@ from metering.api.admin_deps import IDEMPOTENCY_KEY, REPLAYED, Audited, Platform
 from metering.api.admin_schemas import (
     CreditIn,
     CreditOut,
+    EndedPriceOverrideOut,
     EndOverrideIn,
     PriceOverrideIn,
     PriceOverrideOut,
@@ -91,9 +92,11 @@ def list_price_overrides(
     summary="End a price override",
     description=(
         "Requires `admin`, unbound. Closes the override's window at `at` (default: now); it can only be shortened. "
-        "Audited as `price_override.end`; ending it at the moment it already ends changes nothing (200, not audited)."
+        "Audited as `price_override.end`; ending it at the moment it already ends changes nothing (200, not audited). "
+        "An end that would leave billed events (or BYOLLM shadow costs) it priced outside its window is 409 "
+        "`override_priced_events` unless `keep_priced_events`; `events_to_rerate` then names them and the re-rate."
     ),
-    responses=problem_responses(401, 403, 404, 422, 503),
+    responses=problem_responses(401, 403, 404, 409, 422, 503),
 )
 def end_price_override(
     override_id: OverrideId,
@@ -101,14 +104,15 @@ def end_price_override(
     session: DbSession,
     audit: Audited,
     body: EndOverrideIn | None = None,
-) -> PriceOverrideOut:
+) -> EndedPriceOverrideOut:
     at = body.at if body is not None and body.at is not None else datetime.now(UTC)
+    keep = body is not None and body.keep_priced_events
     before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
-    row, changed = overrides.end(session, override_id, at)
-    if changed:  # ending it when it already ends then: nothing changed, nothing audited
-        after = snap.override_snapshot(row)
-        audit.record("price_override.end", snap.override_target(row.id), before=before, after=after)
-    return PriceOverrideOut.of(row)
+    ending = overrides.end(session, override_id, at, keep_priced_events=keep)
+    if ending.changed:  # ending it when it already ends then: nothing changed, nothing audited
+        after = snap.override_snapshot(ending.row)
+        audit.record("price_override.end", snap.override_target(ending.row.id), before=before, after=after)
+    return EndedPriceOverrideOut.of_ending(ending)
 
 
 # -- credits --------------------------------------------------------------------------------------------
