@@ -18,6 +18,7 @@ from metering.audit import REDACTED
 from metering.billing.credits import TransferResult
 from metering.billing.invoices import Invoice
 from metering.billing.money import decimal_text
+from metering.billing.overrides import is_withdrawn
 from metering.billing.reprice import RepriceResult
 from metering.billing.rerate import RerateResult
 from metering.db.models import ApiTokenRow, ByollmSettingsRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
@@ -47,6 +48,12 @@ def budget_target(extension_id: str) -> str:
 
 def override_target(override_id: str) -> str:
     return f"price_override:{override_id}"
+
+
+def override_end_action(row: PriceOverrideRow) -> str:
+    """``price_override.withdraw`` for an end that left the window empty (at its start: ``…:withdraw``, or ``…:end``
+    with ``at`` = ``effective_from``), else ``price_override.end``: the same change, the same action."""
+    return "price_override.withdraw" if is_withdrawn(row) else "price_override.end"
 
 
 def token_target(token_id: object) -> str:

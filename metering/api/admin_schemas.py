@@ -259,15 +259,21 @@ class PriceOverrideOut(BaseModel):
         )
 
 
-class EndOverrideIn(_In):
-    at: AwareUtcDatetime | None = Field(None, description="When the override stops applying (exclusive). Default: now.")
+class WithdrawOverrideIn(_In):
     keep_priced_events: StrictBool = Field(
         False,
         description=(
-            "End it although it priced billed events (or BYOLLM shadow costs) that occurred at or after `at`: they "
-            "keep its price until re-rated (`events_to_rerate` says which, and how). Without it such an end is "
-            "409 `override_priced_events`."
+            "End it although it priced billed events that occurred at or after its end: they keep its price until "
+            "re-rated (`events_to_rerate` says which, and how). Without it such an end is 409 "
+            "`override_priced_events`."
         ),
+    )
+
+
+class EndOverrideIn(WithdrawOverrideIn):
+    at: AwareUtcDatetime | None = Field(
+        None,
+        description="When the override stops applying (exclusive). Default: now. At `effective_from`: withdrawn.",
     )
 
 

@@ -3,7 +3,9 @@
 An override prices (provider, model glob) in [effective_from, effective_to), in USD per 1M tokens for each
 token kind, optionally with its own markup. Prices are stored exactly, as integer nano-USD per 1M tokens:
 a price finer than 1e-9 $/Mtok is refused rather than rounded. Overrides are never deleted: ``end_override``
-closes the window, so past prices stay reproducible (a re-rate can still see what applied when).
+closes the window, so past prices stay reproducible (a re-rate can still see what applied when). Ended at its start
+(``withdraw``), the window is empty, [effective_from, effective_from): the override is withdrawn, it prices nothing
+(``store.load_price_book`` leaves it out) and stays listed, and audited.
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ def end_override(session: Session, id: str, at: datetime, *, keep_priced_events:
 def end(session: Session, id: str, at: datetime, *, keep_priced_events: bool = False) -> Ending:
     """``end_override``, also telling whether this call changed the window. Ending it at the moment it already ends
     (a retry, or two identical ends at once) changes nothing: ``changed`` False, and the edges audit nothing (they
-    recorded a second ``price_override.end`` with ``before`` equal to ``after``, a change nobody made).
+    recorded a second ``price_override.end`` with ``before`` equal to ``after``, a change nobody made). Ending it at
+    its start withdraws it (an empty window, see ``withdraw``); before its start is refused.
 
     Billed events it priced at or after ``at`` would keep a price that no longer applied when they occurred, silently:
     the end is refused (``OverridePricedEventsError``, naming them and the re-rate that prices them again) unless
@@ -258,7 +261,7 @@ def end(session: Session, id: str, at: datetime, *, keep_priced_events: bool = F
     # waited for another one's lock lengthened the window the first had just shortened.
     shortened = session.execute(
         update(o)
-        .where(o.id == id, o.effective_from < at, or_(o.effective_to.is_(None), o.effective_to > at))
+        .where(o.id == id, o.effective_from <= at, or_(o.effective_to.is_(None), o.effective_to > at))
         .values(effective_to=at)
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
@@ -267,17 +270,39 @@ def end(session: Session, id: str, at: datetime, *, keep_priced_events: bool = F
         raise NotFoundError(f"no price override with id {id!r}")
     if shortened:
         return Ending(row, True, beyond)
-    if at <= row.effective_from:
-        raise InvalidInputError(f"override {id!r} starts at {row.effective_from.isoformat()}: end it after that")
+    if at < row.effective_from:
+        raise InvalidInputError(
+            f"override {id!r} starts at {row.effective_from.isoformat()}: end it at or after that (at its start "
+            "withdraws it)"
+        )
     assert row.effective_to is not None
     if row.effective_to == at:
         return Ending(row, False, beyond)
+    if is_withdrawn(row):
+        raise InvalidInputError(f"override {id!r} is withdrawn (ended at its start, {row.effective_to.isoformat()})")
     raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")
+
+
+def withdraw(session: Session, id: str, *, keep_priced_events: bool = False) -> Ending:
+    """End the override at its start: an empty window, so it prices nothing, anywhere (ingest, reprice, re-rate,
+    quotes; ``list_overrides(active_at=…)`` never lists it), though it stays stored and listed. For an override
+    scheduled by mistake (a wrong start, price or pattern), before or after it started. As ``end``: a retry changes
+    nothing, and billed events it priced refuse it unless ``keep_priced_events`` (then re-rate them, as
+    ``priced_beyond`` says)."""
+    row = get_for_update(session, PriceOverrideRow, id)  # (its start never changes)
+    if row is None:
+        raise NotFoundError(f"no price override with id {id!r}")
+    return end(session, id, row.effective_from, keep_priced_events=keep_priced_events)
+
+
+def is_withdrawn(row: PriceOverrideRow) -> bool:
+    """Ended at its start: an empty window, it prices nothing."""
+    return row.effective_to == row.effective_from
 
 
 def _shortens(row: PriceOverrideRow, at: datetime) -> bool:
     """Whether ending ``row`` at ``at`` shortens its window (the conditional UPDATE of ``end``, on a locked row)."""
-    return row.effective_from < at and (row.effective_to is None or row.effective_to > at)
+    return row.effective_from <= at and (row.effective_to is None or row.effective_to > at)
 
 
 def _priced_beyond_problem(row: PriceOverrideRow, at: datetime, beyond: PricedBeyond) -> str:

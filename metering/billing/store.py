@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import set_json_loads
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from metering.billing import batch_sql
@@ -436,7 +436,10 @@ def lock_price_book(session: Session, *, change: bool) -> None:
 
 
 def load_price_book(session: Session, markup_pct: Decimal) -> PriceBook:
-    rows = session.scalars(select(PriceOverrideRow)).all()
+    """The overrides that price something: a withdrawn one (ended at its start, ``effective_to`` = ``effective_from``:
+    an empty window) is no part of the book (``PriceOverride`` refuses an empty window)."""
+    o = PriceOverrideRow
+    rows = session.scalars(select(o).where(or_(o.effective_to.is_(None), o.effective_to > o.effective_from))).all()
     return PriceBook(overrides=tuple(override_from_row(r) for r in rows), markup_pct=markup_pct)
 
 

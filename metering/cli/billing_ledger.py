@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from sqlalchemy.orm import Session
 
 from metering import audit_snapshots as snap
 from metering.billing import credits, overrides
@@ -128,28 +129,51 @@ def overrides_list(
         print_json([_override_view(row) for row in rows])
 
 
+KeepPricedEvents = Annotated[
+    bool,
+    typer.Option(
+        "--keep-priced-events",
+        help="End it although it priced billed events at or after the end: they keep its price until you "
+        "re-rate them (the output's events_to_rerate says how). Without it such an end is refused.",
+    ),
+]
+
+
 @overrides_app.command("end")
 def overrides_end(
     override_id: Annotated[str, typer.Argument(help="The override's id.")],
-    at: Annotated[str | None, typer.Option(help="End moment, exclusive (default: now).")] = None,
-    keep_priced_events: Annotated[
-        bool,
-        typer.Option(
-            "--keep-priced-events",
-            help="End it although it priced billed events at or after the end: they keep its price until you "
-            "re-rate them (the output's events_to_rerate says how). Without it such an end is refused.",
-        ),
-    ] = False,
+    at: Annotated[
+        str | None, typer.Option(help="End moment, exclusive (default: now). At its start: withdrawn.")
+    ] = None,
+    keep_priced_events: KeepPricedEvents = False,
 ) -> None:
     """End an override (it is kept, so past prices stay reproducible)."""
     end_at = _moment("--at", at) or datetime.now(UTC)
     with admin_session() as (session, _box):
         before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
         ending = overrides.end(session, override_id, end_at, keep_priced_events=keep_priced_events)
-        if ending.changed:  # ending it when it already ends then: nothing changed, nothing audited
-            target, after = snap.override_target(ending.row.id), snap.override_snapshot(ending.row)
-            audit_trail.record(session, "price_override.end", target, before=before, after=after)
+        _audit_end(session, before, ending)
         print_json(_ended_view(ending))
+
+
+@overrides_app.command("withdraw")
+def overrides_withdraw(
+    override_id: Annotated[str, typer.Argument(help="The override's id.")],
+    keep_priced_events: KeepPricedEvents = False,
+) -> None:
+    """Withdraw an override scheduled by mistake: end it at its start (an empty window), so it prices nothing, before
+    or after it started. It stays listed; billed events it priced refuse it unless --keep-priced-events."""
+    with admin_session() as (session, _box):
+        before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
+        ending = overrides.withdraw(session, override_id, keep_priced_events=keep_priced_events)
+        _audit_end(session, before, ending)
+        print_json(_ended_view(ending))
+
+
+def _audit_end(session: Session, before: snap.Snapshot | None, ending: overrides.Ending) -> None:
+    if ending.changed:  # ending it when it already ends then: nothing changed, nothing audited
+        target, after = snap.override_target(ending.row.id), snap.override_snapshot(ending.row)
+        audit_trail.record(session, snap.override_end_action(ending.row), target, before=before, after=after)
 
 
 def _ended_view(ending: overrides.Ending) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from metering.api.admin_schemas import (
     EndOverrideIn,
     PriceOverrideIn,
     PriceOverrideOut,
+    WithdrawOverrideIn,
 )
 from metering.api.deps import Admin, DbSession
 from metering.api.exact_json import ExactNumbersRoute
@@ -109,9 +110,37 @@ def end_price_override(
     keep = body is not None and body.keep_priced_events
     before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
     ending = overrides.end(session, override_id, at, keep_priced_events=keep)
+    return _audited_end(audit, before, ending)
+
+
+@router.post(
+    "/price-overrides/{override_id}:withdraw",
+    summary="Withdraw a price override",
+    description=(
+        "Requires `admin`, unbound. Ends the override at its start (`:end` with `at` = `effective_from`): its window "
+        "is empty, it prices nothing, before or after its start; it stays listed. Audited as "
+        "`price_override.withdraw`; withdrawing a withdrawn override changes nothing (200, not audited). Billed "
+        "events it priced make it 409 `override_priced_events` unless `keep_priced_events` (then re-rate them: "
+        "`events_to_rerate`)."
+    ),
+    responses=problem_responses(401, 403, 404, 409, 422, 503),
+)
+def withdraw_price_override(
+    override_id: OverrideId,
+    principal: PlatformAdmin,
+    session: DbSession,
+    audit: Audited,
+    body: WithdrawOverrideIn | None = None,
+) -> EndedPriceOverrideOut:
+    keep = body is not None and body.keep_priced_events
+    before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
+    return _audited_end(audit, before, overrides.withdraw(session, override_id, keep_priced_events=keep))
+
+
+def _audited_end(audit: Audited, before: snap.Snapshot | None, ending: overrides.Ending) -> EndedPriceOverrideOut:
     if ending.changed:  # ending it when it already ends then: nothing changed, nothing audited
-        after = snap.override_snapshot(ending.row)
-        audit.record("price_override.end", snap.override_target(ending.row.id), before=before, after=after)
+        action, target = snap.override_end_action(ending.row), snap.override_target(ending.row.id)
+        audit.record(action, target, before=before, after=snap.override_snapshot(ending.row))
     return EndedPriceOverrideOut.of_ending(ending)
 
 

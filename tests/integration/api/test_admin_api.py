@@ -632,6 +632,7 @@ def test_tenant_bound_admin_touches_only_its_tenant(client, admin, acme_admin, s
         ("PUT", "/v1/admin/budgets/rewrite", {"max_calls": 1}),
         ("GET", "/v1/admin/price-overrides", None),
         ("POST", "/v1/admin/price-overrides/x:end", None),
+        ("POST", "/v1/admin/price-overrides/x:withdraw", None),
     ):
         response = client.request(method, path, json=body, headers=acme_admin)
         assert "not bound to a tenant" in assert_problem(response, 403, "forbidden")["detail"], path
@@ -660,6 +661,7 @@ ADMIN_ROUTES = [
     ("GET", "/v1/admin/price-overrides"),
     ("POST", "/v1/admin/price-overrides"),
     ("POST", "/v1/admin/price-overrides/x:end"),
+    ("POST", "/v1/admin/price-overrides/x:withdraw"),
     ("POST", "/v1/admin/credits"),
     ("GET", "/v1/audit"),
     ("POST", "/v1/extensions/rewrite/functions/rewrite:invoke"),
@@ -694,6 +696,7 @@ def test_openapi_documents_the_admin_audit_and_invoke_operations(client):
         ("put", "/v1/admin/budgets/{extension_id}"): "put_budget",
         ("post", "/v1/admin/price-overrides"): "post_price_override",
         ("post", "/v1/admin/price-overrides/{override_id}:end"): "end_price_override",
+        ("post", "/v1/admin/price-overrides/{override_id}:withdraw"): "withdraw_price_override",
         ("post", "/v1/admin/credits"): "post_credit",
         ("get", "/v1/audit"): "get_audit",
         ("post", "/v1/extensions/{extension_id}/functions/{function}:invoke"): "invoke_function",

@@ -137,6 +137,7 @@ KNOWN_GOOD: list[tuple[str, dict[str, Any], int]] = [
     ("POST /v1/admin/price-overrides", {"body": OVERRIDE}, 201),
     ("GET /v1/admin/price-overrides", {"query": {"provider": "anthropic"}}, 200),
     ("POST /v1/admin/price-overrides/{override_id}:end", {"path_parameters": {"override_id": "ovr_known"}}, 200),
+    ("POST /v1/admin/price-overrides/{override_id}:withdraw", {"path_parameters": {"override_id": "ovr_known"}}, 200),
     ("POST /v1/admin/credits", CREDIT, 201),
     ("POST /v1/admin/credits", CREDIT, 200),  # the replay
     ("POST /v1/extensions/{extension_id}/functions/{function}:invoke", INVOKE, 200),
