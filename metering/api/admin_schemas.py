@@ -26,7 +26,7 @@ from pydantic import (
 from metering.api.exact_json import JsonNumber
 from metering.api.validators import MAX_INT32, MAX_INT64, AwareUtcDatetime, no_nul
 from metering.billing.money import decimal_text, is_plain_decimal, plain_decimal
-from metering.billing.overrides import Ending
+from metering.billing.overrides import Ending, is_withdrawn
 from metering.db.models import AuditLogRow, ExtensionBudgetRow, PriceOverrideRow, PurposeSettingsRow
 from metering.events import MAX_NAME
 from metering.llm.providers import KNOWN_PROVIDERS
@@ -238,6 +238,9 @@ class PriceOverrideOut(BaseModel):
     markup_pct: str | None
     note: str | None
     created_at: datetime
+    withdrawn: bool = Field(
+        description="Withdrawn (`:withdraw`, or ended at its start): an empty window that prices nothing."
+    )
 
     @classmethod
     def of(cls, row: PriceOverrideRow) -> PriceOverrideOut:
@@ -256,6 +259,7 @@ class PriceOverrideOut(BaseModel):
             markup_pct=row.markup_pct,
             note=row.note,
             created_at=row.created_at,
+            withdrawn=is_withdrawn(row),
         )
 
 

@@ -71,6 +71,7 @@ def _override_view(row: PriceOverrideRow) -> dict[str, Any]:
         "web_search_usd_per_k": _usd_per_mtok(row.web_search_nanos_per_k),
         "markup_pct": row.markup_pct,
         "note": row.note,
+        "withdrawn": overrides.is_withdrawn(row),
     }
 
 

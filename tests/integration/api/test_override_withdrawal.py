@@ -56,7 +56,7 @@ def test_an_override_scheduled_by_mistake_is_withdrawn_before_it_starts(client, 
     assert withdrawn.status_code == 200, withdrawn.text
     body = withdrawn.json()
     assert body["effective_from"] == body["effective_to"] == "2026-12-01T00:00:00Z"
-    assert body["events_to_rerate"] is None
+    assert body["events_to_rerate"] is None and body["withdrawn"] is True
     (entry,) = audit_rows(session_factory, "price_override.withdraw")
     assert (entry.target, entry.before["effective_to"], entry.after["effective_to"]) == (
         "price_override:ovr_dec", None, "2026-12-01T00:00:00Z"
@@ -73,7 +73,8 @@ def test_an_override_scheduled_by_mistake_is_withdrawn_before_it_starts(client, 
     assert_problem(client.post("/v1/admin/price-overrides/nope:withdraw", headers=admin), 404, "not_found")
 
     # still listed (it is never deleted), active at no moment, and no price anywhere
-    assert [o["id"] for o in client.get("/v1/admin/price-overrides", headers=admin).json()] == ["ovr_dec"]
+    listed = client.get("/v1/admin/price-overrides", headers=admin).json()
+    assert [(o["id"], o["withdrawn"]) for o in listed] == [("ovr_dec", True)]
     for moment in ("2026-12-01T00:00:00Z", "2026-12-15T00:00:00Z"):
         active = client.get("/v1/admin/price-overrides", params={"active_at": moment}, headers=admin)
         assert active.status_code == 200 and active.json() == []
@@ -91,6 +92,7 @@ def test_ending_it_at_its_start_is_withdrawing_it_and_before_its_start_is_refuse
     scheduled(client, admin)
     before = client.post("/v1/admin/price-overrides/ovr_dec:end", json={"at": "2026-11-30T00:00:00Z"}, headers=admin)
     assert "at its start withdraws it" in assert_problem(before, 422, "invalid_input")["detail"]
+    assert client.get("/v1/admin/price-overrides", headers=admin).json()[0]["withdrawn"] is False
     at_start = client.post("/v1/admin/price-overrides/ovr_dec:end", json={"at": "2026-12-01T01:00:00+01:00"},
                            headers=admin)  # fmt: skip
     assert at_start.status_code == 200 and at_start.json()["effective_to"] == "2026-12-01T00:00:00Z"
@@ -162,7 +164,7 @@ def test_the_cli_withdraws_audited_once(session_factory, db_url, tmp_path, monke
     for _ in range(2):  # the second changes nothing
         out = runner.invoke(app, ["overrides", "withdraw", "ovr_dec"])
         assert out.exit_code == 0, out.output
-        assert '"effective_to": "2026-12-01T00:00:00+00:00"' in out.output
+        assert '"effective_to": "2026-12-01T00:00:00+00:00"' in out.output and '"withdrawn": true' in out.output
     assert [e.action for e in audit_rows(session_factory)] == ["price_override.withdraw"]
     missing = runner.invoke(app, ["overrides", "withdraw", "nope"])
     assert missing.exit_code == 1 and "no price override with id 'nope'" in missing.output
