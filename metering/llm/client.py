@@ -361,7 +361,9 @@ class MeteredLLM:
                 if task is not None and (recorded := self._calls_in_flight.pop(task, None)) is not None:
                     recorded.set()
             text = clean_text(result.text)  # no lone surrogate reaches the caller (it could not be encoded)
-            usage = fill_missing(result.usage, system, messages, text, answered=True)
+            # an OpenAI refusal is output the provider charges, not text: an estimate counts it
+            output = text + result.refusal if result.refusal else text
+            usage = fill_missing(result.usage, system, messages, output, answered=True)
             event_id = self._record(
                 common, usage=usage, stop_reason=result.stop_reason, status=Status.OK, error_type=None
             )

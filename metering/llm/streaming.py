@@ -31,6 +31,7 @@ from metering.llm.types import (
     MISSING_USAGE,
     NO_USAGE_SO_FAR,
     ReasoningDelta,
+    RefusalDelta,
     StreamEnd,
     TextDelta,
     TokenUsage,
@@ -180,7 +181,8 @@ class MessageStream:
                     target, attempt, purpose, datetime.now(UTC), started, call_max_tokens, fingerprint, True, reserved
                 )
                 parts: list[str] = []
-                reasoning: list[str] = []  # reasoning text, not handed on: output the estimates count (ReasoningDelta)
+                # reasoning (and refusal) text, not handed on: output the estimates count (ReasoningDelta, RefusalDelta)
+                reasoning: list[str] = []
                 ttft: float | None = None
                 end: StreamEnd | None = None
                 so_far = NO_USAGE_SO_FAR  # usage the provider reported before the end
@@ -199,7 +201,7 @@ class MessageStream:
                             self._reader = asyncio.current_task()  # a stream may be read by another task each time
                         elif isinstance(item, UsageSoFar):
                             so_far = item
-                        elif isinstance(item, ReasoningDelta):
+                        elif isinstance(item, (ReasoningDelta, RefusalDelta)):  # output not handed on
                             reasoning.append(item.text)
                         else:
                             end = item

@@ -9,6 +9,7 @@ from metering.events import UsageCompleteness
 
 ResponseFormat = Literal["json"] | None
 STOP_MAX_TOKENS = "max_tokens"  # the stop reason of a reply cut off by max_tokens (OpenAI's "length" is mapped to it)
+STOP_REFUSAL = "refusal"  # the model refused (Anthropic's; an OpenAI refusal, in message.refusal, is given it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,9 @@ class ProviderResult:
     usage: TokenUsage
     stop_reason: str | None
     model: str  # the model the provider says served the call
+    # An OpenAI refusal's message (``message.refusal``; the stop reason is then STOP_REFUSAL): not the reply's text,
+    # but output the provider charges, so an estimate of usage the provider did not report counts it.
+    refusal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +97,13 @@ class ReasoningDelta:
     text: str
 
 
-StreamItem = TextDelta | UsageSoFar | ReasoningDelta | StreamEnd
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """A chunk of an OpenAI refusal's message (``delta.refusal``; the stream ends with the stop reason STOP_REFUSAL):
+    not the reply's text, never handed to the consumer, but output the provider charges, counted like reasoning in
+    the estimate of a stream whose usage the provider did not report."""
+
+    text: str
+
+
+StreamItem = TextDelta | UsageSoFar | ReasoningDelta | RefusalDelta | StreamEnd

@@ -52,7 +52,11 @@ class FakeOpenAIServer(FakeProviderServer):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": reply.text},
+                    "message": {
+                        "role": "assistant",
+                        "content": reply.text if reply.refusal is None else None,
+                        "refusal": reply.refusal,
+                    },
                     "finish_reason": reply.stop_reason or "stop",
                 }
             ],
@@ -79,8 +83,13 @@ class FakeOpenAIServer(FakeProviderServer):
                 }
             )
 
-        yield chunk({"role": "assistant", "content": ""})
-        for n, delta in enumerate(reply.deltas()):
+        if reply.refusal is not None:  # OpenAI's: a first chunk with no content, then the refusal's
+            yield chunk({"role": "assistant", "content": None, "refusal": ""})
+            for delta in reply.refusal_deltas():
+                yield chunk({"refusal": delta})
+        else:
+            yield chunk({"role": "assistant", "content": ""})
+        for n, delta in enumerate(reply.deltas() if reply.refusal is None else ()):
             if (frame := reply.extra_frame(n)) is not None:
                 yield frame
             if reply.break_after is not None and n >= reply.break_after:

@@ -37,6 +37,12 @@ class Reply:
     final_usage: bool = True  # Anthropic stream: False sends message_delta without usage (some compatible gateways)
     arrived: threading.Event | None = None  # set once the request is read (a test knows the call is in flight)
     proceed: threading.Event | None = None  # waited for before answering (a test decides when the call ends)
+    refusal: str | None = None  # OpenAI: the model refused; this is its message.refusal (content null), in a stream
+    # its delta.refusal chunks (split after each space) instead of the text's
+
+    def refusal_deltas(self) -> list[str]:
+        words = (self.refusal or "").split(" ")
+        return [word + " " for word in words[:-1]] + [words[-1]]
 
     def extra_frame(self, n: int) -> bytes | None:
         """The raw frame scripted to go before delta ``n``, if any."""

@@ -24,9 +24,11 @@ from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, tex
 from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
+    STOP_REFUSAL,
     ProviderRequest,
     ProviderResult,
     ReasoningDelta,
+    RefusalDelta,
     StreamEnd,
     StreamItem,
     TextDelta,
@@ -54,10 +56,20 @@ def reasoning_of(delta: Any, content: Any) -> str:
     return reasoning + thinking_of(content) if isinstance(content, list) else reasoning
 
 
-def stop_reason(finish_reason: object) -> str | None:
+def stop_reason(finish_reason: object, *, refused: bool = False) -> str | None:
+    """The stop reason of a reply (``refused``: it holds a refusal, whatever its finish_reason, OpenAI's ``stop``)."""
+    if refused:
+        return STOP_REFUSAL
     if not isinstance(finish_reason, str):
         return None
     return bounded_stop_reason(STOP_REASONS.get(finish_reason, finish_reason))
+
+
+def refusal_of(message: Any) -> str:
+    """The refusal a message (or a stream delta) holds: OpenAI answers one in ``refusal``, its ``content`` null;
+    ``""`` for none (a compatible server may send ``"refusal": null``, or ``""``)."""
+    refusal = getattr(message, "refusal", None)
+    return refusal if isinstance(refusal, str) and not refusal.isspace() else ""
 
 
 class OpenAIProvider:
@@ -126,11 +138,13 @@ class OpenAIProvider:
                 raise invalid_response(self.name, "the response has no choices")
             choice = choices[0]
             message = getattr(choice, "message", None)
+            refusal = refusal_of(message)
             return ProviderResult(
                 text=text_of(getattr(message, "content", None)),
                 usage=from_openai(getattr(completion, "usage", None)),
-                stop_reason=stop_reason(getattr(choice, "finish_reason", None)),
+                stop_reason=stop_reason(getattr(choice, "finish_reason", None), refused=bool(refusal)),
                 model=getattr(completion, "model", None) or request.model,
+                refusal=refusal,
             )
         raise error  # outside the except block: no chained SDK exception (it holds the request)
 
@@ -148,6 +162,7 @@ class OpenAIProvider:
             raise error
         usage: Any = None
         finish: str | None = None
+        refused = False  # a delta held a refusal: the stop reason is STOP_REFUSAL
         model = request.model
         try:
             async with chunks:
@@ -167,6 +182,9 @@ class OpenAIProvider:
                             yield TextDelta(text)
                         if reasoning := reasoning_of(delta, content):
                             yield ReasoningDelta(reasoning)
+                        if refusal := refusal_of(delta):
+                            refused = True
+                            yield RefusalDelta(refusal)
                         if getattr(choice, "finish_reason", None):
                             finish = choice.finish_reason
         except _ERRORS as exc:
@@ -177,7 +195,7 @@ class OpenAIProvider:
             raise incomplete_stream(self.name)
         yield StreamEnd(
             usage=from_openai(usage) if usage is not None else MISSING_USAGE,
-            stop_reason=stop_reason(finish),
+            stop_reason=stop_reason(finish, refused=refused),
             model=model,
         )
 

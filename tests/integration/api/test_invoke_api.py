@@ -528,6 +528,7 @@ MULTIPLE = "/v1/extensions/rewrite/functions/rewrite_multiple:invoke"
         (REWRITE, [Reply(text=" \n\u200b ")]),
         (REWRITE, [Reply(text="Dear Sir, please", stop_reason="content_filter")]),
         (MULTIPLE, [Reply(text="Hey, send it over?"), Reply(text="", stop_reason="refusal")]),
+        (REWRITE, [Reply(refusal="I'm sorry, I can't help with that.")]),  # OpenAI's: content null, finish `stop`
     ],
 )
 def test_an_empty_or_filtered_rewrite_is_a_502_billed_once(
@@ -536,7 +537,8 @@ def test_an_empty_or_filtered_rewrite_is_a_502_billed_once(
     """A model that answered nothing (or only blanks), or whose reply its content filter stopped (OpenAI's
     `content_filter`; Anthropic's `refusal`), was returned as a successful rewrite: `{"text": "", "truncated": false}`
     (a client would have sent an empty message, or a cut one as if whole). It is a 502 naming the calls, which were
-    billed; a keyed retry gets it back and pays nothing again."""
+    billed; a keyed retry gets it back and pays nothing again. An OpenAI refusal (`message.refusal`, the content
+    null) is said to be one: it was "the model's reply is empty"."""
     openai_server.script(*replies)
     purpose = {"provider": "openai", "model": "gpt-4o", "base_url": openai_server.base_url}
     assert client.put("/v1/admin/purposes/content_rewrite", json=purpose, headers=admin).status_code == 200
@@ -544,6 +546,8 @@ def test_an_empty_or_filtered_rewrite_is_a_502_billed_once(
     first = _invoke(client, _keyed(admin, "e-1"), path, **params)
     body = assert_problem(first, 502, "provider_error")
     assert len(body["event_ids"]) == len(replies) and "rewrite" in body["detail"]
+    if replies[-1].refusal or replies[-1].stop_reason:  # said as such, not as "the model's reply is empty"
+        assert "stopped by the provider" in body["detail"] and "is empty" not in body["detail"]
     again = _invoke(client, _keyed(admin, "e-1"), path, **params)
     assert (again.status_code, again.headers["Idempotent-Replayed"], again.json()) == (502, "true", body)
     assert len(openai_server.requests) == len(replies)

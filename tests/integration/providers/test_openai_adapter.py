@@ -12,7 +12,15 @@ from metering.events import UsageCompleteness
 from metering.llm.providers import make_provider
 from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.providers.openai import JSON_INSTRUCTION, OpenAIProvider
-from metering.llm.types import MISSING_USAGE, ProviderRequest, StreamEnd, TextDelta, TokenUsage, UsageSoFar
+from metering.llm.types import (
+    MISSING_USAGE,
+    ProviderRequest,
+    RefusalDelta,
+    StreamEnd,
+    TextDelta,
+    TokenUsage,
+    UsageSoFar,
+)
 from tests.fakes import Fail, FakeOpenAIServer, Reply, hang, rate_limited, server_error, unauthorized
 
 KEY = "sk-proj-TEST-SECRET-0123456789abcdef"
@@ -91,6 +99,24 @@ async def test_finish_reason_length_is_max_tokens(openai_server, make) -> None:
     assert (await provider.complete(request())).stop_reason == "max_tokens"
     _, end, _ = await collect(provider.stream(request()))
     assert end is not None and end.stop_reason == "max_tokens"
+
+
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+async def test_a_refusal_is_reported_as_the_stop_reason_refusal(openai_server, make) -> None:
+    """OpenAI answers a refusal in `message.refusal` (a stream: `delta.refusal` chunks), its content null, its
+    finish_reason `stop`: it was reported as a reply that ended normally with no text (`end_turn`, "empty")."""
+    openai_server.script(Reply(refusal=REFUSAL, usage=CACHED_USAGE), Reply(refusal=REFUSAL, usage=CACHED_USAGE))
+    provider = make()
+    result = await provider.complete(request())
+    assert (result.text, result.stop_reason, result.usage) == ("", "refusal", NORMALISED)
+    assert result.refusal == REFUSAL  # output the provider charges: an estimate of missing usage counts it
+    items = [item async for item in provider.stream(request())]
+    assert not any(isinstance(item, TextDelta) for item in items)  # the refusal is not the reply's text
+    assert "".join(item.text for item in items if isinstance(item, RefusalDelta)) == REFUSAL  # counted if estimated
+    end = items[-1]
+    assert isinstance(end, StreamEnd) and (end.stop_reason, end.usage) == ("refusal", NORMALISED)
 
 
 async def test_what_the_sdk_sends(openai_server, make) -> None:
