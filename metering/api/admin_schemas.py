@@ -403,7 +403,8 @@ class InvokeResponse(BaseModel):
             "What the handler returned. `rewrite.rewrite`: `{text, truncated, provider, model, is_byollm}`; "
             "`rewrite.rewrite_multiple`: `{variations, truncated, provider, model, is_byollm}`; "
             "`rewrite.extract_action_items`: `{action_items: [{owner, deadline, task}], provider, model, is_byollm}`. "
-            "`truncated` (bool): a rewrite (any variation) was cut off by its max_tokens: the text is incomplete. "
+            "`truncated` (bool): a rewrite (any variation) was cut off by its max_tokens, or where the model's "
+            "context window ran out: the text is incomplete. "
             "`provider`, `model`: the invocation's last call; `is_byollm`: true only when every call of the "
             "invocation was served by the user's own LLM (nothing billed to the user)."
         ),

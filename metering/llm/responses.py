@@ -9,7 +9,7 @@ from typing import Any
 
 from metering.errors import InvalidJSONResponseError
 from metering.llm.text import clean_json_value
-from metering.llm.types import STOP_MAX_TOKENS, ResponseFormat, TokenUsage
+from metering.llm.types import CUT_OFF_STOPS, STOP_CONTEXT_WINDOW, STOP_MAX_TOKENS, ResponseFormat, TokenUsage
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 µs on the metered hot path
@@ -31,8 +31,9 @@ class LLMResponse:
 
     @property
     def truncated(self) -> bool:
-        """Whether the reply was cut off by ``max_tokens`` (its stop reason says so): the text is incomplete."""
-        return self.stop_reason == STOP_MAX_TOKENS
+        """Whether the reply was cut off, by ``max_tokens`` or where the model's context window ran out (its stop
+        reason says so: ``CUT_OFF_STOPS``): the text is incomplete."""
+        return self.stop_reason in CUT_OFF_STOPS
 
 
 _FENCE = "```"
@@ -97,8 +98,9 @@ def parse_json_text(text: str, *, cut_off_at: int | None = None, stop_reason: st
     The fence may be on its own lines (```json, the JSON, ```) or on the answer's one line (```json {...}```,
     ```{...}```), and prose may come before or after it when the reply holds that one fenced block.
     ``cut_off_at``: the ``max_tokens`` the reply stopped at (its stop reason was ``max_tokens``), so that an error
-    says the JSON was cut off rather than only where its parser gave up. ``stop_reason``: the reply's; one other than
-    a normal finish (a content filter, a refusal) is named in the error, the likely reason there is no JSON.
+    says the JSON was cut off rather than only where its parser gave up; so does the error of a reply cut off where
+    the model's context window ran out (its ``stop_reason``). ``stop_reason``: the reply's; one other than a normal
+    finish or a cut-off (a content filter, a refusal) is named in the error, the likely reason there is no JSON.
     """
     stripped = text.strip()
     candidate = _unfenced(stripped)
@@ -114,6 +116,8 @@ def parse_json_text(text: str, *, cut_off_at: int | None = None, stop_reason: st
             return value
     if cut_off_at is not None:
         reason = f"{reason}: the reply was cut off at max_tokens={cut_off_at}, its stop reason"
+    elif stop_reason == STOP_CONTEXT_WINDOW:
+        reason = f"{reason}: the reply was cut off where the model's context window ran out, its stop reason"
     elif stop_reason not in _FINISHED:
         reason = f"{reason}: the provider stopped the reply, its stop reason {stop_reason!r}"
     raise InvalidJSONResponseError(

@@ -9,6 +9,10 @@ from metering.events import UsageCompleteness
 
 ResponseFormat = Literal["json"] | None
 STOP_MAX_TOKENS = "max_tokens"  # the stop reason of a reply cut off by max_tokens (OpenAI's "length" is mapped to it)
+# the stop reason of a reply cut off because the model's context window ran out (the prompt and the reply filled it,
+# before max_tokens): Anthropic's; Mistral's "model_length" is mapped to it
+STOP_CONTEXT_WINDOW = "model_context_window_exceeded"
+CUT_OFF_STOPS = frozenset({STOP_MAX_TOKENS, STOP_CONTEXT_WINDOW})  # a reply so stopped is incomplete: truncated
 STOP_REFUSAL = "refusal"  # the model refused (Anthropic's; an OpenAI refusal, in message.refusal, is given it)
 
 

@@ -103,6 +103,14 @@ def test_a_reply_stopped_for_another_reason_names_it(stop_reason: str) -> None:
     assert parse_json_text("[]", stop_reason=stop_reason) == []  # what parses is for the caller to judge
 
 
+def test_a_reply_cut_off_by_the_context_window_says_it_was_cut_off() -> None:
+    """It said "the provider stopped the reply", as of a content filter, where the model's context window ran out."""
+    with pytest.raises(
+        InvalidJSONResponseError, match="the reply was cut off where the model's context window ran out"
+    ):
+        parse_json_text('{"items": [{"ta', stop_reason="model_context_window_exceeded")
+
+
 @pytest.mark.parametrize("stop_reason", [None, "end_turn", "stop_sequence", "max_tokens"])
 def test_a_reply_that_finished_normally_names_no_stop_reason(stop_reason: str | None) -> None:
     with pytest.raises(InvalidJSONResponseError) as info:

@@ -15,6 +15,7 @@ from metering.extensions.rewrite.schemas import (
     is_blank,
 )
 from metering.llm.responses import LLMResponse
+from metering.llm.types import STOP_CONTEXT_WINDOW
 from metering.runtime import ChatExtension, Context
 
 chat = ChatExtension("rewrite", description="Rewrite a message in another tone, with the user's own LLM if set.")
@@ -71,7 +72,9 @@ def _rewritten(response: LLMResponse) -> str:
     _not_filtered(response, "rewrite")
     if is_blank(response.text):
         reason = "is empty" if not response.text else "holds only whitespace or invisible characters"
-        if response.truncated:  # not the model's answer: its max_tokens ran out first
+        if response.stop_reason == STOP_CONTEXT_WINDOW:  # not the model's answer: its context window ran out first
+            reason += ": it stopped where the model's context window ran out, before any text"
+        elif response.truncated:  # not the model's answer: its max_tokens ran out first
             reason += ": it stopped at max_tokens before any text (a reasoning model may spend them all thinking)"
         raise _no_result(response, "rewrite", reason)
     return response.text
@@ -98,7 +101,8 @@ async def rewrite(ctx: Context, params: RewriteParams) -> dict[str, Any]:
         max_tokens=REWRITE_MAX_TOKENS,
         purpose="content_rewrite",
     )
-    # A rewrite cut off by max_tokens is not returned as a plain success: `truncated` says the text is incomplete.
+    # A rewrite cut off (by max_tokens, or where the model's context window ran out) is not returned as a plain
+    # success: `truncated` says the text is incomplete.
     return {"text": _rewritten(response), "truncated": response.truncated, **_served_by(ctx)}
 
 

@@ -24,6 +24,8 @@ from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, tex
 from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
+    STOP_CONTEXT_WINDOW,
+    STOP_MAX_TOKENS,
     STOP_REFUSAL,
     ProviderRequest,
     ProviderResult,
@@ -42,8 +44,15 @@ COMPATIBLE = "openai_compatible"
 JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
 PLACEHOLDER_KEY = "not-needed"  # keyless local servers; and the SDK must never fall back to OPENAI_API_KEY
 PASS_THROUGH = ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
-# finish_reason → the stop reasons the rest of the system uses (Anthropic's names, as the simulated provider)
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use"}
+# finish_reason → the stop reasons the rest of the system uses (Anthropic's names, as the simulated provider);
+# Mistral's "model_length": its context window ran out
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": STOP_MAX_TOKENS,
+    "model_length": STOP_CONTEXT_WINDOW,
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+}
 _ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
