@@ -237,6 +237,24 @@ async def test_an_action_item_with_a_blank_task_is_refused_like_any_malformed_it
     assert len(rec.events) == 1 and rec.events[0].status == "ok"  # the call was used: metered (and billed) once
 
 
+async def test_a_blank_owner_or_deadline_is_null() -> None:
+    """A blank owner or deadline (`""`, only whitespace or invisible characters: what a model writes for "none") was
+    returned as is, where the documented shape says a string or `null`: a caller testing `owner is None` for "no
+    owner" got `""` or `"  "`, shown as an owner with no name. It is `null`, as the model's own `null` or no field."""
+    reply = (
+        '{"items": [{"owner": "", "deadline": "  ", "task": "Send the doc"},'
+        ' {"owner": "\\u200b", "deadline": "\\n\\t", "task": "Book the room"},'
+        ' {"owner": " Bob ", "deadline": "Friday", "task": "Call Alice"}]}'
+    )
+    result, rec = await action_items_of(reply)
+    assert result["action_items"] == [
+        {"owner": None, "deadline": None, "task": "Send the doc"},
+        {"owner": None, "deadline": None, "task": "Book the room"},
+        {"owner": " Bob ", "deadline": "Friday", "task": "Call Alice"},  # a visible one is kept as written
+    ]
+    assert len(rec.events) == 1
+
+
 class CutOffBeforeAnyText(FakeProvider):
     """A reasoning model that spent its whole max_tokens thinking: no text, stop reason max_tokens."""
 

@@ -73,7 +73,16 @@ def _task_not_blank(task: str) -> str:
     return task
 
 
+def _blank_is_null(value: str | None) -> str | None:
+    """An owner or deadline with nothing visible in it is none (a model's ``""`` for "no owner"): ``None``, as the
+    model's own ``null`` or no field, so a caller tells "none" one way."""
+    return None if value is None or is_blank(value) else value
+
+
+OptionalText = Annotated[str | None, AfterValidator(_blank_is_null)]
+
+
 class ActionItem(BaseModel):
-    owner: str | None = None
-    deadline: str | None = None
+    owner: OptionalText = None
+    deadline: OptionalText = None
     task: Annotated[str, AfterValidator(_task_not_blank)]
