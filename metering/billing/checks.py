@@ -15,6 +15,8 @@
 6. Per finalized month and user, the net usage charge posted in that month (charges minus their reversals, late
    billings and re-rate corrections included) equals the total of the user's finalized invoice of it (0 without
    one): nothing charged in a closed month is on no invoice, and no invoice shows what the ledger did not charge.
+7. Every finalized invoice shows what it stores: its lines add up to its total, and its rounded total and residue
+   are that total rounded once, half-even, to cents, and the rest.
 
 All of them read one snapshot of the database (``metering.db.snapshot.read_snapshot``), so they can run while
 ingest commits.
@@ -30,6 +32,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from metering.billing.batch_sql import WALLET_ID_SQL
+from metering.billing.money import NANOS_PER_CENT, round_cents
 from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 from metering.db.snapshot import read_snapshot
 
@@ -134,12 +137,36 @@ _INVOICED = (
 )
 
 
+# Finalized invoices whose lines do not add up to their total, or whose rounded total and residue are not that total
+# rounded half-even to cents (a multiple of 10^7 nanos at most half a cent away, the even one on a tie) and the rest.
+_INVOICE_ARITHMETIC = (
+    "SELECT i.tenant_id, i.user_id, i.period, i.total_nanos, i.rounded_nanos, i.residue_nanos, coalesce(l.s, 0) "
+    "FROM invoices i LEFT JOIN (SELECT invoice_id, sum(billed_nanos) AS s FROM invoice_lines GROUP BY invoice_id) l"
+    " ON l.invoice_id = i.id "
+    "WHERE i.status = 'finalized' AND (coalesce(l.s, 0) <> i.total_nanos"
+    " OR i.rounded_nanos + i.residue_nanos <> i.total_nanos OR i.rounded_nanos % {cent} <> 0"
+    " OR abs(i.residue_nanos) > {half} OR (abs(i.residue_nanos) = {half} AND (i.rounded_nanos / {cent}) % 2 <> 0)) "
+    "ORDER BY i.period, i.tenant_id, i.user_id LIMIT 20"
+).format(cent=NANOS_PER_CENT, half=NANOS_PER_CENT // 2)
+
+
 def check_invoices(session: Session, report: CheckReport) -> None:
-    """Each finalized month's invoices show exactly what the ledger charged each user in it (invariant 6)."""
+    """Each finalized month's invoices show exactly what the ledger charged each user in it (invariant 6), and each
+    finalized invoice's lines, rounded total and residue agree with its total (invariant 7)."""
     for tenant, user, period, charged, invoiced in session.execute(text(_INVOICED)).all()[:20]:
         report.problems.append(
             f"period {period}, tenant {tenant!r}, user {user!r}: {int(charged)} nanos charged, {int(invoiced)} invoiced"
         )
+    for tenant, user, period, total, rounded, residue, lines in session.execute(text(_INVOICE_ARITHMETIC)):
+        who = f"finalized invoice {period}, tenant {tenant!r}, user {user!r}"
+        if int(lines) != total:
+            report.problems.append(f"{who}: its lines add up to {int(lines)} nanos, its total is {total}")
+        right = round_cents(total)
+        if (rounded, residue) != right:
+            report.problems.append(
+                f"{who}: total {total} nanos shown rounded to {rounded} with residue {residue}, not {right[0]} with "
+                f"{right[1]} (once, half-even, to cents)"
+            )
 
 
 def check_wallets(session: Session, report: CheckReport) -> None:

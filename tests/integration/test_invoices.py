@@ -388,3 +388,81 @@ def test_a_month_cannot_be_finalized_before_it_begins_even_forced(session_factor
         session.commit()
     with session_factory() as session:
         assert finalized_periods(session) == {"2026-11"}
+
+
+@pytest.mark.parametrize(
+    ("tampering", "lines_altered", "rounding_altered"),
+    [
+        ("UPDATE invoice_lines SET billed_nanos = billed_nanos + 7 WHERE line_no = 1", True, False),
+        ("DELETE FROM invoice_lines WHERE line_no = 2", True, False),
+        (
+            "UPDATE invoices SET rounded_nanos = rounded_nanos + 10000000, residue_nanos = residue_nanos - 10000000",
+            False,
+            True,
+        ),
+        ("UPDATE invoices SET residue_nanos = residue_nanos + 1", False, True),
+        ("UPDATE invoices SET total_nanos = total_nanos + 3, residue_nanos = residue_nanos + 3", True, False),
+    ],
+)
+def test_the_checks_name_a_finalized_invoice_whose_lines_or_rounding_were_altered(
+    session_factory, tampering: str, lines_altered: bool, rounding_altered: bool
+) -> None:
+    """A finalized invoice is what the user is shown: its lines must add up to its total, and its total must be
+    rounded once, half-even, to cents, the residue being the rest. `billing check` compared only the total with the
+    ledger, so an invoice whose lines, rounded total or residue were altered (by hand, or by a bug) passed."""
+    from metering.billing.checks import run_checks
+    from metering.billing.money import round_cents
+
+    march_usage(session_factory)
+    with session_factory() as session:
+        invoice_store.finalize_period(session, "2025-03", END_OF_GRACE, GRACE)
+        session.commit()
+        assert run_checks(session).problems == []
+    with session_factory() as session:
+        session.execute(text(tampering))
+        lines = sum(session.scalars(select(InvoiceLineRow.billed_nanos)))
+        total, rounded, residue = session.execute(
+            select(InvoiceRow.total_nanos, InvoiceRow.rounded_nanos, InvoiceRow.residue_nanos)
+        ).one()
+        problems = [p for p in run_checks(session).problems if p.startswith("finalized invoice")]
+        session.rollback()
+    who = f"finalized invoice 2025-03, tenant {TENANT!r}, user 'user-1'"
+    expected = []
+    if lines_altered:
+        expected.append(f"{who}: its lines add up to {lines} nanos, its total is {total}")
+    if rounding_altered:
+        right = round_cents(total)
+        expected.append(
+            f"{who}: total {total} nanos shown rounded to {rounded} with residue {residue}, not {right[0]} with "
+            f"{right[1]} (once, half-even, to cents)"
+        )
+    assert problems == expected
+
+
+def test_the_invoice_rounding_check_takes_ties_to_even_and_negative_totals_alike(session_factory) -> None:
+    """The check's SQL decides half-even rounding itself: half a cent goes to the even cent, whatever the sign
+    (a correction can make a total negative), on both databases."""
+    import uuid
+
+    from metering.billing.checks import run_checks
+    from metering.billing.money import round_cents
+
+    totals = (5_000_000, 15_000_000, 25_000_001, -5_000_000, -15_000_000, -25_000_000, -4_999_999, 0)
+    with session_factory() as session:
+        for n, total in enumerate(totals):
+            for rounded in (round_cents(total)[0], round_cents(total)[0] + 10_000_000):
+                ident = uuid.uuid4()
+                session.add(InvoiceRow(id=ident, tenant_id=TENANT, user_id=f"u{n}-{rounded}", period="2025-03",
+                                       status="finalized", currency="USD", total_nanos=total, rounded_nanos=rounded,
+                                       residue_nanos=total - rounded, finalized_at=END_OF_GRACE))  # fmt: skip
+                session.add(InvoiceLineRow(invoice_id=ident, line_no=1, extension_id="x", model="m", is_late=False,
+                                           calls=1, billed_nanos=total))  # fmt: skip
+        session.flush()
+        problems = [p for p in run_checks(session).problems if p.startswith("finalized invoice")]
+        session.rollback()
+    wrong = {(n, total) for n, total in enumerate(totals)}
+    assert len(problems) == len(wrong)
+    for n, total in wrong:
+        right = round_cents(total)
+        bad = right[0] + 10_000_000
+        assert any(f"user 'u{n}-{bad}'" in p and f"not {right[0]} with {right[1]}" in p for p in problems), problems

@@ -17,7 +17,15 @@ from metering.billing.invoice_store import finalize_period, get_invoice
 from metering.billing.invoices import Invoice
 from metering.billing.overrides import add_override
 from metering.billing.rerate import RerateResult, apply_rerate, plan_rerate
-from metering.db.models import AccountRow, FinalizedPeriodRow, InvoiceRow, TransferRow, UsageEventRow, UsageRollupRow
+from metering.db.models import (
+    AccountRow,
+    FinalizedPeriodRow,
+    InvoiceLineRow,
+    InvoiceRow,
+    TransferRow,
+    UsageEventRow,
+    UsageRollupRow,
+)
 from metering.errors import InvalidInputError
 from metering.events import UsageEvent, event_from_record
 from tests.fakes.events import record
@@ -160,9 +168,12 @@ def test_apply_posts_reversals_and_new_transfers_once_per_run(session_factory, b
 
 def test_a_correction_of_a_finalized_period_is_posted_in_the_next_open_one(session_factory, billed) -> None:
     with session_factory() as session:
-        session.add(InvoiceRow(id=uuid.uuid4(), tenant_id="tenant-1", user_id="user-1", period="2026-10",
+        invoice_id = uuid.uuid4()
+        session.add(InvoiceRow(id=invoice_id, tenant_id="tenant-1", user_id="user-1", period="2026-10",
                                status="finalized", currency="USD", total_nanos=OLD_CHARGE, rounded_nanos=OLD_CHARGE,
                                residue_nanos=0, finalized_at=NOW))  # fmt: skip
+        session.add(InvoiceLineRow(invoice_id=invoice_id, line_no=1, extension_id="rewrite", model="llama3.1",
+                                   is_late=False, calls=1, billed_nanos=OLD_CHARGE))  # fmt: skip
         session.add(FinalizedPeriodRow(period="2026-10", finalized_at=NOW))  # what finalize records
         session.commit()
     price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
