@@ -6,6 +6,9 @@
    the wallet of its event's tenant and user.
 4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos, and
    the net provider cost posted its cost_nanos; an event that is not billed has a net charge and cost of zero.
+   Every usage charge and provider cost (and every transfer naming an event) names a stored event, and every
+   reversal mirrors the one transfer it reverses (same amount and event, accounts swapped; not a reversal), which
+   it alone reverses: no money moves for an event the per-event sums cannot see.
    Every BYOLLM event is ``excluded_byollm`` (Policy A: never billed, whatever its other columns say). Every other
    event is ``not_billable`` exactly when Policy A rule 2 says (``metering.events.used_nothing``: a failed call whose
    usage is missing or reports neither tokens nor web searches); a failed call with searches stored ``not_billable``
@@ -99,6 +102,7 @@ def check_ledger(session: Session, report: CheckReport) -> None:
             )
         else:
             report.problems.append(f"event {event_id} ({usage}) is {billing}, but Policy A does not bill it")
+    check_event_transfers(session, report)
     check_wallets(session, report)
     check_invoices(session, report)
 
@@ -114,6 +118,25 @@ _NET_MISMATCHES = (
     " ON n.event_id = e.event_id "
     "WHERE coalesce(n.net, 0) <> CASE WHEN e.billing_status = 'billed' THEN e.{column} ELSE 0 END "
     "ORDER BY e.event_id LIMIT 20"
+)
+# Transfers naming an event that is not stored, and usage charges or provider costs naming none; at most 20.
+_EVENTLESS = (
+    "SELECT t.id, t.kind, t.event_id FROM transfers t WHERE (t.event_id IS NULL AND t.kind IN ('usage_charge', "
+    "'provider_cost')) OR (t.event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM usage_events e "
+    "WHERE e.event_id = t.event_id)) ORDER BY t.id LIMIT 20"
+)
+# Reversals that do not mirror the transfer they reverse (or reverse none, or a reversal); at most 20.
+_UNMIRRORED = (
+    "SELECT t.id, t.reverses_id, r.id, r.kind FROM transfers t LEFT JOIN transfers r ON r.id = t.reverses_id "
+    "WHERE t.kind = 'reversal' AND (r.id IS NULL OR r.kind = 'reversal' OR r.amount_nanos <> t.amount_nanos"
+    " OR r.debit_account_id <> t.credit_account_id OR r.credit_account_id <> t.debit_account_id"
+    " OR (r.event_id IS NULL) <> (t.event_id IS NULL) OR r.event_id <> t.event_id) "
+    "ORDER BY t.id LIMIT 20"
+)
+# Transfers reversed more than once; at most 20.
+_REVERSED_TWICE = (
+    "SELECT reverses_id, count(*) FROM transfers WHERE kind = 'reversal' AND reverses_id IS NOT NULL "
+    "GROUP BY reverses_id HAVING count(*) > 1 ORDER BY reverses_id LIMIT 20"
 )
 # Events not BYOLLM whose not_billable status disagrees with Policy A rule 2 (metering.events.used_nothing in SQL).
 _RULE_2_MISMATCHES = (
@@ -167,6 +190,31 @@ def check_invoices(session: Session, report: CheckReport) -> None:
                 f"{who}: total {total} nanos shown rounded to {rounded} with residue {residue}, not {right[0]} with "
                 f"{right[1]} (once, half-even, to cents)"
             )
+
+
+def _uuid(value: Any) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(str(value))  # SQLite hands back 32 hex digits
+
+
+def check_event_transfers(session: Session, report: CheckReport) -> None:
+    """Every transfer the per-event sums must see is seen: usage transfers name stored events, reversals mirror the
+    transfer they reverse, once (invariant 4)."""
+    for ident, kind, event_id in session.execute(text(_EVENTLESS)):
+        named = f"names event {_uuid(event_id)}, which is not stored" if event_id is not None else "names no event"
+        report.problems.append(f"transfer {_uuid(ident)} ({kind}) {named}")
+    for ident, reverses, original, kind in session.execute(text(_UNMIRRORED)):
+        if reverses is None or original is None:
+            what = "reverses no transfer" if reverses is None else f"reverses {_uuid(reverses)}, which does not exist"
+            report.problems.append(f"reversal {_uuid(ident)} {what}")
+        elif kind == "reversal":
+            report.problems.append(f"reversal {_uuid(ident)} reverses another reversal, {_uuid(original)}")
+        else:
+            report.problems.append(
+                f"reversal {_uuid(ident)} does not mirror transfer {_uuid(original)} (the same amount between the "
+                "same accounts, the other way, for the same event)"
+            )
+    for reverses, times in session.execute(text(_REVERSED_TWICE)):
+        report.problems.append(f"transfer {_uuid(reverses)} is reversed {times} times")
 
 
 def check_wallets(session: Session, report: CheckReport) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from metering.billing import corrections
 from metering.billing.checks import run_checks
+from metering.billing.credits import add_credit
 from metering.billing.ingest import ingest
 from metering.billing.invoice_store import finalize_period, get_invoice
 from metering.billing.invoices import Invoice
@@ -459,3 +460,81 @@ def test_a_rerate_moves_byollm_shadow_costs_to_the_new_prices_without_billing_th
     again = apply(session_factory, "r2")
     assert (again.diff.shadow.events, again.transfers) == (0, 0)
     assert _shadows(session_factory) == (after, rollups, served)
+
+
+def _post_by_hand(session, **fields) -> TransferRow:
+    """A transfer written straight into the ledger, its accounts' cached balances moved with it (so the balances
+    still agree with the transfers: only what the transfer names can give it away)."""
+    transfer = TransferRow(id=uuid.uuid4(), currency="USD", period="2026-11", created_at=NOW, **fields)
+    session.add(transfer)
+    session.get(AccountRow, transfer.debit_account_id).balance_nanos -= transfer.amount_nanos
+    session.get(AccountRow, transfer.credit_account_id).balance_nanos += transfer.amount_nanos
+    session.flush()
+    return transfer
+
+
+def test_the_checks_name_transfers_of_no_stored_event_and_reversals_of_nothing(session_factory, billed) -> None:
+    """Every usage charge and provider cost is for a stored event, and every reversal mirrors the one transfer it
+    reverses. Before, the per-event check started from the events and the reversals it met: a charge naming no
+    stored event, a reversal of a transfer that does not exist, or a reversal paying back another wallet than the one
+    charged passed every check (the balances still summed to zero and agreed with the transfers)."""
+    price(session_factory, "0.20", "0.80", datetime(2026, 10, 1, tzinfo=UTC), "new")
+    apply(session_factory, "r1")  # real reversals
+    assert_ledger_consistent(session_factory)
+    wallet_1, wallet_2, revenue = "user:tenant-1:user-1", "user:tenant-1:user-2", "platform:revenue"
+    ghost = uuid.uuid4()
+
+    def problems(tamper) -> tuple[list[str], str]:
+        with session_factory() as session:
+            expected = tamper(session)
+            found = run_checks(session).problems
+            session.rollback()
+        return found, expected
+
+    def charge_of_nothing(session) -> str:
+        t = _post_by_hand(session, debit_account_id=wallet_1, credit_account_id=revenue, amount_nanos=5,
+                          kind="usage_charge", event_id=ghost)  # fmt: skip
+        return f"transfer {t.id} (usage_charge) names event {ghost}, which is not stored"
+
+    def charge_of_no_event(session) -> str:
+        t = _post_by_hand(session, debit_account_id=wallet_1, credit_account_id=revenue, amount_nanos=5,
+                          kind="usage_charge", event_id=None)  # fmt: skip
+        return f"transfer {t.id} (usage_charge) names no event"
+
+    def reversal_of_nothing(session) -> str:
+        event_id = billed[0].event_id
+        t = _post_by_hand(session, debit_account_id=revenue, credit_account_id=wallet_1, amount_nanos=5,
+                          kind="reversal", event_id=event_id, reverses_id=ghost)  # fmt: skip
+        return f"reversal {t.id} reverses {ghost}, which does not exist"
+
+    def reversal_to_another_wallet(session) -> str:
+        t = session.scalars(
+            select(TransferRow).where(TransferRow.kind == "reversal", TransferRow.credit_account_id == wallet_1)
+        ).first()
+        session.get(AccountRow, wallet_1).balance_nanos -= t.amount_nanos
+        session.get(AccountRow, wallet_2).balance_nanos += t.amount_nanos
+        t.credit_account_id = wallet_2
+        session.flush()
+        return f"reversal {t.id} does not mirror transfer {t.reverses_id} (the same amount between the same accounts"
+
+    def reversal_of_a_reversal(session) -> str:
+        r = session.scalars(select(TransferRow).where(TransferRow.kind == "reversal")).first()
+        mirror = {"debit_account_id": r.credit_account_id, "credit_account_id": r.debit_account_id}
+        t = _post_by_hand(session, **mirror, amount_nanos=r.amount_nanos, kind="reversal", event_id=r.event_id,
+                          reverses_id=r.id)  # fmt: skip
+        return f"reversal {t.id} reverses another reversal, {r.id}"
+
+    def credit_reversed_twice(session) -> str:
+        add_credit(session, tenant_id="tenant-1", user_id="user-1", amount=Decimal(3), idempotency_key="k", now=NOW)
+        c = session.scalars(select(TransferRow).where(TransferRow.kind == "credit")).one()
+        for _ in range(2):
+            _post_by_hand(session, debit_account_id=c.credit_account_id, credit_account_id=c.debit_account_id,
+                          amount_nanos=c.amount_nanos, kind="reversal", reverses_id=c.id)  # fmt: skip
+        return f"transfer {c.id} is reversed 2 times"
+
+    tampering = (charge_of_nothing, charge_of_no_event, reversal_of_nothing, reversal_to_another_wallet,
+                 reversal_of_a_reversal, credit_reversed_twice)  # fmt: skip
+    for tamper in tampering:
+        found, expected = problems(tamper)
+        assert any(p.startswith(expected) for p in found), (tamper.__name__, found)
+    assert_ledger_consistent(session_factory)
