@@ -1,6 +1,7 @@
 """Re-rate billed events of a past window under the current price book (SQL; only flushes, the edge commits).
 
-``plan_rerate`` is the dry run: the diff per event, per user and per extension; it writes nothing.
+``plan_rerate`` is the dry run: the diff per event, per user and per extension, and how many corrections would be
+posted after a finalized invoice (``late_corrections``, as the run counts them); it writes nothing.
 ``apply_rerate(..., run_id)`` corrects each changed event, in the caller's transaction:
 
 - The event's *current* ledger position is its un-reversed ``usage_charge`` / ``provider_cost`` transfers
@@ -88,7 +89,7 @@ class RerateResult:
     diff: RerateDiff
     run_id: str | None = None  # None: a dry run
     skipped: int = 0  # changed events this run had already corrected (re-applying a run posts nothing)
-    late_corrections: int = 0  # corrections posted after the event's finalized invoice
+    late_corrections: int = 0  # corrections posted (a dry run: to be posted) after the event's finalized invoice
     transfers: int = 0  # transfers posted
 
     @property
@@ -140,12 +141,19 @@ def plan_rerate(
     change. Writes nothing."""
     _check_window(start, end)
     cards = RateCards(store.load_price_book(session, markup_pct))
-    diff = rerate_diff(
-        (_billed(row), _quote_within_limit(cards, row)) if _is_billed(row) else (row.shadow_nanos, _shadow(cards, row))
-        for rows in _in_scope(session, start, end, provider, model_pattern, lock=False)
-        for row in rows
-    )
-    return RerateResult(start, end, provider, model_pattern, diff)
+    finalized = store.finalized_periods(session)
+    diff = RerateDiff()
+    late = 0
+    for rows in _in_scope(session, start, end, provider, model_pattern, lock=False):
+        for row in rows:
+            if not _is_billed(row):
+                diff.shadow.examine(row.shadow_nanos, _shadow(cards, row))
+                continue
+            change = diff.examine(_billed(row), _quote_within_limit(cards, row))
+            if change is not None:
+                diff.record(change)
+                late += billing_period(row.invoice_period or period_of(row.occurred_at), finalized)[1]
+    return RerateResult(start, end, provider, model_pattern, diff, late_corrections=late)
 
 
 def _is_billed(row: UsageEventRow) -> bool:

@@ -321,6 +321,11 @@ def _print_rerate(result: RerateResult) -> None:
             "current price (left as they are)"
         )
     if not result.applied:
+        if result.late_corrections:
+            console.print(
+                f"{result.late_corrections} correction(s) would be posted after a finalized invoice: in the user's "
+                "first open month, as correction lines of its invoice (a finalized invoice never changes)"
+            )
         console.print("dry run: nothing changed. Apply with --apply --run-id <ID>.")
         return
     console.print(

@@ -223,6 +223,34 @@ def test_a_correction_of_a_finalized_invoice_is_a_labelled_line_of_the_next_one(
     assert_ledger_consistent(session_factory)
 
 
+def test_the_dry_run_says_how_many_corrections_land_after_a_finalized_invoice(
+    session_factory, billed, tmp_path
+) -> None:
+    """A window across a finalized month: the dry run counts the corrections that will be posted in the first open
+    month (as correction lines of its invoice, the finalized one never changing) exactly as the run does. Before, the
+    dry run always said 0, so only applying the re-rate told the operator that closed invoices were concerned."""
+    from typer.testing import CliRunner
+
+    from metering.cli.app import app
+
+    october = datetime(2026, 10, 1, tzinfo=UTC)
+    with session_factory() as session:
+        finalize_period(session, "2026-10", NOW, timedelta(hours=72))
+        session.commit()
+    price(session_factory, "0.20", "0.80", october, "new")
+    dry = plan(session_factory, start=october)
+    with session_factory() as session:
+        url = session.get_bind().url.render_as_string(hide_password=False)
+    env = {"METERING_DATABASE_URL": url, "METERING_DATA_DIR": str(tmp_path), "METERING_BILLING__MARKUP_PCT": "20",
+           "COLUMNS": "200"}  # fmt: skip
+    shown = CliRunner().invoke(app, ["billing", "rerate", "--from", "2026-10-01", "--to", "2026-12-01"], env=env)
+    applied = apply(session_factory, "across", start=october)
+    assert (len(dry.diff.changes), dry.late_corrections) == (len(applied.diff.changes), applied.late_corrections)
+    assert applied.late_corrections == 1 and len(applied.diff.changes) == 4
+    assert shown.exit_code == 0, shown.output
+    assert "1 correction(s) would be posted after a finalized invoice" in " ".join(shown.output.split())
+
+
 def test_invalid_windows_and_run_ids_are_refused(session_factory) -> None:
     with pytest.raises(InvalidInputError, match="after start"):
         plan(session_factory, start=END, end=START)
