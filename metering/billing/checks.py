@@ -3,7 +3,9 @@
 1. The balances of all accounts sum to zero (every transfer debits and credits the same amount).
 2. Each account's cached balance equals credits minus debits over its transfers.
 3. Every transfer names existing accounts; every wallet is its (tenant, user)'s, and every usage charge debits
-   the wallet of its event's tenant and user.
+   the wallet of its event's tenant and user. Every transfer moves between the accounts its kind names: a usage
+   charge to platform revenue, a provider cost from its event's provider's cost account to its payable one, a
+   credit from top-ups to a wallet, an adjustment between adjustments and a wallet.
 4. Per event, the net usage charge posted (charges minus their reversals) equals the event's charge_nanos, and
    the net provider cost posted its cost_nanos; an event that is not billed has a net charge and cost of zero.
    Every usage charge and provider cost (and every transfer naming an event) names a stored event, and every
@@ -35,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from metering.billing.batch_sql import WALLET_ID_SQL
+from metering.billing.ledger import ADJUSTMENTS, PLATFORM_REVENUE, TOPUPS
 from metering.billing.money import NANOS_PER_CENT, round_cents
 from metering.billing.rollup import COARSE_ROLLUPS, COUNTER_COLUMNS, KEY_COLUMNS
 from metering.db.snapshot import read_snapshot
@@ -104,6 +107,7 @@ def check_ledger(session: Session, report: CheckReport) -> None:
             report.problems.append(f"event {event_id} ({usage}) is {billing}, but Policy A does not bill it")
     check_event_transfers(session, report)
     check_wallets(session, report)
+    check_transfer_accounts(session, report)
     check_invoices(session, report)
 
 
@@ -236,6 +240,56 @@ def check_wallets(session: Session, report: CheckReport) -> None:
     ).all()
     for transfer, debit, tenant, user in misrouted[:20]:
         report.problems.append(f"usage charge {transfer} debits {debit}, not the wallet of {tenant!r}/{user!r}")
+
+
+# Usage charges credited elsewhere than to revenue; credits and adjustments between other accounts than theirs.
+_MISBOOKED = (
+    "SELECT t.id, t.kind, t.debit_account_id, t.credit_account_id FROM transfers t"
+    " LEFT JOIN accounts d ON d.id = t.debit_account_id LEFT JOIN accounts c ON c.id = t.credit_account_id "
+    f"WHERE (t.kind = 'usage_charge' AND t.credit_account_id <> '{PLATFORM_REVENUE}')"
+    f" OR (t.kind = 'credit' AND (t.debit_account_id <> '{TOPUPS}' OR coalesce(c.kind, '') <> 'user_wallet'))"
+    f" OR (t.kind = 'adjustment' AND NOT ((t.debit_account_id = '{ADJUSTMENTS}'"
+    " AND coalesce(c.kind, '') = 'user_wallet')"
+    f"  OR (t.credit_account_id = '{ADJUSTMENTS}' AND coalesce(d.kind, '') = 'user_wallet'))) "
+    "ORDER BY t.id LIMIT 20"
+)
+# Provider costs not booked from their event's provider's cost account to its payable one, under the provider's stored
+# spelling or in lowercase (as reprice and re-rate post an event stored before provider names were lowercased). SQL's
+# lower() may differ from Python's outside ASCII: rows are candidates, confirmed in Python.
+_COST_PAIR = (  # ':' || 'cost', as text() would read ':cost' as a bind parameter
+    "(t.debit_account_id = 'provider:' || {p} || ':' || 'cost'"
+    " AND t.credit_account_id = 'provider:' || {p} || ':' || 'payable')"
+)
+_MISBOOKED_COSTS = (
+    "SELECT t.id, t.event_id, e.provider, t.debit_account_id, t.credit_account_id FROM transfers t"
+    " JOIN usage_events e ON e.event_id = t.event_id "
+    f"WHERE t.kind = 'provider_cost' AND NOT ({_COST_PAIR.format(p='e.provider')}"
+    f" OR {_COST_PAIR.format(p='lower(e.provider)')}) ORDER BY t.id LIMIT 200"
+)
+
+
+def check_transfer_accounts(session: Session, report: CheckReport) -> None:
+    """Each transfer moves between the accounts its kind names (a usage charge's wallet: ``check_wallets``)."""
+    for ident, kind, debit, credit in session.execute(text(_MISBOOKED)):
+        if kind == "usage_charge":
+            wrong = f"credits {credit}, not {PLATFORM_REVENUE}"
+        elif kind == "credit":
+            wrong = f"debits {debit}, not {TOPUPS}" if debit != TOPUPS else f"credits {credit}, not a user's wallet"
+        else:
+            wrong = f"moves {debit} -> {credit}, not between {ADJUSTMENTS} and a user's wallet"
+        report.problems.append(f"transfer {_uuid(ident)} ({kind}) {wrong}")
+    misbooked = 0
+    for ident, event_id, provider, debit, credit in session.execute(text(_MISBOOKED_COSTS)):
+        if any(
+            (debit, credit) == (f"provider:{p}:cost", f"provider:{p}:payable") for p in (provider, provider.lower())
+        ):
+            continue
+        misbooked += 1
+        if misbooked <= 20:
+            report.problems.append(
+                f"transfer {_uuid(ident)} (provider_cost) of event {_uuid(event_id)} moves {debit} -> {credit}, not "
+                f"provider:{provider.lower()}:cost -> provider:{provider.lower()}:payable"
+            )
 
 
 _RECOMPUTED = (

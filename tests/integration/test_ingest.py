@@ -533,3 +533,53 @@ def test_a_platform_markup_with_zeros_past_its_ninth_decimal_fits_the_events_col
         session.commit()
     assert result.inserted == 1
     assert row(session_factory, e).markup_pct == "12.500000000"
+
+
+def test_the_checks_name_transfers_between_accounts_their_kind_does_not_name(session_factory) -> None:
+    """A usage charge goes from its event's wallet to platform revenue, a provider cost from its event's provider's
+    cost account to its payable one, a credit from top-ups to a wallet, an adjustment between adjustments and a
+    wallet. Only the wallet debited by a usage charge was checked: a charge paid into another user's wallet, a cost
+    booked to another provider, or a credit drawn on revenue passed `billing check` (each event's net amounts and
+    every balance still agreeing with the transfers)."""
+    from metering.billing.credits import add_credit
+
+    run(session_factory, [event(1), event(2, user_id="user-2")])
+    with session_factory() as session:
+        add_credit(session, tenant_id="tenant-1", user_id="user-1", amount=Decimal(5), idempotency_key="c", now=NOW)
+        add_credit(session, tenant_id="tenant-1", user_id="user-1", amount=Decimal(-2), idempotency_key="a",
+                   kind="adjustment", now=NOW)  # fmt: skip
+        session.commit()
+        assert run_checks(session).problems == []
+    wallet_2 = "user:tenant-1:user-2"
+
+    def moved(kind: str, *, debit: str | None = None, credit: str | None = None) -> list[str]:
+        """The checks' problems once the first transfer of ``kind`` (of user-1) moves between other accounts."""
+        with session_factory() as session:
+            t = session.scalars(
+                select(TransferRow).where(TransferRow.kind == kind).order_by(TransferRow.debit_account_id)
+            ).first()
+            for side, account in (("debit_account_id", debit), ("credit_account_id", credit)):
+                if account is None:
+                    continue
+                sign = -1 if side == "debit_account_id" else 1
+                for ident, delta in ((getattr(t, side), -sign * t.amount_nanos), (account, sign * t.amount_nanos)):
+                    if session.get(AccountRow, ident) is None:
+                        session.add(AccountRow(id=ident, kind="provider_payable", tenant_id=None, user_id=None,
+                                               currency="USD", balance_nanos=0, created_at=NOW))  # fmt: skip
+                        session.flush()
+                    session.get(AccountRow, ident).balance_nanos += delta
+                setattr(t, side, account)
+            session.flush()
+            problems = run_checks(session).problems
+            session.rollback()
+        assert problems, kind
+        return problems
+
+    charge = moved("usage_charge", credit=wallet_2)
+    assert any("usage_charge" in p and f"credits {wallet_2}, not platform:revenue" in p for p in charge), charge
+    cost = moved("provider_cost", credit="provider:openai:payable")
+    assert any("provider:openai:payable" in p and "provider:anthropic:payable" in p for p in cost), cost
+    credit = moved("credit", debit="platform:revenue")
+    assert any("credit" in p and "debits platform:revenue, not platform:topups" in p for p in credit), credit
+    adjustment = moved("adjustment", credit="platform:revenue")
+    assert any("adjustment" in p and "platform:revenue" in p for p in adjustment), adjustment
