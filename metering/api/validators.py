@@ -7,6 +7,8 @@
   ISO 8601: a number (``1764270000``, which pydantic reads as Unix seconds, or milliseconds past 2e10) is a 422.
 - Integers stored in the database stay within their column (``MAX_INT32``, ``MAX_INT64``).
 - A read's text filter (``FilterText``) is never empty: no id or name is.
+- A query parameter the route does not take is a 422 where ``reject_unknown_query`` is called (``GET /v1/usage``):
+  a misspelt filter (``tenant=`` for ``tenant_id=``) was ignored, and the answer covered everyone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator
 
@@ -69,6 +72,24 @@ def reject_nul(request: Request) -> None:
     ]
     if errors:
         raise RequestValidationError(errors)
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters (their names in the URL) of a route's dependant and of all its dependencies."""
+    names = {field.alias for field in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return names
+
+
+def reject_unknown_query(request: Request) -> None:
+    """422 ``validation_error`` naming each query parameter the request's route does not take. Called by the
+    endpoint, so a missing or refused token is answered first (401/403), as for the schema's own errors."""
+    known = _query_names(request.scope["route"].dependant)
+    unknown = [name for name in request.query_params if name not in known]
+    if unknown:
+        takes = f"unknown parameter: {request.url.path} takes {', '.join(sorted(known))}"
+        raise RequestValidationError([{"loc": ("query", name), "msg": takes, "type": "unknown"} for name in unknown])
 
 
 def not_a_number(value: Any) -> Any:

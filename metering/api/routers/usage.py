@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from metering.api.deps import DbSession, Reader
 from metering.api.problems import problem_responses
 from metering.api.read_access import tenant_scope
 from metering.api.read_schemas import UsageCounters, UsageResponse, UsageRow
-from metering.api.validators import FilterText, UtcDatetime
+from metering.api.validators import FilterText, UtcDatetime, reject_unknown_query
 from metering.billing import usage_queries
 from metering.billing.usage_queries import GROUPS, UsageFilters
 
@@ -31,7 +31,8 @@ _GROUP_HELP = (
         "`[from, to)`, both whole UTC hours (a time without offset is UTC), per combination of the `group_by` "
         "dimensions, filtered by equality on the other parameters (`provider` ignoring case). A token bound to a "
         "tenant sees only that tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` "
-        "names, misaligned or empty windows are `422` (`invalid_input`)."
+        "names, misaligned or empty windows are `422` (`invalid_input`); a parameter not listed here (`tenant=` for "
+        "`tenant_id=`) is `422` (`validation_error`)."
     ),
     response_model=UsageResponse,
     responses=problem_responses(401, 403, 422, 503),
@@ -39,6 +40,7 @@ _GROUP_HELP = (
 def get_usage(
     principal: Reader,
     session: DbSession,
+    request: Request,
     start: Annotated[UtcDatetime, Query(alias="from", description="Window start (inclusive), a whole UTC hour.")],
     end: Annotated[UtcDatetime, Query(alias="to", description="Window end (exclusive), a whole UTC hour.")],
     group_by: Annotated[list[str], Query(description=_GROUP_HELP)] = [],  # noqa: B006 (FastAPI copies it)
@@ -52,6 +54,7 @@ def get_usage(
     byollm: bool | None = None,
     status: Literal["ok", "error", "cancelled"] | None = None,
 ) -> Response:
+    reject_unknown_query(request)
     filters = UsageFilters(
         tenant_id=tenant_scope(principal, tenant_id),
         user_id=user_id,

@@ -247,6 +247,23 @@ def test_an_empty_filter_is_refused(client, reader, make_token, events, name):
         assert f"query.{name}" in body["detail"]
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("tenant", BETA), ("user", "user-2"), ("extension", "summarize"), ("groupby", "model"), ("tenant_ids", BETA)],
+)
+def test_an_unknown_parameter_is_refused(client, reader, make_token, events, name, value):
+    """``tenant=`` (the group's name, not the filter ``tenant_id=``) or a misspelt ``group_by`` was ignored: a 200
+    summing every tenant, user or extension, as if it were the asked one's usage. A 422 now, naming the parameter."""
+    assert _usage(client, reader, tenant_id=BETA)["totals"] != _usage(client, reader)["totals"]
+    for headers in (reader, bearer(make_token(Scope.READ, tenant=ALPHA))):
+        response = client.get("/v1/usage", params={**WINDOW, name: value}, headers=headers)
+        body = assert_problem(response, 422, "validation_error")
+        assert body["detail"].startswith(f"the request does not match the schema: query.{name}: unknown parameter")
+        assert "tenant_id" in body["detail"] and "group_by" in body["detail"]
+    # the token is checked first, as for the schema's own errors
+    assert_problem(client.get("/v1/usage", params={**WINDOW, name: value}), 401, "unauthenticated")
+
+
 def test_malformed_parameters_are_validation_errors(client, reader):
     for params in ({"from": "yesterday"}, {"status": "exploded"}, {"byollm": "perhaps"}):
         response = client.get("/v1/usage", params={**WINDOW, **params}, headers=reader)
