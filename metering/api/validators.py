@@ -7,15 +7,17 @@
   ISO 8601: a number (``1764270000``, which pydantic reads as Unix seconds, or milliseconds past 2e10) is a 422.
 - Integers stored in the database stay within their column (``MAX_INT32``, ``MAX_INT64``).
 - A read's text filter (``FilterText``) is never empty: no id or name is.
-- A query parameter the route does not take is a 422 where ``reject_unknown_query`` is called (``GET /v1/usage``):
-  a misspelt filter (``tenant=`` for ``tenant_id=``) was ignored, and the answer covered everyone.
+- A query parameter the route does not take, or one of a single value given twice, is a 422 where
+  ``reject_ignored_query`` is called (``GET /v1/usage``): a misspelt filter (``tenant=`` for ``tenant_id=``) was
+  ignored, and the answer covered everyone; of ``tenant_id=a&tenant_id=b`` only b was kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
@@ -74,22 +76,39 @@ def reject_nul(request: Request) -> None:
         raise RequestValidationError(errors)
 
 
-def _query_names(dependant: Dependant) -> set[str]:
-    """The query parameters (their names in the URL) of a route's dependant and of all its dependencies."""
-    names = {field.alias for field in dependant.query_params}
+def _takes_many(annotation: Any) -> bool:
+    """Whether a parameter of this type takes repeated values (``list[str]``, optional or not)."""
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType:
+        return any(_takes_many(arg) for arg in get_args(annotation))
+    return (origin or annotation) in (list, tuple, set, frozenset)
+
+
+def _query_names(dependant: Dependant) -> dict[str, bool]:
+    """The query parameters (their names in the URL) of a route's dependant and of all its dependencies, each
+    with whether it takes several values."""
+    names = {field.alias: _takes_many(field.field_info.annotation) for field in dependant.query_params}
     for dependency in dependant.dependencies:
         names |= _query_names(dependency)
     return names
 
 
-def reject_unknown_query(request: Request) -> None:
-    """422 ``validation_error`` naming each query parameter the request's route does not take. Called by the
-    endpoint, so a missing or refused token is answered first (401/403), as for the schema's own errors."""
+def reject_ignored_query(request: Request) -> None:
+    """422 ``validation_error`` naming each query parameter the request's route does not take, and each one of a
+    single value given more than once (FastAPI kept the last). Called by the endpoint, so a missing or refused token
+    is answered first (401/403), as for the schema's own errors."""
     known = _query_names(request.scope["route"].dependant)
-    unknown = [name for name in request.query_params if name not in known]
-    if unknown:
-        takes = f"unknown parameter: {request.url.path} takes {', '.join(sorted(known))}"
-        raise RequestValidationError([{"loc": ("query", name), "msg": takes, "type": "unknown"} for name in unknown])
+    errors = []
+    for name in request.query_params:
+        if name not in known:
+            takes = f"unknown parameter: {request.url.path} takes {', '.join(sorted(known))}"
+            errors.append({"loc": ("query", name), "msg": takes, "type": "unknown"})
+        elif not known[name] and (count := len(request.query_params.getlist(name))) > 1:
+            errors.append(
+                {"loc": ("query", name), "msg": f"given {count} times, it takes one value", "type": "repeated"}
+            )
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def not_a_number(value: Any) -> Any:

@@ -10,7 +10,7 @@ from metering.api.deps import DbSession, Reader
 from metering.api.problems import problem_responses
 from metering.api.read_access import tenant_scope
 from metering.api.read_schemas import UsageCounters, UsageResponse, UsageRow
-from metering.api.validators import FilterText, UtcDatetime, reject_unknown_query
+from metering.api.validators import FilterText, UtcDatetime, reject_ignored_query
 from metering.billing import usage_queries
 from metering.billing.usage_queries import GROUPS, UsageFilters
 
@@ -32,7 +32,7 @@ _GROUP_HELP = (
         "dimensions, filtered by equality on the other parameters (`provider` ignoring case). A token bound to a "
         "tenant sees only that tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` "
         "names, misaligned or empty windows are `422` (`invalid_input`); a parameter not listed here (`tenant=` for "
-        "`tenant_id=`) is `422` (`validation_error`)."
+        "`tenant_id=`), or a filter given twice, is `422` (`validation_error`)."
     ),
     response_model=UsageResponse,
     responses=problem_responses(401, 403, 422, 503),
@@ -54,7 +54,7 @@ def get_usage(
     byollm: bool | None = None,
     status: Literal["ok", "error", "cancelled"] | None = None,
 ) -> Response:
-    reject_unknown_query(request)
+    reject_ignored_query(request)
     filters = UsageFilters(
         tenant_id=tenant_scope(principal, tenant_id),
         user_id=user_id,

@@ -264,6 +264,19 @@ def test_an_unknown_parameter_is_refused(client, reader, make_token, events, nam
     assert_problem(client.get("/v1/usage", params={**WINDOW, name: value}), 401, "unauthenticated")
 
 
+@pytest.mark.parametrize(("name", "values"), [("tenant_id", [ALPHA, BETA]), ("model", ["gpt-4o", "gpt-4o"])])
+def test_a_filter_given_twice_is_refused(client, reader, events, name, values):
+    """``tenant_id=a&tenant_id=b`` answered for b alone (the last value), as if it were the two tenants' usage. A 422
+    now, naming the parameter; ``group_by`` still takes several."""
+    params = [*WINDOW.items(), *((name, value) for value in values)]
+    response = client.get("/v1/usage", params=params, headers=reader)
+    body = assert_problem(response, 422, "validation_error")
+    assert body["detail"] == (
+        f"the request does not match the schema: query.{name}: given {len(values)} times, it takes one value"
+    )
+    assert _usage(client, reader, group_by=["model", "day"])["group_by"] == ["model", "day"]
+
+
 def test_malformed_parameters_are_validation_errors(client, reader):
     for params in ({"from": "yesterday"}, {"status": "exploded"}, {"byollm": "perhaps"}):
         response = client.get("/v1/usage", params={**WINDOW, **params}, headers=reader)
