@@ -5,6 +5,7 @@
 - Times are converted to UTC at the edge (``UtcDatetime``; without an offset a time is UTC): a time whose UTC
   value falls outside the years 1 to 9999 (e.g. ``9999-12-31T23:00:00-05:00``) is a 422, not an overflow. A time is
   ISO 8601: a number (``1764270000``, which pydantic reads as Unix seconds, or milliseconds past 2e10) is a 422.
+- In a query, a time whose offset's ``+`` was sent unencoded (read as a space) is a 422 saying to send ``%2B``.
 - Integers stored in the database stay within their column (``MAX_INT32``, ``MAX_INT64``).
 - A read's text filter (``FilterText``) is never empty: no id or name is.
 - A query parameter the route does not take, or one of a single value given twice, is a 422 where
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from types import UnionType
@@ -119,8 +121,25 @@ def not_a_number(value: Any) -> Any:
     return value
 
 
+# a time followed by a space and an offset's digits: the offset's "+", which a query string reads as a space
+_DECODED_PLUS = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)? (\d{2}:?\d{2})")
+
+
+def plus_sent_unencoded(value: Any) -> Any:
+    """A before-validator of query times: ``from=2026-09-30T05:30:00+05:30`` sent as is arrives as ``05:30:00 05:30``
+    (a query string reads ``+`` as a space), which pydantic refused as "unexpected extra characters"."""
+    if isinstance(value, str) and (found := _DECODED_PLUS.search(value)) and found.end() == len(value):
+        raise ValueError(
+            f"a '+' in a query string reads as a space: send the offset as %2B{found.group(1)} (or the time in UTC, "
+            "with Z)"
+        )
+    return value
+
+
 # query parameters: without an offset, UTC
-UtcDatetime = Annotated[datetime, BeforeValidator(not_a_number), AfterValidator(to_utc)]
+UtcDatetime = Annotated[
+    datetime, BeforeValidator(not_a_number), BeforeValidator(plus_sent_unencoded), AfterValidator(to_utc)
+]
 # bodies: the offset is required
 AwareUtcDatetime = Annotated[AwareDatetime, BeforeValidator(not_a_number), AfterValidator(to_utc)]
 

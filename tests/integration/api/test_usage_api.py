@@ -320,6 +320,21 @@ def test_window_starts_are_compared_as_instants(client, reader, events):
     assert local["from"] == (T0 + timedelta(hours=3)).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+@pytest.mark.parametrize("offset", ["+05:30", "+0530"])
+def test_an_offset_whose_plus_was_not_encoded_is_named(client, reader, events, offset):
+    """A query string reads ``+`` as a space: ``from=2026-09-30T05:30:00+05:30`` sent as is (curl, a browser) came as
+    ``05:30:00 05:30``, refused with pydantic's "unexpected extra characters at the end of the input". The 422 now
+    says how to send the offset; sent as ``%2B``, it is the same window as its UTC spelling."""
+    response = client.get(f"/v1/usage?from=2026-09-30T05:30:00{offset}&to=2026-10-04T00:00:00Z", headers=reader)
+    body = assert_problem(response, 422, "validation_error")
+    assert body["detail"] == (
+        "the request does not match the schema: query.from: Value error, a '+' in a query string reads as a space: "
+        f"send the offset as %2B{offset[1:]} (or the time in UTC, with Z)"
+    )
+    encoded = _usage(client, reader, **{"from": f"2026-09-30T05:30:00{offset}"})
+    assert encoded == _usage(client, reader, **{"from": "2026-09-30T00:00:00Z"}) and encoded["totals"]["calls"] > 0
+
+
 @pytest.mark.parametrize("params", [{}, {"user_id": "alice"}, {"tenant_id": ALPHA}, {"group_by": "day"}])
 def test_a_window_inside_the_last_day_datetimes_hold_is_answered(client, reader, params):
     """Whole days start at the first midnight after `from`: there is none after 9999-12-31, and computing it
