@@ -42,8 +42,8 @@ def _pg_conninfo(url: str) -> str:
 
 
 @contextmanager
-def temporary_pg_database() -> Iterator[str]:
-    """Create an empty PostgreSQL database, yield its URL, drop it afterwards."""
+def temporary_pg_database(options: str = "") -> Iterator[str]:
+    """Create an empty PostgreSQL database (``CREATE DATABASE … <options>``), yield its URL, drop it afterwards."""
     try:
         admin = psycopg.connect(_pg_conninfo(PG_ADMIN_URL), autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
@@ -52,7 +52,7 @@ def temporary_pg_database() -> Iterator[str]:
             pytest.fail(message)
         pytest.skip(message)
     name = f"metering_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
+    admin.execute(f'CREATE DATABASE "{name}" {options}'.rstrip())
     url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
     try:
         yield url.render_as_string(hide_password=False)

@@ -7,7 +7,8 @@ per UTC day for the window's whole days). ``day`` is the UTC date of the hour: `
 SQLite's stored text (naive UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``), ``CAST(timezone('UTC', hour) AS DATE)`` of
 PostgreSQL's timestamptz (independent of the session time zone), or the daily rollup's own day. ``provider``
 is grouped and filtered lowercased: events stored before provider names were lowercased keep their spelling
-(``OpenAI``), and are the same provider. Grouping and summing happen in SQL.
+(``OpenAI``), and are the same provider. Grouping and summing happen in SQL; rows come in group order, text by code
+point on both databases (``_in_code_point_order``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Date,
+    Label,
     Select,
     Table,
     and_,
@@ -168,6 +170,7 @@ _HOURLY = typing.cast(Table, PlatformUsageHourlyRow.__table__)
 _DAILY = typing.cast(Table, PlatformUsageDailyRow.__table__)
 _USER_DAILY = typing.cast(Table, UserUsageDailyRow.__table__)
 _USER_DAILY_GROUPS = frozenset({"tenant", "user", "day"})
+_NOT_TEXT = frozenset({"byollm", "hour", "day"})
 _OTHER_FILTERS = ("extension_id", "function", "purpose", "provider", "model", "byollm", "status")
 
 
@@ -207,6 +210,14 @@ def _days_and_edges(
         and_(hour >= datetime.combine(last_day, time(), UTC), hour < end),
     )
     return [(daily, and_(daily.c.day >= first_day, daily.c.day < last_day)), (hourly, edges)]
+
+
+def _in_code_point_order(session: Session, name: str, key: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A group's sort key: text by code point, as SQLite's BINARY collation compares it, on PostgreSQL too (its
+    database collation, e.g. en_US.UTF-8, sorted ``ann, Ann, Bob`` where SQLite gives ``Ann, Bob, ann``)."""
+    if name in _NOT_TEXT or dialect(session) != "postgresql":
+        return key
+    return key.collate("C")
 
 
 def _group_expression(session: Session, table: Table, name: str) -> ColumnElement[Any]:
@@ -253,7 +264,7 @@ def usage(
     order: Sequence[ColumnElement[Any]]
     if len(parts) == 1:
         stmt = parts[0]
-        order = [literal_column(f"g_{name}") for name in group_by]
+        order = [typing.cast(Label[Any], column).element for column in list(stmt.selected_columns)[: len(group_by)]]
     else:  # whole days + edge hours: the same groups summed again over both parts
         both = union_all(*parts).subquery()
         keys = [both.c[f"g_{name}"] for name in group_by]
@@ -261,7 +272,9 @@ def usage(
         stmt = stmt.group_by(*keys) if keys else stmt.having(func.count() > 0)
         order = keys
     if order:
-        stmt = stmt.order_by(*order)
+        stmt = stmt.order_by(
+            *(_in_code_point_order(session, name, key) for name, key in zip(group_by, order, strict=True))
+        )
     groups = []
     for row in session.execute(stmt):
         values = tuple(row)
