@@ -1,8 +1,9 @@
 """Property test of the read side on SQLite and PostgreSQL: after random sequences of ingest (late events, BYOLLM
-calls, unknown models, failed calls, events at UTC day and hour edges given in other offsets), finalization,
-price overrides, reprice and re-rate, ``usage`` answers exactly what a recomputation from the raw events gives,
-for random groupings, filters (provider in any case) and windows (cut anywhere on whole hours, given in any
-offset), whichever rollups it reads; and ``/metrics``' sums equal the raw events, per label set."""
+calls, unknown models, failed and cancelled calls, usage estimated or missing, any latency, events at UTC day and
+hour edges given in other offsets), finalization, price overrides, reprice and re-rate, ``usage`` answers exactly
+what a recomputation from the raw events gives, for random groupings, filters (provider in any case) and windows
+(cut anywhere on whole hours, given in any offset), whichever rollups it reads; and ``/metrics``' sums equal the
+raw events, per label set."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ BASE = datetime(2026, 1, 30, tzinfo=UTC)  # events over four days around a month
 MODELS = (("anthropic", "claude-sonnet-4-6"), ("ollama", "llama3.1"), ("Ollama", "Llama3.2"), ("openai", "gpt-4o-mini"))
 USERS = (("tenant-1", "ann"), ("tenant-1", "bob"), ("tenant-2", "ann"))
 EXTENSIONS = ("rewrite", "summarize")
+FUNCTIONS = ("rewrite", "Rewrite", "shorten")
+PURPOSES = ("content_rewrite", "summary")
 OFFSETS = (-8, 0, 5.5, 9)
 
 
@@ -45,8 +48,11 @@ def usage_event(draw: st.DrawFn, index: int) -> UsageEvent:
     tenant, user = draw(st.sampled_from(USERS))
     # on an hour or day edge (or a minute either side of it)
     at = BASE + timedelta(hours=draw(st.integers(0, 4 * 24 - 1)), minutes=draw(st.sampled_from([0, 1, 59])))
-    failed = draw(st.integers(0, 5)) == 0
-    cache_write = draw(st.sampled_from([0, 0, 2_000]))
+    ended = draw(st.sampled_from(["ok", "ok", "ok", "ok", "error", "cancelled"]))
+    counted = draw(st.sampled_from(["reported", "reported", "estimated", "missing"]))
+    cache_write = 0 if counted == "missing" else draw(st.sampled_from([0, 0, 2_000]))
+    cache_read = 0 if counted == "missing" else draw(st.sampled_from([0, 0, 500]))
+    output = 0 if counted == "missing" else draw(st.integers(0, 40_000))
     return event_from_record(
         record(
             index,
@@ -55,16 +61,21 @@ def usage_event(draw: st.DrawFn, index: int) -> UsageEvent:
             provider=provider,
             model=model,
             extension_id=draw(st.sampled_from(EXTENSIONS)),
+            function=draw(st.sampled_from(FUNCTIONS)),
+            purpose=draw(st.sampled_from(PURPOSES)),
             is_byollm=draw(st.integers(0, 3)) == 0,
             occurred_at=at.astimezone(_offset(draw(st.sampled_from(OFFSETS)))),
-            input_tokens=draw(st.integers(cache_write, 400_000)),
-            cache_read_tokens=0,
+            input_tokens=0 if counted == "missing" else draw(st.integers(cache_read + cache_write, 400_000)),
+            cache_read_tokens=cache_read,
             cache_write_tokens=cache_write,
             cache_write_1h_tokens=draw(st.sampled_from([0, cache_write // 2, cache_write])),
             web_searches=draw(st.sampled_from([0, 0, 0, 1, 3])),
-            output_tokens=draw(st.integers(0, 40_000)),
-            latency_ms=draw(st.sampled_from([1.0, 12.345, 999.999])),
-            **({"status": "error", "error_type": "server_error", "stop_reason": None} if failed else {}),
+            output_tokens=output,
+            reasoning_tokens=draw(st.sampled_from([0, output // 3])),
+            usage_completeness=counted,
+            # any float: the rollups' microseconds (Python on SQLite, SQL on PostgreSQL) equal rollup.latency_us
+            latency_ms=draw(st.one_of(st.sampled_from([1.0, 12.345, 0.0005, 1.0015]), st.floats(0, 3_600_000))),
+            **({"status": ended, "error_type": "server_error", "stop_reason": None} if ended != "ok" else {}),
         )
     )
 
@@ -171,7 +182,9 @@ _FILTER_VALUES = {
     "provider": ["ollama", "OLLAMA", "Anthropic", "openai"],
     "model": [m for _, m in MODELS],
     "byollm": [True, False],
-    "status": ["ok", "error"],
+    "status": ["ok", "error", "cancelled"],
+    "function": ["rewrite", "Rewrite"],
+    "purpose": ["summary"],
 }
 _MATCH = {
     "tenant_id": lambda e, v: e.tenant_id == v,
@@ -181,6 +194,8 @@ _MATCH = {
     "model": lambda e, v: e.model == v,
     "byollm": lambda e, v: e.is_byollm is v,
     "status": lambda e, v: e.status == v,
+    "function": lambda e, v: e.function == v,
+    "purpose": lambda e, v: e.purpose == v,
 }
 
 
