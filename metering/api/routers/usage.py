@@ -26,13 +26,13 @@ _GROUP_HELP = (
     "/usage",
     summary="Usage and money over a window, grouped",
     description=(
-        "Requires the `read` scope. Sums of the rollups (never the raw events: per user and hour, or platform-wide "
-        "per hour and per day when no tenant or user is involved) over "
-        "`[from, to)`, both whole UTC hours (a time without offset is UTC), per combination of the `group_by` "
-        "dimensions, filtered by equality on the other parameters (`provider` ignoring case). A token bound to a "
-        "tenant sees only that tenant: `tenant_id` defaults to it, another tenant is `403`. Unknown `group_by` "
-        "names, misaligned or empty windows are `422` (`invalid_input`); a parameter not listed here (`tenant=` for "
-        "`tenant_id=`), or a filter given twice, is `422` (`validation_error`)."
+        "Requires the `read` scope. Sums of the rollups (never the raw events: per user and hour or day, or "
+        "platform-wide per hour and per day when no tenant or user is involved) over `[from, to)`, both whole UTC "
+        "hours (a time without offset is UTC), per combination of the `group_by` dimensions, filtered by equality on "
+        "the other parameters (`provider` ignoring case). A token bound to a tenant sees only that tenant: `tenant_id` "
+        "defaults to it, another tenant is `403`. Unknown `group_by` names, misaligned or empty windows are `422` "
+        "(`invalid_input`); a parameter not listed here (`tenant=` for `tenant_id=`), or a filter given twice, is "
+        "`422` (`validation_error`)."
     ),
     response_model=UsageResponse,
     responses=problem_responses(401, 403, 422, 503),
