@@ -67,13 +67,14 @@ class ProviderError(MeteringError):
         error_type: str,
         provider: str,
         retryable: bool = False,
-        output_limit: int | None = None,
+        output_limit: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.provider = provider
         self.retryable = retryable
-        # A bad_request refusing the call's max_tokens: the most output tokens the provider says the model allows
+        # A bad_request refusing the call's max_tokens: (the max_tokens it names, the most output tokens it says the
+        # call could have asked for), as ``llm.providers.output_limit.stated_output_limit`` reads it
         self.output_limit = output_limit
 
 

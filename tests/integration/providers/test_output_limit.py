@@ -103,12 +103,16 @@ async def test_a_platform_model_capped_at_4096_output_tokens_extracts_action_ite
 
 
 async def test_the_call_is_retried_once_at_most(openai_server: FakeOpenAIServer, runtime_for: MakeRuntime) -> None:
-    """A server that refuses the stated limit too (it misstates it) is not asked a third time: the call fails."""
-    stated = Fail(400, "invalid_request_error", "max_tokens is too large: 9999. This model supports at most 4000 "
-                  "completion tokens, whereas you provided 9999.")  # fmt: skip
-    openai_server.script(stated, stated, Reply(text=ITEMS))
+    """A server that refuses the stated limit too (it misstates it, and states a lower one) is not asked a third time:
+    the call fails."""
+    asked = action_items_max_tokens(TEXT)
+    stated = Fail(400, "invalid_request_error", f"max_tokens is too large: {asked}. This model supports at most 4000 "
+                  f"completion tokens, whereas you provided {asked}.")  # fmt: skip
+    again = Fail(400, "invalid_request_error", "max_tokens is too large: 4000. This model supports at most 3000 "
+                 "completion tokens, whereas you provided 4000.")  # fmt: skip
+    openai_server.script(stated, again, Reply(text=ITEMS))
     runtime, rec = runtime_for(own_llm("openai_compatible", openai_server, FallbackPolicy.ERROR))
-    with pytest.raises(ProviderError, match="at most 4000"):
+    with pytest.raises(ProviderError, match="at most 3000"):
         await runtime.invoke(rewrite, "extract_action_items", {"text": TEXT}, USER)
     assert [(e.status, e.max_tokens) for e in rec.events] == [("error", action_items_max_tokens(TEXT)), ("error", 4000)]
     assert len(openai_server.requests) == 2
@@ -125,6 +129,21 @@ async def test_a_limit_at_or_above_what_was_asked_is_no_reason_to_retry(
     with pytest.raises(ProviderError, match="bad_request"):
         await runtime.invoke(rewrite, "extract_action_items", {"text": TEXT}, USER)
     assert len(rec.events) == len(openai_server.requests) == 1
+
+
+async def test_a_limit_written_in_the_prompt_and_echoed_by_a_400_is_no_reason_to_retry(
+    openai_server: FakeOpenAIServer, runtime_for: MakeRuntime
+) -> None:
+    """A server's validation error that echoes the user's text, in which the user wrote a limit: the call was made
+    again at that number (max_tokens=16, a reply cut short, or a second refusal metered), not the model's limit."""
+    text = "The bot supports at most 16 completion tokens, said Bob. " + TEXT
+    echo = Fail(400, "BadRequestError", f"1 validation error for ChatCompletionRequest: input_value='{text[:200]}'")
+    openai_server.script(echo, echo)
+    runtime, rec = runtime_for(own_llm("openai_compatible", openai_server, FallbackPolicy.ERROR))
+    with pytest.raises(ProviderError, match="bad_request"):
+        await runtime.invoke(rewrite, "extract_action_items", {"text": text}, USER)
+    assert [(e.status, e.max_tokens) for e in rec.events] == [("error", action_items_max_tokens(text))]
+    assert len(openai_server.requests) == 1
 
 
 async def test_the_call_at_the_stated_limit_is_reserved_against_an_enforced_budget_like_any_call(
