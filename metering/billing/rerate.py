@@ -14,10 +14,14 @@ posted after a finalized invoice (``late_corrections``, as the run counts them);
 - The same ``run_id`` applied twice posts nothing the second time: an event already carrying a transfer
   whose id derives from this run is skipped (counted in ``skipped``), even if prices changed in between.
 - The event row gets the new charge, cost, markup, price source and version; its hourly rollup moves by the
-  deltas; cached balances are updated.
+  deltas; cached balances are updated. An event whose charge and cost stay the same under the current price book
+  is not a change (no transfer, not counted), but it names the price it now comes from (markup, source and
+  version): else an event priced by an override since ended or withdrawn, re-rated at the same charge (a successor
+  at its price), still named that override, which ``overrides.priced_beyond`` then counted past its end forever.
 - A BYOLLM event with a known shadow cost (``excluded_byollm``, priced) in scope gets the new shadow cost, markup,
-  price source and version, and its rollups' shadow cost moves: no transfer (it is never billed). Applying a run
-  again finds nothing to change unless prices changed since (a shadow cost is reporting, not money).
+  price source and version (the same shadow cost too: the price it comes from), and its rollups' shadow cost moves:
+  no transfer (it is never billed). Applying a run again finds nothing to change unless prices changed since (a
+  shadow cost is reporting, not money).
 - Periods: corrections are posted in the event's ``invoice_period``. If that invoice is already finalized,
   the reversal and the new transfer are posted in the first open period after it (``billing_period``), and
   the event row keeps the finalized ``invoice_period`` (the invoice that billed it, which never changes)
@@ -175,6 +179,12 @@ def _quote_within_limit(cards: RateCards, row: UsageEventRow) -> Quote | None:
     return quote
 
 
+def _name_price(row: UsageEventRow, quote: Quote) -> None:
+    """The event names the price it is now charged at (its markup, source and version), changed or not."""
+    row.markup_pct = str(quote.markup_pct)
+    row.price_source, row.price_version = quote.source, quote.source_version
+
+
 def _posting_of(t: TransferRow, row: UsageEventRow) -> Posting:
     kind = TransferKind(t.kind)
     if kind is TransferKind.USAGE_CHARGE:
@@ -255,11 +265,15 @@ def apply_rerate(
                 quote = _shadow(cards, row)
                 if diff.shadow.examine(row.shadow_nanos, quote) and quote is not None:
                     add_delta(buckets, row, shadow=quote.price_nanos - row.shadow_nanos)
-                    row.shadow_nanos, row.markup_pct = quote.price_nanos, str(quote.markup_pct)
-                    row.price_source, row.price_version = quote.source, quote.source_version
+                    row.shadow_nanos = quote.price_nanos
+                if quote is not None:
+                    _name_price(row, quote)
                 continue
-            change = diff.examine(_billed(row), _quote_within_limit(cards, row))
+            quote = _quote_within_limit(cards, row)
+            change = diff.examine(_billed(row), quote)
             if change is None:
+                if quote is not None:
+                    _name_price(row, quote)  # the same charge, from the price now in effect: no transfer
                 continue
             if _already_applied(cause, row.event_id, transfers[row.event_id]):
                 skipped += 1
@@ -270,8 +284,7 @@ def apply_rerate(
             add_delta(buckets, row, billed=change.charge_delta, cost=change.cost_delta)
             diff.record(change)
             row.charge_nanos, row.cost_nanos = change.new_charge_nanos, change.new_cost_nanos
-            row.markup_pct = str(change.quote.markup_pct)
-            row.price_source, row.price_version = change.quote.source, change.quote.source_version
+            _name_price(row, change.quote)
         session.flush()
         store.post_transfers(session, postings, now)
         balances.add(postings)

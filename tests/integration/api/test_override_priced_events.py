@@ -19,6 +19,7 @@ from metering.auth import Scope
 from metering.billing.ingest import ingest
 from metering.billing.overrides import add_override, end
 from metering.billing.rerate import apply_rerate
+from metering.db.models import UsageEventRow
 from metering.errors import OverridePricedEventsError
 from metering.events import event_from_record
 from tests.fakes.events import record
@@ -117,3 +118,29 @@ def test_the_refusal_changes_nothing_in_the_callers_transaction(session_factory)
         session.commit()
     assert ending.changed and ending.priced_beyond.billed == 2
     assert ending.priced_beyond.first == NOW.replace(hour=10) and ending.priced_beyond.last == NOW.replace(hour=11)
+
+
+def test_events_re_rated_at_the_same_charge_no_longer_name_the_ended_override(client, admin, session_factory):
+    """The re-rate an end names, when the price now in effect (a successor at the same price, or genai-prices) gives
+    the same charge, changed nothing: each event still named the ended override as its price although its window no
+    longer covered it, so the end's answer (and any later end or withdrawal, 409 without keep_priced_events) still
+    listed them to re-rate, and no re-rate could clear them. It now names the price it comes from (no transfer)."""
+    priced_by_llamas(session_factory, 10, 11, byollm=(11,))
+    at = {"at": "2026-11-27T10:30:00Z", "keep_priced_events": True}
+    kept = client.post("/v1/admin/price-overrides/llamas:end", json=at, headers=admin)
+    assert kept.status_code == 200 and kept.json()["events_to_rerate"]["billed"] == 1
+    with session_factory() as session:  # a successor at the same price, and the re-rate the end named
+        add_override(session, provider="ollama", model_pattern="llama3*", effective_from=NOW.replace(hour=10,
+                     minute=30), effective_to=None, input_mtok=Decimal("0.10"), output_mtok=Decimal("0.40"),
+                     id="llamas-2", now=NOW)  # fmt: skip
+        result = apply_rerate(session, start=NOW.replace(hour=11), end=NOW.replace(hour=11, microsecond=1),
+                              markup_pct=MARKUP, run_id="after-end", now=NOW)  # fmt: skip
+        session.commit()
+    assert (result.diff.total.events, result.diff.shadow.events, result.transfers) == (0, 0, 0)  # the same charge
+    after = client.post("/v1/admin/price-overrides/llamas:end", json=at, headers=admin)
+    assert after.status_code == 200 and after.json()["events_to_rerate"] is None
+    with session_factory() as session:
+        names = {(e.occurred_at.hour, e.price_version) for e in session.query(UsageEventRow)}
+    assert names == {(10, "llamas"), (11, "llamas-2")}
+    earlier = {"at": "2026-11-27T10:45:00Z"}  # the successor now answers for the 11:00 event: ending it before refused
+    assert client.post("/v1/admin/price-overrides/llamas-2:end", json=earlier, headers=admin).status_code == 409
