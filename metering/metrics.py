@@ -4,7 +4,8 @@ ingest counters incremented only after the ingest transaction commits.
 Nothing happens at import: each app builds its own ``CollectorRegistry`` on first use (``metrics_for``), so
 tests and several apps in one process never share series. Labels carry only bounded sets: provider, model,
 purpose, extension, byollm, status (never a tenant or user id, a prompt or a key); models beyond the top N
-by calls, and providers, purposes and extensions beyond theirs, are folded into ``other``.
+by calls, and providers, purposes and extensions beyond theirs, are folded into ``other``, and label sets beyond a
+cap too, by the database (``folded_usage_totals``): a scrape reads a bounded number of rows.
 
 Money is stored in integer nano-USD; it becomes a float only here, in the exposition.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -26,14 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing.ingest import IngestResult
 from metering.db.snapshot import read_snapshot
-from metering.db.usage_totals import TOTAL_COLUMNS, LabelTotals, unpriced_events, usage_totals
+from metering.db.usage_totals import TOTAL_COLUMNS, folded_usage_totals, unpriced_events
 
 # prometheus_client's own variable, set by `metering serve --workers N` (N > 1) for its workers: a directory where
 # every worker's counters live (one mmap file each), so that the worker answering a scrape sums them all.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LABELS = ("provider", "model", "purpose", "extension", "byollm", "status")
-OTHER = "other"
 NANOS_PER_USD = 1_000_000_000
 # (label value of ``kind``, index in LabelTotals.counters)
 TOKEN_KINDS = tuple(
@@ -45,62 +45,7 @@ CALLS, BILLED, SHADOW, SEARCHES = (
 )
 INGEST_RESULTS = ("inserted", "duplicate", "rejected")
 
-LabelSet = tuple[str, str, str, str, str, str]
 SessionsGetter = Callable[[], "sessionmaker[Session] | None"]
-
-
-def _top(rows: Sequence[LabelTotals], value: Callable[[LabelTotals], str], n: int) -> set[str]:
-    """The ``n`` values with the most calls (ties by name, so the choice is stable between scrapes)."""
-    calls: dict[str, int] = {}
-    for row in rows:
-        key = value(row)
-        calls[key] = calls.get(key, 0) + row.counters[CALLS]
-    return set(sorted(calls, key=lambda k: (-calls[k], k))[:n])
-
-
-def fold(
-    rows: Sequence[LabelTotals], *, top_models: int, top_labels: int, max_label_sets: int | None = None
-) -> dict[LabelSet, list[int]]:
-    """Sum ``rows`` per label set, values beyond the top N of their label replaced by ``other`` (pure); then, beyond
-    ``max_label_sets`` sets, the rest (fewest calls first) summed into ``other`` of all four named labels."""
-    models = _top(rows, lambda r: r.model, top_models)
-    providers = _top(rows, lambda r: r.provider, top_labels)
-    purposes = _top(rows, lambda r: r.purpose, top_labels)
-    extensions = _top(rows, lambda r: r.extension, top_labels)
-    folded: dict[LabelSet, list[int]] = {}
-    for row in rows:
-        key: LabelSet = (
-            row.provider if row.provider in providers else OTHER,
-            row.model if row.model in models else OTHER,
-            row.purpose if row.purpose in purposes else OTHER,
-            row.extension if row.extension in extensions else OTHER,
-            "true" if row.is_byollm else "false",
-            row.status,
-        )
-        _add(folded, key, row.counters)
-    return folded if max_label_sets is None else cap_label_sets(folded, max_label_sets)
-
-
-def _add(folded: dict[LabelSet, list[int]], key: LabelSet, counters: Sequence[int]) -> None:
-    sums = folded.get(key)
-    if sums is None:
-        folded[key] = list(counters)
-    else:
-        for i, count in enumerate(counters):
-            sums[i] += count
-
-
-def cap_label_sets(folded: dict[LabelSet, list[int]], max_label_sets: int) -> dict[LabelSet, list[int]]:
-    """At most ``max_label_sets`` label sets with their own labels (most calls first, ties by labels); the others'
-    sums go to (other, other, other, other, byollm, status), so every total stays exact. Each label is capped on
-    its own before this, but their combinations are not: 20 models x 50 extensions x 50 purposes... (pure)."""
-    if len(folded) <= max_label_sets:
-        return folded
-    ranked = sorted(folded, key=lambda k: (-folded[k][CALLS], k))
-    kept: dict[LabelSet, list[int]] = {key: list(folded[key]) for key in ranked[:max_label_sets]}
-    for key in ranked[max_label_sets:]:
-        _add(kept, (OTHER, OTHER, OTHER, OTHER, key[4], key[5]), folded[key])
-    return kept
 
 
 def _families() -> tuple[CounterMetricFamily, ...]:
@@ -151,14 +96,14 @@ class UsageCollector(Collector):
             return
         with factory() as session:
             read_snapshot(session)  # the counters and the gauge from one state of the database
-            rows = usage_totals(session)
+            rows = folded_usage_totals(
+                session, top_models=self._top_models, top_labels=self._top_labels, max_label_sets=self._max_label_sets
+            )
             unpriced = unpriced_events(session)
         calls, tokens, searches, billed, shadow = _families()
-        folded = fold(
-            rows, top_models=self._top_models, top_labels=self._top_labels, max_label_sets=self._max_label_sets
-        )
-        for labels, sums in sorted(folded.items()):
-            values = list(labels)
+        for row in rows:
+            values = [row.provider, row.model, row.purpose, row.extension, str(row.is_byollm).lower(), row.status]
+            sums = row.counters
             calls.add_metric(values, sums[CALLS])
             for kind, index in TOKEN_KINDS:
                 tokens.add_metric([*values, kind], sums[index])

@@ -21,8 +21,8 @@ from metering.api.app import create_app
 from metering.auth import Scope, TokenPrincipal, create_token
 from metering.billing.ingest import ingest
 from metering.db.models import UsageEventRow, UsageRollupRow
+from metering.db.usage_totals import OTHER
 from metering.events import event_from_record
-from metering.metrics import OTHER
 from tests.fakes.events import record
 from tests.integration.api.conftest import app_settings, assert_problem, bearer, post_events
 
@@ -287,11 +287,11 @@ def test_metrics_are_per_app_and_not_in_the_openapi_document(db_url, tmp_path, s
 def test_counters_and_unpriced_gauge_come_from_one_snapshot(db_url, tmp_path, session_factory, monkeypatch):
     """An event held unpriced, committed between the scrape's two queries, is in both or in neither."""
 
-    real_totals = metrics_module.usage_totals
+    real_totals = metrics_module.folded_usage_totals
     interleaved: list[bool] = []
 
-    def totals_then_a_commit(session: Session) -> Any:
-        rows = real_totals(session)
+    def totals_then_a_commit(session: Session, **caps: int) -> Any:
+        rows = real_totals(session, **caps)
         if not interleaved:
             interleaved.append(True)
             with session_factory() as writer:
@@ -300,7 +300,7 @@ def test_counters_and_unpriced_gauge_come_from_one_snapshot(db_url, tmp_path, se
                 writer.commit()
         return rows
 
-    monkeypatch.setattr(metrics_module, "usage_totals", totals_then_a_commit)
+    monkeypatch.setattr(metrics_module, "folded_usage_totals", totals_then_a_commit)
     with TestClient(create_app(app_settings(db_url, tmp_path))) as client:
         post_events(client, [record(0), record(1)], _token(session_factory, Scope.INGEST))
         first = _parse(client.get("/metrics").text)
