@@ -224,3 +224,40 @@ def test_prometheus_scrapes_what_the_database_holds(
     assert _value(prom, 'metering_ingest_events_total{result="inserted"}') == EVENTS + 5
     final = _get(f"{prom}/api/v1/targets")["data"]["activeTargets"]
     assert [(t["health"], t["lastError"]) for t in final] == [("up", "")]
+
+
+# Label values a client may send (any text up to 200 characters but NUL): the exposition must escape them so that
+# Prometheus stores each exactly, and none can end its sample and forge another.
+HOSTILE = (
+    'q"uote',
+    "back\\slash",
+    "new\nline",
+    "\\n",  # a backslash and an n, not a newline
+    "cr\rret",
+    "tab\tx",
+    'x"} 1\nmetering_forged_total 9\n# ',
+    "ünïcödé €😀",
+    "\u2028line separator",
+    "L" * 200,
+)
+
+
+def test_prometheus_stores_hostile_label_values_exactly(
+    prometheus: Callable[[str, str], str], service: tuple[Server, str]
+) -> None:
+    server, token = service
+    records = [
+        record(i, model=name, extension_id=name[::-1], purpose=f"p {name}"[:200]) for i, name in enumerate(HOSTILE)
+    ]
+    assert _post(server, token, records)["inserted"] == len(HOSTILE)
+    prom = prometheus(server.base, token)
+    _until(lambda: _query(prom, "metering_llm_calls_total"), "scraped")
+    stored = {
+        (r["metric"]["model"], r["metric"]["extension"], r["metric"]["purpose"])
+        for r in _query(prom, "metering_llm_calls_total")
+    }
+    assert stored == {(name, name[::-1], f"p {name}"[:200]) for name in HOSTILE}
+    assert _query(prom, "metering_forged_total") == []
+    assert [(t["health"], t["lastError"]) for t in _get(f"{prom}/api/v1/targets")["data"]["activeTargets"]] == [
+        ("up", "")
+    ]
