@@ -327,3 +327,22 @@ def test_label_sets_beyond_the_configured_cap_are_summed_into_other(db_url, tmp_
     assert sum(calls.values()) == len(records)
     charged = sum(v["billed_nanos"] for v in _rollup_sums(session_factory).values())
     assert sum(samples["metering_billed_usd_total"].values()) == pytest.approx(charged / 1e9, abs=1e-12)
+
+
+def test_a_restart_scrapes_the_same_usage_counters_and_ingest_counters_from_zero(db_url, tmp_path, session_factory):
+    """The usage counters are the database's sums, not the process's: a new process (another app on the same
+    database) answers exactly what the last scrape before it did, so Prometheus sees neither a reset nor a jump;
+    the ingest counters are the process's own and start again at 0 (a real reset, which rate() handles)."""
+    records = _records()
+    secret = _token(session_factory, Scope.INGEST)
+    with TestClient(create_app(app_settings(db_url, tmp_path, metrics_top_models=3))) as before:
+        post_events(before, records, secret)
+        post_events(before, records[:4], secret)  # replayed: not counted twice
+        last = _parse(before.get("/metrics").text)
+    with TestClient(create_app(app_settings(db_url, tmp_path, metrics_top_models=3))) as after:
+        first = _parse(after.get("/metrics").text)
+    usage = [name for name in last if name.startswith("metering_llm_") or "_usd_" in name or "unpriced" in name]
+    assert len(usage) == 6 and sum(last["metering_llm_calls_total"].values()) == len(records)
+    assert {name: first[name] for name in usage} == {name: last[name] for name in usage}
+    assert last["metering_ingest_events_total"][(("result", "duplicate"),)] == 4
+    assert set(first["metering_ingest_events_total"].values()) == {0}
