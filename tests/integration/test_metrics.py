@@ -346,3 +346,31 @@ def test_a_restart_scrapes_the_same_usage_counters_and_ingest_counters_from_zero
     assert {name: first[name] for name in usage} == {name: last[name] for name in usage}
     assert last["metering_ingest_events_total"][(("result", "duplicate"),)] == 4
     assert set(first["metering_ingest_events_total"].values()) == {0}
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        (
+            "text/plain;version=1.0.0;escaping=allow-utf-8",
+            "text/plain; version=1.0.0; charset=utf-8; escaping=allow-utf-8",
+        ),
+        ("text/plain;version=0.0.4", "text/plain; version=0.0.4; charset=utf-8"),
+        ("*/*", "text/plain; version=0.0.4; charset=utf-8"),
+    ],
+)
+def test_each_text_format_a_scraper_asks_for_has_the_same_samples(
+    db_url, tmp_path, session_factory, accept, content_type
+):
+    """Prometheus 3 may ask for the text format 1.0.0 (docs/api.md): the samples are those of 0.0.4."""
+    with TestClient(create_app(app_settings(db_url, tmp_path))) as client:
+        post_events(client, _records(), _token(session_factory, Scope.INGEST))
+        classic = _parse(client.get("/metrics").text)
+        response = client.get("/metrics", headers={"Accept": accept})
+        head = client.head("/metrics")
+    assert response.headers["content-type"] == content_type
+    samples = _parse(response.text)
+    assert {k: v for k, v in samples.items() if not k.endswith("_created")} == {
+        k: v for k, v in classic.items() if not k.endswith("_created")
+    }
+    assert (head.status_code, head.headers["allow"]) == (405, "GET")
