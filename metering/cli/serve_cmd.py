@@ -148,16 +148,24 @@ def serve(
         uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)
 
 
+# prometheus_client's former name of the variable: it still reads it (deprecated) when the upper-case one is unset.
+LEGACY_MULTIPROCESS_DIR_ENV = "prometheus_multiproc_dir"
+
+
 def _check_metrics_dir() -> None:
-    """The operator's own PROMETHEUS_MULTIPROC_DIR must be a directory this process can write its counters in:
-    otherwise prometheus_client failed every /metrics, and every POST /v1/events once its batch had committed."""
-    shared = os.environ.get(MULTIPROCESS_DIR_ENV)
-    if shared is None:
+    """The operator's own PROMETHEUS_MULTIPROC_DIR (or its former name) must be a directory this process can write
+    its counters in: otherwise prometheus_client failed every /metrics and every POST /v1/events. The former name is
+    then set under the current one, as prometheus_client does on first use, so that the app and the workers see it
+    (only the current name was checked: a missing directory under the former one was a 500 for every batch)."""
+    name = next((n for n in (MULTIPROCESS_DIR_ENV, LEGACY_MULTIPROCESS_DIR_ENV) if n in os.environ), None)
+    if name is None:
         return
+    shared = os.environ[name]
     if not os.path.isdir(shared):
-        raise fail(f"{MULTIPROCESS_DIR_ENV}={shared} is not a directory: create it (empty) or unset the variable")
+        raise fail(f"{name}={shared} is not a directory: create it (empty) or unset the variable")
     if not os.access(shared, os.W_OK | os.X_OK):
-        raise fail(f"{MULTIPROCESS_DIR_ENV}={shared} is not writable by this process: the counters are written there")
+        raise fail(f"{name}={shared} is not writable by this process: the counters are written there")
+    os.environ[MULTIPROCESS_DIR_ENV] = shared
 
 
 @contextmanager

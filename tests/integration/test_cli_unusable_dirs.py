@@ -67,6 +67,8 @@ def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         # POST /v1/events was a 500 ('env PROMETHEUS_MULTIPROC_DIR is not set or not a directory').
         ({"PROMETHEUS_MULTIPROC_DIR": "{tmp_path}/no-such-dir"}, "PROMETHEUS_MULTIPROC_DIR={tmp_path}/no-such-dir"),
         ({"PROMETHEUS_MULTIPROC_DIR": "{a_file}"}, "PROMETHEUS_MULTIPROC_DIR={a_file} is not a directory"),
+        # its former name, which prometheus_client still reads: only the current one was checked
+        ({"prometheus_multiproc_dir": "{tmp_path}/no-such-dir"}, "prometheus_multiproc_dir={tmp_path}/no-such-dir"),
     ],
 )
 def test_serve_refuses_to_start_with_unusable_keys_or_spool(db_url, tmp_path, a_file, setting, message) -> None:
