@@ -21,7 +21,7 @@ from metering.billing.pricing import MAX_CALL_NANOS
 from metering.billing.reprice import reprice_held
 from metering.billing.rerate import DiffLine, RerateResult, apply_rerate, plan_rerate
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, fail, fold, print_json, printable
+from metering.cli.common import admin_session, api_time, console, fail, fold, print_json, printable
 from metering.config import Settings
 from metering.db.models import PriceOverrideRow
 from metering.events import to_utc
@@ -227,7 +227,7 @@ def credit_add(
                 "amount_nanos": result.amount_nanos,
                 "idempotency_key": result.idempotency_key,
                 "memo": result.memo,
-                "created_at": result.created_at.isoformat(),
+                "created_at": api_time(result.created_at),
                 "replayed": result.replayed,
             }
         )

@@ -7,9 +7,11 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import typer
+from pydantic import TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -137,6 +139,16 @@ def _amount(row: Any) -> str:
     if row.price_source is None:  # never priced: the shadow cost is unknown, not $0 (reprice fills it)
         return "no price (shadow)"
     return f"{format_usd(row.shadow_nanos)} (shadow)"
+
+
+_TIME = TypeAdapter(datetime)
+
+
+def api_time(value: datetime) -> str:
+    """``value`` written as the API's JSON writes it (pydantic: ``2026-11-28T17:40:56.243392Z``), where
+    ``isoformat()`` gives ``…+00:00``: the JSON a command prints as the API's answer holds the same text."""
+    text: str = _TIME.dump_python(value, mode="json")
+    return text
 
 
 def print_json(value: Any) -> None:

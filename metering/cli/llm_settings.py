@@ -9,7 +9,7 @@ import typer
 
 from metering import audit_snapshots as snap
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, fail, print_json, read_secret
+from metering.cli.common import admin_session, api_time, console, fail, print_json, read_secret
 from metering.crypto import generate_key
 from metering.llm import settings_admin
 from metering.llm import settings_store as store
@@ -95,8 +95,8 @@ def byollm_delete(user: UserArg) -> None:
 def _byollm_view(row: Any, box: Any) -> dict[str, Any]:
     """The settings as the API answers them (``ByollmOut``: the same fields, by the same names)."""
     return store.byollm_view(row, store.stored_key_mask(row, box)) | {
-        "created_at": row.created_at.isoformat(),
-        "updated_at": row.updated_at.isoformat(),
+        "created_at": api_time(row.created_at),
+        "updated_at": api_time(row.updated_at),
     }
 
 

@@ -517,6 +517,26 @@ def test_the_cli_prints_a_credit_as_the_api_returns_it(client, admin, run):
     fields = ("transfer_id", "kind", "tenant_id", "user_id", "amount", "amount_nanos", "idempotency_key", "memo")
     assert {f: printed[f] for f in fields} == {f: body[f] for f in fields}
     assert printed["amount"] == "-1234567890.000000001" and printed["replayed"] is True
+    # The time too, written as the API writes it ("…Z"): the CLI printed "…+00:00".
+    assert printed["created_at"] == body["created_at"]
+
+
+def test_the_cli_prints_byollm_settings_as_the_api_returns_them(client, admin, run):
+    """`metering byollm set` and `show` print the fields of the API's answer, in its formats: their times were
+    ``2026-11-28T17:40:56.243392+00:00`` where the API writes ``2026-11-28T17:40:56.243392Z``."""
+    import json
+
+    put = client.put(
+        "/v1/admin/users/acme/alice/byollm", json={"provider": "simulated", "model": "sim-1"}, headers=admin
+    )
+    assert put.status_code == 200, put.text
+    shown = run("byollm", "show", "--user", "alice")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output) == put.json()
+    set_again = run("byollm", "set", "-u", "alice", "-t", "acme", "--provider", "simulated", "--model", "sim-2")
+    assert set_again.exit_code == 0, set_again.output
+    got = client.get("/v1/admin/users/acme/alice/byollm", headers=admin).json()
+    assert json.loads(set_again.output) == got
 
 
 def test_a_credit_key_belongs_to_its_tenant(client, acme_admin, make_token, session_factory):
