@@ -20,6 +20,9 @@ from sqlalchemy.exc import ArgumentError
 DEFAULT_DATA_DIR = Path(".metering")
 PLATFORM_DEFAULT_PROVIDER = "anthropic"
 PLATFORM_DEFAULT_MODEL = "claude-sonnet-4-6"
+# The providers ctx.llm has adapters for (metering.llm.providers.make_provider): defined here, the lowest layer, so the
+# platform's provider setting is checked with the settings.
+KNOWN_PROVIDERS: tuple[str, ...] = ("anthropic", "openai", "openai_compatible", "simulated")
 
 
 def http_url(value: str | None) -> str | None:
@@ -56,6 +59,15 @@ class PlatformLLMSettings(BaseModel):
     # platform's key of the provider it names (the operator's gateways), exactly as the purpose gives them. A JSON
     # list in the environment: METERING_PLATFORM__KEYED_BASE_URLS='["https://llm-gateway.internal/v1"]'.
     keyed_base_urls: frozenset[str] = frozenset()
+
+    @field_validator("provider")
+    @classmethod
+    def _provider_is_known(cls, value: str) -> str:
+        # Accepted as any text, every call to the platform LLM (and every BYOLLM failover) then failed with
+        # `config_error`: a 500 from each invoke. Provider names are case-insensitive, as everywhere.
+        if value.lower() not in KNOWN_PROVIDERS:
+            raise ValueError(f"must be one of {', '.join(KNOWN_PROVIDERS)}")
+        return value.lower()
 
     @field_validator("base_url")
     @classmethod

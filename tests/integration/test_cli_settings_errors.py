@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
             {"METERING_PLATFORM__KEYED_BASE_URLS": "https://gw.internal/v1", "METERING_PLATFORM__MODEL": "gw.internal"},
             "invalid settings: METERING_PLATFORM__KEYED_BASE_URLS: a value that must be JSON",
         ),
+        # Accepted, then every call to the platform LLM failed with `config_error` (a 500 from each invoke using it).
+        ({"METERING_PLATFORM__PROVIDER": "gw.internal"}, "METERING_PLATFORM__PROVIDER: "),
         # Accepted, then every platform call failed as 'could not connect' (and every BYOLLM failover with it).
         ({"METERING_PLATFORM__BASE_URL": "api.example.com/v1"}, "METERING_PLATFORM__BASE_URL: "),
         ({"METERING_PLATFORM__KEYED_BASE_URLS": '["gw.internal/v1"]'}, "METERING_PLATFORM__KEYED_BASE_URLS: "),

@@ -7,11 +7,9 @@ theirs is made, so importing this package (e.g. for ``KNOWN_PROVIDERS``) stays c
 
 from __future__ import annotations
 
-from metering.config import SimulatedSettings
+from metering.config import KNOWN_PROVIDERS, SimulatedSettings
 from metering.errors import ConfigError
 from metering.llm.providers.base import Provider, ProviderConfig
-
-KNOWN_PROVIDERS: tuple[str, ...] = ("anthropic", "openai", "openai_compatible", "simulated")
 
 
 def make_provider(config: ProviderConfig, simulated: SimulatedSettings | None = None) -> Provider:
