@@ -30,7 +30,8 @@ log = logging.getLogger("metering.api")
 DESCRIPTION = """Usage metering and billing for LLM calls made by chat extensions.
 
 Authenticate with an API token: `Authorization: Bearer mtr_…` (create one with `metering tokens create`).
-Every error is `application/problem+json` (RFC 9457) with a stable `code`.
+Every error is `application/problem+json` (RFC 9457) with a stable `code`. An operation that takes a token refuses
+a query parameter it does not list, and one of a single value given twice, with `422` (`validation_error`).
 """
 
 

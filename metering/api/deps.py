@@ -9,11 +9,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from metering.api.validators import reject_ignored_query
 from metering.auth import Scope, TokenPrincipal, authenticate
 from metering.config import Settings
 from metering.db.limits import read_only
@@ -81,7 +83,7 @@ def _touch_skipped(request: Request, exc: Exception) -> None:
     log.warning("the database refuses writes (%s): tokens' last_used_at is not written while it does", reason)
 
 
-def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, scope: Scope) -> TokenPrincipal:
+def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None, scope: Scope) -> TokenPrincipal:
     if credentials is None:
         raise AuthenticationError("an API token is required: send 'Authorization: Bearer <token>'")
     principal = _principal(request, credentials.credentials)
@@ -93,12 +95,22 @@ def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | Non
 
 
 def require(scope: Scope) -> Callable[..., TokenPrincipal]:
-    """A dependency returning the request's principal: 401 without a live token, 403 without ``scope``."""
+    """A dependency returning the request's principal: 401 without a live token, 403 without ``scope`` or when the
+    checks the route's other dependencies make of it refuse it (e.g. bound to a tenant); then 422 for a query
+    parameter the route does not take, or one of a single value given twice (``reject_ignored_query``). Every route
+    that takes a token depends on this one: the query is checked there, once, after the token."""
 
     def dependency(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
     ) -> TokenPrincipal:
-        return _authorize(request, credentials, scope)
+        principal = authorize(request, credentials, scope)
+        try:
+            reject_ignored_query(request)
+        except RequestValidationError:
+            for check in _access_checks(request.scope["route"].dependant)[1]:
+                check(principal)  # their 403 first (else they run in their own dependency, after this one)
+            raise
+        return principal
 
     dependency.__name__ = f"require_{scope.value}"
     dependency.required_scope = scope  # type: ignore[attr-defined]  # read by refusal_before_body
@@ -131,7 +143,7 @@ async def refusal_before_body(request: Request) -> MeteringError | None:
         return None
     credentials = await _bearer(request)
     try:
-        principal = await run_in_threadpool(_authorize, request, credentials, scope)
+        principal = await run_in_threadpool(authorize, request, credentials, scope)
         for check in checks:
             check(principal)
     except (AuthenticationError, PermissionDeniedError) as refused:

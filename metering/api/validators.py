@@ -8,9 +8,11 @@
 - In a query, a time whose offset's ``+`` was sent unencoded (read as a space) is a 422 saying to send ``%2B``.
 - Integers stored in the database stay within their column (``MAX_INT32``, ``MAX_INT64``).
 - A read's text filter (``FilterText``) is never empty: no id or name is.
-- A query parameter the route does not take, or one of a single value given twice, is a 422 where
-  ``reject_ignored_query`` is called (``GET /v1/usage``): a misspelt filter (``tenant=`` for ``tenant_id=``) was
-  ignored, and the answer covered everyone; of ``tenant_id=a&tenant_id=b`` only b was kept.
+- A query parameter the route does not take, or one of a single value given twice, is a 422 on every route that
+  takes a token (``reject_ignored_query``, called by ``deps.require`` once the token is checked): a misspelt or
+  missing filter (``tenant=`` for ``tenant_id=``, ``user_id=`` where there is none) was ignored, and the answer
+  covered everyone; of ``tenant_id=a&tenant_id=b`` only b was kept. The routes without a token (probes, /metrics,
+  the docs) filter nothing and take any.
 """
 
 from __future__ import annotations
@@ -97,13 +99,13 @@ def _query_names(dependant: Dependant) -> dict[str, bool]:
 
 def reject_ignored_query(request: Request) -> None:
     """422 ``validation_error`` naming each query parameter the request's route does not take, and each one of a
-    single value given more than once (FastAPI kept the last). Called by the endpoint, so a missing or refused token
-    is answered first (401/403), as for the schema's own errors."""
+    single value given more than once (FastAPI kept the last). Called by the token's dependency (``deps.require``),
+    so a missing or refused token is answered first (401/403), as for the schema's own errors."""
     known = _query_names(request.scope["route"].dependant)
     errors = []
     for name in request.query_params:
         if name not in known:
-            takes = f"unknown parameter: {request.url.path} takes {', '.join(sorted(known))}"
+            takes = f"unknown parameter: {request.url.path} takes {', '.join(sorted(known)) or 'no query parameter'}"
             errors.append({"loc": ("query", name), "msg": takes, "type": "unknown"})
         elif not known[name] and (count := len(request.query_params.getlist(name))) > 1:
             errors.append(

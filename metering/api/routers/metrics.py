@@ -7,13 +7,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.security.utils import get_authorization_scheme_param
 
-from metering.api.deps import app_settings, require
+from metering.api.deps import app_settings, authorize
 from metering.auth import Scope
 from metering.errors import PermissionDeniedError
 from metering.metrics import metrics_for
 
 router = APIRouter(tags=["metrics"])
-_require_read = require(Scope.READ)
 
 
 def _credentials(request: Request) -> HTTPAuthorizationCredentials | None:
@@ -26,7 +25,7 @@ def _credentials(request: Request) -> HTTPAuthorizationCredentials | None:
 @router.get("/metrics", include_in_schema=False)
 def get_metrics(request: Request) -> Response:
     if not app_settings(request).api.metrics_public:
-        principal = _require_read(request, _credentials(request))
+        principal = authorize(request, _credentials(request), Scope.READ)
         if principal.tenant_id is not None:  # platform-wide totals: less its own usage, another tenant's
             raise PermissionDeniedError("/metrics holds every tenant's usage: it needs a token bound to no tenant")
     body, content_type = metrics_for(request.app.state).render(request.headers.get("Accept"))
