@@ -101,6 +101,8 @@ def reject_ignored_query(request: Request) -> None:
     """422 ``validation_error`` naming each query parameter the request's route does not take, and each one of a
     single value given more than once (FastAPI kept the last). Called by the token's dependency (``deps.require``),
     so a missing or refused token is answered first (401/403), as for the schema's own errors."""
+    if not request.scope.get("query_string"):
+        return  # the usual request (every POST /v1/events of the sink): nothing to check, no walk of the route
     known = _query_names(request.scope["route"].dependant)
     errors = []
     for name in request.query_params:
