@@ -110,8 +110,13 @@ class SpoolSettings(BaseModel):
 
     @field_validator("http_url")
     @classmethod
-    def _http_url_is_http(cls, value: str | None) -> str | None:
-        return http_url(value)
+    def _http_url_is_a_service(cls, value: str | None) -> str | None:
+        # The sink appends /v1/events to it: after a query or a fragment (`…:8000/?x=1`, `…:8000/#`) that became part
+        # of them, and every batch was a 404 retried forever (nothing delivered, nothing said but the retries).
+        url = http_url(value)
+        if url is not None and ("?" in url or "#" in url):  # "?" or "#" alone too: either ends the path
+            raise ValueError("must be the service's base URL, without a query (?…) or a fragment (#…)")
+        return url
 
     @field_validator("http_token")
     @classmethod

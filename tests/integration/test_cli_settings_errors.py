@@ -33,6 +33,18 @@ pytestmark = pytest.mark.slow
             },
             "METERING_SPOOL__HTTP_URL: ",
         ),
+        # /v1/events appended after a query or fragment: every batch a 404, retried forever.
+        *(
+            (
+                {
+                    "METERING_SPOOL__SINK": "http",
+                    "METERING_SPOOL__HTTP_URL": url,
+                    "METERING_SPOOL__HTTP_TOKEN": "mtr_unused",
+                },
+                "METERING_SPOOL__HTTP_URL: ",
+            )
+            for url in ("http://127.0.0.1:9/?via=gw", "http://127.0.0.1:9/#", "http://127.0.0.1:9?")
+        ),
         # The token as an Authorization header holds it: every batch a 401, retried forever, "the sink is unreachable".
         (
             {
