@@ -1,11 +1,12 @@
 """HttpSink: delivers spooled batches to a metering service's ``POST /v1/events``.
 
-A 200 is delivered. A 413 (more events or bytes than the service takes) or a 500 (the service fails on
-something in the batch) would be answered again to the same batch: they raise ``RefusedBatchError``, and the
-flusher isolates the event at fault (``spool.isolation``: halves until the parts pass; a single event too large
-is dead-lettered with the service's reason). Anything else raises ``DeliveryError``, and the flusher keeps the
-batch and retries it with backoff: a service that is down, slow, overloaded (429/502/503) or misconfigured
-(401/403/404) loses nothing (a 429 or 503 with ``Retry-After``, seconds or an HTTP date, is retried no sooner than
+A 200 is delivered. A 413 (more events or bytes than the service takes) or the service's own 500 (its problem
+document, code ``internal_error``: ingest fails on something in the batch) would be answered again to the same
+batch: they raise ``RefusedBatchError``, and the flusher isolates the event at fault (``spool.isolation``: halves
+until the parts pass; a single event too large is dead-lettered with the service's reason). Anything else raises
+``DeliveryError``, and the flusher keeps the batch and retries it with backoff: a service that is down, slow,
+overloaded (429/502/503), misconfigured (401/403/404), or a 500 that is not the service's (a proxy's error page)
+loses nothing (a 429 or 503 with ``Retry-After``, seconds or an HTTP date, is retried no sooner than
 it asks, up to the flusher's ``max_backoff_s``); so does a 200 that does not account for every event sent (each
 inserted, a duplicate, or rejected at its index), which is not the service's answer. The endpoint is idempotent on
 event_id, so a retry after a lost response counts duplicates instead of double-counting. Each event is sent as its spool
@@ -59,6 +60,23 @@ def retry_after_s(value: str | None, now: datetime | None = None) -> float | Non
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+def _refused_by_the_service(response: httpx.Response) -> bool:
+    """Whether the answer is the service's own 500: its problem document (``application/problem+json``, code
+    ``internal_error``), ingest failing on something in the batch. A 500 from anything else (a proxy's or a gateway's
+    error page, an empty body) says nothing about the events: it was taken as a refusal, and a proxy flapping
+    between 500 and the service while the flusher isolated the event at fault dead-lettered healthy events."""
+    if response.status_code != 500:
+        return False
+    media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/problem+json":
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == 500 and body.get("code") == "internal_error"
+
+
 class HttpSink:
     def __init__(
         self,
@@ -97,7 +115,7 @@ class HttpSink:
                 response = self._post(body, {})
         else:
             response = self._post(body, {})
-        if response.status_code in (413, 500):
+        if response.status_code == 413 or _refused_by_the_service(response):
             too_large = response.status_code == 413
             raise RefusedBatchError(
                 f"the service refuses {'as too large ' if too_large else ''}({response.status_code}): "

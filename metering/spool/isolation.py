@@ -1,8 +1,8 @@
 """Poison isolation: a batch the sink refuses because of one of its events must not hold up the others for good.
 
 A sink raises ``RefusedBatchError`` when it refuses a batch as it is and would refuse it again (the service
-answers 413 or 500, the database raises a data or integrity error, ingest hits a bug on some value); any other
-error means the sink is unavailable, and the flusher retries the batch later, as it is.
+answers 413 or its own 500, the database raises a data or integrity error, ingest hits a bug on some value); any
+other error means the sink is unavailable, and the flusher retries the batch later, as it is.
 
 ``deliver_isolating`` then splits the refused batch in halves until the parts pass. An event refused on its own
 is rejected (dead-lettered with the reason: ``metering spool redrive`` puts it back once the cause is fixed)

@@ -35,7 +35,7 @@ class _Answering(QuietHandler):
         count = len(orjson.loads(raw)["events"])
         answer = self.script.pop(0)(count) if self.script else {"inserted": count, "duplicates": 0, "rejected": []}
         status, headers, answer = answer if isinstance(answer, tuple) else (200, {}, answer)
-        body = orjson.dumps(answer)
+        body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
         self.answer(status, body, headers)
 
 
@@ -140,3 +140,65 @@ def test_a_retry_after_as_an_http_date_is_waited_until_that_date(
         flusher.stop(drain=False)
     assert 60 < _first_wait(caplog) <= 120  # until the date (less the time the answer took), not 0.01 s
     assert (stats.delivered, stats.pending, stats.failures) == (0, 1, 1)
+
+
+_NGINX_500 = b"<html><head><title>500 Internal Server Error</title></head><body><center>nginx</center></body></html>"
+_SERVICE_500 = {
+    "type": "https://metering.dev/problems/internal_error",
+    "title": "Internal error",
+    "status": 500,
+    "detail": "an unexpected error occurred",
+    "code": "internal_error",
+    "instance": "/v1/events",
+}
+
+
+def _taken(n: int) -> dict[str, Any]:
+    return {"inserted": n, "duplicates": 0, "rejected": []}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (500, {"Content-Type": "text/html"}, _NGINX_500),  # a proxy's error page
+        (500, {"Content-Type": "text/plain"}, b""),  # no body at all
+        (500, {}, {"error": "upstream failed"}),  # a gateway's own JSON
+        (500, {}, _SERVICE_500),  # the service's body, but not as its problem document (application/json)
+        (200, {"Content-Type": "text/html"}, b"<html>maintenance</html>"),  # a 200 that is no answer
+    ],
+)
+def test_a_500_or_200_that_is_not_the_service_s_answer_never_dead_letters_an_event(
+    tmp_path: Path, service: str, answer: tuple[int, dict[str, str], Any]
+) -> None:
+    """A 500 was taken as the service refusing the batch for something in it, whoever answered it: a proxy flapping
+    between 500 and the service while the flusher isolated the event at fault (the first half passed, then three
+    500s to the second) dead-lettered a healthy event, as "rejected by the sink", out of billing until redriven.
+    Only the service's own 500 (its problem document) is a refusal now; any other is an outage, retried as is."""
+    _Answering.script = [lambda n: answer, _taken, lambda n: answer, lambda n: answer, lambda n: answer]
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(2):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    _Answering.script = []
+    assert (stats.delivered, stats.rejected, stats.pending) == (2, 0, 0), stats
+    assert not (tmp_path / "spool" / "rejected.jsonl").exists()
+
+
+def test_the_service_s_own_500_still_isolates_the_event_at_fault(tmp_path: Path, service: str) -> None:
+    """The service's 500 (its problem document, `internal_error`: ingest failed on some value) is met again by the
+    same event: the batch is split, and the event refused on its own, while the other went in, is dead-lettered."""
+    refused = (500, {"Content-Type": "application/problem+json"}, _SERVICE_500)
+    _Answering.script = [lambda n: refused, _taken, lambda n: refused, lambda n: refused, lambda n: refused]
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(2):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    _Answering.script = []
+    assert (stats.delivered, stats.rejected, stats.pending) == (1, 1, 0), stats
+    assert "internal_error" in (tmp_path / "spool" / "rejected.jsonl").read_text()
