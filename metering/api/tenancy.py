@@ -12,10 +12,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from metering.auth import TokenPrincipal
+from metering.auth.tokens import TENANT_MISMATCH
 from metering.billing.ingest import IngestResult, Rejection, ingest
 from metering.events import shown
-
-TENANT_MISMATCH = "tenant mismatch"
 
 
 def split_foreign(items: Sequence[Any], tenant_id: str | None) -> tuple[list[Any], list[int], list[Rejection]]:

@@ -16,6 +16,9 @@ TOKEN_PREFIX = "mtr_"
 PREFIX_LENGTH = 8  # "mtr_" + 4 characters of the random part: enough to tell tokens apart in a list
 MAX_TOKEN_LENGTH = 200  # anything longer is not one of ours; refused before hashing
 MAX_NAME_LENGTH = 200
+# The reason POST /v1/events gives an event of another tenant than its token's; a spool's HTTP sink keeps such events
+# for retry (the token is the operator's to fix), so both sides name it here.
+TENANT_MISMATCH = "tenant mismatch"
 
 
 class Scope(StrEnum):

@@ -8,10 +8,11 @@ until the parts pass; a single event too large is dead-lettered with the service
 overloaded (429/502/503), misconfigured (401/403/404), or a 500 that is not the service's (a proxy's error page)
 loses nothing (a 429 or 503 with ``Retry-After``, seconds or an HTTP date, is retried no sooner than
 it asks, up to the flusher's ``max_backoff_s``); so does a 200 that does not account for every event sent (each
-inserted, a duplicate, or rejected at its index), which is not the service's answer. The endpoint is idempotent on
-event_id, so a retry after a lost response counts duplicates instead of double-counting. Each event is sent as its spool
-line says it (``events.record_of``: the counts added since the first release only when not 0), so a service that
-does not know them yet takes every event that does not use them.
+inserted, a duplicate, or rejected at its index), which is not the service's answer, and so does a 200 rejecting
+events as ``tenant mismatch`` (the token is bound to another tenant: the operator's to fix, as a wrong token is).
+The endpoint is idempotent on event_id, so a retry after a lost response counts duplicates instead of
+double-counting. Each event is sent as its spool line says it (``events.record_of``: the counts added since the
+first release only when not 0), so a service that does not know them yet takes every event that does not use them.
 
 Batches are sent gzipped (``Content-Encoding: gzip``, level 1: JSON events shrink several times) unless
 ``gzip=False``. A service from before it decoded gzip answers 415: the sink then sends the same batch uncompressed
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 import httpx
 import orjson
 
+from metering.auth.tokens import TENANT_MISMATCH
 from metering.events import UsageEvent, record_of
 from metering.spool.sink import DeliveryResult, RefusedBatchError
 
@@ -142,6 +144,17 @@ class HttpSink:
                 f"POST {self._url} answered 200 but does not account for the {len(events)} events sent "
                 f"(inserted {result.inserted}, duplicates {result.duplicates}, rejected {len(rejected)}): "
                 f"{response.text[:300]}"
+            )
+        foreign = sorted({events[index].tenant_id for index, reason in rejected if reason == TENANT_MISMATCH})
+        if foreign:
+            # The token is bound to another tenant: the operator's to fix, as a wrong token (401) is. Dead-lettered,
+            # these billable events left billing until someone redrove them; kept, they go in once it is fixed
+            # (the batch's other events, stored now, count as duplicates then).
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise DeliveryError(
+                f"POST {self._url} refuses events of tenant {shown} ({TENANT_MISMATCH}): the sink's token is bound "
+                "to another tenant; the events are kept and retried: set METERING_SPOOL__HTTP_TOKEN to an ingest "
+                "token bound to no tenant (or to theirs)"
             )
         return result
 

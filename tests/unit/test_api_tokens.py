@@ -7,8 +7,9 @@ import uuid
 
 import pytest
 
-from metering.api.tenancy import TENANT_MISMATCH, split_foreign
+from metering.api.tenancy import split_foreign
 from metering.auth.tokens import (
+    TENANT_MISMATCH,
     Scope,
     TokenPrincipal,
     digest,
