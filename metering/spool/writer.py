@@ -229,7 +229,9 @@ class Spool:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._seq += 1
+        # The next append lands at the start of the next segment, though it cannot be opened now: the full one's
+        # size kept as the position made a flush() wait for bytes nobody wrote, to its timeout (see position()).
+        self._seq, self._size = self._seq + 1, 0
         try:
             self._open_segment()
         except OSError:
