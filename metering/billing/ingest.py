@@ -45,6 +45,7 @@ from metering.billing.rollup import COUNTER_COLUMNS, RollupKey, hour_of, latency
 from metering.events import Status, UsageEvent, event_from_record, shown, validation_reason
 
 MAX_FUTURE = timedelta(minutes=5)
+IN_THE_FUTURE = "is in the future"  # the words of the reason for an event past now + MAX_FUTURE (see spool.http_sink)
 CHARGE, COST = TransferKind.USAGE_CHARGE.value, TransferKind.PROVIDER_COST.value
 EARLIEST = datetime(2020, 1, 1, tzinfo=UTC)
 
@@ -181,7 +182,7 @@ def validate(
             rejected.append(Rejection(index, None, f"an event must be a JSON object, not {_json_kind(item)}"))
             continue
         if event.occurred_at > latest:
-            reason = f"occurred_at {event.occurred_at.isoformat()} is in the future (now {now.isoformat()})"
+            reason = f"occurred_at {event.occurred_at.isoformat()} {IN_THE_FUTURE} (now {now.isoformat()})"
             rejected.append(Rejection(index, str(event.event_id), reason))
             continue
         if event.occurred_at < EARLIEST:

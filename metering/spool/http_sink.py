@@ -9,7 +9,8 @@ overloaded (429/502/503), misconfigured (401/403/404), or a 500 that is not the 
 loses nothing (a 429 or 503 with ``Retry-After``, seconds or an HTTP date, is retried no sooner than
 it asks, up to the flusher's ``max_backoff_s``); so does a 200 that does not account for every event sent (each
 inserted, a duplicate, or rejected at its index), which is not the service's answer, and so does a 200 rejecting
-events as ``tenant mismatch`` (the token is bound to another tenant: the operator's to fix, as a wrong token is).
+events as ``tenant mismatch`` (the token is bound to another tenant: the operator's to fix, as a wrong token is) or
+as in the future when they are not by this host's clock (the service's clock is behind: it takes them later).
 The endpoint is idempotent on event_id, so a retry after a lost response counts duplicates instead of
 double-counting. Each event is sent as its spool line says it (``events.record_of``: the counts added since the
 first release only when not 0), so a service that does not know them yet takes every event that does not use them.
@@ -32,6 +33,7 @@ import httpx
 import orjson
 
 from metering.auth.tokens import TENANT_MISMATCH
+from metering.billing.ingest import IN_THE_FUTURE, MAX_FUTURE
 from metering.events import UsageEvent, record_of
 from metering.spool.sink import DeliveryResult, RefusedBatchError
 
@@ -145,18 +147,32 @@ class HttpSink:
                 f"(inserted {result.inserted}, duplicates {result.duplicates}, rejected {len(rejected)}): "
                 f"{response.text[:300]}"
             )
+        self._raise_for_refusals_to_keep(events, rejected)
+        return result
+
+    def _raise_for_refusals_to_keep(self, events: Sequence[UsageEvent], rejected: tuple[tuple[int, str], ...]) -> None:
+        """A ``DeliveryError`` (the batch kept and retried) when the service rejects events for a cause outside them,
+        and takes them once it is gone: dead-lettered, they left billing until someone redrove them. The batch's other
+        events, stored now, count as duplicates then."""
         foreign = sorted({events[index].tenant_id for index, reason in rejected if reason == TENANT_MISMATCH})
-        if foreign:
-            # The token is bound to another tenant: the operator's to fix, as a wrong token (401) is. Dead-lettered,
-            # these billable events left billing until someone redrove them; kept, they go in once it is fixed
-            # (the batch's other events, stored now, count as duplicates then).
+        if foreign:  # the token is bound to another tenant: the operator's to fix, as a wrong token (401) is
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise DeliveryError(
                 f"POST {self._url} refuses events of tenant {shown} ({TENANT_MISMATCH}): the sink's token is bound "
                 "to another tenant; the events are kept and retried: set METERING_SPOOL__HTTP_TOKEN to an ingest "
                 "token bound to no tenant (or to theirs)"
             )
-        return result
+        # In the future to the service, not by this host's clock (which wrote them): the service's clock is behind,
+        # and takes them once it gets there (an event in the future here too is bad: dead-lettered).
+        latest = datetime.now(UTC) + MAX_FUTURE
+        early = [why for index, why in rejected if IN_THE_FUTURE in why and events[index].occurred_at <= latest]
+        if early:
+            minutes = MAX_FUTURE.total_seconds() / 60
+            raise DeliveryError(
+                f"POST {self._url} refuses {len(early)} event(s) as in the future though they are not by this host's "
+                f"clock (the service's clock is behind it by more than {minutes:g} minutes): the events are kept and "
+                f"retried until the service's clock gets there; sync the clocks (NTP): {early[0][:200]}"
+            )
 
     def _post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
         if self._client is None:  # in a forked child: see _after_fork_in_child

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from metering.spool import Flusher, Spool
+from metering.spool.decode import DeadLetters
 from metering.spool.http_sink import HttpSink
 from tests.fakes.events import record
 from tests.fakes.local_http import QuietHandler, local_service
@@ -202,3 +203,52 @@ def test_the_service_s_own_500_still_isolates_the_event_at_fault(tmp_path: Path,
     _Answering.script = []
     assert (stats.delivered, stats.rejected, stats.pending) == (1, 1, 0), stats
     assert "internal_error" in (tmp_path / "spool" / "rejected.jsonl").read_text()
+
+
+class _Behind(QuietHandler):
+    """A service whose clock is ``behind`` this host's: it refuses, as ingest does, an event more than 5 minutes
+    ahead of its own now; the others are inserted (a replay counted as a duplicate)."""
+
+    behind: ClassVar[timedelta] = timedelta(0)
+    stored: ClassVar[set[str]] = set()
+
+    def do_POST(self) -> None:
+        events = orjson.loads(gzip.decompress(self.rfile.read(int(self.headers["Content-Length"]))))["events"]
+        now = datetime.now(UTC) - self.behind
+        answer: dict[str, Any] = {"inserted": 0, "duplicates": 0, "rejected": []}
+        for index, event in enumerate(events):
+            if datetime.fromisoformat(event["occurred_at"]) > now + timedelta(minutes=5):
+                reason = f"occurred_at {event['occurred_at']} is in the future (now {now.isoformat()})"
+                answer["rejected"].append({"index": index, "event_id": event["event_id"], "reason": reason})
+            elif event["event_id"] in self.stored:
+                answer["duplicates"] += 1
+            else:
+                self.stored.add(event["event_id"])
+                answer["inserted"] += 1
+        self.answer(200, orjson.dumps(answer))
+
+
+def test_events_in_the_future_only_by_the_service_s_clock_are_kept_until_it_gets_there(tmp_path: Path) -> None:
+    """A service whose clock is behind the producer's by more than 5 minutes refused its events as in the future, and
+    the flusher dead-lettered them: every event of that host out of billing until redriven, though the service takes
+    each once its clock gets there. They are kept and retried now; an event in the future by this host's clock too
+    (a bad occurred_at) is still dead-lettered."""
+    _Behind.behind, _Behind.stored = timedelta(minutes=10), set()
+    records = [record(i) for i in range(5)]
+    bad = record(5, occurred_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    with local_service(_Behind) as service, Spool(tmp_path / "spool") as spool:
+        for rec in [*records, bad]:
+            spool.append(orjson.dumps(rec))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert not flusher.flush(timeout=1)  # kept: the service's clock is not there yet
+        kept = flusher.stats
+        _Behind.behind = timedelta(0)  # the service's clock synced (or time went by)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    assert (kept.rejected, kept.pending) == (0, 6), kept
+    assert "in the future though they are not by this host's clock" in (kept.last_error or ""), kept.last_error
+    assert (stats.rejected, stats.pending) == (1, 0), stats
+    assert _Behind.stored == {r["event_id"] for r in records}
+    [dead] = DeadLetters(tmp_path / "spool" / "rejected.jsonl").read()
+    assert dead["event_id"] == bad["event_id"] and "in the future" in dead["reason"]
