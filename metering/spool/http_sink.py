@@ -135,9 +135,16 @@ class HttpSink:
                 f"POST {self._url} answered {response.status_code}{where}{asked}: {response.text[:300]}",
                 retry_after_s=wait,
             )
-        data = response.json()
-        rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
-        result = DeliveryResult(inserted=int(data["inserted"]), duplicates=int(data["duplicates"]), rejected=rejected)
+        try:
+            data = response.json()
+            rejected = tuple((int(r["index"]), str(r["reason"])) for r in data.get("rejected", []))
+            result = DeliveryResult(int(data["inserted"]), int(data["duplicates"]), rejected)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a proxy's page, another service's JSON
+            # (its error said "Expecting value: line 1 column 1 (char 0)" or "KeyError: 'inserted'", naming nobody)
+            raise DeliveryError(
+                f"POST {self._url} answered 200 but not with the service's answer ({type(exc).__name__}: {exc}): "
+                f"{response.text[:300]}"
+            ) from exc
         accounted = result.inserted + result.duplicates + len({index for index, _ in rejected})
         if accounted != len(events) or any(not 0 <= index < len(events) for index, _ in rejected):
             # the service accounts for each event (inserted, duplicate, or rejected at its index): anything else is

@@ -252,3 +252,24 @@ def test_events_in_the_future_only_by_the_service_s_clock_are_kept_until_it_gets
     assert _Behind.stored == {r["event_id"] for r in records}
     [dead] = DeadLetters(tmp_path / "spool" / "rejected.jsonl").read()
     assert dead["event_id"] == bad["event_id"] and "in the future" in dead["reason"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>maintenance</html>", b"null", b"[]", b'{"ok": true}', b'{"inserted": 1, "duplicates": 0, "rejected": 3}'],
+)
+def test_a_200_that_is_not_the_service_s_answer_is_kept_and_says_who_answered(
+    tmp_path: Path, service: str, body: bytes
+) -> None:
+    """A 200 whose body is not the service's answer was retried, but the error logged said only "Expecting value:
+    line 1 column 1 (char 0)" or "KeyError: 'inserted'": neither the URL nor that the answer was a 200."""
+    _Answering.script = [lambda n: (200, {"Content-Type": "text/html"}, body)]
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(orjson.dumps(record(0)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    assert (stats.delivered, stats.rejected, stats.failures) == (1, 0, 1), stats
+    assert f"{service}/v1/events answered 200 but not with the service's answer" in (stats.last_error or "")
+    assert body.decode() in (stats.last_error or "")
