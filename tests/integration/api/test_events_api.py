@@ -6,6 +6,7 @@ import gzip
 import uuid
 
 import orjson
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
@@ -17,7 +18,9 @@ from metering.api.routers import events
 from metering.auth import Scope, TokenPrincipal
 from metering.db.event_store import count_events
 from metering.db.models import UsageEventRow
-from metering.events import MAX_TOKENS
+from metering.events import MAX_TOKENS, event_from_record
+from metering.spool.http_sink import HttpSink
+from metering.spool.sink import RefusedBatchError
 from tests.fakes.events import record
 from tests.integration.api.conftest import app_settings, assert_problem, bearer, post_events
 
@@ -296,6 +299,22 @@ def test_an_unexpected_error_is_a_500_problem_without_internals(settings, make_t
         response = post_events(client, [record(0)], make_token())
     body = assert_problem(response, 500, "internal_error")
     assert "secret internals" not in response.text and body["detail"] == "an unexpected error occurred"
+
+
+def test_the_service_s_500_is_what_a_spool_s_http_sink_takes_for_a_refusal_of_the_batch(
+    settings, make_token, monkeypatch
+):
+    """The HTTP sink isolates the event at fault only on the service's own 500 (its problem document), any other 500
+    being a proxy's (an outage): the service's must stay recognisable to it."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug on some value")
+
+    monkeypatch.setattr(events, "ingest_as", boom)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        sink = HttpSink(str(client.base_url), make_token(), client=client)
+        with pytest.raises(RefusedBatchError, match="internal_error"):
+            sink.deliver([event_from_record(record(0))])
 
 
 def test_content_encoding_sent_as_several_header_lines_is_read_as_their_list(client, make_token, session_factory):
