@@ -8,6 +8,7 @@ import uuid
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from metering.cli.common import console, fail, print_json, run_async, services, usage_table
 from metering.db.event_store import events_for_invocations
@@ -50,9 +51,12 @@ def report_usage(svc: Services, invocation_id: uuid.UUID, title: str) -> None:
     """Deliver the spool, then show the invocation's events (or where they went, or that they stay spooled)."""
     if not svc.flusher.flush(timeout=30.0):
         svc.drain_on_close = False  # the sink is down: the events stay spooled, a second wait at exit would not help
+        # Why, as the flusher last heard it: "the sink is unreachable" was said of a sink that answered, refusing the
+        # events until the operator fixes something (a token bound to another tenant, a clock behind).
+        why = svc.flusher.stats.last_error or "the sink has not taken it yet"
         console.print(
-            "[yellow]usage is spooled but not delivered yet (the sink is unreachable); it stays on disk for the next "
-            "run or `metering spool drain`[/]",
+            f"[yellow]usage is spooled but not delivered yet ({escape(why)}); it stays on disk for the next run or "
+            "`metering spool drain`[/]",
             markup=True,
         )
         return

@@ -89,8 +89,8 @@ def test_bad_input_gets_a_clear_error_and_exit_code(cli_env) -> None:
 
 
 def test_rewrite_with_the_http_sink_down_keeps_the_event_and_waits_once(cli_env, tmp_path) -> None:
-    """The sink is unreachable: the call's result is printed, the event stays spooled, and the command waits for
-    delivery once (30 s), not a second time on its way out (it used to take 61 s)."""
+    """The sink is unreachable: the call's result is printed, the event stays spooled (the output says why), and the
+    command waits for delivery once (30 s), not a second time on its way out (it used to take 61 s)."""
     import time
 
     from metering.spool.inspect import slot_states
@@ -106,6 +106,8 @@ def test_rewrite_with_the_http_sink_down_keeps_the_event_and_waits_once(cli_env,
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stderr
     assert "stays on disk" in done.stdout and "Recorded usage" not in done.stdout
+    # why, as the flusher last heard it (it guessed "the sink is unreachable", also of a sink refusing the events)
+    assert "POST http://127.0.0.1:9/v1/events failed: ConnectError" in " ".join(done.stdout.split()), done.stdout
     assert elapsed < 50, elapsed
     assert sum(state.pending for state in slot_states(tmp_path / "spool")) == 1
 
