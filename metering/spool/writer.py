@@ -77,6 +77,7 @@ class Spool:
         self._fd: int | None = None
         self._seq = 0
         self._size = 0
+        self._end = Cursor()  # just past the last append (see position())
         self._has_cursor = False
         self._closed = True
 
@@ -117,6 +118,7 @@ class Spool:
             # Never append to a segment left by a previous owner: it may end with a torn line.
             self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
             self._open_segment()
+            self._end = Cursor(self._seq, self._size)
         except OSError as exc:
             os.close(fd)  # the slot is free again
             self.slot_dir, self._lock_fd = None, None
@@ -136,6 +138,7 @@ class Spool:
         self._fd = self._lock_fd = None
         self.slot_dir = None
         self._seq = self._size = 0
+        self._end = Cursor()
 
     def close(self) -> None:
         with self._lock, fork_guard():  # a child forked between the close and forgetting it: see fork_guard
@@ -165,9 +168,12 @@ class Spool:
         return self._seq
 
     def position(self) -> Cursor:
-        """Where the next append will land: everything before it has been written."""
+        """Just past the last append (at first, the start of the slot's first segment): everything before it has been
+        written. Not where the next one lands: after a rotation that could not create the next segment, that one is
+        not there yet, and a drainer in another process cannot tell that the full one is finished; a flush() waited
+        for a cursor past it, which no flusher wrote, to its timeout."""
         with self._lock:
-            return Cursor(self._seq, self._size)
+            return self._end
 
     # -- appending -----------------------------------------------------------------------------
 
@@ -216,6 +222,7 @@ class Spool:
                     self._rotate()
                 raise SpoolError(f"could not append the usage event to the spool: {exc}") from exc
             self._size += written
+            self._end = Cursor(self._seq, self._size)
             if self._size >= self.segment_bytes:
                 self._rotate()
 
@@ -229,9 +236,7 @@ class Spool:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        # The next append lands at the start of the next segment, though it cannot be opened now: the full one's
-        # size kept as the position made a flush() wait for bytes nobody wrote, to its timeout (see position()).
-        self._seq, self._size = self._seq + 1, 0
+        self._seq, self._size = self._seq + 1, 0  # the next append lands there, though it may not be opened now
         try:
             self._open_segment()
         except OSError:

@@ -234,17 +234,23 @@ def test_a_process_killed_while_putting_the_reserve_aside_leaves_no_space_taken_
     assert left == {"rejected.jsonl.reserve": RESERVE_BYTES}
 
 
-def test_a_flush_after_a_rotation_that_could_not_open_the_next_segment_says_delivered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drainer", [False, True], ids=["own-flusher", "external-drainer"])
+def test_a_flush_after_a_rotation_that_could_not_open_the_next_segment_says_delivered(
+    tmp_path: Path, drainer: bool
+) -> None:
     """An append that filled its segment rotates; when the next segment cannot be created (no inode left here; a
     process out of file descriptors, a directory made read-only), the spool kept the full segment's size as the
     position of the next append: a flush() then waited for the cursor to pass bytes nobody had written, for its whole
-    timeout, and said False (a `metering run` at exit: "not delivered") though every event was delivered."""
+    timeout, and said False (a `metering run` at exit: "not delivered") though every event was delivered. The position
+    is now the end of the last append, which a drainer in another process reaches too (it cannot tell that the full
+    segment is finished before the next one exists)."""
     with _tmpfs(tmp_path / "disk", "512k") as mount:
         subprocess.run(["mount", "-o", "remount,nr_inodes=64", str(mount)], check=True)
         with Spool(mount / "spool", segment_bytes=4096) as spool:
             sink = _MemorySink()
-            flusher = Flusher(spool, sink, max_backoff_s=0.05)
-            assert flusher.flush(timeout=10)  # the slot's files made (its cursor among them)
+            external = Flusher(mount / "spool", sink, interval_s=0.01).start() if drainer else None
+            flusher = Flusher(spool, sink if external is None else _MemorySink(), max_backoff_s=0.05)
+            assert flusher.flush(timeout=10)  # the slot's files made (its cursor among them), taken by the drainer
             with contextlib.suppress(OSError):
                 for n in range(1000):  # every inode left taken
                     (mount / f"filler-{n}").touch()
@@ -253,7 +259,10 @@ def test_a_flush_after_a_rotation_that_could_not_open_the_next_segment_says_deli
                 rec = record(len(appended))
                 spool.append(orjson.dumps(rec))
                 appended.append(str(rec["event_id"]))
-            assert not (mount / "spool" / spool.slot_dir.name / f"{spool.current_segment:012d}.jsonl").exists()
+            assert spool.slot_dir is not None
+            assert not (spool.slot_dir / f"{spool.current_segment:012d}.jsonl").exists()
             assert flusher.flush(timeout=10), flusher.stats
             flusher.stop()
+            if external is not None:
+                external.stop()
     assert sink.stored == appended
