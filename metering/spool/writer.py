@@ -77,7 +77,7 @@ class Spool:
         self._fd: int | None = None
         self._seq = 0
         self._size = 0
-        self._end = Cursor()  # just past the last append (see position())
+        self._end = (0, 0)  # (segment, offset) just past the last append (see position()); a tuple: the hot path
         self._has_cursor = False
         self._closed = True
 
@@ -118,7 +118,7 @@ class Spool:
             # Never append to a segment left by a previous owner: it may end with a torn line.
             self._seq = max([*list_segments(slot), read_cursor(slot).segment, 0]) + 1
             self._open_segment()
-            self._end = Cursor(self._seq, self._size)
+            self._end = (self._seq, self._size)
         except OSError as exc:
             os.close(fd)  # the slot is free again
             self.slot_dir, self._lock_fd = None, None
@@ -138,7 +138,7 @@ class Spool:
         self._fd = self._lock_fd = None
         self.slot_dir = None
         self._seq = self._size = 0
-        self._end = Cursor()
+        self._end = (0, 0)
 
     def close(self) -> None:
         with self._lock, fork_guard():  # a child forked between the close and forgetting it: see fork_guard
@@ -173,7 +173,7 @@ class Spool:
         not there yet, and a drainer in another process cannot tell that the full one is finished; a flush() waited
         for a cursor past it, which no flusher wrote, to its timeout."""
         with self._lock:
-            return self._end
+            return Cursor(*self._end)
 
     # -- appending -----------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class Spool:
                     self._rotate()
                 raise SpoolError(f"could not append the usage event to the spool: {exc}") from exc
             self._size += written
-            self._end = Cursor(self._seq, self._size)
+            self._end = (self._seq, self._size)  # not a Cursor: 0.3 µs an append, built by position() instead
             if self._size >= self.segment_bytes:
                 self._rotate()
 
