@@ -158,6 +158,21 @@ def _taken(n: int) -> dict[str, Any]:
     return {"inserted": n, "duplicates": 0, "rejected": []}
 
 
+def _isolating_two_events(tmp_path: Path, service: str, answer: tuple[int, dict[str, str], Any]) -> Any:
+    """Two events delivered while the address answers ``answer``, then takes the first half of the split batch, then
+    answers ``answer`` three times more: the flusher's stats once it has flushed."""
+    _Answering.script = [lambda n: answer, _taken, lambda n: answer, lambda n: answer, lambda n: answer]
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(2):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    _Answering.script = []
+    return stats
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -175,15 +190,7 @@ def test_a_500_or_200_that_is_not_the_service_s_answer_never_dead_letters_an_eve
     between 500 and the service while the flusher isolated the event at fault (the first half passed, then three
     500s to the second) dead-lettered a healthy event, as "rejected by the sink", out of billing until redriven.
     Only the service's own 500 (its problem document) is a refusal now; any other is an outage, retried as is."""
-    _Answering.script = [lambda n: answer, _taken, lambda n: answer, lambda n: answer, lambda n: answer]
-    with Spool(tmp_path / "spool") as spool:
-        for i in range(2):
-            spool.append(orjson.dumps(record(i)))
-        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
-        assert flusher.flush(timeout=30)
-        stats = flusher.stats
-        flusher.stop()
-    _Answering.script = []
+    stats = _isolating_two_events(tmp_path, service, answer)
     assert (stats.delivered, stats.rejected, stats.pending) == (2, 0, 0), stats
     assert not (tmp_path / "spool" / "rejected.jsonl").exists()
 
@@ -191,16 +198,7 @@ def test_a_500_or_200_that_is_not_the_service_s_answer_never_dead_letters_an_eve
 def test_the_service_s_own_500_still_isolates_the_event_at_fault(tmp_path: Path, service: str) -> None:
     """The service's 500 (its problem document, `internal_error`: ingest failed on some value) is met again by the
     same event: the batch is split, and the event refused on its own, while the other went in, is dead-lettered."""
-    refused = (500, {"Content-Type": "application/problem+json"}, _SERVICE_500)
-    _Answering.script = [lambda n: refused, _taken, lambda n: refused, lambda n: refused, lambda n: refused]
-    with Spool(tmp_path / "spool") as spool:
-        for i in range(2):
-            spool.append(orjson.dumps(record(i)))
-        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
-        assert flusher.flush(timeout=30)
-        stats = flusher.stats
-        flusher.stop()
-    _Answering.script = []
+    stats = _isolating_two_events(tmp_path, service, (500, {"Content-Type": "application/problem+json"}, _SERVICE_500))
     assert (stats.delivered, stats.rejected, stats.pending) == (1, 1, 0), stats
     assert "internal_error" in (tmp_path / "spool" / "rejected.jsonl").read_text()
 
