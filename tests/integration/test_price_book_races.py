@@ -322,3 +322,49 @@ def test_a_rerate_after_an_override_change_finds_the_events_a_reprice_in_flight_
 
     change_while_pricing(session_factory, monkeypatch, reprice, change_prices, the_admins_rerate)
     assert events_by_model(session_factory) == {"llama3.1": {("billed", NEW_CHARGE)}}
+
+
+def test_a_withdrawal_and_an_end_of_the_same_override_at_once_do_not_deadlock(session_factory, backend):
+    """An end takes the price book's lock, then the override's row (its UPDATE); a withdrawal took the row first (a
+    read FOR UPDATE of its start) and then the price book's: at once, each waited for the other, and PostgreSQL
+    failed one with a deadlock. The withdrawal reads the start without a lock (it never changes), so it waits for the
+    end, then withdraws the override. (SQLite: both take the database write lock first.)"""
+    if backend != "postgresql":
+        return
+    from metering.billing import store
+    from metering.billing.overrides import withdraw
+    from metering.db.models import PriceOverrideRow
+
+    with session_factory() as session:
+        override(session, "llama3", "llama3*", "0.10", "0.40")
+        session.commit()
+    errors: list[BaseException] = []
+
+    def withdrawing() -> None:
+        try:
+            with session_factory() as session:
+                withdraw(session, "llama3")
+                session.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with session_factory() as ending:
+        store.lock_price_book(ending, change=True)  # the end has the price book's lock...
+        worker = threading.Thread(target=withdrawing)
+        worker.start()
+        with session_factory() as probe:  # until the withdrawal waits for it
+            while worker.is_alive():
+                waiting = probe.scalar(
+                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                )
+                probe.rollback()
+                if waiting:
+                    break
+                time.sleep(0.01)  # polling a state, not waiting for a race
+        end_override(ending, "llama3", NOW)  # ...and now updates the row
+        ending.commit()
+    worker.join(30)
+    assert not worker.is_alive() and errors == []
+    with session_factory() as session:
+        row = session.get(PriceOverrideRow, "llama3")
+        assert row is not None and row.effective_to == row.effective_from == SINCE  # ended, then withdrawn
