@@ -249,8 +249,7 @@ def end(session: Session, id: str, at: datetime, *, keep_priced_events: bool = F
     if at.tzinfo is None or at.utcoffset() is None:
         raise InvalidInputError("the end of an override must be timezone-aware")
     at = at.astimezone(UTC)
-    store.lock_price_book(session, change=True)  # after every ingest that priced with the longer window (PostgreSQL)
-    lock_sqlite_for_write(session)  # SQLite: no ingest commits between the count below and the change
+    lock_for_change(session)
     o = PriceOverrideRow
     beyond = priced_beyond(session, id, at)
     if beyond.billed and not keep_priced_events:  # BYOLLM shadow costs alone: reporting, never billed; answered
@@ -281,6 +280,23 @@ def end(session: Session, id: str, at: datetime, *, keep_priced_events: bool = F
     if is_withdrawn(row):
         raise InvalidInputError(f"override {id!r} is withdrawn (ended at its start, {row.effective_to.isoformat()})")
     raise InvalidInputError(f"override {id!r} already ends at {row.effective_to.isoformat()}")
+
+
+def lock_for_change(session: Session) -> None:
+    """The locks an end (or a withdrawal) takes before it reads or changes the override's row, held to commit: the
+    price book's, exclusive (PostgreSQL: after every ingest that priced with the longer window), and the database's
+    write lock (SQLite: no ingest commits between the count of ``priced_beyond`` and the change). A caller that locks
+    the row first (to snapshot it for the audit) takes these before: the other way round, it and an end of the same
+    override at once each waited for the other, and PostgreSQL failed one with a deadlock."""
+    store.lock_price_book(session, change=True)
+    lock_sqlite_for_write(session)
+
+
+def get_for_change(session: Session, id: str) -> PriceOverrideRow | None:
+    """The override's row locked for an end or a withdrawal (its ``before`` for the audit), after the locks those take
+    first (``lock_for_change``)."""
+    lock_for_change(session)
+    return get_override(session, id, for_update=True)
 
 
 def withdraw(session: Session, id: str, *, keep_priced_events: bool = False) -> Ending:

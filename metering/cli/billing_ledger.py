@@ -151,7 +151,7 @@ def overrides_end(
     """End an override (it is kept, so past prices stay reproducible)."""
     end_at = _moment("--at", at) or datetime.now(UTC)
     with admin_session() as (session, _box):
-        before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
+        before = snap.override_snapshot(overrides.get_for_change(session, override_id))
         ending = overrides.end(session, override_id, end_at, keep_priced_events=keep_priced_events)
         _audit_end(session, before, ending)
         print_json(_ended_view(ending))
@@ -165,7 +165,7 @@ def overrides_withdraw(
     """Withdraw an override scheduled by mistake: end it at its start (an empty window), so it prices nothing, before
     or after it started. It stays listed; billed events it priced refuse it unless --keep-priced-events."""
     with admin_session() as (session, _box):
-        before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
+        before = snap.override_snapshot(overrides.get_for_change(session, override_id))
         ending = overrides.withdraw(session, override_id, keep_priced_events=keep_priced_events)
         _audit_end(session, before, ending)
         print_json(_ended_view(ending))

@@ -108,7 +108,7 @@ def end_price_override(
 ) -> EndedPriceOverrideOut:
     at = body.at if body is not None and body.at is not None else datetime.now(UTC)
     keep = body is not None and body.keep_priced_events
-    before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
+    before = snap.override_snapshot(overrides.get_for_change(session, override_id))
     ending = overrides.end(session, override_id, at, keep_priced_events=keep)
     return _audited_end(audit, before, ending)
 
@@ -133,7 +133,7 @@ def withdraw_price_override(
     body: WithdrawOverrideIn | None = None,
 ) -> EndedPriceOverrideOut:
     keep = body is not None and body.keep_priced_events
-    before = snap.override_snapshot(overrides.get_override(session, override_id, for_update=True))
+    before = snap.override_snapshot(overrides.get_for_change(session, override_id))
     return _audited_end(audit, before, overrides.withdraw(session, override_id, keep_priced_events=keep))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -202,3 +203,47 @@ def test_a_withdrawal_waits_for_an_ingest_pricing_with_the_override_and_counts_i
         ending = withdraw(session, "llamas", keep_priced_events=True)
         session.commit()
     assert ending.changed and ending.priced_beyond.billed == 1
+
+
+@pytest.mark.parametrize("edge", [":withdraw", ":end"])
+def test_the_api_ending_an_override_as_the_cli_ends_it_does_not_deadlock(client, admin, session_factory, backend, edge):
+    """The API's `:end` and `:withdraw` (and the CLI's `end` and `withdraw`) locked the override's row first, to
+    snapshot it for the audit, then took the price book's lock in `overrides.end`; an end elsewhere takes the price
+    book's lock, then the row (its UPDATE). At once, each waited for the other: PostgreSQL failed one with a deadlock.
+    They now take the price book's lock first (`overrides.get_for_change`). (SQLite: the write lock, taken first.)"""
+    if backend != "postgresql":
+        return
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from metering.billing import store
+    from metering.billing.overrides import end_override
+
+    scheduled(client, admin)
+    answers: list[Any] = []
+    body = {"at": "2026-12-05T00:00:00Z"} if edge == ":end" else None
+    with session_factory() as ending:
+        store.lock_price_book(ending, change=True)  # an end elsewhere has the price book's lock...
+        worker = threading.Thread(
+            target=lambda: answers.append(
+                client.post(f"/v1/admin/price-overrides/ovr_dec{edge}", json=body, headers=admin)
+            )
+        )
+        worker.start()
+        with session_factory() as probe:  # until the request waits for it
+            while worker.is_alive():
+                waiting = probe.scalar(
+                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                )
+                probe.rollback()
+                if waiting:
+                    break
+                time.sleep(0.01)  # polling a state, not waiting for a race
+        end_override(ending, "ovr_dec", datetime(2026, 12, 10, tzinfo=UTC))  # ...and now updates the row
+        ending.commit()
+    worker.join(30)
+    assert not worker.is_alive() and [a.status_code for a in answers] == [200], [a.text for a in answers]
+    expected = "2026-12-05T00:00:00Z" if edge == ":end" else "2026-12-01T00:00:00Z"
+    assert answers[0].json()["effective_to"] == expected
