@@ -117,6 +117,7 @@ def override_snapshot(row: PriceOverrideRow | None) -> Snapshot | None:
         "markup_pct": row.markup_pct,
         "note": row.note,
         "created_at": moment(row.created_at),
+        "withdrawn": is_withdrawn(row),
     }
 
 
