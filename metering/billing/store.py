@@ -312,19 +312,22 @@ def apply_balances(session: Session, accounts: dict[str, Account], deltas: dict[
             ).fetchall()
             _check_balance_limit(dict(current), deltas)
         connection.executemany(update, updates)  # type: ignore[union-attr]
-    else:  # set-based: the batch's accounts and deltas as arrays, three statements
+    else:  # set-based: the batch's accounts and deltas as arrays, two statements
         ids = [row[0] for row in new_accounts]
         with connection.cursor() as cursor:  # type: ignore[union-attr]
+            # One statement creates the missing accounts and locks the existing ones (a no-op update), all in id
+            # order, as an ingest takes them (batch_sql): creating the missing ones first, then locking the others,
+            # a new wallet (user:...) was held before the revenue account (platform:revenue), and an ingest of that
+            # user holding the revenue while it waited for the wallet deadlocked with it.
             cursor.execute(
                 "INSERT INTO accounts (id, kind, tenant_id, user_id, currency, balance_nanos, created_at) "
                 "SELECT a.id, a.kind, a.tenant_id, a.user_id, %s, 0, %s "
                 "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS a(id, kind, tenant_id, user_id) "
-                "ORDER BY a.id ON CONFLICT (id) DO NOTHING",
+                "ORDER BY a.id ON CONFLICT (id) DO UPDATE SET balance_nanos = accounts.balance_nanos "
+                "RETURNING id, balance_nanos",
                 [CURRENCY, now, ids, [r[1] for r in new_accounts], [r[2] for r in new_accounts],
                  [r[3] for r in new_accounts]],
             )  # fmt: skip
-            # Lock in id order first, so two concurrent batches never wait on each other in a cycle.
-            cursor.execute("SELECT id, balance_nanos FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [ids])
             _check_balance_limit(dict(cursor.fetchall()), deltas)
             cursor.execute(
                 "UPDATE accounts a SET balance_nanos = a.balance_nanos + d.delta "

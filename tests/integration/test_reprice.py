@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from metering.billing import corrections, store
 from metering.billing.checks import run_checks
-from metering.billing.credits import balances
+from metering.billing.credits import add_credit, balances
 from metering.billing.ingest import ingest
 from metering.billing.invoice_store import finalize_period
 from metering.billing.overrides import add_override, end_override, list_overrides
@@ -275,6 +275,68 @@ def test_a_reprice_of_many_pages_and_an_ingest_never_deadlock_on_accounts(sessio
     assert race.join() == []
     assert result.priced == 2 and result.charge_nanos > 0
     assert len(rows(session_factory)) == 3
+    assert_checks(session_factory)
+
+
+def waiting_on_locks(session_factory) -> int:
+    """How many sessions of this test's database wait for a lock (PostgreSQL)."""
+    with session_factory() as probe:
+        return probe.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+
+
+def wait_until_waiting(session_factory, count: int, *threads: threading.Thread) -> None:
+    while all(t.is_alive() for t in threads) and waiting_on_locks(session_factory) < count:
+        time.sleep(0.01)  # polling a state, not waiting for a race
+
+
+def test_a_reprice_creating_a_wallet_and_an_ingest_of_its_user_never_deadlock_on_accounts(
+    session_factory, backend
+) -> None:
+    """A reprice that bills a user's first events creates the user's wallet. Its balances created the missing
+    accounts first (the new wallet, ``user:...``), then locked the existing ones (the revenue, ``platform:revenue``):
+    not account-id order. An ingest of that user's next call takes them in id order (the revenue, then the wallet):
+    with the reprice holding the new wallet and the ingest the revenue, each waited for the other and PostgreSQL
+    failed one as a deadlock. Forced here: the reprice's second new wallet is being created by a credit not yet
+    committed, so the reprice waits between the two; the ingest starts then; the credit commits."""
+    if backend != "postgresql":
+        return
+    override(session_factory, id="o0", model_pattern="llama3.2")
+    run_ingest(session_factory, [ollama(0, user_id="u0", model="llama3.2")])  # the revenue and provider accounts
+    run_ingest(session_factory, [ollama(1, user_id="u1"), ollama(2, user_id="u2")])  # held: no wallets yet
+    override(session_factory, id="o1", model_pattern="llama3.1")
+    errors: list[BaseException] = []
+
+    def catching(work) -> threading.Thread:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        return threading.Thread(target=run)
+
+    repricing = catching(lambda: reprice(session_factory))
+    ingesting = catching(lambda: run_ingest(session_factory, [ollama(3, user_id="u1")]))
+    with session_factory() as crediting:  # creates u2's wallet, not committed yet
+        add_credit(crediting, tenant_id="tenant-1", user_id="u2", amount=Decimal(5), idempotency_key="k1", now=NOW)
+        repricing.start()
+        wait_until_waiting(session_factory, 1, repricing)  # the reprice waits for u2's wallet
+        ingesting.start()
+        wait_until_waiting(session_factory, 2, repricing, ingesting)  # the ingest waits for the reprice
+        crediting.commit()
+    repricing.join(30)
+    ingesting.join(30)
+    assert not repricing.is_alive() and not ingesting.is_alive()
+    assert errors == []
+    assert {r.user_id: r.billing_status for r in rows(session_factory)} == {
+        "u0": "billed",
+        "u1": "billed",
+        "u2": "billed",
+    } and len(rows(session_factory)) == 4
     assert_checks(session_factory)
 
 
