@@ -37,7 +37,8 @@ def byollm_set(
 ) -> None:
     """Set (or replace) a user's BYOLLM settings. For openai_compatible and simulated, without --api-key the stored
     key is kept (same provider and base_url; a new base_url needs the key again); --api-key '' removes it."""
-    key = api_key if provider in ("simulated", "openai_compatible") else read_secret(api_key, "API key")
+    keyless = store.provider_name(provider) in ("simulated", "openai_compatible")
+    key = api_key if keyless else read_secret(api_key, "API key")
     with admin_session() as (session, box):
         existing = store.byollm_row_to_replace(session, user, tenant)
         before = snap.byollm_snapshot(existing)

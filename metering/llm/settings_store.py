@@ -46,9 +46,17 @@ def url_has_credentials(url: str) -> bool:
     return any(is_secret_name(name) or name.strip().lower() == "key" for name in names)
 
 
-def _check_provider(provider: str, base_url: str | None) -> None:
-    if provider not in KNOWN_PROVIDERS:
+def provider_name(provider: str) -> str:
+    """A provider as stored: lowercase. Provider names are case-insensitive (events, prices, the platform's
+    METERING_PLATFORM__PROVIDER): ``OpenAI`` was refused here, an unknown provider, and accepted there."""
+    return provider.lower()
+
+
+def _check_provider(provider: str, base_url: str | None) -> str:
+    """``provider`` as stored (``provider_name``) once it and ``base_url`` are checked."""
+    if provider_name(provider) not in KNOWN_PROVIDERS:
         raise InvalidInputError(f"unknown provider {provider!r}; known: {', '.join(KNOWN_PROVIDERS)}")
+    provider = provider_name(provider)
     if provider == "openai_compatible" and not base_url:
         raise InvalidInputError("provider 'openai_compatible' needs a base_url (e.g. http://localhost:11434/v1)")
     if base_url is not None:
@@ -64,6 +72,7 @@ def _check_provider(provider: str, base_url: str | None) -> None:
                 "base_url must not carry credentials (user:password@, or a key in its query): give the key as the "
                 "api key"
             )
+    return provider
 
 
 def _name(name: str, value: str, *, strip: bool = False) -> str:
@@ -110,7 +119,7 @@ def put_byollm(
     base_url: str | None = None,
     fallback_policy: str = FallbackPolicy.PLATFORM.value,
 ) -> ByollmSettingsRow:
-    _check_provider(provider, base_url)
+    provider = _check_provider(provider, base_url)
     if fallback_policy not in {p.value for p in FallbackPolicy}:
         raise InvalidInputError("fallback_policy must be 'platform' or 'error'")
     if provider in ("anthropic", "openai") and not api_key:
@@ -159,7 +168,7 @@ def kept_key(existing: ByollmSettingsRow | None, box: SecretBox, *, provider: st
     write-only: with another ``base_url`` it is never kept (it would be sent to an endpoint of the caller's
     choosing), that is an ``InvalidInputError``; so is a stored key the current keys cannot decrypt (the key that
     encrypted it was rotated away: ``stored_key_mask`` shows it as stored, without a mask). It was a 500."""
-    if existing is None or existing.provider != provider or existing.api_key_ciphertext is None:
+    if existing is None or existing.provider != provider_name(provider) or existing.api_key_ciphertext is None:
         return None
     if existing.base_url != base_url:
         raise InvalidInputError(
@@ -313,7 +322,7 @@ def put_purpose(
     params: Mapping[str, Any] | None = None,
 ) -> PurposeSettingsRow:
     _check_params(params or {})
-    _check_provider(provider, base_url)
+    provider = _check_provider(provider, base_url)
     purpose, model = _name("purpose", purpose), _name("model", model, strip=True)
     row = session.get(PurposeSettingsRow, purpose)
     if row is None:

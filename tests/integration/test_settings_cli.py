@@ -168,3 +168,15 @@ def test_byollm_show_names_its_fields_as_the_api_does(run) -> None:
     assert set(view) == set(ByollmOut.model_fields)
     assert (view["has_api_key"], view["api_key_mask"], view["tenant_id"]) == (True, "sk-…wxyz", "acme")
     assert "0123456789" not in shown.stdout
+
+
+def test_a_provider_in_any_case_is_accepted_and_stored_lowercase_as_by_the_api(run, session_factory) -> None:
+    """`--provider OpenAI` was refused (unknown provider), where METERING_PLATFORM__PROVIDER takes any case."""
+    done = run("purpose", "set", "p", "--provider", "OpenAI", "--model", "gpt-4o")
+    assert done.exit_code == 0, done.output
+    # Simulated needs no key: not prompted for one (stdin is empty), as for `simulated`
+    byollm = run("byollm", "set", "-u", "erin", "-t", "acme", "--provider", "Simulated", "--model", "m")
+    assert byollm.exit_code == 0, byollm.output
+    with session_factory() as session:
+        assert session.get(PurposeSettingsRow, "p").provider == "openai"
+        assert session.get(ByollmSettingsRow, "erin").provider == "simulated"

@@ -130,6 +130,27 @@ def test_invalid_purpose_is_422_and_leaves_no_audit_row(client, admin, session_f
     assert actions(session_factory) == []
 
 
+def test_a_provider_in_any_case_is_accepted_and_stored_lowercase(client, admin, session_factory):
+    """`"OpenAI"` was `422 unknown provider` here while the platform's provider setting takes any case (and lowercases
+    it) and provider names are case-insensitive everywhere else (events, quotes, overrides, usage filters)."""
+    purpose = client.put("/v1/admin/purposes/p", json={"provider": "OpenAI", "model": "gpt-4o"}, headers=admin)
+    assert purpose.status_code == 200, purpose.text
+    assert purpose.json()["provider"] == "openai"
+    again = client.put("/v1/admin/purposes/p", json={"provider": "openai", "model": "gpt-4o"}, headers=admin)
+    assert again.json() == purpose.json()  # the same settings: no second audit entry
+    url = "/v1/admin/users/acme/alice/byollm"
+    byollm = client.put(url, json={"provider": "Anthropic", "model": "claude-haiku-4-5", "api_key": KEY}, headers=admin)
+    assert byollm.status_code == 200, byollm.text
+    assert byollm.json()["provider"] == "anthropic"
+    kept = client.put(url, json={"provider": "ANTHROPIC", "model": "claude-sonnet-4-6"}, headers=admin)
+    assert kept.status_code == 200, kept.text  # the same provider: its stored key is kept
+    assert kept.json()["has_api_key"] is True and kept.json()["provider"] == "anthropic"
+    with session_factory() as session:
+        assert session.get(PurposeSettingsRow, "p").provider == "openai"
+        assert session.get(ByollmSettingsRow, "alice").provider == "anthropic"
+    assert actions(session_factory) == ["purpose.set", "byollm.set", "byollm.set"]
+
+
 def test_a_change_whose_commit_fails_leaves_neither_change_nor_audit_row(client, admin, session_factory):
     def note_audit(session, _context, _instances):
         if any(isinstance(obj, AuditLogRow) for obj in session.new):
