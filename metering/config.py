@@ -168,6 +168,10 @@ class ApiSettings(BaseModel):
     # A token's last_used_at is written at most this often (not on every request). At most a (leap) year: every
     # authenticated request makes a timedelta of it (inf or 1e15 raised OverflowError: a 500 on every request).
     token_touch_interval_s: float = Field(60.0, ge=0, le=366 * 86_400, allow_inf_nan=False)
+    # Rows of one GET /v1/usage answer (not paginated): a query that would answer more is a 422 `too_many_rows`, so a
+    # long window grouped by hour, user and model cannot build an answer that exhausts the server's memory. An answer
+    # holds about 5 KB per row while it is built (~250 MB at 50,000 rows; its JSON ~540 bytes a row).
+    max_usage_rows: int = Field(50_000, ge=1, le=1_000_000)
     # GET /metrics without a token; false requires a token of scope `read`.
     metrics_public: bool = True
     # Label cardinality on /metrics: models beyond the top N (by calls) are reported as model="other", and

@@ -130,6 +130,12 @@ class IdempotencyOutcomeUnknownError(MeteringError):
     status = 409
 
 
+class TooManyRowsError(InvalidInputError):
+    """A read would answer more rows than the service returns at once (``GET /v1/usage``): narrow it."""
+
+    code = "too_many_rows"
+
+
 class BalanceLimitError(MeteringError):
     """A posting would take an account's cached balance past what the ledger can store (±2^63-1 nanos)."""
 

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from metering.billing.store import dialect
 from metering.db.models import PlatformUsageDailyRow, PlatformUsageHourlyRow, UsageRollupRow, UserUsageDailyRow
-from metering.errors import InvalidInputError
+from metering.errors import InvalidInputError, TooManyRowsError
 from metering.events import Status
 
 # group name -> the field it fills in a result row
@@ -252,9 +252,12 @@ def usage(
     end: datetime,
     group_by: Sequence[str] = (),
     filters: UsageFilters = UsageFilters(),
+    *,
+    max_rows: int | None = None,
 ) -> list[UsageGroup]:
     """Summed rollups of ``[start, end)`` per combination of ``group_by`` (validated names), ordered by group
-    values; without ``group_by``, one group (none when nothing matched)."""
+    values; without ``group_by``, one group (none when nothing matched). ``max_rows``: more groups than that are a
+    ``TooManyRowsError``; the query stops one row past it (its LIMIT), so no more are ever fetched."""
     start, end = check_window(start, end)
     group_by = parse_group_by(group_by)
     check_status(filters.status)
@@ -275,6 +278,8 @@ def usage(
         stmt = stmt.order_by(
             *(_in_code_point_order(session, name, key) for name, key in zip(group_by, order, strict=True))
         )
+    if max_rows is not None:
+        stmt = stmt.limit(max_rows + 1)
     groups = []
     for row in session.execute(stmt):
         values = tuple(row)
@@ -282,6 +287,12 @@ def usage(
         # SUM(BIGINT) is NUMERIC on PostgreSQL (a Decimal): exact, made an int again.
         totals = UsageTotals(*(int(v or 0) for v in values[len(group_by) :]))
         groups.append(UsageGroup(key, totals))
+    if max_rows is not None and len(groups) > max_rows:
+        raise TooManyRowsError(
+            f"the answer would hold more than {max_rows} rows, the most one answer holds: narrow the window (from, "
+            "to), group_by fewer or coarser dimensions (day rather than hour), or filter (tenant_id=, user_id=, …), "
+            "and query the parts one after the other"
+        )
     return groups
 
 

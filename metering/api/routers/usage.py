@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from metering.api.deps import DbSession, Reader
+from metering.api.deps import AppSettings, DbSession, Reader
 from metering.api.problems import problem_responses
 from metering.api.read_access import tenant_scope
 from metering.api.read_schemas import UsageCounters, UsageResponse, UsageRow
@@ -31,8 +31,9 @@ _GROUP_HELP = (
         "hours (a time without offset is UTC), per combination of the `group_by` dimensions, filtered by equality on "
         "the other parameters (`provider` ignoring case). A token bound to a tenant sees only that tenant: `tenant_id` "
         "defaults to it, another tenant is `403`. Unknown `group_by` names, misaligned or empty windows are `422` "
-        "(`invalid_input`); a parameter not listed here (`tenant=` for `tenant_id=`), or a filter given twice, is "
-        "`422` (`validation_error`)."
+        "(`invalid_input`); an answer of more rows than the service's limit (`METERING_API__MAX_USAGE_ROWS`, default "
+        "50,000) is `422` (`too_many_rows`): narrow the window, the grouping or the filters; a parameter not listed "
+        "here (`tenant=` for `tenant_id=`), or a filter given twice, is `422` (`validation_error`)."
     ),
     response_model=UsageResponse,
     responses=problem_responses(401, 403, 422, 503),
@@ -40,6 +41,7 @@ _GROUP_HELP = (
 def get_usage(
     principal: Reader,
     session: DbSession,
+    settings: AppSettings,
     start: Annotated[UtcDatetime, Query(alias="from", description="Window start (inclusive), a whole UTC hour.")],
     end: Annotated[UtcDatetime, Query(alias="to", description="Window end (exclusive), a whole UTC hour.")],
     group_by: Annotated[list[str], Query(description=_GROUP_HELP)] = [],  # noqa: B006 (FastAPI copies it)
@@ -66,7 +68,7 @@ def get_usage(
     )
     names = usage_queries.parse_group_by(group_by)
     start, end = usage_queries.check_window(start, end)
-    groups = usage_queries.usage(session, start, end, names, filters)
+    groups = usage_queries.usage(session, start, end, names, filters, max_rows=settings.api.max_usage_rows)
     body = UsageResponse.model_validate(
         {
             "from": start,
