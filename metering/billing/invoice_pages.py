@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import date
-from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, tuple_, union
+from sqlalchemy import func, select, tuple_, union
 from sqlalchemy.orm import Session
 
 from metering.billing import invoice_store
@@ -32,7 +31,8 @@ from metering.billing.invoice_store import UserPair
 from metering.billing.invoices import Invoice
 from metering.billing.ledger_queries import Page, check_limit, decode_text_cursor, encode_text_cursor, invalid_cursor
 from metering.billing.periods import billing_period, earliest_billed_in, next_period, parse_period, period_bounds
-from metering.billing.store import dialect, finalized_periods
+from metering.billing.store import finalized_periods
+from metering.db.collation import by_code_point
 from metering.db.models import InvoiceRow, UserUsageDailyRow
 
 InvoiceKey = tuple[str, str, str]  # (period, tenant_id, user_id): the list's order
@@ -133,15 +133,9 @@ def _candidates(
         if tenant_id is not None:
             stmt = stmt.where(tenant == tenant_id)
         if after is not None:
-            stmt = stmt.where(tuple_(_by_code_point(session, tenant), _by_code_point(session, user)) > tuple_(*after))
+            stmt = stmt.where(tuple_(by_code_point(session, tenant), by_code_point(session, user)) > tuple_(*after))
         branches.append(stmt)
     pairs = union(*branches).subquery()
-    order = (_by_code_point(session, pairs.c.tenant_id), _by_code_point(session, pairs.c.user_id))
+    order = (by_code_point(session, pairs.c.tenant_id), by_code_point(session, pairs.c.user_id))
     rows = session.execute(select(pairs.c.tenant_id, pairs.c.user_id).order_by(*order).limit(limit))
     return [(tenant, user) for tenant, user in rows]
-
-
-def _by_code_point(session: Session, column: Any) -> ColumnElement[str]:
-    """``column`` compared by code point, as Python compares text: PostgreSQL's "C" collation (the database's
-    may follow a locale), SQLite's default (BINARY) as it is."""
-    return column.collate("C") if dialect(session) == "postgresql" else column

@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from metering.billing.store import dialect
+from metering.db.collation import by_code_point
 from metering.db.models import PlatformUsageDailyRow, PlatformUsageHourlyRow, UsageRollupRow, UserUsageDailyRow
 from metering.errors import InvalidInputError, TooManyRowsError
 from metering.events import Status
@@ -215,9 +216,7 @@ def _days_and_edges(
 def _in_code_point_order(session: Session, name: str, key: ColumnElement[Any]) -> ColumnElement[Any]:
     """A group's sort key: text by code point, as SQLite's BINARY collation compares it, on PostgreSQL too (its
     database collation, e.g. en_US.UTF-8, sorted ``ann, Ann, Bob`` where SQLite gives ``Ann, Bob, ann``)."""
-    if name in _NOT_TEXT or dialect(session) != "postgresql":
-        return key
-    return key.collate("C")
+    return key if name in _NOT_TEXT else by_code_point(session, key)
 
 
 def _group_expression(session: Session, table: Table, name: str) -> ColumnElement[Any]:

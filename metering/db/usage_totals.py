@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, case, func, literal, select
 from sqlalchemy.orm import Session
 
+from metering.db.collation import by_code_point
 from metering.db.models import PlatformUsageDailyRow as R
 
 # The counters summed per label set, in ``LabelTotals.counters`` order.
@@ -111,11 +112,9 @@ def _grouped(labelled: Any) -> Any:
 
 
 def _by_code_point(session: Session, column: ColumnElement[Any]) -> ColumnElement[Any]:
-    """``column`` ordered by code point, as Python orders text: PostgreSQL's "C" collation (the database's may
-    follow a locale); SQLite's default (BINARY) as it is. Booleans as they are (false first, as "false" < "true")."""
-    if session.get_bind().dialect.name != "postgresql" or column.type.python_type is bool:
-        return column
-    return column.collate("C")
+    """``column`` ordered by code point (``collation.by_code_point``); booleans as they are (false first, as
+    "false" < "true")."""
+    return column if column.type.python_type is bool else by_code_point(session, column)
 
 
 def _totals(row: Any) -> LabelTotals:
