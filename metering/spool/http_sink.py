@@ -172,7 +172,11 @@ class HttpSink:
         # In the future to the service, not by this host's clock (which wrote them): the service's clock is behind,
         # and takes them once it gets there (an event in the future here too is bad: dead-lettered).
         latest = datetime.now(UTC) + MAX_FUTURE
-        early = [why for index, why in rejected if IN_THE_FUTURE in why and events[index].occurred_at <= latest]
+        early = [
+            why
+            for index, why in rejected
+            if why.startswith("occurred_at ") and IN_THE_FUTURE in why and events[index].occurred_at <= latest
+        ]  # (the refusal of the event's time, not another reason quoting those words)
         if early:
             minutes = MAX_FUTURE.total_seconds() / 60
             raise DeliveryError(

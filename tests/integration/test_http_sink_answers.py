@@ -271,3 +271,27 @@ def test_a_200_that_is_not_the_service_s_answer_is_kept_and_says_who_answered(
     assert (stats.delivered, stats.rejected, stats.failures) == (1, 0, 1), stats
     assert f"{service}/v1/events answered 200 but not with the service's answer" in (stats.last_error or "")
     assert body.decode() in (stats.last_error or "")
+
+
+class _OtherReason(QuietHandler):
+    """A service that rejects every event for a reason about another field, whose words include "is in the future"."""
+
+    def do_POST(self) -> None:
+        events = orjson.loads(gzip.decompress(self.rfile.read(int(self.headers["Content-Length"]))))["events"]
+        reason = "deadline: 'the invoice is in the future' is not a valid value"
+        rejected = [{"index": i, "event_id": e["event_id"], "reason": reason} for i, e in enumerate(events)]
+        self.answer(200, orjson.dumps({"inserted": 0, "duplicates": 0, "rejected": rejected}))
+
+
+def test_only_an_occurred_at_in_the_future_is_kept_not_any_reason_with_those_words(tmp_path: Path) -> None:
+    """The sink kept (retried forever) any event whose refusal held the words "is in the future", wherever they
+    were: a reason about another field that quoted them kept a bad event from its dead letter. Only the refusal of
+    the event's occurred_at is the service's clock being behind."""
+    with local_service(_OtherReason) as service, Spool(tmp_path / "spool") as spool:
+        for i in range(2):
+            spool.append(orjson.dumps(record(i)))
+        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
+        assert flusher.flush(timeout=30)
+        stats = flusher.stats
+        flusher.stop()
+    assert (stats.delivered, stats.rejected, stats.pending) == (0, 2, 0), stats
