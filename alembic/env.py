@@ -9,10 +9,12 @@ from typing import TextIO
 
 from alembic.util import CommandError
 from sqlalchemy import Connection, make_url, text
+from sqlalchemy.exc import DBAPIError
 
 from alembic import context
 from metering.config import get_settings
 from metering.db.engine import make_engine, normalise_url
+from metering.db.migration_locks import is_lock_timeout, lock_timeout_error, lock_timeout_sql
 from metering.db.migration_script import NotScriptable
 from metering.db.models import Base
 
@@ -69,14 +71,24 @@ def run_migrations_offline() -> None:
 SQLITE_LOCK_WAIT_MS = 3_600_000
 
 
-def _one_at_a_time(conn: Connection) -> None:
+def _lock_timeout_s() -> float:
+    """``metering.db.migrate``'s ``lock_timeout_s``, else ``METERING_MIGRATION_LOCK_TIMEOUT_S``."""
+    given = config.attributes.get("lock_timeout_s")
+    return float(given) if given is not None else get_settings().migration_lock_timeout_s
+
+
+def _one_at_a_time(conn: Connection, lock_timeout_s: float) -> None:
     """Begin the one transaction the whole run takes, holding a lock no other run gets meanwhile: two processes
     migrating at once (replicas starting, a command run while ``serve`` migrates) then run one after the other,
     and the second finds the database at head; both read the version first and the second failed ('already
-    exists'). PostgreSQL: a transaction-level advisory lock; SQLite: the database write lock (BEGIN IMMEDIATE),
-    waited for up to ``SQLITE_LOCK_WAIT_MS`` (this connection only: the engine is disposed after the run)."""
+    exists'). PostgreSQL: a transaction-level advisory lock, waited for as long as it takes (whatever the server's
+    own lock_timeout), then ``lock_timeout_s`` for every statement of the run (``metering.db.migration_locks``);
+    SQLite: the database write lock (BEGIN IMMEDIATE), waited for up to ``SQLITE_LOCK_WAIT_MS`` (this connection
+    only: the engine is disposed after the run)."""
     if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(lock_timeout_sql(0))
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metering:migrations'))"))
+        conn.exec_driver_sql(lock_timeout_sql(lock_timeout_s))
     else:
         conn.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_LOCK_WAIT_MS}")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -90,13 +102,18 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
     engine = make_engine(_url())
+    lock_timeout_s = _lock_timeout_s()
     try:
         with engine.connect() as conn:
-            _one_at_a_time(conn)  # alembic runs in this transaction (it sees it begun) and we commit it
+            _one_at_a_time(conn, lock_timeout_s)  # alembic runs in this transaction (it sees it begun); we commit it
             context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
                 context.run_migrations()
             conn.commit()
+    except DBAPIError as exc:
+        if is_lock_timeout(exc):
+            raise lock_timeout_error(exc.statement, lock_timeout_s) from exc
+        raise
     finally:
         engine.dispose()
 

@@ -204,6 +204,10 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     # At most an hour: an admin's change (a BYOLLM key revoked, a budget set to enforce) must reach every process.
     settings_cache_ttl_s: float = Field(5.0, ge=0, le=3600, allow_inf_nan=False)
+    # PostgreSQL: how long a migration's statement waits for a table another transaction holds (a long export, an
+    # open psql session) before the run gives up and changes nothing; while it waits, every query on that table
+    # queues behind it. 0: wait as long as it takes. Never bounds the wait for another run of `metering migrate`.
+    migration_lock_timeout_s: float = Field(5.0, ge=0, le=3600, allow_inf_nan=False)
     # Provider adapters (SDK client, connection pool, key) kept per process; the least recently used beyond it close.
     provider_pool_size: int = Field(64, ge=1, le=100_000)  # metering.llm.pool.DEFAULT_MAX_ADAPTERS
 

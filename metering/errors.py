@@ -25,6 +25,13 @@ class ConfigError(MeteringError):
     status = 500
 
 
+class MigrationLockTimeoutError(MeteringError):
+    """A migration gave up waiting for a table another transaction holds (PostgreSQL's lock_timeout)."""
+
+    code = "migration_lock_timeout"
+    status = 503
+
+
 class NotFoundError(MeteringError):
     code = "not_found"
     status = 404

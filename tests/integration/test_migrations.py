@@ -581,7 +581,7 @@ def test_0012_holds_the_rollup_tables_locked_until_the_whole_run_commits_on_post
 
     def run() -> None:
         try:
-            migrate.upgrade(fresh_url)
+            migrate.upgrade(fresh_url, lock_timeout_s=0)  # waits for the reader as long as it takes
         except BaseException as e:  # reported by the assertion below
             errors.append(e)
 
