@@ -88,7 +88,8 @@ def add_override(
     id: str | None = None,
     now: datetime | None = None,
 ) -> PriceOverrideRow:
-    """Store a new override (validated like ``pricing.PriceOverride``); returns the flushed row."""
+    """Store a new override (validated like ``pricing.PriceOverride``, its provider lowercase); returns the flushed
+    row."""
     override_id = id or f"ovr_{uuid.uuid4().hex}"
     if len(override_id) > MAX_ID:
         raise InvalidInputError(f"an override id has at most {MAX_ID} characters")
@@ -99,6 +100,9 @@ def add_override(
         )
     if note is not None and len(note) > MAX_NOTE:
         raise InvalidInputError(f"a note has at most {MAX_NOTE} characters")
+    # Stored lowercase, as events and per-purpose and BYOLLM settings (``settings_store.provider_name``) store it;
+    # matching and ``list_overrides`` ignore case, so overrides stored as sent ("Ollama") before still price.
+    provider = provider.lower()
     if len(provider) > 50 or len(model_pattern) > 200:
         raise InvalidInputError("provider has at most 50 characters and model_pattern at most 200")
     prices = {

@@ -189,6 +189,16 @@ def test_an_export_to_a_pipe_or_a_symlink_is_written_through_not_replaced(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "target.csv"]
 
 
+def test_an_override_provider_is_stored_lowercase_as_by_the_api(run, session_factory) -> None:
+    """`--provider Ollama` was stored as sent, where the API and the per-purpose and BYOLLM settings lowercase it."""
+    out = run("overrides", "add", "--provider", "Ollama", "--model", "llama3*", "--input", "1", "--output", "1",
+              "--id", "ovr_cased")  # fmt: skip
+    assert '"provider": "ollama"' in out
+    with session_factory() as session:
+        assert session.get(PriceOverrideRow, "ovr_cased").provider == "ollama"
+    assert '"ovr_cased"' in run("overrides", "list", "--provider", "OLLAMA")
+
+
 def test_an_override_with_one_hour_cache_writes_and_web_searches(run, session_factory) -> None:
     out = run("overrides", "add", "--provider", "anthropic", "--model", "claude-3-haiku*", "--input", "0.25",
               "--output", "1.25", "--cache-write-1h", "0.5", "--web-search", "10", "--id", "haiku")  # fmt: skip

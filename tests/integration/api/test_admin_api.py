@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -15,8 +16,18 @@ from sqlalchemy.exc import OperationalError
 
 from metering.auth import Scope
 from metering.billing.checks import run_checks
+from metering.billing.ingest import ingest
 from metering.crypto import secret_box_from_settings
-from metering.db.models import AuditLogRow, ByollmSettingsRow, PurposeSettingsRow, TransferRow
+from metering.db.models import (
+    AuditLogRow,
+    ByollmSettingsRow,
+    PriceOverrideRow,
+    PurposeSettingsRow,
+    TransferRow,
+    UsageEventRow,
+)
+from metering.events import event_from_record
+from tests.fakes.events import record
 from tests.integration.api.admin_helpers import actions, audit_rows, offline_settings, table_dump
 from tests.integration.api.conftest import assert_problem, bearer
 
@@ -420,6 +431,41 @@ def test_price_overrides_add_list_end_audited(client, admin, session_factory):
     assert add.after["output_mtok"] == "12.000000001" and add.after["note"] == "negotiated"
     assert end.action == "price_override.end" and end.before["effective_to"] is None
     assert end.after["effective_to"] == "2026-06-01T00:00:00Z"
+
+
+def test_an_override_provider_is_stored_lowercase_and_one_stored_as_sent_still_prices(client, admin, session_factory):
+    """An override's provider was stored as sent ("Ollama") where per-purpose and BYOLLM settings store it lowercase;
+    it is lowercased now (the response, the row, the audit entry). An override stored before, "Ollama", still prices
+    "ollama" events (matching ignores case) and is listed as stored."""
+    body = {"id": "ovr_new", "provider": "Ollama", "model_pattern": "llama3*", "effective_from": "2020-01-01T00:00:00Z",
+            "input_mtok": "0.10", "output_mtok": "0.40"}  # fmt: skip
+    added = client.post("/v1/admin/price-overrides", json=body, headers=admin)
+    assert added.status_code == 201, added.text
+    assert added.json()["provider"] == "ollama"
+    old = {**body, "id": "ovr_old", "provider": "ollama", "model_pattern": "mistral*"}
+    assert client.post("/v1/admin/price-overrides", json=old, headers=admin).status_code == 201
+    with session_factory() as session:
+        assert session.get(PriceOverrideRow, "ovr_new").provider == "ollama"
+        session.get(PriceOverrideRow, "ovr_old").provider = "Ollama"  # as stored before
+        session.commit()
+    (entry, _old_entry) = audit_rows(session_factory)
+    assert entry.after["provider"] == "ollama"
+
+    listed = client.get("/v1/admin/price-overrides", params={"provider": "OLLAMA"}, headers=admin).json()
+    assert sorted((o["id"], o["provider"]) for o in listed) == [("ovr_new", "ollama"), ("ovr_old", "Ollama")]
+    now = datetime.now(UTC)
+    events = [
+        event_from_record(record(i, provider="ollama", model=model, occurred_at=now - timedelta(hours=1)))
+        for i, model in enumerate(["llama3.1", "mistral-7b"])
+    ]
+    with session_factory() as session:
+        ingest(session, events, markup_pct=Decimal(0), now=now)
+        session.commit()
+        priced = session.execute(select(UsageEventRow.model, UsageEventRow.price_source, UsageEventRow.price_version))
+        assert sorted(tuple(r) for r in priced) == [
+            ("llama3.1", "override", "ovr_new"),
+            ("mistral-7b", "override", "ovr_old"),
+        ]
 
 
 def test_an_override_moment_that_is_a_number_is_refused(client, admin, session_factory):
