@@ -162,6 +162,13 @@ def _isolating_two_events(tmp_path: Path, service: str, answer: tuple[int, dict[
     """Two events delivered while the address answers ``answer``, then takes the first half of the split batch, then
     answers ``answer`` three times more: the flusher's stats once it has flushed."""
     _Answering.script = [lambda n: answer, _taken, lambda n: answer, lambda n: answer, lambda n: answer]
+    stats = _two_events_flushed(tmp_path, service)
+    _Answering.script = []
+    return stats
+
+
+def _two_events_flushed(tmp_path: Path, service: str) -> Any:
+    """Two events spooled and flushed to ``service``: the flusher's stats once done."""
     with Spool(tmp_path / "spool") as spool:
         for i in range(2):
             spool.append(orjson.dumps(record(i)))
@@ -169,7 +176,6 @@ def _isolating_two_events(tmp_path: Path, service: str, answer: tuple[int, dict[
         assert flusher.flush(timeout=30)
         stats = flusher.stats
         flusher.stop()
-    _Answering.script = []
     return stats
 
 
@@ -287,11 +293,6 @@ def test_only_an_occurred_at_in_the_future_is_kept_not_any_reason_with_those_wor
     """The sink kept (retried forever) any event whose refusal held the words "is in the future", wherever they
     were: a reason about another field that quoted them kept a bad event from its dead letter. Only the refusal of
     the event's occurred_at is the service's clock being behind."""
-    with local_service(_OtherReason) as service, Spool(tmp_path / "spool") as spool:
-        for i in range(2):
-            spool.append(orjson.dumps(record(i)))
-        flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
-        assert flusher.flush(timeout=30)
-        stats = flusher.stats
-        flusher.stop()
+    with local_service(_OtherReason) as service:
+        stats = _two_events_flushed(tmp_path, service)
     assert (stats.delivered, stats.rejected, stats.pending) == (0, 2, 0), stats

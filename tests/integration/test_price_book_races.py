@@ -57,6 +57,18 @@ def override(session: Session, id: str, pattern: str, input_mtok: str, output_mt
                  input_mtok=Decimal(input_mtok), output_mtok=Decimal(output_mtok), id=id, now=NOW)  # fmt: skip
 
 
+def wait_for_an_advisory_waiter(session_factory: sessionmaker[Session], alive: Callable[[], bool]) -> None:
+    """Until a transaction waits for an advisory lock (the price book's: a lock not granted), or ``alive()`` is false.
+    Polling a state, not waiting for a race: the outcome does not depend on it."""
+    with session_factory() as probe:
+        while alive():
+            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+            probe.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+
+
 def hold_the_events(session: Session) -> None:
     """Lock every event as a concurrent correction does: their rows (PostgreSQL), the database (SQLite)."""
     if session.get_bind().dialect.name == "sqlite":
@@ -147,13 +159,8 @@ def change_while_pricing(
     pricing_thread.start()
     assert loaded.wait(30) and errors == []
     changing.start()
-    with session_factory() as probe:  # until the change commits, or waits for the pricing (a lock not granted)
-        while not changed.is_set() and changing.is_alive():
-            waiting = probe.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
-            probe.rollback()
-            if waiting:
-                break
-            time.sleep(0.01)  # polling a state, not waiting for a race: the outcome does not depend on it
+    # until the change commits, or waits for the pricing
+    wait_for_an_advisory_waiter(session_factory, lambda: not changed.is_set() and changing.is_alive())
     if not changed.is_set():
         go.set()  # the pricing commits, then the change
     changing.join(30)
@@ -268,15 +275,7 @@ def test_an_ingest_that_waited_for_an_override_change_posts_after_it(session_fac
         override(changing, "llama3", "llama3*", "0.10", "0.40")  # the price book's lock held until the commit
         ingesting = threading.Thread(target=ingest_priced)
         ingesting.start()
-        with session_factory() as probe:  # until the ingest waits for a lock
-            while ingesting.is_alive():
-                waiting = probe.scalar(
-                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                )
-                probe.rollback()
-                if waiting:
-                    break
-                time.sleep(0.01)  # polling a state, not waiting for a race
+        wait_for_an_advisory_waiter(session_factory, ingesting.is_alive)  # until the ingest waits for it
         assert ingesting.is_alive() and errors == []
         committed = datetime.now(UTC)
         changing.commit()
@@ -352,15 +351,7 @@ def test_a_withdrawal_and_an_end_of_the_same_override_at_once_do_not_deadlock(se
         store.lock_price_book(ending, change=True)  # the end has the price book's lock...
         worker = threading.Thread(target=withdrawing)
         worker.start()
-        with session_factory() as probe:  # until the withdrawal waits for it
-            while worker.is_alive():
-                waiting = probe.scalar(
-                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                )
-                probe.rollback()
-                if waiting:
-                    break
-                time.sleep(0.01)  # polling a state, not waiting for a race
+        wait_for_an_advisory_waiter(session_factory, worker.is_alive)  # until the withdrawal waits for it
         end_override(ending, "llama3", NOW)  # ...and now updates the row
         ending.commit()
     worker.join(30)

@@ -29,7 +29,13 @@ from metering.events import event_from_record
 from tests.fakes.events import record
 from tests.integration.api.admin_helpers import audit_rows
 from tests.integration.api.conftest import assert_problem, bearer
-from tests.integration.test_price_book_races import MARKUP, change_while_pricing, ollama, override
+from tests.integration.test_price_book_races import (
+    MARKUP,
+    change_while_pricing,
+    ollama,
+    override,
+    wait_for_an_advisory_waiter,
+)
 
 START = datetime(2026, 12, 1, tzinfo=UTC)  # next month, by mistake
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -214,9 +220,6 @@ def test_the_api_ending_an_override_as_the_cli_ends_it_does_not_deadlock(client,
     if backend != "postgresql":
         return
     import threading
-    import time
-
-    from sqlalchemy import text
 
     from metering.billing import store
     from metering.billing.overrides import end_override
@@ -232,15 +235,7 @@ def test_the_api_ending_an_override_as_the_cli_ends_it_does_not_deadlock(client,
             )
         )
         worker.start()
-        with session_factory() as probe:  # until the request waits for it
-            while worker.is_alive():
-                waiting = probe.scalar(
-                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                )
-                probe.rollback()
-                if waiting:
-                    break
-                time.sleep(0.01)  # polling a state, not waiting for a race
+        wait_for_an_advisory_waiter(session_factory, worker.is_alive)  # until the request waits for it
         end_override(ending, "ovr_dec", datetime(2026, 12, 10, tzinfo=UTC))  # ...and now updates the row
         ending.commit()
     worker.join(30)
