@@ -20,22 +20,27 @@ def _postgresql_only(url: str) -> None:
         pytest.skip("SQLite has no table locks: a migration takes the database write lock (readers in WAL go on)")
 
 
-def test_a_migration_gives_up_on_a_table_another_transaction_holds_and_changes_nothing(fresh_url: str) -> None:
-    _postgresql_only(fresh_url)
-    migrate.upgrade(fresh_url, "0011")
-    engine = make_engine(fresh_url)
+def _upgrade_in_a_thread(url: str, *, lock_timeout_s: float) -> tuple[threading.Thread, list[BaseException]]:
+    """An upgrade to head, in a thread not yet started, and the list its error (if any) lands in."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            migrate.upgrade(fresh_url, lock_timeout_s=0.2)
-        except BaseException as e:  # checked below
+            migrate.upgrade(url, lock_timeout_s=lock_timeout_s)
+        except BaseException as e:  # checked by the caller
             errors.append(e)
 
+    return threading.Thread(target=run), errors
+
+
+def test_a_migration_gives_up_on_a_table_another_transaction_holds_and_changes_nothing(fresh_url: str) -> None:
+    _postgresql_only(fresh_url)
+    migrate.upgrade(fresh_url, "0011")
+    engine = make_engine(fresh_url)
+    migration, errors = _upgrade_in_a_thread(fresh_url, lock_timeout_s=0.2)
     try:
         with engine.connect() as reader:  # a long export of user_usage_daily, its read transaction open
             reader.execute(text("SELECT count(*) FROM user_usage_daily"))
-            migration = threading.Thread(target=run)
             migration.start()
             migration.join(timeout=60)  # without a lock_timeout it waits as long as the reader: stalled
             stalled = migration.is_alive()
@@ -61,18 +66,10 @@ def test_a_run_waits_for_another_run_beyond_the_lock_timeout(fresh_url: str) -> 
     _postgresql_only(fresh_url)
     migrate.upgrade(fresh_url, "0011")
     engine = make_engine(fresh_url)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            migrate.upgrade(fresh_url, lock_timeout_s=0.1)
-        except BaseException as e:  # reported by the assertion below
-            errors.append(e)
-
+    migration, errors = _upgrade_in_a_thread(fresh_url, lock_timeout_s=0.1)
     try:
         with engine.connect() as other_run, engine.connect() as server:
             other_run.execute(text("SELECT pg_advisory_xact_lock(hashtext('metering:migrations'))"))
-            migration = threading.Thread(target=run)
             migration.start()
             waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'")
             while not server.execute(waiting).scalar():
