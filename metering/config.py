@@ -174,11 +174,11 @@ class ApiSettings(BaseModel):
     max_usage_rows: int = Field(50_000, ge=1, le=1_000_000)
     # GET /metrics without a token; false requires a token of scope `read`.
     metrics_public: bool = True
-    # Label cardinality on /metrics: models beyond the top N (by calls) are reported as model="other", and
-    # providers, purposes and extensions beyond the top N of their own as "other" too.
+    # Label cardinality on /metrics: N models get a series of their own, N providers, purposes and extensions each
+    # too, admitted by scrapes (most calls first) and kept (metering.db.metric_labels); the others are "other".
     metrics_top_models: int = Field(20, ge=1, le=1000)
     metrics_top_labels: int = Field(50, ge=1, le=1000)
-    # ... and their combinations: beyond this many label sets (by calls), the rest are summed into one set of
+    # ... and their combinations: beyond this many label sets (admitted alike), the rest are summed into one set of
     # "other" per (byollm, status). Each set is 10 series (calls, 6 token kinds, searches, billed, shadow).
     metrics_max_label_sets: int = Field(500, ge=1, le=100_000)
 

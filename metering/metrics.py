@@ -3,15 +3,17 @@ ingest counters incremented only after the ingest transaction commits.
 
 Nothing happens at import: each app builds its own ``CollectorRegistry`` on first use (``metrics_for``), so
 tests and several apps in one process never share series. Labels carry only bounded sets: provider, model,
-purpose, extension, byollm, status (never a tenant or user id, a prompt or a key); models beyond the top N
-by calls, and providers, purposes and extensions beyond theirs, are folded into ``other``, and label sets beyond a
-cap too, by the database (``folded_usage_totals``): a scrape reads a bounded number of rows.
+purpose, extension, byollm, status (never a tenant or user id, a prompt or a key); only N models, N values of each
+other label and a cap of label sets have series of their own, admitted by scrapes and kept (``metric_labels``:
+no series ever takes a sum out of ``other``, so none steps down when the ranking changes); the rest are folded into
+``other`` by the database (``folded_usage_totals``): a scrape reads a bounded number of rows.
 
 Money is stored in integer nano-USD; it becomes a float only here, in the exposition.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -23,11 +25,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering.billing.ingest import IngestResult
+from metering.db.metric_labels import admit_label_values
 from metering.db.snapshot import read_snapshot
-from metering.db.usage_totals import TOTAL_COLUMNS, folded_usage_totals, unpriced_events
+from metering.db.usage_totals import TOTAL_COLUMNS, FoldedTotals, folded_usage_totals, unpriced_events
 
 # prometheus_client's own variable, set by `metering serve --workers N` (N > 1) for its workers: a directory where
 # every worker's counters live (one mmap file each), so that the worker answering a scrape sums them all.
@@ -46,6 +50,7 @@ CALLS, BILLED, SHADOW, SEARCHES = (
 INGEST_RESULTS = ("inserted", "duplicate", "rejected")
 
 SessionsGetter = Callable[[], "sessionmaker[Session] | None"]
+log = logging.getLogger("metering.metrics")
 
 
 def _families() -> tuple[CounterMetricFamily, ...]:
@@ -94,14 +99,13 @@ class UsageCollector(Collector):
         factory = self._sessions()
         if factory is None:
             return
-        with factory() as session:
-            read_snapshot(session)  # the counters and the gauge from one state of the database
-            rows = folded_usage_totals(
-                session, top_models=self._top_models, top_labels=self._top_labels, max_label_sets=self._max_label_sets
-            )
-            unpriced = unpriced_events(session)
+        totals, unpriced = self._read(factory, undecided_as_other=False)
+        if totals.undecided:  # values or label sets stored since the last admission
+            admitted = self._admit(factory)
+            if admitted is not None:  # None: another scrape is admitting them; this one leaves them out
+                totals, unpriced = self._read(factory, undecided_as_other=not admitted)
         calls, tokens, searches, billed, shadow = _families()
-        for row in rows:
+        for row in totals.rows:
             values = [row.provider, row.model, row.purpose, row.extension, str(row.is_byollm).lower(), row.status]
             sums = row.counters
             calls.add_metric(values, sums[CALLS])
@@ -113,6 +117,38 @@ class UsageCollector(Collector):
         gauge = _unpriced_family()
         gauge.add_metric([], unpriced)
         yield from (calls, tokens, searches, billed, shadow, gauge)
+
+    def _read(self, factory: sessionmaker[Session], *, undecided_as_other: bool) -> tuple[FoldedTotals, int]:
+        with factory() as session:
+            read_snapshot(session)  # the counters and the gauge from one state of the database
+            totals = folded_usage_totals(
+                session,
+                top_models=self._top_models,
+                top_labels=self._top_labels,
+                max_label_sets=self._max_label_sets,
+                undecided_as_other=undecided_as_other,
+            )
+            return totals, unpriced_events(session)
+
+    def _admit(self, factory: sessionmaker[Session]) -> bool | None:
+        """True when admitted; None when another scrape is admitting; False when the database refused (read-only,
+        or any error): this scrape then reports the values and sets not admitted as ``other``, never fails."""
+        try:
+            with factory() as session:
+                done = admit_label_values(
+                    session,
+                    top_models=self._top_models,
+                    top_labels=self._top_labels,
+                    max_label_sets=self._max_label_sets,
+                )
+                session.commit()
+        except SQLAlchemyError as exc:
+            log.warning(
+                "metrics: cannot record the label values first seen (%s); reported as other until a scrape can",
+                " ".join(str(getattr(exc, "orig", None) or exc).split()),
+            )
+            return False
+        return True if done else None
 
 
 class AppMetrics:

@@ -305,6 +305,35 @@ class PlatformUsageDailyRow(PlatformDimensions, RollupCounters, Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
 
 
+class MetricsLabelValueRow(Base):
+    """A provider, model, purpose or extension that has its own series on ``/metrics``, admitted at a scrape (the
+    ``position``-th of its label): it keeps them while ``position`` is within the label's top N setting, so a series
+    never takes its sum out of ``other`` (``metering.db.metric_labels``)."""
+
+    __tablename__ = "metrics_label_values"
+
+    label: Mapped[str] = mapped_column(String(20), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (UniqueConstraint("label", "position", name="uq_metrics_label_values_position"),)
+
+
+class MetricsLabelSetRow(Base):
+    """A label set of ``/metrics`` (its values as reported: a value without its own series is ``other``) admitted at
+    a scrape, the ``position``-th: it keeps its series while ``position`` is within ``METRICS_MAX_LABEL_SETS``."""
+
+    __tablename__ = "metrics_label_sets"
+
+    provider: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(200), primary_key=True)
+    extension: Mapped[str] = mapped_column(String(200), primary_key=True)
+    is_byollm: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, unique=True)
+
+
 class UserUsageDailyRow(RollupCounters, Base):
     """``usage_rollups`` summed per UTC day, tenant and user: a tenant's usage by user over 30 days reads one row
     per user-day instead of one per user-hour and model, extension..."""

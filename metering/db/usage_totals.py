@@ -2,8 +2,9 @@
 (``platform_usage_daily``: one row per day and label set, so a scrape stays cheap however many events).
 
 Grouped by bounded labels only (provider, model, purpose, extension, byollm, status): tenant and user ids
-never leave this query. ``folded_usage_totals`` folds and caps the label sets in the database, so what it answers
-is bounded however many distinct models or extensions were ingested. Only reads.
+never leave this query. ``folded_usage_totals`` folds and caps the label sets in the database by what scrapes
+admitted (``metric_labels``), so what it answers is bounded however many distinct models or extensions were
+ingested. Only reads.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, literal, select
+from sqlalchemy import ColumnElement, and_, case, func, literal, null, select, tuple_
 from sqlalchemy.orm import Session
 
 from metering.db.collation import by_code_point
+from metering.db.models import MetricsLabelSetRow as S
+from metering.db.models import MetricsLabelValueRow as V
 from metering.db.models import PlatformUsageDailyRow as R
 
 # The counters summed per label set, in ``LabelTotals.counters`` order.
@@ -56,16 +59,17 @@ def usage_totals(session: Session) -> list[LabelTotals]:
     return [_totals(row) for row in session.execute(select(*_KEYS, *sums).group_by(*_KEYS).order_by(*_KEYS))]
 
 
-def folded_usage_totals(
-    session: Session, *, top_models: int, top_labels: int, max_label_sets: int
-) -> list[LabelTotals]:
-    """``usage_totals`` with each label value beyond the top N of its label (by calls, ties by code point) replaced
-    by ``OTHER`` (models: ``top_models``; providers, purposes, extensions: ``top_labels``), then, beyond
-    ``max_label_sets`` label sets (most calls first, ties by labels), the rest summed into (other, other, other,
-    other, byollm, status); every total stays exact. All in the database: at most ``max_label_sets`` rows plus one
-    per (byollm, status) come back, however many distinct names were ingested (the rows were all read and folded
-    here: a client sending a million model names made every scrape hold a million rows)."""
-    sets = (
+@dataclass(frozen=True, slots=True)
+class FoldedTotals:
+    rows: list[LabelTotals]
+    # Rows were left out: a value (a label set) not admitted while its label (the cap) had room, first stored after
+    # the last admission. ``metric_labels.admit_label_values`` decides them; read again then.
+    undecided: bool
+
+
+def label_sets() -> Any:
+    """``usage_totals`` as a CTE: the sums per label set, named by ``LABEL_NAMES``."""
+    return (
         select(
             *(key.label(name) for key, name in zip(_KEYS, LABEL_NAMES, strict=True)),
             *(func.sum(getattr(R, column)).label(column) for column in TOTAL_COLUMNS),
@@ -74,35 +78,75 @@ def folded_usage_totals(
         .cte("label_sets")
     )
 
-    def kept(name: str, n: int) -> ColumnElement[Any]:
-        column = sets.c[name]
-        top = select(column).group_by(column).order_by(func.sum(sets.c.calls).desc(), _by_code_point(session, column))
-        return case((column.in_(top.limit(n)), column), else_=literal(OTHER))
 
-    relabelled = select(
-        kept("provider", top_labels).label("provider"),
-        kept("model", top_models).label("model"),
-        kept("purpose", top_labels).label("purpose"),
-        kept("extension", top_labels).label("extension"),
-        sets.c.byollm,
-        sets.c.status,
-        *(sets.c[column] for column in TOTAL_COLUMNS),
-    ).subquery("relabelled")
-    folded = _grouped(relabelled).cte("folded")
-    ranking = (folded.c.calls.desc(), *(_by_code_point(session, folded.c[name]) for name in LABEL_NAMES))
-    ranked = select(folded, func.row_number().over(order_by=ranking).label("rank")).subquery("ranked")
-    within = ranked.c.rank <= max_label_sets
+def top_n(label: str, top_models: int, top_labels: int) -> int:
+    return top_models if label == "model" else top_labels
+
+
+def relabelled(sets: Any, *, top_models: int, top_labels: int, undecided: ColumnElement[Any]) -> Any:
+    """``sets``' rows with each provider, model, purpose and extension as reported: itself when admitted within its
+    label's top N (``metrics_label_values``), ``OTHER`` when not and the label is full (it never will be), else
+    ``undecided`` (not admitted yet: NULL, or ``OTHER`` when no scrape can admit)."""
+    columns = []
+    for name in LABEL_NAMES[:4]:
+        n = top_n(name, top_models, top_labels)
+        within = (V.label == name, V.position <= n)
+        full = select(func.count()).select_from(V).where(*within).scalar_subquery() >= n
+        column = sets.c[name]
+        columns.append(
+            case((column.in_(select(V.value).where(*within)), column), (full, literal(OTHER)), else_=undecided).label(
+                name
+            )
+        )
+    return select(*columns, sets.c.byollm, sets.c.status, *(sets.c[column] for column in TOTAL_COLUMNS)).subquery(
+        "relabelled"
+    )
+
+
+def set_key(labelled: Any) -> Any:
+    return tuple_(*(labelled.c[name] for name in LABEL_NAMES))
+
+
+def admitted_set_key() -> Any:
+    return select(S.provider, S.model, S.purpose, S.extension, S.is_byollm, S.status)
+
+
+def folded_usage_totals(
+    session: Session, *, top_models: int, top_labels: int, max_label_sets: int, undecided_as_other: bool = False
+) -> FoldedTotals:
+    """``usage_totals`` with each label value reported as itself only if it was admitted (``metrics_label_values``,
+    within the top N of its label: models ``top_models``; providers, purposes, extensions ``top_labels``), else as
+    ``OTHER``; then each resulting label set as itself only if it was admitted (``metrics_label_sets``, within
+    ``max_label_sets``), else summed into (other, other, other, other, byollm, status). What was admitted stays, so
+    no value and no set moves between series once reported: every series only grows (a ranking recomputed at each
+    scrape moved a value that overtook one of the top N out of ``other``, which stepped down).
+
+    A value (a set) not admitted while its label (the cap) has room was stored after the last admission: its rows
+    are left out, and ``undecided`` says so (``metric_labels.admit_label_values`` decides them); with
+    ``undecided_as_other`` (no admission possible: a read-only database) they are counted as ``OTHER`` instead.
+    Every total is exact but for rows left out so. All in the database: at most ``max_label_sets`` rows plus two
+    per (byollm, status) come back, however many distinct names were ingested."""
+    undecided = literal(OTHER) if undecided_as_other else null()
+    relabel = relabelled(label_sets(), top_models=top_models, top_labels=top_labels, undecided=undecided)
+    folded = _grouped(relabel).cte("folded")
+    decided = and_(*(folded.c[name].is_not(None) for name in LABEL_NAMES[:4]))
+    within = S.position <= max_label_sets
+    admitted = set_key(folded).in_(admitted_set_key().where(within))
+    full = select(func.count()).select_from(S).where(within).scalar_subquery() >= max_label_sets
     capped = select(
-        *(case((within, ranked.c[name]), else_=literal(OTHER)).label(name) for name in LABEL_NAMES[:4]),
-        ranked.c.byollm,
-        ranked.c.status,
-        *(ranked.c[column] for column in TOTAL_COLUMNS),
+        *(
+            case((~decided, null()), (admitted, folded.c[name]), (full, literal(OTHER)), else_=undecided).label(name)
+            for name in LABEL_NAMES[:4]
+        ),
+        folded.c.byollm,
+        folded.c.status,
+        *(folded.c[column] for column in TOTAL_COLUMNS),
     ).subquery("capped")
     final = _grouped(capped)
-    return [
-        _totals(row)
-        for row in session.execute(final.order_by(*(_by_code_point(session, capped.c[n]) for n in LABEL_NAMES)))
-    ]
+    rows = session.execute(final.order_by(*(_by_code_point(session, capped.c[n]) for n in LABEL_NAMES))).all()
+    return FoldedTotals(
+        rows=[_totals(row) for row in rows if row[0] is not None], undecided=any(row[0] is None for row in rows)
+    )
 
 
 def _grouped(labelled: Any) -> Any:

@@ -246,7 +246,12 @@ def test_each_sqlite_step_renders_a_script_doing_what_the_online_step_does_or_na
     assert refused == [
         "upgrade 0001 -> 0002",  # usage_events rebuilt (a column with a server default SQLite cannot add)
         "upgrade 0008 -> 0009",  # accounts and transfers rebuilt (a column's type changed)
-        *(f"downgrade {revision} -> {before}" for revision, before in reversed(_steps()) if revision != "0005"),
+        # every downgrade but 0005's and 0013's (they drop tables, nothing to look for first)
+        *(
+            f"downgrade {revision} -> {before}"
+            for revision, before in reversed(_steps())
+            if revision not in ("0005", "0013")
+        ),
     ]
 
 
