@@ -80,14 +80,17 @@ def _check_scope(scope: CallScope) -> None:
         _check_label(name, getattr(scope, name))
 
 
-def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: Any) -> None:
+def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: Any, system: Any = None) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")
-    for message in messages:
+    _check_unicode(system, "the system prompt")
+    for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
         if isinstance(content := message["content"], (list, tuple)):  # a tuple reaches the provider as an array too
-            _check_parts(content)
+            _check_parts(content, index)
+        else:
+            _check_unicode(content, f"message {index}'s content")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= MAX_INT32:
         raise InvalidInputError(f"max_tokens must be a positive integer, at most {MAX_INT32}")
     _check_purpose(purpose)
@@ -100,13 +103,30 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
 _UNMETERABLE_PARTS = frozenset({"input_audio", "audio"})
 
 
-def _check_parts(parts: list[Any] | tuple[Any, ...]) -> None:
+def _check_parts(parts: list[Any] | tuple[Any, ...], index: int) -> None:
     for part in parts:
         if isinstance(part, Mapping) and part.get("type") in _UNMETERABLE_PARTS:
             raise InvalidInputError(
                 f"{part['type']!r} content parts are not supported: a usage event cannot count audio tokens apart "
                 "from text, so they would be billed at the model's text rate"
             )
+        if isinstance(part, Mapping):
+            _check_unicode(part.get("text"), f"a text part of message {index}")
+
+
+def _check_unicode(text: Any, where: str) -> None:
+    """Refuse prompt text UTF-8 cannot encode (a lone surrogate: half an emoji, the JSON escape "\\ud83d" alone, as an
+    HTTP invoke's params may carry it): sent on, the SDK failed serialising the request (no call made, an error event
+    recorded all the same, and a bare UnicodeEncodeError raised)."""
+    if not isinstance(text, str) or text.isascii():  # nearly every prompt: one isascii() or one encode()
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{where} is not valid Unicode: it holds a lone surrogate at position {exc.start} (half of a UTF-16 "
+            "pair, such as the JSON escape \\ud83d alone), which cannot be sent; no call was made"
+        ) from None
 
 
 class MeteredLLM:
@@ -297,7 +317,7 @@ class MeteredLLM:
         temperature: float | None = None,
         **params: Any,
     ) -> LLMResponse:
-        _check_args(messages, max_tokens, purpose, response_format)
+        _check_args(messages, max_tokens, purpose, response_format, system)
         self._check_open()
         fingerprint = prompt_fingerprint(system, messages)
         plan = self._plan(purpose)
@@ -400,7 +420,7 @@ class MeteredLLM:
         Iterate it once (``async for chunk in ctx.llm.stream_message(...)``), preferably inside
         ``async with``, so an abandoned stream is recorded at once as ``cancelled``.
         """
-        _check_args(messages, max_tokens, purpose, None)
+        _check_args(messages, max_tokens, purpose, None, system)
         return MessageStream(
             self,
             system=system,

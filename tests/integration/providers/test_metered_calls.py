@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from metering.errors import ProviderError
+from metering.errors import InvalidInputError, ProviderError
 from metering.events import UsageEvent, uuid7
 from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
@@ -280,6 +280,32 @@ async def test_a_streamed_event_that_is_not_json_breaks_the_stream(
     assert received == ["one ", "two "] and info.value.error_type == "stream_broken"
     event_ = the_event(rec)
     assert (event_.status, event_.error_type, event_.usage_completeness) == ("error", "stream_broken", "estimated")
+
+
+LONE_SURROGATE_PROMPTS = {
+    "message": {"messages": [{"role": "user", "content": "Call Bob \ud83d today."}]},
+    "system": {"system": "Rewrite \udc00 this.", "messages": MESSAGES},
+    "content-part": {"messages": [{"role": "user", "content": [{"type": "text", "text": "half \ud83d"}]}]},
+}
+
+
+@pytest.mark.parametrize("where", sorted(LONE_SURROGATE_PROMPTS))
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_prompt_with_a_lone_surrogate_is_refused_before_the_call(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str, where: str
+) -> None:
+    """A prompt holding half an emoji (the JSON escape "\\ud83d" alone, as an HTTP invoke's params can carry it) cannot
+    be encoded as UTF-8: the SDK failed while serialising the request, the call was never made, yet an `error` event
+    `internal:UnicodeEncodeError` was recorded and a bare UnicodeEncodeError reached the handler (a 500 over HTTP).
+    It is a bad argument: `InvalidInputError`, no call, no event, for create_message and stream_message alike."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    llm, rec = metered(provider, server)
+    args = LONE_SURROGATE_PROMPTS[where]
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        await llm.create_message(**args)
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        llm.stream_message(**args)
+    assert rec.lines == [] and server.requests == [] and llm.calls == 0
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
