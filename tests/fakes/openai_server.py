@@ -31,6 +31,9 @@ class FakeOpenAIServer(FakeProviderServer):
     # vLLM's wording, with the prompt's tokens: PROMPT_TOKENS).
     limit_wording = "openai"
     PROMPT_TOKENS = 120
+    # Request parameters the endpoint refuses with a 400, as Azure OpenAI before api-version 2024-09-01-preview and
+    # some gateways refuse `stream_options` ("Unrecognized request argument supplied: stream_options").
+    unknown_params: frozenset[str] = frozenset()
 
     @property
     def base_url(self) -> str:
@@ -112,6 +115,11 @@ class FakeOpenAIServer(FakeProviderServer):
                 }
             )
         yield None if reply.break_before_end else _data("[DONE]")
+
+    def refusal(self, request: Any) -> Fail | None:
+        for param in sorted(self.unknown_params & set(request if isinstance(request, dict) else ())):
+            return Fail(400, "invalid_request_error", f"Unrecognized request argument supplied: {param}")
+        return None
 
     def requested_output(self, request: Any) -> int | None:
         if not isinstance(request, dict):

@@ -144,6 +144,10 @@ class FakeProviderServer:
         """The 400 the provider answers a request asking for more output tokens than the model allows."""
         raise NotImplementedError
 
+    def refusal(self, request: Any) -> Fail | None:
+        """The error the endpoint answers a request it does not take at all (a parameter it does not know), if any."""
+        return None
+
     @property
     def base_url(self) -> str:
         """What the SDK is given as ``base_url``."""
@@ -224,6 +228,9 @@ class _Handler(BaseHTTPRequestHandler):
         fake.record(RecordedRequest("POST", self.path, headers, body, self.client_address))
         if self.path != fake.endpoint:
             self._send_json(404, {"error": {"type": "not_found_error", "message": f"no route {self.path}"}})
+            return
+        if (refused := fake.refusal(body)) is not None:
+            self._send_json(refused.status, fake.error_body(refused, None))
             return
         requested = fake.requested_output(body)
         limit = fake.max_output_tokens

@@ -68,7 +68,7 @@ def status_error_type(status: int) -> tuple[ErrorType, bool]:
     return ErrorType.UNKNOWN, False
 
 
-def _api_message(body: Any) -> str | None:
+def api_message(body: Any) -> str | None:
     """``error.message`` of a provider error body (both APIs nest it the same way)."""
     if isinstance(body, Mapping):
         error = body.get("error")
@@ -88,7 +88,7 @@ def from_sdk_error(exc: BaseException, sdk: ModuleType, *, provider: str, api_ke
     if isinstance(exc, sdk.APIStatusError):
         status = int(exc.status_code)
         error_type, retryable = status_error_type(status)
-        detail = _api_message(exc.body)
+        detail = api_message(exc.body)
         message = f"{provider}: HTTP {status} ({error_type.value})" + (f": {detail}" if detail else "")
         error = _error(scrub(message, api_key), error_type, provider, retryable=retryable)
         if error_type is ErrorType.BAD_REQUEST and detail:
@@ -109,7 +109,7 @@ def from_sdk_error(exc: BaseException, sdk: ModuleType, *, provider: str, api_ke
 def stream_broken(exc: BaseException, *, provider: str, api_key: str | None) -> ProviderError:
     """A stream that failed after it started: whatever the cause, the output is incomplete."""
     kind = "timed out" if "Timeout" in type(exc).__name__ else f"broke ({type(exc).__name__})"
-    detail = _api_message(getattr(exc, "body", None))
+    detail = api_message(getattr(exc, "body", None))
     message = f"{provider}: the response stream {kind}" + (f": {detail}" if detail else "")
     return _error(scrub(message, api_key), ErrorType.STREAM_BROKEN, provider, retryable=True)
 

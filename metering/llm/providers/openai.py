@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,9 @@ from metering.errors import ProviderError
 from metering.events import UsageCompleteness
 from metering.llm.providers._errors import (
     BODY_DECODE_ERRORS,
+    MAX_LIMIT_MESSAGE_CHARS,
     STREAM_TRANSPORT_ERRORS,
+    api_message,
     from_sdk_error,
     incomplete_stream,
     invalid_response,
@@ -81,6 +84,27 @@ def refusal_of(message: Any) -> str:
     return refusal if isinstance(refusal, str) and not refusal.isspace() else ""
 
 
+# An endpoint's words for a parameter it does not take: Azure's "Unrecognized request argument supplied:
+# stream_options", a gateway's "Unknown parameter: 'stream_options'", a pydantic server's "stream_options: Extra inputs
+# are not permitted". Only the error's message is read, and only such a phrase: a 400 for another reason that echoes
+# the request or the prompt names the parameter without saying it is refused.
+_REFUSED_STREAM_OPTIONS = re.compile(
+    r"(?:unrecognized|unknown|unsupported|unexpected|extra)\s+(?:request\s+)?"
+    r"(?:argument|parameter|field|key|property|input)s?(?:\s+supplied)?\s*:?\s*['\"`]?stream_options\b"
+    r"|\bstream_options['\"`]?\s*(?::|is|are)\s*(?:extra inputs? (?:are|is) not permitted|extra fields not permitted"
+    r"|not (?:supported|permitted|allowed|recognized)|unrecognized|unknown|unsupported)",
+    re.IGNORECASE,
+)
+
+
+def refuses_stream_options(exc: openai.APIStatusError) -> bool:
+    """An endpoint's refusal of the ``stream_options`` parameter: a 400 or 422 whose message says it is not taken."""
+    if exc.status_code not in (400, 422):
+        return False
+    message = api_message(exc.body)
+    return message is not None and _REFUSED_STREAM_OPTIONS.search(message[:MAX_LIMIT_MESSAGE_CHARS]) is not None
+
+
 class OpenAIProvider:
     """``openai`` and ``openai_compatible``: one ``AsyncOpenAI`` client per endpoint and key."""
 
@@ -96,6 +120,9 @@ class OpenAIProvider:
         self._keyless = not compatible and not config.api_key and not config.base_url
         # OpenAI's own API wants max_completion_tokens; compatible servers still read max_tokens.
         self._max_tokens_param = "max_tokens" if compatible else "max_completion_tokens"
+        # Whether a stream asks for its usage (`stream_options.include_usage`): until the endpoint refuses the option
+        # (Azure OpenAI before api-version 2024-09-01-preview, some gateways), then never again on this adapter.
+        self._stream_options = True
         self._client = None
         if self._config_problem is None:
             self._client = openai.AsyncOpenAI(
@@ -159,14 +186,27 @@ class OpenAIProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         client = self._check()
+        kwargs = self._kwargs(request)
+        error: ProviderError | None = None
         try:
-            chunks = await client.chat.completions.create(
-                **self._kwargs(request), stream=True, stream_options={"include_usage": True}
-            )
+            if self._stream_options:
+                try:
+                    chunks = await client.chat.completions.create(
+                        **kwargs, stream=True, stream_options={"include_usage": True}
+                    )
+                except openai.APIStatusError as exc:
+                    if not refuses_stream_options(exc):
+                        raise
+                    # Refused before anything was generated (nothing used): the same call again without the option,
+                    # its usage then estimated from the text. The refusal stays part of this one call, as the SDK's
+                    # own retries are; once the endpoint took the call without it, it is never asked for again here.
+                    chunks = await client.chat.completions.create(**kwargs, stream=True)
+                    self._stream_options = False
+                    log.info("%s: the endpoint refuses stream_options; streaming without it", self.name)
+            else:
+                chunks = await client.chat.completions.create(**kwargs, stream=True)
         except _ERRORS as exc:
-            error: ProviderError | None = self._error(exc)
-        else:
-            error = None
+            error = self._error(exc)
         if error is not None:
             raise error
         usage: Any = None

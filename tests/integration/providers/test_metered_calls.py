@@ -754,3 +754,35 @@ async def test_an_anthropic_reply_without_usage_keeps_the_web_searches_it_showed
     assert all(isinstance(e, UsageEvent) for e in events)
     summary = [(e.status, e.usage_completeness, e.web_searches, e.input_tokens > 0) for e in events]  # type: ignore[union-attr]
     assert summary == [("ok", "estimated", 3, True), ("ok", "estimated", 3, True), ("error", "estimated", 3, True)]
+
+
+async def test_an_endpoint_that_refuses_stream_options_still_streams_on_the_users_own_llm(
+    openai_server: FakeOpenAIServer, metered: MakeLLM
+) -> None:
+    """Azure OpenAI before api-version 2024-09-01-preview, and some gateways, refuse `stream_options` with a 400
+    ("Unrecognized request argument supplied: stream_options"): every stream of a user whose own LLM sits behind one
+    failed as `bad_request` and, with fallback policy `platform`, was served by the platform LLM, billed to the user,
+    though the user's LLM answers the same call without the option (create_message worked). The adapter now streams
+    again without it (one call, one event; the usage, not reported then, is estimated) and leaves it out from then
+    on for that endpoint."""
+    openai_server.unknown_params = frozenset({"stream_options"})
+    own = ByollmSettings(
+        "u1", "t1", "openai_compatible", "llama3", api_key="sk-user-0123456789", base_url=openai_server.base_url
+    )
+    llm, rec = metered("openai", openai_server, InMemorySettings(byollm_by_user={"u1": own}))
+    for n in (1, 2):
+        async with llm.stream_message(messages=MESSAGES) as stream:
+            text = "".join([chunk async for chunk in stream])
+        assert text == "Hello from the fake server."
+        event = decode_line(rec.lines[-1])
+        assert isinstance(event, UsageEvent) and len(rec.lines) == n
+        assert (event.status, event.is_byollm, event.is_failover, event.provider) == (
+            "ok",
+            True,
+            False,
+            "openai_compatible",
+        )
+        assert event.usage_completeness == "estimated" and event.input_tokens > 0 and event.output_tokens > 0
+    bodies = [request.body for request in openai_server.requests]
+    assert ["stream_options" in body for body in bodies] == [True, False, False]  # asked once, then left out
+    assert llm.all_byollm is True
