@@ -56,10 +56,11 @@ _ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TR
 
 
 def _system_and_messages(request: ProviderRequest) -> tuple[str | None, list[dict[str, Any]]]:
-    """Anthropic takes the system prompt apart: fold any ``system``-role messages into it."""
+    """Anthropic takes the system prompt apart: fold any ``system``-role messages into it, as their text (a list of
+    content parts, OpenAI's shape, is the text of its ``text`` parts: it was folded in as the list's Python repr)."""
     system, messages = request.system, request.messages
     if any(message.get("role") == "system" for message in messages):
-        extra = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+        extra = [text for m in messages if m.get("role") == "system" and (text := text_of(m.get("content")))]
         system = "\n\n".join([system, *extra] if system else extra)
         messages = [m for m in messages if m.get("role") != "system"]
     if request.response_format == "json":
