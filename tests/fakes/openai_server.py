@@ -34,6 +34,8 @@ class FakeOpenAIServer(FakeProviderServer):
     # Request parameters the endpoint refuses with a 400, as Azure OpenAI before api-version 2024-09-01-preview and
     # some gateways refuse `stream_options` ("Unrecognized request argument supplied: stream_options").
     unknown_params: frozenset[str] = frozenset()
+    # Answer a `response_format` of type json_object with LM Studio's 400 (it takes only json_schema or text).
+    refuses_json_object = False
 
     @property
     def base_url(self) -> str:
@@ -119,6 +121,9 @@ class FakeOpenAIServer(FakeProviderServer):
     def refusal(self, request: Any) -> Fail | None:
         for param in sorted(self.unknown_params & set(request if isinstance(request, dict) else ())):
             return Fail(400, "invalid_request_error", f"Unrecognized request argument supplied: {param}")
+        json_object = isinstance(request, dict) and (request.get("response_format") or {}).get("type") == "json_object"
+        if self.refuses_json_object and json_object:
+            return Fail(400, "invalid_request_error", "'response_format.type' must be 'json_schema' or 'text'")
         return None
 
     def requested_output(self, request: Any) -> int | None:

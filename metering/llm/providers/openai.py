@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import openai
@@ -84,25 +84,32 @@ def refusal_of(message: Any) -> str:
     return refusal if isinstance(refusal, str) and not refusal.isspace() else ""
 
 
-# An endpoint's words for a parameter it does not take: Azure's "Unrecognized request argument supplied:
-# stream_options", a gateway's "Unknown parameter: 'stream_options'", a pydantic server's "stream_options: Extra inputs
-# are not permitted". Only the error's message is read, and only such a phrase: a 400 for another reason that echoes
-# the request or the prompt names the parameter without saying it is refused.
-_REFUSED_STREAM_OPTIONS = re.compile(
+# Optional parameters an endpoint may refuse, with a 400 or 422 saying so, while it answers the call without them:
+# `stream_options` (Azure OpenAI before api-version 2024-09-01-preview: "Unrecognized request argument supplied:
+# stream_options"; gateways: "Unknown parameter: 'stream_options'"), `response_format` of type json_object (LM Studio:
+# "'response_format.type' must be 'json_schema' or 'text'"; the system prompt asks for JSON all the same).
+OPTIONAL_PARAMS = ("stream_options", "response_format")
+_REFUSAL = (
     r"(?:unrecognized|unknown|unsupported|unexpected|extra)\s+(?:request\s+)?"
-    r"(?:argument|parameter|field|key|property|input)s?(?:\s+supplied)?\s*:?\s*['\"`]?stream_options\b"
-    r"|\bstream_options['\"`]?\s*(?::|is|are)\s*(?:extra inputs? (?:are|is) not permitted|extra fields not permitted"
-    r"|not (?:supported|permitted|allowed|recognized)|unrecognized|unknown|unsupported)",
-    re.IGNORECASE,
+    r"(?:argument|parameter|field|key|property|input)s?(?:\s+supplied)?\s*:?\s*['\"`]?{name}\b"
+    r"|\b{name}(?:\.type)?['\"`]?\s*(?::|is|are)?\s*(?:extra inputs? (?:are|is) not permitted"
+    r"|extra fields not permitted|not (?:supported|permitted|allowed|recognized)|unrecognized|unknown|unsupported"
+    r"|must be\b)"
 )
+# Only the error's message is read, and only such a phrase: a 400 for another reason that echoes the request or the
+# prompt names the parameter without saying it is refused.
+_REFUSALS = {name: re.compile(_REFUSAL.format(name=name), re.IGNORECASE) for name in OPTIONAL_PARAMS}
 
 
-def refuses_stream_options(exc: openai.APIStatusError) -> bool:
-    """An endpoint's refusal of the ``stream_options`` parameter: a 400 or 422 whose message says it is not taken."""
+def refused_param(exc: openai.APIStatusError, sent: Mapping[str, Any]) -> str | None:
+    """The optional parameter of ``sent`` an endpoint's 400 or 422 says it does not take, if any."""
     if exc.status_code not in (400, 422):
-        return False
+        return None
     message = api_message(exc.body)
-    return message is not None and _REFUSED_STREAM_OPTIONS.search(message[:MAX_LIMIT_MESSAGE_CHARS]) is not None
+    if message is None:
+        return None
+    message = message[:MAX_LIMIT_MESSAGE_CHARS]
+    return next((name for name, refusal in _REFUSALS.items() if name in sent and refusal.search(message)), None)
 
 
 class OpenAIProvider:
@@ -120,9 +127,8 @@ class OpenAIProvider:
         self._keyless = not compatible and not config.api_key and not config.base_url
         # OpenAI's own API wants max_completion_tokens; compatible servers still read max_tokens.
         self._max_tokens_param = "max_tokens" if compatible else "max_completion_tokens"
-        # Whether a stream asks for its usage (`stream_options.include_usage`): until the endpoint refuses the option
-        # (Azure OpenAI before api-version 2024-09-01-preview, some gateways), then never again on this adapter.
-        self._stream_options = True
+        # OPTIONAL_PARAMS this endpoint refused (a 400 saying so) and answered without: never sent again by this adapter
+        self._refused: set[str] = set()
         self._client = None
         if self._config_problem is None:
             self._client = openai.AsyncOpenAI(
@@ -148,7 +154,7 @@ class OpenAIProvider:
         }
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
-        if request.response_format == "json":
+        if request.response_format == "json" and "response_format" not in self._refused:
             kwargs["response_format"] = {"type": "json_object"}
         params = request.params
         for key in PASS_THROUGH:
@@ -159,13 +165,27 @@ class OpenAIProvider:
             log.debug("%s: ignoring unsupported params %s", self.name, sorted(dropped))
         return kwargs
 
+    async def _create(self, client: openai.AsyncOpenAI, kwargs: dict[str, Any]) -> Any:
+        """``chat.completions.create``; refused for an optional parameter the endpoint does not take (nothing was
+        generated, nothing used), the same call again without it, within this one call (and its one event), as the
+        SDK's own retries are. Once the endpoint answered without it, this adapter never sends it again."""
+        try:
+            return await client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            if (param := refused_param(exc, kwargs)) is None:
+                raise
+        answer = await client.chat.completions.create(**{k: v for k, v in kwargs.items() if k != param})
+        self._refused.add(param)
+        log.info("%s: the endpoint refuses %s; calling it without", self.name, param)
+        return answer
+
     def _error(self, exc: BaseException) -> ProviderError:
         return from_sdk_error(exc, openai, provider=self.name, api_key=self._api_key)
 
     async def complete(self, request: ProviderRequest) -> ProviderResult:
         client = self._check()
         try:
-            completion = await client.chat.completions.create(**self._kwargs(request))
+            completion = await self._create(client, self._kwargs(request))
         except _ERRORS as exc:
             error = self._error(exc)
         else:
@@ -186,25 +206,12 @@ class OpenAIProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         client = self._check()
-        kwargs = self._kwargs(request)
+        kwargs = self._kwargs(request) | {"stream": True}
+        if "stream_options" not in self._refused:  # the usage chunk; without it, the usage is estimated from the text
+            kwargs["stream_options"] = {"include_usage": True}
         error: ProviderError | None = None
         try:
-            if self._stream_options:
-                try:
-                    chunks = await client.chat.completions.create(
-                        **kwargs, stream=True, stream_options={"include_usage": True}
-                    )
-                except openai.APIStatusError as exc:
-                    if not refuses_stream_options(exc):
-                        raise
-                    # Refused before anything was generated (nothing used): the same call again without the option,
-                    # its usage then estimated from the text. The refusal stays part of this one call, as the SDK's
-                    # own retries are; once the endpoint took the call without it, it is never asked for again here.
-                    chunks = await client.chat.completions.create(**kwargs, stream=True)
-                    self._stream_options = False
-                    log.info("%s: the endpoint refuses stream_options; streaming without it", self.name)
-            else:
-                chunks = await client.chat.completions.create(**kwargs, stream=True)
+            chunks = await self._create(client, kwargs)
         except _ERRORS as exc:
             error = self._error(exc)
         if error is not None:

@@ -786,3 +786,29 @@ async def test_an_endpoint_that_refuses_stream_options_still_streams_on_the_user
     bodies = [request.body for request in openai_server.requests]
     assert ["stream_options" in body for body in bodies] == [True, False, False]  # asked once, then left out
     assert llm.all_byollm is True
+
+
+async def test_an_endpoint_that_refuses_json_mode_still_answers_json_on_the_users_own_llm(
+    openai_server: FakeOpenAIServer, metered: MakeLLM
+) -> None:
+    """LM Studio, named among the OpenAI-compatible servers a user's own LLM may be, refuses OpenAI's JSON mode with a
+    400 ("'response_format.type' must be 'json_schema' or 'text'"): every `response_format="json"` call on it (the
+    rewrite extension's extract_action_items) failed as `bad_request` and, with fallback policy `platform`, was served
+    by the platform LLM, billed to the user. The call is made again without the parameter (the system prompt already
+    asks for JSON; one call, one event) and the adapter leaves it out from then on for that endpoint."""
+    openai_server.refuses_json_object = True
+    openai_server.default = Reply(text='{"items": [{"owner": "Bob", "deadline": null, "task": "Call Ann"}]}')
+    own = ByollmSettings(
+        "u1", "t1", "openai_compatible", "qwen", api_key="sk-user-0123456789", base_url=openai_server.base_url
+    )
+    llm, rec = metered("openai", openai_server, InMemorySettings(byollm_by_user={"u1": own}))
+    for n in (1, 2):
+        response = await llm.create_message(system="Extract action items.", messages=MESSAGES, response_format="json")
+        assert response.json == {"items": [{"owner": "Bob", "deadline": None, "task": "Call Ann"}]}
+        event = decode_line(rec.lines[-1])
+        assert isinstance(event, UsageEvent) and len(rec.lines) == n
+        assert (event.status, event.is_byollm, event.is_failover) == ("ok", True, False)
+        assert event.usage_completeness == "reported"
+    bodies = [request.body for request in openai_server.requests]
+    assert ["response_format" in body for body in bodies] == [True, False, False]  # asked once, then left out
+    assert "JSON" in bodies[-1]["messages"][0]["content"]  # the instruction still asks for it
