@@ -247,6 +247,9 @@ class MeteredLLM:
         params: dict[str, Any],
     ) -> ProviderRequest:
         merged = {**target.params, **params} if target.params and params else (params or dict(target.params))
+        if temperature is None and "temperature" in merged:  # the purpose's (or a caller's **params): the call's own
+            merged = dict(merged)
+            temperature = merged.pop("temperature")
         return ProviderRequest(
             model=target.config.model,
             system=system,

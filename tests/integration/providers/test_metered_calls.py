@@ -17,7 +17,7 @@ from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
 from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
-from metering.llm.resolution import ByollmSettings, PlatformLLM
+from metering.llm.resolution import ByollmSettings, PlatformLLM, PurposeSettings
 from metering.llm.settings_source import InMemorySettings
 from metering.spool.decode import decode_line
 from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, FakeProviderServer, Raw, Reply
@@ -812,3 +812,24 @@ async def test_an_endpoint_that_refuses_json_mode_still_answers_json_on_the_user
     bodies = [request.body for request in openai_server.requests]
     assert ["response_format" in body for body in bodies] == [True, False, False]  # asked once, then left out
     assert "JSON" in bodies[-1]["messages"][0]["content"]  # the instruction still asks for it
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_purposes_temperature_reaches_the_provider(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str
+) -> None:
+    """The admin's per-purpose settings are applied to the purpose's calls (the recipe's cascade), their `params`
+    included: a `temperature` there, the first thing one tunes per purpose, was dropped by both adapters (only
+    top_p, stop, seed, ... were passed on), silently. It is the call's temperature unless the caller gives one."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    purpose = PurposeSettings("content_rewrite", provider, "m-rewrite", server.base_url, {"temperature": 0.2})
+    llm, _ = metered(provider, server, InMemorySettings(purpose_by_name={"content_rewrite": purpose}))
+    await llm.create_message(messages=MESSAGES, purpose="content_rewrite")
+    assert (server.last.body["model"], server.last.body.get("temperature")) == ("m-rewrite", 0.2)
+    async with llm.stream_message(messages=MESSAGES, purpose="content_rewrite") as stream:
+        _ = [chunk async for chunk in stream]
+    assert server.last.body.get("temperature") == 0.2
+    await llm.create_message(messages=MESSAGES, purpose="content_rewrite", temperature=0.9)  # the caller's wins
+    assert server.last.body.get("temperature") == 0.9
+    await llm.create_message(messages=MESSAGES)  # another purpose: none
+    assert "temperature" not in server.last.body
