@@ -27,6 +27,10 @@ def status_error(status: int, body: Any) -> openai.APIStatusError:
         ("stream_options: Extra inputs are not permitted", "stream_options"),  # a pydantic server
         ("'response_format.type' must be 'json_schema' or 'text'", "response_format"),  # LM Studio
         ("response_format is not supported by this model", "response_format"),
+        (
+            "Invalid parameter: 'response_format' of type 'json_object' is not supported with this model.",
+            "response_format",
+        ),
     ],
 )
 def test_a_refusal_of_an_optional_parameter_names_it(message: str, param: str) -> None:

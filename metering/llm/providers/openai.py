@@ -87,7 +87,8 @@ def refusal_of(message: Any) -> str:
 # Optional parameters an endpoint may refuse, with a 400 or 422 saying so, while it answers the call without them:
 # `stream_options` (Azure OpenAI before api-version 2024-09-01-preview: "Unrecognized request argument supplied:
 # stream_options"; gateways: "Unknown parameter: 'stream_options'"), `response_format` of type json_object (LM Studio:
-# "'response_format.type' must be 'json_schema' or 'text'"; the system prompt asks for JSON all the same).
+# "'response_format.type' must be 'json_schema' or 'text'"; OpenAI's older models: "Invalid parameter: 'response_format'
+# of type 'json_object' is not supported with this model."; the system prompt asks for JSON all the same).
 OPTIONAL_PARAMS = ("stream_options", "response_format")
 _REFUSAL = (
     r"(?:unrecognized|unknown|unsupported|unexpected|extra)\s+(?:request\s+)?"
@@ -95,6 +96,7 @@ _REFUSAL = (
     r"|\b{name}(?:\.type)?['\"`]?\s*(?::|is|are)?\s*(?:extra inputs? (?:are|is) not permitted"
     r"|extra fields not permitted|not (?:supported|permitted|allowed|recognized)|unrecognized|unknown|unsupported"
     r"|must be\b)"
+    r"|\b{name}['\"`]? of type ['\"`]?\w+['\"`]? is not supported"
 )
 # Only the error's message is read, and only such a phrase: a 400 for another reason that echoes the request or the
 # prompt names the parameter without saying it is refused.
