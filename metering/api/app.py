@@ -17,6 +17,7 @@ from metering import __version__
 from metering.api import docs_ui, problems
 from metering.api.body_limit import BodyLimitMiddleware
 from metering.api.content_coding import ContentCodingMiddleware
+from metering.api.head import HeadMiddleware
 from metering.api.routers import ROUTES
 from metering.api.routers.ledger import MAX_LEDGER_STREAMS
 from metering.api.runtime import LazyRuntime
@@ -79,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ledger_streams = threading.BoundedSemaphore(MAX_LEDGER_STREAMS)
     problems.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
-    app.add_middleware(ContentCodingMiddleware)  # outermost: a compressed body is refused before it is read
+    app.add_middleware(ContentCodingMiddleware)  # a compressed body is refused before it is read
+    app.add_middleware(HeadMiddleware)  # outermost: HEAD runs the GET of its path, and no body goes out
     for router, prefix in ROUTES:
         app.include_router(router, prefix=prefix)
     docs_ui.install(app)

@@ -151,12 +151,14 @@ def _unreadable(cause: BaseException | None) -> str:
 def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> str:
     """Every method some route takes at this path: Starlette's 405 names only the first route's (PUT
     ``/v1/admin/price-overrides`` answered ``Allow: POST``, though GET is served there too)."""
-    allowed = [
+    allowed = {
         method
         for method in _METHODS
         if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in routes)
-    ]
-    return ", ".join(allowed)
+    }
+    if "GET" in allowed:
+        allowed.add("HEAD")  # served by the GET (``head.HeadMiddleware``)
+    return ", ".join(sorted(allowed))
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

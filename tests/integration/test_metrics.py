@@ -366,7 +366,8 @@ def test_each_text_format_a_scraper_asks_for_has_the_same_samples(
     """Prometheus 3 may ask for the text format 1.0.0 (docs/api.md): the samples are those of 0.0.4."""
     with TestClient(create_app(app_settings(db_url, tmp_path))) as client:
         post_events(client, _records(), _token(session_factory, Scope.INGEST))
-        classic = _parse(client.get("/metrics").text)
+        classic_response = client.get("/metrics")
+        classic, classic_type = _parse(classic_response.text), classic_response.headers["content-type"]
         response = client.get("/metrics", headers={"Accept": accept})
         head = client.head("/metrics")
     assert response.headers["content-type"] == content_type
@@ -374,4 +375,4 @@ def test_each_text_format_a_scraper_asks_for_has_the_same_samples(
     assert {k: v for k, v in samples.items() if not k.endswith("_created")} == {
         k: v for k, v in classic.items() if not k.endswith("_created")
     }
-    assert (head.status_code, head.headers["allow"]) == (405, "GET")
+    assert (head.status_code, head.headers["content-type"], head.content) == (200, classic_type, b"")

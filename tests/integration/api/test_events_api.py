@@ -266,11 +266,11 @@ def test_a_405_allows_every_method_the_path_serves(client):
     named only the first route's method (``Allow: POST`` for a PUT of /v1/admin/price-overrides)."""
     response = client.put("/v1/admin/price-overrides")
     assert_problem(response, 405, "method_not_allowed")
-    assert response.headers["allow"] == "GET, POST"
+    assert response.headers["allow"] == "GET, HEAD, POST"
     response = client.post("/v1/admin/purposes/p")
     assert_problem(response, 405, "method_not_allowed")
-    assert response.headers["allow"] == "DELETE, GET, PUT"
-    assert client.delete("/healthz").headers["allow"] == "GET"
+    assert response.headers["allow"] == "DELETE, GET, HEAD, PUT"
+    assert client.delete("/healthz").headers["allow"] == "GET, HEAD"
 
 
 class _CommitFails(Session):
