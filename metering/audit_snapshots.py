@@ -168,7 +168,8 @@ def reprice_snapshot(result: RepriceResult) -> Snapshot:
 
 
 def rerate_snapshot(result: RerateResult) -> Snapshot:
-    """An applied re-rate: its run, window, scope and counts (not the per-event changes)."""
+    """An applied re-rate: its run, window, scope and counts (not the per-event changes): ``relabelled`` events kept
+    their charge (or shadow cost) and now name another price."""
     total = result.diff.total
     return {
         "run_id": result.run_id,
@@ -180,6 +181,7 @@ def rerate_snapshot(result: RerateResult) -> Snapshot:
         "changed": total.events,
         "unpriceable": result.diff.unpriceable,
         "transfers": result.transfers,
+        "relabelled": result.relabelled,
         "skipped": result.skipped,
         "late_corrections": result.late_corrections,
         "old_charge": decimal_text(total.old_charge_nanos),

@@ -15,9 +15,10 @@ posted after a finalized invoice (``late_corrections``, as the run counts them);
   whose id derives from this run is skipped (counted in ``skipped``), even if prices changed in between.
 - The event row gets the new charge, cost, markup, price source and version; its hourly rollup moves by the
   deltas; cached balances are updated. An event whose charge and cost stay the same under the current price book
-  is not a change (no transfer, not counted), but it names the price it now comes from (markup, source and
-  version): else an event priced by an override since ended or withdrawn, re-rated at the same charge (a successor
-  at its price), still named that override, which ``overrides.priced_beyond`` then counted past its end forever.
+  is not a change (no transfer, not counted as changed), but it names the price it now comes from (markup, source
+  and version; counted in ``relabelled`` when that differs from what it named, so the run is audited): else an
+  event priced by an override since ended or withdrawn, re-rated at the same charge (a successor at its price),
+  still named that override, which ``overrides.priced_beyond`` then counted past its end forever.
 - A BYOLLM event with a known shadow cost (``excluded_byollm``, priced) in scope gets the new shadow cost, markup,
   price source and version (the same shadow cost too: the price it comes from), and its rollups' shadow cost moves:
   no transfer (it is never billed). Applying a run again finds nothing to change unless prices changed since (a
@@ -95,6 +96,7 @@ class RerateResult:
     skipped: int = 0  # changed events this run had already corrected (re-applying a run posts nothing)
     late_corrections: int = 0  # corrections posted (a dry run: to be posted) after the event's finalized invoice
     transfers: int = 0  # transfers posted
+    relabelled: int = 0  # events whose charge (or shadow cost) stayed, now naming another price (source, version)
 
     @property
     def applied(self) -> bool:
@@ -179,10 +181,14 @@ def _quote_within_limit(cards: RateCards, row: UsageEventRow) -> Quote | None:
     return quote
 
 
-def _name_price(row: UsageEventRow, quote: Quote) -> None:
-    """The event names the price it is now charged at (its markup, source and version), changed or not."""
-    row.markup_pct = str(quote.markup_pct)
-    row.price_source, row.price_version = quote.source, quote.source_version
+def _name_price(row: UsageEventRow, quote: Quote) -> bool:
+    """The event names the price it is now charged at (its markup, source and version), changed or not; whether
+    that changed what it named."""
+    named = (str(quote.markup_pct), quote.source, quote.source_version)
+    if (row.markup_pct, row.price_source, row.price_version) == named:
+        return False
+    row.markup_pct, row.price_source, row.price_version = named
+    return True
 
 
 def _posting_of(t: TransferRow, row: UsageEventRow) -> Posting:
@@ -252,7 +258,7 @@ def apply_rerate(
     cause = f"rerate:{run_id}"
     prices = PagePrices(markup_pct)
     diff = RerateDiff()
-    skipped = late = posted = 0
+    skipped = late = posted = relabelled = 0
     buckets: dict[RollupKey, list[int]] = {}  # moved once, after the last page (see corrections.event_pages)
     balances = Balances()  # so are the accounts, before the rollups (ingest's order)
     for rows in _in_scope(session, start, end, provider, model_pattern, lock=True):
@@ -263,17 +269,18 @@ def apply_rerate(
         for row in rows:
             if not _is_billed(row):
                 quote = _shadow(cards, row)
-                if diff.shadow.examine(row.shadow_nanos, quote) and quote is not None:
+                moved = diff.shadow.examine(row.shadow_nanos, quote) and quote is not None
+                if moved and quote is not None:
                     add_delta(buckets, row, shadow=quote.price_nanos - row.shadow_nanos)
                     row.shadow_nanos = quote.price_nanos
-                if quote is not None:
-                    _name_price(row, quote)
+                if quote is not None and _name_price(row, quote) and not moved:
+                    relabelled += 1
                 continue
             quote = _quote_within_limit(cards, row)
             change = diff.examine(_billed(row), quote)
             if change is None:
-                if quote is not None:
-                    _name_price(row, quote)  # the same charge, from the price now in effect: no transfer
+                if quote is not None and _name_price(row, quote):  # the same charge, from the price now in effect
+                    relabelled += 1  # no transfer, but the event names another price
                 continue
             if _already_applied(cause, row.event_id, transfers[row.event_id]):
                 skipped += 1
@@ -291,4 +298,4 @@ def apply_rerate(
         posted += len(postings)
     balances.apply(session, now)
     upsert_rollup_deltas(session, buckets)
-    return RerateResult(start, end, provider, model_pattern, diff, run_id, skipped, late, posted)
+    return RerateResult(start, end, provider, model_pattern, diff, run_id, skipped, late, posted, relabelled)

@@ -330,7 +330,8 @@ def _print_rerate(result: RerateResult) -> None:
         return
     console.print(
         f"run {result.run_id or ''}: {result.transfers} transfer(s) posted, {result.skipped} event(s) already "
-        f"corrected by this run, {result.late_corrections} correction(s) posted after a finalized invoice"
+        f"corrected by this run, {result.late_corrections} correction(s) posted after a finalized invoice, "
+        f"{result.relabelled} event(s) re-labelled (the same charge, now from another price)"
     )
 
 
@@ -351,8 +352,9 @@ def rerate_cmd(
     with admin_session() as (session, _box):
         if apply:
             result = apply_rerate(session, **scope, markup_pct=markup, run_id=run_id)  # type: ignore[arg-type]
-            # a re-applied run changes nothing: no entry; BYOLLM shadow costs moved without a transfer are a change
-            if result.diff.total.events or result.transfers or result.diff.shadow.events:
+            # a re-applied run changes nothing: no entry; BYOLLM shadow costs moved without a transfer are a change,
+            # and so are events re-labelled (the same charge, now from another price: their price source changed)
+            if result.diff.total.events or result.transfers or result.diff.shadow.events or result.relabelled:
                 after = snap.rerate_snapshot(result)
                 audit_trail.record(session, "billing.rerate", f"rerate:{run_id}", before=None, after=after)
         else:

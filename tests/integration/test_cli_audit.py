@@ -482,3 +482,40 @@ def test_budget_list_and_delete_as_the_api_does(run, session_factory) -> None:
     missing = run("budget", "delete", "chatty", code=2)
     assert "has no call budget" in missing.output
     assert len(audit_rows(session_factory, "budget.delete")) == 1
+
+
+def test_a_rerate_that_only_relabels_events_writes_its_entry(run, session_factory) -> None:
+    """A re-rate at the same charges from another price (an override ended and a successor at its price) posts no
+    transfer but names the new price on each event (its price source and version): a change of stored billing
+    data, audited with how many events it re-labelled (it wrote none: only changed charges and shadow costs
+    counted). Re-applied, it changes nothing and writes none."""
+    now = datetime.now(UTC)
+    since = (now - timedelta(days=1)).date().isoformat()
+    run("billing", "overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.10",
+        "--output", "0.40", "--from", since, "--id", "llama-old")  # fmt: skip
+    billed, byollm = (
+        event_from_record(
+            record(i, provider="ollama", model="llama3.1", is_byollm=i == 1, input_tokens=1_000_000,
+                   output_tokens=500_000, cache_read_tokens=0, occurred_at=now - timedelta(hours=1))
+        )
+        for i in (0, 1)
+    )  # fmt: skip
+    with session_factory() as session:
+        ingest(session, [billed, byollm], markup_pct=Decimal(0), now=now)
+        session.commit()
+    run("billing", "overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat(),
+        "--keep-priced-events")  # fmt: skip
+    run("billing", "overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.10",
+        "--output", "0.40", "--from", since, "--id", "llama-same")  # fmt: skip
+    before = table_dump(session_factory, "usage_events")
+
+    window = ("--from", since, "--to", (now + timedelta(days=1)).isoformat())
+    out = run("billing", "rerate", *window, "--apply", "--run-id", "relabel-1").output
+    assert table_dump(session_factory, "usage_events") != before  # the events name llama-same now
+    assert "2 event(s) re-labelled" in out.replace("\n", " ")
+    entry = only(session_factory, "billing.rerate")
+    assert entry.target == "rerate:relabel-1"
+    assert (entry.after["changed"], entry.after["shadow_changed"], entry.after["transfers"]) == (0, 0, 0)
+    assert entry.after["relabelled"] == 2
+    run("billing", "rerate", *window, "--apply", "--run-id", "relabel-2")  # nothing left to re-label: no entry
+    assert len(audit_rows(session_factory, "billing.rerate")) == 1
