@@ -30,10 +30,11 @@ ingest commits.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from metering.billing.batch_sql import WALLET_ID_SQL
@@ -255,16 +256,19 @@ _MISBOOKED = (
 )
 # Provider costs not booked from their event's provider's cost account to its payable one, under the provider's stored
 # spelling or in lowercase (as reprice and re-rate post an event stored before provider names were lowercased). SQL's
-# lower() may differ from Python's outside ASCII: rows are candidates, confirmed in Python.
+# lower() may differ from Python's outside ASCII: rows are candidates, confirmed in Python, read a page at a time by
+# id (keyset), every page: a legacy spelling SQL cannot lowercase makes every cost of its events a candidate, and
+# reading only the first 200 never saw a misbooking behind them.
 _COST_PAIR = (  # ':' || 'cost', as text() would read ':cost' as a bind parameter
     "(t.debit_account_id = 'provider:' || {p} || ':' || 'cost'"
     " AND t.credit_account_id = 'provider:' || {p} || ':' || 'payable')"
 )
+_COST_PAGE = 200
 _MISBOOKED_COSTS = (
     "SELECT t.id, t.event_id, e.provider, t.debit_account_id, t.credit_account_id FROM transfers t"
     " JOIN usage_events e ON e.event_id = t.event_id "
     f"WHERE t.kind = 'provider_cost' AND NOT ({_COST_PAIR.format(p='e.provider')}"
-    f" OR {_COST_PAIR.format(p='lower(e.provider)')}) ORDER BY t.id LIMIT 200"
+    f" OR {_COST_PAIR.format(p='lower(e.provider)')}){{after}} ORDER BY t.id LIMIT {_COST_PAGE}"
 )
 
 
@@ -279,17 +283,29 @@ def check_transfer_accounts(session: Session, report: CheckReport) -> None:
             wrong = f"moves {debit} -> {credit}, not between {ADJUSTMENTS} and a user's wallet"
         report.problems.append(f"transfer {_uuid(ident)} ({kind}) {wrong}")
     misbooked = 0
-    for ident, event_id, provider, debit, credit in session.execute(text(_MISBOOKED_COSTS)):
+    for ident, event_id, provider, debit, credit in _cost_candidates(session):
         if any(
             (debit, credit) == (f"provider:{p}:cost", f"provider:{p}:payable") for p in (provider, provider.lower())
         ):
             continue
         misbooked += 1
-        if misbooked <= 20:
-            report.problems.append(
-                f"transfer {_uuid(ident)} (provider_cost) of event {_uuid(event_id)} moves {debit} -> {credit}, not "
-                f"provider:{provider.lower()}:cost -> provider:{provider.lower()}:payable"
-            )
+        report.problems.append(
+            f"transfer {_uuid(ident)} (provider_cost) of event {_uuid(event_id)} moves {debit} -> {credit}, not "
+            f"provider:{provider.lower()}:cost -> provider:{provider.lower()}:payable"
+        )
+        if misbooked == 20:
+            return
+
+
+def _cost_candidates(session: Session) -> Iterator[Row[Any, Any, str, str, str]]:
+    """Every candidate of ``_MISBOOKED_COSTS``, ``_COST_PAGE`` rows held at a time."""
+    page = session.execute(text(_MISBOOKED_COSTS.format(after=""))).all()
+    while page:
+        yield from page
+        if len(page) < _COST_PAGE:
+            return
+        after = text(_MISBOOKED_COSTS.format(after=" AND t.id > :after"))
+        page = session.execute(after, {"after": page[-1][0]}).all()
 
 
 _RECOMPUTED = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from metering.billing.checks import run_checks
 from metering.billing.ingest import ingest
@@ -583,3 +583,35 @@ def test_the_checks_name_transfers_between_accounts_their_kind_does_not_name(ses
     assert any("credit" in p and "debits platform:revenue, not platform:topups" in p for p in credit), credit
     adjustment = moved("adjustment", credit="platform:revenue")
     assert any("adjustment" in p and "platform:revenue" in p for p in adjustment), adjustment
+
+
+def test_a_misbooked_provider_cost_is_named_behind_any_number_of_legacy_spellings(session_factory) -> None:
+    """A provider cost of an event stored under a legacy spelling with a non-ASCII capital ('İLLAMA', booked to
+    Python's lowercase 'i̇llama') is a candidate in SQL (whose lower() differs) that Python then clears. The check
+    read at most 200 candidates: with more legacy rows than that ahead of it, a real misbooking was never seen."""
+    from metering.billing.checks import CheckReport, check_transfer_accounts
+
+    legacy = "İLLAMA"
+    run(session_factory, [event(i) for i in range(205)])
+    with session_factory() as session:
+        session.execute(update(UsageEventRow).values(provider=legacy))
+        costs = TransferRow.kind == "provider_cost"
+        session.execute(
+            update(TransferRow)
+            .where(costs)
+            .values(
+                debit_account_id=f"provider:{legacy.lower()}:cost",
+                credit_account_id=f"provider:{legacy.lower()}:payable",
+            )
+        )
+        last = session.scalars(select(TransferRow).where(costs).order_by(TransferRow.id.desc()).limit(1)).one()
+        last.credit_account_id = "provider:openai:payable"
+        session.flush()
+        ident, event_id = last.id, last.event_id
+        report = CheckReport()
+        check_transfer_accounts(session, report)
+        session.rollback()
+    assert [p for p in report.problems if "provider_cost" in p] == [
+        f"transfer {ident} (provider_cost) of event {event_id} moves provider:{legacy.lower()}:cost -> "
+        f"provider:openai:payable, not provider:{legacy.lower()}:cost -> provider:{legacy.lower()}:payable"
+    ]
