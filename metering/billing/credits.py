@@ -102,8 +102,12 @@ def credit_posting(
         raise InvalidInputError("tenant_id and user_id are required")
     if len(tenant_id) > MAX_NAME or len(user_id) > MAX_NAME:
         raise InvalidInputError(f"tenant_id and user_id have at most {MAX_NAME} characters")
-    if nanos == 0 or (kind == "credit" and nanos < 0):
-        raise InvalidInputError("a credit must be positive; an adjustment must not be zero")
+    if nanos == 0:
+        raise InvalidInputError("amount must not be zero")
+    if kind == "credit" and nanos < 0:
+        raise InvalidInputError(
+            "amount must be positive for a credit (an adjustment debits a user with a negative amount)"
+        )
     wallet = user_wallet(tenant_id, user_id)
     source = TOPUP_SOURCE if kind == "credit" else ADJUSTMENT_SOURCE
     debit, credit = (source, wallet) if nanos > 0 else (wallet, source)

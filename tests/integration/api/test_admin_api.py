@@ -637,6 +637,21 @@ def test_a_credit_past_what_a_balance_can_hold_is_a_clear_422(client, admin, ses
         assert run_checks(session).problems == []
 
 
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"amount": "-1"}, "amount must be positive for a credit (an adjustment debits a user with a negative amount)"),
+        ({"amount": "0", "kind": "adjustment"}, "amount must not be zero"),
+        ({"amount": "0"}, "amount must not be zero"),
+    ],
+)
+def test_a_refused_credit_amount_is_named_in_the_problem(client, admin, session_factory, body, detail):
+    """The 422 said "a credit must be positive; an adjustment must not be zero" whatever was wrong, naming neither
+    the field nor which of the two rules the request broke."""
+    assert assert_problem(_credit(client, admin, "signed", **body), 422, "invalid_input")["detail"] == detail
+    assert audit_rows(session_factory) == []
+
+
 @pytest.mark.parametrize("amount", ["1_000", "\uff12\uff15", "\u0665", " 5 ", "1e3", "Infinity"])
 def test_a_credit_amount_must_be_a_plain_decimal(client, admin, session_factory, amount):
     body = assert_problem(_credit(client, admin, f"odd-{amount.encode()!r}", amount=amount), 422, "validation_error")
