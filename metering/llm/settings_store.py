@@ -36,13 +36,15 @@ MAX_API_KEY = 1000  # characters of a BYOLLM api key (stored encrypted)
 
 
 def url_has_credentials(url: str) -> bool:
-    """True when ``url`` carries ``user:password@``, or a query parameter named like a secret (``?api_key=``,
-    ``?token=``, ``?key=``): a key belongs in the encrypted api_key, never in a URL that is stored, shown and audited
-    in clear."""
+    """True when ``url`` carries ``user:password@``, or a parameter named like a secret (``?api_key=``,
+    ``?token=``, ``?key=``) in its query, its fragment (``#api_key=``) or its path parameters (``;token=``): a key
+    belongs in the encrypted api_key, never in a URL that is stored, shown and audited in clear."""
     parsed = urlparse(url)
     if "@" in (parsed.netloc or ""):
         return True
-    names = [name for name, _value in parse_qsl(parsed.query, keep_blank_values=True)]
+    path_parameters = [segment.partition(";")[2] for segment in f"{parsed.path};{parsed.params}".split("/")]
+    parts = (parsed.query, parsed.fragment, *path_parameters)
+    names = [name for part in parts for name, _value in parse_qsl(part.replace(";", "&"), keep_blank_values=True)]
     return any(is_secret_name(name) or name.strip().lower() == "key" for name in names)
 
 

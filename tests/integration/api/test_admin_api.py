@@ -113,6 +113,21 @@ def test_purpose_params_with_numbers_json_cannot_hold_are_422(client, admin, ses
     assert actions(session_factory) == []
 
 
+@pytest.mark.parametrize(
+    "url", ["https://gw.example.com/v1#api_key=SECRET-123", "https://gw.example.com/v1;token=SECRET-123"]
+)
+def test_a_base_url_with_a_key_in_its_fragment_or_path_parameters_is_422_and_unaudited(
+    client, admin, session_factory, url
+):
+    """Only the query was searched for a secret-named parameter: a key after '#' (or ';') was stored, answered and
+    audited in clear, as the query's would have been."""
+    body = {"provider": "openai_compatible", "model": "m", "base_url": url}
+    assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "validation_error")
+    assert_problem(client.put("/v1/admin/users/acme/u/byollm", json=body, headers=admin), 422, "validation_error")
+    assert actions(session_factory) == []
+    assert "SECRET-123" not in table_dump(session_factory, "audit_log")
+
+
 def test_a_base_url_with_a_key_in_its_query_is_422_and_unaudited(client, admin, session_factory):
     url = "https://gw.example.com/v1?token=SECRET-123"
     body = {"provider": "openai_compatible", "model": "m", "base_url": url}
