@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -298,12 +299,29 @@ def non_finite_numbers(value: Any, path: str) -> list[str]:
     return []
 
 
+# A value that is a provider key ('sk-…': OpenAI, Anthropic) or a bearer credential, as a whole (a text that only
+# mentions one, a system prompt saying "never print an sk-… key", is not).
+_KEY_VALUE = re.compile(r"(?:sk-[A-Za-z0-9_\-]{20,}|Bearer\s+\S+)\s*", re.IGNORECASE)
+
+
+def key_values(value: Any, path: str) -> list[str]:
+    """Where ``value`` holds a text that is a key or a bearer credential, whatever its name (``params.headers.X``)."""
+    if isinstance(value, str):
+        return [path] if _KEY_VALUE.fullmatch(value.strip()) else []
+    if isinstance(value, Mapping):
+        return [where for key, item in value.items() for where in key_values(item, f"{path}.{key}")]
+    if isinstance(value, list | tuple):
+        return [where for index, item in enumerate(value) for where in key_values(item, f"{path}[{index}]")]
+    return []
+
+
 def _check_params(params: Mapping[str, Any]) -> None:
-    """Params are stored and shown in clear: a secret-named key (at any depth) is refused, not stored. So are
-    numbers that JSON cannot hold, and values nested deeper than the API takes."""
+    """Params are stored and shown in clear: a secret-named key (at any depth), or a value that is a key under any
+    name, is refused, not stored. So are numbers that JSON cannot hold, and values nested deeper than the API
+    takes."""
     if nests_deeper_than(params, MAX_PARAMS_DEPTH):
         raise InvalidInputError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
-    secrets = secret_keys(params, "params")
+    secrets = secret_keys(params, "params") + key_values(params, "params")
     if secrets:
         raise InvalidInputError(
             f"{', '.join(secrets)}: purpose params are stored and shown in clear; provider keys are set on the "

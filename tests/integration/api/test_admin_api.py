@@ -89,6 +89,32 @@ def test_purpose_params_with_secret_names_are_refused(client, admin, session_fac
     assert actions(session_factory) == []
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"headers": {"X-Auth": "sk-ant-api03-LIVE0123456789abcdef"}},
+        {"default_headers": {"X-Gateway": "Bearer gw-LIVE0123456789"}},
+        {"extra": ["sk-proj-LIVE0123456789abcdefgh"]},
+    ],
+)
+def test_purpose_params_holding_a_key_under_any_name_are_refused(client, admin, session_factory, params):
+    """Only secret-named params were refused: a provider key under a name of the admin's own (a gateway's 'X-Auth'
+    header) was stored, answered and audited in clear. A value that is a key ('sk-' and 20 or more key characters)
+    or a bearer credential ('Bearer ...') is refused wherever it sits, and the problem does not echo it."""
+    body = {"provider": "simulated", "model": "m", "params": params}
+    problem = assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "invalid_input")
+    assert "params." in problem["detail"] and "LIVE" not in problem["detail"]
+    assert actions(session_factory) == []
+    assert "LIVE" not in table_dump(session_factory, "purpose_settings")
+
+
+def test_purpose_params_with_text_that_only_mentions_keys_are_kept(client, admin):
+    params = {"system": "Never print an sk-... key or a Bearer token.", "stop": ["sk-"], "suffix": "ask-me-anything"}
+    body = {"provider": "simulated", "model": "m", "params": params}
+    response = client.put("/v1/admin/purposes/p", json=body, headers=admin)
+    assert response.status_code == 200 and response.json()["params"] == params
+
+
 @pytest.mark.parametrize("name", ["api_keys", "apiKeys", "secrets", "passwords", "private_keys", "access_tokens"])
 def test_purpose_params_with_plural_secret_names_are_refused(client, admin, session_factory, name):
     """A list of keys under a plural name was stored, shown and audited in clear (only singular names were secret)."""
