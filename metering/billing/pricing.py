@@ -24,7 +24,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Context, Decimal, localcontext
 from typing import Literal
 
@@ -58,6 +58,7 @@ PRICE_FIELDS = (
 _HUNDRED = Decimal(100)
 _CTX = Context(prec=60)
 _GLOB_CHARS = frozenset("*?")
+_NEVER = datetime.min.replace(tzinfo=UTC)  # the created_at of an override built in code, not read from a row
 
 
 @functools.lru_cache(maxsize=1024)
@@ -102,6 +103,7 @@ class PriceOverride:
     markup_pct: Decimal | None = None  # None: the price book's platform markup
     cache_write_1h_mtok: Decimal | None = None  # None: 1-hour cache writes cost the cache-write price
     web_search_per_k: Decimal | None = None  # USD per 1,000 web searches; None: a call with searches is unpriced
+    created_at: datetime | None = None  # when it was added: of two alike from the same moment, the later one wins
 
     def __post_init__(self) -> None:
         if not self.provider or not self.model_pattern:
@@ -197,11 +199,15 @@ def over_call_limit(quote: Quote) -> str | None:
 def select_override(
     overrides: Iterable[PriceOverride], *, provider: str, model: str, at: datetime
 ) -> PriceOverride | None:
-    """The most specific override active at ``at``: exact pattern > longest glob > latest effective_from."""
+    """The most specific override active at ``at``: exact pattern > longest glob > latest effective_from > added
+    last (a price posted again to correct it; the larger id decided, a random one when generated) > larger id."""
     candidates = [o for o in overrides if o.active_at(at) and o.matches(provider, model)]
     if not candidates:
         return None
-    return max(candidates, key=lambda o: (o.is_exact, len(o.model_pattern), o.effective_from, o.id or ""))
+    return max(
+        candidates,
+        key=lambda o: (o.is_exact, len(o.model_pattern), o.effective_from, o.created_at or _NEVER, o.id or ""),
+    )
 
 
 def genai_provider_for(provider: str, model: str) -> str | None:

@@ -422,6 +422,7 @@ def override_from_row(row: PriceOverrideRow) -> PriceOverride:
         markup_pct=None if row.markup_pct is None else Decimal(row.markup_pct),
         cache_write_1h_mtok=usd(row.cache_write_1h_nanos_per_mtok),
         web_search_per_k=usd(row.web_search_nanos_per_k),  # nanos per 1,000 searches -> USD per 1,000
+        created_at=row.created_at,
     )
 
 

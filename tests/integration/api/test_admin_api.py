@@ -474,6 +474,20 @@ def test_price_overrides_add_list_end_audited(client, admin, session_factory):
     assert end.after["effective_to"] == "2026-06-01T00:00:00Z"
 
 
+def test_of_two_overrides_alike_but_for_their_price_the_one_added_last_prices(client, admin, make_token):
+    """Two overrides of one model pattern from the same moment (a corrected price posted again, as POST without an
+    id does on a retry or a fix): the tie was broken by the larger id, a random one when generated, so the first
+    price went on billing half the time, whichever was added last. The one added last wins now."""
+    body = {"provider": "anthropic", "model_pattern": "claude-sonnet-4-6", "effective_from": "2020-01-01T00:00:00Z",
+            "output_mtok": "15.00"}  # fmt: skip
+    for ident, price in (("ovr_z_first", "3.00"), ("ovr_a_then", "4.00"), ("ovr_m_last", "5.00")):
+        added = client.post("/v1/admin/price-overrides", json=body | {"id": ident, "input_mtok": price}, headers=admin)
+        assert added.status_code == 201, added.text
+    params = {"provider": "anthropic", "model": "claude-sonnet-4-6", "input_tokens": 1_000_000}
+    quote = client.get("/v1/prices/quote", params=params, headers=bearer(make_token(Scope.READ))).json()
+    assert (quote["source_version"], quote["cost_usd"]) == ("ovr_m_last", "5.000000000")
+
+
 def test_an_override_provider_is_stored_lowercase_and_one_stored_as_sent_still_prices(client, admin, session_factory):
     """An override's provider was stored as sent ("Ollama") where per-purpose and BYOLLM settings store it lowercase;
     it is lowercased now (the response, the row, the audit entry). An override stored before, "Ollama", still prices
