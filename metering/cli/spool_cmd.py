@@ -14,6 +14,7 @@ from metering.cli.common import console, fail
 from metering.config import Settings
 from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
+from metering.spool.held import HELD_NAME, HeldEvents, due_at
 from metering.spool.inspect import check_readable, slot_states
 from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
@@ -35,7 +36,8 @@ spool_app = typer.Typer(help="The durable local spool between ctx.llm and the da
 
 @spool_app.command()
 def status() -> None:
-    """Per slot: writer alive, segments, the acknowledged cursor and the events still pending."""
+    """Per slot: writer alive, segments, the acknowledged cursor and the events still pending; then the events held
+    (in the future by this host's clock: delivered once it gets there)."""
     settings = Settings()
     check_readable(settings.spool_dir)
     table = Table(title=f"Spool at {settings.spool_dir}", title_justify="left")
@@ -52,7 +54,12 @@ def status() -> None:
         )
     console.print(table)
     rejected = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME).read()
-    console.print(f"pending={sum(s.pending for s in states)} rejected={len(rejected)}")
+    held = HeldEvents(settings.spool_dir / HELD_NAME).read()
+    for record in held:  # in the future by this host's clock (it stepped back): delivered once it gets there
+        event = decode_line(str(record.get("line", "")).encode("utf-8"))
+        when = f"due {due_at(event).isoformat()}" if isinstance(event, UsageEvent) else "not an event"
+        console.print(f"held {record.get('event_id')}  {when}  {record.get('reason', '')}", highlight=False)
+    console.print(f"pending={sum(s.pending for s in states)} rejected={len(rejected)} held={len(held)}")
 
 
 @spool_app.command()
@@ -84,7 +91,7 @@ def drain(
         pending = sum(state.pending for state in slot_states(flusher.root))
         console.print(
             f"delivered={stats.delivered} duplicates={stats.duplicates} rejected={stats.rejected} "
-            f"failures={stats.failures} pending={pending} drained={drained}"
+            f"failures={stats.failures} pending={pending} drained={drained} held={stats.held}"
         )
         if not drained:
             raise typer.Exit(1)

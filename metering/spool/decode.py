@@ -73,7 +73,7 @@ def _event_id_of(line: bytes) -> str | None:
 # dead-letter could not be acknowledged, and its segment, whose deletion would free the disk, was never consumed:
 # the spool stayed full for good. The flusher then deletes the reserve and writes the dead letters in its place.
 RESERVE_BYTES = 1 << 20
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _RESERVE_HEADROOM = 64 * 1024  # free bytes left to the appends once the reserve is written
 
 
@@ -147,19 +147,22 @@ class DeadLetters:
             for record in taken:
                 append(str(record["line"]).encode("utf-8"))
             # Kept as they were: the records not selected, and lines that are not records (never dropped).
-            kept = b"".join(raw + b"\n" for raw, record in lines if record is None or not select(record))
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, kept)  # a short write (disk full) raises: the file is never replaced by a part of it
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)
-                raise
-            os.close(fd)
-            os.replace(tmp, self.path)
+            self._rewrite(b"".join(raw + b"\n" for raw, record in lines if record is None or not select(record)))
         return taken
+
+    def _rewrite(self, kept: bytes) -> None:
+        """Replace the file with ``kept`` (under the lock): all of it, or (a short write, the disk full) unchanged."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, kept)  # a short write (disk full) raises: the file is never replaced by a part of it
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.path)
 
     def write(self, slot: str, segment: int, rejected: list[Rejected]) -> None:
         if not rejected:
@@ -169,7 +172,7 @@ class DeadLetters:
             try:
                 self._append(slot, segment, rejected, now)
             except OSError as exc:
-                if exc.errno not in _DISK_FULL or not self._release_reserve():
+                if exc.errno not in DISK_FULL or not self._release_reserve():
                     raise
                 self._append(slot, segment, rejected, now)  # in the space the reserve held
 

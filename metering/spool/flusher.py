@@ -1,6 +1,7 @@
 """The flusher: a daemon thread that moves spooled events to a sink and records what it acknowledged.
 
-Per batch: decode the lines, deliver the valid events, dead-letter the invalid ones with a reason,
+Per batch: decode the lines, deliver the valid events, dead-letter the invalid ones with a reason (and hold
+those refused as in the future that are ahead of this host's clock too: ``spool.held``, delivered by later passes),
 then advance the slot's cursor. A failing sink is retried with exponential backoff, forever: nothing
 is dropped (an error with a ``retry_after_s``, a service's ``Retry-After``, is retried no sooner, up to
 ``max_backoff_s``). A crash between delivery and the cursor write re-delivers the batch, and the idempotent
@@ -21,9 +22,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from metering.spool.decode import DeadLetters, Rejected, decode_lines
+from metering.events import UsageEvent, utcnow
+from metering.spool.decode import DISK_FULL, DeadLetters, Rejected, decode_lines
+from metering.spool.held import HELD_NAME, HeldEvents, ahead_of, refused_as_early, to_hold, too_far_ahead_note
 from metering.spool.inspect import writer_alive
 from metering.spool.isolation import deliver_isolating
 from metering.spool.reader import Batch, pending_lines, read_batch, remove_segment
@@ -54,6 +59,7 @@ class FlusherStats:
     delivered: int  # events the sink stored for the first time
     duplicates: int  # events the sink already had (a replay after a crash, or a repeated line)
     rejected: int  # lines dead-lettered to rejected.jsonl
+    held: int  # events in held.jsonl: in the future by this host's clock, delivered once it gets there (spool.held)
     failures: int  # failed delivery attempts (each retried later)
     batches: int
     pending: int  # complete lines not yet acknowledged in this process's slot and the slots it drains
@@ -82,6 +88,7 @@ class Flusher:
         self.interval_s = interval_s
         self.max_backoff_s = max_backoff_s
         self.dead_letters = DeadLetters(self.root / DEAD_LETTER_NAME)
+        self.held_events = HeldEvents(self.root / HELD_NAME)
         self._held: dict[Path, int] = {}  # slot dir -> fd holding its reader lock
         # Batches the sink took, in all and per slot: another slot's are proof that it works, so that a batch it
         # keeps refusing is refused for its events' own sake.
@@ -198,6 +205,7 @@ class Flusher:
             delivered=self._delivered,
             duplicates=self._duplicates,
             rejected=self._rejected,
+            held=len(self.held_events.read()),
             failures=self._failures,
             batches=self._batches,
             pending=pending,
@@ -284,6 +292,11 @@ class Flusher:
                     if left_out:
                         self._rotated_out.add(slot)
                         busy = True
+            try:  # not while a slot fails (the sink down, most likely): that failure is retried with backoff
+                if failed is None:
+                    self._deliver_held(deadline)
+            except Exception as exc:
+                failed = exc
             if failed is not None:
                 raise failed  # retried with backoff; the pass is not complete
             with self._done:
@@ -350,6 +363,7 @@ class Flusher:
 
     def _handle(self, slot: Path, batch: Batch, live: int | None) -> None:
         events, sources, rejected = decode_lines(batch.lines)
+        held: list[tuple[UsageEvent, Rejected]] = []
         if batch.torn is not None:
             offset, fragment = batch.torn
             rejected.append(Rejected(offset, fragment, "torn write: incomplete line at the end of a finished segment"))
@@ -373,15 +387,79 @@ class Flusher:
             self._took(slot)
             self._delivered += result.inserted
             self._duplicates += result.duplicates
+            now = utcnow()
             for index, reason in result.rejected:  # refused by the sink (e.g. an event from the future)
                 offset, line = sources[index]
-                rejected.append(Rejected(offset, line, f"rejected by the sink: {reason}", str(events[index].event_id)))
+                event = events[index]
+                if to_hold(event, reason, now):  # this host's clock stepped back since the event was written
+                    held.append((event, Rejected(offset, line, f"rejected by the sink: {reason}", str(event.event_id))))
+                    continue
+                note = too_far_ahead_note() if refused_as_early(reason) else ""
+                rejected.append(Rejected(offset, line, f"rejected by the sink: {reason}{note}", str(event.event_id)))
+        if held:  # before the cursor moves past them: a crash in between holds them twice (duplicates, no loss)
+            try:
+                self.held_events.write(slot.name, batch.segment, [item for _, item in held])
+            except OSError as exc:  # a full disk: dead-lettered (into the space kept aside), never holding the slot up
+                if exc.errno not in DISK_FULL:
+                    raise
+                log.warning("spool: no space to hold %d event(s) in the future; dead-lettered: %s", len(held), exc)
+                note = " (not held: the disk was full)"
+                rejected += [Rejected(i.offset, i.line, i.reason + note, i.event_id) for _, i in held]
+            else:
+                self._warn_held([event for event, _ in held], now)
         self.dead_letters.write(slot.name, batch.segment, rejected)
         self._rejected += len(rejected)
         self._batches += 1
         write_cursor(slot, batch.next_cursor)
         if batch.finished_segment:
             remove_segment(slot, batch.segment)
+
+    def _warn_held(self, events: list[UsageEvent], now: datetime) -> None:
+        shown = ", ".join(f"{event.event_id} ({ahead_of(event, now)} ahead)" for event in events[:5])
+        more = f" and {len(events) - 5} more" if len(events) > 5 else ""
+        log.warning(
+            "spool: the sink refuses event(s) %s%s as in the future, and they are ahead of this host's clock too: the "
+            "clock stepped back since they were written (an NTP step, a VM resumed?); held in %s and delivered once "
+            "the clock gets there (see `metering spool status`)",
+            shown,
+            more,
+            self.held_events.path,
+        )
+
+    def _deliver_held(self, deadline: float | None) -> None:
+        """Deliver the held events that are due by this host's clock (``spool.held``), a batch at a time."""
+        while self.held_events.deliver_due(utcnow(), self.batch_size, self._deliver_due) == self.batch_size:
+            if self._stopping.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                return
+
+    def _deliver_due(self, records: list[dict[str, Any]], events: list[UsageEvent]) -> set[int]:
+        """Deliver held events; the positions of those to hold on (the sink still refuses them as in the future, by
+        less than MAX_HELD_AHEAD); those it refuses otherwise are dead-lettered."""
+        # The sink took batches from the slots: a refusal that remains after isolation is the event's own.
+        result = deliver_isolating(self.sink, events, sink_healthy=self._accepted > 0)
+        self._delivered += result.inserted
+        self._duplicates += result.duplicates
+        now, keep = utcnow(), set()
+        dead: dict[tuple[str, int], list[Rejected]] = {}
+        for index, reason in result.rejected:
+            event, record = events[index], records[index]
+            if to_hold(event, reason, now):
+                keep.add(index)
+                continue
+            note = too_far_ahead_note() if refused_as_early(reason) else ""
+            offset, segment = record.get("offset"), record.get("segment")  # as written, unless edited
+            item = Rejected(
+                offset if isinstance(offset, int) else 0,
+                str(record["line"]).encode("utf-8"),
+                f"rejected by the sink: {reason}{note}",
+                str(event.event_id),
+            )
+            where = (str(record.get("slot", "")), segment if isinstance(segment, int) else 0)
+            dead.setdefault(where, []).append(item)
+        for (slot, segment), items in dead.items():
+            self.dead_letters.write(slot, segment, items)
+            self._rejected += len(items)
+        return keep
 
     def _took(self, slot: Path) -> None:
         self._accepted += 1

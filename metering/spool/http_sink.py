@@ -170,7 +170,8 @@ class HttpSink:
                 "token bound to no tenant (or to theirs)"
             )
         # In the future to the service, not by this host's clock (which wrote them): the service's clock is behind,
-        # and takes them once it gets there (an event in the future here too is bad: dead-lettered).
+        # and takes them once it gets there (one in the future here too is the flusher's: this host's clock stepped
+        # back since it wrote them, and it holds them, see spool.held; too far ahead, they are dead-lettered).
         latest = datetime.now(UTC) + MAX_FUTURE
         early = [
             why

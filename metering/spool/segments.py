@@ -8,6 +8,7 @@ Layout of a spool directory::
     <root>/writer-<N>/cursor               what the sink acknowledged: {"segment": seq, "offset": bytes}
     <root>/rejected.jsonl                  dead letters: lines that are not valid events, with a reason
     <root>/rejected.jsonl.reserve          space kept aside for dead letters, used when the disk is full
+    <root>/held.jsonl                      events ahead of this host's clock, delivered once it gets there (held.py)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import pytest
 
 from metering.spool import Flusher, Spool
 from metering.spool.decode import DeadLetters
+from metering.spool.held import HELD_NAME, MAX_HELD_AHEAD, HeldEvents
 from metering.spool.http_sink import HttpSink
 from tests.fakes.events import record
 from tests.fakes.local_http import QuietHandler, local_service
@@ -236,12 +237,14 @@ def test_events_in_the_future_only_by_the_service_s_clock_are_kept_until_it_gets
     """A service whose clock is behind the producer's by more than 5 minutes refused its events as in the future, and
     the flusher dead-lettered them: every event of that host out of billing until redriven, though the service takes
     each once its clock gets there. They are kept and retried now; an event in the future by this host's clock too
-    (a bad occurred_at) is still dead-lettered."""
+    is held as with the database sink (this host's clock stepped back: ``spool.held``), or, more than
+    ``MAX_HELD_AHEAD`` ahead (a bad occurred_at), still dead-lettered."""
     _Behind.behind, _Behind.stored = timedelta(minutes=10), set()
     records = [record(i) for i in range(5)]
-    bad = record(5, occurred_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    early = record(6, occurred_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    bad = record(5, occurred_at=(datetime.now(UTC) + MAX_HELD_AHEAD + timedelta(hours=1)).isoformat())
     with local_service(_Behind) as service, Spool(tmp_path / "spool") as spool:
-        for rec in [*records, bad]:
+        for rec in [*records, early, bad]:
             spool.append(orjson.dumps(rec))
         flusher = Flusher(spool, HttpSink(service, "mtr_any"), interval_s=0.01, max_backoff_s=0.05)
         assert not flusher.flush(timeout=1)  # kept: the service's clock is not there yet
@@ -250,12 +253,14 @@ def test_events_in_the_future_only_by_the_service_s_clock_are_kept_until_it_gets
         assert flusher.flush(timeout=30)
         stats = flusher.stats
         flusher.stop()
-    assert (kept.rejected, kept.pending) == (0, 6), kept
+    assert (kept.rejected, kept.pending) == (0, 7), kept
     assert "in the future though they are not by this host's clock" in (kept.last_error or ""), kept.last_error
-    assert (stats.rejected, stats.pending) == (1, 0), stats
+    assert (stats.rejected, stats.held, stats.pending) == (1, 1, 0), stats
     assert _Behind.stored == {r["event_id"] for r in records}
     [dead] = DeadLetters(tmp_path / "spool" / "rejected.jsonl").read()
     assert dead["event_id"] == bad["event_id"] and "in the future" in dead["reason"]
+    [held] = HeldEvents(tmp_path / "spool" / HELD_NAME).read()
+    assert held["event_id"] == early["event_id"]
 
 
 @pytest.mark.parametrize(
