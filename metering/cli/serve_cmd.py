@@ -110,6 +110,12 @@ def _check_port_free(host: str, port: int, workers: int) -> None:
                 raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
 
 
+# With --workers > 1 uvicorn pings each worker every half second and kills (SIGKILL) one that does not answer within
+# this; a worker answers once its interpreter has imported the app. uvicorn's default, 5 s, killed workers still
+# starting on a busy host (and with slower imports no worker ever served): tests/integration/test_serve_slow_workers.py.
+WORKER_HEALTHCHECK_TIMEOUT_S = 30
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
@@ -145,7 +151,15 @@ def serve(
     if demo:
         _seed_demo(host, port)
     with _shared_metrics(workers):
-        uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level.value)
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level.value,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+        )
 
 
 # prometheus_client's former name of the variable: it still reads it (deprecated) when the upper-case one is unset.
