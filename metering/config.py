@@ -116,6 +116,9 @@ class SpoolSettings(BaseModel):
         url = http_url(value)
         if url is not None and ("?" in url or "#" in url):  # "?" or "#" alone too: either ends the path
             raise ValueError("must be the service's base URL, without a query (?…) or a fragment (#…)")
+        # Given the endpoint itself (`…:8000/v1/events`), batches went to /v1/events/v1/events: each a 404, retried.
+        if url is not None and urlparse(url).path.rstrip("/").endswith("/v1/events"):
+            raise ValueError("must be the service's base URL: /v1/events is appended to it")
         return url
 
     @field_validator("http_token")
