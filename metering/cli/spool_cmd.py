@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -14,8 +16,9 @@ from metering.cli.common import console, fail
 from metering.config import Settings
 from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
+from metering.spool.flusher import Flusher
 from metering.spool.held import HELD_NAME, HeldEvents, due_at
-from metering.spool.inspect import check_readable, slot_states
+from metering.spool.inspect import check_readable, delivery_marks, slot_states, undelivered
 from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
 from metering.wiring import open_drainer
@@ -85,7 +88,7 @@ def drain(
             flusher.start()
             console.print(f"draining {flusher.root} (Ctrl-C to stop)")
             stop.wait()
-        drained = flusher.stop(drain=True, timeout=timeout)
+        drained, elsewhere = _deliver(flusher, timeout)  # slots another flusher holds, with their undelivered
         stats = flusher.stats
         # The flusher let go of its slots when it stopped: what is left is counted on disk, as `spool status` does.
         pending = sum(state.pending for state in slot_states(flusher.root))
@@ -93,11 +96,33 @@ def drain(
             f"delivered={stats.delivered} duplicates={stats.duplicates} rejected={stats.rejected} "
             f"failures={stats.failures} pending={pending} drained={drained} held={stats.held}"
         )
+        for slot, count in elsewhere.items():
+            console.print(
+                f"{slot.name}: {count} event(s) not delivered: another flusher holds the slot (a service's flusher "
+                "thread, another `metering spool drain`) and has not delivered them yet; see its log",
+                highlight=False,
+            )
         if not drained:
             raise typer.Exit(1)
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def _deliver(flusher: Flusher, timeout: float) -> tuple[bool, dict[Path, int]]:
+    """Deliver what is spooled now, up to ``timeout``: whether it was, and the slots another flusher holds whose
+    cursor has not passed it, with their pending events. A slot another flusher holds (a service's flusher thread
+    holds its own for good) cannot be taken: its cursor is waited for, and the slot delivered here if let go."""
+    deadline = time.monotonic() + timeout
+    marks = delivery_marks(flusher.root)
+    drained = flusher.flush(timeout)
+    held = undelivered(marks)
+    while drained and held and time.monotonic() < deadline:
+        time.sleep(0.05)
+        drained = flusher.flush(max(0.0, deadline - time.monotonic()))  # takes a slot let go meanwhile
+        held = undelivered(marks)
+    flusher.stop(drain=False)
+    return drained and not held, held if drained else {}
 
 
 @spool_app.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from metering.errors import SpoolError
 from metering.spool.reader import pending_lines
-from metering.spool.segments import LOCK_NAME, Cursor, list_segments, list_slots, read_cursor
+from metering.spool.segments import LOCK_NAME, Cursor, list_segments, list_slots, read_cursor, segment_name
 from metering.spool.writer import lock_free
 
 
@@ -66,3 +66,51 @@ def slot_states(root: Path) -> list[SlotState]:
             )
         )
     return states
+
+
+_TAIL = 64 * 1024
+
+
+def delivery_marks(root: Path) -> dict[Path, Cursor]:
+    """Per slot with complete lines past its cursor: the position just past its last complete line now. Once the
+    slot's cursor reaches it, every event spooled there before is delivered (or dead-lettered), whichever flusher
+    held the slot (``metering spool drain`` cannot take one another flusher holds, and waits for it instead)."""
+    marks = {}
+    for slot in list_slots(root):
+        segments = list_segments(slot)
+        mark = _end_of_last_line(slot, segments[-1]) if segments else None
+        if mark is not None and not _at_or_past(read_cursor(slot), mark):
+            marks[slot] = mark
+    return marks
+
+
+def undelivered(marks: dict[Path, Cursor]) -> dict[Path, int]:
+    """The slots of ``marks`` whose cursor has not reached their mark yet, with their pending events."""
+    left = {}
+    for slot, mark in marks.items():
+        cursor = read_cursor(slot)
+        if list_segments(slot) and not _at_or_past(cursor, mark):
+            left[slot] = pending_lines(slot, cursor)
+    return left
+
+
+def _end_of_last_line(slot: Path, seq: int) -> Cursor | None:
+    """Just past the last newline of a segment (its start when it has none: the segments before it are complete);
+    None once it is gone (consumed meanwhile)."""
+    try:
+        with open(slot / segment_name(seq), "rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            while end > 0:
+                start = max(0, end - _TAIL)
+                handle.seek(start)
+                newline = handle.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    return Cursor(seq, start + newline + 1)
+                end = start
+    except FileNotFoundError:
+        return None
+    return Cursor(seq, 0)
+
+
+def _at_or_past(cursor: Cursor, mark: Cursor) -> bool:
+    return (cursor.segment, cursor.offset) >= (mark.segment, mark.offset)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -200,3 +201,79 @@ def test_redrive_of_an_event_id_no_dead_letter_has_is_an_error_and_the_others_ar
     assert "redrove 1 event(s)" in done.stdout  # the one that is there is redriven all the same
     assert done.stderr.startswith(f"error: --event-id {unknown}: no dead-lettered event"), done.stderr
     assert letters.read() == []
+
+
+class _Down:
+    """A sink that is down: a flusher holding a slot with it delivers nothing."""
+
+    def deliver(self, events):
+        raise ConnectionError("the database is down")
+
+
+def _holding(flusher: Flusher) -> Flusher:
+    deadline = time.monotonic() + 10
+    while flusher.stats.slots == 0:
+        assert time.monotonic() < deadline, "the flusher never took the slot"
+        time.sleep(0.01)
+    return flusher
+
+
+def test_a_drain_of_a_slot_another_flusher_holds_waits_for_it_and_is_not_drained_while_it_delivers_nothing(
+    run, tmp_path: Path, session_factory
+) -> None:
+    """`metering spool drain` said drained=True, exit 0, with every event still pending in a slot another flusher
+    held (a service's flusher thread holds its own slot for good; another drain), whatever that flusher did: this
+    one could not take the slot, so it had nothing to wait for. It now waits, up to --timeout, for the slot's cursor
+    to pass what was spooled when it began (delivering the slot itself if the other lets it go), and otherwise says
+    drained=False, exit 1, naming the slot."""
+    ids = []
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(30):
+            rec = record(i)
+            ids.append(str(rec["event_id"]))
+            spool.append(orjson.dumps(rec))
+    stuck = _holding(Flusher(tmp_path / "spool", _Down(), interval_s=0.05).start())
+    try:
+        result = run("spool", "drain", "--timeout", "1")
+    finally:
+        stuck.stop(drain=False)
+    assert result.exit_code == 1, result.output
+    assert "pending=30 drained=False" in result.stdout, result.stdout
+    assert "writer-0: 30 event(s)" in result.output, result.output
+    assert stored_ids(session_factory) == set()
+
+    # The holder lets the slot go meanwhile: the drain delivers it itself.
+    stuck = _holding(Flusher(tmp_path / "spool", _Down(), interval_s=0.05).start())
+    threading.Timer(0.5, stuck.stop, kwargs={"drain": False}).start()
+    result = run("spool", "drain", "--timeout", "30")
+    assert result.exit_code == 0, result.output
+    assert "delivered=30 duplicates=0 rejected=0 failures=0 pending=0 drained=True" in result.stdout, result.stdout
+    assert stored_ids(session_factory) == set(ids)
+
+
+def test_a_drain_waits_for_the_flusher_that_holds_a_slot_to_deliver_it(run, tmp_path: Path, session_factory) -> None:
+    ids = []
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(30):
+            rec = record(i)
+            ids.append(str(rec["event_id"]))
+            spool.append(orjson.dumps(rec))
+    sink = DatabaseSink(session_factory)
+    gate = threading.Event()
+
+    class Gated:
+        def deliver(self, events):
+            if not gate.wait(0.01):
+                raise ConnectionError("not yet")
+            return sink.deliver(events)
+
+    holder = _holding(Flusher(tmp_path / "spool", Gated(), interval_s=0.02, max_backoff_s=0.05).start())
+    threading.Timer(0.5, gate.set).start()
+    try:
+        result = run("spool", "drain", "--timeout", "30")
+    finally:
+        holder.stop(drain=False)
+    assert result.exit_code == 0, result.output
+    assert "delivered=0 duplicates=0 rejected=0 failures=0 pending=0 drained=True" in result.stdout, result.stdout
+    assert holder.stats.delivered == 30
+    assert stored_ids(session_factory) == set(ids)
