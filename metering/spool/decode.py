@@ -141,13 +141,17 @@ class DeadLetters:
         dead-lettered: redriving it again only counts a duplicate (ingest is idempotent on event_id)."""
         with self._locked():
             lines = self._lines()
-            taken = [record for _, record in lines if record is not None and select(record)]
+            taken = _once([record for _, record in lines if record is not None and select(record)])
             if not taken:
                 return []
             for record in taken:
                 append(str(record["line"]).encode("utf-8"))
-            # Kept as they were: the records not selected, and lines that are not records (never dropped).
-            self._rewrite(b"".join(raw + b"\n" for raw, record in lines if record is None or not select(record)))
+            # Kept as they were: the records not selected (nor a repeat of one: see _once), and lines that are not
+            # records (never dropped).
+            gone = {_identity(record) for record in taken}
+            self._rewrite(
+                b"".join(raw + b"\n" for raw, record in lines if record is None or _identity(record) not in gone)
+            )
         return taken
 
     def _rewrite(self, kept: bytes) -> None:
@@ -219,7 +223,7 @@ class DeadLetters:
     def read(self) -> list[dict[str, Any]]:
         """Every record; a line that is not one (left by a crash mid-write, or an edit) is skipped with a warning,
         never a reason to refuse the others."""
-        return [record for _, record in self._lines() if record is not None]
+        return _once([record for _, record in self._lines() if record is not None])
 
     def _lines(self) -> list[tuple[bytes, dict[str, Any] | None]]:
         """Each non-empty line with its record (None: not a record)."""
@@ -240,6 +244,24 @@ class DeadLetters:
                 record = None
             lines.append((line, record))
         return lines
+
+
+def _identity(record: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What makes a dead letter the one it is: its line and where it was read (slot, segment, offset)."""
+    return (str(record.get("slot")), str(record.get("segment")), str(record.get("offset")), str(record.get("line")))
+
+
+def _once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records without repeats of an earlier one (the same line from the same place): a flusher killed after it
+    dead-lettered a batch's lines, before its cursor passed them, dead-letters them again when the batch is replayed;
+    each was counted by ``spool status``, listed and redriven twice."""
+    seen: set[tuple[str, str, str, str]] = set()
+    unique = []
+    for record in records:
+        if (identity := _identity(record)) not in seen:
+            seen.add(identity)
+            unique.append(record)
+    return unique
 
 
 def _write_all(fd: int, data: bytes) -> None:

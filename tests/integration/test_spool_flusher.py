@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -13,9 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from metering.db.event_store import count_events
 from metering.db.models import UsageEventRow
-from metering.events import UsageEvent
+from metering.events import UsageEvent, utcnow
 from metering.spool import DatabaseSink, DeliveryResult, Flusher, Spool
 from metering.spool.decode import DeadLetters
+from metering.spool.segments import read_cursor, write_cursor
 from tests.fakes.events import line, record
 
 
@@ -370,3 +372,28 @@ def test_a_program_limit_of_the_database_is_a_refusal_not_an_outage(
     [dead] = DeadLetters(tmp_path / "rejected.jsonl").read()
     assert dead["event_id"] == str(records[7]["event_id"])
     assert ("ProgramLimitExceeded" if backend == "postgresql" else "IntegrityError") in dead["reason"]
+
+
+def test_dead_letters_of_a_batch_replayed_after_a_crash_are_kept_once(tmp_path: Path, session_factory) -> None:
+    """A flusher killed after it dead-lettered a batch's bad lines, before it wrote the cursor (the state rolled back
+    here), dead-lettered them again on the replay: `spool status` counted each twice, `redrive --dry-run` listed the
+    event twice and a redrive spooled it twice. A record that repeats one of the same line at the same place in the
+    same segment is the same dead letter: read once, redriven once, and dropped with it."""
+    future = record(1, occurred_at=(utcnow() + timedelta(days=2)).isoformat())
+    with Spool(tmp_path) as spool:
+        flusher = Flusher(spool, DatabaseSink(session_factory))
+        assert spool.slot_dir is not None
+        spool.append(line(0))
+        before = read_cursor(spool.slot_dir)
+        spool.append(b"not json at all")
+        spool.append(orjson.dumps(future))
+        assert flusher.flush(timeout=30)
+        write_cursor(spool.slot_dir, before)  # what a kill between the dead letters and the cursor leaves
+        assert flusher.flush(timeout=30)
+        letters = DeadLetters(tmp_path / "rejected.jsonl")
+        assert len(letters.read()) == 2
+        redriven: list[bytes] = []
+        taken = letters.redrive(lambda r: r["event_id"] == str(future["event_id"]), redriven.append)
+    assert [r["event_id"] for r in taken] == [str(future["event_id"])]
+    assert redriven == [orjson.dumps(future)]
+    assert [r["reason"][:8] for r in letters.read()] == ["not JSON"]
