@@ -18,7 +18,7 @@ from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
 from metering.spool.flusher import Flusher
 from metering.spool.held import HELD_NAME, HeldEvents, due_at
-from metering.spool.inspect import check_readable, delivery_marks, slot_states, undelivered
+from metering.spool.inspect import check_deliverable, check_readable, delivery_marks, slot_states, undelivered
 from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
 from metering.wiring import open_drainer
@@ -79,6 +79,7 @@ def drain(
     """Deliver every slot of the spool this process can lock, including live writers' slots in other processes."""
     settings = Settings()
     check_readable(settings.spool_dir)  # before the flusher, which would retry listing it until the timeout
+    check_deliverable(settings.spool_dir)  # and would take no slot of a read-only one, waiting to the timeout
     flusher, engine = open_drainer(settings)
     try:
         if follow:

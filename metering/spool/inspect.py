@@ -52,6 +52,22 @@ def check_writable(root: Path) -> None:
         raise SpoolError(f"cannot open the spool at {root}: {exc.strerror or exc}") from None
 
 
+def check_deliverable(root: Path) -> None:
+    """A ``SpoolError`` unless this process can write in the spool and in each of its slots, as a drain must (each
+    slot's reader lock and cursor, dead letters): on a read-only filesystem, or run by a user who may only read the
+    spool, a drain took no slot, waited to its timeout and said nothing of why."""
+    for directory in [root, *list_slots(root)] if root.is_dir() else []:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot deliver the spool at {directory}: {exc.strerror or exc}: a drain writes each slot's cursor "
+                "there; make it writable, or run the drain as the user that owns it"
+            ) from None
+
+
 def slot_states(root: Path) -> list[SlotState]:
     states = []
     for slot in list_slots(root):

@@ -45,12 +45,20 @@ def try_lock(path: Path) -> int | None:
 
 
 def lock_free(path: Path) -> bool:
-    """Whether nobody holds the flock on ``path`` (taken and let go at once, a fork waiting: see ``fork_guard``)."""
+    """Whether nobody holds the flock on ``path`` (taken and let go at once, a fork waiting: see ``fork_guard``).
+    Opened read-only, never created (a lock file nobody made is held by nobody): opened for writing, a probe on a
+    read-only filesystem, or by a user who may only read the spool (``metering spool status``), raised OSError."""
     with fork_guard():
-        fd = try_lock(path)
-        if fd is None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             return False
-        os.close(fd)
+        finally:
+            os.close(fd)
     return True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,46 @@ def test_serve_refuses_to_start_with_unusable_keys_or_spool(db_url, tmp_path, a_
     error = one_error_line(serve(env))
     assert message.format(a_file=a_file, tmp_path=tmp_path) in error, error
     assert "not-a-fernet-key" not in error  # a key is never echoed
+
+
+@pytest.fixture
+def read_only_spool(tmp_path: Path) -> Iterator[Path]:
+    """A spool of 30 events, then on a read-only filesystem (a bind mount remounted read-only: root only), as after
+    ext4 remounted its disk read-only on an error."""
+    import orjson
+
+    from metering.spool import Spool
+    from tests.fakes.events import record
+
+    spooled = tmp_path / "spooled"
+    with Spool(spooled) as spool:
+        for i in range(30):
+            spool.append(orjson.dumps(record(i)))
+    mount = tmp_path / "data" / "spool"
+    mount.mkdir(parents=True)
+    for args in (["--bind", str(spooled)], ["-o", "remount,ro,bind"]):
+        done = subprocess.run(["mount", *args, str(mount)], capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+            pytest.skip(f"cannot mount the spool read-only here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_spool_is_shown_by_status_and_refused_by_drain_in_one_error_line(
+    tmp_path: Path, read_only_spool: Path
+) -> None:
+    """`spool status` probed each slot's writer lock by opening it for writing (creating it if absent): on a
+    read-only filesystem, or as a user who may only read the spool, a traceback (OSError: Read-only file system)
+    instead of the table; `spool drain` could take no slot, waited to its timeout and ended in the same traceback.
+    Status now probes the lock read-only; a drain says at once that it cannot write the spool."""
+    env = bare_env(
+        tmp_path, METERING_DATA_DIR=str(tmp_path / "data"), METERING_DATABASE_URL=f"sqlite:///{tmp_path}/m.db"
+    )
+    status = metering(["spool", "status"], env)
+    assert status.returncode == 0, status.stderr
+    assert "writer-0" in status.stdout and "pending=30 rejected=0" in status.stdout, status.stdout
+    error = one_error_line(metering(["spool", "drain", "--timeout", "5"], env))
+    assert f"cannot deliver the spool at {read_only_spool}" in error and "Read-only file system" in error, error
