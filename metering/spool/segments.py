@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ READER_LOCK_NAME = "reader.lock"  # held by the flusher that drains the slot
 CURSOR_NAME = "cursor"
 DEAD_LETTER_NAME = "rejected.jsonl"
 _SEGMENT_RE = re.compile(r"^(\d{12})\.jsonl$")
+log = logging.getLogger("metering.spool")
+_TOLD_CORRUPT: set[Path] = set()  # cursors warned about (read in a loop by a flush: told once per process)
 
 
 def segment_name(seq: int) -> str:
@@ -82,9 +85,18 @@ def read_cursor(slot_dir: Path) -> Cursor:
         return cursor
     except FileNotFoundError:
         return Cursor()
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         # A cursor is written by atomic rename, or in place under the lock, so this only happens if someone edited
         # it. Starting over re-delivers, which the idempotent sink turns into duplicates: nothing lost, nothing doubled.
+        path = slot_dir / CURSOR_NAME
+        if path not in _TOLD_CORRUPT:
+            _TOLD_CORRUPT.add(path)
+            log.warning(
+                "spool: the cursor %s is unreadable (%s): the slot is delivered again from its oldest segment, and the "
+                "sink counts what it already has as duplicates; nothing is lost. The next delivery writes a new one",
+                path,
+                exc,
+            )
         return Cursor()
 
 

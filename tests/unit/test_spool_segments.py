@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -111,3 +112,15 @@ def test_segments_before_the_cursor_are_removed(tmp_path: Path) -> None:
     batch = read_batch(slot, Cursor(2, 0), current_segment=None, max_lines=10)
     assert batch is not None and [line for _, line in batch.lines] == [b"new"]
     assert list_segments(slot) == [2]
+
+
+def test_a_corrupt_cursor_is_told_once_with_what_happens(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cursor that is not one (edited, or a disk error) made the flusher start the slot over without a word: the
+    operator saw duplicates counted and a cursor of 0:0 in `spool status`, and nothing said why."""
+    (tmp_path / "cursor").write_bytes(b'{"segment": 7, "offs')
+    with caplog.at_level(logging.WARNING, logger="metering.spool"):
+        assert read_cursor(tmp_path) == Cursor(0, 0)
+        assert read_cursor(tmp_path) == Cursor(0, 0)  # read in a loop by a flush: told once
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert str(tmp_path / "cursor") in warning and "from its oldest segment" in warning, warning
+    assert "duplicates" in warning, warning
