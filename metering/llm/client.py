@@ -85,7 +85,10 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
         raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")
     _check_unicode(system, "the system prompt")
     for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        # (a dict first: the ABC's isinstance costs ≈ 0.2 µs a message on the hot path)
+        if (type(message) is not dict and not isinstance(message, Mapping)) or (
+            "role" not in message or "content" not in message
+        ):
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
         if isinstance(content := message["content"], (list, tuple)):  # a tuple reaches the provider as an array too
             _check_parts(content, index)
