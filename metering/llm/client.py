@@ -249,7 +249,8 @@ class MeteredLLM:
         response_format: ResponseFormat,
         params: dict[str, Any],
     ) -> ProviderRequest:
-        merged = {**target.params, **params} if target.params and params else (params or dict(target.params))
+        # The call's own params (its **params: a dict of its own, which adapters only read) when the target has none
+        merged = params if not target.params else ({**target.params, **params} if params else dict(target.params))
         if temperature is None and "temperature" in merged:  # the purpose's (or a caller's **params): the call's own
             merged = dict(merged)
             temperature = merged.pop("temperature")
@@ -327,11 +328,12 @@ class MeteredLLM:
         self._check_open()
         fingerprint = prompt_fingerprint(system, messages)
         plan = self._plan(purpose)
-        targets = (plan.primary,) if plan.fallback is None else (plan.primary, plan.fallback)
-        last = len(targets) - 1
         # A call whose max_tokens the model refuses, stating its limit, is made once more at that limit, on the same
         # LLM, before any failover: inserted after the current try (a list iterator reads it next).
-        tries = [(attempt, target, max_tokens) for attempt, target in enumerate(targets)]
+        if plan.fallback is None:  # (no comprehension: ≈ 0.3 µs on the hot path)
+            last, tries = 0, [(0, plan.primary, max_tokens)]
+        else:
+            last, tries = 1, [(0, plan.primary, max_tokens), (1, plan.fallback, max_tokens)]
         for position, (attempt, target, call_max_tokens) in enumerate(tries):
             request = self._request(target, system, messages, call_max_tokens, temperature, response_format, params)
             # (inline: the hot path) a BYOLLM key that cannot be decrypted gets an adapter that fails each call
