@@ -48,14 +48,8 @@ _uuid7_last_ms = 0
 _uuid7_seq = 0
 
 
-def _uuid7_int() -> int:
-    """A time-ordered UUIDv7 (RFC 9562) as an int: 48-bit unix ms, 12-bit sequence, 62 random bits.
-
-    The 12-bit field is a per-process counter within one millisecond (method 1 of RFC 9562 §6.2),
-    so ids made by one process are strictly increasing. The random bits come from ``random`` seeded by
-    the OS (and re-seeded after ``fork``): ids need to be unique, not unguessable, and this keeps the
-    metered hot path free of a syscall.
-    """
+def _uuid7_ms_seq() -> tuple[int, int]:
+    """The unix ms and the 12-bit sequence of the next UUIDv7 (see ``_uuid7_int``)."""
     global _uuid7_last_ms, _uuid7_seq
     with _uuid7_lock:
         ms = time.time_ns() // 1_000_000
@@ -68,7 +62,18 @@ def _uuid7_int() -> int:
                 _uuid7_last_ms += 1
                 _uuid7_seq = 0
             ms = _uuid7_last_ms
-        seq = _uuid7_seq
+        return ms, _uuid7_seq
+
+
+def _uuid7_int() -> int:
+    """A time-ordered UUIDv7 (RFC 9562) as an int: 48-bit unix ms, 12-bit sequence, 62 random bits.
+
+    The 12-bit field is a per-process counter within one millisecond (method 1 of RFC 9562 §6.2),
+    so ids made by one process are strictly increasing. The random bits come from ``random`` seeded by
+    the OS (and re-seeded after ``fork``): ids need to be unique, not unguessable, and this keeps the
+    metered hot path free of a syscall.
+    """
+    ms, seq = _uuid7_ms_seq()
     return (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | _random.getrandbits(62)
 
 
@@ -76,10 +81,24 @@ def uuid7() -> uuid.UUID:
     return uuid.UUID(int=_uuid7_int())
 
 
+# uuid7_str's text of the version and sequence ("7" and 3 hex digits, then "-"), by sequence
+_VERSION_SEQ_TEXT = tuple(f"7{seq:03x}-" for seq in range(0x1000))
+_VARIANT = 0b10 << 62
+_ms_text: tuple[int, str] = (-1, "")  # the last millisecond's text, "xxxxxxxx-xxxx-" (many ids share one)
+
+
 def uuid7_str() -> str:
-    """``str(uuid7())`` without building the UUID object (the metered hot path only needs the text)."""
-    h = f"{_uuid7_int():032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """``str(uuid7())`` without building the 128-bit int or the UUID object (the metered hot path only needs the
+    text): the same id, its millisecond's text made once per millisecond, its sequence's looked up."""
+    global _ms_text
+    ms, seq = _uuid7_ms_seq()
+    made_for, head = _ms_text  # (one tuple: read and replaced whole, so threads never pair one ms with another's text)
+    if made_for != ms:
+        text = f"{ms:012x}"
+        head = f"{text[:8]}-{text[8:]}-"
+        _ms_text = (ms, head)
+    tail = (_VARIANT | _random.getrandbits(62)).to_bytes(8, "big").hex()
+    return f"{head}{_VERSION_SEQ_TEXT[seq]}{tail[:4]}-{tail[4:]}"
 
 
 # The rollups sum tokens and latencies (as integer microseconds) in BIGINT, the platform-wide daily ones over every

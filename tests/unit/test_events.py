@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -9,7 +10,8 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from metering.events import ADDED_COUNTS, Status, UsageEvent, record_of, uuid7
+from metering import events
+from metering.events import ADDED_COUNTS, Status, UsageEvent, record_of, uuid7, uuid7_str
 from metering.llm.event_record import CallScope, event_record, prompt_fingerprint
 from metering.llm.types import TokenUsage
 
@@ -45,6 +47,22 @@ def test_uuid7_is_version_7_and_strictly_increasing() -> None:
     assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_uuid7_str_is_the_text_of_the_uuid7_the_same_state_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_764_000_000_000_000_000]
+    monkeypatch.setattr(events, "time", types.SimpleNamespace(time_ns=lambda: now[0]))
+    steps = [0, 0, 1_000, 1_000_000, 0, 3_000_000, 0, 0] * 700  # within a millisecond, the next, a later one
+    steps += [0] * 5_000  # past 4,096 in one millisecond: the counter borrows the next one
+    for step in steps:
+        now[0] += step
+        state = (events._random.getstate(), events._uuid7_last_ms, events._uuid7_seq)
+        text = uuid7_str()
+        events._random.setstate(state[0])
+        events._uuid7_last_ms, events._uuid7_seq = state[1], state[2]
+        assert text == str(uuid7())
+    ids = [uuid7_str() for _ in range(10_000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
 def test_uuid7_carries_the_time() -> None:
