@@ -35,6 +35,7 @@ log = logging.getLogger("metering.llm")
 
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_PURPOSE = "default"
+_new_tuple = tuple.__new__  # makes an Attempt from the tuple of all its fields, without its Python __new__
 
 
 class EventRecorder(Protocol):
@@ -254,15 +255,9 @@ class MeteredLLM:
         if temperature is None and "temperature" in merged:  # the purpose's (or a caller's **params): the call's own
             merged = dict(merged)
             temperature = merged.pop("temperature")
-        return ProviderRequest(
-            model=target.config.model,
-            system=system,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            response_format=response_format,
-            params=merged,
-        )
+        # model, system, messages, max_tokens, temperature, response_format, params: positional (by keyword, the
+        # dataclass's __init__ costs ≈ 0.3 µs more on the hot path)
+        return ProviderRequest(target.config.model, system, messages, max_tokens, temperature, response_format, merged)
 
     def _record(
         self,
@@ -342,8 +337,10 @@ class MeteredLLM:
             reserved = self._reserve(system, messages, call_max_tokens, attempt)
             occurred_at = datetime.now(UTC)
             started = time.perf_counter()
-            common = Attempt(
-                target, attempt, purpose, occurred_at, started, call_max_tokens, fingerprint, False, reserved
+            # (tuple.__new__: the NamedTuple's own __new__ is a Python function, ≈ 0.2 µs more on the hot path)
+            common = _new_tuple(
+                Attempt,
+                (target, attempt, purpose, occurred_at, started, call_max_tokens, fingerprint, False, reserved),
             )
             task = asyncio.current_task()
             if task is not None:
@@ -400,16 +397,19 @@ class MeteredLLM:
             if response_format == "json":
                 cut_off_at = call_max_tokens if result.stop_reason == STOP_MAX_TOKENS else None
                 parsed = parse_json_text(text, cut_off_at=cut_off_at, stop_reason=result.stop_reason)
+            # text, provider, model, is_byollm, stop_reason, usage, event_id, response_format, parsed: positional (by
+            # keyword, the dataclass's __init__ costs ≈ 0.3 µs more on the hot path)
+            config = target.config
             return LLMResponse(
-                text=text,
-                provider=target.config.provider,
-                model=target.config.model,
-                is_byollm=target.is_byollm,
-                stop_reason=result.stop_reason,
-                usage=usage,
-                event_id=event_id,
-                response_format=response_format,
-                parsed=parsed,
+                text,
+                config.provider,
+                config.model,
+                target.is_byollm,
+                result.stop_reason,
+                usage,
+                event_id,
+                response_format,
+                parsed,
             )
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
