@@ -148,6 +148,9 @@ def resolve(byollm: ByollmSettings | None, purpose: PurposeSettings | None, plat
 
 _PLAN_CACHE_MAX = 4096
 _plans: dict[tuple[int, int, int], tuple[object, object, object, Plan]] = {}
+# The last plan resolved, with its inputs: the one most calls ask for again (no BYOLLM, one purpose's settings) is
+# found by identity alone, without the key's three id() calls and the dict (one tuple, read and replaced whole).
+_last: tuple[object, object, object, Plan] | None = None
 
 
 def resolve_cached(byollm: ByollmSettings | None, purpose: PurposeSettings | None, platform: PlatformLLM) -> Plan:
@@ -157,12 +160,16 @@ def resolve_cached(byollm: ByollmSettings | None, purpose: PurposeSettings | Non
     a plan once per settings version instead of once per call. Entries hold their inputs, so an id is
     never reused while its entry lives; the cache is bounded.
     """
-    key = (id(byollm), id(purpose), id(platform))
-    hit = _plans.get(key)
+    global _last
+    hit = _last
     if hit is not None and hit[0] is byollm and hit[1] is purpose and hit[2] is platform:
         return hit[3]
-    plan = resolve(byollm, purpose, platform)
-    if len(_plans) >= _PLAN_CACHE_MAX:
-        _plans.clear()
-    _plans[key] = (byollm, purpose, platform, plan)
-    return plan
+    key = (id(byollm), id(purpose), id(platform))
+    hit = _plans.get(key)
+    if hit is None or hit[0] is not byollm or hit[1] is not purpose or hit[2] is not platform:
+        hit = (byollm, purpose, platform, resolve(byollm, purpose, platform))
+        if len(_plans) >= _PLAN_CACHE_MAX:
+            _plans.clear()
+        _plans[key] = hit
+    _last = hit
+    return hit[3]
