@@ -56,6 +56,9 @@ class ProviderPool:
         self._cache: OrderedDict[PoolKey, PooledProvider] = OrderedDict()
         self._retired_in_use: set[PooledProvider] = set()  # out of the pool, a call still using them
         self._closing: set[asyncio.Task[None]] = set()  # closes under way (kept referenced until done)
+        # The config of the last `get` and its entry, the most recently used: a call with the same config (the same
+        # plan's target) gets it without the key and the dict; forgotten whenever an adapter is retired.
+        self._last: tuple[ProviderConfig, PooledProvider] | None = None
         _POOLS.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -63,17 +66,23 @@ class ProviderPool:
         to the parent's event loop (a child's call on one failed: 'bound to a different event loop'). The child makes
         its own; the parent's are kept referenced, never used or closed here."""
         _INHERITED.append((self._cache, self._retired_in_use, self._closing))
+        self._last = None
         self._cache = OrderedDict()
         self._retired_in_use = set()
         self._closing = set()
 
     def get(self, config: ProviderConfig) -> PooledProvider:
         """The adapter for ``config`` (made on first use), now the most recently used."""
+        last = self._last
+        if last is not None and last[0] is config:  # (no get since: still the most recently used)
+            return last[1]
         key = (config.provider, config.base_url, config.api_key, config.timeout_s, config.max_retries)
         entry = self._cache.get(key)
         if entry is None:
-            return self._add(key, config)
-        self._cache.move_to_end(key)
+            entry = self._add(key, config)
+        else:
+            self._cache.move_to_end(key)
+        self._last = (config, entry)
         return entry
 
     def release(self, entry: PooledProvider) -> None:
@@ -101,6 +110,7 @@ class ProviderPool:
         return entry
 
     def _retire(self, entry: PooledProvider) -> None:
+        self._last = None
         entry.retired = True
         if entry.in_use:
             self._retired_in_use.add(entry)  # closed by the release of its last call
@@ -120,6 +130,7 @@ class ProviderPool:
     async def aclose(self) -> None:
         """Close every adapter, those retired included, and wait for closes under way."""
         entries = [*self._cache.values(), *self._retired_in_use]
+        self._last = None
         self._cache = OrderedDict()
         self._retired_in_use = set()
         for entry in entries:

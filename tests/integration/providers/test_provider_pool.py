@@ -130,6 +130,25 @@ async def test_a_stream_on_a_dropped_adapter_is_read_to_its_end(
     assert is_closed(first)
 
 
+async def test_the_same_config_again_gets_its_adapter_and_a_retired_one_is_never_handed_out_again() -> None:
+    """``get`` hands the adapter of the config it was last given straight back (the metered hot path): that adapter
+    stays the most recently used, and once retired (evicted, or its key replaced) the same config gets a new one."""
+    pool = ProviderPool(make_provider, max_adapters=2)
+    a, b, c = (ProviderConfig("simulated", "m", api_key=f"sk-{name}") for name in "abc")
+    first = pool.get(a)
+    assert pool.get(a) is first and pool.get(a) is first
+    second = pool.get(b)
+    assert pool.get(a) is first and pool.get(a) is first  # a used again: b is the least recently used
+    pool.get(c)
+    assert (second.retired, first.retired, len(pool)) == (True, False, 2)
+    assert pool.get(a) is first
+    assert pool.retire_key("sk-a") == 1 and first.retired
+    again = pool.get(a)
+    assert again is not first and not again.retired and pool.get(a) is again
+    await pool.aclose()
+    assert again.retired and pool.get(a) is not again
+
+
 async def test_retiring_a_key_closes_its_idle_adapters_and_spares_the_others(
     pool: ProviderPool, llm_for: MakeLLM, openai_server: FakeOpenAIServer
 ) -> None:
