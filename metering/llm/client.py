@@ -46,10 +46,6 @@ class EventRecorder(Protocol):
         ...
 
 
-def _ms_since(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000.0, 3)
-
-
 # The event's own bounds (metering.events): an argument the event cannot hold is refused before the call is made,
 # not found out when the flusher dead-letters the event of a call that was made and paid for.
 _LABEL = TypeAdapter(Label)
@@ -270,7 +266,7 @@ class MeteredLLM:
         ttft_ms: float | None = None,
     ) -> str:
         target, attempt, purpose, occurred_at, started, max_tokens, fingerprint, is_stream, reserved = call
-        latency_ms = _ms_since(started)
+        latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
         flags = self._budget.settle(reserved, usage.input_tokens + usage.output_tokens)  # first: the call was made
         record = event_record(
             scope=self._scope,
@@ -334,7 +330,11 @@ class MeteredLLM:
             # (inline: the hot path) a BYOLLM key that cannot be decrypted gets an adapter that fails each call
             pooled = unreadable_key_adapter(target) if target.key_unreadable else self._providers.get(target.config)
             # Reserved last, with nothing between it and the call that could fail: `_record` settles it.
-            reserved = self._reserve(system, messages, call_max_tokens, attempt)
+            if self._budget.budget is None:  # (inline: the hot path) no budget, nothing to check; see `_reserve`
+                self._budget.calls_in_flight += 1
+                reserved = 0
+            else:
+                reserved = self._reserve(system, messages, call_max_tokens, attempt)
             occurred_at = datetime.now(UTC)
             started = time.perf_counter()
             # (tuple.__new__: the NamedTuple's own __new__ is a Python function, ≈ 0.2 µs more on the hot path)
