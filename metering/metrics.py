@@ -99,11 +99,11 @@ class UsageCollector(Collector):
         factory = self._sessions()
         if factory is None:
             return
-        totals, unpriced = self._read(factory, undecided_as_other=False)
-        if totals.undecided:  # values or label sets stored since the last admission
-            admitted = self._admit(factory)
-            if admitted is not None:  # None: another scrape is admitting them; this one leaves them out
-                totals, unpriced = self._read(factory, undecided_as_other=not admitted)
+        totals, unpriced = self._read(factory)
+        if totals.undecided and self._admit(factory):  # values or label sets stored since the last admission
+            totals, unpriced = self._read(factory)
+        # Not admitted (another scrape is admitting them, or the database refuses the write): this scrape leaves
+        # them out. Counted as ``other`` instead, they would leave it once admitted (a step down, a counter reset).
         calls, tokens, searches, billed, shadow = _families()
         for row in totals.rows:
             values = [row.provider, row.model, row.purpose, row.extension, str(row.is_byollm).lower(), row.status]
@@ -118,7 +118,7 @@ class UsageCollector(Collector):
         gauge.add_metric([], unpriced)
         yield from (calls, tokens, searches, billed, shadow, gauge)
 
-    def _read(self, factory: sessionmaker[Session], *, undecided_as_other: bool) -> tuple[FoldedTotals, int]:
+    def _read(self, factory: sessionmaker[Session]) -> tuple[FoldedTotals, int]:
         with factory() as session:
             read_snapshot(session)  # the counters and the gauge from one state of the database
             totals = folded_usage_totals(
@@ -126,13 +126,12 @@ class UsageCollector(Collector):
                 top_models=self._top_models,
                 top_labels=self._top_labels,
                 max_label_sets=self._max_label_sets,
-                undecided_as_other=undecided_as_other,
             )
             return totals, unpriced_events(session)
 
-    def _admit(self, factory: sessionmaker[Session]) -> bool | None:
-        """True when admitted; None when another scrape is admitting; False when the database refused (read-only,
-        or any error): this scrape then reports the values and sets not admitted as ``other``, never fails."""
+    def _admit(self, factory: sessionmaker[Session]) -> bool:
+        """True when admitted; False when another scrape is admitting, or the database refused (read-only, or any
+        error: logged): this scrape then answers without the values and sets not admitted, never fails."""
         try:
             with factory() as session:
                 done = admit_label_values(
@@ -144,11 +143,11 @@ class UsageCollector(Collector):
                 session.commit()
         except SQLAlchemyError as exc:
             log.warning(
-                "metrics: cannot record the label values first seen (%s); reported as other until a scrape can",
+                "metrics: cannot record the label values first seen (%s); left out until a scrape can",
                 " ".join(str(getattr(exc, "orig", None) or exc).split()),
             )
             return False
-        return True if done else None
+        return done
 
 
 class AppMetrics:

@@ -86,7 +86,7 @@ def top_n(label: str, top_models: int, top_labels: int) -> int:
 def relabelled(sets: Any, *, top_models: int, top_labels: int, undecided: ColumnElement[Any]) -> Any:
     """``sets``' rows with each provider, model, purpose and extension as reported: itself when admitted within its
     label's top N (``metrics_label_values``), ``OTHER`` when not and the label is full (it never will be), else
-    ``undecided`` (not admitted yet: NULL, or ``OTHER`` when no scrape can admit)."""
+    ``undecided`` (not admitted yet: NULL, left out of the answer until admitted)."""
     columns = []
     for name in LABEL_NAMES[:4]:
         n = top_n(name, top_models, top_labels)
@@ -111,9 +111,7 @@ def admitted_set_key() -> Any:
     return select(S.provider, S.model, S.purpose, S.extension, S.is_byollm, S.status)
 
 
-def folded_usage_totals(
-    session: Session, *, top_models: int, top_labels: int, max_label_sets: int, undecided_as_other: bool = False
-) -> FoldedTotals:
+def folded_usage_totals(session: Session, *, top_models: int, top_labels: int, max_label_sets: int) -> FoldedTotals:
     """``usage_totals`` with each label value reported as itself only if it was admitted (``metrics_label_values``,
     within the top N of its label: models ``top_models``; providers, purposes, extensions ``top_labels``), else as
     ``OTHER``; then each resulting label set as itself only if it was admitted (``metrics_label_sets``, within
@@ -122,11 +120,11 @@ def folded_usage_totals(
     scrape moved a value that overtook one of the top N out of ``other``, which stepped down).
 
     A value (a set) not admitted while its label (the cap) has room was stored after the last admission: its rows
-    are left out, and ``undecided`` says so (``metric_labels.admit_label_values`` decides them); with
-    ``undecided_as_other`` (no admission possible: a read-only database) they are counted as ``OTHER`` instead.
-    Every total is exact but for rows left out so. All in the database: at most ``max_label_sets`` rows plus two
-    per (byollm, status) come back, however many distinct names were ingested."""
-    undecided = literal(OTHER) if undecided_as_other else null()
+    are left out, and ``undecided`` says so (``metric_labels.admit_label_values`` decides them). Never counted as
+    ``OTHER`` meanwhile (when no admission is possible, a read-only database): admitted later, they would leave it,
+    which would step down. Every total is exact but for rows left out so. All in the database: at most
+    ``max_label_sets`` rows plus two per (byollm, status) come back, however many distinct names were ingested."""
+    undecided = null()
     relabel = relabelled(label_sets(), top_models=top_models, top_labels=top_labels, undecided=undecided)
     folded = _grouped(relabel).cte("folded")
     decided = and_(*(folded.c[name].is_not(None) for name in LABEL_NAMES[:4]))
