@@ -435,8 +435,10 @@ class Flusher:
     def _deliver_due(self, records: list[dict[str, Any]], events: list[UsageEvent]) -> set[int]:
         """Deliver held events; the positions of those to hold on (the sink still refuses them as in the future, by
         less than MAX_HELD_AHEAD); those it refuses otherwise are dead-lettered."""
-        # The sink took batches from the slots: a refusal that remains after isolation is the event's own.
-        result = deliver_isolating(self.sink, events, sink_healthy=self._accepted > 0)
+        # The sink took a slot's batch in this pass (the slots go first): a refusal that remains after isolation is
+        # the event's own. One it took once, since this flusher started, proves nothing now: a sink refusing every
+        # batch (its own 500 to all, a schema the code does not match) dead-lettered held events as they fell due.
+        result = deliver_isolating(self.sink, events, sink_healthy=self._accepted > self._pass_start)
         self._delivered += result.inserted
         self._duplicates += result.duplicates
         now, keep = utcnow(), set()

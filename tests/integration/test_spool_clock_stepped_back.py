@@ -95,3 +95,45 @@ def test_held_events_whose_time_came_are_delivered_a_batch_at_a_time_and_the_one
     [dead] = DeadLetters(tmp_path / "rejected.jsonl").read()
     assert dead["line"] == lines[-1].decode() and "3150 bytes" in dead["reason"] and dead["slot"] == "writer-0"
     assert (tmp_path / HELD_NAME).read_bytes() == b"not a record\n"
+
+
+def _hold(root: Path, *records: dict[str, object]) -> None:
+    """Events held by an earlier pass (or another flusher), now due."""
+    reason = "rejected by the sink: occurred_at … is in the future (now …)"
+    items = [Rejected(i * 100, orjson.dumps(rec), reason, str(rec["event_id"])) for i, rec in enumerate(records)]
+    HeldEvents(root / HELD_NAME).write("writer-0", 0, items)
+
+
+def test_held_events_are_not_dead_lettered_while_the_sink_refuses_everything(
+    tmp_path: Path, session_factory, engine, backend
+) -> None:
+    """A sink that refuses every batch (a service answering its own 500 to all, a database whose schema the code does
+    not match): the slots' batches wait for it, and so must held events that fall due meanwhile. They were
+    dead-lettered (three refusals) as soon as the flusher had delivered anything once since it started, a billable
+    call out of billing until someone redrove it; they are kept and delivered once the sink takes them again."""
+    from sqlalchemy import text
+
+    from tests.integration.test_spool_flusher import _refuse_tenant
+
+    first, due = record(0), record(1)
+    with Spool(tmp_path) as spool:
+        flusher = Flusher(spool, DatabaseSink(session_factory), interval_s=0.02, max_backoff_s=0.05)
+        spool.append(orjson.dumps(first))
+        assert flusher.flush(timeout=30)  # the sink took a batch: this flusher has seen it work
+        drop = _refuse_tenant(engine, backend, "tenant-1")  # every event refused from now on
+        try:
+            _hold(tmp_path, due)
+            flusher.flush(timeout=2)
+            assert DeadLetters(tmp_path / "rejected.jsonl").read() == []
+            assert [r["event_id"] for r in HeldEvents(tmp_path / HELD_NAME).read()] == [due["event_id"]]
+        finally:
+            with engine.begin() as conn:
+                for statement in drop:
+                    conn.execute(text(statement))
+        deadline = time.monotonic() + 30
+        while due["event_id"] not in stored_ids(session_factory) and time.monotonic() < deadline:
+            flusher.flush(timeout=1)
+            time.sleep(0.05)
+        flusher.stop()
+    assert stored_ids(session_factory) == {first["event_id"], due["event_id"]}
+    assert HeldEvents(tmp_path / HELD_NAME).read() == []
