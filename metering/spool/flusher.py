@@ -100,6 +100,9 @@ class Flusher:
         self._rotated_out: set[Path] = set()  # drained slots released to let left-out ones in: claimed last
         self._passes = 0
         self._pass_start = 0  # self._accepted when the current pass began
+        # Held events the sink refused with no proof that it works (time.monotonic()): not tried again before, unless
+        # a pass has that proof (the sink took a slot's batch in it).
+        self._held_refused_until = 0.0
         self._pass_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -427,10 +430,27 @@ class Flusher:
         )
 
     def _deliver_held(self, deadline: float | None) -> None:
-        """Deliver the held events that are due by this host's clock (``spool.held``), a batch at a time."""
-        while self.held_events.deliver_due(utcnow(), self.batch_size, self._deliver_due) == self.batch_size:
-            if self._stopping.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                return
+        """Deliver the held events that are due by this host's clock (``spool.held``), a batch at a time.
+
+        Every part of a batch refused, and no slot's batch taken in this pass (nothing tells a sink that refuses all
+        from events refused for their own sake): they stay held, counted delivered for now as those not due, and are
+        tried again after ``max_backoff_s``, or in a pass that has the proof (then dead-lettered if refused still).
+        They hold nothing up: raised, the pass failed, retried with backoff, so ``flush()`` and a fresh `metering
+        spool drain` with nothing else to deliver never completed (exit 1) and nothing was dead-lettered either."""
+        if self._accepted == self._pass_start and time.monotonic() < self._held_refused_until:
+            return
+        try:
+            while self.held_events.deliver_due(utcnow(), self.batch_size, self._deliver_due) == self.batch_size:
+                if self._stopping.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                    return
+        except RefusedBatchError as exc:  # raised only without the proof (see _deliver_due)
+            self._held_refused_until = time.monotonic() + self.max_backoff_s
+            log.warning(
+                "spool: the sink refuses held events now due, and took nothing else to tell whether it refuses "
+                "everything: kept held, tried again in %.1fs or once it takes a batch: %s",
+                self.max_backoff_s,
+                exc,
+            )
 
     def _deliver_due(self, records: list[dict[str, Any]], events: list[UsageEvent]) -> set[int]:
         """Deliver held events; the positions of those to hold on (the sink still refuses them as in the future, by

@@ -137,3 +137,39 @@ def test_held_events_are_not_dead_lettered_while_the_sink_refuses_everything(
         flusher.stop()
     assert stored_ids(session_factory) == {first["event_id"], due["event_id"]}
     assert HeldEvents(tmp_path / HELD_NAME).read() == []
+
+
+def test_a_held_event_the_sink_refuses_alone_waits_for_proof_of_its_own_fault_without_failing_the_flush(
+    tmp_path: Path, session_factory, engine, backend
+) -> None:
+    """A due held event the database refuses, alone (nothing else to tell a broken sink from a bad event): a fresh
+    `spool drain` retried it with backoff until its timeout and exited 1, though held events count as delivered for
+    now. It stays held, the flush completes; once the sink takes a slot's batch, it is dead-lettered."""
+    from sqlalchemy import text
+
+    from tests.integration.test_spool_flusher import _refuse_tenant
+
+    bad, good = record(0, tenant_id="poison"), record(1)
+    _hold(tmp_path, bad)
+    drop = _refuse_tenant(engine, backend, "poison")
+    try:
+        drainer = Flusher(tmp_path, DatabaseSink(session_factory), max_backoff_s=0.05)
+        assert drainer.flush(timeout=5)
+        stats = drainer.stats
+        drainer.stop(drain=False)
+        assert (stats.delivered, stats.rejected, stats.held) == (0, 0, 1), stats
+        assert DeadLetters(tmp_path / "rejected.jsonl").read() == []
+        with Spool(tmp_path) as spool:  # a slot's batch taken by the sink: the refusal is the event's own
+            flusher = Flusher(spool, DatabaseSink(session_factory), max_backoff_s=0.05)
+            spool.append(orjson.dumps(good))
+            assert flusher.flush(timeout=30)
+            stats = flusher.stats
+            flusher.stop()
+    finally:
+        with engine.begin() as conn:
+            for statement in drop:
+                conn.execute(text(statement))
+    assert (stats.delivered, stats.rejected, stats.held) == (1, 1, 0), stats
+    [dead] = DeadLetters(tmp_path / "rejected.jsonl").read()
+    assert dead["event_id"] == bad["event_id"] and "the database refuses the batch" in dead["reason"]
+    assert stored_ids(session_factory) == {good["event_id"]}
