@@ -78,12 +78,9 @@ def key_transfer_id(tenant_id: str, idempotency_key: str, kind: str) -> uuid.UUI
     return transfer_id("key:" + json.dumps([tenant_id, idempotency_key]), kind)
 
 
-def credit_posting(
-    *, tenant_id: str, user_id: str, nanos: int, idempotency_key: str, kind: CreditKind, memo: str | None
-) -> Posting:
-    """The one transfer a credit or adjustment posts (pure)."""
-    if kind not in ("credit", "adjustment"):
-        raise InvalidInputError(f"kind must be 'credit' or 'adjustment', not {kind!r}")
+def check_idempotency_key(idempotency_key: str) -> None:
+    """A key both edges read alike (credits, adjustments, price overrides): 1 to ``MAX_KEY`` printable ASCII
+    characters, without whitespace at either end."""
     if not idempotency_key or len(idempotency_key) > MAX_KEY:
         raise InvalidInputError(f"an idempotency key is required, at most {MAX_KEY} characters")
     if idempotency_key != idempotency_key.strip():  # the API's header never holds one: HTTP strips it
@@ -96,6 +93,15 @@ def credit_posting(
             "an idempotency key is printable ASCII (an HTTP header carries other characters as Latin-1 bytes: the API "
             "read a UTF-8 'é' as 'Ã©', the CLI as 'é', so a retry through the other edge would post a second time)"
         )
+
+
+def credit_posting(
+    *, tenant_id: str, user_id: str, nanos: int, idempotency_key: str, kind: CreditKind, memo: str | None
+) -> Posting:
+    """The one transfer a credit or adjustment posts (pure)."""
+    if kind not in ("credit", "adjustment"):
+        raise InvalidInputError(f"kind must be 'credit' or 'adjustment', not {kind!r}")
+    check_idempotency_key(idempotency_key)
     if memo is not None and len(memo) > MAX_MEMO:
         raise InvalidInputError(f"a memo has at most {MAX_MEMO} characters")
     if not tenant_id or not user_id:

@@ -10,6 +10,7 @@ closes the window, so past prices stay reproducible (a re-rate can still see wha
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import uuid
 from dataclasses import dataclass
@@ -20,13 +21,22 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from metering.billing import store
+from metering.billing.credits import check_idempotency_key
+from metering.billing.money import decimal_text
 from metering.billing.policy import BillingStatus
 from metering.billing.pricing import PriceOverride
 from metering.config import without_zeros_past_nine_decimals
 from metering.db.models import PriceOverrideRow, UsageEventRow
 from metering.db.row_lock import get_for_update, lock_sqlite_for_write
 from metering.db.unique import flush_or_conflict
-from metering.errors import ConflictError, InvalidInputError, NotFoundError, OverridePricedEventsError
+from metering.errors import (
+    ConflictError,
+    IdempotencyConflictError,
+    InvalidInputError,
+    MeteringError,
+    NotFoundError,
+    OverridePricedEventsError,
+)
 
 NANOS_PER_USD = 10**9
 MAX_NANOS = 2**63 - 1  # BIGINT
@@ -89,15 +99,68 @@ def add_override(
     now: datetime | None = None,
 ) -> PriceOverrideRow:
     """Store a new override (validated like ``pricing.PriceOverride``, its provider lowercase); returns the flushed
-    row."""
-    override_id = id or f"ovr_{uuid.uuid4().hex}"
-    if len(override_id) > MAX_ID:
-        raise InvalidInputError(f"an override id has at most {MAX_ID} characters")
-    if "/" in override_id:  # the API addresses an override in a path segment: POST …/price-overrides/{id}:end
-        raise InvalidInputError(
-            f"an override id cannot contain '/' (got {override_id!r}): the API could never end it "
-            "(POST /v1/admin/price-overrides/{id}:end takes one path segment)"
-        )
+    row (or, for an ``id`` already used by the same request, the stored one: see ``add``)."""
+    return add(
+        session,
+        provider=provider,
+        model_pattern=model_pattern,
+        effective_from=effective_from,
+        effective_to=effective_to,
+        input_mtok=input_mtok,
+        output_mtok=output_mtok,
+        cache_read_mtok=cache_read_mtok,
+        cache_write_mtok=cache_write_mtok,
+        markup_pct=markup_pct,
+        note=note,
+        cache_write_1h_mtok=cache_write_1h_mtok,
+        web_search_per_k=web_search_per_k,
+        id=id,
+        now=now,
+    ).row
+
+
+@dataclass(frozen=True, slots=True)
+class Adding:
+    row: PriceOverrideRow
+    replayed: bool  # True: its id (or idempotency key) was used before for this request: the first one, nothing added
+
+
+def key_override_id(idempotency_key: str) -> str:
+    """The id of the override an idempotency key adds (both edges derive it alike): a digest, as long as a generated
+    id, so any key (up to 200 characters, '/' too) makes an id the ``…/{id}:end`` route can address."""
+    return "ovr_" + hashlib.sha256(b"price_override.idempotency_key:" + idempotency_key.encode()).hexdigest()[:32]
+
+
+def add(
+    session: Session,
+    *,
+    provider: str,
+    model_pattern: str,
+    effective_from: datetime | None,
+    effective_to: datetime | None,
+    input_mtok: Decimal,
+    output_mtok: Decimal,
+    cache_read_mtok: Decimal | None = None,
+    cache_write_mtok: Decimal | None = None,
+    markup_pct: Decimal | None = None,
+    note: str | None = None,
+    cache_write_1h_mtok: Decimal | None = None,
+    web_search_per_k: Decimal | None = None,
+    id: str | None = None,
+    idempotency_key: str | None = None,
+    now: datetime | None = None,
+) -> Adding:
+    """``add_override``, safe to retry. The override's id is ``id``, or the one derived from ``idempotency_key``
+    (``key_override_id``; not both: an id already identifies the request), or a generated one. An id (a key) used
+    before by the same request answers that override, ``replayed``, and adds nothing; by another request it is a
+    ``ConflictError`` (``IdempotencyConflictError`` for a key) naming the stored override and what differs. The same
+    request: the same provider (any case), pattern, window and prices (as values: "3" is "3.00"), as the override is
+    stored now (ended or withdrawn since, it is no longer what was asked for: a conflict, it is never reopened); the
+    note is not compared (a retry may reword it: the first stays). ``effective_from`` None: ``now`` for a new
+    override, the stored start for a retry (the CLI without ``--from``). Checked and added under the price book's lock
+    (PostgreSQL) or the database write lock (SQLite): the same key twice at once adds one override."""
+    now = now or datetime.now(UTC)
+    override_id = _override_id(id, idempotency_key)
     if note is not None and len(note) > MAX_NOTE:
         raise InvalidInputError(f"a note has at most {MAX_NOTE} characters")
     # Stored lowercase, as events and per-purpose and BYOLLM settings (``settings_store.provider_name``) store it;
@@ -113,12 +176,12 @@ def add_override(
         "cache_write_1h_mtok": nanos_per_mtok("cache_write_1h_mtok", cache_write_1h_mtok),
         "web_search_per_k": nanos_per_mtok("web_search_per_k", web_search_per_k, "$ per 1,000 searches"),
     }
-    try:
+    try:  # (without a start: as if now; a retry then takes the stored start, whose window holds by construction)
         PriceOverride(
             id=override_id,
             provider=provider,
             model_pattern=model_pattern,
-            effective_from=effective_from,
+            effective_from=effective_from or now,
             effective_to=effective_to,
             input_mtok=input_mtok,
             output_mtok=output_mtok,
@@ -130,10 +193,18 @@ def add_override(
         )
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
-    taken = f"a price override with id {override_id!r} already exists (end it, or use a new id)"
+    markup = _markup_text(markup_pct)
     store.lock_price_book(session, change=True)  # after every ingest that priced without it (PostgreSQL)
-    if session.get(PriceOverrideRow, override_id) is not None:
-        raise ConflictError(taken)
+    lock_sqlite_for_write(session)  # SQLite: a request adding the same id meanwhile has committed (and is found)
+    existing = session.get(PriceOverrideRow, override_id, populate_existing=True)
+    if effective_from is None:
+        effective_from = existing.effective_from if existing is not None else now
+    if existing is not None:
+        asked = _identity(provider, model_pattern, effective_from, effective_to, prices, markup)
+        differs = [f for f, stored in _row_identity(existing).items() if asked[f] != stored]
+        if not differs:
+            return Adding(existing, replayed=True)
+        raise _conflict(existing, idempotency_key, differs, asked)
     row = PriceOverrideRow(
         id=override_id,
         provider=provider,
@@ -146,13 +217,93 @@ def add_override(
         cache_write_nanos_per_mtok=prices["cache_write_mtok"],
         cache_write_1h_nanos_per_mtok=prices["cache_write_1h_mtok"],
         web_search_nanos_per_k=prices["web_search_per_k"],
-        markup_pct=_markup_text(markup_pct),
+        markup_pct=markup,
         note=note,
-        created_at=now or datetime.now(UTC),
+        created_at=now,
     )
     session.add(row)
-    flush_or_conflict(session, taken)  # created by a concurrent request meanwhile
-    return row
+    # (a concurrent request adding it meanwhile waited for the locks above: a unique violation cannot be that one)
+    flush_or_conflict(session, f"a price override with id {override_id!r} was added meanwhile: send it again")
+    return Adding(row, replayed=False)
+
+
+def _override_id(id: str | None, idempotency_key: str | None) -> str:
+    if id is not None and idempotency_key is not None:
+        raise InvalidInputError(
+            "send an override id or an idempotency key, not both: the id already makes the request safe to retry "
+            "(the same id and request again answer the first override)"
+        )
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
+        return key_override_id(idempotency_key)
+    override_id = id or f"ovr_{uuid.uuid4().hex}"
+    if len(override_id) > MAX_ID:
+        raise InvalidInputError(f"an override id has at most {MAX_ID} characters")
+    if "/" in override_id:  # the API addresses an override in a path segment: POST …/price-overrides/{id}:end
+        raise InvalidInputError(
+            f"an override id cannot contain '/' (got {override_id!r}): the API could never end it "
+            "(POST /v1/admin/price-overrides/{id}:end takes one path segment)"
+        )
+    return override_id
+
+
+Identity = dict[str, str | None]
+
+
+def _identity(
+    provider: str,
+    model_pattern: str,
+    start: datetime,
+    end: datetime | None,
+    prices: dict[str, int | None],
+    markup: str | None,
+) -> Identity:
+    """What a request must repeat to be answered with the override it added (pure; prices and markup as values)."""
+    return {
+        "provider": provider.lower(),
+        "model_pattern": model_pattern,
+        "effective_from": _moment(start),
+        "effective_to": _moment(end),
+        **{name: decimal_text(nanos) for name, nanos in prices.items()},
+        "markup_pct": None if markup is None else format(Decimal(markup).quantize(Decimal("1e-9")), "f"),
+    }
+
+
+def _row_identity(row: PriceOverrideRow) -> Identity:
+    prices = {
+        "input_mtok": row.input_nanos_per_mtok,
+        "output_mtok": row.output_nanos_per_mtok,
+        "cache_read_mtok": row.cache_read_nanos_per_mtok,
+        "cache_write_mtok": row.cache_write_nanos_per_mtok,
+        "cache_write_1h_mtok": row.cache_write_1h_nanos_per_mtok,
+        "web_search_per_k": row.web_search_nanos_per_k,
+    }
+    return _identity(row.provider, row.model_pattern, row.effective_from, row.effective_to, prices, row.markup_pct)
+
+
+def _moment(at: datetime | None) -> str | None:
+    return None if at is None else at.astimezone(UTC).isoformat()
+
+
+def _conflict(row: PriceOverrideRow, key: str | None, differs: list[str], asked: Identity) -> MeteringError:
+    stored = _row_identity(row)
+    window = f"from {stored['effective_from']} " + (
+        "(withdrawn)" if is_withdrawn(row) else f"to {stored['effective_to']}" if row.effective_to else "(open-ended)"
+    )
+    first = (
+        f"{row.provider} {row.model_pattern!r} {window}, input {stored['input_mtok']} / output "
+        f"{stored['output_mtok']} $/Mtok"
+    )
+    how = ", ".join(f"{f} (stored: {stored[f] or 'none'}, requested: {asked[f] or 'none'})" for f in differs)
+    if key is not None:
+        return IdempotencyConflictError(
+            f"idempotency key {key!r} was already used for a different request: override {row.id!r} ({first}); this "
+            f"request differs in {how}"
+        )
+    return ConflictError(
+        f"price override {row.id!r} already exists for a different request ({first}); this request differs in {how}. "
+        "To change a price, end it and add a new override under a new id"
+    )
 
 
 def list_overrides(

@@ -95,14 +95,24 @@ def overrides_add(
     markup: Annotated[str | None, typer.Option(help="Markup percent for this price (default: platform's)")] = None,
     note: Annotated[str | None, typer.Option()] = None,
     override_id: Annotated[str | None, typer.Option("--id", help="Default: generated.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="E.g. a UUID, shared with the API's Idempotency-Key: run again with it and the same request, it "
+            "prints the first override ('replayed': true) and adds nothing; with another request it is refused. Not "
+            "with --id (an id already makes it safe to run again).",
+        ),
+    ] = None,
 ) -> None:
-    """Add a price override. Past events priced before it are changed only by `rerate` / `reprice`."""
+    """Add a price override. Past events priced before it are changed only by `rerate` / `reprice`. Safe to run
+    again with --idempotency-key or --id (without --from, a retry takes the first run's start)."""
     with admin_session() as (session, _box):
-        row = overrides.add_override(
+        adding = overrides.add(
             session,
             provider=provider,
             model_pattern=model,
-            effective_from=_moment("--from", start) or datetime.now(UTC),
+            effective_from=_moment("--from", start),  # None: now, or the start of the override a retry finds
             effective_to=_moment("--to", end),
             input_mtok=_decimal("--input", input_price),  # type: ignore[arg-type]
             output_mtok=_decimal("--output", output_price),  # type: ignore[arg-type]
@@ -113,10 +123,13 @@ def overrides_add(
             markup_pct=_decimal("--markup", markup),
             note=note,
             id=override_id,
+            idempotency_key=idempotency_key,
         )
-        target, after = snap.override_target(row.id), snap.override_snapshot(row)
-        audit_trail.record(session, "price_override.add", target, before=None, after=after)
-        print_json(_override_view(row))
+        row = adding.row
+        if not adding.replayed:  # a replay (the first run's override) added nothing: not audited, as in the API
+            target, after = snap.override_target(row.id), snap.override_snapshot(row)
+            audit_trail.record(session, "price_override.add", target, before=None, after=after)
+        print_json({**_override_view(row), "replayed": adding.replayed})
 
 
 @overrides_app.command("list")

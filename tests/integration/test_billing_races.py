@@ -10,6 +10,7 @@ SQLite needs no such test: every writer takes the database write lock before it 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,13 +23,13 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from metering.billing import invoice_store
+from metering.billing import invoice_store, overrides
 from metering.billing.checks import run_checks
 from metering.billing.credits import add_credit
 from metering.billing.ingest import ingest
 from metering.billing.overrides import add_override
 from metering.billing.rerate import apply_rerate
-from metering.db.models import AccountRow, AuditLogRow, InvoiceRow, TransferRow
+from metering.db.models import AccountRow, AuditLogRow, InvoiceRow, PriceOverrideRow, TransferRow
 from metering.events import event_from_record
 from tests.fakes.events import record
 
@@ -196,3 +197,21 @@ def test_two_reprices_at_once_bill_each_held_event_once(session_factory, cli_env
     assert "priced 0 held event(s)" in out
     draft = ("draft", OLD_CHARGE)
     assert invoice_totals(session_factory, "2026-10") == {"user-1": draft, "user-2": draft}
+
+
+@pytest.mark.parametrize("key", ["same", "other"])
+def test_one_override_key_from_two_connections_at_once_adds_one_override(session_factory, cli_env, key) -> None:
+    """The same `--idempotency-key` from two connections at once: the second waits for the first's commit, then
+    answers its override (replayed, not audited); two keys add two overrides."""
+    holder = session_factory()
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    overrides.add(holder, provider="ollama", model_pattern="llama3*", effective_from=since, effective_to=None,
+                  input_mtok=Decimal("0.10"), output_mtok=Decimal("0.40"), idempotency_key="same")  # fmt: skip
+    child = start(cli_env, "billing", "overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input",
+                  "0.10", "--output", "0.40", "--from", since.isoformat(), "--idempotency-key", key)  # fmt: skip
+    printed = json.loads(finish_after_it_waits(session_factory, holder, child))
+    assert printed["replayed"] is (key == "same")
+    with session_factory() as session:
+        ids = set(session.scalars(select(PriceOverrideRow.id)))
+        assert printed["id"] in ids and len(ids) == (1 if key == "same" else 2)
+        assert session.scalar(select(func.count()).select_from(AuditLogRow)) == (0 if key == "same" else 1)

@@ -39,6 +39,19 @@ OverrideId = Annotated[str, Path(min_length=1, max_length=64)]
 # -- price overrides ------------------------------------------------------------------------------------
 
 
+_OVERRIDE_KEY_PARAMETER = {
+    "name": IDEMPOTENCY_KEY,
+    "in": "header",
+    "required": False,
+    "description": (
+        "Optional (1 to 200 printable ASCII characters; a UUID is a good choice), for a request without an `id` (not "
+        "both: 422). The same key again answers the first override (200, `Idempotent-Replayed: true`), adding "
+        "nothing; the same key for a different request is 409 `idempotency_conflict`. Not printable ASCII: 422."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\x20-\x7e]+$"},
+}
+
+
 @router.post(
     "/price-overrides",
     status_code=201,
@@ -46,14 +59,27 @@ OverrideId = Annotated[str, Path(min_length=1, max_length=64)]
     description=(
         "Requires `admin`, unbound. Prices (provider, model glob) in [effective_from, effective_to), in USD per 1M "
         "tokens, exactly (at most 9 decimals; send strings). Overrides are never deleted: end them. Audited as "
-        "`price_override.add`. An id already used is 409 `conflict`."
+        "`price_override.add`. Safe to retry with an `Idempotency-Key` header or an `id`: the same request again "
+        "answers the first override with 200 and `Idempotent-Replayed: true` (not audited; the note is not compared); "
+        "a key used for a different request is 409 `idempotency_conflict`, an id 409 `conflict`, naming the stored "
+        "override and what differs."
     ),
-    responses=problem_responses(401, 403, 409, 422, 503),
+    responses={
+        200: {"model": PriceOverrideOut, "description": "A replay: the override this id or key added; nothing added."},
+        **problem_responses(401, 403, 409, 422, 503),
+    },
+    openapi_extra={"parameters": [_OVERRIDE_KEY_PARAMETER]},
 )
 def post_price_override(
-    body: PriceOverrideIn, principal: PlatformAdmin, session: DbSession, audit: Audited
+    body: PriceOverrideIn,
+    request: Request,
+    response: Response,
+    principal: PlatformAdmin,
+    session: DbSession,
+    audit: Audited,
 ) -> PriceOverrideOut:
-    row = overrides.add_override(
+    key = request.headers.get(IDEMPOTENCY_KEY, "").strip(" \t") or None  # as a credit's; blank: none
+    adding = overrides.add(
         session,
         provider=body.provider,
         model_pattern=body.model_pattern,
@@ -68,8 +94,15 @@ def post_price_override(
         markup_pct=body.markup_pct,
         note=body.note,
         id=body.id,
+        idempotency_key=key,
     )
-    audit.record("price_override.add", snap.override_target(row.id), before=None, after=snap.override_snapshot(row))
+    row = adding.row
+    response.headers[REPLAYED] = "true" if adding.replayed else "false"
+    if adding.replayed:  # the first request's override: nothing added, nothing audited
+        response.status_code = 200
+    else:
+        after = snap.override_snapshot(row)
+        audit.record("price_override.add", snap.override_target(row.id), before=None, after=after)
     return PriceOverrideOut.of(row)
 
 

@@ -436,7 +436,10 @@ def test_price_overrides_add_list_end_audited(client, admin, session_factory):
     assert added.status_code == 201, added.text
     assert added.json()["input_mtok"] == "2.500000000" and added.json()["output_mtok"] == "12.000000001"
     assert added.json()["effective_to"] is None
-    assert_problem(client.post("/v1/admin/price-overrides", json=body, headers=admin), 409, "conflict")
+    retried = client.post("/v1/admin/price-overrides", json=body, headers=admin)  # the same id and request: a replay
+    assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true"
+    repriced = {**body, "input_mtok": "3"}
+    assert_problem(client.post("/v1/admin/price-overrides", json=repriced, headers=admin), 409, "conflict")
     odd = {**body, "id": "ovr_odd", "input_mtok": "1_000"}  # text prices are plain decimals too
     assert_problem(client.post("/v1/admin/price-overrides", json=odd, headers=admin), 422, "validation_error")
     finer = {**body, "id": "ovr_fine", "input_mtok": "0.0000000001"}
@@ -867,6 +870,10 @@ def test_openapi_documents_the_admin_audit_and_invoke_operations(client):
     (header,) = [p for p in credits["parameters"] if p["in"] == "header"]
     assert header["name"] == "Idempotency-Key" and header["required"] is True
     assert {"200", "201", "400", "409"} <= set(credits["responses"])
+    added = doc["paths"]["/v1/admin/price-overrides"]["post"]
+    (header,) = [p for p in added["parameters"] if p["in"] == "header"]
+    assert header["name"] == "Idempotency-Key" and header["required"] is False
+    assert {"200", "201", "409"} <= set(added["responses"])
     api_key = doc["components"]["schemas"]["ByollmIn"]["properties"]["api_key"]["anyOf"][0]
     assert api_key["writeOnly"] is True and api_key["format"] == "password"
     assert "api_key" not in doc["components"]["schemas"]["ByollmOut"]["properties"]

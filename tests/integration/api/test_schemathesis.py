@@ -94,6 +94,10 @@ OVERRIDE = {
     "cache_write_1h_mtok": "6.00",
     "web_search_per_k": "10.00",
 }
+KEYED_OVERRIDE = {
+    "headers": {"Idempotency-Key": "known-good"},
+    "body": {k: v for k, v in OVERRIDE.items() if k != "id"},
+}
 CREDIT = {"headers": {"Idempotency-Key": "known-good"}, "body": {**USER, "amount": "10.00"}}
 INVOKE = {
     "path_parameters": {"extension_id": "rewrite", "function": "rewrite"},
@@ -135,6 +139,9 @@ KNOWN_GOOD: list[tuple[str, dict[str, Any], int]] = [
     ("GET /v1/admin/budgets", {}, 200),
     ("GET /v1/admin/budgets/{extension_id}", {"path_parameters": {"extension_id": "rewrite"}}, 200),
     ("POST /v1/admin/price-overrides", {"body": OVERRIDE}, 201),
+    ("POST /v1/admin/price-overrides", {"body": OVERRIDE}, 200),  # the same id and request: the replay
+    ("POST /v1/admin/price-overrides", KEYED_OVERRIDE, 201),
+    ("POST /v1/admin/price-overrides", KEYED_OVERRIDE, 200),  # the replay
     ("GET /v1/admin/price-overrides", {"query": {"provider": "anthropic"}}, 200),
     ("POST /v1/admin/price-overrides/{override_id}:end", {"path_parameters": {"override_id": "ovr_known"}}, 200),
     ("POST /v1/admin/price-overrides/{override_id}:withdraw", {"path_parameters": {"override_id": "ovr_known"}}, 200),
