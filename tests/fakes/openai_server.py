@@ -36,6 +36,9 @@ class FakeOpenAIServer(FakeProviderServer):
     unknown_params: frozenset[str] = frozenset()
     # Answer a `response_format` of type json_object with LM Studio's 400 (it takes only json_schema or text).
     refuses_json_object = False
+    # Models answering a json_object `response_format` with OpenAI's own 400 for its older models (gpt-4, ...), while
+    # the endpoint's other models take it.
+    json_object_refused_by: frozenset[str] = frozenset()
 
     @property
     def base_url(self) -> str:
@@ -124,6 +127,9 @@ class FakeOpenAIServer(FakeProviderServer):
         json_object = isinstance(request, dict) and (request.get("response_format") or {}).get("type") == "json_object"
         if self.refuses_json_object and json_object:
             return Fail(400, "invalid_request_error", "'response_format.type' must be 'json_schema' or 'text'")
+        if json_object and request.get("model") in self.json_object_refused_by:
+            message = "Invalid parameter: 'response_format' of type 'json_object' is not supported with this model."
+            return Fail(400, "invalid_request_error", message)
         return None
 
     def requested_output(self, request: Any) -> int | None:

@@ -129,8 +129,10 @@ class OpenAIProvider:
         self._keyless = not compatible and not config.api_key and not config.base_url
         # OpenAI's own API wants max_completion_tokens; compatible servers still read max_tokens.
         self._max_tokens_param = "max_tokens" if compatible else "max_completion_tokens"
-        # OPTIONAL_PARAMS this endpoint refused (a 400 saying so) and answered without: never sent again by this adapter
-        self._refused: set[str] = set()
+        # (OPTIONAL_PARAMS, model) this endpoint refused (a 400 saying so) and answered without: never sent again by
+        # this adapter for that model (OpenAI refuses JSON mode for its older models only, and one adapter serves every
+        # model of its endpoint and key)
+        self._refused: set[tuple[str, str]] = set()
         self._client = None
         if self._config_problem is None:
             self._client = openai.AsyncOpenAI(
@@ -156,7 +158,7 @@ class OpenAIProvider:
         }
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
-        if request.response_format == "json" and "response_format" not in self._refused:
+        if request.response_format == "json" and ("response_format", request.model) not in self._refused:
             kwargs["response_format"] = {"type": "json_object"}
         params = request.params
         for key in PASS_THROUGH:
@@ -170,14 +172,15 @@ class OpenAIProvider:
     async def _create(self, client: openai.AsyncOpenAI, kwargs: dict[str, Any]) -> Any:
         """``chat.completions.create``; refused for an optional parameter the endpoint does not take (nothing was
         generated, nothing used), the same call again without it, within this one call (and its one event), as the
-        SDK's own retries are. Once the endpoint answered without it, this adapter never sends it again."""
+        SDK's own retries are. Once the endpoint answered without it, this adapter never sends it again for that
+        model."""
         try:
             return await client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
             if (param := refused_param(exc, kwargs)) is None:
                 raise
         answer = await client.chat.completions.create(**{k: v for k, v in kwargs.items() if k != param})
-        self._refused.add(param)
+        self._refused.add((param, kwargs["model"]))
         log.info("%s: the endpoint refuses %s; calling it without", self.name, param)
         return answer
 
@@ -209,7 +212,7 @@ class OpenAIProvider:
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         client = self._check()
         kwargs = self._kwargs(request) | {"stream": True}
-        if "stream_options" not in self._refused:  # the usage chunk; without it, the usage is estimated from the text
+        if ("stream_options", request.model) not in self._refused:  # the usage chunk; else estimated from the text
             kwargs["stream_options"] = {"include_usage": True}
         error: ProviderError | None = None
         try:

@@ -814,6 +814,34 @@ async def test_an_endpoint_that_refuses_json_mode_still_answers_json_on_the_user
     assert "JSON" in bodies[-1]["messages"][0]["content"]  # the instruction still asks for it
 
 
+async def test_a_model_that_refuses_json_mode_leaves_it_on_for_the_endpoints_other_models(
+    openai_server: FakeOpenAIServer, metered: MakeLLM
+) -> None:
+    """OpenAI refuses JSON mode for its older models only ("'response_format' of type 'json_object' is not supported
+    with this model"), and one adapter (endpoint and key) serves every model of the platform's purposes: once a
+    purpose on gpt-4 had its JSON call refused, every later JSON call of every purpose on that endpoint (gpt-4o
+    included) went without JSON mode for the life of the process. A refusal is kept for the model it came from."""
+    openai_server.json_object_refused_by = frozenset({"gpt-4"})
+    openai_server.default = Reply(text='{"ok": true}')
+    old = PurposeSettings("legacy", "openai", "gpt-4", openai_server.base_url, {})
+    new = PurposeSettings("content_rewrite", "openai", "gpt-4o", openai_server.base_url, {})
+    llm, rec = metered(
+        "openai", openai_server, InMemorySettings(purpose_by_name={"legacy": old, "content_rewrite": new})
+    )
+    for purpose in ("legacy", "content_rewrite", "legacy", "content_rewrite"):
+        response = await llm.create_message(messages=MESSAGES, purpose=purpose, response_format="json")
+        assert response.json == {"ok": True}
+    assert len(rec.lines) == 4
+    sent = [(request.body["model"], "response_format" in request.body) for request in openai_server.requests]
+    assert sent == [
+        ("gpt-4", True),  # refused: asked again without it
+        ("gpt-4", False),
+        ("gpt-4o", True),  # another model of the same endpoint: JSON mode still asked for
+        ("gpt-4", False),  # the refusing model: left out from then on
+        ("gpt-4o", True),
+    ]
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_purposes_temperature_reaches_the_provider(
     openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str
