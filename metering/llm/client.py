@@ -77,10 +77,18 @@ def _check_scope(scope: CallScope) -> None:
         _check_label(name, getattr(scope, name))
 
 
-def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: Any, system: Any = None) -> None:
+def _check_args(
+    messages: Any,
+    max_tokens: Any,
+    purpose: Any,
+    response_format: Any,
+    system: Any = None,
+    params: Mapping[str, Any] | None = None,
+) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")
-    _check_unicode(system, "the system prompt")
+    if (at := _lone_surrogate(system)) is not None:
+        raise _not_unicode("the system prompt", at)
     for index, message in enumerate(messages):
         # (a dict first: the ABC's isinstance costs ≈ 0.2 µs a message on the hot path)
         if (type(message) is not dict and not isinstance(message, Mapping)) or (
@@ -88,9 +96,15 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
         ):
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
         if isinstance(content := message["content"], (list, tuple)):  # a tuple reaches the provider as an array too
-            _check_parts(content, index)
-        else:
-            _check_unicode(content, f"message {index}'s content")
+            _check_parts(content)
+        for key, value in message.items():  # its content, a tool call's arguments, a part's text at any depth, ...
+            if type(value) is str and value.isascii():  # nearly every role and content: no call
+                continue
+            if (at := _lone_surrogate(value)) is not None:
+                raise _not_unicode(f"message {index}'s {key}", at)
+    for name, value in params.items() if params else ():  # a stop sequence, ...
+        if (at := _lone_surrogate(value)) is not None:
+            raise _not_unicode(f"the parameter {name}", at)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= MAX_INT32:
         raise InvalidInputError(f"max_tokens must be a positive integer, at most {MAX_INT32}")
     _check_purpose(purpose)
@@ -103,30 +117,50 @@ def _check_args(messages: Any, max_tokens: Any, purpose: Any, response_format: A
 _UNMETERABLE_PARTS = frozenset({"input_audio", "audio"})
 
 
-def _check_parts(parts: list[Any] | tuple[Any, ...], index: int) -> None:
+def _check_parts(parts: list[Any] | tuple[Any, ...]) -> None:
     for part in parts:
         if isinstance(part, Mapping) and part.get("type") in _UNMETERABLE_PARTS:
             raise InvalidInputError(
                 f"{part['type']!r} content parts are not supported: a usage event cannot count audio tokens apart "
                 "from text, so they would be billed at the model's text rate"
             )
-        if isinstance(part, Mapping):
-            _check_unicode(part.get("text"), f"a text part of message {index}")
 
 
-def _check_unicode(text: Any, where: str) -> None:
-    """Refuse prompt text UTF-8 cannot encode (a lone surrogate: half an emoji, the JSON escape "\\ud83d" alone, as an
-    HTTP invoke's params may carry it): sent on, the SDK failed serialising the request (no call made, an error event
-    recorded all the same, and a bare UnicodeEncodeError raised)."""
-    if not isinstance(text, str) or text.isascii():  # nearly every prompt: one isascii() or one encode()
-        return
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(
-            f"{where} is not valid Unicode: it holds a lone surrogate at position {exc.start} (half of a UTF-16 "
-            "pair, such as the JSON escape \\ud83d alone), which cannot be sent; no call was made"
-        ) from None
+_MAX_TEXT_DEPTH = 64
+
+
+def _lone_surrogate(value: Any) -> int | None:
+    """Where, in ``value`` or any text nested in it (a content part's, a tool result's, a tool call's arguments, a
+    dict's keys), a text UTF-8 cannot encode holds its lone surrogate (half an emoji, the JSON escape "\\ud83d" alone,
+    as an HTTP invoke's params may carry it); None if nowhere. Sent on, the SDK failed serialising the request: no
+    call made, an error event recorded all the same, and a bare UnicodeEncodeError raised."""
+    if value is None or (isinstance(value, str) and value.isascii()):  # nearly every prompt, role, name, ...
+        return None
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if item.isascii():  # nearly every text: one isascii(); else one encode()
+                continue
+            try:
+                item.encode()
+            except UnicodeEncodeError as exc:
+                return exc.start
+        elif depth >= _MAX_TEXT_DEPTH:  # deeper (or a container holding itself) the SDK cannot serialise either
+            continue
+        elif isinstance(item, Mapping):
+            pending.extend((key, depth + 1) for key in item)
+            pending.extend((nested, depth + 1) for nested in item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend((nested, depth + 1) for nested in item)
+    return None
+
+
+def _not_unicode(where: str, at: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"{where} is not valid Unicode: it holds a lone surrogate at position {at} (half of a UTF-16 pair, such as "
+        "the JSON escape \\ud83d alone), which cannot be sent; no call was made"
+    )
 
 
 class MeteredLLM:
@@ -315,7 +349,7 @@ class MeteredLLM:
         temperature: float | None = None,
         **params: Any,
     ) -> LLMResponse:
-        _check_args(messages, max_tokens, purpose, response_format, system)
+        _check_args(messages, max_tokens, purpose, response_format, system, params)
         self._check_open()
         fingerprint = prompt_fingerprint(system, messages)
         plan = self._plan(purpose)
@@ -428,7 +462,7 @@ class MeteredLLM:
         Iterate it once (``async for chunk in ctx.llm.stream_message(...)``), preferably inside
         ``async with``, so an abandoned stream is recorded at once as ``cancelled``.
         """
-        _check_args(messages, max_tokens, purpose, None, system)
+        _check_args(messages, max_tokens, purpose, None, system, params)
         return MessageStream(
             self,
             system=system,

@@ -286,6 +286,24 @@ LONE_SURROGATE_PROMPTS = {
     "message": {"messages": [{"role": "user", "content": "Call Bob \ud83d today."}]},
     "system": {"system": "Rewrite \udc00 this.", "messages": MESSAGES},
     "content-part": {"messages": [{"role": "user", "content": [{"type": "text", "text": "half \ud83d"}]}]},
+    # a tool's result, the text an extension least controls (a fetched page, another API's JSON), nested in a part
+    "tool-result": {
+        "messages": [
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "page \ud83d"}]},
+        ]
+    },
+    "tool-call": {
+        "messages": [
+            *MESSAGES,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '"\udc00"'}}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "done"},
+        ]
+    },
+    "stop-sequence": {"messages": MESSAGES, "stop": ["\ud83d"], "stop_sequences": ["\ud83d"]},
 }
 
 
