@@ -330,6 +330,14 @@ def _check_params(params: Mapping[str, Any]) -> None:
     non_finite = non_finite_numbers(params, "params")
     if non_finite:
         raise InvalidInputError(f"{', '.join(non_finite)}: a number must be finite (NaN and Infinity are not JSON)")
+    temperature = params.get("temperature")  # the temperature of the purpose's calls, unless a call gives one
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0
+    ):
+        raise InvalidInputError(
+            "params.temperature must be a number, 0 or more (it is the temperature of the purpose's calls: "
+            "the provider would refuse each one)"
+        )
 
 
 def put_purpose(

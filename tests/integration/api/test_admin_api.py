@@ -115,6 +115,19 @@ def test_purpose_params_with_text_that_only_mentions_keys_are_kept(client, admin
     assert response.status_code == 200 and response.json()["params"] == params
 
 
+@pytest.mark.parametrize("temperature", ["0.2", True, -0.5, [0.2], {"value": 0.2}])
+def test_a_purpose_temperature_that_is_not_a_temperature_is_422(client, admin, session_factory, temperature):
+    """A purpose's `temperature` param is now the temperature of its calls (it was dropped, silently): one stored as
+    text ("0.2"), a bool or a negative number was sent with every call of the purpose, each refused by the provider
+    as bad_request (no failover on the platform LLM). It is refused when set, naming it."""
+    body = {"provider": "simulated", "model": "m", "params": {"temperature": temperature}}
+    problem = assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "invalid_input")
+    assert "params.temperature" in problem["detail"]
+    assert actions(session_factory) == []
+    ok = {"provider": "simulated", "model": "m", "params": {"temperature": 0}}
+    assert client.put("/v1/admin/purposes/p", json=ok, headers=admin).json()["params"] == {"temperature": 0}
+
+
 @pytest.mark.parametrize("name", ["api_keys", "apiKeys", "secrets", "passwords", "private_keys", "access_tokens"])
 def test_purpose_params_with_plural_secret_names_are_refused(client, admin, session_factory, name):
     """A list of keys under a plural name was stored, shown and audited in clear (only singular names were secret)."""
