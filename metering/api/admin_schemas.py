@@ -39,7 +39,7 @@ Provider = Annotated[str, Field(min_length=1, max_length=50, description=f"One o
 def _no_credentials_in_url(url: str | None) -> str | None:
     if url is not None and url_has_credentials(url):
         raise ValueError(
-            "base_url must not carry credentials (user:password@, or a key in its query): send it as api_key"
+            "base_url must not carry credentials (user:password@, or a key anywhere in it): send it as api_key"
         )
     return url
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,15 +38,20 @@ MAX_API_KEY = 1000  # characters of a BYOLLM api key (stored encrypted)
 
 def url_has_credentials(url: str) -> bool:
     """True when ``url`` carries ``user:password@``, or a parameter named like a secret (``?api_key=``,
-    ``?token=``, ``?key=``) in its query, its fragment (``#api_key=``) or its path parameters (``;token=``): a key
-    belongs in the encrypted api_key, never in a URL that is stored, shown and audited in clear."""
+    ``?token=``, ``?key=``) in its query, its fragment (``#api_key=``) or its path parameters (``;token=``), or a
+    value or a path segment that is a key (``sk-…``, ``Bearer …``, as purpose params refuse one): a key belongs in
+    the encrypted api_key, never in a URL that is stored, shown and audited in clear."""
     parsed = urlparse(url)
     if "@" in (parsed.netloc or ""):
         return True
-    path_parameters = [segment.partition(";")[2] for segment in f"{parsed.path};{parsed.params}".split("/")]
-    parts = (parsed.query, parsed.fragment, *path_parameters)
-    names = [name for part in parts for name, _value in parse_qsl(part.replace(";", "&"), keep_blank_values=True)]
-    return any(is_secret_name(name) or name.strip().lower() == "key" for name in names)
+    segments = f"{parsed.path};{parsed.params}".split("/")
+    parts = (parsed.query, parsed.fragment, *(segment.partition(";")[2] for segment in segments))
+    pairs = [pair for part in parts for pair in parse_qsl(part.replace(";", "&"), keep_blank_values=True)]
+    if any(is_secret_name(name) or name.strip().lower() == "key" for name, _value in pairs):
+        return True
+    # a key under any name, or as a path segment (a gateway taking it in the path), as purpose params refuse it
+    texts = [value for _name, value in pairs] + [unquote(segment.partition(";")[0]) for segment in segments]
+    return any(_KEY_VALUE.fullmatch(text.strip()) for text in texts)
 
 
 def provider_name(provider: str) -> str:
@@ -72,7 +77,7 @@ def _check_provider(provider: str, base_url: str | None) -> str:
             raise InvalidInputError(f"base_url must be an http(s) URL, got {base_url!r}")
         if url_has_credentials(base_url):
             raise InvalidInputError(
-                "base_url must not carry credentials (user:password@, or a key in its query): give the key as the "
+                "base_url must not carry credentials (user:password@, or a key anywhere in it): give the key as the "
                 "api key"
             )
     return provider

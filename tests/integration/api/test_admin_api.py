@@ -167,6 +167,38 @@ def test_a_base_url_with_a_key_in_its_fragment_or_path_parameters_is_422_and_una
     assert "SECRET-123" not in table_dump(session_factory, "audit_log")
 
 
+KEY = "sk-ant-api03-SECRETSECRETSECRETSECRET"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://gw.example.com/v1?subscription={KEY}",  # a key under a name of the gateway's own
+        f"https://gw.example.com/v1?auth=Bearer%20{KEY}",
+        f"https://gw.example.com/{KEY}/v1",  # a gateway taking its key in the path
+        f"https://gw.example.com/v1#k={KEY}",
+    ],
+)
+def test_a_base_url_holding_a_key_under_any_name_is_422_and_unaudited(client, admin, session_factory, url):
+    """Purpose params refuse a text that is a key ('sk-...', 'Bearer ...') whatever its name, but a base_url was
+    searched only for secret-named parameters: a key under another name, or as a path segment, was stored, answered
+    and audited in clear."""
+    body = {"provider": "openai_compatible", "model": "m", "base_url": url}
+    for path in ("/v1/admin/purposes/p", "/v1/admin/users/acme/u/byollm"):
+        response = client.put(path, json=body, headers=admin)
+        assert_problem(response, 422, "validation_error")
+        assert "SECRET" not in response.text
+    assert actions(session_factory) == []
+    assert "SECRET" not in table_dump(session_factory, "audit_log")
+
+
+def test_a_base_url_naming_a_model_or_a_path_like_a_key_is_kept(client, admin):
+    url = "https://gw.example.com/v1/deployments/sk-learn?api-version=2024-10-21&task=risk-assessment"
+    body = {"provider": "openai_compatible", "model": "m", "base_url": url}
+    response = client.put("/v1/admin/purposes/p", json=body, headers=admin)
+    assert response.status_code == 200 and response.json()["base_url"] == url
+
+
 def test_a_base_url_with_a_key_in_its_query_is_422_and_unaudited(client, admin, session_factory):
     url = "https://gw.example.com/v1?token=SECRET-123"
     body = {"provider": "openai_compatible", "model": "m", "base_url": url}
