@@ -55,12 +55,17 @@ _NESTED_COUNTS = {
 _ERRORS: tuple[type[BaseException], ...] = (anthropic.AnthropicError, *STREAM_TRANSPORT_ERRORS, *BODY_DECODE_ERRORS)
 
 
+def _text(content: Any) -> str:
+    """A message's text: a tuple of content parts (ctx.llm takes one as an array) as a list's."""
+    return text_of(list(content) if isinstance(content, tuple) else content)
+
+
 def _system_and_messages(request: ProviderRequest) -> tuple[str | None, list[dict[str, Any]]]:
     """Anthropic takes the system prompt apart: fold any ``system``-role messages into it, as their text (a list of
     content parts, OpenAI's shape, is the text of its ``text`` parts: it was folded in as the list's Python repr)."""
     system, messages = request.system, request.messages
     if any(message.get("role") == "system" for message in messages):
-        extra = [text for m in messages if m.get("role") == "system" and (text := text_of(m.get("content")))]
+        extra = [text for m in messages if m.get("role") == "system" and (text := _text(m.get("content")))]
         system = "\n\n".join([system, *extra] if system else extra)
         messages = [m for m in messages if m.get("role") != "system"]
     if request.response_format == "json":

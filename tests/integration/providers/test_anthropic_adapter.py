@@ -129,11 +129,13 @@ async def test_system_role_messages_move_into_the_system_prompt(anthropic_server
     assert anthropic_server.last.body["messages"] == MESSAGES
 
 
-async def test_a_system_role_message_of_content_parts_moves_in_as_its_text(anthropic_server, make) -> None:
+@pytest.mark.parametrize("shape", [list, tuple])
+async def test_a_system_role_message_of_content_parts_moves_in_as_its_text(anthropic_server, make, shape) -> None:
     """A provider-agnostic handler may write a system message as OpenAI's content parts (the OpenAI adapter sends
     it as is): folded into Anthropic's system prompt, it became the Python repr of the list, "[{'type': 'text',
-    'text': 'Extra rule.'}]", sent to the model and billed as input."""
-    parts = [{"type": "text", "text": "Extra rule."}, {"type": "text", "text": " And another."}]
+    'text': 'Extra rule.'}]", sent to the model and billed as input. A tuple of parts (ctx.llm takes one as an array)
+    was then left out of the system prompt altogether, the call made without its instructions."""
+    parts = shape([{"type": "text", "text": "Extra rule."}, {"type": "text", "text": " And another."}])
     messages = [{"role": "system", "content": parts}, *MESSAGES]
     await make().complete(request(messages=messages))
     assert anthropic_server.last.body["system"] == "Be formal.\n\nExtra rule. And another."
