@@ -193,8 +193,8 @@ class AnthropicProvider:
         if system:
             kwargs["system"] = system
         params = request.params
-        if params.get("stop_sequences") is not None:
-            kwargs["stop_sequences"] = list(params["stop_sequences"])
+        if (stop := params.get("stop_sequences")) is not None:  # one text is one sequence, not its characters
+            kwargs["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
         body = {key: params[key] for key in BODY_PARAMS if params.get(key) is not None}
         if request.temperature is not None:
             body["temperature"] = request.temperature

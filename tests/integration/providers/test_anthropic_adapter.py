@@ -108,6 +108,14 @@ async def test_what_the_sdk_sends(anthropic_server, make) -> None:
     }
 
 
+async def test_a_single_stop_sequence_given_as_text_is_one_sequence(anthropic_server, make) -> None:
+    """A stop sequence given as one text (as OpenAI's `stop` takes it; a purpose's params, a call's keyword) went out as
+    the list of its characters: {"stop_sequences": "END"} stopped every reply at its first E, N or D (a "\n\n" at its
+    first line break), a cut reply, billed."""
+    await make().complete(request(params={"stop_sequences": "END"}))
+    assert anthropic_server.last.body["stop_sequences"] == ["END"]
+
+
 async def test_temperature_and_system_are_left_out_when_not_given(anthropic_server, make) -> None:
     await make().complete(request(system=None))
     assert set(anthropic_server.last.body) == {"model", "max_tokens", "messages"}
