@@ -320,6 +320,31 @@ def key_values(value: Any, path: str) -> list[str]:
     return []
 
 
+def non_unicode_texts(value: Any, path: str) -> list[str]:
+    """Where ``value`` holds a text UTF-8 cannot encode (a lone surrogate, the JSON escape "\\ud83d" alone, which
+    json.loads reads: the CLI's --params), a key included."""
+    if isinstance(value, str):
+        return [] if value.isascii() or _encodes(value) else [path]
+    if isinstance(value, Mapping):
+        return [
+            where
+            for key, item in value.items()
+            for where in ([f"{path} (a name)"] if isinstance(key, str) and not _encodes(key) else [])
+            + non_unicode_texts(item, f"{path}.{str(key).encode(errors='backslashreplace').decode()}")
+        ]
+    if isinstance(value, list | tuple):
+        return [where for index, item in enumerate(value) for where in non_unicode_texts(item, f"{path}[{index}]")]
+    return []
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_params(params: Mapping[str, Any]) -> None:
     """Params are stored and shown in clear: a secret-named key (at any depth), or a value that is a key under any
     name, is refused, not stored. So are numbers that JSON cannot hold, and values nested deeper than the API
@@ -331,6 +356,12 @@ def _check_params(params: Mapping[str, Any]) -> None:
         raise InvalidInputError(
             f"{', '.join(secrets)}: purpose params are stored and shown in clear; provider keys are set on the "
             "platform (METERING_ANTHROPIC_API_KEY, METERING_OPENAI_API_KEY) or per user (BYOLLM), never here"
+        )
+    not_unicode = non_unicode_texts(params, "params")
+    if not_unicode:
+        raise InvalidInputError(
+            f"{', '.join(not_unicode)}: a text that is not valid Unicode (a lone surrogate, half of a UTF-16 pair "
+            "such as the JSON escape \\ud83d alone) cannot be sent to a provider"
         )
     non_finite = non_finite_numbers(params, "params")
     if non_finite:

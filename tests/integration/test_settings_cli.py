@@ -38,6 +38,17 @@ def test_purpose_params_with_numbers_json_cannot_hold_are_refused(run, session_f
         assert session.scalars(select(PurposeSettingsRow)).all() == []
 
 
+def test_purpose_params_with_text_that_is_not_unicode_are_refused(run, session_factory) -> None:
+    """json.loads reads a lone surrogate escape ("\\ud83d", half an emoji), which the API's parser refuses: PostgreSQL
+    refused the row (a traceback), SQLite stored it, and every call of the purpose then failed in the SDK (an internal
+    error event, no call made)."""
+    params = '{"stop": ["\\ud83d"]}'
+    done = run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", params)
+    refused(done, "params.stop[0]", "not valid Unicode", "[invalid_input]")
+    with session_factory() as session:
+        assert session.scalars(select(PurposeSettingsRow)).all() == []
+
+
 def test_a_base_url_with_a_key_in_its_query_is_refused(run, session_factory) -> None:
     """A base_url is stored, shown and audited in clear: a key in its query (`?api_key=`, `?key=`) was kept there."""
     for url in ("https://gw.example.com/v1?api_key=sk-live-SECRET", "https://gw.example.com/v1?v=2&key=AIzaSECRET"):
