@@ -4,7 +4,13 @@ scrape, and kept (``metrics_label_values``, ``metrics_label_sets``), so no serie
 A value (a set) not yet admitted is admitted while its label has fewer than N admitted (the set cap, fewer than
 ``max_label_sets``): most calls first, ties by code point, as the ranking of the rollups' all-time sums. One first seen
 when its label (the cap) is full is not recorded and stays ``other``: nothing is admitted to a full label (unless its
-setting is raised). The hot path, ingest, never writes here.
+setting is raised). The hot path, ingest, never writes here. The rules themselves: ``metric_label_plan``.
+
+The rollups are read (one aggregation: the calls per raw label set, which ranks the values of each label and the
+sets) before any lock is taken; under the lock only the small admitted tables are read again (a scrape may have
+admitted meanwhile: the plan is then made again from the same sums) and the plan is inserted, so ingest waits on
+this writer for milliseconds, not for the aggregation. Values stored between the read and the lock are not in the
+plan: left out (undecided) until the next scrape, never ``other`` while their label has room.
 
 Scrapes of several workers or replicas at once: on PostgreSQL one admits at a time (a transaction-scoped advisory
 lock, tried: a scrape that finds another admitting leaves it to it); SQLite's write lock serialises them. Positions
@@ -12,92 +18,64 @@ are unique per label: admitting more than N would fail rather than pass."""
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, func, insert, literal, null, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
-from metering.db.collation import by_code_point
+from metering.db.metric_label_plan import Admitted, SetKey, plan_admission
 from metering.db.models import MetricsLabelSetRow as S
 from metering.db.models import MetricsLabelValueRow as V
 from metering.db.models import PlatformUsageDailyRow as R
 from metering.db.row_lock import lock_sqlite_for_write
-from metering.db.usage_totals import (
-    LABEL_NAMES,
-    admitted_set_key,
-    label_sets,
-    relabelled,
-    set_key,
-    top_n,
-)
 
-_VALUES: dict[str, ColumnElement[str]] = {
-    "provider": func.lower(R.provider),
-    "model": R.model.expression,
-    "purpose": R.purpose.expression,
-    "extension": R.extension_id.expression,
-}
 _LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('metrics_label_admission'))")
+# lowercased: events stored before provider names were lowercased keep their spelling (``OpenAI``)
+_RAW_KEYS = (func.lower(R.provider), R.model, R.purpose, R.extension_id, R.is_byollm, R.status)
 
 
 def admit_label_values(session: Session, *, top_models: int, top_labels: int, max_label_sets: int) -> bool:
     """Admit what the rollups hold and was not decided yet, in this transaction (commit it). False when another
-    transaction is admitting now (PostgreSQL): nothing was done, it decides them."""
+    transaction is admitting now (PostgreSQL): nothing was done, it decides them.
+
+    Call it on a fresh session: the rollups are read before the lock (SQLite's driver runs reads outside a
+    transaction; PostgreSQL's READ COMMITTED reads what was committed when each query starts, so the admitted tables
+    read again under the lock are current)."""
+    caps = {"top_models": top_models, "top_labels": top_labels, "max_label_sets": max_label_sets}
+    calls = _calls_per_label_set(session)
+    seen = _admitted(session)
+    plan = plan_admission(calls, seen, **caps)
     if session.get_bind().dialect.name == "postgresql":
         if not session.scalar(_LOCK):
             return False
     else:
         lock_sqlite_for_write(session)
-    admitted = dict(session.execute(select(V.label, func.count()).group_by(V.label)).all())
-    for label, column in _VALUES.items():
-        n, count = top_n(label, top_models, top_labels), admitted.get(label, 0)
-        if count < n:
-            _admit_values(session, label, column, count, n)
-    count = session.scalar(select(func.count()).select_from(S)) or 0
-    if count < max_label_sets:
-        _admit_sets(session, top_models=top_models, top_labels=top_labels, count=count, cap=max_label_sets)
+    admitted = _admitted(session)
+    if admitted != seen:  # another scrape admitted meanwhile
+        plan = plan_admission(calls, admitted, **caps)
+    if plan.values:
+        session.execute(
+            insert(V), [{"label": label, "value": value, "position": pos} for label, value, pos in plan.values]
+        )
+    if plan.sets:
+        columns = ("provider", "model", "purpose", "extension", "is_byollm", "status")
+        session.execute(
+            insert(S), [dict(zip(columns, key, strict=True), position=position) for key, position in plan.sets]
+        )
     return True
 
 
-def _admit_values(session: Session, label: str, column: ColumnElement[str], count: int, n: int) -> None:
-    """Up to ``n - count`` values of ``label`` not admitted yet, most calls first, at positions after ``count``."""
-    grouped = select(column.label("value"), func.sum(R.calls).label("calls")).group_by(column).subquery()
-    ranking = (grouped.c.calls.desc(), by_code_point(session, grouped.c.value))
-    ranked = (
-        select(
-            grouped.c.value,
-            (literal(count) + func.row_number().over(order_by=ranking)).label("position"),
-        )
-        .where(grouped.c.value.not_in(select(V.value).where(V.label == label)))
-        .subquery()
-    )
-    chosen = select(literal(label).label("label"), ranked.c.value, ranked.c.position).where(ranked.c.position <= n)
-    session.execute(insert(V).from_select(["label", "value", "position"], chosen))
+def _calls_per_label_set(session: Session) -> list[tuple[SetKey, int]]:
+    rows = session.execute(select(*_RAW_KEYS, func.sum(R.calls)).group_by(*_RAW_KEYS))
+    return [((p, m, pu, e, bool(b), st), int(calls or 0)) for p, m, pu, e, b, st, calls in rows]
 
 
-def _admit_sets(session: Session, *, top_models: int, top_labels: int, count: int, cap: int) -> None:
-    """The label sets as reported (values not admitted as ``other``) not admitted yet, while the cap has room. A set
-    with a value not decided yet (stored since the values' admission, on PostgreSQL) waits for the next scrape."""
-    relabel = relabelled(label_sets(), top_models=top_models, top_labels=top_labels, undecided=null())
-    names = [relabel.c[name] for name in LABEL_NAMES]
-    grouped = (
-        select(*names, func.sum(relabel.c.calls).label("calls"))
-        .where(*(relabel.c[name].is_not(None) for name in LABEL_NAMES[:4]))
-        .group_by(*names)
-        .subquery()
-    )
-    ranking = (
-        grouped.c.calls.desc(),
-        *(by_code_point(session, grouped.c[name]) for name in LABEL_NAMES[:4]),
-        grouped.c.byollm,
-        by_code_point(session, grouped.c.status),
-    )
-    ranked = (
-        select(
-            *(grouped.c[name] for name in LABEL_NAMES),
-            (literal(count) + func.row_number().over(order_by=ranking)).label("position"),
+def _admitted(session: Session) -> Admitted:
+    values: dict[str, dict[str, int]] = {}
+    for label, value, position in session.execute(select(V.label, V.value, V.position)):
+        values.setdefault(label, {})[value] = position
+    sets = {
+        (p, m, pu, e, bool(b), st): position
+        for p, m, pu, e, b, st, position in session.execute(
+            select(S.provider, S.model, S.purpose, S.extension, S.is_byollm, S.status, S.position)
         )
-        .where(set_key(grouped).not_in(admitted_set_key()))
-        .subquery()
-    )
-    chosen = select(*(ranked.c[name] for name in LABEL_NAMES), ranked.c.position).where(ranked.c.position <= cap)
-    columns = ["provider", "model", "purpose", "extension", "is_byollm", "status", "position"]
-    session.execute(insert(S).from_select(columns, chosen))
+    }
+    return Admitted(values=values, sets=sets)

@@ -241,3 +241,74 @@ def test_values_scraped_while_the_database_refuses_writes_step_no_series_down(en
     _assert_never_down(second, last)
     assert _calls_by(last, "model") == {"a": 3, "b": 2, "c": 9, "d": 1}
     _assert_totals_exact(engine, last)
+
+
+def _is_lock(statement: str) -> bool:
+    """The statement that takes the admission's lock: SQLite's write lock (a no-op write), PostgreSQL's advisory
+    lock."""
+    return "UPDATE invoices SET status" in statement or "advisory" in statement
+
+
+def test_the_admission_reads_the_rollups_before_it_takes_the_write_lock(engine, session_factory):
+    """Admission summed the rollups (every row of platform_usage_daily, seconds with many models over many days)
+    under the write lock it then held to commit: ingest waited for it, past the busy timeout ("database is locked",
+    a 503). Now the rollups are read before the lock; under it only the small admitted tables are read."""
+    _insert(engine, [_row(f"m{i}", 1 + i, extension=f"e{i % 3}") for i in range(8)])
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def seen(_conn, _cursor, statement, _params, _context, _executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    @event.listens_for(engine, "commit")
+    def committed(_conn):  # type: ignore[no-untyped-def]
+        statements.append("COMMIT")
+
+    try:
+        series = _scrape(session_factory, top_models=5, max_label_sets=4)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+        event.remove(engine, "commit", committed)
+    locks = [i for i, statement in enumerate(statements) if _is_lock(statement)]
+    assert len(locks) == 1
+    under = statements[locks[0] + 1 : statements.index("COMMIT", locks[0])]  # the write transaction
+    assert not [statement for statement in under if "platform_usage_daily" in statement], under
+    inserts = [statement.split("(")[0].strip() for statement in under if statement.startswith("INSERT")]
+    assert inserts == ["INSERT INTO metrics_label_values", "INSERT INTO metrics_label_sets"]
+    summed = [statement for statement in statements[: locks[0]] if "platform_usage_daily" in statement]
+    assert len(summed) >= 2  # the scrape's read, then the admission's sums: both before the lock
+    assert _calls_by(series, "model") == {"m7": 8, "m6": 7, "m5": 6, "m4": 5, OTHER: 10}  # m3: its set beyond the cap
+    _assert_totals_exact(engine, series)
+
+
+def test_an_admission_made_between_the_read_and_the_lock_is_taken_into_account(engine, session_factory):
+    """The plan is made before the lock: another scrape may admit (and commit) in between. The admitted tables are
+    read again under the lock and the plan made again from the same sums, so positions never clash and nothing
+    admitted meanwhile is admitted twice; what was stored after this scrape's read waits for the next one."""
+    _insert(engine, [_row("a", 3), _row("b", 2)])
+    other = make_engine(str(engine.url.render_as_string(hide_password=False)))
+    injected: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def admit_first(_conn, _cursor, statement, _params, _context, _executemany):  # type: ignore[no-untyped-def]
+        if _is_lock(statement) and not injected:
+            injected.append(statement)
+            _insert(other, [_row("c", 9, extension="e2")])
+            _scrape(make_session_factory(other), top_models=5)  # admits a, b, c and their sets, commits
+
+    try:
+        first = _scrape(session_factory, top_models=5)
+    finally:
+        event.remove(engine, "before_cursor_execute", admit_first)
+        other.dispose()
+    assert injected
+    assert _calls_by(first, "model") == {"a": 3, "b": 2, "c": 9}
+    with session_factory() as session:
+        values = session.execute(
+            select(MetricsLabelValueRow.value, MetricsLabelValueRow.position)
+            .where(MetricsLabelValueRow.label == "model")
+            .order_by(MetricsLabelValueRow.position)
+        ).all()
+        sets = session.scalar(select(func.count()).select_from(MetricsLabelSetRow))
+    assert [tuple(row) for row in values] == [("c", 1), ("a", 2), ("b", 3)] and sets == 3
+    _assert_totals_exact(engine, _scrape(session_factory, top_models=5))
