@@ -176,12 +176,20 @@ def add(
         "cache_write_1h_mtok": nanos_per_mtok("cache_write_1h_mtok", cache_write_1h_mtok),
         "web_search_per_k": nanos_per_mtok("web_search_per_k", web_search_per_k, "$ per 1,000 searches"),
     }
-    try:  # (without a start: as if now; a retry then takes the stored start, whose window holds by construction)
+    markup = _markup_text(markup_pct)
+    store.lock_price_book(session, change=True)  # after every ingest that priced without it (PostgreSQL)
+    lock_sqlite_for_write(session)  # SQLite: a request adding the same id meanwhile has committed (and is found)
+    existing = session.get(PriceOverrideRow, override_id, populate_existing=True)
+    if effective_from is None:
+        effective_from = existing.effective_from if existing is not None else now
+    # Checked with the start resolved: without one, a retry takes the stored start (checked against the retry's own
+    # "now", a window ended since refused the same request as invalid).
+    try:
         PriceOverride(
             id=override_id,
             provider=provider,
             model_pattern=model_pattern,
-            effective_from=effective_from or now,
+            effective_from=effective_from,
             effective_to=effective_to,
             input_mtok=input_mtok,
             output_mtok=output_mtok,
@@ -193,12 +201,6 @@ def add(
         )
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
-    markup = _markup_text(markup_pct)
-    store.lock_price_book(session, change=True)  # after every ingest that priced without it (PostgreSQL)
-    lock_sqlite_for_write(session)  # SQLite: a request adding the same id meanwhile has committed (and is found)
-    existing = session.get(PriceOverrideRow, override_id, populate_existing=True)
-    if effective_from is None:
-        effective_from = existing.effective_from if existing is not None else now
     if existing is not None:
         asked = _identity(provider, model_pattern, effective_from, effective_to, prices, markup)
         differs = [f for f, stored in _row_identity(existing).items() if asked[f] != stored]

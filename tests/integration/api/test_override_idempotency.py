@@ -4,11 +4,14 @@ sent again, answers the first override instead of adding a second one (SQLite an
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select
 
 from metering.auth import Scope
+from metering.billing import overrides
 from metering.db.models import PriceOverrideRow
 from tests.integration.api.admin_helpers import audit_rows, offline_settings
 from tests.integration.api.conftest import assert_problem, bearer
@@ -123,3 +126,21 @@ def test_the_cli_and_the_api_share_an_override_key(client, admin, run, session_f
     assert refused.exit_code != 0 and "cli-1" in refused.output
     assert stored(session_factory) == 1
     assert [e.action for e in audit_rows(session_factory)] == ["price_override.add"]
+
+
+def test_a_retry_without_a_start_after_the_window_ended_answers_the_first_override(session_factory):
+    """Without a start (the CLI without `--from`) a retry takes the first run's start, but the window was checked
+    against the retry's own "now" first: retried once its `--to` had passed, the same request was refused as invalid
+    ("effective_to must be after effective_from") instead of answering the first override."""
+    first_run = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    request = {"provider": "ollama", "model_pattern": "llama3*", "effective_from": None,
+               "effective_to": first_run + timedelta(hours=1), "input_mtok": Decimal("0.10"),
+               "output_mtok": Decimal("0.40"), "idempotency_key": "cli-window"}  # fmt: skip
+    with session_factory() as session:
+        first = overrides.add(session, **request, now=first_run)
+        session.commit()
+        assert not first.replayed and first.row.effective_from == first_run
+    with session_factory() as session:
+        again = overrides.add(session, **request, now=first_run + timedelta(hours=2))
+        assert again.replayed and again.row.id == first.row.id
+    assert stored(session_factory) == 1
