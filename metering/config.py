@@ -116,8 +116,9 @@ class SpoolSettings(BaseModel):
         url = http_url(value)
         if url is not None and ("?" in url or "#" in url):  # "?" or "#" alone too: either ends the path
             raise ValueError("must be the service's base URL, without a query (?…) or a fragment (#…)")
-        # Given the endpoint itself (`…:8000/v1/events`), batches went to /v1/events/v1/events: each a 404, retried.
-        if url is not None and urlparse(url).path.rstrip("/").endswith("/v1/events"):
+        # Given the endpoint itself (`…:8000/v1/events`), batches went to /v1/events/v1/events: each a 404, retried;
+        # given the API's prefix (`…:8000/v1`, as an OpenAI-style base URL is written), to /v1/v1/events.
+        if url is not None and urlparse(url).path.rstrip("/").endswith(("/v1/events", "/v1")):
             raise ValueError("must be the service's base URL: /v1/events is appended to it")
         return url
 

@@ -57,6 +57,19 @@ pytestmark = pytest.mark.slow
             )
             for url in ("http://127.0.0.1:9/v1/events", "http://127.0.0.1:9/metering/v1/events/")
         ),
+        # The API's prefix, as an OpenAI-style base URL is written (`…/v1`): batches went to /v1/v1/events, each a 404
+        # retried forever.
+        *(
+            (
+                {
+                    "METERING_SPOOL__SINK": "http",
+                    "METERING_SPOOL__HTTP_URL": url,
+                    "METERING_SPOOL__HTTP_TOKEN": "mtr_unused",
+                },
+                "METERING_SPOOL__HTTP_URL: must be the service's base URL: /v1/events is appended to it",
+            )
+            for url in ("http://127.0.0.1:9/v1", "http://127.0.0.1:9/metering/v1/")
+        ),
         # The token as an Authorization header holds it: every batch a 401, retried forever, "the sink is unreachable".
         (
             {
