@@ -46,7 +46,15 @@ def status() -> None:
     table = Table(title=f"Spool at {settings.spool_dir}", title_justify="left")
     for column in ("slot", "writer", "segments", "cursor", "pending events"):
         table.add_column(column)
-    states = slot_states(settings.spool_dir)
+    try:
+        states = slot_states(settings.spool_dir)
+        rejected = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME).read()
+        held = HeldEvents(settings.spool_dir / HELD_NAME).read()
+    except PermissionError as exc:  # a writer creates its files 0600: another user was shown a traceback
+        raise fail(
+            f"cannot read the spool at {settings.spool_dir}: {exc.strerror or exc} ({exc.filename}): its files are "
+            "readable only by the user that wrote them; run the command as that user"
+        ) from None
     for state in states:
         table.add_row(
             state.slot,
@@ -56,8 +64,6 @@ def status() -> None:
             str(state.pending),
         )
     console.print(table)
-    rejected = DeadLetters(settings.spool_dir / DEAD_LETTER_NAME).read()
-    held = HeldEvents(settings.spool_dir / HELD_NAME).read()
     for record in held:  # in the future by this host's clock (it stepped back): delivered once it gets there
         event = decode_line(str(record.get("line", "")).encode("utf-8"))
         when = f"due {due_at(event).isoformat()}" if isinstance(event, UsageEvent) else "not an event"

@@ -47,7 +47,8 @@ def try_lock(path: Path) -> int | None:
 def lock_free(path: Path) -> bool:
     """Whether nobody holds the flock on ``path`` (taken and let go at once, a fork waiting: see ``fork_guard``).
     Opened read-only, never created (a lock file nobody made is held by nobody): opened for writing, a probe on a
-    read-only filesystem, or by a user who may only read the spool (``metering spool status``), raised OSError."""
+    read-only filesystem (``metering spool status``) raised OSError. A lock another user made (0600) still raises
+    PermissionError: ``spool status`` says so in one line."""
     with fork_guard():
         try:
             fd = os.open(path, os.O_RDONLY)

@@ -123,3 +123,37 @@ def test_a_read_only_spool_is_shown_by_status_and_refused_by_drain_in_one_error_
     assert "writer-0" in status.stdout and "pending=30 rejected=0" in status.stdout, status.stdout
     error = one_error_line(metering(["spool", "drain", "--timeout", "5"], env))
     assert f"cannot deliver the spool at {read_only_spool}" in error and "Read-only file system" in error, error
+
+
+def test_a_spool_another_user_wrote_is_one_error_line_from_status(tmp_path: Path) -> None:
+    """A writer creates every file of its slot 0600 (its lock, segments and cursor): `spool status` run by another user
+    (an operator's own account next to a service running as its own user) ended in a traceback (PermissionError on
+    the slot's lock, or its cursor), though a user who may only read the spool was said to be shown it. It is now one
+    error line saying why. Run as root without the capabilities that bypass file permissions, the files owned by
+    nobody: root then reads them as another user would."""
+    import os
+    import shutil
+
+    import orjson
+
+    from metering.spool import Spool
+    from tests.fakes.events import record
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to read the spool as another user would")
+    spool_dir = tmp_path / "data" / "spool"
+    with Spool(spool_dir) as spool:
+        spool.append(orjson.dumps(record(0)))
+    for path in [spool_dir, *spool_dir.rglob("*")]:
+        os.chown(path, 65534, 65534)
+    env = bare_env(
+        tmp_path, METERING_DATA_DIR=str(tmp_path / "data"), METERING_DATABASE_URL=f"sqlite:///{tmp_path}/m.db"
+    )
+    no_override = "-dac_override,-dac_read_search,-fowner"
+    done = subprocess.run(
+        ["setpriv", f"--inh-caps={no_override}", f"--bounding-set={no_override}", "--",
+         sys.executable, "-m", "metering.cli.main", "spool", "status"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    error = one_error_line(done)
+    assert f"cannot read the spool at {spool_dir}" in error and "Permission denied" in error, error
