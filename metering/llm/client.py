@@ -137,6 +137,9 @@ def _lone_surrogate(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.isascii()):  # nearly every prompt, role, name, ...
         return None
     pending = [(value, 0)]
+    # Each container's depth when walked: walked again only from nearer the top, so a container held twice (one
+    # holding itself twice) is not walked once per path (2 ** depth), and at most _MAX_TEXT_DEPTH times in all.
+    walked: dict[int, tuple[int, object]] = {}  # (the container kept: its id is not reused meanwhile)
     while pending:
         item, depth = pending.pop()
         if isinstance(item, str):
@@ -146,12 +149,14 @@ def _lone_surrogate(value: Any) -> int | None:
                 item.encode()
             except UnicodeEncodeError as exc:
                 return exc.start
-        elif depth >= _MAX_TEXT_DEPTH:  # deeper (or a container holding itself) the SDK cannot serialise either
-            continue
+        elif depth >= _MAX_TEXT_DEPTH or ((seen := walked.get(id(item))) is not None and seen[0] <= depth):
+            continue  # deeper (or a container holding itself) the SDK cannot serialise either; or walked already
         elif isinstance(item, Mapping):
+            walked[id(item)] = (depth, item)
             pending.extend((key, depth + 1) for key in item)
             pending.extend((nested, depth + 1) for nested in item.values())
         elif isinstance(item, list | tuple):
+            walked[id(item)] = (depth, item)
             pending.extend((nested, depth + 1) for nested in item)
     return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -435,6 +436,27 @@ async def test_arguments_the_event_cannot_hold_are_refused_before_the_call(bad: 
         llm.stream_message(messages=MESSAGES, **bad)
     assert rec.lines == [] and llm.calls == 0
     await llm.create_message(messages=MESSAGES, max_tokens=MAX_INT32, purpose="p" * 200)  # the bounds themselves
+
+
+async def test_a_message_holding_itself_twice_is_checked_in_bounded_time() -> None:
+    """The check for half an emoji walks every text of a message, at any depth: a part holding itself (a handler's
+    tool result that refers back to its own part) was walked once per path, 2 ** 64 for two self-references, and the
+    call never returned, the event loop it runs on blocked (the whole service). Each container is walked once."""
+
+    def too_long(signum: int, frame: Any) -> None:
+        raise TimeoutError("the argument check did not end")
+
+    part: dict[str, Any] = {"type": "tool_result", "tool_use_id": "t1", "content": []}
+    part["content"] += [part, part]
+    llm, rec = make_llm()
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        response = await llm.create_message(messages=[{"role": "user", "content": ["caf\u00e9 \u2764", part]}])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert response.text == "hello there" and len(rec.lines) == 1
 
 
 # -- streams -------------------------------------------------------------------------------------
