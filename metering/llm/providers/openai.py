@@ -101,6 +101,10 @@ _REFUSAL = (
 # Only the error's message is read, and only such a phrase: a 400 for another reason that echoes the request or the
 # prompt names the parameter without saying it is refused.
 _REFUSALS = {name: re.compile(_REFUSAL.format(name=name), re.IGNORECASE) for name in OPTIONAL_PARAMS}
+# (parameter, model) refusals an adapter keeps: one adapter serves every model of its endpoint and key, and a user's
+# own LLM may be named by another model at each settings change; past the bound a refusal is not kept (each such
+# call is refused, then made again without the parameter: still one call, one event)
+MAX_REFUSED = 256
 
 
 def refused_param(exc: openai.APIStatusError, sent: Mapping[str, Any]) -> str | None:
@@ -173,14 +177,15 @@ class OpenAIProvider:
         """``chat.completions.create``; refused for an optional parameter the endpoint does not take (nothing was
         generated, nothing used), the same call again without it, within this one call (and its one event), as the
         SDK's own retries are. Once the endpoint answered without it, this adapter never sends it again for that
-        model."""
+        model (for the first ``MAX_REFUSED`` refusals it keeps)."""
         try:
             return await client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
             if (param := refused_param(exc, kwargs)) is None:
                 raise
         answer = await client.chat.completions.create(**{k: v for k, v in kwargs.items() if k != param})
-        self._refused.add((param, kwargs["model"]))
+        if len(self._refused) < MAX_REFUSED:
+            self._refused.add((param, kwargs["model"]))
         log.info("%s: the endpoint refuses %s; calling it without", self.name, param)
         return answer
 

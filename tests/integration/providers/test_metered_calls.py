@@ -17,8 +17,12 @@ from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
 from metering.llm.pool import ProviderPool
 from metering.llm.providers import make_provider
+from metering.llm.providers import openai as openai_adapter
+from metering.llm.providers.base import ProviderConfig
+from metering.llm.providers.openai import OpenAIProvider
 from metering.llm.resolution import ByollmSettings, PlatformLLM, PurposeSettings
 from metering.llm.settings_source import InMemorySettings
+from metering.llm.types import ProviderRequest
 from metering.spool.decode import decode_line
 from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, FakeProviderServer, Raw, Reply
 from tests.unit.test_metered_llm import MESSAGES, Recorder
@@ -830,6 +834,30 @@ async def test_an_endpoint_that_refuses_json_mode_still_answers_json_on_the_user
     bodies = [request.body for request in openai_server.requests]
     assert ["response_format" in body for body in bodies] == [True, False, False]  # asked once, then left out
     assert "JSON" in bodies[-1]["messages"][0]["content"]  # the instruction still asks for it
+
+
+async def test_the_refusals_an_adapter_keeps_are_bounded_however_many_models_it_serves(
+    openai_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal of an optional parameter is kept per model, and one adapter serves every model of its endpoint and
+    key: a user whose own LLM refuses JSON mode (LM Studio) and who names another model in each settings change grew
+    the adapter's refusals by one for each, for as long as the key was kept (no bound). They are bounded now: past
+    the bound, a model's JSON call is still refused and made again without it (one call, one event), not kept."""
+    bound = 4  # (MAX_REFUSED's 256 made smaller: the test makes a few calls past it)
+    monkeypatch.setattr(openai_adapter, "MAX_REFUSED", bound)
+    openai_server.refuses_json_object = True
+    openai_server.default = Reply(text='{"ok": true}')
+    config = ProviderConfig("openai_compatible", "m", api_key="sk-user-0123456789", base_url=openai_server.base_url)
+    adapter = make_provider(config)
+    assert isinstance(adapter, OpenAIProvider)
+    try:
+        for n in range(bound + 3):
+            result = await adapter.complete(ProviderRequest(f"model-{n}", None, MESSAGES, 16, None, "json", {}))
+            assert result.text == '{"ok": true}'
+    finally:
+        await adapter.aclose()
+    assert len(adapter._refused) == bound
+    assert len(openai_server.requests) == 2 * (bound + 3)
 
 
 async def test_a_model_that_refuses_json_mode_leaves_it_on_for_the_endpoints_other_models(
