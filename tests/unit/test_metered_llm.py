@@ -29,7 +29,7 @@ from metering.llm.client import MeteredLLM
 from metering.llm.event_record import CallScope
 from metering.llm.pool import ProviderPool
 from metering.llm.providers.base import ProviderConfig
-from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM
+from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM, PurposeSettings
 from metering.llm.settings_source import InMemorySettings
 from metering.llm.types import (
     MISSING_USAGE,
@@ -187,6 +187,37 @@ async def test_byollm_failure_fails_over_to_a_billable_platform_call() -> None:
     assert llm.all_byollm is False
     await llm.create_message(messages=MESSAGES)
     assert llm.all_byollm is False  # a later call cannot make the invocation unbilled again
+
+
+async def test_a_calls_params_reach_its_failover_and_its_next_calls_unchanged() -> None:
+    """A call's own params are passed on as they are (no copy on the hot path), a purpose's are merged with them: no
+    adapter or retry may change either (a purpose's temperature is taken out of its params for the request), or a
+    failover, a stream or the purpose's next call would go without it."""
+    purpose = PurposeSettings("tuned", "openai", "platform-model", None, {"temperature": 0.2, "seed": 7})
+    settings = byollm("model-fail")
+    settings.purpose_by_name["tuned"] = purpose
+    llm, _ = make_llm(settings)
+    plan = llm._plan("tuned")
+    assert plan.fallback is not None
+    own, platform = (llm._providers.get(target.config).provider for target in (plan.primary, plan.fallback))
+    for _ in range(2):
+        await llm.create_message(messages=MESSAGES, temperature=0.5, **{"stop": ["END"]})
+        await llm.create_message(messages=MESSAGES, purpose="tuned", stop=["END"])
+        await llm.create_message(messages=MESSAGES, purpose="tuned")
+        async with llm.stream_message(messages=MESSAGES, model_hint=1) as stream:
+            _ = [chunk async for chunk in stream]
+    assert [(request.temperature, request.params) for request in own.calls] == 2 * [  # type: ignore[attr-defined]
+        (0.5, {"stop": ["END"]}),
+        (None, {"stop": ["END"]}),  # a purpose's params are the platform LLM's
+        (None, {}),
+        (None, {"model_hint": 1}),
+    ]
+    assert [(request.temperature, request.params) for request in platform.calls] == 2 * [  # type: ignore[attr-defined]
+        (0.5, {"stop": ["END"]}),
+        (0.2, {"seed": 7, "stop": ["END"]}),
+        (0.2, {"seed": 7}),
+    ]
+    assert purpose.params == {"temperature": 0.2, "seed": 7}
 
 
 async def test_byollm_failure_with_error_policy_raises_after_recording() -> None:
