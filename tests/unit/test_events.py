@@ -54,6 +54,8 @@ def test_uuid7_str_is_the_text_of_the_uuid7_the_same_state_makes(monkeypatch: py
     monkeypatch.setattr(events, "time", types.SimpleNamespace(time_ns=lambda: now[0]))
     steps = [0, 0, 1_000, 1_000_000, 0, 3_000_000, 0, 0] * 700  # within a millisecond, the next, a later one
     steps += [0] * 5_000  # past 4,096 in one millisecond: the counter borrows the next one
+    steps += [-2_000_000, 0, 1_000_000, -60_000_000_000, 0, 5_000_000] * 50  # the clock stepped back (NTP)
+    made = []
     for step in steps:
         now[0] += step
         state = (events._random.getstate(), events._uuid7_last_ms, events._uuid7_seq)
@@ -61,6 +63,8 @@ def test_uuid7_str_is_the_text_of_the_uuid7_the_same_state_makes(monkeypatch: py
         events._random.setstate(state[0])
         events._uuid7_last_ms, events._uuid7_seq = state[1], state[2]
         assert text == str(uuid7())
+        made.append(text)
+    assert made == sorted(made) and len(set(made)) == len(made)  # the clock stepping back included
     ids = [uuid7_str() for _ in range(10_000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
