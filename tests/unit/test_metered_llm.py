@@ -26,10 +26,11 @@ from metering.errors import (
 from metering.events import MAX_INT32, UsageEvent, uuid7
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.client import MeteredLLM
-from metering.llm.event_record import CallScope
+from metering.llm.event_record import CallScope, prompt_fingerprint
 from metering.llm.pool import ProviderPool
 from metering.llm.providers.base import ProviderConfig
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM, PurposeSettings
+from metering.llm.responses import LLMResponse
 from metering.llm.settings_source import InMemorySettings
 from metering.llm.types import (
     MISSING_USAGE,
@@ -161,6 +162,40 @@ async def test_one_call_records_one_complete_event() -> None:
     assert event.max_tokens == 300 and event.purpose == "content_rewrite" and event.status == "ok"
     assert event.call_index == 0 and event.latency_ms >= 0 and event.time_to_first_token_ms is None
     assert (llm.provider, llm.model, llm.is_byollm) == ("openai", "platform-model", False)
+
+
+async def test_every_field_of_the_request_the_response_and_the_event_is_the_one_named() -> None:
+    """create_message builds the provider's request and its response positionally and the Attempt from a bare tuple
+    (the hot path): a swapped pair of same-typed fields (provider and model, max_tokens and the attempt, the request's
+    system and model) passes mypy. Each field is pinned here by a value no other field has."""
+    settings = byollm("model-fail")
+    settings.purpose_by_name["tuned"] = PurposeSettings("tuned", "openai", "json", None, {"seed": 7})
+    llm, rec = make_llm(settings)
+    plan = llm._plan("tuned")
+    assert plan.fallback is not None
+    platform = llm._providers.get(plan.fallback.config).provider
+    response = await llm.create_message(
+        system="Be brief.", messages=MESSAGES, max_tokens=300, purpose="tuned", response_format="json", temperature=0.3
+    )
+    assert response == LLMResponse(
+        '```json\n{"items": []}\n```',
+        provider="openai",
+        model="json",
+        is_byollm=False,
+        stop_reason="end_turn",
+        usage=TokenUsage(120, 7, 100, 0, 0),
+        event_id=str(rec.events[1].event_id),
+        response_format="json",
+        parsed={"items": []},
+    )
+    [request] = platform.calls  # type: ignore[attr-defined]
+    assert request == ProviderRequest("json", "Be brief.", MESSAGES, 300, 0.3, "json", {"seed": 7})
+    failed, served = rec.events
+    assert (failed.call_index, failed.is_failover, failed.max_tokens, failed.model) == (0, False, 300, "model-fail")
+    assert (served.call_index, served.is_failover, served.max_tokens, served.model) == (1, True, 300, "json")
+    assert served.purpose == failed.purpose == "tuned" and served.status == "ok" and failed.status == "error"
+    assert served.prompt_fingerprint == failed.prompt_fingerprint == prompt_fingerprint("Be brief.", MESSAGES)
+    assert served.occurred_at >= failed.occurred_at and served.time_to_first_token_ms is None
 
 
 async def test_call_index_counts_every_call_of_an_invocation() -> None:
