@@ -330,6 +330,31 @@ async def test_a_prompt_with_a_lone_surrogate_is_refused_before_the_call(
     assert rec.lines == [] and server.requests == [] and llm.calls == 0
 
 
+# Valid text beyond ASCII: accents, a combining mark, an emoji outside the BMP, a ZWJ family, CJK, right-to-left
+VALID_TEXT = "naïve café e\u0301 \U0001f600 \U0001f469\u200d\U0001f469\u200d\U0001f467 中文 مرحبا"
+
+
+@pytest.mark.parametrize("where", sorted(LONE_SURROGATE_PROMPTS))
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_valid_text_beyond_ascii_is_sent_where_a_lone_surrogate_is_refused(
+    openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str, where: str
+) -> None:
+    """The check that refuses half an emoji reads every text of the request: the same places holding valid text
+    beyond ASCII (an emoji, CJK, a combining mark, a right-to-left script) are never refused, and reach the provider
+    unchanged, in a call and in a stream."""
+    server: FakeProviderServer = openai_server if provider == "openai" else anthropic_server
+    llm, rec = metered(provider, server)
+    args = json.loads(
+        json.dumps(LONE_SURROGATE_PROMPTS[where]).replace("\\ud83d", VALID_TEXT).replace("\\udc00", VALID_TEXT)
+    )
+    await llm.create_message(**args)
+    assert VALID_TEXT in json.dumps(server.last.body, ensure_ascii=False)
+    async with llm.stream_message(**args) as stream:
+        _ = [chunk async for chunk in stream]
+    assert VALID_TEXT in json.dumps(server.last.body, ensure_ascii=False)
+    assert len(rec.lines) == 2 and len(server.requests) == 2
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_lone_surrogate_in_a_reply_never_reaches_the_caller(
     openai_server: FakeOpenAIServer, anthropic_server: FakeAnthropicServer, metered: MakeLLM, provider: str
