@@ -20,6 +20,7 @@ from metering.llm.providers.base import Provider, ProviderConfig
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PlatformLLM
 from metering.llm.settings_source import CachedSettings, InMemorySettings
 from tests.fakes import FakeOpenAIServer, Reply
+from tests.integration.test_spool_fork import _in_child
 from tests.unit.test_metered_llm import MESSAGES, Recorder
 
 MakeLLM = Callable[[str], MeteredLLM]
@@ -147,6 +148,20 @@ async def test_the_same_config_again_gets_its_adapter_and_a_retired_one_is_never
     assert again is not first and not again.retired and pool.get(a) is again
     await pool.aclose()
     assert again.retired and pool.get(a) is not again
+
+
+async def test_a_forked_child_never_gets_the_parents_last_adapter() -> None:
+    """The pool hands the adapter of the config it was last given straight back; a child forked from the process (a
+    prefork server, a task queue) must make its own (the parent's connections and event loop are not its own), the
+    same config object included."""
+    pool = ProviderPool(make_provider)
+    config = ProviderConfig("simulated", "m", api_key="sk-a")
+    first = pool.get(config)
+    assert pool.get(config) is first
+    report = _in_child(lambda: (pool.get(config) is first, len(pool), pool.get(config) is pool.get(config)))
+    assert report == "ok (False, 1, True)"
+    assert pool.get(config) is first
+    await pool.aclose()
 
 
 async def test_retiring_a_key_closes_its_idle_adapters_and_spares_the_others(
