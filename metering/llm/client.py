@@ -97,6 +97,10 @@ def _check_args(
             raise InvalidInputError("each message must be a dict with 'role' and 'content'")
         if isinstance(content := message["content"], (list, tuple)):  # a tuple reaches the provider as an array too
             _check_parts(content)
+        if len(message) > 2:  # fields besides role and content: their names are sent as well
+            for key in message:
+                if (at := _lone_surrogate(key)) is not None:
+                    raise _not_unicode(f"the name of a field of message {index}", at)
         for key, value in message.items():  # its content, a tool call's arguments, a part's text at any depth, ...
             if type(value) is str and value.isascii():  # nearly every role and content: no call
                 continue

@@ -308,6 +308,8 @@ LONE_SURROGATE_PROMPTS = {
         ]
     },
     "stop-sequence": {"messages": MESSAGES, "stop": ["\ud83d"], "stop_sequences": ["\ud83d"]},
+    # a field of the message's own named so (a handler spreading an input's fields into the message)
+    "message-key": {"messages": [{"role": "user", "content": "Call Bob.", "\ud83d": "x"}]},
 }
 
 
