@@ -42,3 +42,24 @@ def test_sets_are_reported_by_the_values_admitted_in_the_same_plan_and_the_cap_i
 def test_a_full_set_cap_plans_no_set():
     admitted = Admitted(values={}, sets={_set("a"): 1, _set("b"): 2, _set("c"): 3})
     assert plan_admission([(_set("d"), 1)], admitted, **CAPS).sets == []
+
+
+def test_ties_are_broken_as_the_sql_broke_them_code_points_then_byollm_false_first_then_status():
+    """The ranking the SQL made (ORDER BY calls DESC, each label by code point, is_byollm, status by code point),
+    checked against it on SQLite and PostgreSQL when the plan replaced it: a locale's order ("é" next to "e", "a"
+    next to "A") or True before False would admit other values and sets at a tie."""
+    calls = [(_set(model), 1) for model in ("é", "f", "a", "Z", "e")]
+    plan = plan_admission(calls, Admitted(values={}, sets={}), top_models=5, top_labels=2, max_label_sets=9)
+    assert [value for label, value, _ in plan.values if label == "model"] == ["Z", "a", "e", "f", "é"]
+    tied: list[tuple[SetKey, int]] = [
+        (("openai", "m", "p", "x", True, "ok"), 2),
+        (("openai", "m", "p", "x", False, "ok"), 2),
+        (("openai", "m", "p", "x", True, "error"), 2),
+        (("openai", "m", "p", "x", False, "error"), 2),
+    ]
+    plan = plan_admission(tied, Admitted(values={}, sets={}), top_models=1, top_labels=1, max_label_sets=3)
+    assert plan.sets == [
+        (("openai", "m", "p", "x", False, "error"), 1),
+        (("openai", "m", "p", "x", False, "ok"), 2),
+        (("openai", "m", "p", "x", True, "error"), 3),
+    ]
