@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -29,8 +30,11 @@ from metering.errors import ConflictError, InvalidInputError, SecretError
 from metering.events import MAX_INT32, MAX_INT64, MAX_NAME, utcnow
 from metering.llm.budgets import BudgetMode, CallBudget
 from metering.llm.providers import KNOWN_PROVIDERS
+from metering.llm.providers.params import dropped_params_problem
 from metering.llm.providers.urls import api_key_problem, base_url_problem
 from metering.llm.resolution import ByollmSettings, FallbackPolicy, PurposeSettings
+
+log = logging.getLogger("metering.llm.settings")
 
 MAX_BASE_URL = 500  # VARCHAR(500)
 MAX_API_KEY = 1000  # characters of a BYOLLM api key (stored encrypted)
@@ -387,6 +391,8 @@ def put_purpose(
 ) -> PurposeSettingsRow:
     _check_params(params or {})
     provider = _check_provider(provider, base_url)
+    if problem := dropped_params_problem(provider, params or {}):  # it was stored, then dropped at every call
+        raise InvalidInputError(problem)
     purpose, model = _name("purpose", purpose), _name("model", model, strip=True)
     row = session.get(PurposeSettingsRow, purpose)
     if row is None:
@@ -463,6 +469,7 @@ class DatabaseSettings:
     def __init__(self, session_factory: sessionmaker[Session], box: SecretBox) -> None:
         self._sessions = session_factory
         self._box = box
+        self._warned: set[tuple[str, str]] = set()  # (purpose, problem) already logged
 
     def byollm(self, user_id: str, tenant_id: str) -> ByollmSettings | None:
         with self._sessions() as session:
@@ -474,7 +481,19 @@ class DatabaseSettings:
     def purpose(self, purpose: str) -> PurposeSettings | None:
         with self._sessions() as session:
             row = session.get(PurposeSettingsRow, purpose)
-            return purpose_from_row(row) if row is not None else None
+            if row is None:
+                return None
+            self._warn_dropped(row)
+            return purpose_from_row(row)
+
+    def _warn_dropped(self, row: PurposeSettingsRow) -> None:
+        """Params stored before ``put_purpose`` refused the ones the provider drops still load (the purpose's calls
+        are made as before, without them); a warning says so, once per purpose and problem, not at each reload."""
+        problem = dropped_params_problem(row.provider, row.params)
+        if problem is None or (row.purpose, problem) in self._warned:
+            return
+        self._warned.add((row.purpose, problem))
+        log.warning("purpose %r: %s; set the purpose again without them (they are not sent)", row.purpose, problem)
 
     def budget(self, extension_id: str) -> CallBudget | None:
         with self._sessions() as session:

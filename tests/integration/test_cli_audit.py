@@ -100,7 +100,7 @@ def test_a_set_that_changes_nothing_writes_no_entry_but_a_new_key_does(run, sess
     byollm = ("byollm", "set", "-u", "alice", "-t", "acme", "--provider", "anthropic", "--model", "claude-haiku-4-5")
     commands = [
         (*byollm, "--api-key", SECRET),
-        ("purpose", "set", "content_rewrite", "--provider", "openai", "--model", "gpt-4o-mini", "--params", '{"a": 1}'),
+        ("purpose", "set", "content_rewrite", "--provider", "openai", "--model", "gpt-4o", "--params", '{"seed": 1}'),
         ("budget", "set", "chatty", "--max-calls", "3"),
     ]
     for command in commands:

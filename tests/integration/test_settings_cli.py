@@ -28,6 +28,21 @@ def test_purpose_params_named_like_secrets_are_refused_as_by_the_api(run, sessio
     assert ok.exit_code == 0, ok.output  # a null (no secret) is fine, as in the API
 
 
+def test_purpose_params_the_provider_would_drop_are_refused_as_by_the_api(run, session_factory) -> None:
+    """`max_tokens` (each call sends its own) and `stop` on an anthropic purpose (it takes `stop_sequences`) were
+    stored and dropped at every call; refused, naming each and what to do."""
+    params = '{"max_tokens": 100, "stop": ["END"]}'
+    done = run("purpose", "set", "p", "--provider", "anthropic", "--model", "m", "--params", params)
+    refused(done, "params.max_tokens: a purpose cannot cap", "--max-tokens N --mode enforce",
+            "params.stop: anthropic takes it as 'stop_sequences'", "[invalid_input]")  # fmt: skip
+    with session_factory() as session:
+        assert session.scalars(select(PurposeSettingsRow)).all() == []
+    ok = run(
+        "purpose", "set", "p", "--provider", "anthropic", "--model", "m", "--params", '{"stop_sequences": ["END"]}'
+    )
+    assert ok.exit_code == 0, ok.output
+
+
 def test_purpose_params_with_numbers_json_cannot_hold_are_refused(run, session_factory) -> None:
     """json.loads reads NaN, Infinity and 1e999: PostgreSQL refused the row (a traceback), SQLite stored it."""
     for params, where in (('{"top_p": NaN}', "params.top_p"), ('{"a": [1, {"b": -Infinity}]}', "params.a[1].b"),
@@ -73,13 +88,13 @@ def test_purpose_params_nested_deeper_than_the_api_takes_are_refused(run, sessio
     def nested(levels: int) -> str:  # the params object, then levels - 1 lists
         return '{"a": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
 
-    done = run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", nested(65))
+    done = run("purpose", "set", "p", "--provider", "simulated", "--model", "m", "--params", nested(65))
     refused(done, "params nest deeper than 64 levels", "[invalid_input]")
-    refused(run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", nested(20_000)),
+    refused(run("purpose", "set", "p", "--provider", "simulated", "--model", "m", "--params", nested(20_000)),
             "--params is not valid JSON")  # fmt: skip
     with session_factory() as session:
         assert session.scalars(select(PurposeSettingsRow)).all() == []
-    assert run("purpose", "set", "p", "--provider", "openai", "--model", "m", "--params", nested(64)).exit_code == 0
+    assert run("purpose", "set", "p", "--provider", "simulated", "--model", "m", "--params", nested(64)).exit_code == 0
 
 
 def test_byollm_set_never_moves_a_user_to_another_tenant(run, session_factory) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from sqlalchemy import text
 
@@ -263,3 +265,21 @@ def test_ids_are_stored_exactly_and_a_blank_one_is_refused(session_factory, box)
     assert rows == {"summ": "m1", "summ ": "m2"}  # a model name is stripped
     with session_factory() as session, pytest.raises(InvalidInputError, match="must not be empty"):
         store.put_budget(session, extension_id="  ", max_calls=1, max_tokens=None)
+
+
+def test_a_stored_purpose_with_params_now_refused_still_loads_with_a_warning(session_factory, box, caplog) -> None:
+    """Settings stored before such params were refused (`max_tokens`, `stop` on anthropic: dropped at every call) load
+    as before, never failing the purpose's calls; a warning names them, once per purpose and names, not at each
+    reload."""
+    with session_factory() as session:
+        row = store.put_purpose(session, purpose="p", provider="anthropic", model="m", params={"top_p": 0.9})
+        row.params = {"top_p": 0.9, "max_tokens": 100, "stop": ["END"]}  # as stored before
+        session.commit()
+    source = store.DatabaseSettings(session_factory, box)
+    with caplog.at_level(logging.WARNING, logger="metering.llm"):
+        for _ in range(3):
+            purpose = source.purpose("p")
+            assert purpose is not None and dict(purpose.params) == {"top_p": 0.9, "max_tokens": 100, "stop": ["END"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "purpose 'p'" in warnings[0] and "params.max_tokens" in warnings[0] and "stop_sequences" in warnings[0]

@@ -44,6 +44,8 @@ def test_byollm_wins_and_fails_over_to_the_platform_llm_for_the_purpose() -> Non
     assert plan.fallback.is_byollm is False
     assert plan.fallback.config.model == "claude-haiku-4-5"
     assert plan.fallback.config.api_key == "sk-platform"
+    # the purpose's params are the platform LLM's (docs/ctx-llm.md): never sent with the user's own call
+    assert plan.primary.params == {} and plan.fallback.params == {"top_p": 0.9}
 
 
 def test_byollm_with_error_policy_has_no_fallback() -> None:

@@ -21,6 +21,7 @@ from metering.llm.providers._errors import (
     usable_client,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of
+from metering.llm.providers.params import ANTHROPIC_BODY_PARAMS as BODY_PARAMS  # the one list the settings store checks
 from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
@@ -38,7 +39,6 @@ log = logging.getLogger("metering.llm.providers")
 
 JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
 PLACEHOLDER_KEY = "not-needed"  # a keyless endpoint (a proxy via base_url); never let the SDK read env keys
-BODY_PARAMS = ("top_p", "top_k")  # sampling parameters go in the body (not every SDK version names them)
 # the counts, and the objects that hold details (cache writes by TTL, server tool use: cumulative in message_delta)
 _USAGE_KEYS = (
     "input_tokens",

@@ -24,6 +24,7 @@ from metering.llm.providers._errors import (
     usable_client,
 )
 from metering.llm.providers.base import ProviderConfig, bounded_stop_reason, text_of, thinking_of
+from metering.llm.providers.params import OPENAI_PARAMS as PASS_THROUGH  # the one list the settings store checks
 from metering.llm.providers.urls import config_problem
 from metering.llm.types import (
     MISSING_USAGE,
@@ -46,7 +47,6 @@ log = logging.getLogger("metering.llm.providers")
 COMPATIBLE = "openai_compatible"
 JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
 PLACEHOLDER_KEY = "not-needed"  # keyless local servers; and the SDK must never fall back to OPENAI_API_KEY
-PASS_THROUGH = ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 # finish_reason → the stop reasons the rest of the system uses (Anthropic's names, as the simulated provider);
 # Mistral's "model_length": its context window ran out
 STOP_REASONS = {

@@ -108,6 +108,60 @@ def test_purpose_params_holding_a_key_under_any_name_are_refused(client, admin, 
     assert "LIVE" not in table_dump(session_factory, "purpose_settings")
 
 
+@pytest.mark.parametrize(
+    ("provider", "params", "needles"),
+    [
+        ("anthropic", {"max_tokens": 100}, ["params.max_tokens", "own max_tokens", "budget", "--mode enforce"]),
+        ("openai", {"max_tokens": 100, "top_p": 0.9}, ["params.max_tokens", "budget"]),
+        ("anthropic", {"stop": ["END"]}, ["params.stop: anthropic takes it as 'stop_sequences'"]),
+        ("openai", {"stop_sequences": ["END"]}, ["params.stop_sequences: openai takes it as 'stop'"]),
+        ("openai_compatible", {"top_k": 40}, ["params.top_k: not sent to openai_compatible"]),
+        (
+            "anthropic",
+            {"seed": 7, "top_k": 40},
+            ["params.seed: not sent to anthropic", "temperature, stop_sequences"],
+        ),
+    ],
+)
+def test_purpose_params_the_provider_would_drop_are_422(client, admin, session_factory, provider, params, needles):
+    """A purpose's params its provider's adapter does not send were stored, shown, audited, then dropped at every call
+    (logged at debug level): `max_tokens: 100` set to cap spend capped nothing, `stop` on an anthropic purpose (its
+    name is stop_sequences) stopped nothing. Refused when set, naming the param and what to do instead."""
+    base_url = "http://localhost:11434/v1" if provider == "openai_compatible" else None
+    body = {"provider": provider, "model": "m", "base_url": base_url, "params": params}
+    problem = assert_problem(client.put("/v1/admin/purposes/p", json=body, headers=admin), 422, "invalid_input")
+    for needle in needles:
+        assert needle in problem["detail"], problem["detail"]
+    assert actions(session_factory) == []
+    with session_factory() as session:
+        assert session.scalars(select(PurposeSettingsRow)).all() == []
+
+
+@pytest.mark.parametrize(
+    ("provider", "params"),
+    [
+        ("anthropic", {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop_sequences": ["END"]}),
+        (
+            "openai",
+            {
+                "temperature": 0.2,
+                "top_p": 0.9,
+                "stop": ["END"],
+                "seed": 7,
+                "presence_penalty": 0.1,
+                "frequency_penalty": 0.1,
+            },
+        ),
+        ("openai", {"max_tokens": None, "top_k": None}),  # a null is never sent: nothing is dropped
+        ("simulated", {"max_tokens": 100, "anything": 1}),  # answers without any: it stands in for the others
+    ],
+)
+def test_purpose_params_the_provider_takes_are_kept(client, admin, provider, params):
+    body = {"provider": provider, "model": "m", "params": params}
+    response = client.put("/v1/admin/purposes/p", json=body, headers=admin)
+    assert response.status_code == 200 and response.json()["params"] == params, response.text
+
+
 def test_purpose_params_with_text_that_only_mentions_keys_are_kept(client, admin):
     params = {"system": "Never print an sk-... key or a Bearer token.", "stop": ["sk-"], "suffix": "ask-me-anything"}
     body = {"provider": "simulated", "model": "m", "params": params}
