@@ -17,7 +17,7 @@ from metering.billing.export import invoice_csv, ledger_csv_chunks
 from metering.billing.invoices import Invoice
 from metering.billing.money import format_usd
 from metering.cli import audit_trail
-from metering.cli.common import admin_session, console, err_console, fail, fold, printable
+from metering.cli.common import admin_session, api_time, console, err_console, fail, fold, printable
 from metering.config import Settings
 from metering.db.snapshot import read_snapshot
 
@@ -52,7 +52,7 @@ def _summary_table(invoices: list[Invoice]) -> Table:
 
 
 def _invoice_table(inv: Invoice) -> Table:
-    when = f", finalized {inv.finalized_at.isoformat()}" if inv.finalized_at else ""
+    when = f", finalized {api_time(inv.finalized_at)}" if inv.finalized_at else ""
     table = Table(
         title=f"Invoice {inv.period} · {printable(inv.tenant_id)} / {printable(inv.user_id)} · {inv.status}{when}",
         title_justify="left",

@@ -61,8 +61,8 @@ def _override_view(row: PriceOverrideRow) -> dict[str, Any]:
         "id": row.id,
         "provider": row.provider,
         "model_pattern": row.model_pattern,
-        "effective_from": row.effective_from.isoformat(),
-        "effective_to": None if row.effective_to is None else row.effective_to.isoformat(),
+        "effective_from": api_time(row.effective_from),
+        "effective_to": None if row.effective_to is None else api_time(row.effective_to),
         "input_usd_per_mtok": _usd_per_mtok(row.input_nanos_per_mtok),
         "output_usd_per_mtok": _usd_per_mtok(row.output_nanos_per_mtok),
         "cache_read_usd_per_mtok": _usd_per_mtok(row.cache_read_nanos_per_mtok),
@@ -71,6 +71,7 @@ def _override_view(row: PriceOverrideRow) -> dict[str, Any]:
         "web_search_usd_per_k": _usd_per_mtok(row.web_search_nanos_per_k),
         "markup_pct": row.markup_pct,
         "note": row.note,
+        "created_at": api_time(row.created_at),
         "withdrawn": overrides.is_withdrawn(row),
     }
 
@@ -197,8 +198,8 @@ def _ended_view(ending: overrides.Ending) -> dict[str, Any]:
         to_rerate = {
             "billed": beyond.billed,
             "byollm": beyond.byollm,
-            "first_occurred_at": beyond.first.isoformat(),
-            "last_occurred_at": beyond.last.isoformat(),
+            "first_occurred_at": api_time(beyond.first),
+            "last_occurred_at": api_time(beyond.last),
             "rerate": beyond.rerate_command(row.model_pattern),
         }
     return {**_override_view(row), "events_to_rerate": to_rerate}
@@ -322,7 +323,7 @@ def _print_rerate(result: RerateResult) -> None:
     console.print(_diff_table("Per extension", diff.by_extension, "extension"))
     total = diff.total
     console.print(
-        f"{diff.examined} billed event(s) in [{result.start.isoformat()}, {result.end.isoformat()}): "
+        f"{diff.examined} billed event(s) in [{api_time(result.start)}, {api_time(result.end)}): "
         f"{total.events} changed ({format_usd(total.old_charge_nanos)} -> {format_usd(total.new_charge_nanos)}, "
         f"delta {format_usd(total.charge_delta)}), {diff.unpriceable} without a current price (left as they are)"
     )

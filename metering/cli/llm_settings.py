@@ -151,7 +151,7 @@ def _purpose_view(row: Any) -> dict[str, Any]:
         "model": row.model,
         "base_url": row.base_url,
         "params": row.params,
-        "updated_at": row.updated_at.isoformat(),
+        "updated_at": api_time(row.updated_at),
     }
 
 
@@ -195,7 +195,7 @@ def _budget_view(row: Any) -> dict[str, Any]:
         "max_calls": row.max_calls_per_invocation,
         "max_tokens": row.max_tokens_per_invocation,
         "mode": row.mode,
-        "updated_at": row.updated_at.isoformat(),
+        "updated_at": api_time(row.updated_at),
     }
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from metering.cli.common import console, fail
+from metering.cli.common import api_time, console, fail
 from metering.config import Settings
 from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
@@ -66,7 +66,7 @@ def status() -> None:
     console.print(table)
     for record in held:  # in the future by this host's clock (it stepped back): delivered once it gets there
         event = decode_line(str(record.get("line", "")).encode("utf-8"))
-        when = f"due {due_at(event).isoformat()}" if isinstance(event, UsageEvent) else "not an event"
+        when = f"due {api_time(due_at(event))}" if isinstance(event, UsageEvent) else "not an event"
         console.print(f"held {record.get('event_id')}  {when}  {record.get('reason', '')}", highlight=False)
     console.print(f"pending={sum(s.pending for s in states)} rejected={len(rejected)} held={len(held)}")
 

@@ -66,7 +66,8 @@ def test_override_reprice_rerate_credit_and_balances(run, session_factory) -> No
     assert "metering billing rerate --from" in refused
     ended = run("overrides", "end", "llama-old", "--at", (now - timedelta(hours=2)).isoformat(),
                 "--keep-priced-events")  # fmt: skip
-    assert '"billed": 1' in ended and f'"first_occurred_at": "{(now - timedelta(hours=1)).isoformat()}"' in ended
+    first = (now - timedelta(hours=1)).isoformat().replace("+00:00", "Z")  # as the API writes it
+    assert '"billed": 1' in ended and f'"first_occurred_at": "{first}"' in ended
     run("overrides", "add", "--provider", "ollama", "--model", "llama3*", "--input", "0.20", "--output", "0.80",
         "--from", since, "--id", "llama-new")  # fmt: skip
     assert "llama-new" in run("overrides", "list", "--provider", "ollama", "--active")
@@ -278,6 +279,8 @@ def test_a_rerate_dry_run_tells_apart_users_whose_ids_joined_by_a_slash_read_the
     dry = run("rerate", "--from", (now - timedelta(days=1)).isoformat(), "--to", (now + timedelta(days=1)).isoformat())
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in dry.split("Per extension")[0].splitlines()]
     assert sorted(row[:2] for row in rows if row) == [["a", "b/c"], ["a/b", "c"]], dry
+    window = f"[{(now - timedelta(days=1)).isoformat()}, {(now + timedelta(days=1)).isoformat()})"
+    assert window.replace("+00:00", "Z") in dry, dry  # the times as the rest of the CLI writes them, not "+00:00"
 
 
 def test_billing_tables_show_control_characters_of_ids_as_escapes_never_send_them_to_the_terminal(

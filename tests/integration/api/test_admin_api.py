@@ -763,6 +763,24 @@ def test_the_cli_prints_byollm_settings_as_the_api_returns_them(client, admin, r
     assert json.loads(set_again.output) == got
 
 
+def test_the_cli_prints_purpose_and_budget_settings_as_the_api_returns_them(client, admin, run):
+    """`metering purpose set/list` and `budget set/list` printed ``updated_at`` as ``…+00:00`` where the API writes
+    ``…Z``: the CLI's JSON is the API's answer, the same text."""
+    import json
+
+    purpose = run("purpose", "set", "content_rewrite", "--provider", "openai", "--model", "gpt-4o-mini")
+    assert purpose.exit_code == 0, purpose.output
+    got = client.get("/v1/admin/purposes/content_rewrite", headers=admin).json()
+    assert json.loads(purpose.output) == got and got["updated_at"].endswith("Z")
+    assert json.loads(run("purpose", "list").output) == [got]
+
+    budget = run("budget", "set", "chatty", "--max-calls", "3")
+    assert budget.exit_code == 0, budget.output
+    got = client.get("/v1/admin/budgets/chatty", headers=admin).json()
+    assert json.loads(budget.output) == got and got["updated_at"].endswith("Z")
+    assert json.loads(run("budget", "list").output) == [got]
+
+
 def test_a_credit_key_belongs_to_its_tenant(client, acme_admin, make_token, session_factory):
     """Another tenant's admin can use a key acme used (its own credit): no 409, nothing about acme's credit."""
     globex_admin = bearer(make_token(Scope.ADMIN, tenant="globex", name="globex-admin"))

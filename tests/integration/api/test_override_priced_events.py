@@ -144,3 +144,40 @@ def test_events_re_rated_at_the_same_charge_no_longer_name_the_ended_override(cl
     assert names == {(10, "llamas"), (11, "llamas-2")}
     earlier = {"at": "2026-11-27T10:45:00Z"}  # the successor now answers for the 11:00 event: ending it before refused
     assert client.post("/v1/admin/price-overrides/llamas-2:end", json=earlier, headers=admin).status_code == 409
+
+
+def test_the_cli_prints_an_override_and_its_events_to_rerate_with_the_apis_times(client, admin, session_factory, run):
+    """`metering billing overrides add/list/end/withdraw` printed their times as ``…+00:00`` where the API writes
+    ``…Z`` (`events_to_rerate` too), and without the override's ``created_at``: the same times, in the same text."""
+    import json
+
+    priced_by_llamas(session_factory, 10, 11)
+    ended = run("billing", "overrides", "end", "llamas", "--at", "2026-11-27T10:30:00Z", "--keep-priced-events")
+    assert ended.exit_code == 0, ended.output
+    printed = json.loads(ended.output)
+    api = client.post("/v1/admin/price-overrides/llamas:end", json={"at": "2026-11-27T10:30:00Z"}, headers=admin)
+    body = api.json()  # a retry: the same override, the same events
+    times = ("effective_from", "effective_to", "created_at")
+    assert {t: printed[t] for t in times} == {t: body[t] for t in times}
+    assert printed["effective_to"] == "2026-11-27T10:30:00Z"
+    assert printed["events_to_rerate"] == body["events_to_rerate"]
+    assert printed["events_to_rerate"]["first_occurred_at"] == "2026-11-27T11:00:00Z"
+
+    listed = run("billing", "overrides", "list")
+    assert listed.exit_code == 0, listed.output
+    (shown,) = json.loads(listed.output)
+    (api_shown,) = client.get("/v1/admin/price-overrides", headers=admin).json()
+    assert {t: shown[t] for t in times} == {t: api_shown[t] for t in times}
+
+    prices = ("--input", "0.1", "--output", "0.2")
+    window = ("--from", "2026-12-01", "--to", "2027-01-01T00:00:00+02:00")
+    added = run("billing", "overrides", "add", "--provider", "ollama", "--model", "mistral*", *prices, *window,
+                "--id", "mistrals")  # fmt: skip
+    assert added.exit_code == 0, added.output
+    new = json.loads(added.output)
+    assert (new["effective_from"], new["effective_to"]) == ("2026-12-01T00:00:00Z", "2026-12-31T22:00:00Z")
+    withdrawn = run("billing", "overrides", "withdraw", "mistrals")
+    assert withdrawn.exit_code == 0, withdrawn.output
+    api_new = next(o for o in client.get("/v1/admin/price-overrides", headers=admin).json() if o["id"] == "mistrals")
+    gone = json.loads(withdrawn.output)
+    assert {t: gone[t] for t in times} == {t: api_new[t] for t in times} and gone["created_at"] == new["created_at"]

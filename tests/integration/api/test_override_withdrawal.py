@@ -171,7 +171,7 @@ def test_the_cli_withdraws_audited_once(session_factory, db_url, tmp_path, monke
     for _ in range(2):  # the second changes nothing
         out = runner.invoke(app, ["overrides", "withdraw", "ovr_dec"])
         assert out.exit_code == 0, out.output
-        assert '"effective_to": "2026-12-01T00:00:00+00:00"' in out.output and '"withdrawn": true' in out.output
+        assert '"effective_to": "2026-12-01T00:00:00Z"' in out.output and '"withdrawn": true' in out.output
     assert [e.action for e in audit_rows(session_factory)] == ["price_override.withdraw"]
     missing = runner.invoke(app, ["overrides", "withdraw", "nope"])
     assert missing.exit_code == 1 and "no price override with id 'nope'" in missing.output
