@@ -18,7 +18,14 @@ from metering.events import UsageEvent
 from metering.spool.decode import DeadLetters, decode_line
 from metering.spool.flusher import Flusher
 from metering.spool.held import HELD_NAME, HeldEvents, due_at
-from metering.spool.inspect import check_deliverable, check_readable, delivery_marks, slot_states, undelivered
+from metering.spool.inspect import (
+    check_deliverable,
+    check_readable,
+    delivery_marks,
+    reader_alive,
+    slot_states,
+    undelivered,
+)
 from metering.spool.segments import DEAD_LETTER_NAME
 from metering.spool.writer import Spool
 from metering.wiring import open_drainer
@@ -103,10 +110,12 @@ def drain(
             f"delivered={stats.delivered} duplicates={stats.duplicates} rejected={stats.rejected} "
             f"failures={stats.failures} pending={pending} drained={drained} held={stats.held}"
         )
+        interval = settings.spool.flush_interval_s
         for slot, count in elsewhere.items():
             console.print(
                 f"{slot.name}: {count} event(s) not delivered: another flusher holds the slot (a service's flusher "
-                "thread, another `metering spool drain`) and has not delivered them yet; see its log",
+                "thread, another `metering spool drain`) and has not delivered them yet; "
+                + _why(slot, interval, timeout),
                 highlight=False,
             )
         if not drained:
@@ -114,6 +123,17 @@ def drain(
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def _why(slot: Path, interval: float, timeout: float) -> str:
+    """The likely cause when a live holder's flush interval (this process's setting, which a service next to it
+    shares) is not shorter than the wait: it may not have reached its next flush. Else: its log says why."""
+    if interval >= timeout and reader_alive(slot):
+        return (
+            f"its flush interval ({interval:g} s, METERING_SPOOL__FLUSH_INTERVAL_S) is not shorter than --timeout "
+            f"{timeout:g}: it may not have flushed yet; wait longer, or run with a --timeout longer than the interval"
+        )
+    return "see its log"
 
 
 def _deliver(flusher: Flusher, timeout: float) -> tuple[bool, dict[Path, int]]:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from metering.errors import SpoolError
 from metering.spool.reader import pending_lines
-from metering.spool.segments import LOCK_NAME, Cursor, list_segments, list_slots, read_cursor, segment_name
+from metering.spool.segments import (
+    LOCK_NAME,
+    READER_LOCK_NAME,
+    Cursor,
+    list_segments,
+    list_slots,
+    read_cursor,
+    segment_name,
+)
 from metering.spool.writer import lock_free
 
 
@@ -25,6 +33,11 @@ class SlotState:
 def writer_alive(slot: Path) -> bool:
     """True while some process holds the slot's writer lock (this one included)."""
     return not lock_free(slot / LOCK_NAME)
+
+
+def reader_alive(slot: Path) -> bool:
+    """True while some flusher holds the slot's reader lock (a service's flusher thread, a drain)."""
+    return not lock_free(slot / READER_LOCK_NAME)
 
 
 def check_readable(root: Path) -> Path:

@@ -240,6 +240,7 @@ def test_a_drain_of_a_slot_another_flusher_holds_waits_for_it_and_is_not_drained
     assert result.exit_code == 1, result.output
     assert "pending=30 drained=False" in result.stdout, result.stdout
     assert "writer-0: 30 event(s)" in result.output, result.output
+    assert "see its log" in result.output and "flush interval" not in result.output, result.output  # 0.5 s < 1 s
     assert stored_ids(session_factory) == set()
 
     # The holder lets the slot go meanwhile: the drain delivers it itself.
@@ -249,6 +250,31 @@ def test_a_drain_of_a_slot_another_flusher_holds_waits_for_it_and_is_not_drained
     assert result.exit_code == 0, result.output
     assert "delivered=30 duplicates=0 rejected=0 failures=0 pending=0 drained=True" in result.stdout, result.stdout
     assert stored_ids(session_factory) == set(ids)
+
+
+def test_a_drain_shorter_than_the_flush_interval_names_it_as_the_likely_cause(
+    run, tmp_path: Path, session_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Next to a live service whose flusher holds the slot and flushes every METERING_SPOOL__FLUSH_INTERVAL_S (20 s),
+    `metering spool drain --timeout 5` waited 5 s for it and said only "has not delivered them yet; see its log",
+    exit 1, though nothing was wrong: the holder had not reached its next flush. The line now names the interval and
+    the timeout, and what to do."""
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(3):
+            spool.append(orjson.dumps(record(i)))
+    monkeypatch.setenv("METERING_SPOOL__FLUSH_INTERVAL_S", "20")
+    holder = _holding(Flusher(tmp_path / "spool", _Down(), interval_s=0.05).start())
+    try:
+        result = run("spool", "drain", "--timeout", "1", columns=400)
+    finally:
+        holder.stop(drain=False)
+    assert result.exit_code == 1, result.output
+    assert "writer-0: 3 event(s) not delivered: another flusher holds the slot" in result.stdout, result.stdout
+    assert (
+        "its flush interval (20 s, METERING_SPOOL__FLUSH_INTERVAL_S) is not shorter than --timeout 1: it may not have "
+        "flushed yet; wait longer, or run with a --timeout longer than the interval" in result.stdout
+    ), result.stdout
+    assert stored_ids(session_factory) == set()
 
 
 def test_a_drain_waits_for_the_flusher_that_holds_a_slot_to_deliver_it(run, tmp_path: Path, session_factory) -> None:
