@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from pydantic import TypeAdapter
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 
@@ -27,7 +27,28 @@ T = TypeVar("T")
 # table). A message with markup of its own says so (``markup=True``) and escapes what it interpolates.
 # Emoji codes off too: rich replaces ":thumbs_up:" by its emoji even with markup off (a tenant ":thumbs_up:-acme"
 # was shown as "👍-acme").
-console = Console(markup=False, emoji=False)
+# Piped (``| grep``, ``> file``, cron) with no COLUMNS, rich took 80 columns: a table was squeezed into them, its
+# dates wrapped one character per line. Rows are for reading and grepping whole there: a width no table reaches.
+PIPED_WIDTH = 1000
+
+
+class _Console(Console):
+    """A console whose width, when it writes to no terminal and COLUMNS is not set, is ``PIPED_WIDTH``; a terminal's
+    own width (or COLUMNS) otherwise, where a table wraps its cells as documented."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not self._environ.get("COLUMNS", "").isdigit():
+            return ConsoleDimensions(PIPED_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = _Console(markup=False, emoji=False)
 err_console = Console(stderr=True, markup=False, emoji=False, soft_wrap=True)  # an error is one line, however long
 
 

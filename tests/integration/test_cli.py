@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,21 @@ def test_demo_counts_the_calls_of_invocations_that_failed_after_metered_calls(cl
     summary = " ".join(done.stdout.split())  # rich wraps the line
     assert f"3 failed, {len(rows)} metered LLM calls" in summary, summary
     assert "chatty: 3 invocations, 9 calls" in summary, summary
+
+
+def test_tokens_list_piped_prints_each_token_on_one_line(cli_env, session_factory) -> None:
+    """`metering tokens list | grep …` (or `> file`, from cron): with no terminal rich took 80 columns and squeezed
+    the table into them, the dates wrapped one character per line. Piped, and no COLUMNS given, a table now takes
+    the width it needs; a terminal's width (COLUMNS) still wraps it as documented."""
+    env = {k: v for k, v in cli_env.items() if k not in ("COLUMNS", "LINES")}
+    name = "spool-sink for the eu-west-1 production cluster"
+    created = metering(["tokens", "create", "--name", name, "--scope", "ingest", "--scope", "read", "-t", "tenant-1"],
+                       env)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    listed = metering(["tokens", "list"], env, stdin="")  # stdin, stdout and stderr pipes: no terminal anywhere
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [line for line in listed.stdout.splitlines() if created.stdout.strip()[:8] in line]
+    assert name in row and "ingest,read" in row and "tenant-1" in row, listed.stdout
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", row), listed.stdout  # the creation date whole, on the row
+    narrow = metering(["tokens", "list"], {**env, "COLUMNS": "80"}, stdin="")
+    assert max(map(len, narrow.stdout.splitlines())) <= 80, narrow.stdout
