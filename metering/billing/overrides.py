@@ -176,7 +176,6 @@ def add(
         "cache_write_1h_mtok": nanos_per_mtok("cache_write_1h_mtok", cache_write_1h_mtok),
         "web_search_per_k": nanos_per_mtok("web_search_per_k", web_search_per_k, "$ per 1,000 searches"),
     }
-    markup = _markup_text(markup_pct)
     store.lock_price_book(session, change=True)  # after every ingest that priced without it (PostgreSQL)
     lock_sqlite_for_write(session)  # SQLite: a request adding the same id meanwhile has committed (and is found)
     existing = session.get(PriceOverrideRow, override_id, populate_existing=True)
@@ -201,6 +200,7 @@ def add(
         )
     except ValueError as exc:
         raise InvalidInputError(f"invalid price override: {exc}") from None
+    markup = _markup_text(markup_pct)  # (once checked finite: a NaN cannot be compared)
     if existing is not None:
         asked = _identity(provider, model_pattern, effective_from, effective_to, prices, markup)
         differs = [f for f, stored in _row_identity(existing).items() if asked[f] != stored]
