@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -80,43 +81,10 @@ def _markup_text(markup_pct: Decimal | None) -> str | None:
     return format(without_zeros_past_nine_decimals(markup_pct), "f")
 
 
-def add_override(
-    session: Session,
-    *,
-    provider: str,
-    model_pattern: str,
-    effective_from: datetime,
-    effective_to: datetime | None,
-    input_mtok: Decimal,
-    output_mtok: Decimal,
-    cache_read_mtok: Decimal | None = None,
-    cache_write_mtok: Decimal | None = None,
-    markup_pct: Decimal | None = None,
-    note: str | None = None,
-    cache_write_1h_mtok: Decimal | None = None,
-    web_search_per_k: Decimal | None = None,
-    id: str | None = None,
-    now: datetime | None = None,
-) -> PriceOverrideRow:
-    """Store a new override (validated like ``pricing.PriceOverride``, its provider lowercase); returns the flushed
-    row (or, for an ``id`` already used by the same request, the stored one: see ``add``)."""
-    return add(
-        session,
-        provider=provider,
-        model_pattern=model_pattern,
-        effective_from=effective_from,
-        effective_to=effective_to,
-        input_mtok=input_mtok,
-        output_mtok=output_mtok,
-        cache_read_mtok=cache_read_mtok,
-        cache_write_mtok=cache_write_mtok,
-        markup_pct=markup_pct,
-        note=note,
-        cache_write_1h_mtok=cache_write_1h_mtok,
-        web_search_per_k=web_search_per_k,
-        id=id,
-        now=now,
-    ).row
+def add_override(session: Session, *, effective_from: datetime, **fields: Any) -> PriceOverrideRow:
+    """``add`` with a start given (``fields``: its other keyword arguments), returning the flushed row (or, for an
+    ``id`` already used by the same request, the stored one)."""
+    return add(session, effective_from=effective_from, **fields).row
 
 
 @dataclass(frozen=True, slots=True)
