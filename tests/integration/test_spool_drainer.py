@@ -28,15 +28,21 @@ def stored_ids(sessions) -> set[str]:
         return {str(i) for i in session.scalars(select(UsageEventRow.event_id))}
 
 
+def _append_records(spool: Spool, n: int) -> list[str]:
+    """Append records 0..n-1 to ``spool``; their event ids, in order."""
+    ids = []
+    for i in range(n):
+        rec = record(i)
+        ids.append(str(rec["event_id"]))
+        spool.append(orjson.dumps(rec))
+    return ids
+
+
 def test_a_path_flusher_drains_a_live_writers_slot_and_the_writer_sees_its_cursor(tmp_path: Path, session_factory):
     with Spool(tmp_path) as spool:
         external = Flusher(tmp_path, DatabaseSink(session_factory), interval_s=0.01).start()  # "another process"
         own = Flusher(spool, DatabaseSink(session_factory))  # never started: the external one delivers
-        ids = []
-        for i in range(300):
-            rec = record(i)
-            ids.append(str(rec["event_id"]))
-            spool.append(orjson.dumps(rec))
+        ids = _append_records(spool, 300)
         time.sleep(0.05)
         assert own.flush(timeout=30)  # waits until the slot's cursor passed its appends
         assert own.stats.delivered == 0 and external.stats.delivered == 300
@@ -61,12 +67,8 @@ def test_metering_spool_drain_follow_delivers_while_running_and_on_sigterm(tmp_p
         text=True,
     )
     try:
-        ids = []
         with Spool(tmp_path / "spool") as spool:
-            for i in range(500):
-                rec = record(i)
-                ids.append(str(rec["event_id"]))
-                spool.append(orjson.dumps(rec))
+            ids = _append_records(spool, 500)
             deadline = time.monotonic() + 60
             while stored_ids(session_factory) != set(ids) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -226,12 +228,8 @@ def test_a_drain_of_a_slot_another_flusher_holds_waits_for_it_and_is_not_drained
     one could not take the slot, so it had nothing to wait for. It now waits, up to --timeout, for the slot's cursor
     to pass what was spooled when it began (delivering the slot itself if the other lets it go), and otherwise says
     drained=False, exit 1, naming the slot."""
-    ids = []
     with Spool(tmp_path / "spool") as spool:
-        for i in range(30):
-            rec = record(i)
-            ids.append(str(rec["event_id"]))
-            spool.append(orjson.dumps(rec))
+        ids = _append_records(spool, 30)
     stuck = _holding(Flusher(tmp_path / "spool", _Down(), interval_s=0.05).start())
     try:
         result = run("spool", "drain", "--timeout", "1")
@@ -278,12 +276,8 @@ def test_a_drain_shorter_than_the_flush_interval_names_it_as_the_likely_cause(
 
 
 def test_a_drain_waits_for_the_flusher_that_holds_a_slot_to_deliver_it(run, tmp_path: Path, session_factory) -> None:
-    ids = []
     with Spool(tmp_path / "spool") as spool:
-        for i in range(30):
-            rec = record(i)
-            ids.append(str(rec["event_id"]))
-            spool.append(orjson.dumps(rec))
+        ids = _append_records(spool, 30)
     sink = DatabaseSink(session_factory)
     gate = threading.Event()
 
